@@ -1,0 +1,1 @@
+"""voicecall tests (trial)."""

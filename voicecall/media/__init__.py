@@ -1,0 +1,1 @@
+"""Twilio media streams: the WebSocket server and paced outbound playback."""

@@ -1,0 +1,253 @@
+# -*- test-case-name: tests.test_model -*-
+"""
+The call model: states, end reasons, transcript entries, normalised carrier events and the call
+record, with the JSON shapes they have on the RPC wire and in the store (SPEC §3).
+
+This module is a leaf: it imports nothing of ours.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Mapping
+
+from attrs import define, field, frozen
+
+
+class CallState(str, enum.Enum):
+    """Every state a call can be in; the last nine are terminal and sticky (SPEC §3.2)."""
+
+    INITIATED = "initiated"
+    RINGING = "ringing"
+    ANSWERED = "answered"
+    ACTIVE = "active"
+    SPEAKING = "speaking"
+    LISTENING = "listening"
+    COMPLETED = "completed"
+    HANGUP_USER = "hangup-user"
+    HANGUP_BOT = "hangup-bot"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    FAILED = "failed"
+    NO_ANSWER = "no-answer"
+    BUSY = "busy"
+    VOICEMAIL = "voicemail"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        CallState.COMPLETED,
+        CallState.HANGUP_USER,
+        CallState.HANGUP_BOT,
+        CallState.TIMEOUT,
+        CallState.ERROR,
+        CallState.FAILED,
+        CallState.NO_ANSWER,
+        CallState.BUSY,
+        CallState.VOICEMAIL,
+    }
+)
+
+#: The values an EndReason may take: exactly the terminal states.
+END_REASONS = frozenset(s.value for s in TERMINAL_STATES)
+
+_ORDER = [
+    CallState.INITIATED,
+    CallState.RINGING,
+    CallState.ANSWERED,
+    CallState.ACTIVE,
+    CallState.SPEAKING,
+    CallState.LISTENING,
+]
+_TALKING = frozenset({CallState.SPEAKING, CallState.LISTENING})
+
+
+def next_state(current: CallState, new: CallState) -> CallState:
+    """
+    The state a call moves to when `new` is proposed while it is in `current` (SPEC §3.2):
+    terminal states are sticky, any terminal state may be entered, speaking and listening
+    alternate freely, and otherwise a call only moves forward.
+    """
+    if new == current or current.is_terminal:
+        return current
+    if new.is_terminal:
+        return new
+    if current in _TALKING and new in _TALKING:
+        return new
+    if _ORDER.index(new) > _ORDER.index(current):
+        return new
+    return current
+
+
+class Direction(str, enum.Enum):
+    OUTBOUND = "outbound"
+    INBOUND = "inbound"
+
+
+class Mode(str, enum.Enum):
+    """Outbound call modes: say one message and hang up, or talk turn by turn."""
+
+    NOTIFY = "notify"
+    CONVERSATION = "conversation"
+
+
+class Speaker(str, enum.Enum):
+    BOT = "bot"
+    USER = "user"
+
+
+@frozen
+class TranscriptEntry:
+    """One utterance on a call, by the bot or the person on the line."""
+
+    timestamp: int  # epoch milliseconds
+    speaker: Speaker = field(converter=Speaker)
+    text: str
+    is_final: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "timestamp": self.timestamp,
+            "speaker": self.speaker.value,
+            "text": self.text,
+            "isFinal": self.is_final,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TranscriptEntry:
+        return cls(
+            timestamp=int(data["timestamp"]),
+            speaker=data["speaker"],
+            text=str(data["text"]),
+            is_final=bool(data.get("isFinal", True)),
+        )
+
+
+class EventType(str, enum.Enum):
+    """Normalised carrier event types (SPEC §3.3)."""
+
+    INITIATED = "call.initiated"
+    RINGING = "call.ringing"
+    ANSWERED = "call.answered"
+    ACTIVE = "call.active"
+    SPEAKING = "call.speaking"
+    SPEECH = "call.speech"
+    SILENCE = "call.silence"
+    DTMF = "call.dtmf"
+    ENDED = "call.ended"
+    ERROR = "call.error"
+
+
+@frozen
+class CallEvent:
+    """
+    A carrier event after parsing, the same for every provider.
+
+    `call_id` is our call id when the carrier echoes it back, or else the carrier's id;
+    `dedupe_key` is the stable key that makes a redelivery of the same event a no-op.
+    """
+
+    type: EventType = field(converter=EventType)
+    call_id: str
+    id: str
+    timestamp: int  # epoch milliseconds
+    dedupe_key: str | None = None
+    provider_call_id: str | None = None
+    turn_token: str | None = None
+    direction: Direction | None = field(
+        default=None, converter=lambda v: None if v is None else Direction(v)
+    )
+    from_number: str | None = None
+    to_number: str | None = None
+    # type-specific fields
+    text: str | None = None  # call.speaking
+    transcript: str | None = None  # call.speech
+    is_final: bool = True  # call.speech
+    confidence: float | None = None  # call.speech
+    duration_ms: int | None = None  # call.silence
+    digits: str | None = None  # call.dtmf
+    reason: str | None = None  # call.ended: one of END_REASONS
+    error: str | None = None  # call.error
+    retryable: bool = False  # call.error
+
+    @property
+    def key(self) -> str:
+        """The key this event is deduplicated by."""
+        return self.dedupe_key or self.id
+
+
+@define
+class CallRecord:
+    """
+    One call, as the manager holds it and the store keeps it. Mutable: the manager is its only
+    writer. `to_json` gives the SPEC §3.1 shape used on the RPC wire.
+    """
+
+    call_id: str
+    provider: str
+    direction: Direction = field(converter=Direction)
+    state: CallState = field(converter=CallState)
+    from_number: str
+    to_number: str
+    started_at: int  # epoch milliseconds
+    provider_call_id: str | None = None
+    session_key: str | None = None
+    answered_at: int | None = None
+    ended_at: int | None = None
+    end_reason: str | None = None
+    transcript: list[TranscriptEntry] = field(factory=list)
+    processed_event_ids: list[str] = field(factory=list)
+    metadata: dict[str, Any] = field(factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state.is_terminal
+
+    @property
+    def mode(self) -> Mode | None:
+        value = self.metadata.get("mode")
+        return Mode(value) if value in ("notify", "conversation") else None
+
+    def to_json(self, *, with_event_ids: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "callId": self.call_id,
+            "providerCallId": self.provider_call_id,
+            "provider": self.provider,
+            "direction": self.direction.value,
+            "state": self.state.value,
+            "from": self.from_number,
+            "to": self.to_number,
+            "sessionKey": self.session_key,
+            "startedAt": self.started_at,
+            "answeredAt": self.answered_at,
+            "endedAt": self.ended_at,
+            "endReason": self.end_reason,
+            "transcript": [t.to_json() for t in self.transcript],
+            "metadata": dict(self.metadata),
+        }
+        if with_event_ids:
+            out["processedEventIds"] = list(self.processed_event_ids)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CallRecord:
+        return cls(
+            call_id=str(data["callId"]),
+            provider=str(data["provider"]),
+            direction=data["direction"],
+            state=data["state"],
+            from_number=str(data["from"]),
+            to_number=str(data["to"]),
+            started_at=int(data["startedAt"]),
+            provider_call_id=data.get("providerCallId"),
+            session_key=data.get("sessionKey"),
+            answered_at=data.get("answeredAt"),
+            ended_at=data.get("endedAt"),
+            end_reason=data.get("endReason"),
+            transcript=[TranscriptEntry.from_json(t) for t in data.get("transcript", [])],
+            processed_event_ids=list(data.get("processedEventIds", [])),
+            metadata=dict(data.get("metadata") or {}),
+        )

@@ -1,0 +1,1 @@
+"""Carrier adapters: REST clients, webhook verification and parsing, response bodies."""

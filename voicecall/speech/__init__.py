@@ -1,0 +1,1 @@
+"""Speech: text-to-speech, streaming speech-to-text and the automatic responder."""

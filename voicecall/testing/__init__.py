@@ -1,0 +1,1 @@
+"""Faithful local fakes of the carriers and speech APIs, for tests, benchmarks and demos."""
