@@ -1,0 +1,676 @@
+# -*- test-case-name: tests.test_manager -*-
+"""
+The CallManager: the one owner of call state (SPEC §4, §5, §6 with the [H] behaviour).
+
+It applies normalised carrier events (`process_event`), runs the operations the RPC offers
+(`initiate`, `speak`, `continue_call`, `end_call`), owns the timers (max duration, notify hang-up,
+transcript waits) and persists every change through the store before reporting it. It talks to
+the carrier through a `Provider` (call control) and a `Voice` (speech) and never imports the web,
+media, speech or RPC layers: they call it.
+
+Every failure a caller should see is a `CallError` whose message is the SPEC text.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, Callable, Sequence
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from voicecall.bounded import BoundedSet
+from voicecall.model import (
+    CallEvent,
+    CallRecord,
+    CallState,
+    Direction,
+    EventType,
+    Mode,
+    Speaker,
+    TranscriptEntry,
+    next_state,
+)
+from voicecall.policy import inbound_decision
+from voicecall.providers.base import Provider, Voice
+
+DEFAULT_GREETING = "Hello! How can I help you today?"
+MOCK_FROM_NUMBER = "+15550000000"
+_PHONE = re.compile(r"^\+[1-9]\d{1,14}$")
+
+
+class CallError(Exception):
+    """An operation failed; `str(exc)` is the SPEC error text."""
+
+    def __init__(self, message: str, call_id: str | None = None) -> None:
+        super().__init__(message)
+        self.call_id = call_id
+
+
+@frozen
+class ManagerSettings:
+    """The parts of the config the manager needs, as plain values (built in tap.py)."""
+
+    provider_name: str
+    from_number: str | None = None
+    max_concurrent_calls: int = 1
+    max_duration_seconds: int = 300
+    transcript_timeout_ms: int = 180_000
+    notify_hangup_delay_sec: int = 3
+    default_mode: Mode = field(default=Mode.NOTIFY, converter=Mode)
+    inbound_policy: str = "disabled"
+    allow_from: tuple[str, ...] = ()
+    inbound_greeting: str | None = None
+    tts_voice: str | None = None
+    dedupe_limit: int = 10_000
+
+
+def _snippet(text: str, limit: int = 80) -> str:
+    """A log-safe excerpt: control characters stripped, length capped."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in text)
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
+@define
+class _Waiter:
+    deferred: Deferred
+    turn_token: str | None
+
+
+@define
+class CallManager:
+    _provider: Provider
+    _voice: Voice
+    _store: Any  # voicecall.store.CallStore
+    _clock: IReactorTime
+    _settings: ManagerSettings
+    _webhook_url: str | None = None
+    _active: dict[str, CallRecord] = field(factory=dict)
+    _by_provider_id: dict[str, str] = field(factory=dict)
+    _processed: BoundedSet = field(default=None)
+    _in_flight_keys: set[str] = field(factory=set)
+    _rejected: dict[str, object] = field(factory=dict)
+    _turns: set[str] = field(factory=set)
+    _waiters: dict[str, _Waiter] = field(factory=dict)
+    _max_timers: dict[str, IDelayedCall] = field(factory=dict)
+    _notify_timers: dict[str, IDelayedCall] = field(factory=dict)
+    _initial_in_flight: set[str] = field(factory=set)
+    _subscribers: list[Callable[[dict], None]] = field(factory=list)
+    #: Called with (call, text) for each final caller utterance no `continue` was waiting for.
+    on_utterance: Callable[[CallRecord, str], None] | None = None
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        if self._processed is None:
+            self._processed = BoundedSet(self._settings.dedupe_limit)
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    def set_webhook_url(self, url: str | None) -> None:
+        self._webhook_url = url
+
+    def active_calls(self) -> list[CallRecord]:
+        return list(self._active.values())
+
+    def find(self, id_or_provider_id: str) -> CallRecord | None:
+        """An active call by our id, else by the carrier's id."""
+        call = self._active.get(id_or_provider_id)
+        if call is None:
+            cid = self._by_provider_id.get(id_or_provider_id)
+            call = self._active.get(cid) if cid else None
+        return call
+
+    async def get_call(self, id_or_provider_id: str) -> CallRecord | None:
+        """An active call, or else any stored call (ended ones too)."""
+        call = self.find(id_or_provider_id)
+        if call is None:
+            call = await self._store.get_call(id_or_provider_id)
+        return call
+
+    def subscribe(self, listener: Callable[[dict], None]) -> Callable[[], None]:
+        """Call `listener` with every call event once it is durable; returns the unsubscriber."""
+        self._subscribers.append(listener)
+        return lambda: self._subscribers.remove(listener) if listener in self._subscribers else None
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock.seconds() * 1000)
+
+    def _log_entry(self, call: CallRecord, kind: str, **extra: Any) -> dict:
+        entry = {"type": kind, "callId": call.call_id, "at": self._now()}
+        entry.update(extra)
+        return entry
+
+    async def _persist(
+        self,
+        call: CallRecord,
+        *,
+        transcript: Sequence[TranscriptEntry] = (),
+        keys: Sequence[str] = (),
+        events: Sequence[dict] = (),
+    ) -> None:
+        await self._store.write(call, transcript=transcript, event_keys=keys, events=events)
+        for entry in events:
+            for listener in list(self._subscribers):
+                try:
+                    listener(entry)
+                except Exception:
+                    self._log.failure("call event subscriber failed")
+
+    def _move(self, call: CallRecord, new: CallState, events: list[dict]) -> None:
+        """Apply the SPEC §3.2 transition rule, noting a change in `events`."""
+        before = call.state
+        call.state = next_state(before, new)
+        if call.state != before:
+            events.append(self._log_entry(call, "call.state", state=call.state.value, previous=before.value))
+
+    def _forget(self, call: CallRecord) -> None:
+        self._active.pop(call.call_id, None)
+        if call.provider_call_id and self._by_provider_id.get(call.provider_call_id) == call.call_id:
+            del self._by_provider_id[call.provider_call_id]
+        for timers in (self._max_timers, self._notify_timers):
+            timer = timers.pop(call.call_id, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+    def _finish(self, call: CallRecord, reason: str, waiter_error: str, events: list[dict]) -> None:
+        """Make `call` terminal with `reason` (in memory; the caller persists)."""
+        call.ended_at = self._now()
+        call.end_reason = reason
+        self._move(call, CallState(reason), events)
+        events.append(self._log_entry(call, "call.ended", reason=reason))
+        self._forget(call)
+        waiter = self._waiters.pop(call.call_id, None)
+        if waiter is not None and not waiter.deferred.called:
+            waiter.deferred.errback(CallError(waiter_error, call.call_id))
+
+    # -- carrier events ---------------------------------------------------------------------------
+
+    async def process_event(self, event: CallEvent) -> None:
+        """Apply one normalised carrier event (SPEC §4.2). Redelivered events are no-ops."""
+        key = event.key
+        if key in self._processed or key in self._in_flight_keys:
+            return
+        self._in_flight_keys.add(key)
+        try:
+            await self._process(event, key)
+        finally:
+            self._in_flight_keys.discard(key)
+
+    async def _process(self, event: CallEvent, key: str) -> None:
+        events: list[dict] = []
+        call = self.find(event.call_id)
+        if call is None and event.provider_call_id:
+            call = self.find(event.provider_call_id)
+        if call is None and event.provider_call_id and event.direction is not None:
+            if event.direction is Direction.INBOUND:
+                why = inbound_decision(
+                    self._settings.inbound_policy, self._settings.allow_from, event.from_number
+                )
+                if why is not None:
+                    self._processed.add(key)
+                    self._reject_inbound(event, why)
+                    return
+            call = self._create_from_event(event, events)
+        if call is None:
+            self._processed.add(key)
+            return
+
+        if event.provider_call_id and event.provider_call_id != call.provider_call_id:
+            old = call.provider_call_id
+            call.provider_call_id = event.provider_call_id
+            self._by_provider_id[event.provider_call_id] = call.call_id
+            if old and self._by_provider_id.get(old) == call.call_id:
+                del self._by_provider_id[old]
+        call.processed_event_ids.append(key)
+        transcript: list[TranscriptEntry] = []
+        after: Callable[[], None] | None = None
+
+        kind = event.type
+        if kind in (EventType.INITIATED, EventType.RINGING, EventType.ACTIVE, EventType.SPEAKING):
+            self._move(call, CallState(kind.value.split(".", 1)[1]), events)
+        elif kind is EventType.ANSWERED:
+            call.answered_at = event.timestamp
+            self._move(call, CallState.ANSWERED, events)
+            self._start_max_timer(call, self._settings.max_duration_seconds)
+            after = lambda: self._on_answered(call)  # noqa: E731
+        elif kind is EventType.SPEECH:
+            text = (event.transcript or "").strip()
+            if event.is_final and text:
+                waiter = self._waiters.get(call.call_id)
+                if waiter is not None and waiter.turn_token and waiter.turn_token != event.turn_token:
+                    self._log.warn(
+                        "Ignoring speech event with mismatched turn token for {call_id}",
+                        call_id=call.call_id,
+                    )
+                else:
+                    entry = TranscriptEntry(event.timestamp, Speaker.USER, text)
+                    call.transcript.append(entry)
+                    transcript.append(entry)
+                    events.append(self._log_entry(call, "call.transcript", speaker="user", text=text))
+                    self._move(call, CallState.LISTENING, events)
+                    if waiter is not None:
+                        del self._waiters[call.call_id]
+                        after = lambda: waiter.deferred.callback(text)  # noqa: E731
+                    elif self.on_utterance is not None:
+                        hook = self.on_utterance
+                        after = lambda: hook(call, text)  # noqa: E731
+        elif kind is EventType.ENDED:
+            reason = event.reason or "completed"
+            self._finish(call, reason, f"Call ended: {reason}", events)
+        elif kind is EventType.ERROR and not event.retryable:
+            self._finish(call, "error", f"Call error: {event.error}", events)
+
+        await self._persist(call, transcript=transcript, keys=[key], events=events)
+        self._processed.add(key)
+        if after is not None:
+            after()
+
+    def _create_from_event(self, event: CallEvent, events: list[dict]) -> CallRecord:
+        inbound = event.direction is Direction.INBOUND
+        call = CallRecord(
+            call_id=str(uuid.uuid4()),
+            provider=self._settings.provider_name,
+            direction=event.direction,
+            state=CallState.RINGING,
+            from_number=event.from_number or "unknown",
+            to_number=event.to_number or self._settings.from_number or "unknown",
+            started_at=self._now(),
+            provider_call_id=event.provider_call_id,
+        )
+        if inbound:
+            call.metadata["initialMessage"] = self._settings.inbound_greeting or DEFAULT_GREETING
+        self._active[call.call_id] = call
+        self._by_provider_id[event.provider_call_id] = call.call_id
+        events.append(self._created_entry(call))
+        self._log.info(
+            "{direction} call {call_id} from the carrier, state ringing",
+            direction=call.direction.value,
+            call_id=call.call_id,
+        )
+        if inbound:
+            self._background(self._provider.answer_call(call), "Failed to answer inbound call")
+        return call
+
+    def _created_entry(self, call: CallRecord) -> dict:
+        return self._log_entry(
+            call,
+            "call.created",
+            direction=call.direction.value,
+            provider=call.provider,
+            to=call.to_number,
+            state=call.state.value,
+            **{"from": call.from_number},
+        )
+
+    def _reject_inbound(self, event: CallEvent, why: str) -> None:
+        pid = event.provider_call_id
+        self._log.info("Inbound call rejected: {why}", why=why)
+        if pid in self._rejected:
+            return
+        token = object()
+        self._rejected[pid] = token
+        while len(self._rejected) > self._settings.dedupe_limit:
+            del self._rejected[next(iter(self._rejected))]
+        stub = CallRecord(
+            call_id=event.call_id or pid,
+            provider=self._settings.provider_name,
+            direction=Direction.INBOUND,
+            state=CallState.RINGING,
+            from_number=event.from_number or "unknown",
+            to_number=event.to_number or "unknown",
+            started_at=self._now(),
+            provider_call_id=pid,
+        )
+        d = Deferred.fromCoroutine(self._await(self._provider.hangup_call(stub, "hangup-bot")))
+
+        def failed(f):
+            self._log.failure("Failed to reject inbound call {pid}", f, pid=pid)
+            if self._rejected.get(pid) is token:
+                del self._rejected[pid]
+
+        d.addErrback(failed)
+
+    @staticmethod
+    async def _await(d: Deferred) -> Any:
+        return await d
+
+    def _background(self, d: Deferred, what: str) -> None:
+        d.addErrback(lambda f: self._log.failure(what, f))
+
+    # -- the initial message ----------------------------------------------------------------------
+
+    def _on_answered(self, call: CallRecord) -> None:
+        if not call.metadata.get("initialMessage"):
+            return
+        if call.mode is Mode.NOTIFY or not self._voice_defers_initial(call):
+            self.speak_initial_message(call.call_id)
+
+    def _voice_defers_initial(self, call: CallRecord) -> bool:
+        defers = getattr(self._voice, "defers_initial_message", None)
+        return bool(defers and defers(call))
+
+    def speak_initial_message(self, id_or_provider_id: str) -> Deferred[None]:
+        """Speak a call's initial message once (SPEC §5.2 [H]); never raises."""
+        d = Deferred.fromCoroutine(self._speak_initial(id_or_provider_id))
+        d.addErrback(lambda f: self._log.failure("Failed to speak initial message", f))
+        return d
+
+    async def _speak_initial(self, id_or_provider_id: str) -> None:
+        call = self.find(id_or_provider_id)
+        if call is None:
+            self._log.warn("speakInitialMessage: no call found for {pid}", pid=id_or_provider_id)
+            return
+        message = call.metadata.get("initialMessage")
+        if not message or call.call_id in self._initial_in_flight:
+            return
+        self._initial_in_flight.add(call.call_id)
+        try:
+            await self._speak(call, message)
+        except CallError as e:
+            self._log.warn("Failed to speak initial message: {error}", error=str(e))
+            return
+        finally:
+            self._initial_in_flight.discard(call.call_id)
+        if call.is_terminal:
+            return
+        call.metadata.pop("initialMessage", None)
+        events: list[dict] = []
+        if call.mode is Mode.NOTIFY:
+            delay = self._settings.notify_hangup_delay_sec
+            self._notify_timers[call.call_id] = self._clock.callLater(delay, self._notify_hangup, call.call_id)
+            await self._persist(call, events=events)
+        else:
+            self._move(call, CallState.LISTENING, events)
+            await self._persist(call, events=events)
+            await self._voice.start_listening(call, None)
+
+    def _notify_hangup(self, call_id: str) -> None:
+        self._notify_timers.pop(call_id, None)
+        if call_id in self._active:
+            d = Deferred.fromCoroutine(self.end_call(call_id))
+            d.addErrback(lambda f: self._log.failure("notify hang-up of {call_id} failed", f, call_id=call_id))
+
+    # -- timers -----------------------------------------------------------------------------------
+
+    def _start_max_timer(self, call: CallRecord, seconds: float) -> None:
+        old = self._max_timers.pop(call.call_id, None)
+        if old is not None and old.active():
+            old.cancel()
+        self._max_timers[call.call_id] = self._clock.callLater(max(0.0, seconds), self._max_duration_reached, call.call_id)
+
+    def _max_duration_reached(self, call_id: str) -> None:
+        self._max_timers.pop(call_id, None)
+        if call_id not in self._active:
+            return
+        self._log.info("call {call_id} reached its maximum duration", call_id=call_id)
+        d = Deferred.fromCoroutine(self.end_call(call_id, "timeout"))
+        d.addErrback(lambda f: self._log.failure("max-duration hang-up of {call_id} failed", f, call_id=call_id))
+
+    # -- operations -------------------------------------------------------------------------------
+
+    async def initiate(
+        self,
+        to: str,
+        message: str | None = None,
+        mode: Mode | str | None = None,
+        session_key: str | None = None,
+    ) -> str:
+        """Place an outbound call; returns its id once the record is durable and the carrier has it."""
+        mode = Mode(mode) if mode in ("notify", "conversation", Mode.NOTIFY, Mode.CONVERSATION) else self._settings.default_mode
+        if not (_PHONE.match(to) or to.startswith("sip:")):
+            raise CallError(f"Invalid phone number: {to} (expected E.164, e.g. +15550001234)")
+        if not self._webhook_url:
+            raise CallError("Webhook URL not configured")
+        limit = self._settings.max_concurrent_calls
+        if len(self._active) >= limit:
+            raise CallError(f"Maximum concurrent calls ({limit}) reached")
+        from_number = self._settings.from_number
+        if not from_number and self._settings.provider_name == "mock":
+            from_number = MOCK_FROM_NUMBER
+        if not from_number:
+            raise CallError("fromNumber not configured")
+
+        call = CallRecord(
+            call_id=str(uuid.uuid4()),
+            provider=self._settings.provider_name,
+            direction=Direction.OUTBOUND,
+            state=CallState.INITIATED,
+            from_number=from_number,
+            to_number=to,
+            started_at=self._now(),
+            session_key=session_key,
+            metadata={"mode": mode.value},
+        )
+        if message:
+            call.metadata["initialMessage"] = message
+        try:
+            await self._persist(call, events=[self._created_entry(call)])
+        except Exception as e:
+            self._log.failure("could not store a new call; nothing was dialled")
+            raise CallError(f"Failed to persist call: {e}") from e
+        self._active[call.call_id] = call
+
+        notify = message if mode is Mode.NOTIFY else None
+        try:
+            placed = await self._provider.initiate_call(
+                call_id=call.call_id,
+                from_number=from_number,
+                to_number=to,
+                webhook_url=self._webhook_url,
+                notify_message=notify,
+                voice=self._settings.tts_voice,
+            )
+        except Exception as e:
+            events: list[dict] = []
+            self._finish(call, "failed", "Call ended: failed", events)
+            call.metadata["error"] = str(e)
+            await self._persist(call, events=events)
+            raise CallError(str(e) or "initiate failed", call.call_id) from e
+
+        call.provider_call_id = placed.provider_call_id
+        self._by_provider_id[placed.provider_call_id] = call.call_id
+        if getattr(placed, "consumes_initial_message", False):
+            call.metadata.pop("initialMessage", None)
+        try:
+            await self._persist(call)
+        except Exception as e:
+            self._log.failure("could not store the carrier id of {call_id}; hanging up", call_id=call.call_id)
+            self._forget(call)
+            self._background(self._provider.hangup_call(call, "failed"), "rollback hang-up failed")
+            raise CallError(f"Failed to persist call: {e}", call.call_id) from e
+        self._log.info("call {call_id} placed ({mode})", call_id=call.call_id, mode=mode.value)
+        return call.call_id
+
+    def _connected(self, call_id: str) -> CallRecord:
+        call = self.find(call_id)
+        if call is None:
+            raise CallError("Call not found")
+        if not call.provider_call_id:
+            raise CallError("Call not connected")
+        if call.is_terminal:
+            raise CallError("Call has ended")
+        return call
+
+    async def speak(self, call_id: str, text: str) -> None:
+        await self._speak(self._connected(call_id), text)
+
+    async def _speak(self, call: CallRecord, text: str) -> None:
+        events: list[dict] = []
+        self._move(call, CallState.SPEAKING, events)
+        await self._persist(call, events=events)
+        try:
+            await self._voice.speak(call, text, self._settings.tts_voice)
+        except Exception as e:
+            events = []
+            self._move(call, CallState.LISTENING, events)
+            await self._persist(call, events=events)
+            raise CallError(str(e) or "speak failed", call.call_id) from e
+        await self._record_bot(call, text)
+
+    async def _record_bot(self, call: CallRecord, text: str) -> None:
+        entry = TranscriptEntry(self._now(), Speaker.BOT, text)
+        call.transcript.append(entry)
+        await self._persist(
+            call,
+            transcript=[entry],
+            events=[self._log_entry(call, "call.transcript", speaker="bot", text=text)],
+        )
+
+    async def continue_call(self, call_id: str, prompt: str) -> str:
+        """Speak `prompt`, then wait for and return what the person says next."""
+        call = self._connected(call_id)
+        if call.call_id in self._turns or call.call_id in self._waiters:
+            raise CallError("Already waiting for transcript")
+        self._turns.add(call.call_id)
+        try:
+            return await self._turn(call, prompt)
+        finally:
+            self._turns.discard(call.call_id)
+            self._waiters.pop(call.call_id, None)
+
+    async def _turn(self, call: CallRecord, prompt: str) -> str:
+        started = self._now()
+        token = str(uuid.uuid4()) if self._voice.wants_turn_token(call) else None
+        answer = self._wait_for_transcript(call.call_id, token)
+        events: list[dict] = []
+        self._move(call, CallState.SPEAKING, events)
+        await self._persist(call, events=events)
+        try:
+            await self._voice.prompt(call, prompt, self._settings.tts_voice, token)
+        except Exception as e:
+            answer.addErrback(lambda _: None)
+            answer.cancel()
+            events = []
+            self._move(call, CallState.LISTENING, events)
+            await self._persist(call, events=events)
+            raise CallError(str(e) or "continue failed", call.call_id) from e
+        listen_started = self._now()
+        if not call.is_terminal:
+            events = []
+            self._move(call, CallState.LISTENING, events)
+            entry = TranscriptEntry(listen_started, Speaker.BOT, prompt)
+            call.transcript.append(entry)
+            events.append(self._log_entry(call, "call.transcript", speaker="bot", text=prompt))
+            await self._persist(call, transcript=[entry], events=events)
+        transcript = await answer
+        try:
+            await self._voice.stop_listening(call)
+        except Exception:
+            self._log.failure("stop listening failed (ignored)")
+        done = self._now()
+        meta = call.metadata
+        meta["turnCount"] = int(meta.get("turnCount", 0)) + 1
+        meta["lastTurnLatencyMs"] = done - started
+        meta["lastTurnListenWaitMs"] = done - listen_started
+        meta["lastTurnCompletedAt"] = done
+        await self._persist(call)
+        self._log.info(
+            "[voice-call] continueCall latency call={call_id} totalMs={total} listenWaitMs={wait}",
+            call_id=call.call_id,
+            total=done - started,
+            wait=done - listen_started,
+        )
+        return transcript
+
+    def _wait_for_transcript(self, call_id: str, token: str | None) -> Deferred[str]:
+        timeout_ms = self._settings.transcript_timeout_ms
+        d: Deferred[str] = Deferred()
+        self._waiters[call_id] = _Waiter(d, token)
+
+        def timed_out(f):
+            f.trap(TimeoutError, CancelledError)
+            if f.check(TimeoutError):
+                raise CallError(f"Timed out waiting for transcript after {timeout_ms}ms", call_id)
+            return f
+
+        d.addTimeout(timeout_ms / 1000.0, self._clock)
+        d.addErrback(timed_out)
+        return d
+
+    async def end_call(self, call_id: str, reason: str = "hangup-bot") -> None:
+        """Hang up; the call stays active if the carrier refuses."""
+        call = self.find(call_id)
+        if call is None:
+            stored = await self._store.get_call(call_id)
+            if stored is not None and stored.is_terminal:
+                return
+            raise CallError("Call not found")
+        if not call.provider_call_id:
+            raise CallError("Call not connected")
+        try:
+            await self._provider.hangup_call(call, reason)
+        except Exception as e:
+            raise CallError(str(e) or "end failed", call.call_id) from e
+        if call.is_terminal or call.call_id not in self._active:
+            return
+        events: list[dict] = []
+        self._finish(call, reason, f"Call ended: {reason}", events)
+        await self._persist(call, events=events)
+
+    # -- restore (SPEC §14.3 [H]) -----------------------------------------------------------------
+
+    async def restore(self) -> dict[str, int]:
+        """Load the calls that were live at the last stop and check each with the carrier."""
+        for key in await self._store.recent_event_keys(self._settings.dedupe_limit):
+            self._processed.add(key)
+        records = await self._store.load_active()
+        now = self._now()
+        max_ms = self._settings.max_duration_seconds * 1000
+        outcome = {"restored": 0, "no-provider-id": 0, "expired": 0, "ended-at-carrier": 0}
+        candidates = []
+        for call in records:
+            for key in call.processed_event_ids[-64:]:
+                self._processed.add(key)
+            if not call.provider_call_id:
+                outcome["no-provider-id"] += 1
+                await self._close_restored(call, "failed")
+            elif now - call.started_at > max_ms:
+                outcome["expired"] += 1
+                await self._close_restored(call, "timeout", hang_up=True)
+            else:
+                candidates.append(call)
+        checks = [self._provider.get_call_status(c.provider_call_id) for c in candidates]
+        results = await DeferredList(checks, consumeErrors=True) if checks else []
+        for call, (ok, status) in zip(candidates, results):
+            if ok and status.is_terminal and not status.is_unknown:
+                outcome["ended-at-carrier"] += 1
+                await self._close_restored(call, "completed")
+                continue
+            if call.answered_at is not None:
+                remaining = max_ms - (now - call.answered_at)
+                if remaining <= 0:
+                    outcome["expired"] += 1
+                    await self._close_restored(call, "timeout", hang_up=True)
+                    continue
+                self._start_max_timer(call, remaining / 1000.0)
+            self._active[call.call_id] = call
+            self._by_provider_id[call.provider_call_id] = call.call_id
+            outcome["restored"] += 1
+        self._log.info("Restored {n} active call(s) from store", n=outcome["restored"])
+        for what, n in outcome.items():
+            if what != "restored" and n:
+                self._log.info("Skipped {n} restored call(s): {what}", n=n, what=what)
+        return outcome
+
+    async def _close_restored(self, call: CallRecord, reason: str, hang_up: bool = False) -> None:
+        events: list[dict] = []
+        self._finish(call, reason, f"Call ended: {reason}", events)
+        await self._persist(call, events=events)
+        if hang_up:
+            self._background(self._provider.hangup_call(call, reason), "hang-up of an expired restored call failed")
+
+    def stop(self) -> None:
+        """Cancel every timer and fail pending waits (the daemon is stopping)."""
+        for timers in (self._max_timers, self._notify_timers):
+            for timer in timers.values():
+                if timer.active():
+                    timer.cancel()
+            timers.clear()
+        for call_id, waiter in list(self._waiters.items()):
+            if not waiter.deferred.called:
+                waiter.deferred.errback(CallError("voicecall is shutting down", call_id))
+        self._waiters.clear()

@@ -1,0 +1,157 @@
+# -*- test-case-name: tests.test_mock_provider -*-
+"""
+What every carrier adapter offers, and the values that cross its boundary.
+
+The webhook resource hands a provider a `WebhookContext` (the request as received plus the public
+URL that web/security.py reconstructed); the provider verifies it and parses it into normalised
+`CallEvent`s and the body to answer with. The CallManager drives calls through the call-control and
+speech methods. Providers never import web/, media/ or the manager.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence
+
+from attrs import field, frozen
+from twisted.internet.defer import Deferred
+
+from voicecall.model import CallEvent, CallRecord
+
+
+class ProviderError(Exception):
+    """A carrier API call failed; the message is the SPEC text (`Twilio API error: 400 ...`)."""
+
+
+@frozen
+class WebhookContext:
+    """One webhook request, as received."""
+
+    method: str
+    path: str  # the path, percent-encoded as received
+    path_and_query: str  # request-target exactly as received (never re-encoded)
+    query: Mapping[str, str]  # decoded query parameters (first value of each)
+    headers: Mapping[str, str]  # lower-case names -> first value
+    raw_body: bytes
+    remote_ip: str | None
+    url: str  # the public URL of this request, reconstructed (web/security.py)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+@frozen
+class Verification:
+    """The outcome of checking a webhook's signature."""
+
+    ok: bool
+    reason: str | None = None
+    #: Stable key of the verified request: what replay detection and event dedupe key on.
+    request_key: str | None = None
+
+
+@frozen
+class WebhookResponse:
+    status: int = 200
+    body: bytes = b"OK"
+    headers: Mapping[str, str] = field(factory=dict)
+
+
+@frozen
+class ParsedWebhook:
+    events: Sequence[CallEvent] = ()
+    response: WebhookResponse = field(factory=WebhookResponse)
+
+
+@frozen
+class InitiatedCall:
+    provider_call_id: str
+    status: str = "initiated"
+
+
+@frozen
+class ProviderCallStatus:
+    """SPEC §7 getCallStatus: the carrier's view of a call (used when restoring)."""
+
+    status: str
+    is_terminal: bool
+    is_unknown: bool = False
+
+
+#: SPEC §7 normalizeProviderStatus: carrier statuses that mean the call is over, and the
+#: end reason each maps to.
+TERMINAL_STATUS_REASONS = {
+    "completed": "completed",
+    "failed": "failed",
+    "busy": "busy",
+    "no-answer": "no-answer",
+    "canceled": "hangup-bot",
+}
+
+
+def normalize_status(status: str | None) -> str:
+    value = (status or "").strip().lower()
+    return value or "unknown"
+
+
+class Provider(Protocol):
+    """A carrier adapter. Methods that talk to the carrier return Deferreds."""
+
+    name: str
+    #: Whether `continue` turns carry a turn token through the carrier (Twilio `<Gather>`).
+    uses_turn_tokens: bool
+
+    def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
+        """The pre-auth gate: are the headers a signed request needs present at all?"""
+
+    def verify_webhook(self, ctx: WebhookContext) -> Verification:
+        ...
+
+    def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
+        ...
+
+    def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
+        """The answer to a verified replay, or None to answer with the original's cached answer."""
+
+    def initiate_call(
+        self,
+        *,
+        call_id: str,
+        from_number: str,
+        to_number: str,
+        webhook_url: str,
+        notify_message: str | None = None,
+        voice: str | None = None,
+    ) -> Deferred[InitiatedCall]:
+        ...
+
+    def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
+        ...
+
+    def answer_call(self, call: CallRecord) -> Deferred[None]:
+        """Answer an accepted inbound call (Telnyx parks inbound calls until answered)."""
+
+    def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
+        ...
+
+
+class Voice(Protocol):
+    """
+    How the manager speaks and listens on a call. A provider's native speech (`<Say>`, Telnyx
+    speak, Plivo `<Speak>`) implements it; tap.py may wire a media-stream router in front.
+    """
+
+    def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
+        """Say `text`; fires when it has been played (or accepted by the carrier)."""
+
+    def prompt(
+        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None
+    ) -> Deferred[None]:
+        """Say `text` then listen for the answer, as one carrier instruction where possible."""
+
+    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+        ...
+
+    def stop_listening(self, call: CallRecord) -> Deferred[None]:
+        ...
+
+    def wants_turn_token(self, call: CallRecord) -> bool:
+        """Whether the answer to a prompt on this call will carry a turn token back."""

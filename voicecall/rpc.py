@@ -1,0 +1,312 @@
+# -*- test-case-name: tests.test_rpc -*-
+"""
+The control API: JSON-RPC 2.0, one JSON object per line, on a UNIX socket (DESIGN.md contract).
+
+Methods (SPEC §18.2 plus additions): `voicecall.initiate`, `voicecall.continue`,
+`voicecall.speak`, `voicecall.end`, `voicecall.status` (without `callId`: the active calls),
+legacy `voicecall.start`, `voicecall.subscribe` (then `voicecall.event` notifications for every
+call event), and `voicecall.health`.
+
+Each request runs on its own: a `continue` that waits minutes for the caller holds up no other
+request, on its connection or any other; answers go out as they complete, matched by `id`.
+Failures are JSON-RPC error objects whose `message` is the SPEC error text (code -32000), with
+-32700 for malformed JSON, -32600 for an invalid request (or a line over 1 MiB), -32601 for an
+unknown method and -32602 for bad params. The connection stays open after every error.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Awaitable, Callable, Mapping
+
+from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from voicecall.manager import CallError
+
+MAX_LINE_BYTES = 1024 * 1024
+#: Notifications a subscriber that stopped reading may fall behind by before it is disconnected.
+MAX_BACKLOG = 1000
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+CALL_ERROR = -32000
+
+
+def default_socket_path(store_dir: str, env: Mapping[str, str]) -> str:
+    """Where the daemon listens and the CLI connects unless told: $VOICECALL_SOCKET, else <store>/voicecall.sock."""
+    return env.get("VOICECALL_SOCKET") or os.path.join(store_dir, "voicecall.sock")
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.data = data
+
+
+def _text(params: Mapping[str, Any], name: str) -> str | None:
+    """A trimmed string param; None when absent or blank; -32602 when not a string."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {name} must be a string")
+    return value.strip() or None
+
+
+@define
+class RpcMethods:
+    """The method table: plain async functions of a params dict."""
+
+    _manager: Any  # voicecall.manager.CallManager
+    _clock: IReactorTime
+    _default_to: str | None = None
+    _provider_name: str = "mock"
+    _webhook_url: Callable[[], "str | None"] = lambda: None
+    _started_at: float = 0.0
+
+    def table(self) -> dict[str, Callable[[Mapping[str, Any]], Awaitable[Any]]]:
+        return {
+            "voicecall.initiate": self.initiate,
+            "voicecall.start": self.start,
+            "voicecall.continue": self.continue_,
+            "voicecall.speak": self.speak,
+            "voicecall.end": self.end,
+            "voicecall.status": self.status,
+            "voicecall.health": self.health,
+        }
+
+    async def initiate(self, params: Mapping[str, Any]) -> dict:
+        message = _text(params, "message")
+        if message is None:
+            raise CallError("message required")
+        return await self._place(params, message)
+
+    async def start(self, params: Mapping[str, Any]) -> dict:
+        if _text(params, "to") is None:
+            raise CallError("to required")
+        return await self._place(params, _text(params, "message"))
+
+    async def _place(self, params: Mapping[str, Any], message: str | None) -> dict:
+        to = _text(params, "to") or self._default_to
+        if to is None:
+            raise CallError("to required")
+        mode = _text(params, "mode")
+        call_id = await self._manager.initiate(
+            to, message, mode if mode in ("notify", "conversation") else None, _text(params, "sessionKey")
+        )
+        return {"callId": call_id, "initiated": True}
+
+    def _call_and_message(self, params: Mapping[str, Any]) -> tuple[str, str]:
+        call_id, message = _text(params, "callId"), _text(params, "message")
+        if call_id is None or message is None:
+            raise CallError("callId and message required")
+        return call_id, message
+
+    async def continue_(self, params: Mapping[str, Any]) -> dict:
+        call_id, message = self._call_and_message(params)
+        transcript = await self._manager.continue_call(call_id, message)
+        return {"success": True, "transcript": transcript}
+
+    async def speak(self, params: Mapping[str, Any]) -> dict:
+        call_id, message = self._call_and_message(params)
+        await self._manager.speak(call_id, message)
+        return {"success": True}
+
+    async def end(self, params: Mapping[str, Any]) -> dict:
+        call_id = _text(params, "callId")
+        if call_id is None:
+            raise CallError("callId required")
+        await self._manager.end_call(call_id)
+        return {"success": True}
+
+    async def status(self, params: Mapping[str, Any]) -> dict:
+        call_id = _text(params, "callId") or _text(params, "sid")
+        if call_id is None:
+            return {"calls": [c.to_json(with_event_ids=False) for c in self._manager.active_calls()]}
+        call = await self._manager.get_call(call_id)
+        if call is None:
+            return {"found": False}
+        return {"found": True, "call": call.to_json(with_event_ids=False)}
+
+    async def health(self, params: Mapping[str, Any]) -> dict:
+        return {
+            "ok": True,
+            "provider": self._provider_name,
+            "activeCalls": len(self._manager.active_calls()),
+            "webhookUrl": self._webhook_url(),
+            "uptimeSeconds": round(self._clock.seconds() - self._started_at, 3),
+        }
+
+
+@implementer(IPushProducer)
+class RpcProtocol(Protocol):
+    """One control connection: newline-delimited JSON-RPC 2.0."""
+
+    _log = Logger()
+
+    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable) -> None:
+        self._methods = methods
+        self._subscribe = subscribe
+        self._buffer = b""
+        self._discarding = False
+        self._pending: set[Deferred] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._paused = False
+        self._backlog = 0
+        self._connected = False
+
+    # -- IPushProducer: the transport tells us when the peer stops reading ---------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason) -> None:
+        self._connected = False
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for d in list(self._pending):
+            d.cancel()
+
+    # -- framing --------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            line, sep, rest = self._buffer.partition(b"\n")
+            if not sep:
+                break
+            self._buffer = rest
+            if self._discarding:
+                self._discarding = False
+                continue
+            if line.strip():
+                self._line(line)
+        if len(self._buffer) > MAX_LINE_BYTES:
+            self._buffer = b""
+            if not self._discarding:
+                self._discarding = True
+                self._send_error(None, INVALID_REQUEST, "Request line too long (max 1 MiB)")
+
+    def _line(self, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self._send_error(None, PARSE_ERROR, "Parse error")
+            return
+        if not isinstance(request, dict):
+            self._send_error(None, INVALID_REQUEST, "Invalid Request: expected one JSON object per line")
+            return
+        rid = request.get("id")
+        if (
+            request.get("jsonrpc") != "2.0"
+            or not isinstance(request.get("method"), str)
+            or not (rid is None or isinstance(rid, (str, int)) and not isinstance(rid, bool))
+        ):
+            self._send_error(rid if isinstance(rid, (str, int)) else None, INVALID_REQUEST, "Invalid Request")
+            return
+        params = request.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            self._send_error(rid, INVALID_PARAMS, "Invalid params: expected an object")
+            return
+        method = request["method"]
+        if method == "voicecall.subscribe":
+            self._start_subscription()
+            self._send_result(rid, {"subscribed": True})
+            return
+        handler = self._methods.get(method)
+        if handler is None:
+            self._send_error(rid, METHOD_NOT_FOUND, f"Method not found: {method}")
+            return
+        d = Deferred.fromCoroutine(handler(params))
+        self._pending.add(d)
+        d.addBoth(self._done, d)
+        d.addCallbacks(lambda result: self._send_result(rid, result), lambda f: self._failed(rid, method, f))
+        d.addErrback(lambda f: self._log.failure("could not answer an RPC request", f))
+
+    def _done(self, result, d: Deferred):
+        self._pending.discard(d)
+        return result
+
+    def _failed(self, rid, method: str, failure) -> None:
+        error = failure.value
+        if isinstance(error, CallError):
+            data = {"callId": error.call_id} if error.call_id else None
+            self._send_error(rid, CALL_ERROR, str(error), data)
+        elif isinstance(error, RpcError):
+            self._send_error(rid, error.code, str(error), error.data)
+        elif failure.check(CancelledError):
+            return
+        else:
+            self._log.failure("RPC method {method} failed", failure, method=method)
+            self._send_error(rid, INTERNAL_ERROR, "Internal error")
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    def _start_subscription(self) -> None:
+        if self._unsubscribe is None:
+            self._unsubscribe = self._subscribe(self._notify)
+
+    def _notify(self, entry: dict) -> None:
+        if not self._connected:
+            return
+        if self._paused:
+            self._backlog += 1
+            if self._backlog > MAX_BACKLOG:
+                self._log.warn("dropping an RPC subscriber that stopped reading")
+                self.transport.abortConnection()
+                return
+        self._write({"jsonrpc": "2.0", "method": "voicecall.event", "params": entry})
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _send_result(self, rid, result) -> None:
+        if rid is not None:
+            self._write({"jsonrpc": "2.0", "id": rid, "result": result})
+
+    def _send_error(self, rid, code: int, message: str, data: Any = None) -> None:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self._write({"jsonrpc": "2.0", "id": rid, "error": error})
+
+    def _write(self, message: dict) -> None:
+        if self._connected:
+            self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+class RpcFactory(Factory):
+    noisy = False
+
+    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable) -> None:
+        self._methods = methods
+        self._subscribe = subscribe
+
+    def __repr__(self) -> str:
+        return f"<RpcFactory {len(self._methods)} methods>"
+
+    def buildProtocol(self, addr) -> RpcProtocol:
+        return RpcProtocol(self._methods, self._subscribe)

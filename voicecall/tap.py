@@ -1,0 +1,272 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+`twistd voicecall`: the options and `makeService`, the only place that turns config into
+components and wires them together.
+
+    twistd -n voicecall [--config PATH] [--webhook ENDPOINT] [--rpc ENDPOINT]
+
+Start sequence: open the store, restore the calls that were live (checking each with the
+carrier), listen for webhooks, then open the RPC socket and start the reaper. A bad config stops
+the daemon in option parsing, before anything is bound; a failure later in the sequence is
+logged and the process exits with status 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+
+from voicecall.config import DISABLED_MESSAGE, ConfigError, find_config_path, load_config, parse_config
+from voicecall.manager import CallManager, ManagerSettings
+from voicecall.model import Mode
+from voicecall.providers.mock import MockProvider
+from voicecall.providers.signatures import skip_request_key
+from voicecall.reaper import StaleCallReaper
+from voicecall.rpc import RpcFactory, RpcMethods, default_socket_path
+from voicecall.store import CallStore, ThreadedWriter
+from voicecall.web.limits import ScreenedSite
+from voicecall.web.replay import ReplayCache, ResponseCache
+from voicecall.web.security import ForwardingPolicy
+from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen, normalize_path
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def unix_endpoint(description: str) -> str:
+    """A `unix:` endpoint made private: mode 600 and a lock file unless the string says otherwise."""
+    if not description.startswith("unix:"):
+        return description
+    if ":mode=" not in description:
+        description += ":mode=600"
+    if ":lockfile=" not in description:
+        description += ":lockfile=1"
+    return description
+
+
+def _unix_path(description: str) -> str | None:
+    if not description.startswith("unix:"):
+        return None
+    rest = description[len("unix:") :]
+    first = rest.split(":", 1)[0]
+    return first[len("address=") :] if first.startswith("address=") else first
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH] [--webhook ENDPOINT] [--rpc ENDPOINT]"
+    longdesc = (
+        "Run the voicecall telephony daemon. Without --config the first of $VOICECALL_CONFIG, "
+        "./voicecall.json5, ./voicecall.json, ~/.config/voicecall/voicecall.json5 and "
+        "/etc/voicecall/voicecall.json5 that exists is used (none: the mock provider's defaults)."
+    )
+    optParameters = [
+        ["config", "c", None, "Config file (JSON or JSON5): the voice-call config or a whole OpenClaw config."],
+        ["webhook", None, None, "Webhook endpoint (default: tcp:<serve.port>:interface=<serve.bind>)."],
+        ["rpc", None, None, "RPC endpoint (default: unix:$VOICECALL_SOCKET or unix:<store>/voicecall.sock, mode 600)."],
+    ]
+
+    def postOptions(self) -> None:
+        env = os.environ
+        path = find_config_path(self["config"], env, os.getcwd())
+        try:
+            config = parse_config({}, env) if path is None else load_config(path, env)
+        except ConfigError as e:
+            raise usage.UsageError("\n  ".join(["Invalid voice-call config:", *e.problems]))
+        if not config.enabled:
+            raise usage.UsageError(DISABLED_MESSAGE)
+        if config.provider != "mock":
+            raise usage.UsageError(f'provider "{config.provider}" is not available in this build yet')
+        self["config_path"] = path
+        self["voicecall"] = config
+        self["webhook"] = self["webhook"] or f"tcp:{config.serve.port}:interface={config.serve.bind}"
+        self["rpc"] = unix_endpoint(self["rpc"] or "unix:" + default_socket_path(config.store, env))
+
+
+class ListenerService(Service):
+    """One listening endpoint; `listen()` is called by the parent, in its start sequence."""
+
+    def __init__(self, name: str, reactor, description: str, factory) -> None:
+        self.setName(name)
+        self._reactor = reactor
+        self.description = description
+        self._factory = factory
+        self.port = None
+
+    async def listen(self):
+        path = _unix_path(self.description)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.port = await serverFromString(self._reactor, self.description).listen(self._factory)
+        return self.port
+
+    def stopService(self):
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+class VoicecallService(MultiService):
+    """The daemon: runs the start sequence in order and stops it in reverse."""
+
+    _log = Logger()
+
+    def __init__(self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path) -> None:
+        super().__init__()
+        self.setName("voicecall")
+        self._reactor = reactor
+        self._config = config
+        self._writer = writer
+        self._store = store
+        self.manager = manager
+        self._webhook = webhook
+        self._rpc = rpc
+        self._reaper = reaper
+        self._serve_path = serve_path
+        self.webhook_url: str | None = None
+        self.ready: Deferred = Deferred()
+        for child in (webhook, rpc, reaper):
+            child.setServiceParent(self)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        d = Deferred.fromCoroutine(self._start())
+        d.addCallbacks(self.ready.callback, self._failed)
+
+    async def _start(self) -> None:
+        await self._writer.start()
+        await self._store.open()
+        await self.manager.restore()
+        port = await self._webhook.listen()
+        self._webhook.running = 1
+        host = port.getHost()
+        bound = f"[{host.host}]" if ":" in host.host else host.host
+        local_url = f"http://{bound}:{host.port}{self._serve_path}"
+        self.webhook_url = self._config.public_url or local_url
+        self.manager.set_webhook_url(self.webhook_url)
+        await self._rpc.listen()
+        self._rpc.running = 1
+        self._reaper.startService()
+        self._log.info("Webhook URL: {url}", url=local_url)
+        if self._config.public_url:
+            self._log.info("Public URL: {url}", url=self._config.public_url)
+        self._log.info("RPC socket: {rpc}", rpc=self._rpc.description)
+        print(f"voicecall ready: webhook {self.webhook_url}  rpc {_unix_path(self._rpc.description) or self._rpc.description}", flush=True)
+
+    def _failed(self, failure) -> None:
+        self._log.failure("voicecall failed to start", failure)
+        print(f"voicecall failed to start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+        self.ready.errback(failure)
+        self.ready.addErrback(lambda _: None)
+        if getattr(self._reactor, "running", False):
+            self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self._reactor.stop()
+
+    async def _stop(self) -> None:
+        self._reaper.stopService()
+        await _maybe(self._rpc.stopService())
+        await _maybe(self._webhook.stopService())
+        self.manager.stop()
+        await self._store.close()
+        await self._writer.stop()
+
+    def stopService(self):
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+
+async def _maybe(result: Any) -> Any:
+    if isinstance(result, Deferred):
+        return await result
+    return result
+
+
+def makeService(options: Options, reactor=None) -> VoicecallService:
+    if reactor is None:
+        from twisted.internet import reactor
+    cfg = options["voicecall"]
+    writer = ThreadedWriter(reactor)
+    store = CallStore(cfg.store, writer)
+    provider = MockProvider(clock=reactor)
+    voice = provider
+    manager = CallManager(
+        provider=provider,
+        voice=voice,
+        store=store,
+        clock=reactor,
+        settings=ManagerSettings(
+            provider_name=cfg.provider,
+            from_number=cfg.from_number,
+            max_concurrent_calls=cfg.max_concurrent_calls,
+            max_duration_seconds=cfg.max_duration_seconds,
+            transcript_timeout_ms=cfg.transcript_timeout_ms,
+            notify_hangup_delay_sec=cfg.outbound.notify_hangup_delay_sec,
+            default_mode=Mode(cfg.outbound.default_mode),
+            inbound_policy=cfg.inbound_policy,
+            allow_from=tuple(cfg.allow_from),
+            inbound_greeting=cfg.inbound_greeting,
+            tts_voice=cfg.tts.openai.voice,
+        ),
+    )
+    security = cfg.webhook_security
+    ngrok_bypass = (
+        cfg.tunnel.provider == "ngrok"
+        and cfg.serve.bind in _LOOPBACK
+        and cfg.tunnel.allow_ngrok_free_tier_loopback_bypass
+    )
+    forwarding = ForwardingPolicy(
+        allowed_hosts=tuple(security.allowed_hosts),
+        trust_forwarding_headers=security.trust_forwarding_headers,
+        trusted_proxy_ips=tuple(security.trusted_proxy_ips),
+        ngrok_loopback_bypass=ngrok_bypass,
+    )
+    for_twilio = cfg.provider == "twilio"
+    serve_path = normalize_path(cfg.serve.path)
+    skip_key = None
+    if cfg.skip_signature_verification:
+        Logger().warn(
+            "[voice-call] SECURITY WARNING: skipSignatureVerification=true disables webhook signature "
+            "verification (development only). Do not use in production."
+        )
+        skip_key = lambda ctx: skip_request_key(provider.name, ctx.method, ctx.url, ctx.raw_body)  # noqa: E731
+    webhook = WebhookResource(
+        provider=provider,
+        manager=manager,
+        reconstruct_url=lambda pq, headers, ip: forwarding.reconstruct_url(pq, headers, ip, for_twilio=for_twilio),
+        path=serve_path,
+        replays=ReplayCache(reactor),
+        responses=ResponseCache(reactor),
+        skip_key=skip_key,
+    )
+    site = ScreenedSite(
+        RootResource(webhook=webhook),
+        clock=reactor,
+        screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification),
+    )
+    service: VoicecallService
+    methods = RpcMethods(
+        manager=manager,
+        clock=reactor,
+        default_to=cfg.to_number,
+        provider_name=cfg.provider,
+        webhook_url=lambda: service.webhook_url,
+        started_at=reactor.seconds(),
+    )
+    service = VoicecallService(
+        reactor,
+        config=cfg,
+        writer=writer,
+        store=store,
+        manager=manager,
+        webhook=ListenerService("webhook", reactor, options["webhook"], site),
+        rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe)),
+        reaper=StaleCallReaper(manager=manager, clock=reactor, max_age_seconds=cfg.stale_call_reaper_seconds),
+        serve_path=serve_path,
+    )
+    return service

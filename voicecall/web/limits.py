@@ -1,0 +1,201 @@
+# -*- test-case-name: tests.test_webhook -*-
+"""
+Pre-auth request limits for the webhook Site (SPEC §8.1 steps 5-7 [H], §20 item 16).
+
+twisted.web reads a whole request body before a resource sees it. These classes let the Site
+screen a request once its headers are in and before its body is read: refuse it (401 unsigned,
+429 too many in flight from one address, 413 declared too large) without reading the body; cap
+the body actually received (413); and give the body a time budget (408).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+MAX_BODY_BYTES = 64 * 1024
+READ_TIMEOUT_SECONDS = 5.0
+MAX_IN_FLIGHT_PER_IP = 8
+
+_REASONS = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    429: b"Too Many Requests",
+    503: b"Service Unavailable",
+}
+
+
+@frozen
+class Refusal:
+    """An answer given without reading (the rest of) the body; the connection is then closed."""
+
+    status: int
+    body: bytes
+
+
+#: screen(method, path, headers, remote_ip, declared_length) -> Refusal | None, where headers map
+#: lower-case names to first values. Called after the headers, before the body.
+Screen = Callable[[bytes, bytes, dict, "str | None", "int | None"], "Refusal | None"]
+
+
+class ScreenedChannel(HTTPChannel):
+    """An HTTPChannel that tells its current request its method and target before the body."""
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        # Twisted keeps the request line on the channel until the body is complete.
+        request.early_method = self._command
+        request.early_uri = self._path
+        super().allHeadersReceived()
+
+
+class ScreenedRequest(Request):
+    """A Request screened by its Site after the headers, with a capped, time-boxed body."""
+
+    early_method: bytes = b""
+    early_uri: bytes = b""
+    _refused = False
+    _received = 0
+    _deadline = None
+    _release: Callable[[], None] | None = None
+    _log = Logger()
+
+    def gotLength(self, length: int | None) -> None:
+        site: ScreenedSite = self.channel.site
+        refusal = site.screen_request(self, length)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._deadline = site.clock.callLater(site.read_timeout, self._timed_out)
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self._refuse(Refusal(413, b"Payload Too Large"))
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._cancel_deadline()
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_deadline()
+        self.release()
+        super().connectionLost(reason)
+
+    def finish(self) -> None:
+        self.release()
+        super().finish()
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Run `release` once, when this request is over however it ends."""
+        self._release = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        self._refuse(Refusal(408, f"Request body not received within {self.channel.site.read_timeout:g}s".encode()))
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self._refused = True
+        self._cancel_deadline()
+        self.release()
+        site: ScreenedSite = self.channel.site
+        site.refused(refusal.status)
+        transport = self.channel.transport
+        reason = _REASONS.get(refusal.status, b"Error")
+        transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (refusal.status, reason, len(refusal.body), refusal.body)
+        )
+        transport.loseConnection()
+
+
+class ScreenedSite(Site):
+    """A Site whose requests are screened by `screen` before their bodies are read."""
+
+    protocol = ScreenedChannel
+    requestFactory = ScreenedRequest
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(
+        self,
+        resource,
+        *,
+        clock: IReactorTime,
+        screen: Callable[[ScreenedRequest, "int | None"], "Refusal | None"],
+        max_body: int = MAX_BODY_BYTES,
+        read_timeout: float = READ_TIMEOUT_SECONDS,
+        on_refused: Callable[[int], None] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(resource, reactor=clock, **kwargs)
+        self.clock = clock
+        self.max_body = max_body
+        self.read_timeout = read_timeout
+        self._screen = screen
+        self._on_refused = on_refused
+
+    def screen_request(self, request: ScreenedRequest, length: int | None) -> Refusal | None:
+        if length is not None and length > self.max_body:
+            return Refusal(413, b"Payload Too Large")
+        return self._screen(request, length)
+
+    def refused(self, status: int) -> None:
+        if self._on_refused is not None:
+            self._on_refused(status)
+
+    def log(self, request) -> None:
+        """No per-request access log lines (they would carry query strings with call ids)."""
+
+
+class InFlightLimiter:
+    """At most `limit` requests in flight per remote address (missing addresses share a bucket)."""
+
+    def __init__(self, limit: int = MAX_IN_FLIGHT_PER_IP) -> None:
+        self._limit = limit
+        self._counts: dict[str, int] = {}
+
+    def acquire(self, ip: str | None) -> Callable[[], None] | None:
+        """A release function, or None when `ip` already has `limit` requests in flight."""
+        key = ip or ""
+        count = self._counts.get(key, 0)
+        if count >= self._limit:
+            return None
+        self._counts[key] = count + 1
+
+        def release() -> None:
+            left = self._counts.get(key, 1) - 1
+            if left <= 0:
+                self._counts.pop(key, None)
+            else:
+                self._counts[key] = left
+
+        return release
+
+    def __len__(self) -> int:
+        return len(self._counts)

@@ -1,0 +1,213 @@
+# -*- test-case-name: tests.test_webhook -*-
+"""
+The webhook resource: SPEC §8.1's pipeline for carrier callbacks.
+
+    hold music -> path -> method -> signature headers present (before the body) -> per-IP
+    in-flight cap -> capped, time-boxed body -> verify -> replay? -> parse -> CallManager
+
+Screening before the body lives in web/limits.py; this module supplies the screen and the
+resource. A replay (same verified request key within 10 minutes) is answered 200 and changes
+nothing: Twilio replays get empty TwiML without running the TwiML builder; other providers get
+the answer of the original request. If applying an event fails, the answer is 500 and the
+request key is forgotten, so the carrier's retry is processed rather than taken for a replay.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from voicecall.providers.base import Provider, WebhookContext, WebhookResponse
+from voicecall.providers.twiml import hold_music
+from voicecall.web.limits import InFlightLimiter, Refusal, ScreenedRequest
+
+HOLD_MUSIC_PATH = "/voice/hold-music"
+_TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+
+
+def normalize_path(path: str) -> str:
+    """SPEC §8.1 step 3: trim, add a leading `/`, drop one trailing `/` unless root."""
+    path = path.strip()
+    if not path.startswith("/"):
+        path = "/" + path
+    if len(path) > 1 and path.endswith("/"):
+        path = path[:-1]
+    return path
+
+
+def request_headers(request) -> dict[str, str]:
+    """Lower-case header names -> first value (SPEC §7 header lookup)."""
+    out: dict[str, str] = {}
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        key = name.decode("latin-1").lower()
+        if key not in out and values:
+            out[key] = values[0].decode("latin-1")
+    return out
+
+
+def remote_ip(request) -> str | None:
+    return getattr(request.getClientAddress(), "host", None)
+
+
+@define
+class WebhookScreen:
+    """Decides, from a request's headers alone, whether its body is worth reading."""
+
+    _provider: Provider
+    _path: str
+    _skip_signature: bool
+    _limiter: InFlightLimiter = field(factory=InFlightLimiter)
+
+    def __call__(self, request: ScreenedRequest, length: int | None) -> Refusal | None:
+        path = request.early_uri.split(b"?", 1)[0].decode("latin-1")
+        if path == HOLD_MUSIC_PATH or normalize_path(path) != self._path:
+            return None
+        if request.early_method != b"POST":
+            return None
+        headers = request_headers(request)
+        if not self._skip_signature and not self._provider.has_signature_headers(headers):
+            return Refusal(401, b"Unauthorized")
+        release = self._limiter.acquire(remote_ip(request))
+        if release is None:
+            return Refusal(429, b"Too Many Requests")
+        request.hold(release)
+        return None
+
+
+@define
+class WebhookResource(Resource):
+    """The carrier webhook (a leaf: it answers every path that reaches it)."""
+
+    _provider: Provider
+    _manager: Any  # voicecall.manager.CallManager
+    _reconstruct_url: Callable[[str, dict, "str | None"], str]
+    _path: str
+    _replays: Any  # voicecall.web.replay.ReplayCache
+    _responses: Any  # voicecall.web.replay.ResponseCache
+    _skip_key: Callable[[WebhookContext], str] | None = None
+    #: Webhook outcomes by label (ok, 401, 404, 405, 413, 429, replay, 500, ...), for metrics.
+    counts: Counter = field(factory=Counter)
+    isLeaf = True
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def render(self, request):
+        path = request.path.decode("latin-1")
+        if path == HOLD_MUSIC_PATH:
+            return self._answer(request, WebhookResponse(200, hold_music().encode(), {"Content-Type": "text/xml"}), "hold-music")
+        if normalize_path(path) != self._path:
+            return self._answer(request, WebhookResponse(404, b"Not Found", _TEXT), "404")
+        if request.method != b"POST":
+            return self._answer(request, WebhookResponse(405, b"Method Not Allowed", {**_TEXT, "Allow": "POST"}), "405")
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = Deferred.fromCoroutine(self._handle(request))
+
+        def failed(f):
+            self._log.failure("webhook failed", f)
+            return WebhookResponse(500, b"Internal Server Error", _TEXT), "500"
+
+        d.addErrback(failed)
+        d.addCallback(lambda result: None if gone else self._answer(request, *result, finish=True))
+        d.addErrback(lambda f: self._log.failure("could not answer a webhook", f))
+        return NOT_DONE_YET
+
+    def _answer(self, request, response: WebhookResponse, label: str, finish: bool = False):
+        self.counts[label] += 1
+        request.setResponseCode(response.status)
+        headers = dict(response.headers)
+        headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        if not finish:
+            return response.body
+        request.write(response.body)
+        request.finish()
+        return None
+
+    def context(self, request) -> WebhookContext:
+        uri = request.uri.decode("latin-1")
+        query = uri.split("?", 1)[1] if "?" in uri else ""
+        headers = request_headers(request)
+        ip = remote_ip(request)
+        params: dict[str, str] = {}
+        for k, v in parse_qsl(query, keep_blank_values=True):
+            params.setdefault(k, v)
+        return WebhookContext(
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1"),
+            path_and_query=uri,
+            query=params,
+            headers=headers,
+            raw_body=request.content.read(),
+            remote_ip=ip,
+            url=self._reconstruct_url(uri, headers, ip),
+        )
+
+    async def _handle(self, request) -> tuple[WebhookResponse, str]:
+        ctx = self.context(request)
+        if self._skip_key is not None:
+            key = self._skip_key(ctx)
+        else:
+            verdict = self._provider.verify_webhook(ctx)
+            if not verdict.ok or not verdict.request_key:
+                self._log.warn(
+                    "webhook rejected ({provider}): {reason}",
+                    provider=self._provider.name,
+                    reason=verdict.reason or "no verified request key",
+                )
+                return WebhookResponse(401, b"Unauthorized", _TEXT), "401"
+            key = verdict.request_key
+        if self._replays.check_and_record(key):
+            self._log.info("replayed webhook acknowledged without effect ({provider})", provider=self._provider.name)
+            answer = self._provider.replay_response(ctx)
+            if answer is None:
+                answer = await self._responses.get_or_build(key, lambda: self._replay_miss(ctx, key))
+            return answer, "replay"
+        try:
+            answer = await self._responses.get_or_build(key, lambda: Deferred.fromCoroutine(self._apply(ctx, key)))
+        except Exception:
+            self._replays.discard(key)
+            raise
+        return answer, "ok"
+
+    async def _apply(self, ctx: WebhookContext, key: str) -> WebhookResponse:
+        parsed = self._provider.parse_webhook(ctx, key)
+        for event in parsed.events:
+            await self._manager.process_event(event)
+        return parsed.response
+
+    def _replay_miss(self, ctx: WebhookContext, key: str) -> Deferred:
+        """A replay whose original answer is gone: rebuild the answer, apply nothing."""
+        return Deferred.fromCoroutine(self._rebuild(ctx, key))
+
+    async def _rebuild(self, ctx: WebhookContext, key: str) -> WebhookResponse:
+        return self._provider.parse_webhook(ctx, key).response
+
+
+@define
+class RootResource(Resource):
+    """Routes the media-stream path to its WebSocket resource and everything else to the webhook."""
+
+    _webhook: Resource
+    _stream_path: str | None = None
+    _stream: Resource | None = None
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def getChildWithDefault(self, path, request):
+        if self._stream is not None and normalize_path(request.path.decode("latin-1")) == self._stream_path:
+            return self._stream
+        return self._webhook
+
+    def render(self, request):
+        return self._webhook.render(request)
