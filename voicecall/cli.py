@@ -217,10 +217,12 @@ def status(ctx, call_id):
 
 def _status_from_store(ctx: Context, call_id: str | None) -> dict:
     store = open_readonly(ctx.store)
-    if call_id is None:
-        calls = [] if store is None else [c for c in store.recent_calls(1000) if not c.is_terminal]
-        return {"calls": [c.to_json(with_event_ids=False) for c in calls], "source": "store"}
-    call = None if store is None else store.get_call(call_id)
+    if store is None:
+        return {"calls": []} if call_id is None else {"found": False}
+    with store:
+        if call_id is None:
+            return {"calls": [c.to_json(with_event_ids=False) for c in store.load_active()]}
+        call = store.get_call(call_id)
     if call is None:
         return {"found": False}
     return {"found": True, "call": call.to_json(with_event_ids=False)}
@@ -251,6 +253,8 @@ def tail(ctx, since, poll):
             client = None
         store = open_readonly(ctx.store)
         history = store.last_events(since) if store is not None and since else []
+        if store is not None:
+            store.close()
         for entry in history:
             printed.add(_event_key(entry))
             click.echo(json.dumps(entry, ensure_ascii=False))
@@ -282,7 +286,9 @@ async def _follow_store(reactor, ctx: Context, seq: int, poll_ms: int) -> None:
         store = open_readonly(ctx.store)
         if store is None:
             continue
-        for entry in store.events_after(seq, 1000):
+        with store:
+            entries = store.events_after(seq, 1000)
+        for entry in entries:
             seq = entry["seq"]
             click.echo(json.dumps(entry, ensure_ascii=False))
 
@@ -312,7 +318,10 @@ def _summary(values: list[int]) -> dict:
 def latency(ctx, last):
     """Turn latency statistics of recent calls (from the store)."""
     store = open_readonly(ctx.store)
-    calls = [] if store is None else store.recent_calls(last)
+    calls = []
+    if store is not None:
+        with store:
+            calls = store.recent_calls(last)
     turn = [c.metadata["lastTurnLatencyMs"] for c in calls if isinstance(c.metadata.get("lastTurnLatencyMs"), int)]
     wait = [c.metadata["lastTurnListenWaitMs"] for c in calls if isinstance(c.metadata.get("lastTurnListenWaitMs"), int)]
     emit({"recordsScanned": len(calls), "turnLatency": _summary(turn), "listenWait": _summary(wait)})

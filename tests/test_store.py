@@ -1,0 +1,691 @@
+"""
+Tests for voicecall.store: the SQLite call store, its writers and its read-only view.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import stat
+import sys
+import textwrap
+import threading
+import uuid
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+import voicecall
+from voicecall.model import CallRecord, CallState, Direction, Speaker, TranscriptEntry
+from voicecall.store import (
+    DB_FILENAME,
+    CallStore,
+    StoreBusyError,
+    StoreClosedError,
+    StoreError,
+    SynchronousWriter,
+    ThreadedWriter,
+    open_readonly,
+)
+
+
+def make_record(call_id: str = "call-1", **changes) -> CallRecord:
+    """A plain outbound call record, with `changes` applied."""
+    record = CallRecord(
+        call_id=call_id,
+        provider="twilio",
+        direction="outbound",
+        state="ringing",
+        from_number="+15550001111",
+        to_number="+15550002222",
+        started_at=1_700_000_000_000,
+        provider_call_id="CA" + call_id,
+        metadata={"mode": "conversation"},
+    )
+    return attrs.evolve(record, **changes)
+
+
+def entry(text: str, speaker: str = "user", timestamp: int = 1) -> TranscriptEntry:
+    return TranscriptEntry(timestamp=timestamp, speaker=speaker, text=text)
+
+
+def event(call_id: str, kind: str = "call.ringing", at: int = 1, **extra) -> dict:
+    return {"callId": call_id, "at": at, "type": kind, **extra}
+
+
+# --- hypothesis strategies for the round-trip properties ---
+
+texts = st.text(max_size=20)
+ints = st.integers(min_value=0, max_value=2**53)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=8,
+)
+entries = st.builds(
+    TranscriptEntry,
+    timestamp=ints,
+    speaker=st.sampled_from(Speaker),
+    text=st.text(max_size=60),
+    is_final=st.booleans(),
+)
+records = st.builds(
+    CallRecord,
+    call_id=st.just("placeholder"),
+    provider=st.sampled_from(["twilio", "telnyx", "plivo", "mock"]),
+    direction=st.sampled_from(Direction),
+    state=st.sampled_from(CallState),
+    from_number=texts,
+    to_number=texts,
+    started_at=ints,
+    provider_call_id=st.none() | texts,
+    session_key=st.none() | texts,
+    answered_at=st.none() | ints,
+    ended_at=st.none() | ints,
+    end_reason=st.none() | texts,
+    transcript=st.lists(entries, max_size=6),
+    processed_event_ids=st.lists(texts, unique=True, max_size=6),
+    metadata=st.dictionaries(texts, json_values, max_size=4),
+)
+
+
+class _StoreMixin:
+    """Opens a CallStore on a SynchronousWriter in a fresh directory."""
+
+    def open_store(self, directory: str | None = None, **kwargs) -> CallStore:
+        directory = directory or os.path.abspath(self.mktemp())
+        store = CallStore(directory, SynchronousWriter(), **kwargs)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        return store
+
+    def write(self, store: CallStore, record: CallRecord | None = None, **kwargs) -> None:
+        self.assertIsNone(self.successResultOf(store.write(record, **kwargs)))
+
+    def write_whole(self, store: CallStore, record: CallRecord) -> None:
+        self.write(
+            store, record, transcript=record.transcript, event_keys=record.processed_event_ids
+        )
+
+
+class CallStoreTests(_StoreMixin, SynchronousTestCase):
+    """CallStore on a SynchronousWriter."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(record=records)
+    def test_round_trip(self, record):
+        """A record written whole reads back equal, by call id and, if live, from load_active."""
+        if not hasattr(self, "_shared"):
+            self._shared = self.open_store()
+        store = self._shared
+        record = attrs.evolve(record, call_id=str(uuid.uuid4()))
+        self.write_whole(store, record)
+        self.assertEqual(self.successResultOf(store.get_call(record.call_id)), record)
+        active = self.successResultOf(store.load_active())
+        self.assertEqual(
+            [r for r in active if r.call_id == record.call_id],
+            [] if record.is_terminal else [record],
+        )
+
+    @settings(max_examples=40, deadline=None)
+    @given(first=records, last=records, data=st.data())
+    def test_incremental_round_trip(self, first, last, data):
+        """A record written in two steps reads back as the last scalars plus every appended row."""
+        if not hasattr(self, "_shared"):
+            self._shared = self.open_store()
+        store = self._shared
+        call_id = str(uuid.uuid4())
+        cut_t = data.draw(st.integers(0, len(last.transcript)))
+        cut_k = data.draw(st.integers(0, len(last.processed_event_ids)))
+        self.write(
+            store,
+            attrs.evolve(first, call_id=call_id),
+            transcript=last.transcript[:cut_t],
+            event_keys=last.processed_event_ids[:cut_k],
+        )
+        final = attrs.evolve(last, call_id=call_id)
+        self.write(
+            store,
+            final,
+            transcript=last.transcript[cut_t:],
+            event_keys=last.processed_event_ids[cut_k:],
+        )
+        self.assertEqual(self.successResultOf(store.get_call(call_id)), final)
+
+    def test_open_creates_private_directory_and_file(self):
+        """open() creates a missing directory with mode 0700, and the database and WAL with 0600."""
+        directory = os.path.join(os.path.abspath(self.mktemp()), "state")
+        store = self.open_store(directory)
+        self.write(store, make_record())
+        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+        for name in (DB_FILENAME, DB_FILENAME + "-wal"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode), 0o600)
+
+    def test_pragmas(self):
+        """The connection uses WAL, synchronous=FULL, foreign keys, a busy timeout and schema 1."""
+        writer = SynchronousWriter()
+        store = CallStore(os.path.abspath(self.mktemp()), writer)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+
+        def pragmas(conn):
+            return [
+                conn.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in (
+                    "journal_mode", "synchronous", "foreign_keys", "busy_timeout", "user_version"
+                )
+            ]
+
+        journal, synchronous, foreign_keys, busy, version = self.successResultOf(
+            writer.run(pragmas)
+        )
+        self.assertEqual((journal, synchronous, foreign_keys, version), ("wal", 2, 1, 1))
+        self.assertGreater(busy, 0)
+
+    def test_newer_schema_refused(self):
+        """A database of a newer schema version is refused with a StoreError naming the version."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        conn = sqlite3.connect(os.path.join(directory, DB_FILENAME))
+        conn.execute("PRAGMA user_version = 7")
+        conn.close()
+        failure = self.failureResultOf(CallStore(directory, SynchronousWriter()).open(), StoreError)
+        self.assertIn("version 7", str(failure.value))
+
+    def test_reopen_keeps_everything(self):
+        """Closing and reopening the store gives back the records, keys and event log."""
+        directory = os.path.abspath(self.mktemp())
+        store = self.open_store(directory)
+        record = make_record(transcript=[entry("hi")], processed_event_ids=["k1", "k2"])
+        self.write_whole(store, record)
+        self.write(store, events=[event("call-1")])
+        self.successResultOf(store.close())
+        again = self.open_store(directory)
+        self.assertEqual(self.successResultOf(again.get_call("call-1")), record)
+        self.assertEqual(self.successResultOf(again.recent_event_keys()), ["k1", "k2"])
+        self.assertEqual(
+            self.successResultOf(again.last_events(5)), [{**event("call-1"), "seq": 1}]
+        )
+
+    def test_get_call_by_provider_call_id(self):
+        """get_call finds a call by its provider call id, the newest one if several share it."""
+        store = self.open_store()
+        self.write(store, make_record("a", provider_call_id="P1"))
+        self.write(store, make_record("b", provider_call_id="P1"))
+        self.write(store, make_record("c", provider_call_id="P2"))
+        self.assertEqual(self.successResultOf(store.get_call("P1")).call_id, "b")
+        self.assertEqual(self.successResultOf(store.get_call("c")).call_id, "c")
+        self.assertIsNone(self.successResultOf(store.get_call("nope")))
+
+    def test_upsert_replaces_scalars_and_metadata(self):
+        """A later write of the same call replaces its fields and metadata but keeps its rows."""
+        store = self.open_store()
+        self.write(store, make_record(metadata={"initialMessage": "hi"}), transcript=[entry("one")])
+        later = make_record(state="active", answered_at=5, metadata={"turnCount": 1})
+        self.write(store, later, transcript=[entry("two")])
+        got = self.successResultOf(store.get_call("call-1"))
+        self.assertEqual(got, attrs.evolve(later, transcript=[entry("one"), entry("two")]))
+
+    def test_load_active_skips_terminal(self):
+        """load_active gives the live calls, oldest first, whole; never the ended ones."""
+        store = self.open_store()
+        live = make_record("a", transcript=[entry("x")], processed_event_ids=["ka"])
+        self.write_whole(store, live)
+        self.write_whole(store, make_record("b", processed_event_ids=["kb"]))
+        self.write_whole(store, make_record("c", state="listening"))
+        self.write(store, make_record("b", state="completed", ended_at=9, end_reason="completed"))
+        active = self.successResultOf(store.load_active())
+        self.assertEqual(active, [live, make_record("c", state="listening")])
+
+    def test_load_active_empty_store(self):
+        """A new store has no active calls, keys, events or recent calls."""
+        store = self.open_store()
+        self.assertEqual(self.successResultOf(store.load_active()), [])
+        self.assertEqual(self.successResultOf(store.recent_event_keys()), [])
+        self.assertEqual(self.successResultOf(store.last_events(10)), [])
+        self.assertEqual(self.successResultOf(store.recent_calls()), [])
+
+    def test_recent_event_keys_all_calls(self):
+        """recent_event_keys gives the newest keys of all calls, terminal ones too, oldest first."""
+        store = self.open_store()
+        self.write(store, make_record("a"), event_keys=["a1", "a2"])
+        self.write(store, make_record("b"), event_keys=["b1"])
+        self.write(store, make_record("a", state="completed"), event_keys=["a3"])
+        self.assertEqual(self.successResultOf(store.recent_event_keys()), ["a1", "a2", "b1", "a3"])
+        self.assertEqual(self.successResultOf(store.recent_event_keys(limit=2)), ["b1", "a3"])
+
+    def test_duplicate_event_key_not_repeated(self):
+        """Writing a key a call already has does not add it again."""
+        store = self.open_store()
+        self.write(store, make_record(), event_keys=["k1", "k2"])
+        self.write(store, make_record(), event_keys=["k1"])
+        got = self.successResultOf(store.get_call("call-1"))
+        self.assertEqual(got.processed_event_ids, ["k1", "k2"])
+        self.assertEqual(self.successResultOf(store.recent_event_keys()), ["k1", "k2"])
+
+    def test_write_cost_independent_of_call_length(self):
+        """Appending to a long call executes the same statements as appending to a new one."""
+        writer = SynchronousWriter()
+        store = CallStore(os.path.abspath(self.mktemp()), writer)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        statements: list[str] = []
+        self.successResultOf(writer.run(lambda conn: conn.set_trace_callback(statements.append)))
+
+        def traced_append(call_id):
+            del statements[:]
+            self.write(
+                store, make_record(call_id), transcript=[entry("x")], event_keys=[f"k-{call_id}"]
+            )
+            return [line.replace(call_id, "ID") for line in statements]
+
+        short = traced_append("short")
+        for i in range(200):
+            self.write(store, make_record("long"), transcript=[entry(str(i))], event_keys=[f"k{i}"])
+        self.assertEqual(traced_append("long"), short)
+
+    def test_delete_call(self):
+        """delete_call removes the call with its transcript and keys; other calls stay."""
+        store = self.open_store()
+        self.write_whole(
+            store, make_record("a", transcript=[entry("x")], processed_event_ids=["ka"])
+        )
+        self.write_whole(store, make_record("b", processed_event_ids=["kb"]))
+        self.successResultOf(store.delete_call("a"))
+        self.assertIsNone(self.successResultOf(store.get_call("a")))
+        self.assertEqual(self.successResultOf(store.recent_event_keys()), ["kb"])
+        self.write(store, make_record("a"))
+        self.assertEqual(self.successResultOf(store.get_call("a")), make_record("a"))
+
+    def test_recent_calls(self):
+        """recent_calls gives the most recently created calls, newest last, whole."""
+        store = self.open_store()
+        for name in "abcd":
+            self.write(store, make_record(name), transcript=[entry(name)])
+        self.write(store, make_record("b", state="completed"))
+        got = self.successResultOf(store.recent_calls(limit=3))
+        self.assertEqual([r.call_id for r in got], ["b", "c", "d"])
+        self.assertEqual(got[0].state, CallState.COMPLETED)
+        self.assertEqual(got[2].transcript, [entry("d")])
+
+    def test_event_log(self):
+        """Event-log entries get increasing seq numbers and read back whole, last n or after seq."""
+        store = self.open_store()
+        self.write(store, events=[event("a", "call.initiated", 1, note="x")])
+        self.write(
+            store, make_record("b"), events=[event("b", at=2), event("b", "call.answered", 3)]
+        )
+        everything = self.successResultOf(store.events_after(0))
+        self.assertEqual(
+            everything,
+            [
+                {**event("a", "call.initiated", 1, note="x"), "seq": 1},
+                {**event("b", at=2), "seq": 2},
+                {**event("b", "call.answered", 3), "seq": 3},
+            ],
+        )
+        self.assertEqual(self.successResultOf(store.events_after(1, limit=1)), everything[1:2])
+        self.assertEqual(self.successResultOf(store.last_events(2)), everything[1:])
+
+    def test_event_log_bounded(self):
+        """The event log is pruned to its newest entries and keeps numbering upwards."""
+        store = self.open_store(events_cap=10, prune_every=4)
+        for i in range(1, 41):
+            self.write(store, events=[event("a", at=i)])
+        kept = self.successResultOf(store.events_after(0, limit=100))
+        self.assertLessEqual(len(kept), 10 + 4 - 1)
+        self.assertEqual([e["seq"] for e in kept], list(range(41 - len(kept), 41)))
+        self.assertEqual([e["at"] for e in kept], [e["seq"] for e in kept])
+
+    def test_event_log_pruned_at_open(self):
+        """Opening the store prunes the event log to the cap."""
+        directory = os.path.abspath(self.mktemp())
+        store = self.open_store(directory)
+        self.write(store, events=[event("a", at=i) for i in range(20)])
+        self.successResultOf(store.close())
+        again = self.open_store(directory, events_cap=5)
+        kept = self.successResultOf(again.events_after(0))
+        self.assertEqual([e["seq"] for e in kept], [16, 17, 18, 19, 20])
+
+    def test_invalid_event_rejected(self):
+        """An event-log entry lacking callId, type or an integer at fails and changes nothing."""
+        store = self.open_store()
+        bad_entries = [
+            {"callId": "a", "type": "t"},
+            {"callId": "a", "at": "1", "type": "t"},
+            {"at": 1, "type": "t"},
+        ]
+        for bad in bad_entries:
+            self.failureResultOf(store.write(make_record("a"), events=[bad]), ValueError)
+        self.assertIsNone(self.successResultOf(store.get_call("a")))
+        self.assertEqual(self.successResultOf(store.last_events(5)), [])
+
+    def test_rows_need_a_record(self):
+        """Transcript entries or event keys without a record fail with ValueError."""
+        store = self.open_store()
+        self.failureResultOf(store.write(transcript=[entry("x")]), ValueError)
+        self.failureResultOf(store.write(event_keys=["k"]), ValueError)
+
+    def test_unserialisable_metadata_rejected(self):
+        """Metadata that is not plain JSON (NaN, objects) fails its write; later writes work."""
+        store = self.open_store()
+        self.failureResultOf(store.write(make_record(metadata={"x": float("nan")})), ValueError)
+        self.failureResultOf(store.write(make_record(metadata={"x": object()})), TypeError)
+        self.write(store, make_record())
+        self.assertEqual(self.successResultOf(store.get_call("call-1")), make_record())
+
+    def test_failed_write_is_atomic(self):
+        """A write that fails in the database leaves no part of itself behind."""
+        store = self.open_store()
+        self.write(store, make_record(), transcript=[entry("one")], event_keys=["k1"])
+        changed = make_record(state="active", metadata={"turnCount": 3})
+        failure = self.failureResultOf(
+            store.write(changed, transcript=[entry("fine"), entry("bad \ud800")], event_keys=["k2"])
+        )
+        self.assertIsInstance(failure.value, (UnicodeError, sqlite3.Error))
+        got = self.successResultOf(store.get_call("call-1"))
+        self.assertEqual(got, make_record(transcript=[entry("one")], processed_event_ids=["k1"]))
+
+    def test_missing_not_null_field_fails(self):
+        """A record missing a required field fails its own write and the store goes on working."""
+        store = self.open_store()
+        self.failureResultOf(store.write(make_record(from_number=None)), sqlite3.IntegrityError)
+        self.write(store, make_record("ok"))
+        self.assertIsNone(self.successResultOf(store.get_call("call-1")))
+        self.assertEqual(self.successResultOf(store.get_call("ok")), make_record("ok"))
+
+    def test_operations_need_open_store(self):
+        """Before open() and after close() every operation fails with StoreClosedError."""
+        store = CallStore(os.path.abspath(self.mktemp()), SynchronousWriter())
+        self.failureResultOf(store.write(make_record()), StoreClosedError)
+        self.successResultOf(store.open())
+        self.successResultOf(store.close())
+        self.failureResultOf(store.get_call("x"), StoreClosedError)
+
+    def test_negative_limit_rejected(self):
+        """A negative or non-integer limit fails with ValueError."""
+        store = self.open_store()
+        self.failureResultOf(store.last_events(-1), ValueError)
+        self.failureResultOf(store.recent_calls("5"), ValueError)
+
+
+class SynchronousWriterTests(_StoreMixin, SynchronousTestCase):
+    """The transaction discipline of SynchronousWriter.run."""
+
+    def test_failed_op_rolled_back(self):
+        """An op that raises after changing rows has its changes undone and its Deferred failed."""
+        writer = SynchronousWriter()
+        store = CallStore(os.path.abspath(self.mktemp()), writer)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+
+        def op(conn):
+            conn.execute("DELETE FROM events")
+            raise RuntimeError("boom")
+
+        self.write(store, events=[event("a")])
+        self.failureResultOf(writer.run(op), RuntimeError)
+        self.assertEqual(len(self.successResultOf(store.last_events(5))), 1)
+
+    def test_op_result_returned(self):
+        """run() fires with the op's return value once committed."""
+        writer = SynchronousWriter()
+        store = CallStore(os.path.abspath(self.mktemp()), writer)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        self.assertEqual(self.successResultOf(writer.run(lambda conn: 42)), 42)
+
+    def test_open_twice_refused(self):
+        """Opening an already open store fails with StoreError."""
+        store = self.open_store()
+        self.failureResultOf(store.open(), StoreError)
+
+
+class ReadOnlyStoreTests(_StoreMixin, SynchronousTestCase):
+    """open_readonly, for the CLI."""
+
+    def test_no_database(self):
+        """open_readonly returns None when the directory or database does not exist."""
+        directory = os.path.abspath(self.mktemp())
+        self.assertIsNone(open_readonly(directory))
+        os.makedirs(directory)
+        self.assertIsNone(open_readonly(directory))
+        open(os.path.join(directory, DB_FILENAME), "wb").close()
+        self.assertIsNone(open_readonly(directory))
+
+    def test_reads_while_daemon_store_open(self):
+        """A read-only store sees what the daemon's store has committed, also later commits."""
+        directory = os.path.abspath(self.mktemp())
+        store = self.open_store(directory)
+        record = make_record(transcript=[entry("hi")], processed_event_ids=["k"])
+        self.write_whole(store, record)
+        self.write(store, events=[event("call-1"), event("call-1", "call.answered", 2)])
+        ro = open_readonly(directory)
+        self.addCleanup(ro.close)
+        self.assertEqual(ro.get_call("call-1"), record)
+        self.assertEqual(ro.get_call(record.provider_call_id), record)
+        self.assertIsNone(ro.get_call("other"))
+        self.assertEqual(ro.recent_calls(5), [record])
+        self.assertEqual(ro.load_active(), [record])
+        self.assertEqual([e["seq"] for e in ro.last_events(1)], [2])
+        self.write(store, make_record("call-2"), events=[event("call-2")])
+        self.assertEqual([e["callId"] for e in ro.events_after(2)], ["call-2"])
+        self.assertEqual([r.call_id for r in ro.recent_calls(5)], ["call-1", "call-2"])
+
+    def test_reads_after_daemon_closed(self):
+        """A read-only store opens a closed database and cannot change it."""
+        directory = os.path.abspath(self.mktemp())
+        store = self.open_store(directory)
+        self.write(store, make_record())
+        self.successResultOf(store.close())
+        with open_readonly(directory) as ro:
+            self.assertEqual(ro.get_call("call-1"), make_record())
+            self.assertRaises(
+                sqlite3.OperationalError, ro._conn.execute, "DELETE FROM calls"
+            )
+
+
+# --- ThreadedWriter: real threads and the real reactor ---
+
+
+class ThreadedWriterTests(TestCase):
+    """ThreadedWriter on the real reactor."""
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.directory = os.path.abspath(self.mktemp())
+        self.writer = ThreadedWriter(reactor)
+        self.store = CallStore(self.directory, self.writer)
+        self.writer.start()
+        self.addCleanup(self.writer.stop)
+        return self.store.open()
+
+    def reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(os.path.join(self.directory, DB_FILENAME))
+        self.addCleanup(conn.close)
+        return conn
+
+    async def test_group_commit(self):
+        """Writes issued during a commit share the next transaction; each fires after it commits."""
+        statements: list[str] = []
+        await self.writer.run(lambda conn: conn.set_trace_callback(statements.append))
+        del statements[:]
+        started, release = threading.Event(), threading.Event()
+
+        def blocker(conn):
+            started.set()
+            release.wait(10)
+
+        blocked = self.writer.run(blocker)
+        self.assertTrue(started.wait(10))
+        reader = self.reader()
+        seen = []
+
+        def check(_, call_id):
+            query = "SELECT call_id FROM calls WHERE call_id = ?"
+            row = reader.execute(query, (call_id,)).fetchone()
+            seen.append((threading.current_thread() is threading.main_thread(), row))
+
+        writes = []
+        for i in range(50):
+            d = self.store.write(make_record(f"c{i}"), event_keys=[f"k{i}"])
+            d.addCallback(check, f"c{i}")
+            writes.append(d)
+        self.assertFalse(any(d.called for d in writes))
+        release.set()
+        await blocked
+        await gatherResults(writes)
+        self.assertEqual(seen, [(True, (f"c{i}",)) for i in range(50)])
+        self.assertEqual(statements.count("COMMIT"), 2)
+
+    async def test_failing_op_fails_alone(self):
+        """In a batch, a failing op errbacks only its own Deferred; the others commit."""
+        release = threading.Event()
+        blocked = self.writer.run(lambda conn: release.wait(10))
+        before = self.store.write(make_record("a"))
+        bad = self.store.write(make_record("b", from_number=None))
+        after = self.store.write(make_record("c"))
+        release.set()
+        await blocked
+        await before
+        with self.assertRaises(sqlite3.IntegrityError):
+            await bad
+        await after
+        ids = [r.call_id for r in await self.store.recent_calls()]
+        self.assertEqual(ids, ["a", "c"])
+
+    async def test_stop_flushes_queue(self):
+        """close() and stop() issued right after writes still commit those writes first."""
+        writes = [self.store.write(make_record(f"c{i}")) for i in range(20)]
+        closed = self.store.close()
+        stopped = self.writer.stop()
+        await stopped
+        self.assertTrue(closed.called)
+        self.assertTrue(all(d.called for d in writes))
+        await gatherResults(writes)
+        self.assertEqual(self.reader().execute("SELECT COUNT(*) FROM calls").fetchone(), (20,))
+        self.assertFalse(any(t.name == "voicecall-store" for t in threading.enumerate()))
+
+    async def test_run_after_stop_fails(self):
+        """Once stopped, the writer fails new operations with StoreClosedError."""
+        await self.writer.stop()
+        with self.assertRaises(StoreClosedError):
+            await self.store.get_call("x")
+
+    async def test_reads_see_writes(self):
+        """A read queued after a write sees it, without waiting for the write's Deferred."""
+        self.store.write(make_record(), transcript=[entry("hi")])
+        got = await self.store.get_call("call-1")
+        self.assertEqual(got, make_record(transcript=[entry("hi")]))
+
+    async def test_queue_bounded(self):
+        """Beyond max_pending waiting operations, run() fails with StoreBusyError."""
+        from twisted.internet import reactor
+
+        writer = ThreadedWriter(reactor, max_pending=3)
+        writer.start()
+        self.addCleanup(writer.stop)
+        await CallStore(os.path.abspath(self.mktemp()), writer).open()
+        release = threading.Event()
+        started = threading.Event()
+        first = writer.run(lambda conn: (started.set(), release.wait(10)))
+        self.assertTrue(started.wait(10))
+        queued = [writer.run(lambda conn: None) for _ in range(3)]
+        with self.assertRaises(StoreBusyError):
+            await writer.run(lambda conn: None)
+        release.set()
+        await gatherResults([first, *queued])
+        self.assertIsNone(await writer.run(lambda conn: None))
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from twisted.internet import defer, task
+    from voicecall.model import CallRecord, TranscriptEntry
+    from voicecall.store import CallStore, ThreadedWriter
+
+    async def main(reactor, directory):
+        writer = ThreadedWriter(reactor)
+        await writer.start()
+        store = CallStore(directory, writer)
+        await store.open()
+        writes = []
+        for i in range(20):
+            record = CallRecord(
+                call_id=f"call-{i}", provider="twilio", direction="outbound", state="initiated",
+                from_number="+15550001111", to_number="+15550002222", started_at=i,
+                provider_call_id=f"CA{i}", metadata={"mode": "notify", "initialMessage": "hi"},
+            )
+            writes.append(store.write(
+                record,
+                transcript=[TranscriptEntry(timestamp=i, speaker="bot", text="hello")],
+                event_keys=[f"k{i}"],
+                events=[{"callId": record.call_id, "at": i, "type": "call.initiated"}],
+            ))
+        await defer.gatherResults(writes)
+        sys.stdout.write("acked\\n")
+        sys.stdout.flush()
+        await defer.Deferred()
+
+    task.react(main, [sys.argv[1]])
+    """
+)
+
+
+class _KillOnAck(ProcessProtocol):
+    def __init__(self):
+        self.output = b""
+        self.errors = b""
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+        if b"acked\n" in self.output:
+            self.transport.signalProcess("KILL")
+
+    def errReceived(self, data):
+        self.errors += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)
+
+
+class DurabilityTests(TestCase):
+    """Acknowledged writes survive the daemon being killed."""
+
+    async def test_acknowledged_write_survives_kill_9(self):
+        """Records whose writes were acknowledged are there after the writer process is killed."""
+        from twisted.internet import reactor
+
+        directory = os.path.abspath(self.mktemp())
+        root = os.path.dirname(os.path.dirname(os.path.abspath(voicecall.__file__)))
+        env = {**os.environ, "PYTHONPATH": root}
+        proto = _KillOnAck()
+        argv = [sys.executable, "-c", _CHILD, directory]
+        reactor.spawnProcess(proto, sys.executable, argv, env=env)
+        ended = await proto.ended
+        self.assertIn(b"acked", proto.output, proto.errors.decode(errors="replace"))
+        self.assertIsInstance(ended, ProcessTerminated)
+        self.assertEqual(ended.signal, signal.SIGKILL)
+
+        store = CallStore(directory, SynchronousWriter())
+        await store.open()
+        self.addCleanup(store.close)
+        for i in (0, 19):
+            record = await store.get_call(f"call-{i}")
+            self.assertEqual(record.metadata, {"mode": "notify", "initialMessage": "hi"})
+            self.assertEqual(record.processed_event_ids, [f"k{i}"])
+            self.assertEqual([t.text for t in record.transcript], ["hello"])
+        self.assertEqual(len(await store.load_active()), 20)
+        self.assertEqual(len(await store.last_events(100)), 20)
