@@ -21,11 +21,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
 
 from voicecall.config import DISABLED_MESSAGE, ConfigError, find_config_path, load_config, parse_config
 from voicecall.manager import CallManager, ManagerSettings
 from voicecall.model import Mode
 from voicecall.providers.mock import MockProvider
+from voicecall.providers.twilio import TwilioProvider
 from voicecall.providers.signatures import skip_request_key
 from voicecall.reaper import StaleCallReaper
 from voicecall.rpc import RpcFactory, RpcMethods, default_socket_path
@@ -36,6 +39,29 @@ from voicecall.web.security import ForwardingPolicy
 from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen, normalize_path
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+PROVIDERS = ("mock", "twilio")
+
+
+def build_provider(cfg, reactor, http):
+    """The carrier adapter the config names, with its credentials and API root."""
+    if cfg.provider == "twilio":
+        return TwilioProvider(
+            http=http,
+            clock=reactor,
+            account_sid=cfg.twilio.account_sid,
+            auth_token=cfg.twilio.auth_token,
+            base_url=cfg.twilio.base_url,
+            signing_keys=dict(cfg.twilio.signing_keys),
+            public_url=cfg.public_url,
+        )
+    return MockProvider(clock=reactor)
+
+
+def build_http_client(reactor):
+    """One treq client with its own connection pool for every outside HTTP API."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
 
 
 def unix_endpoint(description: str) -> str:
@@ -79,7 +105,7 @@ class Options(usage.Options):
             raise usage.UsageError("\n  ".join(["Invalid voice-call config:", *e.problems]))
         if not config.enabled:
             raise usage.UsageError(DISABLED_MESSAGE)
-        if config.provider != "mock":
+        if config.provider not in PROVIDERS:
             raise usage.UsageError(f'provider "{config.provider}" is not available in this build yet')
         self["config_path"] = path
         self["voicecall"] = config
@@ -117,7 +143,7 @@ class VoicecallService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path) -> None:
+    def __init__(self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool) -> None:
         super().__init__()
         self.setName("voicecall")
         self._reactor = reactor
@@ -129,6 +155,8 @@ class VoicecallService(MultiService):
         self._rpc = rpc
         self._reaper = reaper
         self._serve_path = serve_path
+        self._provider = provider
+        self._pool = pool
         self.webhook_url: str | None = None
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper):
@@ -150,6 +178,8 @@ class VoicecallService(MultiService):
         local_url = f"http://{bound}:{host.port}{self._serve_path}"
         self.webhook_url = self._config.public_url or local_url
         self.manager.set_webhook_url(self.webhook_url)
+        if hasattr(self._provider, "set_webhook_url"):
+            self._provider.set_webhook_url(self.webhook_url)
         await self._rpc.listen()
         self._rpc.running = 1
         self._reaper.startService()
@@ -175,6 +205,7 @@ class VoicecallService(MultiService):
         self.manager.stop()
         await self._store.close()
         await self._writer.stop()
+        await self._pool.closeCachedConnections()
 
     def stopService(self):
         Service.stopService(self)
@@ -193,7 +224,8 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     cfg = options["voicecall"]
     writer = ThreadedWriter(reactor)
     store = CallStore(cfg.store, writer)
-    provider = MockProvider(clock=reactor)
+    http, pool = build_http_client(reactor)
+    provider = build_provider(cfg, reactor, http)
     voice = provider
     manager = CallManager(
         provider=provider,
@@ -268,5 +300,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe)),
         reaper=StaleCallReaper(manager=manager, clock=reactor, max_age_seconds=cfg.stale_call_reaper_seconds),
         serve_path=serve_path,
+        provider=provider,
+        pool=pool,
     )
     return service

@@ -20,6 +20,11 @@ from voicecall.model import CallEvent, CallRecord
 class ProviderError(Exception):
     """A carrier API call failed; the message is the SPEC text (`Twilio API error: 400 ...`)."""
 
+    def __init__(self, message: str, status: int | None = None, code: object = None) -> None:
+        super().__init__(message)
+        self.status = status  # HTTP status, when the carrier answered
+        self.code = code  # the carrier's own error code from the body, when it gave one
+
 
 @frozen
 class WebhookContext:
@@ -65,6 +70,8 @@ class ParsedWebhook:
 class InitiatedCall:
     provider_call_id: str
     status: str = "initiated"
+    #: The carrier will say the initial message itself (Twilio notify TwiML): never speak it again.
+    consumes_initial_message: bool = False
 
 
 @frozen

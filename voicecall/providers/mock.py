@@ -11,7 +11,6 @@ Each payload's verified request key is a hash of its bytes, so a redelivered pay
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from typing import Any, Mapping
@@ -30,13 +29,9 @@ from voicecall.providers.base import (
     WebhookContext,
     WebhookResponse,
 )
+from voicecall.providers.signatures import mock_request_key
 
 _BAD_REQUEST = WebhookResponse(400, b"Bad Request", {"Content-Type": "text/plain"})
-
-
-def mock_request_key(raw_body: bytes) -> str:
-    """The mock provider's verified request key: stable for identical payloads."""
-    return "mock:" + hashlib.sha256(raw_body).hexdigest()
 
 
 @define

@@ -1,0 +1,83 @@
+# -*- test-case-name: tests.test_twilio -*-
+"""
+The carriers' REST calls: one injected treq client, a time limit on every request, bodies always
+consumed (so pooled connections are released), and failures turned into `ProviderError` with the
+SPEC text `<Carrier> API error: <status> <body>` (SPEC §7 shared HTTP client rules).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+from attrs import define, field
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.web._newclient import ResponseFailed
+
+from voicecall.providers.base import ProviderError
+
+#: How much of an error body goes into an error message.
+MAX_ERROR_BODY = 500
+#: Largest response body read from a carrier.
+MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+def _printable(text: str) -> str:
+    clean = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    return clean if len(clean) <= MAX_ERROR_BODY else clean[:MAX_ERROR_BODY] + "…"
+
+
+@define
+class ApiClient:
+    """JSON (or form) requests to one carrier API root."""
+
+    _http: Any  # treq.client.HTTPClient
+    _base: str
+    _prefix: str  # "Twilio API error"
+    _auth: tuple[str, str] | None = field(default=None, repr=False)
+    _headers: Mapping[str, str] = field(factory=dict, repr=False)
+    _timeout: float = 15.0
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        form: Sequence[tuple[str, str]] | None = None,
+        body: Any = None,
+        allow_not_found: bool = False,
+    ) -> Any:
+        """The decoded JSON answer (None for an empty body, or a 404 when allowed)."""
+        url = self._base.rstrip("/") + path
+        kwargs: dict[str, Any] = {"headers": {**self._headers, "Accept": "application/json"}, "timeout": self._timeout}
+        if self._auth is not None:
+            kwargs["auth"] = self._auth
+        if form is not None:
+            kwargs["data"] = list(form)
+        if body is not None:
+            kwargs["json"] = body
+        try:
+            response = await self._http.request(method, url, **kwargs)
+            content = await response.content()
+        except (CancelledError, TimeoutError) as e:
+            raise ProviderError(f"{self._prefix}: no answer within {self._timeout:g}s") from e
+        except (ConnectError, DNSLookupError) as e:
+            raise ProviderError(f"{self._prefix}: cannot connect ({type(e).__name__})") from e
+        except ResponseFailed as e:
+            raise ProviderError(f"{self._prefix}: connection lost before a complete answer") from e
+        if response.code == 404 and allow_not_found:
+            return None
+        text = content[:MAX_RESPONSE_BYTES].decode("utf-8", "replace")
+        if not 200 <= response.code < 300:
+            code = None
+            try:
+                code = json.loads(text).get("code")
+            except (ValueError, AttributeError):
+                pass
+            raise ProviderError(f"{self._prefix}: {response.code} {_printable(text)}", response.code, code)
+        if not text.strip():
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise ProviderError(f"{self._prefix}: {response.code} answer is not JSON: {_printable(text)}", response.code) from e

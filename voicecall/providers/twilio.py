@@ -1,0 +1,349 @@
+# -*- test-case-name: tests.test_twilio -*-
+"""
+Twilio Programmable Voice (SPEC §7.1, PROVIDERS.md §1).
+
+REST through an injected treq client: create a call (status callbacks for initiated, ringing,
+answered, completed), live-update it with TwiML, hang up, ask its status. Webhooks are verified
+with `X-Twilio-Signature` (HMAC-SHA1 with the auth token, or HMAC-SHA256 with a SharedKey) and
+parsed into normalised events; the answer is the TwiML of §7.1.3 with DESIGN.md's decisions:
+
+- a notify call's TwiML (`<Say>` then `<Hangup/>`) is stored and served once, on the first
+  TwiML fetch, which consumes the initial message: it is never spoken twice;
+- without a media stream a turn is one document: `<Say>` the prompt, `<Gather input="speech">`
+  whose action carries the turn token, then `<Redirect>` so silence re-prompts instead of
+  ending the document (Twilio hangs up when a document ends);
+- with a media stream (wired by tap.py) the stream TwiML carries a per-call token in a
+  `<Parameter>`.
+"""
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from typing import Any, Callable, Mapping
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from voicecall.model import CallEvent, CallRecord, Direction, EventType
+from voicecall.providers import twiml
+from voicecall.providers.base import (
+    TERMINAL_STATUS_REASONS,
+    InitiatedCall,
+    ParsedWebhook,
+    ProviderCallStatus,
+    ProviderError,
+    Verification,
+    WebhookContext,
+    WebhookResponse,
+    normalize_status,
+)
+from voicecall.providers.http import ApiClient
+from voicecall.providers.signatures import parse_form, replace_origin, verify_twilio
+
+API_VERSION = "2010-04-01"
+#: Twilio error 21220: the call is not in progress yet (a live update came too early).
+NOT_IN_PROGRESS = 21220
+RETRY_DELAYS = (0.25, 0.75)
+#: Per-call state the provider keeps (TwiML, tokens, URLs) is capped like every map outside input grows.
+MAX_CALL_STATE = 10_000
+_XML = {"Content-Type": "application/xml"}
+_DECIMAL = re.compile(r"^\s*(?:\d+(?:\.\d*)?|\.\d+)\s*$")
+_PROGRESS = {"initiated": EventType.INITIATED, "ringing": EventType.RINGING, "in-progress": EventType.ANSWERED}
+
+
+def _bounded_put(mapping: dict, key: str, value: Any) -> None:
+    mapping.pop(key, None)
+    mapping[key] = value
+    while len(mapping) > MAX_CALL_STATE:
+        del mapping[next(iter(mapping))]
+
+
+def _xml(body: str, status: int = 200) -> WebhookResponse:
+    return WebhookResponse(status, body.encode("utf-8"), _XML)
+
+
+@define
+class TwilioProvider:
+    """The Twilio adapter: call control, native speech (`<Say>`/`<Gather>`) and webhooks."""
+
+    _http: Any  # treq HTTPClient
+    _clock: IReactorTime
+    _account_sid: str
+    _auth_token: str = field(repr=False)
+    _base_url: str = "https://api.twilio.com"
+    _signing_keys: Mapping[str, str] = field(factory=dict, repr=False)
+    _public_url: str | None = None
+    _webhook_url: str | None = None
+    _language: str | None = None
+    #: Builds a call's stream TwiML when a media stream can be used (wired by tap.py), else None.
+    stream_twiml: Callable[[str, Direction], "str | None"] | None = None
+    #: Whether another call's stream is active (inbound callers then wait in the hold queue).
+    stream_busy: Callable[[], bool] | None = None
+    name: str = "twilio"
+    uses_turn_tokens: bool = True
+    _api: ApiClient = field(init=False)
+    _call_urls: dict[str, str] = field(factory=dict, init=False)  # CallSid -> URL Twilio fetches TwiML from
+    _notify_twiml: dict[str, str] = field(factory=dict, init=False)  # our callId -> one-shot TwiML
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._api = ApiClient(
+            http=self._http,
+            base=f"{self._base_url.rstrip('/')}/{API_VERSION}/Accounts/{self._account_sid}",
+            prefix="Twilio API error",
+            auth=(self._account_sid, self._auth_token),
+        )
+
+    def set_public_url(self, url: str | None) -> None:
+        self._public_url = url
+
+    def set_webhook_url(self, url: str | None) -> None:
+        self._webhook_url = url
+
+    # -- REST -------------------------------------------------------------------------------------
+
+    def initiate_call(
+        self,
+        *,
+        call_id: str,
+        from_number: str,
+        to_number: str,
+        webhook_url: str,
+        notify_message: str | None = None,
+        voice: str | None = None,
+    ) -> Deferred[InitiatedCall]:
+        return Deferred.fromCoroutine(self._initiate(call_id, from_number, to_number, webhook_url, notify_message, voice))
+
+    async def _initiate(self, call_id, from_number, to_number, webhook_url, notify_message, voice) -> InitiatedCall:
+        url = twiml.with_query(webhook_url, callId=call_id)
+        form = [
+            ("To", to_number),
+            ("From", from_number),
+            ("Url", url),
+            ("StatusCallback", twiml.with_query(webhook_url, callId=call_id, type="status")),
+            *(("StatusCallbackEvent", e) for e in ("initiated", "ringing", "answered", "completed")),
+            ("StatusCallbackMethod", "POST"),
+            ("Timeout", "30"),
+        ]
+        if notify_message:
+            _bounded_put(self._notify_twiml, call_id, twiml.notify(notify_message, voice))
+        try:
+            answer = await self._api.request("POST", "/Calls.json", form=form)
+        except ProviderError:
+            self._notify_twiml.pop(call_id, None)
+            raise
+        sid = (answer or {}).get("sid")
+        if not isinstance(sid, str) or not sid:
+            self._notify_twiml.pop(call_id, None)
+            raise ProviderError("Twilio API error: call create returned no sid")
+        _bounded_put(self._call_urls, sid, url)
+        status = "queued" if answer.get("status") == "queued" else "initiated"
+        return InitiatedCall(sid, status, consumes_initial_message=bool(notify_message))
+
+    def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._hangup(call))
+
+    async def _hangup(self, call: CallRecord) -> None:
+        sid = call.provider_call_id
+        self._forget(sid, call.call_id)
+        if sid:
+            await self._api.request("POST", f"/Calls/{sid}.json", form=[("Status", "completed")], allow_not_found=True)
+
+    def answer_call(self, call: CallRecord) -> Deferred[None]:
+        """Twilio answers inbound calls through the TwiML we return: nothing to do."""
+        return Deferred.fromCoroutine(_nothing())
+
+    def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
+        return Deferred.fromCoroutine(self._status(provider_call_id))
+
+    async def _status(self, sid: str) -> ProviderCallStatus:
+        try:
+            answer = await self._api.request("GET", f"/Calls/{sid}.json", allow_not_found=True)
+        except ProviderError:
+            return ProviderCallStatus("error", is_terminal=False, is_unknown=True)
+        if answer is None:
+            return ProviderCallStatus("not-found", is_terminal=True)
+        status = normalize_status(answer.get("status"))
+        return ProviderCallStatus(status, is_terminal=status in TERMINAL_STATUS_REASONS)
+
+    async def _update(self, sid: str, document: str) -> None:
+        """A live update with TwiML, retried while Twilio says the call is not in progress yet."""
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                await self._api.request("POST", f"/Calls/{sid}.json", form=[("Twiml", document)])
+                return
+            except ProviderError as e:
+                if e.code != NOT_IN_PROGRESS or delay is None:
+                    raise
+            await deferLater(self._clock, delay, lambda: None)
+
+    def _forget(self, sid: str | None, call_id: str | None) -> None:
+        if sid:
+            self._call_urls.pop(sid, None)
+        if call_id:
+            self._notify_twiml.pop(call_id, None)
+
+    # -- speech without a media stream (Voice) ------------------------------------------------------
+
+    def _call_url(self, call: CallRecord) -> str:
+        url = self._call_urls.get(call.provider_call_id or "")
+        if url is None:
+            raise ProviderError("Missing webhook URL for this call (provider state not initialized)")
+        return url
+
+    def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
+        self._log.debug("Using TwiML <Say> fallback - telephony TTS not configured or media stream not active")
+        url = self._call_url_or_fail(call)
+        if isinstance(url, Deferred):
+            return url
+        document = twiml.say_and_gather(text, voice, self._language, url, url)
+        return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
+
+    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
+        url = self._call_url_or_fail(call)
+        if isinstance(url, Deferred):
+            return url
+        action = twiml.with_query(url, turnToken=turn_token)
+        document = twiml.say_and_gather(text, voice, self._language, action, url)
+        return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
+
+    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+        url = self._call_url_or_fail(call)
+        if isinstance(url, Deferred):
+            return url
+        action = twiml.with_query(url, turnToken=turn_token)
+        document = twiml.say_and_gather(None, None, self._language, action, url)
+        return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
+
+    def stop_listening(self, call: CallRecord) -> Deferred[None]:
+        """A `<Gather>` ends by itself."""
+        return Deferred.fromCoroutine(_nothing())
+
+    def wants_turn_token(self, call: CallRecord) -> bool:
+        return True
+
+    def _call_url_or_fail(self, call: CallRecord) -> str | Deferred:
+        try:
+            return self._call_url(call)
+        except ProviderError as e:
+            d: Deferred = Deferred()
+            d.errback(e)
+            return d
+
+    # -- webhooks ---------------------------------------------------------------------------------
+
+    def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
+        return bool(headers.get("x-twilio-signature"))
+
+    def _params(self, ctx: WebhookContext) -> list[tuple[str, str]]:
+        content_type = (ctx.header("content-type") or "").split(";", 1)[0].strip().lower()
+        if ctx.method == "POST" and content_type in ("", "application/x-www-form-urlencoded"):
+            return parse_form(ctx.raw_body)
+        return []
+
+    def verify_webhook(self, ctx: WebhookContext) -> Verification:
+        url = replace_origin(self._public_url, ctx.url) if self._public_url else ctx.url
+        result = verify_twilio(
+            url=url,
+            params=self._params(ctx),
+            signature=ctx.header("x-twilio-signature"),
+            auth_token=self._auth_token,
+            settings_header=ctx.header("x-twilio-webhooks-signature-settings"),
+            signing_keys=self._signing_keys,
+            public_url=self._public_url,
+            host_header=ctx.header("host"),
+        )
+        return Verification(result.ok, result.reason, result.request_key)
+
+    def replay_response(self, ctx: WebhookContext) -> WebhookResponse:
+        """A replay gets empty TwiML: the builder never runs, so no stream token is minted."""
+        return WebhookResponse(200, twiml.empty().encode(), {"Content-Type": "text/xml"})
+
+    def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
+        try:
+            params = dict(reversed(self._params(ctx)))
+        except (ValueError, UnicodeDecodeError):
+            return ParsedWebhook((), WebhookResponse(400, b"Bad Request", {"Content-Type": "text/plain"}))
+        sid = params.get("CallSid", "").strip()
+        query_call_id = (ctx.query.get("callId") or "").strip()
+        event = self._event(params, sid, query_call_id, ctx.query.get("turnToken"), request_key) if sid else None
+        if sid and event is not None and event.type is not EventType.ENDED and event.direction is Direction.INBOUND:
+            if sid not in self._call_urls and self._webhook_url:
+                _bounded_put(self._call_urls, sid, self._webhook_url)
+        body = self._twiml_for(params, sid, query_call_id, ctx.query.get("type") == "status")
+        if event is not None and event.type is EventType.ENDED:
+            self._forget(sid, query_call_id)
+        return ParsedWebhook((event,) if event is not None else (), _xml(body))
+
+    def _event(self, params: dict, sid: str, call_id: str, turn_token: str | None, key: str) -> CallEvent | None:
+        direction = params.get("Direction", "")
+        common: dict[str, Any] = dict(
+            call_id=call_id or sid,
+            id=key,
+            timestamp=int(self._clock.seconds() * 1000),
+            dedupe_key=key,
+            provider_call_id=sid,
+            turn_token=turn_token,
+            direction="inbound" if direction == "inbound" else "outbound" if direction.startswith("outbound") else None,
+            from_number=params.get("From") or None,
+            to_number=params.get("To") or None,
+        )
+        speech = params.get("SpeechResult", "")
+        if speech.strip():
+            confidence = params.get("Confidence", "")
+            value = float(confidence) if _DECIMAL.match(confidence) else 0.9
+            return CallEvent(type=EventType.SPEECH, transcript=speech.strip(), is_final=True, confidence=value, **common)
+        if params.get("Digits"):
+            return CallEvent(type=EventType.DTMF, digits=params["Digits"], **common)
+        status = normalize_status(params.get("CallStatus"))
+        if status in _PROGRESS:
+            return CallEvent(type=_PROGRESS[status], **common)
+        if status in TERMINAL_STATUS_REASONS:
+            return CallEvent(type=EventType.ENDED, reason=TERMINAL_STATUS_REASONS[status], **common)
+        if direction == "inbound":
+            return CallEvent(type=EventType.INITIATED, **common)
+        return None
+
+    def _twiml_for(self, params: dict, sid: str, call_id: str, is_status: bool) -> str:
+        """SPEC §7.1.3: what Twilio should do next."""
+        direction = params.get("Direction", "")
+        if call_id and not is_status:
+            stored = self._notify_twiml.pop(call_id, None)
+            if stored is not None:
+                return stored
+            if direction.startswith("outbound"):
+                return self._stream_or_pause(sid, Direction.OUTBOUND)
+        if is_status:
+            return twiml.empty()
+        if direction == "inbound":
+            if self.stream_busy is not None and self.stream_busy():
+                return twiml.hold_queue()
+            return self._stream_or_pause(sid, Direction.INBOUND)
+        if normalize_status(params.get("CallStatus")) != "in-progress":
+            return twiml.empty()
+        return self._stream_or_pause(sid, Direction.OUTBOUND)
+
+    def _stream_or_pause(self, sid: str, direction: Direction) -> str:
+        if sid and self.stream_twiml is not None:
+            document = self.stream_twiml(sid, direction)
+            if document is not None:
+                return document
+        url = self._call_urls.get(sid)
+        if direction is Direction.OUTBOUND and url is not None:
+            # Listen, and come back when the Gather times out: the call stays up between turns
+            # (bounded by maxDurationSeconds) instead of hanging up when a <Pause> runs out.
+            return twiml.say_and_gather(None, None, self._language, url, url)
+        return twiml.pause()
+
+
+async def _nothing() -> None:
+    return None
+
+
+def stream_token() -> str:
+    """16 random bytes, base64url without padding (SPEC §7.1.3)."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
