@@ -237,26 +237,19 @@ def tail(ctx, since, poll):
 
     async def go(reactor):
         live: list[dict] = []
-        printed: set[str] = set()
-
-        def on_event(method, params):
-            if method != "voicecall.event":
-                return
-            key = _event_key(params)
-            if printed is not None and key in printed:
-                return
-            click.echo(json.dumps(params, ensure_ascii=False))
-
         try:
             client = await connect(reactor, ctx.socket, on_notification=lambda m, p: live.append(p))
-        except (ConnectError, OSError):
+            # Subscribe before reading history, so nothing committed in between is missed.
+            await client.call("voicecall.subscribe", {})
+        except (ConnectError, OSError, ConnectionClosed):
             client = None
         store = open_readonly(ctx.store)
-        history = store.last_events(since) if store is not None and since else []
+        history = []
         if store is not None:
-            store.close()
+            with store:
+                history = store.last_events(since) if since else []
+        printed = {_event_key(entry) for entry in history}
         for entry in history:
-            printed.add(_event_key(entry))
             click.echo(json.dumps(entry, ensure_ascii=False))
         if client is None:
             if store is None:
@@ -264,10 +257,15 @@ def tail(ctx, since, poll):
             click.echo(f"(daemon not running; following the store at {ctx.store})", err=True)
             await _follow_store(reactor, ctx, history[-1]["seq"] if history else 0, poll)
             return
-        client._on_notification = on_event
-        await client.call("voicecall.subscribe", {})
+
+        def on_event(method, params):
+            if method == "voicecall.event" and _event_key(params) not in printed:
+                click.echo(json.dumps(params, ensure_ascii=False))
+
         for entry in live:
             on_event("voicecall.event", entry)
+        printed = set()
+        client._on_notification = on_event
         await client.closed
         raise Failed("voicecall closed the connection")
 
