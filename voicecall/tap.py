@@ -208,6 +208,8 @@ class VoicecallService(MultiService):
         await self._pool.closeCachedConnections()
 
     def stopService(self):
+        if not self.running:
+            return None
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 

@@ -64,6 +64,9 @@ class ApiClient:
         except (ConnectError, DNSLookupError) as e:
             raise ProviderError(f"{self._prefix}: cannot connect ({type(e).__name__})") from e
         except ResponseFailed as e:
+            # treq's time limit cancels the request, which surfaces wrapped in ResponseFailed.
+            if any(r.check(CancelledError, TimeoutError) for r in getattr(e, "reasons", [])):
+                raise ProviderError(f"{self._prefix}: no answer within {self._timeout:g}s") from e
             raise ProviderError(f"{self._prefix}: connection lost before a complete answer") from e
         if response.code == 404 and allow_not_found:
             return None

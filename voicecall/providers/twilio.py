@@ -197,27 +197,31 @@ class TwilioProvider:
 
     def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
         self._log.debug("Using TwiML <Say> fallback - telephony TTS not configured or media stream not active")
-        url = self._call_url_or_fail(call)
-        if isinstance(url, Deferred):
-            return url
-        document = twiml.say_and_gather(text, voice, self._language, url, url)
-        return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
+        return self._turn(call, text, voice, None)
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
-        url = self._call_url_or_fail(call)
-        if isinstance(url, Deferred):
-            return url
-        action = twiml.with_query(url, turnToken=turn_token)
-        document = twiml.say_and_gather(text, voice, self._language, action, url)
-        return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
+        return self._turn(call, text, voice, turn_token)
 
     def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+        return self._turn(call, None, None, turn_token)
+
+    def _turn(self, call: CallRecord, text: str | None, voice: str | None, turn_token: str | None) -> Deferred[None]:
+        """Say `text` (if any), listen, and come back on silence: one live update."""
         url = self._call_url_or_fail(call)
         if isinstance(url, Deferred):
             return url
-        action = twiml.with_query(url, turnToken=turn_token)
-        document = twiml.say_and_gather(None, None, self._language, action, url)
+        document = self._listen_loop(url, text, voice, turn_token)
         return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
+
+    def _listen_loop(self, url: str, text: str | None, voice: str | None, turn_token: str | None) -> str:
+        """
+        `<Say>`, `<Gather>`, `<Redirect>` back to us. Each URL handed out carries a fresh nonce:
+        Twilio signs a Redirect or Gather action exactly like an earlier one to the same URL,
+        and the replay guard would (rightly) answer an identical request with empty TwiML.
+        """
+        action = twiml.with_query(url, turnToken=turn_token, n=secrets.token_hex(6))
+        redirect = twiml.with_query(url, n=secrets.token_hex(6))
+        return twiml.say_and_gather(text, voice, self._language, action, redirect)
 
     def stop_listening(self, call: CallRecord) -> Deferred[None]:
         """A `<Gather>` ends by itself."""
@@ -336,7 +340,7 @@ class TwilioProvider:
         if direction is Direction.OUTBOUND and url is not None:
             # Listen, and come back when the Gather times out: the call stays up between turns
             # (bounded by maxDurationSeconds) instead of hanging up when a <Pause> runs out.
-            return twiml.say_and_gather(None, None, self._language, url, url)
+            return self._listen_loop(url, None, None, None)
         return twiml.pause()
 
 

@@ -1,0 +1,120 @@
+# -*- test-case-name: tests.test_fake_twilio -*-
+"""
+A faithful fake Twilio on loopback, for tests, benchmarks and trying the daemon without an
+account: the REST API (twilio_api), the carrier that drives each call by following its TwiML
+and posting signed webhooks (twilio_driver, twilio_carrier), and a standalone entry point:
+
+    python -m voicecall.testing.twilio --port 8080 --account-sid AC... --auth-token ...
+
+which prints the base URL to put into `twilio.baseUrl`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from voicecall.testing.twilio_api import FakeTwilio, RecordedRequest, error_body
+from voicecall.testing.twilio_carrier import (
+    Carrier,
+    GatherRecord,
+    SayRecord,
+    Scenario,
+    StreamRecord,
+    Webhook,
+    sign_request,
+)
+from voicecall.testing.twilio_driver import FakeCall
+
+__all__ = [
+    "Carrier",
+    "FakeCall",
+    "FakeTwilio",
+    "GatherRecord",
+    "RecordedRequest",
+    "SayRecord",
+    "Scenario",
+    "StreamRecord",
+    "Webhook",
+    "error_body",
+    "main",
+    "sign_request",
+]
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m voicecall.testing.twilio",
+        description="Run a fake Twilio REST API and carrier on this machine.",
+    )
+    parser.add_argument("--port", type=int, default=8080, help="TCP port (0: any free port)")
+    parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
+    parser.add_argument(
+        "--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID"), help="AC... account sid"
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("TWILIO_AUTH_TOKEN"),
+        help="auth token (default: $TWILIO_AUTH_TOKEN)",
+    )
+    parser.add_argument(
+        "--answer-after", type=float, default=1.0, help="seconds from ringing to answer"
+    )
+    parser.add_argument(
+        "--outcome", default="answer", choices=["answer", "no-answer", "busy", "failed"]
+    )
+    parser.add_argument(
+        "--say", dest="utterances", action="append", default=[],
+        help="what the callee says at each Gather, in order (repeatable)",
+    )
+    parser.add_argument(
+        "--say-seconds-per-char", type=float, default=0.06,
+        help="simulated speaking time of <Say> per character",
+    )
+    parser.add_argument(
+        "--hangup-after", type=float, default=None, help="callee hangs up after N seconds"
+    )
+    args = parser.parse_args(argv)
+    if not args.account_sid or not args.auth_token:
+        parser.error("--account-sid and --auth-token (or $TWILIO_ACCOUNT_SID/$TWILIO_AUTH_TOKEN) are required")
+    return args
+
+
+async def _serve(reactor: Any, args: argparse.Namespace) -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.server import Site
+    from treq.client import HTTPClient
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    scenario = Scenario(
+        outcome=args.outcome,
+        ring_after=0.5,
+        answer_after=args.answer_after,
+        utterances=args.utterances,
+        hangup_after=args.hangup_after,
+        say_seconds_per_char=args.say_seconds_per_char,
+    )
+    fake = FakeTwilio(reactor, args.account_sid, args.auth_token, http, scenario=scenario)
+    site = Site(fake.resource())
+    site.displayTracebacks = False
+    port = await TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)
+    address = port.getHost()
+    print(f"twilio.baseUrl: http://{address.host}:{address.port}", flush=True)
+    await Deferred()  # serve until interrupted
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the fake Twilio until interrupted (Ctrl-C)."""
+    from twisted.internet.task import react
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    react(lambda reactor: _serve(reactor, args))
+
+
+if __name__ == "__main__":
+    main()

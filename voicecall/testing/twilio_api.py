@@ -1,0 +1,477 @@
+# -*- test-case-name: tests.test_fake_twilio -*-
+"""
+The fake Twilio REST API (PROVIDERS.md §1.1): a twisted.web resource tree serving
+
+- `POST /2010-04-01/Accounts/{sid}/Calls.json`: create a call;
+- `POST /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: live update (`Twiml`, `Url`) or
+  hang up (`Status=completed|canceled`);
+- `GET  /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: fetch the call resource,
+
+with Twilio's HTTP Basic auth, validation, error JSON and status codes. Every request is
+recorded; tests can make the next requests fail, hang or answer late. Each created call is
+driven by a `FakeCall` (see twilio_driver) when an HTTP client for webhooks was given.
+
+It imports nothing of the daemon.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from collections import deque
+from typing import Any, Callable, Mapping
+from urllib.parse import parse_qsl, urlsplit
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from voicecall.testing.twilio_carrier import STATUS_EVENTS, API_VERSION, Carrier, Scenario, new_sid
+from voicecall.testing.twilio_driver import FakeCall
+
+MAX_REQUEST_BYTES = 64 * 1024
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+_SID = re.compile(r"^(?P<sid>CA[0-9a-f]{32})\.json$")
+_APP_SID = re.compile(r"^AP[0-9a-f]{32}$")
+
+
+def error_body(code: int, message: str, status: int) -> dict[str, Any]:
+    """Twilio's REST error JSON."""
+    return {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+
+
+@frozen
+class RecordedRequest:
+    """One request the fake API received. `auth` is the Basic (user, password), if any."""
+
+    method: str
+    path: str
+    form: tuple[tuple[str, str], ...]
+    auth: tuple[str, str] | None
+    headers: tuple[tuple[str, str], ...] = ()
+    too_large: bool = False  # the body passed 64 KB and was not parsed
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of form field `name`."""
+        return next((v for k, v in self.form if k == name), default)
+
+    def getall(self, name: str) -> list[str]:
+        """Every value of form field `name`, in order."""
+        return [v for k, v in self.form if k == name]
+
+    @property
+    def form_dict(self) -> dict[str, str]:
+        """The form as a dict (first value of each field)."""
+        out: dict[str, str] = {}
+        for k, v in self.form:
+            out.setdefault(k, v)
+        return out
+
+
+@define
+class _Fault:
+    kind: str  # "fail", "hang", "delay"
+    count: int
+    match: Callable[[RecordedRequest], bool] | None
+    status: int = 500
+    body: bytes = b""
+    seconds: float = 0.0
+
+
+@frozen
+class _Reply:
+    status: int
+    body: Mapping[str, Any]
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class _ApiResource(Resource):
+    """The `/2010-04-01` subtree; everything below it is routed by FakeTwilio."""
+
+    isLeaf = True
+
+    def __init__(self, fake: FakeTwilio) -> None:
+        super().__init__()
+        self._fake = fake
+
+    def render(self, request: Any) -> bytes | int:
+        return self._fake._handle(request)
+
+
+@define
+class FakeTwilio:
+    """
+    A fake Twilio account. `resource()` is the twisted.web tree to serve (its root is the
+    `twilio.baseUrl`). With `http` (a treq HTTPClient or StubTreq) created calls are driven:
+    status callbacks, TwiML fetches and Gathers go out signed with `auth_token`. Without it
+    calls stay `queued`. `scenario` (a Scenario, or a callable from the FakeCall to one) says
+    what the far end does; `set_scenario` overrides it per phone number.
+    """
+
+    _reactor: Any  # IReactorTime
+    account_sid: str
+    _auth_token: str
+    _http: Any = None
+    scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
+    applications: Mapping[str, str] = field(factory=dict)  # ApplicationSid -> voice URL
+    max_calls: int = 10_000
+    webhook_timeout: float = 15.0
+    max_documents_per_call: int = 1_000
+    requests: deque = field(factory=lambda: deque(maxlen=10_000))
+    calls: dict = field(factory=dict)  # CallSid -> FakeCall, oldest first
+    _scenarios: dict = field(factory=dict)
+    _faults: deque = field(factory=deque)
+    _held: dict = field(factory=dict)  # request -> pending delayed answer (or None)
+    _carrier: Carrier = field(init=False)
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._carrier = Carrier(
+            self._reactor,
+            self._http,
+            self.account_sid,
+            self._auth_token,
+            webhook_timeout=self.webhook_timeout,
+            max_documents_per_call=self.max_documents_per_call,
+        )
+
+    # -- public API -----------------------------------------------------------------------
+
+    def resource(self) -> Resource:
+        """The root resource: serve it with a Site; its URL is the API base URL."""
+        root = Resource()
+        root.putChild(API_VERSION.encode("ascii"), _ApiResource(self))
+        return root
+
+    @property
+    def webhooks(self) -> deque:
+        """Every webhook sent for any call, oldest first."""
+        return self._carrier.webhooks
+
+    def set_scenario(self, number: str, scenario: Scenario) -> None:
+        """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
+        self._scenarios[number] = scenario
+
+    def fail_next(
+        self,
+        status: int = 500,
+        body: Mapping[str, Any] | bytes | None = None,
+        *,
+        count: int = 1,
+        match: Callable[[RecordedRequest], bool] | None = None,
+    ) -> None:
+        """The next `count` API requests (that `match`) get `status` and `body`, unprocessed."""
+        if body is None:
+            body = error_body(20000 + status, "Fake failure", status)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        self._faults.append(_Fault("fail", count, match, status=status, body=raw))
+
+    def hang_next(
+        self, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None
+    ) -> None:
+        """The next `count` API requests are never answered (nor processed)."""
+        self._faults.append(_Fault("hang", count, match))
+
+    def delay_next(
+        self,
+        seconds: float,
+        *,
+        count: int = 1,
+        match: Callable[[RecordedRequest], bool] | None = None,
+    ) -> None:
+        """The next `count` API requests are processed at once but answered `seconds` later."""
+        self._faults.append(_Fault("delay", count, match, seconds=seconds))
+
+    def abort_held(self) -> None:
+        """Drop the connections of requests that were hung or are still delayed."""
+        held, self._held = self._held, {}
+        for request, later in held.items():
+            if later is not None and later.active():
+                later.cancel()
+            request.loseConnection()
+
+    def place_inbound_call(
+        self,
+        to: str,
+        from_: str,
+        webhook_url: str,
+        *,
+        method: str = "POST",
+        scenario: Scenario | None = None,
+        status_callback: str | None = None,
+        status_callback_method: str = "POST",
+    ) -> FakeCall:
+        """
+        A call from `from_` arrives at our number `to`, whose voice webhook is `webhook_url`:
+        Twilio posts `Direction=inbound`, `CallStatus=ringing` there and follows the answer.
+        """
+        if self._http is None:
+            raise RuntimeError("FakeTwilio needs an HTTP client to place inbound calls")
+        call = self._new_call(
+            "inbound",
+            to,
+            from_,
+            scenario or self._scenarios.get(from_),
+            status_callback=status_callback,
+            status_callback_method=status_callback_method,
+        )
+        call.start_inbound(webhook_url, method)
+        return call
+
+    def settle(self) -> Deferred:
+        """Fires once no webhook is in flight."""
+        return self._carrier.settle() if self._http is not None else succeed(None)
+
+    # -- request handling -----------------------------------------------------------------
+
+    def _handle(self, request: Any) -> bytes | int:
+        record = self._record(request)
+        fault = self._take_fault(record)
+        if fault is not None and fault.kind == "fail":
+            return _respond(request, fault.status, fault.body)
+        if fault is not None and fault.kind == "hang":
+            self._hold(request, None)
+            return NOT_DONE_YET
+        if record.too_large:
+            reply = _Reply(413, error_body(20001, "Request body too large", 413))
+        else:
+            reply = self._route(request, record)
+        body = json.dumps(reply.body).encode("utf-8")
+        if fault is not None:  # delay: processed now, answered later
+            later = self._reactor.callLater(fault.seconds, self._answer_later, request, reply, body)
+            self._hold(request, later)
+            return NOT_DONE_YET
+        return _respond(request, reply.status, body, reply.headers)
+
+    def _record(self, request: Any) -> RecordedRequest:
+        raw = b""
+        if request.content is not None:
+            request.content.seek(0)
+            raw = request.content.read(MAX_REQUEST_BYTES + 1)
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        form: tuple[tuple[str, str], ...] = ()
+        if ctype.startswith("application/x-www-form-urlencoded") and len(raw) <= MAX_REQUEST_BYTES:
+            form = tuple(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+        too_large = len(raw) > MAX_REQUEST_BYTES
+        auth = None
+        if request.getHeader(b"authorization"):
+            auth = (
+                request.getUser().decode("utf-8", "replace"),
+                request.getPassword().decode("utf-8", "replace"),
+            )
+        headers = tuple(
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, values in request.requestHeaders.getAllRawHeaders()
+            for v in values
+        )
+        record = RecordedRequest(
+            request.method.decode("ascii", "replace"),
+            request.path.decode("utf-8", "replace"),
+            form,
+            auth,
+            headers,
+            too_large,
+        )
+        self.requests.append(record)
+        return record
+
+    def _take_fault(self, record: RecordedRequest) -> _Fault | None:
+        for fault in self._faults:
+            if fault.match is None or fault.match(record):
+                fault.count -= 1
+                if fault.count <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _hold(self, request: Any, later: Any) -> None:
+        self._held[request] = later
+
+        def gone(_: object) -> None:
+            if self._held.pop(request, None) is not None and later.active():
+                later.cancel()
+
+        request.notifyFinish().addBoth(gone)
+
+    def _answer_later(self, request: Any, reply: _Reply, body: bytes) -> None:
+        self._held.pop(request, None)
+        request.write(_respond(request, reply.status, body, reply.headers))
+        request.finish()
+
+    def _route(self, request: Any, record: RecordedRequest) -> _Reply:
+        not_found = _Reply(
+            404,
+            error_body(20404, f"The requested resource {record.path} was not found", 404),
+        )
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        if len(parts) not in (3, 4) or parts[0] != "Accounts":
+            return not_found
+        if not self._authenticated(record, parts[1]):
+            return _Reply(
+                401,
+                error_body(20003, "Authenticate", 401),
+                ((b"www-authenticate", b'Basic realm="Twilio API"'),),
+            )
+        if parts[2:] == ["Calls.json"]:
+            if record.method == "POST":
+                return self._create(record)
+            return _method_not_allowed(record.method)
+        if len(parts) == 4 and parts[2] == "Calls":
+            m = _SID.match(parts[3])
+            call = self.calls.get(m.group("sid")) if m else None
+            if call is None:
+                return not_found
+            if record.method == "GET":
+                return _Reply(200, call.to_json(self.account_sid))
+            if record.method == "POST":
+                return self._update(call, record)
+            return _method_not_allowed(record.method)
+        return not_found
+
+    def _authenticated(self, record: RecordedRequest, path_sid: str) -> bool:
+        user, password = record.auth or ("", "")
+        ok_user = hmac.compare_digest(user.encode("utf-8"), self.account_sid.encode("utf-8"))
+        ok_pass = hmac.compare_digest(
+            password.encode("utf-8"), self._auth_token.encode("utf-8")
+        )
+        return ok_user and ok_pass and path_sid == self.account_sid
+
+    def _create(self, record: RecordedRequest) -> _Reply:
+        form = record.form_dict
+        to, from_ = form.get("To", ""), form.get("From", "")
+        if not to:
+            return _bad(21201, "No 'To' number is specified")
+        if not from_:
+            return _bad(21213, "No 'From' number is specified")
+        if not _E164.match(to):
+            return _bad(21211, f"The 'To' number {to} is not a valid phone number.")
+        if not _E164.match(from_):
+            return _bad(21212, f"The 'From' number {from_} is not a valid phone number.")
+        sources = [k for k in ("Url", "Twiml", "ApplicationSid") if form.get(k)]
+        if not sources:
+            return _bad(
+                21205,
+                "Url parameter is required. For more information, see "
+                "http://www.twilio.com/docs/api/twiml",
+            )
+        if len(sources) > 1:
+            return _bad(21205, f"Only one of Url, Twiml or ApplicationSid may be given, not {sources}")
+        url = form.get("Url")
+        if sources == ["ApplicationSid"]:
+            app = form["ApplicationSid"]
+            url = self.applications.get(app) if _APP_SID.match(app) else None
+            if url is None:
+                return _bad(21218, "Invalid ApplicationSid")
+        if url is not None and not _is_http_url(url):
+            return _bad(21205, f"Url is not a valid URL: {url}")
+        callback = form.get("StatusCallback")
+        if callback is not None and not _is_http_url(callback):
+            return _bad(21609, f"StatusCallback is not a valid URL: {callback}")
+        events: list[str] = []
+        for value in record.getall("StatusCallbackEvent"):
+            events.extend(value.split())
+        if any(e not in STATUS_EVENTS for e in events):
+            return _bad(20001, f"Invalid StatusCallbackEvent: {' '.join(events)}")
+        methods = [form.get("Method", "POST").upper(), form.get("StatusCallbackMethod", "POST").upper()]
+        if any(m not in ("GET", "POST") for m in methods):
+            return _bad(20001, "Method must be GET or POST")
+        try:
+            timeout = int(form.get("Timeout", "60"))
+        except ValueError:
+            timeout = -1
+        if not 1 <= timeout <= 600:
+            return _bad(20001, "Timeout must be an integer between 1 and 600")
+        if len(self.calls) >= self.max_calls and not self._evict():
+            return _Reply(429, error_body(20429, "Too Many Requests", 429))
+        call = self._new_call(
+            "outbound-api",
+            to,
+            from_,
+            self._scenarios.get(to),
+            url=url,
+            method=methods[0],
+            twiml=form.get("Twiml"),
+            status_callback=callback,
+            status_callback_method=methods[1],
+            status_callback_events=frozenset(events or ["completed"]),
+            timeout=timeout,
+        )
+        if self._http is not None:
+            self._reactor.callLater(0, call.start_outbound)
+        return _Reply(201, call.to_json(self.account_sid))
+
+    def _update(self, call: FakeCall, record: RecordedRequest) -> _Reply:
+        form = record.form_dict
+        status = form.get("Status")
+        if status is not None:
+            if status not in ("completed", "canceled"):
+                return _bad(20001, f"Invalid Status: {status}")
+            call.cancel_or_complete(status)
+            return _Reply(200, call.to_json(self.account_sid))
+        twiml, url = form.get("Twiml"), form.get("Url")
+        if twiml is None and url is None:
+            return _Reply(200, call.to_json(self.account_sid))
+        if url is not None and twiml is None and not _is_http_url(url):
+            return _bad(21205, f"Url is not a valid URL: {url}")
+        if call.status != "in-progress":
+            return _bad(21220, "Call is not in-progress. Cannot redirect.")
+        call.update(twiml=twiml, url=url, method=form.get("Method", "POST").upper())
+        return _Reply(200, call.to_json(self.account_sid))
+
+    def _new_call(
+        self, direction: str, to: str, from_: str, scenario: Scenario | None, **kwargs: Any
+    ) -> FakeCall:
+        call = FakeCall(
+            self._carrier,
+            new_sid("CA"),
+            direction,
+            to,
+            from_,
+            Scenario(),
+            created_at=self._reactor.seconds(),
+            **kwargs,
+        )
+        if scenario is None:
+            scenario = self.scenario(call) if callable(self.scenario) else self.scenario
+        call.scenario = scenario
+        self.calls[call.sid] = call
+        self._log.info(
+            "fake Twilio {direction} call {sid} to {to}", direction=direction, sid=call.sid, to=to
+        )
+        return call
+
+    def _evict(self) -> bool:
+        """Forget the oldest ended call to make room; False if every call is still live."""
+        for sid, call in self.calls.items():
+            if call.is_ended:
+                del self.calls[sid]
+                return True
+        return False
+
+
+def _respond(request: Any, status: int, body: bytes, headers: tuple = ()) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    for name, value in headers:
+        request.setHeader(name, value)
+    return body
+
+
+def _bad(code: int, message: str) -> _Reply:
+    return _Reply(400, error_body(code, message, 400))
+
+
+def _method_not_allowed(method: str) -> _Reply:
+    return _Reply(405, error_body(20004, f"Method not allowed: {method}", 405))
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)

@@ -1,0 +1,224 @@
+# -*- test-case-name: tests.test_fake_twilio -*-
+"""
+What every call on the fake Twilio shares: the webhook signer (our own HMAC-SHA1
+implementation of PROVIDERS.md §1.5, checked in tests against the official SDK), the
+`Scenario` describing the person on the line, the observation records, and the `Carrier` that
+delivers signed webhooks through an injected HTTP client on an injected clock.
+
+It imports nothing of the daemon.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections import deque
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from urllib.parse import urlencode
+
+import treq
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.logger import Logger
+
+API_VERSION = "2010-04-01"
+#: What Twilio sends as User-Agent on its webhook requests.
+USER_AGENT = "TwilioProxy/1.1"
+#: Twilio refuses TwiML documents larger than 64 KB.
+MAX_DOCUMENT_BYTES = 64 * 1024
+#: Observations kept per call (oldest dropped first).
+MAX_OBSERVATIONS = 1_000
+
+TERMINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
+
+#: What a Gather hears: speech (str), other form parameters (e.g. `{"Digits": "1"}`), or
+#: nothing (None).
+Utterance = Union[str, Mapping[str, str], None]
+
+
+def sign_request(
+    auth_token: str, url: str, params: Mapping[str, str] | Iterable[tuple[str, str]] = ()
+) -> str:
+    """
+    The `X-Twilio-Signature` Twilio sends: base64 HMAC-SHA1, keyed with the auth token, of the
+    URL exactly as requested followed by every form parameter as name+value, sorted by name
+    (then by value), with decoded values. GET requests sign the URL alone (pass no params).
+    """
+    pairs = list(params.items()) if isinstance(params, Mapping) else list(params)
+    data = url + "".join(name + value for name, value in sorted(pairs))
+    digest = hmac.new(auth_token.encode("utf-8"), data.encode("utf-8"), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def new_sid(prefix: str) -> str:
+    """A Twilio-shaped resource sid: a two-letter prefix and 32 lowercase hex digits."""
+    return prefix + secrets.token_hex(16)
+
+
+@frozen
+class Scenario:
+    """
+    What the person on the far end does; times are in seconds on the injected clock.
+
+    `outcome` is `answer`, `no-answer`, `busy` or `failed`. An outbound call rings after
+    `ring_after`, then is answered (or busy, or fails) `answer_after` later; an answer later
+    than the call's `Timeout` is a no-answer. `utterances` feeds the Gathers: a sequence
+    consumed one per Gather, or a callable `(call) -> Utterance` (or a Deferred of one).
+    `hangup_after` hangs up that long after the answer. `<Say>` takes
+    `say_seconds_per_char` per character, `<Play>` `play_seconds`; a Gather that hears nothing
+    waits `silence` (None: its own `timeout` attribute); a heard utterance is posted
+    `speech_delay` after the prompt ended.
+    """
+
+    outcome: str = "answer"
+    ring_after: float = 0.0
+    answer_after: float = 0.0
+    utterances: Sequence[Utterance] | Callable[[Any], Any] = field(
+        default=(), converter=lambda v: v if callable(v) else tuple(v)
+    )
+    hangup_after: float | None = None
+    say_seconds_per_char: float = 0.0
+    play_seconds: float = 0.0
+    silence: float | None = None
+    speech_delay: float = 0.0
+    confidence: str = "0.9"
+
+    def __attrs_post_init__(self) -> None:
+        if self.outcome not in ("answer", "no-answer", "busy", "failed"):
+            raise ValueError(f"unknown outcome {self.outcome!r}")
+
+
+@define
+class Webhook:
+    """One request the carrier made (TwiML fetch, Gather action, status callback), and its answer."""
+
+    kind: str  # "twiml", "action", "redirect", "status"
+    url: str
+    method: str
+    params: dict[str, str]
+    signature: str
+    status: int | None = None
+    body: bytes | None = None
+    error: str | None = None
+
+
+@frozen
+class SayRecord:
+    text: str
+    voice: str | None
+    language: str | None
+    loop: int = 1
+
+
+@define
+class GatherRecord:
+    attributes: dict[str, str]
+    action_url: str | None
+    method: str
+    heard: Utterance = None
+
+
+@define
+class StreamRecord:
+    """A `<Connect><Stream>` (bidirectional) or `<Start><Stream>` (fork) the call opened."""
+
+    url: str
+    parameters: dict[str, str]
+    attributes: dict[str, str]
+    bidirectional: bool
+    ended_by: str | None = None  # "media", "interrupted", "hangup"
+
+
+@define
+class Carrier:
+    """
+    What all fake calls share: the clock, the HTTP client webhooks go through, the auth token
+    they are signed with, a log of every webhook, and the deliveries still in flight.
+    """
+
+    clock: Any  # IReactorTime
+    http: Any  # treq HTTPClient (or StubTreq)
+    account_sid: str
+    _auth_token: str
+    webhook_timeout: float = 15.0
+    max_documents_per_call: int = 1_000
+    webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
+    _in_flight: set = field(factory=set)
+    _log = Logger()
+
+    def deliver(self, hook: Webhook) -> Deferred:
+        """Send a signed webhook; fire with the hook once answered (status/body or error set)."""
+        self.webhooks.append(hook)
+        d = Deferred.fromCoroutine(self._deliver(hook))
+        self._in_flight.add(d)
+
+        def done(result: object) -> object:
+            self._in_flight.discard(d)
+            return result
+
+        d.addBoth(done)
+        return d
+
+    async def _deliver(self, hook: Webhook) -> Webhook:
+        url = hook.url
+        if hook.method == "GET":
+            sep = "" if url.endswith(("?", "&")) else ("&" if "?" in url else "?")
+            url = url + sep + urlencode(hook.params) if hook.params else url
+            hook.url = url
+            hook.signature = sign_request(self._auth_token, url)
+            body = None
+            headers = {}
+        else:
+            hook.signature = sign_request(self._auth_token, url, hook.params)
+            body = urlencode(hook.params).encode("ascii")
+            headers = {"Content-Type": ["application/x-www-form-urlencoded"]}
+        headers.update(
+            {
+                "X-Twilio-Signature": [hook.signature],
+                "User-Agent": [USER_AGENT],
+                "I-Twilio-Idempotency-Token": [secrets.token_hex(16)],
+            }
+        )
+        try:
+            d = self.http.request(
+                hook.method, url, data=body, headers=headers, allow_redirects=False
+            )
+            d.addTimeout(self.webhook_timeout, self.clock)
+            response = await d
+            chunks: list[bytes] = []
+            size = [0]
+
+            def collect(data: bytes) -> None:
+                size[0] += len(data)
+                if size[0] > MAX_DOCUMENT_BYTES:
+                    raise ValueError("response larger than 64 KB")
+                chunks.append(data)
+
+            collected = treq.collect(response, collect)
+            collected.addTimeout(self.webhook_timeout, self.clock)
+            await collected
+            hook.status = response.code
+            hook.body = b"".join(chunks)
+        except CancelledError:
+            hook.error = "cancelled"
+            raise
+        except Exception as e:
+            hook.error = f"{type(e).__name__}: {e}"[:300]
+        return hook
+
+    def settle(self) -> Deferred:
+        """A Deferred that fires once no webhook is in flight (for tests and shutdown)."""
+        if not self._in_flight:
+            return succeed(None)
+        d = DeferredList(list(self._in_flight), consumeErrors=True)
+        d.addCallback(lambda _: self.settle())
+        return d
+
+
+def rfc2822(ts: float) -> str:
+    """An RFC 2822 date in UTC, as in Twilio's `Timestamp` parameter."""
+    return format_datetime(datetime.fromtimestamp(ts, timezone.utc))
