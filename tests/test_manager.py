@@ -263,6 +263,15 @@ class ConversationTests(ManagerTestsBase):
         self.event("call.speech", call_id, dedupe_key="c", transcript="c-again")
         self.assertEqual([t.text for t in self.stored(call_id).transcript][1:], ["a", "b", "c", "a-again"])
 
+    def test_late_callback_creates_no_record(self):
+        """A carrier callback arriving after we ended an outbound call creates no new record."""
+        call_id = self.answered()
+        self.go(self.manager.end_call(call_id))
+        self.event("call.ended", f"mock-{call_id}", provider_call_id=f"mock-{call_id}", direction="outbound", reason="completed")
+        self.event("call.ringing", "unknown", provider_call_id="CA-never-placed", direction="outbound")
+        self.assertEqual(self.manager.active_calls(), [])
+        self.assertEqual(len(self.successResultOf(self.store.recent_calls(10))), 1)
+
     def test_terminal_is_sticky(self):
         """Events after the end do not resurrect a call."""
         call_id = self.answered()

@@ -101,7 +101,7 @@ def decimal(name: str, minimum: int = 0) -> Callable:
         if value is None:
             return None
         text = str(value).strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise click.BadParameter(f"Invalid numeric value for --{name}: {value}")
         return max(minimum, int(text))
 
@@ -128,10 +128,7 @@ def main(click_ctx, config_path, socket):
 
 def _place(ctx: Context, to: str | None, message: str | None, mode: str) -> None:
     if to is None:
-        try:
-            to = ctx.config.to_number
-        except Failed:
-            to = None
+        to = ctx.config.to_number
     if not to:
         raise click.UsageError("Missing --to and no toNumber configured")
     params = {"to": to, "mode": mode if mode in ("notify", "conversation") else None}

@@ -205,16 +205,18 @@ class CallManager:
         call = self.find(event.call_id)
         if call is None and event.provider_call_id:
             call = self.find(event.provider_call_id)
-        if call is None and event.provider_call_id and event.direction is not None:
-            if event.direction is Direction.INBOUND:
-                why = inbound_decision(
-                    self._settings.inbound_policy, self._settings.allow_from, event.from_number
-                )
-                if why is not None:
-                    self._processed.add(key)
-                    self._reject_inbound(event, why)
-                    return
-            call = self._create_from_event(event, events)
+        if call is None and event.provider_call_id and event.direction is Direction.INBOUND:
+            # Only an inbound call is created from a carrier event. An unknown outbound call is
+            # one we ended (late callbacks arrive after the hang-up) or never placed: ignored.
+            why = inbound_decision(self._settings.inbound_policy, self._settings.allow_from, event.from_number)
+            if why is not None:
+                self._processed.add(key)
+                self._reject_inbound(event, why)
+                return
+            if await self._store.get_call(event.provider_call_id) is not None:
+                self._processed.add(key)
+                return
+            call = self.find(event.provider_call_id) or self._create_from_event(event, events)
         if call is None:
             self._processed.add(key)
             return

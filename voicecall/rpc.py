@@ -168,11 +168,15 @@ class RpcProtocol(Protocol):
     # -- IPushProducer: the transport tells us when the peer stops reading ---------------------------
 
     def pauseProducing(self) -> None:
+        # The peer stopped reading our answers: stop reading its requests too, so a client that
+        # never reads cannot grow our write buffer without bound.
         self._paused = True
+        self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._backlog = 0
+        self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         self._paused = True
@@ -200,6 +204,9 @@ class RpcProtocol(Protocol):
             self._buffer = rest
             if self._discarding:
                 self._discarding = False
+                continue
+            if len(line) > MAX_LINE_BYTES:
+                self._send_error(None, INVALID_REQUEST, "Request line too long (max 1 MiB)")
                 continue
             if line.strip():
                 self._line(line)

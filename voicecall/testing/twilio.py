@@ -66,7 +66,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--say", dest="utterances", action="append", default=[],
-        help="what the callee says at each Gather, in order (repeatable)",
+        help='what the callee says at each Gather, in order (repeatable; "" is silence)',
+    )
+    parser.add_argument(
+        "--answer-questions-only", action="store_true",
+        help="stay silent except at the Gathers of a `continue` (those carrying a turn token)",
     )
     parser.add_argument(
         "--say-seconds-per-char", type=float, default=0.06,
@@ -91,11 +95,20 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    said = [u or None for u in args.utterances]
+    utterances: Any = said
+    if args.answer_questions_only:
+        queue = list(said)
+
+        def utterances(call: Any) -> Any:
+            asked = "turnToken=" in (call.gathers[-1].action_url or "") if call.gathers else False
+            return queue.pop(0) if asked and queue else None
+
     scenario = Scenario(
         outcome=args.outcome,
         ring_after=0.5,
         answer_after=args.answer_after,
-        utterances=args.utterances,
+        utterances=utterances,
         hangup_after=args.hangup_after,
         say_seconds_per_char=args.say_seconds_per_char,
     )

@@ -20,6 +20,8 @@ from twisted.web.server import Request, Site
 MAX_BODY_BYTES = 64 * 1024
 READ_TIMEOUT_SECONDS = 5.0
 MAX_IN_FLIGHT_PER_IP = 8
+#: A connection idle this long (slow headers included) is closed (Twisted's default is 12 h).
+IDLE_TIMEOUT_SECONDS = 60
 
 _REASONS = {
     400: b"Bad Request",
@@ -54,6 +56,12 @@ class ScreenedChannel(HTTPChannel):
         request.early_method = self._command
         request.early_uri = self._path
         super().allHeadersReceived()
+
+    def _send100Continue(self) -> None:
+        """Never invite the body of a request that was just refused."""
+        if self.requests and getattr(self.requests[-1], "_refused", False):
+            return
+        super()._send100Continue()
 
 
 class ScreenedRequest(Request):
@@ -153,6 +161,7 @@ class ScreenedSite(Site):
         on_refused: Callable[[int], None] | None = None,
         **kwargs,
     ) -> None:
+        kwargs.setdefault("timeout", IDLE_TIMEOUT_SECONDS)
         super().__init__(resource, reactor=clock, **kwargs)
         self.clock = clock
         self.max_body = max_body

@@ -1,0 +1,408 @@
+"""
+Tests for voicecall.cli (with voicecall.client and voicecall.tool): the admin CLI of SPEC §17 run
+with click's CliRunner. Its one seam into the reactor (`react`, called by `run`) is replaced by a
+synchronous stand-in on a MemoryReactorClock that either refuses the UNIX connection (no daemon)
+or joins it with iosim to a real RpcFactory over a real CallManager (STYLE.md §15).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+
+from click.testing import CliRunner
+from twisted.internet import error
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from voicecall import cli
+from voicecall.manager import CallManager, ManagerSettings
+from voicecall.model import CallEvent, CallRecord
+from voicecall.providers.mock import MockProvider
+from voicecall.rpc import RpcFactory, RpcMethods
+from voicecall.store import CallStore, SynchronousWriter
+
+TO = "+15550001234"
+ACTIONS = ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status"]
+
+
+class CliTestsBase(SynchronousTestCase):
+    config_extra: dict = {}
+
+    def setUp(self):
+        self.home = os.path.abspath(self.mktemp())
+        os.makedirs(self.home)
+        self.store_dir = os.path.join(self.home, "store")
+        self.config = os.path.join(self.home, "voicecall.json")
+        with open(self.config, "w") as f:
+            json.dump({"store": self.store_dir, **self.config_extra}, f)
+        self.daemon: RpcFactory | None = None
+        self.connects: list[str] = []
+        self.reacted = 0
+        self.on_idle = None
+        self.patch(cli, "react", self.react)
+
+    # -- the reactor seam -------------------------------------------------------------------------
+
+    def react(self, main, argv=()):
+        """Run `main` like twisted.internet.task.react would, synchronously, then exit like it."""
+        self.reacted += 1
+        reactor = MemoryReactorClock()
+        finished = ensureDeferred(main(reactor, *argv))
+        pumps = []
+        for _ in range(10_000):
+            moved = False
+            while reactor.unixClients:
+                path, factory, _timeout, _pid = reactor.unixClients.pop(0)
+                self.connects.append(path)
+                moved = True
+                if self.daemon is None:
+                    factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError("no daemon")))
+                    continue
+                client = factory.buildProtocol(UNIXAddress(path))
+                server = self.daemon.buildProtocol(UNIXAddress(path))
+                pumps.append(
+                    iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False)
+                )
+            for pump in pumps:
+                moved = pump.pump() or moved
+            if not moved:
+                if self.on_idle is None:
+                    break
+                hook, self.on_idle = self.on_idle, None
+                hook()
+        outcome: list = []
+        finished.addBoth(outcome.append)
+        if not outcome:
+            raise AssertionError("the command never finished")
+        if isinstance(outcome[0], Failure):
+            if outcome[0].check(SystemExit):
+                raise outcome[0].value
+            outcome[0].raiseException()
+        raise SystemExit(0)
+
+    # -- a daemon ---------------------------------------------------------------------------------
+
+    def start_daemon(self, **settings) -> None:
+        """Serve RPC from a real CallManager whose store is the config's store directory."""
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.provider = MockProvider(clock=self.clock)
+        self.manager = CallManager(
+            provider=self.provider,
+            voice=self.provider,
+            store=self.open_store(),
+            clock=self.clock,
+            settings=ManagerSettings(
+                provider_name="mock",
+                from_number="+15550000000",
+                max_concurrent_calls=3,
+                default_mode="notify",
+                **settings,
+            ),
+        )
+        self.manager.set_webhook_url("http://127.0.0.1:3334/voice/webhook")
+        methods = RpcMethods(manager=self.manager, clock=self.clock, default_to=None)
+        self.daemon = RpcFactory(methods.table(), self.manager.subscribe)
+
+    def open_store(self) -> CallStore:
+        if getattr(self, "store", None) is None:
+            writer = SynchronousWriter()
+            self.store = CallStore(self.store_dir, writer)
+            self.successResultOf(writer.start())
+            self.successResultOf(self.store.open())
+            self.addCleanup(lambda: self.successResultOf(self.store.close()))
+        return self.store
+
+    def event(self, kind: str, call_id: str, **fields) -> None:
+        fields.setdefault("id", str(uuid.uuid4()))
+        fields.setdefault("timestamp", int(self.clock.seconds() * 1000))
+        self.successResultOf(Deferred.fromCoroutine(self.manager.process_event(CallEvent(type=kind, call_id=call_id, **fields))))
+
+    def place(self) -> str:
+        call_id = self.successResultOf(Deferred.fromCoroutine(self.manager.initiate(TO)))
+        self.event("call.answered", call_id)
+        return call_id
+
+    def record(self, call_id: str, state: str = "completed", metadata: dict | None = None, **kw) -> CallRecord:
+        """Write a call straight into the store, as an earlier daemon run would have."""
+        record = CallRecord(
+            call_id=call_id,
+            provider="mock",
+            direction="outbound",
+            state=state,
+            from_number="+15550000000",
+            to_number=TO,
+            started_at=1_700_000_000_000,
+            provider_call_id=f"mock-{call_id}",
+            metadata=metadata or {},
+            **kw,
+        )
+        self.successResultOf(self.open_store().write(record, event_keys=[f"key-{call_id}"]))
+        return record
+
+    # -- running the CLI --------------------------------------------------------------------------
+
+    def invoke(self, *args: str, env: dict | None = None):
+        environment = {"VOICECALL_SOCKET": None, "VOICECALL_CONFIG": None}
+        environment.update(env or {})
+        return CliRunner().invoke(cli.main, ["--config", self.config, *args], env=environment)
+
+    def ok(self, *args: str, **kw):
+        """Run a command that must succeed; returns its JSON output."""
+        result = self.invoke(*args, **kw)
+        self.assertEqual(result.exit_code, 0, (result.stdout, result.stderr, result.exception))
+        return json.loads(result.stdout)
+
+    def fails(self, *args: str, **kw):
+        result = self.invoke(*args, **kw)
+        self.assertNotEqual(result.exit_code, 0, result.stdout)
+        self.assertIsInstance(result.exception, SystemExit)
+        return result
+
+
+class ToolSchemaTests(CliTestsBase):
+    """`voicecall tool-schema` prints the voice_call tool (SPEC §18.1)."""
+
+    def test_schema(self):
+        """The schema names the tool and offers the five actions plus the legacy shape, 2-space indented."""
+        result = self.invoke("tool-schema")
+        self.assertEqual(result.exit_code, 0)
+        self.assertTrue(result.stdout.startswith('{\n  "name": '), result.stdout[:40])
+        schema = json.loads(result.stdout)
+        self.assertEqual((schema["name"], schema["label"]), ("voice_call", "Voice Call"))
+        self.assertEqual(schema["description"], "Make phone calls and have voice conversations via the voice-call plugin.")
+        variants = schema["parameters"]["anyOf"]
+        actions = [v["properties"]["action"]["const"] for v in variants if "action" in v["properties"]]
+        self.assertEqual(actions, ACTIONS)
+        required = {v["properties"]["action"]["const"]: v["required"] for v in variants if "action" in v["properties"]}
+        self.assertEqual(
+            required,
+            {
+                "initiate_call": ["action", "message"],
+                "continue_call": ["action", "callId", "message"],
+                "speak_to_user": ["action", "callId", "message"],
+                "end_call": ["action", "callId"],
+                "get_status": ["action", "callId"],
+            },
+        )
+        self.assertEqual(self.reacted, 0)
+
+
+class ValidationTests(CliTestsBase):
+    """Bad options are refused before anything connects."""
+
+    def test_since_must_be_decimal(self):
+        """`tail --since 0x10` fails with `Invalid numeric value for --since: 0x10`."""
+        result = self.fails("tail", "--since", "0x10")
+        self.assertIn("Invalid numeric value for --since: 0x10", result.stderr)
+        self.assertEqual((self.reacted, self.connects), (0, []))
+
+    def test_other_numbers_must_be_decimal(self):
+        """`--poll` and `--last` reject non-decimal values the same way."""
+        self.assertIn("Invalid numeric value for --poll: 1e3", self.fails("tail", "--poll", "1e3").stderr)
+        self.assertIn("Invalid numeric value for --last: -5", self.fails("latency", "--last", "-5").stderr)
+
+    def test_only_ascii_digits(self):
+        """Digit-like characters that are not ASCII decimals are refused cleanly, not with a crash."""
+        for value in ("\u00b2", "\u0661\u0660", "\uff11"):
+            result = self.invoke("tail", "--since", value)
+            self.assertEqual(result.exit_code, 2, (value, result.exception))
+            self.assertIn(f"Invalid numeric value for --since: {value}", result.stderr)
+
+    def test_call_needs_a_number(self):
+        """`call` without --to and without a configured toNumber fails with the SPEC text."""
+        result = self.fails("call", "-m", "Hello")
+        self.assertIn("Missing --to and no toNumber configured", result.stderr)
+        self.assertEqual((self.reacted, self.connects), (0, []))
+
+    def test_call_needs_a_message(self):
+        """`call` without a message is a usage error."""
+        result = self.fails("call", "--to", TO)
+        self.assertIn("--message", result.stderr)
+        self.assertEqual(self.connects, [])
+
+
+class DaemonCommandTests(CliTestsBase):
+    """Commands sent to a running daemon over RPC."""
+
+    def setUp(self):
+        super().setUp()
+        self.start_daemon()
+
+    def test_call(self):
+        """`call` places the call and prints `{callId}`; the default mode is conversation."""
+        output = self.ok("call", "--to", TO, "-m", "Hello there")
+        self.assertEqual(set(output), {"callId"})
+        record = self.manager.find(output["callId"])
+        self.assertEqual(record.to_number, TO)
+        self.assertEqual(record.metadata, {"mode": "conversation", "initialMessage": "Hello there"})
+
+    def test_call_mode(self):
+        """`call --mode notify` is honoured; an unknown mode falls back to the daemon's default."""
+        notify = self.ok("call", "--to", TO, "-m", "Hi", "--mode", "notify")["callId"]
+        other = self.ok("call", "--to", TO, "-m", "Hi", "--mode", "yell")["callId"]
+        self.assertEqual(self.manager.find(notify).metadata["mode"], "notify")
+        self.assertEqual(self.manager.find(other).metadata["mode"], "notify")
+
+    def test_start_without_message(self):
+        """`start --to` places a call with no initial message."""
+        call_id = self.ok("start", "--to", TO)["callId"]
+        self.assertNotIn("initialMessage", self.manager.find(call_id).metadata)
+
+    def test_default_socket(self):
+        """Without --socket the CLI connects to <store>/voicecall.sock, or $VOICECALL_SOCKET, or --socket."""
+        self.ok("start", "--to", TO)
+        self.ok("start", "--to", TO, env={"VOICECALL_SOCKET": "/run/vc/env.sock"})
+        result = CliRunner().invoke(
+            cli.main,
+            ["--config", self.config, "--socket", "/run/vc/flag.sock", "status"],
+            env={"VOICECALL_SOCKET": "/run/vc/env.sock", "VOICECALL_CONFIG": None},
+        )
+        self.assertEqual(result.exit_code, 0, result.stderr)
+        self.assertEqual(
+            self.connects, [os.path.join(self.store_dir, "voicecall.sock"), "/run/vc/env.sock", "/run/vc/flag.sock"]
+        )
+
+    def test_speak_and_end(self):
+        """`speak` and `end` print `{success: true}` and act on the call."""
+        call_id = self.place()
+        self.assertEqual(self.ok("speak", "--call-id", call_id, "--message", "One moment"), {"success": True})
+        self.assertIn(("speak", f"mock-{call_id}", "One moment"), self.provider.actions)
+        self.assertEqual(self.ok("end", "--call-id", call_id), {"success": True})
+        self.assertIsNone(self.manager.find(call_id))
+
+    def test_continue(self):
+        """`continue` prints the manager result `{success, transcript}` once the caller answers."""
+        call_id = self.place()
+        self.on_idle = lambda: self.event("call.speech", call_id, transcript="Tuesday works")
+        output = self.ok("continue", "--call-id", call_id, "--message", "Which day?")
+        self.assertEqual(output, {"success": True, "transcript": "Tuesday works"})
+
+    def test_daemon_error(self):
+        """A daemon error is printed on stderr as `Error: <text>` with exit status 1."""
+        result = self.fails("speak", "--call-id", "nope", "--message", "hi")
+        self.assertEqual((result.exit_code, result.stderr.strip(), result.stdout), (1, "Error: Call not found", ""))
+
+    def test_status_of_live_call(self):
+        """`status --call-id` prints the daemon's record of the call."""
+        call_id = self.place()
+        output = self.ok("status", "--call-id", call_id)
+        self.assertEqual((output["callId"], output["state"]), (call_id, "answered"))
+
+    def test_status_lists_active_calls(self):
+        """`status` without --call-id prints the daemon's active calls."""
+        call_id = self.place()
+        self.assertEqual([c["callId"] for c in self.ok("status")["calls"]], [call_id])
+
+
+class NoDaemonTests(CliTestsBase):
+    """Commands when nothing answers on the socket."""
+
+    def test_status_from_store(self):
+        """`status --call-id` prints the stored record when the daemon is not running."""
+        self.record("abc", state="completed", end_reason="completed", ended_at=1_700_000_060_000)
+        output = self.ok("status", "--call-id", "abc")
+        self.assertEqual(self.connects, [os.path.join(self.store_dir, "voicecall.sock")])
+        self.assertEqual(
+            (output["callId"], output["state"], output["endReason"], output["to"]), ("abc", "completed", "completed", TO)
+        )
+        self.assertNotIn("processedEventIds", output)
+
+    def test_status_by_provider_id_from_store(self):
+        """The stored record is also found by the carrier's call id."""
+        self.record("abc")
+        self.assertEqual(self.ok("status", "--call-id", "mock-abc")["callId"], "abc")
+
+    def test_status_unknown(self):
+        """`status --call-id` of an unknown call prints `{"found": false}`."""
+        self.record("abc")
+        result = self.invoke("status", "--call-id", "zzz")
+        self.assertEqual((result.exit_code, result.stdout), (0, '{\n  "found": false\n}\n'))
+
+    def test_status_without_store(self):
+        """With no store at all, `status --call-id` still prints `{"found": false}`."""
+        self.assertEqual(self.ok("status", "--call-id", "zzz"), {"found": False})
+
+    def test_status_lists_stored_live_calls(self):
+        """`status` without --call-id lists the calls the store holds as live."""
+        self.record("done", state="completed")
+        self.record("live", state="answered")
+        output = self.ok("status")
+        self.assertEqual([c["callId"] for c in output["calls"]], ["live"])
+
+    def test_commands_need_the_daemon(self):
+        """Commands that need the daemon fail with exit 1 and say it is not running."""
+        result = self.fails("speak", "--call-id", "abc", "--message", "hi")
+        self.assertEqual(result.exit_code, 1)
+        self.assertIn("voicecall daemon is not running", result.stderr)
+        result = self.fails("call", "--to", TO, "-m", "Hi")
+        self.assertIn("voicecall daemon is not running", result.stderr)
+
+
+class ConfiguredNumberTests(CliTestsBase):
+    """`call` falls back to the configured toNumber."""
+
+    config_extra = {"toNumber": "+15550009999"}
+
+    def test_call_uses_to_number(self):
+        """`call` without --to dials the configured toNumber."""
+        self.start_daemon()
+        call_id = self.ok("call", "-m", "Hi")["callId"]
+        self.assertEqual(self.manager.find(call_id).to_number, "+15550009999")
+
+
+def nearest_rank(values: list[int], p: float) -> int:
+    """SPEC §17: sorted[ceil(p/100 * n) - 1], clamped."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+
+
+class LatencyTests(CliTestsBase):
+    """`voicecall latency` summarises turn latencies from the store (SPEC §17)."""
+
+    def test_statistics(self):
+        """Counts, min, max, average and nearest-rank p50/p95 over the calls that have each metric."""
+        turn = [900, 100, 300, 700, 200, 1000, 400, 800, 600, 500]
+        for n, latency in enumerate(turn):
+            metadata = {"lastTurnLatencyMs": latency, "turnCount": 1}
+            if n < 3:
+                metadata["lastTurnListenWaitMs"] = [40, 10, 30][n]
+            self.record(f"call-{n}", metadata=metadata)
+        self.record("no-turns", metadata={"mode": "notify"})
+        output = self.ok("latency")
+        self.assertEqual(
+            output,
+            {
+                "recordsScanned": 11,
+                "turnLatency": {"count": 10, "minMs": 100, "maxMs": 1000, "avgMs": 550, "p50Ms": 500, "p95Ms": 1000},
+                "listenWait": {"count": 3, "minMs": 10, "maxMs": 40, "avgMs": 27, "p50Ms": 30, "p95Ms": 40},
+            },
+        )
+        self.assertEqual((nearest_rank(turn, 50), nearest_rank(turn, 95)), (500, 1000))
+
+    def test_percentiles_are_nearest_rank(self):
+        """Over 1..20 ms the p50 is the 10th value and the p95 the 19th (no interpolation)."""
+        for n in range(1, 21):
+            self.record(f"call-{n}", metadata={"lastTurnLatencyMs": n})
+        stats = self.ok("latency")["turnLatency"]
+        self.assertEqual((stats["p50Ms"], stats["p95Ms"]), (10, 19))
+
+    def test_last(self):
+        """`--last N` scans only the N most recent calls."""
+        for n, latency in enumerate([5000, 10, 20]):
+            self.record(f"call-{n}", metadata={"lastTurnLatencyMs": latency})
+        output = self.ok("latency", "--last", "2")
+        self.assertEqual(output["recordsScanned"], 2)
+        self.assertEqual((output["turnLatency"]["count"], output["turnLatency"]["maxMs"]), (2, 20))
+
+    def test_empty(self):
+        """Without a store every statistic is zero."""
+        zeros = {"count": 0, "minMs": 0, "maxMs": 0, "avgMs": 0, "p50Ms": 0, "p95Ms": 0}
+        self.assertEqual(self.ok("latency"), {"recordsScanned": 0, "turnLatency": zeros, "listenWait": zeros})

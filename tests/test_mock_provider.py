@@ -1,0 +1,278 @@
+"""
+Tests for voicecall.providers.mock: the carrier-less provider of SPEC §7.4 [H] and the §19
+"mock.test" bullets (the replay of a whole webhook is covered in tests/test_webhook.py).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from voicecall.model import CallRecord, EventType
+from voicecall.providers.base import WebhookContext
+from voicecall.providers.mock import MockProvider
+
+NOW_MS = 1_700_000_000_000
+
+
+def context(body, headers=None) -> WebhookContext:
+    """A POST to the webhook path carrying `body` (bytes, or anything JSON-able)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return WebhookContext(
+        method="POST",
+        path="/voice/webhook",
+        path_and_query="/voice/webhook",
+        query={},
+        headers=headers or {},
+        raw_body=raw,
+        remote_ip="127.0.0.1",
+        url="http://127.0.0.1:3334/voice/webhook",
+    )
+
+
+class MockProviderTestsBase(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(NOW_MS / 1000)
+        self.provider = MockProvider(clock=self.clock)
+
+    def parse(self, body):
+        """Verify then parse `body` the way the webhook resource does."""
+        ctx = context(body)
+        verdict = self.provider.verify_webhook(ctx)
+        return self.provider.parse_webhook(ctx, verdict.request_key)
+
+    def events(self, body):
+        return list(self.parse(body).events)
+
+
+class VerifyTests(MockProviderTestsBase):
+    """verify_webhook gives every payload a stable `mock:` request key."""
+
+    def test_key_is_mock_prefixed_and_verified(self):
+        """Any payload verifies, with a request key in the `mock:` namespace."""
+        verdict = self.provider.verify_webhook(context({"event": {"type": "call.ringing", "callId": "c1"}}))
+        self.assertTrue(verdict.ok)
+        self.assertTrue(verdict.request_key.startswith("mock:"), verdict.request_key)
+        self.assertGreater(len(verdict.request_key), len("mock:"))
+
+    def test_same_payload_same_key(self):
+        """The same bytes give the same key, across deliveries and provider instances."""
+        body = {"event": {"type": "call.ringing", "callId": "c1"}}
+        first = self.provider.verify_webhook(context(body)).request_key
+        again = self.provider.verify_webhook(context(body)).request_key
+        other = MockProvider(clock=Clock()).verify_webhook(context(body)).request_key
+        self.assertEqual((again, other), (first, first))
+
+    def test_different_payloads_different_keys(self):
+        """Payloads that differ in any byte get different keys."""
+        a = self.provider.verify_webhook(context(b'{"event": {"type": "call.ringing", "callId": "c1"}}'))
+        b = self.provider.verify_webhook(context(b'{"event": {"type": "call.ringing", "callId": "c2"}}'))
+        c = self.provider.verify_webhook(context(b'{"event": {"type": "call.ringing", "callId": "c1"}} '))
+        self.assertEqual(len({a.request_key, b.request_key, c.request_key}), 3)
+
+    def test_signature_headers_not_needed(self):
+        """The pre-auth header gate lets mock webhooks through without any header."""
+        self.assertTrue(self.provider.has_signature_headers({}))
+
+
+class ParseTests(MockProviderTestsBase):
+    """parse_webhook turns `{event}` / `{events}` bodies into normalised events."""
+
+    def test_single_event_shape(self):
+        """`{event: {...}}` gives one event with the given type and call id, answered 200 OK."""
+        parsed = self.parse({"event": {"type": "call.answered", "callId": "c1"}})
+        self.assertEqual([(e.type, e.call_id) for e in parsed.events], [(EventType.ANSWERED, "c1")])
+        self.assertEqual((parsed.response.status, parsed.response.body), (200, b"OK"))
+
+    def test_events_list_shape(self):
+        """`{events: [...]}` gives one event per item, in order."""
+        events = self.events(
+            {
+                "events": [
+                    {"type": "call.ringing", "callId": "c1"},
+                    {"type": "call.answered", "callId": "c1"},
+                    {"type": "call.ended", "callId": "c1"},
+                ]
+            }
+        )
+        self.assertEqual([e.type for e in events], [EventType.RINGING, EventType.ANSWERED, EventType.ENDED])
+
+    def test_empty_body_object(self):
+        """An object with neither `event` nor `events` gives no events and a 200."""
+        parsed = self.parse({})
+        self.assertEqual((list(parsed.events), parsed.response.status), ([], 200))
+
+    def test_generated_ids(self):
+        """Events without ids get distinct generated UUIDs; explicit ids are kept."""
+        events = self.events(
+            {
+                "events": [
+                    {"type": "call.ringing", "callId": "c1"},
+                    {"type": "call.ringing", "callId": "c1"},
+                    {"type": "call.ringing", "callId": "c1", "id": "evt-7"},
+                ]
+            }
+        )
+        generated = [e.id for e in events[:2]]
+        for value in generated:
+            uuid.UUID(value)
+        self.assertNotEqual(generated[0], generated[1])
+        self.assertEqual(events[2].id, "evt-7")
+
+    def test_defaults(self):
+        """Absent fields take the SPEC defaults (`now`, empty text, final, completed, unknown error)."""
+        events = self.events(
+            {
+                "events": [
+                    {"type": "call.speaking", "callId": "c"},
+                    {"type": "call.speech", "callId": "c"},
+                    {"type": "call.silence", "callId": "c"},
+                    {"type": "call.dtmf", "callId": "c"},
+                    {"type": "call.ended", "callId": "c"},
+                    {"type": "call.error", "callId": "c"},
+                ]
+            }
+        )
+        speaking, speech, silence, dtmf, ended, error = events
+        self.assertEqual({e.timestamp for e in events}, {NOW_MS})
+        self.assertEqual(speaking.text, "")
+        self.assertEqual((speech.transcript, speech.is_final), ("", True))
+        self.assertEqual(silence.duration_ms, 0)
+        self.assertEqual(dtmf.digits, "")
+        self.assertEqual(ended.reason, "completed")
+        self.assertEqual((error.error, error.retryable), ("unknown error", False))
+
+    def test_explicit_falsy_values_preserved(self):
+        """Explicit falsy values (0, false, "") are kept rather than replaced by defaults."""
+        events = self.events(
+            {
+                "events": [
+                    {"type": "call.speech", "callId": "c", "transcript": "", "isFinal": False, "timestamp": 0},
+                    {"type": "call.silence", "callId": "c", "durationMs": 0},
+                    {"type": "call.error", "callId": "c", "error": "", "retryable": False},
+                    {"type": "call.speaking", "callId": "c", "text": ""},
+                ]
+            }
+        )
+        speech, silence, error, speaking = events
+        self.assertEqual((speech.transcript, speech.is_final, speech.timestamp), ("", False, 0))
+        self.assertEqual(silence.duration_ms, 0)
+        self.assertEqual((error.error, error.retryable), ("", False))
+        self.assertEqual(speaking.text, "")
+
+    def test_explicit_values_carried(self):
+        """Given fields reach the event: transcript, digits, reason, direction, numbers, ids."""
+        events = self.events(
+            {
+                "events": [
+                    {
+                        "type": "call.speech",
+                        "callId": "c",
+                        "transcript": "yes please",
+                        "turnToken": "tok",
+                        "confidence": 0.9,
+                    },
+                    {"type": "call.dtmf", "callId": "c", "digits": "42#"},
+                    {"type": "call.ended", "callId": "c", "reason": "busy"},
+                    {
+                        "type": "call.initiated",
+                        "callId": "pid-1",
+                        "providerCallId": "pid-1",
+                        "direction": "inbound",
+                        "from": "+15550001234",
+                        "to": "+15550000000",
+                    },
+                ]
+            }
+        )
+        speech, dtmf, ended, initiated = events
+        self.assertEqual((speech.transcript, speech.turn_token, speech.confidence), ("yes please", "tok", 0.9))
+        self.assertEqual(dtmf.digits, "42#")
+        self.assertEqual(ended.reason, "busy")
+        self.assertEqual(
+            (initiated.provider_call_id, initiated.direction.value, initiated.from_number, initiated.to_number),
+            ("pid-1", "inbound", "+15550001234", "+15550000000"),
+        )
+
+    def test_unknown_and_incomplete_items_dropped(self):
+        """Items with an unknown type, no type, no callId, or that are not objects are dropped."""
+        events = self.events(
+            {
+                "events": [
+                    {"type": "call.teleported", "callId": "c"},
+                    {"callId": "c"},
+                    {"type": "call.ringing"},
+                    "call.ringing",
+                    {"type": "call.ringing", "callId": "kept"},
+                ]
+            }
+        )
+        self.assertEqual([(e.type, e.call_id) for e in events], [(EventType.RINGING, "kept")])
+
+    def test_dedupe_keys_stable_per_payload(self):
+        """Each event's dedupe key derives from the payload's key, the same on redelivery, distinct per event."""
+        body = {"events": [{"type": "call.ringing", "callId": "c"}, {"type": "call.answered", "callId": "c"}]}
+        first = [e.key for e in self.events(body)]
+        again = [e.key for e in self.events(body)]
+        key = self.provider.verify_webhook(context(body)).request_key
+        self.assertEqual(first, again)
+        self.assertEqual(len(set(first)), 2)
+        for k in first:
+            self.assertTrue(k.startswith(key), k)
+
+    def test_invalid_json_is_400(self):
+        """A body that is not JSON is answered 400 with no events."""
+        parsed = self.parse(b"{not json")
+        self.assertEqual((list(parsed.events), parsed.response.status), ([], 400))
+
+    def test_non_object_json_is_400(self):
+        """JSON that is not an object (or `events` that is not a list) is answered 400."""
+        for body in ([{"type": "call.ringing", "callId": "c"}], "x", {"events": {"type": "call.ringing"}}):
+            parsed = self.parse(body)
+            self.assertEqual((list(parsed.events), parsed.response.status), ([], 400), body)
+
+
+class CallControlTests(MockProviderTestsBase):
+    """The mock's call control places nothing and answers status queries by id words."""
+
+    def test_initiate_returns_mock_id(self):
+        """initiate_call answers with the provider call id `mock-<callId>`."""
+        placed = self.successResultOf(
+            self.provider.initiate_call(
+                call_id="abc", from_number="+15550000000", to_number="+15550001234", webhook_url="http://x/"
+            )
+        )
+        self.assertEqual(placed.provider_call_id, "mock-abc")
+
+    def test_other_actions_are_no_ops(self):
+        """Hang-up, answer, speak and listening succeed at once."""
+        call = CallRecord(
+            call_id="abc",
+            provider="mock",
+            direction="outbound",
+            state="answered",
+            from_number="+15550000000",
+            to_number="+15550001234",
+            started_at=NOW_MS,
+            provider_call_id="mock-abc",
+        )
+        for d in (
+            self.provider.hangup_call(call, "hangup-bot"),
+            self.provider.answer_call(call),
+            self.provider.speak(call, "hi", None),
+            self.provider.prompt(call, "hi", None, None),
+            self.provider.start_listening(call, None),
+            self.provider.stop_listening(call),
+        ):
+            self.assertIsNone(self.successResultOf(d))
+
+    def test_status_words(self):
+        """Ids containing `stale`, `ended` or `completed` are terminal `completed`; others in progress."""
+        for pid in ("mock-stale-1", "ended-2", "call-completed"):
+            status = self.successResultOf(self.provider.get_call_status(pid))
+            self.assertEqual((status.status, status.is_terminal), ("completed", True), pid)
+        status = self.successResultOf(self.provider.get_call_status("mock-abc"))
+        self.assertEqual((status.status, status.is_terminal), ("in-progress", False))
