@@ -46,6 +46,18 @@ __all__ = [
 ]
 
 #: The telephony sample rate, in Hz.
+@frozen
+class AudioChunk:
+    """
+    A piece of synthesised audio as a TTS provider streams it: raw bytes with their format.
+    `encoding` is "pcm16" (signed 16-bit little-endian mono) or "ulaw" (G.711 mu-law mono).
+    """
+
+    data: bytes
+    encoding: str
+    sample_rate: int
+
+
 SAMPLE_RATE = 8000
 #: 20 ms of 8 kHz mu-law: one Twilio media frame.
 FRAME_BYTES = 160

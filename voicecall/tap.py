@@ -39,11 +39,34 @@ from voicecall.web.security import ForwardingPolicy
 from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen, normalize_path
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-PROVIDERS = ("mock", "twilio")
+PROVIDERS = ("mock", "twilio", "telnyx", "plivo")
 
 
 def build_provider(cfg, reactor, http):
     """The carrier adapter the config names, with its credentials and API root."""
+    if cfg.provider == "telnyx":
+        from voicecall.providers.telnyx import TelnyxProvider
+
+        return TelnyxProvider(
+            http=http,
+            clock=reactor,
+            api_key=cfg.telnyx.api_key,
+            connection_id=cfg.telnyx.connection_id,
+            public_key=cfg.telnyx.public_key,
+            base_url=cfg.telnyx.base_url,
+        )
+    if cfg.provider == "plivo":
+        from voicecall.providers.plivo import PlivoProvider
+
+        return PlivoProvider(
+            http=http,
+            clock=reactor,
+            auth_id=cfg.plivo.auth_id,
+            auth_token=cfg.plivo.auth_token,
+            base_url=cfg.plivo.base_url,
+            public_url=cfg.public_url,
+            ring_timeout_sec=max(1, cfg.ring_timeout_ms // 1000),
+        )
     if cfg.provider == "twilio":
         return TwilioProvider(
             http=http,
