@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from attrs import define, field, frozen
@@ -100,6 +101,10 @@ class CallManager:
     _subscribers: list[Callable[[dict], None]] = field(factory=list)
     #: Called with (call, text) for each final caller utterance no `continue` was waiting for.
     on_utterance: Callable[[CallRecord, str], None] | None = None
+    #: Called with each completed turn's latency in seconds (metrics).
+    on_turn_latency: Callable[[float], None] | None = None
+    #: Calls ended since start, by end reason (metrics).
+    ended_counts: Counter = field(factory=Counter)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -180,6 +185,7 @@ class CallManager:
         """Make `call` terminal with `reason` (in memory; the caller persists)."""
         call.ended_at = self._now()
         call.end_reason = reason
+        self.ended_counts[reason] += 1
         self._move(call, CallState(reason), events)
         events.append(self._log_entry(call, "call.ended", reason=reason))
         self._forget(call)
@@ -570,6 +576,8 @@ class CallManager:
         meta["lastTurnListenWaitMs"] = done - listen_started
         meta["lastTurnCompletedAt"] = done
         await self._persist(call)
+        if self.on_turn_latency is not None:
+            self.on_turn_latency((done - started) / 1000.0)
         self._log.info(
             "[voice-call] continueCall latency call={call_id} totalMs={total} listenWaitMs={wait}",
             call_id=call.call_id,

@@ -22,10 +22,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 from treq.client import HTTPClient
 
 from voicecall.config import DISABLED_MESSAGE, ConfigError, find_config_path, load_config, parse_config
+from voicecall import sdnotify
 from voicecall.manager import CallManager, ManagerSettings
+from voicecall.metrics import Metrics, MetricsResource, VoicecallCollector
 from voicecall.model import Mode
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twilio import TwilioProvider
@@ -166,7 +169,9 @@ class VoicecallService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool) -> None:
+    def __init__(
+        self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool, metrics=None
+    ) -> None:
         super().__init__()
         self.setName("voicecall")
         self._reactor = reactor
@@ -181,9 +186,11 @@ class VoicecallService(MultiService):
         self._provider = provider
         self._pool = pool
         self.webhook_url: str | None = None
+        self._metrics = metrics
         self.ready: Deferred = Deferred()
-        for child in (webhook, rpc, reaper):
-            child.setServiceParent(self)
+        for child in (webhook, rpc, reaper, metrics):
+            if child is not None:
+                child.setServiceParent(self)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -205,12 +212,17 @@ class VoicecallService(MultiService):
             self._provider.set_webhook_url(self.webhook_url)
         await self._rpc.listen()
         self._rpc.running = 1
+        if self._metrics is not None:
+            await self._metrics.listen()
+            self._metrics.running = 1
+            self._log.info("Metrics: {endpoint}", endpoint=self._metrics.description)
         self._reaper.startService()
         self._log.info("Webhook URL: {url}", url=local_url)
         if self._config.public_url:
             self._log.info("Public URL: {url}", url=self._config.public_url)
         self._log.info("RPC socket: {rpc}", rpc=self._rpc.description)
         print(f"voicecall ready: webhook {self.webhook_url}  rpc {_unix_path(self._rpc.description) or self._rpc.description}", flush=True)
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {local_url}")
 
     def _failed(self, failure) -> None:
         self._log.failure("voicecall failed to start", failure)
@@ -222,7 +234,10 @@ class VoicecallService(MultiService):
             self._reactor.stop()
 
     async def _stop(self) -> None:
+        sdnotify.notify("STOPPING=1")
         self._reaper.stopService()
+        if self._metrics is not None:
+            await _maybe(self._metrics.stopService())
         await _maybe(self._rpc.stopService())
         await _maybe(self._webhook.stopService())
         self.manager.stop()
@@ -315,6 +330,18 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         webhook_url=lambda: service.webhook_url,
         started_at=reactor.seconds(),
     )
+    metrics_listener = None
+    if cfg.metrics.enabled:
+        metrics = Metrics()
+        metrics.add_collector(
+            VoicecallCollector(cfg.provider, manager.active_calls, webhook.counts, manager.ended_counts)
+        )
+        manager.on_turn_latency = metrics.observe_turn_latency
+        metrics_site = Site(MetricsResource(metrics))
+        metrics_site.noisy = False
+        bind = cfg.metrics.bind
+        interface = bind.replace(":", "\\:")
+        metrics_listener = ListenerService("metrics", reactor, f"tcp:{cfg.metrics.port}:interface={interface}", metrics_site)
     service = VoicecallService(
         reactor,
         config=cfg,
@@ -327,5 +354,6 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         serve_path=serve_path,
         provider=provider,
         pool=pool,
+        metrics=metrics_listener,
     )
     return service
