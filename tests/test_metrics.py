@@ -18,7 +18,7 @@ class MetricsEndpointTests(TestCase):
             self, {"provider": "mock", "maxConcurrentCalls": 3, "metrics": {"enabled": True, "port": port}}
         )
         http = http_client(self)
-        call_id = (await rpc.call("voicecall.initiate", {"to": "+15550001234", "message": "Hi"}))["callId"]
+        call_id = (await rpc.call("voicecall.initiate", {"to": "+15550001234", "message": "Hi", "mode": "conversation"}))["callId"]
         body = json.dumps({"event": {"type": "call.answered", "callId": call_id}}).encode()
         for _ in range(2):  # the second delivery is a replay
             await (await http.post(service.webhook_url, data=body)).content()
