@@ -322,6 +322,23 @@ def latency(ctx, last):
     emit({"recordsScanned": len(calls), "turnLatency": _summary(turn), "listenWait": _summary(wait)})
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def doctor(ctx, as_json):
+    """Check what would stop real calls; exits 1 when a check fails."""
+    from voicecall.doctor import render, run_checks
+
+    checks = run_checks(ctx._explicit_config, ctx._socket, os.environ, os.getcwd())
+    ok = all(c.ok for c in checks)
+    if as_json:
+        emit({"ok": ok, "checks": [c.to_json() for c in checks]})
+    else:
+        click.echo(render(checks))
+    if not ok:
+        raise SystemExit(1)
+
+
 @main.command(name="tool-schema")
 def tool_schema():
     """Print the `voice_call` agent tool's JSON schema."""

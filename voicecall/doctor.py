@@ -1,0 +1,181 @@
+# -*- test-case-name: tests.test_doctor -*-
+"""
+`voicecall doctor`: what would stop real calls, each check with OK or the fix.
+
+Run by the CLI, outside any reactor, so plain sockets and file checks are fine here. Nothing here
+changes anything: it binds nothing it keeps and writes only a probe file it removes.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import os
+import socket
+import tempfile
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from attrs import frozen
+
+from voicecall.config import ConfigError, find_config_path, load_config, parse_config
+from voicecall.rpc import default_socket_path
+
+
+@frozen
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "ok": self.ok, "detail": self.detail}
+        if self.fix:
+            out["fix"] = self.fix
+        return out
+
+
+def _is_public_host(host: str) -> bool:
+    if host in ("localhost", "") or host.endswith(".localhost") or host.endswith(".local"):
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a name: whether it resolves publicly is the carrier's concern
+    return address.is_global
+
+
+def daemon_health(socket_path: str, timeout: float = 2.0) -> dict | None:
+    """The running daemon's `voicecall.health`, or None when nothing answers on the socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"voicecall.health"}\n')
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data).get("result")
+    except (OSError, ValueError):
+        return None
+
+
+def _writable_dir(path: str) -> tuple[bool, str]:
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return False, f"{probe} is not a directory"
+    if probe != path:
+        return os.access(probe, os.W_OK | os.X_OK), f"{path} does not exist yet; {probe} is where it would be created"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".doctor-", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return False, f"{path}: {e.strerror}"
+    return True, path
+
+
+def run_checks(explicit_config: str | None, socket_override: str | None, env: Mapping[str, str], cwd: str) -> list[Check]:
+    checks: list[Check] = []
+    path = find_config_path(explicit_config, env, cwd)
+    try:
+        cfg = parse_config({}, env) if path is None else load_config(path, env)
+    except ConfigError as e:
+        checks.append(Check("config", False, "; ".join(e.problems), f"edit {path}"))
+        return checks
+    checks.append(Check("config", True, f"{path or 'no file: built-in defaults'} (provider {cfg.provider})"))
+    if not cfg.enabled:
+        checks.append(Check("enabled", False, "the config disables voice calls", "set enabled: true"))
+        return checks
+
+    if cfg.provider == "mock":
+        checks.append(Check("credentials", True, "mock provider: no carrier, no real calls"))
+    else:
+        checks.append(Check("credentials", True, f"{cfg.provider} credentials present"))
+
+    socket_path = socket_override or default_socket_path(cfg.store, env)
+    health = daemon_health(socket_path)
+
+    if cfg.provider != "mock":
+        exposure = cfg.public_url
+        if exposure:
+            parts = urlsplit(exposure)
+            host = (parts.hostname or "").lower()
+            if not _is_public_host(host):
+                checks.append(
+                    Check("public URL", False, f"{exposure} is loopback or private: carriers cannot reach it",
+                          "set publicUrl to the HTTPS URL carriers reach this daemon at, or use tunnel.provider")
+                )
+            elif parts.scheme != "https":
+                checks.append(Check("public URL", False, f"{exposure} is not HTTPS", "carriers need HTTPS webhooks: put TLS in front"))
+            else:
+                checks.append(Check("public URL", True, exposure))
+        elif cfg.tunnel.provider != "none" or cfg.tailscale.mode != "off":
+            how = cfg.tunnel.provider if cfg.tunnel.provider != "none" else f"tailscale {cfg.tailscale.mode}"
+            checks.append(Check("public URL", True, f"found at start by {how}"))
+        else:
+            checks.append(
+                Check("public URL", False, "none: carriers cannot reach the webhook",
+                      "set publicUrl, or tunnel.provider (ngrok, tailscale-serve, tailscale-funnel)")
+            )
+
+    if cfg.streaming.enabled:
+        if cfg.provider != "twilio":
+            checks.append(Check("streaming", False, "media streaming works with Twilio only", 'set provider "twilio" or streaming.enabled false'))
+        elif not cfg.streaming.openai_api_key:
+            checks.append(Check("streaming", False, "no OpenAI API key for streaming speech-to-text", "set streaming.openaiApiKey or OPENAI_API_KEY"))
+        else:
+            checks.append(Check("streaming", True, "Twilio media streams with OpenAI realtime STT"))
+
+    if health is not None:
+        checks.append(Check("daemon", True, f"running: {health.get('activeCalls', 0)} active call(s), webhook {health.get('webhookUrl')}"))
+        checks.append(Check("port", True, f"{cfg.serve.bind}:{cfg.serve.port} held by the running daemon"))
+        checks.append(Check("socket", True, f"{socket_path} answers"))
+    else:
+        checks.append(_port_check(cfg.serve.bind, cfg.serve.port))
+        checks.append(_socket_check(socket_path))
+    ok, detail = _writable_dir(cfg.store)
+    checks.append(Check("state directory", ok, detail, None if ok else f"make {cfg.store} writable by the daemon's user"))
+    return checks
+
+
+def _port_check(bind: str, port: int) -> Check:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bind, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return Check("port", False, f"{bind}:{port} is in use by another program", "stop it or change serve.port")
+        return Check("port", False, f"cannot bind {bind}:{port}: {e.strerror}", "check serve.bind")
+    return Check("port", True, f"{bind}:{port} is free")
+
+
+def _socket_check(path: str) -> Check:
+    if len(path.encode()) > 107:
+        return Check("socket", False, f"{path} is too long for a UNIX socket", "set VOICECALL_SOCKET or --rpc to a shorter path")
+    ok, detail = _writable_dir(os.path.dirname(path) or ".")
+    if not ok:
+        return Check("socket", False, detail, f"make {os.path.dirname(path)} writable, or choose --rpc")
+    return Check("socket", True, f"{path} can be created (daemon not running)")
+
+
+def render(checks: list[Check]) -> str:
+    lines = []
+    for check in checks:
+        mark = "OK  " if check.ok else "FAIL"
+        line = f"{mark}  {check.name}: {check.detail}"
+        if check.fix and not check.ok:
+            line += f"\n      fix: {check.fix}"
+        lines.append(line)
+    return "\n".join(lines)
