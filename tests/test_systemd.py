@@ -1,0 +1,83 @@
+"""The systemd units: they verify, and the RPC socket works when systemd hands it over."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from tests.daemon import TWISTD, make_workdir, run_cli, spawn
+
+UNITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd")
+
+
+def unit(name: str) -> str:
+    with open(os.path.join(UNITS, name)) as f:
+        return f.read()
+
+
+class UnitFileTests(SynchronousTestCase):
+    def test_service_shape(self):
+        """The service runs twistd in the foreground without a pid file, as Type=notify, sandboxed."""
+        text = unit("voicecall.service")
+        for line in (
+            "Type=notify",
+            "User=voicecall",
+            "RuntimeDirectory=voicecall",
+            "StateDirectory=voicecall",
+            "Restart=on-failure",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        ):
+            self.assertIn(line + "\n", text)
+        self.assertRegex(text, r"ExecStart=\S+/twistd --nodaemon --pidfile= voicecall")
+
+    def test_systemd_analyze_verify(self):
+        """systemd-analyze verify accepts both units (with ExecStart pointed at an existing twistd)."""
+        tool = shutil.which("systemd-analyze")
+        if tool is None:
+            raise SkipTest("systemd-analyze is not installed here")
+        directory = tempfile.mkdtemp(prefix="vc-units-")
+        self.addCleanup(shutil.rmtree, directory)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        with open(os.path.join(directory, "voicecall.service"), "w") as f:
+            f.write(unit("voicecall.service").replace("/opt/voicecall/venv/bin/twistd", twistd))
+        shutil.copy(os.path.join(UNITS, "voicecall.socket"), directory)
+        result = subprocess.run(
+            [tool, "verify", "voicecall.service", "voicecall.socket"],
+            cwd=directory, capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class SocketActivationTests(TestCase):
+    timeout = 40
+
+    async def test_rpc_socket_from_systemd(self):
+        """With --rpc systemd:domain=UNIX:index=0 the daemon serves RPC on the socket systemd passed.
+
+        systemd 227+ always names passed sockets (LISTEN_FDNAMES), which Twisted requires;
+        systemd-socket-activate does so only when given --fdname.
+        """
+        tool = shutil.which("systemd-socket-activate")
+        if tool is None:
+            raise SkipTest("systemd-socket-activate is not installed here")
+        workdir = make_workdir(self)
+        argv = [
+            tool, "-l", workdir.rpc_path, "--fdname=rpc", *TWISTD, "--nodaemon", "--pidfile=", "voicecall",
+            "--config", workdir.config_path, "--webhook", "tcp:0:interface=127.0.0.1",
+            "--rpc", "systemd:domain=UNIX:index=0",
+        ]
+        activator = spawn(self, argv, cwd=workdir.path)
+        await activator.until(lambda p: os.path.exists(workdir.rpc_path), 10, "the activation socket")
+        result = await run_cli(self, workdir, "status")
+        self.assertEqual(result.code, 0, result.err + activator.describe())
+        self.assertEqual(result.json(), {"calls": []})
+        await activator.wait_for_output(re.compile(rb"voicecall ready"), 10)
