@@ -11,7 +11,7 @@ import itertools
 import json
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -33,11 +33,23 @@ class ConnectionClosed(Exception):
 
 
 class RpcClient(Protocol):
-    def __init__(self, on_notification: Callable[[str, Any], None] | None = None) -> None:
+    """
+    The client side of the control socket. `on_notification(method, params)` receives
+    notifications (`voicecall.event`); `on_request(method, params)` answers the daemon's own
+    requests (`voicecall.respond`, once registered as the responder) with a result or a
+    Deferred of one; an exception becomes a JSON-RPC error.
+    """
+
+    def __init__(
+        self,
+        on_notification: Callable[[str, Any], None] | None = None,
+        on_request: Callable[[str, Any], Any] | None = None,
+    ) -> None:
         self._ids = itertools.count(1)
         self._waiting: dict[int, Deferred] = {}
         self._buffer = b""
         self._on_notification = on_notification
+        self._on_request = on_request
         self.closed: Deferred = Deferred()
 
     def call(self, method: str, params: dict | None = None) -> Deferred:
@@ -59,9 +71,12 @@ class RpcClient(Protocol):
                 self._message(json.loads(line))
 
     def _message(self, message: dict) -> None:
-        if "id" not in message and "method" in message:
-            if self._on_notification is not None:
-                self._on_notification(message["method"], message.get("params"))
+        if "method" in message:
+            if "id" not in message:
+                if self._on_notification is not None:
+                    self._on_notification(message["method"], message.get("params"))
+            else:
+                self._answer(message["id"], message["method"], message.get("params"))
             return
         d = self._waiting.pop(message.get("id"), None)
         if d is None:
@@ -72,6 +87,20 @@ class RpcClient(Protocol):
         else:
             d.callback(message.get("result"))
 
+    def _answer(self, rid: Any, method: str, params: Any) -> None:
+        def reply(payload: dict) -> None:
+            if self.transport is not None and self.connected:
+                self.transport.write(json.dumps({"jsonrpc": "2.0", "id": rid, **payload}).encode() + b"\n")
+
+        if self._on_request is None:
+            reply({"error": {"code": -32601, "message": f"Method not found: {method}"}})
+            return
+        d = maybeDeferred(self._on_request, method, params)
+        d.addCallbacks(
+            lambda result: reply({"result": result}),
+            lambda f: reply({"error": {"code": -32000, "message": f.getErrorMessage()}}),
+        )
+
     def connectionLost(self, reason: Failure) -> None:
         waiting, self._waiting = self._waiting, {}
         for d in waiting.values():
@@ -79,6 +108,6 @@ class RpcClient(Protocol):
         self.closed.callback(None)
 
 
-async def connect(reactor, socket_path: str, on_notification=None, timeout: float = 5) -> RpcClient:
+async def connect(reactor, socket_path: str, on_notification=None, timeout: float = 5, on_request=None) -> RpcClient:
     endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=timeout)
-    return await endpoint.connect(Factory.forProtocol(lambda: RpcClient(on_notification)))
+    return await endpoint.connect(Factory.forProtocol(lambda: RpcClient(on_notification, on_request)))

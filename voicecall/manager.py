@@ -506,27 +506,33 @@ class CallManager:
     async def speak(self, call_id: str, text: str) -> None:
         await self._speak(self._connected(call_id), text)
 
-    async def _speak(self, call: CallRecord, text: str) -> None:
+    async def reply(self, call_id: str, text: str) -> None:
+        """Say `text` and listen again (an automatic reply): no turn, no waiter."""
+        await self._speak(self._connected(call_id), text, listen=True)
+
+    async def _speak(self, call: CallRecord, text: str, listen: bool = False) -> None:
         events: list[dict] = []
         self._move(call, CallState.SPEAKING, events)
         await self._persist(call, events=events)
         try:
-            await self._voice.speak(call, text, self._settings.tts_voice)
+            if listen:
+                await self._voice.prompt(call, text, self._settings.tts_voice, None)
+            else:
+                await self._voice.speak(call, text, self._settings.tts_voice)
         except Exception as e:
             events = []
             self._move(call, CallState.LISTENING, events)
             await self._persist(call, events=events)
             raise CallError(str(e) or "speak failed", call.call_id) from e
-        await self._record_bot(call, text)
+        await self._record_bot(call, text, listening=listen)
 
-    async def _record_bot(self, call: CallRecord, text: str) -> None:
+    async def _record_bot(self, call: CallRecord, text: str, listening: bool = False) -> None:
         entry = TranscriptEntry(self._now(), Speaker.BOT, text)
         call.transcript.append(entry)
-        await self._persist(
-            call,
-            transcript=[entry],
-            events=[self._log_entry(call, "call.transcript", speaker="bot", text=text)],
-        )
+        events = [self._log_entry(call, "call.transcript", speaker="bot", text=text)]
+        if listening:
+            self._move(call, CallState.LISTENING, events)
+        await self._persist(call, transcript=[entry], events=events)
 
     async def continue_call(self, call_id: str, prompt: str) -> str:
         """Speak `prompt`, then wait for and return what the person says next."""

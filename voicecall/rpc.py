@@ -5,7 +5,10 @@ The control API: JSON-RPC 2.0, one JSON object per line, on a UNIX socket (DESIG
 Methods (SPEC §18.2 plus additions): `voicecall.initiate`, `voicecall.continue`,
 `voicecall.speak`, `voicecall.end`, `voicecall.status` (without `callId`: the active calls),
 legacy `voicecall.start`, `voicecall.subscribe` (then `voicecall.event` notifications for every
-call event), and `voicecall.health`.
+call event), `voicecall.health`, and `voicecall.responder.register`: the connection becomes the
+gateway that answers callers; voicecall then sends it requests `voicecall.respond` with params
+`{callId, direction, from, to, text, transcript}` and speaks the `spoken` of its result
+`{"spoken": "..."}` (the most recent registered connection is asked).
 
 Each request runs on its own: a `continue` that waits minutes for the caller holds up no other
 request, on its connection or any other; answers go out as they complete, matched by `id`.
@@ -19,7 +22,7 @@ import json
 import os
 from typing import Any, Awaitable, Callable, Mapping
 
-from attrs import define, field
+from attrs import define
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -148,15 +151,65 @@ class RpcMethods:
         }
 
 
+#: Requests voicecall may have outstanding to one gateway connection.
+MAX_OUTGOING = 256
+
+
+class GatewayResponders:
+    """The connections that registered as the responder; the newest is asked."""
+
+    def __init__(self) -> None:
+        self._connections: list["RpcProtocol"] = []
+
+    def register(self, connection: "RpcProtocol") -> None:
+        self.unregister(connection)
+        self._connections.append(connection)
+
+    def unregister(self, connection: "RpcProtocol") -> None:
+        if connection in self._connections:
+            self._connections.remove(connection)
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def ask(self, call, text: str) -> Deferred | None:
+        """Ask the gateway what to say; None when no gateway is registered."""
+        if not self._connections:
+            return None
+        params = {
+            "callId": call.call_id,
+            "direction": call.direction.value,
+            "from": call.from_number,
+            "to": call.to_number,
+            "text": text,
+            "transcript": [t.to_json() for t in call.transcript],
+        }
+        d = self._connections[-1].request("voicecall.respond", params)
+
+        def spoken(result):
+            if not isinstance(result, dict) or not isinstance(result.get("spoken"), str):
+                raise ValueError('the gateway answered voicecall.respond without a string "spoken"')
+            return result["spoken"]
+
+        return d.addCallback(spoken)
+
+
+class GatewayError(Exception):
+    """The gateway answered one of our requests with an error object."""
+
+
 @implementer(IPushProducer)
 class RpcProtocol(Protocol):
     """One control connection: newline-delimited JSON-RPC 2.0."""
 
     _log = Logger()
 
-    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable) -> None:
+    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable, responders: GatewayResponders | None = None) -> None:
         self._methods = methods
         self._subscribe = subscribe
+        self._responders = responders
+        self._outgoing: dict[str, Deferred] = {}
+        self._next_id = 0
         self._buffer = b""
         self._discarding = False
         self._pending: set[Deferred] = set()
@@ -187,6 +240,11 @@ class RpcProtocol(Protocol):
 
     def connectionLost(self, reason) -> None:
         self._connected = False
+        if self._responders is not None:
+            self._responders.unregister(self)
+        outgoing, self._outgoing = self._outgoing, {}
+        for d in outgoing.values():
+            d.errback(GatewayError("the gateway connection closed"))
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -226,6 +284,9 @@ class RpcProtocol(Protocol):
             self._send_error(None, INVALID_REQUEST, "Invalid Request: expected one JSON object per line")
             return
         rid = request.get("id")
+        if "method" not in request and ("result" in request or "error" in request):
+            self._answer_received(rid, request)
+            return
         if (
             request.get("jsonrpc") != "2.0"
             or not isinstance(request.get("method"), str)
@@ -240,6 +301,10 @@ class RpcProtocol(Protocol):
             self._send_error(rid, INVALID_PARAMS, "Invalid params: expected an object")
             return
         method = request["method"]
+        if method == "voicecall.responder.register" and self._responders is not None:
+            self._responders.register(self)
+            self._send_result(rid, {"registered": True})
+            return
         if method == "voicecall.subscribe":
             self._start_subscription()
             self._send_result(rid, {"subscribed": True})
@@ -270,6 +335,30 @@ class RpcProtocol(Protocol):
         else:
             self._log.failure("RPC method {method} failed", failure, method=method)
             self._send_error(rid, INTERNAL_ERROR, "Internal error")
+
+    # -- requests to the peer (a gateway registered as the responder) ----------------------------
+
+    def request(self, method: str, params: dict) -> Deferred:
+        if not self._connected:
+            return _failed(GatewayError("the gateway connection is closed"))
+        if len(self._outgoing) >= MAX_OUTGOING:
+            return _failed(GatewayError("too many requests outstanding to the gateway"))
+        self._next_id += 1
+        rid = f"vc-{self._next_id}"
+        d: Deferred = Deferred(lambda _: self._outgoing.pop(rid, None))
+        self._outgoing[rid] = d
+        self._write({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+        return d
+
+    def _answer_received(self, rid, message: dict) -> None:
+        d = self._outgoing.pop(rid, None) if isinstance(rid, str) else None
+        if d is None:
+            return
+        if "error" in message:
+            error = message["error"] if isinstance(message["error"], dict) else {}
+            d.errback(GatewayError(str(error.get("message", "the gateway answered with an error"))))
+        else:
+            d.callback(message.get("result"))
 
     # -- subscriptions --------------------------------------------------------------------------
 
@@ -305,15 +394,22 @@ class RpcProtocol(Protocol):
             self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
 
+def _failed(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(error)
+    return d
+
+
 class RpcFactory(Factory):
     noisy = False
 
-    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable) -> None:
+    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable, responders: GatewayResponders | None = None) -> None:
         self._methods = methods
         self._subscribe = subscribe
+        self._responders = responders
 
     def __repr__(self) -> str:
         return f"<RpcFactory {len(self._methods)} methods>"
 
     def buildProtocol(self, addr) -> RpcProtocol:
-        return RpcProtocol(self._methods, self._subscribe)
+        return RpcProtocol(self._methods, self._subscribe, self._responders)

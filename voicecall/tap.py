@@ -34,7 +34,8 @@ from voicecall.providers.mock import MockProvider
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.providers.signatures import skip_request_key
 from voicecall.reaper import StaleCallReaper
-from voicecall.rpc import RpcFactory, RpcMethods, default_socket_path
+from voicecall.rpc import GatewayResponders, RpcFactory, RpcMethods, default_socket_path
+from voicecall.speech.responder import AutoResponder, ChatResponder
 from voicecall.store import CallStore, ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
@@ -286,6 +287,22 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
             tts_voice=cfg.tts.openai.voice,
         ),
     )
+    responders = GatewayResponders()
+    auto = AutoResponder(
+        manager=manager,
+        clock=reactor,
+        gateway=responders.ask,
+        builtin=ChatResponder(
+            http=http,
+            base_url=cfg.response_base_url,
+            api_key=cfg.response_api_key,
+            model=cfg.response_model,
+            system_prompt=cfg.response_system_prompt,
+            timeout_ms=cfg.response_timeout_ms,
+        ),
+        timeout_ms=cfg.response_timeout_ms,
+    )
+    manager.on_utterance = auto.on_utterance
     security = cfg.webhook_security
     ngrok_bypass = (
         cfg.tunnel.provider == "ngrok"
@@ -349,7 +366,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         store=store,
         manager=manager,
         webhook=ListenerService("webhook", reactor, options["webhook"], site),
-        rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe)),
+        rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe, responders)),
         reaper=StaleCallReaper(manager=manager, clock=reactor, max_age_seconds=cfg.stale_call_reaper_seconds),
         serve_path=serve_path,
         provider=provider,
