@@ -1,0 +1,401 @@
+# -*- test-case-name: tests.test_plivo -*-
+"""
+Plivo Voice API (SPEC §7.3, §9.4; PROVIDERS.md §3).
+
+REST through an injected treq client (JSON, HTTP Basic with the Auth ID and Auth Token): make a
+call, transfer its A-leg to new XML, hang it up, ask its status. Speech is native Plivo XML
+served by our own webhook: to speak or listen the A-leg is transferred to
+`<webhook>?provider=plivo&flow=xml-speak|xml-listen&callId=<id>&n=<nonce>`, and that fetch is
+answered, once, with the document kept for the call (plivoxml builds them). Webhooks are
+verified with Plivo's V3 signature (else V2) and parsed into normalised events.
+
+Choices beyond SPEC:
+
+- A `continue` turn is ONE transfer, to `<GetInput inputType="speech"><Speak>prompt</Speak>
+  </GetInput>` then the keep-alive: a second transfer would cut the prompt short. Plivo's XML
+  allows Speak inside GetInput (the SDK's `GetInputElement` nests Speak, Play and Wait).
+- Turn tokens, which SPEC uses for Twilio only: the GetInput action URL carries
+  `turnToken=<t>` and `wants_turn_token` is True, so a late GetInput result of an earlier
+  question cannot answer a newer one.
+- Every URL handed to Plivo (transfer URLs, GetInput actions) carries a fresh nonce `n`, as
+  the Twilio adapter does; a transfer URL's nonce also names the one document it may fetch.
+- `start_listening` right after `speak` (a conversation's greeting) does not transfer again
+  while the speak document is still unfetched: it turns that document into speak-then-listen,
+  so the greeting is not cut off.
+- An answer-URL fetch (`Event=StartApp`) is `call.answered` also for inbound calls, whose
+  CallStatus there is still `ringing`: Plivo answers the call as it runs our XML. `timeout`
+  and `cancel` hang-up statuses map to `no-answer` and `hangup-bot`.
+"""
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+from typing import Any, Mapping
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from voicecall.model import CallEvent, CallRecord, EventType
+from voicecall.providers import plivoxml
+from voicecall.providers.base import (
+    InitiatedCall,
+    ParsedWebhook,
+    ProviderCallStatus,
+    ProviderError,
+    Verification,
+    WebhookContext,
+    WebhookResponse,
+    normalize_status,
+)
+from voicecall.providers.http import ApiClient
+from voicecall.providers.signatures import parse_form, replace_origin, verify_plivo
+
+#: Per-call state kept here (URLs, ids, pending documents) is capped, oldest dropped first.
+MAX_CALL_STATE = 10_000
+#: `call_status` values of GET /Call/{id}/ that mean the call is over (SPEC §7.3).
+TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "timeout", "no-answer", "cancel", "machine", "hangup"})
+#: Hang-up CallStatus values and the end reason each maps to.
+END_REASONS = {
+    "completed": "completed",
+    "busy": "busy",
+    "no-answer": "no-answer",
+    "failed": "failed",
+    "timeout": "no-answer",
+    "cancel": "hangup-bot",
+}
+#: Where a transcript may arrive, first non-blank wins (SPEC §7.3).
+TRANSCRIPT_FIELDS = ("Speech", "Transcription", "TranscriptionText", "SpeechResult", "RecognizedSpeech", "Text")
+_XML = {"Content-Type": "text/xml"}
+_DECIMAL = re.compile(r"^\s*(?:\d+(?:\.\d*)?|\.\d+)\s*$")
+_NOT_NUMBER = re.compile(r"[^+0-9]")
+
+
+def _bounded_put(mapping: dict, key: str, value: Any) -> None:
+    mapping.pop(key, None)
+    mapping[key] = value
+    while len(mapping) > MAX_CALL_STATE:
+        del mapping[next(iter(mapping))]
+
+
+def _xml(body: str) -> WebhookResponse:
+    return WebhookResponse(200, body.encode("utf-8"), _XML)
+
+
+def plivo_number(number: str) -> str:
+    """A number as Plivo takes it: only `+` and digits, except that `sip:` URIs are kept."""
+    number = number.strip()
+    if number.lower().startswith("sip:"):
+        return number
+    return _NOT_NUMBER.sub("", number)
+
+
+def _nonce() -> str:
+    return secrets.token_hex(6)
+
+
+@define
+class _Pending:
+    """The document a call's next transfer fetch gets: speak `text`, and/or listen."""
+
+    nonce: str
+    text: str | None
+    voice: str | None
+    listen: bool
+    turn_token: str | None
+
+
+@define
+class PlivoProvider:
+    """The Plivo adapter: call control, native speech (transfer to Plivo XML) and webhooks."""
+
+    _http: Any  # treq HTTPClient
+    _clock: IReactorTime
+    _auth_id: str
+    _auth_token: str = field(repr=False)
+    _base_url: str = "https://api.plivo.com"
+    _public_url: str | None = None
+    _ring_timeout_sec: int = 30
+    _language: str | None = None
+    _webhook_url: str | None = None
+    name: str = "plivo"
+    uses_turn_tokens: bool = True
+    _api: ApiClient = field(init=False)
+    _requests: dict[str, str] = field(factory=dict, init=False)  # request_uuid we created -> callId
+    _call_uuids: dict[str, str] = field(factory=dict, init=False)  # request_uuid -> CallUUID
+    _call_bases: dict[str, str] = field(factory=dict, init=False)  # CallUUID -> webhook base Plivo used
+    _call_urls: dict[str, str] = field(factory=dict, init=False)  # callId -> webhook URL of initiate
+    _pending: dict[str, _Pending] = field(factory=dict, init=False)  # callId -> next transfer's document
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._api = ApiClient(
+            http=self._http,
+            base=f"{self._base_url.rstrip('/')}/v1/Account/{self._auth_id}",
+            prefix="Plivo API error",
+            auth=(self._auth_id, self._auth_token),
+        )
+
+    def set_webhook_url(self, url: str | None) -> None:
+        """The daemon's webhook URL, once it listens (used for calls placed before a restart and inbound calls)."""
+        self._webhook_url = url
+
+    # -- REST -------------------------------------------------------------------------------------
+
+    def initiate_call(
+        self,
+        *,
+        call_id: str,
+        from_number: str,
+        to_number: str,
+        webhook_url: str,
+        notify_message: str | None = None,
+        voice: str | None = None,
+    ) -> Deferred[InitiatedCall]:
+        """Dial; the message of a notify call is spoken on `call.answered` (SPEC §5.1)."""
+        return Deferred.fromCoroutine(self._initiate(call_id, from_number, to_number, webhook_url))
+
+    async def _initiate(self, call_id: str, from_number: str, to_number: str, webhook_url: str) -> InitiatedCall:
+        body = {
+            "from": plivo_number(from_number),
+            "to": plivo_number(to_number),
+            "answer_url": plivoxml.with_query(webhook_url, provider="plivo", callId=call_id, flow="answer"),
+            "answer_method": "POST",
+            "hangup_url": plivoxml.with_query(webhook_url, provider="plivo", callId=call_id, flow="hangup"),
+            "hangup_method": "POST",
+            "hangup_on_ring": int(self._ring_timeout_sec),
+        }
+        answer = await self._api.request("POST", "/Call/", body=body)
+        uuid = answer.get("request_uuid") if isinstance(answer, dict) else None
+        if isinstance(uuid, list):
+            uuid = uuid[0] if uuid else None
+        if not isinstance(uuid, str) or not uuid.strip():
+            raise ProviderError("Plivo call create returned no request_uuid")
+        uuid = uuid.strip()
+        _bounded_put(self._requests, uuid, call_id)
+        _bounded_put(self._call_urls, call_id, webhook_url)
+        return InitiatedCall(uuid)
+
+    def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._hangup(call))
+
+    async def _hangup(self, call: CallRecord) -> None:
+        pid = call.provider_call_id
+        if pid:
+            uuid = self._call_uuids.get(pid) or (pid if pid in self._call_bases else None)
+            if uuid is not None:
+                await self._api.request("DELETE", f"/Call/{uuid}/", allow_not_found=True)
+            else:
+                # A request UUID (not answered yet) or a CallUUID we have not seen (restart).
+                try:
+                    await self._api.request("DELETE", f"/Call/{pid}/")
+                except ProviderError as e:
+                    if e.status != 404:
+                        raise
+                    await self._api.request("DELETE", f"/Request/{pid}/", allow_not_found=True)
+        self._forget(call.call_id, pid)
+
+    def answer_call(self, call: CallRecord) -> Deferred[None]:
+        """Plivo answers an inbound call as it runs the XML we return: nothing to do."""
+        return succeed(None)
+
+    def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
+        return Deferred.fromCoroutine(self._status(provider_call_id))
+
+    async def _status(self, pid: str) -> ProviderCallStatus:
+        uuid = self._call_uuids.get(pid, pid)
+        try:
+            answer = await self._api.request("GET", f"/Call/{uuid}/", allow_not_found=True)
+        except ProviderError:
+            return ProviderCallStatus("error", is_terminal=False, is_unknown=True)
+        if answer is None:
+            return ProviderCallStatus("not-found", is_terminal=True)
+        status = normalize_status(answer.get("call_status") if isinstance(answer, dict) else None)
+        return ProviderCallStatus(status, is_terminal=status in TERMINAL_STATUSES)
+
+    def _forget(self, call_id: str | None, *uuids: str | None) -> None:
+        if call_id:
+            self._call_urls.pop(call_id, None)
+            self._pending.pop(call_id, None)
+        for uuid in uuids:
+            if uuid:
+                self._requests.pop(uuid, None)
+                self._call_bases.pop(self._call_uuids.pop(uuid, uuid), None)
+
+    # -- speech (Voice) ---------------------------------------------------------------------------
+
+    def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
+        """Transfer to `<Speak>` then the keep-alive; fires once Plivo accepted the transfer."""
+        return self._transfer(call, "xml-speak", "speak", text, voice, listen=False, turn_token=None)
+
+    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
+        """One transfer: the prompt inside a speech `<GetInput>` whose action carries the token."""
+        return self._transfer(call, "xml-listen", "listen", text, voice, listen=True, turn_token=turn_token)
+
+    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+        pending = self._pending.get(call.call_id)
+        if pending is not None and not pending.listen:
+            # The speak document is not fetched yet: make it listen after speaking instead of
+            # transferring again, which would cut the speech short.
+            pending.listen = True
+            pending.turn_token = turn_token
+            return succeed(None)
+        return self._transfer(call, "xml-listen", "listen", None, None, listen=True, turn_token=turn_token)
+
+    def stop_listening(self, call: CallRecord) -> Deferred[None]:
+        """A `<GetInput>` ends by itself."""
+        return succeed(None)
+
+    def wants_turn_token(self, call: CallRecord) -> bool:
+        return True
+
+    def _transfer(
+        self,
+        call: CallRecord,
+        flow: str,
+        op: str,
+        text: str | None,
+        voice: str | None,
+        *,
+        listen: bool,
+        turn_token: str | None,
+    ) -> Deferred[None]:
+        try:
+            uuid = self._call_uuid(call, op)
+            base = self._webhook_base(call, uuid)
+        except ProviderError as e:
+            return fail(e)
+        pending = _Pending(_nonce(), text, voice, listen, turn_token)
+        _bounded_put(self._pending, call.call_id, pending)
+        url = plivoxml.with_query(base, provider="plivo", flow=flow, callId=call.call_id, n=pending.nonce)
+        return Deferred.fromCoroutine(self._post_transfer(call.call_id, uuid, url, pending))
+
+    async def _post_transfer(self, call_id: str, uuid: str, url: str, pending: _Pending) -> None:
+        body = {"legs": "aleg", "aleg_url": url, "aleg_method": "POST"}
+        try:
+            await self._api.request("POST", f"/Call/{uuid}/", body=body)
+        except ProviderError:
+            if self._pending.get(call_id) is pending:
+                del self._pending[call_id]
+            raise
+
+    def _call_uuid(self, call: CallRecord, op: str) -> str:
+        pid = call.provider_call_id
+        if pid and pid in self._call_uuids:
+            return self._call_uuids[pid]
+        if not pid or pid in self._requests:
+            raise ProviderError(f"Missing Plivo CallUUID for {op}")
+        return pid
+
+    def _webhook_base(self, call: CallRecord, uuid: str) -> str:
+        base = self._call_urls.get(call.call_id) or self._webhook_url or self._call_bases.get(uuid)
+        if not base:
+            raise ProviderError("Missing webhook URL for this call (provider state missing)")
+        return base
+
+    def _document(self, ctx: WebhookContext) -> str:
+        """The answer to a transfer fetch: the call's pending document, once; else keep-alive."""
+        call_id = ctx.query.get("callId") or ""
+        pending = self._pending.get(call_id)
+        nonce = ctx.query.get("n") or ""
+        if pending is None or not hmac.compare_digest(pending.nonce.encode(), nonce.encode()):
+            return plivoxml.keep_alive()
+        del self._pending[call_id]
+        if not pending.listen:
+            return plivoxml.speak(pending.text or "", self._language, pending.voice)
+        base = self._call_urls.get(call_id) or self._webhook_url or self._verification_url(ctx).split("?", 1)[0]
+        action = plivoxml.with_query(
+            base, provider="plivo", flow="getinput", callId=call_id, turnToken=pending.turn_token, n=_nonce()
+        )
+        return plivoxml.listen(action, self._language, pending.text, pending.voice)
+
+    # -- webhooks ---------------------------------------------------------------------------------
+
+    def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
+        """The pre-auth gate: a V3 signature with its nonce, or a V2 pair."""
+        v3 = headers.get("x-plivo-signature-v3") and headers.get("x-plivo-signature-v3-nonce")
+        v2 = headers.get("x-plivo-signature-v2") and headers.get("x-plivo-signature-v2-nonce")
+        return bool(v3 or v2)
+
+    def _verification_url(self, ctx: WebhookContext) -> str:
+        return replace_origin(self._public_url, ctx.url) if self._public_url else ctx.url
+
+    def _params(self, ctx: WebhookContext) -> list[tuple[str, str]]:
+        content_type = (ctx.header("content-type") or "").split(";", 1)[0].strip().lower()
+        if ctx.method == "POST" and content_type in ("", "application/x-www-form-urlencoded"):
+            return parse_form(ctx.raw_body)
+        return []
+
+    def verify_webhook(self, ctx: WebhookContext) -> Verification:
+        result = verify_plivo(
+            method=ctx.method,
+            url=self._verification_url(ctx),
+            params=self._params(ctx),
+            headers=ctx.headers,
+            auth_token=self._auth_token,
+        )
+        return Verification(result.ok, result.reason, result.request_key)
+
+    def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
+        """Replays get the cached answer of the original request."""
+        return None
+
+    def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
+        params = dict(reversed(self._params(ctx)))
+        call_uuid = params.get("CallUUID", "").strip()
+        request_uuid = params.get("RequestUUID", "").strip()
+        if call_uuid:
+            _bounded_put(self._call_bases, call_uuid, self._verification_url(ctx).split("?", 1)[0])
+            if request_uuid and request_uuid != call_uuid:
+                _bounded_put(self._call_uuids, request_uuid, call_uuid)
+        flow = ctx.query.get("flow") or ""
+        if flow in ("xml-speak", "xml-listen"):
+            return ParsedWebhook((), _xml(self._document(ctx)))
+        event = self._event(ctx, params, flow, call_uuid or request_uuid, request_key)
+        answer_fetch = flow in ("answer", "getinput") or (not flow and params.get("Event") == "StartApp")
+        if event is not None and event.type is EventType.ENDED:
+            self._forget(ctx.query.get("callId"), request_uuid, call_uuid)
+        return ParsedWebhook(
+            (event,) if event is not None else (),
+            _xml(plivoxml.keep_alive() if answer_fetch else plivoxml.empty()),
+        )
+
+    def _event(self, ctx: WebhookContext, params: dict, flow: str, pid: str, key: str) -> CallEvent | None:
+        direction = params.get("Direction", "").strip().lower()
+        common: dict[str, Any] = dict(
+            call_id=(ctx.query.get("callId") or "").strip() or pid,
+            id=key,
+            timestamp=int(self._clock.seconds() * 1000),
+            dedupe_key=key,
+            provider_call_id=pid or None,
+            turn_token=ctx.query.get("turnToken") or None,
+            direction=direction if direction in ("inbound", "outbound") else None,
+            from_number=params.get("From") or None,
+            to_number=params.get("To") or None,
+        )
+        if not common["call_id"]:
+            return None
+        digits = params.get("Digits", "").strip()
+        if digits:
+            return CallEvent(type=EventType.DTMF, digits=digits, **common)
+        transcript = next((params[f].strip() for f in TRANSCRIPT_FIELDS if params.get(f, "").strip()), None)
+        if transcript is not None:
+            score = params.get("SpeechConfidenceScore", "")
+            confidence = float(score) if _DECIMAL.match(score) else None
+            return CallEvent(type=EventType.SPEECH, transcript=transcript, is_final=True, confidence=confidence, **common)
+        if flow == "getinput":
+            return None  # nothing heard: the call is as it was
+        status = normalize_status(params.get("CallStatus"))
+        if status in END_REASONS:
+            return CallEvent(type=EventType.ENDED, reason=END_REASONS[status], **common)
+        if flow == "hangup" or params.get("Event") == "Hangup":
+            return CallEvent(type=EventType.ENDED, reason="completed", **common)
+        if params.get("Event") == "StartApp" and params.get("CallUUID", "").strip():
+            return CallEvent(type=EventType.ANSWERED, **common)
+        if status == "ringing":
+            return CallEvent(type=EventType.RINGING, **common)
+        if status == "in-progress":
+            return CallEvent(type=EventType.ANSWERED, **common)
+        return None

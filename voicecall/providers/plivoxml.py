@@ -1,0 +1,100 @@
+# -*- test-case-name: tests.test_plivo -*-
+"""
+Pure Plivo XML builders for the Plivo provider (SPEC §7.3; PROVIDERS.md §3.3).
+
+Every function returns a complete document as `str`: one `<Response>` element (Plivo needs no
+XML declaration). Every interpolated value, text and attributes alike, is XML-escaped. No I/O.
+
+A document that should leave the call up ends with the keep-alive `<Wait length="300" />`:
+Plivo hangs up when a document runs out. `<GetInput>` may nest `<Speak>` (the SDK's
+`GetInputElement` lists Speak, Play and Wait as nestable; PROVIDERS.md §3.3 shows the SDK's
+output), so a question and the listening for its answer are one document.
+"""
+from __future__ import annotations
+
+from voicecall.providers.twiml import escape, with_query
+
+__all__ = [
+    "DEFAULT_LANGUAGE",
+    "KEEP_ALIVE_SECONDS",
+    "empty",
+    "escape",
+    "keep_alive",
+    "listen",
+    "speak",
+    "speak_voice",
+    "with_query",
+]
+
+DEFAULT_LANGUAGE = "en-US"
+KEEP_ALIVE_SECONDS = 300
+#: GetInput limits: executionTimeout is 5-60 s; speechEndTimeout is 2-10 s (or `auto`) in
+#: Plivo's docs, so SPEC's "1" is raised to the smallest documented value.
+EXECUTION_TIMEOUT = 30
+SPEECH_END_TIMEOUT = 2
+
+_WAIT = f'<Wait length="{KEEP_ALIVE_SECONDS}" />'
+
+
+def _document(body: str) -> str:
+    return f"<Response>{body}</Response>"
+
+
+def speak_voice(voice: str | None) -> str | None:
+    """
+    The `<Speak voice=...>` for a configured voice: Plivo's `WOMAN`/`MAN` and `Polly.*` pass
+    through; anything else (an OpenAI voice name, say) is left out, so Plivo's default is used.
+    """
+    if not voice:
+        return None
+    voice = voice.strip()
+    if voice.upper() in ("WOMAN", "MAN"):
+        return voice.upper()
+    if voice.startswith("Polly."):
+        return voice
+    return None
+
+
+def _speak(text: str, language: str | None, voice: str | None) -> str:
+    attrs = f' language="{escape(language or DEFAULT_LANGUAGE)}"'
+    chosen = speak_voice(voice)
+    if chosen is not None:
+        attrs += f' voice="{escape(chosen)}"'
+    return f"<Speak{attrs}>{escape(text)}</Speak>"
+
+
+def empty() -> str:
+    """`<Response></Response>`: nothing more to do (hang-up callbacks)."""
+    return _document("")
+
+
+def keep_alive() -> str:
+    """Keep the call up (silently) until a transfer brings the next instructions."""
+    return _document(_WAIT)
+
+
+def speak(text: str, language: str | None = None, voice: str | None = None) -> str:
+    """Say `text`, then keep the call up."""
+    return _document(_speak(text, language, voice) + _WAIT)
+
+
+def listen(
+    action_url: str,
+    language: str | None = None,
+    prompt: str | None = None,
+    voice: str | None = None,
+) -> str:
+    """
+    Listen for speech and post what was heard to `action_url`; with `prompt`, say it first,
+    inside the `<GetInput>` (one document per turn). `redirect="false"`: the answer to the
+    action does not drive the call, the keep-alive after the GetInput does (and also runs
+    when nothing was heard).
+    """
+    lang = escape(language or DEFAULT_LANGUAGE)
+    inner = _speak(prompt, language, voice) if prompt else ""
+    return _document(
+        f'<GetInput inputType="speech" method="POST" action="{escape(action_url)}" '
+        f'language="{lang}" executionTimeout="{EXECUTION_TIMEOUT}" '
+        f'speechEndTimeout="{SPEECH_END_TIMEOUT}" redirect="false">'
+        f"{inner}</GetInput>{_WAIT}"
+    )

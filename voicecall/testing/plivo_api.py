@@ -1,0 +1,453 @@
+# -*- test-case-name: tests.test_fake_plivo -*-
+"""
+The fake Plivo REST API (PROVIDERS.md §3.1): a twisted.web resource tree serving
+
+- `POST   /v1/Account/{authId}/Call/`: make a call (201 `call fired`, `request_uuid`);
+- `POST   /v1/Account/{authId}/Call/{uuid}/`: transfer (`legs=aleg`, `aleg_url`; 202);
+- `DELETE /v1/Account/{authId}/Call/{uuid}/`: hang up (204);
+- `DELETE /v1/Account/{authId}/Request/{request_uuid}/`: cancel a call not yet answered (204);
+- `GET    /v1/Account/{authId}/Call/{uuid}/`: the call's details (`call_status`, ...),
+
+with Plivo's HTTP Basic auth, JSON (or form) bodies, paths that end with `/`, and error JSON
+`{"api_id": ..., "error": ...}`. Every request is recorded; tests can make the next requests
+fail, hang or answer late. Each created call is driven by a `FakeCall` (plivo_driver) when an
+HTTP client for callbacks was given.
+
+It imports nothing of the daemon.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import uuid
+from collections import deque
+from typing import Any, Callable, Mapping
+from urllib.parse import parse_qsl, urlsplit
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from voicecall.testing.plivo_carrier import Carrier, Scenario
+from voicecall.testing.plivo_driver import FakeCall
+
+MAX_REQUEST_BYTES = 64 * 1024
+_NUMBER = re.compile(r"^\+?[0-9]{6,15}$")
+
+
+def error_body(message: Any) -> dict[str, Any]:
+    """Plivo's REST error JSON."""
+    return {"api_id": str(uuid.uuid4()), "error": message}
+
+
+@frozen
+class RecordedRequest:
+    """One request the fake API received. `auth` is the Basic (user, password), if any."""
+
+    method: str
+    path: str
+    body: Mapping[str, Any]
+    auth: tuple[str, str] | None
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = ""
+    too_large: bool = False
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.body.get(name, default)
+
+
+@define
+class _Fault:
+    kind: str  # "fail", "hang", "delay"
+    count: int
+    match: Callable[[RecordedRequest], bool] | None
+    status: int = 500
+    body: bytes = b""
+    seconds: float = 0.0
+
+
+@frozen
+class _Reply:
+    status: int
+    body: Mapping[str, Any] | None
+
+
+class _ApiResource(Resource):
+    """The `/v1` subtree; everything below it is routed by FakePlivo."""
+
+    isLeaf = True
+
+    def __init__(self, fake: FakePlivo) -> None:
+        super().__init__()
+        self._fake = fake
+
+    def render(self, request: Any) -> bytes | int:
+        return self._fake._handle(request)
+
+
+@define
+class FakePlivo:
+    """
+    A fake Plivo account. `resource()` is the twisted.web tree to serve (its root is the
+    `plivo.baseUrl`). With `http` (a treq HTTPClient or StubTreq) calls are driven and
+    callbacks go out signed with `auth_token` (`signature`: v3, v2, both or none); without it
+    calls stay queued. `scenario` (a Scenario, or a callable from the FakeCall to one) says
+    what the far end does; `set_scenario` overrides it per phone number.
+    """
+
+    _reactor: Any  # IReactorTime
+    auth_id: str
+    _auth_token: str
+    _http: Any = None
+    scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
+    signature: str = "v3"
+    max_calls: int = 10_000
+    webhook_timeout: float = 15.0
+    max_documents_per_call: int = 1_000
+    requests: deque = field(factory=lambda: deque(maxlen=10_000))
+    calls: dict = field(factory=dict)  # CallUUID -> FakeCall, oldest first
+    _by_request: dict = field(factory=dict)  # request_uuid -> FakeCall
+    _scenarios: dict = field(factory=dict)
+    _faults: deque = field(factory=deque)
+    _held: dict = field(factory=dict)  # request -> pending delayed answer (or None)
+    _carrier: Carrier = field(init=False)
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._carrier = Carrier(
+            self._reactor,
+            self._http,
+            self.auth_id,
+            self._auth_token,
+            signature=self.signature,
+            webhook_timeout=self.webhook_timeout,
+            max_documents_per_call=self.max_documents_per_call,
+        )
+
+    # -- public API -------------------------------------------------------------------------
+
+    def resource(self) -> Resource:
+        """The root resource: serve it with a Site; its URL is the API base URL."""
+        root = Resource()
+        root.putChild(b"v1", _ApiResource(self))
+        return root
+
+    @property
+    def webhooks(self) -> deque:
+        """Every callback and XML fetch sent for any call, oldest first."""
+        return self._carrier.webhooks
+
+    def call_by_request(self, request_uuid: str) -> FakeCall | None:
+        return self._by_request.get(request_uuid)
+
+    def set_scenario(self, number: str, scenario: Scenario) -> None:
+        """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
+        self._scenarios[number] = scenario
+
+    def fail_next(
+        self,
+        status: int = 500,
+        body: Mapping[str, Any] | bytes | None = None,
+        *,
+        count: int = 1,
+        match: Callable[[RecordedRequest], bool] | None = None,
+    ) -> None:
+        """The next `count` API requests (that `match`) get `status` and `body`, unprocessed."""
+        if body is None:
+            body = error_body("fake failure")
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        self._faults.append(_Fault("fail", count, match, status=status, body=raw))
+
+    def hang_next(self, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None) -> None:
+        """The next `count` API requests are never answered (nor processed)."""
+        self._faults.append(_Fault("hang", count, match))
+
+    def delay_next(
+        self, seconds: float, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None
+    ) -> None:
+        """The next `count` API requests are processed at once but answered `seconds` later."""
+        self._faults.append(_Fault("delay", count, match, seconds=seconds))
+
+    def abort_held(self) -> None:
+        """Drop the connections of requests that were hung or are still delayed."""
+        held, self._held = self._held, {}
+        for request, later in held.items():
+            if later is not None and later.active():
+                later.cancel()
+            request.loseConnection()
+
+    def place_inbound_call(
+        self,
+        from_: str,
+        to: str,
+        answer_url: str,
+        *,
+        method: str = "POST",
+        hangup_url: str | None = None,
+        scenario: Scenario | None = None,
+    ) -> FakeCall:
+        """
+        A call from `from_` arrives at our number `to`, whose application's answer URL is
+        `answer_url`: Plivo posts `Direction=inbound`, `CallStatus=ringing`, `Event=StartApp`
+        there and follows the XML (running it answers the call).
+        """
+        if self._http is None:
+            raise RuntimeError("FakePlivo needs an HTTP client to place inbound calls")
+        call = self._new_call(
+            "inbound", to, from_, scenario or self._scenarios.get(from_),
+            answer_url=answer_url, answer_method=method.upper(), hangup_url=hangup_url,
+        )
+        call.start_inbound()
+        return call
+
+    def hang_up_all(self) -> Deferred:
+        """End every live call (the callee hangs up) and fire once no callback is in flight."""
+        for call in list(self.calls.values()):
+            call.hangup_by_callee()
+        return self.settle()
+
+    def settle(self) -> Deferred:
+        """Fires once no callback is in flight."""
+        return self._carrier.settle() if self._http is not None else succeed(None)
+
+    # -- request handling -------------------------------------------------------------------
+
+    def _handle(self, request: Any) -> bytes | int:
+        record = self._record(request)
+        fault = self._take_fault(record)
+        if fault is not None and fault.kind == "fail":
+            return _respond(request, fault.status, fault.body)
+        if fault is not None and fault.kind == "hang":
+            self._hold(request, None)
+            return NOT_DONE_YET
+        if record.too_large:
+            reply = _Reply(413, error_body("request body too large"))
+        else:
+            reply = self._route(request, record)
+        body = b"" if reply.body is None else json.dumps(reply.body).encode("utf-8")
+        if fault is not None:  # delay: processed now, answered later
+            later = self._reactor.callLater(fault.seconds, self._answer_later, request, reply.status, body)
+            self._hold(request, later)
+            return NOT_DONE_YET
+        return _respond(request, reply.status, body)
+
+    def _record(self, request: Any) -> RecordedRequest:
+        raw = b""
+        if request.content is not None:
+            request.content.seek(0)
+            raw = request.content.read(MAX_REQUEST_BYTES + 1)
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0].strip().lower()
+        too_large = len(raw) > MAX_REQUEST_BYTES
+        body: dict[str, Any] = {}
+        if not too_large and raw:
+            if ctype == "application/json":
+                try:
+                    parsed = json.loads(raw)
+                    body = parsed if isinstance(parsed, dict) else {"_": parsed}
+                except ValueError:
+                    body = {"_invalid_json": True}
+            elif ctype == "application/x-www-form-urlencoded":
+                body = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+        auth = None
+        if request.getHeader(b"authorization"):
+            auth = (
+                request.getUser().decode("utf-8", "replace"),
+                request.getPassword().decode("utf-8", "replace"),
+            )
+        headers = tuple(
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, values in request.requestHeaders.getAllRawHeaders()
+            for v in values
+        )
+        record = RecordedRequest(
+            request.method.decode("ascii", "replace"),
+            request.path.decode("utf-8", "replace"),
+            body,
+            auth,
+            headers,
+            ctype,
+            too_large,
+        )
+        self.requests.append(record)
+        return record
+
+    def _take_fault(self, record: RecordedRequest) -> _Fault | None:
+        for fault in self._faults:
+            if fault.match is None or fault.match(record):
+                fault.count -= 1
+                if fault.count <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _hold(self, request: Any, later: Any) -> None:
+        self._held[request] = later
+
+        def gone(_: object) -> None:
+            if self._held.pop(request, None) is not None and later.active():
+                later.cancel()
+
+        request.notifyFinish().addBoth(gone)
+
+    def _answer_later(self, request: Any, status: int, body: bytes) -> None:
+        self._held.pop(request, None)
+        request.write(_respond(request, status, body))
+        request.finish()
+
+    def _route(self, request: Any, record: RecordedRequest) -> _Reply:
+        not_found = _Reply(404, error_body("not found"))
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        # /v1/Account/{id}/Call/ -> ["Account", id, "Call", ""]
+        if len(parts) < 4 or parts[0] != "Account" or parts[-1] != "":
+            return not_found
+        if not self._authenticated(record, parts[1]):
+            return _Reply(401, error_body("Authentication failed"))
+        if record.body.get("_invalid_json"):
+            return _Reply(400, error_body("invalid JSON in request body"))
+        rest = parts[2:-1]
+        if rest == ["Call"]:
+            if record.method == "POST":
+                return self._create(record)
+            return _method_not_allowed()
+        if len(rest) == 2 and rest[0] == "Call":
+            call = self.calls.get(rest[1])
+            if call is None:
+                return not_found
+            if record.method == "GET":
+                return _Reply(200, {"api_id": str(uuid.uuid4()), **call.to_json(self.auth_id)})
+            if record.method == "POST":
+                return self._transfer(call, record)
+            if record.method == "DELETE":
+                if call.is_ended:
+                    return not_found
+                call.hangup()
+                return _Reply(204, None)
+            return _method_not_allowed()
+        if len(rest) == 2 and rest[0] == "Request":
+            if record.method != "DELETE":
+                return _method_not_allowed()
+            call = self._by_request.get(rest[1])
+            if call is None or call.is_ended or call.is_answered:
+                return not_found
+            call.cancel()
+            return _Reply(204, None)
+        return not_found
+
+    def _authenticated(self, record: RecordedRequest, path_id: str) -> bool:
+        user, password = record.auth or ("", "")
+        ok_user = hmac.compare_digest(user.encode("utf-8"), self.auth_id.encode("utf-8"))
+        ok_pass = hmac.compare_digest(password.encode("utf-8"), self._auth_token.encode("utf-8"))
+        return ok_user and ok_pass and path_id == self.auth_id
+
+    def _create(self, record: RecordedRequest) -> _Reply:
+        body = record.body
+        for name in ("from", "to", "answer_url"):
+            if not str(body.get(name) or "").strip():
+                return _bad(f"{name} parameter is required")
+        from_, to = str(body["from"]), str(body["to"])
+        destinations = to.split("<")
+        for number in (from_, *destinations):
+            if not (_NUMBER.match(number) or number.lower().startswith("sip:")):
+                return _bad(f"invalid number: {number}")
+        urls = {k: body.get(k) for k in ("answer_url", "hangup_url", "ring_url") if body.get(k) is not None}
+        for name, value in urls.items():
+            if not _is_http_url(str(value)):
+                return _bad(f"{name} is not a valid URL")
+        methods = {k: str(body.get(k, "POST")).upper() for k in ("answer_method", "hangup_method", "ring_method")}
+        if any(m not in ("GET", "POST") for m in methods.values()):
+            return _bad("method must be GET or POST")
+        try:
+            hangup_on_ring = int(body["hangup_on_ring"]) if body.get("hangup_on_ring") is not None else None
+            ring_timeout = int(body.get("ring_timeout", 120))
+        except (TypeError, ValueError):
+            return _bad("hangup_on_ring and ring_timeout must be integers")
+        if (hangup_on_ring is not None and hangup_on_ring < 1) or not 1 <= ring_timeout <= 120:
+            return _bad("hangup_on_ring must be positive and ring_timeout between 1 and 120")
+        if len(self.calls) + len(destinations) > self.max_calls and not self._evict(len(destinations)):
+            return _Reply(429, error_body("too many calls"))
+        created = []
+        for number in destinations:
+            call = self._new_call(
+                "outbound", number, from_, self._scenarios.get(number),
+                answer_url=str(body["answer_url"]), answer_method=methods["answer_method"],
+                hangup_url=urls.get("hangup_url"), hangup_method=methods["hangup_method"],
+                ring_url=urls.get("ring_url"), ring_method=methods["ring_method"],
+                hangup_on_ring=hangup_on_ring, ring_timeout=ring_timeout,
+            )
+            created.append(call)
+            if self._http is not None:
+                self._reactor.callLater(0, call.start_outbound)
+        uuids: Any = [c.request_uuid for c in created]
+        return _Reply(
+            201,
+            {"api_id": str(uuid.uuid4()), "message": "call fired", "request_uuid": uuids[0] if len(uuids) == 1 else uuids},
+        )
+
+    def _transfer(self, call: FakeCall, record: RecordedRequest) -> _Reply:
+        body = record.body
+        legs = body.get("legs")
+        if legs not in ("aleg", "bleg", "both"):
+            return _bad("legs must be aleg, bleg or both")
+        if legs == "bleg":
+            return _bad("this call has no B leg")
+        url = body.get("aleg_url")
+        if not url or not _is_http_url(str(url)):
+            return _bad("aleg_url is required and must be a valid URL")
+        method = str(body.get("aleg_method", "POST")).upper()
+        if method not in ("GET", "POST"):
+            return _bad("aleg_method must be GET or POST")
+        if call.is_ended or not call.is_answered:
+            return _Reply(404, error_body("call not in progress"))
+        call.transfer(str(url), method)
+        return _Reply(202, {"api_id": str(uuid.uuid4()), "message": "call transferred"})
+
+    def _new_call(self, direction: str, to: str, from_: str, scenario: Scenario | None, **kwargs: Any) -> FakeCall:
+        call = FakeCall(
+            self._carrier,
+            str(uuid.uuid4()),
+            direction,
+            to,
+            from_,
+            Scenario(),
+            created_at=self._reactor.seconds(),
+            **kwargs,
+        )
+        if scenario is None:
+            scenario = self.scenario(call) if callable(self.scenario) else self.scenario
+        call.scenario = scenario
+        self.calls[call.call_uuid] = call
+        self._by_request[call.request_uuid] = call
+        self._log.info("fake Plivo {direction} call {uuid} to {to}", direction=direction, uuid=call.call_uuid, to=to)
+        return call
+
+    def _evict(self, n: int) -> bool:
+        """Forget the oldest ended calls to make room for `n`; False if too many are live."""
+        for key in [k for k, c in self.calls.items() if c.is_ended]:
+            if len(self.calls) + n <= self.max_calls:
+                break
+            call = self.calls.pop(key)
+            self._by_request.pop(call.request_uuid, None)
+        return len(self.calls) + n <= self.max_calls
+
+
+def _respond(request: Any, status: int, body: bytes) -> bytes:
+    request.setResponseCode(status)
+    if body:
+        request.setHeader(b"content-type", b"application/json")
+    return body
+
+
+def _bad(message: str) -> _Reply:
+    return _Reply(400, error_body(message))
+
+
+def _method_not_allowed() -> _Reply:
+    return _Reply(405, error_body("method not allowed"))
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)

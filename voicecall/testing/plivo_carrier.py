@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.test_fake_plivo -*-
+"""
+What every call on the fake Plivo shares: the webhook signer (our own implementation of
+Plivo's V3 and V2 schemes, PROVIDERS.md §3.5, checked in tests against the official SDK), the
+`Scenario` describing the person on the line, the observation records, and the `Carrier` that
+delivers signed callbacks through an injected HTTP client on an injected clock.
+
+It imports nothing of the daemon.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections import deque
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import treq
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.logger import Logger
+
+#: What the fake sends as User-Agent on its callbacks.
+USER_AGENT = "PlivoHTTP/1.0 (fake)"
+MAX_DOCUMENT_BYTES = 64 * 1024
+#: Observations kept per call (oldest dropped first).
+MAX_OBSERVATIONS = 1_000
+TERMINAL = frozenset({"completed", "busy", "failed", "timeout", "no-answer", "cancel"})
+HANGUP_CAUSES = {
+    "completed": "NORMAL_CLEARING",
+    "busy": "USER_BUSY",
+    "failed": "CALL_REJECTED",
+    "timeout": "NO_ANSWER",
+    "no-answer": "NO_ANSWER",
+    "cancel": "ORIGINATOR_CANCEL",
+}
+
+#: What a GetInput hears: speech (str), other callback parameters (`{"Digits": "1"}`), or nothing.
+Utterance = Union[str, Mapping[str, str], None]
+
+
+# -- signatures ---------------------------------------------------------------------------------
+
+
+def new_nonce() -> str:
+    """A Plivo-shaped nonce: 20 random digits."""
+    return f"{secrets.randbelow(10**20):020d}"
+
+
+def v3_string(method: str, url: str, params: Iterable[tuple[str, str]] = ()) -> str:
+    """
+    The string Plivo's V3 signature covers, before `.nonce`: `scheme://netloc/path`, then `?` and
+    the URL's query decoded and sorted as `k=v&...` (GET: the params join the query), then for
+    POST params a `.` after a non-empty query and the params sorted as `kv` with no separators.
+    """
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    body = list(params)
+    if method.upper() == "GET":
+        query, body = query + body, []
+    sorted_query = "&".join(f"{k}={v}" for k, v in sorted(query))
+    text = base
+    if sorted_query or body:
+        text += "?" + sorted_query
+    if sorted_query and body:
+        text += "."
+    return text + "".join(k + v for k, v in sorted(body))
+
+
+def _hmac_b64(token: str, data: str) -> str:
+    digest = hmac.new(token.encode("utf-8"), data.encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def sign_v3(auth_token: str, method: str, url: str, params: Iterable[tuple[str, str]], nonce: str) -> str:
+    """`X-Plivo-Signature-V3`: base64 HMAC-SHA256 of `v3_string(...) + "." + nonce`."""
+    return _hmac_b64(auth_token, v3_string(method, url, params) + "." + nonce)
+
+
+def sign_v2(auth_token: str, url: str, nonce: str) -> str:
+    """`X-Plivo-Signature-V2`: base64 HMAC-SHA256 of `scheme://netloc/path` + nonce (no query, no body)."""
+    parts = urlsplit(url)
+    return _hmac_b64(auth_token, f"{parts.scheme}://{parts.netloc}{parts.path}" + nonce)
+
+
+def signature_headers(
+    auth_token: str, method: str, url: str, params: Iterable[tuple[str, str]], version: str = "v3"
+) -> dict[str, str]:
+    """The signature headers of one callback (`version`: v3, v2, both or none), fresh nonces each."""
+    headers: dict[str, str] = {}
+    params = list(params)
+    if version in ("v3", "both"):
+        nonce = new_nonce()
+        signature = sign_v3(auth_token, method, url, params, nonce)
+        headers.update(
+            {
+                "X-Plivo-Signature-V3": signature,
+                "X-Plivo-Signature-Ma-V3": signature,
+                "X-Plivo-Signature-V3-Nonce": nonce,
+            }
+        )
+    if version in ("v2", "both"):
+        nonce = new_nonce()
+        signature = sign_v2(auth_token, url, nonce)
+        headers.update(
+            {
+                "X-Plivo-Signature-V2": signature,
+                "X-Plivo-Signature-Ma-V2": signature,
+                "X-Plivo-Signature-V2-Nonce": nonce,
+            }
+        )
+    return headers
+
+
+# -- values -------------------------------------------------------------------------------------
+
+
+@frozen
+class Scenario:
+    """
+    What the person on the far end does; times are in seconds on the injected clock.
+
+    `outcome` is `answer`, `no-answer`, `busy` or `failed`. An outbound call rings after
+    `ring_after` and is answered (or busy, or fails) `answer_after` later; an answer later than
+    the call's `hangup_on_ring` (else `ring_timeout`) is a no-answer. `utterances` feeds the
+    GetInputs: a sequence consumed one per GetInput, or a callable `(call) -> Utterance` (or a
+    Deferred of one). `hangup_after` hangs up that long after the answer. `<Speak>` takes
+    `speak_seconds_per_char` per character; a GetInput that hears nothing waits `silence`
+    (None: its `executionTimeout`); what is heard is posted `speech_delay` after the prompt.
+    """
+
+    outcome: str = "answer"
+    ring_after: float = 0.0
+    answer_after: float = 0.0
+    utterances: Sequence[Utterance] | Callable[[Any], Any] = field(
+        default=(), converter=lambda v: v if callable(v) else tuple(v)
+    )
+    hangup_after: float | None = None
+    speak_seconds_per_char: float = 0.0
+    play_seconds: float = 0.0
+    silence: float | None = None
+    speech_delay: float = 0.0
+    confidence: str = "0.91"
+
+    def __attrs_post_init__(self) -> None:
+        if self.outcome not in ("answer", "no-answer", "busy", "failed"):
+            raise ValueError(f"unknown outcome {self.outcome!r}")
+
+
+@define
+class Webhook:
+    """One request the carrier made, and its answer."""
+
+    kind: str  # "answer", "transfer", "redirect", "action", "ring", "hangup"
+    url: str
+    method: str
+    params: dict[str, str]
+    headers: dict[str, str] = field(factory=dict)
+    status: int | None = None
+    body: bytes | None = None
+    error: str | None = None
+
+
+@frozen
+class SpeakRecord:
+    text: str
+    voice: str | None
+    language: str | None
+    loop: int = 1
+
+
+@define
+class GetInputRecord:
+    attributes: dict[str, str]
+    action_url: str | None
+    method: str
+    heard: Utterance = None
+
+    @property
+    def turn_token(self) -> str | None:
+        """The `turnToken` query parameter of the action URL, if any."""
+        query = dict(parse_qsl(urlsplit(self.action_url or "").query))
+        return query.get("turnToken")
+
+
+@define
+class Carrier:
+    """
+    What all fake calls share: the clock, the HTTP client callbacks go through, the auth token
+    and scheme they are signed with, a log of every callback, and the deliveries in flight.
+    """
+
+    clock: Any  # IReactorTime
+    http: Any  # treq HTTPClient (or StubTreq)
+    auth_id: str
+    _auth_token: str
+    signature: str = "v3"
+    webhook_timeout: float = 15.0
+    max_documents_per_call: int = 1_000
+    webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
+    _in_flight: set = field(factory=set)
+    _log = Logger()
+
+    def deliver(self, hook: Webhook) -> Deferred:
+        """Send a signed callback; fire with the hook once answered (status/body or error set)."""
+        self.webhooks.append(hook)
+        d = Deferred.fromCoroutine(self._deliver(hook))
+        self._in_flight.add(d)
+
+        def done(result: object) -> object:
+            self._in_flight.discard(d)
+            return result
+
+        d.addBoth(done)
+        return d
+
+    async def _deliver(self, hook: Webhook) -> Webhook:
+        url = hook.url
+        if hook.method == "GET":
+            sep = "" if url.endswith(("?", "&")) else ("&" if "?" in url else "?")
+            url = url + sep + urlencode(hook.params) if hook.params else url
+            hook.url = url
+            signed = signature_headers(self._auth_token, "GET", url, (), self.signature)
+            body = None
+            headers = {}
+        else:
+            signed = signature_headers(self._auth_token, "POST", url, hook.params.items(), self.signature)
+            body = urlencode(hook.params).encode("utf-8")
+            headers = {"Content-Type": ["application/x-www-form-urlencoded"]}
+        hook.headers = signed
+        headers.update({k: [v] for k, v in signed.items()})
+        headers["User-Agent"] = [USER_AGENT]
+        try:
+            d = self.http.request(hook.method, url, data=body, headers=headers, allow_redirects=False)
+            d.addTimeout(self.webhook_timeout, self.clock)
+            response = await d
+            chunks: list[bytes] = []
+            size = [0]
+
+            def collect(data: bytes) -> None:
+                size[0] += len(data)
+                if size[0] > MAX_DOCUMENT_BYTES:
+                    raise ValueError("response larger than 64 KB")
+                chunks.append(data)
+
+            collected = treq.collect(response, collect)
+            collected.addTimeout(self.webhook_timeout, self.clock)
+            await collected
+            hook.status = response.code
+            hook.body = b"".join(chunks)
+        except CancelledError:
+            hook.error = "cancelled"
+            raise
+        except Exception as e:
+            hook.error = f"{type(e).__name__}: {e}"[:300]
+        return hook
+
+    def settle(self) -> Deferred:
+        """A Deferred that fires once no callback is in flight."""
+        if not self._in_flight:
+            return succeed(None)
+        d = DeferredList(list(self._in_flight), consumeErrors=True)
+        d.addCallback(lambda _: self.settle())
+        return d
