@@ -1,0 +1,400 @@
+# -*- test-case-name: tests.test_telnyx -*-
+"""
+Telnyx Call Control v2 (SPEC §7.2, PROVIDERS.md §2).
+
+REST through an injected treq client with `Authorization: Bearer <API key>`: dial (our call id
+travels as base64 `client_state`, echoed in every webhook of the call), answer an accepted
+inbound call (Telnyx parks inbound calls until answered), hang up, speak, start and stop
+transcription, and ask a call's status. Every command carries a fresh `command_id`.
+
+The provider is also the call's `Voice`: `speak` is the `speak` command and resolves when Telnyx
+accepted it; `prompt` is `speak` followed by `transcription_start` (Telnyx has no single command
+that speaks and then transcribes speech: `gather_using_speak` collects DTMF only), skipped when a
+transcription we started is still running on the call; `start_listening` and `stop_listening`
+are `transcription_start` and `transcription_stop`, neither of which fails on a call that is
+already over (its `call.hangup` ends it). No turn tokens: a final transcript answers the turn
+that is waiting.
+
+Webhooks are JSON signed with Ed25519 (SPEC §9.3, verified by `signatures.verify_telnyx`) and are
+answered `OK`. Both transcription shapes are read: the current `payload.transcription_data`
+(PROVIDERS.md §2.2) and the flat `payload.transcription` / `payload.is_final` of SPEC §7.2.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from typing import Any, Mapping
+from urllib.parse import quote
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from voicecall.model import CallEvent, CallRecord, EventType
+from voicecall.providers.base import (
+    InitiatedCall,
+    ParsedWebhook,
+    ProviderCallStatus,
+    ProviderError,
+    Verification,
+    WebhookContext,
+    WebhookResponse,
+    normalize_status,
+)
+from voicecall.providers.http import ApiClient
+from voicecall.providers.signatures import verify_telnyx
+
+API_VERSION = "v2"
+ERROR_PREFIX = "Telnyx API error"
+DIAL_TIMEOUT_SECS = 30
+DEFAULT_VOICE = "female"
+DEFAULT_LANGUAGE = "en-US"
+TRANSCRIPTION_ENGINE = "Google"
+#: Telnyx error code for a command on a call that is over (HTTP 422).
+CALL_ENDED_CODE = "90018"
+#: Per-call state kept here (running transcriptions) is capped like every map outside input grows.
+MAX_CALL_STATE = 10_000
+
+SIGNATURE_HEADER = "telnyx-signature-ed25519"
+TIMESTAMP_HEADER = "telnyx-timestamp"
+
+#: SPEC §7.2 hangup causes, plus the causes PROVIDERS.md §2.2 lists that SPEC does not:
+#: `timeout` (nobody answered within `timeout_secs`), `time_limit` (Telnyx's own call length
+#: limit), `not_found` and `unspecified`.
+HANGUP_CAUSES = {
+    "normal_clearing": "completed",
+    "normal_unspecified": "completed",
+    "unspecified": "completed",
+    "originator_cancel": "hangup-bot",
+    "call_rejected": "busy",
+    "user_busy": "busy",
+    "no_answer": "no-answer",
+    "no_user_response": "no-answer",
+    "timeout": "no-answer",
+    "destination_out_of_order": "failed",
+    "network_out_of_order": "failed",
+    "service_unavailable": "failed",
+    "recovery_on_timer_expire": "failed",
+    "not_found": "failed",
+    "machine_detected": "voicemail",
+    "fax_detected": "voicemail",
+    "user_hangup": "hangup-user",
+    "subscriber_absent": "hangup-user",
+    "time_limit": "timeout",
+}
+
+_PROGRESS = {
+    "call.initiated": EventType.INITIATED,
+    "call.ringing": EventType.RINGING,
+    "call.answered": EventType.ANSWERED,
+    "call.bridged": EventType.ACTIVE,
+}
+_DIRECTIONS = {"incoming": "inbound", "outgoing": "outbound"}
+_BASIC_VOICES = ("female", "male")
+_TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+_OK = WebhookResponse(200, b"OK", _TEXT)
+_BAD_REQUEST = WebhookResponse(400, b"Bad Request", _TEXT)
+
+
+def encode_client_state(call_id: str) -> str:
+    """Our call id as Telnyx wants `client_state`: base64."""
+    return base64.b64encode(call_id.encode("utf-8")).decode("ascii")
+
+
+def decode_client_state(value: object) -> str | None:
+    """The call id in a `client_state`: its base64 decoding, or the raw value if it does not decode."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        text = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return value
+    return text if text and text.isprintable() else value
+
+
+def hangup_reason(cause: object) -> str | None:
+    """The end reason for a `hangup_cause`, or None when Telnyx gave a cause we do not know."""
+    return HANGUP_CAUSES.get(cause.strip().lower()) if isinstance(cause, str) else None
+
+
+def telnyx_voice(voice: str | None) -> str:
+    """
+    A voice Telnyx accepts: `female`/`male`, or `<Provider>.<Model>.<Voice>` (anything with a
+    dot). Other names (the OpenAI TTS voice the manager passes, e.g. `alloy`) become `female`.
+    """
+    value = (voice or "").strip()
+    if value.lower() in _BASIC_VOICES:
+        return value.lower()
+    if "." in value and value.isprintable():
+        return value
+    return DEFAULT_VOICE
+
+
+def error_code(error: ProviderError) -> str | None:
+    """Telnyx's own code (`errors[0].code` of the error body), if it gave one."""
+    return str(error.code) if error.code is not None else None
+
+
+def _text(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return value.strip() or None
+
+
+def _snippet(text: str, limit: int = 64) -> str:
+    clean = "".join(ch if ch.isprintable() else " " for ch in text)
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
+@define
+class TelnyxProvider:
+    """The Telnyx adapter: call control, native speech (`speak`, transcription) and webhooks."""
+
+    _http: Any  # treq HTTPClient
+    _clock: IReactorTime
+    _api_key: str | None = field(default=None, repr=False)
+    _connection_id: str | None = None
+    _public_key: str | None = None
+    _base_url: str = "https://api.telnyx.com"
+    _language: str = DEFAULT_LANGUAGE
+    name: str = "telnyx"
+    uses_turn_tokens: bool = False
+    _api: ApiClient = field(init=False)
+    #: call_control_id -> None, oldest first: the calls whose transcription we started.
+    _transcribing: dict[str, None] = field(factory=dict, init=False)
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._api = ApiClient(
+            http=self._http,
+            base=f"{self._base_url.rstrip('/')}/{API_VERSION}",
+            prefix=ERROR_PREFIX,
+            headers={"Authorization": f"Bearer {self._api_key or ''}"},
+        )
+
+    # -- REST -------------------------------------------------------------------------------------
+
+    def initiate_call(
+        self,
+        *,
+        call_id: str,
+        from_number: str,
+        to_number: str,
+        webhook_url: str,
+        notify_message: str | None = None,
+        voice: str | None = None,
+    ) -> Deferred[InitiatedCall]:
+        """Dial; a notify message is spoken by the manager on `call.answered`."""
+        return Deferred.fromCoroutine(self._dial(call_id, from_number, to_number, webhook_url))
+
+    async def _dial(self, call_id: str, from_number: str, to_number: str, webhook_url: str) -> InitiatedCall:
+        body = {
+            "connection_id": self._connection_id,
+            "to": to_number,
+            "from": from_number,
+            "webhook_url": webhook_url,
+            "webhook_url_method": "POST",
+            "client_state": encode_client_state(call_id),
+            "timeout_secs": DIAL_TIMEOUT_SECS,
+            "command_id": str(uuid.uuid4()),
+        }
+        answer = await self._api.request("POST", "/calls", body=body)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        control_id = data.get("call_control_id") if isinstance(data, dict) else None
+        if not isinstance(control_id, str) or not control_id:
+            raise ProviderError(f"{ERROR_PREFIX}: dial returned no call_control_id")
+        return InitiatedCall(control_id, "initiated")
+
+    async def _command(self, control_id: str | None, action: str, body: Mapping[str, Any], tolerate_gone: bool = False) -> bool:
+        """
+        POST one call command. With `tolerate_gone`, a call Telnyx does not know (404) or that
+        already ended (422, code 90018) is not an error: the answer is then False.
+        """
+        if not control_id:
+            raise ProviderError("Call not connected")
+        path = f"/calls/{quote(control_id, safe=':')}/actions/{action}"
+        try:
+            await self._api.request("POST", path, body={**body, "command_id": str(uuid.uuid4())})
+        except ProviderError as e:
+            gone = e.status == 404 or (e.status == 422 and error_code(e) == CALL_ENDED_CODE)
+            if tolerate_gone and gone:
+                return False
+            raise
+        return True
+
+    def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
+        """Hang up; a call Telnyx does not know (404) or that already ended (90018) is fine."""
+        self._forget(call.provider_call_id)
+        return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "hangup", {}, tolerate_gone=True)))
+
+    def answer_call(self, call: CallRecord) -> Deferred[None]:
+        """Answer a parked inbound call; its later webhooks then carry our call id."""
+        body = {"client_state": encode_client_state(call.call_id)}
+        return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "answer", body)))
+
+    def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
+        return Deferred.fromCoroutine(self._status(provider_call_id))
+
+    async def _status(self, control_id: str) -> ProviderCallStatus:
+        try:
+            answer = await self._api.request("GET", f"/calls/{quote(control_id, safe=':')}", allow_not_found=True)
+        except ProviderError:
+            return ProviderCallStatus("error", is_terminal=False, is_unknown=True)
+        if answer is None:
+            return ProviderCallStatus("not-found", is_terminal=True)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        data = data if isinstance(data, dict) else {}
+        alive = data.get("is_alive")
+        state = data.get("state")
+        status = normalize_status(state if isinstance(state, str) else None)
+        if not isinstance(alive, bool):
+            return ProviderCallStatus(status, is_terminal=False, is_unknown=True)
+        if status == "unknown":
+            status = "active" if alive else "ended"
+        return ProviderCallStatus(status, is_terminal=not alive)
+
+    # -- speech (Voice) ---------------------------------------------------------------------------
+
+    def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._speak(call, text, voice))
+
+    async def _speak(self, call: CallRecord, text: str, voice: str | None) -> None:
+        body = {"payload": text, "voice": telnyx_voice(voice), "language": self._language}
+        await self._command(call.provider_call_id, "speak", body)
+
+    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
+        """Speak, then make sure the caller's answer is transcribed."""
+        return Deferred.fromCoroutine(self._prompt(call, text, voice))
+
+    async def _prompt(self, call: CallRecord, text: str, voice: str | None) -> None:
+        await self._speak(call, text, voice)
+        await self._listen(call)
+
+    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._listen(call))
+
+    async def _listen(self, call: CallRecord) -> None:
+        control_id = call.provider_call_id
+        if control_id and control_id in self._transcribing:
+            return
+        body = {
+            "transcription_engine": TRANSCRIPTION_ENGINE,
+            "transcription_engine_config": {"language": self._transcription_language(), "interim_results": False},
+            "transcription_tracks": "inbound",
+        }
+        if not await self._command(control_id, "transcription_start", body, tolerate_gone=True):
+            return  # the call is over: nothing to listen to (its call.hangup ends it here)
+        self._transcribing.pop(control_id, None)
+        self._transcribing[control_id] = None
+        while len(self._transcribing) > MAX_CALL_STATE:
+            del self._transcribing[next(iter(self._transcribing))]
+
+    def _transcription_language(self) -> str:
+        return (self._language or DEFAULT_LANGUAGE).split("-", 1)[0].lower() or "en"
+
+    def stop_listening(self, call: CallRecord) -> Deferred[None]:
+        """Stop transcribing; a call that is gone (404, 90018) is fine."""
+        self._forget(call.provider_call_id)
+        return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "transcription_stop", {}, tolerate_gone=True)))
+
+    def wants_turn_token(self, call: CallRecord) -> bool:
+        return False
+
+    @staticmethod
+    async def _done(command: Any) -> None:
+        await command
+
+    def _forget(self, control_id: str | None) -> None:
+        if control_id:
+            self._transcribing.pop(control_id, None)
+
+    # -- webhooks ---------------------------------------------------------------------------------
+
+    def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
+        return bool(headers.get(SIGNATURE_HEADER)) and bool(headers.get(TIMESTAMP_HEADER))
+
+    def verify_webhook(self, ctx: WebhookContext) -> Verification:
+        result = verify_telnyx(
+            raw_body=ctx.raw_body,
+            signature=ctx.header(SIGNATURE_HEADER),
+            timestamp=ctx.header(TIMESTAMP_HEADER),
+            public_key=self._public_key,
+            now=self._clock.seconds(),
+        )
+        return Verification(result.ok, result.reason, result.request_key)
+
+    def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
+        """A replay gets the original request's cached answer."""
+        return None
+
+    def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
+        try:
+            document = json.loads(ctx.raw_body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return ParsedWebhook((), _BAD_REQUEST)
+        data = document.get("data") if isinstance(document, dict) else None
+        if not isinstance(data, dict) or not isinstance(data.get("event_type"), str):
+            return ParsedWebhook((), _OK)
+        payload = data.get("payload")
+        event = self._event(data, payload if isinstance(payload, dict) else {}, request_key)
+        return ParsedWebhook((event,) if event is not None else (), _OK)
+
+    def _event(self, data: dict, payload: dict, key: str) -> CallEvent | None:
+        kind = data["event_type"]
+        control_id = _text(payload.get("call_control_id"))
+        call_id = decode_client_state(payload.get("client_state")) or control_id
+        if call_id is None:
+            return None
+        event_id = data.get("id")
+        common: dict[str, Any] = dict(
+            call_id=call_id,
+            id=event_id if isinstance(event_id, str) and event_id else str(uuid.uuid4()),
+            timestamp=int(self._clock.seconds() * 1000),
+            dedupe_key=key,
+            provider_call_id=control_id,
+            from_number=_text(payload.get("from")),
+            to_number=_text(payload.get("to")),
+        )
+        direction = _DIRECTIONS.get(payload.get("direction")) if isinstance(payload.get("direction"), str) else None
+        if kind == "call.hangup":
+            # No direction: the end of a call we do not know must never create an inbound call.
+            self._forget(control_id)
+            return CallEvent(type=EventType.ENDED, reason=self._reason(payload.get("hangup_cause")), **common)
+        common["direction"] = direction
+        if kind in _PROGRESS:
+            return CallEvent(type=_PROGRESS[kind], **common)
+        if kind == "call.speak.started":
+            return CallEvent(type=EventType.SPEAKING, text=_text(payload.get("text")), **common)
+        if kind == "call.transcription":
+            return self._speech(payload, common)
+        if kind == "call.dtmf.received":
+            digits = _text(payload.get("digit"))
+            return CallEvent(type=EventType.DTMF, digits=digits, **common) if digits else None
+        return None
+
+    def _reason(self, cause: object) -> str:
+        reason = hangup_reason(cause)
+        if reason is None:
+            shown = _snippet(cause) if isinstance(cause, str) else repr(cause)[:64]
+            self._log.warn("Unknown hangup cause: {cause}", cause=shown)
+            return "completed"
+        return reason
+
+    @staticmethod
+    def _speech(payload: dict, common: dict[str, Any]) -> CallEvent | None:
+        """A final transcript (interim results are dropped: nothing waits for them)."""
+        result = payload.get("transcription_data")
+        if not isinstance(result, dict):
+            result = {**payload, "transcript": payload.get("transcription")}
+        final = result.get("is_final")
+        text = _text(result.get("transcript"))
+        if not text or final not in (None, True):
+            return None
+        confidence = result.get("confidence")
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+            confidence = None
+        return CallEvent(type=EventType.SPEECH, transcript=text, is_final=True, confidence=confidence, **common)

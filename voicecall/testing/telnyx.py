@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.test_fake_telnyx -*-
+"""
+A faithful fake Telnyx (Call Control v2) on loopback, for tests, benchmarks and trying the daemon
+without an account: the REST API (telnyx_api), the carrier that drives each call and posts
+Ed25519-signed webhooks (telnyx_driver), and a standalone entry point:
+
+    python -m voicecall.testing.telnyx --port 8081 --api-key KEY --say "It's Alice"
+
+which prints the base URL to put into `telnyx.baseUrl` and the public key for
+`telnyx.publicKey`. Give `--signing-seed` (64 hex digits) to keep the same key across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+from voicecall.testing.telnyx_api import FakeTelnyx, RecordedRequest, error_body
+from voicecall.testing.telnyx_driver import (
+    Carrier,
+    FakeCall,
+    Scenario,
+    Signer,
+    SpeakRecord,
+    Webhook,
+    envelope,
+    iso8601,
+)
+
+__all__ = [
+    "Carrier",
+    "FakeCall",
+    "FakeTelnyx",
+    "RecordedRequest",
+    "Scenario",
+    "Signer",
+    "SpeakRecord",
+    "Webhook",
+    "envelope",
+    "error_body",
+    "iso8601",
+    "main",
+]
+
+
+def _seed(text: str) -> bytes:
+    try:
+        seed = bytes.fromhex(text)
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise argparse.ArgumentTypeError("the signing seed is 64 hex digits")
+    return seed
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m voicecall.testing.telnyx",
+        description="Run a fake Telnyx Call Control API and carrier on this machine.",
+    )
+    parser.add_argument("--port", type=int, default=8081, help="TCP port (0: any free port)")
+    parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--api-key", default=os.environ.get("TELNYX_API_KEY"), help="API key (default: $TELNYX_API_KEY)")
+    parser.add_argument("--connection-id", default=None, help="the only connection_id a dial may name (default: any)")
+    parser.add_argument("--webhook-url", default=None, help="the application's webhook URL (for dials without one)")
+    parser.add_argument("--signing-seed", type=_seed, default=None, help="Ed25519 seed, 64 hex digits (default: a new key)")
+    parser.add_argument("--outcome", default="answer", choices=["answer", "no-answer", "busy"])
+    parser.add_argument("--answer-after", type=float, default=1.0, help="seconds from dial to answer")
+    parser.add_argument(
+        "--say", dest="utterances", action="append", default=[],
+        help='what the callee says at each turn, in order (repeatable; "" is silence)',
+    )
+    parser.add_argument(
+        "--say-seconds-per-char", type=float, default=0.06, help="simulated speaking time per character"
+    )
+    parser.add_argument("--hangup-after", type=float, default=None, help="callee hangs up N seconds after answering")
+    args = parser.parse_args(argv)
+    if not args.api_key:
+        parser.error("--api-key (or $TELNYX_API_KEY) is required")
+    return args
+
+
+async def _serve(reactor: Any, args: argparse.Namespace) -> None:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.server import Site
+    from treq.client import HTTPClient
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    scenario = Scenario(
+        outcome=args.outcome,
+        answer_after=args.answer_after,
+        utterances=[u or None for u in args.utterances],
+        hangup_after=args.hangup_after,
+        say_seconds_per_char=args.say_seconds_per_char,
+    )
+    signer = Signer.from_seed(args.signing_seed) if args.signing_seed else Signer.generate()
+    fake = FakeTelnyx(
+        reactor,
+        args.api_key,
+        http,
+        connection_id=args.connection_id,
+        webhook_url=args.webhook_url,
+        signer=signer,
+        scenario=scenario,
+    )
+    site = Site(fake.resource())
+    site.displayTracebacks = False
+    port = await TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)
+    address = port.getHost()
+    print(f"telnyx.baseUrl: http://{address.host}:{address.port}", flush=True)
+    print(f"telnyx.publicKey: {fake.public_key}", flush=True)
+    await Deferred()  # serve until interrupted
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the fake Telnyx until interrupted (Ctrl-C)."""
+    from twisted.internet.task import react
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    react(lambda reactor: _serve(reactor, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+# -*- test-case-name: tests.test_fake_telnyx -*-
+"""
+The fake Telnyx Call Control v2 REST API (PROVIDERS.md §2.1): a twisted.web resource tree serving
+
+- `POST /v2/calls`: dial;
+- `POST /v2/calls/{call_control_id}/actions/{answer,hangup,speak,transcription_start,transcription_stop}`;
+- `GET  /v2/calls/{call_control_id}`: the call's status,
+
+with Bearer-token auth, Telnyx's validation and error bodies
+(`{"errors": [{"code", "title", "detail", "source"?}]}`; the codes are Telnyx's published
+generic ones, and 90018 "Call has already ended" for commands on a dead call), and `command_id`
+de-duplication. Every request is recorded; tests can make the next requests fail, hang or
+answer late. Each call is driven by a `FakeCall` (see telnyx_driver).
+
+It imports nothing of the daemon.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import re
+from collections import deque
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from voicecall.testing.telnyx_driver import Carrier, FakeCall, Scenario, Signer, new_call_control_id
+
+API_VERSION = "v2"
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_SPEAK_CHARS = 3000
+ACTIONS = ("answer", "hangup", "speak", "transcription_start", "transcription_stop")
+TRANSCRIPTION_ENGINES = frozenset(
+    {"Google", "Telnyx", "Deepgram", "Azure", "xAI", "AssemblyAI", "Speechmatics", "Soniox",
+     "Parakeet", "Humain", "Reson8", "Cohere", "A", "B"}
+)
+_E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Z]{2})?(-[A-Z]{3})?$")
+
+NOT_FOUND = ("10005", "Resource not found", "The requested resource or URL could not be found.")
+AUTH_FAILED = ("10009", "Authentication failed", "The required authentication headers were either invalid or not included in the request.")
+CALL_ENDED = ("90018", "Call has already ended", "This call is no longer active and can't receive commands.")
+
+
+def error_body(code: str, title: str, detail: str, pointer: str | None = None) -> dict[str, Any]:
+    """Telnyx's error JSON."""
+    error: dict[str, Any] = {"code": code, "title": title, "detail": detail}
+    if pointer is not None:
+        error["source"] = {"pointer": pointer}
+    return {"errors": [error]}
+
+
+@frozen
+class RecordedRequest:
+    """One request the fake API received. `token` is the Bearer token sent, if any."""
+
+    method: str
+    path: str
+    raw: bytes
+    token: str | None
+    headers: tuple[tuple[str, str], ...] = ()
+    too_large: bool = False
+
+    @property
+    def json(self) -> Any:
+        """The body as JSON (None if it is not JSON)."""
+        try:
+            return json.loads(self.raw) if self.raw else None
+        except ValueError:
+            return None
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+@define
+class _Fault:
+    kind: str  # "fail", "hang", "delay"
+    count: int
+    match: Callable[[RecordedRequest], bool] | None
+    status: int = 500
+    body: bytes = b""
+    seconds: float = 0.0
+
+
+@frozen
+class _Reply:
+    status: int
+    body: Mapping[str, Any]
+
+
+class _Invalid(Exception):
+    def __init__(self, status: int, code: str, title: str, detail: str, pointer: str | None = None):
+        super().__init__(detail)
+        self.reply = _Reply(status, error_body(code, title, detail, pointer))
+
+
+def _missing(name: str) -> _Invalid:
+    return _Invalid(422, "10004", "Missing required parameter", f"The '{name}' parameter is required.", "/" + name)
+
+
+def _bad(name: str, detail: str) -> _Invalid:
+    return _Invalid(422, "10015", "Bad Request", detail, "/" + name)
+
+
+class _ApiResource(Resource):
+    """The `/v2` subtree; everything below it is routed by FakeTelnyx."""
+
+    isLeaf = True
+
+    def __init__(self, fake: FakeTelnyx) -> None:
+        super().__init__()
+        self._fake = fake
+
+    def render(self, request: Any) -> bytes | int:
+        return self._fake._handle(request)
+
+
+@define
+class FakeTelnyx:
+    """
+    A fake Telnyx account. `resource()` is the twisted.web tree to serve (its root is the
+    `telnyx.baseUrl`). With `http` (a treq HTTPClient or StubTreq) calls are driven and their
+    webhooks posted, signed by `signer` (whose `public_key` goes into `telnyx.publicKey`);
+    without it webhooks are only recorded. `connection_id`, when set, is the only Call Control
+    Application a dial may name; `webhook_url` is that application's webhook URL (used when a
+    dial names none). `scenario` (or a callable from the FakeCall to one) says what the far end
+    does; `set_scenario` overrides it per phone number.
+    """
+
+    _reactor: Any  # IReactorTime
+    api_key: str = field(repr=False)
+    _http: Any = None
+    connection_id: str | None = None
+    webhook_url: str | None = None
+    signer: Signer = field(factory=Signer.generate)
+    scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
+    max_calls: int = 10_000
+    webhook_timeout: float = 15.0
+    requests: deque = field(factory=lambda: deque(maxlen=10_000))
+    calls: dict = field(factory=dict)  # call_control_id -> FakeCall, oldest first
+    _scenarios: dict = field(factory=dict)
+    _faults: deque = field(factory=deque)
+    _held: dict = field(factory=dict)  # request -> pending delayed answer (or None)
+    _carrier: Carrier = field(init=False)
+    _log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._carrier = Carrier(self._reactor, self._http, self.signer, webhook_timeout=self.webhook_timeout)
+
+    # -- public API -----------------------------------------------------------------------
+
+    def resource(self) -> Resource:
+        """The root resource: serve it with a Site; its URL is the API base URL."""
+        root = Resource()
+        root.putChild(API_VERSION.encode("ascii"), _ApiResource(self))
+        return root
+
+    @property
+    def public_key(self) -> str:
+        """The webhook public key, base64 of the raw 32-byte Ed25519 key (`telnyx.publicKey`)."""
+        return self.signer.public_key
+
+    @property
+    def webhooks(self) -> deque:
+        """Every webhook sent for any call, oldest first."""
+        return self._carrier.webhooks
+
+    def set_scenario(self, number: str, scenario: Scenario) -> None:
+        """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
+        self._scenarios[number] = scenario
+
+    def fail_next(
+        self,
+        status: int = 500,
+        body: Mapping[str, Any] | bytes | None = None,
+        *,
+        count: int = 1,
+        match: Callable[[RecordedRequest], bool] | None = None,
+    ) -> None:
+        """The next `count` API requests (that `match`) get `status` and `body`, unprocessed."""
+        if body is None:
+            body = error_body("10007", "Unexpected error", "Fake failure")
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        self._faults.append(_Fault("fail", count, match, status=status, body=raw))
+
+    def hang_next(self, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None) -> None:
+        """The next `count` API requests are never answered (nor processed)."""
+        self._faults.append(_Fault("hang", count, match))
+
+    def delay_next(
+        self, seconds: float, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None
+    ) -> None:
+        """The next `count` API requests are processed at once but answered `seconds` later."""
+        self._faults.append(_Fault("delay", count, match, seconds=seconds))
+
+    def abort_held(self) -> None:
+        """Drop the connections of requests that were hung or are still delayed."""
+        held, self._held = self._held, {}
+        for request, later in held.items():
+            if later is not None and later.active():
+                later.cancel()
+            request.loseConnection()
+
+    def place_inbound_call(
+        self, from_: str, to: str, webhook_url: str | None = None, *, scenario: Scenario | None = None
+    ) -> FakeCall:
+        """
+        A call from `from_` arrives at our number `to`: Telnyx posts `call.initiated` (direction
+        `incoming`, state `parked`) to `webhook_url` (default: the application's) and holds the
+        call until it is answered.
+        """
+        call = self._new_call("incoming", from_, to, scenario or self._scenarios.get(from_), webhook_url or self.webhook_url)
+        self._reactor.callLater(0, call.start_inbound)
+        return call
+
+    def signed_headers(self, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        """Signature headers for a hand-made webhook `body` (default timestamp: now)."""
+        ts = int(self._reactor.seconds()) if timestamp is None else timestamp
+        return self.signer.headers(body, ts)
+
+    def settle(self) -> Deferred:
+        """Fires once no webhook is queued or in flight."""
+        return self._carrier.settle()
+
+    def close(self) -> Deferred:
+        """Stop every call's clockwork and drop held requests; fires once webhooks settled."""
+        for call in self.calls.values():
+            call.shutdown()
+        self.abort_held()
+        return self.settle()
+
+    # -- request handling -----------------------------------------------------------------
+
+    def _handle(self, request: Any) -> bytes | int:
+        record = self._record(request)
+        fault = self._take_fault(record)
+        if fault is not None and fault.kind == "fail":
+            return _respond(request, fault.status, fault.body)
+        if fault is not None and fault.kind == "hang":
+            self._hold(request, None)
+            return NOT_DONE_YET
+        try:
+            reply = self._route(request, record)
+        except _Invalid as e:
+            reply = e.reply
+        body = json.dumps(reply.body).encode("utf-8")
+        if fault is not None:  # delay: processed now, answered later
+            later = self._reactor.callLater(fault.seconds, self._answer_later, request, reply.status, body)
+            self._hold(request, later)
+            return NOT_DONE_YET
+        return _respond(request, reply.status, body)
+
+    def _record(self, request: Any) -> RecordedRequest:
+        raw = b""
+        if request.content is not None:
+            request.content.seek(0)
+            raw = request.content.read(MAX_REQUEST_BYTES + 1)
+        authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = authorization.partition(" ")
+        headers = tuple(
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, values in request.requestHeaders.getAllRawHeaders()
+            for v in values
+        )
+        too_large = len(raw) > MAX_REQUEST_BYTES
+        record = RecordedRequest(
+            request.method.decode("ascii", "replace"),
+            request.path.decode("utf-8", "replace"),
+            b"" if too_large else raw,
+            token.strip() if scheme.lower() == "bearer" else None,
+            headers,
+            too_large,
+        )
+        self.requests.append(record)
+        return record
+
+    def _take_fault(self, record: RecordedRequest) -> _Fault | None:
+        for fault in self._faults:
+            if fault.match is None or fault.match(record):
+                fault.count -= 1
+                if fault.count <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _hold(self, request: Any, later: Any) -> None:
+        self._held[request] = later
+
+        def gone(_: object) -> None:
+            if self._held.pop(request, None) is not None and later.active():
+                later.cancel()
+
+        request.notifyFinish().addBoth(gone)
+
+    def _answer_later(self, request: Any, status: int, body: bytes) -> None:
+        self._held.pop(request, None)
+        request.write(_respond(request, status, body))
+        request.finish()
+
+    def _route(self, request: Any, record: RecordedRequest) -> _Reply:
+        if not self._authenticated(record):
+            return _Reply(401, error_body(*AUTH_FAILED))
+        if record.too_large:
+            raise _Invalid(413, "10015", "Bad Request", "The request body is too large.")
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        if not parts or parts[0] != "calls":
+            return _Reply(404, error_body(*NOT_FOUND))
+        if len(parts) == 1:
+            if record.method != "POST":
+                return _method_not_allowed(record.method)
+            return self._dial(_body(record))
+        call = self.calls.get(parts[1])
+        if call is None or len(parts) not in (2, 4) or (len(parts) == 4 and parts[2] != "actions"):
+            return _Reply(404, error_body(*NOT_FOUND))
+        if len(parts) == 2:
+            if record.method != "GET":
+                return _method_not_allowed(record.method)
+            return _Reply(200, {"data": call.to_json()})
+        if parts[3] not in ACTIONS:
+            return _Reply(404, error_body(*NOT_FOUND))
+        if record.method != "POST":
+            return _method_not_allowed(record.method)
+        return self._command(call, parts[3], _body(record))
+
+    def _authenticated(self, record: RecordedRequest) -> bool:
+        token = (record.token or "").encode("utf-8")
+        return bool(token) and hmac.compare_digest(token, self.api_key.encode("utf-8"))
+
+    def _dial(self, body: dict[str, Any]) -> _Reply:
+        connection_id = _required_str(body, "connection_id")
+        to, from_ = _required_str(body, "to"), _required_str(body, "from")
+        if self.connection_id is not None and connection_id != self.connection_id:
+            raise _Invalid(422, "10017", "Associated resource does not exist",
+                           "The requested parameter is invalid as the associated resource does not exist.",
+                           "/connection_id")
+        if not (_E164.match(to) or to.startswith("sip:")):
+            raise _Invalid(422, "10016", "Phone number must be in +E.164 format",
+                           "The specified phone number parameter must be in +E.164 format.", "/to")
+        if not _E164.match(from_):
+            raise _Invalid(422, "10016", "Phone number must be in +E.164 format",
+                           "The specified phone number parameter must be in +E.164 format.", "/from")
+        webhook_url = body.get("webhook_url")
+        if webhook_url is not None and not _is_http_url(webhook_url):
+            raise _Invalid(422, "10003", "Invalid URL", "The URL provided was invalid, malformed, or too long.", "/webhook_url")
+        if body.get("webhook_url_method", "POST") not in ("POST", "GET"):
+            raise _bad("webhook_url_method", "webhook_url_method must be POST or GET.")
+        client_state = _client_state(body)
+        timeout = body.get("timeout_secs", 30)
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or not 5 <= timeout <= 600:
+            raise _bad("timeout_secs", "timeout_secs must be an integer between 5 and 600.")
+        if "command_id" in body and not isinstance(body["command_id"], str):
+            raise _bad("command_id", "command_id must be a string.")
+        if len(self.calls) >= self.max_calls and not self._evict():
+            return _Reply(429, error_body("10011", "Too many requests", "You have exceeded the maximum number of allowed requests."))
+        call = self._new_call("outgoing", from_, to, self._scenarios.get(to), webhook_url or self.webhook_url,
+                              connection_id=connection_id, client_state=client_state, timeout_secs=timeout)
+        self._reactor.callLater(0, call.start_outbound)
+        data = {**call.to_json(), "is_alive": False}  # dialling is asynchronous
+        return _Reply(200, {"data": data})
+
+    def _command(self, call: FakeCall, action: str, body: dict[str, Any]) -> _Reply:
+        if not call.is_alive:
+            raise _Invalid(422, *CALL_ENDED)
+        command_id = body.get("command_id")
+        if command_id is not None and not isinstance(command_id, str):
+            raise _bad("command_id", "command_id must be a string.")
+        client_state = _client_state(body)
+        if action == "speak":
+            args = _speak_args(body)
+        elif action == "transcription_start":
+            _check_transcription(body)
+        if action == "answer" and call.state != "parked":
+            raise _bad("call_control_id", "Only an incoming call that is parked can be answered.")
+        if action in ("speak", "transcription_start", "transcription_stop") and not call.is_answered:
+            raise _bad("call_control_id", "The call must be answered first.")
+        call.commands.append((action, dict(body)))
+        ok = _Reply(200, {"data": {"result": "ok"}})
+        if command_id is not None and call.seen_command(command_id):
+            return ok
+        if client_state is not None:
+            call.client_state = client_state
+        if action == "answer":
+            call.answer()
+        elif action == "hangup":
+            call.hangup()
+        elif action == "speak":
+            call.speak(*args)
+        elif action == "transcription_start":
+            call.transcription_start(body)
+        else:
+            call.transcription_stop()
+        return ok
+
+    def _new_call(self, direction: str, from_: str, to: str, scenario: Scenario | None, webhook_url: str | None, **kwargs: Any) -> FakeCall:
+        kwargs.setdefault("connection_id", self.connection_id or "fake-connection")
+        call = FakeCall(
+            self._carrier,
+            new_call_control_id(),
+            direction,
+            from_,
+            to,
+            scenario=Scenario(),
+            webhook_url=webhook_url,
+            created_at=self._reactor.seconds(),
+            **kwargs,
+        )
+        if scenario is None:
+            scenario = self.scenario(call) if callable(self.scenario) else self.scenario
+        call.scenario = scenario
+        self.calls[call.call_control_id] = call
+        self._log.info("fake Telnyx {direction} call {id} to {to}", direction=direction, id=call.call_control_id, to=to)
+        return call
+
+    def _evict(self) -> bool:
+        """Forget the oldest ended call to make room; False if every call is still live."""
+        for key, call in self.calls.items():
+            if not call.is_alive:
+                del self.calls[key]
+                return True
+        return False
+
+
+def _body(record: RecordedRequest) -> dict[str, Any]:
+    if not record.raw.strip():
+        return {}
+    try:
+        body = json.loads(record.raw)
+    except (ValueError, RecursionError):
+        raise _Invalid(400, "10023", "Invalid JSON", "The supplied JSON is invalid.")
+    if not isinstance(body, dict):
+        raise _Invalid(400, "10015", "Bad Request", "The request body must be a JSON object.")
+    return body
+
+
+def _required_str(body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None or value == "":
+        raise _missing(name)
+    if not isinstance(value, str):
+        raise _bad(name, f"The '{name}' parameter must be a string.")
+    return value
+
+
+def _client_state(body: Mapping[str, Any]) -> str | None:
+    value = body.get("client_state")
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("client_state", "client_state must be a valid Base-64 encoded string.")
+    return value
+
+
+def _speak_args(body: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    payload = _required_str(body, "payload")
+    if len(payload) > MAX_SPEAK_CHARS:
+        raise _bad("payload", f"payload must be at most {MAX_SPEAK_CHARS} characters.")
+    voice = _required_str(body, "voice")
+    if voice not in ("female", "male") and "." not in voice:
+        raise _bad("voice", "voice must be 'female', 'male' or '<Provider>.<Model>.<Voice>'.")
+    language = body.get("language")
+    if language is not None and not (isinstance(language, str) and _LANGUAGE.match(language)):
+        raise _bad("language", "language is not a supported language.")
+    if body.get("payload_type", "text") not in ("text", "ssml"):
+        raise _bad("payload_type", "payload_type must be 'text' or 'ssml'.")
+    return payload, voice, language
+
+
+def _check_transcription(body: Mapping[str, Any]) -> None:
+    engine = body.get("transcription_engine")
+    if engine is not None and engine not in TRANSCRIPTION_ENGINES:
+        raise _bad("transcription_engine", "transcription_engine is not a supported engine.")
+    if body.get("transcription_tracks", "inbound") not in ("inbound", "outbound", "both"):
+        raise _bad("transcription_tracks", "transcription_tracks must be 'inbound', 'outbound' or 'both'.")
+    config = body.get("transcription_engine_config")
+    if config is not None and not isinstance(config, dict):
+        raise _bad("transcription_engine_config", "transcription_engine_config must be an object.")
+    for language in (body.get("language"), (config or {}).get("language")):
+        if language is not None and not isinstance(language, str):
+            raise _bad("language", "language must be a string.")
+
+
+def _respond(request: Any, status: int, body: bytes) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    return body
+
+
+def _method_not_allowed(method: str) -> _Reply:
+    return _Reply(405, error_body("10015", "Bad Request", f"Method not allowed: {method}"))
+
+
+def _is_http_url(url: object) -> bool:
+    if not isinstance(url, str):
+        return False
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)

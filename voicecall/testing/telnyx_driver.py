@@ -1,0 +1,520 @@
+# -*- test-case-name: tests.test_fake_telnyx -*-
+"""
+The carrier side of the fake Telnyx: the webhook signer (our own Ed25519 signing with pynacl,
+as PROVIDERS.md §2.3 describes and checked in tests against the official SDK), the `Scenario`
+describing the person on the line, the `Carrier` that delivers signed webhooks through an
+injected HTTP client on an injected clock, and `FakeCall`, which plays Telnyx's part for one
+call: it posts `call.initiated`, `call.answered`, `call.speak.started`/`ended`,
+`call.transcription` and `call.hangup` in the PROVIDERS.md §2.2 shapes.
+
+The person on the line says the scenario's next utterance whenever it is their turn: when
+transcription starts while the bot is silent, and each time the bot stops speaking while
+transcription runs. A call's webhooks are delivered one after another, in order.
+
+It imports nothing of the daemon.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import uuid
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from attrs import define, field, frozen
+from nacl.signing import SigningKey
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.logger import Logger
+
+SIGNATURE_HEADER = "telnyx-signature-ed25519"
+TIMESTAMP_HEADER = "telnyx-timestamp"
+USER_AGENT = "telnyx-webhooks"
+#: Observations kept per call, and command ids remembered per call (oldest dropped first).
+MAX_OBSERVATIONS = 1_000
+OUTCOMES = ("answer", "no-answer", "busy")
+
+#: What the person says at a turn: words, or None for silence.
+Utterance = Optional[str]
+
+
+@define
+class Signer:
+    """Signs webhooks as Telnyx does: Ed25519 over ``"<timestamp>|<raw body>"``, base64."""
+
+    _key: SigningKey = field(repr=False)
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        """A fixed key pair (32-byte seed), so a standalone fake keeps its public key."""
+        return cls(SigningKey(seed))
+
+    @property
+    def public_key(self) -> str:
+        """The public key as the Telnyx portal shows it (and `telnyx.publicKey` takes): base64 of 32 bytes."""
+        return base64.b64encode(bytes(self._key.verify_key)).decode("ascii")
+
+    def sign(self, body: bytes, timestamp: int | str) -> str:
+        message = str(timestamp).encode("ascii") + b"|" + body
+        return base64.b64encode(self._key.sign(message).signature).decode("ascii")
+
+    def headers(self, body: bytes, timestamp: int | str) -> dict[str, str]:
+        """The two signature headers for `body` sent at `timestamp` (unix seconds)."""
+        return {SIGNATURE_HEADER: self.sign(body, timestamp), TIMESTAMP_HEADER: str(timestamp)}
+
+
+def iso8601(ts: float) -> str:
+    """A UTC time as Telnyx writes `occurred_at`: ``2023-11-14T22:13:20.000000Z``."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def envelope(
+    event_type: str,
+    payload: Mapping[str, Any],
+    *,
+    occurred_at: str,
+    event_id: str | None = None,
+    delivered_to: str | None = None,
+) -> bytes:
+    """A webhook body: ``{"data": {record_type, event_type, id, occurred_at, payload}, "meta": ...}``."""
+    document: dict[str, Any] = {
+        "data": {
+            "record_type": "event",
+            "event_type": event_type,
+            "id": event_id or str(uuid.uuid4()),
+            "occurred_at": occurred_at,
+            "payload": dict(payload),
+        }
+    }
+    if delivered_to is not None:
+        document["meta"] = {"attempt": 1, "delivered_to": delivered_to}
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def new_call_control_id() -> str:
+    """A Telnyx-shaped `call_control_id` (``v3:`` and URL-safe characters)."""
+    return "v3:" + secrets.token_urlsafe(24)
+
+
+@frozen
+class Scenario:
+    """
+    What the person on the far end does; times are seconds on the injected clock.
+
+    `outcome` is `answer`, `no-answer` or `busy`: an outbound call is answered (or refused busy)
+    `answer_after` seconds after the dial; an answer later than the dial's `timeout_secs` is a
+    no-answer (`hangup_cause` `timeout`). `hangup_after` hangs up (as the callee) that long after
+    the answer. `utterances` is a sequence consumed one per turn, or a callable
+    `(call) -> Utterance` asked at each turn. Speech takes `say_seconds_per_char` per character;
+    an utterance is transcribed `speech_delay` after the turn began (with an interim result
+    first if `interim_results`). An inbound caller hangs up after `abandon_after` seconds
+    unless answered.
+    """
+
+    outcome: str = "answer"
+    answer_after: float = 0.0
+    utterances: Sequence[Utterance] | Callable[[Any], Utterance] = field(
+        default=(), converter=lambda v: v if callable(v) else tuple(v)
+    )
+    hangup_after: float | None = None
+    say_seconds_per_char: float = 0.0
+    speech_delay: float = 0.0
+    confidence: float = 0.97
+    interim_results: bool = False
+    abandon_after: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {self.outcome!r}")
+
+
+@define
+class Webhook:
+    """One webhook the carrier sent (or could not send), with its answer."""
+
+    event_type: str
+    url: str | None
+    body: bytes
+    timestamp: str | None = None
+    signature: str | None = None
+    status: int | None = None
+    response: bytes | None = None
+    error: str | None = None
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.body)["data"]["payload"]
+
+
+@frozen
+class SpeakRecord:
+    text: str
+    voice: str | None
+    language: str | None
+
+
+@define
+class Carrier:
+    """What all fake calls share: the clock, the HTTP client, the signer and the webhook log."""
+
+    clock: Any  # IReactorTime
+    http: Any  # treq HTTPClient or StubTreq; None: webhooks are recorded, not sent
+    signer: Signer
+    webhook_timeout: float = 15.0
+    webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
+    _in_flight: set = field(factory=set)
+    _log = Logger()
+
+    def track(self, d: Deferred) -> Deferred:
+        self._in_flight.add(d)
+
+        def done(result: object) -> object:
+            self._in_flight.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    async def deliver(self, hook: Webhook) -> Webhook:
+        """POST the hook, signed now; record the answer (or the error) on it."""
+        self.webhooks.append(hook)
+        if hook.url is None or self.http is None:
+            hook.error = "no webhook URL" if hook.url is None else "no HTTP client"
+            return hook
+        hook.timestamp = str(int(self.clock.seconds()))
+        hook.signature = self.signer.sign(hook.body, hook.timestamp)
+        headers = {
+            "Content-Type": ["application/json"],
+            "User-Agent": [USER_AGENT],
+            SIGNATURE_HEADER: [hook.signature],
+            TIMESTAMP_HEADER: [hook.timestamp],
+        }
+        try:
+            d = self.http.request("POST", hook.url, data=hook.body, headers=headers, allow_redirects=False)
+            d.addTimeout(self.webhook_timeout, self.clock)
+            response = await d
+            content = response.content()
+            content.addTimeout(self.webhook_timeout, self.clock)
+            hook.response = await content
+            hook.status = response.code
+        except CancelledError:
+            hook.error = "cancelled"
+        except Exception as e:
+            hook.error = f"{type(e).__name__}: {e}"[:300]
+        return hook
+
+    def settle(self) -> Deferred:
+        """Fires once no webhook is queued or in flight."""
+        if not self._in_flight:
+            return succeed(None)
+        d = DeferredList(list(self._in_flight), consumeErrors=True)
+        d.addCallback(lambda _: self.settle())
+        return d
+
+
+@define(eq=False)
+class FakeCall:
+    """
+    One call on the fake Telnyx. `direction` is `outgoing` (dialled through the API) or
+    `incoming` (placed with `FakeTelnyx.place_inbound_call`); `state` is `bridging`, `parked`,
+    `answered` or `hangup`. Observations (`speaks`, `transcription_starts`, `commands`,
+    `webhooks`, `said`) are bounded deques, oldest first.
+    """
+
+    _carrier: Carrier
+    call_control_id: str
+    direction: str
+    from_: str
+    to: str
+    connection_id: str
+    scenario: Scenario
+    webhook_url: str | None = None
+    client_state: str | None = None
+    timeout_secs: int = 30
+    call_leg_id: str = field(factory=lambda: str(uuid.uuid4()))
+    call_session_id: str = field(factory=lambda: str(uuid.uuid4()))
+    state: str = "bridging"
+    created_at: float = 0.0
+    answered_at: float | None = None
+    ended_at: float | None = None
+    hangup_cause: str | None = None
+    hangup_source: str | None = None
+    transcribing: bool = False
+    speaks: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    transcription_starts: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    commands: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    webhooks: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    said: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    _speaking: int = 0
+    _speaking_until: float = 0.0
+    _utterances_used: int = 0
+    _timers: list = field(factory=list)
+    _turn_timers: list = field(factory=list)
+    _command_ids: dict = field(factory=dict)
+    _tail: Deferred | None = None
+    _end_waiters: list = field(factory=list)
+    _log = Logger()
+
+    # -- observations ---------------------------------------------------------------------
+
+    @property
+    def is_alive(self) -> bool:
+        return self.state != "hangup"
+
+    @property
+    def is_answered(self) -> bool:
+        return self.state == "answered"
+
+    @property
+    def speak_texts(self) -> list[str]:
+        return [s.text for s in self.speaks]
+
+    @property
+    def last_speak(self) -> str | None:
+        """What the bot said last (for utterance callables that answer questions only)."""
+        return self.speaks[-1].text if self.speaks else None
+
+    @property
+    def event_types(self) -> list[str]:
+        return [h.event_type for h in self.webhooks]
+
+    def when_ended(self) -> Deferred:
+        """Fires with the hangup cause once the call has ended."""
+        if not self.is_alive:
+            return succeed(self.hangup_cause)
+        d: Deferred = Deferred()
+        self._end_waiters.append(d)
+        return d
+
+    def seen_command(self, command_id: str) -> bool:
+        """Whether `command_id` was used on this call before (Telnyx ignores repeats); records it."""
+        if command_id in self._command_ids:
+            return True
+        self._command_ids[command_id] = None
+        while len(self._command_ids) > MAX_OBSERVATIONS:
+            del self._command_ids[next(iter(self._command_ids))]
+        return False
+
+    def to_json(self) -> dict[str, Any]:
+        """The call as `GET /v2/calls/{id}` shows it."""
+        data: dict[str, Any] = {
+            "record_type": "call",
+            "call_control_id": self.call_control_id,
+            "call_leg_id": self.call_leg_id,
+            "call_session_id": self.call_session_id,
+            "is_alive": self.is_alive,
+            "client_state": self.client_state,
+            "start_time": iso8601(self.created_at),
+        }
+        if self.answered_at is not None:
+            end = self.ended_at if self.ended_at is not None else self._carrier.clock.seconds()
+            data["call_duration"] = int(round(end - self.answered_at))
+        if self.ended_at is not None:
+            data["end_time"] = iso8601(self.ended_at)
+        return data
+
+    # -- lifecycle (started by the API) ---------------------------------------------------
+
+    def start_outbound(self) -> None:
+        """Dialling: `call.initiated`, then the scenario's outcome."""
+        self._post("call.initiated", state="bridging")
+        sc = self.scenario
+        if sc.outcome == "busy":
+            self._after(sc.answer_after, self._end, "user_busy", "callee")
+        elif sc.outcome == "no-answer" or sc.answer_after > self.timeout_secs:
+            self._after(self.timeout_secs, self._end, "timeout", "unknown")
+        else:
+            self._after(sc.answer_after, self._answer)
+
+    def start_inbound(self) -> None:
+        """A call arrives: `call.initiated` (incoming, parked) until `answer` or the caller gives up."""
+        self.state = "parked"
+        self._post("call.initiated", state="parked", caller_id_name=self.from_)
+        self._after(self.scenario.abandon_after, self._abandon)
+
+    def hangup_by_callee(self, cause: str = "normal_clearing") -> None:
+        """The person on the line hangs up."""
+        self._end(cause, "callee")
+
+    def shutdown(self) -> None:
+        """Stop the call's clockwork without posting anything (test cleanup)."""
+        self._cancel_timers()
+
+    # -- commands (called by the API once validated) --------------------------------------
+
+    def answer(self) -> None:
+        self._after(0, self._answer)
+
+    def hangup(self) -> None:
+        cause = "normal_clearing" if self.is_answered else "originator_cancel"
+        self._after(0, self._end, cause, "caller")
+
+    def speak(self, text: str, voice: str | None, language: str | None) -> None:
+        record = SpeakRecord(text, voice, language)
+        self.speaks.append(record)
+        now = self._carrier.clock.seconds()
+        start = max(now, self._speaking_until)
+        end = start + len(text) * self.scenario.say_seconds_per_char
+        self._speaking_until = end
+        self._speaking += 1
+        self._after(start - now, self._post, "call.speak.started")
+        self._after(end - now, self._speak_ended)
+
+    def transcription_start(self, body: Mapping[str, Any]) -> None:
+        self.transcription_starts.append(dict(body))
+        already = self.transcribing
+        self.transcribing = True
+        if not already and not self._speaking:
+            self._after(0, self._turn)
+
+    def transcription_stop(self) -> None:
+        self.transcribing = False
+        self._cancel(self._turn_timers)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _after(self, seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
+        timer = self._carrier.clock.callLater(max(0.0, seconds), fn, *args)
+        self._timers.append(timer)
+        if len(self._timers) > 64:
+            self._timers = [t for t in self._timers if t.active()]
+        return timer
+
+    @staticmethod
+    def _cancel(timers: list) -> None:
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+        timers.clear()
+
+    def _cancel_timers(self) -> None:
+        self._cancel(self._timers)
+        self._cancel(self._turn_timers)
+
+    def _answer(self) -> None:
+        if not self.is_alive or self.is_answered:
+            return
+        self.state = "answered"
+        self.answered_at = self._carrier.clock.seconds()
+        self._post("call.answered", state="answered")
+        if self.scenario.hangup_after is not None:
+            self._after(self.scenario.hangup_after, self.hangup_by_callee)
+
+    def _abandon(self) -> None:
+        if self.state == "parked":
+            self._end("originator_cancel", "caller")
+
+    def _speak_ended(self) -> None:
+        if not self.is_alive:
+            return
+        self._speaking = max(0, self._speaking - 1)
+        self._post("call.speak.ended", status="completed")
+        if self.transcribing and not self._speaking:
+            self._turn()
+
+    def _turn(self) -> None:
+        """The person's turn to speak: transcribe their next utterance, if they say anything."""
+        if not self.is_alive or not self.transcribing:
+            return
+        words = self._next_utterance()
+        if not words:
+            return
+        self.said.append(words)
+        delay = self.scenario.speech_delay + len(words) * self.scenario.say_seconds_per_char
+        if self.scenario.interim_results:
+            partial = " ".join(words.split()[: max(1, len(words.split()) // 2)])
+            self._turn_timers.append(self._after(delay / 2, self._transcribed, partial, False))
+        self._turn_timers.append(self._after(delay, self._transcribed, words, True))
+
+    def _next_utterance(self) -> Utterance:
+        source = self.scenario.utterances
+        if callable(source):
+            return source(self)
+        index = self._utterances_used
+        self._utterances_used += 1
+        return source[index] if index < len(source) else None
+
+    def _transcribed(self, words: str, final: bool) -> None:
+        if not self.is_alive or not self.transcribing:
+            return
+        result = {
+            "transcript": words,
+            "confidence": self.scenario.confidence,
+            "is_final": final,
+            "transcription_track": "inbound",
+        }
+        self._post("call.transcription", transcription_data=result)
+
+    def _end(self, cause: str, source: str) -> None:
+        if not self.is_alive:
+            return
+        self._cancel_timers()
+        if self._speaking:
+            self._speaking = 0
+            self._post("call.speak.ended", status="call_hangup")
+        self.state = "hangup"
+        self.transcribing = False
+        self.ended_at = self._carrier.clock.seconds()
+        self.hangup_cause, self.hangup_source = cause, source
+        sip = {"normal_clearing": "200", "user_busy": "486", "timeout": "487", "originator_cancel": "487"}
+        self._post(
+            "call.hangup",
+            state="hangup",
+            hangup_cause=cause,
+            hangup_source=source,
+            sip_hangup_cause=sip.get(cause, "unspecified"),
+            end_time=iso8601(self.ended_at),
+        )
+        waiters, self._end_waiters = self._end_waiters, []
+        for d in waiters:
+            d.callback(cause)
+
+    def _payload(self, extra: Mapping[str, Any]) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "call_control_id": self.call_control_id,
+            "call_leg_id": self.call_leg_id,
+            "call_session_id": self.call_session_id,
+            "connection_id": self.connection_id,
+            "from": self.from_,
+            "to": self.to,
+            "direction": self.direction,
+            "start_time": iso8601(self.created_at),
+        }
+        if self.client_state is not None:
+            payload["client_state"] = self.client_state
+        payload.update(extra)
+        return payload
+
+    def _post(self, event_type: str, **extra: Any) -> Webhook:
+        """Queue a webhook behind this call's earlier ones; they are delivered in order."""
+        body = envelope(
+            event_type,
+            self._payload(extra),
+            occurred_at=iso8601(self._carrier.clock.seconds()),
+            delivered_to=self.webhook_url,
+        )
+        hook = Webhook(event_type, self.webhook_url, body)
+        self.webhooks.append(hook)
+        previous, self._tail = self._tail, None
+        d = self._carrier.track(Deferred.fromCoroutine(self._deliver_after(previous, hook)))
+        self._tail = d
+
+        def release(result: object) -> object:
+            if self._tail is d:
+                self._tail = None
+            return result
+
+        d.addBoth(release)
+        d.addErrback(lambda f: self._log.failure("fake Telnyx webhook failed", f))
+        return hook
+
+    async def _deliver_after(self, previous: Deferred | None, hook: Webhook) -> Webhook:
+        if previous is not None:
+            waited: Deferred = Deferred()
+            previous.addBoth(lambda result: (waited.callback(None), result)[1])
+            await waited
+        return await Deferred.fromCoroutine(self._carrier.deliver(hook))
