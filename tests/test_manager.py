@@ -330,6 +330,14 @@ class ConversationTests(ManagerTestsBase):
         self.assertEqual(self.actions("hangup"), [("hangup", f"mock-{call_id}", "timeout")])
         self.assertEqual(self.stored(call_id).state, CallState.TIMEOUT)
 
+    def test_repeated_answer_does_not_restart_the_clock(self):
+        """A later in-progress (answered) event keeps the first answer time and the max-duration deadline."""
+        call_id = self.answered()
+        self.clock.advance(200)
+        self.event("call.answered", call_id)
+        self.clock.advance(100)
+        self.assertEqual(self.actions("hangup"), [("hangup", f"mock-{call_id}", "timeout")])
+
     def test_utterance_hook_without_waiter(self):
         """A final utterance no continue waits for goes to the on_utterance hook."""
         heard = []

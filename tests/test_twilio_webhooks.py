@@ -99,12 +99,23 @@ class TwilioWebhookTests(SynchronousTestCase):
         self.assertEqual(self.parse({"CallSid": "CA1", "CallStatus": "queued"}, "?type=status").events, ())
 
     def test_inbound_without_status_is_initiated(self):
-        """An inbound request with nothing else is a call.initiated carrying the caller."""
-        (event,) = self.parse({"CallSid": "CA9", "Direction": "inbound", "From": "+15550001234", "To": "+15550000000"}).events
+        """An inbound request with nothing else is a call.initiated carrying the caller, then answered by our TwiML."""
+        initiated, answered = self.parse({"CallSid": "CA9", "Direction": "inbound", "From": "+15550001234", "To": "+15550000000"}).events
         self.assertEqual(
-            (event.type, event.direction.value, event.from_number, event.to_number),
+            (initiated.type, initiated.direction.value, initiated.from_number, initiated.to_number),
             (EventType.INITIATED, "inbound", "+15550001234", "+15550000000"),
         )
+        self.assertEqual(answered.type, EventType.ANSWERED)
+        self.assertNotEqual(answered.key, initiated.key)
+
+    def test_screened_inbound_caller_is_rejected(self):
+        """A caller the inbound policy turns away gets <Reject/>, and the later hang-up makes no second REST call."""
+        self.provider.inbound_screen = lambda caller: caller == "+15550001234"
+        parsed = self.parse({"CallSid": "CA9", "Direction": "inbound", "CallStatus": "ringing", "From": "+15559999999"})
+        self.assertIn(b"<Reject/>", parsed.response.body)
+        self.assertEqual([e.type for e in parsed.events], [EventType.RINGING])
+        accepted = self.parse({"CallSid": "CA8", "Direction": "inbound", "CallStatus": "ringing", "From": "+15550001234"})
+        self.assertNotIn(b"<Reject/>", accepted.response.body)
 
     def test_status_callback_gets_empty_twiml(self):
         """A status callback is answered with exactly the empty TwiML document."""

@@ -240,7 +240,9 @@ class CallManager:
         kind = event.type
         if kind in (EventType.INITIATED, EventType.RINGING, EventType.ACTIVE, EventType.SPEAKING):
             self._move(call, CallState(kind.value.split(".", 1)[1]), events)
-        elif kind is EventType.ANSWERED:
+        elif kind is EventType.ANSWERED and call.answered_at is None:
+            # Only the first answer counts: carriers repeat "in-progress" on every later request
+            # of the call, which must not restart the max-duration clock.
             call.answered_at = event.timestamp
             self._move(call, CallState.ANSWERED, events)
             self._start_max_timer(call, self._settings.max_duration_seconds)

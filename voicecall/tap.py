@@ -30,6 +30,7 @@ from voicecall import sdnotify
 from voicecall.manager import CallManager, ManagerSettings
 from voicecall.metrics import Metrics, MetricsResource, VoicecallCollector
 from voicecall.model import Mode
+from voicecall.policy import inbound_decision
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.providers.signatures import skip_request_key
@@ -284,7 +285,9 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
             inbound_policy=cfg.inbound_policy,
             allow_from=tuple(cfg.allow_from),
             inbound_greeting=cfg.inbound_greeting,
-            tts_voice=cfg.tts.openai.voice,
+            # The OpenAI voice name maps to a Polly voice for Twilio's <Say> (SPEC §4.5); the
+            # other carriers' native voices use their own defaults.
+            tts_voice=cfg.tts.openai.voice if cfg.provider == "twilio" else None,
         ),
     )
     responders = GatewayResponders()
@@ -303,6 +306,8 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         timeout_ms=cfg.response_timeout_ms,
     )
     manager.on_utterance = auto.on_utterance
+    if isinstance(provider, TwilioProvider):
+        provider.inbound_screen = lambda caller: inbound_decision(cfg.inbound_policy, cfg.allow_from, caller) is None
     security = cfg.webhook_security
     ngrok_bypass = (
         cfg.tunnel.provider == "ngrok"

@@ -74,8 +74,11 @@ class ApiClient:
         if not 200 <= response.code < 300:
             code = None
             try:
-                code = json.loads(text).get("code")
-            except (ValueError, AttributeError):
+                parsed = json.loads(text)
+                code = parsed.get("code")  # Twilio, Plivo
+                if code is None and isinstance(parsed.get("errors"), list) and parsed["errors"]:
+                    code = parsed["errors"][0].get("code")  # Telnyx
+            except (ValueError, AttributeError, TypeError):
                 pass
             raise ProviderError(f"{self._prefix}: {response.code} {_printable(text)}", response.code, code)
         if not text.strip():

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import re
+
+import attrs
 import secrets
 from typing import Any, Callable, Mapping
 
@@ -83,11 +85,14 @@ class TwilioProvider:
     stream_twiml: Callable[[str, Direction], "str | None"] | None = None
     #: Whether another call's stream is active (inbound callers then wait in the hold queue).
     stream_busy: Callable[[], bool] | None = None
+    #: The inbound policy (tap.py wires it): False for a caller to turn away with <Reject/>.
+    inbound_screen: Callable[["str | None"], bool] | None = None
     name: str = "twilio"
     uses_turn_tokens: bool = True
     _api: ApiClient = field(init=False)
     _call_urls: dict[str, str] = field(factory=dict, init=False)  # CallSid -> URL Twilio fetches TwiML from
     _notify_twiml: dict[str, str] = field(factory=dict, init=False)  # our callId -> one-shot TwiML
+    _rejected: dict[str, None] = field(factory=dict, init=False)  # CallSids turned away with <Reject/>
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -150,6 +155,8 @@ class TwilioProvider:
     async def _hangup(self, call: CallRecord) -> None:
         sid = call.provider_call_id
         self._forget(sid, call.call_id)
+        if sid in self._rejected:
+            return  # already turned away by our <Reject/>: hanging up again would be a second hang-up
         if sid:
             await self._api.request("POST", f"/Calls/{sid}.json", form=[("Status", "completed")], allow_not_found=True)
 
@@ -278,10 +285,25 @@ class TwilioProvider:
         if sid and event is not None and event.type is not EventType.ENDED and event.direction is Direction.INBOUND:
             if sid not in self._call_urls and self._webhook_url:
                 _bounded_put(self._call_urls, sid, self._webhook_url)
-        body = self._twiml_for(params, sid, query_call_id, ctx.query.get("type") == "status")
+        events = (event,) if event is not None else ()
+        is_status = ctx.query.get("type") == "status"
+        first_inbound = (
+            event is not None
+            and event.type in (EventType.INITIATED, EventType.RINGING)
+            and event.direction is Direction.INBOUND
+            and not is_status
+        )
+        if first_inbound and self.inbound_screen is not None and not self.inbound_screen(event.from_number):
+            _bounded_put(self._rejected, sid, None)
+            return ParsedWebhook(events, _xml(twiml.reject()))
+        body = self._twiml_for(params, sid, query_call_id, is_status)
+        if first_inbound and body != twiml.hold_queue():
+            # Twilio answers an inbound call as soon as it gets TwiML to run: say so, so the
+            # greeting is spoken and the max-duration timer starts (no status callback follows).
+            events = (event, attrs.evolve(event, type=EventType.ANSWERED, id=event.id + ":answered", dedupe_key=(event.dedupe_key or event.id) + ":answered"))
         if event is not None and event.type is EventType.ENDED:
             self._forget(sid, query_call_id)
-        return ParsedWebhook((event,) if event is not None else (), _xml(body))
+        return ParsedWebhook(events, _xml(body))
 
     def _event(self, params: dict, sid: str, call_id: str, turn_token: str | None, key: str) -> CallEvent | None:
         direction = params.get("Direction", "")
@@ -337,7 +359,7 @@ class TwilioProvider:
             if document is not None:
                 return document
         url = self._call_urls.get(sid)
-        if direction is Direction.OUTBOUND and url is not None:
+        if url is not None:
             # Listen, and come back when the Gather times out: the call stays up between turns
             # (bounded by maxDurationSeconds) instead of hanging up when a <Pause> runs out.
             return self._listen_loop(url, None, None, None)

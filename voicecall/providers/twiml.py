@@ -64,6 +64,11 @@ def empty() -> str:
     return _document("")
 
 
+def reject() -> str:
+    """Turn an inbound call away without answering it (the caller hears it ring out or busy)."""
+    return _document("<Reject/>")
+
+
 def pause(length: int = 30) -> str:
     """Keep the call open for `length` seconds."""
     return _document(f'<Pause length="{int(length)}"/>')
