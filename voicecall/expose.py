@@ -9,21 +9,24 @@ and reaped, and command lines are never logged (the ngrok auth token travels on 
 """
 from __future__ import annotations
 
-import codecs
 import json
-import os
 import re
-import shutil
-from collections import deque
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
+
+from voicecall.childproc import (
+    Child,
+    LineSink,
+    SpawnError,
+    TIMED_OUT,
+    TextTail,
+    Tools,
+    terminate,
+)
 
 __all__ = [
     "ExposeError",
@@ -45,7 +48,6 @@ TAILSCALE_STATUS_TIMEOUT = 2.5
 TAILSCALE_ROUTE_TIMEOUT = 10.0
 LEGACY_TAILSCALE_TIMEOUT = 2.5
 TAILSCALE_CLEANUP_TIMEOUT = 5.0
-KILL_WAIT = 1.0  # how long to wait for the reaping of a SIGKILLed child before giving up on it
 
 TUNNEL_PROVIDERS = frozenset({"ngrok", "tailscale-serve", "tailscale-funnel"})
 EXPOSE_HINT_NOTE = (
@@ -53,15 +55,10 @@ EXPOSE_HINT_NOTE = (
 )
 NO_TAILSCALE_DNS = "Could not get Tailscale DNS name. Is Tailscale running?"
 
-_MAX_LINE_CHARS = 16 * 1024  # longest ngrok log line parsed; longer lines are dropped
-_MAX_KEPT_CHARS = 4 * 1024  # output kept for error messages
-_MAX_COMMAND_BYTES = 16 * 1024  # output kept of a one-shot command
 _MAX_STATUS_BYTES = 4 * 1024 * 1024  # `tailscale status --json` grows with the tailnet
 _NGROK_ERROR_MARKER = "ERR_NGROK"
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
-_TIMED_OUT = object()
 
 _log = Logger(namespace="voicecall.expose")
 
@@ -102,263 +99,6 @@ class Tunnel:
             _log.failure("stopping the {provider} tunnel failed", provider=self.provider)
 
 
-# --- child-process plumbing -------------------------------------------------------------------
-
-
-class _LineSink:
-    """Hands complete lines to a callback: UTF-8 split across reads is reassembled, partial lines
-    wait for their newline (or the end of the stream), and lines longer than the cap are dropped."""
-
-    def __init__(self, on_line: Callable[[str], None], max_line: int = _MAX_LINE_CHARS) -> None:
-        self._on_line = on_line
-        self._max = max_line
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._partial = ""
-        self._dropping = False
-
-    def feed(self, data: bytes) -> None:
-        self._split(self._decoder.decode(data))
-
-    def close(self) -> None:
-        self._split(self._decoder.decode(b"", True))
-        rest, self._partial = self._partial, ""
-        if rest and not self._dropping:
-            self._emit(rest)
-        self._dropping = False
-
-    def _split(self, text: str) -> None:
-        *complete, tail = text.split("\n")
-        for piece in complete:
-            line, self._partial = self._partial + piece, ""
-            if self._dropping:
-                self._dropping = False
-            elif len(line) <= self._max:
-                self._emit(line)
-        if not self._dropping:
-            self._partial += tail
-            if len(self._partial) > self._max:
-                self._partial, self._dropping = "", True
-
-    def _emit(self, line: str) -> None:
-        try:
-            self._on_line(line.rstrip("\r"))
-        except Exception:
-            _log.failure("handling a line of child output failed")
-
-
-class _ByteSink:
-    """Keeps the last `limit` bytes of a stream; decodes them once at the end."""
-
-    def __init__(self, limit: int = _MAX_COMMAND_BYTES) -> None:
-        self._limit = limit
-        self._buffer = bytearray()
-        self.truncated = False
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > self._limit:
-            del self._buffer[: len(self._buffer) - self._limit]
-            self.truncated = True
-
-    def close(self) -> None:
-        pass
-
-    def text(self) -> str:
-        data = bytes(self._buffer)
-        if self.truncated:  # the cut may have landed inside a UTF-8 sequence
-            data = data.lstrip(bytes(range(0x80, 0xC0)))
-        return data.decode("utf-8", "replace")
-
-
-class _TextTail:
-    """The last `limit` characters of a sequence of lines, for error messages."""
-
-    def __init__(self, limit: int = _MAX_KEPT_CHARS) -> None:
-        self._limit = limit
-        self._lines: deque[str] = deque()
-        self._size = 0
-        self.truncated = False
-
-    def add(self, line: str) -> None:
-        if len(line) > self._limit:
-            line, self.truncated = line[-self._limit :], True
-        self._lines.append(line)
-        self._size += len(line) + 1
-        while self._size > self._limit and len(self._lines) > 1:
-            self._size -= len(self._lines.popleft()) + 1
-            self.truncated = True
-
-    def text(self) -> str:
-        return _describe_output("\n".join(self._lines), self.truncated)
-
-
-class _Child(ProcessProtocol):
-    """A child process: output to two sinks, stdin closed, and its end observable by many."""
-
-    def __init__(self, stdout: _LineSink | _ByteSink, stderr: _LineSink | _ByteSink) -> None:
-        self._sinks: dict[int, _LineSink | _ByteSink] = {1: stdout, 2: stderr}
-        self._waiters: list[Deferred[None]] = []
-        self.ended = False
-        self.exit_code: int | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return getattr(self.transport, "pid", None)
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        sink = self._sinks.get(childFD)
-        if sink is not None:
-            sink.feed(data)
-
-    def childConnectionLost(self, childFD: int) -> None:
-        sink = self._sinks.pop(childFD, None)
-        if sink is not None:
-            sink.close()
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended = True
-        self.exit_code = getattr(reason.value, "exitCode", None)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def when_ended(self) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred()
-        if self.ended:
-            waiter.callback(None)
-        else:
-            self._waiters.append(waiter)
-        return waiter
-
-    def code_text(self) -> str:
-        """The exit code as Node printed it: the number, or ``null`` when a signal ended it."""
-        return "null" if self.exit_code is None else str(self.exit_code)
-
-    def send(self, signal_name: str) -> None:
-        if self.ended or self.transport is None:
-            return
-        try:
-            self.transport.signalProcess(signal_name)
-        except ProcessExitedAlready:
-            pass
-        except OSError:
-            _log.failure("signalling child {pid} failed", pid=self.pid)
-
-    def kill(self) -> None:
-        """SIGKILL, and drop our ends of its pipes so its end is reported even if they linger."""
-        if self.ended or self.transport is None:
-            return
-        self.send("KILL")
-        self.transport.loseConnection()
-
-
-class _SpawnError(Exception):
-    pass
-
-
-async def _ended_within(reactor: Any, child: _Child, seconds: float) -> bool:
-    waiter = child.when_ended()
-    waiter.addCallback(lambda _: True)
-    waiter.addTimeout(seconds, reactor, onTimeoutCancel=lambda _result, _timeout: False)
-    return await waiter
-
-
-async def _terminate(reactor: Any, child: _Child, grace: float) -> None:
-    """SIGTERM and up to `grace` seconds to exit (skipped when grace <= 0), then SIGKILL."""
-    if child.ended:
-        return
-    if grace > 0:
-        child.send("TERM")
-        if await _ended_within(reactor, child, grace):
-            return
-    child.kill()
-    if not await _ended_within(reactor, child, KILL_WAIT):
-        _log.warn("child process {pid} was not reaped after SIGKILL", pid=child.pid)
-
-
-@frozen
-class _Outcome:
-    code: int | None  # None when a signal ended it or it timed out
-    code_text: str
-    timed_out: bool
-    stdout: str
-    stdout_truncated: bool
-    stderr: str
-    stderr_truncated: bool
-
-    def detail(self) -> str:
-        if self.stderr.strip():
-            return _describe_output(self.stderr, self.stderr_truncated)
-        return _describe_output(self.stdout, self.stdout_truncated)
-
-
-@frozen
-class _Tools:
-    """The reactor, the children's environment, and where the executables are."""
-
-    reactor: Any
-    env: dict[str, str] = field(repr=False)  # the daemon's environment holds secrets
-    executables: Mapping[str, str]
-
-    @classmethod
-    def of(cls, reactor: Any, env: Mapping[str, str] | None, executables: Mapping[str, str] | None):
-        return cls(reactor, dict(os.environ if env is None else env), dict(executables or {}))
-
-    def locate(self, name: str) -> str:
-        """The executable for `name`: from `executables`, else looked up on the PATH of `env`."""
-        candidate = self.executables.get(name, name)
-        if os.sep in candidate:
-            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-                return candidate
-        else:
-            found = shutil.which(candidate, path=self.env.get("PATH") or os.defpath)
-            if found:
-                return found
-        raise _SpawnError(f"executable not found: {candidate}")
-
-    def spawn(self, child: _Child, name: str, args: Sequence[str]) -> None:
-        executable = self.locate(name)
-        try:
-            self.reactor.spawnProcess(child, executable, [executable, *args], env=self.env)
-        except OSError as e:
-            raise _SpawnError(e.strerror or str(e)) from e
-
-    async def run(
-        self, name: str, args: Sequence[str], timeout: float, limit: int = _MAX_COMMAND_BYTES
-    ) -> _Outcome:
-        """Run a command to completion; SIGKILL it once `timeout` seconds have passed."""
-        out, err = _ByteSink(limit), _ByteSink()
-        child = _Child(out, err)
-        self.spawn(child, name, args)
-        timed_out = False
-        try:
-            if not await _ended_within(self.reactor, child, timeout):
-                timed_out = True
-                child.kill()
-                await _ended_within(self.reactor, child, KILL_WAIT)
-        except CancelledError:
-            child.kill()
-            raise
-        return _Outcome(
-            code=None if timed_out else child.exit_code,
-            code_text=child.code_text(),
-            timed_out=timed_out,
-            stdout=out.text(),
-            stdout_truncated=out.truncated,
-            stderr=err.text(),
-            stderr_truncated=err.truncated,
-        )
-
-
-def _describe_output(text: str, truncated: bool) -> str:
-    text = _CONTROL.sub("", text).strip()
-    if len(text) > _MAX_KEPT_CHARS:
-        text, truncated = text[-_MAX_KEPT_CHARS:].lstrip(), True
-    return f"[output truncated] {text}" if truncated else text
-
 
 # --- ngrok --------------------------------------------------------------------------------------
 
@@ -368,16 +108,16 @@ class _NgrokSession:
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
-        self._stderr = _TextTail()
+        self._stderr = TextTail()
         self._event: Deferred[Any] = Deferred()
         self._started = False
         self._stopping = False
-        self.child = _Child(_LineSink(self._stdout_line), _LineSink(self._stderr_line))
+        self.child = Child(LineSink(self._stdout_line), LineSink(self._stderr_line))
         self.child.when_ended().addCallback(self._ended)
 
-    async def start(self, tools: _Tools, args: Sequence[str], timeout: float, grace: float) -> str:
+    async def start(self, tools: Tools, args: Sequence[str], timeout: float, grace: float) -> str:
         tools.spawn(self.child, "ngrok", args)
-        timer = self._reactor.callLater(timeout, self._emit, _TIMED_OUT)
+        timer = self._reactor.callLater(timeout, self._emit, TIMED_OUT)
         try:
             outcome = await self._event
         except CancelledError:
@@ -389,15 +129,15 @@ class _NgrokSession:
         if isinstance(outcome, str):
             self._started = True
             return outcome
-        if outcome is _TIMED_OUT:
-            await _terminate(self._reactor, self.child, grace)
+        if outcome is TIMED_OUT:
+            await terminate(self._reactor, self.child, grace)
             raise ExposeError(f"ngrok startup timed out ({timeout:g}s)")
-        await _terminate(self._reactor, self.child, 0)
+        await terminate(self._reactor, self.child, 0)
         raise outcome
 
     async def stop(self, grace: float) -> None:
         self._stopping = True
-        await _terminate(self._reactor, self.child, grace)
+        await terminate(self._reactor, self.child, grace)
 
     def _emit(self, outcome: Any) -> None:
         if not self._event.called:
@@ -430,7 +170,7 @@ class _NgrokSession:
 
 
 async def _start_ngrok(
-    tools: _Tools, port: int, path: str, token: str | None, domain: str | None,
+    tools: Tools, port: int, path: str, token: str | None, domain: str | None,
     auth_timeout: float, startup_timeout: float, stop_grace: float,
 ) -> Tunnel:  # fmt: skip
     if token:
@@ -458,8 +198,8 @@ async def ngrok_available(
 ) -> bool:
     """[H] Whether `ngrok version` exits 0 within `timeout` seconds (a hung probe is SIGKILLed)."""
     try:
-        outcome = await _Tools.of(reactor, env, executables).run("ngrok", ["version"], timeout)
-    except _SpawnError:
+        outcome = await Tools.of(reactor, env, executables).run("ngrok", ["version"], timeout)
+    except SpawnError:
         return False
     return outcome.code == 0
 
@@ -467,11 +207,11 @@ async def ngrok_available(
 # --- Tailscale ----------------------------------------------------------------------------------
 
 
-async def _self_info(tools: _Tools, timeout: float) -> TailscaleSelf | None:
+async def _self_info(tools: Tools, timeout: float) -> TailscaleSelf | None:
     try:
         outcome = await tools.run("tailscale", ["status", "--json"], timeout, _MAX_STATUS_BYTES)
         status = json.loads(outcome.stdout) if outcome.code == 0 else None
-    except (_SpawnError, ValueError):
+    except (SpawnError, ValueError):
         return None
     if not isinstance(status, dict) or outcome.stdout_truncated:
         return None
@@ -494,11 +234,11 @@ async def tailscale_self_info(
     timeout: float = TAILSCALE_STATUS_TIMEOUT,
 ) -> TailscaleSelf | None:
     """This node's MagicDNS name (without the trailing dot) and stable ID, or None on failure."""
-    return await _self_info(_Tools.of(reactor, env, executables), timeout)
+    return await _self_info(Tools.of(reactor, env, executables), timeout)
 
 
 async def _add_route(
-    tools: _Tools, mode: str, path: str, target: str, status_timeout: float, timeout: float
+    tools: Tools, mode: str, path: str, target: str, status_timeout: float, timeout: float
 ) -> str:
     """`tailscale <mode> --bg --yes --set-path <path> <target>`; the public URL, or ExposeError."""
     me = await _self_info(tools, status_timeout)
@@ -507,7 +247,7 @@ async def _add_route(
     try:
         args = [mode, "--bg", "--yes", "--set-path", path, target]
         outcome = await tools.run("tailscale", args, timeout)
-    except _SpawnError as e:
+    except SpawnError as e:
         raise ExposeError(f"Failed to start tailscale: {e}") from None
     if outcome.timed_out:
         raise ExposeError(f"Tailscale {mode} timed out")
@@ -520,11 +260,11 @@ async def _add_route(
     return public_url
 
 
-async def _remove_route(tools: _Tools, mode: str, path: str, timeout: float) -> None:
+async def _remove_route(tools: Tools, mode: str, path: str, timeout: float) -> None:
     """`tailscale <mode> off <path>`; failures are logged, never raised."""
     try:
         outcome = await tools.run("tailscale", [mode, "off", path], timeout)
-    except _SpawnError as e:
+    except SpawnError as e:
         _log.warn("Tailscale {mode} cleanup could not run: {error}", mode=mode, error=str(e))
         return
     if outcome.code != 0:
@@ -535,7 +275,7 @@ async def _remove_route(tools: _Tools, mode: str, path: str, timeout: float) -> 
 
 
 async def _legacy_route(
-    tools: _Tools, mode: str, path: str, target: str, timeout: float
+    tools: Tools, mode: str, path: str, target: str, timeout: float
 ) -> str | None:
     try:
         return await _add_route(tools, mode, path, target, timeout, timeout)
@@ -570,7 +310,7 @@ async def start_tunnel(
     """
     if provider not in TUNNEL_PROVIDERS:
         raise ValueError(f"unknown tunnel provider: {provider!r}")
-    tools = _Tools.of(reactor, env, executables)
+    tools = Tools.of(reactor, env, executables)
     path = path if path.startswith("/") else f"/{path}"
     if provider == "ngrok":
         try:
@@ -578,7 +318,7 @@ async def start_tunnel(
                 tools, port, path, ngrok_auth_token, ngrok_domain,
                 auth_timeout, startup_timeout, stop_grace,
             )  # fmt: skip
-        except _SpawnError as e:
+        except SpawnError as e:
             raise ExposeError(f"Failed to start ngrok: {e}") from None
     mode = provider.removeprefix("tailscale-")
     target = f"http://127.0.0.1:{port}{path}"
@@ -607,7 +347,7 @@ async def legacy_tailscale(
     if mode == "off":
         return None
     mode = "funnel" if mode == "funnel" else "serve"
-    tools = _Tools.of(reactor, env, executables)
+    tools = Tools.of(reactor, env, executables)
     target = f"http://127.0.0.1:{port}{serve_path}"
     public_url = await _legacy_route(tools, mode, path, target, timeout)
     if public_url is None:
@@ -642,7 +382,7 @@ async def expose_command(
     http://127.0.0.1:`port``serve_path` (Tailscale strips the mount path before proxying).
     """
     mode = resolve_expose_mode(mode)
-    tools = _Tools.of(reactor, env, executables)
+    tools = Tools.of(reactor, env, executables)
     if mode == "off":
         for route in ("serve", "funnel"):
             await _remove_route(tools, route, path, cleanup_timeout)
@@ -664,3 +404,4 @@ async def expose_command(
             enable_url = f"https://login.tailscale.com/f/{mode}?node={quote(node_id, safe='')}"
         result["hint"] = {"note": EXPOSE_HINT_NOTE, "enableUrl": enable_url}
     return result
+
