@@ -339,6 +339,32 @@ def doctor(ctx, as_json):
         raise SystemExit(1)
 
 
+@main.command()
+@click.option("--mode", default="funnel", show_default=True, help="off | serve | funnel (anything else: funnel)")
+@click.option("--path", help="The public path (default: tailscale.path).")
+@click.option("--port", type=int, help="The local port (default: serve.port).")
+@click.option("--serve-path", help="The webhook path on the local port (default: serve.path).")
+@click.pass_obj
+def expose(ctx, mode, path, port, serve_path):
+    """Expose the webhook with Tailscale serve/funnel, or remove the routes (--mode off)."""
+    from voicecall.expose import expose_command, resolve_expose_mode
+
+    cfg = ctx.config
+
+    async def go(reactor):
+        emit(
+            await expose_command(
+                reactor,
+                mode=resolve_expose_mode(mode),
+                path=path or cfg.tailscale.path,
+                port=port or cfg.serve.port,
+                serve_path=serve_path or cfg.serve.path,
+            )
+        )
+
+    run(go)
+
+
 @main.command(name="tool-schema")
 def tool_schema():
     """Print the `voice_call` agent tool's JSON schema."""

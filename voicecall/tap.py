@@ -25,6 +25,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
+from voicecall.expose import ExposeError, legacy_tailscale, start_tunnel
 from voicecall.config import DISABLED_MESSAGE, ConfigError, find_config_path, load_config, parse_config
 from voicecall import sdnotify
 from voicecall.manager import CallManager, ManagerSettings
@@ -189,6 +190,7 @@ class VoicecallService(MultiService):
         self._pool = pool
         self.webhook_url: str | None = None
         self._metrics = metrics
+        self._tunnel = None
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
             if child is not None:
@@ -208,10 +210,14 @@ class VoicecallService(MultiService):
         host = port.getHost()
         bound = f"[{host.host}]" if ":" in host.host else host.host
         local_url = f"http://{bound}:{host.port}{self._serve_path}"
-        self.webhook_url = self._config.public_url or local_url
+        public_url = self._config.public_url or await self._expose(host.port)
+        self.webhook_url = public_url or local_url
         self.manager.set_webhook_url(self.webhook_url)
         if hasattr(self._provider, "set_webhook_url"):
             self._provider.set_webhook_url(self.webhook_url)
+        if public_url and hasattr(self._provider, "set_public_url") and self._config.provider == "twilio":
+            # SPEC §9.4: only Twilio verifies against a tunnel's URL; Plivo uses publicUrl alone.
+            self._provider.set_public_url(public_url)
         await self._rpc.listen()
         self._rpc.running = 1
         if self._metrics is not None:
@@ -220,11 +226,33 @@ class VoicecallService(MultiService):
             self._log.info("Metrics: {endpoint}", endpoint=self._metrics.description)
         self._reaper.startService()
         self._log.info("Webhook URL: {url}", url=local_url)
-        if self._config.public_url:
-            self._log.info("Public URL: {url}", url=self._config.public_url)
+        if public_url:
+            self._log.info("Public URL: {url}", url=public_url)
         self._log.info("RPC socket: {rpc}", rpc=self._rpc.description)
         print(f"voicecall ready: webhook {self.webhook_url}  rpc {_unix_path(self._rpc.description) or self._rpc.description}", flush=True)
         sdnotify.notify(f"READY=1\nSTATUS=listening on {local_url}")
+
+    async def _expose(self, port: int) -> str | None:
+        """SPEC §1 step 6: a tunnel or a legacy Tailscale route; a failure is logged, not fatal."""
+        cfg = self._config
+        try:
+            if cfg.tunnel.provider != "none":
+                self._tunnel = await start_tunnel(
+                    self._reactor,
+                    provider=cfg.tunnel.provider,
+                    port=port,
+                    path=self._serve_path,
+                    ngrok_auth_token=cfg.tunnel.ngrok_auth_token,
+                    ngrok_domain=cfg.tunnel.ngrok_domain,
+                )
+            elif cfg.tailscale.mode != "off":
+                self._tunnel = await legacy_tailscale(
+                    self._reactor, mode=cfg.tailscale.mode, port=port, path=cfg.tailscale.path, serve_path=self._serve_path
+                )
+        except ExposeError as e:
+            self._log.error("[voice-call] Tunnel setup failed: {error}", error=str(e))
+            return None
+        return self._tunnel.public_url if self._tunnel is not None else None
 
     def _failed(self, failure) -> None:
         self._log.failure("voicecall failed to start", failure)
@@ -237,6 +265,9 @@ class VoicecallService(MultiService):
 
     async def _stop(self) -> None:
         sdnotify.notify("STOPPING=1")
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            await tunnel.stop()
         self._reaper.stopService()
         if self._metrics is not None:
             await _maybe(self._metrics.stopService())
