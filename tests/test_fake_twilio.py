@@ -867,7 +867,7 @@ class LoopbackTests(TestCase):
             sorted((h["path"], h["form"]["CallStatus"]) for h in self.app.hits),
             [("/status", "completed"), ("/status", "in-progress"), ("/voice", "in-progress")],
         )
-        self.assertEqual(self.app.hits[-1]["form"]["CallStatus"], "completed")
+        # No claim on arrival order: each callback has its own connection, as on Twilio.
         for hit in self.app.hits:
             real_url = hit["url"].replace(APP, app_base)
             self.assertTrue(validator.validate(real_url, hit["form"], hit["signature"]))
