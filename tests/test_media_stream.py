@@ -1,0 +1,566 @@
+"""
+Tests for voicecall.media.stream: the Twilio media-stream server on real loopback sockets,
+mounted on the webhook Site as the daemon mounts it, driven by the TwilioMediaClient.
+"""
+from __future__ import annotations
+
+import base64
+
+import autobahn.twisted.websocket
+import autobahn.util
+import autobahn.websocket.protocol
+from twilio.request_validator import RequestValidator
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.test.proto_helpers import EventLoggingObserver
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+
+from voicecall.audio import FRAME_BYTES, AudioChunk
+from voicecall.media.stream import MediaStreamServer, neutralise_autobahn_log_formatting
+from voicecall.providers.signatures import verify_twilio
+from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
+from voicecall.web.limits import ScreenedSite
+from voicecall.web.webhook import RootResource
+
+STREAM_PATH = "/voice/stream"
+AUTH_TOKEN = "test_auth_token_0123456789abcdef"
+
+
+class Handler:
+    """A StreamHandler that records every call."""
+
+    def __init__(self, accept: bool = True) -> None:
+        self.accept = accept
+        self.accepted: list[tuple[str, str | None]] = []
+        self.started: list = []
+        self.media: list[bytes] = []
+        self.digits: list[str] = []
+        self.stopped: list = []
+        self.fail_media = False
+
+    def accept_start(self, call_sid, token):
+        self.accepted.append((call_sid, token))
+        return self.accept
+
+    def stream_started(self, session):
+        self.started.append(session)
+
+    def media_received(self, session, ulaw):
+        if self.fail_media:
+            raise RuntimeError("handler broke")
+        self.media.append(ulaw)
+
+    def dtmf_received(self, session, digit):
+        self.digits.append(digit)
+
+    def stream_stopped(self, session):
+        self.stopped.append(session)
+
+
+class Webhook(Resource):
+    isLeaf = True
+
+    def render(self, request):
+        return b"OK"
+
+
+class Raw(Protocol):
+    """Writes a request and collects the whole answer until the server closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.data = b""
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.done.callback(self.data)
+
+
+def client_frame(payload: bytes, opcode: int = 1, mask: bytes = b"\x12\x34\x56\x78") -> bytes:
+    """A masked client frame (RFC 6455 §5.2), FIN set."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x80 | opcode, 0x80 | n))
+    else:
+        header = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class RawWebSocket(Protocol):
+    """A hand-rolled WebSocket client that writes exactly the bytes it is given."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.upgraded: Deferred = Deferred()
+        self.lost: Deferred = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(upgrade_request())
+
+    def dataReceived(self, data):
+        self.data += data
+        if not self.upgraded.called and b"\r\n\r\n" in self.data:
+            head, _, self.data = self.data.partition(b"\r\n\r\n")
+            self.upgraded.callback(head)
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+def upgrade_request(host: bytes = b"127.0.0.1", extra: bytes = b"") -> bytes:
+    return (
+        b"GET " + STREAM_PATH.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + extra + b"\r\n"
+    )
+
+
+def wait(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    """Wait (spinning the reactor) until predicate() is true."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not reached in time")
+        await wait(0.01)
+
+
+class MediaStreamTestBase(TestCase):
+    handler: Handler
+
+    def serve(self, **kwargs) -> MediaStreamServer:
+        self.handler = kwargs.pop("handler", None) or Handler()
+        kwargs.setdefault("pre_start_timeout", 5.0)
+        server = MediaStreamServer(reactor, self.handler, **kwargs)
+        root = RootResource(webhook=Webhook(), stream_path=STREAM_PATH, stream=server.resource)
+        site = ScreenedSite(root, clock=reactor, screen=lambda request, length: None)
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.url = f"ws://127.0.0.1:{self.port.getHost().port}{STREAM_PATH}"
+        self.server = server
+        self.clients: list[TwilioMediaClient] = []
+        self.addCleanup(self._close_all)
+        return server
+
+    async def _close_all(self) -> None:
+        self.server.shutdown()
+        for client in self.clients:
+            client.abort()
+        for client in self.clients:
+            if not client.opened.called:
+                client.opened.addErrback(lambda f: None)
+            await client.closed
+        await until(lambda: not self.server._connections)
+
+    def client(self, **kwargs) -> TwilioMediaClient:
+        kwargs.setdefault("token", "tok")
+        client = TwilioMediaClient(reactor, kwargs.pop("url", self.url), **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def connected(self, **kwargs) -> TwilioMediaClient:
+        client = self.client(**kwargs)
+        await client.connect()
+        return client
+
+    async def started(self, **kwargs) -> TwilioMediaClient:
+        before = len(self.handler.started)
+        client = await self.connected(**kwargs)
+        await until(lambda: len(self.handler.started) > before)
+        return client
+
+    async def raw(self, request: bytes) -> bytes:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        protocol = Raw(request)
+        await connectProtocol(endpoint, protocol)
+        return await protocol.done
+
+
+class StartTests(MediaStreamTestBase):
+    async def test_start_registers_a_session(self):
+        """A valid start is offered to accept_start and becomes a session under its stream SID."""
+        server = self.serve()
+        client = await self.started(call_sid="CA123", token="secret-token")
+        self.assertEqual(self.handler.accepted, [("CA123", "secret-token")])
+        [session] = self.handler.started
+        self.assertEqual((session.call_sid, session.stream_sid, session.client_ip), ("CA123", client.stream_sid, "127.0.0.1"))
+        self.assertIs(server.sessions[client.stream_sid], session)
+        self.assertEqual((server.active_count, server.pending_count), (1, 0))
+        self.assertEqual(session.custom_parameters, {"token": "secret-token"})
+
+    async def test_valid_start_outlives_the_start_timeout(self):
+        """A socket that sent a valid start is no longer pending and stays open past the timeout."""
+        server = self.serve(pre_start_timeout=0.2)
+        client = await self.started()
+        await wait(0.5)
+        self.assertTrue(client.is_open)
+        self.assertEqual((server.active_count, server.pending_count), (1, 0))
+
+    async def test_start_timeout(self):
+        """A socket without a start is closed 1008 "Start timeout" without consulting accept_start."""
+        server = self.serve(pre_start_timeout=0.2)
+        client = await self.connected(auto_start=False)
+        self.assertEqual(server.pending_count, 1)
+        self.assertEqual(await client.closed, (1008, "Start timeout"))
+        self.assertEqual(self.handler.accepted, [])
+        await until(lambda: server.pending_count == 0)
+
+    async def test_missing_call_sid(self):
+        """A start without start.callSid is closed 1008 "Missing callSid"."""
+        self.serve()
+        client = await self.connected(auto_start=False)
+        client.send_json({"event": "start", "streamSid": "MZ1", "start": {"customParameters": {"token": "t"}}})
+        self.assertEqual(await client.closed, (1008, "Missing callSid"))
+        self.assertEqual(self.handler.accepted, [])
+
+    async def test_unknown_call(self):
+        """A start that accept_start refuses is closed 1008 "Unknown call" and never starts."""
+        self.serve(handler=Handler(accept=False))
+        client = await self.connected(call_sid="CA9", token="wrong")
+        self.assertEqual(await client.closed, (1008, "Unknown call"))
+        self.assertEqual(self.handler.accepted, [("CA9", "wrong")])
+        self.assertEqual(self.handler.started, [])
+
+    async def test_token_from_the_query_string(self):
+        """Without a customParameters token the upgrade URL's token parameter is used."""
+        self.serve()
+        await self.started(url=self.url + "?token=from-query", token=None)
+        self.assertEqual(self.handler.accepted[0][1], "from-query")
+
+    async def test_duplicate_stream_sid(self):
+        """A second stream claiming an active stream SID is refused."""
+        self.serve()
+        first = await self.started()
+        second = await self.connected(stream_sid=first.stream_sid)
+        self.assertEqual(await second.closed, (1008, "Duplicate streamSid"))
+        self.assertTrue(first.is_open)
+
+    async def test_media_before_start_is_dropped(self):
+        """Media frames sent before start are ignored; those after it reach the handler, decoded."""
+        self.serve()
+        client = await self.connected(auto_start=False, stream_media=False)
+        for _ in range(3):
+            client.send_media(b"\x01" * FRAME_BYTES)
+        await wait(0.1)
+        self.assertEqual(self.handler.media, [])
+        client.send_start()
+        await until(lambda: self.handler.started)
+        client.send_media(b"\x02" * FRAME_BYTES)
+        await until(lambda: self.handler.media)
+        self.assertEqual(self.handler.media, [b"\x02" * FRAME_BYTES])
+
+    async def test_media_streams_in(self):
+        """The client's audio arrives as 160-byte mu-law payloads, in order."""
+        self.serve()
+        audio = bytes(range(1, 161)) * 3
+        await self.started(audio=audio)
+        await until(lambda: len(self.handler.media) >= 3)
+        self.assertEqual(b"".join(self.handler.media[:3]), audio)
+
+    async def test_dtmf(self):
+        """DTMF digits reach the handler; anything that is not a digit is ignored."""
+        self.serve()
+        client = await self.started(stream_media=False)
+        client.send_dtmf("7")
+        client.send_dtmf("<script>")
+        client.send_dtmf("#")
+        await until(lambda: len(self.handler.digits) >= 2)
+        await wait(0.05)
+        self.assertEqual(self.handler.digits, ["7", "#"])
+
+
+class CapTests(MediaStreamTestBase):
+    async def test_pending_limit_in_total(self):
+        """Beyond max_pending pending sockets, the next is closed 1013; a started stream frees a slot."""
+        server = self.serve(max_pending=2, max_pending_per_ip=10, client_ip=lambda headers, peer: headers.get("x-client", peer))
+        first = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        await self.connected(auto_start=False, headers={"X-Client": "10.0.0.2"})
+        third = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.3"})
+        code, reason = await third.closed
+        self.assertEqual(code, 1013)
+        self.assertEqual(reason, "Too many pending media stream connections")
+        first.send_start()
+        await until(lambda: server.pending_count == 1)
+        fourth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.4"})
+        await wait(0.05)
+        self.assertTrue(fourth.is_open)
+        self.assertEqual(server.pending_count, 2)
+
+    async def test_pending_limit_per_ip(self):
+        """Beyond max_pending_per_ip pending sockets from one client address, the next is closed 1013."""
+        server = self.serve(max_pending_per_ip=1, client_ip=lambda headers, peer: headers.get("x-client", peer))
+        await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        same = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        self.assertEqual(await same.closed, (1013, "Too many pending media stream connections"))
+        other = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.2"})
+        await wait(0.05)
+        self.assertTrue(other.is_open)
+        self.assertEqual(server.pending_count, 2)
+
+    async def test_503_at_max_connections(self):
+        """With max_connections sockets open (pending or active), an upgrade gets a plain 503 before upgrading."""
+        self.serve(max_connections=2)
+        await self.started()
+        await self.connected(auto_start=False)
+        answer = await self.raw(upgrade_request())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.assertEqual(lines[0], b"HTTP/1.1 503 Service Unavailable")
+        headers = {k.lower(): v for k, v in (line.split(b": ", 1) for line in lines[1:])}
+        self.assertEqual(headers[b"connection"], b"close")
+        self.assertEqual(headers[b"content-type"], b"text/plain; charset=utf-8")
+        self.assertEqual(headers[b"content-length"], b"%d" % len(body))
+        self.assertEqual(body, b"Too many media stream connections\n")
+        refused = self.client()
+        failure = await self.assertFailure(refused.connect(), UpgradeRefused)
+        self.assertEqual(failure.status, 503)
+
+    async def test_shutdown(self):
+        """shutdown() ends sessions once, closes sockets 1001, and later upgrades get a 503."""
+        server = self.serve()
+        client = await self.started()
+        server.shutdown()
+        code, _ = await client.closed
+        self.assertEqual(code, 1001)
+        self.assertEqual(len(self.handler.stopped), 1)
+        answer = await self.raw(upgrade_request())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "))
+        self.assertTrue(answer.endswith(b"\r\n\r\nMedia stream handler is shutting down\n"))
+
+    async def test_frame_cap(self):
+        """An inbound frame over 64 KiB closes the socket 1009."""
+        self.serve()
+        client = await self.started(stream_media=False)
+        client.send_raw(b'{"event":"media","pad":"' + b"x" * (64 * 1024) + b'"}')
+        code, _ = await client.closed
+        self.assertEqual(code, 1009)
+        self.assertEqual(len(self.handler.stopped), 1)
+
+    async def test_backpressure(self):
+        """A client that stops reading is closed 1013 once more than 1 MiB waits to be sent."""
+        self.serve()
+        client = await self.started(stream_media=False)
+        [session] = self.handler.started
+        client.pause_reading()
+        refused_after = 0
+        for _ in range(2000):
+            if not all(session.send_media(b"\x00" * FRAME_BYTES) for _ in range(500)):
+                break
+            refused_after += 500
+            await wait(0)
+        self.assertFalse(session.send_media(b"\x00" * FRAME_BYTES))
+        self.assertGreater(refused_after, 1024 * 1024 // 300)
+        client.resume_reading()
+        self.assertEqual(await client.closed, (1013, "Backpressure: send buffer exceeded"))
+        self.assertEqual(self.server.counts["backpressure"], 1)
+
+
+class UpgradeCheckTests(MediaStreamTestBase):
+    def verifier(self, url, headers):
+        self.verified.append(url)
+        return verify_twilio(url=url, params={}, signature=headers.get("x-twilio-signature"), auth_token=AUTH_TOKEN).ok
+
+    async def test_signed_upgrade_accepted(self):
+        """An upgrade whose X-Twilio-Signature (Twilio's SDK over the wss URL) verifies is accepted."""
+        self.verified = []
+        self.serve(verify_upgrade=self.verifier)
+        wss = self.url.replace("ws://", "wss://")
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(wss, {})
+        await self.started(headers={"X-Twilio-Signature": signature})
+        self.assertEqual(self.verified, [wss])
+
+    async def test_bad_signature_refused_before_upgrade(self):
+        """An upgrade whose signature does not verify gets a 403 and never becomes a socket."""
+        self.verified = []
+        server = self.serve(verify_upgrade=self.verifier)
+        client = self.client(headers={"X-Twilio-Signature": "XBfm3Ksz9YsboFXKJwfpv8PTqEg="})
+        failure = await self.assertFailure(client.connect(), UpgradeRefused)
+        self.assertEqual(failure.status, 403)
+        answer = await self.raw(upgrade_request())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "))
+        self.assertEqual(self.handler.accepted, [])
+        self.assertEqual(server.counts["403"], 2)
+        self.assertEqual(len(server._connections), 0)
+
+    async def test_malformed_host(self):
+        """A malformed Host on an upgrade gets 400 and the Site keeps serving webhooks."""
+        self.serve()
+        for host in (b"[::1", b"example.com:abc", b"exa mple.com", b"user@example.com", b"a..b"):
+            answer = await self.raw(upgrade_request(host))
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (host, answer[:40]))
+        twice = await self.raw(upgrade_request(extra=b"Host: other.example\r\n"))
+        self.assertTrue(twice.startswith(b"HTTP/1.1 400 "))
+        answer = await self.raw(b"POST /voice/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "))
+        self.assertTrue(answer.endswith(b"OK"))
+
+
+class SessionTests(MediaStreamTestBase):
+    async def test_stop_ends_the_session_once(self):
+        """stop ends the session (stream_stopped once), closes the socket, and frees the stream SID."""
+        server = self.serve()
+        client = await self.started()
+        client.stop()
+        self.assertEqual(await client.closed, (1000, "Stream stopped"))
+        await until(lambda: not server._connections)
+        self.assertEqual(len(self.handler.stopped), 1)
+        self.assertEqual(server.active_count, 0)
+
+    async def test_socket_close_ends_the_session_once(self):
+        """A socket dropped without stop ends its session exactly once; the session stops sending."""
+        server = self.serve()
+        client = await self.started()
+        [session] = self.handler.started
+        client.abort()
+        await client.closed
+        await until(lambda: self.handler.stopped)
+        await wait(0.05)
+        self.assertEqual(self.handler.stopped, [session])
+        self.assertEqual(server.sessions, {})
+        self.assertFalse(session.send_media(b"\xff" * FRAME_BYTES))
+        self.assertFalse(session.is_open)
+
+    async def test_playback_over_the_socket(self):
+        """Paced audio reaches the client as 160-byte media frames; the echoed mark completes the utterance."""
+        self.serve()
+        client = await self.started(stream_media=False)
+        [session] = self.handler.started
+        audio = bytes(range(1, 161)) * 10
+
+        def synthesize(on_chunk):
+            on_chunk(AudioChunk(audio, "ulaw", 8000))
+            d = Deferred()
+            d.callback(None)
+            return d
+
+        outcome = await session.playback.play(synthesize)
+        self.assertEqual(outcome, "played")
+        self.assertEqual(bytes(client.audio_received), audio)
+        self.assertEqual(len(client.marks_echoed), 1)
+        times = list(client.media_times)
+        self.assertGreaterEqual(times[-1] - times[0], 0.15)
+
+    async def test_clear_reaches_the_client(self):
+        """Barge-in sends clear on the socket, and the playing utterance resolves skipped."""
+        self.serve()
+        client = await self.started(stream_media=False)
+        [session] = self.handler.started
+        d = session.playback.play(lambda on_chunk: Deferred())
+        await wait(0.05)
+        session.playback.clear()
+        self.assertEqual(await d, "skipped")
+        await until(lambda: client.clears == 1)
+
+    async def test_unusable_frames_are_logged_sanitised_and_ignored(self):
+        """Invalid JSON, binary frames and unknown events are logged without control characters and ignored."""
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.serve()
+        client = await self.started(stream_media=False)
+        client.send_raw(b"not json \x1b[31m\x00")
+        client.send_raw(b"\x00\x01", binary=True)
+        client.send_json({"event": "bogus"})
+        client.send_media(b"\x05" * FRAME_BYTES)
+        await until(lambda: self.handler.media)
+        self.assertTrue(client.is_open)
+        texts = [e.get("frame") for e in observer if e.get("log_format", "").startswith("ignored media stream frame")]
+        self.assertEqual(len(texts), 3)
+        self.assertIn("not json [31m", texts[0])
+        self.assertFalse(any(ch in "".join(texts) for ch in "\x00\x1b\x01"))
+
+    async def test_handler_errors_are_contained(self):
+        """An exception in the handler is logged and the stream carries on."""
+        self.serve()
+        self.handler.fail_media = True
+        client = await self.started()
+        await wait(0.1)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertTrue(client.is_open)
+
+
+class FramingTests(MediaStreamTestBase):
+    async def raw_socket(self) -> RawWebSocket:
+        protocol = RawWebSocket()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), protocol)
+        self.addCleanup(lambda: protocol.lost)
+        self.addCleanup(protocol.transport.abortConnection)
+        head = await protocol.upgraded
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "))
+        return protocol
+
+    async def test_frames_split_and_coalesced_anyhow(self):
+        """Frames split at any byte and several per read, with a ping between them, all arrive intact."""
+        self.serve()
+        ws = await self.raw_socket()
+        start = b'{"event":"start","streamSid":"MZ1","start":{"callSid":"CA1","customParameters":{"token":"t"}}}'
+        payloads = [bytes([i]) * FRAME_BYTES for i in (1, 2, 3, 4)]
+        media = [b'{"event":"media","media":{"payload":"%s"}}' % base64.b64encode(p) for p in payloads]
+        wire = client_frame(start) + client_frame(media[0]) + client_frame(b"ping!", opcode=9)
+        wire += client_frame(media[1]) + client_frame(media[2]) + client_frame(media[3])
+        for size in (1, 7, 3, 250, 5, 1000):
+            chunk, wire = wire[:size], wire[size:]
+            ws.transport.write(chunk)
+            await wait(0.005)
+        ws.transport.write(wire)
+        await until(lambda: len(self.handler.media) == 4)
+        self.assertEqual(self.handler.media, payloads)
+        await until(lambda: b"\x8a\x05ping!" in ws.data)
+
+    async def test_unmasked_frame_is_a_protocol_error(self):
+        """An unmasked client frame is refused by autobahn's parser (close 1002), not accepted by the fast path."""
+        self.serve()
+        ws = await self.raw_socket()
+        ws.transport.write(b"\x81\x05hello")
+        await ws.lost
+        self.assertIn(b"\x88", ws.data)
+        self.assertIn((1002).to_bytes(2, "big"), ws.data)
+
+    async def test_client_close_ends_the_session(self):
+        """A masked close frame after a start ends the session once and gets a close reply."""
+        self.serve()
+        ws = await self.raw_socket()
+        start = b'{"event":"start","streamSid":"MZ2","start":{"callSid":"CA2","customParameters":{"token":"t"}}}'
+        ws.transport.write(client_frame(start) + client_frame((1000).to_bytes(2, "big"), opcode=8))
+        await ws.lost
+        self.assertEqual(len(self.handler.started), 1)
+        self.assertEqual(len(self.handler.stopped), 1)
+        self.assertTrue(ws.data.startswith(b"\x88"))
+
+
+class AutobahnTuningTests(MediaStreamTestBase):
+    def test_log_helpers_neutralised(self):
+        """The server replaces hltype/hlval in the autobahn modules that call them per frame."""
+        self.assertTrue(neutralise_autobahn_log_formatting())
+        for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
+            self.assertEqual(module.hltype(self), self)
+            self.assertEqual(module.hlval(42), 42)
+
+    async def test_no_log_formatting_per_frame(self):
+        """Frames in and out of a stream never reach autobahn's colouring helper (it would notice a move)."""
+        for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
+            module.hltype, module.hlval = autobahn.util.hltype, autobahn.util.hlval
+        self.serve()
+        client = await self.started(stream_media=False)
+        [session] = self.handler.started
+        calls = []
+        original = autobahn.util.hl
+        autobahn.util.hl = lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
+        self.addCleanup(setattr, autobahn.util, "hl", original)
+        for _ in range(5):
+            client.send_media(b"\x01" * FRAME_BYTES)
+            session.send_media(b"\x02" * FRAME_BYTES)
+        await until(lambda: len(self.handler.media) == 5 and len(client.media_times) == 5)
+        self.assertEqual(calls, [])
