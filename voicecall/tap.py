@@ -34,10 +34,14 @@ from voicecall.model import Mode
 from voicecall.policy import inbound_decision
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twilio import TwilioProvider
-from voicecall.providers.signatures import skip_request_key
+from voicecall.providers.signatures import skip_request_key, verify_twilio
 from voicecall.reaper import StaleCallReaper
 from voicecall.rpc import GatewayResponders, RpcFactory, RpcMethods, default_socket_path
 from voicecall.speech.responder import AutoResponder, ChatResponder
+from voicecall.speech.stt import RealtimeTranscriber
+from voicecall.speech.tts import TelephonyTts
+from voicecall.media.bridge import StreamBridge
+from voicecall.media.stream import MediaStreamServer, neutralise_autobahn_log_formatting
 from voicecall.store import CallStore, ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
@@ -173,7 +177,7 @@ class VoicecallService(MultiService):
     _log = Logger()
 
     def __init__(
-        self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool, metrics=None
+        self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool, metrics=None, media=None, bridge=None
     ) -> None:
         super().__init__()
         self.setName("voicecall")
@@ -190,6 +194,8 @@ class VoicecallService(MultiService):
         self._pool = pool
         self.webhook_url: str | None = None
         self._metrics = metrics
+        self._media = media
+        self._bridge = bridge
         self._tunnel = None
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
@@ -265,6 +271,10 @@ class VoicecallService(MultiService):
 
     async def _stop(self) -> None:
         sdnotify.notify("STOPPING=1")
+        if self._media is not None:
+            self._bridge.stop()
+            self._media.shutdown()
+            self._bridge.stop()
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
             await tunnel.stop()
@@ -291,6 +301,92 @@ async def _maybe(result: Any) -> Any:
     return result
 
 
+def forwarding_policy(cfg) -> ForwardingPolicy:
+    """SPEC §9.1 [H] and §9.5: whose forwarded headers count."""
+    security = cfg.webhook_security
+    return ForwardingPolicy(
+        allowed_hosts=tuple(security.allowed_hosts),
+        trust_forwarding_headers=security.trust_forwarding_headers,
+        trusted_proxy_ips=tuple(security.trusted_proxy_ips),
+        ngrok_loopback_bypass=(
+            cfg.tunnel.provider == "ngrok"
+            and cfg.serve.bind in _LOOPBACK
+            and cfg.tunnel.allow_ngrok_free_tier_loopback_bypass
+        ),
+    )
+
+
+def build_stream_bridge(cfg, reactor, http, provider) -> StreamBridge | None:
+    """The media-stream bridge when streaming is enabled and usable (Twilio, an STT key, TTS)."""
+    if not cfg.streaming.enabled or not isinstance(provider, TwilioProvider):
+        return None
+    log = Logger()
+    key = cfg.streaming.openai_api_key
+    if not key:
+        log.warn("[voice-call] Streaming enabled but no OpenAI API key found")
+        return None
+    tts = TelephonyTts(http=http, clock=reactor, config=cfg.tts)
+    if not tts.available():
+        log.warn("Telephony TTS unavailable; streaming TTS disabled")
+        return None
+    neutralise_autobahn_log_formatting()
+    streaming = cfg.streaming
+
+    def new_transcriber(**callbacks):
+        return RealtimeTranscriber(
+            reactor,
+            key,
+            url=streaming.stt_base_url,
+            model=streaming.stt_model,
+            vad_threshold=streaming.vad_threshold,
+            silence_duration_ms=streaming.silence_duration_ms,
+            **callbacks,
+        )
+
+    return StreamBridge(
+        clock=reactor,
+        fallback=provider,
+        synthesize=tts.synthesize,
+        new_transcriber=new_transcriber,
+        stream_path=normalize_path(streaming.stream_path),
+        public_url=lambda: provider.public_url,
+        max_streams=cfg.max_concurrent_calls,
+    )
+
+
+def build_media_server(cfg, reactor, bridge: StreamBridge, provider, forwarding: ForwardingPolicy) -> MediaStreamServer:
+    streaming = cfg.streaming
+    def verify(url: str, headers) -> bool:
+            """Twilio signs the stream URL it was given (no parameters), PROVIDERS.md §1.5."""
+            expected = bridge.stream_url()
+            if expected is None:
+                return False
+            return verify_twilio(
+                url=expected,
+                params=[],
+                signature=headers.get("x-twilio-signature"),
+                auth_token=cfg.twilio.auth_token,
+                settings_header=headers.get("x-twilio-webhooks-signature-settings"),
+                signing_keys=dict(cfg.twilio.signing_keys),
+                public_url=provider.public_url,
+                host_header=headers.get("host"),
+            ).ok
+
+    server = MediaStreamServer(
+        reactor,
+        bridge,
+        max_connections=streaming.max_connections,
+        max_pending=streaming.max_pending_connections,
+        max_pending_per_ip=streaming.max_pending_connections_per_ip,
+        pre_start_timeout=streaming.pre_start_timeout_ms / 1000.0,
+        client_ip=forwarding.client_ip,
+        verify_upgrade=None if cfg.skip_signature_verification else verify,
+    )
+    provider.stream_twiml = bridge.stream_twiml
+    provider.stream_busy = bridge.stream_busy
+    return server
+
+
 def makeService(options: Options, reactor=None) -> VoicecallService:
     if reactor is None:
         from twisted.internet import reactor
@@ -300,6 +396,9 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     http, pool = build_http_client(reactor)
     provider = build_provider(cfg, reactor, http)
     voice = provider
+    bridge = build_stream_bridge(cfg, reactor, http, provider)
+    if bridge is not None:
+        voice = bridge
     manager = CallManager(
         provider=provider,
         voice=voice,
@@ -337,20 +436,13 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         timeout_ms=cfg.response_timeout_ms,
     )
     manager.on_utterance = auto.on_utterance
+    media = None
+    if bridge is not None:
+        bridge.manager = manager
+        media = build_media_server(cfg, reactor, bridge, provider, forwarding_policy(cfg))
     if isinstance(provider, TwilioProvider):
         provider.inbound_screen = lambda caller: inbound_decision(cfg.inbound_policy, cfg.allow_from, caller) is None
-    security = cfg.webhook_security
-    ngrok_bypass = (
-        cfg.tunnel.provider == "ngrok"
-        and cfg.serve.bind in _LOOPBACK
-        and cfg.tunnel.allow_ngrok_free_tier_loopback_bypass
-    )
-    forwarding = ForwardingPolicy(
-        allowed_hosts=tuple(security.allowed_hosts),
-        trust_forwarding_headers=security.trust_forwarding_headers,
-        trusted_proxy_ips=tuple(security.trusted_proxy_ips),
-        ngrok_loopback_bypass=ngrok_bypass,
-    )
+    forwarding = forwarding_policy(cfg)
     for_twilio = cfg.provider == "twilio"
     serve_path = normalize_path(cfg.serve.path)
     skip_key = None
@@ -369,8 +461,9 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         responses=ResponseCache(reactor),
         skip_key=skip_key,
     )
+    stream_path = normalize_path(cfg.streaming.stream_path)
     site = ScreenedSite(
-        RootResource(webhook=webhook),
+        RootResource(webhook=webhook, stream_path=stream_path, stream=media.resource if media else None),
         clock=reactor,
         screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification),
     )
@@ -386,8 +479,12 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     metrics_listener = None
     if cfg.metrics.enabled:
         metrics = Metrics()
+        media_counts = None
+        if media is not None:
+            media_counts = lambda: {"open": media.active_count + media.pending_count, "refused": dict(media.counts)}  # noqa: E731
+            bridge.on_first_audio = metrics.observe_tts_first_audio
         metrics.add_collector(
-            VoicecallCollector(cfg.provider, manager.active_calls, webhook.counts, manager.ended_counts)
+            VoicecallCollector(cfg.provider, manager.active_calls, webhook.counts, manager.ended_counts, media_counts)
         )
         manager.on_turn_latency = metrics.observe_turn_latency
         metrics_site = Site(MetricsResource(metrics))
@@ -408,5 +505,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         provider=provider,
         pool=pool,
         metrics=metrics_listener,
+        media=media,
+        bridge=bridge,
     )
     return service

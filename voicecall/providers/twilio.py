@@ -106,6 +106,10 @@ class TwilioProvider:
     def set_public_url(self, url: str | None) -> None:
         self._public_url = url
 
+    @property
+    def public_url(self) -> str | None:
+        return self._public_url
+
     def set_webhook_url(self, url: str | None) -> None:
         self._webhook_url = url
 

@@ -392,6 +392,11 @@ class TwilioMediaClient:
                 "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
             })
 
+    def talk(self, audio: bytes) -> None:
+        """The caller speaks: stream `audio` (mu-law) from the next frame on, then silence."""
+        self.audio = audio
+        self._audio_offset = 0
+
     def _send_next_frame(self) -> None:
         if not self.is_open:
             self.ticker.remove(self)

@@ -1,0 +1,161 @@
+"""
+A streamed Twilio conversation end to end: the daemon in process with the fake Twilio, a real
+media-stream client, the fake OpenAI speech endpoint (TTS) and the fake realtime transcription
+server (STT), all on loopback.
+"""
+from __future__ import annotations
+
+import math
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from voicecall.audio import ulaw_encode
+from voicecall.testing.openai_realtime import FakeRealtimeServer
+from voicecall.testing.speech import FakeOpenAISpeech
+from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
+from voicecall.testing.twilio_media import TwilioMediaClient
+
+from tests.harness import eventually, free_port, http_client, serve, sleep, start_daemon
+
+SID = "AC" + "0" * 32
+TOKEN = "twilio-token"
+
+
+def tone(seconds: float, hz: float = 440.0, amplitude: int = 8000) -> bytes:
+    """Mu-law audio loud enough for the fake STT's voice detector."""
+    import struct
+
+    samples = [int(amplitude * math.sin(2 * math.pi * hz * n / 8000)) for n in range(int(8000 * seconds))]
+    return ulaw_encode(struct.pack(f"<{len(samples)}h", *samples))
+
+
+class StreamedConversationTests(TestCase):
+    timeout = 60
+
+    async def start(self, transcripts=("A table for two",)):
+        http = http_client(self)
+        self.fake = FakeTwilio(reactor, SID, TOKEN, http=http, scenario=Scenario(utterances=[]))
+        twilio_base = await serve(self, self.fake.resource())
+        self.speech = FakeOpenAISpeech(reactor, "sk-tts", chunk_bytes=960)
+        speech_base = await serve(self, self.speech.resource())
+        self.stt = FakeRealtimeServer(reactor, "sk-stt", script=list(transcripts))
+        self.stt.listen()
+        self.addCleanup(self.stt.stop)
+        port = free_port()
+        self.service, self.rpc = await start_daemon(
+            self,
+            {
+                "provider": "twilio",
+                "fromNumber": "+15550000000",
+                "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": twilio_base},
+                "serve": {"port": port, "bind": "127.0.0.1"},
+                "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+                "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": self.stt.url, "silenceDurationMs": 300},
+                "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts", "baseUrl": speech_base + "/v1"}},
+                "maxConcurrentCalls": 2,
+                "transcriptTimeoutMs": 20000,
+            },
+        )
+        self.addCleanup(self.hang_up)
+
+    async def hang_up(self):
+        for call in list(self.fake.calls.values()):
+            call.hangup_by_callee()
+        await self.fake.settle()
+
+    async def call(self, message="Good evening"):
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": "+15550001234", "message": message, "mode": "conversation"}))["callId"]
+        fake_call = await eventually(lambda: next(iter(self.fake.calls.values()), None), 5, "the fake call")
+        stream = await fake_call.next_stream()
+        return call_id, fake_call, stream
+
+    async def connect(self, fake_call, stream, signature=None):
+        client = TwilioMediaClient(
+            reactor,
+            stream.url,
+            call_sid=fake_call.sid,
+            token=stream.parameters.get("token"),
+            headers={"X-Twilio-Signature": signature or sign_request(TOKEN, stream.url)},
+        )
+        await client.connect()
+        self.addCleanup(self.close_client, client)
+        return client
+
+    async def close_client(self, client):
+        if not client.closed.called:
+            client.close()
+        await client.closed
+
+    async def said(self, call_id):
+        record = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
+        return [t["text"] for t in record["transcript"] if t["speaker"] == "bot"]
+
+    async def until(self, probe, what, timeout=10.0):
+        for _ in range(int(timeout / 0.02)):
+            value = await probe()
+            if value:
+                return value
+            await sleep(0.02)
+        self.fail(f"timed out waiting for {what}")
+
+    async def test_greeting_then_turn(self):
+        """The greeting plays over the stream (mark-gated); continue speaks and returns what STT heard."""
+        await self.start()
+        call_id, fake_call, stream = await self.call()
+        self.assertEqual(stream.url, self.service.webhook_url.replace("http://", "ws://").replace("/voice/webhook", "/voice/stream"))
+        client = await self.connect(fake_call, stream)
+        await self.until(lambda: self._has(self.said(call_id), "Good evening"), "the greeting to finish playing")
+        self.assertGreater(len(client.audio_received), 8000 * 0.5)
+        self.assertTrue(client.marks_echoed)
+        self.assertEqual(self.speech.requests[0].json["input"], "Good evening")
+        pending = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "How many people?"})
+        await self.until(lambda: self._has(self.said(call_id), "How many people?"), "the question to finish playing")
+        client.talk(tone(0.6))
+        answer = await pending
+        self.assertEqual(answer, {"success": True, "transcript": "A table for two"})
+
+    async def _has(self, said, text):
+        return text in await said
+
+    async def test_barge_in_clears_playback(self):
+        """Caller speech while the bot talks makes the daemon send `clear`; the speak still completes."""
+        await self.start(transcripts=("Sorry, stop",))
+        call_id, fake_call, stream = await self.call("Hi")
+        client = await self.connect(fake_call, stream)
+        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        speaking = self.rpc.call("voicecall.speak", {"callId": call_id, "message": "This is a very long announcement " * 4})
+        await eventually(lambda: len(client.audio_received) > 16000, 10, "the announcement to start")
+        client.talk(tone(0.6))
+        await eventually(lambda: client.clears >= 1, 10, "a clear")
+        self.assertEqual(await speaking, {"success": True})
+
+    async def test_reconnect_grace(self):
+        """A stream that drops and comes back within 2 s keeps the call; one that does not, ends it."""
+        await self.start()
+        call_id, fake_call, stream = await self.call("Hi")
+        client = await self.connect(fake_call, stream)
+        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        client.close()
+        await sleep(0.5)
+        await self.connect(fake_call, stream)
+        await sleep(2.0)
+        status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
+        self.assertNotIn(status["state"], ("hangup-bot", "completed"))
+        for s in list(self.service._media.sessions.values()):
+            s.close()
+        await sleep(2.5)
+        status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
+        self.assertEqual(status["state"], "hangup-bot")
+
+    async def test_bad_token_or_signature_refused(self):
+        """A stream with a wrong token is closed 1008; an upgrade with a bad signature is refused."""
+        await self.start()
+        _, fake_call, stream = await self.call("Hi")
+        bad = TwilioMediaClient(reactor, stream.url, call_sid=fake_call.sid, token="wrong", headers={"X-Twilio-Signature": sign_request(TOKEN, stream.url)})
+        await bad.connect()
+        code, reason = await bad.closed
+        self.assertEqual((code, reason), (1008, "Unknown call"))
+        forged = TwilioMediaClient(reactor, stream.url, call_sid=fake_call.sid, token=stream.parameters["token"], headers={"X-Twilio-Signature": sign_request("not-the-token", stream.url)})
+        with self.assertRaises(Exception):
+            await forged.connect()

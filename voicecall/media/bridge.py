@@ -1,0 +1,291 @@
+# -*- test-case-name: tests.test_streaming -*-
+"""
+Where a Twilio media stream meets the call: the bridge is the media server's `StreamHandler`
+and, for the manager, the `Voice` of a Twilio call.
+
+- The Twilio adapter asks it for a call's stream TwiML: a `<Connect><Stream>` to our stream URL
+  with a fresh per-call token in a `<Parameter>` (SPEC §7.1.3), minted once per CallSid.
+- A `start` is accepted only for a live call whose token matches (constant-time).
+- The caller's audio goes to a realtime speech-to-text session; its final transcripts become
+  `call.speech` events (stream-native turns, DESIGN.md: no turn token, no TwiML update), and
+  speech starting clears our playback (barge-in) except while an outbound call's first words
+  are still playing (SPEC §6.2 [H]).
+- The initial message is spoken when the speech-to-text session is ready (SPEC §5.3 [H]).
+- Speaking on a streamed call synthesises with TTS and plays paced audio into the stream; it never
+  falls back to `<Say>` while a stream is up (SPEC §20 item 10). Calls without a stream use the
+  adapter's own speech.
+- A dropped stream ends its call only if no new stream arrives within 2 s (SPEC §10.2 [H]).
+"""
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from voicecall.model import CallEvent, CallRecord, CallState, Direction, EventType, Mode
+from voicecall.providers import twiml
+from voicecall.providers.twilio import stream_token
+
+RECONNECT_GRACE_SECONDS = 2.0
+STREAM_TTS_UNAVAILABLE = "Telephony TTS unavailable while media stream is active; refusing TwiML fallback"
+#: Per-call state kept for calls (tokens, timers) is capped like any map outside input can grow.
+MAX_CALLS = 10_000
+
+
+def _bounded_put(mapping: dict, key: str, value: Any) -> None:
+    mapping.pop(key, None)
+    mapping[key] = value
+    while len(mapping) > MAX_CALLS:
+        del mapping[next(iter(mapping))]
+
+
+@define
+class StreamBridge:
+    _clock: IReactorTime
+    _fallback: Any  # the Twilio adapter: its own speech for calls without a stream
+    _synthesize: Callable[[str, Callable], Deferred] | None  # TelephonyTts.synthesize
+    _new_transcriber: Callable[..., Any]  # (on_partial, on_final, on_speech_start) -> RealtimeTranscriber
+    _stream_path: str
+    _public_url: Callable[[], "str | None"]
+    _max_streams: int = 1
+    #: Called with the seconds from a playback request to its first synthesised audio (metrics).
+    on_first_audio: Callable[[float], None] | None = None
+    manager: Any = None  # set by tap.py once the manager exists
+    _tokens: dict[str, str] = field(factory=dict)  # CallSid -> stream token
+    _sessions: dict[str, Any] = field(factory=dict)  # CallSid -> StreamSession
+    _transcribers: dict[str, Any] = field(factory=dict)  # StreamSid -> RealtimeTranscriber
+    _grace: dict[str, IDelayedCall] = field(factory=dict)  # CallSid -> pending end-of-call
+    _log = Logger()
+
+    # -- the Twilio adapter's hooks ---------------------------------------------------------------
+
+    def stream_url(self) -> str | None:
+        public = self._public_url()
+        return twiml.stream_url(public, self._stream_path) if public else None
+
+    def stream_twiml(self, call_sid: str, direction: Direction) -> str | None:
+        """The `<Connect><Stream>` document for a call, or None when streaming cannot be used."""
+        url = self.stream_url()
+        if url is None:
+            return None
+        token = self._tokens.get(call_sid)
+        if token is None:
+            token = stream_token()
+            _bounded_put(self._tokens, call_sid, token)
+        return twiml.stream(url, token)
+
+    def stream_busy(self) -> bool:
+        """An inbound caller waits in the hold queue while every stream slot is taken."""
+        return len(self._sessions) >= self._max_streams
+
+    def forget(self, call_sid: str) -> None:
+        """The call is over: drop its token (a new call gets a new one)."""
+        self._tokens.pop(call_sid, None)
+
+    def stop(self) -> None:
+        """The daemon is stopping: no call is ended for its stream, no STT session is left open."""
+        self.manager = None
+        for timer in self._grace.values():
+            if timer.active():
+                timer.cancel()
+        self._grace.clear()
+        for stt in self._transcribers.values():
+            stt.close().addErrback(lambda f: None)
+        self._transcribers.clear()
+        self._sessions.clear()
+
+    # -- StreamHandler ----------------------------------------------------------------------------
+
+    def accept_start(self, call_sid: str, token: str | None) -> bool:
+        expected = self._tokens.get(call_sid)
+        call = self.manager.find(call_sid) if self.manager is not None else None
+        if call is None or expected is None or token is None:
+            self._log.warn("Rejecting media stream: unknown call or missing token for {sid}", sid=call_sid)
+            return False
+        if not hmac.compare_digest(expected.encode(), token.encode()):
+            self._log.warn("Rejecting media stream: invalid token for {sid}", sid=call_sid)
+            return False
+        return True
+
+    def stream_started(self, session) -> None:
+        sid = session.call_sid
+        timer = self._grace.pop(sid, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        old = self._sessions.get(sid)
+        if old is not None and old is not session:
+            old.close(1000, "Replaced by a new stream")
+        self._sessions[sid] = session
+        stt = self._new_transcriber(
+            on_partial=lambda text: None,
+            on_final=lambda text: self._final(sid, text),
+            on_speech_start=lambda: self._speech_started(sid),
+        )
+        self._transcribers[session.stream_sid] = stt
+        d = stt.connect()
+        d.addErrback(lambda f: self._log.warn("Realtime STT for {sid} did not connect: {error}", sid=sid, error=f.getErrorMessage()))
+        # SPEC §5.3 [H]: the first words go out when speech-to-text is ready (or has failed: TTS still works).
+        d.addBoth(lambda _: self._speak_initial(sid, session))
+
+    def _speak_initial(self, call_sid: str, session) -> None:
+        if self._sessions.get(call_sid) is session and self.manager is not None:
+            self.manager.speak_initial_message(call_sid)
+
+    def media_received(self, session, ulaw: bytes) -> None:
+        stt = self._transcribers.get(session.stream_sid)
+        if stt is not None:
+            stt.send_audio(ulaw)
+
+    def dtmf_received(self, session, digit: str) -> None:
+        if self.manager is None:
+            return
+        event = CallEvent(
+            type=EventType.DTMF,
+            call_id=session.call_sid,
+            id=str(uuid.uuid4()),
+            timestamp=int(self._clock.seconds() * 1000),
+            provider_call_id=session.call_sid,
+            digits=digit,
+        )
+        self._background(self.manager.process_event(event), "DTMF from the media stream")
+
+    def stream_stopped(self, session) -> None:
+        stt = self._transcribers.pop(session.stream_sid, None)
+        if stt is not None:
+            stt.close().addErrback(lambda f: None)
+        sid = session.call_sid
+        if self._sessions.get(sid) is not session:
+            return  # a newer stream took over: nothing ends
+        del self._sessions[sid]
+        if self.manager is None or self.manager.find(sid) is None:
+            self.forget(sid)
+            return
+        _bounded_put(self._grace, sid, self._clock.callLater(RECONNECT_GRACE_SECONDS, self._grace_over, sid))
+
+    def _grace_over(self, call_sid: str) -> None:
+        self._grace.pop(call_sid, None)
+        if call_sid in self._sessions or self.manager is None:
+            return
+        call = self.manager.find(call_sid)
+        self.forget(call_sid)
+        if call is None:
+            return
+        self._log.info("media stream of {call_id} did not come back: ending the call", call_id=call.call_id)
+        self._background(self.manager.end_call(call.call_id), "ending a call whose stream dropped")
+
+    # -- speech-to-text callbacks -------------------------------------------------------------------
+
+    def _first_words_playing(self, call_sid: str) -> bool:
+        """SPEC §6.2 [H]: an outbound conversation call still speaking its initial message."""
+        call = self.manager.find(call_sid) if self.manager is not None else None
+        return (
+            call is not None
+            and call.direction is Direction.OUTBOUND
+            and call.state is CallState.SPEAKING
+            and bool(call.metadata.get("initialMessage"))
+        )
+
+    def _speech_started(self, call_sid: str) -> None:
+        if self._first_words_playing(call_sid):
+            return
+        session = self._sessions.get(call_sid)
+        if session is not None and session.playback.is_playing:
+            session.playback.clear()
+
+    def _final(self, call_sid: str, text: str) -> None:
+        if self.manager is None:
+            return
+        if self._first_words_playing(call_sid):
+            self._log.info("Ignoring barge transcript while initial message is still playing")
+            return
+        session = self._sessions.get(call_sid)
+        if session is not None and session.playback.is_playing:
+            session.playback.clear()
+        event = CallEvent(
+            type=EventType.SPEECH,
+            call_id=call_sid,
+            id=str(uuid.uuid4()),
+            timestamp=int(self._clock.seconds() * 1000),
+            provider_call_id=call_sid,
+            transcript=text,
+            is_final=True,
+        )
+        self._background(self.manager.process_event(event), "a transcript from the media stream")
+
+    def _background(self, coroutine, what: str) -> None:
+        d = Deferred.fromCoroutine(coroutine)
+        d.addErrback(lambda f: self._log.failure("failed: " + what, f))
+
+    # -- Voice ------------------------------------------------------------------------------------
+
+    def _session(self, call: CallRecord):
+        return self._sessions.get(call.provider_call_id or "")
+
+    def _play(self, session, text: str) -> Deferred:
+        if self._synthesize is None:
+            d: Deferred = Deferred()
+            d.errback(RuntimeError(STREAM_TTS_UNAVAILABLE))
+            return d
+        synthesize, observe, started = self._synthesize, self.on_first_audio, self._clock.seconds()
+
+        def run(on_audio):
+            if observe is None:
+                return synthesize(text, on_audio)
+            first = []
+
+            def audio(chunk):
+                if not first:
+                    first.append(True)
+                    observe(self._clock.seconds() - started)
+                on_audio(chunk)
+
+            return synthesize(text, audio)
+
+        return session.playback.play(run).addCallback(lambda _: None)
+
+    def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred:
+        session = self._session(call)
+        if session is not None:
+            return self._play(session, text)
+        return self._fallback.speak(call, text, voice)
+
+    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred:
+        session = self._session(call)
+        if session is not None:
+            # Stream-native turn: speak; the next final transcript answers (DESIGN.md).
+            return self._play(session, text)
+        return self._fallback.prompt(call, text, voice, turn_token)
+
+    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred:
+        if self._session(call) is not None or self._streaming(call):
+            return Deferred.fromCoroutine(_nothing())
+        return self._fallback.start_listening(call, turn_token)
+
+    def stop_listening(self, call: CallRecord) -> Deferred:
+        if self._session(call) is not None:
+            return Deferred.fromCoroutine(_nothing())
+        return self._fallback.stop_listening(call)
+
+    def _streaming(self, call: CallRecord) -> bool:
+        """
+        Whether this call runs over a media stream: it has one, or streaming is usable (a public
+        URL is known) and it is not a notify call (whose TwiML says its message and hangs up).
+        Decided from configuration, not from the stream's arrival, which races the answer.
+        """
+        return self._session(call) is not None or (call.mode is not Mode.NOTIFY and self.stream_url() is not None)
+
+    def wants_turn_token(self, call: CallRecord) -> bool:
+        return not self._streaming(call) and self._fallback.wants_turn_token(call)
+
+    def defers_initial_message(self, call: CallRecord) -> bool:
+        """A streamed call speaks its first words once the stream is up, not on answer."""
+        return self._streaming(call)
+
+
+async def _nothing() -> None:
+    return None
