@@ -95,15 +95,17 @@ class MediaTicker:
         if phase is not None:
             self._phases[phase].pop(client, None)
         if not self._where and self._call is not None:
-            self._call.cancel()
+            # A client may leave from inside our own tick, whose call has already fired.
+            if self._call.active():
+                self._call.cancel()
             self._call = None
 
     def _tick(self) -> None:
         # Like Twilio, a late tick catches up: every phase whose time has come sends its
         # frame (late frames are late, not lost).
         step = self.interval / len(self._phases)
-        now = self.clock.seconds()
-        while self._deadline <= now:
+        current, now = self._call, self.clock.seconds()
+        while self._deadline <= now and self._where:
             for client in tuple(self._phases[self._phase]):
                 try:
                     client._send_next_frame()
@@ -111,6 +113,8 @@ class MediaTicker:
                     _log.failure("media ticker: sending a frame failed")
             self._deadline += step
             self._phase = (self._phase + 1) % len(self._phases)
+        if self._call is not current:
+            return  # every client left during this tick (and some may have started a new one)
         if self._where:
             self._call = self.clock.callLater(max(0.0, self._deadline - self.clock.seconds()), self._tick)
         else:
