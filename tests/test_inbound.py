@@ -74,6 +74,8 @@ class InboundMixin:
         self.assertEqual([r["text"] for r in self.gateway.requests], ["hello there", "how are you"])
         record = self.service.manager.active_calls()[0]
         self.assertEqual((record.direction.value, record.from_number), ("inbound", FRIEND))
+        # A reply enters the transcript once the carrier has played it (Telnyx: call.speak.ended).
+        await eventually(lambda: len(record.transcript) == 5, 5, "the last reply in the transcript")
         self.assertEqual(
             [(t.speaker.value, t.text) for t in record.transcript],
             [("bot", DEFAULT_GREETING), ("user", "hello there"), ("bot", "You said hello there"), ("user", "how are you"), ("bot", "You said how are you")],

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.model import CallRecord, Direction, EventType
 from voicecall.providers.base import ProviderError, WebhookContext
-from voicecall.providers.telnyx import HANGUP_CAUSES, TelnyxProvider
+from voicecall.providers.telnyx import HANGUP_CAUSES, SPEAK_TIMEOUT_BASE, TelnyxProvider
 from voicecall.testing.telnyx import FakeTelnyx, Signer, envelope, error_body
 
 NOW = 1_700_000_000
@@ -287,6 +287,12 @@ class TelnyxRestTests(SynchronousTestCase):
     def bodies(self, path_end=""):
         return [r.json for r in self.fake.requests if r.path.endswith(path_end)]
 
+    def spoken(self, d, call, provider=None):
+        """Telnyx reports the call's oldest speak ended; C{d} then has its result."""
+        body = event("call.speak.ended", call_control_id=call.provider_call_id, status="completed")
+        self.assertEqual((provider or self.provider).parse_webhook(ctx(body), "k").events, ())
+        return self.successResultOf(d)
+
     def dial(self, provider=None) -> CallRecord:
         placed = self.successResultOf((provider or self.provider).initiate_call(
             call_id=CALL_ID, from_number="+15005550006", to_number="+15005550001",
@@ -338,31 +344,46 @@ class TelnyxRestTests(SynchronousTestCase):
     def test_speak(self):
         """speak sends payload, voice (default female) and language (default en-US) with a command id."""
         call = self.dial()
-        self.successResultOf(self.provider.speak(call, "Hello there", None))
+        self.spoken(self.provider.speak(call, "Hello there", None), call)
         body = self.bodies("/actions/speak")[-1]
         self.assertEqual(uuid.UUID(body.pop("command_id")).version, 4)
         self.assertEqual(body, {"payload": "Hello there", "voice": "female", "language": "en-US"})
         self.assertEqual(self.fake.calls[call.provider_call_id].speak_texts, ["Hello there"])
 
+    def test_speak_resolves_when_played(self):
+        """speak waits for call.speak.ended, in order; a hang-up ends every wait; a lost end times out."""
+        call = self.dial()
+        first, second = self.provider.speak(call, "one", None), self.provider.speak(call, "two", None)
+        self.assertNoResult(first)
+        self.spoken(first, call)
+        self.assertNoResult(second)
+        self.provider.parse_webhook(ctx(event("call.hangup", call_control_id=call.provider_call_id, hangup_cause="normal_clearing")), "k2")
+        self.successResultOf(second)
+        lost = self.provider.speak(call, "three", None)
+        self.clock.advance(SPEAK_TIMEOUT_BASE - 1)
+        self.assertNoResult(lost)
+        self.clock.advance(1 + len("three"))
+        self.successResultOf(lost)
+
     def test_voices(self):
         """Telnyx voices pass through; other names (OpenAI's `alloy`) fall back to female."""
         call = self.dial()
         for voice, sent in [("male", "male"), ("AWS.Polly.Joanna-Neural", "AWS.Polly.Joanna-Neural"), ("alloy", "female"), ("", "female")]:
-            self.successResultOf(self.provider.speak(call, "x", voice))
+            self.spoken(self.provider.speak(call, "x", voice), call)
             self.assertEqual(self.bodies("/actions/speak")[-1]["voice"], sent)
 
     def test_language(self):
         """A configured language is spoken, and its base language is transcribed."""
         provider = self.make(language="de-DE")
         call = self.dial(provider)
-        self.successResultOf(provider.prompt(call, "Hallo", None, None))
+        self.spoken(provider.prompt(call, "Hallo", None, None), call, provider)
         self.assertEqual(self.bodies("/actions/speak")[-1]["language"], "de-DE")
         self.assertEqual(self.bodies("/actions/transcription_start")[-1]["transcription_engine_config"]["language"], "de")
 
     def test_prompt(self):
         """prompt is speak then transcription_start; while transcription runs only speak is sent."""
         call = self.dial()
-        self.successResultOf(self.provider.prompt(call, "Who is this?", None, None))
+        self.spoken(self.provider.prompt(call, "Who is this?", None, None), call)
         actions = [r.path.rsplit("/", 1)[1] for r in list(self.fake.requests)[1:]]
         self.assertEqual(actions, ["speak", "transcription_start"])
         body = self.bodies("/actions/transcription_start")[-1]
@@ -372,7 +393,7 @@ class TelnyxRestTests(SynchronousTestCase):
             "transcription_engine_config": {"language": "en", "interim_results": False},
             "transcription_tracks": "inbound",
         })
-        self.successResultOf(self.provider.prompt(call, "And then?", None, None))
+        self.spoken(self.provider.prompt(call, "And then?", None, None), call)
         self.assertEqual(self.fake.requests[-1].path.rsplit("/", 1)[1], "speak")
         self.successResultOf(self.provider.stop_listening(call))
         self.successResultOf(self.provider.start_listening(call, None))
@@ -451,9 +472,9 @@ class TelnyxRestTests(SynchronousTestCase):
     def test_every_command_has_its_own_id(self):
         """Each command carries a distinct uuid4 command_id."""
         call = self.dial()
-        self.successResultOf(self.provider.speak(call, "a", None))
-        self.successResultOf(self.provider.speak(call, "a", None))
-        self.successResultOf(self.provider.prompt(call, "b", None, None))
+        self.spoken(self.provider.speak(call, "a", None), call)
+        self.spoken(self.provider.speak(call, "a", None), call)
+        self.spoken(self.provider.prompt(call, "b", None, None), call)
         ids = [b["command_id"] for b in self.bodies()]
         self.assertEqual(len(ids), 5)
         self.assertEqual(len(set(ids)), 5)

@@ -105,6 +105,15 @@ class TelnyxEndToEndTests(TestCase):
         commands = [r.json["command_id"] for r in self.fake.requests if r.json and "command_id" in r.json]
         self.assertEqual(len(commands), len(set(commands)))
 
+    async def test_notify_waits_for_the_message_to_end(self):
+        """A long notify message is heard out: the hang-up delay counts from call.speak.ended."""
+        message = "Your parcel arrives today between noon and four"  # 47 characters: 1.88 s spoken
+        await self.start(Scenario(say_seconds_per_char=0.04))
+        call_id = await self.initiate(message, "notify")
+        record = await self.until_state(call_id, "hangup-bot")
+        self.assertEqual(self.fake_call().speak_texts, [message])
+        self.assertGreaterEqual(record["endedAt"] - record["answeredAt"], 1880 + 1000)
+
     async def test_conversation_call(self):
         """The greeting is spoken and transcribed for; continue speaks and returns the caller's words."""
         def person(call):

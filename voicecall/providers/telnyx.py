@@ -8,7 +8,9 @@ inbound call (Telnyx parks inbound calls until answered), hang up, speak, start 
 transcription, and ask a call's status. Every command carries a fresh `command_id`.
 
 The provider is also the call's `Voice`: `speak` is the `speak` command and resolves when Telnyx
-accepted it; `prompt` is `speak` followed by `transcription_start` (Telnyx has no single command
+reports it played (`call.speak.ended`, or the call's end), so a notify call's hang-up delay counts
+from the end of the message; a `speak.ended` that never comes is waited for at most
+`SPEAK_TIMEOUT_BASE + len(text) * SPEAK_SECONDS_PER_CHAR` seconds (capped). `prompt` is `speak` followed by `transcription_start` (Telnyx has no single command
 that speaks and then transcribes speech: `gather_using_speak` collects DTMF only), skipped when a
 transcription we started is still running on the call; `start_listening` and `stop_listening`
 are `transcription_start` and `transcription_stop`, neither of which fails on a call that is
@@ -25,6 +27,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections import deque
 from typing import Any, Mapping
 from urllib.parse import quote
 
@@ -57,6 +60,11 @@ TRANSCRIPTION_ENGINE = "Google"
 CALL_ENDED_CODE = "90018"
 #: Per-call state kept here (running transcriptions) is capped like every map outside input grows.
 MAX_CALL_STATE = 10_000
+#: How long a speak may take before we stop waiting for its `call.speak.ended`: a generous
+#: speaking rate (5 characters a second) plus a base, capped.
+SPEAK_TIMEOUT_BASE = 10.0
+SPEAK_SECONDS_PER_CHAR = 0.2
+SPEAK_TIMEOUT_MAX = 600.0
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
@@ -166,6 +174,8 @@ class TelnyxProvider:
     _api: ApiClient = field(init=False)
     #: call_control_id -> None, oldest first: the calls whose transcription we started.
     _transcribing: dict[str, None] = field(factory=dict, init=False)
+    #: call_control_id -> the speaks Telnyx accepted and has not reported ended, oldest first.
+    _speaking: dict[str, deque] = field(factory=dict, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -264,7 +274,47 @@ class TelnyxProvider:
 
     async def _speak(self, call: CallRecord, text: str, voice: str | None) -> None:
         body = {"payload": text, "voice": telnyx_voice(voice), "language": self._language}
-        await self._command(call.provider_call_id, "speak", body)
+        control_id = call.provider_call_id
+        ended: Deferred[None] = Deferred()
+        # Waiting starts before the command is sent: Telnyx may report the end before it answers.
+        waiters = self._speaking.pop(control_id, None) if control_id else None
+        if control_id:
+            waiters = waiters if waiters is not None else deque()
+            waiters.append(ended)
+            self._speaking[control_id] = waiters
+            while len(self._speaking) > MAX_CALL_STATE:
+                for d in self._speaking.pop(next(iter(self._speaking))):
+                    d.callback(None)
+        try:
+            await self._command(control_id, "speak", body)
+        except BaseException:
+            self._speak_done(control_id, ended)
+            raise
+        if ended.called or not control_id:
+            return
+        budget = min(SPEAK_TIMEOUT_MAX, SPEAK_TIMEOUT_BASE + len(text) * SPEAK_SECONDS_PER_CHAR)
+        timer = self._clock.callLater(budget, self._speak_done, control_id, ended)
+        await ended
+        if timer.active():
+            timer.cancel()
+
+    def _speak_done(self, control_id: str | None, ended: Deferred[None]) -> None:
+        """Stop waiting for one speak (its end came, it failed, or we gave up on it)."""
+        waiters = self._speaking.get(control_id) if control_id else None
+        if waiters is not None and ended in waiters:
+            waiters.remove(ended)
+            if not waiters:
+                del self._speaking[control_id]
+        if not ended.called:
+            ended.callback(None)
+
+    def _spoken(self, control_id: str | None, every: bool = False) -> None:
+        """Telnyx reported the oldest speak of the call ended (or the call ended: C{every})."""
+        waiters = self._speaking.get(control_id) if control_id else None
+        while waiters:
+            self._speak_done(control_id, waiters[0])
+            if not every:
+                break
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
         """Speak, then make sure the caller's answer is transcribed."""
@@ -363,12 +413,16 @@ class TelnyxProvider:
         if kind == "call.hangup":
             # No direction: the end of a call we do not know must never create an inbound call.
             self._forget(control_id)
+            self._spoken(control_id, every=True)
             return CallEvent(type=EventType.ENDED, reason=self._reason(payload.get("hangup_cause")), **common)
         common["direction"] = direction
         if kind in _PROGRESS:
             return CallEvent(type=_PROGRESS[kind], **common)
         if kind == "call.speak.started":
             return CallEvent(type=EventType.SPEAKING, text=_text(payload.get("text")), **common)
+        if kind == "call.speak.ended":
+            self._spoken(control_id)
+            return None
         if kind == "call.transcription":
             return self._speech(payload, common)
         if kind == "call.dtmf.received":
