@@ -333,7 +333,11 @@ class RestTests(SynchronousTestCase):
         self.assertEqual((query["flow"], query["callId"], query["provider"]), ("xml-speak", "c1", "plivo"))
         self.assertTrue(query["n"])
         self.assertEqual(fake_call.speak_texts, ["Hello & bye"])
-        self.assertEqual(fake_call.documents[-1].body.decode(), plivoxml.speak("Hello & bye"))
+        # speak resolved because Plivo followed the <Redirect> after <Speak> (flow=spoken, same
+        # nonce), which is answered with the keep-alive.
+        spoken = plivoxml.with_query(PUBLIC, provider="plivo", flow="spoken", callId="c1", n=query["n"])
+        self.assertEqual(fake_call.documents[-2].body.decode(), plivoxml.speak("Hello & bye", spoken_url=spoken))
+        self.assertEqual(fake_call.documents[-1].body.decode(), KEEP_ALIVE)
         fake_call.transfer(url)  # the same URL fetched again: nothing pending any more
         self.assertEqual(fake_call.documents[-1].body.decode(), KEEP_ALIVE)
         self.assertEqual(fake_call.speak_texts, ["Hello & bye"])

@@ -94,6 +94,16 @@ class PlivoEndToEndTests(TestCase):
         self.assertEqual(record["providerCallId"], call.call_uuid)
         self.assertNotIn("initialMessage", record["metadata"])
 
+    async def test_notify_waits_for_the_message_to_end(self):
+        """A long notify message is heard out: the hang-up delay counts from the end of <Speak>."""
+        message = "Your parcel arrives today between noon and four"  # 47 characters: 1.88 s spoken
+        await self.start(Scenario(speak_seconds_per_char=0.04))
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": message, "mode": "notify"}))["callId"]
+        await self.until_state(call_id, "hangup-bot")
+        record = await self.status(call_id)
+        self.assertEqual(self.fake_call().speak_texts, [message])
+        self.assertGreaterEqual(record["endedAt"] - record["answeredAt"], 1880 + 1000)
+
     async def test_v2_signed_callbacks(self):
         """Callbacks signed with the legacy V2 scheme only are accepted too: a notify call completes."""
         await self.start(signature="v2")

@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.model import CallRecord, Direction, EventType
 from voicecall.providers.base import ProviderError, WebhookContext
-from voicecall.providers.telnyx import HANGUP_CAUSES, SPEAK_TIMEOUT_BASE, TelnyxProvider
+from voicecall.providers.base import SPEAK_TIMEOUT_BASE
+from voicecall.providers.telnyx import HANGUP_CAUSES, TelnyxProvider
 from voicecall.testing.telnyx import FakeTelnyx, Signer, envelope, error_body
 
 NOW = 1_700_000_000

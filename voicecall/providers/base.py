@@ -94,6 +94,18 @@ TERMINAL_STATUS_REASONS = {
 }
 
 
+#: How long a carrier may take to play a message before we stop waiting for its end: a generous
+#: speaking rate (5 characters a second) plus a base, capped.
+SPEAK_TIMEOUT_BASE = 10.0
+SPEAK_SECONDS_PER_CHAR = 0.2
+SPEAK_TIMEOUT_MAX = 600.0
+
+
+def speak_timeout(text: str) -> float:
+    """Seconds to wait for the carrier to report C{text} played."""
+    return min(SPEAK_TIMEOUT_MAX, SPEAK_TIMEOUT_BASE + len(text) * SPEAK_SECONDS_PER_CHAR)
+
+
 def normalize_status(status: str | None) -> str:
     value = (status or "").strip().lower()
     return value or "unknown"

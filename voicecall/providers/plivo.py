@@ -22,6 +22,10 @@ Choices beyond SPEC:
 - `start_listening` right after `speak` (a conversation's greeting) does not transfer again
   while the speak document is still unfetched: it turns that document into speak-then-listen,
   so the greeting is not cut off.
+- `speak` resolves when the message has been played, not when the transfer is accepted: the
+  speak document is `<Speak>` then a `<Redirect>` to `flow=spoken` with the transfer's nonce,
+  and Plivo fetching that URL ends the wait (so does the call's end, a newer transfer, or
+  `base.speak_timeout`). A notify call's hang-up delay thus counts from the end of its message.
 - An answer-URL fetch (`Event=StartApp`) is `call.answered` also for inbound calls, whose
   CallStatus there is still `ringing`: Plivo answers the call as it runs our XML. `timeout`
   and `cancel` hang-up statuses map to `no-answer` and `hangup-bot`.
@@ -49,6 +53,7 @@ from voicecall.providers.base import (
     WebhookContext,
     WebhookResponse,
     normalize_status,
+    speak_timeout,
 )
 from voicecall.providers.http import ApiClient
 from voicecall.providers.signatures import parse_form, replace_origin, verify_plivo
@@ -92,6 +97,12 @@ def plivo_number(number: str) -> str:
     return _NOT_NUMBER.sub("", number)
 
 
+def _played(pending: _Pending | None) -> None:
+    """Stop anyone waiting for C{pending}'s speech to be played."""
+    if pending is not None and pending.played is not None and not pending.played.called:
+        pending.played.callback(None)
+
+
 def _nonce() -> str:
     return secrets.token_hex(6)
 
@@ -105,6 +116,8 @@ class _Pending:
     voice: str | None
     listen: bool
     turn_token: str | None
+    #: For a speak: fires once Plivo has played it (the `flow=spoken` fetch) or we stop waiting.
+    played: Deferred | None = None
 
 
 @define
@@ -128,6 +141,7 @@ class PlivoProvider:
     _call_bases: dict[str, str] = field(factory=dict, init=False)  # CallUUID -> webhook base Plivo used
     _call_urls: dict[str, str] = field(factory=dict, init=False)  # callId -> webhook URL of initiate
     _pending: dict[str, _Pending] = field(factory=dict, init=False)  # callId -> next transfer's document
+    _playing: dict[str, _Pending] = field(factory=dict, init=False)  # callId -> speak fetched, not yet played
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -218,7 +232,8 @@ class PlivoProvider:
     def _forget(self, call_id: str | None, *uuids: str | None) -> None:
         if call_id:
             self._call_urls.pop(call_id, None)
-            self._pending.pop(call_id, None)
+            _played(self._pending.pop(call_id, None))
+            _played(self._playing.pop(call_id, None))
         for uuid in uuids:
             if uuid:
                 self._requests.pop(uuid, None)
@@ -227,7 +242,7 @@ class PlivoProvider:
     # -- speech (Voice) ---------------------------------------------------------------------------
 
     def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
-        """Transfer to `<Speak>` then the keep-alive; fires once Plivo accepted the transfer."""
+        """Transfer to `<Speak>` then the keep-alive; fires once Plivo has played it."""
         return self._transfer(call, "xml-speak", "speak", text, voice, listen=False, turn_token=None)
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
@@ -267,7 +282,10 @@ class PlivoProvider:
             base = self._webhook_base(call, uuid)
         except ProviderError as e:
             return fail(e)
-        pending = _Pending(_nonce(), text, voice, listen, turn_token)
+        pending = _Pending(_nonce(), text, voice, listen, turn_token, None if listen else Deferred())
+        # A newer transfer replaces whatever the call was doing: nothing waits on the old one.
+        _played(self._pending.pop(call.call_id, None))
+        _played(self._playing.pop(call.call_id, None))
         _bounded_put(self._pending, call.call_id, pending)
         url = plivoxml.with_query(base, provider="plivo", flow=flow, callId=call.call_id, n=pending.nonce)
         return Deferred.fromCoroutine(self._post_transfer(call.call_id, uuid, url, pending))
@@ -279,7 +297,19 @@ class PlivoProvider:
         except ProviderError:
             if self._pending.get(call_id) is pending:
                 del self._pending[call_id]
+            _played(pending)
             raise
+        if pending.played is not None and not pending.played.called:
+            timer = self._clock.callLater(speak_timeout(pending.text or ""), self._stop_waiting, call_id, pending)
+            await pending.played
+            if timer.active():
+                timer.cancel()
+
+    def _stop_waiting(self, call_id: str, pending: _Pending) -> None:
+        for waiting in (self._pending, self._playing):
+            if waiting.get(call_id) is pending:
+                del waiting[call_id]
+        _played(pending)
 
     def _call_uuid(self, call: CallRecord, op: str) -> str:
         pid = call.provider_call_id
@@ -303,13 +333,25 @@ class PlivoProvider:
         if pending is None or not hmac.compare_digest(pending.nonce.encode(), nonce.encode()):
             return plivoxml.keep_alive()
         del self._pending[call_id]
-        if not pending.listen:
-            return plivoxml.speak(pending.text or "", self._language, pending.voice)
         base = self._call_urls.get(call_id) or self._webhook_url or self._verification_url(ctx).split("?", 1)[0]
+        if not pending.listen:
+            _bounded_put(self._playing, call_id, pending)
+            spoken = plivoxml.with_query(base, provider="plivo", flow="spoken", callId=call_id, n=pending.nonce)
+            return plivoxml.speak(pending.text or "", self._language, pending.voice, spoken_url=spoken)
+        _played(pending)  # a speak turned into speak-then-listen: nothing waits for its end
         action = plivoxml.with_query(
             base, provider="plivo", flow="getinput", callId=call_id, turnToken=pending.turn_token, n=_nonce()
         )
         return plivoxml.listen(action, self._language, pending.text, pending.voice)
+
+    def _spoken(self, ctx: WebhookContext) -> None:
+        """Plivo reached the `<Redirect>` after a `<Speak>`: that message has been played."""
+        call_id = ctx.query.get("callId") or ""
+        playing = self._playing.get(call_id)
+        nonce = ctx.query.get("n") or ""
+        if playing is not None and hmac.compare_digest(playing.nonce.encode(), nonce.encode()):
+            del self._playing[call_id]
+            _played(playing)
 
     # -- webhooks ---------------------------------------------------------------------------------
 
@@ -353,6 +395,9 @@ class PlivoProvider:
         flow = ctx.query.get("flow") or ""
         if flow in ("xml-speak", "xml-listen"):
             return ParsedWebhook((), _xml(self._document(ctx)))
+        if flow == "spoken":
+            self._spoken(ctx)
+            return ParsedWebhook((), _xml(plivoxml.keep_alive()))
         event = self._event(ctx, params, flow, call_uuid or request_uuid, request_key)
         answer_fetch = flow in ("answer", "getinput") or (not flow and params.get("Event") == "StartApp")
         if event is not None and event.type is EventType.ENDED:

@@ -73,9 +73,11 @@ def keep_alive() -> str:
     return _document(_WAIT)
 
 
-def speak(text: str, language: str | None = None, voice: str | None = None) -> str:
-    """Say `text`, then keep the call up."""
-    return _document(_speak(text, language, voice) + _WAIT)
+def speak(text: str, language: str | None = None, voice: str | None = None, spoken_url: str | None = None) -> str:
+    """Say `text`, then (with C{spoken_url}) tell us it was said by fetching that URL, then keep the call up."""
+    if spoken_url is None:
+        return _document(_speak(text, language, voice) + _WAIT)
+    return _document(_speak(text, language, voice) + f'<Redirect method="POST">{escape(spoken_url)}</Redirect>')
 
 
 def listen(

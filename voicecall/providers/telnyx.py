@@ -10,8 +10,8 @@ transcription, and ask a call's status. Every command carries a fresh `command_i
 The provider is also the call's `Voice`: `speak` is the `speak` command and resolves when Telnyx
 reports it played (`call.speak.ended`, or the call's end), so a notify call's hang-up delay counts
 from the end of the message; a `speak.ended` that never comes is waited for at most
-`SPEAK_TIMEOUT_BASE + len(text) * SPEAK_SECONDS_PER_CHAR` seconds (capped). `prompt` is `speak` followed by `transcription_start` (Telnyx has no single command
-that speaks and then transcribes speech: `gather_using_speak` collects DTMF only), skipped when a
+`base.speak_timeout(text)`. `prompt` is `speak` followed by `transcription_start` (Telnyx has
+no single command that speaks and then transcribes speech: `gather_using_speak` collects DTMF only), skipped when a
 transcription we started is still running on the call; `start_listening` and `stop_listening`
 are `transcription_start` and `transcription_stop`, neither of which fails on a call that is
 already over (its `call.hangup` ends it). No turn tokens: a final transcript answers the turn
@@ -46,6 +46,7 @@ from voicecall.providers.base import (
     WebhookContext,
     WebhookResponse,
     normalize_status,
+    speak_timeout,
 )
 from voicecall.providers.http import ApiClient
 from voicecall.providers.signatures import verify_telnyx
@@ -60,11 +61,6 @@ TRANSCRIPTION_ENGINE = "Google"
 CALL_ENDED_CODE = "90018"
 #: Per-call state kept here (running transcriptions) is capped like every map outside input grows.
 MAX_CALL_STATE = 10_000
-#: How long a speak may take before we stop waiting for its `call.speak.ended`: a generous
-#: speaking rate (5 characters a second) plus a base, capped.
-SPEAK_TIMEOUT_BASE = 10.0
-SPEAK_SECONDS_PER_CHAR = 0.2
-SPEAK_TIMEOUT_MAX = 600.0
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
@@ -292,8 +288,7 @@ class TelnyxProvider:
             raise
         if ended.called or not control_id:
             return
-        budget = min(SPEAK_TIMEOUT_MAX, SPEAK_TIMEOUT_BASE + len(text) * SPEAK_SECONDS_PER_CHAR)
-        timer = self._clock.callLater(budget, self._speak_done, control_id, ended)
+        timer = self._clock.callLater(speak_timeout(text), self._speak_done, control_id, ended)
         await ended
         if timer.active():
             timer.cancel()
