@@ -23,14 +23,16 @@ import re
 import uuid
 from collections import deque
 from typing import Any, Callable, Mapping
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
+from voicecall.testing.fakerest import FaultyApi, basic_auth, raw_headers, read_body
+from voicecall.testing.fakerest import Reply as _Reply
+from voicecall.testing.fakerest import is_http_url as _is_http_url
 from voicecall.testing.plivo_carrier import Carrier, Scenario
 from voicecall.testing.plivo_driver import FakeCall
 
@@ -59,22 +61,6 @@ class RecordedRequest:
         return self.body.get(name, default)
 
 
-@define
-class _Fault:
-    kind: str  # "fail", "hang", "delay"
-    count: int
-    match: Callable[[RecordedRequest], bool] | None
-    status: int = 500
-    body: bytes = b""
-    seconds: float = 0.0
-
-
-@frozen
-class _Reply:
-    status: int
-    body: Mapping[str, Any] | None
-
-
 class _ApiResource(Resource):
     """The `/v1` subtree; everything below it is routed by FakePlivo."""
 
@@ -89,7 +75,7 @@ class _ApiResource(Resource):
 
 
 @define
-class FakePlivo:
+class FakePlivo(FaultyApi):
     """
     A fake Plivo account. `resource()` is the twisted.web tree to serve (its root is the
     `plivo.baseUrl`). With `http` (a treq HTTPClient or StubTreq) calls are driven and
@@ -147,38 +133,6 @@ class FakePlivo:
         """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
         self._scenarios[number] = scenario
 
-    def fail_next(
-        self,
-        status: int = 500,
-        body: Mapping[str, Any] | bytes | None = None,
-        *,
-        count: int = 1,
-        match: Callable[[RecordedRequest], bool] | None = None,
-    ) -> None:
-        """The next `count` API requests (that `match`) get `status` and `body`, unprocessed."""
-        if body is None:
-            body = error_body("fake failure")
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
-        self._faults.append(_Fault("fail", count, match, status=status, body=raw))
-
-    def hang_next(self, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None) -> None:
-        """The next `count` API requests are never answered (nor processed)."""
-        self._faults.append(_Fault("hang", count, match))
-
-    def delay_next(
-        self, seconds: float, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None
-    ) -> None:
-        """The next `count` API requests are processed at once but answered `seconds` later."""
-        self._faults.append(_Fault("delay", count, match, seconds=seconds))
-
-    def abort_held(self) -> None:
-        """Drop the connections of requests that were hung or are still delayed."""
-        held, self._held = self._held, {}
-        for request, later in held.items():
-            if later is not None and later.active():
-                later.cancel()
-            request.loseConnection()
-
     def place_inbound_call(
         self,
         from_: str,
@@ -215,30 +169,18 @@ class FakePlivo:
 
     # -- request handling -------------------------------------------------------------------
 
-    def _handle(self, request: Any) -> bytes | int:
-        record = self._record(request)
-        fault = self._take_fault(record)
-        if fault is not None and fault.kind == "fail":
-            return _respond(request, fault.status, fault.body)
-        if fault is not None and fault.kind == "hang":
-            self._hold(request, None)
-            return NOT_DONE_YET
+    content_type = b"application/json"
+
+    def _failure_body(self, status: int) -> Mapping[str, Any]:
+        return error_body("fake failure")
+
+    def _reply(self, request: Any, record: RecordedRequest) -> _Reply:
         if record.too_large:
-            reply = _Reply(413, error_body("request body too large"))
-        else:
-            reply = self._route(request, record)
-        body = b"" if reply.body is None else json.dumps(reply.body).encode("utf-8")
-        if fault is not None:  # delay: processed now, answered later
-            later = self._reactor.callLater(fault.seconds, self._answer_later, request, reply.status, body)
-            self._hold(request, later)
-            return NOT_DONE_YET
-        return _respond(request, reply.status, body)
+            return _Reply(413, error_body("request body too large"))
+        return self._route(request, record)
 
     def _record(self, request: Any) -> RecordedRequest:
-        raw = b""
-        if request.content is not None:
-            request.content.seek(0)
-            raw = request.content.read(MAX_REQUEST_BYTES + 1)
+        raw = read_body(request, MAX_REQUEST_BYTES)
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0].strip().lower()
         too_large = len(raw) > MAX_REQUEST_BYTES
         body: dict[str, Any] = {}
@@ -251,51 +193,17 @@ class FakePlivo:
                     body = {"_invalid_json": True}
             elif ctype == "application/x-www-form-urlencoded":
                 body = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
-        auth = None
-        if request.getHeader(b"authorization"):
-            auth = (
-                request.getUser().decode("utf-8", "replace"),
-                request.getPassword().decode("utf-8", "replace"),
-            )
-        headers = tuple(
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, values in request.requestHeaders.getAllRawHeaders()
-            for v in values
-        )
         record = RecordedRequest(
             request.method.decode("ascii", "replace"),
             request.path.decode("utf-8", "replace"),
             body,
-            auth,
-            headers,
+            basic_auth(request),
+            raw_headers(request),
             ctype,
             too_large,
         )
         self.requests.append(record)
         return record
-
-    def _take_fault(self, record: RecordedRequest) -> _Fault | None:
-        for fault in self._faults:
-            if fault.match is None or fault.match(record):
-                fault.count -= 1
-                if fault.count <= 0:
-                    self._faults.remove(fault)
-                return fault
-        return None
-
-    def _hold(self, request: Any, later: Any) -> None:
-        self._held[request] = later
-
-        def gone(_: object) -> None:
-            if self._held.pop(request, None) is not None and later.active():
-                later.cancel()
-
-        request.notifyFinish().addBoth(gone)
-
-    def _answer_later(self, request: Any, status: int, body: bytes) -> None:
-        self._held.pop(request, None)
-        request.write(_respond(request, status, body))
-        request.finish()
 
     def _route(self, request: Any, record: RecordedRequest) -> _Reply:
         not_found = _Reply(404, error_body("not found"))
@@ -433,13 +341,6 @@ class FakePlivo:
         return len(self.calls) + n <= self.max_calls
 
 
-def _respond(request: Any, status: int, body: bytes) -> bytes:
-    request.setResponseCode(status)
-    if body:
-        request.setHeader(b"content-type", b"application/json")
-    return body
-
-
 def _bad(message: str) -> _Reply:
     return _Reply(400, error_body(message))
 
@@ -448,6 +349,3 @@ def _method_not_allowed() -> _Reply:
     return _Reply(405, error_body("method not allowed"))
 
 
-def _is_http_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)

@@ -23,14 +23,15 @@ import json
 import re
 from collections import deque
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
+from voicecall.testing.fakerest import FaultyApi, raw_headers, read_body
+from voicecall.testing.fakerest import Reply as _Reply
+from voicecall.testing.fakerest import is_http_url as _is_http_url
 from voicecall.testing.telnyx_driver import Carrier, FakeCall, Scenario, Signer, new_call_control_id
 
 API_VERSION = "v2"
@@ -80,22 +81,6 @@ class RecordedRequest:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
 
 
-@define
-class _Fault:
-    kind: str  # "fail", "hang", "delay"
-    count: int
-    match: Callable[[RecordedRequest], bool] | None
-    status: int = 500
-    body: bytes = b""
-    seconds: float = 0.0
-
-
-@frozen
-class _Reply:
-    status: int
-    body: Mapping[str, Any]
-
-
 class _Invalid(Exception):
     def __init__(self, status: int, code: str, title: str, detail: str, pointer: str | None = None):
         super().__init__(detail)
@@ -124,7 +109,7 @@ class _ApiResource(Resource):
 
 
 @define
-class FakeTelnyx:
+class FakeTelnyx(FaultyApi):
     """
     A fake Telnyx account. `resource()` is the twisted.web tree to serve (its root is the
     `telnyx.baseUrl`). With `http` (a treq HTTPClient or StubTreq) calls are driven and their
@@ -177,38 +162,6 @@ class FakeTelnyx:
         """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
         self._scenarios[number] = scenario
 
-    def fail_next(
-        self,
-        status: int = 500,
-        body: Mapping[str, Any] | bytes | None = None,
-        *,
-        count: int = 1,
-        match: Callable[[RecordedRequest], bool] | None = None,
-    ) -> None:
-        """The next `count` API requests (that `match`) get `status` and `body`, unprocessed."""
-        if body is None:
-            body = error_body("10007", "Unexpected error", "Fake failure")
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
-        self._faults.append(_Fault("fail", count, match, status=status, body=raw))
-
-    def hang_next(self, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None) -> None:
-        """The next `count` API requests are never answered (nor processed)."""
-        self._faults.append(_Fault("hang", count, match))
-
-    def delay_next(
-        self, seconds: float, *, count: int = 1, match: Callable[[RecordedRequest], bool] | None = None
-    ) -> None:
-        """The next `count` API requests are processed at once but answered `seconds` later."""
-        self._faults.append(_Fault("delay", count, match, seconds=seconds))
-
-    def abort_held(self) -> None:
-        """Drop the connections of requests that were hung or are still delayed."""
-        held, self._held = self._held, {}
-        for request, later in held.items():
-            if later is not None and later.active():
-                later.cancel()
-            request.loseConnection()
-
     def place_inbound_call(
         self, from_: str, to: str, webhook_url: str | None = None, *, scenario: Scenario | None = None
     ) -> FakeCall:
@@ -239,37 +192,20 @@ class FakeTelnyx:
 
     # -- request handling -----------------------------------------------------------------
 
-    def _handle(self, request: Any) -> bytes | int:
-        record = self._record(request)
-        fault = self._take_fault(record)
-        if fault is not None and fault.kind == "fail":
-            return _respond(request, fault.status, fault.body)
-        if fault is not None and fault.kind == "hang":
-            self._hold(request, None)
-            return NOT_DONE_YET
+    def _failure_body(self, status: int) -> Mapping[str, Any]:
+        return error_body("10007", "Unexpected error", "Fake failure")
+
+    def _reply(self, request: Any, record: RecordedRequest) -> _Reply:
         try:
-            reply = self._route(request, record)
+            return self._route(request, record)
         except _Invalid as e:
-            reply = e.reply
-        body = json.dumps(reply.body).encode("utf-8")
-        if fault is not None:  # delay: processed now, answered later
-            later = self._reactor.callLater(fault.seconds, self._answer_later, request, reply.status, body)
-            self._hold(request, later)
-            return NOT_DONE_YET
-        return _respond(request, reply.status, body)
+            return e.reply
 
     def _record(self, request: Any) -> RecordedRequest:
-        raw = b""
-        if request.content is not None:
-            request.content.seek(0)
-            raw = request.content.read(MAX_REQUEST_BYTES + 1)
+        raw = read_body(request, MAX_REQUEST_BYTES)
         authorization = (request.getHeader(b"authorization") or b"").decode("latin-1")
         scheme, _, token = authorization.partition(" ")
-        headers = tuple(
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, values in request.requestHeaders.getAllRawHeaders()
-            for v in values
-        )
+        headers = raw_headers(request)
         too_large = len(raw) > MAX_REQUEST_BYTES
         record = RecordedRequest(
             request.method.decode("ascii", "replace"),
@@ -281,29 +217,6 @@ class FakeTelnyx:
         )
         self.requests.append(record)
         return record
-
-    def _take_fault(self, record: RecordedRequest) -> _Fault | None:
-        for fault in self._faults:
-            if fault.match is None or fault.match(record):
-                fault.count -= 1
-                if fault.count <= 0:
-                    self._faults.remove(fault)
-                return fault
-        return None
-
-    def _hold(self, request: Any, later: Any) -> None:
-        self._held[request] = later
-
-        def gone(_: object) -> None:
-            if self._held.pop(request, None) is not None and later.active():
-                later.cancel()
-
-        request.notifyFinish().addBoth(gone)
-
-    def _answer_later(self, request: Any, status: int, body: bytes) -> None:
-        self._held.pop(request, None)
-        request.write(_respond(request, status, body))
-        request.finish()
 
     def _route(self, request: Any, record: RecordedRequest) -> _Reply:
         if not self._authenticated(record):
@@ -491,18 +404,7 @@ def _check_transcription(body: Mapping[str, Any]) -> None:
             raise _bad("language", "language must be a string.")
 
 
-def _respond(request: Any, status: int, body: bytes) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    return body
-
-
 def _method_not_allowed(method: str) -> _Reply:
     return _Reply(405, error_body("10015", "Bad Request", f"Method not allowed: {method}"))
 
 
-def _is_http_url(url: object) -> bool:
-    if not isinstance(url, str):
-        return False
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)

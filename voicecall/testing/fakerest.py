@@ -1,0 +1,175 @@
+"""
+What the fake carriers' REST APIs share: reading a request, answering it, and the faults a test
+can inject (a failure, a request never answered, an answer delayed).
+
+A fake API (FakeTwilio, FakeTelnyx, FakePlivo) mixes in L{FaultyApi}, keeps the attributes it
+names, and supplies its carrier's parts: L{FaultyApi._record} (the request as that carrier's
+RecordedRequest), L{FaultyApi._reply} (route it to a L{Reply}) and
+L{FaultyApi._failure_body} (the carrier's error body for an injected failure).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from attrs import define, frozen
+from twisted.web.server import NOT_DONE_YET
+
+JSON = b"application/json; charset=utf-8"
+
+
+@define
+class Fault:
+    """One injected fault, for the next C{count} requests that C{match}."""
+
+    kind: str  # "fail", "hang", "delay"
+    count: int
+    match: Callable[[Any], bool] | None
+    status: int = 500
+    body: bytes = b""
+    seconds: float = 0.0
+
+
+@frozen
+class Reply:
+    """A routed answer: status, JSON body (None: empty) and extra headers."""
+
+    status: int
+    body: Mapping[str, Any] | None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def read_body(request: Any, limit: int) -> bytes:
+    """Up to C{limit + 1} bytes of the body: more than C{limit} means too large."""
+    if request.content is None:
+        return b""
+    request.content.seek(0)
+    return request.content.read(limit + 1)
+
+
+def raw_headers(request: Any) -> tuple[tuple[str, str], ...]:
+    """Every request header as received, in order."""
+    return tuple(
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, values in request.requestHeaders.getAllRawHeaders()
+        for v in values
+    )
+
+
+def basic_auth(request: Any) -> tuple[str, str] | None:
+    """The HTTP Basic credentials of a request, if it has an Authorization header."""
+    if not request.getHeader(b"authorization"):
+        return None
+    return request.getUser().decode("utf-8", "replace"), request.getPassword().decode("utf-8", "replace")
+
+
+def respond(request: Any, status: int, body: bytes, headers: tuple = (), content_type: bytes = JSON) -> bytes:
+    """Set the status (and the JSON content type when there is a body) and return the body."""
+    request.setResponseCode(status)
+    if body:
+        request.setHeader(b"content-type", content_type)
+    for name, value in headers:
+        request.setHeader(name, value)
+    return body
+
+
+def is_http_url(url: object) -> bool:
+    """An absolute http(s) URL with a host, as the carriers require for callbacks."""
+    if not isinstance(url, str):
+        return False
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+class FaultyApi:
+    """
+    The request cycle of a fake REST API with fault injection. Needs C{self._reactor},
+    C{self._faults} (a deque) and C{self._held} (a dict: request -> delayed answer or None).
+    """
+
+    __slots__ = ()
+    #: The content type of JSON answers.
+    content_type = JSON
+
+    def fail_next(
+        self,
+        status: int = 500,
+        body: Mapping[str, Any] | bytes | None = None,
+        *,
+        count: int = 1,
+        match: Callable[[Any], bool] | None = None,
+    ) -> None:
+        """The next `count` API requests (that `match`) get `status` and `body`, unprocessed."""
+        if body is None:
+            body = self._failure_body(status)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        self._faults.append(Fault("fail", count, match, status=status, body=raw))
+
+    def hang_next(self, *, count: int = 1, match: Callable[[Any], bool] | None = None) -> None:
+        """The next `count` API requests are never answered (nor processed)."""
+        self._faults.append(Fault("hang", count, match))
+
+    def delay_next(self, seconds: float, *, count: int = 1, match: Callable[[Any], bool] | None = None) -> None:
+        """The next `count` API requests are processed at once but answered `seconds` later."""
+        self._faults.append(Fault("delay", count, match, seconds=seconds))
+
+    def abort_held(self) -> None:
+        """Drop the connections of requests that were hung or are still delayed."""
+        held, self._held = self._held, {}
+        for request, later in held.items():
+            if later is not None and later.active():
+                later.cancel()
+            request.loseConnection()
+
+    # -- what each carrier supplies ---------------------------------------------------------
+
+    def _record(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    def _reply(self, request: Any, record: Any) -> Reply:
+        raise NotImplementedError
+
+    def _failure_body(self, status: int) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    # -- the cycle --------------------------------------------------------------------------
+
+    def _handle(self, request: Any) -> bytes | int:
+        record = self._record(request)
+        fault = self._take_fault(record)
+        if fault is not None and fault.kind == "fail":
+            return respond(request, fault.status, fault.body, content_type=self.content_type)
+        if fault is not None and fault.kind == "hang":
+            self._hold(request, None)
+            return NOT_DONE_YET
+        reply = self._reply(request, record)
+        body = b"" if reply.body is None else json.dumps(reply.body).encode("utf-8")
+        if fault is not None:  # delay: processed now, answered later
+            later = self._reactor.callLater(fault.seconds, self._answer_later, request, reply, body)
+            self._hold(request, later)
+            return NOT_DONE_YET
+        return respond(request, reply.status, body, reply.headers, self.content_type)
+
+    def _take_fault(self, record: Any) -> Fault | None:
+        for fault in self._faults:
+            if fault.match is None or fault.match(record):
+                fault.count -= 1
+                if fault.count <= 0:
+                    self._faults.remove(fault)
+                return fault
+        return None
+
+    def _hold(self, request: Any, later: Any) -> None:
+        self._held[request] = later
+
+        def gone(_: object) -> None:
+            if self._held.pop(request, None) is not None and later.active():
+                later.cancel()
+
+        request.notifyFinish().addBoth(gone)
+
+    def _answer_later(self, request: Any, reply: Reply, body: bytes) -> None:
+        self._held.pop(request, None)
+        request.write(respond(request, reply.status, body, reply.headers, self.content_type))
+        request.finish()
