@@ -72,6 +72,7 @@ class PlivoEndToEndTests(TestCase):
         await self.start(scenario)
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hello", "mode": "conversation"}))["callId"]
         await eventually(lambda: self.fake.calls and self.fake_call().speak_texts, 10, "the greeting")
+        await self.until_state(call_id, "listening")  # the greeting has played
         return call_id
 
     async def test_notify_call(self):

@@ -277,7 +277,7 @@ class RpcProtocol(Protocol):
     def _line(self, line: bytes) -> None:
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             self._send_error(None, PARSE_ERROR, "Parse error")
             return
         if not isinstance(request, dict):

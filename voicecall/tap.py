@@ -235,8 +235,8 @@ class VoicecallService(MultiService):
         if public_url:
             self._log.info("Public URL: {url}", url=public_url)
         self._log.info("RPC socket: {rpc}", rpc=self._rpc.description)
-        print(f"voicecall ready: webhook {self.webhook_url}  rpc {_unix_path(self._rpc.description) or self._rpc.description}", flush=True)
         sdnotify.notify(f"READY=1\nSTATUS=listening on {local_url}")
+        print(f"voicecall ready: webhook {self.webhook_url}  rpc {_unix_path(self._rpc.description) or self._rpc.description}", flush=True)
 
     async def _expose(self, port: int) -> str | None:
         """SPEC §1 step 6: a tunnel or a legacy Tailscale route; a failure is logged, not fatal."""

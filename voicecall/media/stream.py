@@ -328,7 +328,7 @@ class MediaStreamProtocol(WebSocketServerProtocol):
                 return
             try:
                 message = json.loads(payload.decode())
-            except ValueError:
+            except (ValueError, RecursionError):
                 self.bad_frame("invalid JSON", payload)
                 return
             if type(message) is not dict:

@@ -6,6 +6,7 @@ SPEC text `<Carrier> API error: <status> <body>` (SPEC §7 shared HTTP client ru
 """
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any, Mapping, Sequence
 
@@ -27,6 +28,17 @@ def _printable(text: str) -> str:
     return clean if len(clean) <= MAX_ERROR_BODY else clean[:MAX_ERROR_BODY] + "…"
 
 
+def _abort(response: Any, result: Any, timeout: float) -> Any:
+    """A body that stopped arriving: drop its connection (treq's reader cannot be cancelled)."""
+    original = response
+    while hasattr(original, "original"):
+        original = original.original
+    transport = getattr(original, "_transport", None)
+    if transport is not None:
+        transport.loseConnection()
+    raise TimeoutError(timeout, "response body")
+
+
 @define
 class ApiClient:
     """JSON (or form) requests to one carrier API root."""
@@ -37,6 +49,18 @@ class ApiClient:
     _auth: tuple[str, str] | None = field(default=None, repr=False)
     _headers: Mapping[str, str] = field(factory=dict, repr=False)
     _timeout: float = 15.0
+    #: Bounds the body too (treq's `timeout` stops at the headers); None: headers only.
+    _clock: Any = None
+
+    def _redact(self, text: str) -> str:
+        """An answer without our credentials in it (some carriers and proxies echo the request's headers)."""
+        secrets = [v.split(" ", 1)[-1] for v in self._headers.values() if v]
+        if self._auth is not None:
+            secrets += [self._auth[1], base64.b64encode(f"{self._auth[0]}:{self._auth[1]}".encode()).decode().rstrip("=")]
+        for secret in secrets:
+            if len(secret) >= 4:
+                text = text.replace(secret, "[redacted]")
+        return text
 
     async def request(
         self,
@@ -57,8 +81,13 @@ class ApiClient:
         if body is not None:
             kwargs["json"] = body
         try:
+            started = self._clock.seconds() if self._clock is not None else 0.0
             response = await self._http.request(method, url, **kwargs)
-            content = await response.content()
+            reading = response.content()
+            if self._clock is not None:
+                left = max(0.0, self._timeout - (self._clock.seconds() - started))
+                reading.addTimeout(left, self._clock, onTimeoutCancel=lambda r, t: _abort(response, r, t))
+            content = await reading
         except (CancelledError, TimeoutError) as e:
             raise ProviderError(f"{self._prefix}: no answer within {self._timeout:g}s") from e
         except (ConnectError, DNSLookupError) as e:
@@ -80,10 +109,10 @@ class ApiClient:
                     code = parsed["errors"][0].get("code")  # Telnyx
             except (ValueError, AttributeError, TypeError):
                 pass
-            raise ProviderError(f"{self._prefix}: {response.code} {_printable(text)}", response.code, code)
+            raise ProviderError(f"{self._prefix}: {response.code} {_printable(self._redact(text))}", response.code, code)
         if not text.strip():
             return None
         try:
             return json.loads(text)
         except ValueError as e:
-            raise ProviderError(f"{self._prefix}: {response.code} answer is not JSON: {_printable(text)}", response.code) from e
+            raise ProviderError(f"{self._prefix}: {response.code} answer is not JSON: {_printable(self._redact(text))}", response.code) from e

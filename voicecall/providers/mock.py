@@ -59,7 +59,7 @@ class MockProvider:
     def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
         try:
             body = json.loads(ctx.raw_body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return ParsedWebhook((), _BAD_REQUEST)
         if not isinstance(body, dict):
             return ParsedWebhook((), _BAD_REQUEST)

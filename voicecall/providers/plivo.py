@@ -149,6 +149,7 @@ class PlivoProvider:
             http=self._http,
             base=f"{self._base_url.rstrip('/')}/v1/Account/{self._auth_id}",
             prefix="Plivo API error",
+            clock=self._clock,
             auth=(self._auth_id, self._auth_token),
         )
 

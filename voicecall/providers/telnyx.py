@@ -179,6 +179,7 @@ class TelnyxProvider:
             http=self._http,
             base=f"{self._base_url.rstrip('/')}/{API_VERSION}",
             prefix=ERROR_PREFIX,
+            clock=self._clock,
             headers={"Authorization": f"Bearer {self._api_key or ''}"},
         )
 

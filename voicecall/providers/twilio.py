@@ -100,6 +100,7 @@ class TwilioProvider:
             http=self._http,
             base=f"{self._base_url.rstrip('/')}/{API_VERSION}/Accounts/{self._account_sid}",
             prefix="Twilio API error",
+            clock=self._clock,
             auth=(self._account_sid, self._auth_token),
         )
 
@@ -145,7 +146,8 @@ class TwilioProvider:
         except ProviderError:
             self._notify_twiml.pop(call_id, None)
             raise
-        sid = (answer or {}).get("sid")
+        answer = answer if isinstance(answer, dict) else {}
+        sid = answer.get("sid")
         if not isinstance(sid, str) or not sid:
             self._notify_twiml.pop(call_id, None)
             raise ProviderError("Twilio API error: call create returned no sid")

@@ -485,7 +485,7 @@ class RealtimeTranscriber:
         try:
             event = json.loads(payload)
             kind = event["type"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             self._log.warn("Realtime STT: ignoring a malformed server event")
             return
         if kind == "conversation.item.input_audio_transcription.delta":
