@@ -98,6 +98,8 @@ class CallManager:
     _max_timers: dict[str, IDelayedCall] = field(factory=dict)
     _notify_timers: dict[str, IDelayedCall] = field(factory=dict)
     _initial_in_flight: set[str] = field(factory=set)
+    #: Outbound calls being stored: they count against maxConcurrentCalls already.
+    _reserved: set[str] = field(factory=set)
     _subscribers: list[Callable[[dict], None]] = field(factory=list)
     #: Called with (call, text) for each final caller utterance no `continue` was waiting for.
     on_utterance: Callable[[CallRecord, str], None] | None = None
@@ -435,17 +437,28 @@ class CallManager:
             raise CallError(f"Invalid phone number: {to} (expected E.164, e.g. +15550001234)")
         if not self._webhook_url:
             raise CallError("Webhook URL not configured")
-        limit = self._settings.max_concurrent_calls
-        if len(self._active) >= limit:
-            raise CallError(f"Maximum concurrent calls ({limit}) reached")
         from_number = self._settings.from_number
         if not from_number and self._settings.provider_name == "mock":
             from_number = MOCK_FROM_NUMBER
         if not from_number:
             raise CallError("fromNumber not configured")
+        limit = self._settings.max_concurrent_calls
+        # Calls still being stored hold their slot too: a burst must not get past the limit.
+        if len(self._active) + len(self._reserved) >= limit:
+            raise CallError(f"Maximum concurrent calls ({limit}) reached")
+        call_id = str(uuid.uuid4())
+        self._reserved.add(call_id)
+        try:
+            return await self._initiate(call_id, to, message, mode, session_key, from_number)
+        finally:
+            self._reserved.discard(call_id)
+
+    async def _initiate(
+        self, call_id: str, to: str, message: str | None, mode: Mode, session_key: str | None, from_number: str
+    ) -> str:
 
         call = CallRecord(
-            call_id=str(uuid.uuid4()),
+            call_id=call_id,
             provider=self._settings.provider_name,
             direction=Direction.OUTBOUND,
             state=CallState.INITIATED,
@@ -463,6 +476,7 @@ class CallManager:
             self._log.failure("could not store a new call; nothing was dialled")
             raise CallError(f"Failed to persist call: {e}") from e
         self._active[call.call_id] = call
+        self._reserved.discard(call.call_id)
 
         notify = message if mode is Mode.NOTIFY else None
         try:
