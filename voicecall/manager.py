@@ -437,15 +437,15 @@ class CallManager:
             raise CallError(f"Invalid phone number: {to} (expected E.164, e.g. +15550001234)")
         if not self._webhook_url:
             raise CallError("Webhook URL not configured")
+        limit = self._settings.max_concurrent_calls
+        # Calls still being stored hold their slot too: a burst must not get past the limit.
+        if len(self._active) + len(self._reserved) >= limit:
+            raise CallError(f"Maximum concurrent calls ({limit}) reached")
         from_number = self._settings.from_number
         if not from_number and self._settings.provider_name == "mock":
             from_number = MOCK_FROM_NUMBER
         if not from_number:
             raise CallError("fromNumber not configured")
-        limit = self._settings.max_concurrent_calls
-        # Calls still being stored hold their slot too: a burst must not get past the limit.
-        if len(self._active) + len(self._reserved) >= limit:
-            raise CallError(f"Maximum concurrent calls ({limit}) reached")
         call_id = str(uuid.uuid4())
         self._reserved.add(call_id)
         try:
