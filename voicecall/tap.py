@@ -284,6 +284,9 @@ class VoicecallService(MultiService):
         await _maybe(self._rpc.stopService())
         await _maybe(self._webhook.stopService())
         self.manager.stop()
+        stop_provider = getattr(self._provider, "stop", None)
+        if stop_provider is not None:
+            stop_provider()
         await self._store.close()
         await self._writer.stop()
         await self._pool.closeCachedConnections()
@@ -466,6 +469,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         RootResource(webhook=webhook, stream_path=stream_path, stream=media.resource if media else None),
         clock=reactor,
         screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification),
+        on_refused=lambda status: webhook.counts.update((str(status),)),
     )
     service: VoicecallService
     methods = RpcMethods(

@@ -142,6 +142,8 @@ class PlivoProvider:
     _call_urls: dict[str, str] = field(factory=dict, init=False)  # callId -> webhook URL of initiate
     _pending: dict[str, _Pending] = field(factory=dict, init=False)  # callId -> next transfer's document
     _playing: dict[str, _Pending] = field(factory=dict, init=False)  # callId -> speak fetched, not yet played
+    #: Timers bounding the waits for speech to end (cancelled by L{stop}).
+    _speak_timers: set = field(factory=set, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -242,6 +244,13 @@ class PlivoProvider:
 
     # -- speech (Voice) ---------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """The daemon is stopping: drop the timers of speeches still playing (their calls live on)."""
+        timers, self._speak_timers = self._speak_timers, set()
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+
     def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
         """Transfer to `<Speak>` then the keep-alive; fires once Plivo has played it."""
         return self._transfer(call, "xml-speak", "speak", text, voice, listen=False, turn_token=None)
@@ -302,9 +311,13 @@ class PlivoProvider:
             raise
         if pending.played is not None and not pending.played.called:
             timer = self._clock.callLater(speak_timeout(pending.text or ""), self._stop_waiting, call_id, pending)
-            await pending.played
-            if timer.active():
-                timer.cancel()
+            self._speak_timers.add(timer)
+            try:
+                await pending.played
+            finally:
+                self._speak_timers.discard(timer)
+                if timer.active():
+                    timer.cancel()
 
     def _stop_waiting(self, call_id: str, pending: _Pending) -> None:
         for waiting in (self._pending, self._playing):

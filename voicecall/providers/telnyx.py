@@ -172,6 +172,8 @@ class TelnyxProvider:
     _transcribing: dict[str, None] = field(factory=dict, init=False)
     #: call_control_id -> the speaks Telnyx accepted and has not reported ended, oldest first.
     _speaking: dict[str, deque] = field(factory=dict, init=False)
+    #: Timers bounding the waits for speech to end (cancelled by L{stop}).
+    _speak_timers: set = field(factory=set, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -236,6 +238,7 @@ class TelnyxProvider:
     def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
         """Hang up; a call Telnyx does not know (404) or that already ended (90018) is fine."""
         self._forget(call.provider_call_id)
+        self._spoken(call.provider_call_id, every=True)  # nothing more will be played
         return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "hangup", {}, tolerate_gone=True)))
 
     def answer_call(self, call: CallRecord) -> Deferred[None]:
@@ -266,6 +269,13 @@ class TelnyxProvider:
 
     # -- speech (Voice) ---------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """The daemon is stopping: drop the timers of speeches still playing (their calls live on)."""
+        timers, self._speak_timers = self._speak_timers, set()
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+
     def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
         return Deferred.fromCoroutine(self._speak(call, text, voice))
 
@@ -290,9 +300,13 @@ class TelnyxProvider:
         if ended.called or not control_id:
             return
         timer = self._clock.callLater(speak_timeout(text), self._speak_done, control_id, ended)
-        await ended
-        if timer.active():
-            timer.cancel()
+        self._speak_timers.add(timer)
+        try:
+            await ended
+        finally:
+            self._speak_timers.discard(timer)
+            if timer.active():
+                timer.cancel()
 
     def _speak_done(self, control_id: str | None, ended: Deferred[None]) -> None:
         """Stop waiting for one speak (its end came, it failed, or we gave up on it)."""
