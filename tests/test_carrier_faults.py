@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET

@@ -37,7 +37,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from voicecall import rpc as rpcmod
 from voicecall.model import TERMINAL_STATES

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 
 from attrs import define
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
