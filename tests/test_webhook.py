@@ -23,7 +23,7 @@ from voicecall.providers.base import Verification
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twiml import hold_music
 from voicecall.store import CallStore, SynchronousWriter
-from voicecall.web.limits import MAX_BODY_BYTES, MAX_IN_FLIGHT_PER_IP, READ_TIMEOUT_SECONDS, ScreenedSite
+from voicecall.web.limits import HEADERS_TIMEOUT_SECONDS, MAX_BODY_BYTES, MAX_IN_FLIGHT_PER_IP, READ_TIMEOUT_SECONDS, ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen
 
@@ -388,6 +388,46 @@ class BodyLimitTests(WebhookTestsBase):
         self.clock.advance(60)
         self.assertEqual(conn.response().status, 200)
         self.assertNotIn(b"408", conn.transport.value())
+
+
+class HeaderBudgetTests(WebhookTestsBase):
+    """Slow headers get a time budget too (a byte now and then must not hold a connection forever)."""
+
+    def test_dribbled_headers_are_cut_off(self):
+        """Headers still incomplete HEADERS_TIMEOUT_SECONDS after the connection opened: 408, closed."""
+        conn = self.connect()
+        conn.send(b"POST " + PATH.encode() + b" HTTP/1.1\r\n")
+        for _ in range(int(HEADERS_TIMEOUT_SECONDS) - 1):
+            self.clock.advance(1)
+            conn.send(b"X-Slow: a\r\n")  # each byte would reset the idle timeout
+        self.assertFalse(conn.answered)
+        self.clock.advance(1)
+        self.assertEqual(conn.response().status, 408)
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertEqual(self.refusals, [408])
+        self.assertEqual((self.provider.verified, self.proxy.seen), (0, []))
+
+    def test_silent_connection_is_cut_off(self):
+        """A connection that never sends a request line is closed after the budget too."""
+        conn = self.connect()
+        self.clock.advance(HEADERS_TIMEOUT_SECONDS)
+        self.assertEqual(conn.response().status, 408)
+        self.assertTrue(conn.transport.disconnecting)
+
+    def test_budget_is_per_request(self):
+        """On a kept-alive connection each request gets its own budget, counted from its first byte."""
+        call_id = self.place()
+        conn = self.connect()
+        body = self.payload({"type": "call.ringing", "callId": call_id})
+        conn.headers(length=len(body))
+        conn.send(body)
+        self.assertEqual(conn.response().status, 200)
+        answered = len(conn.transport.value())
+        self.clock.advance(HEADERS_TIMEOUT_SECONDS * 3)  # idle between requests: the idle timeout's business
+        self.assertFalse(conn.transport.disconnecting)
+        conn.send(b"POST " + PATH.encode() + b" HTTP/1.1\r\n")
+        self.clock.advance(HEADERS_TIMEOUT_SECONDS)
+        self.assertIn(b"408 Request Timeout", conn.transport.value()[answered:])
 
 
 class InFlightTests(WebhookTestsBase):

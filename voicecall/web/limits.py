@@ -5,7 +5,10 @@ Pre-auth request limits for the webhook Site (SPEC §8.1 steps 5-7 [H], §20 ite
 twisted.web reads a whole request body before a resource sees it. These classes let the Site
 screen a request once its headers are in and before its body is read: refuse it (401 unsigned,
 429 too many in flight from one address, 413 declared too large) without reading the body; cap
-the body actually received (413); and give the body a time budget (408).
+the body actually received (413); and give the body a time budget (408). The headers get a
+budget of their own, counted from the connection's opening or from a kept-alive request's first
+byte (408): the idle timeout restarts with every byte, so without it a client dribbling one header
+byte now and then would hold its connection forever.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from twisted.web.server import Request, Site
 MAX_BODY_BYTES = 64 * 1024
 READ_TIMEOUT_SECONDS = 5.0
 MAX_IN_FLIGHT_PER_IP = 8
-#: A connection idle this long (slow headers included) is closed (Twisted's default is 12 h).
+#: A connection idle this long is closed (Twisted's default is 12 h).
 IDLE_TIMEOUT_SECONDS = 60
+#: A request's line and headers must be in within this long.
+HEADERS_TIMEOUT_SECONDS = 10.0
 
 _REASONS = {
     400: b"Bad Request",
@@ -47,10 +52,61 @@ class Refusal:
 Screen = Callable[[bytes, bytes, dict, "str | None", "int | None"], "Refusal | None"]
 
 
+def _write_refusal(transport, refusal: Refusal) -> None:
+    reason = _REASONS.get(refusal.status, b"Error")
+    transport.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (refusal.status, reason, len(refusal.body), refusal.body)
+    )
+    transport.loseConnection()
+
+
 class ScreenedChannel(HTTPChannel):
-    """An HTTPChannel that tells its current request its method and target before the body."""
+    """
+    An HTTPChannel that tells its current request its method and target before the body, and
+    gives each request's headers a time budget.
+    """
+
+    _headers_deadline = None
+    _awaiting_headers = True
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_headers_budget()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._awaiting_headers and self._headers_deadline is None:
+            self._start_headers_budget()  # the first byte of a kept-alive connection's next request
+        super().dataReceived(data)
+
+    def requestDone(self, request) -> None:
+        super().requestDone(request)
+        self._awaiting_headers = True  # the budget starts with the next request's first byte
+
+    def connectionLost(self, reason) -> None:
+        self._stop_headers_budget()
+        super().connectionLost(reason)
+
+    def _start_headers_budget(self) -> None:
+        site = self.site
+        self._headers_deadline = site.clock.callLater(site.headers_timeout, self._headers_timed_out)
+
+    def _stop_headers_budget(self) -> None:
+        deadline, self._headers_deadline = self._headers_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _headers_timed_out(self) -> None:
+        self._headers_deadline = None
+        self._awaiting_headers = False
+        site = self.site
+        site.refused(408)
+        _write_refusal(self.transport, Refusal(408, f"Request headers not received within {site.headers_timeout:g}s".encode()))
 
     def allHeadersReceived(self) -> None:
+        self._stop_headers_budget()
+        self._awaiting_headers = False
         request = self.requests[-1]
         # Twisted keeps the request line on the channel until the body is complete.
         request.early_method = self._command
@@ -132,14 +188,7 @@ class ScreenedRequest(Request):
         self.release()
         site: ScreenedSite = self.channel.site
         site.refused(refusal.status)
-        transport = self.channel.transport
-        reason = _REASONS.get(refusal.status, b"Error")
-        transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (refusal.status, reason, len(refusal.body), refusal.body)
-        )
-        transport.loseConnection()
+        _write_refusal(self.channel.transport, refusal)
 
 
 class ScreenedSite(Site):
@@ -158,6 +207,7 @@ class ScreenedSite(Site):
         screen: Callable[[ScreenedRequest, "int | None"], "Refusal | None"],
         max_body: int = MAX_BODY_BYTES,
         read_timeout: float = READ_TIMEOUT_SECONDS,
+        headers_timeout: float = HEADERS_TIMEOUT_SECONDS,
         on_refused: Callable[[int], None] | None = None,
         **kwargs,
     ) -> None:
@@ -166,6 +216,7 @@ class ScreenedSite(Site):
         self.clock = clock
         self.max_body = max_body
         self.read_timeout = read_timeout
+        self.headers_timeout = headers_timeout
         self._screen = screen
         self._on_refused = on_refused
 
