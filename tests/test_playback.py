@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.audio import FRAME_BYTES, SILENCE_FRAME, AudioChunk, resample_to_8k, ulaw_encode
-from voicecall.media.playback import Playback, PlaybackError, PlaybackScheduler
+from voicecall.media.playback import CATCHUP_PERIODS, Playback, PlaybackError, PlaybackScheduler
 
 TICK = 0.02
 
@@ -355,27 +355,96 @@ class PlaybackTests(PlaybackTestBase):
 
 
 class SchedulerTests(PlaybackTestBase):
+    def streams(self, n: int, frames: int = 10) -> list[tuple[Playback, Sink]]:
+        """`n` playbacks on the shared scheduler, each playing `frames` frames of audio."""
+        made = []
+        for _ in range(n):
+            sink = Sink(self.clock)
+            playback = Playback(self.scheduler, sink)
+            playback.play(instant(tone(frames)))
+            made.append((playback, sink))
+        return made
+
+    def advance_to(self, t: float) -> None:
+        """Run the clock to `t`, stopping at every timer on the way (each fires on time)."""
+        while True:
+            calls = sorted(c.getTime() for c in self.clock.getDelayedCalls())
+            if not calls or calls[0] > t + 1e-12:
+                break
+            self.clock.advance(max(0.0, calls[0] - self.clock.seconds()))
+        self.clock.advance(max(0.0, t - self.clock.seconds()))
+
     def test_one_tick_drives_many_streams(self):
-        """One timer serves every playing stream, each getting exactly one frame per tick."""
-        sinks = [Sink(self.clock) for _ in range(50)]
-        for sink in sinks:
-            Playback(self.scheduler, sink).play(instant(tone(5)))
-        self.clock.advance(0)
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
-        for n in range(2, 5):
-            self.clock.advance(TICK)
-            self.assertEqual({len(s.frames()) for s in sinks}, {n})
+        """One timer serves every playing stream, each getting exactly one frame every 20 ms."""
+        streams = self.streams(50)
+        for n in range(1, 6):
+            self.advance_to(0.015 + (n - 1) * TICK)  # every phase's point of period n has passed
+            self.assertEqual({len(sink.frames()) for _, sink in streams}, {n})
             self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.assertEqual(self.scheduler.active_count, 50)
+
+    def test_streams_spread_over_four_phases(self):
+        """Streams started together are spread over the 4 phases: each tick sends one phase's frames."""
+        streams = self.streams(8)
+        self.assertEqual([self.scheduler.phase_of(p) for p, _ in streams], [0, 1, 2, 3, 0, 1, 2, 3])
+        self.advance_to(0.04)
+        by_time: dict[float, int] = {}
+        for _, sink in streams:
+            for t, _, _ in sink.sent:
+                by_time[round(t, 6)] = by_time.get(round(t, 6), 0) + 1
+        self.assertEqual(sorted(by_time), [0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04])
+        self.assertEqual(set(by_time.values()), {2})
+
+    def test_each_stream_exactly_every_20ms_on_its_phase(self):
+        """Whatever its phase, a stream's frames are 20 ms apart, on the grid from its phase point."""
+        streams = self.streams(6, frames=20)
+        self.advance_to(0.5)
+        for playback, sink in streams:
+            times = [t for t, kind, _ in sink.sent if kind == "media"]
+            self.assertEqual(len(times), 20)
+            start = times[0]
+            for k, t in enumerate(times):
+                self.assertAlmostEqual(t, start + k * TICK, places=9)
+        self.assertEqual(sorted({round(s.sent[0][0], 6) for _, s in streams}), [0.0, 0.005, 0.01, 0.015])
+
+    def test_new_stream_joins_the_least_busy_phase(self):
+        """A stream starting while others play joins the phase with the fewest streams."""
+        streams = self.streams(5, frames=100)  # phases 0, 1, 2, 3, 0
+        self.clock.advance(0.001)
+        [(late, _)] = self.streams(1, frames=100)
+        self.assertEqual(self.scheduler.phase_of(late), 1)  # 1, 2, 3 hold one each; 1 comes first
+        streams[2][0].clear()  # phase 2 now holds none
+        [(later, _)] = self.streams(1, frames=100)
+        self.assertEqual(self.scheduler.phase_of(later), 2)
+
+    def test_only_busy_phases_wake_the_timer(self):
+        """With one stream, the timer fires every 20 ms, not every 5 ms."""
+        self.streams(1, frames=20)
+        self.advance_to(0.2)
+        self.assertEqual(self.scheduler.ticks, 11)
+        [call] = self.clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime(), 0.22)
+
+    def test_joining_an_earlier_phase_moves_the_timer_forward(self):
+        """A stream joining a phase due before the timer's next point is served on time."""
+        self.streams(1, frames=20)
+        self.clock.advance(0.001)
+        [(second, sink)] = self.streams(1, frames=20)
+        self.assertEqual(self.scheduler.phase_of(second), 1)
+        [call] = self.clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime(), 0.005)
+        self.advance_to(0.005)
+        self.assertEqual([round(t, 6) for t, _, _ in sink.sent], [0.005])
 
     def test_streams_awaiting_marks_are_not_visited(self):
         """Playbacks waiting for a mark echo leave the tick; only streams with frames are visited."""
         waiting = [Playback(self.scheduler, Sink(self.clock)) for _ in range(9)]
         for playback in waiting:
             playback.play(instant(tone(1)))
-        self.clock.advance(0)
+        self.advance_to(0.02)
         self.assertEqual(self.scheduler.active_count, 0)
         self.assertFalse(self.scheduler.running)
+        self.assertTrue(all(p.is_playing for p in waiting))
         self.playback.play(instant(tone(3)))
         self.clock.advance(0)
         self.assertEqual(self.scheduler.active_count, 1)
@@ -397,17 +466,72 @@ class SchedulerTests(PlaybackTestBase):
         self.assertAlmostEqual(call.getTime(), 0.04)
         self.assertAlmostEqual(self.scheduler.max_lateness, 0.007)
 
-    def test_missed_grid_points_are_skipped(self):
-        """A tick more than an interval late skips the grid points it missed instead of bursting."""
+    def test_stall_is_caught_up(self):
+        """A tick three periods late sends the frames owed at once; the stream is back on its grid."""
+        synthesis = Synthesis()
+        self.playback.play(synthesis)
+        self.clock.advance(0)  # t=0: a keep-alive
+        synthesis.ulaw(tone(10))
+        self.clock.advance(0.075)  # the 20, 40 and 60 ms frames are due
+        self.assertEqual(len(self.sink.frames()), 4)
+        [call] = self.clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime(), 0.08)
+        self.advance_to(0.2)
+        times = [round(t, 6) for t, kind, _ in self.sink.sent if kind == "media"][4:]
+        self.assertEqual(times, [round(0.08 + k * TICK, 6) for k in range(len(times))])
+        self.assertEqual(self.scheduler.missed_ticks, 0)
+
+    def test_long_stall_is_caught_up_only_so_far(self):
+        """After a stall of more than CATCHUP_PERIODS periods, older points are skipped, not burst."""
         synthesis = Synthesis()
         self.playback.play(synthesis)
         self.clock.advance(0)
         synthesis.ulaw(tone(10))
-        self.clock.advance(0.075)
-        self.assertEqual(len(self.sink.frames()), 2)
+        self.clock.advance(0.205)  # ten periods owed
+        self.assertEqual(len(self.sink.frames()), 1 + CATCHUP_PERIODS)
+        self.assertEqual(self.scheduler.missed_ticks, 10 - CATCHUP_PERIODS)
         [call] = self.clock.getDelayedCalls()
-        self.assertAlmostEqual(call.getTime(), 0.08)
-        self.assertEqual(self.scheduler.missed_ticks, 2)
+        self.assertAlmostEqual(call.getTime(), 0.22)
+
+    def test_late_tick_serves_every_due_phase_once(self):
+        """A tick late past the next phase's point serves both phases, each stream once, and keeps the grid."""
+        streams = self.streams(4, frames=20)
+        self.clock.advance(0)
+        self.clock.advance(0.012)  # the 5 ms point fires at 12 ms: the 10 ms point is due too
+        self.assertEqual([len(s.frames()) for _, s in streams], [1, 1, 1, 0])
+        self.assertEqual([round(s.sent[0][0], 6) for _, s in streams[1:3]], [0.012, 0.012])
+        self.assertAlmostEqual(self.scheduler.max_lateness, 0.007)
+        [call] = self.clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime(), 0.015)
+        self.advance_to(0.1)
+        for _, sink in streams:
+            times = [round(t, 6) for t, _, _ in sink.sent]
+            self.assertEqual(times[1:], [round(times[1] + k * TICK, 6) for k in range(len(times) - 1)])
+        self.assertEqual(self.scheduler.missed_ticks, 0)
+
+    def test_drift_correction_on_the_absolute_clock(self):
+        """Ticks that each run a little late do not accumulate lateness: frames stay on the grid."""
+        streams = self.streams(4, frames=200)
+        self.clock.advance(0)
+        while self.clock.seconds() < 3.0:
+            [call] = self.clock.getDelayedCalls()
+            self.clock.advance(call.getTime() - self.clock.seconds() + 0.0015)  # every tick 1.5 ms late
+        for n, (_, sink) in enumerate(streams):
+            times = [t for t, kind, _ in sink.sent if kind == "media"][1:]
+            self.assertGreater(len(times), 140)
+            for k, t in enumerate(times, start=1):
+                self.assertAlmostEqual(t, n * 0.005 + k * TICK + 0.0015, places=9)
+        self.assertEqual(self.scheduler.missed_ticks, 0)
+
+    def test_one_phase_is_the_single_shared_tick(self):
+        """phases=1 gives the plain 20 ms tick: every stream on every tick."""
+        scheduler = PlaybackScheduler(self.clock, phases=1)
+        sinks = [Sink(self.clock) for _ in range(5)]
+        for sink in sinks:
+            Playback(scheduler, sink).play(instant(tone(3)))
+        self.ticks(2)
+        self.assertEqual({tuple(round(t, 6) for t, kind, _ in s.sent if kind == "media") for s in sinks}, {(0.0, 0.02, 0.04)})
+        self.assertRaises(ValueError, PlaybackScheduler, self.clock, phases=0)
 
     def test_mark_names_are_unique_per_stream(self):
         """Mark names carry the time in ms and a per-stream sequence number."""

@@ -8,15 +8,20 @@ buffered (the stream stays warm), converting the audio chunks as they arrive (16
 any rate through L{PcmToUlaw}, 8 kHz mu-law as it is), cutting them into 20 ms frames and
 sending one frame per tick; then a mark, and the utterance completes when Twilio echoes it.
 
-All streams share one L{PlaybackScheduler}: a single timer on an absolute 20 ms grid
-(C{deadline += interval}; sleep until it), so lateness never accumulates. Each tick visits only
-the playbacks that have something to send (a frame or a keep-alive) and sends at most one frame
-for each; a playback waiting for its mark echo, or idle, is not visited, and with nothing to
-play the scheduler has no timer at all. Synthesis deadlines are checked on those same ticks, so
-N playing streams cost one timer, not N; only a mark wait has a timer of its own.
+All streams share one L{PlaybackScheduler}: a single timer on an absolute grid (points at
+origin + n x 5 ms; sleep until the next), so lateness never accumulates. Each stream is served
+on one of the four phases of the 20 ms period, so it sends one frame every 20 ms while the
+streams' sends are spread over four smaller bursts instead of one (with 500 streams, a single
+burst delays the last stream's frame by the time it takes to send all of them). Each tick
+visits only the playbacks of its phase that have something to send (a frame or a keep-alive)
+and sends at most one frame for each; a playback waiting for its mark echo, or idle, is not
+visited, and with nothing to play the scheduler has no timer at all. Synthesis deadlines are
+checked on those same ticks, so N playing streams cost one timer, not N; only a mark wait has a
+timer of its own.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Callable, Protocol
 
@@ -45,6 +50,8 @@ FRAME_SECONDS = FRAME_BYTES / SAMPLE_RATE
 SYNTHESIS_TIMEOUT = 30.0
 #: Time allowed for the mark echo beyond the audio's own duration, in seconds.
 MARK_MARGIN = 5.0
+#: After a stall, frames a stream may send at once to get back on its grid (100 ms of audio).
+CATCHUP_PERIODS = 5
 #: Frames one utterance may buffer ahead of the pacing (10 minutes of audio, 4.8 MB).
 MAX_BUFFERED_FRAMES = 30_000
 
@@ -77,91 +84,151 @@ class StreamSink(Protocol):
 
 class PlaybackScheduler:
     """
-    The one 20 ms tick shared by every stream's playback.
+    The one shared tick that paces every stream's playback.
 
-    While at least one playback has something to send, one C{callLater} chain runs on an
-    absolute grid: each tick the next deadline is the previous one plus the interval, and the
-    delay is measured from the clock, so a late tick does not push the following ones back. A
-    tick later than a whole interval skips the grid points it missed (no bursts of catch-up
-    frames); they are counted in C{missed_ticks}. With nothing to send the chain stops.
+    The 20 ms period is cut into C{phases} evenly spaced points (4 by default: a 5 ms step).
+    Each playback is given one phase when it becomes active (the least busy one; among equals,
+    the one due soonest) and is visited on that phase's points only, so it still sends exactly
+    one frame every 20 ms, while the streams' frames go out in C{phases} smaller bursts rather
+    than one burst of every stream at once. Still one C{callLater} chain for all: the timer
+    fires only at points whose phase has playbacks, and stops when no playback has anything
+    to send.
+
+    The points lie on an absolute grid (origin + n x step, the origin fixed when the tick
+    starts), and the delay to the next one is measured from the clock, so a late tick does not
+    push the following ones back. A late tick serves every point that has come, so a stream
+    delayed by a stall sends the frames it owes at once and is back on its grid (Twilio buffers
+    what it is sent); a stall of more than C{CATCHUP_PERIODS} periods is not made up beyond that:
+    the older points are skipped (the stream's audio then runs that much later) and the periods
+    so lost are counted in C{missed_ticks}.
     """
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, interval: float = FRAME_SECONDS) -> None:
+    def __init__(self, clock: IReactorTime, interval: float = FRAME_SECONDS, phases: int = 4) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
+        if phases < 1:
+            raise ValueError("phases must be at least 1")
         self.clock = clock
         self.interval = interval
-        self._active: dict[Playback, None] = {}
+        self.phases = phases
+        self._step = interval / phases
+        self._members: list[dict[Playback, None]] = [{} for _ in range(phases)]
+        self._phase_of: dict[Playback, int] = {}
         self._call: IDelayedCall | None = None
-        self._deadline: float | None = None
+        self._origin = 0.0
+        #: Index (from the origin) of the first grid point not served yet, and of the point the
+        #: timer is set for (the first from there whose phase has playbacks); phase = index % phases.
+        self._served = 0
+        self._next = 0
         self._ticking = False
-        #: Ticks run so far, grid points skipped because a tick was that late, and the
-        #: greatest lateness of a tick behind its deadline (seconds): for benchmarks.
+        #: Timer firings so far, whole periods skipped because a tick was that late, and the
+        #: greatest lateness of a tick behind its point (seconds): for benchmarks.
         self.ticks = 0
         self.missed_ticks = 0
         self.max_lateness = 0.0
 
     @property
     def active_count(self) -> int:
-        """How many playbacks the next tick will visit."""
-        return len(self._active)
+        """How many playbacks the tick visits."""
+        return len(self._phase_of)
 
     @property
     def running(self) -> bool:
         """Whether the tick is scheduled."""
         return self._call is not None
 
+    def phase_of(self, playback: Playback) -> int | None:
+        """The phase `playback` is served on, or None when it is not active."""
+        return self._phase_of.get(playback)
+
     def activate(self, playback: Playback) -> None:
-        """Visit `playback` on every tick from the next one until it has nothing to send."""
-        if playback in self._active:
+        """Visit `playback` on every point of its phase from the next one until it has nothing to send."""
+        if playback in self._phase_of:
             return
-        self._active[playback] = None
         if self._call is None and not self._ticking:
-            # Idle: start a fresh grid now.
-            self._deadline = self.clock.seconds()
+            # Idle: start a fresh grid now, and serve this playback at once (phase 0).
+            self._origin = self.clock.seconds()
+            self._served = self._next = 0
+            self._join(playback, 0)
             self._call = self.clock.callLater(0, self._tick)
+            return
+        phases, members = self.phases, self._members
+        # The first point not served yet and not already past.
+        first = max(self._served, math.ceil((self.clock.seconds() - self._origin) / self._step - 1e-6))
+        # The least busy phase; among equals, the one whose next point comes first.
+        phase = min(range(phases), key=lambda p: (len(members[p]), (p - first) % phases))
+        self._join(playback, phase)
+        if not self._ticking and self._call is not None:
+            index = first + (phase - first) % phases
+            if index < self._next:
+                # The timer was set for a later point (the phases between were empty).
+                self._call.cancel()
+                self._call = None
+                self._schedule(index)
 
     def deactivate(self, playback: Playback) -> None:
         """Stop visiting `playback`; with nothing left to visit, stop the tick."""
-        self._active.pop(playback, None)
-        if not self._active and self._call is not None and not self._ticking:
+        phase = self._phase_of.pop(playback, None)
+        if phase is not None:
+            self._members[phase].pop(playback, None)
+        if not self._phase_of and self._call is not None and not self._ticking:
             self._call.cancel()
             self._call = None
-            self._deadline = None
+
+    def _join(self, playback: Playback, phase: int) -> None:
+        self._phase_of[playback] = phase
+        self._members[phase][playback] = None
+
+    def _schedule(self, index: int) -> None:
+        """Set the timer for the first point from `index` on whose phase has playbacks."""
+        phases, members = self.phases, self._members
+        for _ in range(phases):
+            if members[index % phases]:
+                break
+            index += 1
+        self._next = index
+        self._call = self.clock.callLater(max(0.0, self._origin + index * self._step - self.clock.seconds()), self._tick)
 
     def _tick(self) -> None:
         self._call = None
-        interval = self.interval
+        phases, step = self.phases, self._step
         now = self.clock.seconds()
-        deadline = self._deadline if self._deadline is not None else now
-        lateness = now - deadline
+        index = self._next
+        lateness = now - (self._origin + index * step)
         if lateness > self.max_lateness:
             self.max_lateness = lateness
-        if lateness >= interval:
-            missed = int(lateness // interval)
-            self.missed_ticks += missed
-            deadline += missed * interval
+        # Points due now: this one, and those the lateness ran past (1e-9: float grid sums).
+        due = max(1, int((lateness + 1e-9) // step) + 1)
+        limit = phases * CATCHUP_PERIODS
+        if due > limit:
+            skipped = due - limit
+            self.missed_ticks += (skipped + phases - 1) // phases
+            index += skipped
+            due = limit
         self.ticks += 1
-        active = self._active
         self._ticking = True
         try:
-            for playback in tuple(active):
-                try:
-                    keep = playback._on_tick(now)
-                except Exception:
-                    self._log.failure("playback tick failed; dropping the stream from the tick")
-                    keep = False
-                if not keep:
-                    active.pop(playback, None)
+            for i in range(index, index + due):
+                self._serve(i % phases, now)
         finally:
             self._ticking = False
-        if active:
-            self._deadline = deadline + interval
-            self._call = self.clock.callLater(max(0.0, self._deadline - self.clock.seconds()), self._tick)
-        else:
-            self._deadline = None
+        self._served = index + due
+        if self._phase_of:
+            self._schedule(self._served)
+
+    def _serve(self, phase: int, now: float) -> None:
+        members, phase_of = self._members[phase], self._phase_of
+        for playback in tuple(members):
+            try:
+                keep = playback._on_tick(now)
+            except Exception:
+                self._log.failure("playback tick failed; dropping the stream from the tick")
+                keep = False
+            if not keep and phase_of.get(playback) == phase:
+                del phase_of[playback]
+                members.pop(playback, None)
 
 
 @define(eq=False)

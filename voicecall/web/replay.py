@@ -6,8 +6,9 @@ Bounded TTL caches for webhook replay protection (SPEC §9.6, §20 items 4 and 1
 acknowledged without side effects; `ResponseCache` keeps the response built for a verified key
 so that a non-Twilio replay gets the original answer, sharing a response still being built.
 
-Both hold at most `max_entries` keys: every 64th insert, and whenever an insert takes them over
-the cap, expired entries are pruned and then the oldest-inserted ones evicted.  Time comes from
+Both hold at most `max_entries` keys: every 64th insert expired entries are pruned and then the
+oldest-inserted ones evicted; an insert that takes them over the cap in between evicts the oldest.
+(`ReplayCache` also prunes expired keys then, which costs nothing as they expire in order.)  Time comes from
 an injected `IReactorTime`.
 """
 
@@ -145,8 +146,12 @@ class ResponseCache(Generic[T]):
         entry = _Entry(expires=now + self._ttl)
         self._entries[key] = entry
         self._inserts += 1
-        if self._inserts % PRUNE_EVERY == 0 or len(self._entries) > self._max_entries:
+        if self._inserts % PRUNE_EVERY == 0:
             self._prune(now)
+        elif len(self._entries) > self._max_entries:
+            # Over the cap between prunes: evict the oldest at once rather than scanning every
+            # entry for expired ones on each insert (that made a full cache O(n) per request).
+            self._entries.popitem(last=False)
         waiter = entry.wait()
         built = maybeDeferred(build)
         built.addCallbacks(
@@ -172,8 +177,17 @@ class ResponseCache(Generic[T]):
             waiter.errback(failure)
 
     def _prune(self, now: float) -> None:
+        # Done entries expire about in insertion order (fixed TTL from completion): walk from the
+        # oldest, skipping builds in flight, and stop at the first live one instead of scanning all.
         entries = self._entries
-        for key in [k for k, e in entries.items() if e.done and e.expires <= now]:
+        expired = []
+        for key, e in entries.items():
+            if not e.done:
+                continue
+            if e.expires > now:
+                break
+            expired.append(key)
+        for key in expired:
             del entries[key]
         while len(entries) > self._max_entries:
             entries.popitem(last=False)

@@ -1,0 +1,1 @@
+"""The voicecall benchmarks (loopback only); `python -m benchmarks` runs them all."""

@@ -1,0 +1,46 @@
+"""
+A smoke test of the benchmark runner: `python -m benchmarks --quick store` in a child process
+(a few seconds) prints its table and writes its JSON. No figure is asserted: performance is
+measured by `make bench`, not by the test suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.daemon import PROJECT_ROOT, child_env
+from tests.harness import workdir
+
+
+class BenchmarkRunnerTests(TestCase):
+    timeout = 90
+
+    async def test_quick_store(self):
+        """The runner runs the named benchmark, which prints its table and writes its JSON."""
+        results = workdir(self)
+        env = child_env({"VOICECALL_BENCH_RESULTS": results})
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "benchmarks", "--quick", "store"], env=env, path=PROJECT_ROOT, reactor=reactor
+        )
+        text = out.decode("utf-8", "replace")
+        self.assertEqual(code, 0, text + err.decode("utf-8", "replace"))
+        self.assertIn("initiate p50 (ms)", text)
+        self.assertIn("open + restore (s)", text)
+        with open(os.path.join(results, "store.json")) as f:
+            data = json.load(f)
+        self.assertEqual(data["benchmark"], "store")
+        self.assertEqual(data["restore"]["restored"], data["populate"]["calls"])
+
+    async def test_absent_benchmark_skipped(self):
+        """--list names every benchmark and says which are absent, without running any."""
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "benchmarks", "--list"], env=child_env(), path=PROJECT_ROOT, reactor=reactor
+        )
+        self.assertEqual(code, 0, err)
+        names = [line.split()[0] for line in out.decode().splitlines()]
+        self.assertEqual(names[:3], ["webhooks", "store", "memory"])
