@@ -272,7 +272,13 @@ def serve(args) -> int:
                 reactor.stop()
 
     stdio.StandardIO(Control())
-    reactor.run()
+    profile_to = os.environ.get("VOICECALL_BENCH_PROFILE")
+    if profile_to:  # where the server's time goes: python -m pstats <file>
+        import cProfile
+
+        cProfile.runctx("reactor.run()", globals(), {"reactor": reactor}, profile_to)
+    else:
+        reactor.run()
     return 0
 
 

@@ -212,9 +212,22 @@ class SessionTests(SynchronousTestCase):
 class AudioTests(SynchronousTestCase):
     """Forwarding of media frames."""
 
-    def test_frames_forwarded_as_base64_appends(self) -> None:
-        """Each frame becomes one input_audio_buffer.append with the frame in base64."""
+    def test_frames_batched_into_appends(self) -> None:
+        """By default 100 ms of frames (five) go out as one input_audio_buffer.append, in base64."""
         h = Harness()
+        h.open(self)
+        frames = [bytes([i]) * 160 for i in range(12)]
+        for frame in frames:
+            h.stt.send_audio(frame)
+        h.flush()
+        self.assertEqual(
+            h.fake.appended_audio(),
+            [b64encode(b"".join(frames[0:5])).decode(), b64encode(b"".join(frames[5:10])).decode()],
+        )
+
+    def test_frames_forwarded_as_base64_appends(self) -> None:
+        """With batch_ms=20 each frame becomes one input_audio_buffer.append with the frame in base64."""
+        h = Harness(batch_ms=20)
         h.open(self)
         frames = [bytes(range(i, i + 160)) for i in (0, 50, 90)]
         for frame in frames:
@@ -229,7 +242,7 @@ class AudioTests(SynchronousTestCase):
 
     def test_frames_dropped_while_not_connected(self) -> None:
         """Frames sent before the session opens are dropped, not queued."""
-        h = Harness()
+        h = Harness(batch_ms=20)
         h.stt.send_audio(b"\x01" * 160)
         d = h.stt.connect()
         h.stt.send_audio(b"\x02" * 160)
@@ -241,7 +254,7 @@ class AudioTests(SynchronousTestCase):
 
     def test_frames_dropped_while_transport_paused(self) -> None:
         """While the transport has paused its producer, frames are dropped; resumed, they flow."""
-        h = Harness()
+        h = Harness(batch_ms=20)
         h.open(self)
         producer = h.client_transport.producer
         self.assertIsNotNone(producer)
@@ -254,7 +267,7 @@ class AudioTests(SynchronousTestCase):
 
     def test_frames_dropped_after_close(self) -> None:
         """After close() nothing more is sent."""
-        h = Harness()
+        h = Harness(batch_ms=20)
         h.open(self)
         d = h.stt.close()
         h.flush()
@@ -513,7 +526,7 @@ class ConnectionTests(SynchronousTestCase):
 
     def test_reconnect_restores_session(self) -> None:
         """A reconnection sends the session update again and audio flows again."""
-        h = Harness()
+        h = Harness(batch_ms=20)
         h.open(self)
         h.fake.drop_all()
         h.flush()
@@ -648,7 +661,7 @@ class LoopbackTests(TestCase):
                 ("final", "Hello there, how are you?"),
             ],
         )
-        self.assertEqual(len(self.fake.appended_audio()), 100)
+        self.assertEqual(len(self.fake.appended_audio()), 20)  # five frames per append
 
     async def test_transcript_text_unchanged_over_loopback(self) -> None:
         """A long transcript with control characters reaches on_final unchanged."""
@@ -687,7 +700,7 @@ class LoopbackTests(TestCase):
     async def test_reconnect_after_unexpected_close(self) -> None:
         """A connection the server drops is re-established and configured again."""
         self.fake.close_next(after_messages=1)
-        stt = self.transcriber(reconnect_delay=0.05)
+        stt = self.transcriber(reconnect_delay=0.05, batch_ms=20)
         await stt.connect()
         await self.until(lambda: len(self.fake.sessions) == 2 and stt.connected)
         stt.send_audio(SILENCE)
