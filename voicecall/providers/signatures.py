@@ -91,12 +91,18 @@ def parse_form(raw_body: bytes | str) -> list[tuple[str, str]]:
     """
     if isinstance(raw_body, str):
         raw_body = raw_body.encode("utf-8")
+    return list(_parse_form(raw_body))
+
+
+@lru_cache(maxsize=32)
+def _parse_form(raw_body: bytes) -> tuple[tuple[str, str], ...]:
+    # Memoised: a webhook's body is decoded for its signature and again for its events.
     pairs = []
     for part in raw_body.split(b"&"):
         if part:
             name, _, value = part.partition(b"=")
             pairs.append((_form_decode(name), _form_decode(value)))
-    return pairs
+    return tuple(pairs)
 
 
 def _sha256_hex(*parts: str | bytes) -> str:

@@ -212,6 +212,9 @@ class ScreenedSite(Site):
         **kwargs,
     ) -> None:
         kwargs.setdefault("timeout", IDLE_TIMEOUT_SECONDS)
+        # The providers decode the raw body themselves; Twisted's own parse of it into
+        # request.args (Content-Type through the email package) is wasted work.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, reactor=clock, **kwargs)
         self.clock = clock
         self.max_body = max_body
