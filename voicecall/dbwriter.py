@@ -57,10 +57,53 @@ class Writer(Protocol):
 
 def _run_batch(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]):
     """
-    Run `ops` in one transaction, each under its own SAVEPOINT, then COMMIT. Return one
-    ``(True, value)`` or ``(False, Failure)`` per op. An op that raises is undone alone; if an
-    error ends the whole transaction (or the COMMIT fails), every op whose work went with it fails.
+    Run `ops` in one transaction and COMMIT. Return one ``(True, value)`` or
+    ``(False, Failure)`` per op. An op that raises is undone alone; if an error ends the whole
+    transaction (or the COMMIT fails), every op whose work went with it fails.
+
+    Ops rarely fail, so the batch first runs them plainly; only if one raises is the batch
+    rolled back and run again with a SAVEPOINT around each op (three statements saved per op
+    on the common path). Ops must therefore be safe to run again after a rollback.
     """
+    plain = _run_plain(conn, ops)
+    if plain is not None:
+        return plain
+    return _run_savepointed(conn, ops)
+
+
+def _run_plain(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]):
+    """The batch without savepoints; None (after a rollback) when an op raised in a batch of several."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except Exception:  # e.g. still locked after the busy timeout: give up on the batch
+        return [(False, Failure())] * len(ops)
+    values = []
+    try:
+        for op in ops:
+            values.append(op(conn))
+    except Exception:
+        failure = Failure()
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        return [(False, failure)] if len(ops) == 1 else None
+    try:
+        conn.execute("COMMIT")
+    except Exception:
+        failure = Failure()
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        return [(False, failure)] * len(ops)
+    return [(True, value) for value in values]
+
+
+def _run_savepointed(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]):
+    """The batch with a SAVEPOINT around each op, so that a failing op is undone alone."""
     outcomes: list[tuple[bool, Any]] = []
     uncommitted: list[int] = []
 
