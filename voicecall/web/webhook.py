@@ -129,6 +129,8 @@ class WebhookResource(Resource):
             request.setHeader(name, value)
         if not finish:
             return response.body
+        # A length, not chunked framing: one write, and the carrier reads a plain body.
+        request.setHeader("Content-Length", str(len(response.body)))
         request.write(response.body)
         request.finish()
         return None
