@@ -3,6 +3,7 @@ Tests for voicecall.store: the SQLite call store, its writers and its read-only 
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sqlite3
@@ -18,10 +19,13 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import voicecall
-from voicecall.model import CallRecord, CallState, Direction, Speaker, TranscriptEntry
+from voicecall.manager import CallManager, ManagerSettings
+from voicecall.model import CallEvent, CallRecord, CallState, Direction, Speaker, TranscriptEntry
+from voicecall.providers.mock import MockProvider
 from voicecall.store import (
     DB_FILENAME,
     CallStore,
@@ -30,6 +34,7 @@ from voicecall.store import (
     StoreError,
     SynchronousWriter,
     ThreadedWriter,
+    collector_paused,
     open_readonly,
 )
 
@@ -606,6 +611,199 @@ class ThreadedWriterTests(TestCase):
         release.set()
         await gatherResults([first, *queued])
         self.assertIsNone(await writer.run(lambda conn: None))
+
+
+class LoadTests(_StoreMixin, SynchronousTestCase):
+    """The bulk read path (load_active, get_call) builds whole, independent, ordinary records."""
+
+    def test_records_are_ordinary_model_objects(self):
+        """A loaded record has the model's enum members and keeps its converters and freezing."""
+        store = self.open_store()
+        self.write_whole(store, make_record(transcript=[entry("hi", "bot")]))
+        (got,) = self.successResultOf(store.load_active())
+        self.assertIs(got.direction, Direction.OUTBOUND)
+        self.assertIs(got.state, CallState.RINGING)
+        self.assertIs(got.transcript[0].speaker, Speaker.BOT)
+        self.assertIs(got.transcript[0].is_final, True)
+        self.assertEqual(hash(got.transcript[0]), hash(entry("hi", "bot")))
+        with self.assertRaises(attrs.exceptions.FrozenInstanceError):
+            got.transcript[0].text = "changed"
+        self.assertEqual(got.to_json(), make_record(transcript=[entry("hi", "bot")]).to_json())
+        got.state = "active"
+        self.assertIs(got.state, CallState.ACTIVE)
+        with self.assertRaises(ValueError):
+            got.state = "no-such-state"
+
+    def test_records_share_no_mutable_state(self):
+        """Calls with the same metadata get their own dicts and lists, also across loads."""
+        store = self.open_store()
+        nested = {"mode": "notify", "tags": ["a"], "extra": {"n": 1}}
+        for call_id in ("a", "b"):
+            self.write_whole(store, make_record(call_id, processed_event_ids=[f"k{call_id}"]))
+        for call_id in ("c", "d"):
+            self.write_whole(store, make_record(call_id, metadata=nested))
+        for call_id in ("e", "f", "g"):
+            self.write_whole(store, make_record(call_id))
+        a, b, c, d, *flat = self.successResultOf(store.load_active())
+        for record in flat:
+            record.metadata[record.call_id] = True
+        self.assertEqual(
+            [r.metadata for r in flat],
+            [{"mode": "conversation", k: True} for k in ("e", "f", "g")],
+        )
+        a.metadata["turnCount"] = 3
+        a.transcript.append(entry("x"))
+        a.processed_event_ids.append("extra")
+        c.metadata["tags"].append("b")
+        c.metadata["extra"]["n"] = 2
+        self.assertEqual(b.metadata, {"mode": "conversation"})
+        self.assertEqual((b.transcript, b.processed_event_ids), ([], ["kb"]))
+        self.assertEqual(d.metadata, nested)
+        again = self.successResultOf(store.load_active())
+        self.assertEqual(again[0], make_record("a", processed_event_ids=["ka"]))
+        self.assertEqual(again[2].metadata, nested)
+
+    def test_many_calls_whole_and_in_order(self):
+        """Hundreds of live calls among ended ones come back whole, oldest first."""
+        store = self.open_store()
+        expected = []
+        for i in range(300):
+            record = make_record(
+                f"call-{i:03d}",
+                state=("ringing", "completed", "listening")[i % 3],
+                answered_at=i if i % 2 else None,
+                transcript=[entry(f"line {i}.{j}", ("bot", "user")[j % 2], j) for j in range(i % 4)],
+                processed_event_ids=[f"k{i}.{j}" for j in range(i % 5)],
+                metadata={"mode": "conversation", "turn": i % 7},
+            )
+            self.write_whole(store, record)
+            if not record.is_terminal:
+                expected.append(record)
+        # a second batch of rows for some calls: their rows stay in write order
+        for record in expected[::10]:
+            more = [entry(f"later {record.call_id}", "user", 99)]
+            self.write(store, record, transcript=more, event_keys=[f"later-{record.call_id}"])
+            record.transcript.extend(more)
+            record.processed_event_ids.append(f"later-{record.call_id}")
+        self.assertEqual(self.successResultOf(store.load_active()), expected)
+        with open_readonly(store._directory) as readonly:
+            self.assertEqual(readonly.load_active(), expected)
+
+    def test_bad_stored_value_fails_the_load(self):
+        """A row holding a value outside the model (an edited database) fails the read."""
+        store = self.open_store()
+        self.write_whole(store, make_record())
+        self.successResultOf(
+            store._writer.run(lambda conn: conn.execute("UPDATE calls SET state = 'bogus'"))
+        )
+        self.failureResultOf(store.load_active(), ValueError)
+        self.failureResultOf(store.get_call("call-1"), ValueError)
+        self.assertTrue(gc.isenabled())
+
+    def test_collector_left_as_it_was(self):
+        """Loads pause the cyclic collector and leave it as they found it, frozen objects too."""
+        store = self.open_store()
+        self.write_whole(store, make_record())
+        self.assertTrue(gc.isenabled())
+        self.successResultOf(store.load_active())
+        self.assertTrue(gc.isenabled())
+        self.assertEqual(gc.get_freeze_count(), 0)
+        gc.disable()
+        try:
+            self.successResultOf(store.load_active())
+            self.assertFalse(gc.isenabled())
+        finally:
+            gc.enable()
+        gc.freeze()
+        try:
+            frozen = gc.get_freeze_count()
+            self.successResultOf(store.load_active())
+            self.assertEqual(gc.get_freeze_count(), frozen)
+        finally:
+            gc.unfreeze()
+        with self.assertRaises(KeyError), collector_paused():
+            raise KeyError("boom")
+        self.assertTrue(gc.isenabled())
+
+
+class RestoreTests(_StoreMixin, SynchronousTestCase):
+    """CallManager.restore over the real store: records come back exactly as stored."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = self.open_store()
+        self.provider = MockProvider(clock=self.clock)
+
+    def manager(self) -> CallManager:
+        manager = CallManager(
+            provider=self.provider,
+            voice=self.provider,
+            store=self.store,
+            clock=self.clock,
+            settings=ManagerSettings(provider_name="mock", max_duration_seconds=300),
+        )
+        manager.set_webhook_url("http://127.0.0.1:1/voice/webhook")
+        self.addCleanup(manager.stop)
+        return manager
+
+    def test_restore_gives_back_stored_calls(self):
+        """Live calls return whole; the others are closed as before; old events stay deduplicated."""
+        now = int(self.clock.seconds() * 1000)
+        live = []
+        for i in range(50):
+            record = make_record(
+                f"live-{i}",
+                state="listening",
+                started_at=now - 1000,
+                answered_at=now - 500 if i % 2 else None,
+                provider_call_id=f"mock-live-{i}",
+                transcript=[entry("Hello", "bot", now - 900), entry(f"caller {i}", "user", now - 800)],
+                processed_event_ids=[f"live-{i}-a", f"live-{i}-b"],
+                metadata={"mode": "conversation", "turnCount": i, "nested": {"i": [i]}},
+            )
+            self.write_whole(self.store, record)
+            live.append(record)
+        store = self.store
+        closed = {
+            "orphan": make_record("orphan", provider_call_id=None, started_at=now),
+            "old": make_record("old", started_at=now - 301_000, provider_call_id="mock-old"),
+            "gone": make_record("gone", started_at=now, provider_call_id="mock-ended-1"),
+            "long": make_record("long", started_at=now - 200_000, answered_at=now - 300_000,
+                                provider_call_id="mock-long", state="active"),
+            "ended": make_record("ended", state="completed", processed_event_ids=["done-key"]),
+        }
+        for record in closed.values():
+            self.write_whole(store, record)
+        manager = self.manager()
+        outcome = self.successResultOf(Deferred.fromCoroutine(manager.restore()))
+        self.assertEqual(
+            outcome, {"restored": 50, "no-provider-id": 1, "expired": 2, "ended-at-carrier": 1}
+        )
+        self.assertEqual(sorted(manager.active_calls(), key=lambda c: c.call_id),
+                         sorted(live, key=lambda c: c.call_id))
+        for record in live:
+            self.assertEqual(manager.find(record.provider_call_id), record)
+        states = {k: self.successResultOf(store.get_call(k)).state for k in closed}
+        self.assertEqual(states, {
+            "orphan": CallState.FAILED, "old": CallState.TIMEOUT, "gone": CallState.COMPLETED,
+            "long": CallState.TIMEOUT, "ended": CallState.COMPLETED,
+        })
+        hangups = sorted(a[1] for a in self.provider.actions if a[0] == "hangup")
+        self.assertEqual(hangups, ["mock-long", "mock-old"])
+        # Replays of stored events (of live and of ended calls) are ignored.
+        for call_id, key in (("live-3", "live-3-b"), ("ended", "done-key")):
+            self.successResultOf(Deferred.fromCoroutine(manager.process_event(CallEvent(
+                type="call.speech", call_id=call_id, id=key, timestamp=now, transcript="again",
+            ))))
+        self.assertEqual(len(manager.find("live-3").transcript), 2)
+        self.assertEqual(len(self.successResultOf(store.get_call("live-3")).transcript), 2)
+        # Answered calls run out of time 300 s after their answer, the others do not.
+        self.clock.advance(299.4)
+        self.assertEqual(len(manager.active_calls()), 50)
+        self.clock.advance(0.2)
+        self.assertEqual(len(manager.active_calls()), 25)
+        self.assertTrue(gc.isenabled())
 
 
 _CHILD = textwrap.dedent(

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -36,6 +36,7 @@ from voicecall.model import (
 )
 from voicecall.policy import inbound_decision
 from voicecall.providers.base import Provider, Voice
+from voicecall.store import collector_paused
 
 DEFAULT_GREETING = "Hello! How can I help you today?"
 MOCK_FROM_NUMBER = "+15550000000"
@@ -646,7 +647,11 @@ class CallManager:
     # -- restore (SPEC §14.3 [H]) -----------------------------------------------------------------
 
     async def restore(self) -> dict[str, int]:
-        """Load the calls that were live at the last stop and check each with the carrier."""
+        """
+        Load the calls that were live at the last stop and check each with the carrier. The calls
+        to close are closed after each pass over the records; the passes run with the cyclic
+        garbage collector paused (with 100,000 calls, each full collection re-walks them all).
+        """
         for key in await self._store.recent_event_keys(self._settings.dedupe_limit):
             self._processed.add(key)
         records = await self._store.load_active()
@@ -654,39 +659,50 @@ class CallManager:
         max_ms = self._settings.max_duration_seconds * 1000
         outcome = {"restored": 0, "no-provider-id": 0, "expired": 0, "ended-at-carrier": 0}
         candidates = []
-        for call in records:
-            for key in call.processed_event_ids[-64:]:
-                self._processed.add(key)
-            if not call.provider_call_id:
-                outcome["no-provider-id"] += 1
-                await self._close_restored(call, "failed")
-            elif now - call.started_at > max_ms:
-                outcome["expired"] += 1
-                await self._close_restored(call, "timeout", hang_up=True)
-            else:
-                candidates.append(call)
-        checks = [self._provider.get_call_status(c.provider_call_id) for c in candidates]
-        results = await DeferredList(checks, consumeErrors=True) if checks else []
-        for call, (ok, status) in zip(candidates, results):
-            if ok and status.is_terminal and not status.is_unknown:
-                outcome["ended-at-carrier"] += 1
-                await self._close_restored(call, "completed")
-                continue
-            if call.answered_at is not None:
-                remaining = max_ms - (now - call.answered_at)
-                if remaining <= 0:
-                    outcome["expired"] += 1
-                    await self._close_restored(call, "timeout", hang_up=True)
+        closing: list[tuple[CallRecord, str, str]] = []  # (call, outcome, end reason)
+        with collector_paused():
+            for call in records:
+                for key in call.processed_event_ids[-64:]:
+                    self._processed.add(key)
+                if not call.provider_call_id:
+                    closing.append((call, "no-provider-id", "failed"))
+                elif now - call.started_at > max_ms:
+                    closing.append((call, "expired", "timeout"))
+                else:
+                    candidates.append(call)
+        await self._close_all_restored(closing, outcome)
+        with collector_paused():
+            checks = [self._provider.get_call_status(c.provider_call_id) for c in candidates]
+            statuses = DeferredList(checks, consumeErrors=True) if checks else succeed([])
+        results = await statuses
+        closing = []
+        with collector_paused():
+            for call, (ok, status) in zip(candidates, results):
+                if ok and status.is_terminal and not status.is_unknown:
+                    closing.append((call, "ended-at-carrier", "completed"))
                     continue
-                self._start_max_timer(call, remaining / 1000.0)
-            self._active[call.call_id] = call
-            self._by_provider_id[call.provider_call_id] = call.call_id
-            outcome["restored"] += 1
+                if call.answered_at is not None:
+                    remaining = max_ms - (now - call.answered_at)
+                    if remaining <= 0:
+                        closing.append((call, "expired", "timeout"))
+                        continue
+                    self._start_max_timer(call, remaining / 1000.0)
+                self._active[call.call_id] = call
+                self._by_provider_id[call.provider_call_id] = call.call_id
+                outcome["restored"] += 1
+        await self._close_all_restored(closing, outcome)
         self._log.info("Restored {n} active call(s) from store", n=outcome["restored"])
         for what, n in outcome.items():
             if what != "restored" and n:
                 self._log.info("Skipped {n} restored call(s): {what}", n=n, what=what)
         return outcome
+
+    async def _close_all_restored(
+        self, closing: list[tuple[CallRecord, str, str]], outcome: dict[str, int]
+    ) -> None:
+        for call, what, reason in closing:
+            outcome[what] += 1
+            await self._close_restored(call, reason, hang_up=reason == "timeout")
 
     async def _close_restored(self, call: CallRecord, reason: str, hang_up: bool = False) -> None:
         events: list[dict] = []
