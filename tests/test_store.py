@@ -11,6 +11,7 @@ import stat
 import sys
 import textwrap
 import threading
+import time
 import uuid
 
 import attrs
@@ -102,6 +103,18 @@ records = st.builds(
     metadata=st.dictionaries(texts, json_values, max_size=4),
 )
 
+
+
+async def _until_set(event: threading.Event, timeout: float = 10.0) -> None:
+    """Wait for a thread to set `event` without blocking the reactor (which hands work over)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while not event.is_set():
+        if time.monotonic() > deadline:
+            raise AssertionError("the writer thread never got there")
+        await deferLater(reactor, 0.001, lambda: None)
 
 class _StoreMixin:
     """Opens a CallStore on a SynchronousWriter in a fresh directory."""
@@ -520,6 +533,15 @@ class ThreadedWriterTests(TestCase):
         self.addCleanup(conn.close)
         return conn
 
+    async def test_one_commit_per_reactor_iteration(self):
+        """Writes issued in one reactor iteration reach the thread together and share one commit."""
+        statements: list[str] = []
+        await self.writer.run(lambda conn: conn.set_trace_callback(statements.append))
+        del statements[:]
+        writes = [self.store.write(make_record(f"i{i}"), event_keys=[f"k{i}"]) for i in range(20)]
+        await gatherResults(writes)
+        self.assertEqual(statements.count("COMMIT"), 1)
+
     async def test_group_commit(self):
         """Writes issued during a commit share the next transaction; each fires after it commits."""
         statements: list[str] = []
@@ -532,7 +554,7 @@ class ThreadedWriterTests(TestCase):
             release.wait(10)
 
         blocked = self.writer.run(blocker)
-        self.assertTrue(started.wait(10))
+        await _until_set(started)
         reader = self.reader()
         seen = []
 
@@ -604,7 +626,7 @@ class ThreadedWriterTests(TestCase):
         release = threading.Event()
         started = threading.Event()
         first = writer.run(lambda conn: (started.set(), release.wait(10)))
-        self.assertTrue(started.wait(10))
+        await _until_set(started)
         queued = [writer.run(lambda conn: None) for _ in range(3)]
         with self.assertRaises(StoreBusyError):
             await writer.run(lambda conn: None)

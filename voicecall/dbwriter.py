@@ -198,12 +198,19 @@ class ThreadedWriter:
     commits, and fires the Deferreds on the reactor thread. The reactor never waits on the
     database. At most `max_pending` operations may wait; beyond that `run` fails with
     `StoreBusyError`.
+
+    Operations are handed to the thread once per reactor iteration (a ``callLater(0)`` after the
+    first), not one by one: every webhook read in one poll then shares one commit. Handing them
+    over singly woke the thread for each, and it committed (and synced) batches of about two.
     """
 
     _reactor: IReactorFromThreads
     _max_pending: int = MAX_PENDING
     _cond: threading.Condition = field(factory=threading.Condition, init=False)
     _queue: deque = field(factory=deque, init=False)
+    # Operations enqueued during this reactor iteration, handed to the thread at its end.
+    _local: list = field(factory=list, init=False)
+    _handover: Any = field(default=None, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _stopped: Deferred[None] | None = field(default=None, init=False)
@@ -247,14 +254,34 @@ class ThreadedWriter:
 
     def _enqueue(self, kind: int, fn: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
-        with self._cond:
-            if self._thread is None or self._stopping:
-                return fail(StoreClosedError("the store writer is not running"))
-            if kind == _OP and len(self._queue) >= self._max_pending:
+        if self._thread is None or self._stopping:
+            return fail(StoreClosedError("the store writer is not running"))
+        if kind == _OP:
+            with self._cond:
+                waiting = len(self._queue)
+            if waiting + len(self._local) >= self._max_pending:
                 return fail(StoreBusyError("too many store operations are waiting"))
+            self._local.append((kind, fn, d))
+            if self._handover is None:
+                self._handover = self._reactor.callLater(0, self._hand_over)
+            return d
+        # Control items keep their place after the operations already enqueued.
+        self._hand_over()
+        with self._cond:
             self._queue.append((kind, fn, d))
             self._cond.notify()
         return d
+
+    def _hand_over(self) -> None:
+        handover, self._handover = self._handover, None
+        if handover is not None and handover.active():
+            handover.cancel()
+        if not self._local:
+            return
+        local, self._local = self._local, []
+        with self._cond:
+            self._queue.extend(local)
+            self._cond.notify()
 
     def _loop(self) -> None:
         stop = False
