@@ -306,8 +306,12 @@ def _event_row(event: dict[str, Any]) -> tuple[Any, ...]:
     return (call_id, at, kind, _dumps({k: v for k, v in event.items() if k != "seq"}))
 
 
+#: One encoder for every row: json.dumps with options builds a new encoder on each call.
+_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 @contextmanager
