@@ -5,10 +5,13 @@ mounted on the webhook Site as the daemon mounts it, driven by the TwilioMediaCl
 from __future__ import annotations
 
 import base64
+import json
 
 import autobahn.twisted.websocket
 import autobahn.util
 import autobahn.websocket.protocol
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -17,11 +20,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.test.proto_helpers import EventLoggingObserver
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from voicecall.audio import FRAME_BYTES, AudioChunk
-from voicecall.media.stream import MediaStreamServer, neutralise_autobahn_log_formatting
+from voicecall.media.stream import _MEDIA, MediaStreamServer, _unmask, neutralise_autobahn_log_formatting
 from voicecall.providers.signatures import verify_twilio
 from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
 from voicecall.web.limits import ScreenedSite
@@ -564,3 +567,174 @@ class AutobahnTuningTests(MediaStreamTestBase):
             session.send_media(b"\x02" * FRAME_BYTES)
         await until(lambda: len(self.handler.media) == 5 and len(client.media_times) == 5)
         self.assertEqual(calls, [])
+
+
+# -- the fast path for media messages ----------------------------------------------------------
+
+_B64 = st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode())
+_TEXT = st.one_of(
+    st.from_regex(r"[0-9]{1,5}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9_-]{1,40}", fullmatch=True),
+    _B64,
+    st.text(max_size=12),
+)
+_VALUE = st.one_of(_TEXT, st.integers(), st.none(), st.booleans(), st.lists(st.integers(), max_size=2))
+
+
+@st.composite
+def twilio_media_messages(draw) -> bytes:
+    """
+    Media messages as Twilio writes them (compact JSON, its key order, the stream SID before
+    or after the media) and variations: other values and types, keys dropped, repeated or
+    added, other orders, whitespace, escapes, other events, then a byte or two changed.
+    """
+    media = {"track": draw(st.sampled_from(["inbound", "outbound"])), "chunk": draw(_TEXT), "timestamp": draw(_TEXT), "payload": draw(_B64)}
+    message = {"event": "media", "sequenceNumber": draw(_TEXT), "streamSid": "MZ" + "a1" * 16, "media": media}
+    items = list(message.items())
+    if draw(st.booleans()):
+        items = [items[0], items[1], items[3], items[2]]  # Twilio's documented order: media, then streamSid
+    for _ in range(draw(st.integers(0, 3))):
+        where = draw(st.sampled_from(["top", "media"]))
+        key = draw(st.sampled_from(["event", "media", "payload", "streamSid", "track", "chunk", "sequenceNumber", "extra"]))
+        value = draw(st.one_of(_VALUE, st.sampled_from(["media", "stop", "dtmf"]), st.just({"payload": "AAAA"})))
+        action = draw(st.sampled_from(["set", "drop", "shuffle"]))
+        target = items if where == "top" else None
+        if where == "media" and isinstance(dict(items).get("media"), dict):
+            target = list(dict(items)["media"].items())
+        if target is None:
+            continue
+        if action == "set":
+            target.insert(draw(st.integers(0, len(target))), (key, value))  # may repeat a key
+        elif action == "drop" and target:
+            target.pop(draw(st.integers(0, len(target) - 1)))
+        elif action == "shuffle":
+            target[:] = draw(st.permutations(target))
+        if where == "media":
+            items = [(k, _Pairs(target) if k == "media" else v) for k, v in items]
+    text = _dumps(items, draw(st.sampled_from([(",", ":"), (", ", ": ")])), draw(st.booleans()))
+    raw = bytearray(text.encode("utf-8"))
+    for _ in range(draw(st.integers(0, 2))):
+        if raw:
+            raw[draw(st.integers(0, len(raw) - 1))] = draw(st.sampled_from(b'"\\{}[],:= aAzZ09+/\x00\xff'))
+    return bytes(raw)
+
+
+class _Pairs(list):
+    """Members in a given order, repeats allowed (a JSON object as written, not as a dict)."""
+
+
+def _dumps(items, separators, ascii_only) -> str:
+    def value(v):
+        if isinstance(v, _Pairs):
+            return obj(v)
+        if isinstance(v, dict):
+            return obj(list(v.items()))
+        return json.dumps(v, separators=separators, ensure_ascii=ascii_only)
+
+    def obj(pairs):
+        return "{" + separators[0].join(json.dumps(k) + separators[1] + value(v) for k, v in pairs) + "}"
+
+    return obj(items)
+
+
+class MediaFastPathTests(SynchronousTestCase):
+    """The regular expression that replaces json.loads for Twilio's media messages."""
+
+    @settings(max_examples=1500, deadline=None)
+    @given(raw=twilio_media_messages())
+    @example(raw=b'{"event":"media","media":{"payload":"AAAA"},"event":"stop"}')
+    @example(raw=b'{"event":"media","media":{"payload":"AAAA"},"media":{"payload":"BBBB"}}')
+    @example(raw=b'{"event":"media","media":{"payload":"AAAA","payload":"BBBB"}}')
+    @example(raw=b'{"event":"media","media":{"payload":"AA\\/A"}}')
+    @example(raw=b'{"event":"media","media":{"payload":"AAAA"}} ')
+    @example(raw=b'{"event":"media","media":{"payload":"AAAA"}}\n')
+    def test_agrees_with_the_json_parser(self, raw: bytes) -> None:
+        """Whatever the expression matches, json.loads reads as a media event with the same payload."""
+        match = _MEDIA.match(raw)
+        if match is None:
+            return
+        message = json.loads(raw.decode())
+        self.assertIs(type(message), dict)
+        self.assertEqual(message.get("event"), "media")
+        self.assertIs(type(message["media"]), dict)
+        self.assertEqual(message["media"]["payload"], match.group(1).decode())
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        audio=st.binary(max_size=400),
+        sequence=st.integers(0, 10**12),
+        chunk=st.integers(1, 10**9),
+        timestamp=st.integers(0, 10**12),
+        track=st.sampled_from(["inbound", "outbound"]),
+        sid_last=st.booleans(),
+    )
+    def test_matches_what_twilio_sends(self, audio, sequence, chunk, timestamp, track, sid_last) -> None:
+        """Twilio's media messages (either member order) take the fast path, with their payload."""
+        media = {"track": track, "chunk": str(chunk), "timestamp": str(timestamp), "payload": base64.b64encode(audio).decode()}
+        sid = "MZ18ad3ab5a668481ce02b83e7395059f0"
+        message = {"event": "media", "sequenceNumber": str(sequence)}
+        message.update({"media": media, "streamSid": sid} if sid_last else {"streamSid": sid, "media": media})
+        match = _MEDIA.match(json.dumps(message, separators=(",", ":")).encode())
+        self.assertIsNotNone(match)
+        self.assertEqual(base64.b64decode(match.group(1)), audio)
+
+
+class UnmaskTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(
+        payload=st.one_of(st.binary(max_size=600), st.integers(509, 1030).map(lambda n: bytes(range(256)) * 5 + bytes(n - 1280) if n > 1280 else bytes(n))),
+        mask=st.binary(min_size=4, max_size=4),
+    )
+    @example(payload=b"", mask=b"abcd")
+    @example(payload=b"\xff" * 513, mask=b"\xff\xff\xff\xff")
+    def test_matches_bytewise_xor(self, payload: bytes, mask: bytes) -> None:
+        """Unmasking (cached key spreading or not) is RFC 6455's byte-by-byte XOR with the key."""
+        self.assertEqual(_unmask(payload, mask), bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+class MediaParsingTests(MediaStreamTestBase):
+    raw_socket = FramingTests.raw_socket
+
+    async def started_socket(self) -> RawWebSocket:
+        self.serve()
+        ws = await self.raw_socket()
+        start = b'{"event":"start","streamSid":"MZ3","start":{"callSid":"CA3","customParameters":{"token":"t"}}}'
+        ws.transport.write(client_frame(start))
+        await until(lambda: self.handler.started)
+        return ws
+
+    async def test_every_layout_of_a_media_message_is_read(self):
+        """Media messages off the fast path (spacing, escapes, other orders, extra keys) arrive the same."""
+        ws = await self.started_socket()
+        audio = [bytes([i]) * FRAME_BYTES for i in range(1, 7)]
+        b64 = [base64.b64encode(a) for a in audio]
+        messages = [
+            b'{"event":"media","sequenceNumber":"2","streamSid":"MZ3","media":{"track":"inbound","chunk":"1","timestamp":"0","payload":"%s"}}' % b64[0],
+            b'{"event":"media","sequenceNumber":"3","media":{"track":"inbound","chunk":"2","timestamp":"20","payload":"%s"},"streamSid":"MZ3"}' % b64[1],
+            b'{ "event": "media", "media": { "payload": "%s" } }' % b64[2],
+            b'{"media":{"payload":"%s","track":"inbound"},"event":"media","extra":[1,2]}' % b64[3],
+            b'{"event":"media","media":{"payload":"%s"}}' % b64[4].replace(b"/", b"\\/").replace(b"A", b"\\u0041"),
+            b'{"event":"media","media":{"payload":"BBBB"},"media":{"payload":"%s"}}' % b64[5],
+        ]
+        ws.transport.write(b"".join(client_frame(m, mask=bytes([i, 0x5A, 0xA5, i])) for i, m in enumerate(messages)))
+        await until(lambda: len(self.handler.media) == len(audio))
+        self.assertEqual(self.handler.media, audio)
+
+    async def test_a_later_event_member_wins(self):
+        """A media-looking message whose last "event" is stop is a stop, as the JSON parser reads it."""
+        ws = await self.started_socket()
+        ws.transport.write(client_frame(b'{"event":"media","media":{"payload":"AAAA"},"event":"stop"}'))
+        await ws.lost
+        self.assertEqual(self.handler.media, [])
+        self.assertEqual(len(self.handler.stopped), 1)
+
+    async def test_bad_base64_on_the_fast_path_is_a_bad_frame(self):
+        """A Twilio-shaped media message whose payload is not valid base64 is logged and ignored."""
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        ws = await self.started_socket()
+        ws.transport.write(client_frame(b'{"event":"media","media":{"payload":"AAAAA"}}'))
+        ws.transport.write(client_frame(b'{"event":"media","media":{"payload":"%s"}}' % base64.b64encode(b"\x09" * FRAME_BYTES)))
+        await until(lambda: self.handler.media)
+        self.assertEqual(self.handler.media, [b"\x09" * FRAME_BYTES])
+        whats = [e.get("what") for e in observer if e.get("log_format", "").startswith("ignored media stream frame")]
+        self.assertEqual(whats, ["media without a base64 payload"])

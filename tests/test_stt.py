@@ -10,6 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 import txaio
+from autobahn.websocket.protocol import WebSocketProtocol
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
@@ -27,6 +30,7 @@ from voicecall.speech.stt import (
     RealtimeSTTError,
     RealtimeSTTRejected,
     RealtimeTranscriber,
+    masked_text_frame,
 )
 from voicecall.testing.openai_realtime import FakeRealtimeServer, Handshake
 
@@ -61,6 +65,31 @@ def session_update(threshold: float, silence: int, model: str = "gpt-4o-transcri
             },
         },
     }
+
+
+def parse_client_frames(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """
+    Split `data` into RFC 6455 frames, each checked to be final and masked (as a client's must
+    be): (opcode, masking key, unmasked payload), XORed byte by byte (the reference decoding).
+    """
+    frames = []
+    pos = 0
+    while pos < len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        assert b0 & 0x80, "FIN not set"
+        assert b0 & 0x70 == 0, "RSV bits set"
+        assert b1 & 0x80, "client frame not masked"
+        length, pos = b1 & 0x7F, pos + 2
+        if length == 126:
+            length, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        elif length == 127:
+            length, pos = int.from_bytes(data[pos : pos + 8], "big"), pos + 8
+        mask, pos = data[pos : pos + 4], pos + 4
+        body = data[pos : pos + length]
+        assert len(body) == length, "truncated frame"
+        pos += length
+        frames.append((b0 & 0x0F, mask, bytes(b ^ mask[i % 4] for i, b in enumerate(body))))
+    return frames
 
 
 class Recorder:
@@ -275,6 +304,82 @@ class AudioTests(SynchronousTestCase):
         h.stt.send_audio(b"\x06" * 160)
         h.flush()
         self.assertEqual(h.fake.appended_audio(), [])
+
+    def test_appends_are_masked_text_frames_with_fresh_keys(self) -> None:
+        """Each append on the wire is one final, masked text frame, with a key of its own."""
+        h = Harness(batch_ms=20)
+        h.open(self)
+        h.flush()
+        written = []
+        transport = h.client_transport
+        write = transport.write
+        transport.write = lambda data: written.append(data) or write(data)
+        frames = [bytes([i]) * 160 for i in range(20)]
+        for frame in frames:
+            h.stt.send_audio(frame)
+        h.flush()
+        parsed = parse_client_frames(b"".join(written))
+        self.assertEqual([opcode for opcode, _, _ in parsed], [1] * 20)
+        self.assertEqual(
+            [payload for _, _, payload in parsed],
+            [b'{"type":"input_audio_buffer.append","audio":"%s"}' % b64encode(f) for f in frames],
+        )
+        self.assertEqual(len({mask for _, mask, _ in parsed}), 20)
+        self.assertEqual(h.fake.appended_audio(), [b64encode(f).decode() for f in frames])
+
+    def test_queued_autobahn_writes_are_not_overtaken(self) -> None:
+        """While autobahn's own send queue holds data, appends go through it, in order."""
+        h = Harness(batch_ms=20)
+        h.open(self)
+        proto = h.stt._proto
+        sent: list[bytes] = []
+        send_message = proto.sendMessage
+        proto.sendMessage = lambda payload, isBinary=False, **kw: sent.append(payload) or send_message(payload, isBinary, **kw)
+        # As if autobahn's queued writer were between two of its writes (nothing scheduled).
+        proto.send_queue.append((masked_text_frame(b'{"type":"queued"}', b"abcd"), False))
+        proto.triggered = True
+        h.stt.send_audio(b"\x07" * 160)
+        self.assertEqual(len(sent), 1)
+        self.assertEqual(len(proto.send_queue), 2)
+        while proto.send_queue:  # the writer drains its queue in order
+            proto.transport.write(proto.send_queue.popleft()[0])
+        proto.triggered = False
+        h.flush()
+        self.assertEqual([r.message for r in h.fake.received][1], {"type": "queued"})
+        self.assertEqual(h.fake.appended_audio(), [b64encode(b"\x07" * 160).decode()])
+
+    def test_frames_dropped_while_closing(self) -> None:
+        """Once the server has started the closing handshake, frames are dropped, not raised."""
+        h = Harness(batch_ms=20)
+        h.open(self)
+        h.fake.drop_all(1000)
+        h.pump.pump()  # the close frame reaches the client; its reply has not reached the server
+        proto = h.stt._proto
+        self.assertIsNotNone(proto)
+        self.assertEqual(proto.state, WebSocketProtocol.STATE_CLOSING)
+        h.stt.send_audio(b"\x08" * 160)
+        self.assertEqual(h.stt._dropped_frames, 1)
+        h.flush()
+        self.assertEqual(h.fake.appended_audio(), [])
+
+
+class MaskedFrameTests(SynchronousTestCase):
+    """The client text frames the transcriber builds itself (RFC 6455 §5.2, §5.3)."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        payload=st.one_of(
+            st.binary(max_size=300),
+            st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 70000]).map(lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256)),
+        ),
+        mask=st.binary(min_size=4, max_size=4),
+    )
+    def test_reference_decoding(self, payload: bytes, mask: bytes) -> None:
+        """Any payload, any key: the frame decodes (byte by byte) to the payload, as one text frame."""
+        frame = masked_text_frame(payload, mask)
+        self.assertEqual(parse_client_frames(frame), [(1, mask, payload)])
+        # The shortest length encoding, as RFC 6455 §5.2 requires.
+        self.assertEqual(frame[1] & 0x7F, len(payload) if len(payload) < 126 else 126 if len(payload) < 65536 else 127)
 
 
 class CallerTurnTests(SynchronousTestCase):
@@ -662,6 +767,24 @@ class LoopbackTests(TestCase):
             ],
         )
         self.assertEqual(len(self.fake.appended_audio()), 20)  # five frames per append
+
+    async def test_appends_written_to_the_socket_decode_over_loopback(self) -> None:
+        """Appends written straight to a TCP socket, small and large (64-bit length), reach the server intact."""
+        stt = self.transcriber(batch_ms=20)
+        await stt.connect()
+        self.assertTrue(stt._proto._direct)
+        frames = [bytes([i % 256]) * 160 for i in range(200)]
+        for frame in frames:
+            stt.send_audio(frame)
+        await self.until(lambda: len(self.fake.appended_audio()) == 200)
+        self.assertEqual(self.fake.appended_audio(), [b64encode(f).decode() for f in frames])
+        big = self.transcriber(batch_ms=7000)  # 56,000 bytes: 74,668 in base64
+        await big.connect()
+        audio = bytes(range(256)) * 218 + bytes(192)
+        for i in range(0, len(audio), 160):
+            big.send_audio(audio[i : i + 160])
+        await self.until(lambda: len(self.fake.appended_audio()) == 201)
+        self.assertEqual(self.fake.appended_audio()[-1], b64encode(audio).decode())
 
     async def test_transcript_text_unchanged_over_loopback(self) -> None:
         """A long transcript with control characters reaches on_final unchanged."""

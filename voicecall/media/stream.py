@@ -20,7 +20,11 @@ Performance (DESIGN.md "Known levers"): autobahn's per-frame log-argument format
 neutralised once (L{neutralise_autobahn_log_formatting}); the protocol runs without per-frame
 logging, timing, UTF-8 re-validation (frames are parsed as JSON, which decodes UTF-8 anyway) or
 status page, with autobahn's native accelerators when installed; outbound messages are framed
-here in one step (a text frame is a 2-4 byte header and the JSON bytes).
+here in one step (a text frame is a 2-4 byte header and the JSON bytes) and, when nothing is
+queued before them, handed to the socket at once. An inbound C{media} message of an active
+stream in Twilio's own compact layout (L{_MEDIA}) has its payload taken by one regular
+expression instead of a full JSON parse; anything else, however slightly different, is parsed
+in full, and the expression admits only what the JSON parser reads the same way.
 """
 from __future__ import annotations
 
@@ -80,6 +84,17 @@ _SID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DTMF = frozenset("0123456789*#ABCD")
+# A Twilio media message exactly as Twilio writes it: compact JSON, these members in this order
+# (the stream SID before or after the media object), every value a string of safe characters,
+# so no escape, no whitespace, no other key. Whatever it matches, json.loads reads as a dict
+# whose "event" is "media" and whose media's "payload" is the captured text (the only members
+# L{MediaStreamProtocol.onMessage} looks at; a repeated streamSid is the one duplicate it
+# admits, and that value is ignored). Anything else takes the full parser.
+_MEDIA = re.compile(
+    rb'\{"event":"media"(?:,"sequenceNumber":"[0-9]{1,20}")?(?:,"streamSid":"[A-Za-z0-9_-]{1,64}")?'
+    rb',"media":\{(?:"track":"[a-z_]{1,32}",)?(?:"chunk":"[0-9]{1,20}",)?(?:"timestamp":"[0-9]{1,20}",)?'
+    rb'"payload":"([A-Za-z0-9+/]*={0,2})"\}(?:,"streamSid":"[A-Za-z0-9_-]{1,64}")?\}\Z'
+)
 _MAX_TOKEN = 512
 _MAX_MARK_NAME = 256
 _MAX_PARAMETERS = 32
@@ -139,13 +154,28 @@ def text_frame_header(length: int) -> bytes:
     return b"\x81\x7f" + length.to_bytes(8, "big")
 
 
+#: Payload lengths up to this have their key-spreading integers cached (a few KiB in all).
+_SPREAD_CACHE_MAX = 512
+_SPREADS: dict[int, tuple[int, int]] = {}
+
+
 def _unmask(payload: bytes, mask: bytes) -> bytes:
-    """XOR a client frame's payload with its 4-byte mask (RFC 6455 §5.3), as big integers."""
+    """
+    XOR a client frame's payload with its 4-byte mask (RFC 6455 §5.3), as big integers. For the
+    usual (short) lengths the key is spread over the payload by one multiplication with a cached
+    C{0x...000100000001} and cut to length with a cached all-ones; longer payloads build it.
+    """
     n = len(payload)
     if not n:
         return payload
-    key = (mask * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    spread = _SPREADS.get(n)
+    if spread is None:
+        if n > _SPREAD_CACHE_MAX:
+            key = (mask * ((n >> 2) + 1))[:n]
+            return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+        spread = _SPREADS[n] = (int.from_bytes(b"\1\0\0\0" * ((n + 3) >> 2), "little"), (1 << (8 * n)) - 1)
+    key = int.from_bytes(mask, "little") * spread[0]
+    return ((int.from_bytes(payload, "little") ^ key) & spread[1]).to_bytes(n, "little")
 
 
 def sanitize(text: str | bytes, limit: int = 200) -> str:
@@ -326,6 +356,17 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             if isBinary:
                 self.bad_frame("binary frame", payload)
                 return
+            session = self.session
+            if session is not None:
+                match = _MEDIA.match(payload)
+                if match is not None:
+                    try:
+                        ulaw = a2b_base64(match.group(1))
+                    except BinasciiError:
+                        self.bad_frame("media without a base64 payload", payload)
+                        return
+                    self.call_handler("media_received", session, ulaw)
+                    return
             try:
                 message = json.loads(payload.decode())
             except (ValueError, RecursionError):
@@ -388,11 +429,13 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             if not buffered and not self.send_queue and not transport.disconnecting:
                 # Nothing is queued before this frame: hand it to the kernel now (one
                 # send(2)) rather than on the next reactor turn (two epoll_ctl(2) and a send).
-                written = transport.writeSomeData(frame)
-                if type(written) is int:
-                    if written == len(frame):
-                        return True
-                    frame = frame[written:]
+                try:
+                    written = transport.socket.send(frame)
+                except OSError:
+                    written = 0  # would block, or broken: the transport finds out
+                if written == len(frame):
+                    return True
+                frame = frame[written:]
         else:
             buffered = send_buffer_size(transport)
         if buffered > MAX_SEND_BUFFER:
