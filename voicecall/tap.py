@@ -274,7 +274,7 @@ class VoicecallService(MultiService):
         if self._media is not None:
             self._bridge.stop()
             self._media.shutdown()
-            self._bridge.stop()
+            await self._bridge.stop()  # the STT sessions the closed streams were feeding
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is not None:
             await tunnel.stop()

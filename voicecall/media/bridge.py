@@ -23,7 +23,7 @@ import uuid
 from typing import Any, Callable
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -60,6 +60,7 @@ class StreamBridge:
     _sessions: dict[str, Any] = field(factory=dict)  # CallSid -> StreamSession
     _transcribers: dict[str, Any] = field(factory=dict)  # StreamSid -> RealtimeTranscriber
     _grace: dict[str, IDelayedCall] = field(factory=dict)  # CallSid -> pending end-of-call
+    _closing: set = field(factory=set)  # STT sessions closing: Deferreds firing when they are gone
     _log = Logger()
 
     # -- the Twilio adapter's hooks ---------------------------------------------------------------
@@ -87,17 +88,28 @@ class StreamBridge:
         """The call is over: drop its token (a new call gets a new one)."""
         self._tokens.pop(call_sid, None)
 
-    def stop(self) -> None:
-        """The daemon is stopping: no call is ended for its stream, no STT session is left open."""
+    def stop(self) -> Deferred:
+        """
+        The daemon is stopping: no call is ended for its stream, no STT session is left open.
+        Fires once every STT session closed so far is gone (each close is bounded by its
+        close-handshake timeout).
+        """
         self.manager = None
         for timer in self._grace.values():
             if timer.active():
                 timer.cancel()
         self._grace.clear()
         for stt in self._transcribers.values():
-            stt.close().addErrback(lambda f: None)
+            self._close_stt(stt)
         self._transcribers.clear()
         self._sessions.clear()
+        return DeferredList(list(self._closing), consumeErrors=True)
+
+    def _close_stt(self, stt) -> None:
+        closing = stt.close()
+        self._closing.add(closing)
+        closing.addErrback(lambda f: None)
+        closing.addBoth(lambda _: self._closing.discard(closing))
 
     # -- StreamHandler ----------------------------------------------------------------------------
 
@@ -157,7 +169,7 @@ class StreamBridge:
     def stream_stopped(self, session) -> None:
         stt = self._transcribers.pop(session.stream_sid, None)
         if stt is not None:
-            stt.close().addErrback(lambda f: None)
+            self._close_stt(stt)
         sid = session.call_sid
         if self._sessions.get(sid) is not session:
             return  # a newer stream took over: nothing ends

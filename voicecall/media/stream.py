@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from voicecall.media.playback import SYNTHESIS_TIMEOUT, Playback, PlaybackScheduler
+from voicecall.wstimers import unbatch
 
 __all__ = [
     "MediaStreamServer",
@@ -486,6 +487,7 @@ class _MediaStreamFactory(WebSocketServerFactory):
             autoPingInterval=0,
             tcpNoDelay=True,
         )
+        unbatch(self, reactor)
 
 
 class _StreamResource(Resource):

@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from voicecall import __version__
+from voicecall.wstimers import unbatch
 
 __all__ = [
     "CONNECT_TIMEOUT_MESSAGE",
@@ -286,6 +287,7 @@ class _RealtimeFactory(WebSocketClientFactory):
             # Every message is parsed as JSON, which rejects invalid UTF-8 anyway.
             utf8validateIncoming=False,
         )
+        unbatch(self, reactor)
 
     def buildProtocol(self, addr: Any) -> _RealtimeProtocol:
         proto: _RealtimeProtocol = super().buildProtocol(addr)
