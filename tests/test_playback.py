@@ -102,7 +102,7 @@ def tone(frames: int) -> bytes:
 class PlaybackTestBase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.scheduler = PlaybackScheduler(self.clock)
+        self.scheduler = PlaybackScheduler(self.clock, phases=4)  # the tests below assume a 5 ms grid
         self.sink = Sink(self.clock)
         self.playback = Playback(self.scheduler, self.sink, synthesis_timeout=1.0)
 
