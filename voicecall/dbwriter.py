@@ -71,6 +71,15 @@ def _run_batch(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connect
     return _run_savepointed(conn, ops)
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End the open transaction, if any, undoing it (a failing rollback leaves nothing to undo)."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 def _run_plain(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connection], Any]]):
     """The batch without savepoints; None (after a rollback) when an op raised in a batch of several."""
     try:
@@ -83,21 +92,13 @@ def _run_plain(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.Connect
             values.append(op(conn))
     except Exception:
         failure = Failure()
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        _rollback(conn)
         return [(False, failure)] if len(ops) == 1 else None
     try:
         conn.execute("COMMIT")
     except Exception:
         failure = Failure()
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        _rollback(conn)
         return [(False, failure)] * len(ops)
     return [(True, value) for value in values]
 
@@ -111,11 +112,7 @@ def _run_savepointed(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.C
         for j in uncommitted:
             outcomes[j] = (False, failure)
         uncommitted.clear()
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+        _rollback(conn)
 
     for i, op in enumerate(ops):
         outcomes.append((False, None))
