@@ -414,6 +414,22 @@ class HeaderBudgetTests(WebhookTestsBase):
         self.assertEqual(conn.response().status, 408)
         self.assertTrue(conn.transport.disconnecting)
 
+    def test_pipelined_request_keeps_no_stale_budget(self):
+        """A request pipelined behind another, slow to process, is not cut off by a header budget it met."""
+        call_id = self.place()
+        conn = self.connect()
+        first = self.payload({"type": "call.ringing", "callId": call_id})
+        second = self.payload({"type": "call.answered", "callId": call_id})
+        head = b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1:3334\r\nContent-Type: application/json\r\n"
+        self.proxy.held = []
+        conn.send(head + b"Content-Length: %d\r\n\r\n" % len(first) + first + head + b"Content-Length: %d\r\n\r\n" % len(second))
+        self.proxy.held.pop().callback(None)  # the first is answered; the second's headers are in
+        conn.send(second)  # its body: now it is processed, slowly
+        self.clock.advance(HEADERS_TIMEOUT_SECONDS + 1)
+        self.assertNotIn(b"408", conn.transport.value())
+        self.proxy.held.pop().callback(None)
+        self.assertEqual(conn.transport.value().count(b"HTTP/1.1 200 OK"), 2)
+
     def test_budget_is_per_request(self):
         """On a kept-alive connection each request gets its own budget, counted from its first byte."""
         call_id = self.place()

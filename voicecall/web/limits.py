@@ -81,8 +81,10 @@ class ScreenedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def requestDone(self, request) -> None:
-        super().requestDone(request)
+        # Set before the super call: it feeds any pipelined bytes already buffered, whose
+        # headers may complete (and clear this) right there.
         self._awaiting_headers = True  # the budget starts with the next request's first byte
+        super().requestDone(request)
 
     def connectionLost(self, reason) -> None:
         self._stop_headers_budget()
