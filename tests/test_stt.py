@@ -254,6 +254,20 @@ class AudioTests(SynchronousTestCase):
             [b64encode(b"".join(frames[0:5])).decode(), b64encode(b"".join(frames[5:10])).decode()],
         )
 
+    def test_partial_batch_sent_before_close(self) -> None:
+        """Closing sends the audio still waiting for a full batch, then the close."""
+        h = Harness()
+        h.open(self)
+        frames = [bytes([i]) * 160 for i in range(7)]
+        for frame in frames:
+            h.stt.send_audio(frame)
+        h.stt.close()
+        h.flush()
+        self.assertEqual(
+            h.fake.appended_audio(),
+            [b64encode(b"".join(frames[0:5])).decode(), b64encode(b"".join(frames[5:7])).decode()],
+        )
+
     def test_frames_forwarded_as_base64_appends(self) -> None:
         """With batch_ms=20 each frame becomes one input_audio_buffer.append with the frame in base64."""
         h = Harness(batch_ms=20)

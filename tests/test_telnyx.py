@@ -210,9 +210,9 @@ class TelnyxParseTests(SynchronousTestCase):
         body = json.dumps({"data": {"event_type": "call.answered", "payload": {"call_control_id": "v3:x"}}}).encode()
         self.assertTrue(self.only(body).id)
 
-    def test_replays_get_the_cached_answer(self):
-        """The adapter leaves replay answers to the response cache."""
-        self.assertIsNone(self.provider.replay_response(ctx(b"{}")))
+    def test_replays_get_the_original_answer(self):
+        """A replay is answered as its original was (OK for JSON), without parsing it again."""
+        self.assertEqual(self.provider.replay_response(ctx(b"{}")).status, 200)
 
 
 class HangupCauseTests(SynchronousTestCase):
@@ -365,6 +365,16 @@ class TelnyxRestTests(SynchronousTestCase):
         self.assertNoResult(lost)
         self.clock.advance(1 + len("three"))
         self.successResultOf(lost)
+
+    def test_replay_answers_without_effects(self):
+        """A replayed speak.ended gets OK without ending the speech now playing; bad JSON gets 400."""
+        call = self.dial()
+        playing = self.provider.speak(call, "one", None)
+        body = event("call.speak.ended", call_control_id=call.provider_call_id, status="completed")
+        self.assertEqual(self.provider.replay_response(ctx(body)).status, 200)
+        self.assertNoResult(playing)
+        self.assertEqual(self.provider.replay_response(ctx(b"{nope")).status, 400)
+        self.spoken(playing, call)
 
     def test_voices(self):
         """Telnyx voices pass through; other names (OpenAI's `alloy`) fall back to female."""

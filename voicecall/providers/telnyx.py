@@ -388,8 +388,16 @@ class TelnyxProvider:
         return Verification(result.ok, result.reason, result.request_key)
 
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
-        """A replay gets the original request's cached answer."""
-        return None
+        """
+        A replay gets the answer the original got (Telnyx's answer depends only on whether the
+        body is a JSON document), built here without parsing it again: parsing has effects
+        (a C{call.speak.ended} ends the oldest speech still playing) that a replay must not repeat.
+        """
+        try:
+            json.loads(ctx.raw_body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return _BAD_REQUEST
+        return _OK
 
     def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
         try:

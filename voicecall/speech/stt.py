@@ -426,6 +426,10 @@ class RealtimeTranscriber:
         lost: Deferred[None] = Deferred()
         self._lost_waiters.append(lost)
         if proto is not None:
+            if self._batch and not proto.paused:
+                # The caller's last words (under one batch) go out before the close.
+                proto.send_text(_APPEND_HEAD + b2a_base64(self._batch, newline=False) + _APPEND_TAIL)
+            del self._batch[:]
             proto.sendClose(1000)
         return lost
 
