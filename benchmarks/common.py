@@ -207,7 +207,6 @@ def _serve_daemon(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     pin(args.cpu)
     from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
 
     from voicecall import tap
 

@@ -663,7 +663,7 @@ def run_client(args) -> int:
         ramp = time.monotonic() - ramp_start
         up = sum(1 for s in client.streams if s.first_media is not None and not s.closed)
         client.run_until(time.monotonic() + args.warmup)
-        begin = ask("begin")
+        ask("begin")
         client.recording = True
         pinned = (args.server_cpu, args.client_cpu)
         cpu0, wall0, machine0 = time.process_time(), time.monotonic(), cpu_busy(pinned)

@@ -21,7 +21,6 @@ Run:  .venv/bin/python -m benchmarks.memory [--quick] [--calls 1000] [--streams 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

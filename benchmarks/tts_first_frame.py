@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         pass  # a reactor is already installed (run from another benchmark): use it
     from twisted.internet import reactor
-    from twisted.internet.defer import Deferred, ensureDeferred
+    from twisted.internet.defer import ensureDeferred
 
     result: dict = {}
     failure: list = []

@@ -33,7 +33,6 @@ import hashlib
 import hmac
 import json
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -359,18 +358,7 @@ async def closed_loop(port: int, requests: list[bytes], connections: int, second
     if state["inflight"]:
         await asyncio.wait_for(finished, 10)
     close_conns(conns)
-    return {
-        "requests": len(lat),
-        "seconds": elapsed,
-        "rps": len(lat) / elapsed,
-        "p50_ms": percentile(lat, 50) * 1000,
-        "p99_ms": percentile(lat, 99) * 1000,
-        "max_ms": max(lat, default=float("nan")) * 1000,
-        "statuses": {str(k): v for k, v in statuses.items()},
-        "generator_cpu": gen_cpu / elapsed,
-        "server_cpu": server_cpu / elapsed,
-        "ran_out_of_requests": exhausted,
-    }
+    return {**summary(lat, statuses, elapsed, gen_cpu, server_cpu), "ran_out_of_requests": exhausted}
 
 
 async def open_loop(port: int, requests: list[bytes], rate: float, connections: int, server_pid: int) -> dict:
@@ -419,6 +407,11 @@ async def open_loop(port: int, requests: list[bytes], rate: float, connections: 
     elapsed = time.perf_counter() - t0
     gen_cpu, server_cpu = time.process_time() - c0, cpu_seconds(server_pid) - s0
     close_conns(conns)
+    return summary(lat, statuses, elapsed, gen_cpu, server_cpu)
+
+
+def summary(lat: list, statuses, elapsed: float, gen_cpu: float, server_cpu: float) -> dict:
+    """One load phase's figures: its latencies (seconds) as rate and percentiles."""
     return {
         "requests": len(lat),
         "seconds": elapsed,

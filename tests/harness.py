@@ -91,3 +91,26 @@ def sleep(seconds: float) -> Deferred:
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
+
+
+def raise_fd_limit(testcase, want: int = 4096) -> None:
+    """Let a flood test open `want` descriptors (restored afterwards), if the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want and (hard == resource.RLIM_INFINITY or hard >= want):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        testcase.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def speech_fakes(testcase, tts_key: str = "sk-tts", stt_key: str = "sk-stt", transcripts=()):
+    """The fake OpenAI speech endpoint (its base URL) and fake realtime STT server, on loopback."""
+    from voicecall.testing.openai_realtime import FakeRealtimeServer
+    from voicecall.testing.speech import FakeOpenAISpeech
+
+    speech = FakeOpenAISpeech(reactor, tts_key, chunk_bytes=960)
+    speech_base = await serve(testcase, speech.resource())
+    stt = FakeRealtimeServer(reactor, stt_key, script=list(transcripts))
+    stt.listen()
+    testcase.addCleanup(stt.stop)
+    return speech, speech_base, stt

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-import resource
 import struct
 
 from twisted.internet import reactor
@@ -17,12 +16,10 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial.unittest import TestCase
 
-from voicecall.testing.openai_realtime import FakeRealtimeServer
-from voicecall.testing.speech import FakeOpenAISpeech
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
-from tests.harness import eventually, free_port, http_client, serve, sleep, start_daemon
+from tests.harness import eventually, free_port, http_client, raise_fd_limit, serve, sleep, speech_fakes, start_daemon
 
 SID = "AC" + "4" * 32
 TOKEN = "flood-token"
@@ -84,18 +81,11 @@ class FloodTests(TestCase):
     timeout = 60
 
     async def start(self):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < 4096 and (hard == resource.RLIM_INFINITY or hard >= 4096):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
-            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        raise_fd_limit(self)
         http = http_client(self)
         self.fake = FakeTwilio(reactor, SID, TOKEN, http=http, scenario=Scenario(utterances=[]))
         twilio_base = await serve(self, self.fake.resource())
-        speech = FakeOpenAISpeech(reactor, "sk-tts", chunk_bytes=960)
-        speech_base = await serve(self, speech.resource())
-        stt = FakeRealtimeServer(reactor, "sk-stt", script=[])
-        stt.listen()
-        self.addCleanup(stt.stop)
+        _, speech_base, stt = await speech_fakes(self)
         self.port = free_port()
         self.service, self.rpc = await start_daemon(
             self,

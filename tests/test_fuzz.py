@@ -40,13 +40,11 @@ from twisted.web.resource import Resource
 
 from voicecall import rpc as rpcmod
 from voicecall.model import TERMINAL_STATES
-from voicecall.testing.openai_realtime import FakeRealtimeServer
-from voicecall.testing.speech import FakeOpenAISpeech
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
 from tests.daemon import raw_rpc
-from tests.harness import eventually, free_port, http_client, serve, sleep, start_daemon
+from tests.harness import eventually, free_port, http_client, serve, sleep, speech_fakes, start_daemon
 
 #: Examples per fuzzing test; every test here stays well under 10 s.
 EXAMPLES = int(os.environ.get("VOICECALL_FUZZ_EXAMPLES", "40"))
@@ -716,11 +714,7 @@ class MediaFuzzTests(FuzzBase):
         http = http_client(self)
         self.fake = FakeTwilio(reactor, TWILIO_SID, TWILIO_TOKEN, http=http, scenario=Scenario(utterances=[]))
         twilio_base = await serve(self, self.fake.resource())
-        speech = FakeOpenAISpeech(reactor, "sk-tts", chunk_bytes=960)
-        speech_base = await serve(self, speech.resource())
-        stt = FakeRealtimeServer(reactor, "sk-stt", script=[])
-        stt.listen()
-        self.addCleanup(stt.stop)
+        _, speech_base, stt = await speech_fakes(self)
         port = free_port()
         self.service, self.rpc = await start_daemon(self, {
             "provider": "twilio",

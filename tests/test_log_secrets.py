@@ -20,8 +20,6 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from voicecall.audio import ulaw_encode
-from voicecall.testing.openai_realtime import FakeRealtimeServer
-from voicecall.testing.speech import FakeOpenAISpeech
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
@@ -38,7 +36,7 @@ from tests.daemon import (
     spawn,
     webhook_client,
 )
-from tests.harness import eventually, free_port, http_client, serve
+from tests.harness import eventually, free_port, http_client, serve, speech_fakes
 
 SID = "AC" + "5" * 32
 SECRETS = {
@@ -83,11 +81,9 @@ class LogSecretsTests(TestCase):
         http = http_client(self)
         fake = FakeTwilio(reactor, SID, SECRETS["twilio.authToken"], http=http, scenario=Scenario(utterances=[]))
         twilio_base = await serve(self, fake.resource())
-        speech = FakeOpenAISpeech(reactor, SECRETS["tts.openai.apiKey"], chunk_bytes=960)
-        speech_base = await serve(self, speech.resource())
-        stt = FakeRealtimeServer(reactor, SECRETS["streaming.openaiApiKey"], script=["A table for two"])
-        stt.listen()
-        self.addCleanup(stt.stop)
+        _, speech_base, stt = await speech_fakes(
+            self, SECRETS["tts.openai.apiKey"], SECRETS["streaming.openaiApiKey"], ["A table for two"]
+        )
         port = free_port()
         workdir = make_workdir(self, {
             "provider": "twilio",

@@ -11,12 +11,10 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from voicecall.audio import ulaw_encode
-from voicecall.testing.openai_realtime import FakeRealtimeServer
-from voicecall.testing.speech import FakeOpenAISpeech
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
-from tests.harness import eventually, free_port, http_client, serve, sleep, start_daemon
+from tests.harness import eventually, free_port, http_client, serve, sleep, speech_fakes, start_daemon
 
 SID = "AC" + "0" * 32
 TOKEN = "twilio-token"
@@ -37,11 +35,7 @@ class StreamedConversationTests(TestCase):
         http = http_client(self)
         self.fake = FakeTwilio(reactor, SID, TOKEN, http=http, scenario=Scenario(utterances=[]))
         twilio_base = await serve(self, self.fake.resource())
-        self.speech = FakeOpenAISpeech(reactor, "sk-tts", chunk_bytes=960)
-        speech_base = await serve(self, self.speech.resource())
-        self.stt = FakeRealtimeServer(reactor, "sk-stt", script=list(transcripts))
-        self.stt.listen()
-        self.addCleanup(self.stt.stop)
+        self.speech, speech_base, self.stt = await speech_fakes(self, transcripts=transcripts)
         port = free_port()
         self.service, self.rpc = await start_daemon(
             self,

@@ -14,7 +14,6 @@ readers accepted by the webhook port), its per-address in-flight counts, its ope
 from __future__ import annotations
 
 import os
-import resource
 import secrets
 from urllib.parse import urlencode
 
@@ -27,7 +26,7 @@ from twisted.trial.unittest import TestCase
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.web.limits import MAX_IN_FLIGHT_PER_IP
 
-from tests.harness import eventually, free_port, http_client, serve, start_daemon
+from tests.harness import eventually, free_port, http_client, raise_fd_limit, serve, start_daemon
 
 SID = "AC" + "5" * 32
 TOKEN = "slow-body-token"
@@ -84,10 +83,7 @@ class WebhookFloodTests(TestCase):
     timeout = 40
 
     async def start(self) -> None:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < 4096 and (hard == resource.RLIM_INFINITY or hard >= 4096):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
-            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        raise_fd_limit(self)
         self.http = http_client(self)
         # The call rings only when the test says so (by its own signed callback).
         self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=Scenario(ring_after=600))
