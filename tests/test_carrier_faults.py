@@ -93,6 +93,9 @@ class MisbehavingCarrier(Resource):
             request.setResponseCode(200)
             request.setHeader(b"content-type", b"text/html")
             return HTML
+        if mode == "nested":
+            request.setResponseCode(201)
+            return b"[" * 5000 + b"]" * 5000
         if mode == "truncated":
             request.setResponseCode(201)
             return json.dumps(self.created).encode()[:15]
@@ -170,6 +173,7 @@ class CarrierFaultTests(TestCase):
             ("html", f"{prefix}: 502 <html>  <head><title>502 Bad Gateway</title></head>  <body>nginx</body>  </html>", True),
             ("html200", f"{prefix}: 200 answer is not JSON: <html>", False),
             ("truncated", f"{prefix}: 201 answer is not JSON: " + json.dumps(spec["created"])[:15], True),
+            ("nested", f"{prefix}: 201 answer is not JSON: [[[[", False),
             ("cut", f"{prefix}: connection lost before a complete answer", True),
             ("wrong-shape", spec["no_id"], True),
             ("hang", f"{prefix}: no answer within {TIME_LIMIT:g}s", True),

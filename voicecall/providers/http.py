@@ -107,12 +107,12 @@ class ApiClient:
                 code = parsed.get("code")  # Twilio, Plivo
                 if code is None and isinstance(parsed.get("errors"), list) and parsed["errors"]:
                     code = parsed["errors"][0].get("code")  # Telnyx
-            except (ValueError, AttributeError, TypeError):
+            except (ValueError, AttributeError, TypeError, RecursionError):
                 pass
             raise ProviderError(f"{self._prefix}: {response.code} {_printable(self._redact(text))}", response.code, code)
         if not text.strip():
             return None
         try:
             return json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ProviderError(f"{self._prefix}: {response.code} answer is not JSON: {_printable(self._redact(text))}", response.code) from e

@@ -171,13 +171,13 @@ class WebhookResource(Resource):
         if self._replays.check_and_record(key):
             self._log.info("replayed webhook acknowledged without effect ({provider})", provider=self._provider.name)
             answer = self._provider.replay_response(ctx)
-            if answer is not None:
+            if answer is None:
+                answer = await self._responses.get_or_build(key, lambda: self._replay_miss(ctx, key))
+            else:
                 # A retry that overtakes its original is acknowledged only once the original
                 # is durable (or fails, like it: a 500 the carrier retries again).
                 fixed = answer
                 await self._responses.get_or_build(key, lambda: fixed)
-            if answer is None:
-                answer = await self._responses.get_or_build(key, lambda: self._replay_miss(ctx, key))
             return answer, "replay"
         try:
             answer = await self._responses.get_or_build(key, lambda: Deferred.fromCoroutine(self._apply(ctx, key)))
