@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= voicecall.json5
-TRIAL_ARGS ?= -j2 tests
+TRIAL_ARGS ?= -j2 --reactor=voicecall-epoll tests
 
 .PHONY: run test bench clean venv
 
@@ -33,7 +33,7 @@ $(CONFIG):
 	@echo "created $(CONFIG) from examples/mock.json5 (edit it freely; it is not tracked)"
 
 run: $(VENV)/.installed-run $(CONFIG)
-	$(BIN)/twistd --nodaemon --pidfile= voicecall --config $(CONFIG)
+	$(BIN)/twistd --nodaemon --pidfile= --reactor=voicecall-epoll voicecall --config $(CONFIG)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python tools/run_trial.py $(TRIAL_ARGS)

@@ -2,12 +2,14 @@
 Benchmark: many concurrent Twilio media streams against the real media-stream server.
 
 The server process (pinned to CPU 0) runs voicecall's L{MediaStreamServer} on a twisted.web Site
-with the epoll reactor. Every accepted stream forwards its inbound audio to a real
+with voicecall's epoll reactor (C{--reactor voicecall-epoll}, what systemd/voicecall.service
+runs; C{--reactor epoll} for Twisted's). Every accepted stream forwards its inbound audio to a real
 L{RealtimeTranscriber} (C{--stt sink}, the default) whose WebSocket ends in a discard-only sink
 served by the client process, or to a counter (C{--stt null}); and it plays one long TTS
 utterance through L{Playback}: 8 kHz mu-law (ElevenLabs' C{ulaw_8000}) handed over by an
 in-process synthesis that streams it at real time, half a second ahead, so the outbound audio
-covers the whole run. Every frame's first four bytes carry its index.
+covers the whole run (a chunk per stream every 200 ms, the streams spread over ten 20 ms
+slots: C{--feed-slots}). Every frame's first four bytes carry its index.
 
 The client process (this one, pinned to CPU 1) is a light raw-socket WebSocket client on one
 epoll loop: each stream sends C{connected}, C{start}, then a C{media} frame every 20 ms (streams
@@ -24,6 +26,7 @@ RSS after the streams are up minus RSS before, divided by the streams). Targets 
 500 streams, p99 pacing error < 5 ms, no frame lost, < 64 KiB per stream.
 
 Run:  .venv/bin/python benchmarks/media_streams.py [--streams 500] [--seconds 30] [--stt sink|null]
+      [--reactor voicecall-epoll|epoll] [--feed-slots 10]
 """
 from __future__ import annotations
 
@@ -87,9 +90,12 @@ def serve(args) -> int:
     """The media server under test; commands on stdin, one JSON line per answer on stdout."""
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    from twisted.internet import epollreactor
+    if args.reactor == "voicecall-epoll":
+        from voicecall import reactor as installer
+    else:
+        from twisted.internet import epollreactor as installer
 
-    epollreactor.install()
+    installer.install()
     import gc
 
     from twisted.internet import reactor, stdio
@@ -107,16 +113,30 @@ def serve(args) -> int:
     body = bytes(range(1, 157))
 
     class Feeder:
-        """Streams every open synthesis's audio at real time, LEAD_FRAMES ahead, on one timer."""
+        """
+        Streams every open synthesis's audio at real time, LEAD_FRAMES ahead, on one timer.
+
+        Each synthesis gets a chunk every 200 ms, the syntheses split over C{--feed-slots}
+        (10) slots 200/N ms apart, as the chunks of many real TTS responses arrive at their own
+        moments. C{--feed-slots 1} feeds all of them in one callback every 200 ms: a single
+        block of work (about 10 ms at 500 streams) that no reactor can interleave with the
+        playback tick, and that no set of real responses produces (each is its own socket).
+        """
+
+        SLOTS = args.feed_slots
 
         def __init__(self) -> None:
-            self.active: dict[Any, list] = {}
+            self.slots: list[dict[Any, list]] = [{} for _ in range(self.SLOTS)]
+            self.count = 0
+            self.turn = 0
             self.loop = LoopingCall(self.feed)
 
         def synthesize(self, on_chunk) -> Deferred:
-            d = Deferred(lambda _: self.active.pop(d, None))
+            slot = self.slots[self.count % self.SLOTS]
+            self.count += 1
+            d = Deferred(lambda _: slot.pop(d, None))
             state = [reactor.seconds(), 0, on_chunk]
-            self.active[d] = state
+            slot[d] = state
             self.feed_one(state, state[0])
             return d
 
@@ -129,14 +149,15 @@ def serve(args) -> int:
 
         def feed(self) -> None:
             now = reactor.seconds()
-            for state in list(self.active.values()):
+            self.turn = (self.turn + 1) % self.SLOTS
+            for state in list(self.slots[self.turn].values()):
                 self.feed_one(state, now)
 
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])]
     )
     feeder = Feeder()
-    feeder.loop.start(0.2, now=False)
+    feeder.loop.start(0.2 / Feeder.SLOTS, now=False)
 
     class Handler:
         def __init__(self) -> None:
@@ -606,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="inbound audio to a real RealtimeTranscriber ending in a discard sink on the "
                              "client's CPU (sink), or to a counter (null)")
     parser.add_argument("--phases", type=int, default=None, help="PlaybackScheduler(phases=N) (its default)")
+    parser.add_argument("--feed-slots", type=int, default=10,
+                        help="split the synthetic TTS feed over N slots of 200/N ms (10; 1: all streams at once)")
+    parser.add_argument("--reactor", choices=("voicecall-epoll", "epoll"), default="voicecall-epoll",
+                        help="the server's reactor: voicecall's (what the systemd unit runs) or Twisted's epoll")
     parser.add_argument("--nice", type=int, default=0,
                         help="niceness increment for both processes (negative needs root; for a machine shared with other load)")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the server once started")
@@ -633,6 +658,7 @@ def run_client(args) -> int:
         command += ["--cpu", str(args.server_cpu)]
     if args.phases is not None:
         command += ["--phases", str(args.phases)]
+    command += ["--reactor", args.reactor, "--feed-slots", str(args.feed_slots)]
     if args.gc_freeze:
         command += ["--gc-freeze"]
     if args.stt == "sink":
@@ -696,6 +722,8 @@ def run_client(args) -> int:
         "seconds": args.seconds,
         "stt": args.stt,
         "phases": args.phases,
+        "reactor": args.reactor,
+        "feed_slots": args.feed_slots,
         "ramp_seconds": ramp,
         "server_cpu_percent": stats["cpu_percent"],
         "server_rss_base_mib": hello["rss"] / 2**20,
@@ -736,7 +764,7 @@ def run_client(args) -> int:
     v = lambda good: "ok" if good else "MISSED"  # noqa: E731
     print(f"media streams: {args.streams} streams x {args.seconds:g} s, server on CPU {args.server_cpu}, clients on CPU "
           f"{args.client_cpu}, STT {'RealtimeTranscriber -> discard sink' if args.stt == 'sink' else 'null sink'}, "
-          f"playback phases {args.phases if args.phases is not None else 'default'}"
+          f"playback phases {args.phases if args.phases is not None else 'default'}, reactor {args.reactor}, TTS feed in {args.feed_slots} slots"
           + (f", nice {args.nice:+d}" if args.nice else ""))
     print(f"{'metric':<34} {'value':>12}  target")
     rows = [

@@ -268,6 +268,7 @@ def daemon_argv(workdir: Workdir) -> list[str]:
         *TWISTD,
         "--nodaemon",
         "--pidfile=",
+        "--reactor=voicecall-epoll",  # as systemd/voicecall.service runs it
         "voicecall",
         "--config",
         workdir.config_path,

@@ -37,7 +37,7 @@ class UnitFileTests(SynchronousTestCase):
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         ):
             self.assertIn(line + "\n", text)
-        self.assertRegex(text, r"ExecStart=\S+/twistd --nodaemon --pidfile= voicecall")
+        self.assertRegex(text, r"ExecStart=\S+/twistd --nodaemon --pidfile= --reactor=voicecall-epoll voicecall")
 
     def test_systemd_analyze_verify(self):
         """systemd-analyze verify accepts both units (with ExecStart pointed at an existing twistd)."""
