@@ -31,6 +31,16 @@ def pin(cpu: int | None) -> bool:
     return True
 
 
+def install_reactor() -> None:
+    """Install voicecall's reactor, as systemd/voicecall.service runs it (server children, first thing)."""
+    from voicecall import reactor
+
+    try:
+        reactor.install()
+    except Exception:
+        pass  # a reactor is already installed (run from another benchmark): use it
+
+
 def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -206,6 +216,7 @@ def _serve_daemon(argv: list[str]) -> int:
     parser.add_argument("--cpu", type=int)
     args = parser.parse_args(argv)
     pin(args.cpu)
+    install_reactor()
     from twisted.internet import reactor
 
     from voicecall import tap

@@ -21,6 +21,8 @@ import random
 import sys
 import time
 
+from benchmarks.common import install_reactor
+
 TARGET_MS = 30.0
 TEXT = "Thank you for calling, how can I help you today?"
 
@@ -40,12 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    from twisted.internet import epollreactor
-
-    try:
-        epollreactor.install()
-    except Exception:
-        pass  # a reactor is already installed (run from another benchmark): use it
+    install_reactor()
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 

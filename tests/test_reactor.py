@@ -15,11 +15,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.reactor import TimelyEPollReactor
 
-BUSY = 0.002  # seconds each ready descriptor takes to handle
+BUSY = 0.005  # seconds each ready descriptor takes to handle
+DUE = 0.02  # when the test's timer falls due: long after it is set, so that it cannot be due before the poll
 
 
 class Busy:
-    """An IReadDescriptor on one end of a socket pair: reads its byte, then keeps the CPU `busy` seconds."""
+    """
+    An IReadDescriptor on one end of a socket pair: reads one byte, then keeps the CPU `busy`
+    seconds. Its peer sends one byte (it is ready once) or, with `always`, plenty (it stays ready).
+    """
 
     def __init__(self, sock: socket.socket, handled: list, busy: float = BUSY, on_read=None) -> None:
         self.sock = sock
@@ -31,11 +35,11 @@ class Busy:
         return self.sock.fileno()
 
     def doRead(self) -> None:
-        self.sock.recv(16)
+        self.handled.append(self)  # before the read: a second, stale call would show here too
+        self.sock.recv(1)
         end = time.monotonic() + self.busy
         while time.monotonic() < end:
             pass
-        self.handled.append(self)
         if self.on_read is not None:
             self.on_read()
 
@@ -49,20 +53,27 @@ class Busy:
 class Harness:
     """`count` readable descriptors registered with `reactor`, closed (with the reactor) by the test's cleanup."""
 
-    def __init__(self, testcase: SynchronousTestCase, reactor, count: int, **kwargs) -> None:
+    def __init__(self, testcase: SynchronousTestCase, reactor, count: int, always: bool = False, **kwargs) -> None:
+        self.testcase = testcase
         self.reactor = reactor
         self.handled: list[Busy] = []
-        self.readers = []
+        self.readers: list[Busy] = []
+        self.sockets: list[socket.socket] = []
+        testcase.addCleanup(self.close)
+        self.add(count, always, **kwargs)
+
+    def add(self, count: int, always: bool = False, **kwargs) -> list[Busy]:
+        added = []
         for _ in range(count):
             ours, theirs = socket.socketpair()
+            self.sockets += (ours, theirs)
             ours.setblocking(False)
-            theirs.sendall(b"x")
+            theirs.sendall(b"x" * (4096 if always else 1))
             reader = Busy(ours, self.handled, **kwargs)
-            self.readers.append(reader)
-            reactor.addReader(reader)
-            testcase.addCleanup(ours.close)
-            testcase.addCleanup(theirs.close)
-        testcase.addCleanup(self.close)
+            added.append(reader)
+            self.reactor.addReader(reader)
+        self.readers += added
+        return added
 
     def close(self) -> None:
         self.reactor.removeAll()
@@ -70,6 +81,8 @@ class Harness:
             call.cancel()
         self.reactor.waker.connectionLost(None)
         self.reactor._poller.close()
+        for sock in self.sockets:
+            sock.close()
 
     def poll(self) -> None:
         """The second half of a turn of ReactorBase.mainLoop: timeout() (which files new timers), one poll."""
@@ -84,11 +97,11 @@ class Harness:
 
 class TimelyTests(SynchronousTestCase):
     def test_timer_due_mid_batch_runs_before_the_rest(self):
-        """Ten 2 ms events and a timer due in 5 ms: the batch stops when the timer is due; the rest come next turn."""
+        """Ten 5 ms events and a timer due in 20 ms: the batch stops when the timer is due; the rest come next turn."""
         reactor = TimelyEPollReactor()
         h = Harness(self, reactor, 10)
         fired: list[int] = []
-        reactor.callLater(0.005, lambda: fired.append(len(h.handled)))
+        reactor.callLater(DUE, lambda: fired.append(len(h.handled)))
         h.poll()
         self.assertGreaterEqual(len(h.handled), 1)
         self.assertLess(len(h.handled), 10)
@@ -107,11 +120,69 @@ class TimelyTests(SynchronousTestCase):
         reactor = EPollReactor()
         h = Harness(self, reactor, 10)
         fired: list[int] = []
-        reactor.callLater(0.005, lambda: fired.append(len(h.handled)))
+        reactor.callLater(DUE, lambda: fired.append(len(h.handled)))
         h.poll()
         self.assertEqual(len(h.handled), 10)
         h.turn()
         self.assertEqual(fired, [10])
+
+    def test_descriptors_that_stay_ready_do_not_starve_the_others(self):
+        """Three always-ready 8 ms readers ahead of five one-shot ones, a 20 ms repeating timer: all five are handled in a round."""
+        reactor = TimelyEPollReactor()
+        h = Harness(self, reactor, 3, always=True, busy=0.008)
+        once = h.add(5, busy=0.0)
+        ticks: list[int] = []
+
+        def tick():
+            ticks.append(len(h.handled))
+            reactor.callLater(DUE, tick)
+
+        reactor.callLater(DUE, tick)
+        for _ in range(12):
+            h.turn()
+        self.assertGreater(len(ticks), 1)  # the timer cut batches
+        # Every one-shot reader once, after the first three's first reads (one round).
+        self.assertEqual([h.handled.count(r) for r in once], [1] * 5)
+        self.assertEqual(h.handled[:3], h.readers[:3])
+        self.assertEqual(set(h.handled[3:8]), set(once))
+
+    def test_a_timer_already_due_does_not_cut_every_event(self):
+        """A zero-delay timer chain (always due): one poll still handles the whole batch, not one event per turn."""
+        reactor = TimelyEPollReactor()
+        h = Harness(self, reactor, 50, busy=0.0)
+        runs: list[int] = []
+
+        def again():
+            runs.append(len(h.handled))
+            reactor.callLater(0, again)
+
+        reactor.callLater(0, again)
+        h.turn()
+        self.assertEqual(len(h.handled), 50)
+
+    def test_left_events_follow_what_the_timer_changed(self):
+        """A reader the timer removed is not read; one whose descriptor the timer gave to another object waits for a fresh poll."""
+        reactor = TimelyEPollReactor()
+        h = Harness(self, reactor, 10)
+        removed, replaced = h.readers[9], h.readers[8]
+        successor = Busy(replaced.sock, h.handled, busy=0.0)
+
+        def change():
+            reactor.removeReader(removed)
+            reactor.removeReader(replaced)
+            reactor.addReader(successor)
+
+        reactor.callLater(DUE, change)
+        h.poll()
+        self.assertLess(len(h.handled), 8)
+        h.turn()  # the timer, then the rest of the cut batch
+        self.assertNotIn(removed, h.handled)
+        self.assertNotIn(replaced, h.handled)
+        self.assertNotIn(successor, h.handled)
+        self.assertEqual(set(h.handled), set(h.readers[:8]))
+        h.turn()  # a fresh poll: the successor's descriptor is still readable
+        self.assertEqual(h.handled.count(successor), 1)
+        self.assertEqual(len(h.handled), 9)
 
     def test_timers_scheduled_during_the_batch_do_not_cut_it_short(self):
         """Events that schedule callLater(0) (a far timer pending too) are all handled in one poll."""
