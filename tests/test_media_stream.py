@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from voicecall.audio import FRAME_BYTES, AudioChunk
-from voicecall.media.stream import _MEDIA, MediaStreamServer, _unmask, neutralise_autobahn_log_formatting
+from voicecall.media.stream import _MEDIA, MediaStreamServer, neutralise_autobahn_log_formatting
 from voicecall.providers.signatures import verify_twilio
 from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
 from voicecall.web.limits import ScreenedSite
@@ -677,19 +677,6 @@ class MediaFastPathTests(SynchronousTestCase):
         match = _MEDIA.match(json.dumps(message, separators=(",", ":")).encode())
         self.assertIsNotNone(match)
         self.assertEqual(base64.b64decode(match.group(1)), audio)
-
-
-class UnmaskTests(SynchronousTestCase):
-    @settings(max_examples=300, deadline=None)
-    @given(
-        payload=st.one_of(st.binary(max_size=600), st.integers(509, 1030).map(lambda n: bytes(range(256)) * 5 + bytes(n - 1280) if n > 1280 else bytes(n))),
-        mask=st.binary(min_size=4, max_size=4),
-    )
-    @example(payload=b"", mask=b"abcd")
-    @example(payload=b"\xff" * 513, mask=b"\xff\xff\xff\xff")
-    def test_matches_bytewise_xor(self, payload: bytes, mask: bytes) -> None:
-        """Unmasking (cached key spreading or not) is RFC 6455's byte-by-byte XOR with the key."""
-        self.assertEqual(_unmask(payload, mask), bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 
 
 class MediaParsingTests(MediaStreamTestBase):

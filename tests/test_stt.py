@@ -11,8 +11,6 @@ from typing import Any, Callable
 import numpy as np
 import txaio
 from autobahn.websocket.protocol import WebSocketProtocol
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
@@ -30,9 +28,9 @@ from voicecall.speech.stt import (
     RealtimeSTTError,
     RealtimeSTTRejected,
     RealtimeTranscriber,
-    masked_text_frame,
 )
 from voicecall.testing.openai_realtime import FakeRealtimeServer, Handshake
+from voicecall.wsframes import masked_text_frame
 
 KEY = "sk-test-realtime-0123456789"
 SILENCE = b"\xff" * 160
@@ -375,25 +373,6 @@ class AudioTests(SynchronousTestCase):
         self.assertEqual(h.stt._dropped_frames, 1)
         h.flush()
         self.assertEqual(h.fake.appended_audio(), [])
-
-
-class MaskedFrameTests(SynchronousTestCase):
-    """The client text frames the transcriber builds itself (RFC 6455 §5.2, §5.3)."""
-
-    @settings(max_examples=200, deadline=None)
-    @given(
-        payload=st.one_of(
-            st.binary(max_size=300),
-            st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 70000]).map(lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256)),
-        ),
-        mask=st.binary(min_size=4, max_size=4),
-    )
-    def test_reference_decoding(self, payload: bytes, mask: bytes) -> None:
-        """Any payload, any key: the frame decodes (byte by byte) to the payload, as one text frame."""
-        frame = masked_text_frame(payload, mask)
-        self.assertEqual(parse_client_frames(frame), [(1, mask, payload)])
-        # The shortest length encoding, as RFC 6455 §5.2 requires.
-        self.assertEqual(frame[1] & 0x7F, len(payload) if len(payload) < 126 else 126 if len(payload) < 65536 else 127)
 
 
 class CallerTurnTests(SynchronousTestCase):

@@ -19,12 +19,14 @@ exceeded}.
 Performance (DESIGN.md "Known levers"): autobahn's per-frame log-argument formatting is
 neutralised once (L{neutralise_autobahn_log_formatting}); the protocol runs without per-frame
 logging, timing, UTF-8 re-validation (frames are parsed as JSON, which decodes UTF-8 anyway) or
-status page, with autobahn's native accelerators when installed; outbound messages are framed
-here in one step (a text frame is a 2-4 byte header and the JSON bytes) and, when nothing is
-queued before them, handed to the socket at once. An inbound C{media} message of an active
-stream in Twilio's own compact layout (L{_MEDIA}) has its payload taken by one regular
-expression instead of a full JSON parse; anything else, however slightly different, is parsed
-in full, and the expression admits only what the JSON parser reads the same way.
+status page, with autobahn's native accelerators when installed; whole masked text frames are
+unmasked here rather than by autobahn, and outbound messages are framed here in one step (a
+text frame is a 2-4 byte header and the JSON bytes) and, when nothing is queued before them,
+handed to the socket at once (the frames and the direct send are L{voicecall.wsframes}'s). An
+inbound C{media} message of an active stream in Twilio's own compact layout (L{_MEDIA}) has
+its payload taken by one regular expression instead of a full JSON parse; anything else,
+however slightly different, is parsed in full, and the expression admits only what the JSON
+parser reads the same way.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from voicecall.media.playback import SYNTHESIS_TIMEOUT, Playback, PlaybackScheduler
+from voicecall.wsframes import send_buffer_size, text_frame_header, write_now, xor_mask
 from voicecall.wstimers import unbatch
 
 __all__ = [
@@ -57,7 +60,6 @@ __all__ = [
     "StreamHandler",
     "StreamSession",
     "neutralise_autobahn_log_formatting",
-    "send_buffer_size",
 ]
 
 #: Largest inbound frame or message (bytes); bigger ones close the socket 1009.
@@ -127,56 +129,6 @@ def neutralise_autobahn_log_formatting() -> bool:
                 continue
             setattr(module, helper, _unformatted)
     return complete
-
-
-def send_buffer_size(transport) -> int:
-    """
-    Bytes written to `transport` and not yet taken by the kernel: the write buffer of Twisted's
-    file-descriptor transports (C{dataBuffer} from C{offset}, plus the C{_tempDataBuffer}
-    gathered since the last C{doWrite}). A wrapping transport (TLS) is looked through to the
-    TCP transport under it. A transport without such a buffer counts as empty.
-    """
-    for _ in range(4):
-        try:
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-        except AttributeError:
-            transport = getattr(transport, "transport", None)
-            if transport is None:
-                return 0
-    return 0
-
-
-def text_frame_header(length: int) -> bytes:
-    """The header of an unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2)."""
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 0x10000:
-        return b"\x81\x7e" + length.to_bytes(2, "big")
-    return b"\x81\x7f" + length.to_bytes(8, "big")
-
-
-#: Payload lengths up to this have their key-spreading integers cached (a few KiB in all).
-_SPREAD_CACHE_MAX = 512
-_SPREADS: dict[int, tuple[int, int]] = {}
-
-
-def _unmask(payload: bytes, mask: bytes) -> bytes:
-    """
-    XOR a client frame's payload with its 4-byte mask (RFC 6455 §5.3), as big integers. For the
-    usual (short) lengths the key is spread over the payload by one multiplication with a cached
-    C{0x...000100000001} and cut to length with a cached all-ones; longer payloads build it.
-    """
-    n = len(payload)
-    if not n:
-        return payload
-    spread = _SPREADS.get(n)
-    if spread is None:
-        if n > _SPREAD_CACHE_MAX:
-            key = (mask * ((n >> 2) + 1))[:n]
-            return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-        spread = _SPREADS[n] = (int.from_bytes(b"\1\0\0\0" * ((n + 3) >> 2), "little"), (1 << (8 * n)) - 1)
-    key = int.from_bytes(mask, "little") * spread[0]
-    return ((int.from_bytes(payload, "little") ^ key) & spread[1]).to_bytes(n, "little")
 
 
 def sanitize(text: str | bytes, limit: int = 200) -> str:
@@ -268,7 +220,7 @@ class MediaStreamProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         self._media = self.factory.media_server
         super().connectionMade()
-        # A plain TCP transport can be written to synchronously (see send_text).
+        # A plain TCP transport can be written to synchronously (see send_frame).
         self._direct = isinstance(self.transport, tcp.Connection)
         self._media._connected(self)
 
@@ -344,7 +296,7 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             if end > n:
                 break
             pos = end
-            self.onMessage(_unmask(data[start:end], data[start - 4 : start]), False)
+            self.onMessage(xor_mask(data[start:end], data[start - 4 : start]), False)
             if self.state != _OPEN:
                 break
         if pos < n:
@@ -428,15 +380,10 @@ class MediaStreamProtocol(WebSocketServerProtocol):
         if self._direct:
             buffered = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
             if not buffered and not self.send_queue and not transport.disconnecting:
-                # Nothing is queued before this frame: hand it to the kernel now (one
-                # send(2)) rather than on the next reactor turn (two epoll_ctl(2) and a send).
-                try:
-                    written = transport.socket.send(frame)
-                except OSError:
-                    written = 0  # would block, or broken: the transport finds out
-                if written == len(frame):
+                # Nothing is queued before this frame: hand it to the kernel now.
+                frame = write_now(transport, frame)
+                if not frame:
                     return True
-                frame = frame[written:]
         else:
             buffered = send_buffer_size(transport)
         if buffered > MAX_SEND_BUFFER:

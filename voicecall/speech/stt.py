@@ -31,11 +31,11 @@ to pause, so one transcriber holds at most what the transport buffers.
 
 Performance: the appends (one every 100 ms per call) are framed here, not by autobahn, whose
 client send path (C{sendMessage}, C{sendFrame}, its masker, C{sendData}) cost more than the rest
-of the forwarding: each is one masked text frame (RFC 6455 §5.3: a fresh 4-byte key from
-C{os.urandom} per frame) written straight to the socket when nothing is queued before it, as
-the media-stream server does for its own frames. autobahn still does the handshake, the session
-update, control frames and closing, and every send it would queue itself (its send queue in
-use, compression negotiated).
+of the forwarding: each is one masked text frame (L{voicecall.wsframes.masked_text_frame}, with
+a fresh 4-byte key from C{os.urandom} per frame) written straight to the socket when nothing is
+queued before it (L{voicecall.wsframes.write_now}, as the media-stream server does for its own
+frames). autobahn still does the handshake, the session update, control frames and closing, and
+every send it would queue itself (its send queue in use, compression negotiated).
 """
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from voicecall import __version__
+from voicecall.wsframes import masked_text_frame, write_now
 from voicecall.wstimers import unbatch
 
 __all__ = [
@@ -131,26 +132,6 @@ def _excerpt(text: object, limit: int = LOG_EXCERPT_CHARS) -> str:
         if not (unicodedata.category(ch)[0] == "C" or ch in "\u2028\u2029")
     )
     return clean if len(clean) <= limit else clean[: limit - 1] + "…"
-
-
-def masked_text_frame(payload: bytes, mask: bytes) -> bytes:
-    """
-    A client's unfragmented WebSocket text frame of `payload` (RFC 6455 §5.2), masked with the
-    4-byte key `mask` (§5.3: each payload byte XORed with the key byte at its offset mod 4).
-    The XOR is done on the whole payload as one integer.
-    """
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, 0x80 | n))
-    elif n < 0x10000:
-        header = b"\x81\xfe" + n.to_bytes(2, "big")
-    else:
-        header = b"\x81\xff" + n.to_bytes(8, "big")
-    if not n:
-        return header + mask
-    key = (mask * ((n >> 2) + 1))[:n]
-    masked = (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
-    return header + mask + masked
 
 
 def _with_intent(url: str) -> str:
@@ -246,13 +227,9 @@ class _RealtimeProtocol(WebSocketClientProtocol):
             and not transport.dataBuffer
             and not transport._tempDataLen
         ):
-            try:
-                written = transport.socket.send(frame)
-            except OSError:
-                written = 0  # would block, interrupted or broken: the transport finds out
-            if written == len(frame):
+            frame = write_now(transport, frame)
+            if not frame:
                 return True
-            frame = frame[written:]
         transport.write(frame)
         return True
 

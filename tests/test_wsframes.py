@@ -1,0 +1,201 @@
+"""
+Tests for voicecall.wsframes: the RFC 6455 frames voicecall builds and unmasks itself, checked
+against the RFC's layout worked by hand, a byte-by-byte reference and autobahn's own parser,
+and the send-buffer accounting and direct send its two WebSocket ends share.
+"""
+from __future__ import annotations
+
+import random
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from voicecall.wsframes import masked_text_frame, send_buffer_size, text_frame_header, write_now, xor_mask
+from voicecall.wstimers import unbatch
+
+#: Payload length -> (unmasked, masked) text frame header, from RFC 6455 §5.2 by hand: FIN +
+#: opcode 1, then the mask bit and a 7-bit length, or 126 + 16 bits, or 127 + 64 bits.
+HEADERS = {
+    0: (b"\x81\x00", b"\x81\x80"),
+    125: (b"\x81\x7d", b"\x81\xfd"),
+    126: (b"\x81\x7e\x00\x7e", b"\x81\xfe\x00\x7e"),
+    65535: (b"\x81\x7e\xff\xff", b"\x81\xfe\xff\xff"),
+    65536: (b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00", b"\x81\xff\x00\x00\x00\x00\x00\x01\x00\x00"),
+}
+
+
+def reference_xor(payload: bytes, mask: bytes) -> bytes:
+    """RFC 6455 §5.3 as written: byte i XORed with key byte i mod 4."""
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def sample(n: int) -> bytes:
+    return bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+
+
+class _Recording:
+    """An autobahn endpoint that records each frame header it parses and each message."""
+
+    def onFrameBegin(self) -> None:
+        frame = self.current_frame
+        self.factory.frames.append((frame.fin, frame.opcode, frame.length, frame.mask))
+        super().onFrameBegin()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.messages.append((payload, isBinary))
+
+
+class _Server(_Recording, WebSocketServerProtocol):
+    pass
+
+
+class _Client(_Recording, WebSocketClientProtocol):
+    pass
+
+
+def autobahn_pair():
+    """An autobahn client and server, opened to each other in memory: (client, server, pump)."""
+    clock = Clock()
+    server_factory = WebSocketServerFactory("ws://localhost:9000", reactor=clock)
+    server_factory.protocol = _Server
+    client_factory = WebSocketClientFactory("ws://localhost:9000", reactor=clock)
+    client_factory.protocol = _Client
+    for factory in (server_factory, client_factory):
+        factory.frames, factory.messages = [], []
+        factory.setProtocolOptions(
+            utf8validateIncoming=False, openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0
+        )
+        unbatch(factory, clock)
+    client, server, pump = iosim.connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None), clock=clock, greet=False
+    )
+    pump.flush()
+    return client, server, pump
+
+
+class TextFrameHeaderTests(SynchronousTestCase):
+    def test_rfc_layout(self) -> None:
+        """Each boundary length has the shortest encoding, with the mask bit only when masked."""
+        for length, (unmasked, masked) in HEADERS.items():
+            self.assertEqual(text_frame_header(length), unmasked, length)
+            self.assertEqual(text_frame_header(length, masked=True), masked, length)
+
+    def test_autobahn_reads_them(self) -> None:
+        """autobahn's client reads the unmasked frames, its server the masked ones, as sent."""
+        client, server, pump = autobahn_pair()
+        self.assertEqual((client.state, server.state), (client.STATE_OPEN, server.STATE_OPEN))
+        mask = b"\x9a\x0b\xff\x31"
+        for length in HEADERS:
+            payload = sample(length)
+            server.transport.write(text_frame_header(length) + payload)
+            client.transport.write(text_frame_header(length, masked=True) + mask + xor_mask(payload, mask))
+            pump.flush()
+        self.assertEqual((client.state, server.state), (client.STATE_OPEN, server.STATE_OPEN))
+        self.assertEqual(client.factory.frames, [(True, 1, n, None) for n in HEADERS])
+        self.assertEqual(server.factory.frames, [(True, 1, n, mask) for n in HEADERS])
+        expected = [(sample(n), False) for n in HEADERS]
+        self.assertEqual(client.factory.messages, expected)
+        self.assertEqual(server.factory.messages, expected)
+
+
+class XorMaskTests(SynchronousTestCase):
+    def test_every_length_to_600(self) -> None:
+        """Lengths 0..600 (both sides of the spread cache's 512), random keys: RFC 6455's XOR."""
+        rng = random.Random(6455)
+        for n in range(601):
+            payload, mask = rng.randbytes(n), rng.randbytes(4)
+            self.assertEqual(xor_mask(payload, mask), reference_xor(payload, mask), n)
+            self.assertEqual(xor_mask(xor_mask(payload, mask), mask), payload, n)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        payload=st.one_of(st.binary(max_size=600), st.integers(509, 1030).map(lambda n: bytes(range(256)) * 5 + bytes(n - 1280) if n > 1280 else bytes(n))),
+        mask=st.binary(min_size=4, max_size=4),
+    )
+    @example(payload=b"", mask=b"abcd")
+    @example(payload=b"\xff" * 513, mask=b"\xff\xff\xff\xff")
+    def test_matches_bytewise_xor(self, payload: bytes, mask: bytes) -> None:
+        """Masking (cached key spreading or not) is RFC 6455's byte-by-byte XOR with the key."""
+        self.assertEqual(xor_mask(payload, mask), reference_xor(payload, mask))
+
+
+class MaskedTextFrameTests(SynchronousTestCase):
+    """The client text frames the transcriber sends (RFC 6455 §5.2, §5.3)."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        payload=st.one_of(st.binary(max_size=300), st.sampled_from([0, 1, 125, 126, 127, 65535, 65536, 70000]).map(sample)),
+        mask=st.binary(min_size=4, max_size=4),
+    )
+    def test_round_trip(self, payload: bytes, mask: bytes) -> None:
+        """Any payload, any key: the masked header, the key, then the payload XORed with it."""
+        frame = masked_text_frame(payload, mask)
+        header = text_frame_header(len(payload), masked=True)
+        self.assertEqual(frame[: len(header)], header)
+        self.assertEqual(frame[len(header) : len(header) + 4], mask)
+        self.assertEqual(reference_xor(frame[len(header) + 4 :], mask), payload)
+
+    def test_autobahn_reads_it(self) -> None:
+        """autobahn's server reads a run of them as the messages they carry."""
+        client, server, pump = autobahn_pair()
+        payloads = [b"", b'{"type":"x"}', sample(126), sample(513), sample(70000)]
+        client.transport.write(b"".join(masked_text_frame(p, bytes([i, 1, 2, 3])) for i, p in enumerate(payloads)))
+        pump.flush()
+        self.assertEqual(server.factory.messages, [(p, False) for p in payloads])
+
+
+class _Socket:
+    def __init__(self, takes: int | None = None, error: OSError | None = None) -> None:
+        self.takes, self.error, self.sent = takes, error, []
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        self.sent.append(data)
+        return len(data) if self.takes is None else min(self.takes, len(data))
+
+
+class _Transport:
+    def __init__(self, socket: _Socket | None = None, buffered: bytes = b"", offset: int = 0, temp: int = 0) -> None:
+        self.socket, self.dataBuffer, self.offset, self._tempDataLen = socket, buffered, offset, temp
+
+
+class WriteNowTests(SynchronousTestCase):
+    def test_all_taken(self) -> None:
+        transport = _Transport(_Socket())
+        self.assertEqual(write_now(transport, b"frame"), b"")
+        self.assertEqual(transport.socket.sent, [b"frame"])
+
+    def test_part_taken(self) -> None:
+        """What the kernel did not take comes back, for the transport to write."""
+        self.assertEqual(write_now(_Transport(_Socket(takes=2)), b"frame"), b"ame")
+        self.assertEqual(write_now(_Transport(_Socket(takes=0)), b"frame"), b"frame")
+
+    def test_send_fails(self) -> None:
+        """A send that would block (or fails) leaves the whole frame to the transport."""
+        self.assertEqual(write_now(_Transport(_Socket(error=BlockingIOError())), b"frame"), b"frame")
+        self.assertEqual(write_now(_Transport(_Socket(error=ConnectionResetError())), b"frame"), b"frame")
+
+
+class SendBufferSizeTests(SynchronousTestCase):
+    def test_counts_what_waits(self) -> None:
+        """The unsent rest of the write buffer, plus what was written since the last doWrite."""
+        self.assertEqual(send_buffer_size(_Transport(buffered=b"x" * 10, offset=4, temp=7)), 13)
+        self.assertEqual(send_buffer_size(_Transport()), 0)
+
+    def test_looks_through_a_wrapper(self) -> None:
+        wrapper = type("TLS", (), {})()
+        wrapper.transport = _Transport(buffered=b"x" * 5)
+        self.assertEqual(send_buffer_size(wrapper), 5)
+
+    def test_bufferless_transport_is_empty(self) -> None:
+        self.assertEqual(send_buffer_size(object()), 0)
