@@ -115,6 +115,30 @@ class TimelyTests(SynchronousTestCase):
         # Every descriptor handled exactly once: none lost, none starved, none repeated.
         self.assertEqual(sorted(map(id, h.handled)), sorted(map(id, h.readers)))
 
+    def test_timer_due_during_the_poll_cuts_after_one_event(self):
+        """The reactor wakes (its poll waited) with ten events ready and the timer due: one event, then the timer."""
+        reactor = TimelyEPollReactor()
+        h = Harness(self, reactor, 10)
+        poller = reactor._poller
+
+        class Waiting:
+            """The poller, taking as long as a poll that waits until after the timer is due."""
+
+            def poll(self, timeout, maxevents):
+                time.sleep(DUE * 1.5)
+                return poller.poll(0, maxevents)
+
+            def __getattr__(self, name):
+                return getattr(poller, name)
+
+        reactor._poller = Waiting()
+        fired: list[int] = []
+        reactor.callLater(DUE, lambda: fired.append(len(h.handled)))
+        h.poll()
+        self.assertEqual(len(h.handled), 1)
+        h.turn()
+        self.assertEqual(fired, [1])
+
     def test_twisted_epoll_handles_the_whole_batch(self):
         """The contrast: Twisted's EPollReactor handles all ten events before it looks at the timer."""
         reactor = EPollReactor()

@@ -14,9 +14,11 @@ once per round, in order, as in Twisted (none can be passed over by descriptors 
 ready), and the timer waits for at most one event's handling rather than the whole batch.
 
 The details:
- - A cut is made only for a timer that falls due I{during} the batch. One already due when the
-   batch starts (a timer running late, a zero-delay chain such as Twisted's continuous polling)
-   does not cut it: the batch is handled whole, as Twisted does, never one event per turn.
+ - A cut is made for a timer that falls due while the reactor waits in the poll (the usual
+   case: it sleeps until the next timer and wakes with sockets ready) or while it handles the
+   batch; then the timer waits for one event's handling at most. A timer already due before
+   the poll began (one running late, a zero-delay chain such as Twisted's continuous polling)
+   does not cut the batch: it is handled whole, as Twisted does, never one event per turn.
  - Timers scheduled while the batch is handled do not cut it either (a C{callLater(0)} from a
    read, such as the store's hand-over to its writer thread, still collects the whole batch).
  - The events left for after the timers are re-checked against what the timers changed: an
@@ -50,11 +52,12 @@ class TimelyEPollReactor(EPollReactor):
     _left: list | None = None
 
     def doPoll(self, timeout: float | None) -> None:
+        entered = self.seconds()
         left = self._left
         if left is not None:
             # The rest of a cut batch: handled before any new poll (the timers have just run).
             self._left = None
-            self._handle(left, True)
+            self._handle(left, True, entered)
             return
         if timeout is None:
             timeout = -1  # wait indefinitely
@@ -64,21 +67,22 @@ class TimelyEPollReactor(EPollReactor):
             if err.errno == errno.EINTR:
                 return
             raise
-        self._handle(events, False)
+        self._handle(events, False, entered)
 
     doIteration = doPoll
 
-    def _handle(self, events: list, left: bool) -> None:
+    def _handle(self, events: list, left: bool, entered: float) -> None:
         """
         Handle `events` in order, each with the selectable registered for its descriptor at that
         moment, as Twisted does; if a timer falls due on the way, keep the rest in C{_left}.
         `left` events carry the selectable they were for and are checked against the present.
+        `entered`: when this turn's poll began (a timer due by then does not cut the batch).
         """
         timers = self._pendingTimedCalls
         now = self.seconds
         due = timers[0].time if timers else None
-        if due is not None and due <= now():
-            due = None  # already due when the batch starts: no cut (see the module docstring)
+        if due is not None and due <= entered:
+            due = None  # already due before the poll: no cut (see the module docstring)
         selectables, reads, writes = self._selectables, self._reads, self._writes
         handle = self._doReadOrWrite
         for i, item in enumerate(events):
