@@ -13,7 +13,7 @@ slots: C{--feed-slots}). Every frame's first four bytes carry its index.
 
 The client process (this one, pinned to CPU 1) is a light raw-socket WebSocket client on one
 epoll loop: each stream sends C{connected}, C{start}, then a C{media} frame every 20 ms (streams
-spread over ten 2 ms phases, as calls start at random moments), and timestamps what it receives.
+spread over ten 2 ms phases, as calls start at random moments; C{--client-phases 1}: all at once), and timestamps what it receives.
 An arrival is stamped with the time epoll returned, not the time the loop got round to that
 socket, so the client's own processing of other sockets is not counted; what remains (the loop's
 busy time per wakeup, and its CPU) is reported to show the client is not the bottleneck.
@@ -26,7 +26,7 @@ RSS after the streams are up minus RSS before, divided by the streams). Targets 
 500 streams, p99 pacing error < 5 ms, no frame lost, < 64 KiB per stream.
 
 Run:  .venv/bin/python benchmarks/media_streams.py [--streams 500] [--seconds 30] [--stt sink|null]
-      [--reactor voicecall-epoll|epoll] [--feed-slots 10]
+      [--reactor voicecall-epoll|epoll] [--feed-slots 10] [--client-phases 10]
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ TARGET_STREAMS = 500
 TARGET_P99_MS = 5.0
 TARGET_KIB = 64.0
 FRAME = 0.02
-CLIENT_PHASES = 10
+CLIENT_PHASES = 10  # default of --client-phases
 LEAD_FRAMES = 25  # the synthesis streams audio this far ahead of real time
 OUT_JSON = os.path.join("var", "bench", "media_streams.json")
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -355,7 +355,8 @@ class Client:
         self.ep = select.epoll()
         self.streams: list[Stream] = []
         self.by_fd: dict[int, Any] = {}
-        self.phases: list[list[Stream]] = [[] for _ in range(CLIENT_PHASES)]
+        self.client_phases = args.client_phases
+        self.phases: list[list[Stream]] = [[] for _ in range(self.client_phases)]
         self.sink = sink
         self.sink_conns: dict[int, list] = {}
         self.sink_bytes = 0
@@ -399,11 +400,11 @@ class Client:
         }
         s.sock.send(ws_frame(b'{"event":"connected","protocol":"Call","version":"1.0.0"}') + ws_frame(json.dumps(start).encode()))
         s.state = "open"
-        self.phases[s.n % CLIENT_PHASES].append(s)
+        self.phases[s.n % self.client_phases].append(s)
 
     # the loop
     def run_until(self, deadline: float, done=None) -> None:
-        ep, by_fd, step = self.ep, self.by_fd, FRAME / CLIENT_PHASES
+        ep, by_fd, step = self.ep, self.by_fd, FRAME / self.client_phases
         busy = self.busy
         while True:
             now = time.monotonic()
@@ -428,7 +429,7 @@ class Client:
                     if s.state == "open" and not s.closed:
                         self.send(s, s.frame)
                         self.frames_sent += 1
-                self.phase = (self.phase + 1) % CLIENT_PHASES
+                self.phase = (self.phase + 1) % self.client_phases
                 self.next_tick += step
                 self.sent_ticks += 1
             if self.recording:
@@ -627,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="inbound audio to a real RealtimeTranscriber ending in a discard sink on the "
                              "client's CPU (sink), or to a counter (null)")
     parser.add_argument("--phases", type=int, default=None, help="PlaybackScheduler(phases=N) (its default)")
+    parser.add_argument("--client-phases", type=int, default=CLIENT_PHASES,
+                        help="spread the streams' inbound frames over N phases of 20/N ms (10; 1: every stream "
+                             "sends at the same moment, so the server reads them in one burst)")
     parser.add_argument("--feed-slots", type=int, default=10,
                         help="split the synthetic TTS feed over N slots of 200/N ms (10; 1: all streams at once)")
     parser.add_argument("--reactor", choices=("voicecall-epoll", "epoll"), default="voicecall-epoll",
@@ -724,6 +728,7 @@ def run_client(args) -> int:
         "phases": args.phases,
         "reactor": args.reactor,
         "feed_slots": args.feed_slots,
+        "client_phases": args.client_phases,
         "ramp_seconds": ramp,
         "server_cpu_percent": stats["cpu_percent"],
         "server_rss_base_mib": hello["rss"] / 2**20,
@@ -764,7 +769,7 @@ def run_client(args) -> int:
     v = lambda good: "ok" if good else "MISSED"  # noqa: E731
     print(f"media streams: {args.streams} streams x {args.seconds:g} s, server on CPU {args.server_cpu}, clients on CPU "
           f"{args.client_cpu}, STT {'RealtimeTranscriber -> discard sink' if args.stt == 'sink' else 'null sink'}, "
-          f"playback phases {args.phases if args.phases is not None else 'default'}, reactor {args.reactor}, TTS feed in {args.feed_slots} slots"
+          f"playback phases {args.phases if args.phases is not None else 'default'}, reactor {args.reactor}, TTS feed in {args.feed_slots} slots, client phases {args.client_phases}"
           + (f", nice {args.nice:+d}" if args.nice else ""))
     print(f"{'metric':<34} {'value':>12}  target")
     rows = [
