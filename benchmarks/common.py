@@ -32,8 +32,14 @@ def pin(cpu: int | None) -> bool:
 
 
 def install_reactor() -> None:
-    """Install voicecall's reactor, as systemd/voicecall.service runs it (server children, first thing)."""
-    from voicecall import reactor
+    """
+    Install voicecall's reactor, as systemd/voicecall.service runs it (server children, first
+    thing); $VOICECALL_BENCH_REACTOR=epoll installs Twisted's epoll reactor instead, to compare.
+    """
+    if os.environ.get("VOICECALL_BENCH_REACTOR") == "epoll":
+        from twisted.internet import epollreactor as reactor
+    else:
+        from voicecall import reactor
 
     try:
         reactor.install()
