@@ -211,3 +211,35 @@ class PlivoEndToEndTests(TestCase):
         await eventually(lambda: stranger.is_ended, 10, "the rejected caller's hang-up")
         self.assertEqual(stranger.speak_texts, [])
         self.assertEqual(len((await self.rpc.call("voicecall.status", {}))["calls"]), 1)
+
+    async def test_continue_during_the_greeting(self):
+        """A `continue` sent at once after `initiate` waits for the greeting, and each answer is its own question's."""
+        greeting = "Hello there, thanks for picking up the phone today"  # 50 characters: 1.5 s spoken
+
+        def person(call):
+            """Answers only a question carrying a turn token, naming the question it heard."""
+            record = call.inputs[-1]
+            return f"answer to {call.speak_texts[-1]}" if record.turn_token else None
+
+        await self.start(Scenario(utterances=person, silence=0.3, speak_seconds_per_char=0.03), transcriptTimeoutMs=8000)
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": greeting, "mode": "conversation"}))["callId"]
+        await eventually(lambda: self.fake.calls and self.fake_call().speak_texts, 10, "the greeting")
+        first = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
+        self.assertEqual(first, {"success": True, "transcript": "answer to Who is this?"})
+        second = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Where are you?"})
+        self.assertEqual(second, {"success": True, "transcript": "answer to Where are you?"})
+        self.assertEqual(self.fake_call().speak_texts, [greeting, "Who is this?", "Where are you?"])
+        spoken = [h for h in self.fake.webhooks if "flow=spoken" in h.url]
+        self.assertEqual(len(spoken), 1, "the greeting was played to its end")
+        record = await self.status(call_id)
+        self.assertEqual(
+            [(t["speaker"], t["text"]) for t in record["transcript"]],
+            [
+                ("bot", greeting),
+                ("bot", "Who is this?"),
+                ("user", "answer to Who is this?"),
+                ("bot", "Where are you?"),
+                ("user", "answer to Where are you?"),
+            ],
+        )
+        await self.rpc.call("voicecall.end", {"callId": call_id})

@@ -81,6 +81,23 @@ class _Waiter:
     turn_token: str | None
 
 
+#: Commands (speak, continue, reply) one call may have waiting behind what it is playing.
+MAX_QUEUED_COMMANDS = 16
+
+
+@define
+class _Commands:
+    """
+    One call's command queue: each command starts when the one before it has taken effect
+    (its speech played, its question asked). `greeting` holds the place of an initial message
+    that is still to be spoken, so commands sent before it wait for it.
+    """
+
+    tail: Deferred | None = field(default=None, repr=False)
+    depth: int = 0
+    greeting: Deferred | None = field(default=None, repr=False)
+
+
 @define
 class CallManager:
     _provider: Provider
@@ -99,6 +116,10 @@ class CallManager:
     _max_timers: dict[str, IDelayedCall] = field(factory=dict)
     _notify_timers: dict[str, IDelayedCall] = field(factory=dict)
     _initial_in_flight: set[str] = field(factory=set)
+    #: Per-call command queues (only for active calls; dropped when empty or at the call's end).
+    _commands: dict[str, _Commands] = field(factory=dict)
+    #: Answered calls whose initial message waits for their media stream.
+    _greeting_deferred: set[str] = field(factory=set)
     #: Outbound calls being stored: they count against maxConcurrentCalls already.
     _reserved: set[str] = field(factory=set)
     _subscribers: list[Callable[[dict], None]] = field(factory=list)
@@ -177,6 +198,7 @@ class CallManager:
 
     def _forget(self, call: CallRecord) -> None:
         self._active.pop(call.call_id, None)
+        self._drop_commands(call.call_id)
         if call.provider_call_id and self._by_provider_id.get(call.provider_call_id) == call.call_id:
             del self._by_provider_id[call.provider_call_id]
         for timers in (self._max_timers, self._notify_timers):
@@ -361,6 +383,9 @@ class CallManager:
             return
         if call.mode is Mode.NOTIFY or not self._voice_defers_initial(call):
             self.speak_initial_message(call.call_id)
+        else:
+            # Spoken once the media stream is up: commands sent meanwhile still wait for it.
+            self._greeting_deferred.add(call.call_id)
 
     def _voice_defers_initial(self, call: CallRecord) -> bool:
         defers = getattr(self._voice, "defers_initial_message", None)
@@ -380,12 +405,27 @@ class CallManager:
         message = call.metadata.get("initialMessage")
         if not message or call.call_id in self._initial_in_flight:
             return
+        self._greeting_deferred.discard(call.call_id)
+        queue = self._commands.get(call.call_id)
+        held = queue.greeting if queue is not None else None
+        try:
+            if held is not None:
+                # Its place at the head of the queue was kept for it: commands sent before the
+                # answer (or the stream) wait behind it.
+                queue.greeting = None
+                try:
+                    await self._greet(call, message)
+                finally:
+                    self._release(call.call_id, queue, held)
+            else:
+                await self._in_order(call, lambda: self._greet(call, message))
+        except CallError as e:
+            self._log.warn("Failed to speak initial message: {error}", error=str(e))
+
+    async def _greet(self, call: CallRecord, message: str) -> None:
         self._initial_in_flight.add(call.call_id)
         try:
             await self._speak(call, message)
-        except CallError as e:
-            self._log.warn("Failed to speak initial message: {error}", error=str(e))
-            return
         finally:
             self._initial_in_flight.discard(call.call_id)
         if call.is_terminal:
@@ -399,7 +439,59 @@ class CallManager:
         else:
             self._move(call, CallState.LISTENING, events)
             await self._persist(call, events=events)
+            if call.call_id in self._turns:
+                return  # a `continue` is next in line: its question listens for the answer
             await self._voice.start_listening(call, None)
+
+    # -- the command queue ------------------------------------------------------------------------
+
+    def _greeting_expected(self, call: CallRecord) -> bool:
+        """Whether the call's initial message is still to be spoken (on the answer, or when its stream starts)."""
+        if not call.metadata.get("initialMessage"):
+            return False
+        return call.answered_at is None or call.call_id in self._greeting_deferred
+
+    async def _in_order(self, call: CallRecord, op: Callable[[], Any]) -> Any:
+        """
+        Run `op` (speak, ask, reply) once every command sent on the call before it has taken
+        effect: what a carrier plays is never cut short by a later command, and a question is
+        only asked (and its answer only awaited) after what comes before it was heard.
+        """
+        queue = self._commands.get(call.call_id)
+        if queue is None:
+            queue = self._commands[call.call_id] = _Commands()
+            if self._greeting_expected(call):
+                queue.greeting = queue.tail = Deferred()
+                queue.depth = 1
+        if queue.depth >= MAX_QUEUED_COMMANDS:
+            raise CallError(f"Too many commands waiting on this call ({MAX_QUEUED_COMMANDS})", call.call_id)
+        before, mine = queue.tail, Deferred()
+        queue.tail = mine
+        queue.depth += 1
+        try:
+            if before is not None:
+                await before
+            if call.is_terminal or self._active.get(call.call_id) is not call:
+                raise CallError("Call has ended", call.call_id)
+            return await op()
+        finally:
+            self._release(call.call_id, queue, mine)
+
+    def _release(self, call_id: str, queue: _Commands, slot: Deferred) -> None:
+        queue.depth -= 1
+        if queue.depth <= 0 and self._commands.get(call_id) is queue:
+            del self._commands[call_id]
+        if not slot.called:
+            slot.callback(None)
+
+    def _drop_commands(self, call_id: str) -> None:
+        """The call is over: commands waiting behind an unspoken greeting go on (and fail)."""
+        self._greeting_deferred.discard(call_id)
+        queue = self._commands.pop(call_id, None)
+        if queue is not None and queue.greeting is not None:
+            held, queue.greeting = queue.greeting, None
+            if not held.called:
+                held.callback(None)
 
     def _notify_hangup(self, call_id: str) -> None:
         self._notify_timers.pop(call_id, None)
@@ -521,11 +613,14 @@ class CallManager:
         return call
 
     async def speak(self, call_id: str, text: str) -> None:
-        await self._speak(self._connected(call_id), text)
+        """Say `text` after whatever the call is playing or has queued (the greeting included)."""
+        call = self._connected(call_id)
+        await self._in_order(call, lambda: self._speak(call, text))
 
     async def reply(self, call_id: str, text: str) -> None:
         """Say `text` and listen again (an automatic reply): no turn, no waiter."""
-        await self._speak(self._connected(call_id), text, listen=True)
+        call = self._connected(call_id)
+        await self._in_order(call, lambda: self._speak(call, text, listen=True))
 
     async def _speak(self, call: CallRecord, text: str, listen: bool = False) -> None:
         events: list[dict] = []
@@ -558,12 +653,14 @@ class CallManager:
             raise CallError("Already waiting for transcript")
         self._turns.add(call.call_id)
         try:
-            return await self._turn(call, prompt)
+            asked = await self._in_order(call, lambda: self._ask(call, prompt))
+            return await self._turn(call, *asked)
         finally:
             self._turns.discard(call.call_id)
             self._waiters.pop(call.call_id, None)
 
-    async def _turn(self, call: CallRecord, prompt: str) -> str:
+    async def _ask(self, call: CallRecord, prompt: str) -> tuple[Deferred[str], int, int]:
+        """Ask `prompt` (its turn in the queue has come); the answer is awaited outside the queue."""
         started = self._now()
         token = str(uuid.uuid4()) if self._voice.wants_turn_token(call) else None
         answer = self._wait_for_transcript(call.call_id, token)
@@ -587,6 +684,9 @@ class CallManager:
             call.transcript.append(entry)
             events.append(self._log_entry(call, "call.transcript", speaker="bot", text=prompt))
             await self._persist(call, transcript=[entry], events=events)
+        return answer, started, listen_started
+
+    async def _turn(self, call: CallRecord, answer: Deferred[str], started: int, listen_started: int) -> str:
         transcript = await answer
         try:
             await self._voice.stop_listening(call)
