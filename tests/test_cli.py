@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
 import uuid
 
 from click.testing import CliRunner
@@ -46,7 +48,12 @@ class CliTestsBase(SynchronousTestCase):
         self.connects: list[str] = []
         self.reacted = 0
         self.on_idle = None
+        #: What to do each time everything is quiet: a callable, or seconds to advance the clock by.
+        self.idle_steps: list = []
+        self.pumps: list = []
+        self.signals: list = []
         self.patch(cli, "react", self.react)
+        self.patch(cli, "watch_signals", lambda reactor, on_signal: self.signals.append(on_signal))
 
     # -- the reactor seam -------------------------------------------------------------------------
 
@@ -70,9 +77,17 @@ class CliTestsBase(SynchronousTestCase):
                 pumps.append(
                     iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client), greet=False)
                 )
+                self.pumps.append(pumps[-1])
             for pump in pumps:
                 moved = pump.pump() or moved
             if not moved:
+                if self.idle_steps:
+                    step = self.idle_steps.pop(0)
+                    if callable(step):
+                        step()
+                    else:
+                        reactor.advance(step)
+                    continue
                 if self.on_idle is None:
                     break
                 hook, self.on_idle = self.on_idle, None
@@ -110,6 +125,16 @@ class CliTestsBase(SynchronousTestCase):
         self.manager.set_webhook_url("http://127.0.0.1:3334/voice/webhook")
         methods = RpcMethods(manager=self.manager, clock=self.clock, default_to=None)
         self.daemon = RpcFactory(methods.table(), self.manager.subscribe)
+
+    def stop_daemon(self) -> None:
+        """The daemon goes away: its connections close and new ones are refused."""
+        self.daemon = None
+        for pump in self.pumps:
+            pump.serverIO.loseConnection()
+
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Deliver `signum` the way the CLI's signal handler would."""
+        self.signals[-1](signum)
 
     def open_store(self) -> CallStore:
         if getattr(self, "store", None) is None:
@@ -222,6 +247,58 @@ class ValidationTests(CliTestsBase):
         self.assertIn("Missing --to and no toNumber configured", result.stderr)
         self.assertEqual((self.reacted, self.connects), (0, []))
 
+    def test_unknown_mode_is_a_usage_error(self):
+        """`call --mode notfy` and `start --mode x` exit 2 naming the valid modes, and place nothing."""
+        self.start_daemon()
+        for args in (("call", "--to", TO, "-m", "Hi", "--mode", "notfy"), ("start", "--to", TO, "--mode", "x")):
+            result = self.invoke(*args)
+            self.assertEqual(result.exit_code, 2, (args, result.stdout))
+            self.assertIn("'notify', 'conversation'", result.stderr)
+        self.assertEqual(self.connects, [])
+
+    def test_empty_message_refused(self):
+        """An empty or blank message is a usage error (exit 2) for call, start, continue and speak."""
+        self.start_daemon()
+        for args in (
+            ("call", "--to", TO, "-m", ""),
+            ("call", "--to", TO, "-m", "   "),
+            ("start", "--to", TO, "--message", ""),
+            ("continue", "--call-id", "x", "-m", ""),
+            ("speak", "--call-id", "x", "--message", " "),
+        ):
+            result = self.invoke(*args)
+            self.assertEqual(result.exit_code, 2, (args, result.stdout))
+            self.assertIn("must not be empty", result.stderr)
+        self.assertEqual(self.connects, [])
+
+    def test_numeric_options_show_their_type(self):
+        """`--help` shows numeric options as integer ranges, not TEXT."""
+        for command, option in (("tail", "--since"), ("tail", "--poll"), ("latency", "--last"), ("expose", "--port")):
+            result = self.invoke(command, "--help")
+            self.assertEqual(result.exit_code, 0, result.stderr)
+            line = next(l for l in result.stdout.splitlines() if l.strip().startswith(option))
+            self.assertIn("INTEGER RANGE", line, (command, line))
+
+    def test_bad_number_said_once(self):
+        """`--last abc` says what was wrong once, not twice."""
+        result = self.invoke("latency", "--last", "abc")
+        self.assertEqual(result.exit_code, 2)
+        self.assertIn("Error: Invalid numeric value for --last: abc", result.stderr)
+        self.assertEqual(result.stderr.count("abc"), 1, result.stderr)
+
+    def test_version_and_short_help(self):
+        """`--version` prints the version; `-h` is `--help`, for the group and its commands."""
+        from voicecall import __version__
+
+        result = self.invoke("--version")
+        self.assertEqual((result.exit_code, result.stdout), (0, f"voicecall, version {__version__}\n"))
+        for args in (("-h",), ("call", "-h"), ("continue", "-h")):
+            result = self.invoke(*args)
+            self.assertEqual(result.exit_code, 0, (args, result.stderr))
+            self.assertIn("Usage: ", result.stdout)
+        self.assertIn("-m, --message", self.invoke("continue", "-h").stdout)
+        self.assertIn("-m, --message", self.invoke("speak", "-h").stdout)
+
     def test_call_needs_a_message(self):
         """`call` without a message is a usage error."""
         result = self.fails("call", "--to", TO)
@@ -245,11 +322,11 @@ class DaemonCommandTests(CliTestsBase):
         self.assertEqual(record.metadata, {"mode": "conversation", "initialMessage": "Hello there"})
 
     def test_call_mode(self):
-        """`call --mode notify` is honoured; an unknown mode falls back to the daemon's default."""
+        """`call --mode notify` is honoured, in any case."""
         notify = self.ok("call", "--to", TO, "-m", "Hi", "--mode", "notify")["callId"]
-        other = self.ok("call", "--to", TO, "-m", "Hi", "--mode", "yell")["callId"]
+        upper = self.ok("call", "--to", TO, "-m", "Hi", "--mode", "Conversation")["callId"]
         self.assertEqual(self.manager.find(notify).metadata["mode"], "notify")
-        self.assertEqual(self.manager.find(other).metadata["mode"], "notify")
+        self.assertEqual(self.manager.find(upper).metadata["mode"], "conversation")
 
     def test_start_without_message(self):
         """`start --to` places a call with no initial message."""
@@ -284,6 +361,65 @@ class DaemonCommandTests(CliTestsBase):
         self.on_idle = lambda: self.event("call.speech", call_id, transcript="Tuesday works")
         output = self.ok("continue", "--call-id", call_id, "--message", "Which day?")
         self.assertEqual(output, {"success": True, "transcript": "Tuesday works"})
+
+    def test_short_message_option(self):
+        """`continue` and `speak` take `-m` like `call`."""
+        call_id = self.place()
+        self.assertEqual(self.ok("speak", "--call-id", call_id, "-m", "One moment"), {"success": True})
+        self.on_idle = lambda: self.event("call.speech", call_id, transcript="Sure")
+        self.assertEqual(self.ok("continue", "--call-id", call_id, "-m", "Ready?")["transcript"], "Sure")
+
+    def test_ended_call_says_it_ended(self):
+        """`speak`/`continue` on an ended call say it ended and why, not `Call not found`."""
+        call_id = self.place()
+        self.event("call.ended", call_id, reason="hangup-user")
+        for command in ("speak", "continue"):
+            result = self.fails(command, "--call-id", call_id, "-m", "Still there?")
+            self.assertEqual(
+                (result.exit_code, result.stderr.strip()), (1, f"Error: Call {call_id} has ended (hangup-user)")
+            )
+
+    def test_ctrl_c_on_continue_is_quiet(self):
+        """Ctrl-C while `continue` waits exits 130 without an error message."""
+        call_id = self.place()
+        self.on_idle = lambda: self.interrupt(signal.SIGINT)
+        result = self.invoke("continue", "--call-id", call_id, "-m", "Which day?")
+        self.assertEqual((result.exit_code, result.stdout, result.stderr), (130, "", ""))
+
+    def test_sigterm_on_tail_is_quiet(self):
+        """SIGTERM while `tail` follows the daemon exits 143 without an error message."""
+        self.place()
+        self.on_idle = lambda: self.interrupt(signal.SIGTERM)
+        result = self.invoke("tail")
+        self.assertEqual((result.exit_code, result.stderr), (143, ""))
+        self.assertIn('"type": "call.state"', result.stdout)
+
+    def test_tail_survives_a_daemon_restart(self):
+        """`tail` follows the store while the daemon is down and reconnects when it is back."""
+        first = self.place()
+        factory = self.daemon
+        second: list[str] = []
+
+        def restart():
+            self.daemon = factory
+
+        def live_event():
+            second.append(self.successResultOf(Deferred.fromCoroutine(self.manager.initiate(TO))))
+
+        self.idle_steps = [
+            self.stop_daemon,
+            lambda: self.event("call.ended", first, reason="hangup-user"),  # written while "down"
+            0.3, 0.3, restart, 0.3, 0.3, live_event, lambda: self.interrupt(signal.SIGINT),
+        ]  # fmt: skip
+        result = self.invoke("tail", "--since", "0")
+        self.assertEqual(result.exit_code, 130, result.stderr)
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual(
+            [(e["type"], e["callId"]) for e in events],
+            [("call.state", first), ("call.ended", first), ("call.created", second[0])],
+        )
+        self.assertIn("following the store", result.stderr)
+        self.assertIn("reconnected", result.stderr)
 
     def test_daemon_error(self):
         """A daemon error is printed on stderr as `Error: <text>` with exit status 1."""
@@ -321,14 +457,26 @@ class NoDaemonTests(CliTestsBase):
         self.assertEqual(self.ok("status", "--call-id", "mock-abc")["callId"], "abc")
 
     def test_status_unknown(self):
-        """`status --call-id` of an unknown call prints `{"found": false}`."""
+        """`status --call-id` of an unknown call prints `{"found": false}` and exits 1."""
         self.record("abc")
         result = self.invoke("status", "--call-id", "zzz")
-        self.assertEqual((result.exit_code, result.stdout), (0, '{\n  "found": false\n}\n'))
+        self.assertEqual((result.exit_code, result.stdout), (1, '{\n  "found": false\n}\n'))
+        self.assertIn("Error: no call zzz", result.stderr)
 
     def test_status_without_store(self):
-        """With no store at all, `status --call-id` still prints `{"found": false}`."""
-        self.assertEqual(self.ok("status", "--call-id", "zzz"), {"found": False})
+        """With no store at all, `status --call-id` prints `{"found": false}`, exits 1 and says there is no store."""
+        result = self.invoke("status", "--call-id", "zzz")
+        self.assertEqual((result.exit_code, json.loads(result.stdout)), (1, {"found": False}))
+        self.assertIn(f"no store at {self.store_dir}", result.stderr)
+
+    def test_status_says_it_read_the_store(self):
+        """When the daemon is down, `status` says on stderr that it read the store instead."""
+        self.record("live", state="answered")
+        result = self.invoke("status")
+        self.assertEqual(result.exit_code, 0, result.stderr)
+        self.assertEqual([c["callId"] for c in json.loads(result.stdout)["calls"]], ["live"])
+        self.assertIn("daemon not running", result.stderr)
+        self.assertIn(f"read the store at {self.store_dir}", result.stderr)
 
     def test_status_lists_stored_live_calls(self):
         """`status` without --call-id lists the calls the store holds as live."""
@@ -344,6 +492,14 @@ class NoDaemonTests(CliTestsBase):
         self.assertIn("voicecall daemon is not running", result.stderr)
         result = self.fails("call", "--to", TO, "-m", "Hi")
         self.assertIn("voicecall daemon is not running", result.stderr)
+
+    def test_not_running_names_a_runnable_command(self):
+        """The hint names `make run` and the twistd installed beside this Python, not a bare `twistd`."""
+        result = self.fails("speak", "--call-id", "abc", "-m", "hi")
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        self.assertIn("make run", result.stderr)
+        self.assertIn(f"{twistd} -n --pidfile= voicecall --config {self.config}", result.stderr)
+        self.assertNotIn("`twistd -n voicecall`", result.stderr)
 
 
 class ConfiguredNumberTests(CliTestsBase):
@@ -406,3 +562,21 @@ class LatencyTests(CliTestsBase):
         """Without a store every statistic is zero."""
         zeros = {"count": 0, "minMs": 0, "maxMs": 0, "avgMs": 0, "p50Ms": 0, "p95Ms": 0}
         self.assertEqual(self.ok("latency"), {"recordsScanned": 0, "turnLatency": zeros, "listenWait": zeros})
+
+
+class NoConfigTests(SynchronousTestCase):
+    """A command run where no config file is found says so."""
+
+    def test_status_says_no_config_was_found(self):
+        """`status` in a directory without a config names the paths it searched, on stderr."""
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        self.patch(cli, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
+        self.patch(cli, "watch_signals", lambda reactor, on_signal: None)
+        self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
+        runner = CliRunner()
+        with runner.isolated_filesystem(temp_dir=home):
+            result = runner.invoke(cli.main, ["status"], env={"VOICECALL_SOCKET": None, "VOICECALL_CONFIG": None, "HOME": home})
+        self.assertIn("no config file found", result.stderr)
+        self.assertIn("voicecall.json5", result.stderr)
+        self.assertIn(os.path.join(home, ".config", "voicecall", "voicecall.json5"), result.stderr)

@@ -14,23 +14,34 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 import click
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 
+from voicecall import __version__, tool
 from voicecall.client import ConnectionClosed, RemoteError, connect
-from voicecall.config import ConfigError, find_config_path, load_config, parse_config
+from voicecall.config import ConfigError, config_search_paths, find_config_path, load_config, parse_config
 from voicecall.rpc import default_socket_path
 from voicecall.store import open_readonly
-from voicecall import tool
+
+MODES = ("notify", "conversation")
+EXPOSE_MODES = ("off", "serve", "funnel")
+#: Keys of the events `tail` printed last, so a reconnect does not print them twice.
+TAIL_MEMORY = 4096
 
 
 class Failed(Exception):
     """A command failed; the message goes to stderr."""
+
+
+class DaemonDown(Failed):
+    """Nothing answers on the RPC socket."""
 
 
 class Context:
@@ -38,16 +49,27 @@ class Context:
         self._explicit_config = config_path
         self._socket = socket
         self._config = None
+        #: The config file in use (None: none was found, the defaults apply).
+        self.config_path: str | None = None
 
     @property
     def config(self):
         if self._config is None:
             env = os.environ
-            path = find_config_path(self._explicit_config, env, os.getcwd())
+            cwd = os.getcwd()
+            path = find_config_path(self._explicit_config, env, cwd)
+            if path is None:
+                searched = ", ".join(config_search_paths(env, cwd))
+                click.echo(
+                    f"voicecall: no config file found (searched --config, $VOICECALL_CONFIG, {searched}); "
+                    "using the defaults",
+                    err=True,
+                )
             try:
                 self._config = parse_config({}, env) if path is None else load_config(path, env)
             except ConfigError as e:
                 raise Failed(str(e)) from e
+            self.config_path = path
         return self._config
 
     @property
@@ -63,21 +85,61 @@ def emit(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
 
 
+def watch_signals(reactor, on_signal: Callable[[int], None]) -> None:
+    """Once the reactor runs, route SIGINT and SIGTERM to `on_signal(signum)` (in the reactor thread)."""
+
+    def install() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda n, _frame: reactor.callFromThread(on_signal, n))
+
+    reactor.callWhenRunning(install)
+
+
 def run(fn: Callable[[Any], Awaitable[Any]]) -> None:
-    """The one seam into the reactor: run `fn(reactor)` and exit with its outcome."""
+    """
+    The one seam into the reactor: run `fn(reactor)` and exit with its outcome. Ctrl-C (SIGINT) or
+    SIGTERM stops the command quietly, exiting 128 + the signal number (130, 143), like a shell.
+    """
 
     async def main(reactor) -> None:
+        work = Deferred.fromCoroutine(fn(reactor))
+        stopped_by: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            if not stopped_by:
+                stopped_by.append(signum)
+                work.cancel()
+
+        watch_signals(reactor, on_signal)
         try:
-            await fn(reactor)
+            await work
         except Failed as e:
-            click.echo(f"Error: {e}", err=True)
-            raise SystemExit(1)
+            if not stopped_by:
+                click.echo(f"Error: {e}", err=True)
+                raise SystemExit(1)
+        except CancelledError:
+            if not stopped_by:
+                raise
+        if stopped_by:
+            raise SystemExit(128 + stopped_by[0])
 
     react(lambda reactor: Deferred.fromCoroutine(main(reactor)))
 
 
-def not_running(path: str) -> Failed:
-    return Failed(f"voicecall daemon is not running (no answer on {path}); start it with `twistd -n voicecall`")
+def daemon_command(config_path: str | None) -> str:
+    """How to start the daemon the way this CLI was installed: the twistd beside this Python."""
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if not os.path.exists(twistd):
+        twistd = "twistd"
+    command = f"{twistd} -n --pidfile= voicecall"
+    return f"{command} --config {config_path}" if config_path else command
+
+
+def not_running(ctx: "Context", path: str) -> Failed:
+    return Failed(
+        f"voicecall daemon is not running (no answer on {path}); start it with `make run` in the "
+        f"voicecall checkout, or `{daemon_command(ctx.config_path)}`"
+    )
 
 
 async def rpc(reactor, ctx: Context, method: str, params: dict, fallback: str | None = None) -> Any:
@@ -85,7 +147,7 @@ async def rpc(reactor, ctx: Context, method: str, params: dict, fallback: str | 
     try:
         client = await connect(reactor, path)
     except (ConnectError, OSError) as e:
-        raise not_running(path) from e
+        raise DaemonDown(not_running(ctx, path)) from e
     try:
         return await client.call(method, params)
     except RemoteError as e:
@@ -96,16 +158,28 @@ async def rpc(reactor, ctx: Context, method: str, params: dict, fallback: str | 
         client.transport.loseConnection()
 
 
-def decimal(name: str, minimum: int = 0) -> Callable:
-    def convert(ctx, param, value):
-        if value is None:
-            return None
+class Decimal(click.IntRange):
+    """
+    A whole number written in ASCII decimal digits (SPEC §17 [H]: `0x10`, `1e3`, `-5` or `²` are
+    refused with `Invalid numeric value for --since: 0x10`), within a range; `--help` shows it as
+    an INTEGER RANGE.
+    """
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return super().convert(value, param, ctx)
         text = str(value).strip()
         if not (text.isascii() and text.isdigit()):
-            raise click.BadParameter(f"Invalid numeric value for --{name}: {value}")
-        return max(minimum, int(text))
+            name = param.opts[0] if param is not None else "value"
+            # A UsageError, not BadParameter, so click does not wrap it in a second message.
+            raise click.UsageError(f"Invalid numeric value for {name}: {value}", ctx)
+        return super().convert(int(text), param, ctx)
 
-    return convert
+
+def not_blank(ctx, param, value):
+    if value is not None and not value.strip():
+        raise click.BadParameter("must not be empty", ctx, param)
+    return value
 
 
 class _Group(click.Group):
@@ -117,12 +191,18 @@ class _Group(click.Group):
             raise SystemExit(1)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="voicecall")
 @click.option("--config", "config_path", envvar="VOICECALL_CONFIG", help="Config file (else discovered like the daemon does).")
 @click.option("--socket", envvar="VOICECALL_SOCKET", help="RPC socket path (else <store>/voicecall.sock).")
 @click.pass_context
 def main(click_ctx, config_path, socket):
-    """Control the voicecall daemon: place calls, talk, hang up, watch."""
+    """
+    Control the voicecall daemon: place calls, talk, hang up, watch.
+
+    Shell completion (bash): eval "$(_VOICECALL_COMPLETE=bash_source voicecall)"; zsh_source and
+    fish_source for the other shells.
+    """
     click_ctx.obj = Context(config_path, socket)
 
 
@@ -131,7 +211,7 @@ def _place(ctx: Context, to: str | None, message: str | None, mode: str) -> None
         to = ctx.config.to_number
     if not to:
         raise click.UsageError("Missing --to and no toNumber configured")
-    params = {"to": to, "mode": mode if mode in ("notify", "conversation") else None}
+    params = {"to": to, "mode": mode.lower()}
     if message:
         params["message"] = message
 
@@ -143,10 +223,13 @@ def _place(ctx: Context, to: str | None, message: str | None, mode: str) -> None
     run(go)
 
 
+MODE = click.Choice(MODES, case_sensitive=False)
+
+
 @main.command()
-@click.option("-m", "--message", required=True, help="What to say when the call is answered.")
+@click.option("-m", "--message", required=True, callback=not_blank, help="What to say when the call is answered.")
 @click.option("-t", "--to", help="Number to call (E.164); default: toNumber from the config.")
-@click.option("--mode", default="conversation", show_default=True, help="notify | conversation")
+@click.option("--mode", type=MODE, default="conversation", show_default=True, help="Say the message and hang up, or talk.")
 @click.pass_obj
 def call(ctx, message, to, mode):
     """Place an outbound call."""
@@ -155,8 +238,8 @@ def call(ctx, message, to, mode):
 
 @main.command()
 @click.option("--to", required=True, help="Number to call (E.164).")
-@click.option("--message", help="What to say when the call is answered.")
-@click.option("--mode", default="conversation", show_default=True, help="notify | conversation")
+@click.option("-m", "--message", callback=not_blank, help="What to say when the call is answered.")
+@click.option("--mode", type=MODE, default="conversation", show_default=True, help="Say the message and hang up, or talk.")
 @click.pass_obj
 def start(ctx, to, message, mode):
     """Place an outbound call (alias of `call`)."""
@@ -165,20 +248,38 @@ def start(ctx, to, message, mode):
 
 @main.command(name="continue")
 @click.option("--call-id", required=True)
-@click.option("--message", required=True, help="What to say before listening.")
+@click.option("-m", "--message", required=True, callback=not_blank, help="What to say before listening.")
 @click.pass_obj
 def continue_(ctx, call_id, message):
     """Say something, then wait for and print the person's answer."""
-    run(lambda r: _print_rpc(r, ctx, "voicecall.continue", {"callId": call_id, "message": message}, "continue failed"))
+    run(lambda r: _call_rpc(r, ctx, "voicecall.continue", call_id, message, "continue failed"))
 
 
 @main.command()
 @click.option("--call-id", required=True)
-@click.option("--message", required=True)
+@click.option("-m", "--message", required=True, callback=not_blank, help="What to say.")
 @click.pass_obj
 def speak(ctx, call_id, message):
     """Say something on a call without waiting for an answer."""
-    run(lambda r: _print_rpc(r, ctx, "voicecall.speak", {"callId": call_id, "message": message}, "speak failed"))
+    run(lambda r: _call_rpc(r, ctx, "voicecall.speak", call_id, message, "speak failed"))
+
+
+async def _call_rpc(reactor, ctx, method, call_id, message, fallback) -> None:
+    """`continue`/`speak`; a `Call not found` for a call that has ended says it ended, and why."""
+    try:
+        result = await rpc(reactor, ctx, method, {"callId": call_id, "message": message}, fallback)
+    except Failed as e:
+        if str(e) != "Call not found":
+            raise
+        try:
+            found = await rpc(reactor, ctx, "voicecall.status", {"callId": call_id})
+        except Failed:
+            raise e from None
+        call = found.get("call") if isinstance(found, dict) else None
+        if not isinstance(call, dict) or not call.get("endedAt"):
+            raise
+        raise Failed(f"Call {call_id} has ended ({call.get('endReason') or call.get('state')})") from None
+    emit(result)
 
 
 @main.command()
@@ -197,16 +298,20 @@ async def _print_rpc(reactor, ctx, method, params, fallback) -> None:
 @click.option("--call-id", help="A call id (ours or the carrier's); without it, the active calls.")
 @click.pass_obj
 def status(ctx, call_id):
-    """Print a call's record, or the active calls; reads the store if the daemon is down."""
+    """Print a call's record, or the active calls; reads the store if the daemon is down.
+
+    Exits 1 when the call is not found.
+    """
 
     async def go(reactor):
         params = {"callId": call_id} if call_id else {}
         try:
             result = await rpc(reactor, ctx, "voicecall.status", params)
-        except Failed as e:
-            if "not running" not in str(e):
-                raise
+        except DaemonDown:
             result = _status_from_store(ctx, call_id)
+        if call_id and not result.get("found"):
+            emit({"found": False})
+            raise Failed(f"no call {call_id}")
         emit(result.get("call", result) if call_id else result)
 
     run(go)
@@ -215,7 +320,9 @@ def status(ctx, call_id):
 def _status_from_store(ctx: Context, call_id: str | None) -> dict:
     store = open_readonly(ctx.store)
     if store is None:
+        click.echo(f"(daemon not running on {ctx.socket}, and no store at {ctx.store})", err=True)
         return {"calls": []} if call_id is None else {"found": False}
+    click.echo(f"(daemon not running on {ctx.socket}; read the store at {ctx.store})", err=True)
     with store:
         if call_id is None:
             return {"calls": [c.to_json(with_event_ids=False) for c in store.load_active()]}
@@ -226,66 +333,110 @@ def _status_from_store(ctx: Context, call_id: str | None) -> dict:
 
 
 @main.command()
-@click.option("--since", default="25", callback=decimal("since"), show_default=True, help="How many past events to print first.")
-@click.option("--poll", default="250", callback=decimal("poll", 50), show_default=True, help="Store poll interval (ms) when the daemon is down.")
+@click.option("--since", default=25, type=Decimal(min=0), show_default=True, help="How many past events to print first.")
+@click.option("--poll", default=250, type=Decimal(min=50, clamp=True), show_default=True, help="Store poll interval (ms) when the daemon is down.")
 @click.pass_obj
 def tail(ctx, since, poll):
-    """Print recent call events, then follow new ones as they happen."""
+    """Print recent call events, then follow new ones as they happen.
 
-    async def go(reactor):
-        live: list[dict] = []
-        try:
-            client = await connect(reactor, ctx.socket, on_notification=lambda m, p: live.append(p))
-            # Subscribe before reading history, so nothing committed in between is missed.
-            await client.call("voicecall.subscribe", {})
-        except (ConnectError, OSError, ConnectionClosed):
-            client = None
-        store = open_readonly(ctx.store)
-        history = []
-        if store is not None:
-            with store:
-                history = store.last_events(since) if since else []
-        printed = {_event_key(entry) for entry in history}
-        for entry in history:
-            click.echo(json.dumps(entry, ensure_ascii=False))
-        if client is None:
-            if store is None:
-                raise Failed(f"No store at {ctx.store} and no daemon on {ctx.socket}")
-            click.echo(f"(daemon not running; following the store at {ctx.store})", err=True)
-            await _follow_store(reactor, ctx, history[-1]["seq"] if history else 0, poll)
+    Follows the daemon live; while it is down, follows the store, and reconnects when it is back.
+    """
+    run(lambda reactor: _Tail(ctx, since, poll / 1000.0).run(reactor))
+
+
+class _Tail:
+    """`voicecall tail`: history from the store, then live events, then the store while the daemon is down."""
+
+    def __init__(self, ctx: Context, since: int, poll: float) -> None:
+        self._ctx = ctx
+        self._since = since
+        self._poll = poll
+        self._seq = 0  # the last store event read
+        self._printed: OrderedDict[str, None] = OrderedDict()  # keys of recently printed events
+
+    def _show(self, entry: dict) -> None:
+        key = _event_key(entry)
+        if key in self._printed:
             return
+        self._printed[key] = None
+        if len(self._printed) > TAIL_MEMORY:
+            self._printed.popitem(last=False)
+        click.echo(json.dumps(entry, ensure_ascii=False))
 
+    def _read_store(self, first: bool = False) -> bool:
+        """Print what the store holds after the last event read; False if there is no store."""
+        store = open_readonly(self._ctx.store)
+        if store is None:
+            return False
+        with store:
+            if first:
+                history = store.last_events(self._since) if self._since else []
+                latest = store.last_events(1)
+                self._seq = latest[-1]["seq"] if latest else 0
+                for entry in history:
+                    self._show(entry)
+                return True
+            while True:
+                entries = store.events_after(self._seq, 1000)
+                for entry in entries:
+                    self._seq = entry["seq"]
+                    self._show(entry)
+                if len(entries) < 1000:
+                    return True
+
+    async def _subscribe(self, reactor):
+        """A subscribed client (live events queue until `_go_live`), or None if the daemon is down."""
+        queued: list[dict] = []
+        try:
+            client = await connect(reactor, self._ctx.socket, on_notification=lambda m, p: queued.append(p))
+        except (ConnectError, OSError):
+            return None, queued
+        try:
+            # Subscribe before reading the store, so nothing committed in between is missed.
+            await client.call("voicecall.subscribe", {})
+        except (ConnectionClosed, RemoteError):
+            client.transport.loseConnection()
+            return None, queued
+        return client, queued
+
+    async def run(self, reactor) -> None:
+        ctx = self._ctx
+        client, queued = await self._subscribe(reactor)
+        has_store = self._read_store(first=True)
+        if client is None and not has_store:
+            raise Failed(f"No store at {ctx.store} and no daemon on {ctx.socket}")
+        while True:
+            if client is not None:
+                try:
+                    await self._live(client, queued)
+                finally:
+                    client.transport.loseConnection()
+                click.echo(f"(daemon stopped; following the store at {ctx.store})", err=True)
+            else:
+                click.echo(f"(daemon not running; following the store at {ctx.store})", err=True)
+            self._read_store()
+            while True:
+                await deferLater(reactor, self._poll, lambda: None)
+                self._read_store()
+                client, queued = await self._subscribe(reactor)
+                if client is not None:
+                    click.echo(f"(reconnected to the daemon on {ctx.socket})", err=True)
+                    self._read_store()
+                    break
+
+    async def _live(self, client, queued: list[dict]) -> None:
         def on_event(method, params):
-            if method == "voicecall.event" and _event_key(params) not in printed:
-                click.echo(json.dumps(params, ensure_ascii=False))
+            if method == "voicecall.event" and isinstance(params, dict):
+                self._show(params)
 
-        for entry in live:
+        for entry in queued:
             on_event("voicecall.event", entry)
-        printed = set()
         client._on_notification = on_event
         await client.closed
-        raise Failed("voicecall closed the connection")
-
-    run(go)
 
 
 def _event_key(entry: dict) -> str:
     return json.dumps({k: v for k, v in entry.items() if k != "seq"}, sort_keys=True)
-
-
-async def _follow_store(reactor, ctx: Context, seq: int, poll_ms: int) -> None:
-    from twisted.internet.task import deferLater
-
-    while True:
-        await deferLater(reactor, poll_ms / 1000.0, lambda: None)
-        store = open_readonly(ctx.store)
-        if store is None:
-            continue
-        with store:
-            entries = store.events_after(seq, 1000)
-        for entry in entries:
-            seq = entry["seq"]
-            click.echo(json.dumps(entry, ensure_ascii=False))
 
 
 def _summary(values: list[int]) -> dict:
@@ -308,7 +459,7 @@ def _summary(values: list[int]) -> dict:
 
 
 @main.command()
-@click.option("--last", default="200", callback=decimal("last", 1), show_default=True, help="How many recent calls to scan.")
+@click.option("--last", default=200, type=Decimal(min=1, clamp=True), show_default=True, help="How many recent calls to scan.")
 @click.pass_obj
 def latency(ctx, last):
     """Turn latency statistics of recent calls (from the store)."""
@@ -340,27 +491,32 @@ def doctor(ctx, as_json):
 
 
 @main.command()
-@click.option("--mode", default="funnel", show_default=True, help="off | serve | funnel (anything else: funnel)")
+@click.option("--mode", type=click.Choice(EXPOSE_MODES, case_sensitive=False), default="funnel", show_default=True,
+              help="funnel: public on the internet; serve: your tailnet only; off: remove both routes.")
 @click.option("--path", help="The public path (default: tailscale.path).")
-@click.option("--port", type=int, help="The local port (default: serve.port).")
+@click.option("--port", type=click.IntRange(1, 65535), help="The local port (default: serve.port).")
 @click.option("--serve-path", help="The webhook path on the local port (default: serve.path).")
 @click.pass_obj
 def expose(ctx, mode, path, port, serve_path):
-    """Expose the webhook with Tailscale serve/funnel, or remove the routes (--mode off)."""
-    from voicecall.expose import expose_command, resolve_expose_mode
+    """Expose the webhook with Tailscale serve/funnel, or remove the routes (--mode off).
+
+    Prints {"ok", ...}; exits 1 when ok is false.
+    """
+    from voicecall.expose import expose_command
 
     cfg = ctx.config
 
     async def go(reactor):
-        emit(
-            await expose_command(
-                reactor,
-                mode=resolve_expose_mode(mode),
-                path=path or cfg.tailscale.path,
-                port=port or cfg.serve.port,
-                serve_path=serve_path or cfg.serve.path,
-            )
+        result = await expose_command(
+            reactor,
+            mode=mode.lower(),
+            path=path or cfg.tailscale.path,
+            port=port or cfg.serve.port,
+            serve_path=serve_path or cfg.serve.path,
         )
+        emit(result)
+        if not result.get("ok"):
+            raise Failed(result.get("error") or f"Tailscale {mode.lower()} failed")
 
     run(go)
 
