@@ -6,7 +6,9 @@ signed callbacks (plivo_driver, plivo_carrier), and a standalone entry point:
 
     python -m voicecall.testing.plivo --port 8082 --auth-id MA... --auth-token ... --say "yes"
 
-which prints the base URL to put into `plivo.baseUrl`.
+which prints the base URL to put into `plivo.baseUrl`. `--chaos` (or the finer `--chaos-*` flags)
+gives the carrier's worst day: duplicated, reordered and delayed callbacks, late and repeated
+fetches, real-time speech, a callee talking over prompts.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from voicecall.testing import chaos as _chaos
+from voicecall.testing.chaos import Chaos
 from voicecall.testing.plivo_api import FakePlivo, RecordedRequest, error_body
 from voicecall.testing.plivo_carrier import (
     Carrier,
@@ -31,6 +35,7 @@ from voicecall.testing.plivo_carrier import (
 from voicecall.testing.plivo_driver import FakeCall
 
 __all__ = [
+    "Chaos",
     "Carrier",
     "FakeCall",
     "FakePlivo",
@@ -75,6 +80,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--hangup-after", type=float, default=None, help="callee hangs up after N seconds")
     parser.add_argument("--signature", default="v3", choices=["v3", "v2", "both"], help="callback signature scheme")
+    _chaos.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.auth_id or not args.auth_token:
         parser.error("--auth-id and --auth-token (or $PLIVO_AUTH_ID/$PLIVO_AUTH_TOKEN) are required")
@@ -108,7 +114,7 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
         hangup_after=args.hangup_after,
         speak_seconds_per_char=args.speak_seconds_per_char,
     )
-    fake = FakePlivo(reactor, args.auth_id, args.auth_token, http, scenario=scenario, signature=args.signature)
+    fake = FakePlivo(reactor, args.auth_id, args.auth_token, http, scenario=scenario, chaos=_chaos.from_arguments(args), signature=args.signature)
     site = Site(fake.resource())
     site.displayTracebacks = False
     port = await TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)

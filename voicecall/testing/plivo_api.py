@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from voicecall.testing.chaos import Chaos
 from voicecall.testing.fakerest import FaultyApi, basic_auth, raw_headers, read_body
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
@@ -93,6 +94,7 @@ class FakePlivo(FaultyApi):
     max_calls: int = 10_000
     webhook_timeout: float = 15.0
     max_documents_per_call: int = 1_000
+    chaos: Chaos = field(factory=Chaos)
     requests: deque = field(factory=lambda: deque(maxlen=10_000))
     calls: dict = field(factory=dict)  # CallUUID -> FakeCall, oldest first
     _by_request: dict = field(factory=dict)  # request_uuid -> FakeCall
@@ -111,6 +113,7 @@ class FakePlivo(FaultyApi):
             signature=self.signature,
             webhook_timeout=self.webhook_timeout,
             max_documents_per_call=self.max_documents_per_call,
+            chaos=self.chaos,
         )
 
     # -- public API -------------------------------------------------------------------------

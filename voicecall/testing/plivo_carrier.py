@@ -20,7 +20,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import treq
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+
+from voicecall.testing.chaos import Chaos
 
 #: What the fake sends as User-Agent on its callbacks.
 USER_AGENT = "PlivoHTTP/1.0 (fake)"
@@ -162,6 +165,10 @@ class Webhook:
     status: int | None = None
     body: bytes | None = None
     error: str | None = None
+    #: Whether the answer is an XML document the call follows (not a notification callback).
+    document: bool = False
+    #: 1 for the first delivery, 2 for a chaos duplicate (re-signed with a fresh nonce).
+    attempt: int = 1
 
 
 @frozen
@@ -200,6 +207,7 @@ class Carrier:
     signature: str = "v3"
     webhook_timeout: float = 15.0
     max_documents_per_call: int = 1_000
+    chaos: Chaos = field(factory=Chaos)
     webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
     _in_flight: set = field(factory=set)
     _log = Logger()
@@ -208,6 +216,10 @@ class Carrier:
         """Send a signed callback; fire with the hook once answered (status/body or error set)."""
         self.webhooks.append(hook)
         d = Deferred.fromCoroutine(self._deliver(hook))
+        self._track(d)
+        return d
+
+    def _track(self, d: Deferred) -> None:
         self._in_flight.add(d)
 
         def done(result: object) -> object:
@@ -215,9 +227,30 @@ class Carrier:
             return result
 
         d.addBoth(done)
-        return d
 
     async def _deliver(self, hook: Webhook) -> Webhook:
+        """Chaos first (a late or delayed delivery, maybe a duplicate), then the signed request."""
+        delay = self.chaos.fetch_delay() if hook.document else self.chaos.delivery_delay()
+        if delay > 0:
+            await deferLater(self.clock, delay)
+        if hook.document:
+            again = 0.0 if self.chaos.repeat_fetch() else None
+        else:
+            again = self.chaos.duplicate_after()
+        if again is not None:
+            copy = Webhook(hook.kind, hook.url, hook.method, dict(hook.params), document=hook.document, attempt=hook.attempt + 1)
+            d = Deferred.fromCoroutine(self._redeliver(copy, again))
+            d.addErrback(lambda f: f.trap(CancelledError))
+            self._track(d)
+        return await self._send(hook)
+
+    async def _redeliver(self, hook: Webhook, after: float) -> Webhook:
+        """Plivo's retry: the same request re-signed (fresh nonce); its answer is ignored."""
+        await deferLater(self.clock, after)
+        self.webhooks.append(hook)
+        return await self._send(hook)
+
+    async def _send(self, hook: Webhook) -> Webhook:
         url = hook.url
         if hook.method == "GET":
             sep = "" if url.endswith(("?", "&")) else ("&" if "?" in url else "?")

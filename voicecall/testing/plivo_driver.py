@@ -328,7 +328,7 @@ class FakeCall:
             return None
         params = self._params()
         params.update(where.extra)
-        hook = Webhook(where.kind, where.url, where.method.upper(), params)
+        hook = Webhook(where.kind, where.url, where.method.upper(), params, document=True)
         self.documents.append(hook)
         await self._wait(gen, self._carrier.deliver(hook))
         if hook.error is not None or hook.status is None or not 200 <= hook.status < 300:
@@ -379,12 +379,14 @@ class FakeCall:
             self._error(f"unsupported element <{tag}> skipped")
         return False
 
-    async def _prompt(self, gen: int, element: ET.Element, base: str) -> None:
+    async def _prompt(self, gen: int, element: ET.Element, base: str, part: float = 1.0) -> None:
+        """Play a prompt element; `part` < 1: the person talks over it that far in (barge-in)."""
         loop = _int(element.get("loop"), 1)
         if element.tag == "Speak":
             text = "".join(element.itertext()).strip()
             self.speaks.append(SpeakRecord(text, element.get("voice"), element.get("language"), loop))
-            await self._sleep(gen, len(text) * self.scenario.speak_seconds_per_char * max(loop, 1))
+            seconds = self._carrier.chaos.playback_seconds(text, self.scenario.speak_seconds_per_char)
+            await self._sleep(gen, seconds * max(loop, 1) * part)
         elif element.tag == "Play":
             self.plays.append(_resolve(base, (element.text or "").strip()) or (element.text or ""))
             await self._sleep(gen, self.scenario.play_seconds * max(loop, 1))
@@ -396,9 +398,13 @@ class FakeCall:
         action = _resolve(base, attrs["action"]) if attrs.get("action") else None
         record = GetInputRecord(attrs, action, attrs.get("method", "POST").upper())
         self.inputs.append(record)
+        chaos = self._carrier.chaos
+        part = chaos.barge_point() if "speech" in attrs.get("inputType", "") and chaos.talks_over() else 1.0
         for child in element:
             if child.tag in ("Speak", "Play", "Wait"):
-                await self._prompt(gen, child, base)
+                await self._prompt(gen, child, base, part)
+                if part < 1.0:
+                    break  # the person talks over the rest of the prompt
         heard = await self._wait(gen, self._next_utterance())
         kinds = attrs.get("inputType", "dtmf").split()
         if isinstance(heard, str) and (not heard or "speech" not in kinds):

@@ -7,7 +7,8 @@ Ed25519-signed webhooks (telnyx_driver), and a standalone entry point:
     python -m voicecall.testing.telnyx --port 8081 --api-key KEY --say "It's Alice"
 
 which prints the base URL to put into `telnyx.baseUrl` and the public key for
-`telnyx.publicKey`. Give `--signing-seed` (64 hex digits) to keep the same key across runs.
+`telnyx.publicKey`. `--chaos` (or the finer `--chaos-*` flags) gives the carrier's worst day:
+redelivered, reordered and delayed webhooks, real-time speech, a callee talking over prompts. Give `--signing-seed` (64 hex digits) to keep the same key across runs.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from voicecall.testing import chaos as _chaos
+from voicecall.testing.chaos import Chaos
 from voicecall.testing.telnyx_api import FakeTelnyx, RecordedRequest, error_body
 from voicecall.testing.telnyx_driver import (
     Carrier,
@@ -30,6 +33,7 @@ from voicecall.testing.telnyx_driver import (
 
 __all__ = [
     "Carrier",
+    "Chaos",
     "FakeCall",
     "FakeTelnyx",
     "RecordedRequest",
@@ -75,6 +79,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--say-seconds-per-char", type=float, default=0.06, help="simulated speaking time per character"
     )
     parser.add_argument("--hangup-after", type=float, default=None, help="callee hangs up N seconds after answering")
+    _chaos.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("--api-key (or $TELNYX_API_KEY) is required")
@@ -107,6 +112,7 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
         webhook_url=args.webhook_url,
         signer=signer,
         scenario=scenario,
+        chaos=_chaos.from_arguments(args),
     )
     site = Site(fake.resource())
     site.displayTracebacks = False

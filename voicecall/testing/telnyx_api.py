@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from voicecall.testing.chaos import Chaos
 from voicecall.testing.fakerest import FaultyApi, raw_headers, read_body
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
@@ -129,6 +130,7 @@ class FakeTelnyx(FaultyApi):
     scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
     max_calls: int = 10_000
     webhook_timeout: float = 15.0
+    chaos: Chaos = field(factory=Chaos)
     requests: deque = field(factory=lambda: deque(maxlen=10_000))
     calls: dict = field(factory=dict)  # call_control_id -> FakeCall, oldest first
     _scenarios: dict = field(factory=dict)
@@ -138,7 +140,9 @@ class FakeTelnyx(FaultyApi):
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self._carrier = Carrier(self._reactor, self._http, self.signer, webhook_timeout=self.webhook_timeout)
+        self._carrier = Carrier(
+            self._reactor, self._http, self.signer, webhook_timeout=self.webhook_timeout, chaos=self.chaos
+        )
 
     # -- public API -----------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ call: it posts `call.initiated`, `call.answered`, `call.speak.started`/`ended`,
 
 The person on the line says the scenario's next utterance whenever it is their turn: when
 transcription starts while the bot is silent, and each time the bot stops speaking while
-transcription runs. A call's webhooks are delivered one after another, in order.
+transcription runs. A call's webhooks are delivered one after another, in order, unless the
+carrier's `Chaos` says otherwise (duplicates re-signed with `meta.attempt` incremented and the
+same `data.id`, reordering, delays, real-time playback, a callee talking over prompts).
 
 It imports nothing of the daemon.
 """
@@ -26,7 +28,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from attrs import define, field, frozen
 from nacl.signing import SigningKey
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+
+from voicecall.testing.chaos import Chaos
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
@@ -166,6 +171,7 @@ class Carrier:
     http: Any  # treq HTTPClient or StubTreq; None: webhooks are recorded, not sent
     signer: Signer
     webhook_timeout: float = 15.0
+    chaos: Chaos = field(factory=Chaos)
     webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
     _in_flight: set = field(factory=set)
     _log = Logger()
@@ -185,6 +191,28 @@ class Carrier:
         if hook.url is None or self.http is None:
             hook.error = "no webhook URL" if hook.url is None else "no HTTP client"
             return hook
+        delay = self.chaos.delivery_delay()
+        if delay > 0:
+            await deferLater(self.clock, delay)
+        again = self.chaos.duplicate_after()
+        if again is not None:
+            self.track(Deferred.fromCoroutine(self._redeliver(hook, again))).addErrback(
+                lambda f: self._log.failure("fake Telnyx redelivery failed", f)
+            )
+        return await self._send(hook)
+
+    async def _redeliver(self, original: Webhook, after: float) -> Webhook:
+        """Telnyx's retry: the same event (`data.id`), `meta.attempt` + 1, re-signed with a fresh timestamp."""
+        await deferLater(self.clock, after)
+        document = json.loads(original.body)
+        meta = document.setdefault("meta", {})
+        meta["attempt"] = int(meta.get("attempt", 1)) + 1
+        body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+        hook = Webhook(original.event_type, original.url, body)
+        self.webhooks.append(hook)
+        return await self._send(hook)
+
+    async def _send(self, hook: Webhook) -> Webhook:
         hook.timestamp = str(int(self.clock.seconds()))
         hook.signature = self.signer.sign(hook.body, hook.timestamp)
         headers = {
@@ -251,6 +279,7 @@ class FakeCall:
     said: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     _speaking: int = 0
     _speaking_until: float = 0.0
+    _barged: bool = False
     _utterances_used: int = 0
     _timers: list = field(factory=list)
     _turn_timers: list = field(factory=list)
@@ -358,11 +387,14 @@ class FakeCall:
         self.speaks.append(record)
         now = self._carrier.clock.seconds()
         start = max(now, self._speaking_until)
-        end = start + len(text) * self.scenario.say_seconds_per_char
+        end = start + self._carrier.chaos.playback_seconds(text, self.scenario.say_seconds_per_char)
         self._speaking_until = end
         self._speaking += 1
         self._after(start - now, self._post, "call.speak.started")
         self._after(end - now, self._speak_ended)
+        if self.transcribing and self._carrier.chaos.talks_over():
+            # The person answers while the bot is still talking (their turn is spent).
+            self._after(start - now + (end - start) * self._carrier.chaos.barge_point(), self._barge_in)
 
     def transcription_start(self, body: Mapping[str, Any]) -> None:
         self.transcription_starts.append(dict(body))
@@ -413,7 +445,13 @@ class FakeCall:
             return
         self._speaking = max(0, self._speaking - 1)
         self._post("call.speak.ended", status="completed")
-        if self.transcribing and not self._speaking:
+        barged, self._barged = self._barged, False
+        if self.transcribing and not self._speaking and not barged:
+            self._turn()
+
+    def _barge_in(self) -> None:
+        if self.is_alive and self.transcribing and self._speaking:
+            self._barged = True
             self._turn()
 
     def _turn(self) -> None:
@@ -424,7 +462,7 @@ class FakeCall:
         if not words:
             return
         self.said.append(words)
-        delay = self.scenario.speech_delay + len(words) * self.scenario.say_seconds_per_char
+        delay = self.scenario.speech_delay + self._carrier.chaos.playback_seconds(words, self.scenario.say_seconds_per_char)
         if self.scenario.interim_results:
             partial = " ".join(words.split()[: max(1, len(words.split()) // 2)])
             self._turn_timers.append(self._after(delay / 2, self._transcribed, partial, False))
@@ -500,6 +538,8 @@ class FakeCall:
         hook = Webhook(event_type, self.webhook_url, body)
         self.webhooks.append(hook)
         previous, self._tail = self._tail, None
+        if self._carrier.chaos.reorders:
+            previous = None  # no per-call order: deliveries overtake each other
         d = self._carrier.track(Deferred.fromCoroutine(self._deliver_after(previous, hook)))
         self._tail = d
 

@@ -6,7 +6,9 @@ and posting signed webhooks (twilio_driver, twilio_carrier), and a standalone en
 
     python -m voicecall.testing.twilio --port 8080 --account-sid AC... --auth-token ...
 
-which prints the base URL to put into `twilio.baseUrl`.
+which prints the base URL to put into `twilio.baseUrl`. `--chaos` (or the finer `--chaos-*` flags)
+gives the carrier's worst day: duplicated, reordered and delayed callbacks, late and repeated
+fetches, real-time speech, a callee talking over prompts.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from voicecall.testing import chaos as _chaos
+from voicecall.testing.chaos import Chaos
 from voicecall.testing.twilio_api import FakeTwilio, RecordedRequest, error_body
 from voicecall.testing.twilio_carrier import (
     Carrier,
@@ -28,6 +32,7 @@ from voicecall.testing.twilio_carrier import (
 from voicecall.testing.twilio_driver import FakeCall
 
 __all__ = [
+    "Chaos",
     "Carrier",
     "FakeCall",
     "FakeTwilio",
@@ -79,6 +84,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--hangup-after", type=float, default=None, help="callee hangs up after N seconds"
     )
+    _chaos.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.account_sid or not args.auth_token:
         parser.error("--account-sid and --auth-token (or $TWILIO_ACCOUNT_SID/$TWILIO_AUTH_TOKEN) are required")
@@ -112,7 +118,7 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
         hangup_after=args.hangup_after,
         say_seconds_per_char=args.say_seconds_per_char,
     )
-    fake = FakeTwilio(reactor, args.account_sid, args.auth_token, http, scenario=scenario)
+    fake = FakeTwilio(reactor, args.account_sid, args.auth_token, http, scenario=scenario, chaos=_chaos.from_arguments(args))
     site = Site(fake.resource())
     site.displayTracebacks = False
     port = await TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)

@@ -3,7 +3,9 @@
 What every call on the fake Twilio shares: the webhook signer (our own HMAC-SHA1
 implementation of PROVIDERS.md §1.5, checked in tests against the official SDK), the
 `Scenario` describing the person on the line, the observation records, and the `Carrier` that
-delivers signed webhooks through an injected HTTP client on an injected clock.
+delivers signed webhooks through an injected HTTP client on an injected clock, as badly as its
+`Chaos` says (status callbacks duplicated with the same I-Twilio-Idempotency-Token, delayed and
+reordered; TwiML fetches late or repeated).
 
 It imports nothing of the daemon.
 """
@@ -22,7 +24,10 @@ from urllib.parse import urlencode
 import treq
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+
+from voicecall.testing.chaos import Chaos
 
 API_VERSION = "2010-04-01"
 #: What Twilio sends as User-Agent on its webhook requests.
@@ -104,6 +109,10 @@ class Webhook:
     status: int | None = None
     body: bytes | None = None
     error: str | None = None
+    #: Sent as I-Twilio-Idempotency-Token; a redelivery of the same webhook keeps it.
+    idempotency_token: str = field(factory=lambda: secrets.token_hex(16))
+    #: 1 for the first delivery, 2 for a chaos duplicate.
+    attempt: int = 1
 
 
 @frozen
@@ -146,6 +155,7 @@ class Carrier:
     _auth_token: str
     webhook_timeout: float = 15.0
     max_documents_per_call: int = 1_000
+    chaos: Chaos = field(factory=Chaos)
     webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
     _in_flight: set = field(factory=set)
     _log = Logger()
@@ -154,6 +164,10 @@ class Carrier:
         """Send a signed webhook; fire with the hook once answered (status/body or error set)."""
         self.webhooks.append(hook)
         d = Deferred.fromCoroutine(self._deliver(hook))
+        self._track(d)
+        return d
+
+    def _track(self, d: Deferred) -> None:
         self._in_flight.add(d)
 
         def done(result: object) -> object:
@@ -161,9 +175,31 @@ class Carrier:
             return result
 
         d.addBoth(done)
-        return d
 
     async def _deliver(self, hook: Webhook) -> Webhook:
+        """Chaos first (a late or delayed delivery, maybe a duplicate), then the signed request."""
+        status = hook.kind == "status"
+        delay = self.chaos.delivery_delay() if status else self.chaos.fetch_delay()
+        if delay > 0:
+            await deferLater(self.clock, delay)
+        again = self.chaos.duplicate_after() if status else (0.0 if self.chaos.repeat_fetch() else None)
+        if again is not None:
+            copy = Webhook(
+                hook.kind, hook.url, hook.method, dict(hook.params), "",
+                idempotency_token=hook.idempotency_token, attempt=hook.attempt + 1,
+            )
+            d = Deferred.fromCoroutine(self._redeliver(copy, again))
+            d.addErrback(lambda f: f.trap(CancelledError))
+            self._track(d)
+        return await self._send(hook)
+
+    async def _redeliver(self, hook: Webhook, after: float) -> Webhook:
+        """Twilio's retry: the same request and idempotency token, re-signed; its answer is ignored."""
+        await deferLater(self.clock, after)
+        self.webhooks.append(hook)
+        return await self._send(hook)
+
+    async def _send(self, hook: Webhook) -> Webhook:
         url = hook.url
         if hook.method == "GET":
             sep = "" if url.endswith(("?", "&")) else ("&" if "?" in url else "?")
@@ -180,7 +216,7 @@ class Carrier:
             {
                 "X-Twilio-Signature": [hook.signature],
                 "User-Agent": [USER_AGENT],
-                "I-Twilio-Idempotency-Token": [secrets.token_hex(16)],
+                "I-Twilio-Idempotency-Token": [hook.idempotency_token],
             }
         )
         try:

@@ -72,6 +72,8 @@ class FakeCall:
     ended_at: float | None = None
     documents: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     says: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    #: The `<Say>` texts said to their end (not cut short by a live update or a hang-up).
+    said: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     plays: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     gathers: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     streams: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
@@ -415,12 +417,15 @@ class FakeCall:
             self._error(f"unsupported verb <{tag}> skipped")
         return False
 
-    async def _prompt(self, gen: int, verb: ET.Element, base: str | None) -> None:
+    async def _prompt(self, gen: int, verb: ET.Element, base: str | None, part: float = 1.0) -> None:
+        """Play a prompt verb; `part` < 1: the person talks over it that far in (barge-in)."""
         loop = _int(verb.get("loop"), 1)
         if verb.tag == "Say":
             text = "".join(verb.itertext()).strip()
             self.says.append(SayRecord(text, verb.get("voice"), verb.get("language"), loop))
-            await self._sleep(gen, len(text) * self.scenario.say_seconds_per_char * max(loop, 1))
+            seconds = self._carrier.chaos.playback_seconds(text, self.scenario.say_seconds_per_char)
+            await self._sleep(gen, seconds * max(loop, 1) * part)
+            self.said.append(text)
         elif verb.tag == "Play":
             self.plays.append(_resolve(base, (verb.text or "").strip()) or (verb.text or ""))
             if loop == 0:
@@ -434,9 +439,13 @@ class FakeCall:
         action = _resolve(base, attrs.get("action", "")) if attrs.get("action") else base
         record = GatherRecord(attrs, action, attrs.get("method", "POST").upper())
         self.gathers.append(record)
+        chaos = self._carrier.chaos
+        part = chaos.barge_point() if "speech" in attrs.get("input", "") and chaos.talks_over() else 1.0
         for child in verb:
             if child.tag in ("Say", "Play", "Pause"):
-                await self._prompt(gen, child, base)
+                await self._prompt(gen, child, base, part)
+                if part < 1.0:
+                    break  # the person talks over the rest of the prompt
         heard = await self._wait(gen, self._next_utterance())
         inputs = attrs.get("input", "dtmf").split()
         if isinstance(heard, str) and (not heard or "speech" not in inputs):
