@@ -428,11 +428,24 @@ class ExposeCommandTests(FakeBinMixin, TestCase):
             },
         )
 
-    async def test_unknown_mode_is_funnel(self):
-        """An unknown mode means funnel."""
-        result = await self.expose(self.fake_env(), "public")
-        self.assertEqual(result["mode"], "funnel")
-        self.assertEqual(self.argvs("tailscale")[1][0], "funnel")
+    async def test_unknown_mode_is_refused(self):
+        """An unknown mode (`of`, a typo of `off`) is refused: nothing runs, least of all a funnel."""
+        env = self.fake_env()
+        for mode in ("of", "public", ""):
+            with self.assertRaises(ValueError) as caught:
+                await self.expose(env, mode)
+            self.assertIn("off, serve or funnel", str(caught.exception))
+        self.assertEqual(self.argvs("tailscale"), [])
+
+    async def test_missing_tailscale(self):
+        """Without a tailscale executable the answer says so, with no hint about funnel being disabled."""
+        env = self.fake_env()
+        env["PATH"] = str(self.state)  # an empty directory
+        for mode in ("funnel", "off"):
+            result = await self.expose(env, mode)
+            self.assertEqual(result["ok"], False, mode)
+            self.assertIn("tailscale is not installed", result["error"])
+            self.assertNotIn("hint", result)
 
     async def test_funnel_not_enabled(self):
         """A funnel the tailnet has not enabled (the command waits): ok false and the enable hint."""
@@ -446,6 +459,7 @@ class ExposeCommandTests(FakeBinMixin, TestCase):
                 ("path", "/voice/webhook"),
                 ("localUrl", "http://127.0.0.1:3334"),
                 ("publicUrl", None),
+                ("error", "Tailscale funnel timed out"),
                 (
                     "hint",
                     {
@@ -456,6 +470,12 @@ class ExposeCommandTests(FakeBinMixin, TestCase):
             ],
         )
         self.assert_gone(self.calls("tailscale")[1]["pid"])
+
+    async def test_failure_says_why(self):
+        """A failed route says what failed in `error`."""
+        result = await self.expose(self.fake_env(FAKE_TS_SERVE="fail"), "serve")
+        self.assertEqual(result["ok"], False)
+        self.assertTrue(result["error"].startswith("Tailscale serve failed with code 1"), result["error"])
 
     async def test_failure_without_node_id(self):
         """When Tailscale is not running the hint has a null enableUrl."""
@@ -724,3 +744,40 @@ class DefaultLimitTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(self.clock.processes[0].signals, ["KILL"])
+
+
+class ExposeCliTests(FakeBinMixin, TestCase):
+    """`voicecall expose` run as a program, against tests/fakebin/tailscale."""
+
+    async def cli(self, env: dict, *args: str) -> tuple[int, str, str]:
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        config = Path(self.mktemp() + ".json")
+        config.write_text(json.dumps({"store": str(config.parent / "store")}))
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "voicecall.cli", "--config", str(config), "expose", *args], env=env
+        )
+        return code, out.decode(), err.decode()
+
+    async def test_typo_of_off_is_a_usage_error(self):
+        """`expose --mode of` exits 2 naming the modes, and runs no tailscale command at all."""
+        code, out, err = await self.cli(self.fake_env(), "--mode", "of")
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("'off', 'serve', 'funnel'", err)
+        self.assertEqual(self.argvs("tailscale"), [])
+
+    async def test_not_ok_exits_1(self):
+        """A failed exposure prints its JSON and exits 1 with the reason on stderr."""
+        code, out, err = await self.cli(self.fake_env(FAKE_TS_STATUS="stopped"), "--mode", "serve")
+        self.assertEqual(code, 1, err)
+        self.assertEqual(json.loads(out)["ok"], False)
+        self.assertIn("Error: Could not get Tailscale DNS name", err)
+
+    async def test_missing_tailscale_says_so(self):
+        """Without tailscale installed, the CLI says so (exit 1) instead of hinting funnel is disabled."""
+        env = self.fake_env()
+        env["PATH"] = os.path.dirname(sys.executable)
+        code, out, err = await self.cli(env, "--mode", "funnel")
+        self.assertEqual(code, 1, err)
+        self.assertIn("tailscale is not installed", err)
+        self.assertNotIn("hint", json.loads(out))

@@ -359,10 +359,18 @@ async def legacy_tailscale(
     )
 
 
+EXPOSE_MODES = ("off", "serve", "funnel")
+
+
 def resolve_expose_mode(raw: str) -> str:
-    """`voicecall expose --mode`: "off" and "serve" as given, anything else is "funnel"."""
+    """
+    `voicecall expose --mode`: "off", "serve" or "funnel", in any case. Anything else is a
+    ValueError: a typo of "off" must never open a public funnel.
+    """
     mode = raw.strip().lower()
-    return mode if mode in ("off", "serve") else "funnel"
+    if mode not in EXPOSE_MODES:
+        raise ValueError(f"unknown expose mode {raw!r}: use off, serve or funnel")
+    return mode
 
 
 async def expose_command(
@@ -380,15 +388,31 @@ async def expose_command(
     """
     The JSON object `voicecall expose` prints (SPEC §17). The route forwards to
     http://127.0.0.1:`port``serve_path` (Tailscale strips the mount path before proxying).
+    When ``ok`` is false, ``error`` says why; ``hint`` is added when tailscale ran but the route
+    could not be set up (serve/funnel may be disabled on the tailnet). Raises ValueError for a
+    mode other than off, serve or funnel.
     """
     mode = resolve_expose_mode(mode)
     tools = Tools.of(reactor, env, executables)
+    try:
+        tools.locate("tailscale")
+    except SpawnError as e:
+        result = {"ok": False, "mode": mode, "path": path}
+        if mode != "off":
+            result.update({"localUrl": f"http://127.0.0.1:{port}", "publicUrl": None})
+        result["error"] = f"tailscale is not installed ({e}); see https://tailscale.com/download"
+        return result
     if mode == "off":
         for route in ("serve", "funnel"):
             await _remove_route(tools, route, path, cleanup_timeout)
         return {"ok": True, "mode": "off", "path": path}
     local_url = f"http://127.0.0.1:{port}"
-    public_url = await _legacy_route(tools, mode, path, local_url + serve_path, timeout)
+    error = None
+    try:
+        public_url: str | None = await _add_route(tools, mode, path, local_url + serve_path, timeout, timeout)
+    except ExposeError as e:
+        _log.warn("Tailscale {mode} exposure failed: {error}", mode=mode, error=str(e))
+        public_url, error = None, str(e)
     result: dict[str, Any] = {
         "ok": public_url is not None,
         "mode": mode,
@@ -397,6 +421,7 @@ async def expose_command(
         "publicUrl": public_url,
     }
     if public_url is None:
+        result["error"] = error
         me = await _self_info(tools, timeout)
         node_id = me.node_id if me is not None else None
         enable_url = None
@@ -404,4 +429,3 @@ async def expose_command(
             enable_url = f"https://login.tailscale.com/f/{mode}?node={quote(node_id, safe='')}"
         result["hint"] = {"note": EXPOSE_HINT_NOTE, "enableUrl": enable_url}
     return result
-
