@@ -116,6 +116,38 @@ class TwilioEndToEndTests(TestCase):
         await self.rpc.call("voicecall.end", {"callId": call_id})
         await eventually(lambda: self.fake_call().status in ("completed", "canceled"), 5, "hang-up at Twilio")
 
+    async def test_continue_during_the_greeting(self):
+        """Issue 13.1: a `continue` sent while the greeting is said waits for its end; each answer is its own question's."""
+        greeting = "Hello there, thanks for picking up the phone today"  # 50 characters: 1.5 s said
+
+        def person(call):
+            """Answers only a question (a Gather whose action carries a turn token), naming what it last heard."""
+            return f"answer to {call.say_texts[-1]}" if "turnToken=" in (call.gathers[-1].action_url or "") else None
+
+        await self.start(Scenario(utterances=person, silence=0.3, say_seconds_per_char=0.03), transcriptTimeoutMs=8000)
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": greeting, "mode": "conversation"}))["callId"]
+        await eventually(lambda: self.fake.calls and greeting in self.fake_call().say_texts, 10, "the greeting")
+        first = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
+        self.assertEqual(first, {"success": True, "transcript": "answer to Who is this?"})
+        second = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Where are you?"})
+        self.assertEqual(second, {"success": True, "transcript": "answer to Where are you?"})
+        self.assertEqual(self.fake_call().say_texts, [greeting, "Who is this?", "Where are you?"])
+        self.assertEqual(list(self.fake_call().said), [greeting, "Who is this?", "Where are you?"], "nothing was cut short")
+        asked = [g for g in self.fake_call().gathers if "turnToken=" in (g.action_url or "")]
+        self.assertEqual(len(asked), 2)
+        record = await self.status(call_id)
+        self.assertEqual(
+            [(t["speaker"], t["text"]) for t in record["transcript"]],
+            [
+                ("bot", greeting),
+                ("bot", "Who is this?"),
+                ("user", "answer to Who is this?"),
+                ("bot", "Where are you?"),
+                ("user", "answer to Where are you?"),
+            ],
+        )
+        await self.rpc.call("voicecall.end", {"callId": call_id})
+
     async def test_stale_turn_token_does_not_answer(self):
         """A Gather result with a stale or missing turn token does not satisfy a waiting continue."""
         await self.start(Scenario(utterances=[], silence=30))

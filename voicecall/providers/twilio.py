@@ -13,11 +13,17 @@ parsed into normalised events; the answer is the TwiML of §7.1.3 with DESIGN.md
   whose action carries the turn token, then `<Redirect>` so silence re-prompts instead of
   ending the document (Twilio hangs up when a document ends);
 - with a media stream (wired by tap.py) the stream TwiML carries a per-call token in a
-  `<Parameter>`.
+  `<Parameter>`;
+- `speak` resolves when the message has been said, not when the live update is accepted: its
+  document is `<Say>` then a `<Redirect>` to `flow=spoken&n=<nonce>`, whose fetch ends the wait
+  (and is answered with the listen loop); so do the call's end, a newer update, or
+  `base.speak_timeout`. The manager queues later commands behind it, so a `continue` sent
+  while the greeting plays no longer cuts the greeting off.
 """
 from __future__ import annotations
 
 import base64
+import hmac
 import re
 
 import attrs
@@ -42,6 +48,7 @@ from voicecall.providers.base import (
     WebhookContext,
     WebhookResponse,
     normalize_status,
+    speak_timeout,
 )
 from voicecall.providers.http import ApiClient
 from voicecall.providers.signatures import parse_form, replace_origin, verify_twilio
@@ -93,6 +100,10 @@ class TwilioProvider:
     _call_urls: dict[str, str] = field(factory=dict, init=False)  # CallSid -> URL Twilio fetches TwiML from
     _notify_twiml: dict[str, str] = field(factory=dict, init=False)  # our callId -> one-shot TwiML
     _rejected: dict[str, None] = field(factory=dict, init=False)  # CallSids turned away with <Reject/>
+    #: CallSid -> (nonce, Deferred) of the `<Say>` being said: fires when its Redirect is fetched.
+    _speaking: dict[str, tuple[str, Deferred]] = field(factory=dict, init=False)
+    #: Timers bounding the waits for a `<Say>` to end (cancelled by L{stop}).
+    _speak_timers: set = field(factory=set, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -197,6 +208,7 @@ class TwilioProvider:
     def _forget(self, sid: str | None, call_id: str | None) -> None:
         if sid:
             self._call_urls.pop(sid, None)
+            self._said(sid)
         if call_id:
             self._notify_twiml.pop(call_id, None)
 
@@ -208,9 +220,51 @@ class TwilioProvider:
             raise ProviderError("Missing webhook URL for this call (provider state not initialized)")
         return url
 
+    def stop(self) -> None:
+        """The daemon is stopping: drop the timers of messages still being said (their calls live on)."""
+        timers, self._speak_timers = self._speak_timers, set()
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
+
     def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
+        """`<Say>` then a Redirect back to us; fires once Twilio has said it (the Redirect's fetch)."""
         self._log.debug("Using TwiML <Say> fallback - telephony TTS not configured or media stream not active")
-        return self._turn(call, text, voice, None)
+        url = self._call_url_or_fail(call)
+        if isinstance(url, Deferred):
+            return url
+        sid = call.provider_call_id or ""
+        nonce, played = secrets.token_hex(6), Deferred()
+        self._said(sid)  # a newer update replaces whatever the call was saying
+        _bounded_put(self._speaking, sid, (nonce, played))
+        document = twiml.say(text, voice, self._language, redirect_url=twiml.with_query(url, flow="spoken", n=nonce))
+        return Deferred.fromCoroutine(self._say(sid, document, nonce, played, text))
+
+    async def _say(self, sid: str, document: str, nonce: str, played: Deferred, text: str) -> None:
+        try:
+            await self._update(sid, document)
+        except BaseException:
+            self._said(sid, nonce)
+            raise
+        if played.called:
+            return
+        timer = self._clock.callLater(speak_timeout(text), self._said, sid, nonce)
+        self._speak_timers.add(timer)
+        try:
+            await played
+        finally:
+            self._speak_timers.discard(timer)
+            if timer.active():
+                timer.cancel()
+
+    def _said(self, sid: str, nonce: str | None = None) -> None:
+        """Stop waiting for the call's `<Say>` (the one with C{nonce}, or whichever it is)."""
+        entry = self._speaking.get(sid)
+        if entry is None or (nonce is not None and not hmac.compare_digest(entry[0].encode(), nonce.encode())):
+            return
+        del self._speaking[sid]
+        if not entry[1].called:
+            entry[1].callback(None)
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
         return self._turn(call, text, voice, turn_token)
@@ -223,6 +277,7 @@ class TwilioProvider:
         url = self._call_url_or_fail(call)
         if isinstance(url, Deferred):
             return url
+        self._said(call.provider_call_id or "")  # this update replaces a `<Say>` still playing
         document = self._listen_loop(url, text, voice, turn_token)
         return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
 
@@ -287,6 +342,8 @@ class TwilioProvider:
             return ParsedWebhook((), WebhookResponse(400, b"Bad Request", {"Content-Type": "text/plain"}))
         sid = params.get("CallSid", "").strip()
         query_call_id = (ctx.query.get("callId") or "").strip()
+        if sid and ctx.query.get("flow") == "spoken":
+            self._said(sid, ctx.query.get("n") or "")  # the `<Say>` before this Redirect has been said
         event = self._event(params, sid, query_call_id, ctx.query.get("turnToken"), request_key) if sid else None
         if sid and event is not None and event.type is not EventType.ENDED and event.direction is Direction.INBOUND:
             if sid not in self._call_urls and self._webhook_url:
