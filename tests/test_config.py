@@ -653,12 +653,20 @@ class TtsSchemaTests(SynchronousTestCase):
     def test_enums(self):
         """TTS enums reject values outside their choices."""
         self.assertEqual(
-            problems_of(self, {"tts": {"provider": "typecast", "auto": "never",
+            problems_of(self, {"tts": {"provider": 7, "auto": "never",
                                        "elevenlabs": {"applyTextNormalization": "yes"}}}),
             [f'{P}.tts.provider: expected one of "openai", "elevenlabs", "edge"',
              f'{P}.tts.auto: expected one of "off", "always", "inbound", "tagged"',
              f'{P}.tts.elevenlabs.applyTextNormalization: expected one of "auto", "on", "off"'],
         )  # fmt: skip
+
+    def test_other_tts_provider_warned(self):
+        """A tts.provider voicecall cannot use for calls (OpenClaw has more) is dropped with a warning."""
+        cfg = parse_config({"tts": {"provider": "typecast"}}, ENV)
+        self.assertIsNone(cfg.tts.provider)
+        self.assertEqual(len(cfg.warnings), 1)
+        self.assertIn('provider "typecast" is not used for calls', cfg.warnings[0])
+        self.assertEqual(parse_config({"tts": {"provider": "microsoft"}}, ENV).tts.provider, "edge")
 
     def test_legacy_plugin_tts_fields_rejected(self):
         """The removed plugin fields tts.model / tts.voice are unknown keys."""
@@ -1164,8 +1172,8 @@ class LoadConfigTests(SynchronousTestCase):
         """A syntax error is a ConfigError naming the path."""
         path = self.write("{provider: }")
         exc = self.assertRaises(ConfigError, load_config, path, ENV)
-        self.assertEqual(len(exc.problems), 1)
-        self.assertTrue(exc.problems[0].startswith(f"{path}: not valid JSON or JSON5: "))
+        self.assertEqual(exc.problems, [f"{path}:1:12: not valid JSON or JSON5: Unexpected \"}}\""])
+        self.assertEqual(exc.lines(), exc.problems)
 
     def test_duplicate_keys(self):
         """Duplicate keys in one object are rejected."""
@@ -1263,3 +1271,224 @@ class FindConfigPathTests(SynchronousTestCase):
         if os.path.exists("/etc/voicecall/voicecall.json5"):
             raise self.skipTest("a system config exists on this machine")
         self.assertIsNone(find_config_path(None, self.env, self.cwd))
+
+
+class RenderedProblemsTests(SynchronousTestCase):
+    """ConfigError.lines: what a person reads (issue 14): file, key as written, value, suggestion."""
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def lines_of(self, data, name="voicecall.json5", env=ENV):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(data if isinstance(data, str) else json.dumps(data))
+        os.chmod(path, 0o600)
+        exc = self.assertRaises(ConfigError, load_config, path, env)
+        return path, exc.lines()
+
+    def test_standalone_file_keys_as_written(self):
+        """A bare plugin config names keys as written there, with the value received and the file."""
+        path, lines = self.lines_of({"fromNumber": "555", "serve": {"port": "x"}})
+        self.assertEqual(
+            lines,
+            [f'{path}: fromNumber: Expected E.164 format, e.g. +15550001234 (got "555")',
+             f'{path}: serve.port: expected an integer > 0 (got "x")'],
+        )  # fmt: skip
+
+    def test_spec_messages_are_the_core(self):
+        """The SPEC §2.5 messages keep their text; only the prefix goes for a standalone file."""
+        path, lines = self.lines_of({"provider": "twilio", "fromNumber": "+15550001234"})
+        self.assertEqual(
+            lines,
+            [f"{path}: twilio.accountSid is required (or set TWILIO_ACCOUNT_SID env)",
+             f"{path}: twilio.authToken is required (or set TWILIO_AUTH_TOKEN env)"],
+        )  # fmt: skip
+
+    def test_whole_openclaw_file_keeps_prefix(self):
+        """Keys in a whole OpenClaw file are named by their full path there."""
+        data = {"plugins": {"entries": {"voice-call": {"config": {"maxConcurrentCalls": 0}}}},
+                "messages": {"tts": {"auto": "never"}}}  # fmt: skip
+        path, lines = self.lines_of(data, "openclaw.json")
+        self.assertEqual(
+            lines,
+            [f"{path}: {P}.maxConcurrentCalls: expected an integer > 0 (got 0)",
+             f'{path}: messages.tts.auto: expected one of "off", "always", "inbound", "tagged" (got "never")'],
+        )  # fmt: skip
+
+    def test_unknown_key_suggestion(self):
+        """A mistyped key gets the closest known key; its value is never shown (it may be a secret)."""
+        _, lines = self.lines_of({"twilio": {"acountSid": "AC1", "authTokn": "hunter2-secret"}, "fromNumbr": "+1555"})
+        self.assertIn('twilio.acountSid: unknown key (did you mean "accountSid"?)', "\n".join(lines))
+        self.assertIn('twilio.authTokn: unknown key (did you mean "authToken"?)', "\n".join(lines))
+        self.assertIn('fromNumbr: unknown key (did you mean "fromNumber"?)', "\n".join(lines))
+        self.assertNotIn("hunter2", "\n".join(lines))
+
+    def test_enum_suggestion(self):
+        """A near-miss enum value gets the closest choice."""
+        _, lines = self.lines_of({"provider": "twillio"})
+        self.assertIn('provider: expected one of "telnyx", "twilio", "plivo", "mock" (got "twillio") (did you mean "twilio"?)', lines[0])
+
+    def test_secrets_masked(self):
+        """Values of secret keys are never shown, only their kind and length."""
+        _, lines = self.lines_of(
+            {"provider": "twilio", "fromNumber": "+15550001234",
+             "twilio": {"accountSid": "AC1", "authToken": 123456}, "streaming": {"openaiApiKey": ""},
+             "twilio_": 1}  # fmt: skip
+        )
+        text = "\n".join(lines)
+        self.assertIn("twilio.authToken: expected a non-empty string (got a hidden number)", text)
+        self.assertIn("streaming.openaiApiKey: expected a non-empty string (got a hidden secret of 0 characters)", text)
+        self.assertNotIn("123456", text)
+
+    def test_environment_problem_named(self):
+        """A bad value from the environment names the variable, not the file."""
+        _, lines = self.lines_of(
+            {"provider": "twilio", "twilio": TWILIO_CREDS}, env={**ENV, "TWILIO_FROM_NUMBER": "555"}
+        )
+        self.assertEqual(lines, ['environment variable TWILIO_FROM_NUMBER: Expected E.164 format, e.g. +15550001234 (got "555")'])
+
+    def test_long_value_cut_and_control_characters_replaced(self):
+        """A long or odd value is shown cut short, with control characters replaced."""
+        _, lines = self.lines_of({"serve": {"bind": ["x" * 200]}, "inboundGreeting": "\x1b[2J" * 2 + 5 * "x"})
+        self.assertTrue(lines[0].endswith('(got ["' + "x" * 58 + "…)"), lines[0])
+        _, lines = self.lines_of({"inboundGreeting": 5, "toNumber": "\x1b[2J"})
+        self.assertTrue(lines[1].endswith('(got "\\u001b[2J")'), lines[1])
+
+    def test_partial_config_kept(self):
+        """The error carries the configuration built around the problems (for doctor)."""
+        exc = self.assertRaises(ConfigError, parse_config, {"provider": "twilio", "bogus": 1, "serve": {"port": 4000}}, ENV)
+        self.assertEqual((exc.config.provider, exc.config.serve.port), ("twilio", 4000))
+
+
+class FilePermissionTests(SynchronousTestCase):
+    """Issue 12: a config file others can change is refused; secrets everyone can read are warned about."""
+
+    def write(self, data, mode):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "voicecall.json5")
+        with open(path, "w") as f:
+            json.dump(data, f)
+        os.chmod(path, mode)
+        return path
+
+    def test_group_or_world_writable_refused(self):
+        """A group- or world-writable file is refused, naming the file and the fix."""
+        for mode in (0o620, 0o602, 0o666):
+            path = self.write({"provider": "mock"}, mode)
+            exc = self.assertRaises(ConfigError, load_config, path, ENV)
+            self.assertEqual(len(exc.lines()), 1, exc.lines())
+            self.assertIn(f"{path}: config file is writable by other users", exc.lines()[0])
+            self.assertIn(f"chmod go-w {path}", exc.lines()[0])
+            self.assertIsNotNone(exc.config)
+
+    def test_owned_by_another_user_refused(self):
+        """A file owned by a user other than root and the reader is refused."""
+        if os.geteuid() != 0:
+            path = self.write({"provider": "mock"}, 0o600)
+            self.assertEqual(load_config(path, ENV).warnings, ())
+            return
+        path = self.write({"provider": "mock"}, 0o600)
+        os.chown(path, 54321, -1)
+        exc = self.assertRaises(ConfigError, load_config, path, ENV)
+        self.assertIn("owned by another user (uid 54321)", exc.lines()[0])
+
+    def test_world_readable_secrets_warned(self):
+        """Secrets in a world-readable file start with one warning naming the file and chmod 600."""
+        path = self.write({"provider": "twilio", "fromNumber": "+15550001234", "twilio": TWILIO_CREDS}, 0o644)
+        self.assertEqual(load_config(path, ENV).warnings, (f"{path} holds secrets and every user can read it: chmod 600 {path}",))
+
+    def test_no_warning_without_secrets_or_when_private(self):
+        """No warning for a readable file without secrets, nor for a private or group-readable one."""
+        self.assertEqual(load_config(self.write({"provider": "mock"}, 0o644), ENV).warnings, ())
+        creds = {"provider": "twilio", "fromNumber": "+15550001234", "twilio": TWILIO_CREDS}
+        self.assertEqual(load_config(self.write(creds, 0o600), ENV).warnings, ())
+        self.assertEqual(load_config(self.write(creds, 0o640), ENV).warnings, ())
+
+
+class TtsProvidersLayoutTests(SynchronousTestCase):
+    """Issue 13: the current OpenClaw ``messages.tts.providers.<id>`` layout is read."""
+
+    def test_messages_tts_providers(self):
+        """providers.openai / providers.elevenlabs become tts.openai / tts.elevenlabs."""
+        cfg = parse_config(
+            {"messages": {"tts": {"provider": "openai", "providers": {
+                "openai": {"apiKey": "sk-1", "voice": "nova", "model": "tts-1", "responseFormat": "opus"},
+                "elevenlabs": {"apiKey": "el-1", "voiceId": "v1", "voiceSettings": {"speed": 1.1}}}}}},
+            ENV,
+        )  # fmt: skip
+        self.assertEqual(cfg.tts.provider, "openai")
+        self.assertEqual((cfg.tts.openai.api_key, cfg.tts.openai.voice, cfg.tts.openai.model), ("sk-1", "nova", "tts-1"))
+        self.assertEqual((cfg.tts.elevenlabs.api_key, cfg.tts.elevenlabs.voice_id), ("el-1", "v1"))
+        self.assertEqual(cfg.tts.elevenlabs.voice_settings.speed, 1.1)
+        self.assertEqual(cfg.warnings, ())
+
+    def test_providers_block_wins_and_plugin_tts_overrides(self):
+        """A providers block wins over the legacy direct block; the plugin's tts still merges over."""
+        cfg = parse_config(
+            {"messages": {"tts": {"openai": {"voice": "echo", "model": "tts-1"},
+                                  "providers": {"openai": {"voice": "nova"}}}},
+             "plugins": {"entries": {"voice-call": {"config": {"tts": {"providers": {"openai": {"model": "m2"}}}}}}}},
+            ENV,
+        )  # fmt: skip
+        self.assertEqual((cfg.tts.openai.voice, cfg.tts.openai.model), ("nova", "m2"))
+
+    def test_unknown_sibling_providers_warned(self):
+        """Providers voicecall cannot use for calls are accepted with a warning each."""
+        cfg = parse_config(
+            {"messages": {"tts": {"provider": "minimax", "providers": {"minimax": {"apiKey": "x"}, "openai": {"voice": "nova"}}}}},
+            ENV,
+        )
+        self.assertIsNone(cfg.tts.provider)
+        self.assertEqual(cfg.tts.openai.voice, "nova")
+        self.assertEqual(
+            cfg.warnings,
+            ('messages.tts.provider "minimax" is not used for calls; voicecall uses the first of openai, elevenlabs with an API key',
+             "messages.tts.providers.minimax is not used for calls (voicecall speaks with openai or elevenlabs)"),
+        )  # fmt: skip
+
+    def test_microsoft_is_edge(self):
+        """OpenClaw's microsoft provider is voicecall's edge section."""
+        cfg = parse_config({"messages": {"tts": {"providers": {"microsoft": {"voice": "en-US-Ava"}}}}}, ENV)
+        self.assertEqual(cfg.tts.edge.voice, "en-US-Ava")
+
+    def test_problems_named_as_written(self):
+        """A bad value inside providers.<id> is named at that path; unknown keys there are refused."""
+        problems = problems_of(
+            self, {"messages": {"tts": {"providers": {"openai": {"speed": 9, "voicee": "x"}, "elevenlabs": 3}}}}
+        )
+        self.assertEqual(
+            problems,
+            ["messages.tts.providers.openai.speed: expected a number between 0.25 and 4",
+             "messages.tts.providers.openai.voicee: unknown key",
+             "messages.tts.providers.elevenlabs: expected an object"],
+        )  # fmt: skip
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+#: Credentials for examples that take them from the environment, as their comments say to.
+EXAMPLE_ENV = {
+    "HOME": HOME,
+    "TWILIO_ACCOUNT_SID": "AC00000000000000000000000000000000", "TWILIO_AUTH_TOKEN": "t",
+    "TWILIO_FROM_NUMBER": "+15550000000", "TELNYX_API_KEY": "k", "TELNYX_CONNECTION_ID": "c",
+    "TELNYX_PUBLIC_KEY": "0EqyMnQrtKs6E2i9RhXk5tAiSrcaAWuvhSCjMsl3hzc=", "PLIVO_AUTH_ID": "MA1",
+    "PLIVO_AUTH_TOKEN": "t", "OPENAI_API_KEY": "sk-x", "ELEVENLABS_API_KEY": "el-x",
+}  # fmt: skip
+
+
+class ExampleConfigTests(SynchronousTestCase):
+    """Every config file in examples/ loads (picked up automatically as examples are added)."""
+
+    def test_every_example_loads(self):
+        """Each examples/*.json5 / *.json parses without a problem or a deprecation warning."""
+        names = sorted(n for n in os.listdir(EXAMPLES) if n.endswith((".json5", ".json")))
+        self.assertIn("mock.json5", names)
+        for name in names:
+            path = os.path.join(EXAMPLES, name)
+            try:
+                cfg = load_config(path, EXAMPLE_ENV)
+            except ConfigError as e:
+                self.fail(f"{name}: " + "\n".join(e.lines()))
+            self.assertEqual([w for w in cfg.warnings if "deprecated" in w], [], name)

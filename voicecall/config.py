@@ -49,7 +49,10 @@ It imports nothing of ours but those two, and does no I/O except `load_config` r
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import stat
 from typing import Any, Mapping
 
 import json5
@@ -80,6 +83,7 @@ from voicecall.configschema import (  # noqa: F401  (re-exported)
     CONFIG_PATH,
     E164_MESSAGE,
     UNDEFINED,
+    Issue,
     _Invalid,
     _boolean,
     _e164,
@@ -96,11 +100,81 @@ MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; ``problems`` lists every reason, in a stable order."""
+    """
+    The configuration is unusable. ``problems`` lists every reason in a stable order, as SPEC
+    strings naming the full OpenClaw path (the RPC/CLI contract); ``issues`` holds the same as
+    `Issue` objects, and `lines` renders them for a person: the file, the key as written there,
+    the value received (secrets masked) and, for a mistyped key, what was probably meant.
+    ``config`` is the best-effort configuration built around the problems (None when the file
+    could not be read or parsed), for `voicecall doctor` to go on checking.
+    """
 
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
+    def __init__(
+        self,
+        problems: list[str] | list[Issue],
+        *,
+        whole_file: bool = False,
+        file: str | None = None,
+        config: VoiceCallConfig | None = None,
+    ) -> None:
+        self.issues = [p if isinstance(p, Issue) else Issue(p, "", sep="") for p in problems]
+        self.problems = [issue.problem for issue in self.issues]
+        self.whole_file = whole_file
+        self.file = file
+        self.config = config
         super().__init__("Invalid voice-call config: " + "; ".join(self.problems))
+
+    def lines(self) -> list[str]:
+        """One line per problem, each naming the file (or the environment) and the key as written."""
+        return [_render(issue, self.file, self.whole_file) for issue in self.issues]
+
+
+_SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def _is_secret(path: str) -> bool:
+    return any(word in part.lower() for part in path.split(".") for word in _SECRET_WORDS)
+
+
+def _shown_value(path: str, value: Any) -> str:
+    """The value as the message shows it: secrets masked, long values cut, control characters replaced."""
+    if _is_secret(path):
+        if isinstance(value, str):
+            return f"a hidden secret of {len(value)} characters"
+        return f"a hidden {_json_type(value)}"
+    text = json.dumps(value, ensure_ascii=False, allow_nan=True)
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _render(issue: Issue, file: str | None, whole_file: bool) -> str:
+    if issue.file_level:
+        return f"{issue.path}: {issue.text}"
+    key = issue.path
+    if not whole_file and key.startswith(CONFIG_PATH):
+        key = key[len(CONFIG_PATH) + 1 :] or "the config"
+    if key.isupper():  # an environment variable
+        where = f"environment variable {key}"
+    else:
+        where = f"{file}: {key}" if file else key
+    line = f"{where}{issue.sep}{issue.text}"
+    if issue.value is not UNDEFINED:
+        line += f" (got {_shown_value(issue.path, issue.value)})"
+    if issue.suggestion:
+        line += f' (did you mean "{issue.suggestion}"?)'
+    return line
 
 
 # --- environment -----------------------------------------------------------------------------
@@ -169,15 +243,15 @@ def _apply_env(cfg: VoiceCallConfig, env: Mapping[str, str], r: _Reader) -> Voic
     return evolve(cfg, **changes)
 
 
-def _validate(cfg: VoiceCallConfig) -> list[str]:
+def _validate(cfg: VoiceCallConfig) -> list[Issue]:
     """SPEC §2.5 ``validateProviderConfig``, with its exact messages."""
     p = CONFIG_PATH
     problems = []
     if cfg.provider is None:
-        problems.append(f"{p}.provider is required")
+        problems.append(Issue(f"{p}.provider", "is required", sep=" "))
     if cfg.provider in ("twilio", "telnyx", "plivo") and cfg.from_number is None:
         hint = " (or set TWILIO_FROM_NUMBER env)" if cfg.provider == "twilio" else ""
-        problems.append(f"{p}.fromNumber is required{hint}")
+        problems.append(Issue(f"{p}.fromNumber", f"is required{hint}", sep=" "))
     required: list[tuple[Any, str, str]] = []
     if cfg.provider == "telnyx":
         required += [
@@ -198,9 +272,9 @@ def _validate(cfg: VoiceCallConfig) -> list[str]:
         ]
     for value, key, variable in required:
         if value is None:
-            problems.append(f"{p}.{key} is required (or set {variable} env)")
+            problems.append(Issue(f"{p}.{key}", f"is required (or set {variable} env)", sep=" "))
     if cfg.streaming.enabled and cfg.provider != "twilio":
-        problems.append(f'{p}.provider must be "twilio" when streaming.enabled is true')
+        problems.append(Issue(f"{p}.provider", 'must be "twilio" when streaming.enabled is true', sep=" "))
     return problems
 
 
@@ -216,7 +290,8 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
     raw: Any = data
     messages_tts: Any = UNDEFINED
     entry_enabled = True
-    if isinstance(data, dict) and ("plugins" in data or "messages" in data):
+    whole_file = isinstance(data, dict) and ("plugins" in data or "messages" in data)
+    if whole_file:
         entries = r.member(r.member(data, "plugins", "plugins"), "entries", "plugins.entries")
         where = "plugins.entries.voice-call"
         entry = r.member(entries, "voice-call", where)
@@ -226,7 +301,7 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
     if raw is UNDEFINED:
         raw = {}
     if not isinstance(raw, dict):
-        r.problems.append(f"{CONFIG_PATH}: expected an object")
+        r.add(CONFIG_PATH, "expected an object", raw)
         raw = {}
 
     raw = r.legacy(raw, CONFIG_PATH)
@@ -239,26 +314,96 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
     cfg = VoiceCallConfig(**kwargs, enabled=enabled, provider=provider, store=store, tts=tts)
     cfg = _apply_env(cfg, env, r)
     if cfg.enabled:
-        r.problems.extend(_validate(cfg))
-    if r.problems:
-        raise ConfigError(r.problems)
-    return evolve(cfg, warnings=tuple(r.warnings))
+        r.issues.extend(_validate(cfg))
+    cfg = evolve(cfg, warnings=tuple(r.warnings))
+    if r.issues:
+        raise ConfigError(r.issues, whole_file=whole_file, config=cfg)
+    return cfg
+
+
+_JSON5_POSITION = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$", re.S)
+
+
+def _file_problem(path: str, text: str) -> ConfigError:
+    return ConfigError([Issue(path, text, file_level=True)], file=path)
 
 
 def load_config(path: str, env: Mapping[str, str]) -> VoiceCallConfig:
-    """Read and parse a JSON or JSON5 config file; any failure is a `ConfigError`."""
+    """
+    Read and parse a JSON or JSON5 config file; any failure is a `ConfigError` naming the file
+    (a syntax error with its line and column). A file other users can write is refused; one
+    holding secrets that every user can read gets a warning in ``warnings``.
+    """
     try:
         with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
             blob = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise ConfigError([f"{path}: cannot read config file: {e.strerror or e}"]) from None
+        raise _file_problem(path, f"cannot read config file: {e.strerror or e}") from None
     if len(blob) > MAX_CONFIG_BYTES:
-        raise ConfigError([f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes"])
+        raise _file_problem(path, f"config file is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = json5.loads(blob.decode("utf-8-sig"), allow_duplicate_keys=False)
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _file_problem(path, f"not valid JSON or JSON5: not UTF-8 text (byte {e.start + 1})") from None
+    try:
+        data = json5.loads(text, allow_duplicate_keys=False)
     except (ValueError, RecursionError) as e:
-        raise ConfigError([f"{path}: not valid JSON or JSON5: {e}"]) from None
-    return parse_config(data, env)
+        message = str(e) if isinstance(e, ValueError) else "nested too deeply"
+        found = _JSON5_POSITION.match(message)
+        if found:
+            line, what, column = found.groups()
+            raise _file_problem(f"{path}:{line}:{column}", f"not valid JSON or JSON5: {what}") from None
+        raise _file_problem(path, f"not valid JSON or JSON5: {message}") from None
+    refusal, warnings = file_permission_problems(path, info, data)
+    try:
+        cfg = parse_config(data, env)
+    except ConfigError as e:
+        e.file = path
+        if refusal:
+            e.issues.insert(0, refusal)
+            e.problems.insert(0, refusal.problem)
+        if e.config is not None:
+            e.config = evolve(e.config, warnings=(*warnings, *e.config.warnings))
+        raise
+    cfg = evolve(cfg, warnings=(*warnings, *cfg.warnings))
+    if refusal:
+        raise ConfigError([refusal], file=path, config=cfg)
+    return cfg
+
+
+def _holds_secrets(data: Any, depth: int = 0) -> bool:
+    if depth > 32:
+        return False
+    if isinstance(data, dict):
+        return any(
+            (_is_secret(str(k)) and isinstance(v, str) and v) or _holds_secrets(v, depth + 1) for k, v in data.items()
+        )
+    if isinstance(data, list):
+        return any(_holds_secrets(v, depth + 1) for v in data)
+    return False
+
+
+def file_permission_problems(path: str, info: os.stat_result, data: Any) -> tuple[Issue | None, list[str]]:
+    """
+    What the file's owner and mode say (issue 12): writable by group or others, or owned by a
+    user other than root and the one reading it, is a refusal; secrets readable by every user
+    are a warning.
+    """
+    mode = stat.S_IMODE(info.st_mode)
+    owner_ok = info.st_uid in (0, os.geteuid())
+    if mode & (stat.S_IWGRP | stat.S_IWOTH) or not owner_ok:
+        why = "writable by other users" if mode & (stat.S_IWGRP | stat.S_IWOTH) else f"owned by another user (uid {info.st_uid})"
+        refusal = Issue(
+            path,
+            f"config file is {why}, who could change where calls go or what is trusted; "
+            f"make it owned by root or this user and not group/world-writable (chmod go-w {path})",
+            file_level=True,
+        )
+        return refusal, []
+    if mode & stat.S_IROTH and _holds_secrets(data):
+        return None, [f"{path} holds secrets and every user can read it: chmod 600 {path}"]
+    return None, []
 
 
 def config_search_paths(env: Mapping[str, str], cwd: str) -> list[str]:

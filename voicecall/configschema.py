@@ -6,6 +6,7 @@ warning; and `deep_merge_defined`, the TTS deep-merge of SPEC §2.3.
 """
 from __future__ import annotations
 
+import difflib
 import re
 import types
 from typing import Any, Callable
@@ -81,7 +82,41 @@ def deep_merge_defined(base: Any, override: Any) -> Any:
 
 
 class _Invalid(Exception):
-    """A value failed its check; the message says what was expected."""
+    """A value failed its check; the message says what was expected (and maybe what was meant)."""
+
+    def __init__(self, message: str, suggestion: str | None = None) -> None:
+        super().__init__(message)
+        self.suggestion = suggestion
+
+
+def suggest(word: Any, choices: Any) -> str | None:
+    """The choice ``word`` was most likely meant to be (case-insensitive, difflib), or None."""
+    if not isinstance(word, str):
+        return None
+    lowered = {c.lower(): c for c in choices if isinstance(c, str)}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None
+
+
+@frozen
+class Issue:
+    """
+    One config problem. ``path`` is the full dotted key (under `CONFIG_PATH` for the plugin
+    config), an environment variable, or for a file-level problem the file itself (``file_level``).
+    ``value`` is what was received (`UNDEFINED` when nothing was, or when it must not be shown).
+    ``problem`` is the SPEC-style text that `ConfigError.problems` lists.
+    """
+
+    path: str
+    text: str
+    value: Any = UNDEFINED
+    suggestion: str | None = None
+    sep: str = ": "
+    file_level: bool = False
+
+    @property
+    def problem(self) -> str:
+        return f"{self.path}{self.sep}{self.text}"
 
 
 Check = Callable[[Any], Any]
@@ -157,7 +192,7 @@ def _one_of(*choices: str) -> Check:
     def check(value: Any) -> str:
         if isinstance(value, str) and value in choices:
             return value
-        raise _Invalid(expected)
+        raise _Invalid(expected, suggest(value, choices))
 
     return check
 
@@ -274,6 +309,17 @@ _TTS = _Obj(TtsConfig, {
     "timeoutMs": _TIMEOUT,
 })  # fmt: skip
 
+# The current OpenClaw layout, messages.tts.providers.<id>: the ids voicecall can use, the
+# section each becomes, and the keys OpenClaw accepts there that calls do not use (calls need PCM).
+_TTS_PROVIDERS = ("openai", "elevenlabs", "edge")
+_TTS_PROVIDER_TARGETS = {"openai": "openai", "elevenlabs": "elevenlabs", "edge": "edge", "microsoft": "edge"}
+_TTS_IGNORED_KEYS = {"openai": ("responseFormat",), "elevenlabs": ("outputFormat",), "edge": ()}
+_TTS_PROVIDER_BLOCKS = {
+    "openai": _Obj(None, {**_OPENAI_TTS, "responseFormat": _string}),
+    "elevenlabs": _Obj(None, {**_ELEVENLABS, "outputFormat": _string}),
+    "edge": _Obj(None, _EDGE),
+}
+
 # The flat (legacy) streaming shape; the current shape is flattened into it first.
 _STREAMING = {"enabled": _boolean, "sttProvider": _one_of("openai-realtime"),
               "openaiApiKey": _string, "sttModel": _string, "silenceDurationMs": _INT_POS,
@@ -326,18 +372,25 @@ _TOP = _Obj(None, {
 
 
 class _Reader:
-    """Walks raw JSON against a schema, collecting problems and warnings."""
+    """Walks raw JSON against a schema, collecting problems (as `Issue`) and warnings."""
 
     def __init__(self) -> None:
-        self.problems: list[str] = []
+        self.issues: list[Issue] = []
         self.warnings: list[str] = []
+
+    @property
+    def problems(self) -> list[str]:
+        return [issue.problem for issue in self.issues]
+
+    def add(self, path: str, text: str, value: Any = UNDEFINED, suggestion: str | None = None, sep: str = ": ") -> None:
+        self.issues.append(Issue(path, text, value, suggestion, sep))
 
     def read(self, value: Any, path: str, schema: Any, fallback: Any = None) -> Any:
         """Parse ``value``; on a failure of the value itself, record it and return ``fallback``."""
         try:
             return self._parse(value, path, schema)
         except _Invalid as e:
-            self.problems.append(f"{path}: {e}")
+            self.add(path, str(e), value, e.suggestion)
             return fallback
 
     def _parse(self, value: Any, path: str, schema: Any) -> Any:
@@ -350,12 +403,13 @@ class _Reader:
             for key, item in value.items():
                 check = schema.checks.get(key)
                 if check is None:
-                    self.problems.append(f"{path}.{key}: unknown key")
+                    # The value is never shown: a mistyped key may hold a secret.
+                    self.add(f"{path}.{key}", "unknown key", suggestion=suggest(key, schema.checks))
                     continue
                 try:
                     kwargs[_snake(key)] = self._parse(item, f"{path}.{key}", check)
                 except _Invalid as e:
-                    self.problems.append(f"{path}.{key}: {e}")
+                    self.add(f"{path}.{key}", str(e), item, e.suggestion)
             return schema.build(kwargs)
         if isinstance(schema, _List):
             if not isinstance(value, list):
@@ -377,7 +431,7 @@ class _Reader:
         if value is UNDEFINED:
             return {}
         if not isinstance(value, dict):
-            self.problems.append(f"{path}: expected an object")
+            self.add(path, "expected an object", value)
             return {}
         return value
 
@@ -417,18 +471,64 @@ class _Reader:
             if legacy not in raw:
                 flat[legacy] = value
             elif raw[legacy] != value:
-                self.problems.append(f"{path}.{legacy}: conflicts with {path}.{replacement};"
-                                     " remove the deprecated key")  # fmt: skip
+                self.add(f"{path}.{legacy}", f"conflicts with {path}.{replacement}; remove the deprecated key",
+                         raw[legacy])  # fmt: skip
         return flat
 
     def tts(self, messages_tts: Any, plugin_tts: Any) -> TtsConfig:
         """Validate both TTS sides where they are written, then parse their merge."""
-        before = len(self.problems)
+        before = len(self.issues)
         if messages_tts is not UNDEFINED:
+            messages_tts = self._tts_layout(messages_tts, "messages.tts")
             self.read(messages_tts, "messages.tts", _TTS)
         if plugin_tts is not UNDEFINED:
+            plugin_tts = self._tts_layout(plugin_tts, f"{CONFIG_PATH}.tts")
             self.read(plugin_tts, f"{CONFIG_PATH}.tts", _TTS)
-        if len(self.problems) > before:
+        if len(self.issues) > before:
             return TtsConfig()
         merged = deep_merge_defined(messages_tts, plugin_tts)
         return self.read(merged, f"{CONFIG_PATH}.tts", _TTS, TtsConfig())
+
+    def _tts_layout(self, raw: Any, path: str) -> Any:
+        """
+        The current OpenClaw TTS layout (``provider`` plus ``providers.<id>``) rewritten into the
+        one voicecall reads (``openai``, ``elevenlabs``, ``edge``). A ``providers`` block wins over
+        a direct block of the same provider; providers voicecall cannot use for calls, and a
+        ``provider`` naming one, are dropped with a warning. Problems are named as written.
+        """
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        provider = raw.get("provider")
+        if provider == "microsoft":
+            raw["provider"] = "edge"
+        elif isinstance(provider, str) and provider and provider not in _TTS_PROVIDERS:
+            del raw["provider"]
+            self.warnings.append(
+                f'{path}.provider "{_shown(provider)}" is not used for calls; voicecall uses the first of'
+                " openai, elevenlabs with an API key"
+            )
+        providers = raw.pop("providers", UNDEFINED)
+        if providers is UNDEFINED:
+            return raw
+        if not isinstance(providers, dict):
+            self.add(f"{path}.providers", "expected an object", providers)
+            return raw
+        for name, block in providers.items():
+            target = _TTS_PROVIDER_TARGETS.get(name)
+            where = f"{path}.providers.{name}"
+            if target is None:
+                self.warnings.append(f"{where} is not used for calls (voicecall speaks with openai or elevenlabs)")
+                continue
+            before = len(self.issues)
+            self.read(block, where, _TTS_PROVIDER_BLOCKS[target])
+            if len(self.issues) > before:
+                continue
+            block = {k: v for k, v in block.items() if k not in _TTS_IGNORED_KEYS[target]}
+            raw[target] = deep_merge_defined(raw.get(target, UNDEFINED), block)
+        return raw
+
+
+def _shown(value: str) -> str:
+    clean = "".join(c if c.isprintable() else "?" for c in value)
+    return clean if len(clean) <= 40 else clean[:40] + "…"
