@@ -212,8 +212,12 @@ class PlivoEndToEndTests(TestCase):
         self.assertEqual(stranger.speak_texts, [])
         self.assertEqual(len((await self.rpc.call("voicecall.status", {}))["calls"]), 1)
 
-    async def test_continue_during_the_greeting(self):
-        """A `continue` sent at once after `initiate` waits for the greeting, and each answer is its own question's."""
+    async def test_continue_before_the_answer(self):
+        """The gateway's usual flow, `continue` at once after `initiate`: it waits for the answer and the greeting."""
+        await self.test_continue_during_the_greeting(during_greeting=False)
+
+    async def test_continue_during_the_greeting(self, during_greeting=True):
+        """Issue 13.1: a `continue` sent while the greeting plays waits for it, and each answer is its own question's."""
         greeting = "Hello there, thanks for picking up the phone today"  # 50 characters: 1.5 s spoken
 
         def person(call):
@@ -221,9 +225,10 @@ class PlivoEndToEndTests(TestCase):
             record = call.inputs[-1]
             return f"answer to {call.speak_texts[-1]}" if record.turn_token else None
 
-        await self.start(Scenario(utterances=person, silence=0.3, speak_seconds_per_char=0.03), transcriptTimeoutMs=8000)
+        await self.start(Scenario(utterances=person, silence=0.3, speak_seconds_per_char=0.03, answer_after=0.0 if during_greeting else 0.5), transcriptTimeoutMs=8000)
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": greeting, "mode": "conversation"}))["callId"]
-        await eventually(lambda: self.fake.calls and self.fake_call().speak_texts, 10, "the greeting")
+        if during_greeting:
+            await eventually(lambda: self.fake.calls and self.fake_call().speak_texts, 10, "the greeting")
         first = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
         self.assertEqual(first, {"success": True, "transcript": "answer to Who is this?"})
         second = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Where are you?"})

@@ -137,6 +137,31 @@ class TelnyxEndToEndTests(TestCase):
         await self.rpc.call("voicecall.end", {"callId": call_id})
         await eventually(lambda: not call.is_alive, 5, "hang-up at Telnyx")
 
+    async def test_continue_during_the_greeting(self):
+        """Issue 13.1: a `continue` sent at once after `initiate` waits for the greeting; each answer is its own question's."""
+        greeting = "Hello there, thanks for picking up the phone today"  # 50 characters: 1.5 s spoken
+
+        scenario = Scenario(utterances=lambda call: f"answer to {call.last_speak}", say_seconds_per_char=0.03, answer_after=0.5)
+        await self.start(scenario, transcriptTimeoutMs=8000)
+        call_id = await self.initiate(greeting, "conversation")  # the continue follows at once, before the answer
+        first = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
+        self.assertEqual(first, {"success": True, "transcript": "answer to Who is this?"})
+        second = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Where are you?"})
+        self.assertEqual(second, {"success": True, "transcript": "answer to Where are you?"})
+        self.assertEqual(self.fake_call().speak_texts, [greeting, "Who is this?", "Where are you?"])
+        record = await self.status(call_id)
+        self.assertEqual(
+            [(t["speaker"], t["text"]) for t in record["transcript"] if t["text"] != f"answer to {greeting}"],
+            [
+                ("bot", greeting),
+                ("bot", "Who is this?"),
+                ("user", "answer to Who is this?"),
+                ("bot", "Where are you?"),
+                ("user", "answer to Where are you?"),
+            ],
+        )
+        await self.rpc.call("voicecall.end", {"callId": call_id})
+
     async def test_callee_hangs_up(self):
         """The callee hanging up (normal_clearing) completes the call."""
         await self.start(Scenario(hangup_after=0.5))

@@ -116,7 +116,11 @@ class TwilioEndToEndTests(TestCase):
         await self.rpc.call("voicecall.end", {"callId": call_id})
         await eventually(lambda: self.fake_call().status in ("completed", "canceled"), 5, "hang-up at Twilio")
 
-    async def test_continue_during_the_greeting(self):
+    async def test_continue_before_the_answer(self):
+        """The gateway's usual flow, `continue` at once after `initiate`: it waits for the answer and the greeting."""
+        await self.test_continue_during_the_greeting(during_greeting=False)
+
+    async def test_continue_during_the_greeting(self, during_greeting=True):
         """Issue 13.1: a `continue` sent while the greeting is said waits for its end; each answer is its own question's."""
         greeting = "Hello there, thanks for picking up the phone today"  # 50 characters: 1.5 s said
 
@@ -124,9 +128,10 @@ class TwilioEndToEndTests(TestCase):
             """Answers only a question (a Gather whose action carries a turn token), naming what it last heard."""
             return f"answer to {call.say_texts[-1]}" if "turnToken=" in (call.gathers[-1].action_url or "") else None
 
-        await self.start(Scenario(utterances=person, silence=0.3, say_seconds_per_char=0.03), transcriptTimeoutMs=8000)
+        await self.start(Scenario(utterances=person, silence=0.3, say_seconds_per_char=0.03, answer_after=0.0 if during_greeting else 0.5), transcriptTimeoutMs=8000)
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": greeting, "mode": "conversation"}))["callId"]
-        await eventually(lambda: self.fake.calls and greeting in self.fake_call().say_texts, 10, "the greeting")
+        if during_greeting:
+            await eventually(lambda: self.fake.calls and greeting in self.fake_call().say_texts, 10, "the greeting")
         first = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
         self.assertEqual(first, {"success": True, "transcript": "answer to Who is this?"})
         second = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Where are you?"})
