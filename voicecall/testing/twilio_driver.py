@@ -223,9 +223,10 @@ class FakeCall:
     def _answer(self) -> None:
         self.status = "in-progress"
         self.answered_at = self._carrier.clock.seconds()
-        self._status_callback("answered", "in-progress")
         if self.scenario.hangup_after is not None:
             self._after(self.scenario.hangup_after, self.hangup_by_callee)
+        # The TwiML fetch starts at the answer; the status callback goes out beside it, so a
+        # live update its handler makes replaces the answer's TwiML (never the other way round).
         if self.twiml is not None:
             self._launch(self.twiml)
         elif self.url is not None:
@@ -233,6 +234,8 @@ class FakeCall:
         else:
             self._error("no TwiML source for the call")
             self._end("failed")
+            return
+        self._status_callback("answered", "in-progress")
 
     def _end(self, status: str) -> None:
         if self.is_ended:
