@@ -140,7 +140,7 @@ class WebhookTests(_DaemonTestCase):
         self.assertEqual(transcript(call), [("bot", "Hi"), ("user", "Yes please")])
 
     async def test_malformed_bodies(self):
-        """Malformed webhook bodies get 400, or 200 without effect when no event is usable, never 500, and the daemon keeps serving."""
+        """Malformed webhook bodies and unusable events get 400 (the mock says what was wrong), never 500, and the daemon keeps serving."""
         workdir, daemon, web = await self.started()
         call_id = await self.place(workdir)
         cases = [
@@ -148,9 +148,9 @@ class WebhookTests(_DaemonTestCase):
             (b"", 400),
             (b'[{"type": "call.answered"}]', 400),
             (json.dumps({"events": "call.answered"}).encode(), 400),
-            (json.dumps({"event": {"type": "call.answered"}}).encode(), 200),
-            (json.dumps({"event": {"type": "call.answered", "callId": 42}}).encode(), 200),
-            (json.dumps({"event": {"type": "call.teleported", "callId": call_id}}).encode(), 200),
+            (json.dumps({"event": {"type": "call.answered"}}).encode(), 400),
+            (json.dumps({"event": {"type": "call.answered", "callId": 42}}).encode(), 400),
+            (json.dumps({"event": {"type": "call.teleported", "callId": call_id}}).encode(), 400),
         ]
         got = [((await web.post(daemon.webhook_url, body)).code) for body, _ in cases]
         self.assertEqual(got, [code for _, code in cases])

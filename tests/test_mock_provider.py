@@ -10,7 +10,10 @@ import uuid
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.model import CallRecord, EventType
+from twisted.internet.defer import Deferred
+
+from tests import test_webhook
+from voicecall.model import CallRecord, CallState, EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.mock import MockProvider
 
@@ -37,6 +40,8 @@ class MockProviderTestsBase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(NOW_MS / 1000)
         self.provider = MockProvider(clock=self.clock)
+        for call_id in ("c", "c1", "c2", "pid-1"):  # the calls the events below are about
+            self.provider.initiate_call(call_id=call_id, from_number="+15550000000", to_number="+15550001234", webhook_url="http://x/")
 
     def parse(self, body):
         """Verify then parse `body` the way the webhook resource does."""
@@ -101,9 +106,10 @@ class ParseTests(MockProviderTestsBase):
         self.assertEqual([e.type for e in events], [EventType.RINGING, EventType.ANSWERED, EventType.ENDED])
 
     def test_empty_body_object(self):
-        """An object with neither `event` nor `events` gives no events and a 200."""
+        """An object with neither `event` nor `events` gives no events and a 400 showing the shape."""
         parsed = self.parse({})
-        self.assertEqual((list(parsed.events), parsed.response.status), ([], 200))
+        self.assertEqual((list(parsed.events), parsed.response.status), ([], 400))
+        self.assertIn(b'{"event": {...}}', parsed.response.body)
 
     def test_generated_ids(self):
         """Events without ids get distinct generated UUIDs; explicit ids are kept."""
@@ -131,12 +137,12 @@ class ParseTests(MockProviderTestsBase):
                     {"type": "call.speech", "callId": "c"},
                     {"type": "call.silence", "callId": "c"},
                     {"type": "call.dtmf", "callId": "c"},
-                    {"type": "call.ended", "callId": "c"},
                     {"type": "call.error", "callId": "c"},
+                    {"type": "call.ended", "callId": "c"},  # last: nothing may follow an end
                 ]
             }
         )
-        speaking, speech, silence, dtmf, ended, error = events
+        speaking, speech, silence, dtmf, error, ended = events
         self.assertEqual({e.timestamp for e in events}, {NOW_MS})
         self.assertEqual(speaking.text, "")
         self.assertEqual((speech.transcript, speech.is_final), ("", True))
@@ -197,20 +203,18 @@ class ParseTests(MockProviderTestsBase):
             ("pid-1", "inbound", "+15550001234", "+15550000000"),
         )
 
-    def test_unknown_and_incomplete_items_dropped(self):
-        """Items with an unknown type, no type, no callId, or that are not objects are dropped."""
-        events = self.events(
-            {
-                "events": [
-                    {"type": "call.teleported", "callId": "c"},
-                    {"callId": "c"},
-                    {"type": "call.ringing"},
-                    "call.ringing",
-                    {"type": "call.ringing", "callId": "kept"},
-                ]
-            }
-        )
-        self.assertEqual([(e.type, e.call_id) for e in events], [(EventType.RINGING, "kept")])
+    def test_unknown_and_incomplete_items_refused(self):
+        """Items with an unknown type, no type, no callId, or that are not objects are refused, each with its reason."""
+        for item, reason in (
+            ({"type": "call.teleported", "callId": "c"}, b'unknown event type "call.teleported"'),
+            ({"callId": "c"}, b'has no "type"'),
+            ({"type": "call.ringing"}, b'"callId" must be a non-empty string'),
+            ("call.ringing", b"must be an object"),
+        ):
+            parsed = self.parse({"events": [{"type": "call.ringing", "callId": "c"}, item]})
+            self.assertEqual((list(parsed.events), parsed.response.status), ([], 400), item)
+            self.assertTrue(parsed.response.body.startswith(b"events[1]"), parsed.response.body)
+            self.assertIn(reason, parsed.response.body)
 
     def test_dedupe_keys_stable_per_payload(self):
         """Each event's dedupe key derives from the payload's key, the same on redelivery, distinct per event."""
@@ -276,3 +280,98 @@ class CallControlTests(MockProviderTestsBase):
             self.assertEqual((status.status, status.is_terminal), ("completed", True), pid)
         status = self.successResultOf(self.provider.get_call_status("mock-abc"))
         self.assertEqual((status.status, status.is_terminal), ("in-progress", False))
+
+
+class MockWebhookTests(test_webhook.WebhookTestsBase):
+    """What a developer posting mock events by hand is told: every mistake is a 4xx with its reason."""
+
+    def refused(self, body, status: int = 400) -> str:
+        """Post `body`; it must be refused with `status` and change nothing; returns the one-line reason."""
+        before = list(self.proxy.seen)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = self.post(raw)
+        self.assertEqual(response.status, status, (body, response.body))
+        self.assertEqual(self.proxy.seen, before, "an event reached the manager")
+        text = response.body.decode()
+        self.assertEqual(len(text.strip().splitlines()), 1, text)
+        return text
+
+    def test_unknown_call_id(self):
+        """An event for a call nobody placed is a 404 naming the id."""
+        self.place()
+        self.assertIn('unknown callId "nope"', self.refused({"event": {"type": "call.answered", "callId": "nope"}}, 404))
+
+    def test_known_ids_accepted(self):
+        """Our call id and the carrier's `mock-<id>` both name a placed call."""
+        call_id = self.place()
+        for cid in (call_id, f"mock-{call_id}"):
+            response = self.post(json.dumps({"event": {"type": "call.ringing", "callId": cid, "id": cid}}).encode())
+            self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self.stored(call_id).state, CallState.RINGING)
+
+    def test_ended_call(self):
+        """An event for a call that has ended is a 409 saying so."""
+        call_id = self.place()
+        self.successResultOf(Deferred.fromCoroutine(self.manager.end_call(call_id)))
+        reason = self.refused({"event": {"type": "call.speech", "callId": call_id, "transcript": "hi"}}, 409)
+        self.assertIn("has ended", reason)
+
+    def test_unknown_event_type(self):
+        """An unknown event type is a 400 listing the known ones."""
+        call_id = self.place()
+        reason = self.refused({"event": {"type": "call.teleported", "callId": call_id}})
+        self.assertIn('unknown event type "call.teleported"', reason)
+        self.assertIn("call.speech", reason)
+
+    def test_no_event(self):
+        """A body without `event` or `events` (or with an empty list) is a 400 showing the shape."""
+        for body in ({}, {"evnt": {"type": "call.answered"}}, {"events": []}):
+            self.assertIn('"event"', self.refused(body))
+
+    def test_missing_fields(self):
+        """An event without a type or a callId, or with wrongly typed fields, is a 400 naming the field."""
+        call_id = self.place()
+        cases = [
+            ({"callId": call_id}, '"type"'),
+            ({"type": "call.answered"}, '"callId"'),
+            ({"type": "call.answered", "callId": 42}, '"callId"'),
+            ({"type": "call.speech", "callId": call_id, "transcript": 5}, '"transcript"'),
+            ({"type": "call.speech", "callId": call_id, "isFinal": "yes"}, '"isFinal"'),
+            ({"type": "call.ended", "callId": call_id, "reason": "bored"}, '"reason"'),
+            ({"type": "call.ringing", "callId": call_id, "direction": "sideways"}, '"direction"'),
+            ({"type": "call.ringing", "callId": call_id, "timestamp": -1}, '"timestamp"'),
+        ]
+        for event, field in cases:
+            self.assertIn(field, self.refused({"event": event}), event)
+
+    def test_one_bad_event_applies_nothing(self):
+        """A list with one bad event is refused whole: the good events before it are not applied."""
+        call_id = self.place()
+        reason = self.refused({"events": [{"type": "call.answered", "callId": call_id}, {"type": "x", "callId": call_id}]})
+        self.assertIn("events[1]", reason)
+        self.assertEqual(self.stored(call_id).state, CallState.INITIATED)
+
+    def test_inbound_needs_its_fields(self):
+        """An inbound event for a new call needs providerCallId, from and to; the reason names what is missing."""
+        event = {"type": "call.initiated", "callId": "in-1", "direction": "inbound", "from": "+15550001234"}
+        reason = self.refused({"event": event})
+        self.assertIn('"providerCallId"', reason)
+        self.assertIn('"to"', reason)
+        self.assertNotIn('"from"', reason)
+
+    def test_turned_away_inbound_call(self):
+        """A complete inbound event is accepted; once policy turned the caller away, its later events are a 409."""
+        event = {"type": "call.initiated", "callId": "in-1", "providerCallId": "in-1", "direction": "inbound",
+                 "from": "+15550001234", "to": "+15550000000"}  # fmt: skip
+        self.assertEqual(self.post(json.dumps({"event": event}).encode()).status, 200)  # inboundPolicy: disabled
+        self.assertIn("has ended", self.refused({"event": {"type": "call.ringing", "callId": "in-1"}}, 409))
+
+    def test_non_finite_numbers(self):
+        """NaN, Infinity and 1e309 are a 400, not a 500."""
+        call_id = self.place().encode()
+        for number in (b"1e309", b"NaN", b"Infinity", b"-Infinity", b"-1e309"):
+            body = b'{"event": {"type": "call.silence", "callId": "%s", "durationMs": %s}}' % (call_id, number)
+            self.assertIn("number", self.refused(body), number)
+            body = b'{"event": {"type": "call.speech", "callId": "%s", "confidence": %s}}' % (call_id, number)
+            self.refused(body)
+        self.assertEqual(self.resource.counts["500"], 0)

@@ -8,11 +8,20 @@ developer (or a test) plays the carrier's part:
     {"events": [{"type": "call.speech", "callId": "<id>", "transcript": "yes"}]}
 
 Each payload's verified request key is a hash of its bytes, so a redelivered payload is a replay.
+
+The mock is a development tool, so a payload it cannot use is refused whole (nothing applied)
+with a one-line reason: 400 for a malformed body or event (no `event`/`events`, an unknown type,
+a wrongly typed field, a non-finite number, an inbound event without `providerCallId`/`from`/`to`),
+404 for a callId no call has, 409 for a call that has ended. Like a carrier, it knows its calls:
+those it placed, answered or was asked the status of (a restored call), and inbound calls created
+by an event; the set is bounded.
 """
 from __future__ import annotations
 
 import json
+import math
 import uuid
+from collections import OrderedDict
 from typing import Any, Mapping
 
 from attrs import define, field
@@ -31,7 +40,56 @@ from voicecall.providers.base import (
 )
 from voicecall.providers.signatures import mock_request_key
 
-_BAD_REQUEST = WebhookResponse(400, b"Bad Request", {"Content-Type": "text/plain"})
+#: How many call ids (ours and the carrier's) the mock remembers as live or ended.
+MAX_TRACKED_CALLS = 10_000
+_SHAPE = 'the body must be {"event": {...}} or {"events": [{...}, ...]}'
+_TYPES = ", ".join(t.value for t in EventType)
+_MAX_INT = 2**53  # timestamps and durations stay exact in JSON and SQLite
+#: Optional fields and the JSON types they take (bool is not a number here).
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str, int),
+    "providerCallId": (str,),
+    "turnToken": (str,),
+    "from": (str,),
+    "to": (str,),
+    "text": (str,),
+    "transcript": (str,),
+    "digits": (str,),
+    "error": (str,),
+    "isFinal": (bool,),
+    "retryable": (bool,),
+    "confidence": (int, float),
+    "timestamp": (int,),
+    "durationMs": (int,),
+}
+
+
+class _Refused(Exception):
+    """A payload the mock cannot use: the status and the one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _refusal(status: int, reason: str) -> ParsedWebhook:
+    body = reason.replace("\n", " ")[:500].encode("utf-8", "replace") + b"\n"
+    return ParsedWebhook((), WebhookResponse(status, body, {"Content-Type": "text/plain; charset=utf-8"}))
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text}")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _quote(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)[:80]
 
 
 @define
@@ -43,6 +101,8 @@ class MockProvider:
     uses_turn_tokens: bool = False
     #: What the manager asked of the carrier, in order: (action, provider_call_id, detail).
     actions: list[tuple[str, str | None, Any]] = field(factory=list)
+    #: The calls it knows, by our id and its own: True while live, False once ended (bounded).
+    _calls: OrderedDict[str, bool] = field(factory=OrderedDict, repr=False)
     _log = Logger()
 
     # -- webhooks ---------------------------------------------------------------------------------
@@ -58,22 +118,92 @@ class MockProvider:
 
     def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
         try:
-            body = json.loads(ctx.raw_body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return ParsedWebhook((), _BAD_REQUEST)
-        if not isinstance(body, dict):
-            return ParsedWebhook((), _BAD_REQUEST)
-        raw = body.get("events")
-        if raw is None:
-            raw = [body["event"]] if "event" in body else []
-        if not isinstance(raw, list):
-            return ParsedWebhook((), _BAD_REQUEST)
+            items = self._items(ctx.raw_body)
+            known = dict[str, bool]()  # calls this payload creates (inbound) or ends
+            for index, item in enumerate(items):
+                where = f"events[{index}]" if len(items) > 1 or index else "event"
+                self._check(item, where, known)
+        except _Refused as e:
+            return _refusal(e.status, str(e))
         events = []
-        for index, item in enumerate(raw):
+        for index, item in enumerate(items):
             event = self._event(item, f"{request_key}:{index}")
             if event is not None:
                 events.append(event)
+        for call_id, live in known.items():
+            self._track(call_id, live)
         return ParsedWebhook(tuple(events))
+
+    @staticmethod
+    def _items(raw_body: bytes) -> list:
+        try:
+            body = json.loads(raw_body, parse_float=_finite, parse_constant=_no_constant)
+        except ValueError as e:
+            if "non-finite number" in str(e):
+                raise _Refused(400, f"{e}: numbers must be finite (no NaN, Infinity or 1e309)") from None
+            raise _Refused(400, f"invalid JSON ({e}); {_SHAPE}") from None
+        except RecursionError:
+            raise _Refused(400, f"invalid JSON (nested too deeply); {_SHAPE}") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, _SHAPE)
+        if "events" in body:
+            items = body["events"]
+            if not isinstance(items, list) or not items:
+                raise _Refused(400, f'"events" must be a non-empty list; {_SHAPE}')
+            return items
+        if "event" in body:
+            return [body["event"]]
+        raise _Refused(400, f'no "event" or "events"; {_SHAPE}')
+
+    def _check(self, item: object, where: str, known: dict[str, bool]) -> None:
+        """Refuse `item` unless it is an event the manager can use, for a call that exists."""
+        if not isinstance(item, dict):
+            raise _Refused(400, f"{where} must be an object with a \"type\" and a \"callId\"")
+        kind = item.get("type")
+        if kind is None:
+            raise _Refused(400, f'{where} has no "type" (one of {_TYPES})')
+        if kind not in EventType._value2member_map_:
+            raise _Refused(400, f"{where}: unknown event type {_quote(kind)} (one of {_TYPES})")
+        call_id = item.get("callId")
+        if not isinstance(call_id, str) or not call_id:
+            raise _Refused(400, f'{where}: "callId" must be a non-empty string (ours, or the carrier\'s mock-<callId>)')
+        for name, types in _FIELDS.items():
+            value = item.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                kind_name = " or ".join({"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}[t.__name__] for t in types)
+                raise _Refused(400, f'{where}: "{name}" must be {kind_name}, not {_quote(value)}')
+            if name in ("timestamp", "durationMs") and not 0 <= value < _MAX_INT:
+                raise _Refused(400, f'{where}: "{name}" must be between 0 and 2**53, not {_quote(value)}')
+        reason = item.get("reason")
+        if reason is not None and reason not in END_REASONS:
+            raise _Refused(400, f'{where}: "reason" {_quote(reason)} is not one of {", ".join(sorted(END_REASONS))}')
+        direction = item.get("direction")
+        if direction is not None and direction not in ("inbound", "outbound"):
+            raise _Refused(400, f'{where}: "direction" must be "inbound" or "outbound", not {_quote(direction)}')
+        ids = [i for i in (call_id, item.get("providerCallId")) if i]
+        state = next((s for s in (known.get(i, self._calls.get(i)) for i in ids) if s is not None), None)
+        if state is None and direction == "inbound":
+            missing = [f'"{n}"' for n in ("providerCallId", "from", "to") if not item.get(n)]
+            if missing:
+                raise _Refused(400, f"{where}: an inbound event for a new call needs {', '.join(missing)}")
+            state = True
+        if state is None:
+            raise _Refused(404, f"{where}: unknown callId {_quote(call_id)}: no call has this id (ours or mock-<callId>)")
+        if state is False:
+            raise _Refused(409, f"{where}: call {_quote(call_id)} has ended")
+        live = kind != EventType.ENDED.value
+        for i in ids:
+            known[i] = live
+
+    def _track(self, call_id: str | None, live: bool) -> None:
+        if not call_id:
+            return
+        self._calls[call_id] = live
+        self._calls.move_to_end(call_id)
+        while len(self._calls) > MAX_TRACKED_CALLS:
+            self._calls.popitem(last=False)
 
     def _event(self, item: object, dedupe_key: str) -> CallEvent | None:
         if not isinstance(item, dict):
@@ -131,19 +261,29 @@ class MockProvider:
     ) -> Deferred[InitiatedCall]:
         pid = f"mock-{call_id}"
         self.actions.append(("initiate", pid, to_number))
+        self._track(call_id, True)
+        self._track(pid, True)
         return succeed(InitiatedCall(provider_call_id=pid))
 
     def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
         self.actions.append(("hangup", call.provider_call_id, reason))
+        self._track(call.call_id, False)
+        self._track(call.provider_call_id, False)
         return succeed(None)
 
     def answer_call(self, call: CallRecord) -> Deferred[None]:
         self.actions.append(("answer", call.provider_call_id, None))
+        self._track(call.call_id, True)
+        self._track(call.provider_call_id, True)
         return succeed(None)
 
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
         if any(word in provider_call_id for word in ("stale", "ended", "completed")):
             return succeed(ProviderCallStatus("completed", is_terminal=True))
+        # Asked about a call restored from the store: it is one of ours, and live.
+        self._track(provider_call_id, True)
+        if provider_call_id.startswith("mock-"):
+            self._track(provider_call_id[len("mock-") :], True)
         return succeed(ProviderCallStatus("in-progress", is_terminal=False))
 
     # -- speech (Voice) ---------------------------------------------------------------------------
