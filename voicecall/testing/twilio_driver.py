@@ -225,8 +225,12 @@ class FakeCall:
         self.answered_at = self._carrier.clock.seconds()
         if self.scenario.hangup_after is not None:
             self._after(self.scenario.hangup_after, self.hangup_by_callee)
-        # The TwiML fetch starts at the answer; the status callback goes out beside it, so a
-        # live update its handler makes replaces the answer's TwiML (never the other way round).
+        generation = self._generation
+        self._status_callback("answered", "in-progress")
+        if self._generation != generation:
+            # A live update (made by the answered callback's handler) already replaced the
+            # answer's TwiML: it is not run after it, which would cut the update off.
+            return
         if self.twiml is not None:
             self._launch(self.twiml)
         elif self.url is not None:
@@ -234,8 +238,6 @@ class FakeCall:
         else:
             self._error("no TwiML source for the call")
             self._end("failed")
-            return
-        self._status_callback("answered", "in-progress")
 
     def _end(self, status: str) -> None:
         if self.is_ended:
