@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+from types import SimpleNamespace
 
 import docutils.core
 from twisted.trial.unittest import SynchronousTestCase
@@ -27,3 +28,27 @@ class DocsTests(SynchronousTestCase):
         self.assertGreaterEqual(len(paths), 4)
         for path in paths:
             load_config(path, {"HOME": "/nonexistent"})
+
+    def test_fake_callees_answer_every_call(self):
+        """The demo fakes' --say answers start again at the first phrase for each call (a second demo call is not silent)."""
+        from voicecall.testing import plivo, twilio
+
+        def twilio_call(sid, question=True):
+            action = "http://x/voice/webhook?turnToken=t" if question else "http://x/voice/webhook"
+            return SimpleNamespace(sid=sid, gathers=[SimpleNamespace(action_url=action)])
+
+        def plivo_call(uuid, question=True):
+            return SimpleNamespace(call_uuid=uuid, inputs=[SimpleNamespace(turn_token="t" if question else None)])
+
+        for module, call, credentials in (
+            (twilio, twilio_call, ["--account-sid", "AC" + "0" * 32, "--auth-token", "t"]),
+            (plivo, plivo_call, ["--auth-id", "MA" + "X" * 18, "--auth-token", "t"]),
+        ):
+            args = module._parse([*credentials, "--answer-questions-only", "--say", "It's Alice", "--say", "Yes"])
+            answer = module.scripted_utterances(args)
+            first, second = call("one"), call("two")
+            self.assertIsNone(answer(call("one", question=False)))
+            heard = [answer(first), answer(first), answer(first), answer(second), answer(second)]
+            self.assertEqual(heard, ["It's Alice", "Yes", None, "It's Alice", "Yes"], module.__name__)
+            plain = module.scripted_utterances(module._parse([*credentials, "--say", "", "--say", "Hi"]))
+            self.assertEqual(plain, [None, "Hi"])  # a list: each call keeps its own position in it

@@ -87,6 +87,17 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def scripted_utterances(args: argparse.Namespace) -> Any:
+    """What the callee says: the --say phrases at each turn of every call, or (with
+    --answer-questions-only) at each question only; every call starts again at the first."""
+    said = [u or None for u in args.utterances]
+    if not args.answer_questions_only:
+        return said  # each call keeps its own position in the list
+    from voicecall.testing.twilio import answers_per_call
+
+    return answers_per_call(said, asked=lambda call: bool(call.inputs) and call.inputs[-1].turn_token is not None, key=lambda call: call.call_uuid)
+
+
 async def _serve(reactor: Any, args: argparse.Namespace) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -97,15 +108,7 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
-    said = [u or None for u in args.utterances]
-    utterances: Any = said
-    if args.answer_questions_only:
-        queue = list(said)
-
-        def utterances(call: Any) -> Any:
-            asked = bool(call.inputs) and call.inputs[-1].turn_token is not None
-            return queue.pop(0) if asked and queue else None
-
+    utterances = scripted_utterances(args)
     scenario = Scenario(
         outcome=args.outcome,
         ring_after=0.5,

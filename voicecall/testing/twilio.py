@@ -91,6 +91,40 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+#: How many calls' --say positions the standalone fakes remember (the oldest are forgotten).
+MAX_SCRIPTED_CALLS = 1000
+
+
+def answers_per_call(said: Sequence[Any], asked: Any, key: Any) -> Any:
+    """
+    `--answer-questions-only`: the callee answers each question (`asked(call)`) with the next
+    `--say` phrase, starting again at the first for every call (`key(call)` names it), and is
+    silent otherwise.
+    """
+    used: dict[str, int] = {}
+
+    def utterances(call: Any) -> Any:
+        if not asked(call):
+            return None
+        name = key(call)
+        index = used.pop(name, 0)
+        used[name] = index + 1
+        while len(used) > MAX_SCRIPTED_CALLS:
+            del used[next(iter(used))]
+        return said[index] if index < len(said) else None
+
+    return utterances
+
+
+def scripted_utterances(args: argparse.Namespace) -> Any:
+    """What the callee says: the --say phrases at each turn of every call, or (with
+    --answer-questions-only) at each question only; every call starts again at the first."""
+    said = [u or None for u in args.utterances]
+    if not args.answer_questions_only:
+        return said  # each call keeps its own position in the list
+    return answers_per_call(said, asked=lambda call: "turnToken=" in (call.gathers[-1].action_url or "") if call.gathers else False, key=lambda call: call.sid)
+
+
 async def _serve(reactor: Any, args: argparse.Namespace) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -101,15 +135,7 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
-    said = [u or None for u in args.utterances]
-    utterances: Any = said
-    if args.answer_questions_only:
-        queue = list(said)
-
-        def utterances(call: Any) -> Any:
-            asked = "turnToken=" in (call.gathers[-1].action_url or "") if call.gathers else False
-            return queue.pop(0) if asked and queue else None
-
+    utterances = scripted_utterances(args)
     scenario = Scenario(
         outcome=args.outcome,
         ring_after=0.5,
