@@ -29,6 +29,32 @@ class DocsTests(SynchronousTestCase):
         for path in paths:
             load_config(path, {"HOME": "/nonexistent"})
 
+    def test_real_carrier_examples(self):
+        """examples/{twilio,telnyx,plivo,twilio-streaming}.json5 load with placeholders and no env, on the real APIs."""
+        cases = {
+            "twilio": ("twilio", "twilio"),
+            "twilio-streaming": ("twilio", "twilio"),
+            "telnyx": ("telnyx", "telnyx"),
+            "plivo": ("plivo", "plivo"),
+        }
+        for name, (provider, section) in cases.items():
+            config = load_config(os.path.join(ROOT, "examples", f"{name}.json5"), {"HOME": "/nonexistent"})
+            self.assertEqual(config.provider, provider, name)
+            self.assertEqual(getattr(config, section).base_url, f"https://api.{provider}.com", name)
+            self.assertTrue(config.public_url.startswith("https://"), name)
+            self.assertEqual(config.streaming.enabled, name == "twilio-streaming", name)
+        with open(os.path.join(ROOT, "examples", "twilio.json5")) as f:
+            self.assertIn("your-twilio-auth-token", f.read())
+
+    def test_fake_examples_run_beside_make_run(self):
+        """Each examples/*-fake.json5 has its own port and store, so it never clashes with `make run` (mock.json5)."""
+        names = ["mock", "twilio-fake", "telnyx-fake", "plivo-fake"]
+        configs = [load_config(os.path.join(ROOT, "examples", f"{n}.json5"), {"HOME": "/nonexistent"}) for n in names]
+        self.assertEqual(len({c.serve.port for c in configs}), len(names), [c.serve.port for c in configs])
+        self.assertEqual(len({c.store for c in configs}), len(names))
+        for config in configs[1:]:
+            self.assertIn(f":{config.serve.port}/", config.public_url)
+
     def test_fake_callees_answer_every_call(self):
         """The demo fakes' --say answers start again at the first phrase for each call (a second demo call is not silent)."""
         from voicecall.testing import plivo, twilio
