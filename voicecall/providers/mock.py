@@ -9,6 +9,10 @@ developer (or a test) plays the carrier's part:
 
 Each payload's verified request key is a hash of its bytes, so a redelivered payload is a replay.
 
+Speech takes `speak_seconds_per_char` per character on the injected clock (0 by default:
+played at once), like a carrier's playback; `speak` fires when it has been played and records
+`("spoken", id, text)` then. A call's playbacks queue one behind the other (as Telnyx's do).
+
 The mock is a development tool, so a payload it cannot use is refused whole (nothing applied)
 with a one-line reason: 400 for a malformed body or event (no `event`/`events`, an unknown type,
 a wrongly typed field, a non-finite number, an inbound event without `providerCallId`/`from`/`to`),
@@ -26,6 +30,7 @@ from typing import Any, Mapping
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -103,6 +108,10 @@ class MockProvider:
     actions: list[tuple[str, str | None, Any]] = field(factory=list)
     #: The calls it knows, by our id and its own: True while live, False once ended (bounded).
     _calls: OrderedDict[str, bool] = field(factory=OrderedDict, repr=False)
+    #: Seconds each character of speech takes to play (0: at once).
+    speak_seconds_per_char: float = 0.0
+    #: provider_call_id -> clock time its queued playback ends (bounded like `_calls`).
+    _playing_until: dict[str, float] = field(factory=dict, repr=False)
     _log = Logger()
 
     # -- webhooks ---------------------------------------------------------------------------------
@@ -289,15 +298,26 @@ class MockProvider:
     # -- speech (Voice) ---------------------------------------------------------------------------
 
     def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
+        """Fires once `text` has played (at once unless `speak_seconds_per_char` is set)."""
         self.actions.append(("speak", call.provider_call_id, text))
-        return succeed(None)
+        pid = call.provider_call_id
+        seconds = len(text) * self.speak_seconds_per_char
+        if seconds <= 0:
+            self.actions.append(("spoken", pid, text))
+            return succeed(None)
+        now = self._clock.seconds()
+        end = max(now, self._playing_until.pop(pid or "", now)) + seconds
+        self._playing_until[pid or ""] = end
+        while len(self._playing_until) > MAX_TRACKED_CALLS:
+            del self._playing_until[next(iter(self._playing_until))]
+        return deferLater(self._clock, end - now, self.actions.append, ("spoken", pid, text))
 
     def prompt(
         self, call: CallRecord, text: str, voice: str | None, turn_token: str | None
     ) -> Deferred[None]:
-        self.actions.append(("speak", call.provider_call_id, text))
+        played = self.speak(call, text, voice)
         self.actions.append(("listen", call.provider_call_id, turn_token))
-        return succeed(None)
+        return played
 
     def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
         self.actions.append(("listen", call.provider_call_id, turn_token))

@@ -1,0 +1,153 @@
+"""
+Issue 13.1: commands sent while something plays take effect in order, and each `continue` gets
+the answer to its own question. The carriers' own tests (test_plivo_e2e, test_twilio,
+test_telnyx_e2e) cover native speech; here: the manager's queue with the mock provider (playback
+that takes time on an injected clock) and a Twilio call over a media stream.
+"""
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from voicecall.manager import MAX_QUEUED_COMMANDS, CallError, CallManager, ManagerSettings
+from voicecall.model import CallEvent, EventType
+from voicecall.providers.mock import MockProvider
+
+from tests.test_streaming import StreamedConversationTests, tone
+
+GREETING = "Hello there, thanks for picking up the phone today"
+
+
+class _MemoryStore:
+    """The store's write/read surface, in memory."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def write(self, call, transcript=(), event_keys=(), events=()):
+        from twisted.internet.defer import succeed
+
+        self.calls[call.call_id] = call
+        return succeed(None)
+
+    async def get_call(self, call_id):
+        return self.calls.get(call_id)
+
+
+class MockTurnOrderTests(SynchronousTestCase):
+    """The mock provider with playback that takes time: speak fires len(text) * 60 ms later."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.mock = MockProvider(self.clock, speak_seconds_per_char=0.06)
+        self.manager = CallManager(
+            self.mock,
+            self.mock,
+            _MemoryStore(),
+            self.clock,
+            ManagerSettings(provider_name="mock", max_concurrent_calls=2, transcript_timeout_ms=30_000),
+            webhook_url="http://127.0.0.1/voice/webhook",
+        )
+        self.events = 0
+
+    def run_(self, coroutine) -> Deferred:
+        return Deferred.fromCoroutine(coroutine)
+
+    def event(self, call_id, kind, **extra):
+        self.events += 1
+        key = f"e{self.events}"
+        return self.successResultOf(
+            self.run_(self.manager.process_event(CallEvent(type=kind, call_id=call_id, id=key, timestamp=0, dedupe_key=key, **extra)))
+        )
+
+    def initiate(self):
+        return self.successResultOf(self.run_(self.manager.initiate("+15550001234", GREETING, "conversation")))
+
+    def wait(self, seconds):
+        """Let `seconds` pass in 50 ms steps (playback scheduled meanwhile starts when it would)."""
+        for _ in range(int(round(seconds / 0.05))):
+            self.clock.advance(0.05)
+
+    def played(self):
+        """What the mock played to its end, in order."""
+        return [detail for action, _, detail in self.mock.actions if action == "spoken"]
+
+    def test_continue_sent_before_the_answer(self):
+        """Initiate, continue at once: the greeting plays first, then the question; the answer is the question's."""
+        call_id = self.initiate()
+        answer = self.run_(self.manager.continue_call(call_id, "Who is this?"))
+        self.assertEqual([a for a in self.mock.actions if a[0] == "speak"], [])
+        self.event(call_id, EventType.ANSWERED)
+        self.wait(1.0)  # the greeting is still playing (3 s)
+        self.event(call_id, EventType.SPEECH, transcript="Hello?")  # the callee talks over it
+        self.assertNoResult(answer)
+        self.wait(2.1)  # the greeting ends; the question starts
+        self.assertEqual(self.played(), [GREETING])
+        self.wait(0.75)
+        self.assertEqual(self.played(), [GREETING, "Who is this?"])
+        self.assertNoResult(answer)
+        self.event(call_id, EventType.SPEECH, transcript="It's Alice")
+        self.assertEqual(self.successResultOf(answer), "It's Alice")
+        speaks = [detail for action, _, detail in self.mock.actions if action == "speak"]
+        self.assertEqual(speaks, [GREETING, "Who is this?"])
+
+    def test_each_continue_answers_its_own_question(self):
+        """A speak queued behind a question waits for it; the next continue is answered by its own words."""
+        call_id = self.initiate()
+        self.event(call_id, EventType.ANSWERED)
+        first = self.run_(self.manager.continue_call(call_id, "Who is this?"))
+        spoken = self.run_(self.manager.speak(call_id, "One moment."))
+        self.wait(10)
+        self.event(call_id, EventType.SPEECH, transcript="Alice")
+        self.assertEqual(self.successResultOf(first), "Alice")
+        self.successResultOf(spoken)
+        second = self.run_(self.manager.continue_call(call_id, "Where are you?"))
+        self.wait(10)
+        self.event(call_id, EventType.SPEECH, transcript="Home")
+        self.assertEqual(self.successResultOf(second), "Home")
+        self.assertEqual(self.played(), [GREETING, "Who is this?", "One moment.", "Where are you?"])
+
+    def test_queue_is_bounded_and_ends_with_the_call(self):
+        """At most MAX_QUEUED_COMMANDS wait; the call's end fails the waiting ones with 'Call has ended'."""
+        call_id = self.initiate()
+        waiting = [self.run_(self.manager.speak(call_id, f"line {n}")) for n in range(MAX_QUEUED_COMMANDS - 1)]
+        refused = self.failureResultOf(self.run_(self.manager.speak(call_id, "one too many")), CallError)
+        self.assertEqual(str(refused.value), f"Too many commands waiting on this call ({MAX_QUEUED_COMMANDS})")
+        self.event(call_id, EventType.ENDED, reason="completed")
+        for d in waiting:
+            self.assertEqual(str(self.failureResultOf(d, CallError).value), "Call has ended")
+        self.assertEqual(self.manager._commands, {})
+
+
+class StreamedTurnOrderTests(TestCase):
+    """A Twilio call over a media stream: a continue sent before the stream is up waits for the greeting."""
+
+    timeout = 60
+    start = StreamedConversationTests.start
+    hang_up = StreamedConversationTests.hang_up
+    connect = StreamedConversationTests.connect
+    close_client = StreamedConversationTests.close_client
+    said = StreamedConversationTests.said
+    until = StreamedConversationTests.until
+    _has = StreamedConversationTests._has
+
+    async def test_continue_before_the_stream(self):
+        await self.start(transcripts=("A table for two", "At eight"))
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": "+15550001234", "message": "Good evening", "mode": "conversation"}))["callId"]
+        pending = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "How many people?"})
+        fake_call = await self.until(self._fake_call, "the fake call")
+        stream = await fake_call.next_stream()
+        client = await self.connect(fake_call, stream)
+        await self.until(lambda: self._has(self.said(call_id), "How many people?"), "the question to finish playing")
+        self.assertEqual(await self.said(call_id), ["Good evening", "How many people?"])
+        client.talk(tone(0.6))
+        self.assertEqual(await pending, {"success": True, "transcript": "A table for two"})
+        pending = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "What time?"})
+        await self.until(lambda: self._has(self.said(call_id), "What time?"), "the second question")
+        client.talk(tone(0.6))
+        self.assertEqual(await pending, {"success": True, "transcript": "At eight"})
+        self.assertEqual(len(fake_call.streams), 1, "no TwiML update replaced the stream")
+
+    async def _fake_call(self):
+        return next(iter(self.fake.calls.values()), None)
