@@ -279,8 +279,8 @@ class ConfigTests(TestCase):
         await child.ended(20)
         self.assertNotEqual(child.exit_code, 0, child.describe())
         output = child.stdout + child.stderr
-        self.assertIn("plugins.entries.voice-call.config.bogus: unknown key", output)
-        self.assertIn("plugins.entries.voice-call.config.serve.port: expected an integer > 0", output)
+        self.assertIn(f"{workdir.config_path}: bogus: unknown key", output)
+        self.assertIn(f'{workdir.config_path}: serve.port: expected an integer > 0 (got "abc")', output)
         self.assertNotIn("voicecall ready", output)
         self.assertEqual(sorted(os.listdir(workdir.path)), ["voicecall.json"])
 

@@ -5,17 +5,20 @@ the service tree built on a MemoryReactorClock, and the plugin's discoverability
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import sys
 
 from twisted.application.service import IServiceMaker
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
-from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall import tap
 from voicecall.config import DISABLED_MESSAGE, ServeConfig, VoiceCallConfig
+from tests.daemon import ChildProcess, daemon_argv, event, make_workdir, run_cli, spawn, start_daemon, webhook_client
 
 P = "plugins.entries.voice-call.config"
 
@@ -39,7 +42,10 @@ class TapTestsBase(SynchronousTestCase):
         return options
 
     def refused(self, *argv: str) -> str:
-        return str(self.assertRaises(usage.UsageError, self.parse, *argv))
+        """What the refusal prints (SystemExit: twistd prints a UsageError after its usage text)."""
+        exc = self.assertRaises(SystemExit, self.parse, *argv)
+        self.assertIsInstance(exc.code, str)
+        return exc.code
 
 
 class OptionsTests(TapTestsBase):
@@ -112,41 +118,47 @@ class OptionsTests(TapTestsBase):
         self.assertEqual(tap.unix_endpoint("systemd:domain=UNIX:index=0"), "systemd:domain=UNIX:index=0")
 
     def test_malformed_config_lists_every_problem(self):
-        """A config with several bad values is refused with one UsageError naming each of them."""
+        """A config with several bad values is refused with one line per problem, each naming the file."""
         path = self.write_config(
             {"provider": "carrier-pigeon", "serve": {"port": "x"}, "maxConcurrentCalls": 0, "fromNumber": "555"}
         )
-        message = self.refused("--config", path)
-        lines = message.splitlines()
-        self.assertEqual(lines[0], "Invalid voice-call config:")
-        self.assertEqual(len(lines), 5, message)
-        for key in (f"{P}.provider:", f"{P}.serve.port:", f"{P}.maxConcurrentCalls:", f"{P}.fromNumber:"):
-            self.assertEqual(len([line for line in lines if line.strip().startswith(key)]), 1, (key, message))
-        self.assertIn("Expected E.164 format, e.g. +15550001234", message)
+        self.assertEqual(
+            self.refused("--config", path).splitlines(),
+            [f'{path}: provider: expected one of "telnyx", "twilio", "plivo", "mock" (got "carrier-pigeon")',
+             f'{path}: serve.port: expected an integer > 0 (got "x")',
+             f"{path}: maxConcurrentCalls: expected an integer > 0 (got 0)",
+             f'{path}: fromNumber: Expected E.164 format, e.g. +15550001234 (got "555")'],
+        )  # fmt: skip
 
     def test_unparseable_config(self):
-        """A file that is not JSON or JSON5 is refused with a UsageError naming the file."""
+        """A file that is not JSON or JSON5 is refused with one line naming the file, line and column."""
         path = self.write_config("{provider: ")
-        message = self.refused("--config", path)
-        self.assertIn(path, message)
-        self.assertIn("not valid JSON or JSON5", message)
+        self.assertEqual(self.refused("--config", path), f"{path}:1:12: not valid JSON or JSON5: Unexpected end of input")
 
     def test_missing_config(self):
-        """A --config that does not exist is refused with a UsageError naming the file."""
+        """A --config that does not exist is refused with one line naming the file."""
         path = os.path.join(self.home, "nope.json5")
-        message = self.refused("--config", path)
-        self.assertIn(path, message)
-        self.assertIn("cannot read config file", message)
+        self.assertEqual(self.refused("--config", path), f"{path}: cannot read config file: No such file or directory")
+
+    def disabled(self, path: str) -> str:
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        exc = self.assertRaises(SystemExit, self.parse, "--config", path)
+        self.assertEqual(exc.code, tap.DISABLED_EXIT_STATUS)
+        return stderr.getvalue()
 
     def test_disabled(self):
-        """`enabled: false` is refused with the SPEC's disabled message."""
-        self.assertEqual(self.refused("--config", self.write_config({"enabled": False})), DISABLED_MESSAGE)
+        """`enabled: false` exits with the status systemd does not restart, saying so in one line."""
+        path = self.write_config({"enabled": False})
+        self.assertEqual(
+            self.disabled(path), f"voicecall: not starting: {path} says enabled: false ({DISABLED_MESSAGE})\n"
+        )
         self.assertEqual(DISABLED_MESSAGE, "Voice call disabled. Enable the plugin entry in config.")
 
     def test_disabled_plugin_entry(self):
         """A whole OpenClaw config whose voice-call entry is disabled is refused the same way."""
         path = self.write_config({"plugins": {"entries": {"voice-call": {"enabled": False, "config": {}}}}})
-        self.assertEqual(self.refused("--config", path), DISABLED_MESSAGE)
+        self.assertIn("enabled: false", self.disabled(path))
 
 
 class MakeServiceTests(TapTestsBase):
@@ -194,3 +206,119 @@ class PluginTests(SynchronousTestCase):
         maker = makers["voicecall"]
         self.assertIs(maker.options, tap.Options)
         self.assertEqual(maker.makeService, tap.makeService)
+
+
+class StartupTests(TestCase):
+    """`twistd voicecall` as a subprocess: what a person sees when it cannot start, and its log."""
+
+    timeout = 60
+
+    async def refused(self, workdir, *extra: str, status: int = 1) -> ChildProcess:
+        child = spawn(self, daemon_argv(workdir) + list(extra), cwd=workdir.path)
+        await child.ended(30)
+        self.assertEqual(child.exit_code, status, child.describe())
+        for noise in ("Usage:", "Traceback", "--help"):
+            self.assertNotIn(noise, child.stdout + child.stderr)
+        return child
+
+    async def test_bad_config_prints_only_the_problems(self):
+        """A bad config prints its problems on stderr, one line each, and nothing else; exit 1."""
+        workdir = make_workdir(self, {"provider": "twillio", "twilio": {"acountSid": "AC1", "authToken": 7}})
+        child = await self.refused(workdir)
+        path = workdir.config_path
+        self.assertEqual(
+            child.stderr.splitlines(),
+            [f'{path}: provider: expected one of "telnyx", "twilio", "plivo", "mock" (got "twillio") (did you mean "twilio"?)',
+             f'{path}: twilio.acountSid: unknown key (did you mean "accountSid"?)',
+             f"{path}: twilio.authToken: expected a non-empty string (got a hidden number)"],
+        )  # fmt: skip
+        self.assertEqual(child.stdout, "")
+        self.assertEqual(sorted(os.listdir(workdir.path)), ["voicecall.json"])
+
+    async def test_bad_json(self):
+        """A JSON5 syntax error is one line with the file, line and column."""
+        workdir = make_workdir(self, raw='{\n  provider: "mock",\n  serve: {port: @},\n}\n')
+        child = await self.refused(workdir)
+        self.assertEqual(child.stderr, f'{workdir.config_path}:3:17: not valid JSON or JSON5: Unexpected "@"\n')
+
+    async def test_missing_and_unreadable_file(self):
+        """A missing config file is one line naming it."""
+        workdir = make_workdir(self)
+        missing = os.path.join(workdir.path, "nope.json5")
+        child = await self.refused(workdir, "--config", missing)
+        self.assertEqual(child.stderr, f"{missing}: cannot read config file: No such file or directory\n")
+
+    async def test_group_writable_config_refused(self):
+        """A config file other users can write stops the daemon with one line naming it and the fix."""
+        workdir = make_workdir(self)
+        os.chmod(workdir.config_path, 0o664)
+        child = await self.refused(workdir)
+        self.assertEqual(len(child.stderr.splitlines()), 1, child.stderr)
+        self.assertIn(f"{workdir.config_path}: config file is writable by other users", child.stderr)
+
+    async def test_disabled_exits_with_the_status_systemd_does_not_restart(self):
+        """`enabled: false`: one line, and the exit status the unit's RestartPreventExitStatus= names."""
+        workdir = make_workdir(self, {"enabled": False})
+        child = await self.refused(workdir, status=tap.DISABLED_EXIT_STATUS)
+        self.assertEqual(
+            child.stderr, f"voicecall: not starting: {workdir.config_path} says enabled: false ({DISABLED_MESSAGE})\n"
+        )
+
+    async def test_busy_port_is_one_line(self):
+        """A second daemon on a busy webhook port says so in one line (no traceback) and exits 1."""
+        first = await start_daemon(self, make_workdir(self))
+        port = int(first.base_url.rsplit(":", 1)[1])
+        workdir = make_workdir(self)
+        child = await self.refused(workdir, "--webhook", f"tcp:{port}:interface=127.0.0.1")
+        line = f"port {port} on 127.0.0.1 is in use (another voicecall? check `voicecall status`)"
+        self.assertEqual(child.stderr, f"voicecall failed to start: {line}\n")
+        self.assertEqual([x for x in child.stdout.splitlines() if "error" in x], [x for x in child.stdout.splitlines() if line in x])
+        self.assertNotIn("voicecall ready", child.stdout)
+
+    async def test_busy_rpc_socket_is_one_line(self):
+        """A second daemon on the same RPC socket says the socket is in use."""
+        workdir = make_workdir(self)
+        await start_daemon(self, workdir)
+        child = await self.refused(workdir)
+        self.assertEqual(
+            child.stderr,
+            f"voicecall failed to start: RPC socket {workdir.rpc_path} is in use (another voicecall? check `voicecall status`)\n",
+        )
+
+    async def test_log_at_default_level(self):
+        """The bare ready line, config warnings, and one line per call placed, answered and ended; no debug."""
+        workdir = make_workdir(self, {"provider": "log"})
+        daemon = await start_daemon(self, workdir)
+        self.assertRegex(daemon.process.stdout, re.compile(r"^voicecall ready: webhook \S+  rpc \S+$", re.M))
+        self.assertIn(f'config {workdir.config_path}: provider "log" is deprecated; use "mock" instead', daemon.process.stdout)
+        placed = await run_cli(self, workdir, "call", "--to", "+15550001234", "--message", "Hi")
+        call_id = placed.json()["callId"]
+        web = webhook_client(self)
+        await web.post(daemon.webhook_url, event("call.answered", call_id))
+        await web.post(daemon.webhook_url, event("call.ended", call_id, reason="hangup-user"))
+        await daemon.process.wait_for_output(re.compile(rb"ended: hangup-user"), 10, "the ended line")
+        await daemon.stop()
+        calls = [line.split("] ", 1)[1] for line in daemon.process.stdout.splitlines() if call_id in line]
+        self.assertEqual(
+            calls, [f"call {call_id} placed (conversation)", f"call {call_id} answered", f"call {call_id} ended: hangup-user"]
+        )
+        self.assertNotIn("#debug]", daemon.process.stdout)
+
+    async def test_carrier_failure_logged_with_the_api_root(self):
+        """A call the carrier API refuses is one line naming the API root, never the credentials."""
+        workdir = make_workdir(
+            self,
+            {"provider": "twilio", "fromNumber": "+15550000000", "publicUrl": "https://voice.example.com/voice/webhook",
+             "twilio": {"accountSid": "AC00000000000000000000000000000000", "authToken": "sekrit-token",
+                        "baseUrl": "http://127.0.0.1:9"}},
+        )  # fmt: skip
+        daemon = await start_daemon(self, workdir)
+        placed = await run_cli(self, workdir, "call", "--to", "+15550001234", "--message", "Hi")
+        self.assertNotEqual(placed.code, 0)
+        await daemon.process.wait_for_output(re.compile(rb"failed at the carrier"), 10, "the failure line")
+        await daemon.stop()
+        lines = [line for line in daemon.process.stdout.splitlines() if "failed at the carrier" in line]
+        self.assertEqual(len(lines), 1, daemon.process.stdout)
+        self.assertTrue(lines[0].endswith("failed at the carrier (http://127.0.0.1:9)"), lines[0])
+        self.assertNotIn("ended: failed", daemon.process.stdout)
+        self.assertNotIn("sekrit", daemon.process.stdout + daemon.process.stderr)

@@ -7,11 +7,14 @@ components and wires them together.
 
 Start sequence: open the store, restore the calls that were live (checking each with the
 carrier), listen for webhooks, then open the RPC socket and start the reaper. A bad config stops
-the daemon in option parsing, before anything is bound; a failure later in the sequence is
-logged and the process exits with status 1.
+the daemon in option parsing, before anything is bound: its problems are printed to stderr, one
+line each, and twistd exits 1 (no usage text, no traceback). A config with ``enabled: false``
+exits with `DISABLED_EXIT_STATUS`, which the systemd unit does not restart. A failure later in
+the sequence is one line on stderr (a listening address in use says so) and exit status 1.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -51,6 +55,10 @@ from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen, 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 PROVIDERS = ("mock", "twilio", "telnyx", "plivo")
 
+#: The exit status of a daemon whose config says ``enabled: false`` (LSB "program is not
+#: configured"); systemd/voicecall.service lists it in RestartPreventExitStatus=.
+DISABLED_EXIT_STATUS = 6
+
 
 def build_provider(cfg, reactor, http):
     """The carrier adapter the config names, with its credentials and API root."""
@@ -74,6 +82,7 @@ def build_provider(cfg, reactor, http):
             auth_id=cfg.plivo.auth_id,
             auth_token=cfg.plivo.auth_token,
             base_url=cfg.plivo.base_url,
+            allow_v2_signatures=cfg.plivo.allow_v2_signatures,
             public_url=cfg.public_url,
             ring_timeout_sec=max(1, cfg.ring_timeout_ms // 1000),
         )
@@ -135,15 +144,36 @@ class Options(usage.Options):
         try:
             config = parse_config({}, env) if path is None else load_config(path, env)
         except ConfigError as e:
-            raise usage.UsageError("\n  ".join(["Invalid voice-call config:", *e.problems]))
+            # SystemExit, not UsageError: twistd prints its whole usage text before a UsageError.
+            raise SystemExit("\n".join(e.lines())) from None
         if not config.enabled:
-            raise usage.UsageError(DISABLED_MESSAGE)
+            where = f"{path} says" if path else "the config says"
+            print(
+                f"voicecall: not starting: {where} enabled: false ({DISABLED_MESSAGE})",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(DISABLED_EXIT_STATUS)
         if config.provider not in PROVIDERS:
-            raise usage.UsageError(f'provider "{config.provider}" is not available in this build yet')
+            raise SystemExit(f'voicecall: provider "{config.provider}" is not available in this build yet')
         self["config_path"] = path
         self["voicecall"] = config
         self["webhook"] = self["webhook"] or f"tcp:{config.serve.port}:interface={config.serve.bind}"
         self["rpc"] = unix_endpoint(self["rpc"] or "unix:" + default_socket_path(config.store, env))
+
+
+def _in_use(error: CannotListenError, description: str) -> str:
+    """One line for an address another program holds."""
+    path = _unix_path(description)
+    if path is not None:
+        what = f"RPC socket {path}"
+    else:
+        what = f"port {error.port} on {error.interface or '0.0.0.0'}"
+    return f"{what} is in use (another voicecall? check `voicecall status`)"
+
+
+class StartFailed(Exception):
+    """A start-up failure whose message says it all (no traceback is logged for it)."""
 
 
 class ListenerService(Service):
@@ -160,7 +190,14 @@ class ListenerService(Service):
         path = _unix_path(self.description)
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-        self.port = await serverFromString(self._reactor, self.description).listen(self._factory)
+        try:
+            self.port = await serverFromString(self._reactor, self.description).listen(self._factory)
+        except CannotListenError as e:
+            held = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
+            if held or (path and str(e.socketError) == "Cannot acquire lock"):  # lockfile=1: a live owner
+                raise StartFailed(_in_use(e, self.description)) from None
+            reason = getattr(e.socketError, "strerror", None) or e.socketError
+            raise StartFailed(f"cannot listen on {self.description}: {reason}") from None
         return self.port
 
     def stopService(self):
@@ -177,7 +214,8 @@ class VoicecallService(MultiService):
     _log = Logger()
 
     def __init__(
-        self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool, metrics=None, media=None, bridge=None
+        self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool, metrics=None, media=None, bridge=None,
+        config_path=None,
     ) -> None:
         super().__init__()
         self.setName("voicecall")
@@ -197,6 +235,7 @@ class VoicecallService(MultiService):
         self._media = media
         self._bridge = bridge
         self._tunnel = None
+        self._config_path = config_path
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
             if child is not None:
@@ -208,6 +247,8 @@ class VoicecallService(MultiService):
         d.addCallbacks(self.ready.callback, self._failed)
 
     async def _start(self) -> None:
+        for warning in self._config.warnings:
+            self._log.warn("config {path}: {warning}", path=self._config_path or "(none)", warning=warning)
         await self._writer.start()
         await self._store.open()
         await self.manager.restore()
@@ -241,7 +282,9 @@ class VoicecallService(MultiService):
                 name=type(self._reactor).__name__,
             )
         sdnotify.notify(f"READY=1\nSTATUS=listening on {local_url}")
-        print(f"voicecall ready: webhook {self.webhook_url}  rpc {_unix_path(self._rpc.description) or self._rpc.description}", flush=True)
+        # The real stdout: twistd turns print() into a timestamped "[stdout#info]" log line.
+        rpc = _unix_path(self._rpc.description) or self._rpc.description
+        print(f"voicecall ready: webhook {self.webhook_url}  rpc {rpc}", file=sys.__stdout__, flush=True)
 
     async def _expose(self, port: int) -> str | None:
         """SPEC §1 step 6: a tunnel or a legacy Tailscale route; a failure is logged, not fatal."""
@@ -266,8 +309,11 @@ class VoicecallService(MultiService):
         return self._tunnel.public_url if self._tunnel is not None else None
 
     def _failed(self, failure) -> None:
-        self._log.failure("voicecall failed to start", failure)
-        print(f"voicecall failed to start: {failure.getErrorMessage()}", file=sys.stderr, flush=True)
+        if failure.check(StartFailed):
+            self._log.error("voicecall failed to start: {why}", why=failure.getErrorMessage())
+        else:
+            self._log.failure("voicecall failed to start", failure)
+        print(f"voicecall failed to start: {failure.getErrorMessage()}", file=sys.__stderr__, flush=True)
         self.ready.errback(failure)
         self.ready.addErrback(lambda _: None)
         if getattr(self._reactor, "running", False):
@@ -307,6 +353,42 @@ async def _maybe(result: Any) -> Any:
     if isinstance(result, Deferred):
         return await result
     return result
+
+
+class CallLog:
+    """
+    The daemon's line per call milestone at the default level, from the manager's durable call
+    events (the manager itself logs "placed"): answered, ended with its reason, and a call the
+    carrier's API refused or never answered, naming that API's root (never a credential).
+    """
+
+    _log = Logger()
+
+    def __init__(self, api_root: str | None) -> None:
+        self._api_root = api_root
+        self._refused: str | None = None  # the call whose "ended" line the refusal line replaces
+
+    def __call__(self, entry: dict) -> None:
+        kind, call_id = entry.get("type"), entry.get("callId")
+        if kind == "call.state" and entry.get("state") == "answered":
+            self._log.info("call {call_id} answered", call_id=call_id)
+        elif kind == "call.state" and entry.get("state") == "failed" and entry.get("previous") == "initiated":
+            self._refused = call_id
+            self._log.warn(
+                "call {call_id} failed at the carrier ({api})",
+                call_id=call_id,
+                api=self._api_root or "the carrier API",
+            )
+        elif kind == "call.ended":
+            if self._refused == call_id:
+                self._refused = None
+                return
+            self._log.info("call {call_id} ended: {reason}", call_id=call_id, reason=entry.get("reason"))
+
+
+def _api_root(cfg) -> str | None:
+    section = {"twilio": cfg.twilio, "telnyx": cfg.telnyx, "plivo": cfg.plivo}.get(cfg.provider)
+    return section.base_url if section is not None else None
 
 
 def forwarding_policy(cfg) -> ForwardingPolicy:
@@ -444,6 +526,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         timeout_ms=cfg.response_timeout_ms,
     )
     manager.on_utterance = auto.on_utterance
+    manager.subscribe(CallLog(_api_root(cfg)))
     media = None
     if bridge is not None:
         bridge.manager = manager
@@ -473,7 +556,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     site = ScreenedSite(
         RootResource(webhook=webhook, stream_path=stream_path, stream=media.resource if media else None),
         clock=reactor,
-        screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification),
+        screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification, client_ip=forwarding.client_ip),
         on_refused=lambda status: webhook.counts.update((str(status),)),
     )
     service: VoicecallService
@@ -516,5 +599,6 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         metrics=metrics_listener,
         media=media,
         bridge=bridge,
+        config_path=options.get("config_path"),
     )
     return service
