@@ -11,6 +11,7 @@ import tempfile
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from tests.daemon import TWISTD, make_workdir, run_cli, spawn
+from voicecall.tap import DISABLED_EXIT_STATUS
 
 UNITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd")
 
@@ -38,6 +39,10 @@ class UnitFileTests(SynchronousTestCase):
         ):
             self.assertIn(line + "\n", text)
         self.assertRegex(text, r"ExecStart=\S+/twistd --nodaemon --pidfile= --reactor=voicecall-epoll voicecall")
+
+    def test_disabled_config_not_restarted(self):
+        """The exit status of `enabled: false` is one Restart=on-failure does not restart."""
+        self.assertIn(f"RestartPreventExitStatus={DISABLED_EXIT_STATUS}\n", unit("voicecall.service"))
 
     def test_systemd_analyze_verify(self):
         """systemd-analyze verify accepts both units (with ExecStart pointed at an existing twistd)."""
