@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall.cli import main
-from voicecall.doctor import run_checks
+from voicecall.doctor import render, run_checks
 from tests.daemon import make_workdir, run_cli, start_daemon
 
 TWILIO = {"provider": "twilio", "fromNumber": "+15550000000", "twilio": {"accountSid": "AC1", "authToken": "t"}}
@@ -60,18 +60,75 @@ class DoctorChecksTests(SynchronousTestCase):
         self.assertIn("in use", check.detail)
 
     def test_bad_config(self):
-        """A bad config is one failing check listing its problems, and the CLI exits 1."""
+        """A bad config is a failing line per problem, credentials apart, and the CLI exits 1."""
         directory = tempfile.mkdtemp(prefix="vc-doc-", dir="/tmp")
         self.addCleanup(os.system, f"rm -rf {directory}")
         path = os.path.join(directory, "bad.json")
         with open(path, "w") as f:
-            json.dump({"provider": "twilio", "bogus": 1}, f)
+            json.dump({"provider": "twilio", "bogus": 1, "store": directory}, f)
         result = CliRunner().invoke(main, ["--config", path, "doctor", "--json"])
         self.assertEqual(result.exit_code, 1)
         report = json.loads(result.output)
         self.assertFalse(report["ok"])
-        self.assertIn("bogus: unknown key", report["checks"][0]["detail"])
-        self.assertIn("twilio.accountSid is required", report["checks"][0]["detail"])
+        failed = [(c["name"], c["detail"]) for c in report["checks"] if not c["ok"]]
+        self.assertEqual(
+            failed[:5],
+            [("config", f"{path}: bogus: unknown key"),
+             ("credentials", f"{path}: fromNumber is required (or set TWILIO_FROM_NUMBER env)"),
+             ("credentials", f"{path}: twilio.accountSid is required (or set TWILIO_ACCOUNT_SID env)"),
+             ("credentials", f"{path}: twilio.authToken is required (or set TWILIO_AUTH_TOKEN env)"),
+             ("public URL", "none: carriers cannot reach the webhook")],
+        )  # fmt: skip
+
+    def test_config_error_hides_nothing(self):
+        """With a config error, the public URL, port and state directory are still checked and reported."""
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            checks = run_checks_list(self, {**TWILIO, "serve": {"port": port, "bnd": "x"},
+                                            "publicUrl": "http://127.0.0.1/voice/webhook", "store": "/dev/null/state"})  # fmt: skip
+        failed = {c.name: c.detail for c in checks if not c.ok}
+        self.assertIn('serve.bnd: unknown key (did you mean "bind"?)', failed["config"])
+        self.assertIn("loopback or private", failed["public URL"])
+        self.assertIn("in use", failed["port"])
+        self.assertIn("state directory", failed)
+
+    def test_unparseable_config_is_the_only_line(self):
+        """A file that cannot be parsed is one failing line with its line and column."""
+        directory = tempfile.mkdtemp(prefix="vc-doc-", dir="/tmp")
+        self.addCleanup(os.system, f"rm -rf {directory}")
+        path = os.path.join(directory, "voicecall.json5")
+        with open(path, "w") as f:
+            f.write("{provider: }")
+        checks = run_checks(path, None, {}, directory)
+        self.assertEqual([(c.name, c.ok, c.detail) for c in checks], [("config", False, f"{path}:1:12: not valid JSON or JSON5: Unexpected \"}}\"")])
+
+    def test_deprecations_are_warnings(self):
+        """Legacy keys are WARN lines naming their replacement; the report stays ok."""
+        checks = run_checks_list(self, {"provider": "log"})
+        warns = [c for c in checks if c.warn]
+        self.assertEqual([c.detail for c in warns], ['provider "log" is deprecated; use "mock" instead'])
+        self.assertTrue(all(c.ok for c in warns))
+        self.assertIn('WARN  config: provider "log" is deprecated; use "mock" instead', render(checks))
+        self.assertEqual(warns[0].to_json()["warn"], True)
+
+    def test_writable_config_fails_readable_secrets_warn(self):
+        """A config others can write is a FAIL; secrets everyone can read are a WARN with chmod 600."""
+        checks = run_checks_list(self, {"provider": "mock"}, mode=0o666)
+        self.assertIn("writable by other users", [c for c in checks if not c.ok][0].detail)
+        checks = run_checks_list(self, TWILIO, mode=0o644)
+        self.assertEqual(len([c for c in checks if c.warn and "chmod 600" in c.detail]), 1)
+
+
+def run_checks_list(testcase, config: dict, mode: int = 0o600) -> list:
+    directory = tempfile.mkdtemp(prefix="vc-doc-", dir="/tmp")
+    testcase.addCleanup(os.system, f"rm -rf {directory}")
+    path = os.path.join(directory, "voicecall.json")
+    with open(path, "w") as f:
+        json.dump({"store": directory, **config}, f)
+    os.chmod(path, mode)
+    return run_checks(path, os.path.join(directory, "s.sock"), {}, directory)
 
 
 class DoctorWithDaemonTests(TestCase):

@@ -278,6 +278,11 @@ def _validate(cfg: VoiceCallConfig) -> list[Issue]:
     return problems
 
 
+def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
+    """What SPEC §2.5 finds missing in a configuration (empty when it is disabled)."""
+    return _validate(cfg) if cfg.enabled else []
+
+
 # --- public entry points ---------------------------------------------------------------------
 
 

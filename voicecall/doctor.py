@@ -18,19 +18,24 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
-from voicecall.config import ConfigError, find_config_path, load_config, parse_config
+from voicecall.config import ConfigError, find_config_path, load_config, parse_config, provider_problems
 from voicecall.rpc import default_socket_path
 
 
 @frozen
 class Check:
+    """One line of the report: OK, FAIL (with the fix), or WARN (ok, but worth a look)."""
+
     name: str
     ok: bool
     detail: str
     fix: str | None = None
+    warn: bool = False
 
     def to_json(self) -> dict:
         out = {"name": self.name, "ok": self.ok, "detail": self.detail}
+        if self.warn:
+            out["warn"] = True
         if self.fix:
             out["fix"] = self.fix
         return out
@@ -84,20 +89,40 @@ def _writable_dir(path: str) -> tuple[bool, str]:
     return True, path
 
 
+def _missing_credentials(cfg):
+    return [issue for issue in provider_problems(cfg) if "is required" in issue.text]
+
+
 def run_checks(explicit_config: str | None, socket_override: str | None, env: Mapping[str, str], cwd: str) -> list[Check]:
+    """
+    Every check at once: a config problem does not hide the others (public URL, port, store,
+    credentials), which are checked against what could be read around it.
+    """
     checks: list[Check] = []
     path = find_config_path(explicit_config, env, cwd)
+    fix = f"edit {path}" if path else "write a config file"
+    whole_file = False
     try:
         cfg = parse_config({}, env) if path is None else load_config(path, env)
     except ConfigError as e:
-        checks.append(Check("config", False, "; ".join(e.problems), f"edit {path}"))
-        return checks
-    checks.append(Check("config", True, f"{path or 'no file: built-in defaults'} (provider {cfg.provider})"))
+        if e.config is None:  # unreadable or not JSON: nothing else can be known
+            checks.extend(Check("config", False, line, fix) for line in e.lines())
+            return checks
+        cfg, whole_file = e.config, e.whole_file
+        missing = {i.problem for i in _missing_credentials(cfg)}  # reported under "credentials"
+        shown = ConfigError([i for i in e.issues if i.problem not in missing], whole_file=whole_file, file=e.file)
+        checks.extend(Check("config", False, line, fix) for line in shown.lines())
+    else:
+        checks.append(Check("config", True, f"{path or 'no file: built-in defaults'} (provider {cfg.provider})"))
+    checks.extend(Check("config", True, warning, warn=True) for warning in cfg.warnings)
     if not cfg.enabled:
         checks.append(Check("enabled", False, "the config disables voice calls", "set enabled: true"))
-        return checks
 
-    if cfg.provider == "mock":
+    missing_credentials = _missing_credentials(cfg)
+    if missing_credentials:
+        shown = ConfigError(missing_credentials, whole_file=whole_file, file=path)
+        checks.extend(Check("credentials", False, line, fix) for line in shown.lines())
+    elif cfg.provider == "mock":
         checks.append(Check("credentials", True, "mock provider: no carrier, no real calls"))
     else:
         checks.append(Check("credentials", True, f"{cfg.provider} credentials present"))
@@ -173,7 +198,7 @@ def _socket_check(path: str) -> Check:
 def render(checks: list[Check]) -> str:
     lines = []
     for check in checks:
-        mark = "OK  " if check.ok else "FAIL"
+        mark = "FAIL" if not check.ok else "WARN" if check.warn else "OK  "
         line = f"{mark}  {check.name}: {check.detail}"
         if check.fix and not check.ok:
             line += f"\n      fix: {check.fix}"
