@@ -11,7 +11,8 @@ import os
 import re
 import sys
 
-from twisted.application.service import IServiceMaker
+from twisted.application.service import Application, IServiceMaker
+from twisted.logger import ILogObserver, LogLevel
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -322,3 +323,39 @@ class StartupTests(TestCase):
         self.assertTrue(lines[0].endswith("failed at the carrier (http://127.0.0.1:9)"), lines[0])
         self.assertNotIn("ended: failed", daemon.process.stdout)
         self.assertNotIn("sekrit", daemon.process.stdout + daemon.process.stderr)
+
+
+class LogLevelTests(TapTestsBase):
+    """Under `twistd -n` (stdout logging) debug events are dropped; a log file keeps twistd's default."""
+
+    def service(self, twistd_options):
+        self.stdout = io.StringIO()
+        self.patch(sys, "stdout", self.stdout)
+        options = self.parse("--config", self.write_config({"store": os.path.join(self.home, "s")}))
+        options.parent = twistd_options
+        return tap.makeService(options, reactor=MemoryReactorClock())
+
+    def test_stdout_drops_debug(self):
+        """With -n and no --logfile the Application's log observer keeps info and above."""
+        application = Application("voicecall")
+        self.service({"nodaemon": True, "logfile": None}).setServiceParent(application)
+        observer = application.getComponent(ILogObserver)
+        for level in (LogLevel.debug, LogLevel.info, LogLevel.warn):
+            observer({"log_level": level, "log_format": "{what} line", "what": level.name, "log_namespace": "x", "log_time": 0})
+        self.assertEqual([line.split("] ", 1)[1] for line in self.stdout.getvalue().splitlines()], ["info line", "warn line"])
+
+    def test_level_from_environment(self):
+        """$VOICECALL_LOG_LEVEL=debug keeps debug events."""
+        self.env["VOICECALL_LOG_LEVEL"] = "debug"
+        application = Application("voicecall")
+        self.service({"nodaemon": True, "logfile": None}).setServiceParent(application)
+        application.getComponent(ILogObserver)({"log_level": LogLevel.debug, "log_format": "d", "log_namespace": "x", "log_time": 0})
+        self.assertIn("d", self.stdout.getvalue())
+
+    def test_log_file_left_to_twistd(self):
+        """With --logfile, --syslog or --logger (or outside twistd) twistd's own observer stands."""
+        for parent in ({"nodaemon": True, "logfile": "/tmp/x.log"}, {"nodaemon": True, "syslog": True},
+                       {"nodaemon": True, "logger": "a.b"}, None):  # fmt: skip
+            application = Application("voicecall")
+            self.service(parent).setServiceParent(application)
+            self.assertIsNone(application.getComponent(ILogObserver, None), parent)

@@ -23,7 +23,16 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    InvalidLogLevelError,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    textFileLogObserver,
+)
+from twisted.python.components import Componentized
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -172,6 +181,25 @@ def _in_use(error: CannotListenError, description: str) -> str:
     return f"{what} is in use (another voicecall? check `voicecall status`)"
 
 
+def stdout_log_observer(twistd_options: Any, env: Any) -> Any:
+    """
+    The observer twistd would log to stdout with (``-n`` without ``--logfile``: the journal under
+    systemd, the terminal for ``make run``), keeping only events at ``$VOICECALL_LOG_LEVEL``
+    (default ``info``) and above: twistd has no level option and would print debug events.
+    None (twistd's own choice stands) for a log file, syslog, ``--logger``, or outside twistd.
+    """
+    if not twistd_options or twistd_options.get("logger") or twistd_options.get("syslog"):
+        return None
+    logfile = twistd_options.get("logfile")
+    if not (logfile == "-" or (twistd_options.get("nodaemon") and not logfile)):
+        return None
+    try:
+        level = LogLevel.levelWithName(env.get("VOICECALL_LOG_LEVEL", "info").lower())
+    except InvalidLogLevelError:
+        level = LogLevel.info
+    return FilteringLogObserver(textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(level)])
+
+
 class StartFailed(Exception):
     """A start-up failure whose message says it all (no traceback is logged for it)."""
 
@@ -215,7 +243,7 @@ class VoicecallService(MultiService):
 
     def __init__(
         self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool, metrics=None, media=None, bridge=None,
-        config_path=None,
+        config_path=None, log_observer=None,
     ) -> None:
         super().__init__()
         self.setName("voicecall")
@@ -236,10 +264,19 @@ class VoicecallService(MultiService):
         self._bridge = bridge
         self._tunnel = None
         self._config_path = config_path
+        self._log_observer = log_observer
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
             if child is not None:
                 child.setServiceParent(self)
+
+    def setServiceParent(self, parent) -> None:
+        # twistd adds the plugin's service to a new Application, then starts logging with the
+        # Application's ILogObserver component when it has one (twisted.application.app.AppLogger).
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         Service.startService(self)
@@ -600,5 +637,6 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         media=media,
         bridge=bridge,
         config_path=options.get("config_path"),
+        log_observer=stdout_log_observer(getattr(options, "parent", None), os.environ),
     )
     return service
