@@ -1362,6 +1362,10 @@ class RenderedProblemsTests(SynchronousTestCase):
         self.assertEqual((exc.config.provider, exc.config.serve.port), ("twilio", 4000))
 
 
+#: A group other than root's own (daemon), for the group-writable refusal.
+SHARED_GID = 1
+
+
 class FilePermissionTests(SynchronousTestCase):
     """Issue 12: a config file others can change is refused; secrets everyone can read are warned about."""
 
@@ -1375,14 +1379,26 @@ class FilePermissionTests(SynchronousTestCase):
         return path
 
     def test_group_or_world_writable_refused(self):
-        """A group- or world-writable file is refused, naming the file and the fix."""
-        for mode in (0o620, 0o602, 0o666):
+        """A world-writable file, or one a shared group can write, is refused, naming the file and the fix."""
+        for mode, group in ((0o620, SHARED_GID), (0o602, None), (0o666, None)):
             path = self.write({"provider": "mock"}, mode)
+            if group is not None:
+                if os.geteuid() != 0:
+                    continue
+                os.chown(path, -1, group)
             exc = self.assertRaises(ConfigError, load_config, path, ENV)
             self.assertEqual(len(exc.lines()), 1, exc.lines())
             self.assertIn(f"{path}: config file is writable by other users", exc.lines()[0])
             self.assertIn(f"chmod go-w {path}", exc.lines()[0])
             self.assertIsNotNone(exc.config)
+
+    def test_private_group_write_allowed(self):
+        """Group write on the owner's private group (umask 002 systems) reaches nobody else: no refusal."""
+        import pwd
+
+        path = self.write({"provider": "mock"}, 0o664)
+        os.chown(path, -1, pwd.getpwuid(os.geteuid()).pw_gid)
+        self.assertEqual(load_config(path, ENV).warnings, ())
 
     def test_owned_by_another_user_refused(self):
         """A file owned by a user other than root and the reader is refused."""

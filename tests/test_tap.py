@@ -252,7 +252,7 @@ class StartupTests(TestCase):
     async def test_group_writable_config_refused(self):
         """A config file other users can write stops the daemon with one line naming it and the fix."""
         workdir = make_workdir(self)
-        os.chmod(workdir.config_path, 0o664)
+        os.chmod(workdir.config_path, 0o646)
         child = await self.refused(workdir)
         self.assertEqual(len(child.stderr.splitlines()), 1, child.stderr)
         self.assertIn(f"{workdir.config_path}: config file is writable by other users", child.stderr)

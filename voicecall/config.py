@@ -49,8 +49,10 @@ It imports nothing of ours but those two, and does no I/O except `load_config` r
 """
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import re
 import stat
 from typing import Any, Mapping
@@ -389,16 +391,30 @@ def _holds_secrets(data: Any, depth: int = 0) -> bool:
     return False
 
 
+def _private_group(gid: int, uid: int) -> bool:
+    """
+    Whether ``gid`` is the owner's own group (same name, the owner's primary group, no other
+    listed member): group write on it reaches nobody else (the umask 002 of user-private-group
+    systems makes such files). Unknown users or groups count as shared.
+    """
+    try:
+        owner, group = pwd.getpwuid(uid), grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return owner.pw_gid == gid and group.gr_name == owner.pw_name and set(group.gr_mem) <= {owner.pw_name}
+
+
 def file_permission_problems(path: str, info: os.stat_result, data: Any) -> tuple[Issue | None, list[str]]:
     """
-    What the file's owner and mode say (issue 12): writable by group or others, or owned by a
-    user other than root and the one reading it, is a refusal; secrets readable by every user
-    are a warning.
+    What the file's owner and mode say (issue 12): writable by others (world, or a group that
+    is not the owner's private group), or owned by a user other than root and the one reading
+    it, is a refusal; secrets readable by every user are a warning.
     """
     mode = stat.S_IMODE(info.st_mode)
     owner_ok = info.st_uid in (0, os.geteuid())
-    if mode & (stat.S_IWGRP | stat.S_IWOTH) or not owner_ok:
-        why = "writable by other users" if mode & (stat.S_IWGRP | stat.S_IWOTH) else f"owned by another user (uid {info.st_uid})"
+    writable = mode & stat.S_IWOTH or (mode & stat.S_IWGRP and not _private_group(info.st_gid, info.st_uid))
+    if writable or not owner_ok:
+        why = "writable by other users" if writable else f"owned by another user (uid {info.st_uid})"
         refusal = Issue(
             path,
             f"config file is {why}, who could change where calls go or what is trusted; "
