@@ -11,20 +11,35 @@ TRIAL_ARGS ?= -j2 --reactor=voicecall-epoll tests
 .PHONY: run test bench clean venv
 
 $(BIN)/python:
+	@echo "==> creating the virtualenv $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> upgrading pip in $(VENV)"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Re-install whenever the packaging files change. "compat" editable mode puts the checkout on
-# sys.path, which Twisted's plugin scan needs to find twisted/plugins/ (strict/lenient hide it).
+# Re-install whenever the packaging files change. pip's default editable install gives the
+# `voicecall` script and imports from this checkout, but does not put the checkout on sys.path,
+# where Twisted's plugin scan looks for twisted/plugins/: a .pth file naming the checkout does.
+# (setuptools' "compat" editable mode did that too, and is deprecated.)
+# The lenient mode's note about folders named like a package (our twisted/) is expected: silenced.
+PIP_INSTALL = PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install
+PLUGIN_PATH = $(BIN)/python -c "import sys, sysconfig; open(sysconfig.get_paths()['purelib'] + '/voicecall-checkout.pth', 'w').write(sys.argv[1] + '\n')" "$(CURDIR)"
+PLUGIN_CACHE = $(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
 $(VENV)/.installed-run: $(BIN)/python setup.cfg setup.py
-	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e .
-	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
-	touch $@
+	@echo "==> installing voicecall and its dependencies into $(VENV) (a minute or so the first time)"
+	$(PIP_INSTALL) -e .
+	@echo "==> letting twistd find the voicecall plugin in $(CURDIR)/twisted/plugins"
+	@$(PLUGIN_PATH)
+	@$(PLUGIN_CACHE)
+	@touch $@
 
 $(VENV)/.installed-test: $(BIN)/python setup.cfg setup.py
-	$(BIN)/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test]'
-	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
-	touch $@ $(VENV)/.installed-run
+	@echo "==> installing voicecall with its test extra (carrier SDKs, hypothesis, ...) into $(VENV)"
+	$(PIP_INSTALL) -e '.[test]'
+	@echo "==> letting twistd find the voicecall plugin in $(CURDIR)/twisted/plugins"
+	@$(PLUGIN_PATH)
+	@$(PLUGIN_CACHE)
+	@touch $@ $(VENV)/.installed-run
 
 venv: $(VENV)/.installed-run
 
@@ -33,6 +48,7 @@ $(CONFIG):
 	@echo "created $(CONFIG) from examples/mock.json5 (edit it freely; it is not tracked)"
 
 run: $(VENV)/.installed-run $(CONFIG)
+	@echo "==> starting the daemon with $(CONFIG) (Ctrl-C stops it)"
 	$(BIN)/twistd --nodaemon --pidfile= --reactor=voicecall-epoll voicecall --config $(CONFIG)
 
 test: $(VENV)/.installed-test
