@@ -321,7 +321,9 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
     cfg = VoiceCallConfig(**kwargs, enabled=enabled, provider=provider, store=store, tts=tts)
     cfg = _apply_env(cfg, env, r)
     if cfg.enabled:
-        r.issues.extend(_validate(cfg))
+        # A key whose value was refused is not also reported as missing.
+        refused = {issue.path for issue in r.issues}
+        r.issues.extend(issue for issue in _validate(cfg) if issue.path not in refused)
     cfg = evolve(cfg, warnings=tuple(r.warnings))
     if r.issues:
         raise ConfigError(r.issues, whole_file=whole_file, config=cfg)
