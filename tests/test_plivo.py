@@ -87,6 +87,9 @@ class WebhookTests(SynchronousTestCase):
 
     def test_v2_replay_key_ignores_query(self):
         """A V2 request key covers the URL without its query: the same nonce on another query is the same request."""
+        self.provider = PlivoProvider(
+            http=None, clock=Clock(), auth_id=AUTH_ID, auth_token=TOKEN, public_url=PUBLIC, allow_v2_signatures=True
+        )
         params = {"CallUUID": "uuid-1", "CallStatus": "ringing"}
         first = ctx(params, "?callId=c1", version="v2")
         nonce = first.headers["x-plivo-signature-v2-nonce"]
@@ -118,13 +121,27 @@ class WebhookTests(SynchronousTestCase):
         self.assertTrue(provider.verify_webhook(ctx(params, "?a=1", signed_url="https://127.0.0.1/voice/webhook?a=1")).ok)
 
     def test_signature_header_gate(self):
-        """The pre-auth gate wants a V3 signature with its nonce, or a V2 pair."""
+        """The pre-auth gate wants a V3 signature with its nonce; a V2 pair only when V2 is allowed."""
         gate = self.provider.has_signature_headers
         self.assertFalse(gate({"host": "x"}))
         self.assertFalse(gate({"x-plivo-signature-v3": "a"}))
         self.assertFalse(gate({"x-plivo-signature-v2-nonce": "1"}))
         self.assertTrue(gate({"x-plivo-signature-v3": "a", "x-plivo-signature-v3-nonce": "1"}))
-        self.assertTrue(gate({"x-plivo-signature-v2": "a", "x-plivo-signature-v2-nonce": "1"}))
+        self.assertFalse(gate({"x-plivo-signature-v2": "a", "x-plivo-signature-v2-nonce": "1"}))
+        allowing = PlivoProvider(http=None, clock=Clock(), auth_id=AUTH_ID, auth_token=TOKEN, allow_v2_signatures=True)
+        self.assertTrue(allowing.has_signature_headers({"x-plivo-signature-v2": "a", "x-plivo-signature-v2-nonce": "1"}))
+
+    def test_v2_only_refused_by_default(self):
+        """A callback signed with V2 only is refused unless V2 is allowed, even when the V2 signature is right."""
+        params = {"CallUUID": "uuid-1", "CallStatus": "completed", "Event": "Hangup"}
+        v2_only = ctx(params, "?callId=c1&flow=hangup", version="v2")
+        verdict = self.provider.verify_webhook(v2_only)
+        self.assertFalse(verdict.ok)
+        self.assertIn("plivo.allowV2Signatures", verdict.reason)
+        allowing = PlivoProvider(
+            http=None, clock=Clock(), auth_id=AUTH_ID, auth_token=TOKEN, public_url=PUBLIC, allow_v2_signatures=True
+        )
+        self.assertTrue(allowing.verify_webhook(v2_only).ok)
 
     def test_transcript_precedence(self):
         """The transcript is the first non-blank of Speech, Transcription, TranscriptionText, SpeechResult, RecognizedSpeech, Text."""

@@ -1070,6 +1070,7 @@ class PlivoExampleTests(SynchronousTestCase):
             params=[],
             headers=v2_headers(signature, "12345"),
             auth_token="my_auth_token",
+            allow_v2=True,
         )
         self.assertTrue(result.ok, result.reason)
 
@@ -1086,18 +1087,21 @@ class PlivoExampleTests(SynchronousTestCase):
             params=[],
             headers=v2_headers(signature, "05429567804466091622"),
             auth_token=PLIVO_TOKEN,
+            allow_v2=True,
         )
         self.assertTrue(result.ok)
 
 
 class PlivoVerifyTests(SynchronousTestCase):
-    """verify_plivo chooses V3 or V2 and reports the SPEC reasons (SPEC §9.4)."""
+    """verify_plivo checks V3 (V2 only when allowed) and reports the SPEC reasons (SPEC §9.4)."""
 
     URL = "https://example.com/plivo/answer?call=abc"
     PAIRS = [("CallUUID", "u-1"), ("To", "14155550199")]
 
-    def verify(self, headers, method="POST", url=URL, pairs=PAIRS, token=PLIVO_TOKEN):
-        return verify_plivo(method=method, url=url, params=pairs, headers=headers, auth_token=token)
+    def verify(self, headers, method="POST", url=URL, pairs=PAIRS, token=PLIVO_TOKEN, allow_v2=True):
+        return verify_plivo(
+            method=method, url=url, params=pairs, headers=headers, auth_token=token, allow_v2=allow_v2
+        )
 
     def test_missing_headers(self):
         """Without a complete V3 or V2 pair the SPEC reason is given."""
@@ -1124,8 +1128,34 @@ class PlivoVerifyTests(SynchronousTestCase):
         headers = {**v3_headers("AAAA", "n"), **v2_headers(plivo_v2_signature(self.URL, "n"), "n")}
         self.assertEqual(self.verify(headers).reason, "Invalid Plivo V3 signature")
 
+    def test_v2_refused_by_default(self):
+        """
+        A V2 signature the SDK accepts is refused unless V2 is allowed: it covers neither the
+        body nor the query, so it would carry any forged body.
+        """
+        signature = plivo_v2_signature(self.URL, "n")
+        self.assertTrue(plivo_validate_v2(self.URL, "n", signature, PLIVO_TOKEN))
+        forged = [("CallUUID", "u-1"), ("Speech", "transfer all the money")]
+        result = verify_plivo(
+            method="POST", url=self.URL, params=forged, headers=v2_headers(signature, "n"), auth_token=PLIVO_TOKEN
+        )
+        self.assertEqual(result, SignatureResult(False, signatures.PLIVO_V2_REFUSED, self.URL))
+        self.assertFalse(self.verify(v2_headers(signature, "n"), pairs=forged, allow_v2=False).ok)
+
+    def test_failed_v3_never_falls_back_to_v2(self):
+        """With both pairs, a failed V3 check is final, whether V2 is allowed or not."""
+        v2 = v2_headers(plivo_v2_signature(self.URL, "n"), "n")
+        good = plivo_v3_sdk_signature("POST", self.URL, self.PAIRS, "n")
+        forged = [("CallUUID", "u-1"), ("CallStatus", "completed")]
+        for allow_v2 in (False, True):
+            result = self.verify({**v3_headers(good, "n"), **v2}, pairs=forged, allow_v2=allow_v2)
+            self.assertEqual(result.reason, "Invalid Plivo V3 signature")
+            result = self.verify({**v3_headers(good, "n"), **v2}, allow_v2=allow_v2)
+            self.assertTrue(result.ok)
+            self.assertTrue(result.request_key.startswith("plivo:v3:"))
+
     def test_v2_fallback(self):
-        """With only V2 headers, V2 decides and ignores the query and body."""
+        """With only V2 headers and V2 allowed, V2 decides and ignores the query and body."""
         headers = v2_headers(plivo_v2_signature(self.URL, "n"), "n")
         self.assertTrue(self.verify(headers).ok)
         self.assertTrue(
@@ -1322,9 +1352,14 @@ class PlivoSDKAgreementTests(SynchronousTestCase):
             params=[],
             headers=v2_headers(signature, verify_nonce),
             auth_token=verify_token,
+            allow_v2=True,
         )
         self.assertEqual(ours.ok, sdk)
         self.assertEqual(ours.ok, tamper == "none")
+        refused = verify_plivo(
+            method="POST", url=url, params=[], headers=v2_headers(signature, nonce), auth_token=token
+        )
+        self.assertFalse(refused.ok)
 
 
 # -- other keys and helpers -------------------------------------------------------------------

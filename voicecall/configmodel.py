@@ -104,6 +104,8 @@ class PlivoConfig:
     auth_id: str | None = None
     auth_token: str | None = _secret()
     base_url: str = "https://api.plivo.com"
+    #: Accept callbacks signed with V2 only; V2 covers neither the body nor the query.
+    allow_v2_signatures: bool = False
 
 
 @frozen

@@ -7,7 +7,7 @@ call, transfer its A-leg to new XML, hang it up, ask its status. Speech is nativ
 served by our own webhook: to speak or listen the A-leg is transferred to
 `<webhook>?provider=plivo&flow=xml-speak|xml-listen&callId=<id>&n=<nonce>`, and that fetch is
 answered, once, with the document kept for the call (plivoxml builds them). Webhooks are
-verified with Plivo's V3 signature (else V2) and parsed into normalised events.
+verified with Plivo's V3 signature (V2 only if `allow_v2_signatures`) and parsed into normalised events.
 
 Choices beyond SPEC:
 
@@ -133,6 +133,9 @@ class PlivoProvider:
     _ring_timeout_sec: int = 30
     _language: str | None = None
     _webhook_url: str | None = None
+    #: Accept callbacks signed with V2 only (config ``plivo.allowV2Signatures``): V2 covers
+    #: neither the body nor the query, see L{verify_plivo}.
+    _allow_v2_signatures: bool = False
     name: str = "plivo"
     uses_turn_tokens: bool = True
     _api: ApiClient = field(init=False)
@@ -370,10 +373,10 @@ class PlivoProvider:
     # -- webhooks ---------------------------------------------------------------------------------
 
     def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
-        """The pre-auth gate: a V3 signature with its nonce, or a V2 pair."""
+        """The pre-auth gate: a V3 signature with its nonce, or a V2 pair if V2 is allowed."""
         v3 = headers.get("x-plivo-signature-v3") and headers.get("x-plivo-signature-v3-nonce")
         v2 = headers.get("x-plivo-signature-v2") and headers.get("x-plivo-signature-v2-nonce")
-        return bool(v3 or v2)
+        return bool(v3 or (v2 and self._allow_v2_signatures))
 
     def _verification_url(self, ctx: WebhookContext) -> str:
         return replace_origin(self._public_url, ctx.url) if self._public_url else ctx.url
@@ -391,6 +394,7 @@ class PlivoProvider:
             params=self._params(ctx),
             headers=ctx.headers,
             auth_token=self._auth_token,
+            allow_v2=self._allow_v2_signatures,
         )
         return Verification(result.ok, result.reason, result.request_key)
 

@@ -404,6 +404,13 @@ def verify_telnyx(
 # -- Plivo ------------------------------------------------------------------------------------
 
 
+#: Why a request signed with V2 only is refused while ``plivo.allowV2Signatures`` is off.
+PLIVO_V2_REFUSED = (
+    "Plivo V2 signature not accepted: it does not cover the body or the query"
+    " (only V3 is, unless plivo.allowV2Signatures is set)"
+)
+
+
 def _plivo_base(url: str) -> tuple[str, str]:
     """``scheme://authority/path`` of `url` (port kept, nothing normalised) and its query."""
     before_fragment = url.split("#", 1)[0]
@@ -441,12 +448,18 @@ def verify_plivo(
     params: Params,
     headers: Mapping[str, Any],
     auth_token: str,
+    allow_v2: bool = False,
 ) -> SignatureResult:
     """
-    Check Plivo's V3 signature (preferred when both V3 headers are present), else V2
-    (SPEC §9.4).  `params` are the decoded form body pairs; for GET they are signed along with
-    the URL's query.  A V3 header may list several comma-separated signatures; any match
-    passes.  Base64 values are compared decoded, in constant time.
+    Check Plivo's V3 signature (SPEC §9.4).  `params` are the decoded form body pairs; for GET
+    they are signed along with the URL's query.  A V3 header may list several comma-separated
+    signatures; any match passes.  Base64 values are compared decoded, in constant time.
+
+    V2 signs only the URL without its query, and a nonce: not the body, not the query. So V2
+    headers taken from any callback to this webhook would let a forged body through (a
+    ``Speech``, a hang-up, for any call). They count only when `allow_v2` is set (config
+    ``plivo.allowV2Signatures``), and then only on a request without the V3 pair: when V3
+    headers are present V3 decides, and a failed V3 check never falls back to V2.
     """
     signature_v3 = _header(headers, "x-plivo-signature-v3")
     nonce_v3 = _header(headers, "x-plivo-signature-v3-nonce")
@@ -473,6 +486,8 @@ def verify_plivo(
             return fail("Invalid Plivo V3 signature")
         return SignatureResult(True, None, url, "plivo:v3:" + _sha256_hex(url, nonce_v3))
     if signature_v2 and nonce_v2:
+        if not allow_v2:
+            return fail(PLIVO_V2_REFUSED)
         if not auth_token:
             return fail("Missing Plivo auth token (configure to verify webhooks)")
         base, _ = _plivo_base(url)
