@@ -22,7 +22,7 @@ CALLEE = "+15550001234"
 class PlivoEndToEndTests(TestCase):
     timeout = 60
 
-    async def start(self, scenario=Scenario(), signature="v3", **overrides):
+    async def start(self, scenario=Scenario(), signature="v3", plivo=None, **overrides):
         self.http = http_client(self)
         self.fake = FakePlivo(reactor, AUTH_ID, TOKEN, http=self.http, scenario=scenario, signature=signature)
         base = await serve(self, self.fake.resource())
@@ -31,7 +31,7 @@ class PlivoEndToEndTests(TestCase):
         config = {
             "provider": "plivo",
             "fromNumber": "+15550000000",
-            "plivo": {"authId": AUTH_ID, "authToken": TOKEN, "baseUrl": base},
+            "plivo": {"authId": AUTH_ID, "authToken": TOKEN, "baseUrl": base, **(plivo or {})},
             "serve": {"port": port, "bind": "127.0.0.1"},
             "publicUrl": self.webhook,
             "maxConcurrentCalls": 3,
@@ -106,8 +106,8 @@ class PlivoEndToEndTests(TestCase):
         self.assertGreaterEqual(record["endedAt"] - record["answeredAt"], 1880 + 1000)
 
     async def test_v2_signed_callbacks(self):
-        """Callbacks signed with the legacy V2 scheme only are accepted too: a notify call completes."""
-        await self.start(signature="v2")
+        """With plivo.allowV2Signatures, callbacks signed with the legacy V2 scheme only are accepted: a notify call completes."""
+        await self.start(signature="v2", plivo={"allowV2Signatures": True})
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "V2 here", "mode": "notify"}))["callId"]
         await self.until_state(call_id, "hangup-bot")
         self.assertEqual(self.fake_call().speak_texts, ["V2 here"])
