@@ -22,6 +22,19 @@ class DocsTests(SynchronousTestCase):
         self.assertIn("make run", text)
         self.assertIn("make test", text)
 
+    def test_walkthrough_events_have_ids(self):
+        """Every mock event the README posts with curl carries an `id`, and shell completion is documented."""
+        import re
+
+        with open(os.path.join(ROOT, "README.rst")) as f:
+            text = f.read()
+        posts = re.findall(r"curl -s localhost:3334/voice/webhook.*?}}'", text, re.S)
+        self.assertGreaterEqual(len(posts), 2)
+        for post in posts:
+            if '"callId": "nope"' not in post:  # the example of a refusal
+                self.assertIn('"id": "ev-', post)
+        self.assertIn("_VOICECALL_COMPLETE=bash_source", text)
+
     def test_example_configs_load(self):
         """Every config in examples/ is valid."""
         paths = sorted(glob.glob(os.path.join(ROOT, "examples", "*.json5")))
