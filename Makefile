@@ -2,13 +2,16 @@
 #   make run    venv + package, then the daemon in the foreground on the mock provider
 #   make test   venv + package + test extra, then the whole trial suite
 #   make bench  the benchmarks (loopback only), printing their figures
+#   make soak   the chaos / stateful property tests with many more examples (SOAK_EXAMPLES=300)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= voicecall.json5
 TRIAL_ARGS ?= -j2 --reactor=voicecall-epoll tests
 
-.PHONY: run test bench clean venv
+SOAK_EXAMPLES ?= 300
+
+.PHONY: run test bench soak clean venv
 
 $(BIN)/python:
 	@echo "==> creating the virtualenv $(VENV) (first run only)"
@@ -53,6 +56,10 @@ run: $(VENV)/.installed-run $(CONFIG)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python tools/run_trial.py $(TRIAL_ARGS)
+
+soak: $(VENV)/.installed-test
+	HYPOTHESIS_PROFILE=soak VOICECALL_SOAK_EXAMPLES=$(SOAK_EXAMPLES) \
+		$(BIN)/python tools/run_trial.py --reactor=voicecall-epoll tests.test_chaos_stateful
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks

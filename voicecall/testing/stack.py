@@ -7,8 +7,9 @@ chaos and stateful property tests (tests/test_chaos_*.py):
 
 The store is the real SQLite store on a synchronous writer; `restart()` drops the manager,
 provider and webhook resource, re-opens the store and restores, as a daemon restart would,
-while the fake carrier (and its calls) carries on. The person on the line answers each question
-with `answer_to(question)` when the call's `mood` is "talk", and says nothing when it is "silent".
+while the fake carrier (and its calls) carries on. The person on the line answers the last question
+they heard (a prompt ending in "?") with `answer_to(question)` when the call's `mood` is "talk",
+and says nothing when it is "silent" (nor to statements).
 
 `Stack.build("telnyx" | "twilio" | "plivo" | "mock", directory, chaos)`.
 """
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 from attrs import define, field
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from voicecall.manager import CallManager, ManagerSettings
@@ -80,6 +82,7 @@ class Stack:
     moods: dict = field(factory=dict)  # provider call id -> "talk" | "silent"
     events: list = field(factory=list)  # every durable call event, across restarts
     posts: list = field(factory=list)  # mock: (status, body) of each webhook posted
+    mock_actions: list = field(factory=list)  # mock: what the daemon asked of the carrier
     _answered: dict = field(factory=dict)  # provider call id -> prompts heard when last answering
     manager: Any = None
     provider: Any = None
@@ -111,7 +114,7 @@ class Stack:
         if self.carrier is None:
             from voicecall.providers.mock import MockProvider
 
-            self.provider = MockProvider(clock=self.clock)
+            self.provider = MockProvider(clock=self.clock, actions=self.mock_actions)  # kept across restarts
         else:
             self.provider = self.carrier.make_provider(self._api)
         if hasattr(self.provider, "set_webhook_url"):
@@ -152,7 +155,7 @@ class Stack:
             self.provider.stop()
         _now(self.store.close())
         self._open()
-        d = self.manager.restore()
+        d = Deferred.fromCoroutine(self.manager.restore())
         self.pump()
         return _now(d)
 
@@ -188,13 +191,15 @@ class Stack:
 
     # -- the person on the line ---------------------------------------------------------------
 
-    def utterance(self, provider_call_id: str, questions: list) -> str | None:
-        """The person answers each new prompt once (the last one they heard), or stays silent."""
+    def utterance(self, provider_call_id: str, prompts: list) -> str | None:
+        """
+        The person answers the last question (a prompt ending in "?") among the prompts they
+        heard since they last spoke, once, or stays silent; statements get no answer.
+        """
         heard = self._answered.get(provider_call_id, 0)
-        if len(questions) <= heard:
-            return None
-        self._answered[provider_call_id] = len(questions)
-        if self.moods.get(provider_call_id, "talk") != "talk":
+        questions = [p for p in prompts[heard:] if p.rstrip().endswith("?")]
+        self._answered[provider_call_id] = len(prompts)
+        if not questions or self.moods.get(provider_call_id, "talk") != "talk":
             return None
         return answer_to(questions[-1])
 
@@ -218,8 +223,6 @@ class Stack:
 
 def _now(d: Any) -> Any:
     """The result of a Deferred that has fired (raise its failure); plain values pass through."""
-    from twisted.internet.defer import Deferred
-
     if not isinstance(d, Deferred):
         return d
     box: list = []
