@@ -141,3 +141,14 @@ class DoctorWithDaemonTests(TestCase):
         result = await run_cli(self, workdir, "doctor")
         self.assertEqual(result.code, 0, result.err)
         self.assertIn("OK    daemon: running", result.out)
+
+    async def test_bad_config_through_the_cli(self):
+        """`voicecall doctor` as a subprocess: a config error and the other failures, each a line, exit 1."""
+        workdir = make_workdir(self, {"provider": "twilio", "fromNumbr": "+15550000000", "publicUrl": "http://127.0.0.1/x"})
+        result = await run_cli(self, workdir, "doctor")
+        self.assertEqual(result.code, 1, result.err)
+        lines = result.out.splitlines()
+        self.assertIn(f'FAIL  config: {workdir.config_path}: fromNumbr: unknown key (did you mean "fromNumber"?)', lines)
+        self.assertIn(f"FAIL  credentials: {workdir.config_path}: twilio.accountSid is required (or set TWILIO_ACCOUNT_SID env)", lines)
+        self.assertIn("FAIL  public URL: http://127.0.0.1/x is loopback or private: carriers cannot reach it", lines)
+        self.assertNotIn("Traceback", result.out + result.err)
