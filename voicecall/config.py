@@ -12,7 +12,13 @@ plugin tts)``. A ``false`` ``enabled`` on the plugin entry disables the plugin l
 Unknown keys are rejected at every level, every problem names its full dotted path (always
 under ``plugins.entries.voice-call.config``, or ``messages.tts``), and all problems are raised
 together as one `ConfigError`. JSON ``null`` is never accepted in place of a value; integral
-floats (``3334.0``) count as integers, booleans never do. No message ever repeats a value.
+floats (``3334.0``) count as integers, booleans never do. ``ConfigError.problems`` (the SPEC
+strings) never repeat a value; ``ConfigError.lines()``, for people, names the file and the key
+as written there and shows the value received, except secrets and the values of unknown keys.
+
+OpenClaw's current TTS layout, ``tts.providers.<id>`` (in ``messages.tts`` or the plugin's
+``tts``), is read into the ``openai`` / ``elevenlabs`` / ``edge`` sections; providers calls
+cannot use are dropped with a warning.
 
 Keys added by this project beyond SPEC §2:
 
