@@ -1306,6 +1306,13 @@ class RenderedProblemsTests(SynchronousTestCase):
              f"{path}: twilio.authToken is required (or set TWILIO_AUTH_TOKEN env)"],
         )  # fmt: skip
 
+    def test_refused_value_not_also_missing(self):
+        """A required key whose value was refused is reported once, for its value, not also as missing."""
+        self.assertEqual(
+            problems_of(self, {"provider": "twilio", "fromNumber": "555", "twilio": TWILIO_CREDS}),
+            [f"{P}.fromNumber: Expected E.164 format, e.g. +15550001234"],
+        )
+
     def test_whole_openclaw_file_keeps_prefix(self):
         """Keys in a whole OpenClaw file are named by their full path there."""
         data = {"plugins": {"entries": {"voice-call": {"config": {"maxConcurrentCalls": 0}}}},
