@@ -23,6 +23,7 @@ many more examples and shrinks failures.
 from __future__ import annotations
 
 import os
+import sqlite3
 import shutil
 import tempfile
 from collections import Counter
@@ -45,13 +46,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.manager import CallError
 from voicecall.model import CallState, next_state
 from voicecall.providers.base import ProviderError
+from voicecall.dbwriter import StoreError
 from voicecall.testing.chaos import Chaos
 from voicecall.testing.stack import CALLEE, START, Stack, answer_to
 
 settings.register_profile(
     "voicecall-chaos",
-    max_examples=20,
-    stateful_step_count=25,
+    max_examples=60,
+    stateful_step_count=30,
     deadline=None,
     database=None,
     phases=(Phase.explicit, Phase.generate),
@@ -74,6 +76,8 @@ PROFILE = settings.get_profile("soak" if SOAK else "voicecall-chaos")
 SEED = None if SOAK else int(os.environ.get("VOICECALL_CHAOS_SEED", "20261203"))
 
 TIMEOUT_MS = 4000
+#: What a gateway command may fail with: the manager's errors, or the store's own (disk full).
+CLEAR_ERRORS = (CallError, sqlite3.Error, StoreError)
 #: Time that passes after a gateway command (the carrier acts meanwhile).
 PAUSE = st.sampled_from([0.0, 0.1, 0.5, 1.0, 2.5])
 #: A continue must be settled this long after it was issued (its prompt waits behind earlier
@@ -88,10 +92,10 @@ KNOWN = {
     "d": "(d) a failed store write leaving memory changed",
 }
 KNOWN_TAGS = {
-    "mock": {},
-    "telnyx": {"duplicate-transcript": "b", "wrong-answer": "a", "continue-hung": "a", "backwards": "c"},
-    "twilio": {"wrong-answer": "a", "continue-hung": "a", "backwards": "c"},
-    "plivo": {"wrong-answer": "a", "continue-hung": "a", "backwards": "c"},
+    "mock": {"memory-ahead": "d"},
+    "telnyx": {"duplicate-transcript": "b", "wrong-answer": "a", "continue-hung": "a", "backwards": "c", "memory-ahead": "d"},
+    "twilio": {"wrong-answer": "a", "continue-hung": "a", "backwards": "c", "memory-ahead": "d"},
+    "plivo": {"wrong-answer": "a", "continue-hung": "a", "backwards": "c", "memory-ahead": "d"},
 }
 
 
@@ -142,6 +146,7 @@ class CallMachine(RuleBasedStateMachine):
         self.last_state: dict[str, CallState] = {}
         self.ended: Counter = Counter()
         self.history: list[str] = []
+        self.failed_writes = 0
 
     # -- set-up and tear-down ----------------------------------------------------------------
 
@@ -164,6 +169,7 @@ class CallMachine(RuleBasedStateMachine):
     def _settle_and_check(self) -> None:
         """Everyone hangs up; once the carrier is quiet every call is over and no slot is held."""
         stack = self.stack
+        stack.store.fail_writes = 0  # the disk has room again
         if stack.carrier is not None:
             for call in list(stack.carrier.calls().values()):
                 if not stack.carrier.ended(call):
@@ -173,7 +179,7 @@ class CallMachine(RuleBasedStateMachine):
                 stack.post_mock({"type": "call.ended", "callId": call.call_id, "reason": "hangup-user"})
         stack.advance(CONTINUE_BOUND + 5, step=0.25)
         self.check_all()
-        if stack.manager.active_calls():
+        if stack.manager.active_calls() and not self.failed_writes:  # a 500 may have lost the hang-up
             left = [(c.call_id, c.state.value) for c in stack.manager.active_calls()]
             self._violation("slot-held", f"calls still active after every call ended at the carrier: {left}")
 
@@ -222,7 +228,7 @@ class CallMachine(RuleBasedStateMachine):
             call_id = op.result
             self.acked[call_id] = {"bot": [], "state": CallState.INITIATED}
             return call_id
-        if op.done and isinstance(op.result, Failure) and not op.result.check(CallError):
+        if op.done and isinstance(op.result, Failure) and not op.result.check(*CLEAR_ERRORS):
             self._violation("crash", f"initiate failed with {op.result.getErrorMessage()!r}")
         return "none"
 
@@ -275,6 +281,13 @@ class CallMachine(RuleBasedStateMachine):
                 if text not in bot:
                     self._violation("lost", f"acknowledged prompt {text!r} missing from the store after a restart")
 
+    @rule(writes=st.integers(1, 2))
+    def disk_full(self, writes):
+        """The next store writes fail: whatever they carried must not stay changed in memory."""
+        self._note(f"disk_full({writes})")
+        self.stack.store.fail_writes = writes
+        self.failed_writes += writes
+
     # -- carrier behaviour ---------------------------------------------------------------------
 
     @rule(seconds=st.sampled_from([0.05, 0.2, 0.5, 1.0, 3.0, 6.0]))
@@ -320,11 +333,14 @@ class CallMachine(RuleBasedStateMachine):
         self._check_ops()
         self._check_transcripts()
         self._check_slots()
+        self._check_memory_is_stored()
 
     def _check_webhooks(self) -> None:
-        for status, error in self.stack.webhook_statuses():
-            if status is not None and status >= 500:
-                self._violation("5xx", f"a webhook was answered {status}")
+        # A failed store write is answered 500 on purpose (the carrier retries): at most one
+        # 5xx per injected failure.
+        errors = [status for status, _ in self.stack.webhook_statuses() if status is not None and status >= 500]
+        if len(errors) > self.failed_writes:
+            self._violation("5xx", f"{len(errors)} webhooks answered {sorted(set(errors))}, {self.failed_writes} store writes failed")
 
     def _check_events(self) -> None:
         events = self.stack.events
@@ -351,7 +367,7 @@ class CallMachine(RuleBasedStateMachine):
                     self._violation("continue-hung", f"continue {op.text!r} on {op.call_id} unresolved after {now - op.at:.1f} s")
                 continue
             if isinstance(op.result, Failure):
-                if not op.result.check(CallError):
+                if not op.result.check(*CLEAR_ERRORS):
                     self._violation("crash", f"{op.kind} failed with {op.result.type.__name__}: {op.result.getErrorMessage()}")
                 continue
             if op.kind == "continue" and op.result != answer_to(op.text):
@@ -387,6 +403,19 @@ class CallMachine(RuleBasedStateMachine):
             return [a[2] for a in self.stack.provider.actions if a[0] == "speak" and a[1] == pcid] or None
         fake = self.stack.carrier.calls().get(pcid)
         return None if fake is None else self.stack.carrier.spoken(fake)
+
+    def _check_memory_is_stored(self) -> None:
+        """With a synchronous writer, what memory holds of an active call is what the store holds."""
+        if self.stack.store.fail_writes:
+            return  # a write is still to fail: judge once it has
+        for call in self.stack.manager.active_calls():
+            stored = self._stored(call.call_id)
+            if stored is None:
+                continue  # being created (initiate stores it first)
+            mem = (call.state.value, [(t.speaker.value, t.text) for t in call.transcript])
+            disk = (stored.state.value, [(t.speaker.value, t.text) for t in stored.transcript])
+            if mem != disk:
+                self._violation("memory-ahead", f"call {call.call_id} in memory {mem} but stored {disk}")
 
     def _check_slots(self) -> None:
         active = self.stack.manager.active_calls()
@@ -477,6 +506,8 @@ class StatefulChaosTests(SynchronousTestCase):
         # start_listening after it gets the carrier's "call not in progress" and the greeting
         # path logs it as an unhandled failure (Plivo 404 / Telnyx 422). Noise, not a state bug.
         self.flushLoggedErrors(ProviderError)
+        # The injected disk-full failures are logged where they happen, as they should be.
+        self.flushLoggedErrors(sqlite3.Error)
 
     def test_mock(self):
         _run(MockMachine, frozenset())

@@ -16,11 +16,12 @@ and says nothing when it is "silent" (nor to statements).
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any, Callable
 
 from attrs import define, field
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from voicecall.manager import CallManager, ManagerSettings
@@ -42,6 +43,18 @@ START = 1_700_000_000.0
 def answer_to(question: str | None) -> str:
     """What the person says after hearing `question`."""
     return f"answer to {question}"
+
+
+class FlakyStore(CallStore):
+    """The real store, whose next `fail_writes` writes fail as a full disk would (nothing committed)."""
+
+    fail_writes: int = 0
+
+    def write(self, *args: Any, **kwargs: Any) -> Deferred:
+        if self.fail_writes > 0:
+            self.fail_writes -= 1
+            return fail(sqlite3.OperationalError("database or disk is full"))
+        return super().write(*args, **kwargs)
 
 
 class _Lazy:
@@ -108,7 +121,7 @@ class Stack:
 
     def _open(self) -> None:
         self._writer = SynchronousWriter()
-        self.store = CallStore(self.directory, self._writer)
+        self.store = FlakyStore(self.directory, self._writer)
         _now(self._writer.start())
         _now(self.store.open())
         if self.carrier is None:
