@@ -14,7 +14,7 @@ from voicecall.manager import MAX_QUEUED_COMMANDS, CallError, CallManager, Manag
 from voicecall.model import CallEvent, EventType
 from voicecall.providers.mock import MockProvider
 
-from tests.test_streaming import StreamedConversationTests, tone
+from tests import test_streaming as streamed
 
 GREETING = "Hello there, thanks for picking up the phone today"
 
@@ -124,13 +124,13 @@ class StreamedTurnOrderTests(TestCase):
     """A Twilio call over a media stream: a continue sent before the stream is up waits for the greeting."""
 
     timeout = 60
-    start = StreamedConversationTests.start
-    hang_up = StreamedConversationTests.hang_up
-    connect = StreamedConversationTests.connect
-    close_client = StreamedConversationTests.close_client
-    said = StreamedConversationTests.said
-    until = StreamedConversationTests.until
-    _has = StreamedConversationTests._has
+    start = streamed.StreamedConversationTests.start
+    hang_up = streamed.StreamedConversationTests.hang_up
+    connect = streamed.StreamedConversationTests.connect
+    close_client = streamed.StreamedConversationTests.close_client
+    said = streamed.StreamedConversationTests.said
+    until = streamed.StreamedConversationTests.until
+    _has = streamed.StreamedConversationTests._has
 
     async def test_continue_before_the_stream(self):
         await self.start(transcripts=("A table for two", "At eight"))
@@ -141,11 +141,11 @@ class StreamedTurnOrderTests(TestCase):
         client = await self.connect(fake_call, stream)
         await self.until(lambda: self._has(self.said(call_id), "How many people?"), "the question to finish playing")
         self.assertEqual(await self.said(call_id), ["Good evening", "How many people?"])
-        client.talk(tone(0.6))
+        client.talk(streamed.tone(0.6))
         self.assertEqual(await pending, {"success": True, "transcript": "A table for two"})
         pending = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "What time?"})
         await self.until(lambda: self._has(self.said(call_id), "What time?"), "the second question")
-        client.talk(tone(0.6))
+        client.talk(streamed.tone(0.6))
         self.assertEqual(await pending, {"success": True, "transcript": "At eight"})
         self.assertEqual(len(fake_call.streams), 1, "no TwiML update replaced the stream")
 

@@ -95,6 +95,14 @@ class TwilioEndToEndTests(TestCase):
         record = await self.status(call_id)
         self.assertNotIn("initialMessage", record["metadata"])
 
+    async def test_notify_message_in_transcript(self):
+        """The notify message Twilio says from the stored TwiML is in the transcript, once, like other carriers'."""
+        await self.start()
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Your table is ready", "mode": "notify"}))["callId"]
+        await self.until_state(call_id, "completed")
+        record = await self.status(call_id)
+        self.assertEqual([(t["speaker"], t["text"]) for t in record["transcript"]], [("bot", "Your table is ready")])
+
     async def test_conversation_call(self):
         """A conversation: the greeting is said, continue speaks over a Gather and returns the caller's words."""
         def person(call):
@@ -193,6 +201,7 @@ class TwilioEndToEndTests(TestCase):
         await self.start(Scenario(utterances=[], silence=30))
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hello", "mode": "conversation"}))["callId"]
         await eventually(lambda: self.fake_call().say_texts, 10, "the greeting")
+        await self.until_state(call_id, "listening")  # the greeting has been said
         before = await self.status(call_id)
         params = {"CallSid": self.fake_call().sid, "CallStatus": "completed", "Direction": "outbound-api"}
         good = sign_request(TOKEN, f"{self.webhook}?callId={call_id}", params)

@@ -458,6 +458,15 @@ def _summary(values: list[int]) -> dict:
     }
 
 
+def _turn_samples(metadata: dict, every: str, last: str) -> list[int]:
+    """Every turn of a call (`every`, a list the daemon keeps), else its last one (older records)."""
+    values = metadata.get(every)
+    if isinstance(values, list):
+        return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    value = metadata.get(last)
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else []
+
+
 @main.command()
 @click.option("--last", default=200, type=Decimal(min=1, clamp=True), show_default=True, help="How many recent calls to scan.")
 @click.pass_obj
@@ -468,8 +477,8 @@ def latency(ctx, last):
     if store is not None:
         with store:
             calls = store.recent_calls(last)
-    turn = [c.metadata["lastTurnLatencyMs"] for c in calls if isinstance(c.metadata.get("lastTurnLatencyMs"), int)]
-    wait = [c.metadata["lastTurnListenWaitMs"] for c in calls if isinstance(c.metadata.get("lastTurnListenWaitMs"), int)]
+    turn = [ms for c in calls for ms in _turn_samples(c.metadata, "turnLatenciesMs", "lastTurnLatencyMs")]
+    wait = [ms for c in calls for ms in _turn_samples(c.metadata, "turnListenWaitsMs", "lastTurnListenWaitMs")]
     emit({"recordsScanned": len(calls), "turnLatency": _summary(turn), "listenWait": _summary(wait)})
 
 

@@ -174,6 +174,23 @@ def _string(value: Any) -> str:
     raise _Invalid("expected a non-empty string")
 
 
+def _response_model(value: Any) -> str:
+    """
+    `openai/<model>` or a bare model name: the built-in responder speaks the OpenAI API only
+    (speech/responder.py splits it the same way, at the first slash).
+    """
+    model = _string(value)
+    provider, slash, name = model.partition("/")
+    if slash and provider.lower() != "openai":
+        raise _Invalid(
+            f'provider "{provider}" is not supported: the built-in responder speaks the OpenAI API '
+            '(use "openai/<model>", also for an OpenAI-compatible server at responseBaseUrl)'
+        )
+    if slash and not name.strip():
+        raise _Invalid('expected a model name after "openai/"')
+    return model
+
+
 def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -363,7 +380,7 @@ _TOP = _Obj(None, {
     "stt": _Obj(SttConfig, {"provider": _one_of("openai"), "model": _string}),
     "tts": _keep,  # validated on its own, after the merge with messages.tts
     "store": _string,
-    "responseModel": _string,
+    "responseModel": _response_model,
     "responseSystemPrompt": _text,
     "responseTimeoutMs": _INT_POS,
     "responseBaseUrl": _HTTP_URL,

@@ -83,6 +83,11 @@ class _Waiter:
 
 #: Commands (speak, continue, reply) one call may have waiting behind what it is playing.
 MAX_QUEUED_COMMANDS = 16
+#: A max-duration hang-up the carrier refuses is retried after these delays (seconds); after
+#: the last one fails, the call is ended here (reason `error`) so it stops holding its slot.
+MAX_DURATION_RETRY_DELAYS = (1.0, 2.0, 4.0)
+#: Per-turn latencies kept in a call's metadata (`turnLatenciesMs`, `turnListenWaitsMs`).
+MAX_TURN_SAMPLES = 100
 
 
 @define
@@ -507,13 +512,40 @@ class CallManager:
             old.cancel()
         self._max_timers[call.call_id] = self._clock.callLater(max(0.0, seconds), self._max_duration_reached, call.call_id)
 
-    def _max_duration_reached(self, call_id: str) -> None:
+    def _max_duration_reached(self, call_id: str, attempt: int = 0) -> None:
         self._max_timers.pop(call_id, None)
         if call_id not in self._active:
             return
-        self._log.info("call {call_id} reached its maximum duration", call_id=call_id)
+        if attempt == 0:
+            self._log.info("call {call_id} reached its maximum duration", call_id=call_id)
         d = Deferred.fromCoroutine(self.end_call(call_id, "timeout"))
+        d.addErrback(self._max_duration_hangup_failed, call_id, attempt)
         d.addErrback(lambda f: self._log.failure("max-duration hang-up of {call_id} failed", f, call_id=call_id))
+
+    def _max_duration_hangup_failed(self, failure, call_id: str, attempt: int) -> Deferred | None:
+        """Retry with backoff; once out of retries, end the call here (it must not hold its slot forever)."""
+        call = self._active.get(call_id)
+        if call is None or call.is_terminal:
+            return None
+        error = failure.getErrorMessage()
+        if attempt < len(MAX_DURATION_RETRY_DELAYS):
+            delay = MAX_DURATION_RETRY_DELAYS[attempt]
+            self._log.warn(
+                "max-duration hang-up of {call_id} failed ({error}); retry {n} of {of} in {delay}s",
+                call_id=call_id, error=error, n=attempt + 1, of=len(MAX_DURATION_RETRY_DELAYS), delay=delay,
+            )  # fmt: skip
+            self._max_timers[call_id] = self._clock.callLater(delay, self._max_duration_reached, call_id, attempt + 1)
+            return None
+        why = f"max-duration hang-up failed at the carrier {attempt + 1} times: {error}"
+        self._log.error("call {call_id}: {why}; ending it here (reason error)", call_id=call_id, why=why)
+        return Deferred.fromCoroutine(self._end_here(call, "error", why))
+
+    async def _end_here(self, call: CallRecord, reason: str, why: str) -> None:
+        """End a call in our records only (the carrier could not be told): frees its slot."""
+        call.metadata["endError"] = why
+        events: list[dict] = []
+        self._finish(call, reason, f"Call ended: {reason}", events)
+        await self._persist(call, events=events)
 
     # -- operations -------------------------------------------------------------------------------
 
@@ -592,6 +624,12 @@ class CallManager:
         self._by_provider_id[placed.provider_call_id] = call.call_id
         if getattr(placed, "consumes_initial_message", False):
             call.metadata.pop("initialMessage", None)
+        served = getattr(placed, "served", None)
+        if served is not None:
+            # The carrier says the message itself (Twilio notify TwiML): it enters the
+            # transcript when the carrier fetches it, as a spoken message does when played.
+            served.addCallback(self._notify_served, call)
+            served.addErrback(lambda f: self._log.failure("recording the notify message of {call_id} failed", f, call_id=call.call_id))
         try:
             await self._persist(call)
         except Exception as e:
@@ -637,6 +675,11 @@ class CallManager:
             await self._persist(call, events=events)
             raise CallError(str(e) or "speak failed", call.call_id) from e
         await self._record_bot(call, text, listening=listen)
+
+    def _notify_served(self, text: str, call: CallRecord) -> Deferred[None] | None:
+        if call.is_terminal or self._active.get(call.call_id) is not call:
+            return None
+        return Deferred.fromCoroutine(self._record_bot(call, text))
 
     async def _record_bot(self, call: CallRecord, text: str, listening: bool = False) -> None:
         entry = TranscriptEntry(self._now(), Speaker.BOT, text)
@@ -698,6 +741,12 @@ class CallManager:
         meta["lastTurnLatencyMs"] = done - started
         meta["lastTurnListenWaitMs"] = done - listen_started
         meta["lastTurnCompletedAt"] = done
+        # Every turn counts in `voicecall latency`, not only the last (the newest kept, bounded).
+        for key, value in (("turnLatenciesMs", done - started), ("turnListenWaitsMs", done - listen_started)):
+            samples = meta.get(key)
+            samples = list(samples) if isinstance(samples, list) else []
+            samples.append(value)
+            meta[key] = samples[-MAX_TURN_SAMPLES:]
         await self._persist(call)
         if self.on_turn_latency is not None:
             self.on_turn_latency((done - started) / 1000.0)

@@ -178,6 +178,8 @@ class GatewayResponders:
             return None
         params = {
             "callId": call.call_id,
+            # The gateway's agent session the call belongs to (initiate's sessionKey), or null.
+            "sessionKey": call.session_key,
             "direction": call.direction.value,
             "from": call.from_number,
             "to": call.to_number,

@@ -72,6 +72,9 @@ class InitiatedCall:
     status: str = "initiated"
     #: The carrier will say the initial message itself (Twilio notify TwiML): never speak it again.
     consumes_initial_message: bool = False
+    #: With `consumes_initial_message`: fires with the message when the carrier fetches it (it is
+    #: then being said), so the manager records it in the transcript; never fires if it is not.
+    served: Deferred | None = field(default=None, eq=False)
 
 
 @frozen

@@ -99,6 +99,8 @@ class TwilioProvider:
     _api: ApiClient = field(init=False)
     _call_urls: dict[str, str] = field(factory=dict, init=False)  # CallSid -> URL Twilio fetches TwiML from
     _notify_twiml: dict[str, str] = field(factory=dict, init=False)  # our callId -> one-shot TwiML
+    #: our callId -> (Deferred, message): fired with the message when its notify TwiML is served.
+    _notify_served: dict[str, tuple[Deferred, str]] = field(factory=dict, init=False)
     _rejected: dict[str, None] = field(factory=dict, init=False)  # CallSids turned away with <Reject/>
     #: CallSid -> (nonce, Deferred) of the `<Say>` being said: fires when its Redirect is fetched.
     _speaking: dict[str, tuple[str, Deferred]] = field(factory=dict, init=False)
@@ -150,21 +152,24 @@ class TwilioProvider:
             ("StatusCallbackMethod", "POST"),
             ("Timeout", "30"),
         ]
+        served: Deferred | None = None
         if notify_message:
+            served = Deferred()
             _bounded_put(self._notify_twiml, call_id, twiml.notify(notify_message, voice))
+            _bounded_put(self._notify_served, call_id, (served, notify_message))
         try:
             answer = await self._api.request("POST", "/Calls.json", form=form)
         except ProviderError:
-            self._notify_twiml.pop(call_id, None)
+            self._forget(None, call_id)
             raise
         answer = answer if isinstance(answer, dict) else {}
         sid = answer.get("sid")
         if not isinstance(sid, str) or not sid:
-            self._notify_twiml.pop(call_id, None)
+            self._forget(None, call_id)
             raise ProviderError("Twilio API error: call create returned no sid")
         _bounded_put(self._call_urls, sid, url)
         status = "queued" if answer.get("status") == "queued" else "initiated"
-        return InitiatedCall(sid, status, consumes_initial_message=bool(notify_message))
+        return InitiatedCall(sid, status, consumes_initial_message=bool(notify_message), served=served)
 
     def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._hangup(call))
@@ -211,6 +216,7 @@ class TwilioProvider:
             self._said(sid)
         if call_id:
             self._notify_twiml.pop(call_id, None)
+            self._notify_served.pop(call_id, None)
 
     # -- speech without a media stream (Voice) ------------------------------------------------------
 
@@ -403,6 +409,9 @@ class TwilioProvider:
         if call_id and not is_status:
             stored = self._notify_twiml.pop(call_id, None)
             if stored is not None:
+                served = self._notify_served.pop(call_id, None)
+                if served is not None and not served[0].called:
+                    served[0].callback(served[1])  # the message is being said: into the transcript
                 return stored
             if direction.startswith("outbound"):
                 return self._stream_or_pause(sid, Direction.OUTBOUND)
