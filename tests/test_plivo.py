@@ -79,11 +79,15 @@ class WebhookTests(SynchronousTestCase):
         self.assertIn('length="300"', body)
         self.assertEqual(parsed.response.headers["Content-Type"], "text/xml")
 
-    def test_dedupe_key_is_verified_key(self):
-        """The event's dedupe key (and id) is the verified request key, `plivo:v3:` for a V3 signature."""
+    def test_dedupe_key_is_the_event_identity(self):
+        """
+        The event's id is the verified request key (`plivo:v3:` for a V3 signature), kept as an
+        alias; its dedupe key is what a retry (signed with a fresh nonce) shares: its type on its call.
+        """
         parsed, key = self.parse(ctx({"CallUUID": "uuid-1", "CallStatus": "ringing"}, "?callId=c1"))
         self.assertTrue(key.startswith("plivo:v3:"))
-        self.assertEqual((parsed.events[0].dedupe_key, parsed.events[0].id), (key, key))
+        event = parsed.events[0]
+        self.assertEqual((event.dedupe_key, event.id, event.aliases), ("plivo:call.ringing:uuid-1", key, (key,)))
 
     def test_v2_replay_key_ignores_query(self):
         """A V2 request key covers the URL without its query: the same nonce on another query is the same request."""

@@ -129,11 +129,11 @@ class TelnyxParseTests(SynchronousTestCase):
             self.assertEqual(self.only(event(kind)).type, expected)
 
     def test_common_fields(self):
-        """The call id comes from client_state; the carrier id, numbers, event id and dedupe key are carried."""
+        """The call id comes from client_state; the carrier id, numbers, event id and dedupe key (the event id: a redelivery has the same) are carried."""
         ev = self.only(event("call.answered"))
         self.assertEqual(
             (ev.call_id, ev.provider_call_id, ev.from_number, ev.to_number, ev.id, ev.dedupe_key, ev.timestamp),
-            (CALL_ID, "v3:abc", "+15005550006", "+15005550001", "ev-1", "telnyx:key", NOW * 1000),
+            (CALL_ID, "v3:abc", "+15005550006", "+15005550001", "ev-1", "telnyx:event:ev-1", NOW * 1000),
         )
 
     def test_direction(self):

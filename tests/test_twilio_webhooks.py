@@ -68,7 +68,8 @@ class TwilioWebhookTests(SynchronousTestCase):
             (event.type, event.call_id, event.provider_call_id, event.transcript, event.confidence, event.turn_token, event.direction.value),
             (EventType.SPEECH, "c1", "CA1", "yes please", 0.87, "t1", "outbound"),
         )
-        self.assertEqual(event.dedupe_key, event.id)
+        # Its identity is the Gather's turn (the same however a retry is signed); the request key is an alias.
+        self.assertEqual((event.dedupe_key, event.aliases), ("twilio:gather:CA1:t1:", (event.id,)))
 
     def test_confidence_must_be_a_plain_decimal(self):
         """A Confidence that is not a plain decimal falls back to 0.9."""

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -81,6 +81,29 @@ class _Waiter:
     turn_token: str | None
 
 
+_FIELDS = ("state", "answered_at", "ended_at", "end_reason", "provider_call_id")
+
+
+@frozen
+class _Fields:
+    """The scalar fields of a record an event may change, to take such a change back."""
+
+    values: tuple = field(repr=False)  # call state: never in a repr
+
+    @classmethod
+    def of(cls, call: CallRecord) -> _Fields:
+        return cls(tuple(getattr(call, name) for name in _FIELDS))
+
+    def get(self, name: str) -> Any:
+        return self.values[_FIELDS.index(name)]
+
+    def restore(self, call: CallRecord, after: _Fields) -> None:
+        """Put back each field the change moved from this value to `after`'s, unless it has moved on since."""
+        for name, old, new in zip(_FIELDS, self.values, after.values):
+            if old != new and getattr(call, name) == new:
+                setattr(call, name, old)
+
+
 #: Commands (speak, continue, reply) one call may have waiting behind what it is playing.
 MAX_QUEUED_COMMANDS = 16
 #: A max-duration hang-up the carrier refuses is retried after these delays (seconds); after
@@ -114,7 +137,10 @@ class CallManager:
     _active: dict[str, CallRecord] = field(factory=dict)
     _by_provider_id: dict[str, str] = field(factory=dict)
     _processed: BoundedSet = field(default=None)
-    _in_flight_keys: set[str] = field(factory=set)
+    #: Keys of the events being applied -> Deferreds of their redeliveries waiting for the outcome.
+    _in_flight: dict[str, list[Deferred]] = field(factory=dict)
+    #: One lock per call (or carrier id of a call not known yet) with events being applied.
+    _event_locks: dict[str, DeferredLock] = field(factory=dict)
     _rejected: dict[str, object] = field(factory=dict)
     _turns: set[str] = field(factory=set)
     _waiters: dict[str, _Waiter] = field(factory=dict)
@@ -213,70 +239,145 @@ class CallManager:
 
     def _finish(self, call: CallRecord, reason: str, waiter_error: str, events: list[dict]) -> None:
         """Make `call` terminal with `reason` (in memory; the caller persists)."""
+        self._end_record(call, reason, events)
+        self._ended(call, reason, waiter_error)
+
+    def _end_record(self, call: CallRecord, reason: str, events: list[dict]) -> None:
+        """The record's side of a call's end: end time and reason, terminal state, log entries."""
         call.ended_at = self._now()
         call.end_reason = reason
-        self.ended_counts[reason] += 1
         self._move(call, CallState(reason), events)
         events.append(self._log_entry(call, "call.ended", reason=reason))
+
+    def _ended(self, call: CallRecord, reason: str, waiter_error: str) -> None:
+        """The rest of a call's end: counted, forgotten (timers, queue), its waiter failed."""
+        self.ended_counts[reason] += 1
         self._forget(call)
         waiter = self._waiters.pop(call.call_id, None)
         if waiter is not None and not waiter.deferred.called:
             waiter.deferred.errback(CallError(waiter_error, call.call_id))
 
     # -- carrier events ---------------------------------------------------------------------------
+    #
+    # Carriers deliver at least once, in no guaranteed order (DESIGN.md, "Delivery semantics").
+    # An event is applied once per identity (`CallEvent.keys`), durably: its keys are committed
+    # with its change and restored at start. The events of one call are applied one at a time.
+    # Applying one changes the record in memory first (so that any write of the call made
+    # meanwhile carries the change), then commits; everything else it causes (timers, waiters,
+    # hooks, the call leaving the active set, counters, an inbound call's answer) runs only once
+    # the commit succeeded. A failed commit undoes the record's change and raises, so the webhook
+    # is answered 500 and the carrier's retry applies the event. States only move forward, a
+    # terminal state is final, and an event for a call that is over is recorded, never acted on.
 
     async def process_event(self, event: CallEvent) -> None:
         """Apply one normalised carrier event (SPEC §4.2). Redelivered events are no-ops."""
-        key = event.key
-        if key in self._processed or key in self._in_flight_keys:
-            return
-        self._in_flight_keys.add(key)
+        keys = event.keys
+        while True:
+            if any(k in self._processed for k in keys):
+                return
+            twin = next((self._in_flight[k] for k in keys if k in self._in_flight), None)
+            if twin is None:
+                break
+            # The same event is being applied: answer once it is durable, or apply it here if
+            # that attempt failed (a 200 must mean that the event is on disk).
+            done: Deferred[None] = Deferred()
+            twin.append(done)
+            await done
+        waiting: list[Deferred[None]] = []
+        for k in keys:
+            self._in_flight[k] = waiting
         try:
-            await self._process(event, key)
+            await self._one_at_a_time(event)
         finally:
-            self._in_flight_keys.discard(key)
+            for k in keys:
+                if self._in_flight.get(k) is waiting:
+                    del self._in_flight[k]
+            for d in waiting:
+                d.callback(None)
 
-    async def _process(self, event: CallEvent, key: str) -> None:
-        events: list[dict] = []
+    def _lock_key(self, event: CallEvent) -> str:
+        call = self._resolve(event)
+        if call is not None:
+            return call.call_id
+        return event.provider_call_id or event.call_id
+
+    def _resolve(self, event: CallEvent) -> CallRecord | None:
         call = self.find(event.call_id)
         if call is None and event.provider_call_id:
             call = self.find(event.provider_call_id)
-        if call is None and event.provider_call_id and event.direction is Direction.INBOUND:
-            # Only an inbound call is created from a carrier event. An unknown outbound call is
-            # one we ended (late callbacks arrive after the hang-up) or never placed: ignored.
+        return call
+
+    async def _one_at_a_time(self, event: CallEvent) -> None:
+        """Run `_process(event)` holding its call's lock (the call's id, or the carrier's id of a call not known yet)."""
+        while True:
+            name = self._lock_key(event)
+            lock = self._event_locks.get(name)
+            if lock is None:
+                lock = self._event_locks[name] = DeferredLock()
+            await lock.acquire()
+            try:
+                if self._lock_key(event) == name:  # else: the call became known while we waited
+                    await self._process(event)
+                    return
+            finally:
+                lock.release()
+                if not lock.locked and not lock.waiting and self._event_locks.get(name) is lock:
+                    del self._event_locks[name]
+
+    def _remember(self, keys: Sequence[str]) -> None:
+        for k in keys:
+            self._processed.add(k)
+
+    async def _process(self, event: CallEvent) -> None:
+        keys = event.keys
+        call = self._resolve(event)
+        created = False
+        events: list[dict] = []
+        if call is None or call.is_terminal:
+            over = call or await self._stored(event)
+            if over is not None:
+                await self._record_late(over, event, keys)
+                return
+            if not (event.provider_call_id and event.direction is Direction.INBOUND):
+                # Only an inbound call is created from a carrier event. An unknown outbound
+                # call is one we never placed (or whose record is gone): ignored.
+                self._log.info("Ignoring {type} for unknown call", type=event.type.value)
+                self._remember(keys)
+                return
             why = inbound_decision(self._settings.inbound_policy, self._settings.allow_from, event.from_number)
             if why is not None:
-                self._processed.add(key)
+                self._remember(keys)
                 self._reject_inbound(event, why)
                 return
-            if await self._store.get_call(event.provider_call_id) is not None:
-                self._processed.add(key)
-                return
-            call = self.find(event.provider_call_id) or self._create_from_event(event, events)
-        if call is None:
-            self._processed.add(key)
-            return
+            call = self._create_from_event(event, events)
+            created = True
 
-        if event.provider_call_id and event.provider_call_id != call.provider_call_id:
-            old = call.provider_call_id
+        before = _Fields.of(call)
+        old_pid = call.provider_call_id
+        if event.provider_call_id and event.provider_call_id != old_pid:
             call.provider_call_id = event.provider_call_id
             self._by_provider_id[event.provider_call_id] = call.call_id
-            if old and self._by_provider_id.get(old) == call.call_id:
-                del self._by_provider_id[old]
-        call.processed_event_ids.append(key)
+            if old_pid and self._by_provider_id.get(old_pid) == call.call_id:
+                del self._by_provider_id[old_pid]
+        call.processed_event_ids.extend(keys)
         transcript: list[TranscriptEntry] = []
-        after: Callable[[], None] | None = None
+        effects: list[Callable[[], None]] = []
+        if created and call.direction is Direction.INBOUND:
+            effects.append(lambda: self._background(self._provider.answer_call(call), "Failed to answer inbound call"))
 
         kind = event.type
-        if kind in (EventType.INITIATED, EventType.RINGING, EventType.ACTIVE, EventType.SPEAKING):
+        if kind is EventType.SPEAKING and call.state is CallState.LISTENING:
+            # The carrier reporting speech that started before what we already heard ended
+            # (`speak.started` delivered after `speak.ended`): recorded, the state stays.
+            events.append(self._late_entry(call, event))
+        elif kind in (EventType.INITIATED, EventType.RINGING, EventType.ACTIVE, EventType.SPEAKING):
             self._move(call, CallState(kind.value.split(".", 1)[1]), events)
         elif kind is EventType.ANSWERED and call.answered_at is None:
             # Only the first answer counts: carriers repeat "in-progress" on every later request
             # of the call, which must not restart the max-duration clock.
             call.answered_at = event.timestamp
             self._move(call, CallState.ANSWERED, events)
-            self._start_max_timer(call, self._settings.max_duration_seconds)
-            after = lambda: self._on_answered(call)  # noqa: E731
+            effects.append(lambda: self._answered(call))
         elif kind is EventType.SPEECH:
             text = (event.transcript or "").strip()
             if event.is_final and text:
@@ -293,23 +394,99 @@ class CallManager:
                     events.append(self._log_entry(call, "call.transcript", speaker="user", text=text))
                     self._move(call, CallState.LISTENING, events)
                     if waiter is not None:
-                        del self._waiters[call.call_id]
-                        after = lambda: waiter.deferred.callback(text)  # noqa: E731
+                        effects.append(lambda: self._resolve_waiter(call, waiter, text))
                     elif self.on_utterance is not None:
                         hook = self.on_utterance
-                        after = lambda: hook(call, text)  # noqa: E731
-        elif kind is EventType.ENDED:
-            reason = event.reason or "completed"
-            self._finish(call, reason, f"Call ended: {reason}", events)
-        elif kind is EventType.ERROR and not event.retryable:
-            self._finish(call, "error", f"Call error: {event.error}", events)
+                        effects.append(lambda: hook(call, text))
+        elif kind is EventType.ENDED or (kind is EventType.ERROR and not event.retryable):
+            reason = (event.reason or "completed") if kind is EventType.ENDED else "error"
+            why = f"Call ended: {reason}" if kind is EventType.ENDED else f"Call error: {event.error}"
+            self._end_record(call, reason, events)
+            effects.append(lambda: self._ended(call, reason, why))
 
-        await self._persist(call, transcript=transcript, keys=[key], events=events)
-        self._processed.add(key)
-        if after is not None:
-            after()
+        try:
+            await self._persist(call, transcript=transcript, keys=keys, events=events)
+        except BaseException:
+            self._undo(call, before, _Fields.of(call), transcript, keys, old_pid, created)
+            raise
+        self._remember(keys)
+        for effect in effects:
+            effect()
+
+    def _undo(
+        self,
+        call: CallRecord,
+        before: _Fields,
+        after: _Fields,
+        transcript: Sequence[TranscriptEntry],
+        keys: Sequence[str],
+        old_pid: str | None,
+        created: bool,
+    ) -> None:
+        """Take back an event's change to `call` after its commit failed (what others changed since stays)."""
+        self._log.warn(
+            "Store write failed: {call_id} left as it was (the carrier's retry applies the event)",
+            call_id=call.call_id,
+        )
+        if created:
+            self._active.pop(call.call_id, None)
+            if self._by_provider_id.get(call.provider_call_id or "") == call.call_id:
+                del self._by_provider_id[call.provider_call_id]
+        before.restore(call, after)
+        new = after.get("provider_call_id")
+        if call.provider_call_id == old_pid and new != old_pid and not created:
+            if new and self._by_provider_id.get(new) == call.call_id:
+                del self._by_provider_id[new]
+            if old_pid:
+                self._by_provider_id[old_pid] = call.call_id
+        for entry in transcript:
+            for i in range(len(call.transcript) - 1, -1, -1):
+                if call.transcript[i] is entry:
+                    del call.transcript[i]
+                    break
+        for k in keys:
+            for i in range(len(call.processed_event_ids) - 1, -1, -1):
+                if call.processed_event_ids[i] == k:
+                    del call.processed_event_ids[i]
+                    break
+
+    async def _stored(self, event: CallEvent) -> CallRecord | None:
+        """The stored call an event names, if any (a call that is over is not in memory)."""
+        ids = dict.fromkeys(i for i in (event.call_id, event.provider_call_id) if i)
+        for ident in ids:
+            stored = await self._store.get_call(ident)
+            if stored is not None:
+                return stored
+        return None
+
+    def _late_entry(self, call: CallRecord, event: CallEvent) -> dict:
+        return self._log_entry(call, "call.event.late", event=event.type.value, state=call.state.value)
+
+    async def _record_late(self, call: CallRecord, event: CallEvent, keys: Sequence[str]) -> None:
+        """An event for a call that is over: its keys and a log entry are stored, nothing else happens."""
+        self._log.info(
+            "Late {type} for call {call_id} ({state}): recorded, not applied",
+            type=event.type.value,
+            call_id=call.call_id,
+            state=call.state.value,
+        )
+        await self._persist(call, keys=keys, events=[self._late_entry(call, event)])
+        self._remember(keys)
+
+    def _answered(self, call: CallRecord) -> None:
+        if call.is_terminal or self._active.get(call.call_id) is not call:
+            return  # ended while the answer was being stored
+        self._start_max_timer(call, self._settings.max_duration_seconds)
+        self._on_answered(call)
+
+    def _resolve_waiter(self, call: CallRecord, waiter: _Waiter, text: str) -> None:
+        if self._waiters.get(call.call_id) is waiter:
+            del self._waiters[call.call_id]
+        if not waiter.deferred.called:
+            waiter.deferred.callback(text)
 
     def _create_from_event(self, event: CallEvent, events: list[dict]) -> CallRecord:
+        """A call the carrier told us of (in memory, to be stored; answering it waits for the commit)."""
         inbound = event.direction is Direction.INBOUND
         call = CallRecord(
             call_id=str(uuid.uuid4()),
@@ -331,8 +508,6 @@ class CallManager:
             direction=call.direction.value,
             call_id=call.call_id,
         )
-        if inbound:
-            self._background(self._provider.answer_call(call), "Failed to answer inbound call")
         return call
 
     def _created_entry(self, call: CallRecord) -> dict:

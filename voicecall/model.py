@@ -8,6 +8,7 @@ This module is a leaf: it imports nothing of ours.
 from __future__ import annotations
 
 import enum
+import hashlib
 from typing import Any, Mapping
 
 from attrs import define, field, frozen
@@ -141,13 +142,36 @@ class EventType(str, enum.Enum):
     ERROR = "call.error"
 
 
+#: Longest identity key kept as given; longer ones (outside input) are stored as a hash.
+MAX_KEY_LENGTH = 160
+
+
+def identity_key(prefix: str, *parts: object) -> str:
+    """
+    A dedupe key from a carrier's event identity: ``<prefix>:<part>:<part>...``, or
+    ``<prefix>:sha256:<hex>`` when that would be longer than `MAX_KEY_LENGTH` or hold
+    non-printable characters (the parts come from outside input).
+    """
+    key = ":".join((prefix, *("" if p is None else str(p) for p in parts)))
+    if len(key) <= MAX_KEY_LENGTH and key.isprintable():
+        return key
+    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode("utf-8", "surrogatepass"))
+    return f"{prefix}:sha256:{digest.hexdigest()}"
+
+
 @frozen
 class CallEvent:
     """
     A carrier event after parsing, the same for every provider.
 
-    `call_id` is our call id when the carrier echoes it back, or else the carrier's id;
-    `dedupe_key` is the stable key that makes a redelivery of the same event a no-op.
+    `call_id` is our call id when the carrier echoes it back, or else the carrier's id.
+    `dedupe_key` is the event's identity: the same for every delivery of one event, so that a
+    redelivery (at-least-once delivery, fresh timestamp and signature) is a no-op. Providers set
+    it from the carrier's own event id where there is one (Telnyx ``data.id``), else from the
+    event's content (Twilio CallSid + SequenceNumber, a Gather's turn), else from the verified
+    request key. `aliases` are further keys the same event is known by (the verified request
+    key; a carrier's unsigned idempotency token): an event is a redelivery when any of its
+    `keys` was applied before, and applying it records them all.
     """
 
     type: EventType = field(converter=EventType)
@@ -172,11 +196,19 @@ class CallEvent:
     reason: str | None = None  # call.ended: one of END_REASONS
     error: str | None = None  # call.error
     retryable: bool = False  # call.error
+    aliases: tuple[str, ...] = field(default=(), converter=tuple)
 
     @property
     def key(self) -> str:
         """The key this event is deduplicated by."""
         return self.dedupe_key or self.id
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key this event is known by: `key` first, then its distinct `aliases`."""
+        first = self.key
+        rest = tuple(dict.fromkeys(a for a in self.aliases if a and a != first))
+        return (first, *rest)
 
 
 @define

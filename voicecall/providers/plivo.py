@@ -37,12 +37,13 @@ import re
 import secrets
 from typing import Any, Mapping
 
+import attrs
 from attrs import define, field
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.model import CallEvent, CallRecord, EventType
+from voicecall.model import CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers import plivoxml
 from voicecall.providers.base import (
     InitiatedCall,
@@ -417,6 +418,8 @@ class PlivoProvider:
             self._spoken(ctx)
             return ParsedWebhook((), _xml(plivoxml.keep_alive()))
         event = self._event(ctx, params, flow, call_uuid or request_uuid, request_key)
+        if event is not None:
+            event = _with_identity(event, ctx, request_key)
         answer_fetch = flow in ("answer", "getinput") or (not flow and params.get("Event") == "StartApp")
         if event is not None and event.type is EventType.ENDED:
             self._forget(ctx.query.get("callId"), request_uuid, call_uuid)
@@ -462,3 +465,24 @@ class PlivoProvider:
         if status == "in-progress":
             return CallEvent(type=EventType.ANSWERED, **common)
         return None
+
+
+def _with_identity(event: CallEvent, ctx: WebhookContext, request_key: str) -> CallEvent:
+    """
+    `event` with the identity every delivery of it shares (DESIGN.md, delivery semantics).
+    Plivo sends no event id, and a retry is signed afresh (a new V3 nonce, so a new request
+    key). So: the caller's input is its GetInput's one-time nonce (``n`` in the action URL
+    we built), and any other event is its type on its call (a call rings, is answered and
+    ends once). The verified request key stays an alias.
+    """
+    pid = event.provider_call_id
+    if not pid:
+        return event
+    if event.type in (EventType.SPEECH, EventType.DTMF):
+        nonce = ctx.query.get("n")
+        if not nonce:
+            return event
+        primary = identity_key("plivo:input", pid, nonce)
+    else:
+        primary = identity_key("plivo:" + event.type.value, pid)
+    return attrs.evolve(event, dedupe_key=primary, aliases=(request_key,))

@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.model import CallEvent, CallRecord, EventType
+from voicecall.model import CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers.base import (
     InitiatedCall,
     ParsedWebhook,
@@ -418,11 +418,14 @@ class TelnyxProvider:
         if call_id is None:
             return None
         event_id = data.get("id")
+        has_id = isinstance(event_id, str) and bool(event_id.strip())
         common: dict[str, Any] = dict(
             call_id=call_id,
-            id=event_id if isinstance(event_id, str) and event_id else str(uuid.uuid4()),
+            id=event_id if has_id else str(uuid.uuid4()),
             timestamp=int(self._clock.seconds() * 1000),
-            dedupe_key=key,
+            # A redelivery has the same `data.id` but a fresh timestamp and signature (and
+            # `meta.attempt` + 1): the event id, not the request, is what is applied once.
+            dedupe_key=identity_key("telnyx:event", event_id) if has_id else key,
             provider_call_id=control_id,
             from_number=_text(payload.get("from")),
             to_number=_text(payload.get("to")),

@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from voicecall.model import CallEvent, CallRecord, Direction, EventType
+from voicecall.model import CallEvent, CallRecord, Direction, EventType, identity_key
 from voicecall.providers import twiml
 from voicecall.providers.base import (
     TERMINAL_STATUS_REASONS,
@@ -351,6 +351,8 @@ class TwilioProvider:
         if sid and ctx.query.get("flow") == "spoken":
             self._said(sid, ctx.query.get("n") or "")  # the `<Say>` before this Redirect has been said
         event = self._event(params, sid, query_call_id, ctx.query.get("turnToken"), request_key) if sid else None
+        if event is not None:
+            event = _with_identity(event, ctx, params, request_key)
         if sid and event is not None and event.type is not EventType.ENDED and event.direction is Direction.INBOUND:
             if sid not in self._call_urls and self._webhook_url:
                 _bounded_put(self._call_urls, sid, self._webhook_url)
@@ -369,7 +371,16 @@ class TwilioProvider:
         if first_inbound and body != twiml.hold_queue():
             # Twilio answers an inbound call as soon as it gets TwiML to run: say so, so the
             # greeting is spoken and the max-duration timer starts (no status callback follows).
-            events = (event, attrs.evolve(event, type=EventType.ANSWERED, id=event.id + ":answered", dedupe_key=(event.dedupe_key or event.id) + ":answered"))
+            events = (
+                event,
+                attrs.evolve(
+                    event,
+                    type=EventType.ANSWERED,
+                    id=event.id + ":answered",
+                    dedupe_key=event.key + ":answered",
+                    aliases=tuple(a + ":answered" for a in event.aliases),
+                ),
+            )
         if event is not None and event.type is EventType.ENDED:
             self._forget(sid, query_call_id)
         return ParsedWebhook(events, _xml(body))
@@ -436,6 +447,36 @@ class TwilioProvider:
             # (bounded by maxDurationSeconds) instead of hanging up when a <Pause> runs out.
             return self._listen_loop(url, None, None, None)
         return twiml.pause()
+
+
+IDEMPOTENCY_HEADER = "i-twilio-idempotency-token"
+
+
+def _with_identity(event: CallEvent, ctx: WebhookContext, params: dict, request_key: str) -> CallEvent:
+    """
+    `event` with the identity every delivery of it shares (DESIGN.md, delivery semantics).
+    A status callback is its call's SequenceNumber, a Gather result its turn token and the
+    Gather's one-time nonce: the same however the retry is signed (e.g. over the URL with its
+    default port written out). The verified request key stays an alias, so a replay of the very
+    request is known too. Twilio's ``I-Twilio-Idempotency-Token`` (the same on every retry of a
+    request) is an alias only: it is not covered by the signature, so it can make a delivery a
+    redelivery but never make a replayed request new.
+    """
+    sid = event.provider_call_id
+    primary = None
+    if event.type in (EventType.SPEECH, EventType.DTMF):
+        nonce = ctx.query.get("n")
+        if nonce or event.turn_token:
+            primary = identity_key("twilio:gather", sid, event.turn_token, nonce)
+    elif params.get("SequenceNumber") and (ctx.query.get("type") == "status" or params.get("CallbackSource")):
+        primary = identity_key("twilio:status", sid, params["SequenceNumber"], normalize_status(params.get("CallStatus")))
+    aliases = [] if primary is None else [request_key]
+    token = ctx.header(IDEMPOTENCY_HEADER)
+    if token:
+        aliases.append(identity_key("twilio:idem", token))
+    if primary is None and not aliases:
+        return event
+    return attrs.evolve(event, dedupe_key=primary or event.key, aliases=tuple(aliases))
 
 
 async def _nothing() -> None:
