@@ -150,7 +150,7 @@ def _run_savepointed(conn: sqlite3.Connection, ops: Sequence[Callable[[sqlite3.C
     return outcomes
 
 
-@define
+@define(repr=False)
 class SynchronousWriter:
     """A `Writer` for tests: runs each operation at once on the calling thread and commits it."""
 
@@ -187,7 +187,7 @@ class SynchronousWriter:
 _OP, _CONNECT, _DISCONNECT, _STOP = range(4)
 
 
-@define
+@define(repr=False)
 class ThreadedWriter:
     """
     A `Writer` with one dedicated thread that owns the connection. Operations queue up; each time

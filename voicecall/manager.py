@@ -75,7 +75,7 @@ def _snippet(text: str, limit: int = 80) -> str:
     return clean if len(clean) <= limit else clean[: limit - 1] + "…"
 
 
-@define
+@define(repr=False)
 class _Waiter:
     deferred: Deferred
     turn_token: str | None
@@ -126,7 +126,7 @@ class _Commands:
     greeting: Deferred | None = field(default=None, repr=False)
 
 
-@define
+@define(repr=False)
 class CallManager:
     _provider: Provider
     _voice: Voice

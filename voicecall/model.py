@@ -106,7 +106,7 @@ class TranscriptEntry:
 
     timestamp: int  # epoch milliseconds
     speaker: Speaker = field(converter=Speaker)
-    text: str
+    text: str = field(repr=False)  # what was said: never in a repr (logs)
     is_final: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -180,19 +180,20 @@ class CallEvent:
     timestamp: int  # epoch milliseconds
     dedupe_key: str | None = None
     provider_call_id: str | None = None
-    turn_token: str | None = None
+    turn_token: str | None = field(default=None, repr=False)
     direction: Direction | None = field(
         default=None, converter=lambda v: None if v is None else Direction(v)
     )
-    from_number: str | None = None
-    to_number: str | None = None
+    # Numbers, words and digits are call state: never in a repr (Twisted logs objects by repr).
+    from_number: str | None = field(default=None, repr=False)
+    to_number: str | None = field(default=None, repr=False)
     # type-specific fields
-    text: str | None = None  # call.speaking
-    transcript: str | None = None  # call.speech
+    text: str | None = field(default=None, repr=False)  # call.speaking
+    transcript: str | None = field(default=None, repr=False)  # call.speech
     is_final: bool = True  # call.speech
     confidence: float | None = None  # call.speech
     duration_ms: int | None = None  # call.silence
-    digits: str | None = None  # call.dtmf
+    digits: str | None = field(default=None, repr=False)  # call.dtmf
     reason: str | None = None  # call.ended: one of END_REASONS
     error: str | None = None  # call.error
     retryable: bool = False  # call.error
@@ -222,17 +223,18 @@ class CallRecord:
     provider: str
     direction: Direction = field(converter=Direction)
     state: CallState = field(converter=CallState)
-    from_number: str
-    to_number: str
+    # Numbers, transcript and metadata (messages, tokens) are never in a repr (logs).
+    from_number: str = field(repr=False)
+    to_number: str = field(repr=False)
     started_at: int  # epoch milliseconds
     provider_call_id: str | None = None
     session_key: str | None = None
     answered_at: int | None = None
     ended_at: int | None = None
     end_reason: str | None = None
-    transcript: list[TranscriptEntry] = field(factory=list)
-    processed_event_ids: list[str] = field(factory=list)
-    metadata: dict[str, Any] = field(factory=dict)
+    transcript: list[TranscriptEntry] = field(factory=list, repr=False)
+    processed_event_ids: list[str] = field(factory=list, repr=False)
+    metadata: dict[str, Any] = field(factory=dict, repr=False)
 
     @property
     def is_terminal(self) -> bool:

@@ -22,7 +22,7 @@ INTERVAL_SECONDS = 30.0
 _LIVE = frozenset({CallState.SPEAKING, CallState.LISTENING})
 
 
-@define(eq=False)
+@define(eq=False, repr=False)
 class StaleCallReaper(Service):
     """A service that ends stale calls through the manager; disabled when max_age <= 0."""
 

@@ -66,7 +66,7 @@ def _text(params: Mapping[str, Any], name: str) -> str | None:
     return value.strip() or None
 
 
-@define
+@define(repr=False)
 class RpcMethods:
     """The method table: plain async functions of a params dict."""
 

@@ -110,7 +110,7 @@ _UPSERT = (
 # --- the call store ----------------------------------------------------------------------------
 
 
-@define
+@define(repr=False)
 class CallStore:
     """Durable call store: SQLite in WAL mode at ``<directory>/voicecall.sqlite3``."""
 
@@ -539,7 +539,7 @@ def _count(n: int) -> int:
 # --- read-only access for the CLI -------------------------------------------------------------
 
 
-@define
+@define(repr=False)
 class ReadOnlyStore:
     """Synchronous, read-only access to a store, for the CLI while the daemon is down."""
 

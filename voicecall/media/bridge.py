@@ -44,7 +44,7 @@ def _bounded_put(mapping: dict, key: str, value: Any) -> None:
         del mapping[next(iter(mapping))]
 
 
-@define
+@define(repr=False)
 class StreamBridge:
     _clock: IReactorTime
     _fallback: Any  # the Twilio adapter: its own speech for calls without a stream

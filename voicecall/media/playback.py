@@ -235,7 +235,7 @@ class PlaybackScheduler:
                 members.pop(playback, None)
 
 
-@define(eq=False)
+@define(eq=False, repr=False)
 class _Entry:
     """One queued utterance and its progress."""
 
@@ -255,7 +255,7 @@ class _Entry:
     mark_timer: IDelayedCall | None = None
 
 
-@define(eq=False)
+@define(eq=False, repr=False)
 class Playback:
     """
     One stream's utterance queue. Created by the media-stream server for each accepted stream.

@@ -155,7 +155,7 @@ class StreamHandler(Protocol):
         """The stream sent `stop`, or its socket closed (called once per session)."""
 
 
-@define(eq=False)
+@define(eq=False, repr=False)
 class StreamSession:
     """An accepted stream: who it is for, its playback queue, and the way to talk to Twilio."""
 
@@ -459,7 +459,7 @@ class _StreamResource(Resource):
         return self._upgrade.render(request)
 
 
-@define
+@define(repr=False)
 class MediaStreamServer:
     """
     The media-stream WebSocket server: mount L{resource} at the stream path of the webhook

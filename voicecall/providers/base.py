@@ -32,12 +32,13 @@ class WebhookContext:
 
     method: str
     path: str  # the path, percent-encoded as received
-    path_and_query: str  # request-target exactly as received (never re-encoded)
-    query: Mapping[str, str]  # decoded query parameters (first value of each)
-    headers: Mapping[str, str]  # lower-case names -> first value
-    raw_body: bytes
+    # The request's content is outside input and call state: never in a repr (logs).
+    path_and_query: str = field(repr=False)  # request-target exactly as received (never re-encoded)
+    query: Mapping[str, str] = field(repr=False)  # decoded query parameters (first value of each)
+    headers: Mapping[str, str] = field(repr=False)  # lower-case names -> first value
+    raw_body: bytes = field(repr=False)
     remote_ip: str | None
-    url: str  # the public URL of this request, reconstructed (web/security.py)
+    url: str = field(repr=False)  # the public URL of this request, reconstructed (web/security.py)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -56,7 +57,7 @@ class Verification:
 @frozen
 class WebhookResponse:
     status: int = 200
-    body: bytes = b"OK"
+    body: bytes = field(default=b"OK", repr=False)  # TwiML holds messages and stream tokens
     headers: Mapping[str, str] = field(factory=dict)
 
 

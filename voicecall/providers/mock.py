@@ -97,7 +97,7 @@ def _quote(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)[:80]
 
 
-@define
+@define(repr=False)
 class MockProvider:
     """A provider that places no real calls; it records what it was asked to do."""
 

@@ -108,7 +108,7 @@ def _nonce() -> str:
     return secrets.token_hex(6)
 
 
-@define
+@define(repr=False)
 class _Pending:
     """The document a call's next transfer fetch gets: speak `text`, and/or listen."""
 
@@ -121,7 +121,7 @@ class _Pending:
     played: Deferred | None = None
 
 
-@define
+@define(repr=False)
 class PlivoProvider:
     """The Plivo adapter: call control, native speech (transfer to Plivo XML) and webhooks."""
 

@@ -154,7 +154,7 @@ def _snippet(text: str, limit: int = 64) -> str:
     return clean if len(clean) <= limit else clean[: limit - 1] + "…"
 
 
-@define
+@define(repr=False)
 class TelnyxProvider:
     """The Telnyx adapter: call control, native speech (`speak`, transcription) and webhooks."""
 

@@ -75,7 +75,7 @@ def _xml(body: str, status: int = 200) -> WebhookResponse:
     return WebhookResponse(status, body.encode("utf-8"), _XML)
 
 
-@define
+@define(repr=False)
 class TwilioProvider:
     """The Twilio adapter: call control, native speech (`<Say>`/`<Gather>`) and webhooks."""
 

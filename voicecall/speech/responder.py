@@ -122,7 +122,7 @@ def model_name(response_model: str | None) -> str:
     return split_model(response_model)[1]
 
 
-@define
+@define(repr=False)
 class ChatResponder:
     """The built-in responder: one chat-completions request per caller utterance."""
 
@@ -172,7 +172,7 @@ class ChatResponder:
 Ask = Callable[[CallRecord, str], "Deferred[str] | None"]
 
 
-@define
+@define(repr=False)
 class AutoResponder:
     """Answers callers: wired to `CallManager.on_utterance` by tap.py."""
 

@@ -273,7 +273,7 @@ class _RealtimeFactory(WebSocketClientFactory):
         return proto
 
 
-@define
+@define(repr=False)
 class RealtimeTranscriber:
     """
     An OpenAI Realtime transcription session for one call's inbound audio.

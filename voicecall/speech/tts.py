@@ -124,7 +124,7 @@ class _Body(Protocol):
         self._attempt.body_done(reason)
 
 
-@define(eq=False)
+@define(eq=False, repr=False)
 class _Attempt:
     """
     One provider's request: streams a 2xx body to the listener, reads a bounded error body
@@ -241,7 +241,7 @@ class _Attempt:
             self.done.callback(None)
 
 
-@define
+@define(repr=False)
 class TelephonyTts:
     """
     Streamed telephony synthesis with provider fallback (see the module docstring).

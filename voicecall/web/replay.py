@@ -36,7 +36,7 @@ def _positive(instance: Any, attribute: Any, value: float) -> None:
         raise ValueError(f"{attribute.name.lstrip('_')} must be positive, not {value!r}")
 
 
-@define
+@define(repr=False)
 class ReplayCache:
     """
     Verified request keys seen in the last `ttl` seconds, oldest first.
@@ -83,7 +83,7 @@ class ReplayCache:
         return len(self._entries)
 
 
-@define
+@define(repr=False)
 class _Entry:
     """One cached response: in flight (with the Deferreds waiting for it) or done."""
 
@@ -102,7 +102,7 @@ class _Entry:
         return d
 
 
-@define
+@define(repr=False)
 class ResponseCache(Generic[T]):
     """
     Responses by verified request key, kept `ttl` seconds after they were built.
