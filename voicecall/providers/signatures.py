@@ -248,12 +248,12 @@ def _is_ngrok_free_tier(url: str) -> bool:
     return ".ngrok-free.app" in url or ".ngrok.io" in url
 
 
-def _twilio_url_variants(
-    url: str, public_url: str | None, host_header: str | None
-) -> Iterator[str]:
+def _twilio_url_variants(url: str) -> Iterator[str]:
     """
-    `url`, then once each: its port stripped, the scheme's default port added (when it has no
-    port), the port of `public_url`, the port of the ``Host`` header.  Lazy: a valid request
+    `url`, then once: the same URL with the scheme's default port written out when it has
+    none, or without it when it names the default port.  Never another port: a port from the
+    request (its ``Host`` header) is the client's to choose, so accepting it would let a
+    signature over any port of the public host pass (issue 12 item 9).  Lazy: a valid request
     usually matches the first.
     """
     yield url
@@ -261,21 +261,13 @@ def _twilio_url_variants(
     if parts is None:
         return
     scheme, userinfo, host, port, rest = parts
-    ports: list[str | None] = [None]
     default = _DEFAULT_PORTS.get(scheme.lower())
-    if port is None and default is not None:
-        ports.append(default)
-    ports.append(_port_of(public_url))
-    if host_header:
-        ports.append(_port_of("x://" + host_header.split(",", 1)[0].strip()))
-    seen = {url}
-    for index, candidate_port in enumerate(ports):
-        if index and candidate_port is None:
-            continue
-        candidate = _join_url(scheme, userinfo, host, candidate_port, rest)
-        if candidate not in seen:
-            seen.add(candidate)
-            yield candidate
+    if default is None:
+        return
+    if port is None:
+        yield _join_url(scheme, userinfo, host, default, rest)
+    elif port.lstrip("0") == default:
+        yield _join_url(scheme, userinfo, host, None, rest)
 
 
 def _twilio_request_key(url: str, params: Params, signature: str) -> str:
@@ -297,8 +289,10 @@ def verify_twilio(
     """
     Check ``X-Twilio-Signature`` (SPEC §9.2).
 
-    `url` is the verification URL; when it does not match, its port variants are tried once
-    each.  With ``X-Twilio-Webhooks-Signature-Settings`` naming a key id, the SharedKey of that
+    `url` is the verification URL (the configured public URL's origin, or the reconstructed
+    one); it is also tried with the scheme's default port written out (or left out), and with
+    no other port.  `public_url` and `host_header` are accepted for the callers' sake and never
+    used: no port is ever taken from the request.  With ``X-Twilio-Webhooks-Signature-Settings`` naming a key id, the SharedKey of that
     id in `signing_keys` signs with the named algorithm; an unknown key id fails.
     """
     ngrok = _is_ngrok_free_tier(url)
@@ -326,7 +320,7 @@ def verify_twilio(
     provided = signature.encode("utf-8", "surrogatepass")
     signing_key = key.encode("utf-8")
     data = _twilio_params_data(params)
-    for candidate in _twilio_url_variants(url, public_url, host_header):
+    for candidate in _twilio_url_variants(url):
         mac = hmac.new(signing_key, candidate.encode("utf-8", "surrogatepass") + data, digest)
         if hmac.compare_digest(base64.b64encode(mac.digest()), provided):
             return SignatureResult(
