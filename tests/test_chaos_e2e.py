@@ -105,7 +105,14 @@ class ChaosEndToEndTests(TestCase):
         chaos = Chaos.worst_day(SEED, speed=20.0)
         scenario = Scenario(answer_after=0.2, silence=1.0, utterances=Callee(lambda call: call.say_texts))
         fake = FakeTwilio(reactor, sid, token, http_client(self), scenario=scenario, chaos=chaos)
-        self.addCleanup(lambda: [c.hangup_by_callee() for c in fake.calls.values() if not c.is_ended])
+
+        def hang_up():
+            for call in fake.calls.values():
+                if not call.is_ended:
+                    call.hangup_by_callee()
+            return fake._carrier.settle()
+
+        self.addCleanup(hang_up)
         await self.daemon(fake, "twilio", {"accountSid": sid, "authToken": token})
         await self.conversation(fake, lambda call: call.is_ended)
 
