@@ -421,9 +421,23 @@ class ClientIpTests(SynchronousTestCase):
         self.assertEqual(ForwardingPolicy().client_ip(self.HEADERS, "::ffff:10.0.0.1"), "10.0.0.1")
 
     def test_trusted_uses_forwarded_for(self):
-        """From a trusted proxy the first X-Forwarded-For element is used."""
+        """From a trusted proxy the rightmost X-Forwarded-For hop that is not a trusted proxy is used."""
         policy = ForwardingPolicy(trust_forwarding_headers=True, trusted_proxy_ips=("10.0.0.1",))
         self.assertEqual(policy.client_ip(self.HEADERS, "10.0.0.1"), "198.51.100.7")
+
+    def test_trusted_proxy_alone_is_enough(self):
+        """The client address needs only a trusted peer (it picks a bucket; it authenticates nothing)."""
+        policy = ForwardingPolicy(trusted_proxy_ips=("127.0.0.1",))
+        self.assertEqual(policy.client_ip({"x-forwarded-for": "198.51.100.7"}, "127.0.0.1"), "198.51.100.7")
+        self.assertEqual(policy.client_ip({}, "127.0.0.1"), "127.0.0.1")
+
+    def test_client_written_hops_are_ignored(self):
+        """Hops left of the one the trusted proxy saw are the client's own text: a spoofed first element does not count."""
+        policy = ForwardingPolicy(trusted_proxy_ips=("10.0.0.1", "10.0.0.2"))
+        headers = {"x-forwarded-for": "1.2.3.4, 203.0.113.9, 10.0.0.2"}
+        self.assertEqual(policy.client_ip(headers, "10.0.0.1"), "203.0.113.9")
+        self.assertEqual(policy.client_ip({"x-forwarded-for": "junk, 203.0.113.9"}, "10.0.0.1"), "203.0.113.9")
+        self.assertEqual(policy.client_ip({"x-forwarded-for": "10.0.0.2"}, "10.0.0.1"), "10.0.0.2")
 
     def test_real_ip_fallback(self):
         """X-Real-IP is used when X-Forwarded-For is missing or not an address."""

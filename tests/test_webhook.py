@@ -23,7 +23,15 @@ from voicecall.providers.base import Verification
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twiml import hold_music
 from voicecall.store import CallStore, SynchronousWriter
-from voicecall.web.limits import HEADERS_TIMEOUT_SECONDS, MAX_BODY_BYTES, MAX_IN_FLIGHT_PER_IP, READ_TIMEOUT_SECONDS, ScreenedSite
+from voicecall.web.limits import (
+    EVICT_PENDING_AFTER_SECONDS,
+    HEADERS_TIMEOUT_SECONDS,
+    MAX_BODY_BYTES,
+    MAX_IN_FLIGHT_PER_IP,
+    MAX_PENDING_TOTAL,
+    READ_TIMEOUT_SECONDS,
+    ScreenedSite,
+)
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen
 
@@ -475,22 +483,61 @@ class InFlightTests(WebhookTestsBase):
         response = self.post(self.payload({"type": "call.ringing", "callId": call_id}), ip="198.51.100.9")
         self.assertEqual(response.status, 200)
 
-    def test_ninth_refused_while_eight_are_processed(self):
-        """With 8 requests blocked in the manager, a 9th is 429; once they finish a new one is served."""
+    def test_processing_holds_no_slot(self):
+        """Requests whose bodies are in (verified) hold no slot while the manager works on them: a 9th is served too."""
         call_id = self.place()
         self.proxy.held = []
         conns = [
             self.request(self.payload({"type": "call.ringing", "callId": call_id, "n": n}))
-            for n in range(MAX_IN_FLIGHT_PER_IP)
+            for n in range(MAX_IN_FLIGHT_PER_IP + 1)
         ]
-        self.assertEqual([c.answered for c in conns], [False] * MAX_IN_FLIGHT_PER_IP)
-        self.assertEqual(len(self.proxy.held), MAX_IN_FLIGHT_PER_IP)
-        self.assertEqual(self.post(self.payload({"type": "call.ringing", "callId": call_id, "n": 99})).status, 429)
+        self.assertEqual([c.answered for c in conns], [False] * (MAX_IN_FLIGHT_PER_IP + 1))
+        self.assertEqual(len(self.site._screen._limiter), 0)
         held, self.proxy.held = self.proxy.held, None
         for gate in held:
             gate.callback(None)
-        self.assertEqual([c.response().status for c in conns], [200] * MAX_IN_FLIGHT_PER_IP)
-        self.assertEqual(self.post(self.payload({"type": "call.ringing", "callId": call_id, "n": 100})).status, 200)
+        self.assertEqual([c.response().status for c in conns], [200] * (MAX_IN_FLIGHT_PER_IP + 1))
+
+    def test_body_with_headers_needs_no_slot(self):
+        """With 8 slow bodies holding the address's slots, a request whose body came with its headers is served at once."""
+        self.held_by_headers(MAX_IN_FLIGHT_PER_IP)
+        call_id = self.place()
+        body = self.payload({"type": "call.ringing", "callId": call_id})
+        conn = self.connect()
+        conn.send(
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:3334\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (PATH.encode(), len(body), body)
+        )
+        self.assertEqual(conn.response().status, 200)
+        self.assertEqual(self.refusals, [])
+
+    def test_slow_body_yields_its_slot(self):
+        """A full address hands the slot of a body arriving for EVICT_PENDING_AFTER_SECONDS to a newcomer (408 for the slow one)."""
+        slow = self.held_by_headers(MAX_IN_FLIGHT_PER_IP)
+        self.clock.advance(EVICT_PENDING_AFTER_SECONDS / 2)
+        young = self.connect()
+        young.headers(length=10)
+        self.assertEqual(young.response().status, 429)
+        self.clock.advance(EVICT_PENDING_AFTER_SECONDS / 2)
+        call_id = self.place()
+        body = self.payload({"type": "call.ringing", "callId": call_id})
+        late = self.connect()
+        late.headers(length=len(body))
+        self.assertFalse(late.answered)
+        self.assertEqual(slow[0].response().status, 408)
+        self.assertTrue(slow[0].transport.disconnecting)
+        self.assertEqual([c.answered for c in slow[1:]], [False] * (MAX_IN_FLIGHT_PER_IP - 1))
+        late.send(body)
+        self.assertEqual(late.response().status, 200)
+        self.assertEqual(self.site._screen._limiter._counts[CLIENT_IP], MAX_IN_FLIGHT_PER_IP - 1)
+
+    def test_total_cap(self):
+        """Unverified bodies in flight are capped over all addresses too."""
+        for n in range(MAX_PENDING_TOTAL // MAX_IN_FLIGHT_PER_IP):
+            self.held_by_headers(MAX_IN_FLIGHT_PER_IP, ip=f"198.51.{n // 200}.{n % 200 + 1}")
+        other = self.connect("203.0.113.99")
+        other.headers(length=10)
+        self.assertEqual(other.response().status, 429)
 
     def test_slot_freed_by_completion(self):
         """When one held request completes, the IP may start another."""

@@ -593,7 +593,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     site = ScreenedSite(
         RootResource(webhook=webhook, stream_path=stream_path, stream=media.resource if media else None),
         clock=reactor,
-        screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification),
+        screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification, client_ip=forwarding.client_ip),
         on_refused=lambda status: webhook.counts.update((str(status),)),
     )
     service: VoicecallService

@@ -1,17 +1,49 @@
-# -*- test-case-name: tests.test_webhook -*-
+# -*- test-case-name: tests.test_webhook,tests.test_webhook_screening -*-
 """
 Pre-auth request limits for the webhook Site (SPEC §8.1 steps 5-7 [H], §20 item 16).
 
 twisted.web reads a whole request body before a resource sees it. These classes let the Site
 screen a request once its headers are in and before its body is read: refuse it (401 unsigned,
-429 too many in flight from one address, 413 declared too large) without reading the body; cap
-the body actually received (413); and give the body a time budget (408). The headers get a
-budget of their own, counted from the connection's opening or from a kept-alive request's first
-byte (408): the idle timeout restarts with every byte, so without it a client dribbling one header
-byte now and then would hold its connection forever.
+413 declared too large) without reading the body; cap the body actually received (413); and give
+the body a time budget (408). The headers get a budget of their own, counted from the
+connection's opening or from a kept-alive request's first byte (408): the idle timeout restarts
+with every byte, so without it a client dribbling one header byte now and then would hold its
+connection forever.
+
+Slots: what an unauthenticated client can hold, and why it cannot starve the carrier
+------------------------------------------------------------------------------------
+A request is *unverified* from its headers until its body is in; the signature is checked the
+moment the body is complete (synchronously, before anything is awaited), so "verified" and
+"body complete" are the same instant. Only unverified requests whose body is still *arriving*
+hold a slot:
+
+- A request whose whole body came in the same read as its headers (what a carrier, or a proxy
+  forwarding a carrier's request, nearly always sends) never takes a slot: admission is decided
+  after the read that completed the headers, and by then its body is in. No number of slow
+  bodies can refuse or delay it.
+- Any other request takes a slot until its body is complete, then gives it back at once (the
+  time spent applying a verified event holds nothing). Slots are capped per client
+  (`MAX_IN_FLIGHT_PER_IP`, 8) and in total (`MAX_PENDING_TOTAL`, 256): at most 256 x 64 KB of
+  unverified bodies in memory.
+- When the cap a newcomer needs is full, the oldest request in that scope loses its slot (408)
+  if its body has been arriving for `EVICT_PENDING_AFTER_SECONDS` or more, and the newcomer takes
+  it; otherwise the newcomer gets 429 before its body. A carrier's body that comes in a second
+  segment arrives within milliseconds, so it is never the one evicted; slow bodies are. To keep
+  a scope full an attacker must open fresh requests faster than one slot per half second, which
+  is a request-rate flood, not a slow-body one (the caps still bound what it costs).
+- The client is the socket peer, or, when the peer is in `webhookSecurity.trustedProxyIPs`, the
+  rightmost address in ``X-Forwarded-For`` (``X-Real-IP``) that is not a trusted proxy
+  (`voicecall.web.security.ForwardingPolicy.client_ip`): behind a proxy every request comes from
+  one address, and without it one slow client would use up the proxy's slots.
+
+Refusals are logged by `RefusalLog`: one line each, target and reason cut to 200 characters and
+stripped of control characters, at most `REFUSAL_LOG_BURST` lines per
+`REFUSAL_LOG_INTERVAL_SECONDS`, then one line saying further refusals are suppressed and, in the
+next interval, one line counting them.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable
 
 from attrs import frozen
@@ -23,6 +55,15 @@ from twisted.web.server import Request, Site
 MAX_BODY_BYTES = 64 * 1024
 READ_TIMEOUT_SECONDS = 5.0
 MAX_IN_FLIGHT_PER_IP = 8
+#: Unverified requests whose bodies are still arriving, over all clients.
+MAX_PENDING_TOTAL = 256
+#: A full cap gives the slot of a request whose body has been arriving this long to a newcomer.
+EVICT_PENDING_AFTER_SECONDS = 0.5
+#: Refusal log lines per interval before further refusals are only counted.
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_INTERVAL_SECONDS = 10.0
+#: Request targets, addresses and reasons are cut to this many characters in the log.
+LOG_FIELD_LIMIT = 200
 #: A connection idle this long is closed (Twisted's default is 12 h).
 IDLE_TIMEOUT_SECONDS = 60
 #: A request's line and headers must be in within this long.
@@ -62,14 +103,74 @@ def _write_refusal(transport, refusal: Refusal) -> None:
     transport.loseConnection()
 
 
+def clip(value: "str | bytes | None", limit: int = LOG_FIELD_LIMIT) -> str:
+    """`value` for a log line: decoded, control characters dropped, cut to `limit` characters."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value[: limit * 4].decode("latin-1")
+    elif not isinstance(value, str):
+        value = str(value)
+    text = "".join(c for c in value[: limit * 4] if c.isprintable())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RefusalLog:
+    """
+    One short line per refused webhook request, rate limited: `burst` lines per `interval`
+    seconds, then one line saying the rest are suppressed, and in the next interval one line
+    counting them. Lines hold only clipped text (`clip`).
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, burst: int = REFUSAL_LOG_BURST, interval: float = REFUSAL_LOG_INTERVAL_SECONDS) -> None:
+        self._clock = clock
+        self.burst = burst
+        self.interval = interval
+        self._window = None
+        self._lines = 0
+        self._suppressed = 0
+
+    def refused(self, status: int, client: "str | None", method: bytes, target: bytes, reason: str = "") -> None:
+        now = self._clock.seconds()
+        if self._window is None or now - self._window >= self.interval:
+            if self._suppressed:
+                self._log.warn(
+                    "suppressed {count} webhook refusals in the last {seconds:.0f}s", count=self._suppressed, seconds=now - self._window
+                )
+            self._window, self._lines, self._suppressed = now, 0, 0
+        if self._lines >= self.burst:
+            if not self._suppressed:
+                self._log.warn(
+                    "more than {burst} webhook refusals in {interval:g}s: further refusals suppressed (counted) until the interval ends",
+                    burst=self.burst,
+                    interval=self.interval,
+                )
+            self._suppressed += 1
+            return
+        self._lines += 1
+        self._log.info(
+            "webhook refused {status} from {client}: {method} {target}{sep}{reason}",
+            status=status,
+            client=clip(client or "?", 64),
+            method=clip(method, 16),
+            target=clip(target.split(b"?", 1)[0]),
+            sep=": " if reason else "",
+            reason=clip(reason),
+        )
+
+
 class ScreenedChannel(HTTPChannel):
     """
-    An HTTPChannel that tells its current request its method and target before the body, and
-    gives each request's headers a time budget.
+    An HTTPChannel that tells its current request its method and target before the body, gives
+    each request's headers a time budget, and admits a request whose body is still arriving
+    after the read that completed its headers (one whose body came with them needs no slot).
     """
 
     _headers_deadline = None
     _awaiting_headers = True
+    _to_admit = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -79,6 +180,13 @@ class ScreenedChannel(HTTPChannel):
         if self._awaiting_headers and self._headers_deadline is None:
             self._start_headers_budget()  # the first byte of a kept-alive connection's next request
         super().dataReceived(data)
+        waiting, self._to_admit = self._to_admit, None
+        if waiting is not None:
+            waiting.admit()
+
+    def admit_after_read(self, request: "ScreenedRequest") -> None:
+        """Admit `request` once the current read is handled (now, if its body cannot be in it)."""
+        self._to_admit = request
 
     def requestDone(self, request) -> None:
         # Set before the super call: it feeds any pipelined bytes already buffered, whose
@@ -104,6 +212,8 @@ class ScreenedChannel(HTTPChannel):
         self._awaiting_headers = False
         site = self.site
         site.refused(408)
+        peer = getattr(self.transport.getPeer(), "host", None) if self.transport is not None else None
+        site.refusal_log.refused(408, peer, b"-", b"-", "request headers too slow")
         _write_refusal(self.transport, Refusal(408, f"Request headers not received within {site.headers_timeout:g}s".encode()))
 
     def allHeadersReceived(self) -> None:
@@ -127,10 +237,14 @@ class ScreenedRequest(Request):
 
     early_method: bytes = b""
     early_uri: bytes = b""
+    #: The client address the screen counted this request against ("" when none).
+    slot_client: str = ""
     _refused = False
+    _body_done = False
     _received = 0
     _deadline = None
     _release: Callable[[], None] | None = None
+    _limiter: "InFlightLimiter | None" = None
     _log = Logger()
 
     def gotLength(self, length: int | None) -> None:
@@ -141,6 +255,30 @@ class ScreenedRequest(Request):
             return
         self._deadline = site.clock.callLater(site.read_timeout, self._timed_out)
         super().gotLength(length)
+
+    def needs_slot(self, limiter: "InFlightLimiter", client: str) -> None:
+        """
+        Count this request against `limiter` as `client` while its body is arriving: decided
+        after the current read (a body that came with the headers needs no slot), or at once
+        when the client waits for ``100 Continue`` before sending it.
+        """
+        self.slot_client = client
+        self._limiter = limiter
+        expect = self.requestHeaders.getRawHeaders(b"expect") or []
+        if expect and expect[0].lower() == b"100-continue":
+            self.admit()
+        else:
+            self.channel.admit_after_read(self)
+
+    def admit(self) -> None:
+        limiter, self._limiter = self._limiter, None
+        if limiter is None or self._refused or self._body_done:
+            return
+        release = limiter.acquire(self.slot_client, self._evicted, self.channel.site.clock.seconds())
+        if release is None:
+            self._refuse(Refusal(429, b"Too Many Requests"))
+            return
+        self._release = release
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -153,6 +291,8 @@ class ScreenedRequest(Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._cancel_deadline()
+        self._body_done = True
+        self.release()  # verified (or refused) as soon as the body is in: the slot is free
         if self._refused:
             return
         super().requestReceived(command, path, version)
@@ -166,11 +306,8 @@ class ScreenedRequest(Request):
         self.release()
         super().finish()
 
-    def hold(self, release: Callable[[], None]) -> None:
-        """Run `release` once, when this request is over however it ends."""
-        self._release = release
-
     def release(self) -> None:
+        """Give back this request's slot, if it holds one."""
         release, self._release = self._release, None
         if release is not None:
             release()
@@ -179,17 +316,26 @@ class ScreenedRequest(Request):
         self._deadline = None
         self._refuse(Refusal(408, f"Request body not received within {self.channel.site.read_timeout:g}s".encode()))
 
+    def _evicted(self) -> None:
+        self._release = None  # the limiter has taken the slot back
+        self._refuse(Refusal(408, b"Request body too slow: its slot went to a newer request"))
+
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
 
     def _refuse(self, refusal: Refusal) -> None:
+        if self._refused:
+            return
         self._refused = True
+        self._limiter = None
         self._cancel_deadline()
         self.release()
         site: ScreenedSite = self.channel.site
         site.refused(refusal.status)
+        peer = self.slot_client or getattr(self.getClientAddress(), "host", None)
+        site.refusal_log.refused(refusal.status, peer, self.early_method, self.early_uri, _REASONS.get(refusal.status, b"").decode())
         _write_refusal(self.channel.transport, refusal)
 
 
@@ -222,8 +368,12 @@ class ScreenedSite(Site):
         self.max_body = max_body
         self.read_timeout = read_timeout
         self.headers_timeout = headers_timeout
+        self.refusal_log = RefusalLog(clock)
         self._screen = screen
         self._on_refused = on_refused
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
 
     def screen_request(self, request: ScreenedRequest, length: int | None) -> Refusal | None:
         if length is not None and length > self.max_body:
@@ -239,28 +389,75 @@ class ScreenedSite(Site):
 
 
 class InFlightLimiter:
-    """At most `limit` requests in flight per remote address (missing addresses share a bucket)."""
+    """
+    Slots for unverified requests whose bodies are still arriving: at most `limit` per client
+    (missing addresses share the "" client) and `total` in all. A full cap hands the slot of its
+    oldest holder to a newcomer when that holder has held it `evict_after` seconds or more (the
+    holder's `on_evict` is called; it must answer and close); otherwise the newcomer is refused.
+    """
 
-    def __init__(self, limit: int = MAX_IN_FLIGHT_PER_IP) -> None:
+    def __init__(
+        self,
+        limit: int = MAX_IN_FLIGHT_PER_IP,
+        total: int = MAX_PENDING_TOTAL,
+        evict_after: float = EVICT_PENDING_AFTER_SECONDS,
+    ) -> None:
         self._limit = limit
+        self._total = total
+        self.evict_after = evict_after
         self._counts: dict[str, int] = {}
+        #: every holder, oldest first: token -> (client, since, on_evict)
+        self._holders: OrderedDict[object, tuple[str, float, Callable[[], None]]] = OrderedDict()
+        #: per client, its holders oldest first
+        self._by_client: dict[str, OrderedDict[object, None]] = {}
 
-    def acquire(self, ip: str | None) -> Callable[[], None] | None:
-        """A release function, or None when `ip` already has `limit` requests in flight."""
+    def acquire(
+        self, ip: str | None, on_evict: Callable[[], None] = lambda: None, now: float = 0.0
+    ) -> Callable[[], None] | None:
+        """
+        A release function, or None when `ip`'s cap (or the total) is full of holders younger
+        than `evict_after` at time `now` (the caller's clock).
+        """
         key = ip or ""
-        count = self._counts.get(key, 0)
-        if count >= self._limit:
-            return None
-        self._counts[key] = count + 1
+        if self._counts.get(key, 0) >= self._limit:
+            if not self._evict_oldest(self._by_client[key], now):
+                return None
+        elif len(self._holders) >= self._total:
+            if not self._evict_oldest(self._holders, now):
+                return None
+        token = object()
+        self._holders[token] = (key, now, on_evict)
+        self._by_client.setdefault(key, OrderedDict())[token] = None
+        self._counts[key] = self._counts.get(key, 0) + 1
+        return lambda: self._drop(token)
 
-        def release() -> None:
-            left = self._counts.get(key, 1) - 1
-            if left <= 0:
-                self._counts.pop(key, None)
-            else:
-                self._counts[key] = left
+    def _evict_oldest(self, holders: "OrderedDict[object, object]", now: float) -> bool:
+        token = next(iter(holders))
+        _key, since, on_evict = self._holders[token]
+        if now - since < self.evict_after:
+            return False
+        self._drop(token)
+        on_evict()
+        return True
 
-        return release
+    def _drop(self, token: object) -> None:
+        held = self._holders.pop(token, None)
+        if held is None:
+            return
+        key = held[0]
+        mine = self._by_client.get(key)
+        if mine is not None:
+            mine.pop(token, None)
+            if not mine:
+                del self._by_client[key]
+        left = self._counts.get(key, 1) - 1
+        if left <= 0:
+            self._counts.pop(key, None)
+        else:
+            self._counts[key] = left
 
     def __len__(self) -> int:
         return len(self._counts)
+
+    def __repr__(self) -> str:
+        return f"<InFlightLimiter {len(self._holders)} held>"

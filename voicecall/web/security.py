@@ -261,17 +261,43 @@ class ForwardingPolicy:
 
     def client_ip(self, headers: Mapping[str, Any], remote_ip: str | None) -> str:
         """
-        The client address for per-IP limits: the first valid ``X-Forwarded-For`` element, else
-        ``X-Real-IP``, when forwarding is trusted and the peer is a trusted proxy; otherwise the
-        normalised peer address.  A missing peer address gives ``""`` (one shared bucket).
+        The client address for per-client limits.  When the peer is in `trusted_proxy_ips`
+        (nothing else is needed: the address only picks a bucket, it never authenticates), the
+        rightmost ``X-Forwarded-For`` element that is not itself a trusted proxy: the one the
+        last trusted proxy saw (elements to its left are whatever the client wrote).  Without
+        ``X-Forwarded-For`` (or when its rightmost hop is not an address), a valid
+        ``X-Real-IP``; with neither, the proxy's own address.  Otherwise the normalised peer address.  A missing peer address
+        gives ``""`` (one shared bucket).
         """
-        if self._forwarding_trusted(remote_ip):
-            for name in ("x-forwarded-for", "x-real-ip"):
-                candidate = normalize_ip(_first_element(header_value(headers, name)))
+        peer = normalize_ip(remote_ip) or ""
+        if not self._from_trusted_proxy(remote_ip):
+            return peer
+        real = _valid_ip(header_value(headers, "x-real-ip"))
+        forwarded = header_value(headers, "x-forwarded-for")
+        if forwarded:
+            hops = forwarded.split(",")[-_MAX_HOPS:]
+            found = None
+            for hop in reversed(hops):
+                candidate = _valid_ip(hop)
                 if candidate is None:
-                    continue
-                try:
-                    return str(ipaddress.ip_address(candidate))
-                except ValueError:
-                    continue
-        return normalize_ip(remote_ip) or ""
+                    break
+                found = candidate
+                if candidate not in self._proxies:
+                    return candidate
+            return found or real or peer
+        return real or peer
+
+
+#: At most this many ``X-Forwarded-For`` hops are looked at, from the right.
+_MAX_HOPS = 16
+
+
+def _valid_ip(value: str | None) -> str | None:
+    """`value` as a canonical IP address, or ``None`` when it is not one."""
+    candidate = normalize_ip(value[:64] if value else None)
+    if candidate is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(candidate))
+    except ValueError:
+        return None

@@ -2,11 +2,16 @@
 """
 The webhook resource: SPEC §8.1's pipeline for carrier callbacks.
 
-    hold music -> path -> method -> signature headers present (before the body) -> per-IP
-    in-flight cap -> capped, time-boxed body -> verify -> replay? -> parse -> CallManager
+    hold music -> path -> method -> signature headers present (before the body) -> in-flight
+    slot while the body arrives (per client, proxy-aware) -> capped, time-boxed body -> verify ->
+    replay? -> parse -> CallManager
 
-Screening before the body lives in web/limits.py; this module supplies the screen and the
-resource. A replay (same verified request key within 10 minutes) is answered 200 and changes
+Screening before the body lives in web/limits.py (its docstring explains the slots); this module
+supplies the screen and the resources. Every method and path gets a deliberate answer: the
+webhook path takes POST (other methods 405 with ``Allow: POST``), the hold music GET, HEAD and
+POST, the media-stream path a GET upgrade (a GET or HEAD without one 426, other methods 405),
+anything else 404; HEAD gets the status GET would get and no body. (Twisted logs the resource's
+repr when a HEAD answer has a body; nothing here has a repr that shows call state anyway.) A replay (same verified request key within 10 minutes) is answered 200 and changes
 nothing: Twilio replays get empty TwiML without running the TwiML builder; other providers get
 the answer of the original request. If applying an event fails, the answer is 500 and the
 request key is forgotten, so the carrier's retry is processed rather than taken for a replay.
@@ -25,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from voicecall.providers.base import Provider, WebhookContext, WebhookResponse
 from voicecall.providers.twiml import hold_music
-from voicecall.web.limits import InFlightLimiter, Refusal, ScreenedRequest
+from voicecall.web.limits import InFlightLimiter, Refusal, ScreenedRequest, clip
 
 HOLD_MUSIC_PATH = "/voice/hold-music"
 _TEXT = {"Content-Type": "text/plain; charset=utf-8"}
@@ -55,13 +60,34 @@ def remote_ip(request) -> str | None:
     return getattr(request.getClientAddress(), "host", None)
 
 
-@define
+def _peer_ip(headers, peer: str | None) -> str:
+    return peer or ""
+
+
+def forwarding_headers(request) -> dict[str, str]:
+    """
+    ``X-Forwarded-For`` (every line, joined: a proxy may add its own line after the client's)
+    and the last ``X-Real-IP``, for `ForwardingPolicy.client_ip`.
+    """
+    out = {}
+    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+    if forwarded:
+        out["x-forwarded-for"] = b",".join(forwarded[-8:]).decode("latin-1")
+    real = request.requestHeaders.getRawHeaders(b"x-real-ip")
+    if real:
+        out["x-real-ip"] = real[-1].decode("latin-1")
+    return out
+
+
+@define(repr=False)
 class WebhookScreen:
     """Decides, from a request's headers alone, whether its body is worth reading."""
 
     _provider: Provider
     _path: str
     _skip_signature: bool
+    #: (forwarding headers, socket peer) -> the client address slots are counted by.
+    _client_ip: Callable[[dict, "str | None"], str] = _peer_ip
     _limiter: InFlightLimiter = field(factory=InFlightLimiter)
 
     def __call__(self, request: ScreenedRequest, length: int | None) -> Refusal | None:
@@ -73,26 +99,23 @@ class WebhookScreen:
         headers = request_headers(request)
         if not self._skip_signature and not self._provider.has_signature_headers(headers):
             return Refusal(401, b"Unauthorized")
-        release = self._limiter.acquire(remote_ip(request))
-        if release is None:
-            return Refusal(429, b"Too Many Requests")
-        request.hold(release)
+        request.needs_slot(self._limiter, self._client_ip(forwarding_headers(request), remote_ip(request)))
         return None
 
 
-@define
+@define(repr=False)
 class WebhookResource(Resource):
     """The carrier webhook (a leaf: it answers every path that reaches it)."""
 
-    _provider: Provider
-    _manager: Any  # voicecall.manager.CallManager
-    _reconstruct_url: Callable[[str, dict, "str | None"], str]
+    _provider: Provider = field(repr=False)
+    _manager: Any = field(repr=False)  # voicecall.manager.CallManager
+    _reconstruct_url: Callable[[str, dict, "str | None"], str] = field(repr=False)
     _path: str
-    _replays: Any  # voicecall.web.replay.ReplayCache
-    _responses: Any  # voicecall.web.replay.ResponseCache
-    _skip_key: Callable[[WebhookContext], str] | None = None
+    _replays: Any = field(repr=False)  # voicecall.web.replay.ReplayCache
+    _responses: Any = field(repr=False)  # voicecall.web.replay.ResponseCache
+    _skip_key: Callable[[WebhookContext], str] | None = field(default=None, repr=False)
     #: Webhook outcomes by label (ok, 401, 404, 405, 413, 429, replay, 500, ...), for metrics.
-    counts: Counter = field(factory=Counter)
+    counts: Counter = field(factory=Counter, repr=False)
     isLeaf = True
     _log = Logger()
 
@@ -102,6 +125,8 @@ class WebhookResource(Resource):
     def render(self, request):
         path = request.path.decode("latin-1")
         if path == HOLD_MUSIC_PATH:
+            if request.method not in (b"GET", b"HEAD", b"POST"):
+                return self._answer(request, WebhookResponse(405, b"Method Not Allowed", {**_TEXT, "Allow": "GET, HEAD, POST"}), "405")
             return self._answer(request, WebhookResponse(200, hold_music().encode(), {"Content-Type": "text/xml"}), "hold-music")
         if normalize_path(path) != self._path:
             return self._answer(request, WebhookResponse(404, b"Not Found", _TEXT), "404")
@@ -127,6 +152,10 @@ class WebhookResource(Resource):
         headers.setdefault("Content-Type", "text/plain; charset=utf-8")
         for name, value in headers.items():
             request.setHeader(name, value)
+        if request.method == b"HEAD":
+            # GET's status and length, no body (Twisted logs the resource when one is given).
+            request.setHeader("Content-Length", str(len(response.body)))
+            return b""
         if not finish:
             return response.body
         # A length, not chunked framing: one write, and the carrier reads a plain body.
@@ -161,11 +190,12 @@ class WebhookResource(Resource):
         else:
             verdict = self._provider.verify_webhook(ctx)
             if not verdict.ok or not verdict.request_key:
-                self._log.warn(
-                    "webhook rejected ({provider}): {reason}",
-                    provider=self._provider.name,
-                    reason=verdict.reason or "no verified request key",
-                )
+                refusals = getattr(getattr(request, "site", None), "refusal_log", None)
+                reason = f"{self._provider.name}: {verdict.reason or 'no verified request key'}"
+                if refusals is not None:
+                    refusals.refused(401, ctx.remote_ip, request.method, request.uri, reason)
+                else:
+                    self._log.warn("webhook rejected: {reason}", reason=clip(reason))
                 return WebhookResponse(401, b"Unauthorized", _TEXT), "401"
             key = verdict.request_key
         if self._replays.check_and_record(key):
@@ -200,21 +230,49 @@ class WebhookResource(Resource):
         return self._provider.parse_webhook(ctx, key).response
 
 
-@define
+@define(repr=False)
 class RootResource(Resource):
-    """Routes the media-stream path to its WebSocket resource and everything else to the webhook."""
+    """
+    Routes a WebSocket upgrade (GET) on the media-stream path to its resource, answers any other
+    request for that path itself, and sends everything else to the webhook.
+    """
 
-    _webhook: Resource
+    _webhook: Resource = field(repr=False)
     _stream_path: str | None = None
-    _stream: Resource | None = None
+    _stream: Resource | None = field(default=None, repr=False)
+    _not_upgrade: Resource = field(init=False, repr=False, factory=lambda: _StreamPathAnswer())
 
     def __attrs_post_init__(self) -> None:
         Resource.__init__(self)
 
     def getChildWithDefault(self, path, request):
         if self._stream is not None and normalize_path(request.path.decode("latin-1")) == self._stream_path:
-            return self._stream
+            upgrade = request.getHeader(b"upgrade") or b""
+            if request.method == b"GET" and upgrade.lower() == b"websocket":
+                return self._stream
+            return self._not_upgrade
         return self._webhook
 
     def render(self, request):
         return self._webhook.render(request)
+
+
+class _StreamPathAnswer(Resource):
+    """The media-stream path without a WebSocket upgrade: 426 for GET and HEAD, 405 otherwise."""
+
+    isLeaf = True
+
+    def render(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if request.method in (b"GET", b"HEAD"):
+            request.setResponseCode(426)
+            request.setHeader(b"upgrade", b"websocket")
+            body = b"Upgrade Required"
+        else:
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET")
+            body = b"Method Not Allowed"
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
