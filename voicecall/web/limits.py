@@ -245,6 +245,7 @@ class ScreenedRequest(Request):
     _deadline = None
     _release: Callable[[], None] | None = None
     _limiter: "InFlightLimiter | None" = None
+    _client: Callable[[], str] = staticmethod(lambda: "")
     _log = Logger()
 
     def gotLength(self, length: int | None) -> None:
@@ -256,13 +257,14 @@ class ScreenedRequest(Request):
         self._deadline = site.clock.callLater(site.read_timeout, self._timed_out)
         super().gotLength(length)
 
-    def needs_slot(self, limiter: "InFlightLimiter", client: str) -> None:
+    def needs_slot(self, limiter: "InFlightLimiter", client: Callable[[], str]) -> None:
         """
-        Count this request against `limiter` as `client` while its body is arriving: decided
-        after the current read (a body that came with the headers needs no slot), or at once
-        when the client waits for ``100 Continue`` before sending it.
+        Count this request against `limiter` as `client()` while its body is arriving: decided
+        after the current read (a body that came with the headers needs no slot, and its client
+        address is never worked out), or at once when the client waits for ``100 Continue``
+        before sending it.
         """
-        self.slot_client = client
+        self._client = client
         self._limiter = limiter
         expect = self.requestHeaders.getRawHeaders(b"expect") or []
         if expect and expect[0].lower() == b"100-continue":
@@ -274,6 +276,7 @@ class ScreenedRequest(Request):
         limiter, self._limiter = self._limiter, None
         if limiter is None or self._refused or self._body_done:
             return
+        self.slot_client = self._client()
         release = limiter.acquire(self.slot_client, self._evicted, self.channel.site.clock.seconds())
         if release is None:
             self._refuse(Refusal(429, b"Too Many Requests"))

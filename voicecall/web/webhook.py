@@ -99,7 +99,7 @@ class WebhookScreen:
         headers = request_headers(request)
         if not self._skip_signature and not self._provider.has_signature_headers(headers):
             return Refusal(401, b"Unauthorized")
-        request.needs_slot(self._limiter, self._client_ip(forwarding_headers(request), remote_ip(request)))
+        request.needs_slot(self._limiter, lambda: self._client_ip(forwarding_headers(request), remote_ip(request)))
         return None
 
 
