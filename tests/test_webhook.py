@@ -654,3 +654,47 @@ class FailureTests(WebhookTestsBase):
         self.assertEqual(self.stored(call_id).state, CallState.ANSWERED)
         self.assertEqual(self.resource.counts["replay"], 0)
         self.assertEqual(len(self.proxy.seen), 2)
+
+
+class RefusalLogTests(SynchronousTestCase):
+    """Refused requests: one clipped line each, at most a burst per interval, then a count."""
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        from voicecall.web.limits import REFUSAL_LOG_BURST, REFUSAL_LOG_INTERVAL_SECONDS, RefusalLog
+
+        self.burst, self.interval = REFUSAL_LOG_BURST, REFUSAL_LOG_INTERVAL_SECONDS
+        self.clock = Clock()
+        self.log = RefusalLog(self.clock)
+        self.events: list = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if e.get("log_namespace", "").startswith("voicecall.web.limits")]
+
+    def test_one_clipped_line(self):
+        """Target without its query, cut to 200 characters, control characters gone."""
+        self.log.refused(401, "203.0.113.7\x1b[2J", b"POST", b"/voice/" + b"\x1bA" * 500 + b"?callId=secret", "bad\nsignature")
+        [line] = self.lines()
+        self.assertNotIn("\x1b", line)
+        self.assertNotIn("\n", line)
+        self.assertNotIn("secret", line)
+        self.assertLess(len(line), 400)
+        self.assertIn("webhook refused 401 from 203.0.113.7", line)
+
+    def test_rate_limited_with_a_count(self):
+        """After the burst, one line says the rest are suppressed; the next interval opens with their count."""
+        for _ in range(self.burst + 25):
+            self.log.refused(429, "203.0.113.7", b"POST", b"/voice/webhook")
+        lines = self.lines()
+        self.assertEqual(len(lines), self.burst + 1)
+        self.assertIn("further refusals suppressed", lines[-1])
+        self.clock.advance(self.interval)
+        self.log.refused(429, "203.0.113.7", b"POST", b"/voice/webhook")
+        lines = self.lines()
+        self.assertIn("suppressed 25 webhook refusals", lines[-2])
+        self.assertIn("webhook refused 429", lines[-1])
