@@ -9,6 +9,9 @@ import gc
 import json
 import uuid
 
+from twisted.logger import globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver
+
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -19,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.manager import CallManager, ManagerSettings
 from voicecall.model import CallEvent, CallState
 from voicecall.providers.mock import MockProvider
-from voicecall.rpc import MAX_BACKLOG, MAX_LINE_BYTES, RpcFactory, RpcMethods, default_socket_path
+from voicecall.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, RpcFactory, RpcMethods, default_socket_path
 from voicecall.store import CallStore, SynchronousWriter
 
 WEBHOOK_URL = "http://127.0.0.1:3334/voice/webhook"
@@ -499,38 +502,108 @@ class SubscriptionTests(RpcTestsBase):
         conn.lose()
         self.assertEqual(hub.listeners, [])
 
+    def big_event(self, n: int = 0) -> dict:
+        return {"type": "call.transcript", "callId": "c", "n": n, "text": "x" * 30_000}
+
     def test_slow_subscriber_disconnected(self):
-        """A subscriber whose transport is paused and falls more than MAX_BACKLOG behind is dropped."""
+        """
+        A subscriber whose transport paused us is dropped by the event that would queue more
+        than MAX_QUEUED_BYTES for it, with one log line; nothing past the cap is written.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         hub, conn = self.hub_connection()
+        conn.messages()
         conn.transport.producer.pauseProducing()
-        for n in range(MAX_BACKLOG):
-            hub.emit({"type": "call.state", "callId": "c", "n": n})
-        self.assertFalse(conn.transport.disconnecting)
-        self.assertEqual(len(conn.messages()), MAX_BACKLOG)
-        hub.emit({"type": "call.state", "callId": "c", "n": MAX_BACKLOG})
-        self.assertTrue(conn.transport.disconnecting)
+        written = len(conn.transport.value())
+        n = 0
+        while not conn.transport.disconnecting:
+            hub.emit(self.big_event(n))
+            n += 1
+            self.assertLess(n, 1000, "never dropped")
+        self.assertLessEqual(len(conn.transport.value()) - written, MAX_QUEUED_BYTES)
+        self.assertGreater(len(conn.transport.value()) - written, MAX_QUEUED_BYTES - 31_000)
+        self.assertEqual(len(conn.messages()), n - 1)
+        hub.emit(self.big_event())
         self.assertEqual(conn.messages(), [])
+        drops = [e for e in logged if "does not read" in e.get("log_format", "")]
+        self.assertEqual(len(drops), 1)
+        self.assertEqual(drops[0]["limit"], MAX_QUEUED_BYTES)
 
     def test_resumed_subscriber_starts_afresh(self):
-        """Resuming a paused subscriber forgives its backlog."""
+        """Once the transport has written everything and resumes us, the count starts again."""
         hub, conn = self.hub_connection()
         producer = conn.transport.producer
-        producer.pauseProducing()
-        for _ in range(MAX_BACKLOG):
-            hub.emit({"type": "call.state", "callId": "c"})
-        producer.resumeProducing()
-        producer.pauseProducing()
-        for _ in range(MAX_BACKLOG):
-            hub.emit({"type": "call.state", "callId": "c"})
+        for _ in range(2):
+            producer.pauseProducing()
+            for n in range(100):  # 3 MB each time: 6 MB in all
+                hub.emit(self.big_event(n))
+            producer.resumeProducing()
         self.assertFalse(conn.transport.disconnecting)
 
     def test_reading_subscriber_never_dropped(self):
-        """A subscriber that keeps reading is never dropped, however many notifications it gets."""
+        """A subscriber that keeps reading is never dropped, however much it is sent."""
         hub, conn = self.hub_connection()
-        for _ in range(MAX_BACKLOG * 3):
-            hub.emit({"type": "call.state", "callId": "c"})
+        for n in range(300):  # 9 MB
+            hub.emit(self.big_event(n))
         self.assertFalse(conn.transport.disconnecting)
-        self.assertEqual(len(conn.messages()), MAX_BACKLOG * 3)
+        self.assertEqual(len(conn.messages()), 300)
+
+
+class BackpressureTests(RpcTestsBase):
+    """A peer that does not read its answers is not read from, and is dropped past the byte cap."""
+
+    def test_backed_up_connection_not_read(self):
+        """While the transport has paused us, the transport is not read; when it resumes us, it is again."""
+        conn = self.conn
+        conn.transport.producer.pauseProducing()
+        self.assertEqual(conn.transport.producerState, "paused")
+        conn.transport.producer.resumeProducing()
+        self.assertEqual(conn.transport.producerState, "producing")
+        self.assertStillServing()
+
+    def test_requests_past_the_cap_drop_the_connection(self):
+        """Requests whose answers would queue more than MAX_QUEUED_BYTES for a peer that does not read drop it."""
+        self.place(message="y" * 40_000)  # each listing of the active calls is over 40 kB
+        self.conn.messages()
+        self.conn.transport.producer.pauseProducing()
+        written = len(self.conn.transport.value())
+        line = b'{"jsonrpc":"2.0","id":1,"method":"voicecall.status"}\n'
+        self.conn.send(line * 200)  # 8 MB of answers
+        self.assertTrue(self.conn.transport.disconnecting)
+        self.assertLessEqual(len(self.conn.transport.value()) - written, MAX_QUEUED_BYTES)
+        other = self.connect()
+        self.assertStillServing(other)
+
+    def slow_factory(self):
+        """A factory whose one method waits until the test fires it."""
+        waiting: list[Deferred] = []
+
+        async def slow(params):
+            d: Deferred = Deferred()
+            waiting.append(d)
+            return await d
+
+        return RpcFactory({"slow": slow}, Hub().subscribe), waiting
+
+    def test_in_flight_cap_stops_reading(self):
+        """At MAX_IN_FLIGHT requests being worked on, the rest wait unread; each one finished lets one more in."""
+        factory, waiting = self.slow_factory()
+        conn = self.connect(factory)
+        line = b'{"jsonrpc":"2.0","id":7,"method":"slow"}\n'
+        conn.send(line * (MAX_IN_FLIGHT + 3))
+        self.assertEqual(len(waiting), MAX_IN_FLIGHT)
+        self.assertEqual(conn.transport.producerState, "paused")
+        waiting[0].callback("first")
+        self.assertEqual(len(waiting), MAX_IN_FLIGHT + 1)
+        self.assertEqual(conn.messages(), [{"jsonrpc": "2.0", "id": 7, "result": "first"}])
+        for d in waiting[1:]:
+            d.callback("done")
+        self.assertEqual(len(waiting), MAX_IN_FLIGHT + 3)
+        for d in waiting[MAX_IN_FLIGHT + 1:]:
+            d.callback("done")
+        self.assertEqual(len(conn.messages()), MAX_IN_FLIGHT + 2)
+        self.assertEqual(conn.transport.producerState, "producing")
+        self.assertFalse(conn.transport.disconnecting)
 
 
 class ConnectionLostTests(RpcTestsBase):

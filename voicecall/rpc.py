@@ -15,6 +15,15 @@ request, on its connection or any other; answers go out as they complete, matche
 Failures are JSON-RPC error objects whose `message` is the SPEC error text (code -32000), with
 -32700 for malformed JSON, -32600 for an invalid request (or a line over 1 MiB), -32601 for an
 unknown method and -32602 for bad params. The connection stays open after every error.
+
+A peer must read what it is sent. While its answers are backed up (the transport's buffer is
+full: it pauses us as its producer) no further requests are read from it, and at most
+`MAX_IN_FLIGHT` of its requests are worked on at once. What is queued for it, answers and
+notifications alike, is capped at `MAX_QUEUED_BYTES`: the answer or event that would pass the
+cap closes the connection instead (one log line). The count is an upper bound of what the
+transport holds unsent: its buffer size while it has not paused us (it pauses us past that),
+plus everything written since it did; it drops to nothing when the transport has written it all
+and resumes us.
 """
 from __future__ import annotations
 
@@ -33,8 +42,10 @@ from zope.interface import implementer
 from voicecall.manager import CallError
 
 MAX_LINE_BYTES = 1024 * 1024
-#: Notifications a subscriber that stopped reading may fall behind by before it is disconnected.
-MAX_BACKLOG = 1000
+#: Bytes of answers and notifications that may wait for one peer that does not read them.
+MAX_QUEUED_BYTES = 4 * 1024 * 1024
+#: Requests of one connection worked on at once; past it the connection is not read.
+MAX_IN_FLIGHT = 256
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -206,35 +217,60 @@ class RpcProtocol(Protocol):
 
     _log = Logger()
 
-    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable, responders: GatewayResponders | None = None) -> None:
+    def __init__(
+        self,
+        methods: Mapping[str, Callable],
+        subscribe: Callable,
+        responders: GatewayResponders | None = None,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
         self._methods = methods
         self._subscribe = subscribe
         self._responders = responders
+        self._max_queued = max_queued_bytes
+        self._max_in_flight = max_in_flight
         self._outgoing: dict[str, Deferred] = {}
         self._next_id = 0
         self._buffer = b""
         self._discarding = False
         self._pending: set[Deferred] = set()
         self._unsubscribe: Callable[[], None] | None = None
-        self._paused = False
-        self._backlog = 0
+        #: The transport paused us: its buffer is full, the peer is not keeping up.
+        self._backed_up = False
+        #: Upper bound of the bytes the transport holds unsent (see the module docstring).
+        self._queued = 0
+        self._reading = True
+        self._lines_running = False
         self._connected = False
 
     # -- IPushProducer: the transport tells us when the peer stops reading ---------------------------
 
     def pauseProducing(self) -> None:
-        # The peer stopped reading our answers: stop reading its requests too, so a client that
-        # never reads cannot grow our write buffer without bound.
-        self._paused = True
-        self.transport.pauseProducing()
+        # The peer stopped reading our answers: stop reading its requests too. `_queued` was set
+        # by the write that filled the buffer.
+        self._backed_up = True
+        self._update_reading()
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        self._backlog = 0
-        self.transport.resumeProducing()
+        # Everything queued has been written.
+        self._backed_up = False
+        self._queued = 0
+        self._update_reading()
 
     def stopProducing(self) -> None:
-        self._paused = True
+        self._backed_up = True
+
+    def _update_reading(self) -> None:
+        """Read requests only while answers are not backed up and the in-flight cap allows."""
+        reading = self._connected and not self._backed_up and len(self._pending) < self._max_in_flight
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                self.transport.resumeProducing()
+                self._run_lines()
+            elif self._connected:
+                self.transport.pauseProducing()
 
     def connectionMade(self) -> None:
         self._connected = True
@@ -256,25 +292,37 @@ class RpcProtocol(Protocol):
     # -- framing --------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while True:
-            line, sep, rest = self._buffer.partition(b"\n")
-            if not sep:
-                break
-            self._buffer = rest
-            if self._discarding:
-                self._discarding = False
-                continue
-            if len(line) > MAX_LINE_BYTES:
-                self._send_error(None, INVALID_REQUEST, "Request line too long (max 1 MiB)")
-                continue
-            if line.strip():
-                self._line(line)
-        if len(self._buffer) > MAX_LINE_BYTES:
+        if self._connected:
+            self._buffer += data
+            self._run_lines()
+
+    def _run_lines(self) -> None:
+        """Handle the complete lines read so far, while the in-flight cap allows."""
+        if self._lines_running:
+            return  # a request finished while an earlier line was being handled: that loop goes on
+        self._lines_running = True
+        try:
+            while self._connected and len(self._pending) < self._max_in_flight:
+                line, sep, rest = self._buffer.partition(b"\n")
+                if not sep:
+                    break
+                self._buffer = rest
+                if self._discarding:
+                    self._discarding = False
+                    continue
+                if len(line) > MAX_LINE_BYTES:
+                    self._send_error(None, INVALID_REQUEST, "Request line too long (max 1 MiB)")
+                    continue
+                if line.strip():
+                    self._line(line)
+        finally:
+            self._lines_running = False
+        if self._connected and b"\n" not in self._buffer and len(self._buffer) > MAX_LINE_BYTES:
             self._buffer = b""
             if not self._discarding:
                 self._discarding = True
                 self._send_error(None, INVALID_REQUEST, "Request line too long (max 1 MiB)")
+        self._update_reading()
 
     def _line(self, line: bytes) -> None:
         try:
@@ -316,13 +364,18 @@ class RpcProtocol(Protocol):
             self._send_error(rid, METHOD_NOT_FOUND, f"Method not found: {method}")
             return
         d = Deferred.fromCoroutine(handler(params))
-        self._pending.add(d)
-        d.addBoth(self._done, d)
         d.addCallbacks(lambda result: self._send_result(rid, result), lambda f: self._failed(rid, method, f))
         d.addErrback(lambda f: self._log.failure("could not answer an RPC request", f))
+        if not d.called:
+            self._pending.add(d)
+            d.addBoth(self._done, d)
+            self._update_reading()
 
     def _done(self, result, d: Deferred):
+        """A request finished (and its answer is written): the next may be read."""
         self._pending.discard(d)
+        if not self._reading:
+            self._update_reading()
         return result
 
     def _failed(self, rid, method: str, failure) -> None:
@@ -369,14 +422,6 @@ class RpcProtocol(Protocol):
             self._unsubscribe = self._subscribe(self._notify)
 
     def _notify(self, entry: dict) -> None:
-        if not self._connected:
-            return
-        if self._paused:
-            self._backlog += 1
-            if self._backlog > MAX_BACKLOG:
-                self._log.warn("dropping an RPC subscriber that stopped reading")
-                self.transport.abortConnection()
-                return
         self._write({"jsonrpc": "2.0", "method": "voicecall.event", "params": entry})
 
     # -- output ---------------------------------------------------------------------------------
@@ -392,8 +437,26 @@ class RpcProtocol(Protocol):
         self._write({"jsonrpc": "2.0", "id": rid, "error": error})
 
     def _write(self, message: dict) -> None:
-        if self._connected:
-            self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        if not self._connected:
+            return
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        # Until the transport pauses us its buffer holds at most its bufferSize.
+        queued = (self._queued if self._backed_up else getattr(self.transport, "bufferSize", 0)) + len(data)
+        if queued > self._max_queued:
+            self._drop(queued)
+            return
+        self._queued = queued
+        self.transport.write(data)
+
+    def _drop(self, queued: int) -> None:
+        """Close a connection whose peer does not read what it is sent."""
+        self._log.warn(
+            "closing an RPC connection that does not read: {queued} bytes would be queued for it (max {limit})",
+            queued=queued,
+            limit=self._max_queued,
+        )
+        self._connected = False
+        self.transport.abortConnection()
 
 
 def _failed(error: Exception) -> Deferred:
