@@ -359,3 +359,21 @@ class LogLevelTests(TapTestsBase):
             application = Application("voicecall")
             self.service(parent).setServiceParent(application)
             self.assertIsNone(application.getComponent(ILogObserver, None), parent)
+
+
+class ConfigWarningEventTests(TapTestsBase):
+    """A config warning is an ordinary log event: a `warning` key would make Twisted's legacy
+    log bridge (and trial's observer) take it for a Python warning and fail on `filename`."""
+
+    def test_warning_logged_without_reserved_keys(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+        from twisted.internet.testing import EventLoggingObserver
+
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        path = self.write_config({"provider": "log", "store": os.path.join(self.home, "s")})
+        service = tap.makeService(self.parse("--config", path), reactor=MemoryReactorClock())
+        service.startService()
+        events = [e for e in observed if "deprecated" in formatEvent(e)]
+        self.assertEqual(len(events), 1, [formatEvent(e) for e in observed])
+        self.assertNotIn("warning", events[0])
+        self.assertIn(f'config {path}: provider "log" is deprecated', formatEvent(events[0]))

@@ -285,7 +285,7 @@ class VoicecallService(MultiService):
 
     async def _start(self) -> None:
         for warning in self._config.warnings:
-            self._log.warn("config {path}: {warning}", path=self._config_path or "(none)", warning=warning)
+            self._log.warn("config {path}: {problem}", path=self._config_path or "(none)", problem=warning)
         await self._writer.start()
         await self._store.open()
         await self.manager.restore()
