@@ -580,3 +580,24 @@ class NoConfigTests(SynchronousTestCase):
         self.assertIn("no config file found", result.stderr)
         self.assertIn("voicecall.json5", result.stderr)
         self.assertIn(os.path.join(home, ".config", "voicecall", "voicecall.json5"), result.stderr)
+
+
+class BadConfigTests(SynchronousTestCase):
+    """A command run with a bad config prints each problem as the daemon does: file, key, value."""
+
+    def test_problems_one_per_line(self):
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        path = os.path.join(home, "voicecall.json5")
+        with open(path, "w") as f:
+            json.dump({"provider": "twillio", "twilio": {"acountSid": "AC1"}}, f)
+        os.chmod(path, 0o600)
+        result = CliRunner().invoke(cli.main, ["--config", path, "status"], env={"VOICECALL_SOCKET": None, "HOME": home})
+        self.assertEqual(result.exit_code, 1)
+        self.assertEqual(
+            result.stderr.splitlines(),
+            ["Error: the config is not valid:",
+             f'  {path}: provider: expected one of "telnyx", "twilio", "plivo", "mock" (got "twillio") (did you mean "twilio"?)',
+             f'  {path}: twilio.acountSid: unknown key (did you mean "accountSid"?)'],
+        )  # fmt: skip
+        self.assertNotIn("plugins.entries", result.stderr)

@@ -68,7 +68,7 @@ class Context:
             try:
                 self._config = parse_config({}, env) if path is None else load_config(path, env)
             except ConfigError as e:
-                raise Failed(str(e)) from e
+                raise Failed("the config is not valid:\n" + "\n".join("  " + line for line in e.lines())) from e
             self.config_path = path
         return self._config
 
