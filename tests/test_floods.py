@@ -1,14 +1,18 @@
 """
-Pre-start floods of the media-stream path (SPEC §10.1, §20 item 16): the daemon (in process,
-Twilio with streaming, fakes for Twilio, TTS and STT on loopback) takes a thousand signed but idle
-WebSocket upgrades from many loopback addresses. The caps must hold (503 before the upgrade at
+Floods of the media-stream path (SPEC §10.1, §20 item 16): the daemon (in process, Twilio with
+streaming, fakes for Twilio, TTS and STT on loopback) takes a thousand signed but idle WebSocket
+upgrades from many loopback addresses. The caps must hold (503 before the upgrade at
 maxConnections, 1013 at the pending caps, 1008 "Start timeout" after preStartTimeoutMs), the
-daemon's sockets stay bounded, and a legitimate call is still served.
+daemon's sockets stay bounded, and a legitimate call is still served. A client that floods pings
+and never reads (before or after its start) is closed 1008 and dropped, with what the daemon
+queued for it bounded all along (DESIGN.md: every byte queued for a peer is bounded).
 """
 from __future__ import annotations
 
 import base64
+import json
 import os
+import socket
 import struct
 
 from twisted.internet import reactor
@@ -16,8 +20,10 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial.unittest import TestCase
 
+from voicecall.media.stream import MAX_PENDING_SEND_BUFFER, MAX_SEND_BUFFER
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
+from voicecall.wsframes import send_buffer_size, xor_mask
 
 from tests.harness import eventually, free_port, http_client, raise_fd_limit, serve, sleep, speech_fakes, start_daemon
 
@@ -75,6 +81,62 @@ class IdleUpgrade(Protocol):
             if self.upgraded_at is not None:
                 self.stats["open"] -= 1
             self.outcome.callback(("lost", self.buffer[:200]))
+
+
+def masked(opcode: int, payload: bytes, mask: bytes = b"\x0f\x1e\x2d\x3c") -> bytes:
+    """A client frame (FIN, masked) of at most 64 KiB."""
+    n = len(payload)
+    header = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    return header + mask + xor_mask(payload, mask)
+
+
+class PingFlooder:
+    """
+    A raw client socket with a 4 KiB receive buffer: it upgrades (reading only the 101 answer),
+    may send a start, then writes pings as fast as the daemon takes them and never reads again.
+    """
+
+    def __init__(self, port: int, upgrade: bytes) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.out = upgrade
+        self.reset = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def pump(self) -> bool:
+        """Write what is waiting; False once the daemon dropped the connection."""
+        while self.out and not self.reset:
+            try:
+                sent = self.sock.send(self.out)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.reset = True
+                break
+            self.out = self.out[sent:]
+        return not self.reset
+
+    async def upgraded(self) -> bytes:
+        head = b""
+        for _ in range(500):
+            self.pump()
+            try:
+                head += self.sock.recv(4096)
+            except BlockingIOError:
+                pass
+            if b"\r\n\r\n" in head:
+                return head
+            await sleep(0.01)
+        raise AssertionError("no answer to the upgrade")
+
+    def send(self, data: bytes) -> bool:
+        if len(self.out) < 256 * 1024:
+            self.out += data
+        return self.pump()
 
 
 class FloodTests(TestCase):
@@ -210,6 +272,55 @@ class FloodTests(TestCase):
         self.assertEqual(self.media.active_count, 1)
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertNotIn(status["state"], ("failed", "hangup-bot", "completed"))
+
+    async def ping_flood(self, start: dict | None = None) -> tuple[int, float]:
+        """
+        Flood pings (125-byte payloads) from a client that never reads, for at most 10 s; return
+        the most the daemon had queued for it at any look and how long it took to be dropped.
+        """
+        flooder = PingFlooder(self.port, self.upgrade)
+        self.addCleanup(flooder.close)
+        head = await flooder.upgraded()
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        [connection] = self.media._connections
+        if start is not None:
+            flooder.send(masked(1, json.dumps(start).encode()))
+            await eventually(lambda: self.media.active_count == 1, 5, "the stream to start")
+        pings = masked(9, os.urandom(125)) * 500
+        began = reactor.seconds()
+        peak = 0
+        while reactor.seconds() - began < 10 and connection in self.media._connections:
+            flooder.send(pings)
+            peak = max(peak, send_buffer_size(connection.transport))
+            await sleep(0)
+        self.assertNotIn(connection, self.media._connections, "the daemon still holds a client that does not read")
+        return peak, reactor.seconds() - began
+
+    async def test_ping_flood_before_start(self):
+        """A socket that floods pings before its start and reads nothing is closed 1008 and dropped; its queue stays bounded."""
+        await self.start()
+        peak, took = await self.ping_flood()
+        self.assertLessEqual(peak, MAX_PENDING_SEND_BUFFER + 256)
+        self.assertEqual(self.media.counts["1008-peer-not-reading"], 1, dict(self.media.counts))
+        self.assertLess(took, 5.0)  # the close frame, then a second for the peer to answer it, then the abort
+
+    async def test_ping_flood_on_a_live_stream(self):
+        """A started stream that floods pings and reads nothing is closed 1008 and dropped; its queue stays bounded."""
+        await self.start()
+        await self.rpc.call("voicecall.initiate", {"to": "+15550001234", "message": "Hello", "mode": "conversation"})
+        fake_call = await eventually(lambda: next(iter(self.fake.calls.values()), None), 5, "the fake call")
+        stream = await fake_call.next_stream()
+        start = {
+            "event": "start",
+            "streamSid": "MZflood",
+            "start": {"callSid": fake_call.sid, "streamSid": "MZflood", "customParameters": dict(stream.parameters)},
+        }
+        peak, _ = await self.ping_flood(start)
+        self.assertLessEqual(peak, MAX_SEND_BUFFER + 256)
+        # Closed for not reading; in the rare case that a frame of the greeting, not a pong, is the
+        # write that crosses the cap, the same close is labelled as backpressure (1013).
+        counts = self.media.counts
+        self.assertEqual(counts["1008-peer-not-reading"] + counts["backpressure"], 1, dict(counts))
 
     async def _close(self, client):
         if not client.closed.called:

@@ -203,7 +203,7 @@ class StartTests(MediaStreamTestBase):
         self.assertEqual((session.call_sid, session.stream_sid, session.client_ip), ("CA123", client.stream_sid, "127.0.0.1"))
         self.assertIs(server.sessions[client.stream_sid], session)
         self.assertEqual((server.active_count, server.pending_count), (1, 0))
-        self.assertEqual(session.custom_parameters, {"token": "secret-token"})
+        self.assertEqual(session.custom_parameters, {})  # the token was used up: the session does not keep it
 
     async def test_valid_start_outlives_the_start_timeout(self):
         """A socket that sent a valid start is no longer pending and stays open past the timeout."""
@@ -530,6 +530,37 @@ class FramingTests(MediaStreamTestBase):
         await ws.lost
         self.assertIn(b"\x88", ws.data)
         self.assertIn((1002).to_bytes(2, "big"), ws.data)
+
+    def close_code(self, data: bytes) -> int | None:
+        """The status code of the first close frame in what the server sent."""
+        at = data.find(b"\x88")
+        while at != -1:
+            if at + 4 <= len(data) and 2 <= data[at + 1] <= 125:
+                return int.from_bytes(data[at + 2 : at + 4], "big")
+            at = data.find(b"\x88", at + 1)
+        return None
+
+    async def test_invalid_utf8_before_start_is_1007(self):
+        """A text frame that is not UTF-8 closes the socket 1007 (RFC 6455 §8.1), before any start."""
+        self.serve()
+        ws = await self.raw_socket()
+        ws.transport.write(client_frame(b'{"event":"connected","x":"\xff\xfe"}'))
+        await ws.lost
+        self.assertEqual(self.close_code(ws.data), 1007)
+        self.assertEqual(self.handler.accepted, [])
+
+    async def test_invalid_utf8_after_start_is_1007(self):
+        """Invalid UTF-8 after a start (a surrogate, an overlong form, a cut sequence) closes 1007 and ends the session."""
+        self.serve()
+        for n, bad in enumerate((b"\xed\xa0\x80", b"\xc0\xaf", b"\xe2\x82")):
+            ws = await self.raw_socket()
+            start = b'{"event":"start","streamSid":"MZ3%d","start":{"callSid":"CA3","customParameters":{"token":"t"}}}' % n
+            ws.transport.write(client_frame(start))
+            await until(lambda: len(self.handler.started) == n + 1)
+            ws.transport.write(client_frame(b'{"event":"mark","mark":{"name":"' + bad + b'"}}'))
+            await ws.lost
+            self.assertEqual(self.close_code(ws.data), 1007, bad)
+            self.assertEqual(len(self.handler.stopped), n + 1)
 
     async def test_client_close_ends_the_session(self):
         """A masked close frame after a start ends the session once and gets a close reply."""

@@ -6,6 +6,7 @@ server (STT), all on loopback.
 from __future__ import annotations
 
 import math
+import re
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -14,7 +15,7 @@ from voicecall.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
-from tests.harness import eventually, free_port, http_client, serve, sleep, speech_fakes, start_daemon
+from tests.harness import eventually, free_port, http_client, serve, sleep, speech_fakes, start_daemon, workdir
 
 SID = "AC" + "0" * 32
 TOKEN = "twilio-token"
@@ -37,21 +38,26 @@ class StreamedConversationTests(TestCase):
         twilio_base = await serve(self, self.fake.resource())
         self.speech, speech_base, self.stt = await speech_fakes(self, transcripts=transcripts)
         port = free_port()
-        self.service, self.rpc = await start_daemon(
-            self,
-            {
-                "provider": "twilio",
-                "fromNumber": "+15550000000",
-                "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": twilio_base},
-                "serve": {"port": port, "bind": "127.0.0.1"},
-                "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
-                "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": self.stt.url, "silenceDurationMs": 300},
-                "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts", "baseUrl": speech_base + "/v1"}},
-                "maxConcurrentCalls": 2,
-                "transcriptTimeoutMs": 20000,
-            },
-        )
+        self.directory = workdir(self)
+        self.config = {
+            "provider": "twilio",
+            "fromNumber": "+15550000000",
+            "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": twilio_base},
+            "serve": {"port": port, "bind": "127.0.0.1"},
+            "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+            "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": self.stt.url, "silenceDurationMs": 300},
+            "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts", "baseUrl": speech_base + "/v1"}},
+            "maxConcurrentCalls": 2,
+            "transcriptTimeoutMs": 20000,
+        }
+        self.service, self.rpc = await start_daemon(self, self.config, self.directory)
         self.addCleanup(self.hang_up)
+
+    async def restart(self):
+        """Stop the daemon (streams close, calls stay live in the store) and start it again."""
+        await self.service.stopService()
+        self.rpc.transport.loseConnection()
+        self.service, self.rpc = await start_daemon(self, self.config, self.directory)
 
     async def hang_up(self):
         for call in list(self.fake.calls.values()):
@@ -125,14 +131,25 @@ class StreamedConversationTests(TestCase):
         self.assertEqual(await speaking, {"success": True})
 
     async def test_reconnect_grace(self):
-        """A stream that drops and comes back within 2 s keeps the call; one that does not, ends it."""
+        """
+        A dropped stream comes back through a fresh signed TwiML fetch (Twilio follows the
+        <Connect> action) with a new token, within the 2 s grace, and the call goes on; the old
+        token starts nothing. A stream that does not come back ends the call.
+        """
         await self.start()
         call_id, fake_call, stream = await self.call("Hi")
         client = await self.connect(fake_call, stream)
         await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        fetches = len(fake_call.documents)
         client.close()
-        await sleep(0.5)
-        await self.connect(fake_call, stream)
+        await client.closed
+        fake_call.end_stream()  # Twilio sees its socket close and asks the <Connect> action what next
+        again = await fake_call.next_stream()
+        self.assertEqual(fake_call.documents[fetches].kind, "action")
+        self.assertNotEqual(again.parameters["token"], stream.parameters["token"])
+        stale = await self.connect(fake_call, stream)
+        self.assertEqual(await stale.closed, (1008, "Unknown call"))
+        await self.connect(fake_call, again)
         await sleep(2.0)
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertNotIn(status["state"], ("hangup-bot", "completed"))
@@ -141,6 +158,59 @@ class StreamedConversationTests(TestCase):
         await sleep(2.5)
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertEqual(status["state"], "hangup-bot")
+
+    async def test_a_used_token_starts_no_second_stream(self):
+        """A second socket presenting the token of a started stream is closed 1008; the first keeps the call."""
+        await self.start()
+        call_id, fake_call, stream = await self.call("Hi")
+        client = await self.connect(fake_call, stream)
+        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        thief = await self.connect(fake_call, stream)
+        self.assertEqual(await thief.closed, (1008, "Unknown call"))
+        await sleep(0.1)
+        self.assertTrue(client.is_open)
+        self.assertEqual([s.stream_sid for s in self.service._media.sessions.values()], [client.stream_sid])
+        heard = len(client.audio_received)
+        await self.rpc.call("voicecall.speak", {"callId": call_id, "message": "Still here"})
+        self.assertGreater(len(client.audio_received), heard)
+
+    async def test_replayed_twiml_fetch_after_a_restart_mints_no_token(self):
+        """
+        The call's first TwiML fetch, replayed byte for byte after a restart (the replay cache
+        is gone; the same holds after its 10 minutes), is answered without a stream token. The
+        call's own stream comes back the legitimate way: Twilio follows the <Connect> action.
+        """
+        await self.start()
+        call_id, fake_call, stream = await self.call("Hi")
+        client = await self.connect(fake_call, stream)
+        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        [fetch] = [d for d in fake_call.documents if d.kind == "twiml"]
+        await self.restart()
+        await client.closed
+        answer = await http_client(self).post(
+            fetch.url,
+            data=fetch.params,
+            headers={"X-Twilio-Signature": [fetch.signature], "Content-Type": ["application/x-www-form-urlencoded"]},
+        )
+        body = (await answer.content()).decode()
+        self.assertEqual(answer.code, 200)
+        token = re.search(r'<Parameter name="token" value="([^"]*)"', body)
+        if token is not None:
+            thief = TwilioMediaClient(reactor, stream.url, call_sid=fake_call.sid, token=token.group(1),
+                                      headers={"X-Twilio-Signature": sign_request(TOKEN, stream.url)})
+            await thief.connect()
+            self.addCleanup(self.close_client, thief)
+            await thief.closed
+            self.assertEqual(self.service._media.active_count, 0)
+        self.assertNotIn("<Stream", body)
+        fake_call.end_stream()
+        again = await fake_call.next_stream()
+        self.assertNotEqual(again.parameters["token"], stream.parameters["token"])
+        back = await self.connect(fake_call, again)
+        await eventually(lambda: self.service._media.active_count == 1, 5, "the stream to come back")
+        self.assertTrue(back.is_open)
+        status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
+        self.assertNotIn(status["state"], ("hangup-bot", "completed", "failed"))
 
     async def test_bad_token_or_signature_refused(self):
         """A stream with a wrong token is closed 1008; an upgrade with a bad signature is refused."""

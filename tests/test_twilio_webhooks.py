@@ -126,7 +126,7 @@ class TwilioWebhookTests(SynchronousTestCase):
 
     def test_stream_twiml_when_streaming(self):
         """With a stream available an outbound fetch (and an inbound call) get the stream TwiML."""
-        self.provider.stream_twiml = lambda sid, direction: f"<stream {sid} {direction.value}>"
+        self.provider.stream_twiml = lambda sid, direction, **_: f"<stream {sid} {direction.value}>"
         out = self.parse({"CallSid": "CA1", "CallStatus": "ringing", "Direction": "outbound-api"}, "?callId=c1")
         self.assertEqual(out.response.body, b"<stream CA1 outbound>")
         inbound = self.parse({"CallSid": "CA2", "Direction": "inbound", "From": "+1555"})
@@ -140,7 +140,7 @@ class TwilioWebhookTests(SynchronousTestCase):
 
     def test_replay_gets_empty_twiml(self):
         """The replay answer is the empty document, without running the TwiML policy."""
-        self.provider.stream_twiml = lambda sid, direction: self.fail("the builder ran for a replay")
+        self.provider.stream_twiml = lambda sid, direction, **_: self.fail("the builder ran for a replay")
         response = self.provider.replay_response(ctx({"CallSid": "CA1", "Direction": "inbound"}))
         self.assertEqual((response.status, response.body.decode()), (200, EMPTY))
 

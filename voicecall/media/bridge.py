@@ -4,8 +4,17 @@ Where a Twilio media stream meets the call: the bridge is the media server's `St
 and, for the manager, the `Voice` of a Twilio call.
 
 - The Twilio adapter asks it for a call's stream TwiML: a `<Connect><Stream>` to our stream URL
-  with a fresh per-call token in a `<Parameter>` (SPEC §7.1.3), minted once per CallSid.
-- A `start` is accepted only for a live call whose token matches (constant-time).
+  with a one-time token in a `<Parameter>` (SPEC §7.1.3), minted for each fetch (DESIGN.md
+  threat model: the token, not the upgrade's X-Twilio-Signature, which is the same for every
+  stream, authenticates a stream). A token starts one stream: a `start` is accepted only for a
+  live call whose latest unused token it presents (compared in constant time) within
+  `STREAM_TOKEN_TTL_SECONDS`, and using it retires it; a second socket presenting it is
+  refused (1008) and the first keeps the call. A newer fetch retires the call's unused token.
+  Tokens are kept as SHA-256 digests, never logged, never in a repr.
+- A fetch whose verified request key the call has already processed (a replay the replay cache
+  no longer knows: after a restart, or after its 10 minutes) gets empty TwiML and no token.
+- The stream TwiML's `<Connect action>` (built by the adapter) leads back to the call's webhook
+  when the socket closes: a reconnect is a fresh signed fetch with a fresh token.
 - The caller's audio goes to a realtime speech-to-text session; its final transcripts become
   `call.speech` events (stream-native turns, DESIGN.md: no turn token, no TwiML update), and
   speech starting clears our playback (barge-in) except while an outbound call's first words
@@ -14,10 +23,12 @@ and, for the manager, the `Voice` of a Twilio call.
 - Speaking on a streamed call synthesises with TTS and plays paced audio into the stream; it never
   falls back to `<Say>` while a stream is up (SPEC §20 item 10). Calls without a stream use the
   adapter's own speech.
-- A dropped stream ends its call only if no new stream arrives within 2 s (SPEC §10.2 [H]).
+- A dropped stream ends its call only if no new stream arrives within 2 s (SPEC §10.2 [H]): the
+  time for Twilio to fetch the `<Connect>` action and open the new stream with its new token.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import uuid
 from typing import Any, Callable
@@ -32,6 +43,8 @@ from voicecall.providers import twiml
 from voicecall.providers.twilio import stream_token
 
 RECONNECT_GRACE_SECONDS = 2.0
+#: How long a minted stream token can start a stream (Twilio connects within a second or two).
+STREAM_TOKEN_TTL_SECONDS = 60.0
 STREAM_TTS_UNAVAILABLE = "Telephony TTS unavailable while media stream is active; refusing TwiML fallback"
 #: Per-call state kept for calls (tokens, timers) is capped like any map outside input can grow.
 MAX_CALLS = 10_000
@@ -56,11 +69,12 @@ class StreamBridge:
     #: Called with the seconds from a playback request to its first synthesised audio (metrics).
     on_first_audio: Callable[[float], None] | None = None
     manager: Any = None  # set by tap.py once the manager exists
-    _tokens: dict[str, str] = field(factory=dict)  # CallSid -> stream token
-    _sessions: dict[str, Any] = field(factory=dict)  # CallSid -> StreamSession
-    _transcribers: dict[str, Any] = field(factory=dict)  # StreamSid -> RealtimeTranscriber
-    _grace: dict[str, IDelayedCall] = field(factory=dict)  # CallSid -> pending end-of-call
-    _closing: set = field(factory=set)  # STT sessions closing: Deferreds firing when they are gone
+    # CallSid -> (SHA-256 of the unused stream token, when it expires), oldest mint first.
+    _tokens: dict[str, tuple[bytes, float]] = field(factory=dict, repr=False)
+    _sessions: dict[str, Any] = field(factory=dict, repr=False)  # CallSid -> StreamSession
+    _transcribers: dict[str, Any] = field(factory=dict, repr=False)  # StreamSid -> RealtimeTranscriber
+    _grace: dict[str, IDelayedCall] = field(factory=dict, repr=False)  # CallSid -> pending end-of-call
+    _closing: set = field(factory=set, repr=False)  # STT sessions closing: Deferreds firing when they are gone
     _log = Logger()
 
     # -- the Twilio adapter's hooks ---------------------------------------------------------------
@@ -69,23 +83,37 @@ class StreamBridge:
         public = self._public_url()
         return twiml.stream_url(public, self._stream_path) if public else None
 
-    def stream_twiml(self, call_sid: str, direction: Direction) -> str | None:
-        """The `<Connect><Stream>` document for a call, or None when streaming cannot be used."""
+    def stream_twiml(
+        self, call_sid: str, direction: Direction, request_key: str | None = None, action_url: str | None = None
+    ) -> str | None:
+        """
+        The `<Connect><Stream>` document for a call with a new one-time token (retiring the
+        call's unused one), or None when streaming cannot be used. `request_key` is the fetch's
+        verified key: one the call has already processed is a replay, answered with empty TwiML.
+        `action_url` is where Twilio asks again when the stream ends.
+        """
         url = self.stream_url()
         if url is None:
             return None
-        token = self._tokens.get(call_sid)
-        if token is None:
-            token = stream_token()
-            _bounded_put(self._tokens, call_sid, token)
-        return twiml.stream(url, token)
+        call = self.manager.find(call_sid) if self.manager is not None else None
+        if call is not None and request_key and request_key in call.processed_event_ids:
+            self._log.warn("Replayed TwiML fetch for {sid}: no stream token minted", sid=call_sid)
+            return twiml.empty()
+        now = self._clock.seconds()
+        for sid, (_, expires) in list(self._tokens.items()):
+            if expires > now:
+                break  # minted in order, so the rest are younger
+            del self._tokens[sid]
+        token = stream_token()
+        _bounded_put(self._tokens, call_sid, (_digest(token), now + STREAM_TOKEN_TTL_SECONDS))
+        return twiml.stream(url, token, action_url)
 
     def stream_busy(self) -> bool:
         """An inbound caller waits in the hold queue while every stream slot is taken."""
         return len(self._sessions) >= self._max_streams
 
     def forget(self, call_sid: str) -> None:
-        """The call is over: drop its token (a new call gets a new one)."""
+        """The call is over: drop its unused token."""
         self._tokens.pop(call_sid, None)
 
     def stop(self) -> Deferred:
@@ -114,13 +142,22 @@ class StreamBridge:
     # -- StreamHandler ----------------------------------------------------------------------------
 
     def accept_start(self, call_sid: str, token: str | None) -> bool:
-        expected = self._tokens.get(call_sid)
+        """
+        Whether `token` is the call's unused, unexpired stream token; if it is, it is used up.
+        A wrong token leaves the right one usable (Twilio's own start may still come).
+        """
+        entry = self._tokens.get(call_sid)
         call = self.manager.find(call_sid) if self.manager is not None else None
-        if call is None or expected is None or token is None:
-            self._log.warn("Rejecting media stream: unknown call or missing token for {sid}", sid=call_sid)
+        if call is None or entry is None or token is None:
+            self._log.warn("Rejecting media stream: unknown call, or no unused token, for {sid}", sid=call_sid)
             return False
-        if not hmac.compare_digest(expected.encode(), token.encode()):
+        digest, expires = entry
+        if not hmac.compare_digest(digest, _digest(token)):
             self._log.warn("Rejecting media stream: invalid token for {sid}", sid=call_sid)
+            return False
+        del self._tokens[call_sid]
+        if self._clock.seconds() >= expires:
+            self._log.warn("Rejecting media stream: expired token for {sid}", sid=call_sid)
             return False
         return True
 
@@ -297,6 +334,10 @@ class StreamBridge:
     def defers_initial_message(self, call: CallRecord) -> bool:
         """A streamed call speaks its first words once the stream is up, not on answer."""
         return self._streaming(call)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 async def _nothing() -> None:

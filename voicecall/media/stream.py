@@ -10,11 +10,19 @@ missing, repeated or malformed C{Host}; 403 when an upgrade verifier is configur
 request's C{X-Twilio-Signature} does not verify. After the upgrade the socket is *pending*: it is
 closed 1013 when too many sockets are pending (in all, or from its client address) and 1008
 C{Start timeout} when no valid C{start} arrives in time. A C{start} with a call SID that the
-handler accepts (with the stream's token) makes it *active*: a session is registered under its
-stream SID and the handler hears about its media, DTMF digits and end. Inbound frames are capped
-at 64 KiB (1009). A stream whose outbound data backs up (more than 1 MiB not yet taken by the
-kernel, read from the TCP transport's write buffer) is closed 1013 C{Backpressure: send buffer
-exceeded}.
+handler accepts (with the stream's one-time token, which the session does not keep) makes it
+*active*: a session is registered under its stream SID and the handler hears about its media,
+DTMF digits and end. Inbound frames are capped at 64 KiB (1009); a text frame that is not UTF-8
+closes the socket 1007 (RFC 6455 §8.1). A stream whose outbound data backs up (more than 1 MiB
+not yet taken by the kernel, read from the TCP transport's write buffer) is closed 1013
+C{Backpressure: send buffer exceeded}.
+
+Every byte queued for a peer is bounded, autobahn's control frames included: a pong (or any
+other frame autobahn writes, the close frame aside) that would leave more than 1 MiB waiting
+(64 KiB before the start: a pending socket has no business being sent more) is not written, and
+the socket is closed 1008 C{Peer does not read}. The close frame is written once whatever the
+backlog; a peer that does not answer it within a second, or a socket still holding unsent bytes
+a second after a close we answered, is aborted (its buffer freed).
 
 Performance (DESIGN.md "Known levers"): autobahn's per-frame log-argument formatting is
 neutralised once (L{neutralise_autobahn_log_formatting}); the protocol runs without per-frame
@@ -66,9 +74,14 @@ __all__ = [
 MAX_FRAME_BYTES = 64 * 1024
 #: Outbound bytes a stream may have waiting in its transport before it is closed 1013.
 MAX_SEND_BUFFER = 1024 * 1024
+#: Outbound bytes a socket still waiting for its start may have queued (pongs, in practice).
+MAX_PENDING_SEND_BUFFER = 64 * 1024
+#: Seconds a closed socket may keep unsent bytes (a peer that does not read) before it is aborted.
+ABORT_AFTER = 1.0
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 
@@ -81,6 +94,8 @@ MISSING_STREAM_SID = "Missing streamSid"
 UNKNOWN_CALL = "Unknown call"
 DUPLICATE_STREAM = "Duplicate streamSid"
 BACKPRESSURE = "Backpressure: send buffer exceeded"
+NOT_READING = "Peer does not read"
+INVALID_UTF8 = "Invalid UTF-8 in a text frame"
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _SID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -163,7 +178,7 @@ class StreamSession:
     stream_sid: str
     client_ip: str
     _connection: MediaStreamProtocol = field(repr=False)
-    custom_parameters: Mapping[str, str] = field(factory=dict)
+    custom_parameters: Mapping[str, str] = field(factory=dict, repr=False)
     playback: Playback = field(init=False, repr=False, default=None)
     _media_prefix: bytes = field(init=False, repr=False)
     _media_frame_prefix: bytes = field(init=False, repr=False)
@@ -216,6 +231,8 @@ class MediaStreamProtocol(WebSocketServerProtocol):
     _handler_errors = 0
     _backed_up = False
     _direct = False
+    _sending_close = False
+    _abort_call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._media = self.factory.media_server
@@ -235,7 +252,60 @@ class MediaStreamProtocol(WebSocketServerProtocol):
                     timer.cancel()
                 except Exception:
                     pass  # already fired or cancelled
+            abort, self._abort_call = self._abort_call, None
+            if abort is not None and abort.active():
+                abort.cancel()
             self._media._disconnected(self)
+
+    # -- what is queued for the peer is bounded ----------------------------------------------
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Every frame autobahn writes (pongs, its close frame, anything it may add) passes here;
+        ours go through L{send_frame}. A frame that would leave more than the socket's budget
+        waiting is not written and the socket is closed 1008 (the close frame itself is let
+        through: it is written once).
+        """
+        if self.state == _OPEN and not self._sending_close:
+            budget = MAX_SEND_BUFFER if self.session is not None else MAX_PENDING_SEND_BUFFER
+            if send_buffer_size(self.transport) + len(data) > budget:
+                self._not_reading(budget)
+                return
+        super().sendData(data, sync, chopsize)
+
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False) -> None:
+        self._sending_close = True
+        try:
+            super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        finally:
+            self._sending_close = False
+
+    def _not_reading(self, budget: int) -> None:
+        if not self._backed_up:
+            self._backed_up = True
+            self._log.warn(
+                "closing media stream from {ip}: it does not read ({limit} bytes waiting to be sent)",
+                ip=self.client_ip,
+                limit=budget,
+            )
+            self._media.counts["1008-peer-not-reading"] += 1
+        self.close_with(CLOSE_POLICY, NOT_READING)
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        """
+        autobahn closes the TCP connection gracefully after answering a peer's close, and a
+        graceful close waits until every queued byte is sent: from a peer that does not read,
+        forever. Such a socket is aborted after L{ABORT_AFTER} seconds.
+        """
+        super()._closeConnection(abort)
+        if not abort and self._abort_call is None and not self._gone:
+            self._abort_call = self._media._reactor.callLater(ABORT_AFTER, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None and not self._gone:
+            abort()
 
     def onConnect(self, request):
         try:
@@ -321,7 +391,15 @@ class MediaStreamProtocol(WebSocketServerProtocol):
                     self.call_handler("media_received", session, ulaw)
                     return
             try:
-                message = json.loads(payload.decode())
+                text = payload.decode()
+            except UnicodeDecodeError:
+                # autobahn's own validation is off (see the module docstring): RFC 6455 §8.1.
+                self.bad_frame("invalid UTF-8", payload)
+                self._media.counts["1007"] += 1
+                self.close_with(CLOSE_INVALID_PAYLOAD, INVALID_UTF8)
+                return
+            try:
+                message = json.loads(text)
             except (ValueError, RecursionError):
                 self.bad_frame("invalid JSON", payload)
                 return
@@ -657,7 +735,10 @@ class MediaStreamServer:
             for k, v in list(raw.items())[:_MAX_PARAMETERS]
             if isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= _MAX_TOKEN
         } if isinstance(raw, dict) else {}
-        token = parameters.get("token", connection.query_token)
+        token = parameters.pop("token", connection.query_token)  # one-time: the session does not keep it
+        if stream_sid in self._sessions or connection.state != _OPEN:
+            self._refuse_start(connection, DUPLICATE_STREAM)  # before the token is checked (and used up)
+            return
         try:
             accepted = bool(self._handler.accept_start(call_sid, token))
         except Exception:
@@ -666,9 +747,6 @@ class MediaStreamServer:
         if not accepted:
             self._log.warn("Rejecting media stream for {call_sid}: unknown call or invalid token", call_sid=call_sid)
             self._refuse_start(connection, UNKNOWN_CALL)
-            return
-        if stream_sid in self._sessions or connection.state != _OPEN:
-            self._refuse_start(connection, DUPLICATE_STREAM)
             return
         self._leave_pending(connection)
         session = StreamSession(

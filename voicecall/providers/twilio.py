@@ -12,8 +12,11 @@ parsed into normalised events; the answer is the TwiML of §7.1.3 with DESIGN.md
 - without a media stream a turn is one document: `<Say>` the prompt, `<Gather input="speech">`
   whose action carries the turn token, then `<Redirect>` so silence re-prompts instead of
   ending the document (Twilio hangs up when a document ends);
-- with a media stream (wired by tap.py) the stream TwiML carries a per-call token in a
-  `<Parameter>`;
+- with a media stream (wired by tap.py) the stream TwiML carries a one-time token in a
+  `<Parameter>` and a `<Connect action>` back to the call's webhook URL, unique per document
+  (`stream=<nonce>`), so a dropped stream comes back through a fresh signed fetch (a request
+  key of its own) and a new token; the builder gets the fetch's verified request key, so a
+  replayed fetch mints nothing (DESIGN.md threat model);
 - `speak` resolves when the message has been said, not when the live update is accepted: its
   document is `<Say>` then a `<Redirect>` to `flow=spoken&n=<nonce>`, whose fetch ends the wait
   (and is answered with the listen loop); so do the call's end, a newer update, or
@@ -89,7 +92,9 @@ class TwilioProvider:
     _webhook_url: str | None = None
     _language: str | None = None
     #: Builds a call's stream TwiML when a media stream can be used (wired by tap.py), else None.
-    stream_twiml: Callable[[str, Direction], "str | None"] | None = None
+    #: Called as (CallSid, direction, request_key=the fetch's verified key, action_url=where
+    #: Twilio asks again once the stream ends).
+    stream_twiml: Callable[..., "str | None"] | None = None
     #: Whether another call's stream is active (inbound callers then wait in the hold queue).
     stream_busy: Callable[[], bool] | None = None
     #: The inbound policy (tap.py wires it): False for a caller to turn away with <Reject/>.
@@ -367,7 +372,7 @@ class TwilioProvider:
         if first_inbound and self.inbound_screen is not None and not self.inbound_screen(event.from_number):
             _bounded_put(self._rejected, sid, None)
             return ParsedWebhook(events, _xml(twiml.reject()))
-        body = self._twiml_for(params, sid, query_call_id, is_status)
+        body = self._twiml_for(params, sid, query_call_id, is_status, request_key)
         if first_inbound and body != twiml.hold_queue():
             # Twilio answers an inbound call as soon as it gets TwiML to run: say so, so the
             # greeting is spoken and the max-duration timer starts (no status callback follows).
@@ -414,7 +419,7 @@ class TwilioProvider:
             return CallEvent(type=EventType.INITIATED, **common)
         return None
 
-    def _twiml_for(self, params: dict, sid: str, call_id: str, is_status: bool) -> str:
+    def _twiml_for(self, params: dict, sid: str, call_id: str, is_status: bool, request_key: str = "") -> str:
         """SPEC §7.1.3: what Twilio should do next."""
         direction = params.get("Direction", "")
         if call_id and not is_status:
@@ -425,20 +430,21 @@ class TwilioProvider:
                     served[0].callback(served[1])  # the message is being said: into the transcript
                 return stored
             if direction.startswith("outbound"):
-                return self._stream_or_pause(sid, Direction.OUTBOUND)
+                return self._stream_or_pause(sid, Direction.OUTBOUND, request_key, call_id)
         if is_status:
             return twiml.empty()
         if direction == "inbound":
             if self.stream_busy is not None and self.stream_busy():
                 return twiml.hold_queue()
-            return self._stream_or_pause(sid, Direction.INBOUND)
+            return self._stream_or_pause(sid, Direction.INBOUND, request_key, call_id)
         if normalize_status(params.get("CallStatus")) != "in-progress":
             return twiml.empty()
-        return self._stream_or_pause(sid, Direction.OUTBOUND)
+        return self._stream_or_pause(sid, Direction.OUTBOUND, request_key, call_id)
 
-    def _stream_or_pause(self, sid: str, direction: Direction) -> str:
+    def _stream_or_pause(self, sid: str, direction: Direction, request_key: str = "", call_id: str = "") -> str:
         if sid and self.stream_twiml is not None:
-            document = self.stream_twiml(sid, direction)
+            action = self._stream_action(sid, call_id)
+            document = self.stream_twiml(sid, direction, request_key=request_key or None, action_url=action)
             if document is not None:
                 return document
         url = self._call_urls.get(sid)
@@ -447,6 +453,18 @@ class TwilioProvider:
             # (bounded by maxDurationSeconds) instead of hanging up when a <Pause> runs out.
             return self._listen_loop(url, None, None, None)
         return twiml.pause()
+
+    def _stream_action(self, sid: str, call_id: str) -> str | None:
+        """
+        Where Twilio asks what next when a stream's `<Connect>` ends: the call's webhook URL
+        (after a restart, our webhook URL with the callId the fetch carried), with a nonce that
+        makes each such fetch a request of its own (the same URL and parameters would be the
+        same signature, and the second reconnect would be taken for a replay).
+        """
+        base = self._call_urls.get(sid)
+        if base is None and self._webhook_url:
+            base = twiml.with_query(self._webhook_url, callId=call_id or None)
+        return twiml.with_query(base, stream=secrets.token_hex(6)) if base else None
 
 
 IDEMPOTENCY_HEADER = "i-twilio-idempotency-token"
@@ -484,5 +502,5 @@ async def _nothing() -> None:
 
 
 def stream_token() -> str:
-    """16 random bytes, base64url without padding (SPEC §7.1.3)."""
+    """16 random bytes, base64url without padding (SPEC §7.1.3); one per stream TwiML document."""
     return base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()

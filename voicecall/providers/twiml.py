@@ -95,13 +95,17 @@ def hold_music() -> str:
     )
 
 
-def stream(stream_url: str, token: str) -> str:
+def stream(stream_url: str, token: str, action_url: str | None = None) -> str:
     """
     Connect the call to our media-stream WebSocket. The token travels as a `<Parameter>`
-    because Twilio strips query strings from stream URLs.
+    because Twilio strips query strings from stream URLs. With `action_url`, Twilio asks that
+    URL for its next instructions when the `<Connect>` ends (the socket closed), instead of
+    going on with the document (which ends, so Twilio would hang up): a dropped stream comes
+    back through a fresh, signed TwiML fetch.
     """
+    connect = "<Connect>" if action_url is None else f'<Connect action="{escape(action_url)}" method="POST">'
     return _document(
-        f'<Connect><Stream url="{escape(stream_url)}">'
+        f'{connect}<Stream url="{escape(stream_url)}">'
         f'<Parameter name="token" value="{escape(token)}" />'
         "</Stream></Connect>"
     )

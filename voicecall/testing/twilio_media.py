@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
+from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred
@@ -163,7 +164,7 @@ class _Protocol(WebSocketClientProtocol):
     def send_text(self, payload: bytes) -> None:
         """One masked text frame, framed here (as autobahn would, at a third of the cost)."""
         if self.state != WebSocketProtocol.STATE_OPEN:
-            raise RuntimeError("the media stream socket is not open")
+            raise Disconnected("the media stream socket is not open")  # as autobahn's sendMessage
         n = len(payload)
         if n < 126:
             header = bytes((0x81, 0x80 | n))

@@ -1,0 +1,164 @@
+"""
+One-time media-stream tokens (DESIGN.md threat model): the bridge mints a token per stream TwiML
+fetch, the token starts exactly one stream, expires unused after 60 s (injected clock), is stored
+hashed and kept out of every repr, and a replayed TwiML fetch mints none. Driven through the real
+media-stream server on loopback with the real L{StreamBridge} as its handler.
+"""
+from __future__ import annotations
+
+import re
+
+from attrs import define, field
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from voicecall.media.bridge import STREAM_TOKEN_TTL_SECONDS, StreamBridge
+from voicecall.model import Direction
+
+from tests.test_media_stream import STREAM_PATH, MediaStreamTestBase, until, wait
+
+ACTION = "http://127.0.0.1/voice/webhook?callId=c1&stream=abc"
+
+
+@define
+class Call:
+    call_id: str = "c1"
+    processed_event_ids: list = field(factory=list)
+
+
+class Manager:
+    def __init__(self, calls) -> None:
+        self.calls = calls
+        self.initial: list = []
+
+    def find(self, sid):
+        return self.calls.get(sid)
+
+    def speak_initial_message(self, sid):
+        self.initial.append(sid)
+        return succeed(None)
+
+
+class STT:
+    def __init__(self, **callbacks) -> None:
+        self.audio = 0
+
+    def connect(self) -> Deferred:
+        return succeed(None)
+
+    def send_audio(self, ulaw: bytes) -> None:
+        self.audio += 1
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+
+def token_of(document: str) -> str | None:
+    match = re.search(r'<Parameter name="token" value="([^"]*)"', document)
+    return match.group(1) if match else None
+
+
+class StreamTokenTests(MediaStreamTestBase):
+    timeout = 20
+
+    def setUp(self):
+        self.clock = Clock()
+        self.call = Call()
+        self.bridge = StreamBridge(
+            clock=self.clock,
+            fallback=None,
+            synthesize=None,
+            new_transcriber=STT,
+            stream_path=STREAM_PATH,
+            public_url=lambda: "http://127.0.0.1/voice/webhook",
+            max_streams=4,
+        )
+        self.bridge.manager = Manager({"CA1": self.call})
+        self.media = self.serve(handler=self.bridge)
+
+    def mint(self, request_key: str | None = None) -> str:
+        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=request_key, action_url=ACTION)
+        token = token_of(document)
+        self.assertIsNotNone(token, document)
+        return token
+
+    async def start(self, token: str, call_sid: str = "CA1", **kwargs):
+        client = await self.connected(call_sid=call_sid, token=token, **kwargs)
+        await until(lambda: client.stream_sid in self.media.sessions or client.closed.called)
+        return client
+
+    async def test_a_token_starts_one_stream(self):
+        """A second socket presenting a used token is closed 1008; the first keeps the call."""
+        token = self.mint()
+        first = await self.start(token)
+        self.assertIn(first.stream_sid, self.media.sessions)
+        second = await self.connected(call_sid="CA1", token=token)
+        self.assertEqual(await second.closed, (1008, "Unknown call"))
+        await wait(0.05)
+        self.assertTrue(first.is_open)
+        self.assertEqual(list(self.media.sessions), [first.stream_sid])
+
+    async def test_an_unused_token_expires(self):
+        """A token not used within 60 s starts nothing; one used just in time does."""
+        late = self.mint()
+        self.clock.advance(STREAM_TOKEN_TTL_SECONDS + 1)
+        refused = await self.connected(call_sid="CA1", token=late)
+        self.assertEqual(await refused.closed, (1008, "Unknown call"))
+        in_time = self.mint()
+        self.clock.advance(STREAM_TOKEN_TTL_SECONDS - 1)
+        client = await self.start(in_time)
+        self.assertIn(client.stream_sid, self.media.sessions)
+
+    async def test_each_fetch_mints_a_new_token_and_retires_the_last(self):
+        """A fresh TwiML fetch gets a new token; the unused one before it no longer starts a stream."""
+        old, new = self.mint(), self.mint()
+        self.assertNotEqual(old, new)
+        refused = await self.connected(call_sid="CA1", token=old)
+        self.assertEqual(await refused.closed, (1008, "Unknown call"))
+        client = await self.start(new)
+        self.assertIn(client.stream_sid, self.media.sessions)
+
+    async def test_a_refused_start_does_not_use_the_token(self):
+        """A wrong token, or a start refused for its stream SID, leaves the real token usable."""
+        token = self.mint()
+        other = await self.start(self.mint_for_other_call(), call_sid="CA2")
+        self.assertIn(other.stream_sid, self.media.sessions)
+        wrong = await self.connected(call_sid="CA1", token=token[:-1] + ("A" if token[-1] != "A" else "B"))
+        self.assertEqual(await wrong.closed, (1008, "Unknown call"))
+        duplicate = await self.connected(call_sid="CA1", token=token, stream_sid=other.stream_sid)
+        self.assertEqual(await duplicate.closed, (1008, "Duplicate streamSid"))
+        client = await self.start(token)
+        self.assertIn(client.stream_sid, self.media.sessions)
+
+    def mint_for_other_call(self) -> str:
+        self.bridge.manager.calls["CA2"] = Call(call_id="c2")
+        return token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, request_key=None, action_url=ACTION))
+
+    async def test_a_replayed_fetch_mints_no_token(self):
+        """A TwiML fetch whose verified key the call has already processed (a replay the replay
+        cache no longer knows: after a restart or its 10 minutes) gets no stream, and the token of
+        the real fetch still works."""
+        token = self.mint(request_key="twilio:req:first")
+        self.call.processed_event_ids.append("twilio:req:first")
+        replayed = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key="twilio:req:first", action_url=ACTION)
+        self.assertIsNone(token_of(replayed))
+        self.assertNotIn("<Stream", replayed)
+        client = await self.start(token)
+        self.assertIn(client.stream_sid, self.media.sessions)
+
+    async def test_the_stream_twiml_leads_back_to_the_daemon(self):
+        """<Connect action=...>: when the socket closes Twilio fetches TwiML again (a fresh token)."""
+        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=None, action_url=ACTION)
+        self.assertIn('<Connect action="http://127.0.0.1/voice/webhook?callId=c1&amp;stream=abc" method="POST">', document)
+
+    async def test_tokens_stay_out_of_reprs(self):
+        """Tokens are stored hashed: neither the bridge's repr nor a session's shows one."""
+        token = self.mint()
+        spare = self.mint_for_other_call()
+        client = await self.start(token)
+        session = self.media.sessions[client.stream_sid]
+        for text in (repr(self.bridge), repr(session), repr(self.bridge._tokens)):
+            self.assertNotIn(token, text)
+            self.assertNotIn(spare, text)
+        self.assertNotIn("token", session.custom_parameters)
