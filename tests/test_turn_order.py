@@ -35,7 +35,7 @@ class _MemoryStore:
         return self.calls.get(call_id)
 
 
-class MockTurnOrderTests(SynchronousTestCase):
+class _MockCalls(SynchronousTestCase):
     """The mock provider with playback that takes time: speak fires len(text) * 60 ms later."""
 
     def setUp(self):
@@ -72,6 +72,10 @@ class MockTurnOrderTests(SynchronousTestCase):
     def played(self):
         """What the mock played to its end, in order."""
         return [detail for action, _, detail in self.mock.actions if action == "spoken"]
+
+
+class MockTurnOrderTests(_MockCalls):
+    """Commands on a mock call whose playback takes time take effect in order."""
 
     def test_continue_sent_before_the_answer(self):
         """Initiate, continue at once: the greeting plays first, then the question; the answer is the question's."""
@@ -151,3 +155,30 @@ class StreamedTurnOrderTests(TestCase):
 
     async def _fake_call(self):
         return next(iter(self.fake.calls.values()), None)
+
+
+class AutoReplyWhileAContinueWaitsTests(_MockCalls):
+    """What the caller says before a queued `continue` is asked is not auto-answered over the turn."""
+
+    def test_no_auto_reply_while_a_continue_is_queued(self):
+        from voicecall.speech.responder import AutoResponder
+
+        asked = []
+
+        def gateway(call, text):
+            asked.append(text)
+            return Deferred()
+
+        responder = AutoResponder(manager=self.manager, clock=self.clock, gateway=gateway)
+        self.manager.on_utterance = responder.on_utterance
+        call_id = self.initiate()
+        self.event(call_id, EventType.ANSWERED)
+        answer = self.run_(self.manager.continue_call(call_id, "Who is this?"))
+        self.wait(1.0)  # the greeting is still playing
+        self.event(call_id, EventType.SPEECH, transcript="Hello?")
+        self.assertEqual(asked, [])
+        self.wait(3.0)
+        self.event(call_id, EventType.SPEECH, transcript="Alice")
+        self.assertEqual(self.successResultOf(answer), "Alice")
+        self.event(call_id, EventType.SPEECH, transcript="What's the time?")
+        self.assertEqual(asked, ["What's the time?"], "answered again once no continue waits")

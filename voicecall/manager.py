@@ -151,6 +151,8 @@ class CallManager:
     _commands: dict[str, _Commands] = field(factory=dict)
     #: Answered calls whose initial message waits for their media stream.
     _greeting_deferred: set[str] = field(factory=set)
+    #: When this manager started (ms): a call answered before it (restored) has nobody to greet.
+    _started_ms: int = field(init=False, default=0)
     #: Outbound calls being stored: they count against maxConcurrentCalls already.
     _reserved: set[str] = field(factory=set)
     _subscribers: list[Callable[[dict], None]] = field(factory=list)
@@ -163,6 +165,7 @@ class CallManager:
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
+        self._started_ms = self._now()
         if self._processed is None:
             self._processed = BoundedSet(self._settings.dedupe_limit)
 
@@ -598,7 +601,7 @@ class CallManager:
                 finally:
                     self._release(call.call_id, queue, held)
             else:
-                await self._in_order(call, lambda: self._greet(call, message))
+                await self._in_order(call, lambda: self._greet(call, message), greeting=True)
         except CallError as e:
             self._log.warn("Failed to speak initial message: {error}", error=str(e))
 
@@ -627,11 +630,13 @@ class CallManager:
 
     def _greeting_expected(self, call: CallRecord) -> bool:
         """Whether the call's initial message is still to be spoken (on the answer, or when its stream starts)."""
-        if not call.metadata.get("initialMessage"):
+        if not call.metadata.get("initialMessage") or call.is_terminal:
             return False
-        return call.answered_at is None or call.call_id in self._greeting_deferred
+        # Answered in this run: the answer's hook speaks it (or waits for the stream) even if it
+        # has not run yet (the answer is being stored). Answered before a restart: nobody will.
+        return call.answered_at is None or call.answered_at >= self._started_ms or call.call_id in self._greeting_deferred
 
-    async def _in_order(self, call: CallRecord, op: Callable[[], Any]) -> Any:
+    async def _in_order(self, call: CallRecord, op: Callable[[], Any], greeting: bool = False) -> Any:
         """
         Run `op` (speak, ask, reply) once every command sent on the call before it has taken
         effect: what a carrier plays is never cut short by a later command, and a question is
@@ -640,7 +645,7 @@ class CallManager:
         queue = self._commands.get(call.call_id)
         if queue is None:
             queue = self._commands[call.call_id] = _Commands()
-            if self._greeting_expected(call):
+            if not greeting and self._greeting_expected(call):
                 queue.greeting = queue.tail = Deferred()
                 queue.depth = 1
         if queue.depth >= MAX_QUEUED_COMMANDS:
@@ -863,6 +868,10 @@ class CallManager:
         if listening:
             self._move(call, CallState.LISTENING, events)
         await self._persist(call, transcript=[entry], events=events)
+
+    def turn_pending(self, call_id: str) -> bool:
+        """Whether a `continue` is queued or waiting on the call (the gateway drives its next turn)."""
+        return call_id in self._turns
 
     async def continue_call(self, call_id: str, prompt: str) -> str:
         """Speak `prompt`, then wait for and return what the person says next."""

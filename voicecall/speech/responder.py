@@ -187,6 +187,12 @@ class AutoResponder:
     def on_utterance(self, call: CallRecord, text: str) -> None:
         if call.direction is not Direction.INBOUND and call.mode is not Mode.CONVERSATION:
             return
+        pending = getattr(self._manager, "turn_pending", None)
+        if pending is not None and pending(call.call_id):
+            # A `continue` is queued behind what is playing: its question comes next, and a
+            # reply spoken after it would talk over the turn the gateway is running.
+            self._log.info("not answering {call_id}: a continue is next", call_id=call.call_id)
+            return
         generation = self._generation.get(call.call_id, 0) + 1
         self._generation[call.call_id] = generation
         d = Deferred.fromCoroutine(self._answer(call, text, generation))
@@ -217,5 +223,9 @@ class AutoResponder:
             return
         del self._generation[call.call_id]
         if not reply.strip() or self._manager.find(call.call_id) is None:
+            return
+        pending = getattr(self._manager, "turn_pending", None)
+        if pending is not None and pending(call.call_id):
+            self._log.info("dropping a reply on {call_id}: a continue started meanwhile", call_id=call.call_id)
             return
         await self._manager.reply(call.call_id, reply.strip())
