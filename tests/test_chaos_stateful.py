@@ -619,6 +619,20 @@ class KnownBugTests(SynchronousTestCase):
         self.assertEqual(stack.post_mock(ended), 200)
         self.assertEqual(stack.manager.active_calls(), [])
 
+    def test_twilio_restored_call_can_speak(self):
+        """
+        NEW (not one of the known bugs): after a restart, an outbound Twilio call (no media
+        stream) that was restored cannot be spoken to: the provider knows call URLs only from
+        initiate (or inbound webhooks), so speak fails with "Missing webhook URL for this call
+        (provider state not initialized)" instead of using the daemon's webhook URL.
+        """
+        stack = self.stack("twilio")
+        call_id = self.answered(stack)
+        self.assertEqual(stack.restart()["restored"], 1)
+        d = Deferred.fromCoroutine(stack.manager.speak(call_id, "Still there."))
+        stack.advance(3)
+        self.successResultOf(d)
+
     def test_telnyx_redelivery_applied_once(self):
         """(b): every Telnyx webhook delivered twice (same data.id, attempt 2, new signature): one transcript entry each."""
         stack = self.stack("telnyx", Chaos(random.Random(1), duplicate=1.0, retry_after=0.5))
