@@ -273,6 +273,42 @@ class RedeliveryTests(DeliveryCase):
         self.assertEqual(self.transcription(reborn, call, "ev-t2", "Goodbye"), 200)
         self.assertEqual(texts(reborn.stored(call_id)), ["It's Alice", "Goodbye"])
 
+    def test_telnyx_redelivered_speak_ended_does_not_end_the_next_speech(self):
+        """A redelivered `call.speak.ended` of the greeting leaves the question that follows it playing."""
+        daemon = Daemon(self, self.telnyx)
+        call = self.telnyx_call(daemon)
+        self.assertEqual(self.telnyx_hook(daemon, call, "call.speak.ended", "ev-spoken", status="completed"), 200)
+        turn = Deferred.fromCoroutine(daemon.manager.continue_call(call.call_id, "Who is this?"))
+        self.http.flush()
+        self.assertEqual(len(self.api.commands("speak")), 2)
+        self.assertEqual(call.state, CallState.SPEAKING)
+        starts = len(self.api.commands("transcription_start"))
+        self.clock.advance(3)
+        self.assertEqual(self.telnyx_hook(daemon, call, "call.speak.ended", "ev-spoken", attempt=2, status="completed"), 200)
+        self.assertEqual(call.state, CallState.SPEAKING)
+        self.assertEqual(len(self.api.commands("transcription_start")), starts)
+        self.assertEqual(texts(call, "bot"), ["Hello there"])
+        # The question's own end does end it.
+        self.assertEqual(self.telnyx_hook(daemon, call, "call.speak.ended", "ev-spoken-2", status="completed"), 200)
+        self.assertEqual(call.state, CallState.LISTENING)
+        self.assertEqual(texts(call, "bot"), ["Hello there", "Who is this?"])
+        self.assertNoResult(turn)
+
+    def test_telnyx_speak_ended_redelivered_after_restart(self):
+        """After a restart, a redelivered `call.speak.ended` from before it does not end a new speech."""
+        daemon = Daemon(self, self.telnyx)
+        call = self.telnyx_call(daemon)
+        self.assertEqual(self.telnyx_hook(daemon, call, "call.speak.ended", "ev-spoken", status="completed"), 200)
+        daemon.close()
+        reborn = Daemon(self, self.telnyx)
+        call = reborn.manager.find(call.call_id)
+        turn = Deferred.fromCoroutine(reborn.manager.continue_call(call.call_id, "Who is this?"))
+        self.http.flush()
+        self.assertEqual(call.state, CallState.SPEAKING)
+        self.assertEqual(self.telnyx_hook(reborn, call, "call.speak.ended", "ev-spoken", attempt=2, status="completed"), 200)
+        self.assertEqual(call.state, CallState.SPEAKING)
+        self.assertNoResult(turn)
+
     def test_twilio_retry_signed_over_another_url_form(self):
         """
         A Gather result retried with the same I-Twilio-Idempotency-Token, signed over the URL with

@@ -346,10 +346,12 @@ class CallManager:
                 # call is one we never placed (or whose record is gone): ignored.
                 self._log.info("Ignoring {type} for unknown call", type=event.type.value)
                 self._remember(keys)
+                self._applied(event)
                 return
             why = inbound_decision(self._settings.inbound_policy, self._settings.allow_from, event.from_number)
             if why is not None:
                 self._remember(keys)
+                self._applied(event)
                 self._reject_inbound(event, why)
                 return
             call = self._create_from_event(event, events)
@@ -415,6 +417,15 @@ class CallManager:
         self._remember(keys)
         for effect in effects:
             effect()
+        self._applied(event)
+
+    def _applied(self, event: CallEvent) -> None:
+        """Run the adapter's own effect of an event applied for the first time."""
+        if event.on_applied is not None:
+            try:
+                event.on_applied()
+            except Exception:
+                self._log.failure("the carrier adapter's effect of {type} failed", type=event.type.value)
 
     def _undo(
         self,
@@ -475,6 +486,7 @@ class CallManager:
         )
         await self._persist(call, keys=keys, events=[self._late_entry(call, event)])
         self._remember(keys)
+        self._applied(event)
 
     def _answered(self, call: CallRecord) -> None:
         if call.is_terminal or self._active.get(call.call_id) is not call:

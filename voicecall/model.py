@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from attrs import define, field, frozen
 
@@ -140,6 +140,8 @@ class EventType(str, enum.Enum):
     DTMF = "call.dtmf"
     ENDED = "call.ended"
     ERROR = "call.error"
+    #: The carrier finished playing a message (Telnyx `call.speak.ended`): no state change.
+    SPOKEN = "call.spoken"
 
 
 #: Longest identity key kept as given; longer ones (outside input) are stored as a hash.
@@ -198,6 +200,9 @@ class CallEvent:
     error: str | None = None  # call.error
     retryable: bool = False  # call.error
     aliases: tuple[str, ...] = field(default=(), converter=tuple)
+    #: The adapter's own effect of the event (e.g. a speech it waits for has ended), run by the
+    #: manager once the event is applied: never for a redelivery, nor if it could not be stored.
+    on_applied: Callable[[], None] | None = field(default=None, eq=False, repr=False)
 
     @property
     def key(self) -> str:

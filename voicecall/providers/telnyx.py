@@ -442,8 +442,9 @@ class TelnyxProvider:
         if kind == "call.speak.started":
             return CallEvent(type=EventType.SPEAKING, text=_text(payload.get("text")), **common)
         if kind == "call.speak.ended":
-            self._spoken(control_id)
-            return None
+            # Ends the oldest speech still playing: only once the manager has taken the event as
+            # new (a redelivery, even after a restart, must not end the next speech early).
+            return CallEvent(type=EventType.SPOKEN, on_applied=lambda: self._spoken(control_id), **common)
         if kind == "call.transcription":
             return self._speech(payload, common)
         if kind == "call.dtmf.received":
