@@ -29,6 +29,7 @@ from twisted.web.resource import Resource
 
 from voicecall.manager import CallError, CallManager, ManagerSettings
 from voicecall.model import CallState
+from voicecall.providers.mock import MockProvider
 from voicecall.providers.plivo import PlivoProvider
 from voicecall.providers.telnyx import TelnyxProvider
 from voicecall.providers.twilio import TwilioProvider
@@ -587,3 +588,42 @@ class SmallDiskTests(DeliveryCase):
         reborn = Daemon(self, self.telnyx)
         self.assertEqual(reborn.manager.active_calls(), [])
         self.assertEqual(reborn.stored(call.call_id).state, CallState.COMPLETED)
+
+
+class MockTests(DeliveryCase):
+    """The mock provider plays the carrier the same way: its event `id` is the event's identity."""
+
+    def mock(self) -> MockProvider:
+        return MockProvider(clock=self.clock)
+
+    def send(self, daemon, *events) -> int:
+        code, _ = daemon.post(json.dumps({"events": list(events)}).encode(), {"Content-Type": "application/json"})
+        return code
+
+    def test_event_id_applied_once(self):
+        """The same event (same `id`) redelivered in a payload written differently is applied once."""
+        daemon = Daemon(self, self.mock)
+        call_id = daemon.run(daemon.manager.initiate(CALLEE, None, "conversation"))
+        self.assertEqual(self.send(daemon, {"type": "call.answered", "callId": call_id, "id": "a1"}), 200)
+        speech = {"type": "call.speech", "callId": call_id, "id": "s1", "transcript": "yes please"}
+        self.assertEqual(self.send(daemon, speech), 200)
+        self.assertEqual(self.send(daemon, {**speech, "confidence": 0.9}, {"type": "call.dtmf", "callId": call_id, "digits": "1"}), 200)
+        self.assertEqual(texts(daemon.stored(call_id)), ["yes please"])
+
+    def test_end_not_stored_is_retried(self):
+        """An end answered 500 leaves the call live for the mock too: its retry is applied, not refused 409."""
+        self.addCleanup(self.flushLoggedErrors, sqlite3.OperationalError)
+        writer = DiskFullWriter()
+        daemon = Daemon(self, self.mock, writer)
+        call_id = daemon.run(daemon.manager.initiate(CALLEE, None, "conversation"))
+        end = {"type": "call.ended", "callId": call_id, "id": "end-1", "reason": "hangup-user"}
+        writer.full = True
+        self.assertEqual(self.send(daemon, end), 500)
+        self.assertIsNotNone(daemon.manager.find(call_id))
+        writer.full = False
+        self.assertEqual(self.send(daemon, {**end, "timestamp": NOW * 1000}), 200)
+        self.assertIsNone(daemon.manager.find(call_id))
+        self.assertEqual(daemon.stored(call_id).state, CallState.HANGUP_USER)
+        code, body = daemon.post(json.dumps({"event": {"type": "call.speech", "callId": call_id, "transcript": "hello?"}}).encode(), {})
+        self.assertEqual(code, 409, body)
+

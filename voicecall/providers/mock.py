@@ -7,7 +7,9 @@ developer (or a test) plays the carrier's part:
     {"event": {"type": "call.answered", "callId": "<id>"}}
     {"events": [{"type": "call.speech", "callId": "<id>", "transcript": "yes"}]}
 
-Each payload's verified request key is a hash of its bytes, so a redelivered payload is a replay.
+Each payload's verified request key is a hash of its bytes, so a redelivered payload is a replay;
+an event with an `id` is applied once per id (its identity, as a carrier's event id), however the
+payload around it is written.
 
 Speech takes `speak_seconds_per_char` per character on the injected clock (0 by default:
 played at once), like a carrier's playback; `speak` fires when it has been played and records
@@ -34,7 +36,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.model import END_REASONS, CallEvent, CallRecord, EventType
+from voicecall.model import END_REASONS, CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers.base import (
     InitiatedCall,
     ParsedWebhook,
@@ -140,7 +142,8 @@ class MockProvider:
             if event is not None:
                 events.append(event)
         for call_id, live in known.items():
-            self._track(call_id, live)
+            if live:
+                self._track(call_id, live)
         return ParsedWebhook(tuple(events))
 
     @staticmethod
@@ -214,6 +217,11 @@ class MockProvider:
         while len(self._calls) > MAX_TRACKED_CALLS:
             self._calls.popitem(last=False)
 
+    def _ended_callback(self, kind: EventType, *ids: object) -> Any:
+        if kind is not EventType.ENDED:
+            return None
+        return lambda: [self._track(i, False) for i in ids if isinstance(i, str) and i]
+
     def _event(self, item: object, dedupe_key: str) -> CallEvent | None:
         if not isinstance(item, dict):
             return None
@@ -237,7 +245,10 @@ class MockProvider:
                 call_id=call_id,
                 id=str(get("id", str(uuid.uuid4()))),
                 timestamp=int(get("timestamp", int(self._clock.seconds() * 1000))),
-                dedupe_key=dedupe_key,
+                dedupe_key=identity_key("mock:event", item["id"]) if item.get("id") is not None else dedupe_key,
+                # The call counts as ended once the manager has applied its end: a retry of an end
+                # answered 500 (not stored) is still for a live call.
+                on_applied=self._ended_callback(kind, call_id, item.get("providerCallId")),
                 provider_call_id=item.get("providerCallId"),
                 turn_token=item.get("turnToken"),
                 direction=direction if direction in ("inbound", "outbound") else None,
