@@ -147,9 +147,9 @@ class StreamedConversationTests(TestCase):
         again = await fake_call.next_stream()
         self.assertEqual(fake_call.documents[fetches].kind, "action")
         self.assertNotEqual(again.parameters["token"], stream.parameters["token"])
+        await self.connect(fake_call, again)
         stale = await self.connect(fake_call, stream)
         self.assertEqual(await stale.closed, (1008, "Unknown call"))
-        await self.connect(fake_call, again)
         await sleep(2.0)
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertNotIn(status["state"], ("hangup-bot", "completed"))
