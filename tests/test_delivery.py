@@ -518,6 +518,20 @@ class FailedWriteTests(DeliveryCase):
         self.assertEqual(self.successResultOf(turn), "It's Alice")
         self.assertEqual(texts(daemon.stored(call.call_id)), ["It's Alice"])
 
+    def test_effect_failing_after_the_commit_still_answers_200(self):
+        """Once the event is stored the webhook is answered 200, even if what it triggers fails (and a retry changes nothing)."""
+        daemon = Daemon(self, self.telnyx)
+        call = self.listening(daemon)
+
+        def broken(call, text):
+            raise RuntimeError("reply hook broke")
+
+        daemon.manager.on_utterance = broken
+        self.assertEqual(self.transcription(daemon, call, "ev-t1", "It's Alice"), 200)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.transcription(daemon, call, "ev-t1", "It's Alice", attempt=2), 200)
+        self.assertEqual(texts(daemon.stored(call.call_id)), ["It's Alice"])
+
     def test_inbound_call_not_stored_is_not_created(self):
         """An inbound call whose creation cannot be stored is neither kept nor answered; the retry creates it once."""
         daemon = Daemon(self, self.telnyx, self.writer)

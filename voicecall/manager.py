@@ -415,8 +415,12 @@ class CallManager:
             self._undo(call, before, _Fields.of(call), transcript, keys, old_pid, created)
             raise
         self._remember(keys)
+        # Committed: the webhook is answered 200 whatever an effect does.
         for effect in effects:
-            effect()
+            try:
+                effect()
+            except Exception:
+                self._log.failure("applying {type} to {call_id} failed after it was stored", type=event.type.value, call_id=call.call_id)
         self._applied(event)
 
     def _applied(self, event: CallEvent) -> None:
