@@ -72,6 +72,9 @@ class CarrierApi(Resource):
             return json.dumps({"data": data}).encode()
         if method == "GET" and path.startswith("/v2/calls/"):
             return json.dumps({"data": {"is_alive": True, "state": "answered"}}).encode()
+        if method == "POST" and path.endswith("/Calls.json"):  # Twilio dial
+            request.setResponseCode(201)
+            return json.dumps({"sid": "CA" + "3" * 32, "status": "queued"}).encode()
         if "/Calls/" in path:  # Twilio live update / status
             return json.dumps({"sid": path.rsplit("/", 1)[1].split(".")[0], "status": "in-progress"}).encode()
         return json.dumps({"data": {"result": "ok"}, "message": "ok", "api_id": "x"}).encode()
@@ -419,6 +422,35 @@ class OrderTests(DeliveryCase):
         self.assertEqual(call.state, CallState.LISTENING)
         self.assertEqual(daemon.stored(call.call_id).state, CallState.LISTENING)
         self.assertEqual(self.late_entries(daemon, call.call_id), [("call.speaking", "listening")])
+
+    def test_twilio_status_callbacks_in_any_order(self):
+        """
+        Twilio status callbacks arriving completed, then in-progress, then ringing: the call ends once,
+        the late ones are recorded and start nothing (no greeting, no timer); `completed` delivered
+        again, signed over the other URL form, is the same callback (its SequenceNumber), not a late one.
+        """
+        daemon = Daemon(self, lambda: TwilioProvider(http=self.http, clock=self.clock, account_sid=TWILIO_SID, auth_token=TOKEN, public_url=PUBLIC, base_url="http://twilio.fake"))
+        call_id = daemon.run(daemon.manager.initiate(CALLEE, "Hello there", "conversation"))
+        sid = daemon.manager.find(call_id).provider_call_id
+        query = f"?callId={call_id}&type=status"
+        requests = len(self.api.requests)
+
+        def status(value, seq, origin=ORIGIN):
+            params = {"AccountSid": TWILIO_SID, "CallSid": sid, "Direction": "outbound-api", "From": OURS, "To": CALLEE, "CallStatus": value, "SequenceNumber": str(seq), "CallbackSource": "call-progress-events"}
+            headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": sign_request(TOKEN, origin + PATH + query, params)}
+            code, _ = daemon.post(urlencode(params).encode(), headers, url=PUBLIC + query)
+            return code
+
+        self.assertEqual(status("completed", 3), 200)
+        self.assertEqual(status("in-progress", 2), 200)
+        self.assertEqual(status("ringing", 1), 200)
+        self.assertEqual(status("completed", 3, origin=ORIGIN + ":443"), 200)
+        stored = daemon.stored(call_id)
+        self.assertEqual((stored.state, stored.answered_at), (CallState.COMPLETED, None))
+        self.assertEqual(daemon.manager.ended_counts, {"completed": 1})
+        self.assertEqual(len(self.api.requests), requests)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.late_entries(daemon, call_id), [("call.answered", "completed"), ("call.ringing", "completed")])
 
     def test_hangup_is_final(self):
         """No event after the end changes the state back: ringing, answered, bridged all stay late."""

@@ -453,3 +453,90 @@ class RestoreTests(ManagerTestsBase):
         self.restart()
         self.event("call.initiated", "X", provider_call_id="X", direction="inbound", from_number="+15550001234", dedupe_key="end-1")
         self.assertEqual(self.manager.active_calls(), [])
+
+
+class HeldStore:
+    """The real store, whose writes are reported only when the test releases (or fails) them."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.held: list[tuple[Deferred, object]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def write(self, record, **kw):
+        reported: Deferred = Deferred()
+        self.held.append((reported, (record, kw)))
+        return reported
+
+    def release(self, fail_with: Exception | None = None) -> None:
+        reported, (record, kw) = self.held.pop(0)
+        if fail_with is not None:
+            reported.errback(fail_with)
+        else:
+            self._store.write(record, **kw).chainDeferred(reported)
+
+
+class EventOrderTests(ManagerTestsBase):
+    """Events of one call are applied one at a time; a redelivery waits for its original's outcome."""
+
+    def setUp(self):
+        super().setUp()
+        self.call_id = self.go(self.manager.initiate("+15550001234", None, "conversation"))
+        self.event("call.answered", self.call_id, dedupe_key="ans")
+        self.held = HeldStore(self.store)
+        self.manager._store = self.held
+
+    def send(self, kind, **fields):
+        fields.setdefault("timestamp", int(self.clock.seconds() * 1000))
+        fields.setdefault("id", str(uuid.uuid4()))
+        return Deferred.fromCoroutine(self.manager.process_event(CallEvent(type=kind, call_id=self.call_id, **fields)))
+
+    def test_one_at_a_time_and_a_failure_undone_first(self):
+        """The second event of a call starts once the first is done; the first's failed write is undone before it."""
+        first = self.send("call.speech", dedupe_key="s1", transcript="one")
+        second = self.send("call.ended", dedupe_key="e1", reason="hangup-user")
+        self.assertEqual(len(self.held.held), 1)  # the end waits for the speech
+        call = self.manager.find(self.call_id)
+        self.assertEqual([t.text for t in call.transcript], ["one"])
+        self.held.release(RuntimeError("disk full"))
+        self.failureResultOf(first, RuntimeError)
+        self.assertEqual(call.transcript, [])
+        self.assertEqual(call.state, CallState.HANGUP_USER)  # the end, in memory while it is stored
+        self.assertEqual(len(self.held.held), 1)  # now the end is being stored
+        self.held.release()
+        self.successResultOf(second)
+        self.assertEqual(self.stored(self.call_id).state, CallState.HANGUP_USER)
+        self.assertEqual([t.text for t in self.stored(self.call_id).transcript], [])
+        self.assertEqual(self.manager.ended_counts, {"hangup-user": 1})
+
+    def test_redelivery_waits_for_the_original(self):
+        """A redelivery of an event still being stored answers once the original is stored, applying nothing."""
+        original = self.send("call.speech", dedupe_key="s1", transcript="one")
+        again = self.send("call.speech", dedupe_key="s1", transcript="one")
+        self.assertNoResult(again)
+        self.held.release()
+        self.successResultOf(original)
+        self.successResultOf(again)
+        self.assertEqual(self.held.held, [])
+        self.assertEqual([t.text for t in self.stored(self.call_id).transcript], ["one"])
+
+    def test_redelivery_applies_when_the_original_failed(self):
+        """If the original's write fails, the waiting redelivery applies the event itself."""
+        original = self.send("call.speech", dedupe_key="s1", transcript="one")
+        again = self.send("call.speech", dedupe_key="s1", transcript="one")
+        self.held.release(RuntimeError("disk full"))
+        self.failureResultOf(original, RuntimeError)
+        self.assertNoResult(again)
+        self.held.release()
+        self.successResultOf(again)
+        self.assertEqual([t.text for t in self.stored(self.call_id).transcript], ["one"])
+
+    def test_alias_of_an_applied_event_is_a_redelivery(self):
+        """An event known by another of its keys (an idempotency token, the signed request) is not applied again."""
+        self.manager._store = self.store
+        self.event("call.speech", self.call_id, dedupe_key="twilio:gather:CA1:t1:", aliases=("twilio:idem:tok",), transcript="one")
+        self.event("call.speech", self.call_id, dedupe_key="twilio:req:other", aliases=("twilio:idem:tok",), transcript="one")
+        self.assertEqual([t.text for t in self.stored(self.call_id).transcript], ["one"])
+        self.assertIn("twilio:idem:tok", self.stored(self.call_id).processed_event_ids)
