@@ -375,3 +375,13 @@ class MockWebhookTests(test_webhook.WebhookTestsBase):
             body = b'{"event": {"type": "call.speech", "callId": "%s", "confidence": %s}}' % (call_id, number)
             self.refused(body)
         self.assertEqual(self.resource.counts["500"], 0)
+
+    def test_misspelled_field(self):
+        """A misspelled field is a 400 naming it and the field meant, not an event with a default in its place."""
+        call_id = self.place()
+        reason = self.refused({"event": {"id": "ev-9", "type": "call.speech", "callId": call_id, "transcrpt": "Fine"}})
+        self.assertIn('unknown field "transcrpt"', reason)
+        self.assertIn('did you mean "transcript"', reason)
+        reason = self.refused({"events": [{"type": "call.answered", "callId": call_id, "call_id": call_id}]})
+        self.assertIn('"call_id"', reason)
+        self.assertIn('"callId"', reason)

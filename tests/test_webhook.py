@@ -264,7 +264,7 @@ class RoutingTests(WebhookTestsBase):
         call_id = self.place()
         conn = self.connect()
         for n in range(MAX_IN_FLIGHT_PER_IP * 2):
-            body = self.payload({"type": "call.ringing", "callId": call_id, "n": n})
+            body = self.payload({"type": "call.ringing", "callId": call_id, "id": f"ring-{n}"})
             conn.headers(length=len(body))
             conn.send(body)
         self.assertEqual(conn.transport.value().count(b"HTTP/1.1 200 OK"), MAX_IN_FLIGHT_PER_IP * 2)
@@ -488,7 +488,7 @@ class InFlightTests(WebhookTestsBase):
         call_id = self.place()
         self.proxy.held = []
         conns = [
-            self.request(self.payload({"type": "call.ringing", "callId": call_id, "n": n}))
+            self.request(self.payload({"type": "call.ringing", "callId": call_id, "id": f"ring-{n}"}))
             for n in range(MAX_IN_FLIGHT_PER_IP + 1)
         ]
         self.assertEqual([c.answered for c in conns], [False] * (MAX_IN_FLIGHT_PER_IP + 1))

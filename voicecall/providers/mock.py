@@ -17,13 +17,14 @@ played at once), like a carrier's playback; `speak` fires when it has been playe
 
 The mock is a development tool, so a payload it cannot use is refused whole (nothing applied)
 with a one-line reason: 400 for a malformed body or event (no `event`/`events`, an unknown type,
-a wrongly typed field, a non-finite number, an inbound event without `providerCallId`/`from`/`to`),
+an unknown (misspelt) field, a wrongly typed field, a non-finite number, an inbound event without `providerCallId`/`from`/`to`),
 404 for a callId no call has, 409 for a call that has ended. Like a carrier, it knows its calls:
 those it placed, answered or was asked the status of (a restored call), and inbound calls created
 by an event; the set is bounded.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import uuid
@@ -69,6 +70,9 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "timestamp": (int,),
     "durationMs": (int,),
 }
+
+#: Every field an event may have.
+_KNOWN = ("type", "callId", *_FIELDS, "reason", "direction")
 
 
 class _Refused(Exception):
@@ -179,6 +183,12 @@ class MockProvider:
         call_id = item.get("callId")
         if not isinstance(call_id, str) or not call_id:
             raise _Refused(400, f'{where}: "callId" must be a non-empty string (ours, or the carrier\'s mock-<callId>)')
+        for name in item:
+            if name not in _KNOWN:
+                # A misspelt field would otherwise be ignored and its default used in its place.
+                guess = difflib.get_close_matches(str(name), _KNOWN, n=1, cutoff=0.6)
+                hint = f' (did you mean "{guess[0]}"?)' if guess else f" (fields: {', '.join(_KNOWN)})"
+                raise _Refused(400, f"{where}: unknown field {_quote(name)}{hint}")
         for name, types in _FIELDS.items():
             value = item.get(name)
             if value is None:
