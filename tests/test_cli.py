@@ -279,6 +279,15 @@ class ValidationTests(CliTestsBase):
             line = next(l for l in result.stdout.splitlines() if l.strip().startswith(option))
             self.assertIn("INTEGER RANGE", line, (command, line))
 
+    def test_out_of_range_refused(self):
+        """`latency --last 0` and `tail --poll 10` are usage errors naming the range, not silently raised to the minimum."""
+        for args, option, bound in ((("latency", "--last", "0"), "--last", "x>=1"), (("tail", "--poll", "10"), "--poll", "x>=50")):
+            result = self.invoke(*args)
+            self.assertEqual(result.exit_code, 2, (args, result.stdout))
+            self.assertIn(option, result.stderr)
+            self.assertIn(bound, result.stderr)
+        self.assertEqual((self.reacted, self.connects), (0, []))
+
     def test_bad_number_said_once(self):
         """`--last abc` says what was wrong once, not twice."""
         result = self.invoke("latency", "--last", "abc")

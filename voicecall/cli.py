@@ -334,7 +334,7 @@ def _status_from_store(ctx: Context, call_id: str | None) -> dict:
 
 @main.command()
 @click.option("--since", default=25, type=Decimal(min=0), show_default=True, help="How many past events to print first.")
-@click.option("--poll", default=250, type=Decimal(min=50, clamp=True), show_default=True, help="Store poll interval (ms) when the daemon is down.")
+@click.option("--poll", default=250, type=Decimal(min=50), show_default=True, help="Store poll interval (ms) when the daemon is down.")
 @click.pass_obj
 def tail(ctx, since, poll):
     """Print recent call events, then follow new ones as they happen.
@@ -468,7 +468,7 @@ def _turn_samples(metadata: dict, every: str, last: str) -> list[int]:
 
 
 @main.command()
-@click.option("--last", default=200, type=Decimal(min=1, clamp=True), show_default=True, help="How many recent calls to scan.")
+@click.option("--last", default=200, type=Decimal(min=1), show_default=True, help="How many recent calls to scan.")
 @click.pass_obj
 def latency(ctx, last):
     """Turn latency statistics of recent calls (from the store)."""
