@@ -185,3 +185,92 @@ class LatencyCountsEveryTurnTests(cli_tests.CliTestsBase):
         self.assertEqual((stats["turnLatency"]["minMs"], stats["turnLatency"]["maxMs"]), (1000, 3000))
         self.assertEqual(stats["listenWait"]["count"], 3)
         self.assertEqual(self.manager.find(call_id).metadata["turnLatenciesMs"], [1000, 3000, 2000])
+
+
+class _FailingStore:
+    """A store whose next `fail_writes` writes fail (a full disk)."""
+
+    def __init__(self, store):
+        self._store = store
+        self.fail_writes = 0
+
+    def write(self, *args, **kwargs):
+        if self.fail_writes:
+            self.fail_writes -= 1
+            return fail(OSError("disk full"))
+        return self._store.write(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+class FailedWriteOnTheTurnPathTests(_Base):
+    """A continue or speak whose store write fails leaves the record in memory as the store has it."""
+
+    def setUp(self):
+        self.manager_with(MockProvider, max_concurrent_calls=2, transcript_timeout_ms=5000)
+        self.failing = _FailingStore(self.store)
+        self.manager._store = self.failing
+
+    def check(self, operation, fail_writes):
+        call_id = self.place(mode="conversation", message="Hi")
+        before = self.manager.find(call_id)
+        state, transcript = before.state, list(before.transcript)
+        self.failing.fail_writes = fail_writes
+        self.clock.advance(0)
+        failure = self.failureResultOf(self.run_(operation(call_id)))
+        self.assertIn("Failed to persist call: disk full", str(failure.value))
+        call = self.manager.find(call_id)
+        stored = self.successResultOf(self.store.get_call(call_id))
+        self.assertEqual((call.state, stored.state), (state, state))
+        self.assertEqual(call.transcript, transcript)
+        self.assertEqual(len(stored.transcript), len(transcript))
+        self.assertNotIn(call_id, self.manager._waiters)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_continue_first_write(self):
+        self.check(lambda call_id: self.manager.continue_call(call_id, "Is now a good time?"), 1)
+
+    def test_speak_first_write(self):
+        self.check(lambda call_id: self.manager.speak(call_id, "One moment."), 1)
+
+
+class RestoredTwilioCallSpeechTests(SynchronousTestCase):
+    """A Twilio call restored after a restart is spoken to through the daemon's webhook URL."""
+
+    def test_restored_call_speaks(self):
+        from treq.testing import StubTreq
+        from twisted.web.resource import Resource
+
+        from voicecall.model import CallRecord, Direction
+        from voicecall.providers.twilio import TwilioProvider
+
+        class Api(Resource):
+            isLeaf = True
+
+            def __init__(self):
+                super().__init__()
+                self.forms = []
+
+            def render_POST(self, request):
+                self.forms.append(request.args)
+                request.setHeader(b"content-type", b"application/json")
+                return b'{"sid": "CA1", "status": "in-progress"}'
+
+        api, clock = Api(), Clock()
+        http = StubTreq(api)
+        provider = TwilioProvider(http=http, clock=clock, account_sid="AC" + "0" * 32, auth_token="t", base_url="https://api.twilio.test")
+        provider.set_webhook_url("https://voice.example/voice/webhook")
+        call = CallRecord(
+            call_id="c1", provider="twilio", direction=Direction.OUTBOUND, state="listening",
+            from_number="+15550000000", to_number=TO, started_at=0, provider_call_id="CA1",
+        )  # fmt: skip
+        d = provider.speak(call, "Still there.", None)
+        http.flush()
+        (form,) = api.forms
+        document = form[b"Twiml"][0].decode()
+        self.assertIn("<Say", document)
+        self.assertIn("https://voice.example/voice/webhook?callId=c1&amp;flow=spoken", document)
+        self.assertNoResult(d)  # said once Twilio fetches the Redirect
+        clock.advance(60)
+        self.successResultOf(d)

@@ -856,19 +856,41 @@ class CallManager:
         call = self._connected(call_id)
         await self._in_order(call, lambda: self._speak(call, text, listen=True))
 
+    async def _commit(self, call: CallRecord, state: CallState | None = None, said: str | None = None) -> None:
+        """
+        Move `call` to `state` and/or record the bot saying `said`, durably. A failed store write
+        puts the record in memory back as the store has it and raises CallError.
+        """
+        before, events = call.state, []
+        entry = TranscriptEntry(self._now(), Speaker.BOT, said) if said is not None else None
+        if entry is not None:
+            call.transcript.append(entry)
+            events.append(self._log_entry(call, "call.transcript", speaker="bot", text=said))
+        if state is not None:
+            self._move(call, state, events)
+        moved = call.state
+        try:
+            await self._persist(call, transcript=[entry] if entry is not None else [], events=events)
+        except Exception as e:
+            if call.state is moved:
+                call.state = before
+            if entry is not None:
+                for i in range(len(call.transcript) - 1, -1, -1):
+                    if call.transcript[i] is entry:
+                        del call.transcript[i]
+                        break
+            self._log.failure("could not store {call_id}: left as it was", call_id=call.call_id)
+            raise CallError(f"Failed to persist call: {e}", call.call_id) from e
+
     async def _speak(self, call: CallRecord, text: str, listen: bool = False) -> None:
-        events: list[dict] = []
-        self._move(call, CallState.SPEAKING, events)
-        await self._persist(call, events=events)
+        await self._commit(call, CallState.SPEAKING)
         try:
             if listen:
                 await self._voice.prompt(call, text, self._settings.tts_voice, None)
             else:
                 await self._voice.speak(call, text, self._settings.tts_voice)
         except Exception as e:
-            events = []
-            self._move(call, CallState.LISTENING, events)
-            await self._persist(call, events=events)
+            await self._commit(call, CallState.LISTENING)
             raise CallError(str(e) or "speak failed", call.call_id) from e
         await self._record_bot(call, text, listening=listen)
 
@@ -878,12 +900,7 @@ class CallManager:
         return Deferred.fromCoroutine(self._record_bot(call, text))
 
     async def _record_bot(self, call: CallRecord, text: str, listening: bool = False) -> None:
-        entry = TranscriptEntry(self._now(), Speaker.BOT, text)
-        call.transcript.append(entry)
-        events = [self._log_entry(call, "call.transcript", speaker="bot", text=text)]
-        if listening:
-            self._move(call, CallState.LISTENING, events)
-        await self._persist(call, transcript=[entry], events=events)
+        await self._commit(call, CallState.LISTENING if listening else None, said=text)
 
     def turn_pending(self, call_id: str) -> bool:
         """Whether a `continue` is queued or waiting on the call (the gateway drives its next turn)."""
@@ -906,27 +923,24 @@ class CallManager:
         """Ask `prompt` (its turn in the queue has come); the answer is awaited outside the queue."""
         started = self._now()
         token = str(uuid.uuid4()) if self._voice.wants_turn_token(call) else None
+        await self._commit(call, CallState.SPEAKING)
         answer = self._wait_for_transcript(call.call_id, token)
-        events: list[dict] = []
-        self._move(call, CallState.SPEAKING, events)
-        await self._persist(call, events=events)
         try:
             await self._voice.prompt(call, prompt, self._settings.tts_voice, token)
+            failed: Exception | None = None
         except Exception as e:
+            failed = e
+        listen_started = self._now()
+        try:
+            if failed is not None:
+                await self._commit(call, CallState.LISTENING)
+                raise CallError(str(failed) or "continue failed", call.call_id) from failed
+            if not call.is_terminal:
+                await self._commit(call, CallState.LISTENING, said=prompt)
+        except BaseException:
             answer.addErrback(lambda _: None)
             answer.cancel()
-            events = []
-            self._move(call, CallState.LISTENING, events)
-            await self._persist(call, events=events)
-            raise CallError(str(e) or "continue failed", call.call_id) from e
-        listen_started = self._now()
-        if not call.is_terminal:
-            events = []
-            self._move(call, CallState.LISTENING, events)
-            entry = TranscriptEntry(listen_started, Speaker.BOT, prompt)
-            call.transcript.append(entry)
-            events.append(self._log_entry(call, "call.transcript", speaker="bot", text=prompt))
-            await self._persist(call, transcript=[entry], events=events)
+            raise
         return answer, started, listen_started
 
     async def _turn(self, call: CallRecord, answer: Deferred[str], started: int, listen_started: int) -> str:

@@ -227,6 +227,11 @@ class TwilioProvider:
 
     def _call_url(self, call: CallRecord) -> str:
         url = self._call_urls.get(call.provider_call_id or "")
+        if url is None and call.provider_call_id and self._webhook_url:
+            # A call restored after a restart: its URL is the daemon's, as initiate built it.
+            outbound = call.direction is Direction.OUTBOUND
+            url = twiml.with_query(self._webhook_url, callId=call.call_id) if outbound else self._webhook_url
+            _bounded_put(self._call_urls, call.provider_call_id, url)
         if url is None:
             raise ProviderError("Missing webhook URL for this call (provider state not initialized)")
         return url
