@@ -91,3 +91,72 @@ class DocsTests(SynchronousTestCase):
             self.assertEqual(heard, ["It's Alice", "Yes", None, "It's Alice", "Yes"], module.__name__)
             plain = module.scripted_utterances(module._parse([*credentials, "--say", "", "--say", "Hi"]))
             self.assertEqual(plain, [None, "Hi"])  # a list: each call keeps its own position in it
+
+    def readme_telnyx_args(self):
+        """The arguments the README's Telnyx walk-through gives the fake Telnyx."""
+        import re
+        import shlex
+
+        from voicecall.testing import telnyx
+
+        with open(os.path.join(ROOT, "README.rst")) as f:
+            text = f.read()
+        command = re.search(r"python -m voicecall\.testing\.telnyx (.*?)\n\s*\.venv/bin/twistd", text, re.S).group(1)
+        return telnyx._parse(shlex.split(command.replace("\\\n", " ")))
+
+    def test_telnyx_walkthrough_callee_answers_questions(self):
+        """
+        The README's fake Telnyx answers each question once, however early the daemon starts
+        transcribing: the daemon's real timing starts it after the question has played, where its
+        old `--say "" --say "It's Alice"` spent "" on the first question, which then waited forever.
+        """
+        from voicecall.testing import telnyx
+
+        def call(name, *prompts):
+            speaks = [SimpleNamespace(text=p) for p in prompts]
+            return SimpleNamespace(call_control_id=name, speaks=speaks, last_speak=prompts[-1] if prompts else None)
+
+        greeting, q1, q2 = "Hello, this is your assistant", "Who am I speaking with?", "Is now a good time?"
+        answer = telnyx.scripted_utterances(self.readme_telnyx_args())
+        # Transcription starts once each question has played (the daemon over real HTTP).
+        late = call("late", greeting, q1)
+        heard = [answer(late)]
+        late.speaks.append(SimpleNamespace(text=q2))
+        heard.append(answer(late))
+        self.assertEqual(heard, ["It's Alice", "Yes, thanks"])
+        # Transcription starts during the pause after the greeting: silence, then each question once.
+        early = call("early", greeting)
+        self.assertIsNone(answer(early))
+        early.speaks.append(SimpleNamespace(text=q1))
+        self.assertEqual([answer(early), answer(early)], ["It's Alice", None])
+
+    def test_telnyx_walkthrough_answers_each_question(self):
+        """The README's fake Telnyx answers the walk-through's two questions through the daemon's call path, in every call."""
+        import shutil
+        import tempfile
+
+        from twisted.internet.defer import Deferred
+
+        from voicecall.testing import telnyx
+        from voicecall.testing.stack import CALLEE, Stack
+
+        args = self.readme_telnyx_args()
+        directory = tempfile.mkdtemp(prefix="vc-docs-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        stack = Stack.build("telnyx", directory, transcript_timeout_ms=30_000)
+        self.addCleanup(stack.close)
+        stack.carrier.fake.scenario = telnyx.Scenario(
+            answer_after=0.5, speech_delay=0.3, say_seconds_per_char=0.01, utterances=telnyx.scripted_utterances(args)
+        )
+        for _ in range(2):  # each call starts again at the first phrase
+            d = Deferred.fromCoroutine(stack.manager.initiate(CALLEE, "Hello, this is your assistant", "conversation"))
+            stack.pump()
+            call_id = self.successResultOf(d)
+            heard = []
+            for question in ("Who am I speaking with?", "Is now a good time?"):
+                d = Deferred.fromCoroutine(stack.manager.continue_call(call_id, question))
+                stack.advance(10)
+                heard.append(self.successResultOf(d))
+            self.assertEqual(heard, ["It's Alice", "Yes, thanks"])
+            self.successResultOf(Deferred.fromCoroutine(stack.manager.end_call(call_id)))
+            stack.advance(2)

@@ -4,7 +4,7 @@ A faithful fake Telnyx (Call Control v2) on loopback, for tests, benchmarks and 
 without an account: the REST API (telnyx_api), the carrier that drives each call and posts
 Ed25519-signed webhooks (telnyx_driver), and a standalone entry point:
 
-    python -m voicecall.testing.telnyx --port 8081 --api-key KEY --say "It's Alice"
+    python -m voicecall.testing.telnyx --port 8081 --api-key KEY --answer-questions-only --say "It's Alice"
 
 which prints the base URL to put into `telnyx.baseUrl` and the public key for
 `telnyx.publicKey`. `--chaos` (or the finer `--chaos-*` flags) gives the carrier's worst day:
@@ -76,6 +76,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help='what the callee says at each turn, in order (repeatable; "" is silence)',
     )
     parser.add_argument(
+        "--answer-questions-only", action="store_true",
+        help="stay silent except after a question (a prompt ending in '?'), answering each once",
+    )
+    parser.add_argument(
         "--say-seconds-per-char", type=float, default=0.06, help="simulated speaking time per character"
     )
     parser.add_argument("--hangup-after", type=float, default=None, help="callee hangs up N seconds after answering")
@@ -84,6 +88,33 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if not args.api_key:
         parser.error("--api-key (or $TELNYX_API_KEY) is required")
     return args
+
+
+def scripted_utterances(args: argparse.Namespace) -> Any:
+    """
+    What the callee says: the --say phrases at each turn of every call (a turn is each time the
+    bot falls silent while transcription runs, so how many there are before a question depends on
+    when the daemon starts transcribing), or, with --answer-questions-only, one phrase after each
+    question the bot asked; every call starts again at the first phrase.
+    """
+    from voicecall.testing.twilio import MAX_SCRIPTED_CALLS, answers_per_call
+
+    said = [u or None for u in args.utterances]
+    if not args.answer_questions_only:
+        return said  # each call keeps its own position in the list
+    answered: dict[str, Any] = {}  # call -> the prompt it answered last
+
+    def asked(call: Any) -> bool:
+        prompt = call.speaks[-1] if call.speaks else None
+        if prompt is None or not prompt.text.rstrip().endswith("?") or answered.get(call.call_control_id) is prompt:
+            return False
+        answered.pop(call.call_control_id, None)
+        answered[call.call_control_id] = prompt
+        while len(answered) > MAX_SCRIPTED_CALLS:
+            del answered[next(iter(answered))]
+        return True
+
+    return answers_per_call(said, asked=asked, key=lambda call: call.call_control_id)
 
 
 async def _serve(reactor: Any, args: argparse.Namespace) -> None:
@@ -99,7 +130,7 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
     scenario = Scenario(
         outcome=args.outcome,
         answer_after=args.answer_after,
-        utterances=[u or None for u in args.utterances],
+        utterances=scripted_utterances(args),
         hangup_after=args.hangup_after,
         say_seconds_per_char=args.say_seconds_per_char,
     )
