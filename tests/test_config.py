@@ -1421,7 +1421,7 @@ class FilePermissionTests(SynchronousTestCase):
     def test_world_readable_secrets_warned(self):
         """Secrets in a world-readable file start with one warning naming the file and chmod 600."""
         path = self.write({"provider": "twilio", "fromNumber": "+15550001234", "twilio": TWILIO_CREDS}, 0o644)
-        self.assertEqual(load_config(path, ENV).warnings, (f"{path} holds secrets and every user can read it: chmod 600 {path}",))
+        self.assertEqual(load_config(path, ENV).warnings, (f"this file holds secrets and every user can read it: chmod 600 {path}",))
 
     def test_no_warning_without_secrets_or_when_private(self):
         """No warning for a readable file without secrets, nor for a private or group-readable one."""

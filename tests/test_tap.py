@@ -377,3 +377,19 @@ class ConfigWarningEventTests(TapTestsBase):
         self.assertEqual(len(events), 1, [formatEvent(e) for e in observed])
         self.assertNotIn("warning", events[0])
         self.assertIn(f'config {path}: provider "log" is deprecated', formatEvent(events[0]))
+
+    def test_readable_secrets_warning_names_the_file_once(self):
+        """The warning about a config every user can read says `config <file>: ...` with the file once, then the fix."""
+        from twisted.logger import formatEvent, globalLogPublisher
+        from twisted.internet.testing import EventLoggingObserver
+
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        path = self.write_config({
+            "provider": "twilio", "fromNumber": "+15550000000", "store": os.path.join(self.home, "s"),
+            "twilio": {"accountSid": "AC" + "0" * 32, "authToken": "fake-token"},
+        })  # fmt: skip
+        os.chmod(path, 0o644)
+        service = tap.makeService(self.parse("--config", path), reactor=MemoryReactorClock())
+        service.startService()
+        lines = [formatEvent(e) for e in observed if "every user can read" in formatEvent(e)]
+        self.assertEqual(lines, [f"config {path}: this file holds secrets and every user can read it: chmod 600 {path}"])

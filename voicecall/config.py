@@ -431,7 +431,8 @@ def file_permission_problems(path: str, info: os.stat_result, data: Any) -> tupl
         )
         return refusal, []
     if mode & stat.S_IROTH and _holds_secrets(data):
-        return None, [f"{path} holds secrets and every user can read it: chmod 600 {path}"]
+        # Said after the file's name by whoever shows it (`config <file>: ...`, doctor's config line).
+        return None, [f"this file holds secrets and every user can read it: chmod 600 {path}"]
     return None, []
 
 
