@@ -330,6 +330,17 @@ class DaemonCommandTests(CliTestsBase):
         self.assertEqual(record.to_number, TO)
         self.assertEqual(record.metadata, {"mode": "conversation", "initialMessage": "Hello there"})
 
+    def test_call_limit_says_how_to_free_a_slot(self):
+        """At maxConcurrentCalls, `call` says how to see the active calls and end one (mock calls nobody ends stay up)."""
+        for _ in range(3):
+            self.ok("call", "--to", TO, "-m", "Hi")
+        result = self.fails("call", "--to", TO, "-m", "Hi")
+        self.assertEqual(result.exit_code, 1)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("Maximum concurrent calls (3) reached", result.stderr)
+        self.assertIn("`voicecall status`", result.stderr)
+        self.assertIn("`voicecall end --call-id ID`", result.stderr)
+
     def test_call_mode(self):
         """`call --mode notify` is honoured, in any case."""
         notify = self.ok("call", "--to", TO, "-m", "Hi", "--mode", "notify")["callId"]

@@ -217,7 +217,13 @@ def _place(ctx: Context, to: str | None, message: str | None, mode: str) -> None
 
     async def go(reactor):
         method = "voicecall.initiate" if message else "voicecall.start"
-        result = await rpc(reactor, ctx, method, params, "initiate failed")
+        try:
+            result = await rpc(reactor, ctx, method, params, "initiate failed")
+        except Failed as e:
+            if str(e).startswith("Maximum concurrent calls"):
+                # A call nobody hangs up (on the mock, one never answered) holds its slot.
+                raise Failed(f"{e}: see them with `voicecall status`, hang one up with `voicecall end --call-id ID`") from None
+            raise
         emit({"callId": result["callId"]})
 
     run(go)
