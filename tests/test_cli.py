@@ -513,6 +513,20 @@ class NoDaemonTests(CliTestsBase):
         result = self.fails("call", "--to", TO, "-m", "Hi")
         self.assertIn("voicecall daemon is not running", result.stderr)
 
+    def test_tail_without_store_or_daemon_says_how_to_start(self):
+        """`tail` with neither a store nor a daemon fails in one line naming both and how to start the daemon."""
+        result = self.fails("tail")
+        self.assertEqual(result.exit_code, 1)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn(f"no store at {self.store_dir}", result.stderr)
+        self.assertIn("make run", result.stderr)
+
+    def test_latency_without_store_says_so(self):
+        """`latency` with no store prints zeros and says on stderr that there is no store to read."""
+        result = self.invoke("latency")
+        self.assertEqual((result.exit_code, json.loads(result.stdout)["recordsScanned"]), (0, 0))
+        self.assertIn(f"no store at {self.store_dir}", result.stderr)
+
     def test_not_running_names_a_runnable_command(self):
         """The hint names `make run` and the twistd installed beside this Python, not a bare `twistd`."""
         result = self.fails("speak", "--call-id", "abc", "-m", "hi")

@@ -135,11 +135,12 @@ def daemon_command(config_path: str | None) -> str:
     return f"{command} --config {config_path}" if config_path else command
 
 
+def how_to_start(ctx: "Context") -> str:
+    return f"start it with `make run` in the voicecall checkout, or `{daemon_command(ctx.config_path)}`"
+
+
 def not_running(ctx: "Context", path: str) -> Failed:
-    return Failed(
-        f"voicecall daemon is not running (no answer on {path}); start it with `make run` in the "
-        f"voicecall checkout, or `{daemon_command(ctx.config_path)}`"
-    )
+    return Failed(f"voicecall daemon is not running (no answer on {path}); {how_to_start(ctx)}")
 
 
 async def rpc(reactor, ctx: Context, method: str, params: dict, fallback: str | None = None) -> Any:
@@ -410,7 +411,7 @@ class _Tail:
         client, queued = await self._subscribe(reactor)
         has_store = self._read_store(first=True)
         if client is None and not has_store:
-            raise Failed(f"No store at {ctx.store} and no daemon on {ctx.socket}")
+            raise Failed(f"nothing to follow: no store at {ctx.store} and no daemon on {ctx.socket}; {how_to_start(ctx)}")
         while True:
             if client is not None:
                 try:
@@ -480,7 +481,9 @@ def latency(ctx, last):
     """Turn latency statistics of recent calls (from the store)."""
     store = open_readonly(ctx.store)
     calls = []
-    if store is not None:
+    if store is None:
+        click.echo(f"(no store at {ctx.store}: no calls recorded there)", err=True)
+    else:
         with store:
             calls = store.recent_calls(last)
     turn = [ms for c in calls for ms in _turn_samples(c.metadata, "turnLatenciesMs", "lastTurnLatencyMs")]
