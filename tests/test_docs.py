@@ -160,3 +160,28 @@ class DocsTests(SynchronousTestCase):
             self.assertEqual(heard, ["It's Alice", "Yes, thanks"])
             self.successResultOf(Deferred.fromCoroutine(stack.manager.end_call(call_id)))
             stack.advance(2)
+
+    def test_fake_on_a_busy_port_says_so_in_one_line(self):
+        """A fake carrier started on a port in use (a second demo) exits 1 with one line naming the port, no traceback."""
+        import socket
+        import subprocess
+        import sys
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = str(busy.getsockname()[1])
+        for module, credentials in (
+            ("twilio", ["--account-sid", "AC" + "0" * 32, "--auth-token", "t"]),
+            ("telnyx", ["--api-key", "KEY_fake"]),
+            ("plivo", ["--auth-id", "MA" + "X" * 18, "--auth-token", "t"]),
+        ):
+            child = subprocess.run(
+                [sys.executable, "-m", f"voicecall.testing.{module}", "--port", port, *credentials],
+                capture_output=True, text=True, timeout=60, cwd=ROOT,
+            )  # fmt: skip
+            self.assertEqual(child.returncode, 1, (module, child.stderr))
+            self.assertEqual(len(child.stderr.splitlines()), 1, (module, child.stderr))
+            self.assertIn(f"127.0.0.1:{port} is in use", child.stderr)
+            self.assertEqual(child.stdout, "")

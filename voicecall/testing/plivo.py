@@ -100,13 +100,11 @@ def scripted_utterances(args: argparse.Namespace) -> Any:
 
 async def _serve(reactor: Any, args: argparse.Namespace) -> None:
     from twisted.internet.defer import Deferred
-    from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.server import Site
     from treq.client import HTTPClient
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
     utterances = scripted_utterances(args)
     scenario = Scenario(
@@ -120,7 +118,10 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
     fake = FakePlivo(reactor, args.auth_id, args.auth_token, http, scenario=scenario, chaos=_chaos.from_arguments(args), signature=args.signature)
     site = Site(fake.resource())
     site.displayTracebacks = False
-    port = await TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)
+    from voicecall.testing.twilio import listen_or_exit
+
+    port = await listen_or_exit(reactor, args, site, "Plivo")
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     address = port.getHost()
     print(f"plivo.baseUrl: http://{address.host}:{address.port}", flush=True)
     await Deferred()  # serve until interrupted

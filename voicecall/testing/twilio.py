@@ -125,15 +125,32 @@ def scripted_utterances(args: argparse.Namespace) -> Any:
     return answers_per_call(said, asked=lambda call: "turnToken=" in (call.gathers[-1].action_url or "") if call.gathers else False, key=lambda call: call.sid)
 
 
+async def listen_or_exit(reactor: Any, args: argparse.Namespace, site: Any, carrier: str) -> Any:
+    """Listen on --interface:--port, or exit 1 with one line saying the port is taken (no traceback)."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.error import CannotListenError
+
+    try:
+        return await TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)
+    except CannotListenError as e:
+        why = getattr(e.socketError, "strerror", None) or str(e.socketError)
+        in_use = "is in use" if "in use" in why.lower() else f"cannot be listened on ({why})"
+        print(
+            f"fake {carrier}: {args.interface}:{args.port} {in_use}; another fake already running? "
+            "stop it, or pick another --port (and the baseUrl in the daemon's config with it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(1) from None
+
+
 async def _serve(reactor: Any, args: argparse.Namespace) -> None:
     from twisted.internet.defer import Deferred
-    from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.server import Site
     from treq.client import HTTPClient
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
     utterances = scripted_utterances(args)
     scenario = Scenario(
@@ -147,7 +164,8 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
     fake = FakeTwilio(reactor, args.account_sid, args.auth_token, http, scenario=scenario, chaos=_chaos.from_arguments(args))
     site = Site(fake.resource())
     site.displayTracebacks = False
-    port = await TCP4ServerEndpoint(reactor, args.port, interface=args.interface).listen(site)
+    port = await listen_or_exit(reactor, args, site, "Twilio")
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     address = port.getHost()
     print(f"twilio.baseUrl: http://{address.host}:{address.port}", flush=True)
     await Deferred()  # serve until interrupted
