@@ -562,6 +562,50 @@ class FramingTests(MediaStreamTestBase):
             self.assertEqual(self.close_code(ws.data), 1007, bad)
             self.assertEqual(len(self.handler.stopped), n + 1)
 
+    async def fragment_flood(self, ws: RawWebSocket, fragments: int, size: int = 0) -> None:
+        """Open a text message, send `fragments` continuations of `size` bytes without FIN, then a ping."""
+        first = bytearray(client_frame(b"{"))
+        first[0] = 0x01  # text, FIN clear
+        more = bytearray(client_frame(b"a" * size, opcode=0))
+        more[0] = 0x00  # continuation, FIN clear
+        ws.transport.write(bytes(first) + bytes(more) * fragments + client_frame(b"probe", opcode=9))
+        # The ping is read after every fragment: its pong (or the close) says they were all handled.
+        await until(lambda: ws.lost.called or b"\x8a\x05probe" in ws.data, timeout=20)
+
+    async def test_a_message_in_too_many_fragments_is_1009(self):
+        """
+        A message is at most MAX_FRAGMENTS frames: autobahn kept a list entry for every fragment,
+        empty ones included, so 64 KiB of empty continuations grew the daemon by a megabyte with
+        no end (16 MiB from one socket before its start timeout, without bound after a start).
+        Before and after the start it is closed 1009 once the cap is passed.
+        """
+        self.serve()
+        ws = await self.raw_socket()
+        await self.fragment_flood(ws, 20_000)
+        self.assertEqual(self.close_code(ws.data), 1009)
+        self.assertNotIn(b"\x8a\x05probe", ws.data)
+        ws = await self.raw_socket()
+        start = b'{"event":"start","streamSid":"MZ9","start":{"callSid":"CA9","customParameters":{"token":"t"}}}'
+        ws.transport.write(client_frame(start))
+        await until(lambda: len(self.handler.started) == 1)
+        await self.fragment_flood(ws, 20_000, size=1)
+        self.assertEqual(self.close_code(ws.data), 1009)
+        self.assertNotIn(b"\x8a\x05probe", ws.data)
+
+    async def test_a_message_in_a_few_fragments_is_read(self):
+        """A message in fragments (up to the cap) still arrives whole."""
+        self.serve()
+        ws = await self.raw_socket()
+        start = b'{"event":"start","streamSid":"MZ8","start":{"callSid":"CA8","customParameters":{"token":"t"}}}'
+        wire = b""
+        for n, i in enumerate(range(0, len(start), 2)):
+            frame = bytearray(client_frame(start[i : i + 2], opcode=0 if n else 1))
+            if i + 2 < len(start):
+                frame[0] &= 0x7F  # FIN only on the last
+            wire += bytes(frame)
+        ws.transport.write(wire)
+        await until(lambda: len(self.handler.started) == 1)
+
     async def test_client_close_ends_the_session(self):
         """A masked close frame after a start ends the session once and gets a close reply."""
         self.serve()

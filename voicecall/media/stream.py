@@ -12,7 +12,8 @@ closed 1013 when too many sockets are pending (in all, or from its client addres
 C{Start timeout} when no valid C{start} arrives in time. A C{start} with a call SID that the
 handler accepts (with the stream's one-time token, which the session does not keep) makes it
 *active*: a session is registered under its stream SID and the handler hears about its media,
-DTMF digits and end. Inbound frames are capped at 64 KiB (1009); a text frame that is not UTF-8
+DTMF digits and end. Inbound frames and messages are capped at 64 KiB, a message at
+L{MAX_FRAGMENTS} frames (1009); a text frame that is not UTF-8
 closes the socket 1007 (RFC 6455 §8.1). A stream whose outbound data backs up (more than 1 MiB
 not yet taken by the kernel, read from the TCP transport's write buffer) is closed 1013
 C{Backpressure: send buffer exceeded}.
@@ -72,6 +73,9 @@ __all__ = [
 
 #: Largest inbound frame or message (bytes); bigger ones close the socket 1009.
 MAX_FRAME_BYTES = 64 * 1024
+#: Frames one message may come in; more close the socket 1009 (autobahn keeps one list entry per
+#: fragment, empty ones included, so the byte cap alone does not bound a message's memory).
+MAX_FRAGMENTS = 64
 #: Outbound bytes a stream may have waiting in its transport before it is closed 1013.
 MAX_SEND_BUFFER = 1024 * 1024
 #: Outbound bytes a socket still waiting for its start may have queued (pongs, in practice).
@@ -83,6 +87,7 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 
 TOO_MANY_CONNECTIONS = b"Too many media stream connections\n"
@@ -96,6 +101,7 @@ DUPLICATE_STREAM = "Duplicate streamSid"
 BACKPRESSURE = "Backpressure: send buffer exceeded"
 NOT_READING = "Peer does not read"
 INVALID_UTF8 = "Invalid UTF-8 in a text frame"
+TOO_FRAGMENTED = "Message in too many fragments"
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _SID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -233,6 +239,7 @@ class MediaStreamProtocol(WebSocketServerProtocol):
     _direct = False
     _sending_close = False
     _abort_call: IDelayedCall | None = None
+    _fragments = 0
 
     def connectionMade(self) -> None:
         self._media = self.factory.media_server
@@ -256,6 +263,20 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             if abort is not None and abort.active():
                 abort.cancel()
             self._media._disconnected(self)
+
+    # -- what a message may cost is bounded --------------------------------------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._fragments = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        """At most L{MAX_FRAGMENTS} frames per message (64 KiB of empty ones cost a megabyte)."""
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS and not self.failedByMe:
+            self._media.counts["1009-fragments"] += 1
+            self._fail_connection(CLOSE_TOO_BIG, TOO_FRAGMENTED)
+        super().onMessageFrameBegin(length)
 
     # -- what is queued for the peer is bounded ----------------------------------------------
 
