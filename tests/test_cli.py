@@ -271,6 +271,18 @@ class ValidationTests(CliTestsBase):
             self.assertIn("must not be empty", result.stderr)
         self.assertEqual(self.connects, [])
 
+    def test_empty_call_id_refused(self):
+        """An empty --call-id is a usage error everywhere; `status --call-id ""` listed every active call instead."""
+        self.start_daemon()
+        self.place()
+        for command in ("status", "end", "continue", "speak"):
+            args = (command, "--call-id", " ") + (("-m", "Hi") if command in ("continue", "speak") else ())
+            result = self.invoke(*args)
+            self.assertEqual(result.exit_code, 2, (args, result.stdout))
+            self.assertIn("--call-id", result.stderr)
+            self.assertIn("must not be empty", result.stderr)
+        self.assertEqual(self.connects, [])
+
     def test_numeric_options_show_their_type(self):
         """`--help` shows numeric options as integer ranges, not TEXT."""
         for command, option in (("tail", "--since"), ("tail", "--poll"), ("latency", "--last"), ("expose", "--port")):

@@ -254,7 +254,7 @@ def start(ctx, to, message, mode):
 
 
 @main.command(name="continue")
-@click.option("--call-id", required=True)
+@click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
 @click.option("-m", "--message", required=True, callback=not_blank, help="What to say before listening.")
 @click.pass_obj
 def continue_(ctx, call_id, message):
@@ -263,7 +263,7 @@ def continue_(ctx, call_id, message):
 
 
 @main.command()
-@click.option("--call-id", required=True)
+@click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
 @click.option("-m", "--message", required=True, callback=not_blank, help="What to say.")
 @click.pass_obj
 def speak(ctx, call_id, message):
@@ -290,7 +290,7 @@ async def _call_rpc(reactor, ctx, method, call_id, message, fallback) -> None:
 
 
 @main.command()
-@click.option("--call-id", required=True)
+@click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
 @click.pass_obj
 def end(ctx, call_id):
     """Hang up a call."""
@@ -302,7 +302,7 @@ async def _print_rpc(reactor, ctx, method, params, fallback) -> None:
 
 
 @main.command()
-@click.option("--call-id", help="A call id (ours or the carrier's); without it, the active calls.")
+@click.option("--call-id", callback=not_blank, help="A call id (ours or the carrier's); without it, the active calls.")
 @click.pass_obj
 def status(ctx, call_id):
     """Print a call's record, or the active calls; reads the store if the daemon is down.
