@@ -879,7 +879,7 @@ class CallManager:
                     if call.transcript[i] is entry:
                         del call.transcript[i]
                         break
-            self._log.failure("could not store {call_id}: left as it was", call_id=call.call_id)
+            self._log.warn("could not store {call_id} ({error}): left as it was", call_id=call.call_id, error=str(e))
             raise CallError(f"Failed to persist call: {e}", call.call_id) from e
 
     async def _speak(self, call: CallRecord, text: str, listen: bool = False) -> None:
