@@ -8,6 +8,11 @@ transcript waits) and persists every change through the store before reporting i
 the carrier through a `Provider` (call control) and a `Voice` (speech) and never imports the web,
 media, speech or RPC layers: they call it.
 
+Commands on a call take effect in order (DESIGN.md): `speak`, `continue` and automatic replies
+wait in a small per-call queue until what the call is playing has played, and an initial
+message still to be spoken holds the head of that queue, so a `continue` sent right after
+`initiate` is asked after the greeting and answered by its own question's words.
+
 Every failure a caller should see is a `CallError` whose message is the SPEC text.
 """
 from __future__ import annotations
