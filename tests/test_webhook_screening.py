@@ -394,3 +394,71 @@ class ScreeningTests(TestCase):
         for port in ("8443", "4431", str(self.port)):
             self.assertEqual(await post(f"https://voice.example.test:{port}/voice/webhook", f"voice.example.test:{port}"), 401, port)
         self.assertEqual(await post("http://voice.example.test/voice/webhook", "voice.example.test"), 401)
+
+    # -- found by attacking the running daemon ------------------------------------------------
+
+    def signed_ringing_bytes(self, fake_call, query: str = "") -> bytes:
+        """One signed status callback, as captured on the wire (replayable byte for byte)."""
+        params = {"AccountSid": SID, "CallSid": fake_call.sid, "CallStatus": "ringing", "Direction": "outbound-api",
+                  "From": fake_call.from_, "To": fake_call.to}
+        body = urlencode(params).encode()
+        return (
+            b"POST /voice/webhook%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\nX-Twilio-Signature: %s\r\nConnection: close\r\n\r\n%s"
+            % (query.encode(), self.port, len(body), self.sign(self.url + query, params).encode(), body)
+        )
+
+    async def test_replays_of_one_captured_request_write_a_bounded_log(self):
+        """One captured signed request replayed 300 times: each answered 200 without effect, and the log stays a few lines."""
+        await self.start(streaming=False)
+        call_id, fake_call = await self.call_without_stream()
+        captured = self.signed_ringing_bytes(fake_call)
+        self.assertEqual((await self.connect(captured).done).status, 200)
+        mark = self.log.mark()
+        statuses = []
+        for _round in range(15):
+            batch = [self.connect(captured).done for _ in range(20)]
+            for d in batch:
+                statuses.append((await d).status)
+        self.assertEqual(set(statuses), {200})
+        text = self.log.text(mark)
+        # Before: one "replayed webhook acknowledged" line per replay (~40 bytes of message each, unbounded).
+        self.assertLess(len([line for line in text.split("\n") if "replay" in line]), 15, text[:3000])
+        self.assertIn("suppressed", text)
+
+    async def test_refusal_reason_never_logs_the_query(self):
+        """A badly signed request's refusal reason names the URL it was checked over, without its query (call ids, turn tokens)."""
+        await self.start(streaming=False)
+        call_id, fake_call = await self.call_without_stream()
+        mark = self.log.mark()
+        query = "?callId=%s&turnToken=TT-%s" % (call_id, SECRET_MESSAGE)
+        forged = self.signed_ringing_bytes(fake_call, query).replace(b"X-Twilio-Signature: ", b"X-Twilio-Signature: AAAA")
+        self.assertEqual((await self.connect(forged).done).status, 401)
+        text = self.log.text(mark)
+        self.assertIn("Invalid signature", text)
+        self.assert_clean(text, (call_id, SECRET_MESSAGE, "turnToken"))
+
+    def buffered_bodies(self) -> tuple[int, int]:
+        """(requests whose body is arriving, body bytes they hold in memory or on disk)."""
+        requests = [o for o in gc.get_objects() if isinstance(o, limits.ScreenedRequest) and o._received and not o._body_done]
+        return len(requests), sum(r.content.tell() for r in requests)
+
+    async def test_bodies_no_answer_needs_are_not_buffered(self):
+        """Slow bodies sent anywhere but a signed-looking webhook POST (unknown paths, other methods, hold music, the stream path, chunked) hold no body bytes: they need no slot, so they must cost nothing."""
+        await self.start()
+        targets = [b"POST /nope", b"PUT /voice/webhook", b"PATCH /voice/webhook/", b"POST /voice/hold-music",
+                   b"POST /voice/stream", b"POST https://evil.example/voice/webhook"]
+        clients = []
+        for i, target in enumerate(targets * 3):
+            ip = "127.0.0.%d" % (2 + i)
+            head = b"%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" % target
+            clients.append(self.connect(head + b"Content-Length: 65000\r\n\r\n" + b"a" * 60000, ip))
+            clients.append(self.connect(head + b"Transfer-Encoding: chunked\r\n\r\nea60\r\n" + b"a" * 60000, ip))
+        arriving = await eventually(lambda: (lambda n_b: n_b if n_b[0] == len(clients) else None)(self.buffered_bodies()), 10, "every body arriving")
+        # Before: 60000 bytes each (1 MB here; 20,000 connections would hold 1.2 GB), chunked ones in temporary files.
+        self.assertEqual(arriving, (len(clients), 0))
+        self.assertTrue(all(c.status is None for c in clients))
+        for client in clients[:2]:
+            client.send(b"a" * 5000 if client is clients[0] else b"\r\n0\r\n\r\n")
+        answered = [await c.done for c in clients[:2]]
+        self.assertEqual([c.status for c in answered], [404, 404])

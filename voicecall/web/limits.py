@@ -43,7 +43,9 @@ next interval, one line counting them.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
+from io import BytesIO
 from typing import Callable
 
 from attrs import frozen
@@ -115,41 +117,71 @@ def clip(value: "str | bytes | None", limit: int = LOG_FIELD_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class RefusalLog:
+_QUERY = re.compile(r"\?[^\s]*")
+
+
+class _LineBudget:
     """
-    One short line per refused webhook request, rate limited: `burst` lines per `interval`
-    seconds, then one line saying the rest are suppressed, and in the next interval one line
-    counting them. Lines hold only clipped text (`clip`).
+    `burst` log lines per `interval` seconds for one kind of event (`what`, plural; `short` names
+    them again in the suppression line); past it, one line saying the rest are suppressed, and
+    when the next interval opens, one line counting them.
     """
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, burst: int = REFUSAL_LOG_BURST, interval: float = REFUSAL_LOG_INTERVAL_SECONDS) -> None:
+    def __init__(self, clock: IReactorTime, burst: int, interval: float, what: str, short: str) -> None:
         self._clock = clock
+        self._short = short
         self.burst = burst
         self.interval = interval
+        self._what = what
         self._window = None
         self._lines = 0
         self._suppressed = 0
 
-    def refused(self, status: int, client: "str | None", method: bytes, target: bytes, reason: str = "") -> None:
+    def take(self) -> bool:
+        """Whether a line may be written now (if not, it is counted)."""
         now = self._clock.seconds()
         if self._window is None or now - self._window >= self.interval:
             if self._suppressed:
                 self._log.warn(
-                    "suppressed {count} webhook refusals in the last {seconds:.0f}s", count=self._suppressed, seconds=now - self._window
+                    "suppressed {count} {what} in the last {seconds:.0f}s", count=self._suppressed, what=self._what, seconds=now - self._window
                 )
             self._window, self._lines, self._suppressed = now, 0, 0
         if self._lines >= self.burst:
             if not self._suppressed:
                 self._log.warn(
-                    "more than {burst} webhook refusals in {interval:g}s: further refusals suppressed (counted) until the interval ends",
+                    "more than {burst} {what} in {interval:g}s: further {short} suppressed (counted) until the interval ends",
                     burst=self.burst,
+                    what=self._what,
+                    short=self._short,
                     interval=self.interval,
                 )
             self._suppressed += 1
-            return
+            return False
         self._lines += 1
+        return True
+
+
+class RefusalLog:
+    """
+    One short line per refused webhook request, rate limited: `burst` lines per `interval`
+    seconds, then one line saying the rest are suppressed, and in the next interval one line
+    counting them. Lines hold only clipped text (`clip`), and no query string (the target's is
+    cut, and one in the reason, e.g. the URL a signature was checked over, is dropped): callback
+    queries carry call ids and turn tokens. Replayed requests (acknowledged without effect) have
+    a budget of their own, so one captured signed request replayed in a loop cannot grow the log.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, burst: int = REFUSAL_LOG_BURST, interval: float = REFUSAL_LOG_INTERVAL_SECONDS) -> None:
+        self._refusals = _LineBudget(clock, burst, interval, "webhook refusals", "refusals")
+        self._replays = _LineBudget(clock, burst, interval, "replayed webhooks", "replays")
+
+    def refused(self, status: int, client: "str | None", method: bytes, target: bytes, reason: str = "") -> None:
+        if not self._refusals.take():
+            return
         self._log.info(
             "webhook refused {status} from {client}: {method} {target}{sep}{reason}",
             status=status,
@@ -157,8 +189,12 @@ class RefusalLog:
             method=clip(method, 16),
             target=clip(target.split(b"?", 1)[0]),
             sep=": " if reason else "",
-            reason=clip(reason),
+            reason=clip(_QUERY.sub("", reason)),
         )
+
+    def replayed(self, provider: str) -> None:
+        if self._replays.take():
+            self._log.info("replayed webhook acknowledged without effect ({provider})", provider=clip(provider, 32))
 
 
 class ScreenedChannel(HTTPChannel):
@@ -240,6 +276,7 @@ class ScreenedRequest(Request):
     #: The client address the screen counted this request against ("" when none).
     slot_client: str = ""
     _refused = False
+    _discard = False
     _body_done = False
     _received = 0
     _deadline = None
@@ -255,7 +292,16 @@ class ScreenedRequest(Request):
             self._refuse(refusal)
             return
         self._deadline = site.clock.callLater(site.read_timeout, self._timed_out)
-        super().gotLength(length)
+        # In memory, whatever the length: the body is capped at `max_body` anyway, and Twisted
+        # would give a chunked body (no length) a temporary file, a second descriptor each.
+        self.content = BytesIO()
+
+    def discard_body(self) -> None:
+        """
+        Read this request's body (capped, time-boxed) without keeping it: its answer does not
+        depend on it, and it holds no slot, so it must cost no memory.
+        """
+        self._discard = True
 
     def needs_slot(self, limiter: "InFlightLimiter", client: Callable[[], str]) -> None:
         """
@@ -289,6 +335,8 @@ class ScreenedRequest(Request):
         self._received += len(data)
         if self._received > self.channel.site.max_body:
             self._refuse(Refusal(413, b"Payload Too Large"))
+            return
+        if self._discard:
             return
         super().handleContentChunk(data)
 

@@ -92,9 +92,10 @@ class WebhookScreen:
 
     def __call__(self, request: ScreenedRequest, length: int | None) -> Refusal | None:
         path = request.early_uri.split(b"?", 1)[0].decode("latin-1")
-        if path == HOLD_MUSIC_PATH or normalize_path(path) != self._path:
-            return None
-        if request.early_method != b"POST":
+        if path == HOLD_MUSIC_PATH or normalize_path(path) != self._path or request.early_method != b"POST":
+            # Its answer (hold music, 404, 405, 426) does not depend on the body, and it takes no
+            # slot: a slow body here must hold nothing (20,000 of them held 1.2 GB).
+            request.discard_body()
             return None
         headers = request_headers(request)
         if not self._skip_signature and not self._provider.has_signature_headers(headers):
@@ -199,7 +200,10 @@ class WebhookResource(Resource):
                 return WebhookResponse(401, b"Unauthorized", _TEXT), "401"
             key = verdict.request_key
         if self._replays.check_and_record(key):
-            self._log.info("replayed webhook acknowledged without effect ({provider})", provider=self._provider.name)
+            # Rate limited: one captured signed request replayed in a loop must not grow the log.
+            refusals = getattr(getattr(request, "site", None), "refusal_log", None)
+            if refusals is not None:
+                refusals.replayed(self._provider.name)
             answer = self._provider.replay_response(ctx)
             if answer is None:
                 answer = await self._responses.get_or_build(key, lambda: self._replay_miss(ctx, key))
