@@ -643,6 +643,3 @@ class KnownBugTests(SynchronousTestCase):
         texts = [t.text for t in stack.manager.find(call_id).transcript]
         self.assertEqual(sorted(set(texts)), sorted(texts))
 
-    test_failed_write_changes_nothing_telnyx.todo = KNOWN["d"]  # type: ignore[attr-defined]
-    test_failed_write_changes_nothing_plivo.todo = KNOWN["d"]  # type: ignore[attr-defined]
-    test_failed_write_changes_nothing_mock.todo = KNOWN["d"]  # type: ignore[attr-defined]

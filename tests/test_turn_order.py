@@ -182,3 +182,115 @@ class AutoReplyWhileAContinueWaitsTests(_MockCalls):
         self.assertEqual(self.successResultOf(answer), "Alice")
         self.event(call_id, EventType.SPEECH, transcript="What's the time?")
         self.assertEqual(asked, ["What's the time?"], "answered again once no continue waits")
+
+
+class _StalledPrompt(MockProvider):
+    """A mock whose prompts are never acknowledged (a carrier request that hangs)."""
+
+    def prompt(self, call, text, voice, turn_token):
+        self.actions.append(("prompt-stalled", call.provider_call_id, text))
+        return Deferred()
+
+
+class _GoneAtTheCarrier(MockProvider):
+    """A mock whose call has ended at the carrier: listening is refused 404 (as Plivo does)."""
+
+    def start_listening(self, call, turn_token):
+        from twisted.internet.defer import fail
+
+        from voicecall.providers.base import ProviderError
+
+        return fail(ProviderError("Plivo API error: 404 call not in progress", status=404))
+
+
+class BoundedContinueTests(_MockCalls):
+    """A continue resolves within transcriptTimeoutMs of being issued, even while it waits in the queue."""
+
+    def test_continue_on_a_call_never_answered(self):
+        """The greeting holds the queue forever (no answer): the continue times out, and order is kept."""
+        call_id = self.initiate()
+        answer = self.run_(self.manager.continue_call(call_id, "Who is this?"))
+        self.wait(29.9)
+        self.assertNoResult(answer)
+        self.wait(0.2)
+        failure = self.failureResultOf(answer, CallError)
+        self.assertEqual(str(failure.value), "Timed out waiting for transcript after 30000ms")
+        self.assertFalse(self.manager.turn_pending(call_id))
+        # A speak sent now still waits for the greeting: the timed-out continue kept its place.
+        spoken = self.run_(self.manager.speak(call_id, "Goodbye."))
+        self.event(call_id, EventType.ANSWERED)
+        self.wait(5)
+        self.successResultOf(spoken)
+        self.assertEqual(self.played(), [GREETING, "Goodbye."])
+        self.assertEqual(self.manager._commands, {})
+
+    def test_a_new_continue_after_a_timed_out_one(self):
+        """The timed-out continue no longer counts as waiting: the next one is accepted."""
+        call_id = self.initiate()
+        first = self.run_(self.manager.continue_call(call_id, "Who is this?"))
+        self.wait(30.1)
+        self.failureResultOf(first, CallError)
+        second = self.run_(self.manager.continue_call(call_id, "Are you there?"))
+        self.event(call_id, EventType.ANSWERED)
+        self.wait(5)
+        self.event(call_id, EventType.SPEECH, transcript="Yes")
+        self.assertEqual(self.successResultOf(second), "Yes")
+
+
+class AbandonedWaiterTests(SynchronousTestCase):
+    """A turn abandoned before it awaited its answer leaves no unhandled failure behind."""
+
+    def check_abandoned(self, finish):
+        import gc
+
+        clock = Clock()
+        mock = _StalledPrompt(clock)
+        manager = CallManager(
+            mock, mock, _MemoryStore(), clock,
+            ManagerSettings(provider_name="mock", transcript_timeout_ms=5000),
+            webhook_url="http://127.0.0.1/voice/webhook",
+        )  # fmt: skip
+        call_id = self.successResultOf(Deferred.fromCoroutine(manager.initiate("+15550001234", None, "conversation")))
+        key = "answered"
+        manager_event = CallEvent(type=EventType.ANSWERED, call_id=call_id, id=key, timestamp=0, dedupe_key=key)
+        self.successResultOf(Deferred.fromCoroutine(manager.process_event(manager_event)))
+        Deferred.fromCoroutine(manager.continue_call(call_id, "Who is this?"))
+        self.assertIn(("prompt-stalled", f"mock-{call_id}", "Who is this?"), mock.actions)
+        finish(manager, clock)
+        # The daemon is gone (a restart): the turn's coroutine, its prompt and its waiter with it.
+        del manager, mock, clock
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_timed_out_while_the_prompt_hangs(self):
+        self.check_abandoned(lambda manager, clock: clock.advance(6))
+
+    def test_stopped_while_the_prompt_hangs(self):
+        self.check_abandoned(lambda manager, clock: manager.stop())
+
+
+class GreetingThenHangUpTests(_MockCalls):
+    """The callee hangs up as the greeting ends: listening refused by the carrier is one info line."""
+
+    def setUp(self):
+        super().setUp()
+        self.mock = _GoneAtTheCarrier(self.clock, speak_seconds_per_char=0.06)
+        self.manager = CallManager(
+            self.mock, self.mock, _MemoryStore(), self.clock,
+            ManagerSettings(provider_name="mock", max_concurrent_calls=2, transcript_timeout_ms=30_000),
+            webhook_url="http://127.0.0.1/voice/webhook",
+        )  # fmt: skip
+
+    def test_listen_refused_after_the_greeting(self):
+        from twisted.logger import globalLogPublisher
+
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        call_id = self.initiate()
+        self.event(call_id, EventType.ANSWERED)
+        self.wait(4)
+        self.assertEqual(self.played(), [GREETING])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        lines = [e for e in seen if "404 call not in progress" in str(e.get("error", ""))]
+        self.assertEqual([e["log_level"].name for e in lines], ["info"])

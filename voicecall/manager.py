@@ -23,9 +23,10 @@ from collections import Counter
 from typing import Any, Callable, Sequence
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from voicecall.bounded import BoundedSet
 from voicecall.model import (
@@ -40,7 +41,7 @@ from voicecall.model import (
     next_state,
 )
 from voicecall.policy import inbound_decision
-from voicecall.providers.base import Provider, Voice
+from voicecall.providers.base import Provider, ProviderError, Voice
 from voicecall.store import collector_paused
 
 DEFAULT_GREETING = "Hello! How can I help you today?"
@@ -82,8 +83,34 @@ def _snippet(text: str, limit: int = 80) -> str:
 
 @define(repr=False)
 class _Waiter:
+    """
+    A `continue`'s wait for its answer. `deferred` is fired by whatever settles it (the answer,
+    the call's end, the timeout, a stop); the outcome is kept here until the turn asks for it
+    (`outcome`), so a turn abandoned before it got that far (its prompt never acknowledged, the
+    daemon stopped meanwhile) leaves no unhandled failure behind.
+    """
+
     deferred: Deferred
     turn_token: str | None
+    _result: list = field(factory=list)
+    _asked: Deferred | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self.deferred.addBoth(self._settled)
+
+    def _settled(self, result: Any) -> None:
+        self._result.append(result)
+        asked, self._asked = self._asked, None
+        if asked is not None:
+            asked.errback(result) if isinstance(result, Failure) else asked.callback(result)
+
+    def outcome(self) -> Deferred[str]:
+        """The answer, or the failure, once settled (for the one turn that awaits it)."""
+        if self._result:
+            result = self._result[0]
+            return fail(result) if isinstance(result, Failure) else succeed(result)
+        self._asked = Deferred()
+        return self._asked
 
 
 _FIELDS = ("state", "answered_at", "ended_at", "end_reason", "provider_call_id")
@@ -645,7 +672,21 @@ class CallManager:
             await self._persist(call, events=events)
             if call.call_id in self._turns:
                 return  # a `continue` is next in line: its question listens for the answer
-            await self._voice.start_listening(call, None)
+            try:
+                await self._voice.start_listening(call, None)
+            except ProviderError as e:
+                self._listen_refused(call, e)
+
+    def _listen_refused(self, call: CallRecord, error: ProviderError) -> None:
+        """
+        The carrier refused to listen after the greeting. Usually the callee hung up as it ended
+        (Plivo 404 "call not in progress"): the hang-up's webhook ends the call, so that is one
+        info line, not a failure; anything else is a warning (the call lives on, unheard).
+        """
+        if call.is_terminal or self._active.get(call.call_id) is not call or error.status == 404:
+            self._log.info("call {call_id} ended as its greeting did; not listening ({error})", call_id=call.call_id, error=str(error))
+        else:
+            self._log.warn("could not listen on {call_id} after its greeting: {error}", call_id=call.call_id, error=str(error))
 
     # -- the command queue ------------------------------------------------------------------------
 
@@ -657,11 +698,17 @@ class CallManager:
         # has not run yet (the answer is being stored). Answered before a restart: nobody will.
         return call.answered_at is None or call.answered_at >= self._started_ms or call.call_id in self._greeting_deferred
 
-    async def _in_order(self, call: CallRecord, op: Callable[[], Any], greeting: bool = False) -> Any:
+    async def _in_order(
+        self, call: CallRecord, op: Callable[[], Any], greeting: bool = False, limit: float | None = None
+    ) -> Any:
         """
         Run `op` (speak, ask, reply) once every command sent on the call before it has taken
         effect: what a carrier plays is never cut short by a later command, and a question is
         only asked (and its answer only awaited) after what comes before it was heard.
+
+        With `limit` (seconds), a command that has waited that long gives up (a continue: the
+        transcript timeout); its place in the queue is kept until what is ahead of it is done,
+        so the commands behind it still wait for that.
         """
         queue = self._commands.get(call.call_id)
         if queue is None:
@@ -675,13 +722,37 @@ class CallManager:
         queue.tail = mine
         queue.depth += 1
         try:
-            if before is not None:
-                await before
+            if before is not None and not before.called:
+                await (before if limit is None else self._bounded(before, limit, call.call_id))
             if call.is_terminal or self._active.get(call.call_id) is not call:
                 raise CallError("Call has ended", call.call_id)
             return await op()
         finally:
-            self._release(call.call_id, queue, mine)
+            if before is not None and not before.called:
+                # Gave up waiting: the place is handed on only once what is ahead is done.
+                before.addBoth(lambda result: (self._release(call.call_id, queue, mine), result)[1])
+            else:
+                self._release(call.call_id, queue, mine)
+
+    def _bounded(self, slot: Deferred, limit: float, call_id: str) -> Deferred[None]:
+        """Fires when `slot` does, or fails with the transcript timeout after `limit` seconds."""
+        gate: Deferred[None] = Deferred()
+
+        def give_up() -> None:
+            if not gate.called:
+                gate.errback(self._timed_out(call_id))
+
+        timer = self._clock.callLater(limit, give_up)
+
+        def reached(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if not gate.called:
+                gate.callback(None)
+            return result
+
+        slot.addBoth(reached)
+        return gate
 
     def _release(self, call_id: str, queue: _Commands, slot: Deferred) -> None:
         queue.depth -= 1
@@ -917,19 +988,28 @@ class CallManager:
         if call.call_id in self._turns or call.call_id in self._waiters:
             raise CallError("Already waiting for transcript")
         self._turns.add(call.call_id)
+        mine: list[_Waiter] = []
         try:
-            asked = await self._in_order(call, lambda: self._ask(call, prompt))
+            # Waiting behind what plays before it counts against the transcript timeout too: a
+            # continue on a call that is never answered (its greeting never spoken) must end.
+            limit = self._settings.transcript_timeout_ms / 1000.0
+            asked = await self._in_order(call, lambda: self._ask(call, prompt, mine), limit=limit)
             return await self._turn(call, *asked)
         finally:
             self._turns.discard(call.call_id)
-            self._waiters.pop(call.call_id, None)
+            for waiter in mine:
+                if self._waiters.get(call.call_id) is waiter:
+                    del self._waiters[call.call_id]
+                if not waiter.deferred.called:
+                    waiter.deferred.cancel()
 
-    async def _ask(self, call: CallRecord, prompt: str) -> tuple[Deferred[str], int, int]:
+    async def _ask(self, call: CallRecord, prompt: str, mine: list[_Waiter]) -> tuple[_Waiter, int, int]:
         """Ask `prompt` (its turn in the queue has come); the answer is awaited outside the queue."""
         started = self._now()
         token = str(uuid.uuid4()) if self._voice.wants_turn_token(call) else None
         await self._commit(call, CallState.SPEAKING)
         answer = self._wait_for_transcript(call.call_id, token)
+        mine.append(answer)
         try:
             await self._voice.prompt(call, prompt, self._settings.tts_voice, token)
             failed: Exception | None = None
@@ -943,13 +1023,12 @@ class CallManager:
             if not call.is_terminal:
                 await self._commit(call, CallState.LISTENING, said=prompt)
         except BaseException:
-            answer.addErrback(lambda _: None)
-            answer.cancel()
+            answer.deferred.cancel()
             raise
         return answer, started, listen_started
 
-    async def _turn(self, call: CallRecord, answer: Deferred[str], started: int, listen_started: int) -> str:
-        transcript = await answer
+    async def _turn(self, call: CallRecord, answer: _Waiter, started: int, listen_started: int) -> str:
+        transcript = await answer.outcome()
         try:
             await self._voice.stop_listening(call)
         except Exception:
@@ -977,20 +1056,23 @@ class CallManager:
         )
         return transcript
 
-    def _wait_for_transcript(self, call_id: str, token: str | None) -> Deferred[str]:
+    def _timed_out(self, call_id: str) -> CallError:
+        return CallError(f"Timed out waiting for transcript after {self._settings.transcript_timeout_ms}ms", call_id)
+
+    def _wait_for_transcript(self, call_id: str, token: str | None) -> _Waiter:
         timeout_ms = self._settings.transcript_timeout_ms
         d: Deferred[str] = Deferred()
-        self._waiters[call_id] = _Waiter(d, token)
 
         def timed_out(f):
             f.trap(TimeoutError, CancelledError)
             if f.check(TimeoutError):
-                raise CallError(f"Timed out waiting for transcript after {timeout_ms}ms", call_id)
+                raise self._timed_out(call_id)
             return f
 
         d.addTimeout(timeout_ms / 1000.0, self._clock)
         d.addErrback(timed_out)
-        return d
+        waiter = self._waiters[call_id] = _Waiter(d, token)
+        return waiter
 
     async def end_call(self, call_id: str, reason: str = "hangup-bot") -> None:
         """Hang up; the call stays active if the carrier refuses."""
