@@ -359,14 +359,14 @@ class TelnyxRestTests(SynchronousTestCase):
         self.assertEqual(self.fake.calls[call.provider_call_id].speak_texts, ["Hello there"])
 
     def test_speak_resolves_when_played(self):
-        """speak waits for call.speak.ended, in order; a hang-up ends every wait; a lost end times out."""
+        """speak waits for call.speak.ended, in order; a hang-up fails every wait (not played); a lost end times out."""
         call = self.dial()
         first, second = self.provider.speak(call, "one", None), self.provider.speak(call, "two", None)
         self.assertNoResult(first)
         self.spoken(first, call)
         self.assertNoResult(second)
         self.provider.parse_webhook(ctx(event("call.hangup", call_control_id=call.provider_call_id, hangup_cause="normal_clearing")), "k2")
-        self.successResultOf(second)
+        self.assertEqual(str(self.failureResultOf(second, ProviderError).value), "Call ended before the message was played")
         lost = self.provider.speak(call, "three", None)
         self.clock.advance(SPEAK_TIMEOUT_BASE - 1)
         self.assertNoResult(lost)

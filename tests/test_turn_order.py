@@ -294,3 +294,108 @@ class GreetingThenHangUpTests(_MockCalls):
         self.assertEqual(self.flushLoggedErrors(), [])
         lines = [e for e in seen if "404 call not in progress" in str(e.get("error", ""))]
         self.assertEqual([e["log_level"].name for e in lines], ["info"])
+
+
+class _CarrierStack(SynchronousTestCase):
+    """The daemon's call path in memory against a fake carrier (voicecall.testing.stack), chaos off."""
+
+    def stack(self, provider):
+        import os
+        import shutil
+        import tempfile
+
+        from voicecall.testing.stack import Stack
+
+        directory = tempfile.mkdtemp(prefix="vc-turns-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.addCleanup(shutil.rmtree, directory, True)
+        stack = Stack.build(provider, directory, transcript_timeout_ms=4000)
+        self.addCleanup(stack.close)
+        return stack
+
+    def answered(self, stack):
+        """A conversation call whose greeting has played."""
+        from voicecall.testing.stack import CALLEE
+
+        d = Deferred.fromCoroutine(stack.manager.initiate(CALLEE, "Hello, who is this?", "conversation"))
+        stack.advance(4)
+        return self.successResultOf(d)
+
+    def fake_call(self, stack, call_id):
+        return stack.carrier.calls()[stack.manager.find(call_id).provider_call_id]
+
+    def bot_said(self, stack, call_id):
+        record = stack.manager.find(call_id) or self.successResultOf(stack.store.get_call(call_id))
+        return [t.text for t in record.transcript if t.speaker.value == "bot"]
+
+
+class SpeakWhileAContinueWaitsTests(_CarrierStack):
+    """
+    A speak sent while a continue waits for its answer replaces the carrier's listening (Plivo's
+    GetInput, Twilio's Gather); once it has played, listening for the waiting turn resumes with
+    the same turn token, so the answer to the question still answers the continue.
+    """
+
+    def check(self, provider):
+        from voicecall.testing.stack import answer_to
+
+        stack = self.stack(provider)
+        call_id = self.answered(stack)
+        question = "Who is calling?"
+        answer = Deferred.fromCoroutine(stack.manager.continue_call(call_id, question))
+        spoken = Deferred.fromCoroutine(stack.manager.speak(call_id, "One moment."))
+        stack.advance(6)
+        self.successResultOf(spoken)
+        self.assertEqual(self.successResultOf(answer), answer_to(question))
+        return stack, call_id
+
+    def test_plivo(self):
+        stack, call_id = self.check("plivo")
+        # The greeting's GetInput (no turn), the question's, then the one after the speak.
+        tokens = [r.turn_token for r in self.fake_call(stack, call_id).inputs]
+        self.assertEqual(len(tokens), 3, tokens)
+        self.assertIsNotNone(tokens[1])
+        self.assertEqual(tokens[1], tokens[2], "listening resumed with the turn's token")
+
+    def test_twilio(self):
+        self.check("twilio")
+
+    def test_telnyx(self):
+        self.check("telnyx")
+
+
+class HangUpDuringASpeakTests(_CarrierStack):
+    """A message cut off by the call's end is not acknowledged, nor recorded as said."""
+
+    def test_plivo_callee_hangs_up_while_it_plays(self):
+        self.check_callee_hangs_up_while_it_plays("plivo")
+
+    def test_twilio_callee_hangs_up_while_it_plays(self):
+        self.check_callee_hangs_up_while_it_plays("twilio")
+
+    def test_telnyx_callee_hangs_up_while_it_plays(self):
+        self.check_callee_hangs_up_while_it_plays("telnyx")
+
+    def check_callee_hangs_up_while_it_plays(self, provider):
+        stack = self.stack(provider)
+        call_id = self.answered(stack)
+        text = "Please hold the line while I look that up for you."
+        spoken = Deferred.fromCoroutine(stack.manager.speak(call_id, text))
+        stack.pump()
+        fake = self.fake_call(stack, call_id)
+        self.assertEqual(stack.carrier.spoken(fake)[-1], text)  # it started playing
+        fake.hangup_by_callee()
+        stack.advance(2)
+        failure = self.failureResultOf(spoken, CallError)
+        self.assertIn("ended", str(failure.value))
+        self.assertNotIn(text, self.bot_said(stack, call_id))
+
+    def test_plivo_bot_hangs_up_before_it_is_fetched(self):
+        stack = self.stack("plivo")
+        call_id = self.answered(stack)
+        text = "Please hold the line."
+        spoken = Deferred.fromCoroutine(stack.manager.speak(call_id, text))
+        ended = Deferred.fromCoroutine(stack.manager.end_call(call_id))
+        stack.advance(2)
+        self.successResultOf(ended)
+        self.failureResultOf(spoken, CallError)
+        self.assertNotIn(text, self.bot_said(stack, call_id))

@@ -968,7 +968,23 @@ class CallManager:
         except Exception as e:
             await self._commit(call, CallState.LISTENING)
             raise CallError(str(e) or "speak failed", call.call_id) from e
-        await self._record_bot(call, text, listening=listen)
+        waiting = None if listen else self._waiters.get(call.call_id)
+        await self._record_bot(call, text, listening=listen or waiting is not None)
+        if waiting is not None and not waiting.deferred.called and not call.is_terminal:
+            await self._listen_again(call, waiting)
+
+    async def _listen_again(self, call: CallRecord, waiter: _Waiter) -> None:
+        """
+        A speak played while a `continue` waits for its answer: on a carrier whose speech
+        replaces its listening (Plivo's GetInput, Twilio's Gather) the answer would be lost, so
+        listening for that turn resumes, with its turn token.
+        """
+        try:
+            await self._voice.start_listening(call, waiter.turn_token)
+        except Exception as e:
+            if call.is_terminal or self._active.get(call.call_id) is not call:
+                return
+            self._log.warn("could not listen again on {call_id} after a speak: {error}", call_id=call.call_id, error=str(e))
 
     def _notify_served(self, text: str, call: CallRecord) -> Deferred[None] | None:
         if call.is_terminal or self._active.get(call.call_id) is not call:

@@ -105,6 +105,11 @@ SPEAK_SECONDS_PER_CHAR = 0.2
 SPEAK_TIMEOUT_MAX = 600.0
 
 
+#: Why a speak fails when the call ends before the carrier has played its message to the end:
+#: a message cut off, or never started, is not reported (nor recorded) as said.
+NOT_PLAYED = "Call ended before the message was played"
+
+
 def speak_timeout(text: str) -> float:
     """Seconds to wait for the carrier to report C{text} played."""
     return min(SPEAK_TIMEOUT_MAX, SPEAK_TIMEOUT_BASE + len(text) * SPEAK_SECONDS_PER_CHAR)

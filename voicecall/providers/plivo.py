@@ -24,8 +24,10 @@ Choices beyond SPEC:
   so the greeting is not cut off.
 - `speak` resolves when the message has been played, not when the transfer is accepted: the
   speak document is `<Speak>` then a `<Redirect>` to `flow=spoken` with the transfer's nonce,
-  and Plivo fetching that URL ends the wait (so does the call's end, a newer transfer, or
+  and Plivo fetching that URL ends the wait (so does a newer transfer, or
   `base.speak_timeout`). A notify call's hang-up delay thus counts from the end of its message.
+  The call's end (its hang-up webhook, or our hang-up) before that fails the speak with
+  `NOT_PLAYED`: a message cut off, or never fetched, is not reported (nor recorded) as said.
 - An answer-URL fetch (`Event=StartApp`) is `call.answered` also for inbound calls, whose
   CallStatus there is still `ringing`: Plivo answers the call as it runs our XML. `timeout`
   and `cancel` hang-up statuses map to `no-answer` and `hangup-bot`.
@@ -46,6 +48,7 @@ from twisted.logger import Logger
 from voicecall.model import CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers import plivoxml
 from voicecall.providers.base import (
+    NOT_PLAYED,
     InitiatedCall,
     ParsedWebhook,
     ProviderCallStatus,
@@ -102,6 +105,12 @@ def _played(pending: _Pending | None) -> None:
     """Stop anyone waiting for C{pending}'s speech to be played."""
     if pending is not None and pending.played is not None and not pending.played.called:
         pending.played.callback(None)
+
+
+def _not_played(pending: _Pending | None) -> None:
+    """The call ended before C{pending}'s speech was played (to its end): its speak fails."""
+    if pending is not None and pending.played is not None and not pending.played.called:
+        pending.played.errback(ProviderError(NOT_PLAYED))
 
 
 def _nonce() -> str:
@@ -238,9 +247,11 @@ class PlivoProvider:
 
     def _forget(self, call_id: str | None, *uuids: str | None) -> None:
         if call_id:
+            # The call is over: a message not fetched yet, or still playing, was not heard
+            # (to its end); its speak fails rather than claim it was said.
             self._call_urls.pop(call_id, None)
-            _played(self._pending.pop(call_id, None))
-            _played(self._playing.pop(call_id, None))
+            _not_played(self._pending.pop(call_id, None))
+            _not_played(self._playing.pop(call_id, None))
         for uuid in uuids:
             if uuid:
                 self._requests.pop(uuid, None)

@@ -8,8 +8,9 @@ inbound call (Telnyx parks inbound calls until answered), hang up, speak, start 
 transcription, and ask a call's status. Every command carries a fresh `command_id`.
 
 The provider is also the call's `Voice`: `speak` is the `speak` command and resolves when Telnyx
-reports it played (`call.speak.ended`, or the call's end), so a notify call's hang-up delay counts
-from the end of the message; a `speak.ended` that never comes is waited for at most
+reports it played (`call.speak.ended`), so a notify call's hang-up delay counts from the end of
+the message; the call's end before that fails it (`base.NOT_PLAYED`: a message cut off is not
+reported, nor recorded, as said); a `speak.ended` that never comes is waited for at most
 `base.speak_timeout(text)`. `prompt` is `speak` followed by `transcription_start` (Telnyx has
 no single command that speaks and then transcribes speech: `gather_using_speak` collects DTMF only), skipped when a
 transcription we started is still running on the call; `start_listening` and `stop_listening`
@@ -38,6 +39,7 @@ from twisted.logger import Logger
 
 from voicecall.model import CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers.base import (
+    NOT_PLAYED,
     InitiatedCall,
     ParsedWebhook,
     ProviderCallStatus,
@@ -238,7 +240,7 @@ class TelnyxProvider:
     def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
         """Hang up; a call Telnyx does not know (404) or that already ended (90018) is fine."""
         self._forget(call.provider_call_id)
-        self._spoken(call.provider_call_id, every=True)  # nothing more will be played
+        self._unspoken(call.provider_call_id)  # nothing more will be played
         return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "hangup", {}, tolerate_gone=True)))
 
     def answer_call(self, call: CallRecord) -> Deferred[None]:
@@ -308,23 +310,30 @@ class TelnyxProvider:
             if timer.active():
                 timer.cancel()
 
-    def _speak_done(self, control_id: str | None, ended: Deferred[None]) -> None:
-        """Stop waiting for one speak (its end came, it failed, or we gave up on it)."""
+    def _speak_done(self, control_id: str | None, ended: Deferred[None], cut_off: bool = False) -> None:
+        """Stop waiting for one speak (its end came, it failed, we gave up on it, or the call ended: C{cut_off})."""
         waiters = self._speaking.get(control_id) if control_id else None
         if waiters is not None and ended in waiters:
             waiters.remove(ended)
             if not waiters:
                 del self._speaking[control_id]
         if not ended.called:
-            ended.callback(None)
+            if cut_off:
+                ended.errback(ProviderError(NOT_PLAYED))
+            else:
+                ended.callback(None)
 
-    def _spoken(self, control_id: str | None, every: bool = False) -> None:
-        """Telnyx reported the oldest speak of the call ended (or the call ended: C{every})."""
+    def _unspoken(self, control_id: str | None) -> None:
+        """The call ended: every speak still playing (or not started) on it fails with `NOT_PLAYED`."""
         waiters = self._speaking.get(control_id) if control_id else None
         while waiters:
-            self._speak_done(control_id, waiters[0])
-            if not every:
-                break
+            self._speak_done(control_id, waiters[0], cut_off=True)
+
+    def _spoken(self, control_id: str | None, cut_off: bool = False) -> None:
+        """Telnyx reported the oldest speak of the call ended (played, or C{cut_off})."""
+        waiters = self._speaking.get(control_id) if control_id else None
+        if waiters:
+            self._speak_done(control_id, waiters[0], cut_off)
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
         """Speak, then make sure the caller's answer is transcribed."""
@@ -434,7 +443,7 @@ class TelnyxProvider:
         if kind == "call.hangup":
             # No direction: the end of a call we do not know must never create an inbound call.
             self._forget(control_id)
-            self._spoken(control_id, every=True)
+            self._unspoken(control_id)
             return CallEvent(type=EventType.ENDED, reason=self._reason(payload.get("hangup_cause")), **common)
         common["direction"] = direction
         if kind in _PROGRESS:
@@ -444,7 +453,11 @@ class TelnyxProvider:
         if kind == "call.speak.ended":
             # Ends the oldest speech still playing: only once the manager has taken the event as
             # new (a redelivery, even after a restart, must not end the next speech early).
-            return CallEvent(type=EventType.SPOKEN, on_applied=lambda: self._spoken(control_id), **common)
+            # Its `status` says how: `completed`, or cut off (`call_hangup`, `cancelled_amd`),
+            # which fails that speak (it was not heard to its end).
+            status = _text(payload.get("status"))
+            cut_off = status is not None and status != "completed"
+            return CallEvent(type=EventType.SPOKEN, on_applied=lambda: self._spoken(control_id, cut_off), **common)
         if kind == "call.transcription":
             return self._speech(payload, common)
         if kind == "call.dtmf.received":

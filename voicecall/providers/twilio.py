@@ -19,8 +19,9 @@ parsed into normalised events; the answer is the TwiML of §7.1.3 with DESIGN.md
   replayed fetch mints nothing (DESIGN.md threat model);
 - `speak` resolves when the message has been said, not when the live update is accepted: its
   document is `<Say>` then a `<Redirect>` to `flow=spoken&n=<nonce>`, whose fetch ends the wait
-  (and is answered with the listen loop); so do the call's end, a newer update, or
-  `base.speak_timeout`. The manager queues later commands behind it, so a `continue` sent
+  (and is answered with the listen loop); so do a newer update, or `base.speak_timeout`. The
+  call's end before that fails the speak (`base.NOT_PLAYED`): a message cut off is not
+  reported, nor recorded, as said. The manager queues later commands behind it, so a `continue` sent
   while the greeting plays no longer cuts the greeting off.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from twisted.logger import Logger
 from voicecall.model import CallEvent, CallRecord, Direction, EventType, identity_key
 from voicecall.providers import twiml
 from voicecall.providers.base import (
+    NOT_PLAYED,
     TERMINAL_STATUS_REASONS,
     InitiatedCall,
     ParsedWebhook,
@@ -218,7 +220,7 @@ class TwilioProvider:
     def _forget(self, sid: str | None, call_id: str | None) -> None:
         if sid:
             self._call_urls.pop(sid, None)
-            self._said(sid)
+            self._said(sid, cut_off=True)  # the call is over: a `<Say>` still playing was not heard to its end
         if call_id:
             self._notify_twiml.pop(call_id, None)
             self._notify_served.pop(call_id, None)
@@ -273,14 +275,20 @@ class TwilioProvider:
             if timer.active():
                 timer.cancel()
 
-    def _said(self, sid: str, nonce: str | None = None) -> None:
-        """Stop waiting for the call's `<Say>` (the one with C{nonce}, or whichever it is)."""
+    def _said(self, sid: str, nonce: str | None = None, cut_off: bool = False) -> None:
+        """
+        Stop waiting for the call's `<Say>` (the one with C{nonce}, or whichever it is); with
+        C{cut_off} (the call ended first) its speak fails with `NOT_PLAYED`.
+        """
         entry = self._speaking.get(sid)
         if entry is None or (nonce is not None and not hmac.compare_digest(entry[0].encode(), nonce.encode())):
             return
         del self._speaking[sid]
         if not entry[1].called:
-            entry[1].callback(None)
+            if cut_off:
+                entry[1].errback(ProviderError(NOT_PLAYED))
+            else:
+                entry[1].callback(None)
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
         return self._turn(call, text, voice, turn_token)
