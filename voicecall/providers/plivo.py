@@ -323,8 +323,12 @@ class PlivoProvider:
             if self._pending.get(call_id) is pending:
                 del self._pending[call_id]
             _played(pending)
+            if pending.played is not None:
+                pending.played.addErrback(lambda _: None)  # the transfer's own failure is the one reported
             raise
-        if pending.played is not None and not pending.played.called:
+        if pending.played is not None and pending.played.called:
+            await pending.played  # played already, or cut off by the call's end (raises)
+        elif pending.played is not None:
             timer = self._clock.callLater(speak_timeout(pending.text or ""), self._stop_waiting, call_id, pending)
             self._speak_timers.add(timer)
             try:

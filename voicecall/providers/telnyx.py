@@ -298,8 +298,10 @@ class TelnyxProvider:
             await self._command(control_id, "speak", body)
         except BaseException:
             self._speak_done(control_id, ended)
+            ended.addErrback(lambda _: None)  # the command's own failure is the one reported
             raise
-        if ended.called or not control_id:
+        if ended.called:
+            await ended  # played already, or cut off by the call's end (raises)
             return
         timer = self._clock.callLater(speak_timeout(text), self._speak_done, control_id, ended)
         self._speak_timers.add(timer)

@@ -263,8 +263,10 @@ class TwilioProvider:
             await self._update(sid, document)
         except BaseException:
             self._said(sid, nonce)
+            played.addErrback(lambda _: None)  # the update's own failure is the one reported
             raise
         if played.called:
+            await played  # said already, or cut off by the call's end (raises)
             return
         timer = self._clock.callLater(speak_timeout(text), self._said, sid, nonce)
         self._speak_timers.add(timer)
