@@ -462,3 +462,31 @@ class ScreeningTests(TestCase):
             client.send(b"a" * 5000 if client is clients[0] else b"\r\n0\r\n\r\n")
         answered = [await c.done for c in clients[:2]]
         self.assertEqual([c.status for c in answered], [404, 404])
+
+    def queued_for_peers(self) -> int:
+        """Bytes the daemon holds for its HTTP peers: answers not yet sent, requests read but not parsed."""
+        total = 0
+        for channel in (o for o in gc.get_objects() if isinstance(o, limits.ScreenedChannel)):
+            transport = channel.transport
+            if transport is None or not transport.connected:
+                continue
+            total += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            total += len(channel._buffer) + sum(map(len, channel._dataBuffer))
+        return total
+
+    async def test_pipelining_client_that_never_reads_is_bounded(self):
+        """A client pipelines 4 MB of tiny requests and never reads an answer: the daemon stops reading it instead of queueing answers without end."""
+        await self.start(streaming=False)
+        request = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        client = self.connect(b"")
+        await eventually(lambda: client.transport is not None and client.transport.connected or None, 5, "connected")
+        client.transport.pauseProducing()  # never read an answer
+        sent = 0
+        while sent < 4_000_000:
+            client.transport.write(request * 2000)
+            sent += len(request) * 2000
+            await sleep(0.01)
+        await sleep(1.0)
+        # Before: Twisted kept reading while the answers piled up (several MB per connection).
+        self.assertLess(self.queued_for_peers(), 1_000_000)
+        client.transport.abortConnection()

@@ -127,7 +127,7 @@ class _LineBudget:
     when the next interval opens, one line counting them.
     """
 
-    _log = Logger()
+    _log = Logger(namespace="voicecall.web.limits.RefusalLog")
 
     def __init__(self, clock: IReactorTime, burst: int, interval: float, what: str, short: str) -> None:
         self._clock = clock
@@ -205,6 +205,7 @@ class ScreenedChannel(HTTPChannel):
     """
 
     _headers_deadline = None
+    _paused_while_handling = False
     _awaiting_headers = True
     _to_admit = None
 
@@ -233,6 +234,32 @@ class ScreenedChannel(HTTPChannel):
     def connectionLost(self, reason) -> None:
         self._stop_headers_budget()
         super().connectionLost(reason)
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's buffer of unsent answers is full: read and parse nothing more until it
+        drains. Twisted pauses the socket only if no request is being handled, but here every
+        answer is written while its request is handled, so a client pipelining requests without
+        reading the answers was read on and on (4 MB of tiny requests queued 18 MB of answers).
+        Parsing stops at once too, so at most one answer past the full buffer is queued. Once a
+        WebSocket has taken the connection over (our transport is None), Twisted's rule applies.
+        """
+        super().pauseProducing()
+        if self.transport is None:
+            return
+        self.paused = True  # LineReceiver stops handing over the lines it has already read
+        if self._handlingRequest:
+            self._networkProducer.pauseProducing()
+            self._paused_while_handling = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        super().resumeProducing()  # resumes reading unless a request is being handled
+        if self._paused_while_handling and self.transport is None:
+            self._networkProducer.resumeProducing()  # taken over meanwhile: nothing else will
+        self._paused_while_handling = False
+        if self._buffer and not self._handlingRequest and self.transport is not None and not self.transport.disconnecting:
+            self.dataReceived(b"")  # parse what was read before the pause
 
     def _start_headers_budget(self) -> None:
         site = self.site
