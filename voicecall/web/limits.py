@@ -120,6 +120,10 @@ def clip(value: "str | bytes | None", limit: int = LOG_FIELD_LIMIT) -> str:
 _QUERY = re.compile(r"\?[^\s]*")
 
 
+#: The refusal log's own namespace (a Logger class attribute would take its owner's name).
+_refusal_log = Logger(namespace="voicecall.web.limits.RefusalLog")
+
+
 class _LineBudget:
     """
     `burst` log lines per `interval` seconds for one kind of event (`what`, plural; `short` names
@@ -127,7 +131,6 @@ class _LineBudget:
     when the next interval opens, one line counting them.
     """
 
-    _log = Logger(namespace="voicecall.web.limits.RefusalLog")
 
     def __init__(self, clock: IReactorTime, burst: int, interval: float, what: str, short: str) -> None:
         self._clock = clock
@@ -144,13 +147,13 @@ class _LineBudget:
         now = self._clock.seconds()
         if self._window is None or now - self._window >= self.interval:
             if self._suppressed:
-                self._log.warn(
+                _refusal_log.warn(
                     "suppressed {count} {what} in the last {seconds:.0f}s", count=self._suppressed, what=self._what, seconds=now - self._window
                 )
             self._window, self._lines, self._suppressed = now, 0, 0
         if self._lines >= self.burst:
             if not self._suppressed:
-                self._log.warn(
+                _refusal_log.warn(
                     "more than {burst} {what} in {interval:g}s: further {short} suppressed (counted) until the interval ends",
                     burst=self.burst,
                     what=self._what,
