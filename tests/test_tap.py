@@ -277,10 +277,10 @@ class StartupTests(TestCase):
         self.assertNotIn("voicecall ready", child.stdout)
 
     async def test_busy_rpc_socket_is_one_line(self):
-        """A second daemon on the same RPC socket says the socket is in use."""
+        """A second daemon (on a store of its own) on the same RPC socket says the socket is in use."""
         workdir = make_workdir(self)
         await start_daemon(self, workdir)
-        child = await self.refused(workdir)
+        child = await self.refused(make_workdir(self), "--rpc", "unix:" + workdir.rpc_path)
         self.assertEqual(
             child.stderr,
             f"voicecall failed to start: RPC socket {workdir.rpc_path} is in use (another voicecall? check `voicecall status`)\n",

@@ -14,10 +14,17 @@ Every change goes through a `Writer` (dbwriter.py), which owns the one connectio
 Deferred fires only once its transaction is committed with ``synchronous=FULL``, so an
 acknowledged change survives ``kill -9`` and power loss.
 
-`open_readonly` gives the CLI synchronous, read-only access while the daemon is down.
+One daemon at a time: an open store holds an exclusive ``flock`` on ``<directory>/voicecall.lock``
+(which names the holder's pid) until it is closed or the process ends, and opening a store that
+another process holds fails with `StoreLockedError` before anything in the directory changes.
+
+`open_readonly` gives the CLI synchronous, read-only access while the daemon is down (it takes
+no lock, so it works while a daemon holds the store too).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import gc
 import json
 import os
@@ -44,6 +51,7 @@ from voicecall.model import CallRecord, CallState, Direction, Speaker, Transcrip
 T = TypeVar("T")
 
 DB_FILENAME = "voicecall.sqlite3"
+LOCK_FILENAME = "voicecall.lock"
 SCHEMA_VERSION = 1
 EVENTS_CAP = 100_000
 PRUNE_EVERY = 1_000
@@ -107,6 +115,55 @@ _UPSERT = (
 )
 
 
+# --- the store lock ----------------------------------------------------------------------------
+
+
+class StoreLockedError(StoreError):
+    """Another process (a running daemon) holds the store."""
+
+    def __init__(self, directory: str, pid: int | None) -> None:
+        self.directory = directory
+        self.pid = pid
+        holder = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(f"the store {directory} is in use by another voicecall daemon ({holder})")
+
+
+def _lock(directory: str) -> int:
+    """
+    Take the store's lock (`LOCK_FILENAME`, exclusive, not waiting) and write our pid in it;
+    returns its descriptor, which holds the lock until closed. Creates the directory (0700) if
+    missing; when another process holds the lock, raises `StoreLockedError` having changed nothing.
+    """
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+    fd = os.open(os.path.join(directory, LOCK_FILENAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _holder(fd)
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise StoreLockedError(os.path.abspath(directory), holder) from None
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _holder(fd: int) -> int | None:
+    """The pid the lock file names, if it names one."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
 # --- the call store ----------------------------------------------------------------------------
 
 
@@ -119,6 +176,8 @@ class CallStore:
     _events_cap: int = EVENTS_CAP
     _prune_every: int = PRUNE_EVERY
     _since_prune: int = field(default=0, init=False)  # touched by operations only
+    #: The descriptor holding the store's lock while it is open.
+    _lock_fd: int | None = field(default=None, init=False)
     _log = Logger()
 
     @property
@@ -127,14 +186,25 @@ class CallStore:
         return os.path.join(self._directory, DB_FILENAME)
 
     def open(self) -> Deferred[None]:
-        """Create the directory (mode 0700) if missing, open the database, set it up."""
+        """
+        Create the directory (mode 0700) if missing, take the store's lock, open the database,
+        set it up. Fails with `StoreLockedError` if another process holds the store.
+        """
         d = self._writer.connect(self._connect)
         d.addCallback(lambda _: self._log.info("call store open at {path}", path=self.path))
         return d
 
     def close(self) -> Deferred[None]:
-        """Close the database once every write issued before has been committed."""
-        return self._writer.disconnect()
+        """Close the database once every write issued before has been committed; then let go of the lock."""
+        d = self._writer.disconnect()
+        d.addBoth(self._unlock)
+        return d
+
+    def _unlock(self, result: T) -> T:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+        return result
 
     def write(
         self,
@@ -222,14 +292,22 @@ class CallStore:
         return self._writer.run(lambda conn: _last_events(conn, n))
 
     def _connect(self) -> sqlite3.Connection:
-        conn = _open_connection(self._directory)
+        lock = _lock(self._directory) if self._lock_fd is None else None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            self._prune(conn)
-            conn.execute("COMMIT")
+            conn = _open_connection(self._directory)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                self._prune(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
         except BaseException:
-            conn.close()
+            if lock is not None:
+                os.close(lock)
             raise
+        if lock is not None:
+            self._lock_fd = lock
         return conn
 
     def _prune(self, conn: sqlite3.Connection) -> None:

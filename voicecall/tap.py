@@ -55,7 +55,7 @@ from voicecall.speech.stt import RealtimeTranscriber
 from voicecall.speech.tts import TelephonyTts
 from voicecall.media.bridge import StreamBridge
 from voicecall.media.stream import MediaStreamServer, neutralise_autobahn_log_formatting
-from voicecall.store import CallStore, ThreadedWriter
+from voicecall.store import CallStore, StoreLockedError, ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.security import ForwardingPolicy
@@ -346,7 +346,7 @@ class VoicecallService(MultiService):
         return self._tunnel.public_url if self._tunnel is not None else None
 
     def _failed(self, failure) -> None:
-        if failure.check(StartFailed):
+        if failure.check(StartFailed, StoreLockedError):
             self._log.error("voicecall failed to start: {why}", why=failure.getErrorMessage())
         else:
             self._log.failure("voicecall failed to start", failure)
