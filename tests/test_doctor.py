@@ -120,6 +120,20 @@ class DoctorChecksTests(SynchronousTestCase):
         checks = run_checks_list(self, TWILIO, mode=0o644)
         self.assertEqual(len([c for c in checks if c.warn and "chmod 600" in c.detail]), 1)
 
+    def test_writable_config_fix_is_chmod(self):
+        """The fix doctor names for a config others can write is the chmod that cures it, not "edit" the file."""
+        directory = tempfile.mkdtemp(prefix="vc-doc-", dir="/tmp")
+        self.addCleanup(os.system, f"rm -rf {directory}")
+        path = os.path.join(directory, "voicecall.json")
+        with open(path, "w") as f:
+            json.dump({"store": directory, "provider": "mock"}, f)
+        os.chmod(path, 0o666)
+        result = CliRunner().invoke(main, ["--config", path, "--socket", os.path.join(directory, "s.sock"), "doctor"])
+        self.assertEqual(result.exit_code, 1, result.output)
+        lines = result.stdout.splitlines()
+        refused = next(i for i, line in enumerate(lines) if "writable by other users" in line)
+        self.assertEqual(lines[refused + 1].strip(), f"fix: chmod go-w {path}")
+
 
 def run_checks_list(testcase, config: dict, mode: int = 0o600) -> list:
     directory = tempfile.mkdtemp(prefix="vc-doc-", dir="/tmp")

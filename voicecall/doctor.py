@@ -93,6 +93,15 @@ def _missing_credentials(cfg):
     return [issue for issue in provider_problems(cfg) if "is required" in issue.text]
 
 
+def _fix_for(line: str, path: str | None, fix: str) -> str:
+    """The fix for one config line: a file others can write or own needs chmod/chown, not an edit."""
+    if "writable by other users" in line:
+        return f"chmod go-w {path}"
+    if "owned by another user" in line:
+        return f"chown root {path} (or the user voicecall runs as)"
+    return fix
+
+
 def run_checks(explicit_config: str | None, socket_override: str | None, env: Mapping[str, str], cwd: str) -> list[Check]:
     """
     Every check at once: a config problem does not hide the others (public URL, port, store,
@@ -111,7 +120,7 @@ def run_checks(explicit_config: str | None, socket_override: str | None, env: Ma
         cfg, whole_file = e.config, e.whole_file
         missing = {i.problem for i in _missing_credentials(cfg)}  # reported under "credentials"
         shown = ConfigError([i for i in e.issues if i.problem not in missing], whole_file=whole_file, file=e.file)
-        checks.extend(Check("config", False, line, fix) for line in shown.lines())
+        checks.extend(Check("config", False, line, _fix_for(line, path, fix)) for line in shown.lines())
     else:
         checks.append(Check("config", True, f"{path or 'no file: built-in defaults'} (provider {cfg.provider})"))
     checks.extend(Check("config", True, warning, warn=True) for warning in cfg.warnings)
