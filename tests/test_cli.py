@@ -638,6 +638,9 @@ class BadConfigTests(SynchronousTestCase):
         with open(path, "w") as f:
             json.dump({"provider": "twillio", "twilio": {"acountSid": "AC1"}}, f)
         os.chmod(path, 0o600)
+        self.patch(cli, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
+        self.patch(cli, "watch_signals", lambda reactor, on_signal: None)
+        self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
         result = CliRunner().invoke(cli.main, ["--config", path, "status"], env={"VOICECALL_SOCKET": None, "HOME": home})
         self.assertEqual(result.exit_code, 1)
         self.assertEqual(
