@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.manager import CallManager, ManagerSettings
 from voicecall.model import CallEvent, CallState
 from voicecall.providers.mock import MockProvider
-from voicecall.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, RpcFactory, RpcMethods, default_socket_path
+from voicecall.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcMethods, default_socket_path
 from voicecall.store import CallStore, SynchronousWriter
 
 WEBHOOK_URL = "http://127.0.0.1:3334/voice/webhook"
@@ -114,7 +114,7 @@ class RpcTestsBase(SynchronousTestCase):
             webhook_url=lambda: WEBHOOK_URL,
             started_at=self.clock.seconds(),
         )
-        self.factory = RpcFactory(self.methods.table(), self.manager.subscribe)
+        self.factory = RpcFactory(self.methods.table(), self.manager.subscribe, clock=self.clock)
         self.conn = self.connect()
 
     def connect(self, factory: RpcFactory | None = None) -> Connection:
@@ -562,15 +562,18 @@ class BackpressureTests(RpcTestsBase):
         self.assertStillServing()
 
     def test_requests_past_the_cap_drop_the_connection(self):
-        """Requests whose answers would queue more than MAX_QUEUED_BYTES for a peer that does not read drop it."""
-        self.place(message="y" * 40_000)  # each listing of the active calls is over 40 kB
-        self.conn.messages()
-        self.conn.transport.producer.pauseProducing()
-        written = len(self.conn.transport.value())
-        line = b'{"jsonrpc":"2.0","id":1,"method":"voicecall.status"}\n'
-        self.conn.send(line * 200)  # 8 MB of answers
-        self.assertTrue(self.conn.transport.disconnecting)
-        self.assertLessEqual(len(self.conn.transport.value()) - written, MAX_QUEUED_BYTES)
+        """Answers to requests in flight that would queue more than MAX_QUEUED_BYTES for a peer that does not read drop it."""
+        factory, waiting = self.slow_factory()
+        conn = self.connect(factory)
+        conn.send(b'{"jsonrpc":"2.0","id":1,"method":"slow"}\n' * 200)
+        self.assertEqual(len(waiting), 200)
+        conn.transport.producer.pauseProducing()
+        written = len(conn.transport.value())
+        for d in waiting:  # 8 MB of answers
+            d.callback("y" * 40_000)
+        self.assertTrue(conn.transport.disconnecting)
+        self.assertLessEqual(len(conn.transport.value()) - written, MAX_QUEUED_BYTES)
+        self.assertGreater(len(conn.transport.value()) - written, MAX_QUEUED_BYTES - 41_000)
         other = self.connect()
         self.assertStillServing(other)
 
@@ -584,6 +587,53 @@ class BackpressureTests(RpcTestsBase):
             return await d
 
         return RpcFactory({"slow": slow}, Hub().subscribe), waiting
+
+    def test_requests_read_are_not_handled_while_backed_up(self):
+        """
+        Requests already read wait while the answers are backed up: a peer that stopped reading
+        used to get an answer to every line of its last read (a thousand small ones from 64 KiB:
+        1000 such peers grew the daemon by 205 MiB). They are answered once it reads again.
+        """
+        self.conn.transport.producer.pauseProducing()
+        written = len(self.conn.transport.value())
+        line = b'{"jsonrpc":"2.0","id":1,"method":"voicecall.health"}\n'
+        self.conn.send(line * 1000)
+        self.assertEqual(len(self.conn.transport.value()), written)
+        self.conn.messages()
+        self.conn.transport.producer.resumeProducing()
+        self.assertEqual(len(self.conn.messages()), 1000)
+        self.assertFalse(self.conn.transport.disconnecting)
+
+    def test_a_peer_that_never_reads_is_disconnected(self):
+        """A peer whose answers stay backed up for STALL_TIMEOUT seconds is closed, however little waits."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.conn.transport.producer.pauseProducing()
+        self.conn.send(b'{"jsonrpc":"2.0","id":1,"method":"voicecall.health"}\n' * 10)
+        self.clock.advance(STALL_TIMEOUT - 0.1)
+        self.assertFalse(self.conn.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.conn.transport.disconnecting)
+        self.assertEqual(len([e for e in logged if "does not read" in e.get("log_format", "")]), 1)
+        # One that reads again in time is not.
+        other = self.connect()
+        other.transport.producer.pauseProducing()
+        self.clock.advance(STALL_TIMEOUT - 1)
+        other.transport.producer.resumeProducing()
+        self.clock.advance(STALL_TIMEOUT)
+        self.assertFalse(other.transport.disconnecting)
+        self.assertStillServing(other)
+
+    def test_connections_are_capped(self):
+        """Past max_connections a new connection is closed when accepted (one log line); a closed one frees its place."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        factory = RpcFactory(self.methods.table(), self.manager.subscribe, clock=self.clock, max_connections=3)
+        conns = [self.connect(factory) for _ in range(3)]
+        self.assertIsNone(factory.buildProtocol(None))
+        self.assertIsNone(factory.buildProtocol(None))
+        self.assertEqual(len([e for e in logged if "refusing RPC" in e.get("log_format", "")]), 1)
+        conns[0].lose()
+        self.assertStillServing(self.connect(factory))
+        self.assertIsNone(factory.buildProtocol(None))
 
     def test_in_flight_cap_stops_reading(self):
         """At MAX_IN_FLIGHT requests being worked on, the rest wait unread; each one finished lets one more in."""

@@ -17,8 +17,11 @@ Failures are JSON-RPC error objects whose `message` is the SPEC error text (code
 unknown method and -32602 for bad params. The connection stays open after every error.
 
 A peer must read what it is sent. While its answers are backed up (the transport's buffer is
-full: it pauses us as its producer) no further requests are read from it, and at most
-`MAX_IN_FLIGHT` of its requests are worked on at once. What is queued for it, answers and
+full: it pauses us as its producer) no further requests are read from it or handled (those
+already read wait, so one read's worth of small requests cannot queue a thousand answers), at
+most `MAX_IN_FLIGHT` of its requests are worked on at once, and a peer that stays backed up for
+`STALL_TIMEOUT` seconds is disconnected. At most `MAX_CONNECTIONS` connections are served at
+once (a new one past it is closed when accepted), so what all peers can hold is bounded too. What is queued for it, answers and
 notifications alike, is capped at `MAX_QUEUED_BYTES`: the answer or event that would pass the
 cap closes the connection instead (one log line). The count is an upper bound of what the
 transport holds unsent: its buffer size while it has not paused us (it pauses us past that),
@@ -33,7 +36,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from attrs import define
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -46,6 +49,10 @@ MAX_LINE_BYTES = 1024 * 1024
 MAX_QUEUED_BYTES = 4 * 1024 * 1024
 #: Requests of one connection worked on at once; past it the connection is not read.
 MAX_IN_FLIGHT = 256
+#: Seconds a connection may leave its answers unread (the transport paused us) before it is closed.
+STALL_TIMEOUT = 10.0
+#: Connections at once; past it a new one is closed as soon as it is accepted.
+MAX_CONNECTIONS = 64
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -224,12 +231,21 @@ class RpcProtocol(Protocol):
         responders: GatewayResponders | None = None,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         max_in_flight: int = MAX_IN_FLIGHT,
+        clock: IReactorTime | None = None,
+        stall_timeout: float = STALL_TIMEOUT,
+        on_lost: Callable[["RpcProtocol"], None] | None = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self._methods = methods
         self._subscribe = subscribe
         self._responders = responders
         self._max_queued = max_queued_bytes
         self._max_in_flight = max_in_flight
+        self._clock = clock
+        self._stall_timeout = stall_timeout
+        self._stall_call: IDelayedCall | None = None
+        self._on_lost = on_lost
         self._outgoing: dict[str, Deferred] = {}
         self._next_id = 0
         self._buffer = b""
@@ -250,13 +266,32 @@ class RpcProtocol(Protocol):
         # The peer stopped reading our answers: stop reading its requests too. `_queued` was set
         # by the write that filled the buffer.
         self._backed_up = True
+        if self._stall_call is None and self._connected:
+            self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
         self._update_reading()
 
     def resumeProducing(self) -> None:
         # Everything queued has been written.
         self._backed_up = False
         self._queued = 0
+        self._cancel_stall()
         self._update_reading()
+
+    def _cancel_stall(self) -> None:
+        call, self._stall_call = self._stall_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _stalled(self) -> None:
+        """The peer read nothing of what waits for it for `stall_timeout` seconds."""
+        self._stall_call = None
+        if self._connected and self._backed_up:
+            self._log.warn(
+                "closing an RPC connection that does not read: its answers waited {seconds} s",
+                seconds=self._stall_timeout,
+            )
+            self._connected = False
+            self.transport.abortConnection()
 
     def stopProducing(self) -> None:
         self._backed_up = True
@@ -278,6 +313,10 @@ class RpcProtocol(Protocol):
 
     def connectionLost(self, reason) -> None:
         self._connected = False
+        self._cancel_stall()
+        if self._on_lost is not None:
+            on_lost, self._on_lost = self._on_lost, None
+            on_lost(self)
         if self._responders is not None:
             self._responders.unregister(self)
         outgoing, self._outgoing = self._outgoing, {}
@@ -302,7 +341,7 @@ class RpcProtocol(Protocol):
             return  # a request finished while an earlier line was being handled: that loop goes on
         self._lines_running = True
         try:
-            while self._connected and len(self._pending) < self._max_in_flight:
+            while self._connected and not self._backed_up and len(self._pending) < self._max_in_flight:
                 line, sep, rest = self._buffer.partition(b"\n")
                 if not sep:
                     break
@@ -467,14 +506,37 @@ def _failed(error: Exception) -> Deferred:
 
 class RpcFactory(Factory):
     noisy = False
+    _log = Logger()
 
-    def __init__(self, methods: Mapping[str, Callable], subscribe: Callable, responders: GatewayResponders | None = None) -> None:
+    def __init__(
+        self,
+        methods: Mapping[str, Callable],
+        subscribe: Callable,
+        responders: GatewayResponders | None = None,
+        clock: IReactorTime | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self._methods = methods
         self._subscribe = subscribe
         self._responders = responders
+        self._clock = clock
+        self._max_connections = max_connections
+        self._connections: set[RpcProtocol] = set()
+        self._refused = 0
 
     def __repr__(self) -> str:
         return f"<RpcFactory {len(self._methods)} methods>"
 
-    def buildProtocol(self, addr) -> RpcProtocol:
-        return RpcProtocol(self._methods, self._subscribe, self._responders)
+    def buildProtocol(self, addr) -> RpcProtocol | None:
+        """A protocol for a new connection; None (closed at once) when MAX_CONNECTIONS are open."""
+        if len(self._connections) >= self._max_connections:
+            if not self._refused:
+                self._log.warn("refusing RPC connections: {limit} are open", limit=self._max_connections)
+            self._refused += 1
+            return None
+        if self._refused:
+            self._log.info("accepting RPC connections again ({count} refused)", count=self._refused)
+            self._refused = 0
+        protocol = RpcProtocol(self._methods, self._subscribe, self._responders, clock=self._clock, on_lost=self._connections.discard)
+        self._connections.add(protocol)
+        return protocol
