@@ -9,6 +9,8 @@ keep serving.
 from __future__ import annotations
 
 import json
+import re
+from urllib.parse import parse_qs
 
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -17,7 +19,8 @@ from twisted.web.server import NOT_DONE_YET
 from voicecall.client import RemoteError
 
 from tests.daemon import Workdir, run_cli
-from tests.harness import free_port, serve, start_daemon, workdir
+from tests.harness import eventually, free_port, http_client, serve, start_daemon, workdir
+from voicecall.testing.twilio_carrier import sign_request
 
 SID = "AC" + "1" * 32
 TO = "+15550001234"
@@ -60,10 +63,12 @@ class MisbehavingCarrier(Resource):
         self.created = created
         self.mode = "ok"
         self.requests: list[tuple[str, str]] = []
+        self.bodies: list[bytes] = []
         self.held: list = []
 
     def render(self, request):
         self.requests.append((request.method.decode(), request.path.decode()))
+        self.bodies.append(request.content.read())
         mode = self.mode
         request.setHeader(b"content-type", b"application/json")
         if mode == "ok":
@@ -126,7 +131,7 @@ class MisbehavingCarrier(Resource):
 class CarrierFaultTests(TestCase):
     timeout = 45
 
-    async def start(self, provider: str, base: str | None = None):
+    async def start(self, provider: str, base: str | None = None, **extra):
         spec = PROVIDERS[provider]
         self.carrier = MisbehavingCarrier(spec["created"])
         self.addCleanup(self.carrier.release)
@@ -138,6 +143,7 @@ class CarrierFaultTests(TestCase):
             "fromNumber": "+15550000000",
             "maxConcurrentCalls": 3,
             **spec["config"](base),
+            **extra,
         }
         self.service, self.rpc = await start_daemon(self, config, self.directory)
         # The production limit is 15 s; the tests shorten it to keep the suite quick.
@@ -222,9 +228,31 @@ class CarrierFaultTests(TestCase):
 
     async def test_twilio_21220_retried_twice_only(self):
         """A live update refused with 21220 is retried exactly twice; the speak fails with the SPEC text and the call listens again."""
-        await self.start("twilio")
-        self.carrier.mode = "21220"
+        port = free_port()
+        public = f"http://127.0.0.1:{port}/voice/webhook"
+        await self.start("twilio", serve={"port": port, "bind": "127.0.0.1"}, publicUrl=public)
         call_id = (await self.rpc.call("voicecall.initiate", {"to": TO, "message": "Hi", "mode": "conversation"}))["callId"]
+        # The callee answers and hears the greeting (commands wait for it), then the carrier turns hostile.
+        url = f"{public}?callId={call_id}&type=status"
+        form = {"CallSid": PROVIDERS["twilio"]["created"]["sid"], "AccountSid": SID, "CallStatus": "in-progress",
+                "Direction": "outbound-api", "SequenceNumber": "1"}  # fmt: skip
+        answered = await http_client(self).post(
+            url, data=form, headers={"X-Twilio-Signature": sign_request("tw-token", url, form)}
+        )
+        self.assertEqual(answered.code, 200, await answered.text())
+        await eventually(lambda: self.carrier.requests[-1][1].endswith(f"/Calls/{form['CallSid']}.json"), what="greeting update")
+        # Twilio plays the <Say> and follows its <Redirect>: that fetch tells voicecall the greeting was heard.
+        twiml = parse_qs(self.carrier.bodies[-1].decode())["Twiml"][0]
+        redirect = re.search(r"<Redirect[^>]*>([^<]+)</Redirect>", twiml).group(1).replace("&amp;", "&")
+        form = {"CallSid": form["CallSid"], "AccountSid": SID, "CallStatus": "in-progress"}
+        spoken = await http_client(self).post(
+            redirect, data=form, headers={"X-Twilio-Signature": sign_request("tw-token", redirect, form)}
+        )
+        self.assertEqual(spoken.code, 200, await spoken.text())
+        listened = len(self.carrier.requests)
+        await eventually(lambda: "Gather" in parse_qs(self.carrier.bodies[-1].decode()).get("Twiml", [""])[0]
+                         or len(self.carrier.requests) > listened, what="the listen after the greeting")  # fmt: skip
+        self.carrier.mode = "21220"
         before = len(self.carrier.requests)
         with self.assertRaises(RemoteError) as caught:
             await self.rpc.call("voicecall.speak", {"callId": call_id, "message": "Are you there?"})
@@ -237,7 +265,7 @@ class CarrierFaultTests(TestCase):
         self.assertTrue(all(path.endswith(f"/Calls/{PROVIDERS['twilio']['created']['sid']}.json") for _, path in updates))
         call = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertEqual(call["state"], "listening")
-        self.assertEqual(call["transcript"], [])
+        self.assertEqual([e["text"] for e in call["transcript"]], ["Hi"])  # the refused speak is not recorded
 
         # A hang-up the carrier refuses keeps the call (SPEC §4.5); the next one ends it.
         self.carrier.mode = "500"
