@@ -385,3 +385,22 @@ class MockWebhookTests(test_webhook.WebhookTestsBase):
         reason = self.refused({"events": [{"type": "call.answered", "callId": call_id, "call_id": call_id}]})
         self.assertIn('"call_id"', reason)
         self.assertIn('"callId"', reason)
+
+    def test_event_id_reused_for_another_event(self):
+        """
+        An `id` posted again with something else to say (the copied curl of the walk-through with a
+        new transcript but the old id) is a 409 saying to give it a new id: it would be taken for a
+        retry of the first and dropped, and the waiting `continue` would go on waiting. A true retry
+        (same event, whatever else differs) is still answered 200 and applied once.
+        """
+        call_id = self.place()
+        speech = {"id": "ev-2", "type": "call.speech", "callId": call_id, "transcript": "Fine, thanks"}
+        self.assertEqual(self.post(json.dumps({"event": speech}).encode()).status, 200)
+        reason = self.refused({"event": {**speech, "transcript": "Good"}}, 409)
+        self.assertIn('"ev-2"', reason)
+        self.assertIn("new id", reason)
+        retry = self.post(json.dumps({"events": [{**speech, "confidence": 0.9}]}).encode())
+        self.assertEqual(retry.status, 200, retry.body)
+        self.assertEqual([e.transcript for e in self.proxy.seen if e.type is EventType.SPEECH], ["Fine, thanks", "Fine, thanks"])
+        both = [{"id": "ev-3", "type": "call.dtmf", "callId": call_id, "digits": "1"}, {"id": "ev-3", "type": "call.dtmf", "callId": call_id, "digits": "2"}]
+        self.assertIn('"ev-3"', self.refused({"events": both}, 409))

@@ -18,7 +18,8 @@ played at once), like a carrier's playback; `speak` fires when it has been playe
 The mock is a development tool, so a payload it cannot use is refused whole (nothing applied)
 with a one-line reason: 400 for a malformed body or event (no `event`/`events`, an unknown type,
 an unknown (misspelt) field, a wrongly typed field, a non-finite number, an inbound event without `providerCallId`/`from`/`to`),
-404 for a callId no call has, 409 for a call that has ended. Like a carrier, it knows its calls:
+404 for a callId no call has, 409 for a call that has ended or an event `id` already used by an
+event that said something else. Like a carrier, it knows its calls:
 those it placed, answered or was asked the status of (a restored call), and inbound calls created
 by an event; the set is bounded.
 """
@@ -103,6 +104,18 @@ def _quote(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)[:80]
 
 
+#: The fields that say what an event is (not when it was sent, nor how sure the recogniser was).
+_SAYS = ("type", "callId", "providerCallId", "direction", "from", "to", "text", "transcript", "digits", "reason", "error")
+
+
+def _what(item: dict) -> tuple:
+    return tuple(item.get(name) for name in _SAYS)
+
+
+def _describe(what: tuple) -> str:
+    return " ".join(f"{name} {_quote(value)}" for name, value in zip(_SAYS, what) if value is not None and name != "callId")
+
+
 @define(repr=False)
 class MockProvider:
     """A provider that places no real calls; it records what it was asked to do."""
@@ -118,6 +131,8 @@ class MockProvider:
     speak_seconds_per_char: float = 0.0
     #: provider_call_id -> clock time its queued playback ends (bounded like `_calls`).
     _playing_until: dict[str, float] = field(factory=dict, repr=False)
+    #: event id -> what that event said (`_what`), to tell a retry from an id used again (bounded).
+    _event_ids: OrderedDict[str, tuple] = field(factory=OrderedDict, repr=False)
     _log = Logger()
 
     # -- webhooks ---------------------------------------------------------------------------------
@@ -138,8 +153,14 @@ class MockProvider:
             for index, item in enumerate(items):
                 where = f"events[{index}]" if len(items) > 1 or index else "event"
                 self._check(item, where, known)
+            said = self._check_ids(items)
         except _Refused as e:
             return _refusal(e.status, str(e))
+        for event_id, what in said.items():
+            self._event_ids[event_id] = what
+            self._event_ids.move_to_end(event_id)
+        while len(self._event_ids) > MAX_TRACKED_CALLS:
+            self._event_ids.popitem(last=False)
         events = []
         for index, item in enumerate(items):
             event = self._event(item, f"{request_key}:{index}")
@@ -218,6 +239,30 @@ class MockProvider:
         live = kind != EventType.ENDED.value
         for i in ids:
             known[i] = live
+
+    def _check_ids(self, items: list) -> dict[str, tuple]:
+        """
+        Refuse an event whose `id` an event saying something else already had: a repeated id is
+        the carrier's retry of that event and would be dropped, so a new event posted with an old
+        id (a copied body with a new transcript) would change nothing, silently. What the event
+        says (`_what`) is compared, not its timestamp or confidence, which a retry may change.
+        """
+        said: dict[str, tuple] = {}
+        for index, item in enumerate(items):
+            if item.get("id") is None:
+                continue
+            event_id = str(item["id"])
+            what = _what(item)
+            before = said.get(event_id, self._event_ids.get(event_id))
+            if before is not None and before != what:
+                where = f"events[{index}]" if len(items) > 1 or index else "event"
+                raise _Refused(
+                    409,
+                    f"{where}: id {_quote(event_id)} was already used by another event ({_describe(before)}); "
+                    "a repeated id is taken for the carrier's retry of that event and changes nothing: give this event a new id",
+                )
+            said[event_id] = what
+        return said
 
     def _track(self, call_id: str | None, live: bool) -> None:
         if not call_id:
