@@ -627,6 +627,26 @@ class NoConfigTests(SynchronousTestCase):
         self.assertIn("voicecall.json5", result.stderr)
         self.assertIn(os.path.join(home, ".config", "voicecall", "voicecall.json5"), result.stderr)
 
+    def test_not_running_without_config_says_where_to_run(self):
+        """
+        Run from another directory than the checkout where `make run` serves, the CLI finds no config
+        and tries the default socket; it says the daemon may be running elsewhere, and how to reach it.
+        """
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        self.patch(cli, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
+        self.patch(cli, "watch_signals", lambda reactor, on_signal: None)
+        self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
+        runner = CliRunner()
+        with runner.isolated_filesystem(temp_dir=home):
+            result = runner.invoke(cli.main, ["end", "--call-id", "x"], env={"VOICECALL_SOCKET": None, "VOICECALL_CONFIG": None, "HOME": home})
+        self.assertEqual(result.exit_code, 1)
+        error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        self.assertEqual(len(error), 1, result.stderr)
+        self.assertIn("voicecall daemon is not running", error[0])
+        self.assertIn("--config", error[0])
+        self.assertIn("directory", error[0])
+
 
 class BadConfigTests(SynchronousTestCase):
     """A command run with a bad config prints each problem as the daemon does: file, key, value."""

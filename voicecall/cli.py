@@ -140,6 +140,14 @@ def how_to_start(ctx: "Context") -> str:
 
 
 def not_running(ctx: "Context", path: str) -> Failed:
+    if ctx._config is not None and ctx.config_path is None and not ctx._socket:
+        # The default socket, from a directory without a config: a `make run` daemon serves
+        # `<checkout>/var/voicecall.sock`, which only its config names.
+        return Failed(
+            f"voicecall daemon is not running on the default socket {path} (no config file in this directory); "
+            "if it runs from a checkout (make run), run voicecall in that directory or pass "
+            f"--config <checkout>/voicecall.json5; else {how_to_start(ctx)}"
+        )
     return Failed(f"voicecall daemon is not running (no answer on {path}); {how_to_start(ctx)}")
 
 
