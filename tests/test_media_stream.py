@@ -289,7 +289,7 @@ class StartTests(MediaStreamTestBase):
 class CapTests(MediaStreamTestBase):
     async def test_pending_limit_in_total(self):
         """Beyond max_pending pending sockets, the next is closed 1013; a started stream frees a slot."""
-        server = self.serve(max_pending=2, max_pending_per_ip=10, client_ip=lambda headers, peer: headers.get("x-client", peer))
+        server = self.serve(max_pending=2, max_pending_per_ip=10, pending_yield_after=60, client_ip=lambda headers, peer: headers.get("x-client", peer))
         first = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
         await self.connected(auto_start=False, headers={"X-Client": "10.0.0.2"})
         third = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.3"})
@@ -302,6 +302,31 @@ class CapTests(MediaStreamTestBase):
         await wait(0.05)
         self.assertTrue(fourth.is_open)
         self.assertEqual(server.pending_count, 2)
+
+    async def test_idle_pending_sockets_give_their_place_to_a_newcomer(self):
+        """
+        With every pending place taken, the oldest socket that has waited pending_yield_after
+        seconds without a start is closed 1013 and the newcomer admitted: idle sockets holding
+        every place (the upgrade signature is one per account) kept Twilio's streams out with
+        1013 for as long as they reconnected. A socket younger than that keeps its place.
+        """
+        server = self.serve(max_pending=2, max_pending_per_ip=10, pending_yield_after=1.0, client_ip=lambda headers, peer: headers.get("x-client", peer))
+        first = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        second = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.2"})
+        await wait(1.1)
+        third = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.3"})
+        self.assertEqual(await first.closed, (1013, "Too many pending media stream connections"))
+        self.assertTrue(third.is_open)
+        third.send_start()
+        await until(lambda: len(self.handler.started) == 1)
+        fourth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.4"})  # the free place
+        fifth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.5"})  # second's place
+        self.assertEqual((await second.closed)[0], 1013)
+        sixth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.6"})  # fourth is too young
+        self.assertEqual((await sixth.closed)[0], 1013)
+        self.assertTrue(fourth.is_open and fifth.is_open and third.is_open)
+        self.assertEqual(server.pending_count, 2)
+        self.assertEqual(server.counts["1013-pending-yielded"], 2)
 
     async def test_pending_limit_per_ip(self):
         """Beyond max_pending_per_ip pending sockets from one client address, the next is closed 1013."""

@@ -8,7 +8,9 @@ Before the upgrade (plain HTTP, answered by L{MediaStreamServer.resource}): 503 
 sockets (upgrading, pending and active) reach C{max_connections} or after L{shutdown}; 400 for a
 missing, repeated or malformed C{Host}; 403 when an upgrade verifier is configured and the
 request's C{X-Twilio-Signature} does not verify. After the upgrade the socket is *pending*: it is
-closed 1013 when too many sockets are pending (in all, or from its client address) and 1008
+closed 1013 when too many sockets are pending (in all, or from its client address; when all the
+places are taken, the oldest pending socket gives its place to a newcomer once it has waited
+L{PENDING_YIELD_AFTER} seconds for its start) and 1008
 C{Start timeout} when no valid C{start} arrives in time. A C{start} with a call SID that the
 handler accepts (with the stream's one-time token, which the session does not keep) makes it
 *active*: a session is registered under its stream SID and the handler hears about its media,
@@ -80,6 +82,9 @@ MAX_FRAGMENTS = 64
 MAX_SEND_BUFFER = 1024 * 1024
 #: Outbound bytes a socket still waiting for its start may have queued (pongs, in practice).
 MAX_PENDING_SEND_BUFFER = 64 * 1024
+#: Seconds a pending socket holds its place when the pending cap is full and a newcomer arrives:
+#: Twilio sends its start at once, so a socket idle this long yields its place to the newcomer.
+PENDING_YIELD_AFTER = 0.5
 #: Seconds a closed socket may keep unsent bytes (a peer that does not read) before it is aborted.
 ABORT_AFTER = 1.0
 
@@ -231,6 +236,7 @@ class MediaStreamProtocol(WebSocketServerProtocol):
     query_token: str | None = None
     session: StreamSession | None = None
     pending_timer: IDelayedCall | None = None
+    pending_since = 0.0
     is_pending = False
     _gone = False
     _bad_frames = 0
@@ -572,6 +578,7 @@ class MediaStreamServer:
     _max_pending: int = 32
     _max_pending_per_ip: int = 4
     _pre_start_timeout: float = 5.0
+    _pending_yield_after: float = PENDING_YIELD_AFTER
     _client_ip: Callable[[Mapping[str, str], "str | None"], str] = lambda headers, peer: peer or ""
     #: (the wss URL as requested: "wss://" + Host + request target, lower-case headers) -> ok
     _verify_upgrade: Callable[[str, Mapping[str, str]], bool] | None = None
@@ -581,7 +588,8 @@ class MediaStreamServer:
     #: Refusals and closes by label, for metrics.
     counts: Counter = field(init=False, factory=Counter)
     _connections: set = field(init=False, factory=set)
-    _pending: set = field(init=False, factory=set)
+    #: Pending sockets, oldest first (a dict keeps insertion order).
+    _pending: dict = field(init=False, factory=dict)
     _pending_by_ip: dict = field(init=False, factory=dict)
     _sessions: dict = field(init=False, factory=dict)
     _shutting_down: bool = field(init=False, default=False)
@@ -663,15 +671,32 @@ class MediaStreamServer:
             connection.close_with(CLOSE_GOING_AWAY, "Server shutting down")
             return
         ip = connection.client_ip
+        if len(self._pending) >= self._max_pending and self._pending_by_ip.get(ip, 0) < self._max_pending_per_ip:
+            self._yield_oldest_pending()
         if len(self._pending) >= self._max_pending or self._pending_by_ip.get(ip, 0) >= self._max_pending_per_ip:
             self.counts["1013-pending"] += 1
             self._log.warn("closing media stream from {ip}: {reason}", ip=ip, reason=TOO_MANY_PENDING)
             connection.close_with(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
             return
         connection.is_pending = True
-        self._pending.add(connection)
+        connection.pending_since = self._reactor.seconds()
+        self._pending[connection] = None
         self._pending_by_ip[ip] = self._pending_by_ip.get(ip, 0) + 1
         connection.pending_timer = self._reactor.callLater(self._pre_start_timeout, self._start_timed_out, connection)
+
+    def _yield_oldest_pending(self) -> None:
+        """
+        With every pending place taken, the oldest pending socket gives its place up (closed 1013)
+        if it has held it for L{PENDING_YIELD_AFTER} seconds without a valid start: idle sockets
+        (the upgrade signature is one constant per account) cannot keep Twilio's streams out.
+        """
+        oldest = next(iter(self._pending), None)
+        if oldest is None or self._reactor.seconds() - oldest.pending_since < self._pending_yield_after:
+            return
+        self._leave_pending(oldest)
+        self.counts["1013-pending-yielded"] += 1
+        self._log.info("closing media stream from {ip}: no start, its place given to a newcomer", ip=oldest.client_ip)
+        oldest.close_with(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
 
     def _start_timed_out(self, connection: MediaStreamProtocol) -> None:
         connection.pending_timer = None
@@ -688,7 +713,7 @@ class MediaStreamServer:
         if not connection.is_pending:
             return
         connection.is_pending = False
-        self._pending.discard(connection)
+        self._pending.pop(connection, None)
         ip = connection.client_ip
         left = self._pending_by_ip.get(ip, 1) - 1
         if left > 0:
