@@ -118,6 +118,27 @@ class OptionsTests(TapTestsBase):
         self.assertEqual(tap.unix_endpoint("unix:address=/tmp/a.sock"), "unix:address=/tmp/a.sock:mode=600:lockfile=1")
         self.assertEqual(tap.unix_endpoint("systemd:domain=UNIX:index=0"), "systemd:domain=UNIX:index=0")
 
+    def test_bad_endpoints_refused(self):
+        """An endpoint string Twisted cannot parse is refused in option parsing, naming the option and the string."""
+        path = self.write_config({})
+        self.assertEqual(
+            [self.refused("--config", path, *argv) for argv in
+             (["--webhook", "tcp:abc"], ["--rpc", "bogus:x"], ["--rpc", "unix:"], ["--webhook", "tcp:0:backlog=many"])],
+            ['voicecall: --webhook "tcp:abc": \'abc\' is not a number, e.g. tcp:3334:interface=127.0.0.1',
+             'voicecall: --rpc "bogus:x": unknown endpoint type "bogus", e.g. unix:/path/to/voicecall.sock',
+             'voicecall: --rpc "unix:": a UNIX endpoint needs a path, e.g. unix:/path/to/voicecall.sock',
+             'voicecall: --webhook "tcp:0:backlog=many": \'many\' is not a number, e.g. tcp:3334:interface=127.0.0.1'],
+        )  # fmt: skip
+
+    def test_ipv6_bind_is_escaped(self):
+        """serve.bind "::1" makes a webhook endpoint Twisted parses (colons escaped)."""
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.testing import MemoryReactor
+
+        webhook = self.parse("--config", self.write_config({"serve": {"bind": "::1"}}))["webhook"]
+        self.assertEqual(webhook, "tcp:3334:interface=\\:\\:1")
+        self.assertEqual(serverFromString(MemoryReactor(), webhook)._interface, "::1")
+
     def test_malformed_config_lists_every_problem(self):
         """A config with several bad values is refused with one line per problem, each naming the file."""
         path = self.write_config(
@@ -273,8 +294,33 @@ class StartupTests(TestCase):
         child = await self.refused(workdir, "--webhook", f"tcp:{port}:interface=127.0.0.1")
         line = f"port {port} on 127.0.0.1 is in use (another voicecall? check `voicecall status`)"
         self.assertEqual(child.stderr, f"voicecall failed to start: {line}\n")
-        self.assertEqual([x for x in child.stdout.splitlines() if "error" in x], [x for x in child.stdout.splitlines() if line in x])
+        self.assertNotIn("in use", child.stdout)  # the line is said once, on stderr, not logged again
+        self.assertNotIn("twistd", child.stdout)
         self.assertNotIn("voicecall ready", child.stdout)
+
+    async def test_second_daemon_on_the_same_checkout_is_one_line(self):
+        """A second `make run` (same store, socket and port) prints one line, on stderr, and nothing on stdout about it."""
+        workdir = make_workdir(self)
+        await start_daemon(self, workdir)
+        child = await self.refused(workdir)
+        self.assertEqual(len(child.stderr.splitlines()), 1, child.stderr)
+        self.assertIn("voicecall failed to start: the store", child.stderr)
+        self.assertIn("is in use by another voicecall daemon", child.stderr)
+        self.assertEqual(child.stdout, "")
+
+    async def test_bad_endpoint_is_a_usage_error(self):
+        """A --webhook or --rpc endpoint that does not parse is one line naming the option and the string; exit 1."""
+        workdir = make_workdir(self)
+        child = await self.refused(workdir, "--webhook", "tcp:abc")
+        self.assertEqual(len(child.stderr.splitlines()), 1, child.stderr)
+        self.assertIn('--webhook "tcp:abc"', child.stderr)
+        self.assertNotIn("invalid literal", child.stderr)
+        self.assertEqual(child.stdout, "")
+        child = await self.refused(workdir, "--rpc", "bogus:x")
+        self.assertEqual(len(child.stderr.splitlines()), 1, child.stderr)
+        self.assertIn('--rpc "bogus:x"', child.stderr)
+        self.assertEqual(child.stdout, "")
+        self.assertEqual(sorted(os.listdir(workdir.path)), ["voicecall.json"])
 
     async def test_busy_rpc_socket_is_one_line(self):
         """A second daemon (on a store of its own) on the same RPC socket says the socket is in use."""
@@ -304,6 +350,12 @@ class StartupTests(TestCase):
             calls, [f"call {call_id} placed (conversation)", f"call {call_id} answered", f"call {call_id} ended: hangup-user"]
         )
         self.assertNotIn("#debug]", daemon.process.stdout)
+        self.assertNoStartupNoise(daemon.process.stdout)
+
+    def assertNoStartupNoise(self, stdout: str) -> None:
+        """Twisted's factory and port chatter is not shown at the default level."""
+        for noise in (r"starting on", r"Port .* Closed", r"Starting factory", r"Stopping factory"):
+            self.assertNotRegex(stdout, noise)
 
     async def test_carrier_failure_logged_with_the_api_root(self):
         """A call the carrier API refuses is one line naming the API root, never the credentials."""
@@ -322,6 +374,7 @@ class StartupTests(TestCase):
         self.assertEqual(len(lines), 1, daemon.process.stdout)
         self.assertTrue(lines[0].endswith("failed at the carrier (http://127.0.0.1:9)"), lines[0])
         self.assertNotIn("ended: failed", daemon.process.stdout)
+        self.assertNoStartupNoise(daemon.process.stdout)
         self.assertNotIn("sekrit", daemon.process.stdout + daemon.process.stderr)
 
 
@@ -351,6 +404,21 @@ class LogLevelTests(TapTestsBase):
         self.service({"nodaemon": True, "logfile": None}).setServiceParent(application)
         application.getComponent(ILogObserver)({"log_level": LogLevel.debug, "log_format": "d", "log_namespace": "x", "log_time": 0})
         self.assertIn("d", self.stdout.getvalue())
+
+    def test_port_chatter_only_at_debug(self):
+        """Twisted's "... starting on ..." and "(TCP Port ... Closed)" lines show only at debug."""
+        def shown(level):
+            self.env["VOICECALL_LOG_LEVEL"] = level
+            application = Application("voicecall")
+            self.service({"nodaemon": True, "logfile": None}).setServiceParent(application)
+            for text in ("ScreenedSite starting on 3334", "(TCP Port 3334 Closed)", "(UNIX Port /s/v.sock Closed)", "hello"):
+                application.getComponent(ILogObserver)(
+                    {"log_level": LogLevel.info, "message": (text,), "log_format": "{log_text}", "log_text": text,
+                     "log_namespace": "log_legacy", "log_time": 0})  # fmt: skip
+            return [line.split("] ", 1)[1] for line in self.stdout.getvalue().splitlines()]
+
+        self.assertEqual(shown("info"), ["hello"])
+        self.assertEqual(len(shown("debug")), 4)
 
     def test_log_file_left_to_twistd(self):
         """With --logfile, --syslog or --logger (or outside twistd) twistd's own observer stands."""

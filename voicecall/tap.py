@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from typing import Any
 
@@ -23,6 +24,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -30,11 +32,12 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     Logger,
+    PredicateResult,
     textFileLogObserver,
 )
 from twisted.python.components import Componentized
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
@@ -108,10 +111,17 @@ def build_provider(cfg, reactor, http):
     return MockProvider(clock=reactor)
 
 
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    """The pool's per-connection factory without its "Starting factory" / "Stopping factory" lines."""
+
+    noisy = False
+
+
 def build_http_client(reactor):
     """One treq client with its own connection pool for every outside HTTP API."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
+    pool._factory = _QuietHTTP11ClientFactory  # its lines say nothing useful (twisted/twisted#9330)
     return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
 
 
@@ -124,6 +134,31 @@ def unix_endpoint(description: str) -> str:
     if ":lockfile=" not in description:
         description += ":lockfile=1"
     return description
+
+
+def _bad_endpoint(option: str, description: str) -> str | None:
+    """The line refusing an endpoint string Twisted cannot parse (None: it parses)."""
+    example = "tcp:3334:interface=127.0.0.1" if option == "webhook" else "unix:/path/to/voicecall.sock"
+    if description.startswith("unix:") and not _unix_path(description):
+        return f'voicecall: --{option} "{description}": a UNIX endpoint needs a path, e.g. {example}'
+    try:
+        serverFromString(MemoryReactor(), description)  # parses only: nothing is bound
+    except Exception as e:  # Twisted's parsers raise ValueError, TypeError, KeyError, IndexError...
+        unknown = re.match(r"Unknown endpoint type: '(.*)'", str(e))
+        number = re.match(r"invalid literal for int\(\) with base 10: (.*)", str(e))
+        if unknown:
+            why = f'unknown endpoint type "{unknown.group(1)}"'
+        elif number:
+            why = f"{number.group(1)} is not a number"
+        else:
+            why = f"not a valid endpoint ({e})"
+        return f'voicecall: --{option} "{description}": {why}, e.g. {example}'
+    return None
+
+
+def _endpoint_text(value: str) -> str:
+    """`value` as one argument of an endpoint string (an IPv6 address has colons)."""
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def _unix_path(description: str) -> str | None:
@@ -165,9 +200,14 @@ class Options(usage.Options):
             raise SystemExit(DISABLED_EXIT_STATUS)
         if config.provider not in PROVIDERS:
             raise SystemExit(f'voicecall: provider "{config.provider}" is not available in this build yet')
+        for option in ("webhook", "rpc"):
+            if self[option] is not None:
+                refusal = _bad_endpoint(option, self[option])
+                if refusal:
+                    raise SystemExit(refusal)
         self["config_path"] = path
         self["voicecall"] = config
-        self["webhook"] = self["webhook"] or f"tcp:{config.serve.port}:interface={config.serve.bind}"
+        self["webhook"] = self["webhook"] or f"tcp:{config.serve.port}:interface={_endpoint_text(config.serve.bind)}"
         self["rpc"] = unix_endpoint(self["rpc"] or "unix:" + default_socket_path(config.store, env))
 
 
@@ -185,7 +225,9 @@ def stdout_log_observer(twistd_options: Any, env: Any) -> Any:
     """
     The observer twistd would log to stdout with (``-n`` without ``--logfile``: the journal under
     systemd, the terminal for ``make run``), keeping only events at ``$VOICECALL_LOG_LEVEL``
-    (default ``info``) and above: twistd has no level option and would print debug events.
+    (default ``info``) and above: twistd has no level option and would print debug events. Unless
+    the level is debug it also drops Twisted's chatter (`_drop_chatter`), and a start failure is not logged
+    there: it is the one line on stderr.
     None (twistd's own choice stands) for a log file, syslog, ``--logger``, or outside twistd.
     """
     if not twistd_options or twistd_options.get("logger") or twistd_options.get("syslog"):
@@ -197,7 +239,33 @@ def stdout_log_observer(twistd_options: Any, env: Any) -> Any:
         level = LogLevel.levelWithName(env.get("VOICECALL_LOG_LEVEL", "info").lower())
     except InvalidLogLevelError:
         level = LogLevel.info
-    return FilteringLogObserver(textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(level)])
+    predicates = [LogLevelFilterPredicate(level)]
+    if level > LogLevel.debug:
+        predicates.append(_drop_chatter)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stdout), predicates)
+    observer.to_stdout = True  # the terminal or the journal: a start failure is said on stderr only
+    return observer
+
+
+#: What Twisted's ports say, unconditionally and at info, when they open and close
+#: ("ScreenedSite starting on 3334", "(TCP Port 3334 Closed)"): debug chatter here, since the
+#: ready line names what listens.
+_PORT_CHATTER = re.compile(r"\S+ starting on .+|\((?:TCP |UNIX |UDP )?Port \S.* Closed\)")
+
+#: twistd's own first two lines (its version and the reactor class): debug chatter too, so a
+#: daemon that cannot start prints its one line on stderr and nothing else.
+_TWISTD_START = ("twistd {version} ({exe} {pyVersion}) starting up.", "reactor class: {reactor}.")
+
+
+def _drop_chatter(event: dict) -> PredicateResult:
+    if event.get("log_level", LogLevel.info) > LogLevel.info:
+        return PredicateResult.maybe
+    if event.get("log_format") in _TWISTD_START and "AppLogger" in event.get("log_namespace", ""):
+        return PredicateResult.no
+    message = event.get("message")
+    if message and len(message) == 1 and isinstance(message[0], str) and _PORT_CHATTER.fullmatch(message[0]):
+        return PredicateResult.no
+    return PredicateResult.maybe
 
 
 class StartFailed(Exception):
@@ -265,6 +333,7 @@ class VoicecallService(MultiService):
         self._tunnel = None
         self._config_path = config_path
         self._log_observer = log_observer
+        self._logs_to_stdout = False
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
             if child is not None:
@@ -276,6 +345,7 @@ class VoicecallService(MultiService):
         if self._log_observer is not None and isinstance(parent, Componentized):
             if parent.getComponent(ILogObserver, None) is None:
                 parent.setComponent(ILogObserver, self._log_observer)
+                self._logs_to_stdout = getattr(self._log_observer, "to_stdout", False)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
@@ -347,7 +417,8 @@ class VoicecallService(MultiService):
 
     def _failed(self, failure) -> None:
         if failure.check(StartFailed, StoreLockedError):
-            self._log.error("voicecall failed to start: {why}", why=failure.getErrorMessage())
+            if not self._logs_to_stdout:  # a log file or the syslog keeps it; a terminal sees stderr
+                self._log.error("voicecall failed to start: {why}", why=failure.getErrorMessage())
         else:
             self._log.failure("voicecall failed to start", failure)
         print(f"voicecall failed to start: {failure.getErrorMessage()}", file=sys.__stderr__, flush=True)
