@@ -94,15 +94,18 @@ class DoctorChecksTests(SynchronousTestCase):
         self.assertIn("in use", failed["port"])
         self.assertIn("state directory", failed)
 
-    def test_unparseable_config_is_the_only_line(self):
-        """A file that cannot be parsed is one failing line with its line and column."""
+    def test_unparseable_config_does_not_stop_the_other_checks(self):
+        """A file that cannot be parsed is one failing line with its line and column; the port,
+        socket and state directory are still checked, with the built-in defaults, saying so."""
         directory = tempfile.mkdtemp(prefix="vc-doc-", dir="/tmp")
         self.addCleanup(os.system, f"rm -rf {directory}")
         path = os.path.join(directory, "voicecall.json5")
         with open(path, "w") as f:
             f.write("{provider: }")
-        checks = run_checks(path, None, {}, directory)
-        self.assertEqual([(c.name, c.ok, c.detail) for c in checks], [("config", False, f"{path}:1:12: not valid JSON or JSON5: Unexpected \"}}\"")])
+        checks = run_checks(path, os.path.join(directory, "s.sock"), {"HOME": directory}, directory)
+        self.assertEqual((checks[0].name, checks[0].ok, checks[0].detail), ("config", False, f"{path}:1:12: not valid JSON or JSON5: Unexpected \"}}\""))
+        self.assertEqual([c.name for c in checks[1:]], ["port", "socket", "state directory"])
+        self.assertTrue(all("defaults" in c.detail for c in checks[1:]), [c.detail for c in checks[1:]])
 
     def test_deprecations_are_warnings(self):
         """Legacy keys are WARN lines naming their replacement; the report stays ok."""
@@ -165,4 +168,15 @@ class DoctorWithDaemonTests(TestCase):
         self.assertIn(f'FAIL  config: {workdir.config_path}: fromNumbr: unknown key (did you mean "fromNumber"?)', lines)
         self.assertIn(f"FAIL  credentials: {workdir.config_path}: twilio.accountSid is required (or set TWILIO_ACCOUNT_SID env)", lines)
         self.assertIn("FAIL  public URL: http://127.0.0.1/x is loopback or private: carriers cannot reach it", lines)
+        self.assertNotIn("Traceback", result.out + result.err)
+
+    async def test_syntax_error_through_the_cli(self):
+        """`voicecall doctor` on a config with a JSON syntax error reports it and goes on to the port, socket and store."""
+        workdir = make_workdir(self, raw='{\n  provider: "mock",\n  serve: {port: @},\n}\n')
+        result = await run_cli(self, workdir, "doctor", env={"HOME": workdir.path})
+        self.assertEqual(result.code, 1, result.err)
+        lines = result.out.splitlines()
+        self.assertEqual(lines[0], f'FAIL  config: {workdir.config_path}:3:17: not valid JSON or JSON5: Unexpected "@"')
+        checked = [line[6:].split(":", 1)[0] for line in lines[1:] if not line.startswith(" ")]
+        self.assertEqual(checked, ["port", "socket", "state directory"], result.out)
         self.assertNotIn("Traceback", result.out + result.err)

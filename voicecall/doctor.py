@@ -114,9 +114,13 @@ def run_checks(explicit_config: str | None, socket_override: str | None, env: Ma
     try:
         cfg = parse_config({}, env) if path is None else load_config(path, env)
     except ConfigError as e:
-        if e.config is None:  # unreadable or not JSON: nothing else can be known
+        if e.config is None:  # unreadable or not JSON: what the built-in defaults would use is still checked
             checks.extend(Check("config", False, line, fix) for line in e.lines())
-            return checks
+            try:
+                defaults = parse_config({}, env)
+            except ConfigError:
+                return checks
+            return checks + _local_checks(defaults, socket_override, env, "; built-in defaults, as the config could not be read")
         cfg, whole_file = e.config, e.whole_file
         missing = {i.problem for i in _missing_credentials(cfg)}  # reported under "credentials"
         shown = ConfigError([i for i in e.issues if i.problem not in missing], whole_file=whole_file, file=e.file)
@@ -135,9 +139,6 @@ def run_checks(explicit_config: str | None, socket_override: str | None, env: Ma
         checks.append(Check("credentials", True, "mock provider: no carrier, no real calls"))
     else:
         checks.append(Check("credentials", True, f"{cfg.provider} credentials present"))
-
-    socket_path = socket_override or default_socket_path(cfg.store, env)
-    health = daemon_health(socket_path)
 
     if cfg.provider != "mock":
         exposure = cfg.public_url
@@ -170,6 +171,15 @@ def run_checks(explicit_config: str | None, socket_override: str | None, env: Ma
         else:
             checks.append(Check("streaming", True, "Twilio media streams with OpenAI realtime STT"))
 
+    return checks + _local_checks(cfg, socket_override, env)
+
+
+def _local_checks(cfg, socket_override: str | None, env: Mapping[str, str], note: str = "") -> list[Check]:
+    """The running daemon, or the port and socket it would take; and its state directory. `note`
+    ends each detail (the defaults used when the config could not be read)."""
+    checks: list[Check] = []
+    socket_path = socket_override or default_socket_path(cfg.store, env)
+    health = daemon_health(socket_path)
     if health is not None:
         checks.append(Check("daemon", True, f"running: {health.get('activeCalls', 0)} active call(s), webhook {health.get('webhookUrl')}"))
         checks.append(Check("port", True, f"{cfg.serve.bind}:{cfg.serve.port} held by the running daemon"))
@@ -179,7 +189,7 @@ def run_checks(explicit_config: str | None, socket_override: str | None, env: Ma
         checks.append(_socket_check(socket_path))
     ok, detail = _writable_dir(cfg.store)
     checks.append(Check("state directory", ok, detail, None if ok else f"make {cfg.store} writable by the daemon's user"))
-    return checks
+    return [Check(c.name, c.ok, c.detail + note, c.fix, c.warn) for c in checks]
 
 
 def _port_check(bind: str, port: int) -> Check:
