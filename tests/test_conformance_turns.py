@@ -273,3 +273,34 @@ class RestoredTwilioCallSpeechTests(SynchronousTestCase):
         self.assertNoResult(d)  # said once Twilio fetches the Redirect
         clock.advance(60)
         self.successResultOf(d)
+
+
+class FailedWriteOfAnEndTests(_Base):
+    """
+    An end whose store write fails is not half done: the call stays active (in memory as in the
+    store, holding its slot), the caller gets the error, and ending it again works. Found by
+    `make soak`: the call was dropped from memory but stayed live in the store, so after a
+    restart it came back and more calls were active than maxConcurrentCalls.
+    """
+
+    def setUp(self):
+        self.manager_with(MockProvider, max_concurrent_calls=1)
+        self.failing = _FailingStore(self.store)
+        self.manager._store = self.failing
+
+    def test_end_write_fails_then_end_again(self):
+        call_id = self.place(mode="conversation", message="Hi")
+        state = self.manager.find(call_id).state
+        self.failing.fail_writes = 1
+        failure = self.failureResultOf(self.run_(self.manager.end_call(call_id)))
+        self.assertEqual(str(failure.value), "Failed to persist call: disk full")
+        call = self.manager.find(call_id)
+        self.assertIsNotNone(call, "still active: the store has it live")
+        stored = self.successResultOf(self.store.get_call(call_id))
+        self.assertEqual((call.state, stored.state, call.ended_at, call.end_reason), (state, state, None, None))
+        refused = self.failureResultOf(self.run_(self.manager.initiate(TO, "Hi", "conversation")))
+        self.assertIn("Maximum concurrent calls (1) reached", str(refused.value))
+        self.successResultOf(self.run_(self.manager.end_call(call_id)))
+        self.assertIsNone(self.manager.find(call_id))
+        stored = self.successResultOf(self.store.get_call(call_id))
+        self.assertEqual((stored.state.value, stored.end_reason), ("hangup-bot", "hangup-bot"))

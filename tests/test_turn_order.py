@@ -399,3 +399,34 @@ class HangUpDuringASpeakTests(_CarrierStack):
         self.successResultOf(ended)
         self.failureResultOf(spoken, CallError)
         self.assertNotIn(text, self.bot_said(stack, call_id))
+
+
+class CancelledContinueTests(_MockCalls):
+    """A continue cancelled by its caller (the RPC connection closed) leaves nothing behind."""
+
+    def test_cancelled_while_waiting_for_the_answer(self):
+        import gc
+
+        call_id = self.initiate()
+        self.event(call_id, EventType.ANSWERED)
+        self.wait(4)
+        answer = self.run_(self.manager.continue_call(call_id, "Who is this?"))
+        self.wait(1)
+        answer.cancel()
+        self.failureResultOf(answer)
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertFalse(self.manager.turn_pending(call_id))
+
+    def test_cancelled_while_queued(self):
+        """Its place stays until what is ahead has played, and its timer goes."""
+        call_id = self.initiate()
+        answer = self.run_(self.manager.continue_call(call_id, "Who is this?"))
+        answer.cancel()
+        self.failureResultOf(answer)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        spoken = self.run_(self.manager.speak(call_id, "Goodbye."))
+        self.event(call_id, EventType.ANSWERED)
+        self.wait(5)
+        self.successResultOf(spoken)
+        self.assertEqual(self.played(), [GREETING, "Goodbye."])

@@ -101,7 +101,7 @@ class _Waiter:
     def _settled(self, result: Any) -> None:
         self._result.append(result)
         asked, self._asked = self._asked, None
-        if asked is not None:
+        if asked is not None and not asked.called:  # (called: the turn was cancelled meanwhile)
             asked.errback(result) if isinstance(result, Failure) else asked.callback(result)
 
     def outcome(self) -> Deferred[str]:
@@ -736,13 +736,14 @@ class CallManager:
 
     def _bounded(self, slot: Deferred, limit: float, call_id: str) -> Deferred[None]:
         """Fires when `slot` does, or fails with the transcript timeout after `limit` seconds."""
-        gate: Deferred[None] = Deferred()
 
         def give_up() -> None:
             if not gate.called:
                 gate.errback(self._timed_out(call_id))
 
         timer = self._clock.callLater(limit, give_up)
+        # Cancelled (the caller went away): its timer goes too; the place is kept as on a timeout.
+        gate: Deferred[None] = Deferred(lambda _: timer.cancel() if timer.active() else None)
 
         def reached(result: Any) -> Any:
             if timer.active():
@@ -1106,9 +1107,20 @@ class CallManager:
             raise CallError(str(e) or "end failed", call.call_id) from e
         if call.is_terminal or call.call_id not in self._active:
             return
+        # All or nothing, like the turn path: the call leaves memory (and frees its slot) only
+        # once its end is stored; a failed write leaves it active as the store has it, and the
+        # carrier's hang-up webhook or another end completes it.
         events: list[dict] = []
-        self._finish(call, reason, f"Call ended: {reason}", events)
-        await self._persist(call, events=events)
+        before = _Fields.of(call)
+        self._end_record(call, reason, events)
+        try:
+            await self._persist(call, events=events)
+        except Exception as e:
+            before.restore(call, _Fields.of(call))
+            self._log.warn("could not store the end of {call_id} ({error}): still active", call_id=call.call_id, error=str(e))
+            raise CallError(f"Failed to persist call: {e}", call.call_id) from e
+        if self._active.get(call.call_id) is call:
+            self._ended(call, reason, f"Call ended: {reason}")
 
     # -- restore (SPEC §14.3 [H]) -----------------------------------------------------------------
 
