@@ -635,6 +635,29 @@ class BackpressureTests(RpcTestsBase):
         self.assertStillServing(self.connect(factory))
         self.assertIsNone(factory.buildProtocol(None))
 
+    def test_request_data_held_is_capped_across_connections(self):
+        """
+        Beyond FREE_BUFFER_BYTES each, what connections hold of unfinished lines comes out of one
+        budget; the connection that would pass it is closed, the others go on. 64 connections each
+        holding a 1 MiB line without its newline grew the daemon by 68 MiB.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        factory = RpcFactory(self.methods.table(), self.manager.subscribe, clock=self.clock, max_shared_buffer=200 * 1024)
+        first, second, third = (self.connect(factory) for _ in range(3))
+        partial = b'{"jsonrpc":"2.0","id":1,"method":"voicecall.health","params":{"x":"' + b"a" * 150 * 1024
+        for conn in (first, second, third):
+            conn.send(partial)
+        self.assertFalse(first.transport.disconnecting or second.transport.disconnecting)
+        self.assertTrue(third.transport.disconnecting)
+        self.assertEqual(len([e for e in logged if "would pass" in e.get("log_format", "")]), 1)
+        first.send(b'"}}\n')
+        self.assertEqual(first.messages()[-1]["result"]["ok"], True)
+        fourth = self.connect(factory)
+        fourth.send(partial + b'"}}\n')
+        self.assertEqual(fourth.messages()[-1]["result"]["ok"], True)
+        second.lose()
+        self.assertEqual(factory._budget.used, 0)
+
     def test_in_flight_cap_stops_reading(self):
         """At MAX_IN_FLIGHT requests being worked on, the rest wait unread; each one finished lets one more in."""
         factory, waiting = self.slow_factory()

@@ -21,7 +21,9 @@ full: it pauses us as its producer) no further requests are read from it or hand
 already read wait, so one read's worth of small requests cannot queue a thousand answers), at
 most `MAX_IN_FLIGHT` of its requests are worked on at once, and a peer that stays backed up for
 `STALL_TIMEOUT` seconds is disconnected. At most `MAX_CONNECTIONS` connections are served at
-once (a new one past it is closed when accepted), so what all peers can hold is bounded too. What is queued for it, answers and
+once (a new one past it is closed when accepted), and the request data they hold (a line still
+arriving may be 1 MiB) beyond `FREE_BUFFER_BYTES` each is capped at `MAX_SHARED_BUFFER_BYTES`
+in all (the connection that would pass it is closed), so what all peers can hold is bounded too. What is queued for it, answers and
 notifications alike, is capped at `MAX_QUEUED_BYTES`: the answer or event that would pass the
 cap closes the connection instead (one log line). The count is an upper bound of what the
 transport holds unsent: its buffer size while it has not paused us (it pauses us past that),
@@ -53,6 +55,36 @@ MAX_IN_FLIGHT = 256
 STALL_TIMEOUT = 10.0
 #: Connections at once; past it a new one is closed as soon as it is accepted.
 MAX_CONNECTIONS = 64
+#: Bytes of unhandled request data (a line still arriving, lines not yet handled) each connection
+#: may hold on its own; what it holds beyond this comes out of the factory's shared LineBudget.
+FREE_BUFFER_BYTES = 64 * 1024
+#: The shared budget: past it, the connection whose buffer would exceed it is closed.
+MAX_SHARED_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+class LineBudget:
+    """What all connections' request buffers hold beyond FREE_BUFFER_BYTES each, capped in total."""
+
+    def __init__(self, limit: int = MAX_SHARED_BUFFER_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+        self._charged: dict[object, int] = {}
+
+    def charge(self, owner: object, held: int) -> bool:
+        """`owner` now holds `held` bytes; False (nothing charged) when that passes the limit."""
+        excess = max(0, held - FREE_BUFFER_BYTES)
+        before = self._charged.get(owner, 0)
+        if excess > before and self.used - before + excess > self.limit:
+            return False
+        self.used += excess - before
+        if excess:
+            self._charged[owner] = excess
+        else:
+            self._charged.pop(owner, None)
+        return True
+
+    def release(self, owner: object) -> None:
+        self.used -= self._charged.pop(owner, 0)
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -234,6 +266,7 @@ class RpcProtocol(Protocol):
         clock: IReactorTime | None = None,
         stall_timeout: float = STALL_TIMEOUT,
         on_lost: Callable[["RpcProtocol"], None] | None = None,
+        budget: LineBudget | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -246,6 +279,7 @@ class RpcProtocol(Protocol):
         self._stall_timeout = stall_timeout
         self._stall_call: IDelayedCall | None = None
         self._on_lost = on_lost
+        self._budget = budget
         self._outgoing: dict[str, Deferred] = {}
         self._next_id = 0
         self._buffer = b""
@@ -314,6 +348,8 @@ class RpcProtocol(Protocol):
     def connectionLost(self, reason) -> None:
         self._connected = False
         self._cancel_stall()
+        if self._budget is not None:
+            self._budget.release(self)
         if self._on_lost is not None:
             on_lost, self._on_lost = self._on_lost, None
             on_lost(self)
@@ -361,6 +397,16 @@ class RpcProtocol(Protocol):
             if not self._discarding:
                 self._discarding = True
                 self._send_error(None, INVALID_REQUEST, "Request line too long (max 1 MiB)")
+        if self._connected and self._budget is not None and not self._budget.charge(self, len(self._buffer)):
+            self._log.warn(
+                "closing an RPC connection: the request data all connections hold would pass {limit} bytes",
+                limit=self._budget.limit,
+            )
+            self._connected = False
+            self._buffer = b""
+            self._budget.release(self)
+            self.transport.abortConnection()
+            return
         self._update_reading()
 
     def _line(self, line: bytes) -> None:
@@ -515,6 +561,7 @@ class RpcFactory(Factory):
         responders: GatewayResponders | None = None,
         clock: IReactorTime | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        max_shared_buffer: int = MAX_SHARED_BUFFER_BYTES,
     ) -> None:
         self._methods = methods
         self._subscribe = subscribe
@@ -522,6 +569,7 @@ class RpcFactory(Factory):
         self._clock = clock
         self._max_connections = max_connections
         self._connections: set[RpcProtocol] = set()
+        self._budget = LineBudget(max_shared_buffer)
         self._refused = 0
 
     def __repr__(self) -> str:
@@ -537,6 +585,6 @@ class RpcFactory(Factory):
         if self._refused:
             self._log.info("accepting RPC connections again ({count} refused)", count=self._refused)
             self._refused = 0
-        protocol = RpcProtocol(self._methods, self._subscribe, self._responders, clock=self._clock, on_lost=self._connections.discard)
+        protocol = RpcProtocol(self._methods, self._subscribe, self._responders, clock=self._clock, on_lost=self._connections.discard, budget=self._budget)
         self._connections.add(protocol)
         return protocol
