@@ -39,6 +39,16 @@ class Manager:
         self.initial.append(sid)
         return succeed(None)
 
+    listeners: list = []
+
+    def subscribe(self, listener):
+        self.listeners = [*self.listeners, listener]
+        return lambda: self.listeners.remove(listener)
+
+    def emit(self, entry: dict) -> None:
+        for listener in list(self.listeners):
+            listener(entry)
+
 
 class STT:
     def __init__(self, **callbacks) -> None:
@@ -98,6 +108,26 @@ class StreamTokenTests(MediaStreamTestBase):
         await wait(0.05)
         self.assertTrue(first.is_open)
         self.assertEqual(list(self.media.sessions), [first.stream_sid])
+
+    async def test_the_end_of_the_call_closes_its_stream(self):
+        """
+        When the call ends, its stream is closed 1000 and frees its slot: a peer that kept the
+        socket after the call ended kept its session (and its STT session) without end, and with
+        one stream slot every inbound caller waited in the hold queue. Other calls' streams stay.
+        """
+        self.bridge.manager.calls["CA2"] = Call(call_id="c2")
+        first = await self.start(self.mint())
+        other = await self.start(token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, action_url=ACTION)), call_sid="CA2")
+        self.assertIn(other.stream_sid, self.media.sessions)
+        del self.bridge.manager.calls["CA1"]
+        self.bridge.manager.emit({"type": "call.state", "callId": "c1", "state": "completed"})
+        await wait(0.05)
+        self.assertTrue(first.is_open)
+        self.bridge.manager.emit({"type": "call.ended", "callId": "c1", "reason": "completed"})
+        self.assertEqual(await first.closed, (1000, "Call ended"))
+        await until(lambda: list(self.media.sessions) == [other.stream_sid])
+        self.assertTrue(other.is_open)
+        self.assertFalse(self.bridge.stream_busy())
 
     async def test_an_unused_token_expires(self):
         """A token not used within 60 s starts nothing; one used just in time does."""

@@ -75,6 +75,8 @@ class StreamBridge:
     _transcribers: dict[str, Any] = field(factory=dict, repr=False)  # StreamSid -> RealtimeTranscriber
     _grace: dict[str, IDelayedCall] = field(factory=dict, repr=False)  # CallSid -> pending end-of-call
     _closing: set = field(factory=set, repr=False)  # STT sessions closing: Deferreds firing when they are gone
+    _call_sids: dict[str, str] = field(factory=dict, repr=False)  # callId -> CallSid, for calls that had a stream
+    _unsubscribe: Callable[[], None] | None = field(default=None, repr=False)
     _log = Logger()
 
     # -- the Twilio adapter's hooks ---------------------------------------------------------------
@@ -123,6 +125,9 @@ class StreamBridge:
         close-handshake timeout).
         """
         self.manager = None
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
         for timer in self._grace.values():
             if timer.active():
                 timer.cancel()
@@ -170,6 +175,7 @@ class StreamBridge:
         if old is not None and old is not session:
             old.close(1000, "Replaced by a new stream")
         self._sessions[sid] = session
+        self._watch_call_end(sid)
         stt = self._new_transcriber(
             on_partial=lambda text: None,
             on_final=lambda text: self._final(sid, text),
@@ -180,6 +186,34 @@ class StreamBridge:
         d.addErrback(lambda f: self._log.warn("Realtime STT for {sid} did not connect: {error}", sid=sid, error=f.getErrorMessage()))
         # SPEC §5.3 [H]: the first words go out when speech-to-text is ready (or has failed: TTS still works).
         d.addBoth(lambda _: self._speak_initial(sid, session))
+
+    def _watch_call_end(self, call_sid: str) -> None:
+        """Hear of the call's end (the manager's call.ended), to close its stream then."""
+        manager = self.manager
+        if manager is None:
+            return
+        if self._unsubscribe is None:
+            self._unsubscribe = manager.subscribe(self._call_event)
+        call = manager.find(call_sid)
+        if call is not None:
+            _bounded_put(self._call_sids, call.call_id, call_sid)
+
+    def _call_event(self, entry: dict) -> None:
+        """
+        A call that had a stream ended: its token is dropped and its stream closed 1000 (Twilio
+        closes it too; a peer that kept the socket would keep the session, its STT session and
+        a stream slot).
+        """
+        if entry.get("type") != "call.ended":
+            return
+        sid = self._call_sids.pop(entry.get("callId"), None)
+        if sid is None:
+            return
+        self.forget(sid)
+        session = self._sessions.get(sid)
+        if session is not None:
+            self._log.info("closing the media stream of {call_id}: the call ended", call_id=entry.get("callId"))
+            session.close(1000, "Call ended")
 
     def _speak_initial(self, call_sid: str, session) -> None:
         if self._sessions.get(call_sid) is session and self.manager is not None:
