@@ -132,6 +132,25 @@ class TwilioInboundTests(InboundMixin, TestCase):
             call.hangup_by_callee()
         await self.fake.settle()
 
+    async def test_greeting_is_followed_by_one_listen(self):
+        """
+        The greeting's Redirect is answered with the listen loop, and nothing replaces it: a
+        second, identical Gather sent as a live update cut off a caller who spoke at once (the
+        fake's callee does: the first words were lost and the call never answered).
+        """
+        await self.start()
+        call = self.place(FRIEND, self.turns())
+        await eventually(lambda: "You said how are you" in self.spoken(call), 20, "two replies")
+        record = self.service.manager.active_calls()[0]
+        await eventually(lambda: len(record.transcript) == 5, 5, "the last reply in the transcript")
+        updates = [
+            r.get("Twiml") for r in self.fake.requests if r.path.endswith(f"/Calls/{call.sid}.json") and r.get("Twiml")
+        ]
+        self.assertTrue(updates)
+        self.assertEqual([u for u in updates if "<Say" not in u], [], "a live update only to listen again")
+        spoken = [w for w in self.fake.webhooks if "flow=spoken" in w.url]
+        self.assertIn(b"<Gather", spoken[0].body, "the greeting's Redirect is answered by listening")
+
 
 class TelnyxInboundTests(InboundMixin, TestCase):
     carrier = "telnyx"

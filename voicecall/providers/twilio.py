@@ -19,7 +19,9 @@ parsed into normalised events; the answer is the TwiML of §7.1.3 with DESIGN.md
   replayed fetch mints nothing (DESIGN.md threat model);
 - `speak` resolves when the message has been said, not when the live update is accepted: its
   document is `<Say>` then a `<Redirect>` to `flow=spoken&n=<nonce>`, whose fetch ends the wait
-  (and is answered with the listen loop); so do a newer update, or `base.speak_timeout`. The
+  (and is answered with the listen loop, so listening without a turn token afterwards, as
+  after the greeting, sends no second live update: replacing that `<Gather>` by an identical
+  one cut off a caller who spoke at once); so do a newer update, or `base.speak_timeout`. The
   call's end before that fails the speak (`base.NOT_PLAYED`): a message cut off is not
   reported, nor recorded, as said. The manager queues later commands behind it, so a `continue` sent
   while the greeting plays no longer cuts the greeting off.
@@ -111,6 +113,11 @@ class TwilioProvider:
     _rejected: dict[str, None] = field(factory=dict, init=False)  # CallSids turned away with <Reject/>
     #: CallSid -> (nonce, Deferred) of the `<Say>` being said: fires when its Redirect is fetched.
     _speaking: dict[str, tuple[str, Deferred]] = field(factory=dict, init=False)
+    #: CallSids whose last TwiML was our listen loop without a turn token, served on a fetch
+    #: (the greeting's Redirect, a Gather's action) with no live update since: listening again
+    #: without a token would only replace that Gather with the same one, cutting off a caller
+    #: who started talking.
+    _listening: dict[str, None] = field(factory=dict, init=False)
     #: Timers bounding the waits for a `<Say>` to end (cancelled by L{stop}).
     _speak_timers: set = field(factory=set, init=False)
     _log = Logger()
@@ -220,6 +227,7 @@ class TwilioProvider:
     def _forget(self, sid: str | None, call_id: str | None) -> None:
         if sid:
             self._call_urls.pop(sid, None)
+            self._listening.pop(sid, None)
             self._said(sid, cut_off=True)  # the call is over: a `<Say>` still playing was not heard to its end
         if call_id:
             self._notify_twiml.pop(call_id, None)
@@ -254,6 +262,7 @@ class TwilioProvider:
         sid = call.provider_call_id or ""
         nonce, played = secrets.token_hex(6), Deferred()
         self._said(sid)  # a newer update replaces whatever the call was saying
+        self._listening.pop(sid, None)
         _bounded_put(self._speaking, sid, (nonce, played))
         document = twiml.say(text, voice, self._language, redirect_url=twiml.with_query(url, flow="spoken", n=nonce))
         return Deferred.fromCoroutine(self._say(sid, document, nonce, played, text))
@@ -296,6 +305,8 @@ class TwilioProvider:
         return self._turn(call, text, voice, turn_token)
 
     def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+        if turn_token is None and (call.provider_call_id or "") in self._listening:
+            return Deferred.fromCoroutine(_nothing())  # the call already listens, as asked
         return self._turn(call, None, None, turn_token)
 
     def _turn(self, call: CallRecord, text: str | None, voice: str | None, turn_token: str | None) -> Deferred[None]:
@@ -304,6 +315,7 @@ class TwilioProvider:
         if isinstance(url, Deferred):
             return url
         self._said(call.provider_call_id or "")  # this update replaces a `<Say>` still playing
+        self._listening.pop(call.provider_call_id or "", None)
         document = self._listen_loop(url, text, voice, turn_token)
         return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
 
@@ -368,8 +380,6 @@ class TwilioProvider:
             return ParsedWebhook((), WebhookResponse(400, b"Bad Request", {"Content-Type": "text/plain"}))
         sid = params.get("CallSid", "").strip()
         query_call_id = (ctx.query.get("callId") or "").strip()
-        if sid and ctx.query.get("flow") == "spoken":
-            self._said(sid, ctx.query.get("n") or "")  # the `<Say>` before this Redirect has been said
         event = self._event(params, sid, query_call_id, ctx.query.get("turnToken"), request_key) if sid else None
         if event is not None:
             event = _with_identity(event, ctx, params, request_key)
@@ -388,6 +398,10 @@ class TwilioProvider:
             _bounded_put(self._rejected, sid, None)
             return ParsedWebhook(events, _xml(twiml.reject()))
         body = self._twiml_for(params, sid, query_call_id, is_status, request_key)
+        if sid and ctx.query.get("flow") == "spoken":
+            # The `<Say>` before this Redirect has been said. Only now that its answer is
+            # chosen (the listen loop): what the speak's waiter does next knows it.
+            self._said(sid, ctx.query.get("n") or "")
         if first_inbound and body != twiml.hold_queue():
             # Twilio answers an inbound call as soon as it gets TwiML to run: say so, so the
             # greeting is spoken and the max-duration timer starts (no status callback follows).
@@ -437,6 +451,8 @@ class TwilioProvider:
     def _twiml_for(self, params: dict, sid: str, call_id: str, is_status: bool, request_key: str = "") -> str:
         """SPEC §7.1.3: what Twilio should do next."""
         direction = params.get("Direction", "")
+        if not is_status:
+            self._listening.pop(sid, None)  # whatever we answer replaces the call's TwiML
         if call_id and not is_status:
             stored = self._notify_twiml.pop(call_id, None)
             if stored is not None:
@@ -466,6 +482,7 @@ class TwilioProvider:
         if url is not None:
             # Listen, and come back when the Gather times out: the call stays up between turns
             # (bounded by maxDurationSeconds) instead of hanging up when a <Pause> runs out.
+            _bounded_put(self._listening, sid, None)
             return self._listen_loop(url, None, None, None)
         return twiml.pause()
 
