@@ -299,7 +299,7 @@ class GreetingThenHangUpTests(_MockCalls):
 class _CarrierStack(SynchronousTestCase):
     """The daemon's call path in memory against a fake carrier (voicecall.testing.stack), chaos off."""
 
-    def stack(self, provider):
+    def stack(self, provider, chaos=None):
         import os
         import shutil
         import tempfile
@@ -308,7 +308,7 @@ class _CarrierStack(SynchronousTestCase):
 
         directory = tempfile.mkdtemp(prefix="vc-turns-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.addCleanup(shutil.rmtree, directory, True)
-        stack = Stack.build(provider, directory, transcript_timeout_ms=4000)
+        stack = Stack.build(provider, directory, chaos, transcript_timeout_ms=4000)
         self.addCleanup(stack.close)
         return stack
 
@@ -355,6 +355,30 @@ class SpeakWhileAContinueWaitsTests(_CarrierStack):
         self.assertEqual(len(tokens), 3, tokens)
         self.assertIsNotNone(tokens[1])
         self.assertEqual(tokens[1], tokens[2], "listening resumed with the turn's token")
+
+    def test_plivo_question_not_fetched_yet(self):
+        """
+        The speak's transfer comes before Plivo fetched the question's document (a late fetch):
+        the question is still asked first, then the statement, then the call listens for the
+        answer. (`make soak`: the question was never played, and the answer to the greeting,
+        a question too, answered the continue.)
+        """
+        import random
+
+        from voicecall.testing.chaos import Chaos
+        from voicecall.testing.stack import CALLEE, answer_to
+
+        stack = self.stack("plivo", Chaos(random.Random(0), late_fetch=1.0))
+        d = Deferred.fromCoroutine(stack.manager.initiate(CALLEE, "Hello, is that Bob?", "conversation"))
+        stack.advance(6)
+        call_id = self.successResultOf(d)
+        answer = Deferred.fromCoroutine(stack.manager.continue_call(call_id, "Who is calling?"))
+        stack.pump()
+        spoken = Deferred.fromCoroutine(stack.manager.speak(call_id, "One moment."))
+        stack.advance(8)
+        self.successResultOf(spoken)
+        self.assertEqual(self.fake_call(stack, call_id).speak_texts[-2:], ["Who is calling?", "One moment."])
+        self.assertEqual(self.successResultOf(answer), answer_to("Who is calling?"))
 
     def test_twilio(self):
         self.check("twilio")

@@ -117,6 +117,23 @@ def _nonce() -> str:
     return secrets.token_hex(6)
 
 
+#: Messages of replaced, never fetched documents carried into the next one (oldest dropped).
+MAX_CARRIED = 8
+
+
+def _preceded(document: str, earlier: tuple, language: str | None) -> str:
+    """C{document} with a `<Speak>` of each earlier (text, voice) first: what it replaced unheard."""
+    speaks = ""
+    for text, voice in earlier:
+        attrs = f' language="{plivoxml.escape(language or plivoxml.DEFAULT_LANGUAGE)}"'
+        chosen = plivoxml.speak_voice(voice)
+        if chosen is not None:
+            attrs += f' voice="{plivoxml.escape(chosen)}"'
+        speaks += f"<Speak{attrs}>{plivoxml.escape(text)}</Speak>"
+    head = "<Response>"
+    return head + speaks + document[len(head):] if document.startswith(head) else document
+
+
 @define(repr=False)
 class _Pending:
     """The document a call's next transfer fetch gets: speak `text`, and/or listen."""
@@ -128,6 +145,8 @@ class _Pending:
     turn_token: str | None
     #: For a speak: fires once Plivo has played it (the `flow=spoken` fetch) or we stop waiting.
     played: Deferred | None = None
+    #: (text, voice) of the documents this one replaced before Plivo fetched them: said first.
+    earlier: tuple = ()
 
 
 @define(repr=False)
@@ -309,7 +328,14 @@ class PlivoProvider:
             return fail(e)
         pending = _Pending(_nonce(), text, voice, listen, turn_token, None if listen else Deferred())
         # A newer transfer replaces whatever the call was doing: nothing waits on the old one.
-        _played(self._pending.pop(call.call_id, None))
+        # A document Plivo has not fetched yet was not heard at all: its message is said first
+        # in the new one (a continue's question, then the speak sent after it), so commands
+        # still take effect in order.
+        replaced = self._pending.pop(call.call_id, None)
+        if replaced is not None:
+            carried = replaced.earlier + (((replaced.text, replaced.voice),) if replaced.text else ())
+            pending.earlier = carried[-MAX_CARRIED:]
+        _played(replaced)
         _played(self._playing.pop(call.call_id, None))
         _bounded_put(self._pending, call.call_id, pending)
         url = plivoxml.with_query(base, provider="plivo", flow=flow, callId=call.call_id, n=pending.nonce)
@@ -366,6 +392,9 @@ class PlivoProvider:
         if pending is None or not hmac.compare_digest(pending.nonce.encode(), nonce.encode()):
             return plivoxml.keep_alive()
         del self._pending[call_id]
+        return _preceded(self._own_document(call_id, pending, ctx), pending.earlier, self._language)
+
+    def _own_document(self, call_id: str, pending: _Pending, ctx: WebhookContext) -> str:
         base = self._call_urls.get(call_id) or self._webhook_url or self._verification_url(ctx).split("?", 1)[0]
         if not pending.listen:
             _bounded_put(self._playing, call_id, pending)
