@@ -328,6 +328,40 @@ class CapTests(MediaStreamTestBase):
         self.assertEqual(server.pending_count, 2)
         self.assertEqual(server.counts["1013-pending-yielded"], 2)
 
+    async def test_refused_sockets_are_dropped_at_once(self):
+        """
+        A socket refused before its start (1013 pending caps, 1008 start refusals and timeouts)
+        is sent its close frame and dropped, without waiting for the peer's close reply: refused
+        sockets that never answered held their place among max_connections for the whole close
+        handshake, so a flood of idle upgrades (1900/s from many addresses) kept 32 of 37 of
+        Twilio's streams out with 503.
+        """
+        server = self.serve(max_pending=1, max_pending_per_ip=10, pending_yield_after=60, pre_start_timeout=60)
+        server.resource._upgrade._factory.setProtocolOptions(closeHandshakeTimeout=60)
+        holder = await self.connected(auto_start=False)  # holds the one pending place
+        for wire, code in ((b"", 1013), (None, 1008)):
+            if wire is None:  # the pending place is free again
+                holder.send_start()
+                await until(lambda: server.pending_count == 0)
+            raw = RawWebSocket()  # never answers a close frame
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), raw)
+            await raw.upgraded
+            if wire is None:  # a start without a call SID
+                raw.transport.write(client_frame(b'{"event":"start","streamSid":"MZ1","start":{}}'))
+            await until(lambda: raw.lost.called, timeout=10)
+            self.assertEqual(FramingTests.close_code(None, raw.data), code)
+        self.assertEqual(len(server._connections), 1)
+
+    async def test_timed_out_sockets_are_dropped_at_once(self):
+        """A socket closed 1008 Start timeout is dropped without waiting for the peer's close reply."""
+        server = self.serve(pre_start_timeout=0.1)
+        server.resource._upgrade._factory.setProtocolOptions(closeHandshakeTimeout=60)
+        raw = RawWebSocket()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), raw)
+        await until(lambda: raw.lost.called, timeout=10)
+        self.assertEqual(FramingTests.close_code(None, raw.data), 1008)
+        self.assertEqual(len(server._connections), 0)
+
     async def test_pending_limit_per_ip(self):
         """Beyond max_pending_per_ip pending sockets from one client address, the next is closed 1013."""
         server = self.serve(max_pending_per_ip=1, client_ip=lambda headers, peer: headers.get("x-client", peer))

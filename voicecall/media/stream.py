@@ -13,7 +13,8 @@ places are taken, the oldest pending socket gives its place to a newcomer once i
 L{PENDING_YIELD_AFTER} seconds for its start) and 1008
 C{Start timeout} when no valid C{start} arrives in time. A C{start} with a call SID that the
 handler accepts (with the stream's one-time token, which the session does not keep) makes it
-*active*: a session is registered under its stream SID and the handler hears about its media,
+*active*: a socket refused before that is sent its close frame and dropped at once (it does not
+wait for the peer's reply). A session is registered under its stream SID and the handler hears about its media,
 DTMF digits and end. Inbound frames and messages are capped at 64 KiB, a message at
 L{MAX_FRAGMENTS} frames (1009); a text frame that is not UTF-8
 closes the socket 1007 (RFC 6455 §8.1). A stream whose outbound data backs up (more than 1 MiB
@@ -511,6 +512,16 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             self._media.counts["backpressure"] += 1
         self.close_with(CLOSE_TRY_AGAIN, BACKPRESSURE)
 
+    def refuse(self, code: int, reason: str) -> None:
+        """
+        Close a socket refused before its start: the close frame is sent and the connection
+        dropped at once, without waiting for the peer's close reply, so refused sockets do not
+        hold places among the connections for the length of a close handshake.
+        """
+        self.close_with(code, reason)
+        if self.state != WebSocketProtocol.STATE_CLOSED:
+            self.dropConnection(abort=False)
+
     def close_with(self, code: int, reason: str) -> None:
         """Start the closing handshake with `code` (any code, unlike sendClose)."""
         if self.state == _OPEN:
@@ -676,7 +687,7 @@ class MediaStreamServer:
         if len(self._pending) >= self._max_pending or self._pending_by_ip.get(ip, 0) >= self._max_pending_per_ip:
             self.counts["1013-pending"] += 1
             self._log.warn("closing media stream from {ip}: {reason}", ip=ip, reason=TOO_MANY_PENDING)
-            connection.close_with(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
+            connection.refuse(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
             return
         connection.is_pending = True
         connection.pending_since = self._reactor.seconds()
@@ -696,7 +707,7 @@ class MediaStreamServer:
         self._leave_pending(oldest)
         self.counts["1013-pending-yielded"] += 1
         self._log.info("closing media stream from {ip}: no start, its place given to a newcomer", ip=oldest.client_ip)
-        oldest.close_with(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
+        oldest.refuse(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
 
     def _start_timed_out(self, connection: MediaStreamProtocol) -> None:
         connection.pending_timer = None
@@ -704,7 +715,7 @@ class MediaStreamServer:
             return
         self.counts["1008-start-timeout"] += 1
         self._log.info("closing media stream from {ip}: no start in time", ip=connection.client_ip)
-        connection.close_with(CLOSE_POLICY, START_TIMEOUT)
+        connection.refuse(CLOSE_POLICY, START_TIMEOUT)
 
     def _leave_pending(self, connection: MediaStreamProtocol) -> None:
         timer, connection.pending_timer = connection.pending_timer, None
@@ -810,4 +821,4 @@ class MediaStreamServer:
 
     def _refuse_start(self, connection: MediaStreamProtocol, reason: str) -> None:
         self.counts["1008-" + reason] += 1
-        connection.close_with(CLOSE_POLICY, reason)
+        connection.refuse(CLOSE_POLICY, reason)
