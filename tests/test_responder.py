@@ -142,6 +142,10 @@ class AutoReplyTests(TestCase):
 
     async def test_failing_responder_apologises(self):
         """A failing responder is logged, the caller hears the apology, and the call goes on."""
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         await self.start()
         await self.gateway(lambda params: (_ for _ in ()).throw(RuntimeError("gateway broke")))
         call_id = await self.inbound()
@@ -149,6 +153,12 @@ class AutoReplyTests(TestCase):
         await self.until_said(call_id, APOLOGY)
         self.assertEqual((await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]["state"], "listening")
         self.assertEqual(len(self.flushLoggedErrors(GatewayError)), 1)
+        # The operator sees one warning line with the reason; the traceback is for debug level only.
+        failures = [e for e in observed if "log_failure" in e]
+        self.assertEqual([e["log_level"] for e in failures], [LogLevel.debug])
+        warned = [formatEvent(e) for e in observed if e["log_level"] == LogLevel.warn and "responder failed" in formatEvent(e)]
+        self.assertEqual(len(warned), 1)
+        self.assertIn("gateway broke", warned[0])
 
     async def test_slow_builtin_times_out(self):
         """A built-in client slower than responseTimeoutMs leads to the apology, not a dead call."""

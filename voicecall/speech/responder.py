@@ -18,7 +18,7 @@ from typing import Any, Callable
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from voicecall.model import CallRecord, Direction, Mode, Speaker
 from voicecall.providers.http import ApiClient
@@ -215,8 +215,12 @@ class AutoResponder:
             reply = await asked
             if not isinstance(reply, str):
                 raise TypeError("the responder's reply is not a string")
-        except Exception:
-            self._log.failure("responder failed for {call_id}; apologising", call_id=call.call_id)
+        except Exception as e:
+            # One line for the operator (a gateway that went away or was slow is routine); the
+            # traceback only at debug level.
+            why = f"{type(e).__name__}: {e}"[:200]
+            self._log.warn("responder failed for {call_id} ({why}); apologising", call_id=call.call_id, why=why)
+            self._log.failure("responder failure detail for {call_id}", call_id=call.call_id, level=LogLevel.debug)
             reply = APOLOGY
         if self._generation.get(call.call_id) != generation:
             self._log.info("dropping a stale reply on {call_id}: the caller spoke again", call_id=call.call_id)
