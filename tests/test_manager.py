@@ -511,6 +511,15 @@ class EventOrderTests(ManagerTestsBase):
         self.assertEqual([t.text for t in self.stored(self.call_id).transcript], [])
         self.assertEqual(self.manager.ended_counts, {"hangup-user": 1})
 
+    def test_a_call_whose_end_is_being_stored_is_not_listed_active(self):
+        """Between an end applied in memory and its commit, status and health no longer count the call."""
+        ended = self.send("call.ended", dedupe_key="e1", reason="hangup-user")
+        self.assertEqual(len(self.held.held), 1)
+        self.assertEqual(self.manager.active_calls(), [])
+        self.held.release()
+        self.successResultOf(ended)
+        self.assertEqual(self.manager.active_calls(), [])
+
     def test_redelivery_waits_for_the_original(self):
         """A redelivery of an event still being stored answers once the original is stored, applying nothing."""
         original = self.send("call.speech", dedupe_key="s1", transcript="one")

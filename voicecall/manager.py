@@ -207,7 +207,9 @@ class CallManager:
         self._webhook_url = url
 
     def active_calls(self) -> list[CallRecord]:
-        return list(self._active.values())
+        # A call whose end is being stored is still held (its end's effects run after the
+        # commit) but is no longer active.
+        return [call for call in self._active.values() if not call.is_terminal]
 
     def find(self, id_or_provider_id: str) -> CallRecord | None:
         """An active call by our id, else by the carrier's id."""
