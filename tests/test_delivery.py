@@ -297,6 +297,9 @@ class RedeliveryTests(DeliveryCase):
         self.assertEqual(call.state, CallState.LISTENING)
         self.assertEqual(texts(call, "bot"), ["Hello there", "Who is this?"])
         self.assertNoResult(turn)
+        # The continue still waits for its answer; stopping the daemon ends it, and says why.
+        daemon.close()
+        self.assertEqual(str(self.failureResultOf(turn, CallError).value), "voicecall is shutting down")
 
     def test_telnyx_speak_ended_redelivered_after_restart(self):
         """After a restart, a redelivered `call.speak.ended` from before it does not end a new speech."""
@@ -312,6 +315,12 @@ class RedeliveryTests(DeliveryCase):
         self.assertEqual(self.telnyx_hook(reborn, call, "call.speak.ended", "ev-spoken", attempt=2, status="completed"), 200)
         self.assertEqual(call.state, CallState.SPEAKING)
         self.assertNoResult(turn)
+        # The question's own end ends it; stopping the daemon then ends the wait for its answer.
+        self.assertEqual(self.telnyx_hook(reborn, call, "call.speak.ended", "ev-spoken-2", status="completed"), 200)
+        self.assertEqual(call.state, CallState.LISTENING)
+        self.assertNoResult(turn)
+        reborn.close()
+        self.assertEqual(str(self.failureResultOf(turn, CallError).value), "voicecall is shutting down")
 
     def test_twilio_retry_signed_over_another_url_form(self):
         """
