@@ -400,11 +400,14 @@ class InboundTests(ManagerTestsBase):
         self.assertEqual(self.actions("speak"), [("speak", "CA1", "Hi, it's the assistant")])
 
 
-class RestoreTests(ManagerTestsBase):
+class Restarts:
     def restart(self):
         self.manager.stop()
         self.manager = self.make_manager()
         return self.go(self.manager.restore())
+
+
+class RestoreTests(Restarts, ManagerTestsBase):
 
     def test_restore_keeps_live_calls_with_transcript(self):
         """A live call comes back after a restart with its transcript, and old events stay deduplicated."""
@@ -549,3 +552,32 @@ class EventOrderTests(ManagerTestsBase):
         self.event("call.speech", self.call_id, dedupe_key="twilio:req:other", aliases=("twilio:idem:tok",), transcript="one")
         self.assertEqual([t.text for t in self.stored(self.call_id).transcript], ["one"])
         self.assertIn("twilio:idem:tok", self.stored(self.call_id).processed_event_ids)
+
+
+class QuietLogTests(Restarts, ManagerTestsBase):
+    """At the default level the log says what happened to a call once, not the routine echoes."""
+
+    def levels(self, observed, words):
+        from twisted.logger import formatEvent
+
+        return [e["log_level"].name for e in observed if words in formatEvent(e)]
+
+    def test_carrier_end_after_ours_is_debug_and_other_late_events_info(self):
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        call_id = self.go(self.manager.initiate("+15550001234", "Hi"))
+        self.event("call.ended", call_id, dedupe_key="end-1", reason="hangup-bot")
+        self.event("call.ended", call_id, dedupe_key="end-2", reason="completed")
+        self.event("call.answered", call_id, dedupe_key="ans-late")
+        self.assertEqual(self.levels(observed, "Late call.ended"), ["debug"])
+        self.assertEqual(self.levels(observed, "Late call.answered"), ["info"])
+
+    def test_restore_of_nothing_says_nothing(self):
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        observed = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.restart()
+        self.assertEqual(self.levels(observed, "Restored"), [])

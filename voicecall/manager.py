@@ -516,7 +516,10 @@ class CallManager:
 
     async def _record_late(self, call: CallRecord, event: CallEvent, keys: Sequence[str]) -> None:
         """An event for a call that is over: its keys and a log entry are stored, nothing else happens."""
-        self._log.info(
+        # The carrier's own report of an end we already applied (our hang-up, then its
+        # "completed") is routine: debug. Anything else arriving late is worth a line.
+        log = self._log.debug if event.type is EventType.ENDED else self._log.info
+        log(
             "Late {type} for call {call_id} ({state}): recorded, not applied",
             type=event.type.value,
             call_id=call.call_id,
@@ -792,7 +795,7 @@ class CallManager:
         if call_id not in self._active:
             return
         if attempt == 0:
-            self._log.info("call {call_id} reached its maximum duration", call_id=call_id)
+            self._log.debug("call {call_id} reached its maximum duration", call_id=call_id)
         d = Deferred.fromCoroutine(self.end_call(call_id, "timeout"))
         d.addErrback(self._max_duration_hangup_failed, call_id, attempt)
         d.addErrback(lambda f: self._log.failure("max-duration hang-up of {call_id} failed", f, call_id=call_id))
@@ -1067,7 +1070,7 @@ class CallManager:
         await self._persist(call)
         if self.on_turn_latency is not None:
             self.on_turn_latency((done - started) / 1000.0)
-        self._log.info(
+        self._log.debug(
             "[voice-call] continueCall latency call={call_id} totalMs={total} listenWaitMs={wait}",
             call_id=call.call_id,
             total=done - started,
@@ -1171,7 +1174,8 @@ class CallManager:
                 self._by_provider_id[call.provider_call_id] = call.call_id
                 outcome["restored"] += 1
         await self._close_all_restored(closing, outcome)
-        self._log.info("Restored {n} active call(s) from store", n=outcome["restored"])
+        if outcome["restored"]:
+            self._log.info("Restored {n} active call(s) from store", n=outcome["restored"])
         for what, n in outcome.items():
             if what != "restored" and n:
                 self._log.info("Skipped {n} restored call(s): {what}", n=n, what=what)

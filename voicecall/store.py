@@ -191,7 +191,7 @@ class CallStore:
         set it up. Fails with `StoreLockedError` if another process holds the store.
         """
         d = self._writer.connect(self._connect)
-        d.addCallback(lambda _: self._log.info("call store open at {path}", path=self.path))
+        d.addCallback(lambda _: self._log.debug("call store open at {path}", path=self.path))
         return d
 
     def close(self) -> Deferred[None]:
