@@ -282,6 +282,16 @@ class CallControlTests(MockProviderTestsBase):
         self.assertEqual((status.status, status.is_terminal), ("in-progress", False))
 
 
+    def test_a_call_hung_up_here_is_over(self):
+        """A call the mock hung up reports completed (a restore after an end that was never stored ends it)."""
+        call = CallRecord(
+            call_id="abc", provider="mock", direction="outbound", state="answered", from_number="+15550000000",
+            to_number="+15550001234", started_at=NOW_MS, provider_call_id="mock-abc",
+        )  # fmt: skip
+        self.successResultOf(self.provider.hangup_call(call, "hangup-bot"))
+        status = self.successResultOf(self.provider.get_call_status("mock-abc"))
+        self.assertEqual((status.status, status.is_terminal), ("completed", True))
+
 class MockWebhookTests(test_webhook.WebhookTestsBase):
     """What a developer posting mock events by hand is told: every mistake is a 4xx with its reason."""
 

@@ -353,7 +353,10 @@ class MockProvider:
         return succeed(None)
 
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
-        if any(word in provider_call_id for word in ("stale", "ended", "completed")):
+        bare = provider_call_id[len("mock-") :] if provider_call_id.startswith("mock-") else provider_call_id
+        hung_up = self._calls.get(provider_call_id) is False or self._calls.get(bare) is False
+        if hung_up or any(word in provider_call_id for word in ("stale", "ended", "completed")):
+            # A call hung up here is over at the "carrier", even if its end was never stored.
             return succeed(ProviderCallStatus("completed", is_terminal=True))
         # Asked about a call restored from the store: it is one of ours, and live.
         self._track(provider_call_id, True)
