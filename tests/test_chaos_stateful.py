@@ -640,3 +640,26 @@ class KnownBugTests(SynchronousTestCase):
         texts = [t.text for t in stack.manager.find(call_id).transcript]
         self.assertEqual(sorted(set(texts)), sorted(texts))
 
+
+    def test_telnyx_late_greeting_answer_is_not_the_next_answer(self):
+        """
+        (a) on Telnyx: the callee's late answer to the greeting, transcribed while a `continue`
+        waits, is not that continue's answer. The turn token travels in the `client_state` of
+        the turn's listening command, and Telnyx echoes the latest one in each webhook.
+        """
+        stack = self.stack("telnyx")
+        d = Deferred.fromCoroutine(stack.manager.initiate(CALLEE, "Greeting 1?", "conversation"))
+        for _ in range(100):
+            stack.advance(0.05)
+            calls = list(stack.carrier.calls().values())
+            if calls and calls[0].transcribing:
+                break
+        call_id = self.successResultOf(d)
+        (call,) = stack.carrier.calls().values()
+        self.assertTrue(call.transcribing)  # the greeting was said; its answer is on the way
+        said = Deferred.fromCoroutine(stack.manager.speak(call_id, "Please hold."))
+        asked = Deferred.fromCoroutine(stack.manager.continue_call(call_id, "Question 3?"))
+        stack.advance(TIMEOUT_MS / 1000 + 2)
+        self.successResultOf(said)
+        self.assertEqual(self.successResultOf(asked), answer_to("Question 3?"))
+        self.assertIn(answer_to("Greeting 1?"), list(call.said))  # it was said, and heard late

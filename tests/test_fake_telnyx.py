@@ -331,6 +331,50 @@ class RestCallTests(_ApiCase):
         self.assertEqual(self.app.payloads("call.speak.ended")[-1]["client_state"], other)
         self.assertError(self.command(call, "speak", {"payload": "x", "voice": "female", "client_state": "%%"}), 422, "10015")
 
+    def sdk_request(self, call_control_id, client_state):
+        """The request the official SDK sends for `calls.actions.update_client_state`."""
+        import httpx
+        import telnyx
+
+        sent = []
+
+        def handler(request):
+            sent.append(request)
+            return httpx.Response(200, json={"data": {"result": "ok"}})
+
+        client = telnyx.Telnyx(api_key=KEY, base_url="https://api.telnyx.com/v2",
+                               http_client=httpx.Client(transport=httpx.MockTransport(handler)), max_retries=0)
+        client.calls.actions.update_client_state(call_control_id, client_state=client_state)
+        (request,) = sent
+        return request.method, request.url.path, json.loads(request.content)
+
+    def test_client_state_update(self):
+        """
+        `client_state_update`, sent as the official SDK sends it (PUT, body {"client_state"}),
+        replaces the call's client_state: every webhook sent later carries it, one the carrier
+        had already sent keeps the state it was sent with. A POST, or no client_state, is refused.
+        """
+        self.fake.scenario = Scenario(utterances=["first", "second"], speech_delay=1)
+        call = self.answered()
+        first = base64.b64encode(b'{"c":"call-1","t":"turn-1"}').decode()
+        self.command(call, "transcription_start", {"transcription_engine": "Google", "client_state": first})
+        self.clock.advance(0)
+        self.clock.advance(1)
+        method, path, body = self.sdk_request(call.call_control_id, base64.b64encode(b"call-1").decode())
+        self.assertEqual((method, path, set(body)), ("PUT", f"/v2/calls/{call.call_control_id}/actions/client_state_update", {"client_state"}))
+        self.assertEqual(self.request(method, path, body), (200, {"data": {"result": "ok"}}))
+        self.assertEqual(call.client_state, body["client_state"])
+        self.command(call, "speak", {"payload": "and?", "voice": "female"})  # no client_state: it stays
+        self.clock.advance(0)
+        self.clock.advance(1)
+        states = [p["client_state"] for p in self.app.payloads("call.transcription")]
+        self.assertEqual(states, [first, body["client_state"]])
+        self.assertEqual(self.app.payloads("call.speak.ended")[-1]["client_state"], body["client_state"])
+        self.assertEqual(self.command(call, "client_state_update", body)[0], 405)
+        self.assertError(self.request("PUT", path, {}), 422, "10004", "/client_state")
+        self.assertError(self.request("PUT", path, {"client_state": "%%"}), 422, "10015")
+        self.assertEqual(call.client_state, body["client_state"])
+
 
 class FailureInjectionTests(_ApiCase):
     """Tests can make the next requests fail, hang or answer late."""

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.model import CallRecord, Direction, EventType
 from voicecall.providers.base import ProviderError, WebhookContext
 from voicecall.providers.base import SPEAK_TIMEOUT_BASE
-from voicecall.providers.telnyx import HANGUP_CAUSES, TelnyxProvider
+from voicecall.providers.telnyx import HANGUP_CAUSES, TelnyxProvider, decode_client_state_token, encode_client_state
 from voicecall.testing.telnyx import FakeTelnyx, Signer, envelope, error_body
 
 NOW = 1_700_000_000
@@ -153,6 +153,29 @@ class TelnyxParseTests(SynchronousTestCase):
         self.assertEqual(self.only(event("call.answered", client_state="plain-id!")).call_id, "plain-id!")
         self.assertEqual(self.only(event("call.answered", client_state=base64.b64encode(b"\xff\xfe").decode())).call_id, "//4=")
         self.assertEqual(self.only(event("call.answered", client_state=None)).call_id, "v3:abc")
+
+    def test_turn_token_in_client_state(self):
+        """
+        base64 of {"c": call id, "t": token} gives both; the plain form (base64 of the call id,
+        as set before turn tokens existed) gives the call id and no token; a JSON object
+        without a usable "c" is a call id like any other text; a bad token is no token.
+        """
+        def state(obj):
+            return base64.b64encode(json.dumps(obj).encode()).decode()
+
+        body = lambda cs: event("call.transcription", client_state=cs, transcription_data={"transcript": "hi", "is_final": True})
+        ev = self.only(body(encode_client_state(CALL_ID, "tok-9")))
+        self.assertEqual((ev.call_id, ev.turn_token), (CALL_ID, "tok-9"))
+        ev = self.only(body(STATE))
+        self.assertEqual((ev.call_id, ev.turn_token), (CALL_ID, None))
+        self.assertEqual(encode_client_state(CALL_ID), STATE)
+        self.assertEqual(decode_client_state_token(state({"call_id": "abc123"})), ('{"call_id": "abc123"}', None))
+        self.assertEqual(decode_client_state_token(state({"c": CALL_ID, "t": 5})), (CALL_ID, None))
+        self.assertEqual(decode_client_state_token(state({"c": CALL_ID, "t": "x" * 500})), (CALL_ID, None))
+        self.assertEqual(decode_client_state_token(state({"c": ""})), ('{"c": ""}', None))
+        self.assertEqual(decode_client_state_token(base64.b64encode(b"{[").decode()), ("{[", None))
+        # Only a transcription carries the token on: other events never need it.
+        self.assertIsNone(self.only(event("call.answered", client_state=encode_client_state(CALL_ID, "t"))).turn_token)
 
     def test_no_call_at_all(self):
         """An event naming no call gives no event, and is still answered OK."""
@@ -355,7 +378,7 @@ class TelnyxRestTests(SynchronousTestCase):
         self.spoken(self.provider.speak(call, "Hello there", None), call)
         body = self.bodies("/actions/speak")[-1]
         self.assertEqual(uuid.UUID(body.pop("command_id")).version, 4)
-        self.assertEqual(body, {"payload": "Hello there", "voice": "female", "language": "en-US"})
+        self.assertEqual(body, {"payload": "Hello there", "voice": "female", "language": "en-US", "client_state": STATE})
         self.assertEqual(self.fake.calls[call.provider_call_id].speak_texts, ["Hello there"])
 
     def test_speak_resolves_when_played(self):
@@ -410,6 +433,7 @@ class TelnyxRestTests(SynchronousTestCase):
             "transcription_engine": "Google",
             "transcription_engine_config": {"language": "en", "interim_results": False},
             "transcription_tracks": "inbound",
+            "client_state": STATE,
         })
         self.spoken(self.provider.prompt(call, "And then?", None, None), call)
         self.assertEqual(self.fake.requests[-1].path.rsplit("/", 1)[1], "speak")
@@ -417,7 +441,59 @@ class TelnyxRestTests(SynchronousTestCase):
         self.successResultOf(self.provider.start_listening(call, None))
         actions = [r.path.rsplit("/", 1)[1] for r in self.fake.requests]
         self.assertEqual(actions[-2:], ["transcription_stop", "transcription_start"])
-        self.assertFalse(self.provider.wants_turn_token(call))
+        self.assertTrue(self.provider.wants_turn_token(call))
+        self.assertTrue(self.provider.uses_turn_tokens)
+
+    def actions(self, since=0):
+        return [(r.method, r.path.rsplit("/", 1)[1], decode_client_state_token(r.json.get("client_state")) if r.json else None)
+                for r in list(self.fake.requests)[since:]]
+
+    def test_turn_token_travels_in_client_state(self):
+        """
+        A turn's prompt: the speak carries the plain client_state (the call id: no token), then
+        transcription_start carries {"c": call id, "t": token}; the fake echoes it in the
+        transcription webhook, whose parse gives the token back.
+        """
+        call = self.dial()
+        since = len(self.fake.requests)
+        self.spoken(self.provider.prompt(call, "Who is this?", None, "tok-1"), call)
+        self.assertEqual(self.actions(since), [
+            ("POST", "speak", (CALL_ID, None)),
+            ("POST", "transcription_start", (CALL_ID, "tok-1")),
+        ])
+        fake_call = self.fake.calls[call.provider_call_id]
+        self.assertEqual(json.loads(base64.b64decode(fake_call.client_state)), {"c": CALL_ID, "t": "tok-1"})
+        body = event("call.transcription", call_control_id=call.provider_call_id, client_state=fake_call.client_state,
+                     transcription_data={"transcript": "It's Alice", "is_final": True})
+        ev = self.provider.parse_webhook(ctx(body), "k").events[0]
+        self.assertEqual((ev.call_id, ev.turn_token, ev.transcript), (CALL_ID, "tok-1", "It's Alice"))
+
+    def test_a_turn_restarts_transcription_left_running(self):
+        """
+        Transcription running from before a turn (the greeting's) is stopped before the turn's
+        prompt, so an answer to an earlier question under way is never sent with the new token;
+        a speak during the turn resets the plain state and listening again restores the token
+        with client_state_update (a PUT, as the official SDK sends it).
+        """
+        call = self.dial()
+        self.successResultOf(self.provider.start_listening(call, None))
+        since = len(self.fake.requests)
+        self.spoken(self.provider.prompt(call, "Question 3?", None, "tok-3"), call)
+        self.assertEqual(self.actions(since), [
+            ("POST", "transcription_stop", (None, None)),
+            ("POST", "speak", (CALL_ID, None)),
+            ("POST", "transcription_start", (CALL_ID, "tok-3")),
+        ])
+        since = len(self.fake.requests)
+        self.spoken(self.provider.speak(call, "Still there?", None), call)
+        self.successResultOf(self.provider.start_listening(call, "tok-3"))
+        self.assertEqual(self.actions(since), [
+            ("POST", "speak", (CALL_ID, None)),
+            ("PUT", "client_state_update", (CALL_ID, "tok-3")),
+        ])
+        fake_call = self.fake.calls[call.provider_call_id]
+        self.assertEqual(decode_client_state_token(fake_call.client_state), (CALL_ID, "tok-3"))
+        self.assertTrue(fake_call.transcribing)
 
     def test_failed_speak_does_not_listen(self):
         """If speak is refused, prompt fails without starting transcription."""

@@ -15,8 +15,17 @@ reported, nor recorded, as said); a `speak.ended` that never comes is waited for
 no single command that speaks and then transcribes speech: `gather_using_speak` collects DTMF only), skipped when a
 transcription we started is still running on the call; `start_listening` and `stop_listening`
 are `transcription_start` and `transcription_stop`, neither of which fails on a call that is
-already over (its `call.hangup` ends it). No turn tokens: a final transcript answers the turn
-that is waiting.
+already over (its `call.hangup` ends it).
+
+Turn tokens travel in `client_state`, which Telnyx echoes in every later webhook of the call,
+each command carrying one replacing it. Dial, answer and speak carry the plain form, base64 of
+the call id (SPEC §7.2: callId = base64decode(client_state)); the listening command of a turn
+(`transcription_start`, or `client_state_update` when transcription already runs) carries
+base64 of the JSON object `{"c": <call id>, "t": <turn token>}` (`encode_client_state`). A
+`call.transcription` thus carries the token of the turn the carrier was listening for when it
+sent it: none for speech sent during or before the turn's prompt (a late answer to an earlier
+question), which the manager ignores while a turn with a token waits. A decoded value that is
+not such an object is a call id, so states set before this form existed still decode.
 
 Webhooks are JSON signed with Ed25519 (SPEC §9.3, verified by `signatures.verify_telnyx`) and are
 answered `OK`. Both transcription shapes are read: the current `payload.transcription_data`
@@ -63,6 +72,9 @@ TRANSCRIPTION_ENGINE = "Google"
 CALL_ENDED_CODE = "90018"
 #: Per-call state kept here (running transcriptions) is capped like every map outside input grows.
 MAX_CALL_STATE = 10_000
+#: Bounds on what a `client_state` we read may hold (ours: a UUID call id and a UUID token).
+MAX_CLIENT_STATE_CHARS = 1024
+MAX_TURN_TOKEN_CHARS = 128
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
@@ -105,21 +117,46 @@ _OK = WebhookResponse(200, b"OK", _TEXT)
 _BAD_REQUEST = WebhookResponse(400, b"Bad Request", _TEXT)
 
 
-def encode_client_state(call_id: str) -> str:
-    """Our call id as Telnyx wants `client_state`: base64."""
-    return base64.b64encode(call_id.encode("utf-8")).decode("ascii")
+def encode_client_state(call_id: str, turn_token: str | None = None) -> str:
+    """
+    Our call id as Telnyx wants `client_state` (base64): the call id itself, or with a turn
+    token the JSON object `{"c": call_id, "t": turn_token}` (no call id is a JSON object: ours
+    are UUIDs, and an inbound call's is its `call_control_id`).
+    """
+    text = call_id if turn_token is None else json.dumps({"c": call_id, "t": turn_token}, separators=(",", ":"))
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
-def decode_client_state(value: object) -> str | None:
-    """The call id in a `client_state`: its base64 decoding, or the raw value if it does not decode."""
+def decode_client_state_token(value: object) -> tuple[str | None, str | None]:
+    """
+    The call id and turn token in a `client_state`: `{"c", "t"}` JSON gives both; any other
+    base64 text is the call id (no token); a value that does not decode is the call id raw.
+    """
     if not isinstance(value, str) or not value.strip():
-        return None
+        return None, None
     value = value.strip()
     try:
         text = base64.b64decode(value, validate=True).decode("utf-8")
     except (binascii.Error, ValueError):
-        return value
-    return text if text and text.isprintable() else value
+        return value, None
+    if not text or not text.isprintable():
+        return value, None
+    if text.startswith("{") and len(text) <= MAX_CLIENT_STATE_CHARS:
+        try:
+            state = json.loads(text)
+        except (ValueError, RecursionError):
+            state = None
+        call_id = state.get("c") if isinstance(state, dict) else None
+        if isinstance(call_id, str) and call_id.strip():
+            token = state.get("t")
+            valid = isinstance(token, str) and 0 < len(token) <= MAX_TURN_TOKEN_CHARS and token.isprintable()
+            return call_id.strip(), token if valid else None
+    return text, None
+
+
+def decode_client_state(value: object) -> str | None:
+    """The call id in a `client_state` (see `decode_client_state_token`)."""
+    return decode_client_state_token(value)[0]
 
 
 def hangup_reason(cause: object) -> str | None:
@@ -168,7 +205,7 @@ class TelnyxProvider:
     _base_url: str = "https://api.telnyx.com"
     _language: str = DEFAULT_LANGUAGE
     name: str = "telnyx"
-    uses_turn_tokens: bool = False
+    uses_turn_tokens: bool = True
     _api: ApiClient = field(init=False)
     #: call_control_id -> None, oldest first: the calls whose transcription we started.
     _transcribing: dict[str, None] = field(factory=dict, init=False)
@@ -220,16 +257,19 @@ class TelnyxProvider:
             raise ProviderError(f"{ERROR_PREFIX}: dial returned no call_control_id")
         return InitiatedCall(control_id, "initiated")
 
-    async def _command(self, control_id: str | None, action: str, body: Mapping[str, Any], tolerate_gone: bool = False) -> bool:
+    async def _command(
+        self, control_id: str | None, action: str, body: Mapping[str, Any], tolerate_gone: bool = False, method: str = "POST"
+    ) -> bool:
         """
-        POST one call command. With `tolerate_gone`, a call Telnyx does not know (404) or that
-        already ended (422, code 90018) is not an error: the answer is then False.
+        Send one call command (POST; `client_state_update` is a PUT). With `tolerate_gone`, a
+        call Telnyx does not know (404) or that already ended (422, code 90018) is not an
+        error: the answer is then False.
         """
         if not control_id:
             raise ProviderError("Call not connected")
         path = f"/calls/{quote(control_id, safe=':')}/actions/{action}"
         try:
-            await self._api.request("POST", path, body={**body, "command_id": str(uuid.uuid4())})
+            await self._api.request(method, path, body={**body, "command_id": str(uuid.uuid4())})
         except ProviderError as e:
             gone = e.status == 404 or (e.status == 422 and error_code(e) == CALL_ENDED_CODE)
             if tolerate_gone and gone:
@@ -282,7 +322,14 @@ class TelnyxProvider:
         return Deferred.fromCoroutine(self._speak(call, text, voice))
 
     async def _speak(self, call: CallRecord, text: str, voice: str | None) -> None:
-        body = {"payload": text, "voice": telnyx_voice(voice), "language": self._language}
+        # The plain client_state (no token): speech Telnyx sends from now until a turn listens
+        # again is no answer to a turn that waits.
+        body = {
+            "payload": text,
+            "voice": telnyx_voice(voice),
+            "language": self._language,
+            "client_state": encode_client_state(call.call_id),
+        }
         control_id = call.provider_call_id
         ended: Deferred[None] = Deferred()
         # Waiting starts before the command is sent: Telnyx may report the end before it answers.
@@ -338,24 +385,45 @@ class TelnyxProvider:
             self._speak_done(control_id, waiters[0], cut_off)
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
-        """Speak, then make sure the caller's answer is transcribed."""
-        return Deferred.fromCoroutine(self._prompt(call, text, voice))
+        """Speak, then make sure the caller's answer is transcribed, for the turn `turn_token`."""
+        return Deferred.fromCoroutine(self._prompt(call, text, voice, turn_token))
 
-    async def _prompt(self, call: CallRecord, text: str, voice: str | None) -> None:
+    async def _prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> None:
+        control_id = call.provider_call_id
+        if turn_token is not None and control_id and control_id in self._transcribing:
+            # Transcription still runs from before this turn (after the greeting): an answer
+            # to an earlier question may be under way, and its transcript, sent once it ends,
+            # would carry this turn's token. Stopped, it is never sent; the turn starts anew.
+            try:
+                await self._command(control_id, "transcription_stop", {}, tolerate_gone=True)
+            except ProviderError as e:
+                self._log.warn("could not stop transcribing before a turn on {call_id}: {error}", call_id=call.call_id, error=str(e))
+            else:
+                self._forget(control_id)
         await self._speak(call, text, voice)
-        await self._listen(call)
+        await self._listen(call, turn_token)
 
     def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._listen(call))
+        return Deferred.fromCoroutine(self._listen(call, turn_token))
 
-    async def _listen(self, call: CallRecord) -> None:
+    async def _listen(self, call: CallRecord, turn_token: str | None = None) -> None:
+        """
+        Transcribe the caller, the webhooks from now on carrying `turn_token` in their
+        client_state: `transcription_start`, or only `client_state_update` when our
+        transcription already runs (nothing to update without a token: the speak before
+        this set the plain state).
+        """
         control_id = call.provider_call_id
+        state = encode_client_state(call.call_id, turn_token)
         if control_id and control_id in self._transcribing:
+            if turn_token is not None:
+                await self._command(control_id, "client_state_update", {"client_state": state}, tolerate_gone=True, method="PUT")
             return
         body = {
             "transcription_engine": TRANSCRIPTION_ENGINE,
             "transcription_engine_config": {"language": self._transcription_language(), "interim_results": False},
             "transcription_tracks": "inbound",
+            "client_state": state,
         }
         if not await self._command(control_id, "transcription_start", body, tolerate_gone=True):
             return  # the call is over: nothing to listen to (its call.hangup ends it here)
@@ -373,7 +441,7 @@ class TelnyxProvider:
         return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "transcription_stop", {}, tolerate_gone=True)))
 
     def wants_turn_token(self, call: CallRecord) -> bool:
-        return False
+        return True
 
     @staticmethod
     async def _done(command: Any) -> None:
@@ -425,7 +493,8 @@ class TelnyxProvider:
     def _event(self, data: dict, payload: dict, key: str) -> CallEvent | None:
         kind = data["event_type"]
         control_id = _text(payload.get("call_control_id"))
-        call_id = decode_client_state(payload.get("client_state")) or control_id
+        call_id, turn_token = decode_client_state_token(payload.get("client_state"))
+        call_id = call_id or control_id
         if call_id is None:
             return None
         event_id = data.get("id")
@@ -461,7 +530,7 @@ class TelnyxProvider:
             cut_off = status is not None and status != "completed"
             return CallEvent(type=EventType.SPOKEN, on_applied=lambda: self._spoken(control_id, cut_off), **common)
         if kind == "call.transcription":
-            return self._speech(payload, common)
+            return self._speech(payload, {**common, "turn_token": turn_token})
         if kind == "call.dtmf.received":
             digits = _text(payload.get("digit"))
             return CallEvent(type=EventType.DTMF, digits=digits, **common) if digits else None

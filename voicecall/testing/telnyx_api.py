@@ -4,6 +4,8 @@ The fake Telnyx Call Control v2 REST API (PROVIDERS.md §2.1): a twisted.web res
 
 - `POST /v2/calls`: dial;
 - `POST /v2/calls/{call_control_id}/actions/{answer,hangup,speak,transcription_start,transcription_stop}`;
+- `PUT  /v2/calls/{call_control_id}/actions/client_state_update` (the official SDK's
+  `calls.actions.update_client_state`: a PUT whose body is `{"client_state"}`, required);
 - `GET  /v2/calls/{call_control_id}`: the call's status,
 
 with Bearer-token auth, Telnyx's validation and error bodies
@@ -38,7 +40,9 @@ from voicecall.testing.telnyx_driver import Carrier, FakeCall, Scenario, Signer,
 API_VERSION = "v2"
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_SPEAK_CHARS = 3000
-ACTIONS = ("answer", "hangup", "speak", "transcription_start", "transcription_stop")
+ACTIONS = ("answer", "hangup", "speak", "transcription_start", "transcription_stop", "client_state_update")
+#: The HTTP method of each action (the official SDK's): all POST but `client_state_update`.
+ACTION_METHODS = {action: "POST" for action in ACTIONS} | {"client_state_update": "PUT"}
 TRANSCRIPTION_ENGINES = frozenset(
     {"Google", "Telnyx", "Deepgram", "Azure", "xAI", "AssemblyAI", "Speechmatics", "Soniox",
      "Parakeet", "Humain", "Reson8", "Cohere", "A", "B"}
@@ -243,7 +247,7 @@ class FakeTelnyx(FaultyApi):
             return _Reply(200, {"data": call.to_json()})
         if parts[3] not in ACTIONS:
             return _Reply(404, error_body(*NOT_FOUND))
-        if record.method != "POST":
+        if record.method != ACTION_METHODS[parts[3]]:
             return _method_not_allowed(record.method)
         return self._command(call, parts[3], _body(record))
 
@@ -290,6 +294,8 @@ class FakeTelnyx(FaultyApi):
         if command_id is not None and not isinstance(command_id, str):
             raise _bad("command_id", "command_id must be a string.")
         client_state = _client_state(body)
+        if action == "client_state_update" and client_state is None:
+            raise _missing("client_state")
         if action == "speak":
             args = _speak_args(body)
         elif action == "transcription_start":
@@ -303,6 +309,7 @@ class FakeTelnyx(FaultyApi):
         if command_id is not None and call.seen_command(command_id):
             return ok
         if client_state is not None:
+            # Each command carrying client_state replaces it; every later webhook carries it.
             call.client_state = client_state
         if action == "answer":
             call.answer()
@@ -312,7 +319,7 @@ class FakeTelnyx(FaultyApi):
             call.speak(*args)
         elif action == "transcription_start":
             call.transcription_start(body)
-        else:
+        elif action == "transcription_stop":
             call.transcription_stop()
         return ok
 
