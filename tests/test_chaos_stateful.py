@@ -97,7 +97,9 @@ KNOWN = {
 #: the transcript timeout, tests/test_turn_order.py BoundedContinueTests.)
 KNOWN_TAGS = {
     "mock": {"memory-ahead": "d"},
-    "telnyx": {"duplicate-transcript": "b", "wrong-answer": "a", "backwards": "c", "memory-ahead": "d"},
+    # Telnyx: no "wrong-answer" (a): turn tokens travel in client_state (KnownBugTests
+    # test_telnyx_late_greeting_answer_is_not_the_next_answer).
+    "telnyx": {"duplicate-transcript": "b", "backwards": "c", "memory-ahead": "d"},
     "twilio": {"wrong-answer": "a", "backwards": "c", "memory-ahead": "d"},
     "plivo": {"wrong-answer": "a", "backwards": "c", "memory-ahead": "d"},
 }
@@ -663,3 +665,41 @@ class KnownBugTests(SynchronousTestCase):
         self.successResultOf(said)
         self.assertEqual(self.successResultOf(asked), answer_to("Question 3?"))
         self.assertIn(answer_to("Greeting 1?"), list(call.said))  # it was said, and heard late
+
+    def test_telnyx_answer_in_flight_from_before_a_turn_is_ignored(self):
+        """
+        (a) on Telnyx: a transcript Telnyx sent before the turn listened (it carries the
+        client_state of that time: the plain call id, no turn token), delivered late while the
+        turn waits, is not its answer; the turn's own answer (carrying its token) is.
+        """
+        import json
+
+        from voicecall.testing.telnyx import envelope, iso8601
+
+        stack = self.stack("telnyx")
+        call_id = self.answered(stack)
+        (call,) = stack.carrier.calls().values()
+        plain = call.client_state
+        asked = Deferred.fromCoroutine(stack.manager.continue_call(call_id, "Question 3?"))
+        for _ in range(100):
+            stack.advance(0.05)
+            if call.transcribing:
+                break
+        self.assertNotEqual(call.client_state, plain)  # the turn's token is set
+        payload = {
+            "call_control_id": call.call_control_id,
+            "client_state": plain,
+            "direction": "outgoing",
+            "transcription_data": {"transcript": answer_to("Greeting 1?"), "is_final": True, "confidence": 0.9},
+        }
+        body = envelope("call.transcription", payload, occurred_at=iso8601(stack.clock.seconds()))
+        headers = {k: [v] for k, v in stack.carrier.fake.signed_headers(body).items()}
+        d = stack._to_daemon.request("POST", "http://daemon.test/voice/webhook", data=body,
+                                     headers={"Content-Type": ["application/json"], **headers})
+        stack.pump()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertNoResult(asked)
+        stack.advance(TIMEOUT_MS / 1000)
+        self.assertEqual(self.successResultOf(asked), answer_to("Question 3?"))
+        answer = [h for h in call.webhooks if h.event_type == "call.transcription"][-1]
+        self.assertEqual(json.loads(answer.body)["data"]["payload"]["client_state"], call.client_state)

@@ -131,8 +131,12 @@ class TelnyxEndToEndTests(TestCase):
         )
         call = self.fake_call()
         self.assertEqual(call.speak_texts, ["Hi there", "Who is this?"])
-        (start,) = call.transcription_starts
-        self.assertEqual(start["transcription_engine_config"]["language"], "en")
+        # The greeting's transcription (plain client_state), stopped and started again for the
+        # turn, with its turn token.
+        greeting, turn = call.transcription_starts
+        self.assertEqual(base64.b64decode(greeting["client_state"]).decode(), call_id)
+        self.assertEqual(set(json.loads(base64.b64decode(turn["client_state"]))), {"c", "t"})
+        self.assertEqual(turn["transcription_engine_config"]["language"], "en")
         await eventually(lambda: not call.transcribing, 5, "transcription_stop")
         await self.rpc.call("voicecall.end", {"callId": call_id})
         await eventually(lambda: not call.is_alive, 5, "hang-up at Telnyx")
@@ -159,6 +163,40 @@ class TelnyxEndToEndTests(TestCase):
                 ("bot", "Where are you?"),
                 ("user", "answer to Where are you?"),
             ],
+        )
+        await self.rpc.call("voicecall.end", {"callId": call_id})
+
+    async def test_each_continue_gets_its_own_answer(self):
+        """
+        Issue 13 on Telnyx: initiate('Greeting 1?'), speak, continue('Question 3?') returns the
+        answer to 'Question 3?'. The callee is slow to answer the greeting (its transcript would
+        arrive while the continue waits), and a transcript Telnyx sent before the turn listened
+        (the plain client_state: no turn token) delivered late is ignored; the turn's own
+        answer carries its token in client_state.
+        """
+        def person(call):
+            asked = call.last_speak or ""
+            return f"answer to {asked}" if asked.endswith("?") else None
+
+        await self.start(Scenario(utterances=person, answer_after=0.2, speech_delay=1.0, say_seconds_per_char=0.01))
+        call_id = await self.initiate("Greeting 1?", "conversation")
+        await eventually(lambda: self.fake_call().transcribing, 10, "transcription after the greeting")
+        call = self.fake_call()
+        plain = call.client_state
+        self.assertEqual(base64.b64decode(plain).decode(), call_id)
+        await self.rpc.call("voicecall.speak", {"callId": call_id, "message": "Please hold."})
+        asked = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Question 3?"})
+        await eventually(lambda: call.client_state != plain, 10, "the turn's client_state")
+        self.assertEqual(set(json.loads(base64.b64decode(call.client_state))), {"c", "t"})
+        late = self.transcription(call, "answer to Greeting 1?")
+        late = late.replace(call.client_state.encode(), plain.encode())
+        self.assertEqual(await self.post(late, self.fake.signed_headers(late)), (200, b"OK"))
+        self.assertEqual(await asked, {"success": True, "transcript": "answer to Question 3?"})
+        self.assertIn("answer to Greeting 1?", list(call.said))  # said, never taken as an answer
+        record = await self.status(call_id)
+        self.assertEqual(
+            [(t["speaker"], t["text"]) for t in record["transcript"]],
+            [("bot", "Greeting 1?"), ("bot", "Please hold."), ("bot", "Question 3?"), ("user", "answer to Question 3?")],
         )
         await self.rpc.call("voicecall.end", {"callId": call_id})
 
