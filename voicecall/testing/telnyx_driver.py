@@ -5,7 +5,10 @@ as PROVIDERS.md §2.3 describes and checked in tests against the official SDK), 
 describing the person on the line, the `Carrier` that delivers signed webhooks through an
 injected HTTP client on an injected clock, and `FakeCall`, which plays Telnyx's part for one
 call: it posts `call.initiated`, `call.answered`, `call.speak.started`/`ended`,
-`call.transcription` and `call.hangup` in the PROVIDERS.md §2.2 shapes.
+`call.transcription` and `call.hangup` in the PROVIDERS.md §2.2 shapes. Every webhook carries
+the call's `client_state` as it is when the webhook is sent (a transcript: when the person's
+words have been recognised): each command carrying one (dial, answer, speak, transcription_start,
+client_state_update, ...) replaces it, and a redelivery repeats the body it was first sent with.
 
 The person on the line says the scenario's next utterance whenever it is their turn: when
 transcription starts while the bot is silent, and each time the bot stops speaking while
