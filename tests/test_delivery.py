@@ -234,9 +234,13 @@ class DeliveryCase(SynchronousTestCase):
         return call
 
     def transcription(self, daemon, call, event_id, words, attempt=1, delay=0):
+        # Telnyx echoes the client_state of the latest command that set one (a turn's token).
+        sent = [json.loads(body) for _, path, body in self.api.requests if "/actions/" in path and body]
+        states = [b["client_state"] for b in sent if isinstance(b, dict) and b.get("client_state")]
         return self.telnyx_hook(
             daemon, call, "call.transcription", event_id, attempt, delay,
             transcription_data={"transcript": words, "is_final": True, "confidence": 0.9},
+            **({"client_state": states[-1]} if states else {}),
         )
 
 
