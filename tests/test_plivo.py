@@ -394,6 +394,29 @@ class RestTests(SynchronousTestCase):
         self.api.flush()
         self.failureResultOf(speaking, ProviderError)
 
+    def test_repeated_document_fetch_gets_the_same_document(self):
+        """
+        Plivo fetching a transfer's URL again (its retry, or a repeat that overtook the first) gets
+        that transfer's document again, not the keep-alive: whichever answer Plivo follows still
+        asks the question (chaos e2e, Plivo: the repeat won the race and the question was lost).
+        """
+        call, fake_call = self.answered_call()
+        self.fake.hang_next(match=lambda r: "aleg_url" in r.body)  # Plivo fetches it by hand below
+        asking = self.provider.prompt(call, "Is now a good time?", None, "tok-1")
+        (transfer,) = [r for r in self.api_requests("POST") if "aleg_url" in r.body]
+        query = "?" + transfer.get("aleg_url").partition("?")[2]
+        params = {"CallUUID": fake_call.call_uuid, "CallStatus": "in-progress"}
+        first, second = (WebhookTests.parse(self, ctx(params, query))[0].response.body.decode() for _ in range(2))
+        self.assertIn("Is now a good time?", first)
+        self.assertIn("turnToken=tok-1", first)
+        self.assertEqual(second, first)
+        # A newer transfer replaces it: the old URL is the keep-alive from then on.
+        self.provider.start_listening(call, "tok-2")
+        self.assertEqual(WebhookTests.parse(self, ctx(params, query))[0].response.body.decode(), KEEP_ALIVE)
+        self.fake.abort_held()
+        self.api.flush()
+        self.failureResultOf(asking, ProviderError)
+
     def test_listen_transfers_when_nothing_pending(self):
         """start_listening with nothing pending transfers to xml-listen with a GetInput carrying the token."""
         call, fake_call = self.answered_call()

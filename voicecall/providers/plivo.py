@@ -19,6 +19,8 @@ Choices beyond SPEC:
   question cannot answer a newer one.
 - Every URL handed to Plivo (transfer URLs, GetInput actions) carries a fresh nonce `n`, as
   the Twilio adapter does; a transfer URL's nonce also names the one document it may fetch.
+  That URL fetched again (Plivo's retry, or a repeat that overtook the first fetch) gets the
+  same document until Plivo has gone past it (played, GetInput answered) or the next transfer.
 - `start_listening` right after `speak` (a conversation's greeting) does not transfer again
   while the speak document is still unfetched: it turns that document into speak-then-listen,
   so the greeting is not cut off.
@@ -174,6 +176,10 @@ class PlivoProvider:
     _call_urls: dict[str, str] = field(factory=dict, init=False)  # callId -> webhook URL of initiate
     _pending: dict[str, _Pending] = field(factory=dict, init=False)  # callId -> next transfer's document
     _playing: dict[str, _Pending] = field(factory=dict, init=False)  # callId -> speak fetched, not yet played
+    #: callId -> (nonce, document) of the call's latest transfer, once fetched: a repeated fetch
+    #: of that URL (Plivo's retry) gets the same document until Plivo has gone past it (its
+    #: speech played, its GetInput answered) or the next transfer.
+    _served: dict[str, tuple[str, str]] = field(factory=dict, init=False)
     #: Timers bounding the waits for speech to end (cancelled by L{stop}).
     _speak_timers: set = field(factory=set, init=False)
     _log = Logger()
@@ -269,6 +275,7 @@ class PlivoProvider:
             # The call is over: a message not fetched yet, or still playing, was not heard
             # (to its end); its speak fails rather than claim it was said.
             self._call_urls.pop(call_id, None)
+            self._served.pop(call_id, None)
             _not_played(self._pending.pop(call_id, None))
             _not_played(self._playing.pop(call_id, None))
         for uuid in uuids:
@@ -332,6 +339,7 @@ class PlivoProvider:
         # in the new one (a continue's question, then the speak sent after it), so commands
         # still take effect in order.
         replaced = self._pending.pop(call.call_id, None)
+        self._served.pop(call.call_id, None)
         if replaced is not None:
             carried = replaced.earlier + (((replaced.text, replaced.voice),) if replaced.text else ())
             pending.earlier = carried[-MAX_CARRIED:]
@@ -390,9 +398,14 @@ class PlivoProvider:
         pending = self._pending.get(call_id)
         nonce = ctx.query.get("n") or ""
         if pending is None or not hmac.compare_digest(pending.nonce.encode(), nonce.encode()):
+            served = self._served.get(call_id)
+            if served is not None and hmac.compare_digest(served[0].encode(), nonce.encode()):
+                return served[1]  # fetched again (a retry, or a repeat that overtook the first)
             return plivoxml.keep_alive()
         del self._pending[call_id]
-        return _preceded(self._own_document(call_id, pending, ctx), pending.earlier, self._language)
+        document = _preceded(self._own_document(call_id, pending, ctx), pending.earlier, self._language)
+        _bounded_put(self._served, call_id, (pending.nonce, document))
+        return document
 
     def _own_document(self, call_id: str, pending: _Pending, ctx: WebhookContext) -> str:
         base = self._call_urls.get(call_id) or self._webhook_url or self._verification_url(ctx).split("?", 1)[0]
@@ -413,6 +426,7 @@ class PlivoProvider:
         nonce = ctx.query.get("n") or ""
         if playing is not None and hmac.compare_digest(playing.nonce.encode(), nonce.encode()):
             del self._playing[call_id]
+            self._served.pop(call_id, None)
             _played(playing)
 
     # -- webhooks ---------------------------------------------------------------------------------
@@ -461,6 +475,8 @@ class PlivoProvider:
         if flow == "spoken":
             self._spoken(ctx)
             return ParsedWebhook((), _xml(plivoxml.keep_alive()))
+        if flow == "getinput":
+            self._served.pop(ctx.query.get("callId") or "", None)  # past the GetInput: not served again
         event = self._event(ctx, params, flow, call_uuid or request_uuid, request_key)
         if event is not None:
             event = _with_identity(event, ctx, request_key)
