@@ -115,6 +115,25 @@ def speak_timeout(text: str) -> float:
     return min(SPEAK_TIMEOUT_MAX, SPEAK_TIMEOUT_BASE + len(text) * SPEAK_SECONDS_PER_CHAR)
 
 
+async def wait_until_played(clock, timers: set, played, text: str, give_up) -> None:
+    """
+    Wait for C{played} (the carrier's report that C{text} has played, or its failure when the call
+    ended first), at most C{speak_timeout(text)}: then C{give_up()} is called, which must fire
+    C{played}. The timer is kept in C{timers} while it runs, so a provider can drop it on stop.
+    """
+    if played.called:
+        await played  # played already, or cut off by the call's end (raises)
+        return
+    timer = clock.callLater(speak_timeout(text), give_up)
+    timers.add(timer)
+    try:
+        await played
+    finally:
+        timers.discard(timer)
+        if timer.active():
+            timer.cancel()
+
+
 def normalize_status(status: str | None) -> str:
     value = (status or "").strip().lower()
     return value or "unknown"

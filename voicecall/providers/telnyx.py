@@ -57,7 +57,7 @@ from voicecall.providers.base import (
     WebhookContext,
     WebhookResponse,
     normalize_status,
-    speak_timeout,
+    wait_until_played,
 )
 from voicecall.providers.http import ApiClient
 from voicecall.providers.signatures import verify_telnyx
@@ -347,17 +347,7 @@ class TelnyxProvider:
             self._speak_done(control_id, ended)
             ended.addErrback(lambda _: None)  # the command's own failure is the one reported
             raise
-        if ended.called:
-            await ended  # played already, or cut off by the call's end (raises)
-            return
-        timer = self._clock.callLater(speak_timeout(text), self._speak_done, control_id, ended)
-        self._speak_timers.add(timer)
-        try:
-            await ended
-        finally:
-            self._speak_timers.discard(timer)
-            if timer.active():
-                timer.cancel()
+        await wait_until_played(self._clock, self._speak_timers, ended, text, lambda: self._speak_done(control_id, ended))
 
     def _speak_done(self, control_id: str | None, ended: Deferred[None], cut_off: bool = False) -> None:
         """Stop waiting for one speak (its end came, it failed, we gave up on it, or the call ended: C{cut_off})."""

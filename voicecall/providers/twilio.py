@@ -55,7 +55,7 @@ from voicecall.providers.base import (
     WebhookContext,
     WebhookResponse,
     normalize_status,
-    speak_timeout,
+    wait_until_played,
 )
 from voicecall.providers.http import ApiClient
 from voicecall.providers.signatures import parse_form, replace_origin, verify_twilio
@@ -274,17 +274,7 @@ class TwilioProvider:
             self._said(sid, nonce)
             played.addErrback(lambda _: None)  # the update's own failure is the one reported
             raise
-        if played.called:
-            await played  # said already, or cut off by the call's end (raises)
-            return
-        timer = self._clock.callLater(speak_timeout(text), self._said, sid, nonce)
-        self._speak_timers.add(timer)
-        try:
-            await played
-        finally:
-            self._speak_timers.discard(timer)
-            if timer.active():
-                timer.cancel()
+        await wait_until_played(self._clock, self._speak_timers, played, text, lambda: self._said(sid, nonce))
 
     def _said(self, sid: str, nonce: str | None = None, cut_off: bool = False) -> None:
         """
