@@ -134,9 +134,7 @@ def _lock(directory: str) -> int:
     returns its descriptor, which holds the lock until closed. Creates the directory (0700) if
     missing; when another process holds the lock, raises `StoreLockedError` having changed nothing.
     """
-    if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+    _ensure_directory(directory)
     fd = os.open(os.path.join(directory, LOCK_FILENAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -317,10 +315,15 @@ class CallStore:
         )
 
 
-def _open_connection(directory: str) -> sqlite3.Connection:
+def _ensure_directory(directory: str) -> None:
+    """Create the store's directory (mode 0700) if missing."""
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
+
+
+def _open_connection(directory: str) -> sqlite3.Connection:
+    _ensure_directory(directory)
     path = os.path.join(directory, DB_FILENAME)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
