@@ -187,8 +187,7 @@ class AutoResponder:
     def on_utterance(self, call: CallRecord, text: str) -> None:
         if call.direction is not Direction.INBOUND and call.mode is not Mode.CONVERSATION:
             return
-        pending = getattr(self._manager, "turn_pending", None)
-        if pending is not None and pending(call.call_id):
+        if self._manager.turn_pending(call.call_id):
             # A `continue` is queued behind what is playing: its question comes next, and a
             # reply spoken after it would talk over the turn the gateway is running.
             self._log.info("not answering {call_id}: a continue is next", call_id=call.call_id)
@@ -228,8 +227,7 @@ class AutoResponder:
         del self._generation[call.call_id]
         if not reply.strip() or self._manager.find(call.call_id) is None:
             return
-        pending = getattr(self._manager, "turn_pending", None)
-        if pending is not None and pending(call.call_id):
+        if self._manager.turn_pending(call.call_id):
             self._log.info("dropping a reply on {call_id}: a continue started meanwhile", call_id=call.call_id)
             return
         await self._manager.reply(call.call_id, reply.strip())
