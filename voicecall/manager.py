@@ -113,6 +113,14 @@ class _Waiter:
         return self._asked
 
 
+def _remove_last(entries: list, entry: Any) -> None:
+    """Remove the last occurrence of `entry` itself (identity, not equality) from `entries`, if any."""
+    for i in range(len(entries) - 1, -1, -1):
+        if entries[i] is entry:
+            del entries[i]
+            return
+
+
 _FIELDS = ("state", "answered_at", "ended_at", "end_reason", "provider_call_id")
 
 
@@ -492,10 +500,7 @@ class CallManager:
             if old_pid:
                 self._by_provider_id[old_pid] = call.call_id
         for entry in transcript:
-            for i in range(len(call.transcript) - 1, -1, -1):
-                if call.transcript[i] is entry:
-                    del call.transcript[i]
-                    break
+            _remove_last(call.transcript, entry)
         for k in keys:
             for i in range(len(call.processed_event_ids) - 1, -1, -1):
                 if call.processed_event_ids[i] == k:
@@ -957,10 +962,7 @@ class CallManager:
             if call.state is moved:
                 call.state = before
             if entry is not None:
-                for i in range(len(call.transcript) - 1, -1, -1):
-                    if call.transcript[i] is entry:
-                        del call.transcript[i]
-                        break
+                _remove_last(call.transcript, entry)
             self._log.warn("could not store {call_id} ({error}): left as it was", call_id=call.call_id, error=str(e))
             raise CallError(f"Failed to persist call: {e}", call.call_id) from e
 
