@@ -60,6 +60,11 @@ def remote_ip(request) -> str | None:
     return getattr(request.getClientAddress(), "host", None)
 
 
+def _refusal_log(request):
+    """The Site's `RefusalLog` (None for a request outside a `ScreenedSite`)."""
+    return getattr(getattr(request, "site", None), "refusal_log", None)
+
+
 def _peer_ip(headers, peer: str | None) -> str:
     return peer or ""
 
@@ -191,7 +196,7 @@ class WebhookResource(Resource):
         else:
             verdict = self._provider.verify_webhook(ctx)
             if not verdict.ok or not verdict.request_key:
-                refusals = getattr(getattr(request, "site", None), "refusal_log", None)
+                refusals = _refusal_log(request)
                 reason = f"{self._provider.name}: {verdict.reason or 'no verified request key'}"
                 if refusals is not None:
                     refusals.refused(401, ctx.remote_ip, request.method, request.uri, reason)
@@ -201,7 +206,7 @@ class WebhookResource(Resource):
             key = verdict.request_key
         if self._replays.check_and_record(key):
             # Rate limited: one captured signed request replayed in a loop must not grow the log.
-            refusals = getattr(getattr(request, "site", None), "refusal_log", None)
+            refusals = _refusal_log(request)
             if refusals is not None:
                 refusals.replayed(self._provider.name)
             answer = self._provider.replay_response(ctx)
