@@ -169,13 +169,6 @@ def _join_url(scheme: str, userinfo: str, host: str, port: str | None, rest: str
     return scheme + "://" + userinfo + host + (":" + port if port else "") + rest
 
 
-def _port_of(url: str | None) -> str | None:
-    if not url:
-        return None
-    parts = _split_url(url)
-    return parts[3] if parts is not None else None
-
-
 def replace_origin(public_url: str, url: str) -> str:
     """
     `url` with its origin replaced by the origin of `public_url` (path and query of `url` kept
