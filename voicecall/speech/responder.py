@@ -79,47 +79,27 @@ def system_prompt(call: CallRecord, custom: str | None, text: str | None = None,
     return prompt + SPOKEN_CONTRACT
 
 
-#: The provider parts `responseModel` may name: the built-in client speaks the OpenAI
-#: chat-completions API, to OpenAI or to an OpenAI-compatible server at `responseBaseUrl`.
-SUPPORTED_PROVIDERS = ("openai",)
-
-
-def split_model(response_model: str | None) -> tuple[str, str]:
+def model_name(response_model: str | None) -> str:
     """
-    `openai/gpt-4o-mini` -> (`openai`, `gpt-4o-mini`); a bare name is an OpenAI model. Only the
+    The model to ask for: `openai/gpt-4o-mini` -> `gpt-4o-mini`; a bare name: itself. Only the
     first slash separates the provider, so `openai/meta-llama/Llama-3` asks an OpenAI-compatible
-    server for `meta-llama/Llama-3`. Another provider raises ValueError (config validation
-    refuses it first, with the same text).
+    server (`responseBaseUrl`) for `meta-llama/Llama-3`. The built-in client speaks the OpenAI
+    API only: another provider raises ValueError (config validation refuses it first, with the
+    same text).
     """
     if not response_model:
-        return "openai", DEFAULT_MODEL
+        return DEFAULT_MODEL
     provider, slash, name = response_model.partition("/")
     if not slash:
-        return "openai", response_model
-    problem = model_problem(response_model)
-    if problem is not None:
-        raise ValueError(problem)
-    return provider.lower(), name
-
-
-def model_problem(response_model: str) -> str | None:
-    """Why `responseModel` cannot be used by the built-in client, or None."""
-    provider, slash, name = response_model.partition("/")
-    if not slash:
-        return None
-    if provider.lower() not in SUPPORTED_PROVIDERS:
-        return (
+        return response_model
+    if provider.lower() != "openai":
+        raise ValueError(
             f'provider "{provider}" is not supported: the built-in responder speaks the OpenAI API '
             '(use "openai/<model>", also for an OpenAI-compatible server at responseBaseUrl)'
         )
     if not name.strip():
-        return 'expected a model name after "openai/"'
-    return None
-
-
-def model_name(response_model: str | None) -> str:
-    """The model to ask for: `openai/gpt-4o-mini` -> `gpt-4o-mini`; a bare name: itself."""
-    return split_model(response_model)[1]
+        raise ValueError('expected a model name after "openai/"')
+    return name
 
 
 @define(repr=False)
