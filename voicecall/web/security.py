@@ -266,26 +266,25 @@ class ForwardingPolicy:
         rightmost ``X-Forwarded-For`` element that is not itself a trusted proxy: the one the
         last trusted proxy saw (elements to its left are whatever the client wrote).  Without
         ``X-Forwarded-For`` (or when its rightmost hop is not an address), a valid
-        ``X-Real-IP``; with neither, the proxy's own address.  Otherwise the normalised peer address.  A missing peer address
-        gives ``""`` (one shared bucket).
+        ``X-Real-IP``; with neither, the proxy's own address.  Otherwise the normalised peer
+        address.  A missing peer address gives ``""`` (one shared bucket).
         """
         peer = normalize_ip(remote_ip) or ""
-        if not self._from_trusted_proxy(remote_ip):
+        if peer not in self._proxies:
             return peer
-        real = _valid_ip(header_value(headers, "x-real-ip"))
         forwarded = header_value(headers, "x-forwarded-for")
         if forwarded:
-            hops = forwarded.split(",")[-_MAX_HOPS:]
             found = None
-            for hop in reversed(hops):
+            for hop in reversed(forwarded.split(",")[-_MAX_HOPS:]):
                 candidate = _valid_ip(hop)
                 if candidate is None:
                     break
                 found = candidate
                 if candidate not in self._proxies:
                     return candidate
-            return found or real or peer
-        return real or peer
+            if found:
+                return found
+        return _valid_ip(header_value(headers, "x-real-ip")) or peer
 
 
 #: At most this many ``X-Forwarded-For`` hops are looked at, from the right.
