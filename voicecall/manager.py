@@ -272,6 +272,10 @@ class CallManager:
         if call.state != before:
             events.append(self._log_entry(call, "call.state", state=call.state.value, previous=before.value))
 
+    def _gone(self, call: CallRecord) -> bool:
+        """Whether `call` is over, or no longer the record held for its id."""
+        return call.is_terminal or self._active.get(call.call_id) is not call
+
     def _forget(self, call: CallRecord) -> None:
         self._active.pop(call.call_id, None)
         self._drop_commands(call.call_id)
@@ -535,7 +539,7 @@ class CallManager:
         self._applied(event)
 
     def _answered(self, call: CallRecord) -> None:
-        if call.is_terminal or self._active.get(call.call_id) is not call:
+        if self._gone(call):
             return  # ended while the answer was being stored
         self._start_max_timer(call, self._settings.max_duration_seconds)
         self._on_answered(call)
@@ -693,7 +697,7 @@ class CallManager:
         (Plivo 404 "call not in progress"): the hang-up's webhook ends the call, so that is one
         info line, not a failure; anything else is a warning (the call lives on, unheard).
         """
-        if call.is_terminal or self._active.get(call.call_id) is not call or error.status == 404:
+        if self._gone(call) or error.status == 404:
             self._log.info("call {call_id} ended as its greeting did; not listening ({error})", call_id=call.call_id, error=str(error))
         else:
             self._log.warn("could not listen on {call_id} after its greeting: {error}", call_id=call.call_id, error=str(error))
@@ -734,7 +738,7 @@ class CallManager:
         try:
             if before is not None and not before.called:
                 await (before if limit is None else self._bounded(before, limit, call.call_id))
-            if call.is_terminal or self._active.get(call.call_id) is not call:
+            if self._gone(call):
                 raise CallError("Call has ended", call.call_id)
             return await op()
         finally:
@@ -990,12 +994,12 @@ class CallManager:
         try:
             await self._voice.start_listening(call, waiter.turn_token)
         except Exception as e:
-            if call.is_terminal or self._active.get(call.call_id) is not call:
+            if self._gone(call):
                 return
             self._log.warn("could not listen again on {call_id} after a speak: {error}", call_id=call.call_id, error=str(e))
 
     def _notify_served(self, text: str, call: CallRecord) -> Deferred[None] | None:
-        if call.is_terminal or self._active.get(call.call_id) is not call:
+        if self._gone(call):
             return None
         return Deferred.fromCoroutine(self._record_bot(call, text))
 
