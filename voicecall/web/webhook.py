@@ -113,15 +113,15 @@ class WebhookScreen:
 class WebhookResource(Resource):
     """The carrier webhook (a leaf: it answers every path that reaches it)."""
 
-    _provider: Provider = field(repr=False)
-    _manager: Any = field(repr=False)  # voicecall.manager.CallManager
-    _reconstruct_url: Callable[[str, dict, "str | None"], str] = field(repr=False)
+    _provider: Provider
+    _manager: Any  # voicecall.manager.CallManager
+    _reconstruct_url: Callable[[str, dict, "str | None"], str]
     _path: str
-    _replays: Any = field(repr=False)  # voicecall.web.replay.ReplayCache
-    _responses: Any = field(repr=False)  # voicecall.web.replay.ResponseCache
-    _skip_key: Callable[[WebhookContext], str] | None = field(default=None, repr=False)
+    _replays: Any  # voicecall.web.replay.ReplayCache
+    _responses: Any  # voicecall.web.replay.ResponseCache
+    _skip_key: Callable[[WebhookContext], str] | None = None
     #: Webhook outcomes by label (ok, 401, 404, 405, 413, 429, replay, 500, ...), for metrics.
-    counts: Counter = field(factory=Counter, repr=False)
+    counts: Counter = field(factory=Counter)
     isLeaf = True
     _log = Logger()
 
@@ -246,10 +246,10 @@ class RootResource(Resource):
     request for that path itself, and sends everything else to the webhook.
     """
 
-    _webhook: Resource = field(repr=False)
+    _webhook: Resource
     _stream_path: str | None = None
-    _stream: Resource | None = field(default=None, repr=False)
-    _not_upgrade: Resource = field(init=False, repr=False, factory=lambda: _StreamPathAnswer())
+    _stream: Resource | None = None
+    _not_upgrade: Resource = field(init=False, factory=lambda: _StreamPathAnswer())
 
     def __attrs_post_init__(self) -> None:
         Resource.__init__(self)
