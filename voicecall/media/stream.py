@@ -309,15 +309,9 @@ class MediaStreamProtocol(WebSocketServerProtocol):
             self._sending_close = False
 
     def _not_reading(self, budget: int) -> None:
-        if not self._backed_up:
-            self._backed_up = True
-            self._log.warn(
-                "closing media stream from {ip}: it does not read ({limit} bytes waiting to be sent)",
-                ip=self.client_ip,
-                limit=budget,
-            )
-            self._media.counts["1008-peer-not-reading"] += 1
-        self.close_with(CLOSE_POLICY, NOT_READING)
+        self._close_backed_up(
+            "it does not read ({limit} bytes waiting to be sent)", budget, "1008-peer-not-reading", CLOSE_POLICY, NOT_READING
+        )
 
     def _closeConnection(self, abort: bool = False) -> None:
         """
@@ -502,15 +496,17 @@ class MediaStreamProtocol(WebSocketServerProtocol):
         return True
 
     def _backpressure(self) -> None:
+        self._close_backed_up(
+            "more than {limit} bytes waiting to be sent", MAX_SEND_BUFFER, "backpressure", CLOSE_TRY_AGAIN, BACKPRESSURE
+        )
+
+    def _close_backed_up(self, why: str, limit: int, count: str, code: int, reason: str) -> None:
+        """Close a socket whose outbound data backs up (logged and counted once per socket)."""
         if not self._backed_up:
             self._backed_up = True
-            self._log.warn(
-                "closing media stream from {ip}: more than {limit} bytes waiting to be sent",
-                ip=self.client_ip,
-                limit=MAX_SEND_BUFFER,
-            )
-            self._media.counts["backpressure"] += 1
-        self.close_with(CLOSE_TRY_AGAIN, BACKPRESSURE)
+            self._log.warn("closing media stream from {ip}: " + why, ip=self.client_ip, limit=limit)
+            self._media.counts[count] += 1
+        self.close_with(code, reason)
 
     def refuse(self, code: int, reason: str) -> None:
         """
