@@ -59,7 +59,7 @@ from voicecall.providers.base import (
     WebhookContext,
     WebhookResponse,
     normalize_status,
-    speak_timeout,
+    wait_until_played,
 )
 from voicecall.providers.http import ApiClient
 from voicecall.providers.signatures import parse_form, replace_origin, verify_plivo
@@ -125,13 +125,7 @@ MAX_CARRIED = 8
 
 def _preceded(document: str, earlier: tuple, language: str | None) -> str:
     """C{document} with a `<Speak>` of each earlier (text, voice) first: what it replaced unheard."""
-    speaks = ""
-    for text, voice in earlier:
-        attrs = f' language="{plivoxml.escape(language or plivoxml.DEFAULT_LANGUAGE)}"'
-        chosen = plivoxml.speak_voice(voice)
-        if chosen is not None:
-            attrs += f' voice="{plivoxml.escape(chosen)}"'
-        speaks += f"<Speak{attrs}>{plivoxml.escape(text)}</Speak>"
+    speaks = "".join(plivoxml._speak(text, language, voice) for text, voice in earlier)
     head = "<Response>"
     return head + speaks + document[len(head):] if document.startswith(head) else document
 
@@ -360,17 +354,10 @@ class PlivoProvider:
             if pending.played is not None:
                 pending.played.addErrback(lambda _: None)  # the transfer's own failure is the one reported
             raise
-        if pending.played is not None and pending.played.called:
-            await pending.played  # played already, or cut off by the call's end (raises)
-        elif pending.played is not None:
-            timer = self._clock.callLater(speak_timeout(pending.text or ""), self._stop_waiting, call_id, pending)
-            self._speak_timers.add(timer)
-            try:
-                await pending.played
-            finally:
-                self._speak_timers.discard(timer)
-                if timer.active():
-                    timer.cancel()
+        if pending.played is not None:
+            await wait_until_played(
+                self._clock, self._speak_timers, pending.played, pending.text or "", lambda: self._stop_waiting(call_id, pending)
+            )
 
     def _stop_waiting(self, call_id: str, pending: _Pending) -> None:
         for waiting in (self._pending, self._playing):
