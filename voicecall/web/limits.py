@@ -277,9 +277,8 @@ class ScreenedChannel(HTTPChannel):
         self._headers_deadline = None
         self._awaiting_headers = False
         site = self.site
-        site.refused(408)
         peer = getattr(self.transport.getPeer(), "host", None) if self.transport is not None else None
-        site.refusal_log.refused(408, peer, b"-", b"-", "request headers too slow")
+        site.refused(408, peer, b"-", b"-", "request headers too slow")
         _write_refusal(self.transport, Refusal(408, f"Request headers not received within {site.headers_timeout:g}s".encode()))
 
     def allHeadersReceived(self) -> None:
@@ -414,9 +413,8 @@ class ScreenedRequest(Request):
         self._cancel_deadline()
         self.release()
         site: ScreenedSite = self.channel.site
-        site.refused(refusal.status)
         peer = self.slot_client or getattr(self.getClientAddress(), "host", None)
-        site.refusal_log.refused(refusal.status, peer, self.early_method, self.early_uri, _REASONS.get(refusal.status, b"").decode())
+        site.refused(refusal.status, peer, self.early_method, self.early_uri, _REASONS.get(refusal.status, b"").decode())
         _write_refusal(self.channel.transport, refusal)
 
 
@@ -461,9 +459,11 @@ class ScreenedSite(Site):
             return Refusal(413, b"Payload Too Large")
         return self._screen(request, length)
 
-    def refused(self, status: int) -> None:
+    def refused(self, status: int, client: "str | None", method: bytes, target: bytes, reason: str) -> None:
+        """Count a refusal (`on_refused`) and log it (`refusal_log`, rate limited)."""
         if self._on_refused is not None:
             self._on_refused(status)
+        self.refusal_log.refused(status, client, method, target, reason)
 
     def log(self, request) -> None:
         """No per-request access log lines (they would carry query strings with call ids)."""
