@@ -41,24 +41,24 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 from treq.client import HTTPClient
 
-from voicecall.expose import ExposeError, legacy_tailscale, start_tunnel
+from voicecall.control.expose import ExposeError, legacy_tailscale, start_tunnel
 from voicecall.config import DISABLED_MESSAGE, ConfigError, find_config_path, load_config, parse_config
-from voicecall import sdnotify
-from voicecall.manager import CallManager, ManagerSettings
-from voicecall.metrics import Metrics, MetricsResource, VoicecallCollector
-from voicecall.model import Mode
-from voicecall.policy import inbound_decision
+from voicecall.infra import sdnotify
+from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.control.metrics import Metrics, MetricsResource, VoicecallCollector
+from voicecall.domain.model import Mode
+from voicecall.domain.policy import inbound_decision
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.providers.signatures import skip_request_key, verify_twilio
-from voicecall.reaper import StaleCallReaper
-from voicecall.rpc import GatewayResponders, RpcFactory, RpcMethods, default_socket_path
+from voicecall.domain.reaper import StaleCallReaper
+from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods, default_socket_path
 from voicecall.speech.responder import AutoResponder, ChatResponder
 from voicecall.speech.stt import RealtimeTranscriber
 from voicecall.speech.tts import TelephonyTts
 from voicecall.media.bridge import StreamBridge
 from voicecall.media.stream import MediaStreamServer, neutralise_autobahn_log_formatting
-from voicecall.store import CallStore, StoreLockedError, ThreadedWriter
+from voicecall.domain.store import CallStore, StoreLockedError, ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.security import ForwardingPolicy

@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from voicecall.model import CallEvent, CallRecord, CallState, Direction, EventType, Mode
+from voicecall.domain.model import CallEvent, CallRecord, CallState, Direction, EventType, Mode
 from voicecall.providers import twiml
 from voicecall.providers.twilio import stream_token
 

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from voicecall.audio import FRAME_BYTES, SAMPLE_RATE, SILENCE_FRAME, AudioChunk, Framer, PcmToUlaw
+from voicecall.infra.audio import FRAME_BYTES, SAMPLE_RATE, SILENCE_FRAME, AudioChunk, Framer, PcmToUlaw
 
 __all__ = [
     "MAX_PENDING",

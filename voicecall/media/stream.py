@@ -34,7 +34,7 @@ logging, timing, UTF-8 re-validation (frames are parsed as JSON, which decodes U
 status page, with autobahn's native accelerators when installed; whole masked text frames are
 unmasked here rather than by autobahn, and outbound messages are framed here in one step (a
 text frame is a 2-4 byte header and the JSON bytes) and, when nothing is queued before them,
-handed to the socket at once (the frames and the direct send are L{voicecall.wsframes}'s). An
+handed to the socket at once (the frames and the direct send are L{voicecall.infra.wsframes}'s). An
 inbound C{media} message of an active stream in Twilio's own compact layout (L{_MEDIA}) has
 its payload taken by one regular expression instead of a full JSON parse; anything else,
 however slightly different, is parsed in full, and the expression admits only what the JSON
@@ -64,8 +64,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from voicecall.media.playback import SYNTHESIS_TIMEOUT, Playback, PlaybackScheduler
-from voicecall.wsframes import send_buffer_size, text_frame_header, write_now, xor_mask
-from voicecall.wstimers import unbatch
+from voicecall.infra.wsframes import send_buffer_size, text_frame_header, write_now, xor_mask
+from voicecall.infra.wstimers import unbatch
 
 __all__ = [
     "MediaStreamServer",

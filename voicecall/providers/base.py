@@ -14,7 +14,7 @@ from typing import Mapping, Protocol, Sequence
 from attrs import field, frozen
 from twisted.internet.defer import Deferred
 
-from voicecall.model import CallEvent, CallRecord
+from voicecall.domain.model import CallEvent, CallRecord
 
 
 class ProviderError(Exception):

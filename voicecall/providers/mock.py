@@ -38,7 +38,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.model import END_REASONS, CallEvent, CallRecord, EventType, identity_key
+from voicecall.domain.model import END_REASONS, CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers.base import (
     InitiatedCall,
     ParsedWebhook,

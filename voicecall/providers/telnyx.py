@@ -46,7 +46,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.model import CallEvent, CallRecord, EventType, identity_key
+from voicecall.domain.model import CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers.base import (
     NOT_PLAYED,
     InitiatedCall,

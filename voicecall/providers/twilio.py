@@ -42,7 +42,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from voicecall.model import CallEvent, CallRecord, Direction, EventType, identity_key
+from voicecall.domain.model import CallEvent, CallRecord, Direction, EventType, identity_key
 from voicecall.providers import twiml
 from voicecall.providers.base import (
     NOT_PLAYED,

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
-from voicecall.model import CallRecord, Direction, Mode, Speaker
+from voicecall.domain.model import CallRecord, Direction, Mode, Speaker
 from voicecall.providers.http import ApiClient
 
 APOLOGY = "Sorry, I'm having trouble answering right now. Could you say that again?"
@@ -156,7 +156,7 @@ Ask = Callable[[CallRecord, str], "Deferred[str] | None"]
 class AutoResponder:
     """Answers callers: wired to `CallManager.on_utterance` by tap.py."""
 
-    _manager: Any  # voicecall.manager.CallManager
+    _manager: Any  # voicecall.domain.manager.CallManager
     _clock: IReactorTime
     _gateway: Ask  # the RPC-registered gateway, if any
     _builtin: ChatResponder | None = None

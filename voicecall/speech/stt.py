@@ -31,9 +31,9 @@ to pause, so one transcriber holds at most what the transport buffers.
 
 Performance: the appends (one every 100 ms per call) are framed here, not by autobahn, whose
 client send path (C{sendMessage}, C{sendFrame}, its masker, C{sendData}) cost more than the rest
-of the forwarding: each is one masked text frame (L{voicecall.wsframes.masked_text_frame}, with
+of the forwarding: each is one masked text frame (L{voicecall.infra.wsframes.masked_text_frame}, with
 a fresh 4-byte key from C{os.urandom} per frame) written straight to the socket when nothing is
-queued before it (L{voicecall.wsframes.write_now}, as the media-stream server does for its own
+queued before it (L{voicecall.infra.wsframes.write_now}, as the media-stream server does for its own
 frames). autobahn still does the handshake, the session update, control frames and closing, and
 every send it would queue itself (its send queue in use, compression negotiated).
 """
@@ -65,8 +65,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from voicecall import __version__
-from voicecall.wsframes import masked_text_frame, write_now
-from voicecall.wstimers import unbatch
+from voicecall.infra.wsframes import masked_text_frame, write_now
+from voicecall.infra.wstimers import unbatch
 
 __all__ = [
     "CONNECT_TIMEOUT_MESSAGE",

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from voicecall.audio import AudioChunk
+from voicecall.infra.audio import AudioChunk
 from voicecall.config import TtsConfig
 
 __all__ = ["TtsError", "TelephonyTts"]

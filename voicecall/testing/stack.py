@@ -24,9 +24,9 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
-from voicecall.manager import CallManager, ManagerSettings
-from voicecall.model import Mode
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.domain.model import Mode
+from voicecall.domain.store import CallStore, SynchronousWriter
 from voicecall.testing.chaos import Chaos
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.webhook import WebhookResource

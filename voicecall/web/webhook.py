@@ -114,7 +114,7 @@ class WebhookResource(Resource):
     """The carrier webhook (a leaf: it answers every path that reaches it)."""
 
     _provider: Provider
-    _manager: Any  # voicecall.manager.CallManager
+    _manager: Any  # voicecall.domain.manager.CallManager
     _reconstruct_url: Callable[[str, dict, "str | None"], str]
     _path: str
     _replays: Any  # voicecall.web.replay.ReplayCache

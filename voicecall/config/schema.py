@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from attrs import frozen
 
-from voicecall.configmodel import (  # noqa: F401  (re-exported)
+from voicecall.config.model import (  # noqa: F401  (re-exported)
     DEFAULT_STORE,
     MetricsConfig,
     OutboundConfig,

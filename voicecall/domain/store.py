@@ -38,7 +38,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
-from voicecall.dbwriter import (  # noqa: F401  (re-exported: the writers and their errors)
+from voicecall.infra.dbwriter import (  # noqa: F401  (re-exported: the writers and their errors)
     StoreBusyError,
     StoreClosedError,
     StoreError,
@@ -46,7 +46,7 @@ from voicecall.dbwriter import (  # noqa: F401  (re-exported: the writers and th
     ThreadedWriter,
     Writer,
 )
-from voicecall.model import CallRecord, CallState, Direction, Speaker, TranscriptEntry
+from voicecall.domain.model import CallRecord, CallState, Direction, Speaker, TranscriptEntry
 
 T = TypeVar("T")
 
@@ -504,7 +504,7 @@ _ENTRY_FIELDS = ("timestamp", "speaker", "text", "is_final")
 if tuple(a.name for a in attrs.fields(CallRecord)) != _RECORD_FIELDS or tuple(
     a.name for a in attrs.fields(TranscriptEntry)
 ) != _ENTRY_FIELDS:  # pragma: no cover - a model change must update _record and _entry
-    raise ImportError("voicecall.store: _record/_entry do not match the model's fields")
+    raise ImportError("voicecall.domain.store: _record/_entry do not match the model's fields")
 
 
 def _setter(cls: type, name: str) -> Callable[[Any, Any], None]:

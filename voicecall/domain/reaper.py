@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from voicecall.model import CallState
+from voicecall.domain.model import CallState
 
 INTERVAL_SECONDS = 30.0
 _LIVE = frozenset({CallState.SPEAKING, CallState.LISTENING})
@@ -26,7 +26,7 @@ _LIVE = frozenset({CallState.SPEAKING, CallState.LISTENING})
 class StaleCallReaper(Service):
     """A service that ends stale calls through the manager; disabled when max_age <= 0."""
 
-    _manager: Any  # voicecall.manager.CallManager
+    _manager: Any  # voicecall.domain.manager.CallManager
     _clock: IReactorTime
     _max_age_seconds: float
     _interval: float = INTERVAL_SECONDS

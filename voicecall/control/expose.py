@@ -18,7 +18,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
-from voicecall.childproc import (
+from voicecall.infra.childproc import (
     Child,
     LineSink,
     SpawnError,
@@ -60,7 +60,7 @@ _NGROK_ERROR_MARKER = "ERR_NGROK"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
-_log = Logger(namespace="voicecall.expose")
+_log = Logger(namespace="voicecall.control.expose")
 
 
 class ExposeError(Exception):

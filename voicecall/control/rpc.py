@@ -44,7 +44,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from voicecall.manager import CallError
+from voicecall.domain.manager import CallError
 
 MAX_LINE_BYTES = 1024 * 1024
 #: Bytes of answers and notifications that may wait for one peer that does not read them.
@@ -120,7 +120,7 @@ def _text(params: Mapping[str, Any], name: str) -> str | None:
 class RpcMethods:
     """The method table: plain async functions of a params dict."""
 
-    _manager: Any  # voicecall.manager.CallManager
+    _manager: Any  # voicecall.domain.manager.CallManager
     _clock: IReactorTime
     _default_to: str | None = None
     _provider_name: str = "mock"

@@ -66,7 +66,7 @@ from typing import Any, Mapping
 import json5
 from attrs import evolve
 
-from voicecall.configmodel import (  # noqa: F401  (re-exported)
+from voicecall.config.model import (  # noqa: F401  (re-exported)
     DEFAULT_STORE,
     MetricsConfig,
     OutboundConfig,
@@ -87,7 +87,7 @@ from voicecall.configmodel import (  # noqa: F401  (re-exported)
     VoiceCallConfig,
     WebhookSecurityConfig,
 )
-from voicecall.configschema import (  # noqa: F401  (re-exported)
+from voicecall.config.schema import (  # noqa: F401  (re-exported)
     CONFIG_PATH,
     E164_MESSAGE,
     UNDEFINED,

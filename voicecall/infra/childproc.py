@@ -20,7 +20,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-_log = Logger(namespace="voicecall.childproc")
+_log = Logger(namespace="voicecall.infra.childproc")
 
 KILL_WAIT = 1.0  # how long to wait for the reaping of a SIGKILLed child before giving up on it
 MAX_LINE_CHARS = 16 * 1024  # longest ngrok log line parsed; longer lines are dropped

@@ -28,8 +28,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from voicecall.bounded import BoundedSet
-from voicecall.model import (
+from voicecall.infra.bounded import BoundedSet
+from voicecall.domain.model import (
     CallEvent,
     CallRecord,
     CallState,
@@ -40,9 +40,9 @@ from voicecall.model import (
     TranscriptEntry,
     next_state,
 )
-from voicecall.policy import inbound_decision
+from voicecall.domain.policy import inbound_decision
 from voicecall.providers.base import Provider, ProviderError, Voice
-from voicecall.store import collector_paused
+from voicecall.domain.store import collector_paused
 
 DEFAULT_GREETING = "Hello! How can I help you today?"
 MOCK_FROM_NUMBER = "+15550000000"
@@ -170,7 +170,7 @@ class _Commands:
 class CallManager:
     _provider: Provider
     _voice: Voice
-    _store: Any  # voicecall.store.CallStore
+    _store: Any  # voicecall.domain.store.CallStore
     _clock: IReactorTime
     _settings: ManagerSettings
     _webhook_url: str | None = None

@@ -24,11 +24,12 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater, react
 
-from voicecall import __version__, tool
+from voicecall import __version__
+from voicecall.control import tool
 from voicecall.client import ConnectionClosed, RemoteError, connect
 from voicecall.config import ConfigError, config_search_paths, find_config_path, load_config, parse_config
-from voicecall.rpc import default_socket_path
-from voicecall.store import open_readonly
+from voicecall.control.rpc import default_socket_path
+from voicecall.domain.store import open_readonly
 
 MODES = ("notify", "conversation")
 EXPOSE_MODES = ("off", "serve", "funnel")
@@ -504,7 +505,7 @@ def latency(ctx, last):
 @click.pass_obj
 def doctor(ctx, as_json):
     """Check what would stop real calls; exits 1 when a check fails."""
-    from voicecall.doctor import render, run_checks
+    from voicecall.control.doctor import render, run_checks
 
     checks = run_checks(ctx._explicit_config, ctx._socket, os.environ, os.getcwd())
     ok = all(c.ok for c in checks)
@@ -528,7 +529,7 @@ def expose(ctx, mode, path, port, serve_path):
 
     Prints {"ok", ...}; exits 1 when ok is false.
     """
-    from voicecall.expose import expose_command
+    from voicecall.control.expose import expose_command
 
     cfg = ctx.config
 
