@@ -2,7 +2,7 @@
 Micro-benchmark: TTS PCM -> 8 kHz mu-law -> 160-byte frames, as playback does it.
 
 For each input rate, converts SECONDS of 16-bit mono PCM fed in CHUNK-byte pieces through
-voicecall.audio.PcmToUlaw and Framer, and prints the real-time factor (seconds of audio converted
+voicecall.infra.audio.PcmToUlaw and Framer, and prints the real-time factor (seconds of audio converted
 per second of CPU time; DESIGN.md target: at least 200x) and how much input audio the converter
 needs before it releases its first full 20 ms frame (fed in 1 ms pieces).
 
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from voicecall.audio import FRAME_BYTES, Framer, PcmToUlaw, ulaw_encode
+from voicecall.infra.audio import FRAME_BYTES, Framer, PcmToUlaw, ulaw_encode
 
 TARGET = 200.0
 RATES = (24000, 22050, 16000, 44100, 48000, 8000)

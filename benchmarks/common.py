@@ -39,7 +39,7 @@ def install_reactor() -> None:
     if os.environ.get("VOICECALL_BENCH_REACTOR") == "epoll":
         from twisted.internet import epollreactor as reactor
     else:
-        from voicecall import reactor
+        from voicecall.infra import reactor
 
     try:
         reactor.install()

@@ -91,7 +91,7 @@ def serve(args) -> int:
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     if args.reactor == "voicecall-epoll":
-        from voicecall import reactor as installer
+        from voicecall.infra import reactor as installer
     else:
         from twisted.internet import epollreactor as installer
 
@@ -105,7 +105,7 @@ def serve(args) -> int:
     from twisted.protocols.basic import LineReceiver
     from twisted.web.server import Site
 
-    from voicecall.audio import AudioChunk
+    from voicecall.infra.audio import AudioChunk
     from voicecall.media.playback import PlaybackScheduler
     from voicecall.media.stream import MediaStreamServer
     from voicecall.speech.stt import RealtimeTranscriber

@@ -90,9 +90,9 @@ def bench_initiate(n: int, inflight: int, server_cpu: int) -> dict:
 
 
 def _manager(reactor, directory: str, max_calls: int):
-    from voicecall.manager import CallManager, ManagerSettings
+    from voicecall.domain.manager import CallManager, ManagerSettings
     from voicecall.providers.mock import MockProvider
-    from voicecall.store import CallStore, ThreadedWriter
+    from voicecall.domain.store import CallStore, ThreadedWriter
 
     writer = ThreadedWriter(reactor)
     store = CallStore(directory, writer)
@@ -108,7 +108,7 @@ def _manager(reactor, directory: str, max_calls: int):
 async def _events(reactor, n: int) -> dict:
     from twisted.internet.defer import DeferredSemaphore, gatherResults
 
-    from voicecall.model import CallEvent
+    from voicecall.domain.model import CallEvent
 
     directory = tempfile.mkdtemp(prefix="vc-bench-events-")
     writer, store, manager = _manager(reactor, directory, 1000)
@@ -146,8 +146,8 @@ async def _events(reactor, n: int) -> dict:
 async def _populate(reactor, directory: str, n: int) -> dict:
     from twisted.internet.defer import gatherResults
 
-    from voicecall.model import CallRecord, TranscriptEntry
-    from voicecall.store import CallStore, ThreadedWriter
+    from voicecall.domain.model import CallRecord, TranscriptEntry
+    from voicecall.domain.store import CallStore, ThreadedWriter
 
     writer = ThreadedWriter(reactor)
     store = CallStore(directory, writer)

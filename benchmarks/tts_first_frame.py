@@ -89,7 +89,7 @@ async def run(reactor, args, result: dict) -> None:
     from twisted.web.server import Site
     from treq.client import HTTPClient
 
-    from voicecall.audio import SILENCE_FRAME
+    from voicecall.infra.audio import SILENCE_FRAME
     from voicecall.config import TtsConfig, TtsElevenLabsConfig, TtsOpenAIConfig
     from voicecall.media import playback as playback_module
     from voicecall.media.stream import MediaStreamServer

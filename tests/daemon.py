@@ -50,7 +50,7 @@ TWISTD = [
     "-c",
     "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())",
 ]
-CLI = [sys.executable, "-m", "voicecall.cli"]
+CLI = [sys.executable, "-m", "voicecall.control.cli"]
 
 READY = re.compile(rb"voicecall ready: webhook (\S+)  rpc (\S+)")
 READY_TIMEOUT = 20.0

@@ -1,5 +1,5 @@
 """
-Tests for L{voicecall.audio}: G.711 mu-law, resampling to 8 kHz, streaming conversion, framing.
+Tests for L{voicecall.infra.audio}: G.711 mu-law, resampling to 8 kHz, streaming conversion, framing.
 
 Oracles: a literal, one-sample-at-a-time transcription of SPEC §12.3 (the encoder must match it
 on all 65,536 inputs); the stdlib C{audioop} (decode identical; encode identical on positive
@@ -15,7 +15,7 @@ import soxr
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.audio import (
+from voicecall.infra.audio import (
     FRAME_BYTES,
     SAMPLE_RATE,
     SILENCE_FRAME,

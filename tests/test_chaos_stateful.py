@@ -46,9 +46,9 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.manager import CallError
-from voicecall.model import CallState, next_state
-from voicecall.dbwriter import StoreError
+from voicecall.domain.manager import CallError
+from voicecall.domain.model import CallState, next_state
+from voicecall.infra.dbwriter import StoreError
 from voicecall.testing.chaos import Chaos
 from voicecall.testing.stack import CALLEE, START, Stack, answer_to
 

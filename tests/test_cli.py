@@ -1,5 +1,5 @@
 """
-Tests for voicecall.cli (with voicecall.client and voicecall.tool): the admin CLI of SPEC §17 run
+Tests for voicecall.control.cli (with voicecall.client and voicecall.control.tool): the admin CLI of SPEC §17 run
 with click's CliRunner. Its one seam into the reactor (`react`, called by `run`) is replaced by a
 synchronous stand-in on a MemoryReactorClock that either refuses the UNIX connection (no daemon)
 or joins it with iosim to a real RpcFactory over a real CallManager (STYLE.md §15).
@@ -23,12 +23,12 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall import cli
-from voicecall.manager import CallManager, ManagerSettings
-from voicecall.model import CallEvent, CallRecord
+from voicecall.control import cli
+from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.domain.model import CallEvent, CallRecord
 from voicecall.providers.mock import MockProvider
-from voicecall.rpc import RpcFactory, RpcMethods
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.control.rpc import RpcFactory, RpcMethods
+from voicecall.domain.store import CallStore, SynchronousWriter
 
 TO = "+15550001234"
 ACTIONS = ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status"]

@@ -13,13 +13,13 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.config import ConfigError, parse_config
-from voicecall.manager import CallManager, ManagerSettings
-from voicecall.model import CallEvent, EventType
+from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.domain.model import CallEvent, EventType
 from voicecall.providers.base import ProviderError
 from voicecall.providers.mock import MockProvider
-from voicecall.rpc import GatewayResponders, RpcFactory, RpcMethods
+from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods
 from voicecall.speech.responder import model_name
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore, SynchronousWriter
 
 from tests import test_cli as cli_tests
 
@@ -241,7 +241,7 @@ class RestoredTwilioCallSpeechTests(SynchronousTestCase):
         from treq.testing import StubTreq
         from twisted.web.resource import Resource
 
-        from voicecall.model import CallRecord, Direction
+        from voicecall.domain.model import CallRecord, Direction
         from voicecall.providers.twilio import TwilioProvider
 
         class Api(Resource):

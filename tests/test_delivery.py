@@ -27,13 +27,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.resource import Resource
 
-from voicecall.manager import CallError, CallManager, ManagerSettings
-from voicecall.model import CallState
+from voicecall.domain.manager import CallError, CallManager, ManagerSettings
+from voicecall.domain.model import CallState
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.plivo import PlivoProvider
 from voicecall.providers.telnyx import TelnyxProvider
 from voicecall.providers.twilio import TwilioProvider
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore, SynchronousWriter
 from voicecall.testing.plivo import signature_headers
 from voicecall.testing.telnyx import Signer, envelope
 from voicecall.testing.twilio import sign_request

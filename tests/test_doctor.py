@@ -9,8 +9,8 @@ import tempfile
 from click.testing import CliRunner
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.cli import main
-from voicecall.doctor import render, run_checks
+from voicecall.control.cli import main
+from voicecall.control.doctor import render, run_checks
 from tests.daemon import make_workdir, run_cli, start_daemon
 
 TWILIO = {"provider": "twilio", "fromNumber": "+15550000000", "twilio": {"accountSid": "AC1", "authToken": "t"}}

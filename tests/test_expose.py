@@ -1,5 +1,5 @@
 """
-Tests for voicecall.expose: ngrok and Tailscale exposure (SPEC §16), the `voicecall expose`
+Tests for voicecall.control.expose: ngrok and Tailscale exposure (SPEC §16), the `voicecall expose`
 outputs (SPEC §17) and the §19 "tunnel.test / cli.test" [H] limits.
 
 Most tests run the real reactor against the stand-in executables in tests/fakebin/ (put first on
@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.expose import (
+from voicecall.control.expose import (
     ExposeError,
     expose_command,
     legacy_tailscale,
@@ -755,7 +755,7 @@ class ExposeCliTests(FakeBinMixin, TestCase):
         config = Path(self.mktemp() + ".json")
         config.write_text(json.dumps({"store": str(config.parent / "store")}))
         out, err, code = await getProcessOutputAndValue(
-            sys.executable, ["-m", "voicecall.cli", "--config", str(config), "expose", *args], env=env
+            sys.executable, ["-m", "voicecall.control.cli", "--config", str(config), "expose", *args], env=env
         )
         return code, out.decode(), err.decode()
 

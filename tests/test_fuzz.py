@@ -38,8 +38,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
-from voicecall import rpc as rpcmod
-from voicecall.model import TERMINAL_STATES
+from voicecall.control import rpc as rpcmod
+from voicecall.domain.model import TERMINAL_STATES
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 

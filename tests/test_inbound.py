@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from voicecall.manager import DEFAULT_GREETING
+from voicecall.domain.manager import DEFAULT_GREETING
 from voicecall.testing import plivo as fplivo
 from voicecall.testing import telnyx as ftelnyx
 from voicecall.testing import twilio as ftwilio

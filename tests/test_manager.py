@@ -1,5 +1,5 @@
 """
-Tests for voicecall.manager: the call lifecycle of SPEC §4-§6 driven through the manager's
+Tests for voicecall.domain.manager: the call lifecycle of SPEC §4-§6 driven through the manager's
 public operations and normalised events, with a Clock, the mock provider and the real store on a
 synchronous writer.
 """
@@ -12,11 +12,11 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.manager import DEFAULT_GREETING, CallError, CallManager, ManagerSettings
-from voicecall.model import CallEvent, CallState
+from voicecall.domain.manager import DEFAULT_GREETING, CallError, CallManager, ManagerSettings
+from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.base import ProviderError
 from voicecall.providers.mock import MockProvider
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore, SynchronousWriter
 
 
 @define

@@ -23,7 +23,7 @@ from twisted.test.proto_helpers import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from voicecall.audio import FRAME_BYTES, AudioChunk
+from voicecall.infra.audio import FRAME_BYTES, AudioChunk
 from voicecall.media.stream import _MEDIA, MediaStreamServer, neutralise_autobahn_log_formatting
 from voicecall.providers.signatures import verify_twilio
 from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused

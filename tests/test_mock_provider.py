@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.internet.defer import Deferred
 
 from tests import test_webhook
-from voicecall.model import CallRecord, CallState, EventType
+from voicecall.domain.model import CallRecord, CallState, EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.mock import MockProvider
 

@@ -9,7 +9,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.audio import FRAME_BYTES, SILENCE_FRAME, AudioChunk, resample_to_8k, ulaw_encode
+from voicecall.infra.audio import FRAME_BYTES, SILENCE_FRAME, AudioChunk, resample_to_8k, ulaw_encode
 from voicecall.media.playback import CATCHUP_PERIODS, Playback, PlaybackError, PlaybackScheduler
 
 TICK = 0.02

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from voicecall.model import CallRecord, Direction, EventType
+from voicecall.domain.model import CallRecord, Direction, EventType
 from voicecall.providers import plivoxml
 from voicecall.providers.base import ProviderError, WebhookContext
 from voicecall.providers.plivo import PlivoProvider

@@ -1,13 +1,13 @@
 """
-Tests for voicecall.policy (inbound caller-ID screening, SPEC §6.1 and the §19 allowlist bullets)
-and voicecall.bounded (the FIFO-capped set of SPEC §20 item 15).
+Tests for voicecall.domain.policy (inbound caller-ID screening, SPEC §6.1 and the §19 allowlist bullets)
+and voicecall.infra.bounded (the FIFO-capped set of SPEC §20 item 15).
 """
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.bounded import BoundedSet
-from voicecall.policy import digits_only, inbound_decision
+from voicecall.infra.bounded import BoundedSet
+from voicecall.domain.policy import digits_only, inbound_decision
 
 
 class DigitsOnlyTests(SynchronousTestCase):

@@ -1,5 +1,5 @@
 """
-Tests for voicecall.reactor (`twistd --reactor=voicecall-epoll`): a timer that falls due while a
+Tests for voicecall.infra.reactor (`twistd --reactor=voicecall-epoll`): a timer that falls due while a
 batch of I/O events is being handled runs before the rest of the batch, and nothing else about
 the epoll reactor changes. Each test builds private reactors (never installed, never run) and
 turns them by hand, against Twisted's own EPollReactor for contrast.
@@ -13,7 +13,7 @@ from twisted.application.reactors import getReactorTypes
 from twisted.internet.epollreactor import EPollReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.reactor import TimelyEPollReactor
+from voicecall.infra.reactor import TimelyEPollReactor
 
 BUSY = 0.005  # seconds each ready descriptor takes to handle
 DUE = 0.02  # when the test's timer falls due: long after it is set, so that it cannot be due before the poll
@@ -229,7 +229,7 @@ class TimelyTests(SynchronousTestCase):
 
 class PluginTests(SynchronousTestCase):
     def test_twistd_finds_the_reactor(self):
-        """`voicecall-epoll` is among the reactors twistd offers (--help-reactors), installed from voicecall.reactor."""
+        """`voicecall-epoll` is among the reactors twistd offers (--help-reactors), installed from voicecall.infra.reactor."""
         found = {r.shortName: r for r in getReactorTypes()}
         self.assertIn("voicecall-epoll", found)
-        self.assertEqual(found["voicecall-epoll"].moduleName, "voicecall.reactor")
+        self.assertEqual(found["voicecall-epoll"].moduleName, "voicecall.infra.reactor")

@@ -1,5 +1,5 @@
 """
-Tests for voicecall.reaper: the stale-call reaper of SPEC §15 [H] and the §19
+Tests for voicecall.domain.reaper: the stale-call reaper of SPEC §15 [H] and the §19
 "stale-call-reaper.test" bullets, on a Clock with a real CallManager and store.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.manager import CallError, CallManager, ManagerSettings
-from voicecall.model import CallEvent, CallState
+from voicecall.domain.manager import CallError, CallManager, ManagerSettings
+from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.base import ProviderError
 from voicecall.providers.mock import MockProvider
-from voicecall.reaper import INTERVAL_SECONDS, StaleCallReaper
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.domain.reaper import INTERVAL_SECONDS, StaleCallReaper
+from voicecall.domain.store import CallStore, SynchronousWriter
 
 MAX_AGE = 120
 

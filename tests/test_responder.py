@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.rpc import GatewayError
+from voicecall.control.rpc import GatewayError
 from voicecall.speech.responder import APOLOGY, extract_spoken, model_name
 from voicecall.testing.chat import FakeChatCompletions
 from voicecall.testing.gateway import TestGateway

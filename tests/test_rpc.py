@@ -1,5 +1,5 @@
 """
-Tests for voicecall.rpc: the newline-delimited JSON-RPC 2.0 control protocol (DESIGN.md contract,
+Tests for voicecall.control.rpc: the newline-delimited JSON-RPC 2.0 control protocol (DESIGN.md contract,
 SPEC §18.2), driven over a StringTransport against a real CallManager (Clock, mock provider,
 CallStore on a SynchronousWriter).
 """
@@ -19,11 +19,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.manager import CallManager, ManagerSettings
-from voicecall.model import CallEvent, CallState
+from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.mock import MockProvider
-from voicecall.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcMethods, default_socket_path
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.control.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcMethods, default_socket_path
+from voicecall.domain.store import CallStore, SynchronousWriter
 
 WEBHOOK_URL = "http://127.0.0.1:3334/voice/webhook"
 TO = "+15550001234"

@@ -18,8 +18,8 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from voicecall.client import connect
-from voicecall.rpc import MAX_QUEUED_BYTES, RpcProtocol
-from voicecall.wsframes import send_buffer_size
+from voicecall.control.rpc import MAX_QUEUED_BYTES, RpcProtocol
+from voicecall.infra.wsframes import send_buffer_size
 
 from tests.harness import eventually, http_client, start_daemon
 

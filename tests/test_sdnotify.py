@@ -7,7 +7,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall import sdnotify
+from voicecall.infra import sdnotify
 from tests.daemon import make_workdir, start_daemon
 
 

@@ -1,5 +1,5 @@
 """
-Tests for voicecall.store: the SQLite call store, its writers and its read-only view.
+Tests for voicecall.domain.store: the SQLite call store, its writers and its read-only view.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import voicecall
-from voicecall.manager import CallManager, ManagerSettings
-from voicecall.model import CallEvent, CallRecord, CallState, Direction, Speaker, TranscriptEntry
+from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.domain.model import CallEvent, CallRecord, CallState, Direction, Speaker, TranscriptEntry
 from voicecall.providers.mock import MockProvider
-from voicecall.store import (
+from voicecall.domain.store import (
     DB_FILENAME,
     CallStore,
     StoreBusyError,
@@ -832,8 +832,8 @@ _CHILD = textwrap.dedent(
     """
     import sys
     from twisted.internet import defer, task
-    from voicecall.model import CallRecord, TranscriptEntry
-    from voicecall.store import CallStore, ThreadedWriter
+    from voicecall.domain.model import CallRecord, TranscriptEntry
+    from voicecall.domain.store import CallStore, ThreadedWriter
 
     async def main(reactor, directory):
         writer = ThreadedWriter(reactor)

@@ -13,7 +13,7 @@ import sqlite3
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.store import LOCK_FILENAME, CallStore, StoreLockedError, SynchronousWriter, open_readonly
+from voicecall.domain.store import LOCK_FILENAME, CallStore, StoreLockedError, SynchronousWriter, open_readonly
 
 from tests.daemon import daemon_argv, make_workdir, rpc, run_cli, spawn, start_daemon
 

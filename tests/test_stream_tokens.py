@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from voicecall.media.bridge import STREAM_TOKEN_TTL_SECONDS, StreamBridge
-from voicecall.model import Direction
+from voicecall.domain.model import Direction
 
 from tests.test_media_stream import STREAM_PATH, MediaStreamTestBase, until, wait
 

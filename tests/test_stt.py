@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.audio import ulaw_encode
+from voicecall.infra.audio import ulaw_encode
 from voicecall.speech.stt import (
     CONNECT_TIMEOUT_MESSAGE,
     RealtimeSTTError,
@@ -30,7 +30,7 @@ from voicecall.speech.stt import (
     RealtimeTranscriber,
 )
 from voicecall.testing.openai_realtime import FakeRealtimeServer, Handshake
-from voicecall.wsframes import masked_text_frame
+from voicecall.infra.wsframes import masked_text_frame
 
 KEY = "sk-test-realtime-0123456789"
 SILENCE = b"\xff" * 160

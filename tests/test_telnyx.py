@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.test.proto_helpers import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.model import CallRecord, Direction, EventType
+from voicecall.domain.model import CallRecord, Direction, EventType
 from voicecall.providers.base import ProviderError, WebhookContext
 from voicecall.providers.base import SPEAK_TIMEOUT_BASE
 from voicecall.providers.telnyx import HANGUP_CAUSES, TelnyxProvider, decode_client_state_token, encode_client_state

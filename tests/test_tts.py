@@ -23,7 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from voicecall.audio import AudioChunk
+from voicecall.infra.audio import AudioChunk
 from voicecall.config import (
     TtsConfig,
     TtsElevenLabsConfig,

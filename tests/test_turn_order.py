@@ -10,8 +10,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.manager import MAX_QUEUED_COMMANDS, CallError, CallManager, ManagerSettings
-from voicecall.model import CallEvent, EventType
+from voicecall.domain.manager import MAX_QUEUED_COMMANDS, CallError, CallManager, ManagerSettings
+from voicecall.domain.model import CallEvent, EventType
 from voicecall.providers.mock import MockProvider
 
 from tests import test_streaming as streamed

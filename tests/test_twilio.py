@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from voicecall.client import RemoteError
-from voicecall.model import CallRecord, Direction
+from voicecall.domain.model import CallRecord, Direction
 from voicecall.providers.base import ProviderError
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request

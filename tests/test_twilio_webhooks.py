@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.model import EventType
+from voicecall.domain.model import EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.testing.twilio import sign_request

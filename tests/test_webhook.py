@@ -17,12 +17,12 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.manager import CallManager, ManagerSettings
-from voicecall.model import CallState
+from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.domain.model import CallState
 from voicecall.providers.base import Verification
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twiml import hold_music
-from voicecall.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore, SynchronousWriter
 from voicecall.web.limits import (
     EVICT_PENDING_AFTER_SECONDS,
     HEADERS_TIMEOUT_SECONDS,

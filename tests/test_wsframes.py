@@ -1,5 +1,5 @@
 """
-Tests for voicecall.wsframes: the RFC 6455 frames voicecall builds and unmasks itself, checked
+Tests for voicecall.infra.wsframes: the RFC 6455 frames voicecall builds and unmasks itself, checked
 against the RFC's layout worked by hand, a byte-by-byte reference and autobahn's own parser,
 and the send-buffer accounting and direct send its two WebSocket ends share.
 """
@@ -19,8 +19,8 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.wsframes import masked_text_frame, send_buffer_size, text_frame_header, write_now, xor_mask
-from voicecall.wstimers import unbatch
+from voicecall.infra.wsframes import masked_text_frame, send_buffer_size, text_frame_header, write_now, xor_mask
+from voicecall.infra.wstimers import unbatch
 
 #: Payload length -> (unmasked, masked) text frame header, from RFC 6455 §5.2 by hand: FIN +
 #: opcode 1, then the mask bit and a 7-bit length, or 126 + 16 bits, or 127 + 64 bits.
