@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_model -*-
+# -*- test-case-name: tests.test_store,tests.test_manager -*-
 """
 The call model: states, end reasons, transcript entries, normalised carrier events and the call
 record, with the JSON shapes they have on the RPC wire and in the store (SPEC §3).

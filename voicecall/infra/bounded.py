@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bounded -*-
+# -*- test-case-name: tests.test_policy -*-
 """A set with a size cap that forgets its oldest members first (SPEC §20 item 15)."""
 from __future__ import annotations
 

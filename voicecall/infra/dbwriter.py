@@ -5,9 +5,11 @@ The one connection to the store's database, and the discipline every write follo
 A `Writer` owns the connection. `ThreadedWriter` (production) runs operations on one dedicated
 thread and group-commits whatever queued up while the previous commit was in progress, then fires
 each operation's Deferred on the reactor thread, so the reactor never waits on SQLite.
-`SynchronousWriter` (tests) runs each operation at once. Each operation runs under its own
-SAVEPOINT inside the batch's transaction, so one that fails undoes only its own work and fails
-only its own Deferred.
+`SynchronousWriter` (tests) runs each operation at once. A batch runs its operations plainly in
+one transaction (no savepoints: they rarely fail). Only when one raises in a batch of several is
+the transaction rolled back and the batch run again with a SAVEPOINT around each operation, so
+the one that fails undoes only its own work and fails only its own Deferred; operations must
+therefore be safe to run again after a rollback.
 """
 from __future__ import annotations
 
