@@ -151,6 +151,7 @@ class Daemon:
                 inbound_policy="allowlist",
                 allow_from=(CALLEE,),
             ),
+            on_utterance=lambda call, text: self.on_utterance(call, text),
         )
         self.manager.set_webhook_url(PUBLIC)
         if hasattr(self.provider, "set_webhook_url"):
@@ -158,7 +159,7 @@ class Daemon:
         self.heard: list[dict] = []
         self.manager.subscribe(self.heard.append)
         self.utterances: list[str] = []
-        self.manager.on_utterance = lambda call, text: self.utterances.append(text)
+        self.on_utterance = lambda call, text: self.utterances.append(text)
         self.run(self.manager.restore())
         resource = WebhookResource(
             provider=self.provider,
@@ -571,7 +572,7 @@ class FailedWriteTests(DeliveryCase):
         def broken(call, text):
             raise RuntimeError("reply hook broke")
 
-        daemon.manager.on_utterance = broken
+        daemon.on_utterance = broken
         self.assertEqual(self.transcription(daemon, call, "ev-t1", "It's Alice"), 200)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.transcription(daemon, call, "ev-t1", "It's Alice", attempt=2), 200)

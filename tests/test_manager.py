@@ -66,7 +66,7 @@ class ManagerTestsBase(SynchronousTestCase):
         self.provider = FlakyProvider(clock=self.clock)
         self.manager = self.make_manager()
 
-    def make_manager(self, **overrides):
+    def make_manager(self, on_utterance=None, **overrides):
         settings = dict(
             provider_name="mock",
             from_number="+15550000000",
@@ -85,6 +85,7 @@ class ManagerTestsBase(SynchronousTestCase):
             store=self.store,
             clock=self.clock,
             settings=ManagerSettings(**settings),
+            on_utterance=on_utterance,
         )
         manager.set_webhook_url("http://127.0.0.1:3334/voice/webhook")
         return manager
@@ -341,7 +342,7 @@ class ConversationTests(ManagerTestsBase):
     def test_utterance_hook_without_waiter(self):
         """A final utterance no continue waits for goes to the on_utterance hook."""
         heard = []
-        self.manager.on_utterance = lambda call, text: heard.append((call.call_id, text))
+        self.manager = self.make_manager(on_utterance=lambda call, text: heard.append((call.call_id, text)))
         call_id = self.answered()
         self.event("call.speech", call_id, transcript="tell me a joke")
         self.assertEqual(heard, [(call_id, "tell me a joke")])

@@ -169,8 +169,16 @@ class AutoReplyWhileAContinueWaitsTests(_MockCalls):
             asked.append(text)
             return Deferred()
 
+        self.manager = CallManager(
+            self.mock,
+            self.mock,
+            _MemoryStore(),
+            self.clock,
+            ManagerSettings(provider_name="mock", max_concurrent_calls=2, transcript_timeout_ms=30_000),
+            webhook_url="http://127.0.0.1/voice/webhook",
+            on_utterance=lambda call, text: responder.on_utterance(call, text),
+        )
         responder = AutoResponder(manager=self.manager, clock=self.clock, gateway=gateway)
-        self.manager.on_utterance = responder.on_utterance
         call_id = self.initiate()
         self.event(call_id, EventType.ANSWERED)
         answer = self.run_(self.manager.continue_call(call_id, "Who is this?"))
