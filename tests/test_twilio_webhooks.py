@@ -40,7 +40,10 @@ def ctx(params: dict, query: str = "", signature: str | None = None, url: str | 
 
 class TwilioWebhookTests(SynchronousTestCase):
     def setUp(self):
-        self.provider = TwilioProvider(http=None, clock=Clock(), account_sid="AC1", auth_token=TOKEN, public_url=PUBLIC)
+        self.provider = self.make_provider()
+
+    def make_provider(self, **hooks):
+        return TwilioProvider(http=None, clock=Clock(), account_sid="AC1", auth_token=TOKEN, public_url=PUBLIC, **hooks)
 
     def parse(self, params, query=""):
         context = ctx(params, query)
@@ -111,7 +114,7 @@ class TwilioWebhookTests(SynchronousTestCase):
 
     def test_screened_inbound_caller_is_rejected(self):
         """A caller the inbound policy turns away gets <Reject/>, and the later hang-up makes no second REST call."""
-        self.provider.inbound_screen = lambda caller: caller == "+15550001234"
+        self.provider = self.make_provider(inbound_screen=lambda caller: caller == "+15550001234")
         parsed = self.parse({"CallSid": "CA9", "Direction": "inbound", "CallStatus": "ringing", "From": "+15559999999"})
         self.assertIn(b"<Reject/>", parsed.response.body)
         self.assertEqual([e.type for e in parsed.events], [EventType.RINGING])
@@ -126,7 +129,7 @@ class TwilioWebhookTests(SynchronousTestCase):
 
     def test_stream_twiml_when_streaming(self):
         """With a stream available an outbound fetch (and an inbound call) get the stream TwiML."""
-        self.provider.stream_twiml = lambda sid, direction, **_: f"<stream {sid} {direction.value}>"
+        self.provider = self.make_provider(stream_twiml=lambda sid, direction, **_: f"<stream {sid} {direction.value}>")
         out = self.parse({"CallSid": "CA1", "CallStatus": "ringing", "Direction": "outbound-api"}, "?callId=c1")
         self.assertEqual(out.response.body, b"<stream CA1 outbound>")
         inbound = self.parse({"CallSid": "CA2", "Direction": "inbound", "From": "+1555"})
@@ -134,13 +137,13 @@ class TwilioWebhookTests(SynchronousTestCase):
 
     def test_hold_queue_when_another_stream_is_active(self):
         """An inbound caller waits in the hold queue while another call holds the stream."""
-        self.provider.stream_busy = lambda: True
+        self.provider = self.make_provider(stream_busy=lambda: True)
         parsed = self.parse({"CallSid": "CA2", "Direction": "inbound", "From": "+1555"})
         self.assertIn(b'<Enqueue waitUrl="/voice/hold-music">hold-queue</Enqueue>', parsed.response.body)
 
     def test_replay_gets_empty_twiml(self):
         """The replay answer is the empty document, without running the TwiML policy."""
-        self.provider.stream_twiml = lambda sid, direction, **_: self.fail("the builder ran for a replay")
+        self.provider = self.make_provider(stream_twiml=lambda sid, direction, **_: self.fail("the builder ran for a replay"))
         response = self.provider.replay_response(ctx({"CallSid": "CA1", "Direction": "inbound"}))
         self.assertEqual((response.status, response.body.decode()), (200, EMPTY))
 
