@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_twilio -*-
 """
 The carriers' REST calls: one injected treq client, a time limit on every request, bodies always
-consumed (so pooled connections are released), and failures turned into `ProviderError` with the
+consumed (so pooled connections are released) but never more than `MAX_RESPONSE_BYTES` of one (a
+larger answer drops its connection and fails), and failures turned into `ProviderError` with the
 SPEC text `<Carrier> API error: <status> <body>` (SPEC §7 shared HTTP client rules).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import json
 from typing import Any, Mapping, Sequence
 
+import treq
 from attrs import define, field
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -19,8 +21,30 @@ from voicecall.providers.base import ProviderError
 
 #: How much of an error body goes into an error message.
 MAX_ERROR_BODY = 500
-#: Largest response body read from a carrier.
+#: Largest response body read from a carrier; past it the connection is dropped unread.
 MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+class _TooLarge(Exception):
+    """The answer's body passed MAX_RESPONSE_BYTES."""
+
+
+def _read_bounded(response: Any, limit: int) -> Any:
+    """
+    A Deferred of the whole body, or failing with `_TooLarge` as soon as more than `limit` bytes
+    arrived (treq then drops the connection, so the rest is never read).
+    """
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise _TooLarge()
+        chunks.append(data)
+
+    return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))
 
 
 def _printable(text: str) -> str:
@@ -83,13 +107,15 @@ class ApiClient:
         try:
             started = self._clock.seconds() if self._clock is not None else 0.0
             response = await self._http.request(method, url, **kwargs)
-            reading = response.content()
+            reading = _read_bounded(response, MAX_RESPONSE_BYTES)
             if self._clock is not None:
                 left = max(0.0, self._timeout - (self._clock.seconds() - started))
                 reading.addTimeout(left, self._clock, onTimeoutCancel=lambda r, t: _abort(response, r, t))
             content = await reading
         except (CancelledError, TimeoutError) as e:
             raise ProviderError(f"{self._prefix}: no answer within {self._timeout:g}s") from e
+        except _TooLarge as e:
+            raise ProviderError(f"{self._prefix}: answer larger than {MAX_RESPONSE_BYTES} bytes", response.code) from e
         except (ConnectError, DNSLookupError) as e:
             raise ProviderError(f"{self._prefix}: cannot connect ({type(e).__name__})") from e
         except ResponseFailed as e:
@@ -99,7 +125,7 @@ class ApiClient:
             raise ProviderError(f"{self._prefix}: connection lost before a complete answer") from e
         if response.code == 404 and allow_not_found:
             return None
-        text = content[:MAX_RESPONSE_BYTES].decode("utf-8", "replace")
+        text = content.decode("utf-8", "replace")
         if not 200 <= response.code < 300:
             code = None
             try:
