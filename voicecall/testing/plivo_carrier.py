@@ -3,7 +3,7 @@
 What every call on the fake Plivo shares: the webhook signer (our own implementation of
 Plivo's V3 and V2 schemes, PROVIDERS.md §3.5, checked in tests against the official SDK), the
 `Scenario` describing the person on the line, the observation records, and the `Carrier` that
-delivers signed callbacks through an injected HTTP client on an injected clock.
+signs callbacks as Plivo does and delivers them (see delivery.py) as badly as its `Chaos` says.
 
 It imports nothing of the daemon.
 """
@@ -13,21 +13,15 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections import deque
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import treq
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
 
-from voicecall.testing.chaos import Chaos
+from voicecall.testing.delivery import Courier, with_query
 
 #: What the fake sends as User-Agent on its callbacks.
 USER_AGENT = "PlivoHTTP/1.0 (fake)"
-MAX_DOCUMENT_BYTES = 64 * 1024
 #: Observations kept per call (oldest dropped first).
 MAX_OBSERVATIONS = 1_000
 TERMINAL = frozenset({"completed", "busy", "failed", "timeout", "no-answer", "cancel"})
@@ -194,107 +188,36 @@ class GetInputRecord:
 
 
 @define
-class Carrier:
+class Carrier(Courier):
     """
-    What all fake calls share: the clock, the HTTP client callbacks go through, the auth token
-    and scheme they are signed with, a log of every callback, and the deliveries in flight.
+    What all fake calls share: the clock, the HTTP client callbacks go through (see `Courier`),
+    the auth token and scheme (`signature`: v3, v2, both or none) they are signed with.
     """
 
-    clock: Any  # IReactorTime
-    http: Any  # treq HTTPClient (or StubTreq)
     auth_id: str
     _auth_token: str
     signature: str = "v3"
-    webhook_timeout: float = 15.0
     max_documents_per_call: int = 1_000
-    chaos: Chaos = field(factory=Chaos)
-    webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
-    _in_flight: set = field(factory=set)
-    _log = Logger()
 
-    def deliver(self, hook: Webhook) -> Deferred:
-        """Send a signed callback; fire with the hook once answered (status/body or error set)."""
-        self.webhooks.append(hook)
-        d = Deferred.fromCoroutine(self._deliver(hook))
-        self._track(d)
-        return d
+    def _is_document(self, hook: Webhook) -> bool:
+        return hook.document
 
-    def _track(self, d: Deferred) -> None:
-        self._in_flight.add(d)
+    def _again(self, hook: Webhook) -> Webhook:
+        """Plivo's retry: the same request, re-signed (fresh nonce) when sent."""
+        return Webhook(hook.kind, hook.url, hook.method, dict(hook.params), document=hook.document, attempt=hook.attempt + 1)
 
-        def done(result: object) -> object:
-            self._in_flight.discard(d)
-            return result
-
-        d.addBoth(done)
-
-    async def _deliver(self, hook: Webhook) -> Webhook:
-        """Chaos first (a late or delayed delivery, maybe a duplicate), then the signed request."""
-        delay = self.chaos.fetch_delay() if hook.document else self.chaos.delivery_delay()
-        if delay > 0:
-            await deferLater(self.clock, delay)
-        if hook.document:
-            again = 0.0 if self.chaos.repeat_fetch() else None
-        else:
-            again = self.chaos.duplicate_after()
-        if again is not None:
-            copy = Webhook(hook.kind, hook.url, hook.method, dict(hook.params), document=hook.document, attempt=hook.attempt + 1)
-            d = Deferred.fromCoroutine(self._redeliver(copy, again))
-            d.addErrback(lambda f: f.trap(CancelledError))
-            self._track(d)
-        return await self._send(hook)
-
-    async def _redeliver(self, hook: Webhook, after: float) -> Webhook:
-        """Plivo's retry: the same request re-signed (fresh nonce); its answer is ignored."""
-        await deferLater(self.clock, after)
-        self.webhooks.append(hook)
-        return await self._send(hook)
-
-    async def _send(self, hook: Webhook) -> Webhook:
-        url = hook.url
+    def _signed(self, hook: Webhook) -> tuple[str, str, bytes | None, dict[str, list[str]]]:
         if hook.method == "GET":
-            sep = "" if url.endswith(("?", "&")) else ("&" if "?" in url else "?")
-            url = url + sep + urlencode(hook.params) if hook.params else url
-            hook.url = url
-            signed = signature_headers(self._auth_token, "GET", url, (), self.signature)
-            body = None
-            headers = {}
+            hook.url = with_query(hook.url, hook.params)
+            hook.headers = signature_headers(self._auth_token, "GET", hook.url, (), self.signature)
+            body, headers = None, {}
         else:
-            signed = signature_headers(self._auth_token, "POST", url, hook.params.items(), self.signature)
+            hook.headers = signature_headers(self._auth_token, "POST", hook.url, hook.params.items(), self.signature)
             body = urlencode(hook.params).encode("utf-8")
             headers = {"Content-Type": ["application/x-www-form-urlencoded"]}
-        hook.headers = signed
-        headers.update({k: [v] for k, v in signed.items()})
+        headers.update({k: [v] for k, v in hook.headers.items()})
         headers["User-Agent"] = [USER_AGENT]
-        try:
-            d = self.http.request(hook.method, url, data=body, headers=headers, allow_redirects=False)
-            d.addTimeout(self.webhook_timeout, self.clock)
-            response = await d
-            chunks: list[bytes] = []
-            size = [0]
+        return hook.method, hook.url, body, headers
 
-            def collect(data: bytes) -> None:
-                size[0] += len(data)
-                if size[0] > MAX_DOCUMENT_BYTES:
-                    raise ValueError("response larger than 64 KB")
-                chunks.append(data)
-
-            collected = treq.collect(response, collect)
-            collected.addTimeout(self.webhook_timeout, self.clock)
-            await collected
-            hook.status = response.code
-            hook.body = b"".join(chunks)
-        except CancelledError:
-            hook.error = "cancelled"
-            raise
-        except Exception as e:
-            hook.error = f"{type(e).__name__}: {e}"[:300]
-        return hook
-
-    def settle(self) -> Deferred:
-        """A Deferred that fires once no callback is in flight."""
-        if not self._in_flight:
-            return succeed(None)
-        d = DeferredList(list(self._in_flight), consumeErrors=True)
-        d.addCallback(lambda _: self.settle())
-        return d
+    def _answered(self, hook: Webhook, status: int, body: bytes) -> None:
+        hook.status, hook.body = status, body

@@ -2,8 +2,8 @@
 """
 The carrier side of the fake Telnyx: the webhook signer (our own Ed25519 signing with pynacl,
 as PROVIDERS.md §2.3 describes and checked in tests against the official SDK), the `Scenario`
-describing the person on the line, the `Carrier` that delivers signed webhooks through an
-injected HTTP client on an injected clock, and `FakeCall`, which plays Telnyx's part for one
+describing the person on the line, the `Carrier` that signs webhooks as Telnyx does and delivers
+them (see delivery.py), and `FakeCall`, which plays Telnyx's part for one
 call: it posts `call.initiated`, `call.answered`, `call.speak.started`/`ended`,
 `call.transcription` and `call.hangup` in the PROVIDERS.md §2.2 shapes. Every webhook carries
 the call's `client_state` as it is when the webhook is sent (a transcript: when the person's
@@ -30,11 +30,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from attrs import define, field, frozen
 from nacl.signing import SigningKey
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from voicecall.testing.chaos import Chaos
+from voicecall.testing.delivery import Courier
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
@@ -167,55 +166,30 @@ class SpeakRecord:
 
 
 @define
-class Carrier:
-    """What all fake calls share: the clock, the HTTP client, the signer and the webhook log."""
+class Carrier(Courier):
+    """
+    What all fake calls share: the clock, the HTTP client (see `Courier`; None: webhooks are
+    recorded, not sent) and the signer.
+    """
 
-    clock: Any  # IReactorTime
-    http: Any  # treq HTTPClient or StubTreq; None: webhooks are recorded, not sent
     signer: Signer
-    webhook_timeout: float = 15.0
-    chaos: Chaos = field(factory=Chaos)
-    webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
-    _in_flight: set = field(factory=set)
-    _log = Logger()
 
-    def track(self, d: Deferred) -> Deferred:
-        self._in_flight.add(d)
-
-        def done(result: object) -> object:
-            self._in_flight.discard(d)
-            return result
-
-        return d.addBoth(done)
-
-    async def deliver(self, hook: Webhook) -> Webhook:
-        """POST the hook, signed now; record the answer (or the error) on it."""
-        self.webhooks.append(hook)
+    def deliver(self, hook: Webhook) -> Deferred:
+        """POST the hook, signed when sent; record the answer (or the error) on it."""
         if hook.url is None or self.http is None:
+            self.webhooks.append(hook)
             hook.error = "no webhook URL" if hook.url is None else "no HTTP client"
-            return hook
-        delay = self.chaos.delivery_delay()
-        if delay > 0:
-            await deferLater(self.clock, delay)
-        again = self.chaos.duplicate_after()
-        if again is not None:
-            self.track(Deferred.fromCoroutine(self._redeliver(hook, again))).addErrback(
-                lambda f: self._log.failure("fake Telnyx redelivery failed", f)
-            )
-        return await self._send(hook)
+            return succeed(hook)
+        return Courier.deliver(self, hook)
 
-    async def _redeliver(self, original: Webhook, after: float) -> Webhook:
+    def _again(self, hook: Webhook) -> Webhook:
         """Telnyx's retry: the same event (`data.id`), `meta.attempt` + 1, re-signed with a fresh timestamp."""
-        await deferLater(self.clock, after)
-        document = json.loads(original.body)
+        document = json.loads(hook.body)
         meta = document.setdefault("meta", {})
         meta["attempt"] = int(meta.get("attempt", 1)) + 1
-        body = json.dumps(document, separators=(",", ":")).encode("utf-8")
-        hook = Webhook(original.event_type, original.url, body)
-        self.webhooks.append(hook)
-        return await self._send(hook)
+        return Webhook(hook.event_type, hook.url, json.dumps(document, separators=(",", ":")).encode("utf-8"))
 
-    async def _send(self, hook: Webhook) -> Webhook:
+    def _signed(self, hook: Webhook) -> tuple[str, str, bytes | None, dict[str, list[str]]]:
         hook.timestamp = str(int(self.clock.seconds()))
         hook.signature = self.signer.sign(hook.body, hook.timestamp)
         headers = {
@@ -224,27 +198,10 @@ class Carrier:
             SIGNATURE_HEADER: [hook.signature],
             TIMESTAMP_HEADER: [hook.timestamp],
         }
-        try:
-            d = self.http.request("POST", hook.url, data=hook.body, headers=headers, allow_redirects=False)
-            d.addTimeout(self.webhook_timeout, self.clock)
-            response = await d
-            content = response.content()
-            content.addTimeout(self.webhook_timeout, self.clock)
-            hook.response = await content
-            hook.status = response.code
-        except CancelledError:
-            hook.error = "cancelled"
-        except Exception as e:
-            hook.error = f"{type(e).__name__}: {e}"[:300]
-        return hook
+        return "POST", hook.url or "", hook.body, headers
 
-    def settle(self) -> Deferred:
-        """Fires once no webhook is queued or in flight."""
-        if not self._in_flight:
-            return succeed(None)
-        d = DeferredList(list(self._in_flight), consumeErrors=True)
-        d.addCallback(lambda _: self.settle())
-        return d
+    def _answered(self, hook: Webhook, status: int, body: bytes) -> None:
+        hook.status, hook.response = status, body
 
 
 @define(eq=False)
@@ -560,4 +517,4 @@ class FakeCall:
             waited: Deferred = Deferred()
             previous.addBoth(lambda result: (waited.callback(None), result)[1])
             await waited
-        return await Deferred.fromCoroutine(self._carrier.deliver(hook))
+        return await self._carrier.deliver(hook)

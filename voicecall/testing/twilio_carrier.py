@@ -3,9 +3,9 @@
 What every call on the fake Twilio shares: the webhook signer (our own HMAC-SHA1
 implementation of PROVIDERS.md §1.5, checked in tests against the official SDK), the
 `Scenario` describing the person on the line, the observation records, and the `Carrier` that
-delivers signed webhooks through an injected HTTP client on an injected clock, as badly as its
-`Chaos` says (status callbacks duplicated with the same I-Twilio-Idempotency-Token, delayed and
-reordered; TwiML fetches late or repeated).
+signs webhooks as Twilio does and delivers them (see delivery.py) as badly as its `Chaos` says
+(status callbacks duplicated with the same I-Twilio-Idempotency-Token, delayed and reordered;
+TwiML fetches late or repeated).
 
 It imports nothing of the daemon.
 """
@@ -15,25 +15,18 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections import deque
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 from urllib.parse import urlencode
 
-import treq
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
 
-from voicecall.testing.chaos import Chaos
+from voicecall.testing.delivery import Courier, with_query
 
 API_VERSION = "2010-04-01"
 #: What Twilio sends as User-Agent on its webhook requests.
 USER_AGENT = "TwilioProxy/1.1"
-#: Twilio refuses TwiML documents larger than 64 KB.
-MAX_DOCUMENT_BYTES = 64 * 1024
 #: Observations kept per call (oldest dropped first).
 MAX_OBSERVATIONS = 1_000
 
@@ -143,73 +136,33 @@ class StreamRecord:
 
 
 @define
-class Carrier:
+class Carrier(Courier):
     """
-    What all fake calls share: the clock, the HTTP client webhooks go through, the auth token
-    they are signed with, a log of every webhook, and the deliveries still in flight.
+    What all fake calls share: the clock, the HTTP client webhooks go through (see `Courier`),
+    the account and the auth token they are signed with.
     """
 
-    clock: Any  # IReactorTime
-    http: Any  # treq HTTPClient (or StubTreq)
     account_sid: str
     _auth_token: str
-    webhook_timeout: float = 15.0
     max_documents_per_call: int = 1_000
-    chaos: Chaos = field(factory=Chaos)
-    webhooks: deque = field(factory=lambda: deque(maxlen=10_000))
-    _in_flight: set = field(factory=set)
-    _log = Logger()
 
-    def deliver(self, hook: Webhook) -> Deferred:
-        """Send a signed webhook; fire with the hook once answered (status/body or error set)."""
-        self.webhooks.append(hook)
-        d = Deferred.fromCoroutine(self._deliver(hook))
-        self._track(d)
-        return d
+    def _is_document(self, hook: Webhook) -> bool:
+        return hook.kind != "status"
 
-    def _track(self, d: Deferred) -> None:
-        self._in_flight.add(d)
+    def _again(self, hook: Webhook) -> Webhook:
+        """Twilio's retry: the same request and idempotency token, re-signed when sent."""
+        return Webhook(
+            hook.kind, hook.url, hook.method, dict(hook.params), "",
+            idempotency_token=hook.idempotency_token, attempt=hook.attempt + 1,
+        )
 
-        def done(result: object) -> object:
-            self._in_flight.discard(d)
-            return result
-
-        d.addBoth(done)
-
-    async def _deliver(self, hook: Webhook) -> Webhook:
-        """Chaos first (a late or delayed delivery, maybe a duplicate), then the signed request."""
-        status = hook.kind == "status"
-        delay = self.chaos.delivery_delay() if status else self.chaos.fetch_delay()
-        if delay > 0:
-            await deferLater(self.clock, delay)
-        again = self.chaos.duplicate_after() if status else (0.0 if self.chaos.repeat_fetch() else None)
-        if again is not None:
-            copy = Webhook(
-                hook.kind, hook.url, hook.method, dict(hook.params), "",
-                idempotency_token=hook.idempotency_token, attempt=hook.attempt + 1,
-            )
-            d = Deferred.fromCoroutine(self._redeliver(copy, again))
-            d.addErrback(lambda f: f.trap(CancelledError))
-            self._track(d)
-        return await self._send(hook)
-
-    async def _redeliver(self, hook: Webhook, after: float) -> Webhook:
-        """Twilio's retry: the same request and idempotency token, re-signed; its answer is ignored."""
-        await deferLater(self.clock, after)
-        self.webhooks.append(hook)
-        return await self._send(hook)
-
-    async def _send(self, hook: Webhook) -> Webhook:
-        url = hook.url
+    def _signed(self, hook: Webhook) -> tuple[str, str, bytes | None, dict[str, list[str]]]:
         if hook.method == "GET":
-            sep = "" if url.endswith(("?", "&")) else ("&" if "?" in url else "?")
-            url = url + sep + urlencode(hook.params) if hook.params else url
-            hook.url = url
-            hook.signature = sign_request(self._auth_token, url)
-            body = None
-            headers = {}
+            hook.url = with_query(hook.url, hook.params)
+            hook.signature = sign_request(self._auth_token, hook.url)
+            body, headers = None, {}
         else:
-            hook.signature = sign_request(self._auth_token, url, hook.params)
+            hook.signature = sign_request(self._auth_token, hook.url, hook.params)
             body = urlencode(hook.params).encode("ascii")
             headers = {"Content-Type": ["application/x-www-form-urlencoded"]}
         headers.update(
@@ -219,40 +172,10 @@ class Carrier:
                 "I-Twilio-Idempotency-Token": [hook.idempotency_token],
             }
         )
-        try:
-            d = self.http.request(
-                hook.method, url, data=body, headers=headers, allow_redirects=False
-            )
-            d.addTimeout(self.webhook_timeout, self.clock)
-            response = await d
-            chunks: list[bytes] = []
-            size = [0]
+        return hook.method, hook.url, body, headers
 
-            def collect(data: bytes) -> None:
-                size[0] += len(data)
-                if size[0] > MAX_DOCUMENT_BYTES:
-                    raise ValueError("response larger than 64 KB")
-                chunks.append(data)
-
-            collected = treq.collect(response, collect)
-            collected.addTimeout(self.webhook_timeout, self.clock)
-            await collected
-            hook.status = response.code
-            hook.body = b"".join(chunks)
-        except CancelledError:
-            hook.error = "cancelled"
-            raise
-        except Exception as e:
-            hook.error = f"{type(e).__name__}: {e}"[:300]
-        return hook
-
-    def settle(self) -> Deferred:
-        """A Deferred that fires once no webhook is in flight (for tests and shutdown)."""
-        if not self._in_flight:
-            return succeed(None)
-        d = DeferredList(list(self._in_flight), consumeErrors=True)
-        d.addCallback(lambda _: self.settle())
-        return d
+    def _answered(self, hook: Webhook, status: int, body: bytes) -> None:
+        hook.status, hook.body = status, body
 
 
 def rfc2822(ts: float) -> str:
