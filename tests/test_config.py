@@ -12,15 +12,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.config import (
     DISABLED_MESSAGE,
-    UNDEFINED,
     ConfigError,
     VoiceCallConfig,
     config_search_paths,
-    deep_merge_defined,
     find_config_path,
     load_config,
     parse_config,
 )
+from voicecall.config.validate import UNDEFINED, deep_merge_defined
 
 P = "plugins.entries.voice-call.config"
 HOME = "/home/tester"

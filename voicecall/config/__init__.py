@@ -49,9 +49,11 @@ Defaults follow SPEC [CORE]/[H]: ``staleCallReaperSeconds`` 0 (disabled, DESIGN 
 ``~/.openclaw/voice-calls`` (``~`` expanded with ``HOME`` from the given environment, relative
 paths resolved against the current directory).
 
-The model lives in configmodel.py and the schema in configschema.py; this module holds the
-entry points, the environment fallbacks and the SPEC §2.5 validation, and re-exports the model.
-It imports nothing of ours but those two, and does no I/O except `load_config` reading its file.
+Every key is declared once, as a field of voicecall.config.model (its check, default, env
+fallback, ...: see `voicecall.config.model.Key`); voicecall.config.validate walks those
+declarations; voicecall.config.checks holds the value checks. This module holds the entry points,
+file loading and the messages for people; it imports nothing of ours but those, and does no I/O
+except `load_config` reading its file.
 """
 from __future__ import annotations
 
@@ -66,39 +68,17 @@ from typing import Any, Mapping
 import json5
 from attrs import evolve
 
-from voicecall.config.model import (  # noqa: F401  (re-exported)
+from voicecall.config.model import (  # noqa: F401  (the package's names for its importers)
     DEFAULT_STORE,
-    MetricsConfig,
-    OutboundConfig,
-    PlivoConfig,
     ServeConfig,
-    StreamingConfig,
-    SttConfig,
-    TailscaleConfig,
-    TelnyxConfig,
     TtsConfig,
-    TtsEdgeConfig,
     TtsElevenLabsConfig,
-    TtsModelOverrides,
     TtsOpenAIConfig,
     TtsVoiceSettings,
-    TunnelConfig,
-    TwilioConfig,
     VoiceCallConfig,
-    WebhookSecurityConfig,
 )
-from voicecall.config.schema import (  # noqa: F401  (re-exported)
-    CONFIG_PATH,
-    E164_MESSAGE,
-    UNDEFINED,
-    Issue,
-    _Invalid,
-    _boolean,
-    _e164,
-    _Reader,
-    _TOP,
-    deep_merge_defined,
-)
+from voicecall.config.checks import boolean
+from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, provider_problems
 
 #: The error the daemon refuses to start with when the config says ``enabled: false``.
 DISABLED_MESSAGE = "Voice call disabled. Enable the plugin entry in config."
@@ -185,24 +165,7 @@ def _render(issue: Issue, file: str | None, whole_file: bool) -> str:
     return line
 
 
-# --- environment -----------------------------------------------------------------------------
-
-
-def _env(env: Mapping[str, str], *names: str) -> str | None:
-    for name in names:
-        value = env.get(name)
-        if value:
-            return value
-    return None
-
-
-def _fill(section: Any, env: Mapping[str, str], **names: tuple[str, ...]) -> Any:
-    """``section`` with each absent attribute taken from the first set variable of its names."""
-    changes = {}
-    for attr, variables in names.items():
-        if getattr(section, attr) is None:
-            changes[attr] = _env(env, *variables)
-    return evolve(section, **changes)
+# --- paths ---------------------------------------------------------------------------------------
 
 
 def _home(env: Mapping[str, str]) -> str:
@@ -215,82 +178,6 @@ def _resolve_path(path: str, env: Mapping[str, str]) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _apply_env(cfg: VoiceCallConfig, env: Mapping[str, str], r: _Reader) -> VoiceCallConfig:
-    """The §2.4 env fallbacks: provider credentials for the selected provider only."""
-    changes: dict[str, Any] = {}
-    if cfg.provider == "twilio":
-        changes["twilio"] = _fill(
-            cfg.twilio, env, account_sid=("TWILIO_ACCOUNT_SID",), auth_token=("TWILIO_AUTH_TOKEN",)
-        )
-        env_from = _env(env, "TWILIO_FROM_NUMBER") if cfg.from_number is None else None
-        if env_from is not None:
-            changes["from_number"] = r.read(env_from, "TWILIO_FROM_NUMBER", _e164, env_from)
-    elif cfg.provider == "telnyx":
-        changes["telnyx"] = _fill(
-            cfg.telnyx,
-            env,
-            api_key=("TELNYX_API_KEY",),
-            connection_id=("TELNYX_CONNECTION_ID",),
-            public_key=("TELNYX_PUBLIC_KEY",),
-        )
-    elif cfg.provider == "plivo":
-        changes["plivo"] = _fill(
-            cfg.plivo, env, auth_id=("PLIVO_AUTH_ID",), auth_token=("PLIVO_AUTH_TOKEN",)
-        )
-    changes["tunnel"] = _fill(
-        cfg.tunnel, env, ngrok_auth_token=("NGROK_AUTHTOKEN",), ngrok_domain=("NGROK_DOMAIN",)
-    )
-    changes["streaming"] = _fill(cfg.streaming, env, openai_api_key=("OPENAI_API_KEY",))
-    changes["tts"] = evolve(
-        cfg.tts,
-        openai=_fill(cfg.tts.openai, env, api_key=("OPENAI_API_KEY",)),
-        elevenlabs=_fill(cfg.tts.elevenlabs, env, api_key=("ELEVENLABS_API_KEY", "XI_API_KEY")),
-    )
-    if cfg.response_api_key is None:
-        changes["response_api_key"] = _env(env, "OPENAI_API_KEY")
-    return evolve(cfg, **changes)
-
-
-def _validate(cfg: VoiceCallConfig) -> list[Issue]:
-    """SPEC §2.5 ``validateProviderConfig``, with its exact messages."""
-    p = CONFIG_PATH
-    problems = []
-    if cfg.provider is None:
-        problems.append(Issue(f"{p}.provider", "is required", sep=" "))
-    if cfg.provider in ("twilio", "telnyx", "plivo") and cfg.from_number is None:
-        hint = " (or set TWILIO_FROM_NUMBER env)" if cfg.provider == "twilio" else ""
-        problems.append(Issue(f"{p}.fromNumber", f"is required{hint}", sep=" "))
-    required: list[tuple[Any, str, str]] = []
-    if cfg.provider == "telnyx":
-        required += [
-            (cfg.telnyx.api_key, "telnyx.apiKey", "TELNYX_API_KEY"),
-            (cfg.telnyx.connection_id, "telnyx.connectionId", "TELNYX_CONNECTION_ID"),
-        ]
-        if not cfg.skip_signature_verification:
-            required.append((cfg.telnyx.public_key, "telnyx.publicKey", "TELNYX_PUBLIC_KEY"))
-    elif cfg.provider == "twilio":
-        required += [
-            (cfg.twilio.account_sid, "twilio.accountSid", "TWILIO_ACCOUNT_SID"),
-            (cfg.twilio.auth_token, "twilio.authToken", "TWILIO_AUTH_TOKEN"),
-        ]
-    elif cfg.provider == "plivo":
-        required += [
-            (cfg.plivo.auth_id, "plivo.authId", "PLIVO_AUTH_ID"),
-            (cfg.plivo.auth_token, "plivo.authToken", "PLIVO_AUTH_TOKEN"),
-        ]
-    for value, key, variable in required:
-        if value is None:
-            problems.append(Issue(f"{p}.{key}", f"is required (or set {variable} env)", sep=" "))
-    if cfg.streaming.enabled and cfg.provider != "twilio":
-        problems.append(Issue(f"{p}.provider", 'must be "twilio" when streaming.enabled is true', sep=" "))
-    return problems
-
-
-def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
-    """What SPEC §2.5 finds missing in a configuration (empty when it is disabled)."""
-    return _validate(cfg) if cfg.enabled else []
-
-
 # --- public entry points ---------------------------------------------------------------------
 
 
@@ -299,7 +186,7 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
     Build the configuration from parsed JSON: the bare plugin config object or a whole OpenClaw
     config file. Raises `ConfigError` listing every problem (schema, then SPEC §2.5).
     """
-    r = _Reader()
+    r = Reader()
     raw: Any = data
     messages_tts: Any = UNDEFINED
     entry_enabled = True
@@ -309,7 +196,7 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
         where = "plugins.entries.voice-call"
         entry = r.member(entries, "voice-call", where)
         raw = entry.get("config", UNDEFINED)
-        entry_enabled = r.read(entry.get("enabled", True), f"{where}.enabled", _boolean, True)
+        entry_enabled = r.read(entry.get("enabled", True), f"{where}.enabled", boolean, True)
         messages_tts = r.member(data, "messages", "messages").get("tts", UNDEFINED)
     if raw is UNDEFINED:
         raw = {}
@@ -318,18 +205,16 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
         raw = {}
 
     raw = r.legacy(raw, CONFIG_PATH)
-    kwargs = r.read(raw, CONFIG_PATH, _TOP, {})
+    kwargs = r.plugin(raw)
     enabled = kwargs.pop("enabled", True) and entry_enabled
-    kwargs.pop("tts", None)
     provider = kwargs.pop("provider", None) or ("mock" if enabled else None)
     store = _resolve_path(kwargs.pop("store", DEFAULT_STORE), env)
     tts = r.tts(messages_tts, raw.get("tts", UNDEFINED))
     cfg = VoiceCallConfig(**kwargs, enabled=enabled, provider=provider, store=store, tts=tts)
-    cfg = _apply_env(cfg, env, r)
-    if cfg.enabled:
-        # A key whose value was refused is not also reported as missing.
-        refused = {issue.path for issue in r.issues}
-        r.issues.extend(issue for issue in _validate(cfg) if issue.path not in refused)
+    cfg = apply_env(cfg, env, r, cfg.provider)
+    # A key whose value was refused is not also reported as missing.
+    refused = {issue.path for issue in r.issues}
+    r.issues.extend(issue for issue in provider_problems(cfg) if issue.path not in refused)
     cfg = evolve(cfg, warnings=tuple(r.warnings))
     if r.issues:
         raise ConfigError(r.issues, whole_file=whole_file, config=cfg)

@@ -1,23 +1,102 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_config,tests.test_config_declarations -*-
 """
-The configuration model: one frozen attrs class per section of SPEC §2, with the defaults.
-Built by voicecall.config (which validates and fills them); read by tap.py. Secrets never appear
-in a repr.
+The configuration model, and the one declaration of every config key: one frozen attrs class per
+section of SPEC §2, each field declared with `key` (a value) or `section` (a nested object).
+The field's metadata (`Key`) carries what the reader in voicecall.config.validate needs: the
+JSON name (camelCase of the attribute unless given), the value check, the environment
+fallback, whether SPEC §2.5 requires it, and where a legacy key moved; the attrs default is the
+config default. Secrets never appear in a repr.
 """
 from __future__ import annotations
 
 import os
+import re
 import types
 from typing import Any, Mapping
 
-from attrs import field, frozen
+from attrs import NOTHING, Attribute, field, frozen
+
+from voicecall.config.checks import (
+    POSITIVE,
+    TIMEOUT_MS,
+    UNIT,
+    Check,
+    ListOf,
+    MapOf,
+    any_text,
+    boolean,
+    e164,
+    http_url,
+    integer,
+    non_empty,
+    number,
+    one_of,
+    openai_model,
+    port,
+    url_path,
+    ws_url,
+)
 
 #: The state directory when the config names none.
 DEFAULT_STORE = "~/.openclaw/voice-calls"
 
+#: The metadata entry of a declared field: a `Key`, or None for an attribute no JSON key sets.
+KEY = "voicecall.config"
 
-def _secret(default: Any = None) -> Any:
-    return field(default=default, repr=False)
+
+@frozen
+class Key:
+    """
+    How one config key is read. ``check`` is a value check (voicecall.config.checks), or the
+    attrs class of a section. ``env``: variables read, first set one wins, when the value is
+    absent; ``provider``: the env fallback (and, for a section, the fields it holds) apply only
+    when that provider is selected. ``required``: SPEC §2.5 requires it when its section's
+    provider is selected, unless the boolean top-level attribute ``waived_by`` is true.
+    ``moved_to``: the current key (relative to the section) a legacy key was replaced by.
+    """
+
+    check: Any
+    json: str | None = None
+    env: tuple[str, ...] = ()
+    provider: str | None = None
+    required: bool = False
+    waived_by: str | None = None
+    moved_to: str | None = None
+    secret: bool = False
+    doc: str | None = None
+
+    @property
+    def section(self) -> type | None:
+        """The attrs class of a nested object, or None for a value."""
+        return self.check if isinstance(self.check, type) else None
+
+
+def key(check: Check | ListOf | MapOf, default: Any = NOTHING, *, factory: Any = None, env: str | tuple[str, ...] = (),
+        secret: bool = False, hash: bool | None = None, **declared: Any) -> Any:  # fmt: skip
+    """A field holding one config value; ``declared`` are the other `Key` attributes."""
+    variables = (env,) if isinstance(env, str) else env
+    meta = {KEY: Key(check, env=variables, secret=secret, **declared)}
+    if factory is not None:
+        return field(factory=factory, repr=not secret, hash=hash, metadata=meta)
+    return field(default=default, repr=not secret, hash=hash, metadata=meta)
+
+
+def section(cls: type, *, provider: str | None = None) -> Any:
+    """A field holding a nested config object, read against ``cls``'s own declarations."""
+    return field(factory=cls, metadata={KEY: Key(cls, provider=provider)})
+
+
+def declaration(attribute: Attribute) -> Key | None:
+    """The `Key` of a field (None for one no JSON key sets; KeyError for an undeclared one)."""
+    return attribute.metadata[KEY]
+
+
+def json_name(attribute: Attribute) -> str:
+    """The JSON key of a declared field."""
+    declared = attribute.metadata[KEY]
+    if declared.json is not None:
+        return declared.json
+    return re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), attribute.name)
 
 
 def _default_store() -> str:
@@ -26,205 +105,213 @@ def _default_store() -> str:
 
 @frozen
 class OutboundConfig:
-    default_mode: str = "notify"
-    notify_hangup_delay_sec: int = 3
+    default_mode: str = key(one_of("notify", "conversation"), "notify")
+    notify_hangup_delay_sec: int = key(integer(0), 3)
 
 
 @frozen
 class ServeConfig:
-    port: int = 3334
-    bind: str = "127.0.0.1"
-    path: str = "/voice/webhook"
+    port: int = key(port, 3334)
+    bind: str = key(non_empty, "127.0.0.1")
+    path: str = key(url_path, "/voice/webhook")
 
 
 @frozen
 class TailscaleConfig:
-    mode: str = "off"
-    path: str = "/voice/webhook"
+    mode: str = key(one_of("off", "serve", "funnel"), "off")
+    path: str = key(url_path, "/voice/webhook")
 
 
 @frozen
 class TunnelConfig:
-    provider: str = "none"
-    ngrok_auth_token: str | None = _secret()
-    ngrok_domain: str | None = None
-    allow_ngrok_free_tier_loopback_bypass: bool = False
+    provider: str = key(one_of("none", "ngrok", "tailscale-serve", "tailscale-funnel"), "none")
+    ngrok_auth_token: str | None = key(non_empty, None, env="NGROK_AUTHTOKEN", secret=True)
+    ngrok_domain: str | None = key(non_empty, None, env="NGROK_DOMAIN")
+    allow_ngrok_free_tier_loopback_bypass: bool = key(boolean, False)
 
 
 @frozen
 class WebhookSecurityConfig:
-    allowed_hosts: tuple[str, ...] = ()
-    trust_forwarding_headers: bool = False
-    trusted_proxy_ips: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = key(ListOf(non_empty), ())
+    trust_forwarding_headers: bool = key(boolean, False)
+    trusted_proxy_ips: tuple[str, ...] = key(ListOf(non_empty), (), json="trustedProxyIPs")
 
 
 @frozen
 class StreamingConfig:
-    enabled: bool = False
-    stt_provider: str = "openai-realtime"
-    openai_api_key: str | None = _secret()
-    stt_model: str = "gpt-4o-transcribe"
-    silence_duration_ms: int = 800
-    vad_threshold: float = 0.5
-    stream_path: str = "/voice/stream"
-    pre_start_timeout_ms: int = 5000
-    max_pending_connections: int = 32
-    max_pending_connections_per_ip: int = 4
-    max_connections: int = 128
-    stt_base_url: str = "wss://api.openai.com/v1/realtime"
+    """
+    The flat (legacy) shape of ``streaming``; the current one (``provider`` = ``"openai"``,
+    ``providers.openai.*``) is read into the fields whose ``moved_to`` names it.
+    """
+
+    enabled: bool = key(boolean, False)
+    stt_provider: str = key(one_of("openai-realtime"), "openai-realtime", moved_to="provider")
+    openai_api_key: str | None = key(non_empty, None, env="OPENAI_API_KEY", secret=True,
+                                     moved_to="providers.openai.apiKey")  # fmt: skip
+    stt_model: str = key(non_empty, "gpt-4o-transcribe", moved_to="providers.openai.model")
+    silence_duration_ms: int = key(POSITIVE, 800, moved_to="providers.openai.silenceDurationMs")
+    vad_threshold: float = key(UNIT, 0.5, moved_to="providers.openai.vadThreshold")
+    stream_path: str = key(url_path, "/voice/stream")
+    pre_start_timeout_ms: int = key(POSITIVE, 5000)
+    max_pending_connections: int = key(POSITIVE, 32)
+    max_pending_connections_per_ip: int = key(POSITIVE, 4)
+    max_connections: int = key(POSITIVE, 128)
+    stt_base_url: str = key(ws_url, "wss://api.openai.com/v1/realtime")
 
 
 @frozen
 class SttConfig:
-    provider: str = "openai"
-    model: str = "whisper-1"
+    provider: str = key(one_of("openai"), "openai")
+    model: str = key(non_empty, "whisper-1")
 
 
 @frozen
 class TwilioConfig:
-    account_sid: str | None = None
-    auth_token: str | None = _secret()
-    base_url: str = "https://api.twilio.com"
-    #: SharedKey id -> secret (read-only mapping).
-    signing_keys: Mapping[str, str] = field(
-        factory=lambda: types.MappingProxyType({}), repr=False, hash=False
-    )
+    account_sid: str | None = key(non_empty, None, env="TWILIO_ACCOUNT_SID", required=True)
+    auth_token: str | None = key(non_empty, None, env="TWILIO_AUTH_TOKEN", required=True, secret=True)
+    base_url: str = key(http_url, "https://api.twilio.com")
+    signing_keys: Mapping[str, str] = key(
+        MapOf(non_empty), factory=lambda: types.MappingProxyType({}), secret=True, hash=False,
+        doc="SharedKey id -> secret (read-only mapping)",
+    )  # fmt: skip
 
 
 @frozen
 class TelnyxConfig:
-    api_key: str | None = _secret()
-    connection_id: str | None = None
-    public_key: str | None = None
-    base_url: str = "https://api.telnyx.com"
+    api_key: str | None = key(non_empty, None, env="TELNYX_API_KEY", required=True, secret=True)
+    connection_id: str | None = key(non_empty, None, env="TELNYX_CONNECTION_ID", required=True)
+    public_key: str | None = key(non_empty, None, env="TELNYX_PUBLIC_KEY", required=True,
+                                 waived_by="skip_signature_verification")  # fmt: skip
+    base_url: str = key(http_url, "https://api.telnyx.com")
 
 
 @frozen
 class PlivoConfig:
-    auth_id: str | None = None
-    auth_token: str | None = _secret()
-    base_url: str = "https://api.plivo.com"
-    #: Accept callbacks signed with V2 only; V2 covers neither the body nor the query.
-    allow_v2_signatures: bool = False
+    auth_id: str | None = key(non_empty, None, env="PLIVO_AUTH_ID", required=True)
+    auth_token: str | None = key(non_empty, None, env="PLIVO_AUTH_TOKEN", required=True, secret=True)
+    base_url: str = key(http_url, "https://api.plivo.com")
+    allow_v2_signatures: bool = key(boolean, False, doc="Accept callbacks signed with V2 only; V2 covers neither the body nor the query.")
 
 
 @frozen
 class MetricsConfig:
-    enabled: bool = False
-    bind: str = "127.0.0.1"
-    port: int = 9464
+    enabled: bool = key(boolean, False)
+    bind: str = key(non_empty, "127.0.0.1")
+    port: int = key(port, 9464)
 
 
 @frozen
 class TtsModelOverrides:
-    enabled: bool | None = None
-    allow_text: bool | None = None
-    allow_provider: bool | None = None
-    allow_voice: bool | None = None
-    allow_model_id: bool | None = None
-    allow_voice_settings: bool | None = None
-    allow_normalization: bool | None = None
-    allow_seed: bool | None = None
+    enabled: bool | None = key(boolean, None)
+    allow_text: bool | None = key(boolean, None)
+    allow_provider: bool | None = key(boolean, None)
+    allow_voice: bool | None = key(boolean, None)
+    allow_model_id: bool | None = key(boolean, None)
+    allow_voice_settings: bool | None = key(boolean, None)
+    allow_normalization: bool | None = key(boolean, None)
+    allow_seed: bool | None = key(boolean, None)
 
 
 @frozen
 class TtsVoiceSettings:
-    stability: float = 0.5
-    similarity_boost: float = 0.75
-    style: float = 0.0
-    use_speaker_boost: bool = True
-    speed: float = 1.0
+    stability: float = key(UNIT, 0.5)
+    similarity_boost: float = key(UNIT, 0.75)
+    style: float = key(UNIT, 0.0)
+    use_speaker_boost: bool = key(boolean, True)
+    speed: float = key(number(0.5, 2), 1.0)
 
 
 @frozen
 class TtsElevenLabsConfig:
-    api_key: str | None = _secret()
-    base_url: str = "https://api.elevenlabs.io"
-    voice_id: str = "pMsXgVXv3BLzUgSXRplE"
-    model_id: str = "eleven_multilingual_v2"
-    seed: int | None = None
-    apply_text_normalization: str | None = None
-    language_code: str | None = None
-    voice_settings: TtsVoiceSettings = field(factory=TtsVoiceSettings)
+    api_key: str | None = key(non_empty, None, env=("ELEVENLABS_API_KEY", "XI_API_KEY"), secret=True)
+    base_url: str = key(http_url, "https://api.elevenlabs.io")
+    voice_id: str = key(non_empty, "pMsXgVXv3BLzUgSXRplE")
+    model_id: str = key(non_empty, "eleven_multilingual_v2")
+    seed: int | None = key(integer(0, 4294967295), None)
+    apply_text_normalization: str | None = key(one_of("auto", "on", "off"), None)
+    language_code: str | None = key(non_empty, None)
+    voice_settings: TtsVoiceSettings = section(TtsVoiceSettings)
 
 
 @frozen
 class TtsOpenAIConfig:
-    api_key: str | None = _secret()
-    model: str = "gpt-4o-mini-tts"
-    voice: str = "alloy"
-    base_url: str = "https://api.openai.com/v1"
-    speed: float | None = None
-    instructions: str | None = None
+    api_key: str | None = key(non_empty, None, env="OPENAI_API_KEY", secret=True)
+    model: str = key(non_empty, "gpt-4o-mini-tts")
+    voice: str = key(non_empty, "alloy")
+    base_url: str = key(http_url, "https://api.openai.com/v1")
+    speed: float | None = key(number(0.25, 4), None)
+    instructions: str | None = key(any_text, None)
 
 
 @frozen
 class TtsEdgeConfig:
-    enabled: bool | None = None
-    voice: str | None = None
-    lang: str | None = None
-    output_format: str | None = None
-    pitch: str | None = None
-    rate: str | None = None
-    volume: str | None = None
-    save_subtitles: bool | None = None
-    proxy: str | None = None
-    timeout_ms: int | None = None
+    enabled: bool | None = key(boolean, None)
+    voice: str | None = key(non_empty, None)
+    lang: str | None = key(non_empty, None)
+    output_format: str | None = key(non_empty, None)
+    pitch: str | None = key(non_empty, None)
+    rate: str | None = key(non_empty, None)
+    volume: str | None = key(non_empty, None)
+    save_subtitles: bool | None = key(boolean, None)
+    proxy: str | None = key(non_empty, None)
+    timeout_ms: int | None = key(TIMEOUT_MS, None)
 
 
 @frozen
 class TtsConfig:
     """The effective call TTS settings (SPEC §2.3); ``provider`` None means "first with a key"."""
 
-    auto: str | None = None
-    enabled: bool | None = None
-    mode: str | None = None
-    provider: str | None = None
-    summary_model: str | None = None
-    model_overrides: TtsModelOverrides = field(factory=TtsModelOverrides)
-    openai: TtsOpenAIConfig = field(factory=TtsOpenAIConfig)
-    elevenlabs: TtsElevenLabsConfig = field(factory=TtsElevenLabsConfig)
-    edge: TtsEdgeConfig = field(factory=TtsEdgeConfig)
-    prefs_path: str | None = None
-    max_text_length: int = 4096
-    timeout_ms: int = 30000
+    auto: str | None = key(one_of("off", "always", "inbound", "tagged"), None)
+    enabled: bool | None = key(boolean, None)
+    mode: str | None = key(one_of("final", "all"), None)
+    provider: str | None = key(one_of("openai", "elevenlabs", "edge"), None)
+    summary_model: str | None = key(non_empty, None)
+    model_overrides: TtsModelOverrides = section(TtsModelOverrides)
+    openai: TtsOpenAIConfig = section(TtsOpenAIConfig)
+    elevenlabs: TtsElevenLabsConfig = section(TtsElevenLabsConfig)
+    edge: TtsEdgeConfig = section(TtsEdgeConfig)
+    prefs_path: str | None = key(non_empty, None)
+    max_text_length: int = key(POSITIVE, 4096)
+    timeout_ms: int = key(TIMEOUT_MS, 30000)
 
 
 @frozen
 class VoiceCallConfig:
     """The whole plugin configuration; attribute names are the JSON keys in snake_case."""
 
-    enabled: bool = True
-    provider: str | None = "mock"
-    from_number: str | None = None
-    to_number: str | None = None
-    inbound_policy: str = "disabled"
-    allow_from: tuple[str, ...] = ()
-    inbound_greeting: str | None = None
-    outbound: OutboundConfig = field(factory=OutboundConfig)
-    max_duration_seconds: int = 300
-    stale_call_reaper_seconds: int = 0
-    silence_timeout_ms: int = 800
-    transcript_timeout_ms: int = 180000
-    ring_timeout_ms: int = 30000
-    max_concurrent_calls: int = 1
-    serve: ServeConfig = field(factory=ServeConfig)
-    tailscale: TailscaleConfig = field(factory=TailscaleConfig)
-    tunnel: TunnelConfig = field(factory=TunnelConfig)
-    webhook_security: WebhookSecurityConfig = field(factory=WebhookSecurityConfig)
-    streaming: StreamingConfig = field(factory=StreamingConfig)
-    public_url: str | None = None
-    skip_signature_verification: bool = False
-    stt: SttConfig = field(factory=SttConfig)
-    tts: TtsConfig = field(factory=TtsConfig)
-    store: str = field(factory=_default_store)
-    response_model: str = "openai/gpt-4o-mini"
-    response_system_prompt: str | None = None
-    response_timeout_ms: int = 30000
-    response_base_url: str = "https://api.openai.com/v1"
-    response_api_key: str | None = _secret()
-    twilio: TwilioConfig = field(factory=TwilioConfig)
-    telnyx: TelnyxConfig = field(factory=TelnyxConfig)
-    plivo: PlivoConfig = field(factory=PlivoConfig)
-    metrics: MetricsConfig = field(factory=MetricsConfig)
-    warnings: tuple[str, ...] = ()
+    enabled: bool = key(boolean, True)
+    provider: str | None = key(one_of("telnyx", "twilio", "plivo", "mock"), "mock")
+    from_number: str | None = key(e164, None, env="TWILIO_FROM_NUMBER", provider="twilio")
+    to_number: str | None = key(e164, None)
+    inbound_policy: str = key(one_of("disabled", "allowlist", "pairing", "open"), "disabled")
+    allow_from: tuple[str, ...] = key(ListOf(e164), ())
+    inbound_greeting: str | None = key(any_text, None)
+    outbound: OutboundConfig = section(OutboundConfig)
+    max_duration_seconds: int = key(POSITIVE, 300)
+    stale_call_reaper_seconds: int = key(integer(0), 0)
+    silence_timeout_ms: int = key(POSITIVE, 800)
+    transcript_timeout_ms: int = key(POSITIVE, 180000)
+    ring_timeout_ms: int = key(POSITIVE, 30000)
+    max_concurrent_calls: int = key(POSITIVE, 1)
+    serve: ServeConfig = section(ServeConfig)
+    tailscale: TailscaleConfig = section(TailscaleConfig)
+    tunnel: TunnelConfig = section(TunnelConfig)
+    webhook_security: WebhookSecurityConfig = section(WebhookSecurityConfig)
+    streaming: StreamingConfig = section(StreamingConfig)
+    public_url: str | None = key(http_url, None)
+    skip_signature_verification: bool = key(boolean, False)
+    stt: SttConfig = section(SttConfig)
+    #: Read after the deep merge with OpenClaw's ``messages.tts`` (SPEC §2.3).
+    tts: TtsConfig = section(TtsConfig)
+    store: str = key(non_empty, factory=_default_store)
+    response_model: str = key(openai_model, "openai/gpt-4o-mini")
+    response_system_prompt: str | None = key(any_text, None)
+    response_timeout_ms: int = key(POSITIVE, 30000)
+    response_base_url: str = key(http_url, "https://api.openai.com/v1")
+    response_api_key: str | None = key(non_empty, None, env="OPENAI_API_KEY", secret=True)
+    twilio: TwilioConfig = section(TwilioConfig, provider="twilio")
+    telnyx: TelnyxConfig = section(TelnyxConfig, provider="telnyx")
+    plivo: PlivoConfig = section(PlivoConfig, provider="plivo")
+    metrics: MetricsConfig = section(MetricsConfig)
+    #: The legacy-shape warnings found while reading; no JSON key sets it.
+    warnings: tuple[str, ...] = field(default=(), metadata={KEY: None})
