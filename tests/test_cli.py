@@ -1,8 +1,9 @@
 """
 Tests for voicecall.control.cli (with voicecall.client and voicecall.control.tool): the admin CLI of SPEC §17 run
-with click's CliRunner. Its one seam into the reactor (`react`, called by `run`) is replaced by a
-synchronous stand-in on a MemoryReactorClock that either refuses the UNIX connection (no daemon)
-or joins it with iosim to a real RpcFactory over a real CallManager (STYLE.md §15).
+with click's CliRunner. Its one seam into the reactor (twisted.internet.task.react, which `run`
+imports when a command runs) is replaced by a synchronous stand-in on a MemoryReactorClock that
+either refuses the UNIX connection (no daemon) or joins it with iosim to a real RpcFactory over a
+real CallManager (STYLE.md §15). FootprintTests start the CLI in a fresh Python instead.
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import uuid
 
 from click.testing import CliRunner
-from twisted.internet import error
+from twisted.internet import error, task
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
@@ -52,7 +54,7 @@ class CliTestsBase(SynchronousTestCase):
         self.idle_steps: list = []
         self.pumps: list = []
         self.signals: list = []
-        self.patch(cli, "react", self.react)
+        self.patch(task, "react", self.react)
         self.patch(cli, "watch_signals", lambda reactor, on_signal: self.signals.append(on_signal))
 
     # -- the reactor seam -------------------------------------------------------------------------
@@ -617,7 +619,7 @@ class NoConfigTests(SynchronousTestCase):
         """`status` in a directory without a config names the paths it searched, on stderr."""
         home = os.path.abspath(self.mktemp())
         os.makedirs(home)
-        self.patch(cli, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
+        self.patch(task, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
         self.patch(cli, "watch_signals", lambda reactor, on_signal: None)
         self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
         runner = CliRunner()
@@ -634,7 +636,7 @@ class NoConfigTests(SynchronousTestCase):
         """
         home = os.path.abspath(self.mktemp())
         os.makedirs(home)
-        self.patch(cli, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
+        self.patch(task, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
         self.patch(cli, "watch_signals", lambda reactor, on_signal: None)
         self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
         runner = CliRunner()
@@ -658,7 +660,7 @@ class BadConfigTests(SynchronousTestCase):
         with open(path, "w") as f:
             json.dump({"provider": "twillio", "twilio": {"acountSid": "AC1"}}, f)
         os.chmod(path, 0o600)
-        self.patch(cli, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
+        self.patch(task, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
         self.patch(cli, "watch_signals", lambda reactor, on_signal: None)
         self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
         result = CliRunner().invoke(cli.main, ["--config", path, "status"], env={"VOICECALL_SOCKET": None, "HOME": home})
@@ -670,3 +672,49 @@ class BadConfigTests(SynchronousTestCase):
              f'  {path}: twilio.acountSid: unknown key (did you mean "accountSid"?)'],
         )  # fmt: skip
         self.assertNotIn("plugins.entries", result.stderr)
+
+
+class FootprintTests(SynchronousTestCase):
+    """
+    The `voicecall` console script loads only what the CLI uses (issue 15): the server side (the
+    RPC server, the domain, the web, media, carrier and speech adapters) stays out of a CLI run.
+    Each case starts a fresh Python, as a user's shell does, and lists its sys.modules at exit.
+    """
+
+    SERVER_SIDE = ("voicecall.domain", "voicecall.control.rpc", "voicecall.web", "voicecall.media", "voicecall.providers", "voicecall.speech")
+
+    def loaded(self, code: str, *args: str) -> set[str]:
+        """The modules a fresh `python -c code args...` has loaded when it exits (it must exit 0)."""
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        with open(os.path.join(home, "voicecall.json"), "w") as f:
+            json.dump({"store": os.path.join(home, "store")}, f)
+        listing = os.path.join(home, "modules.json")
+        report = f"import atexit, json, sys; atexit.register(lambda: json.dump(sorted(sys.modules), open({listing!r}, 'w')))\n"
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VOICECALL_")}
+        env.update(HOME=home, PYTHONPATH=checkout, VOICECALL_CONFIG=os.path.join(home, "voicecall.json"))
+        child = subprocess.run([sys.executable, "-c", report + code, *args], cwd=home, env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(child.returncode, 0, child.stderr)
+        with open(listing) as f:
+            return set(json.load(f))
+
+    def test_import(self):
+        """`import voicecall.control.cli` loads no server-side module, nor the config loader or the reactor."""
+        modules = self.loaded("import voicecall.control.cli")
+        self.assertEqual(sorted(m for m in modules if m.startswith(self.SERVER_SIDE)), [])
+        self.assertNotIn("voicecall.config", modules)
+        self.assertNotIn("twisted.internet.reactor", modules)
+
+    def test_help(self):
+        """`voicecall --help` (the console script's entry point) loads no server-side module."""
+        modules = self.loaded("import sys; from voicecall.control.cli import main; sys.exit(main())", "--help")
+        self.assertEqual(sorted(m for m in modules if m.startswith(self.SERVER_SIDE)), [])
+        self.assertNotIn("twisted.internet.reactor", modules)
+
+    def test_status_without_daemon(self):
+        """`voicecall status` with no daemon reads the store, and still loads nothing else of the server side."""
+        modules = self.loaded("import sys; from voicecall.control.cli import main; sys.exit(main())", "status")
+        self.assertIn("voicecall.domain.store", modules)
+        allowed = {"voicecall.domain", "voicecall.domain.store", "voicecall.domain.model"}
+        self.assertEqual(sorted(m for m in modules if m.startswith(self.SERVER_SIDE) and m not in allowed), [])

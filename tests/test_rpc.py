@@ -22,7 +22,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.mock import MockProvider
-from voicecall.control.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcMethods, default_socket_path
+from voicecall.control.protocol import default_socket_path
+from voicecall.control.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcMethods
 from voicecall.domain.store import CallStore, SynchronousWriter
 
 WEBHOOK_URL = "http://127.0.0.1:3334/voice/webhook"

@@ -16,6 +16,8 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from voicecall.control.protocol import CALL_ERROR, METHOD_NOT_FOUND
+
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
@@ -93,12 +95,12 @@ class RpcClient(Protocol):
                 self.transport.write(json.dumps({"jsonrpc": "2.0", "id": rid, **payload}).encode() + b"\n")
 
         if self._on_request is None:
-            reply({"error": {"code": -32601, "message": f"Method not found: {method}"}})
+            reply({"error": {"code": METHOD_NOT_FOUND, "message": f"Method not found: {method}"}})
             return
         d = maybeDeferred(self._on_request, method, params)
         d.addCallbacks(
             lambda result: reply({"result": result}),
-            lambda f: reply({"error": {"code": -32000, "message": f.getErrorMessage()}}),
+            lambda f: reply({"error": {"code": CALL_ERROR, "message": f.getErrorMessage()}}),
         )
 
     def connectionLost(self, reason: Failure) -> None:

@@ -52,7 +52,8 @@ from voicecall.providers.mock import MockProvider
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.providers.signatures import skip_request_key, verify_twilio
 from voicecall.domain.reaper import StaleCallReaper
-from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods, default_socket_path
+from voicecall.control.protocol import default_socket_path
+from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods
 from voicecall.speech.responder import AutoResponder, ChatResponder
 from voicecall.speech.stt import RealtimeTranscriber
 from voicecall.speech.tts import TelephonyTts

@@ -8,6 +8,11 @@ It finds the socket the way the daemon chose it: --socket / $VOICECALL_SOCKET, e
 `<store>/voicecall.sock` of the config found by --config / $VOICECALL_CONFIG / ./voicecall.json5 /
 ... (see `twistd voicecall --help`). Output is JSON (2-space indent); a failure prints its error
 on stderr and exits 1. `status`, `tail` and `latency` read the store when the daemon is down.
+
+Every command starts a fresh Python, so this module imports only what `--help` needs (click, the
+socket path of voicecall.control.protocol); the config loader, Twisted's reactor machinery, the
+RPC client and the store are imported by the commands that use them. It imports nothing of the
+server side (the RPC server, the manager, the adapters): tests.test_cli.FootprintTests checks.
 """
 from __future__ import annotations
 
@@ -20,16 +25,10 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 import click
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError
-from twisted.internet.task import deferLater, react
 
 from voicecall import __version__
 from voicecall.control import tool
-from voicecall.client import ConnectionClosed, RemoteError, connect
-from voicecall.config import ConfigError, config_search_paths, find_config_path, load_config, parse_config
-from voicecall.control.rpc import default_socket_path
-from voicecall.domain.store import open_readonly
+from voicecall.control.protocol import default_socket_path
 
 MODES = ("notify", "conversation")
 EXPOSE_MODES = ("off", "serve", "funnel")
@@ -56,6 +55,8 @@ class Context:
     @property
     def config(self):
         if self._config is None:
+            from voicecall.config import ConfigError, config_search_paths, find_config_path, load_config, parse_config
+
             env = os.environ
             cwd = os.getcwd()
             path = find_config_path(self._explicit_config, env, cwd)
@@ -101,6 +102,8 @@ def run(fn: Callable[[Any], Awaitable[Any]]) -> None:
     The one seam into the reactor: run `fn(reactor)` and exit with its outcome. Ctrl-C (SIGINT) or
     SIGTERM stops the command quietly, exiting 128 + the signal number (130, 143), like a shell.
     """
+    from twisted.internet.defer import CancelledError, Deferred
+    from twisted.internet.task import react
 
     async def main(reactor) -> None:
         work = Deferred.fromCoroutine(fn(reactor))
@@ -153,6 +156,10 @@ def not_running(ctx: "Context", path: str) -> Failed:
 
 
 async def rpc(reactor, ctx: Context, method: str, params: dict, fallback: str | None = None) -> Any:
+    from twisted.internet.error import ConnectError
+
+    from voicecall.client import ConnectionClosed, RemoteError, connect
+
     path = ctx.socket
     try:
         client = await connect(reactor, path)
@@ -334,6 +341,8 @@ def status(ctx, call_id):
 
 
 def _status_from_store(ctx: Context, call_id: str | None) -> dict:
+    from voicecall.domain.store import open_readonly
+
     store = open_readonly(ctx.store)
     if store is None:
         click.echo(f"(daemon not running on {ctx.socket}, and no store at {ctx.store})", err=True)
@@ -381,6 +390,8 @@ class _Tail:
 
     def _read_store(self, first: bool = False) -> bool:
         """Print what the store holds after the last event read; False if there is no store."""
+        from voicecall.domain.store import open_readonly
+
         store = open_readonly(self._ctx.store)
         if store is None:
             return False
@@ -401,7 +412,11 @@ class _Tail:
                     return True
 
     async def _subscribe(self, reactor):
-        """A subscribed client (live events queue until `_go_live`), or None if the daemon is down."""
+        """A subscribed client (live events queue until `_live`), or None if the daemon is down."""
+        from twisted.internet.error import ConnectError
+
+        from voicecall.client import ConnectionClosed, RemoteError, connect
+
         queued: list[dict] = []
         try:
             client = await connect(reactor, self._ctx.socket, on_notification=lambda m, p: queued.append(p))
@@ -416,6 +431,8 @@ class _Tail:
         return client, queued
 
     async def run(self, reactor) -> None:
+        from twisted.internet.task import deferLater
+
         ctx = self._ctx
         client, queued = await self._subscribe(reactor)
         has_store = self._read_store(first=True)
@@ -488,6 +505,8 @@ def _turn_samples(metadata: dict, every: str, last: str) -> list[int]:
 @click.pass_obj
 def latency(ctx, last):
     """Turn latency statistics of recent calls (from the store)."""
+    from voicecall.domain.store import open_readonly
+
     store = open_readonly(ctx.store)
     calls = []
     if store is None:

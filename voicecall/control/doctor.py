@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from attrs import frozen
 
 from voicecall.config import ConfigError, find_config_path, load_config, parse_config, provider_problems
-from voicecall.control.rpc import default_socket_path
+from voicecall.control.protocol import default_socket_path
 
 
 @frozen

@@ -33,7 +33,6 @@ and resumes us.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Awaitable, Callable, Mapping
 
 from attrs import define
@@ -44,6 +43,14 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from voicecall.control.protocol import (
+    CALL_ERROR,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+)
 from voicecall.domain.manager import CallError
 
 MAX_LINE_BYTES = 1024 * 1024
@@ -85,18 +92,6 @@ class LineBudget:
 
     def release(self, owner: object) -> None:
         self.used -= self._charged.pop(owner, 0)
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-CALL_ERROR = -32000
-
-
-def default_socket_path(store_dir: str, env: Mapping[str, str]) -> str:
-    """Where the daemon listens and the CLI connects unless told: $VOICECALL_SOCKET, else <store>/voicecall.sock."""
-    return env.get("VOICECALL_SOCKET") or os.path.join(store_dir, "voicecall.sock")
 
 
 class RpcError(Exception):
