@@ -94,7 +94,7 @@ async def run(reactor, args, result: dict) -> None:
     from voicecall.media import playback as playback_module
     from voicecall.media.stream import MediaStreamServer
     from voicecall.speech import tts as tts_module
-    from voicecall.speech.tts import TelephonyTts
+    from voicecall.tap import build_tts
     from voicecall.testing.speech import FakeElevenLabs, FakeOpenAISpeech
     from voicecall.testing.twilio_media import TwilioMediaClient
 
@@ -183,7 +183,7 @@ async def run(reactor, args, result: dict) -> None:
     ]
     try:
         for name, config in providers:
-            tts = TelephonyTts(http, reactor, config)
+            tts = build_tts(config, http, reactor)
             totals, converts, waits = [], [], []
             for i in range(args.count + 5):
                 marks.clear()

@@ -75,6 +75,7 @@ class StreamTokenTests(MediaStreamTestBase):
     def setUp(self):
         self.clock = Clock()
         self.call = Call()
+        self.manager = Manager({"CA1": self.call})
         self.bridge = StreamBridge(
             clock=self.clock,
             fallback=None,
@@ -82,9 +83,9 @@ class StreamTokenTests(MediaStreamTestBase):
             new_transcriber=STT,
             stream_path=STREAM_PATH,
             public_url=lambda: "http://127.0.0.1/voice/webhook",
+            manager=lambda: self.manager,
             max_streams=4,
         )
-        self.bridge.manager = Manager({"CA1": self.call})
         self.media = self.serve(handler=self.bridge)
 
     def mint(self, request_key: str | None = None) -> str:
@@ -115,15 +116,15 @@ class StreamTokenTests(MediaStreamTestBase):
         socket after the call ended kept its session (and its STT session) without end, and with
         one stream slot every inbound caller waited in the hold queue. Other calls' streams stay.
         """
-        self.bridge.manager.calls["CA2"] = Call(call_id="c2")
+        self.manager.calls["CA2"] = Call(call_id="c2")
         first = await self.start(self.mint())
         other = await self.start(token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, action_url=ACTION)), call_sid="CA2")
         self.assertIn(other.stream_sid, self.media.sessions)
-        del self.bridge.manager.calls["CA1"]
-        self.bridge.manager.emit({"type": "call.state", "callId": "c1", "state": "completed"})
+        del self.manager.calls["CA1"]
+        self.manager.emit({"type": "call.state", "callId": "c1", "state": "completed"})
         await wait(0.05)
         self.assertTrue(first.is_open)
-        self.bridge.manager.emit({"type": "call.ended", "callId": "c1", "reason": "completed"})
+        self.manager.emit({"type": "call.ended", "callId": "c1", "reason": "completed"})
         self.assertEqual(await first.closed, (1000, "Call ended"))
         await until(lambda: list(self.media.sessions) == [other.stream_sid])
         self.assertTrue(other.is_open)
@@ -162,7 +163,7 @@ class StreamTokenTests(MediaStreamTestBase):
         self.assertIn(client.stream_sid, self.media.sessions)
 
     def mint_for_other_call(self) -> str:
-        self.bridge.manager.calls["CA2"] = Call(call_id="c2")
+        self.manager.calls["CA2"] = Call(call_id="c2")
         return token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, request_key=None, action_url=ACTION))
 
     async def test_a_replayed_fetch_mints_no_token(self):

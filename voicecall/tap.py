@@ -18,7 +18,7 @@ import errno
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Awaitable, Callable, Sequence
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -37,15 +37,14 @@ from twisted.logger import (
 )
 from twisted.python.components import Componentized
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Site
+from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from voicecall.control.expose import ExposeError, legacy_tailscale, start_tunnel
 from voicecall.config import DISABLED_MESSAGE, ConfigError, find_config_path, load_config, parse_config
 from voicecall.infra import sdnotify
 from voicecall.domain.manager import CallManager, ManagerSettings
-from voicecall.control.metrics import Metrics, MetricsResource, VoicecallCollector
+from voicecall.control.metrics import Metrics, MetricsSite, VoicecallCollector
 from voicecall.domain.model import Mode
 from voicecall.domain.policy import inbound_decision
 from voicecall.providers.mock import MockProvider
@@ -56,9 +55,10 @@ from voicecall.control.protocol import default_socket_path
 from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods
 from voicecall.speech.responder import AutoResponder, ChatResponder
 from voicecall.speech.stt import RealtimeTranscriber
-from voicecall.speech.tts import TelephonyTts
+from voicecall.speech.tts import ElevenLabsSpeech, OpenAISpeech, TelephonyTts
 from voicecall.media.bridge import StreamBridge
-from voicecall.media.stream import MediaStreamServer, neutralise_autobahn_log_formatting
+from voicecall.media.stream import MediaStreamServer
+from voicecall.infra.wsfast import neutralise_autobahn_log_formatting
 from voicecall.domain.store import CallStore, StoreLockedError, ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
@@ -73,8 +73,12 @@ PROVIDERS = ("mock", "twilio", "telnyx", "plivo")
 DISABLED_EXIT_STATUS = 6
 
 
-def build_provider(cfg, reactor, http):
-    """The carrier adapter the config names, with its credentials and API root."""
+def build_provider(cfg, reactor, http, *, stream_twiml=None, stream_busy=None):
+    """
+    The carrier adapter the config names, with its credentials and API root. A Twilio adapter
+    also gets the inbound policy and, when calls stream, the bridge's stream TwiML and
+    busy check.
+    """
     if cfg.provider == "telnyx":
         from voicecall.providers.telnyx import TelnyxProvider
 
@@ -108,22 +112,57 @@ def build_provider(cfg, reactor, http):
             base_url=cfg.twilio.base_url,
             signing_keys=dict(cfg.twilio.signing_keys),
             public_url=cfg.public_url,
+            stream_twiml=stream_twiml,
+            stream_busy=stream_busy,
+            inbound_screen=lambda caller: inbound_decision(cfg.inbound_policy, cfg.allow_from, caller) is None,
         )
     return MockProvider(clock=reactor)
 
 
-class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
-    """The pool's per-connection factory without its "Starting factory" / "Stopping factory" lines."""
-
-    noisy = False
-
-
 def build_http_client(reactor):
-    """One treq client with its own connection pool for every outside HTTP API."""
+    """
+    One treq client with its own connection pool for every outside HTTP API (what its connections
+    say when they open and close is Twisted's chatter, `_drop_chatter`).
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
-    pool._factory = _QuietHTTP11ClientFactory  # its lines say nothing useful (twisted/twisted#9330)
     return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
+
+
+def build_tts(tts, http, clock) -> TelephonyTts:
+    """Call TTS from the config's `tts` section (SPEC §2.3)."""
+    openai, eleven = tts.openai, tts.elevenlabs
+    settings = eleven.voice_settings
+    return TelephonyTts(
+        http=http,
+        clock=clock,
+        openai=OpenAISpeech(
+            api_key=openai.api_key,
+            base_url=openai.base_url,
+            model=openai.model,
+            voice=openai.voice,
+            speed=openai.speed,
+            instructions=openai.instructions,
+        ),
+        elevenlabs=ElevenLabsSpeech(
+            api_key=eleven.api_key,
+            base_url=eleven.base_url,
+            voice_id=eleven.voice_id,
+            model_id=eleven.model_id,
+            seed=eleven.seed,
+            apply_text_normalization=eleven.apply_text_normalization,
+            language_code=eleven.language_code,
+            stability=settings.stability,
+            similarity_boost=settings.similarity_boost,
+            style=settings.style,
+            use_speaker_boost=settings.use_speaker_boost,
+            speed=settings.speed,
+        ),
+        provider=tts.provider,
+        prefs_path=tts.prefs_path,
+        max_text_length=tts.max_text_length,
+        timeout_ms=tts.timeout_ms,
+    )
 
 
 def unix_endpoint(description: str) -> str:
@@ -243,9 +282,7 @@ def stdout_log_observer(twistd_options: Any, env: Any) -> Any:
     predicates = [LogLevelFilterPredicate(level)]
     if level > LogLevel.debug:
         predicates.append(_drop_chatter)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stdout), predicates)
-    observer.to_stdout = True  # the terminal or the journal: a start failure is said on stderr only
-    return observer
+    return FilteringLogObserver(textFileLogObserver(sys.stdout), predicates)
 
 
 #: What Twisted's ports say, unconditionally and at info, when they open and close
@@ -257,11 +294,18 @@ _PORT_CHATTER = re.compile(r"\S+ starting on .+|\((?:TCP |UNIX |UDP )?Port \S.* 
 #: daemon that cannot start prints its one line on stderr and nothing else.
 _TWISTD_START = ("twistd {version} ({exe} {pyVersion}) starting up.", "reactor class: {reactor}.")
 
+#: What each connection of the HTTP client pool says when it opens and closes: nothing useful
+#: (twisted/twisted#9330), and one pair per connection to a carrier or TTS API.
+_HTTP_FACTORY = "twisted.web.client._HTTP11ClientFactory"
+_FACTORY_CHATTER = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
+
 
 def _drop_chatter(event: dict) -> PredicateResult:
     if event.get("log_level", LogLevel.info) > LogLevel.info:
         return PredicateResult.maybe
     if event.get("log_format") in _TWISTD_START and "AppLogger" in event.get("log_namespace", ""):
+        return PredicateResult.no
+    if event.get("log_namespace") == _HTTP_FACTORY and event.get("log_format") in _FACTORY_CHATTER:
         return PredicateResult.no
     message = event.get("message")
     if message and len(message) == 1 and isinstance(message[0], str) and _PORT_CHATTER.fullmatch(message[0]):
@@ -295,6 +339,7 @@ class ListenerService(Service):
                 raise StartFailed(_in_use(e, self.description)) from None
             reason = getattr(e.socketError, "strerror", None) or e.socketError
             raise StartFailed(f"cannot listen on {self.description}: {reason}") from None
+        self.running = 1
         return self.port
 
     def stopService(self):
@@ -306,18 +351,43 @@ class ListenerService(Service):
 
 
 class VoicecallService(MultiService):
-    """The daemon: runs the start sequence in order and stops it in reverse."""
+    """
+    The daemon: runs the start sequence in order and stops it in reverse.
+
+    `public_url` is the configured one (None: `open_tunnel(port)`, when given, exposes the webhook
+    port and fires with the tunnel, whose `public_url` is used). `set_public_url` is the adapter's,
+    for a carrier that verifies signatures against a tunnel's URL. `stdout_observer` is installed
+    as twistd's log observer (`stdout_log_observer`): a start failure is then said on stderr only.
+    """
 
     _log = Logger()
 
     def __init__(
-        self, reactor, *, config, writer, store, manager, webhook, rpc, reaper, serve_path, provider, pool, metrics=None, media=None, bridge=None,
-        config_path=None, log_observer=None,
+        self,
+        reactor,
+        *,
+        writer,
+        store,
+        manager,
+        webhook,
+        rpc,
+        reaper,
+        serve_path: str,
+        provider,
+        pool,
+        public_url: str | None = None,
+        open_tunnel: Callable[[int], Awaitable[Any]] | None = None,
+        set_public_url: Callable[[str], None] | None = None,
+        warnings: Sequence[str] = (),
+        config_path: str | None = None,
+        metrics=None,
+        media=None,
+        bridge=None,
+        stdout_observer=None,
     ) -> None:
         super().__init__()
         self.setName("voicecall")
         self._reactor = reactor
-        self._config = config
         self._writer = writer
         self._store = store
         self.manager = manager
@@ -327,13 +397,17 @@ class VoicecallService(MultiService):
         self._serve_path = serve_path
         self._provider = provider
         self._pool = pool
+        self._public_url = public_url
+        self._open_tunnel = open_tunnel
+        self._set_public_url = set_public_url
+        self._warnings = tuple(warnings)
         self.webhook_url: str | None = None
         self._metrics = metrics
         self._media = media
         self._bridge = bridge
         self._tunnel = None
         self._config_path = config_path
-        self._log_observer = log_observer
+        self._stdout_observer = stdout_observer
         self._logs_to_stdout = False
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
@@ -343,10 +417,10 @@ class VoicecallService(MultiService):
     def setServiceParent(self, parent) -> None:
         # twistd adds the plugin's service to a new Application, then starts logging with the
         # Application's ILogObserver component when it has one (twisted.application.app.AppLogger).
-        if self._log_observer is not None and isinstance(parent, Componentized):
+        if self._stdout_observer is not None and isinstance(parent, Componentized):
             if parent.getComponent(ILogObserver, None) is None:
-                parent.setComponent(ILogObserver, self._log_observer)
-                self._logs_to_stdout = getattr(self._log_observer, "to_stdout", False)
+                parent.setComponent(ILogObserver, self._stdout_observer)
+                self._logs_to_stdout = True
         super().setServiceParent(parent)
 
     def startService(self) -> None:
@@ -355,29 +429,25 @@ class VoicecallService(MultiService):
         d.addCallbacks(self.ready.callback, self._failed)
 
     async def _start(self) -> None:
-        for warning in self._config.warnings:
+        for warning in self._warnings:
             self._log.warn("config {path}: {problem}", path=self._config_path or "(none)", problem=warning)
         await self._writer.start()
         await self._store.open()
         await self.manager.restore()
         port = await self._webhook.listen()
-        self._webhook.running = 1
         host = port.getHost()
         bound = f"[{host.host}]" if ":" in host.host else host.host
         local_url = f"http://{bound}:{host.port}{self._serve_path}"
-        public_url = self._config.public_url or await self._expose(host.port)
+        public_url = self._public_url or await self._expose(host.port)
         self.webhook_url = public_url or local_url
         self.manager.set_webhook_url(self.webhook_url)
         if hasattr(self._provider, "set_webhook_url"):
             self._provider.set_webhook_url(self.webhook_url)
-        if public_url and hasattr(self._provider, "set_public_url") and self._config.provider == "twilio":
-            # SPEC §9.4: only Twilio verifies against a tunnel's URL; Plivo uses publicUrl alone.
-            self._provider.set_public_url(public_url)
+        if public_url and self._set_public_url is not None:
+            self._set_public_url(public_url)
         await self._rpc.listen()
-        self._rpc.running = 1
         if self._metrics is not None:
             await self._metrics.listen()
-            self._metrics.running = 1
             self._log.info("Metrics: {endpoint}", endpoint=self._metrics.description)
         self._reaper.startService()
         self._log.info("Webhook URL: {url}", url=local_url)
@@ -396,21 +466,10 @@ class VoicecallService(MultiService):
 
     async def _expose(self, port: int) -> str | None:
         """SPEC §1 step 6: a tunnel or a legacy Tailscale route; a failure is logged, not fatal."""
-        cfg = self._config
+        if self._open_tunnel is None:
+            return None
         try:
-            if cfg.tunnel.provider != "none":
-                self._tunnel = await start_tunnel(
-                    self._reactor,
-                    provider=cfg.tunnel.provider,
-                    port=port,
-                    path=self._serve_path,
-                    ngrok_auth_token=cfg.tunnel.ngrok_auth_token,
-                    ngrok_domain=cfg.tunnel.ngrok_domain,
-                )
-            elif cfg.tailscale.mode != "off":
-                self._tunnel = await legacy_tailscale(
-                    self._reactor, mode=cfg.tailscale.mode, port=port, path=cfg.tailscale.path, serve_path=self._serve_path
-                )
+            self._tunnel = await self._open_tunnel(port)
         except ExposeError as e:
             self._log.error("[voice-call] Tunnel setup failed: {error}", error=str(e))
             return None
@@ -515,26 +574,32 @@ def forwarding_policy(cfg) -> ForwardingPolicy:
     )
 
 
-def build_stream_bridge(cfg, reactor, http, provider) -> StreamBridge | None:
-    """The media-stream bridge when streaming is enabled and usable (Twilio, an STT key, TTS)."""
-    if not cfg.streaming.enabled or not isinstance(provider, TwilioProvider):
+def stream_tts(cfg, reactor, http) -> TelephonyTts | None:
+    """
+    The TTS media streams speak with, when streaming is enabled and usable (Twilio, an STT key,
+    TTS with a key); None, saying why, when calls use the carrier's own speech.
+    """
+    if not cfg.streaming.enabled or cfg.provider != "twilio":
         return None
-    log = Logger()
-    key = cfg.streaming.openai_api_key
-    if not key:
-        log.warn("[voice-call] Streaming enabled but no OpenAI API key found")
+    if not cfg.streaming.openai_api_key:
+        Logger().warn("[voice-call] Streaming enabled but no OpenAI API key found")
         return None
-    tts = TelephonyTts(http=http, clock=reactor, config=cfg.tts)
+    tts = build_tts(cfg.tts, http, reactor)
     if not tts.available():
-        log.warn("Telephony TTS unavailable; streaming TTS disabled")
+        Logger().warn("Telephony TTS unavailable; streaming TTS disabled")
         return None
+    return tts
+
+
+def build_stream_bridge(cfg, reactor, tts: TelephonyTts, provider, manager, on_first_audio) -> StreamBridge:
+    """The media-stream bridge: stream TwiML for the Twilio adapter, and the voice of streamed calls."""
     neutralise_autobahn_log_formatting()
     streaming = cfg.streaming
 
     def new_transcriber(**callbacks):
         return RealtimeTranscriber(
             reactor,
-            key,
+            streaming.openai_api_key,
             url=streaming.stt_base_url,
             model=streaming.stt_model,
             vad_threshold=streaming.vad_threshold,
@@ -549,29 +614,32 @@ def build_stream_bridge(cfg, reactor, http, provider) -> StreamBridge | None:
         new_transcriber=new_transcriber,
         stream_path=normalize_path(streaming.stream_path),
         public_url=lambda: provider.public_url,
+        manager=manager,
         max_streams=cfg.max_concurrent_calls,
+        on_first_audio=on_first_audio,
     )
 
 
 def build_media_server(cfg, reactor, bridge: StreamBridge, provider, forwarding: ForwardingPolicy) -> MediaStreamServer:
     streaming = cfg.streaming
-    def verify(url: str, headers) -> bool:
-            """Twilio signs the stream URL it was given (no parameters), PROVIDERS.md §1.5."""
-            expected = bridge.stream_url()
-            if expected is None:
-                return False
-            return verify_twilio(
-                url=expected,
-                params=[],
-                signature=headers.get("x-twilio-signature"),
-                auth_token=cfg.twilio.auth_token,
-                settings_header=headers.get("x-twilio-webhooks-signature-settings"),
-                signing_keys=dict(cfg.twilio.signing_keys),
-                public_url=provider.public_url,
-                host_header=headers.get("host"),
-            ).ok
 
-    server = MediaStreamServer(
+    def verify(url: str, headers) -> bool:
+        """Twilio signs the stream URL it was given (no parameters), PROVIDERS.md §1.5."""
+        expected = bridge.stream_url()
+        if expected is None:
+            return False
+        return verify_twilio(
+            url=expected,
+            params=[],
+            signature=headers.get("x-twilio-signature"),
+            auth_token=cfg.twilio.auth_token,
+            settings_header=headers.get("x-twilio-webhooks-signature-settings"),
+            signing_keys=dict(cfg.twilio.signing_keys),
+            public_url=provider.public_url,
+            host_header=headers.get("host"),
+        ).ok
+
+    return MediaStreamServer(
         reactor,
         bridge,
         max_connections=streaming.max_connections,
@@ -581,46 +649,29 @@ def build_media_server(cfg, reactor, bridge: StreamBridge, provider, forwarding:
         client_ip=forwarding.client_ip,
         verify_upgrade=None if cfg.skip_signature_verification else verify,
     )
-    provider.stream_twiml = bridge.stream_twiml
-    provider.stream_busy = bridge.stream_busy
-    return server
 
 
-def makeService(options: Options, reactor=None) -> VoicecallService:
-    if reactor is None:
-        from twisted.internet import reactor
-    cfg = options["voicecall"]
-    writer = ThreadedWriter(reactor)
-    store = CallStore(cfg.store, writer)
-    http, pool = build_http_client(reactor)
-    provider = build_provider(cfg, reactor, http)
-    voice = provider
-    bridge = build_stream_bridge(cfg, reactor, http, provider)
-    if bridge is not None:
-        voice = bridge
-    manager = CallManager(
-        provider=provider,
-        voice=voice,
-        store=store,
-        clock=reactor,
-        settings=ManagerSettings(
-            provider_name=cfg.provider,
-            from_number=cfg.from_number,
-            max_concurrent_calls=cfg.max_concurrent_calls,
-            max_duration_seconds=cfg.max_duration_seconds,
-            transcript_timeout_ms=cfg.transcript_timeout_ms,
-            notify_hangup_delay_sec=cfg.outbound.notify_hangup_delay_sec,
-            default_mode=Mode(cfg.outbound.default_mode),
-            inbound_policy=cfg.inbound_policy,
-            allow_from=tuple(cfg.allow_from),
-            inbound_greeting=cfg.inbound_greeting,
-            # The OpenAI voice name maps to a Polly voice for Twilio's <Say> (SPEC §4.5); the
-            # other carriers' native voices use their own defaults.
-            tts_voice=cfg.tts.openai.voice if cfg.provider == "twilio" else None,
-        ),
+def manager_settings(cfg) -> ManagerSettings:
+    return ManagerSettings(
+        provider_name=cfg.provider,
+        from_number=cfg.from_number,
+        max_concurrent_calls=cfg.max_concurrent_calls,
+        max_duration_seconds=cfg.max_duration_seconds,
+        transcript_timeout_ms=cfg.transcript_timeout_ms,
+        notify_hangup_delay_sec=cfg.outbound.notify_hangup_delay_sec,
+        default_mode=Mode(cfg.outbound.default_mode),
+        inbound_policy=cfg.inbound_policy,
+        allow_from=tuple(cfg.allow_from),
+        inbound_greeting=cfg.inbound_greeting,
+        # The OpenAI voice name maps to a Polly voice for Twilio's <Say> (SPEC §4.5); the
+        # other carriers' native voices use their own defaults.
+        tts_voice=cfg.tts.openai.voice if cfg.provider == "twilio" else None,
     )
-    responders = GatewayResponders()
-    auto = AutoResponder(
+
+
+def build_responder(cfg, reactor, http, manager: CallManager, responders: GatewayResponders) -> AutoResponder:
+    """Answers callers: through the gateway registered over RPC, else the built-in chat client."""
+    return AutoResponder(
         manager=manager,
         clock=reactor,
         gateway=responders.ask,
@@ -634,17 +685,9 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         ),
         timeout_ms=cfg.response_timeout_ms,
     )
-    manager.on_utterance = auto.on_utterance
-    manager.subscribe(CallLog(_api_root(cfg)))
-    media = None
-    if bridge is not None:
-        bridge.manager = manager
-        media = build_media_server(cfg, reactor, bridge, provider, forwarding_policy(cfg))
-    if isinstance(provider, TwilioProvider):
-        provider.inbound_screen = lambda caller: inbound_decision(cfg.inbound_policy, cfg.allow_from, caller) is None
-    forwarding = forwarding_policy(cfg)
-    for_twilio = cfg.provider == "twilio"
-    serve_path = normalize_path(cfg.serve.path)
+
+
+def build_webhook(cfg, reactor, provider, manager: CallManager, forwarding: ForwardingPolicy, serve_path: str) -> WebhookResource:
     skip_key = None
     if cfg.skip_signature_verification:
         Logger().warn(
@@ -652,7 +695,8 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
             "verification (development only). Do not use in production."
         )
         skip_key = lambda ctx: skip_request_key(provider.name, ctx.method, ctx.url, ctx.raw_body)  # noqa: E731
-    webhook = WebhookResource(
+    for_twilio = cfg.provider == "twilio"
+    return WebhookResource(
         provider=provider,
         manager=manager,
         reconstruct_url=lambda pq, headers, ip: forwarding.reconstruct_url(pq, headers, ip, for_twilio=for_twilio),
@@ -661,14 +705,93 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         responses=ResponseCache(reactor),
         skip_key=skip_key,
     )
+
+
+def build_metrics_listener(cfg, reactor, metrics: Metrics, manager: CallManager, webhook: WebhookResource, media) -> ListenerService:
+    """The loopback-by-default Prometheus listener, reading the components' counts at scrape time."""
+    media_counts = None
+    if media is not None:
+        media_counts = lambda: {"open": media.active_count + media.pending_count, "refused": dict(media.counts)}  # noqa: E731
+    metrics.add_collector(VoicecallCollector(cfg.provider, manager.active_calls, webhook.counts, manager.ended_counts, media_counts))
+    interface = _endpoint_text(cfg.metrics.bind)
+    return ListenerService("metrics", reactor, f"tcp:{cfg.metrics.port}:interface={interface}", MetricsSite(metrics))
+
+
+def tunnel_opener(cfg, reactor, serve_path: str) -> Callable[[int], Awaitable[Any]] | None:
+    """SPEC §1 step 6: what exposes the webhook port (a tunnel, or a legacy Tailscale route), if anything."""
+    tunnel, tailscale = cfg.tunnel, cfg.tailscale
+    if tunnel.provider != "none":
+        return lambda port: start_tunnel(
+            reactor,
+            provider=tunnel.provider,
+            port=port,
+            path=serve_path,
+            ngrok_auth_token=tunnel.ngrok_auth_token,
+            ngrok_domain=tunnel.ngrok_domain,
+        )
+    if tailscale.mode != "off":
+        return lambda port: legacy_tailscale(reactor, mode=tailscale.mode, port=port, path=tailscale.path, serve_path=serve_path)
+    return None
+
+
+def makeService(options: Options, reactor=None) -> VoicecallService:
+    """
+    The start-up wiring, in one place: values from the config, then each component, in dependency
+    order, given what it needs when it is built, then the service that starts them in sequence.
+
+    Three object cycles close through callables over components built further down (each is
+    called on carrier or caller traffic, never while building): the Twilio adapter asks the
+    stream bridge for stream TwiML; the bridge, the voice of streamed calls, hands stream events
+    to the manager; the manager hands callers' words to the auto-responder, which answers
+    through the manager.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    cfg = options["voicecall"]
+    serve_path = normalize_path(cfg.serve.path)
     stream_path = normalize_path(cfg.streaming.stream_path)
+    forwarding = forwarding_policy(cfg)
+
+    writer = ThreadedWriter(reactor)
+    store = CallStore(cfg.store, writer)
+    http, pool = build_http_client(reactor)
+    metrics = Metrics() if cfg.metrics.enabled else None
+    tts = stream_tts(cfg, reactor, http)  # None: no media streams, calls use the carrier's speech
+    bridge: StreamBridge | None
+    manager: CallManager
+    auto: AutoResponder
+    service: VoicecallService
+    provider = build_provider(
+        cfg,
+        reactor,
+        http,
+        stream_twiml=None if tts is None else lambda *args, **kwargs: bridge.stream_twiml(*args, **kwargs),
+        stream_busy=None if tts is None else lambda: bridge.stream_busy(),
+    )
+    bridge = None
+    if tts is not None:
+        on_first_audio = metrics.observe_tts_first_audio if metrics is not None else None
+        bridge = build_stream_bridge(cfg, reactor, tts, provider, lambda: manager, on_first_audio)
+    manager = CallManager(
+        provider=provider,
+        voice=provider if bridge is None else bridge,
+        store=store,
+        clock=reactor,
+        settings=manager_settings(cfg),
+        on_utterance=lambda call, text: auto.on_utterance(call, text),
+        on_turn_latency=metrics.observe_turn_latency if metrics is not None else None,
+    )
+    manager.subscribe(CallLog(_api_root(cfg)))
+    responders = GatewayResponders()
+    auto = build_responder(cfg, reactor, http, manager, responders)
+    media = None if bridge is None else build_media_server(cfg, reactor, bridge, provider, forwarding)
+    webhook = build_webhook(cfg, reactor, provider, manager, forwarding, serve_path)
     site = ScreenedSite(
         RootResource(webhook=webhook, stream_path=stream_path, stream=media.resource if media else None),
         clock=reactor,
         screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification, client_ip=forwarding.client_ip),
         on_refused=lambda status: webhook.counts.update((str(status),)),
     )
-    service: VoicecallService
     methods = RpcMethods(
         manager=manager,
         clock=reactor,
@@ -677,25 +800,9 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         webhook_url=lambda: service.webhook_url,
         started_at=reactor.seconds(),
     )
-    metrics_listener = None
-    if cfg.metrics.enabled:
-        metrics = Metrics()
-        media_counts = None
-        if media is not None:
-            media_counts = lambda: {"open": media.active_count + media.pending_count, "refused": dict(media.counts)}  # noqa: E731
-            bridge.on_first_audio = metrics.observe_tts_first_audio
-        metrics.add_collector(
-            VoicecallCollector(cfg.provider, manager.active_calls, webhook.counts, manager.ended_counts, media_counts)
-        )
-        manager.on_turn_latency = metrics.observe_turn_latency
-        metrics_site = Site(MetricsResource(metrics))
-        metrics_site.noisy = False
-        bind = cfg.metrics.bind
-        interface = bind.replace(":", "\\:")
-        metrics_listener = ListenerService("metrics", reactor, f"tcp:{cfg.metrics.port}:interface={interface}", metrics_site)
+
     service = VoicecallService(
         reactor,
-        config=cfg,
         writer=writer,
         store=store,
         manager=manager,
@@ -705,10 +812,15 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         serve_path=serve_path,
         provider=provider,
         pool=pool,
-        metrics=metrics_listener,
+        public_url=cfg.public_url,
+        open_tunnel=tunnel_opener(cfg, reactor, serve_path),
+        # SPEC §9.4: only Twilio verifies signatures against a tunnel's URL; Plivo uses publicUrl alone.
+        set_public_url=provider.set_public_url if isinstance(provider, TwilioProvider) else None,
+        warnings=cfg.warnings,
+        config_path=options.get("config_path"),
+        metrics=None if metrics is None else build_metrics_listener(cfg, reactor, metrics, manager, webhook, media),
         media=media,
         bridge=bridge,
-        config_path=options.get("config_path"),
-        log_observer=stdout_log_observer(getattr(options, "parent", None), os.environ),
+        stdout_observer=stdout_log_observer(getattr(options, "parent", None), os.environ),
     )
     return service

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 _LATENCY_BUCKETS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 
@@ -108,3 +109,12 @@ class MetricsResource(Resource):
             return b"Not Found"
         request.setHeader("Content-Type", CONTENT_TYPE_LATEST)
         return self._metrics.render()
+
+
+class MetricsSite(Site):
+    """The metrics listener's factory; it does not log each scrape's connection (`noisy`)."""
+
+    noisy = False
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(MetricsResource(metrics))

@@ -41,7 +41,8 @@ from voicecall.domain.model import (
     next_state,
 )
 from voicecall.domain.policy import inbound_decision
-from voicecall.providers.base import Provider, ProviderError, Voice
+from voicecall.providers.base import Provider, ProviderError
+from voicecall.domain.voice import Voice
 from voicecall.domain.store import collector_paused
 
 DEFAULT_GREETING = "Hello! How can I help you today?"
@@ -197,9 +198,9 @@ class CallManager:
     _reserved: set[str] = field(factory=set)
     _subscribers: list[Callable[[dict], None]] = field(factory=list)
     #: Called with (call, text) for each final caller utterance no `continue` was waiting for.
-    on_utterance: Callable[[CallRecord, str], None] | None = None
+    _on_utterance: Callable[[CallRecord, str], None] | None = None
     #: Called with each completed turn's latency in seconds (metrics).
-    on_turn_latency: Callable[[float], None] | None = None
+    _on_turn_latency: Callable[[float], None] | None = None
     #: Calls ended since start, by end reason (metrics).
     ended_counts: Counter = field(factory=Counter)
     _log = Logger()
@@ -446,8 +447,8 @@ class CallManager:
                     self._move(call, CallState.LISTENING, events)
                     if waiter is not None:
                         effects.append(lambda: self._resolve_waiter(call, waiter, text))
-                    elif self.on_utterance is not None:
-                        hook = self.on_utterance
+                    elif self._on_utterance is not None:
+                        hook = self._on_utterance
                         effects.append(lambda: hook(call, text))
         elif kind is EventType.ENDED or (kind is EventType.ERROR and not event.retryable):
             reason = (event.reason or "completed") if kind is EventType.ENDED else "error"
@@ -1074,8 +1075,8 @@ class CallManager:
             samples.append(value)
             meta[key] = samples[-MAX_TURN_SAMPLES:]
         await self._persist(call)
-        if self.on_turn_latency is not None:
-            self.on_turn_latency((done - started) / 1000.0)
+        if self._on_turn_latency is not None:
+            self._on_turn_latency((done - started) / 1000.0)
         self._log.debug(
             "[voice-call] continueCall latency call={call_id} totalMs={total} listenWaitMs={wait}",
             call_id=call.call_id,

@@ -65,10 +65,13 @@ class StreamBridge:
     _new_transcriber: Callable[..., Any]  # (on_partial, on_final, on_speech_start) -> RealtimeTranscriber
     _stream_path: str
     _public_url: Callable[[], "str | None"]
+    #: The CallManager, built after the bridge (the bridge is its voice): reached through this
+    #: callable, which is called only when carrier traffic arrives, never while building.
+    _manager: Callable[[], Any]
     _max_streams: int = 1
     #: Called with the seconds from a playback request to its first synthesised audio (metrics).
-    on_first_audio: Callable[[float], None] | None = None
-    manager: Any = None  # set by tap.py once the manager exists
+    _on_first_audio: Callable[[float], None] | None = None
+    _stopped: bool = field(default=False, init=False)
     # CallSid -> (SHA-256 of the unused stream token, when it expires), oldest mint first.
     _tokens: dict[str, tuple[bytes, float]] = field(factory=dict, repr=False)
     _sessions: dict[str, Any] = field(factory=dict, repr=False)  # CallSid -> StreamSession
@@ -97,7 +100,8 @@ class StreamBridge:
         url = self.stream_url()
         if url is None:
             return None
-        call = self.manager.find(call_sid) if self.manager is not None else None
+        manager = self._calls()
+        call = manager.find(call_sid) if manager is not None else None
         if call is not None and request_key and request_key in call.processed_event_ids:
             self._log.warn("Replayed TwiML fetch for {sid}: no stream token minted", sid=call_sid)
             return twiml.empty()
@@ -124,7 +128,7 @@ class StreamBridge:
         Fires once every STT session closed so far is gone (each close is bounded by its
         close-handshake timeout).
         """
-        self.manager = None
+        self._stopped = True
         unsubscribe, self._unsubscribe = self._unsubscribe, None
         if unsubscribe is not None:
             unsubscribe()
@@ -152,7 +156,8 @@ class StreamBridge:
         A wrong token leaves the right one usable (Twilio's own start may still come).
         """
         entry = self._tokens.get(call_sid)
-        call = self.manager.find(call_sid) if self.manager is not None else None
+        manager = self._calls()
+        call = manager.find(call_sid) if manager is not None else None
         if call is None or entry is None or token is None:
             self._log.warn("Rejecting media stream: unknown call, or no unused token, for {sid}", sid=call_sid)
             return False
@@ -189,7 +194,7 @@ class StreamBridge:
 
     def _watch_call_end(self, call_sid: str) -> None:
         """Hear of the call's end (the manager's call.ended), to close its stream then."""
-        manager = self.manager
+        manager = self._calls()
         if manager is None:
             return
         if self._unsubscribe is None:
@@ -216,8 +221,9 @@ class StreamBridge:
             session.close(1000, "Call ended")
 
     def _speak_initial(self, call_sid: str, session) -> None:
-        if self._sessions.get(call_sid) is session and self.manager is not None:
-            self.manager.speak_initial_message(call_sid)
+        manager = self._calls()
+        if self._sessions.get(call_sid) is session and manager is not None:
+            manager.speak_initial_message(call_sid)
 
     def media_received(self, session, ulaw: bytes) -> None:
         stt = self._transcribers.get(session.stream_sid)
@@ -225,7 +231,8 @@ class StreamBridge:
             stt.send_audio(ulaw)
 
     def dtmf_received(self, session, digit: str) -> None:
-        if self.manager is None:
+        manager = self._calls()
+        if manager is None:
             return
         event = CallEvent(
             type=EventType.DTMF,
@@ -235,7 +242,7 @@ class StreamBridge:
             provider_call_id=session.call_sid,
             digits=digit,
         )
-        self._background(self.manager.process_event(event), "DTMF from the media stream")
+        self._background(manager.process_event(event), "DTMF from the media stream")
 
     def stream_stopped(self, session) -> None:
         stt = self._transcribers.pop(session.stream_sid, None)
@@ -245,27 +252,30 @@ class StreamBridge:
         if self._sessions.get(sid) is not session:
             return  # a newer stream took over: nothing ends
         del self._sessions[sid]
-        if self.manager is None or self.manager.find(sid) is None:
+        manager = self._calls()
+        if manager is None or manager.find(sid) is None:
             self.forget(sid)
             return
         _bounded_put(self._grace, sid, self._clock.callLater(RECONNECT_GRACE_SECONDS, self._grace_over, sid))
 
     def _grace_over(self, call_sid: str) -> None:
         self._grace.pop(call_sid, None)
-        if call_sid in self._sessions or self.manager is None:
+        manager = self._calls()
+        if call_sid in self._sessions or manager is None:
             return
-        call = self.manager.find(call_sid)
+        call = manager.find(call_sid)
         self.forget(call_sid)
         if call is None:
             return
         self._log.info("media stream of {call_id} did not come back: ending the call", call_id=call.call_id)
-        self._background(self.manager.end_call(call.call_id), "ending a call whose stream dropped")
+        self._background(manager.end_call(call.call_id), "ending a call whose stream dropped")
 
     # -- speech-to-text callbacks -------------------------------------------------------------------
 
     def _first_words_playing(self, call_sid: str) -> bool:
         """SPEC §6.2 [H]: an outbound conversation call still speaking its initial message."""
-        call = self.manager.find(call_sid) if self.manager is not None else None
+        manager = self._calls()
+        call = manager.find(call_sid) if manager is not None else None
         return (
             call is not None
             and call.direction is Direction.OUTBOUND
@@ -281,7 +291,8 @@ class StreamBridge:
             session.playback.clear()
 
     def _final(self, call_sid: str, text: str) -> None:
-        if self.manager is None:
+        manager = self._calls()
+        if manager is None:
             return
         if self._first_words_playing(call_sid):
             self._log.info("Ignoring barge transcript while initial message is still playing")
@@ -298,7 +309,11 @@ class StreamBridge:
             transcript=text,
             is_final=True,
         )
-        self._background(self.manager.process_event(event), "a transcript from the media stream")
+        self._background(manager.process_event(event), "a transcript from the media stream")
+
+    def _calls(self) -> Any:
+        """The manager, or None once the daemon is stopping (no call is ended for its stream)."""
+        return None if self._stopped else self._manager()
 
     def _background(self, coroutine, what: str) -> None:
         d = Deferred.fromCoroutine(coroutine)
@@ -314,7 +329,7 @@ class StreamBridge:
             d: Deferred = Deferred()
             d.errback(RuntimeError(STREAM_TTS_UNAVAILABLE))
             return d
-        synthesize, observe, started = self._synthesize, self.on_first_audio, self._clock.seconds()
+        synthesize, observe, started = self._synthesize, self._on_first_audio, self._clock.seconds()
 
         def run(on_audio):
             if observe is None:

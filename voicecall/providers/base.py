@@ -4,8 +4,9 @@ What every carrier adapter offers, and the values that cross its boundary.
 
 The webhook resource hands a provider a `WebhookContext` (the request as received plus the public
 URL that web/security.py reconstructed); the provider verifies it and parses it into normalised
-`CallEvent`s and the body to answer with. The CallManager drives calls through the call-control and
-speech methods. Providers never import web/, media/ or the manager.
+`CallEvent`s and the body to answer with. The CallManager drives calls through the call-control
+methods here and speaks through each adapter's native speech, the `voicecall.domain.voice.Voice` it
+defines. Providers never import web/, media/ or the manager.
 """
 from __future__ import annotations
 
@@ -179,26 +180,3 @@ class Provider(Protocol):
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
         ...
 
-
-class Voice(Protocol):
-    """
-    How the manager speaks and listens on a call. A provider's native speech (`<Say>`, Telnyx
-    speak, Plivo `<Speak>`) implements it; tap.py may wire a media-stream router in front.
-    """
-
-    def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred[None]:
-        """Say `text`; fires when it has been played (or accepted by the carrier)."""
-
-    def prompt(
-        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None
-    ) -> Deferred[None]:
-        """Say `text` then listen for the answer, as one carrier instruction where possible."""
-
-    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
-        ...
-
-    def stop_listening(self, call: CallRecord) -> Deferred[None]:
-        ...
-
-    def wants_turn_token(self, call: CallRecord) -> bool:
-        """Whether the answer to a prompt on this call will carry a turn token back."""

@@ -95,14 +95,14 @@ class TwilioProvider:
     _public_url: str | None = None
     _webhook_url: str | None = None
     _language: str | None = None
-    #: Builds a call's stream TwiML when a media stream can be used (wired by tap.py), else None.
-    #: Called as (CallSid, direction, request_key=the fetch's verified key, action_url=where
-    #: Twilio asks again once the stream ends).
-    stream_twiml: Callable[..., "str | None"] | None = None
+    #: Builds a call's stream TwiML when a media stream can be used (the bridge's, from tap.py),
+    #: else None. Called as (CallSid, direction, request_key=the fetch's verified key,
+    #: action_url=where Twilio asks again once the stream ends).
+    _stream_twiml: Callable[..., "str | None"] | None = None
     #: Whether another call's stream is active (inbound callers then wait in the hold queue).
-    stream_busy: Callable[[], bool] | None = None
-    #: The inbound policy (tap.py wires it): False for a caller to turn away with <Reject/>.
-    inbound_screen: Callable[["str | None"], bool] | None = None
+    _stream_busy: Callable[[], bool] | None = None
+    #: The inbound policy (from tap.py): False for a caller to turn away with <Reject/>.
+    _inbound_screen: Callable[["str | None"], bool] | None = None
     name: str = "twilio"
     uses_turn_tokens: bool = True
     _api: ApiClient = field(init=False)
@@ -384,7 +384,7 @@ class TwilioProvider:
             and event.direction is Direction.INBOUND
             and not is_status
         )
-        if first_inbound and self.inbound_screen is not None and not self.inbound_screen(event.from_number):
+        if first_inbound and self._inbound_screen is not None and not self._inbound_screen(event.from_number):
             _bounded_put(self._rejected, sid, None)
             return ParsedWebhook(events, _xml(twiml.reject()))
         body = self._twiml_for(params, sid, query_call_id, is_status, request_key)
@@ -455,7 +455,7 @@ class TwilioProvider:
         if is_status:
             return twiml.empty()
         if direction == "inbound":
-            if self.stream_busy is not None and self.stream_busy():
+            if self._stream_busy is not None and self._stream_busy():
                 return twiml.hold_queue()
             return self._stream_or_pause(sid, Direction.INBOUND, request_key, call_id)
         if normalize_status(params.get("CallStatus")) != "in-progress":
@@ -463,9 +463,9 @@ class TwilioProvider:
         return self._stream_or_pause(sid, Direction.OUTBOUND, request_key, call_id)
 
     def _stream_or_pause(self, sid: str, direction: Direction, request_key: str = "", call_id: str = "") -> str:
-        if sid and self.stream_twiml is not None:
+        if sid and self._stream_twiml is not None:
             action = self._stream_action(sid, call_id)
-            document = self.stream_twiml(sid, direction, request_key=request_key or None, action_url=action)
+            document = self._stream_twiml(sid, direction, request_key=request_key or None, action_url=action)
             if document is not None:
                 return document
         url = self._call_urls.get(sid)

@@ -154,7 +154,7 @@ Ask = Callable[[CallRecord, str], "Deferred[str] | None"]
 
 @define(repr=False)
 class AutoResponder:
-    """Answers callers: wired to `CallManager.on_utterance` by tap.py."""
+    """Answers callers: `on_utterance` is the manager's hook for words no `continue` waits for (tap.py)."""
 
     _manager: Any  # voicecall.domain.manager.CallManager
     _clock: IReactorTime

@@ -26,7 +26,7 @@ import os
 from typing import Any, Callable
 from urllib.parse import quote
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -37,9 +37,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from voicecall.infra.audio import AudioChunk
-from voicecall.config import TtsConfig
 
-__all__ = ["TtsError", "TelephonyTts"]
+__all__ = ["ElevenLabsSpeech", "OpenAISpeech", "TtsError", "TelephonyTts"]
 
 #: Every provider, in upstream's fallback order.
 PROVIDERS = ("openai", "elevenlabs", "edge")
@@ -51,6 +50,36 @@ MAX_PREFS_BYTES = 64 * 1024
 
 _OPENAI_FORMAT = ("pcm16", 24000)
 _ELEVENLABS_FORMAT = ("ulaw", 8000)
+
+
+@frozen(kw_only=True)
+class OpenAISpeech:
+    """What an OpenAI ``/audio/speech`` request is made of (``tts.openai.*``)."""
+
+    api_key: str | None = field(repr=False)
+    base_url: str
+    model: str
+    voice: str
+    speed: float | None
+    instructions: str | None
+
+
+@frozen(kw_only=True)
+class ElevenLabsSpeech:
+    """What an ElevenLabs streaming request is made of (``tts.elevenlabs.*``, its voice settings flat)."""
+
+    api_key: str | None = field(repr=False)
+    base_url: str
+    voice_id: str
+    model_id: str
+    seed: int | None
+    apply_text_normalization: str | None
+    language_code: str | None
+    stability: float
+    similarity_boost: float
+    style: float
+    use_speaker_boost: bool
+    speed: float
 
 
 class TtsError(Exception):
@@ -255,12 +284,19 @@ class TelephonyTts:
 
     _http: Any  # treq.client.HTTPClient
     _clock: IReactorTime
-    _config: TtsConfig
+    _openai: OpenAISpeech
+    _elevenlabs: ElevenLabsSpeech
+    #: The configured primary provider; None: the first with an API key.
+    _provider: str | None
+    #: The user preference file whose ``tts.provider`` comes first, if any.
+    _prefs_path: str | None
+    _max_text_length: int
+    _timeout_ms: int
     _prefs_provider: str | None = field(init=False, default=None)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self._prefs_provider = _read_prefs_provider(self._config.prefs_path)
+        self._prefs_provider = _read_prefs_provider(self._prefs_path)
 
     def available(self) -> bool:
         """True if some telephony provider can be used (it has an API key)."""
@@ -272,7 +308,7 @@ class TelephonyTts:
         provider's name, or fails with `TtsError` (or with what ``on_audio`` raised, which
         ends the synthesis). Cancelling the result aborts the HTTP request.
         """
-        limit = self._config.max_text_length
+        limit = self._max_text_length
         if not text or not text.strip():
             return fail(TtsError("TTS conversion failed: no text to speak"))
         if len(text) > limit:
@@ -283,16 +319,16 @@ class TelephonyTts:
         """The providers in the order they will be tried (SPEC §12.2)."""
         primary = (
             self._prefs_provider
-            or self._config.provider
+            or self._provider
             or next((p for p in ("openai", "elevenlabs") if self._key(p)), "edge")
         )
         return [primary] + [p for p in PROVIDERS if p != primary]
 
     def _key(self, provider: str) -> str | None:
         if provider == "openai":
-            return self._config.openai.api_key or None
+            return self._openai.api_key or None
         if provider == "elevenlabs":
-            return self._config.elevenlabs.api_key or None
+            return self._elevenlabs.api_key or None
         return None
 
     async def _synthesize(self, text: str, on_audio: Callable[[AudioChunk], None]) -> str:
@@ -332,7 +368,7 @@ class TelephonyTts:
         else:
             url, headers, body = self._elevenlabs_request(key, text)
             encoding, rate = _ELEVENLABS_FORMAT
-        attempt = _Attempt(provider, key, encoding, rate, on_audio, self._config.timeout_ms / 1000)
+        attempt = _Attempt(provider, key, encoding, rate, on_audio, self._timeout_ms / 1000)
         try:
             request = self._http.request("POST", url, headers=headers, json=body, unbuffered=True)
         except Exception as e:  # e.g. a key that is not a valid header value
@@ -341,7 +377,7 @@ class TelephonyTts:
         return attempt.done
 
     def _openai_request(self, key: str, text: str) -> tuple[str, dict, dict]:
-        cfg = self._config.openai
+        cfg = self._openai
         body: dict[str, Any] = {
             "model": cfg.model,
             "input": text,
@@ -356,8 +392,7 @@ class TelephonyTts:
         return cfg.base_url.rstrip("/") + "/audio/speech", headers, body
 
     def _elevenlabs_request(self, key: str, text: str) -> tuple[str, dict, dict]:
-        cfg = self._config.elevenlabs
-        vs = cfg.voice_settings
+        cfg = self._elevenlabs
         body: dict[str, Any] = {"text": text, "model_id": cfg.model_id}
         if cfg.seed is not None:
             body["seed"] = cfg.seed
@@ -366,11 +401,11 @@ class TelephonyTts:
         if cfg.language_code is not None:
             body["language_code"] = cfg.language_code
         body["voice_settings"] = {
-            "stability": vs.stability,
-            "similarity_boost": vs.similarity_boost,
-            "style": vs.style,
-            "use_speaker_boost": vs.use_speaker_boost,
-            "speed": vs.speed,
+            "stability": cfg.stability,
+            "similarity_boost": cfg.similarity_boost,
+            "style": cfg.style,
+            "use_speaker_boost": cfg.use_speaker_boost,
+            "speed": cfg.speed,
         }
         path = f"/v1/text-to-speech/{quote(cfg.voice_id, safe='')}/stream?output_format=ulaw_8000"
         headers = {"xi-api-key": [key]}
