@@ -32,6 +32,7 @@ from voicecall.config import (
     parse_config,
 )
 from voicecall.speech.tts import TelephonyTts, TtsError
+from voicecall.tap import build_tts
 from voicecall.testing.speech import FakeElevenLabs, FakeOpenAISpeech, tone
 
 OPENAI_KEY = "sk-test-0123456789abcdef"
@@ -68,7 +69,7 @@ class _Stubbed:
         self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     def make(self, **kwargs) -> TelephonyTts:
-        return TelephonyTts(self.stub, self.clock, tts_config("http://fake", **kwargs))
+        return build_tts(http=self.stub, clock=self.clock, tts=tts_config("http://fake", **kwargs))
 
     def speak(self, tts: TelephonyTts, text: str, seconds: float = 10.0, on_audio=None):
         """Synthesize C{text}, driving the clock and the stub until it settles."""
@@ -263,7 +264,7 @@ class ProviderOrderTests(_Stubbed, SynchronousTestCase):
             },
             {},
         )
-        d, _ = self.speak(TelephonyTts(self.stub, self.clock, cfg.tts), "Hi")
+        d, _ = self.speak(build_tts(http=self.stub, clock=self.clock, tts=cfg.tts), "Hi")
         self.assertEqual(self.successResultOf(d), "openai")
         (request,) = self.openai.requests
         self.assertEqual((request.json["model"], request.json["voice"]), ("tts-1", "nova"))
@@ -282,7 +283,7 @@ class FailureTests(_Stubbed, SynchronousTestCase):
 
     def test_all_fail_text(self) -> None:
         """When every provider fails, the error joins each provider's reason with "; "."""
-        tts = TelephonyTts(self.stub, self.clock, tts_config("http://fake", openai_key="sk-wrong-key-000000", eleven_key=None))
+        tts = build_tts(http=self.stub, clock=self.clock, tts=tts_config("http://fake", openai_key="sk-wrong-key-000000", eleven_key=None))
         d, _ = self.speak(tts, "Hi")
         self.assertEqual(
             self.error_text(d),
@@ -303,7 +304,7 @@ class FailureTests(_Stubbed, SynchronousTestCase):
 
     def test_elevenlabs_error_text(self) -> None:
         """An ElevenLabs error reports its status and the detail message."""
-        tts = TelephonyTts(self.stub, self.clock, tts_config("http://fake", openai_key=None, eleven_key="el-bad", provider="elevenlabs"))
+        tts = build_tts(http=self.stub, clock=self.clock, tts=tts_config("http://fake", openai_key=None, eleven_key="el-bad", provider="elevenlabs"))
         d, _ = self.speak(tts, "Hi")
         self.assertEqual(
             self.error_text(d),
@@ -522,7 +523,7 @@ class StreamingLoopbackTests(TestCase):
         self.base = f"http://127.0.0.1:{port.getHost().port}"
 
     def make(self, **kwargs) -> TelephonyTts:
-        return TelephonyTts(self.http, reactor, tts_config(self.base, **kwargs))
+        return build_tts(http=self.http, clock=reactor, tts=tts_config(self.base, **kwargs))
 
     async def test_chunks_arrive_incrementally(self) -> None:
         """The first chunk reaches the listener before the fake has written its last chunk."""
