@@ -707,9 +707,10 @@ class FootprintTests(SynchronousTestCase):
         self.assertNotIn("twisted.internet.reactor", modules)
 
     def test_help(self):
-        """`voicecall --help` (the console script's entry point) loads no server-side module."""
+        """`voicecall --help` (the console script's entry point) loads no server-side module, nor the config loader or the reactor."""
         modules = self.loaded("import sys; from voicecall.control.cli import main; sys.exit(main())", "--help")
         self.assertEqual(sorted(m for m in modules if m.startswith(self.SERVER_SIDE)), [])
+        self.assertNotIn("voicecall.config", modules)
         self.assertNotIn("twisted.internet.reactor", modules)
 
     def test_status_without_daemon(self):
