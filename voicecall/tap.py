@@ -119,13 +119,18 @@ def build_provider(cfg, reactor, http, *, stream_twiml=None, stream_busy=None):
     return MockProvider(clock=reactor)
 
 
+class _ApiPool(HTTPConnectionPool):
+    """
+    The connections to the carrier, TTS and chat APIs: a few kept open per host. What each says
+    when it opens and closes is Twisted's chatter (`_drop_chatter`).
+    """
+
+    maxPersistentPerHost = 8
+
+
 def build_http_client(reactor):
-    """
-    One treq client with its own connection pool for every outside HTTP API (what its connections
-    say when they open and close is Twisted's chatter, `_drop_chatter`).
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
+    """One treq client with its own connection pool for every outside HTTP API."""
+    pool = _ApiPool(reactor, persistent=True)
     return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
 
 
