@@ -13,8 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import PROJECT_ROOT, child_env
-from tests.harness import workdir
+from tests.harness import PROJECT_ROOT, child_env, workdir
 
 
 class BenchmarkRunnerTests(TestCase):

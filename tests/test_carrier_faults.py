@@ -18,8 +18,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from voicecall.client import RemoteError
 
-from tests.daemon import Workdir, run_cli
-from tests.harness import eventually, free_port, http_client, serve, start_daemon, workdir
+from tests.harness import Workdir, eventually, free_port, http_client, run_cli, serve, start_daemon, workdir
 from voicecall.testing.twilio_carrier import sign_request
 
 SID = "AC" + "1" * 32
@@ -240,7 +239,7 @@ class CarrierFaultTests(TestCase):
             url, data=form, headers={"X-Twilio-Signature": sign_request("tw-token", url, form)}
         )
         self.assertEqual(answered.code, 200, await answered.text())
-        await eventually(lambda: self.carrier.requests[-1][1].endswith(f"/Calls/{form['CallSid']}.json"), what="greeting update")
+        await eventually(lambda: self.carrier.requests[-1][1].endswith(f"/Calls/{form['CallSid']}.json"), 5, "the greeting update")
         # Twilio plays the <Say> and follows its <Redirect>: that fetch tells voicecall the greeting was heard.
         twiml = parse_qs(self.carrier.bodies[-1].decode())["Twiml"][0]
         redirect = re.search(r"<Redirect[^>]*>([^<]+)</Redirect>", twiml).group(1).replace("&amp;", "&")
@@ -252,7 +251,7 @@ class CarrierFaultTests(TestCase):
         self.assertEqual(spoken.code, 200, body)
         self.assertIn("<Gather", body)  # that Redirect is answered by listening: no live update to listen
         record = self.service.manager.find(call_id)
-        await eventually(lambda: record.state.value == "listening", what="the listen after the greeting")
+        await eventually(lambda: record.state.value == "listening", 5, "the listen after the greeting")
         self.carrier.mode = "21220"
         before = len(self.carrier.requests)
         with self.assertRaises(RemoteError) as caught:

@@ -12,12 +12,13 @@ from urllib.parse import urlencode, urlsplit
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from voicecall.testing.twilio import FakeTwilio, sign_request
 
 from tests import harness
-from tests.daemon import READY, READY_TIMEOUT, Daemon, call_record, daemon_argv, make_workdir, rpc, spawn, transcript, webhook_client
+from tests.harness import READY, READY_TIMEOUT, Daemon, call_record, daemon_argv, make_workdir, rpc, spawn, transcript, webhook_client
 
 SID = "AC" + "3" * 32
 TOKEN = "crash-token"
@@ -89,13 +90,13 @@ class CrashTests(TestCase):
         gate = DeferredSemaphore(8)  # Twilio's many senders, within the per-IP in-flight cap
         acked_calls: list[str] = []
         hooks: list[Hook] = []
-        killed: Deferred = Deferred()
+        killed: Deferred = Deferred()  # fires with why, and how many webhooks were acknowledged by then
         acked_hooks = [0]
 
-        def kill() -> None:
+        def kill(why: str) -> None:
             if not killed.called:
                 daemon.process.send_signal("KILL")
-                killed.callback(None)
+                killed.callback((why, acked_hooks[0]))
 
         async def one_call(i: int) -> None:
             call_id = (await rpc(daemon.rpc_path, "voicecall.initiate", {"to": TO, "message": f"Notice {i}", "mode": "notify"}))["callId"]
@@ -116,19 +117,27 @@ class CrashTests(TestCase):
                     hook.acked = True
                     acked_hooks[0] += 1
                     if acked_hooks[0] >= KILL_AFTER:
-                        kill()
+                        kill("mid-burst")
 
         burst = [Deferred.fromCoroutine(one_call(i)) for i in range(CALLS)]
         done = DeferredList(burst, consumeErrors=True)
-        done.addCallback(lambda _: kill())  # the burst must not finish before the kill
-        await killed
+        done.addCallback(lambda _: kill("the burst finished"))
+        why, acked_at_kill = await killed
         await daemon.process.ended()
         await done
         self.assertEqual(daemon.process.exit_signal, 9, daemon.process.describe())
-        self.assertTrue(acked_calls)
-        self.assertLess(len([h for h in hooks if h.acked]), CALLS * (2 + UTTERANCES), "killed too late to test anything")
+        # The kill came mid-burst, after KILL_AFTER acknowledged webhooks of every kind, and
+        # before the rest were sent or acknowledged: there is something to lose on both sides.
+        self.assertEqual((why, acked_at_kill), ("mid-burst", KILL_AFTER), daemon.process.describe())
+        acked = [h for h in hooks if h.acked]
+        self.assertGreaterEqual(len(acked), KILL_AFTER)
+        self.assertTrue(any(h.text for h in acked), "no acknowledged speech result")
+        self.assertTrue(any(h.status == "in-progress" and not h.text for h in acked), "no acknowledged answer")
+        self.assertLess(len(acked), CALLS * (2 + UTTERANCES), "killed too late to test anything")
+        self.assertGreaterEqual(len(acked_calls), len({h.call_id for h in acked}))
 
         reborn, reborn_local = await start_daemon(self, workdir)
+        checked = 0
         for call_id in acked_calls:
             call = await call_record(reborn.rpc_path, call_id)
             self.assertNotIn(call["state"], ("failed", "completed"), call)
@@ -140,6 +149,8 @@ class CrashTests(TestCase):
                     self.assertIn(hook.text, heard)
                 elif hook.status == "in-progress":
                     self.assertIsNotNone(call["answeredAt"], call)
+                checked += 1
+        self.assertEqual(checked, len(acked), "an acknowledged webhook's call is not among the acknowledged calls")
 
         # The carrier retries every webhook (acknowledged or not), twice.
         before = {c: await call_record(reborn.rpc_path, c) for c in acked_calls}
@@ -156,7 +167,10 @@ class CrashTests(TestCase):
                 self.assertEqual(set(heard), sent)
                 if before[call_id]["answeredAt"] is not None:
                     self.assertEqual(call["answeredAt"], before[call_id]["answeredAt"])
-                self.assertEqual(call["state"], "listening" if sent else call["state"])
+                if sent:
+                    self.assertEqual(call["state"], "listening", call)
+                elif not any(h.call_id == call_id for h in hooks):
+                    self.assertEqual(call, before[call_id], "a call no webhook was sent for changed")
             if round_ == 0:
                 first = after
             else:
@@ -224,10 +238,23 @@ class RetryOvertakesOriginalTests(TestCase):
         class _Web:
             _http = web
 
+        replays: list[dict] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_format", "").startswith("replayed webhook acknowledged"):
+                replays.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
         original = Deferred.fromCoroutine(hook.send(_Web, base_url))
-        await harness.eventually(lambda: held, what="the original's store write")
+        await harness.eventually(lambda: held, 5, "the original's store write")
         retry = Deferred.fromCoroutine(hook.send(_Web, base_url))
-        await harness.sleep(0.3)
+        # Markers: the daemon has taken the retry for a replay (it answers one as soon as it may,
+        # in that same step), and a later request's answer has come back after that.
+        await harness.eventually(lambda: replays, 5, "the daemon to take the retry for a replay")
+        after = await web.get(base_url + "/voice/webhook")
+        await after.content()
+        self.assertEqual(after.code, 405)
         self.assertFalse(retry.called, "the retry was acknowledged before the original was durable")
         self.assertFalse(original.called)
         release()

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall.control.cli import main
 from voicecall.control.doctor import render, run_checks
-from tests.daemon import make_workdir, run_cli, start_daemon
+from tests.harness import make_workdir, run_cli, spawn_daemon
 
 TWILIO = {"provider": "twilio", "fromNumber": "+15550000000", "twilio": {"accountSid": "AC1", "authToken": "t"}}
 
@@ -154,7 +154,7 @@ class DoctorWithDaemonTests(TestCase):
     async def test_running_daemon(self):
         """With the daemon running, doctor reports it and its port and socket as OK."""
         workdir = make_workdir(self)
-        await start_daemon(self, workdir)
+        await spawn_daemon(self, workdir)
         result = await run_cli(self, workdir, "doctor")
         self.assertEqual(result.code, 0, result.err)
         self.assertIn("OK    daemon: running", result.out)

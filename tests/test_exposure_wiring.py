@@ -7,7 +7,7 @@ import sys
 
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import make_workdir, run_cli, start_daemon
+from tests.harness import make_workdir, run_cli, spawn_daemon
 
 FAKEBIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakebin")
 
@@ -31,7 +31,7 @@ class ExposureWiringTests(TestCase):
     async def test_ngrok_tunnel_at_start(self):
         """With tunnel.provider ngrok the daemon announces the tunnel's URL and stops ngrok when it stops."""
         workdir = make_workdir(self, {"tunnel": {"provider": "ngrok", "ngrokAuthToken": "secret-token"}})
-        daemon = await start_daemon(self, workdir, env=tool_env(workdir.path, FAKE_NGROK_URL="https://tunnel.example.ngrok-free.app"))
+        daemon = await spawn_daemon(self, workdir, env=tool_env(workdir.path, FAKE_NGROK_URL="https://tunnel.example.ngrok-free.app"))
         self.assertEqual(daemon.webhook_url, "https://tunnel.example.ngrok-free.app/voice/webhook")
         argvs = runs(workdir.path, "ngrok")
         self.assertEqual(argvs[0][:3], ["config", "add-authtoken", "secret-token"])
@@ -43,7 +43,7 @@ class ExposureWiringTests(TestCase):
     async def test_tunnel_failure_is_not_fatal(self):
         """A tunnel that fails to start is logged and the daemon serves on its local URL."""
         workdir = make_workdir(self, {"tunnel": {"provider": "ngrok"}})
-        daemon = await start_daemon(self, workdir, env=tool_env(workdir.path, FAKE_NGROK_HTTP="exit"))
+        daemon = await spawn_daemon(self, workdir, env=tool_env(workdir.path, FAKE_NGROK_HTTP="exit"))
         self.assertTrue(daemon.webhook_url.startswith("http://127.0.0.1:"), daemon.webhook_url)
         self.assertIn("[voice-call] Tunnel setup failed: ngrok exited unexpectedly with code", daemon.process.stdout)
 

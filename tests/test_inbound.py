@@ -15,7 +15,7 @@ from voicecall.testing import telnyx as ftelnyx
 from voicecall.testing import twilio as ftwilio
 from voicecall.testing.gateway import TestGateway
 
-from tests.harness import eventually, free_port, http_client, serve, sleep, start_daemon
+from tests.harness import eventually, free_port, http_client, serve, start_daemon
 
 OURS = "+15550000000"
 FRIEND = "+15550001234"
@@ -87,7 +87,9 @@ class InboundMixin:
         calls = [self.place(number, lambda call: None) for number in STRANGERS]
         for call in calls:
             await eventually(lambda: self.ended(call), 10, "the stranger's call to end")
-        await sleep(0.3)
+        # Marker: every callback the carrier sent about those calls has been answered, and a
+        # hang-up the daemon would add is requested while it handles one.
+        await self.fake.settle()
         for call in calls:
             self.assertEqual(self.hangups(call), 1)
         self.assertEqual(self.service.manager.active_calls(), [])

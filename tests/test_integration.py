@@ -1,7 +1,7 @@
 """
 The integration tier: the real daemon (`twistd voicecall` on the mock provider) and the real CLI,
 run as child processes and driven over HTTP webhooks, the JSON-RPC socket and the command line.
-The helpers that start, drive and clean up the children are in tests/daemon.py.
+The helpers that start, drive and clean up the children are in tests/harness.py.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import (
+from tests.harness import (
     Daemon,
     WebhookClient,
     Workdir,
@@ -22,11 +22,10 @@ from tests.daemon import (
     raw_rpc,
     rpc,
     run_cli,
-    sleep,
     spawn,
     spawn_cli,
     speech,
-    start_daemon,
+    spawn_daemon,
     transcript,
     webhook_client,
 )
@@ -42,7 +41,7 @@ class _DaemonTestCase(TestCase):
 
     async def started(self, **overrides) -> tuple[Workdir, Daemon, WebhookClient]:
         workdir = make_workdir(self, overrides)
-        daemon = await start_daemon(self, workdir)
+        daemon = await spawn_daemon(self, workdir)
         return workdir, daemon, webhook_client(self)
 
     async def place(self, workdir: Workdir, message: str = "Hi", mode: str = "conversation") -> str:
@@ -51,7 +50,11 @@ class _DaemonTestCase(TestCase):
         return result.json()["callId"]
 
     async def until_call(self, daemon: Daemon, call_id: str, check, what: str, timeout: float = 10.0) -> dict:
-        return await eventually(lambda: call_record(daemon.rpc_path, call_id), check, timeout=timeout, what=what)
+        async def matching() -> dict | None:
+            call = await call_record(daemon.rpc_path, call_id)
+            return call if check(call) else None
+
+        return await eventually(matching, timeout, what)
 
     async def answer_and_greet(self, daemon: Daemon, web: WebhookClient, call_id: str, greeting: str = "Hi") -> dict:
         """Deliver `call.answered` and wait until the greeting is spoken and the call listens."""
@@ -76,8 +79,10 @@ class ConversationTests(_DaemonTestCase):
 
         turn = spawn_cli(self, workdir, "continue", "--call-id", call_id, "--message", "How are you?")
         await self.until_call(daemon, call_id, lambda c: ("bot", "How are you?") in transcript(c), "prompt spoken")
-        await sleep(0.5)
-        self.assertTrue(turn.running, "continue returned before the caller spoke\n" + turn.describe())
+        # The daemon would answer a continue that does not wait as it speaks the prompt; a whole
+        # CLI run started after that reaches its client later than that answer would.
+        await run_cli(self, workdir, "status", "--call-id", call_id)
+        self.assertTrue(turn.running and not turn.out, "continue returned before the caller spoke\n" + turn.describe())
 
         spoken = await web.post(daemon.webhook_url, speech(call_id, "Fine thanks"))
         self.assertEqual(spoken.code, 200)
@@ -186,7 +191,7 @@ class RestartTests(_DaemonTestCase):
         await daemon.kill9()
         self.assertEqual(daemon.process.exit_signal, 9, daemon.process.describe())
 
-        reborn = await start_daemon(self, workdir)
+        reborn = await spawn_daemon(self, workdir)
         status = await run_cli(self, workdir, "status", "--call-id", call_id)
         self.assertEqual(status.code, 0, status.err)
         call = status.json()

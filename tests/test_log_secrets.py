@@ -23,20 +23,23 @@ from voicecall.infra.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
-from tests.daemon import (
+from tests.harness import (
     READY,
     READY_TIMEOUT,
     Daemon,
     call_record,
     daemon_argv,
+    eventually,
+    free_port,
+    http_client,
     make_workdir,
     rpc,
     run_cli,
-    sleep,
+    serve,
     spawn,
+    speech_fakes,
     webhook_client,
 )
-from tests.harness import eventually, free_port, http_client, serve, speech_fakes
 
 SID = "AC" + "5" * 32
 SECRETS = {
@@ -63,14 +66,6 @@ def encodings(secret: str, user: str | None = None) -> dict[str, str]:
     if user:
         forms["basic"] = base64.b64encode(f"{user}:{secret}".encode()).decode().rstrip("=")
     return forms
-
-
-async def until(probe, what, timeout=15.0):
-    for _ in range(int(timeout / 0.05)):
-        if await probe():
-            return
-        await sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class LogSecretsTests(TestCase):
@@ -136,9 +131,9 @@ class LogSecretsTests(TestCase):
             record = await call_record(daemon.rpc_path, call_id)
             return text in [t["text"] for t in record["transcript"] if t["speaker"] == "bot"]
 
-        await until(lambda: said("Good evening"), "the greeting to play")
+        await eventually(lambda: said("Good evening"), 15, "the greeting to play")
         turn = Deferred.fromCoroutine(rpc(daemon.rpc_path, "voicecall.continue", {"callId": call_id, "message": "How many people?"}))
-        await until(lambda: said("How many people?"), "the question to play")
+        await eventually(lambda: said("How many people?"), 15, "the question to play")
         client.talk(tone(0.6))
         self.assertEqual((await turn)["transcript"], "A table for two")
 

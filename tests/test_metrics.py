@@ -5,7 +5,7 @@ import json
 
 from twisted.trial.unittest import TestCase
 
-from tests.harness import free_port, http_client, sleep, start_daemon
+from tests.harness import eventually, free_port, http_client, start_daemon
 
 
 class MetricsEndpointTests(TestCase):
@@ -23,10 +23,10 @@ class MetricsEndpointTests(TestCase):
         for _ in range(2):  # the second delivery is a replay
             await (await http.post(service.webhook_url, data=body)).content()
         await (await http.get(service.webhook_url)).content()
-        for _ in range(200):  # the greeting is spoken after the webhook is answered
-            if (await rpc.call("voicecall.status", {"callId": call_id}))["call"]["state"] == "listening":
-                break
-            await sleep(0.01)
+        async def listening():  # the greeting is spoken after the webhook is answered
+            return (await rpc.call("voicecall.status", {"callId": call_id}))["call"]["state"] == "listening"
+
+        await eventually(listening, 10, "the call to listen after its greeting")
         response = await http.get(f"http://127.0.0.1:{port}/metrics")
         self.assertEqual(response.code, 200)
         text = (await response.text()).splitlines()

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from voicecall.config import ConfigError, parse_config
 from voicecall.testing.plivo import FakePlivo, Scenario
 
-from tests.harness import eventually, free_port, http_client, serve, sleep, start_daemon
+from tests.harness import eventually, free_port, http_client, serve, start_daemon
 
 AUTH_ID = "MAXXXXXXXXXXXXXXXXXX"
 TOKEN = "fake-plivo-auth-token-for-tests"
@@ -79,11 +79,7 @@ class PlivoDowngradeTests(TestCase):
         initiated = await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hello", "mode": "conversation"})
         self.call_id = initiated["callId"]
         await eventually(lambda: self.fake.calls and self.call().speak_texts, 10, "the greeting")
-        for _ in range(300):
-            if (await self.status())["state"] == "listening":
-                break
-            await sleep(0.02)
-        self.assertEqual((await self.status())["state"], "listening")
+        await eventually(lambda: self.status_is("listening"), 10, "the call to listen")
         self.assertIn("X-Plivo-Signature-V2", self.fake.webhooks[0].headers)
 
     def call(self):
@@ -92,6 +88,9 @@ class PlivoDowngradeTests(TestCase):
 
     async def status(self):
         return (await self.rpc.call("voicecall.status", {"callId": self.call_id}))["call"]
+
+    async def status_is(self, state):
+        return (await self.status())["state"] == state
 
     async def post(self, url: str, params: dict, headers: dict) -> int:
         hdrs = {"Content-Type": ["application/x-www-form-urlencoded"], **{k: [v] for k, v in headers.items()}}

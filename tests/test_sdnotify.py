@@ -8,7 +8,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall.infra import sdnotify
-from tests.daemon import make_workdir, start_daemon
+from tests.harness import make_workdir, spawn_daemon
 
 
 def datagram_socket(testcase) -> tuple[socket.socket, str]:
@@ -44,7 +44,7 @@ class DaemonNotifyTests(TestCase):
         sock, path = datagram_socket(self)
         sock.setblocking(False)
         workdir = make_workdir(self)
-        daemon = await start_daemon(self, workdir, env={"NOTIFY_SOCKET": path})
+        daemon = await spawn_daemon(self, workdir, env={"NOTIFY_SOCKET": path})
         ready = sock.recv(1024).decode()
         self.assertTrue(ready.startswith("READY=1\n"), ready)
         self.assertIn("STATUS=listening on http://127.0.0.1:", ready)

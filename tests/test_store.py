@@ -11,7 +11,6 @@ import stat
 import sys
 import textwrap
 import threading
-import time
 import uuid
 
 import attrs
@@ -38,6 +37,8 @@ from voicecall.domain.store import (
     collector_paused,
     open_readonly,
 )
+
+from tests.harness import eventually
 
 
 def make_record(call_id: str = "call-1", **changes) -> CallRecord:
@@ -105,16 +106,6 @@ records = st.builds(
 
 
 
-async def _until_set(event: threading.Event, timeout: float = 10.0) -> None:
-    """Wait for a thread to set `event` without blocking the reactor (which hands work over)."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-    while not event.is_set():
-        if time.monotonic() > deadline:
-            raise AssertionError("the writer thread never got there")
-        await deferLater(reactor, 0.001, lambda: None)
 
 class _StoreMixin:
     """Opens a CallStore on a SynchronousWriter in a fresh directory."""
@@ -554,7 +545,7 @@ class ThreadedWriterTests(TestCase):
             release.wait(10)
 
         blocked = self.writer.run(blocker)
-        await _until_set(started)
+        await eventually(started.is_set, 10, "the writer thread to start the write")
         reader = self.reader()
         seen = []
 
@@ -626,7 +617,7 @@ class ThreadedWriterTests(TestCase):
         release = threading.Event()
         started = threading.Event()
         first = writer.run(lambda conn: (started.set(), release.wait(10)))
-        await _until_set(started)
+        await eventually(started.is_set, 10, "the writer thread to start the write")
         queued = [writer.run(lambda conn: None) for _ in range(3)]
         with self.assertRaises(StoreBusyError):
             await writer.run(lambda conn: None)

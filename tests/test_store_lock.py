@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall.domain.store import LOCK_FILENAME, CallStore, StoreLockedError, SynchronousWriter, open_readonly
 
-from tests.daemon import daemon_argv, make_workdir, rpc, run_cli, spawn, start_daemon
+from tests.harness import daemon_argv, make_workdir, rpc, run_cli, spawn, spawn_daemon
 
 
 def snapshot(directory: str) -> dict[str, str]:
@@ -109,7 +109,7 @@ class SecondDaemonTests(TestCase):
         call stays live, in memory and on disk, and `voicecall status` still reads the store.
         """
         workdir = make_workdir(self, {"outbound": {"notifyHangupDelaySec": 1}})
-        first = await start_daemon(self, workdir)
+        first = await spawn_daemon(self, workdir)
         call_id = (await rpc(first.rpc_path, "voicecall.initiate", {"to": "+15550001234", "message": "Hi", "mode": "conversation"}))["callId"]
         rows = calls_table(workdir.path)
         names = sorted(os.listdir(workdir.path))

@@ -15,7 +15,7 @@ from voicecall.infra.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
-from tests.harness import eventually, free_port, http_client, serve, sleep, speech_fakes, start_daemon, workdir
+from tests.harness import eventually, free_port, http_client, serve, speech_fakes, start_daemon, workdir
 
 SID = "AC" + "0" * 32
 TOKEN = "twilio-token"
@@ -91,26 +91,18 @@ class StreamedConversationTests(TestCase):
         record = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         return [t["text"] for t in record["transcript"] if t["speaker"] == "bot"]
 
-    async def until(self, probe, what, timeout=10.0):
-        for _ in range(int(timeout / 0.02)):
-            value = await probe()
-            if value:
-                return value
-            await sleep(0.02)
-        self.fail(f"timed out waiting for {what}")
-
     async def test_greeting_then_turn(self):
         """The greeting plays over the stream (mark-gated); continue speaks and returns what STT heard."""
         await self.start()
         call_id, fake_call, stream = await self.call()
         self.assertEqual(stream.url, self.service.webhook_url.replace("http://", "ws://").replace("/voice/webhook", "/voice/stream"))
         client = await self.connect(fake_call, stream)
-        await self.until(lambda: self._has(self.said(call_id), "Good evening"), "the greeting to finish playing")
+        await eventually(lambda: self._has(self.said(call_id), "Good evening"), 10, "the greeting to finish playing")
         self.assertGreater(len(client.audio_received), 8000 * 0.5)
         self.assertTrue(client.marks_echoed)
         self.assertEqual(self.speech.requests[0].json["input"], "Good evening")
         pending = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "How many people?"})
-        await self.until(lambda: self._has(self.said(call_id), "How many people?"), "the question to finish playing")
+        await eventually(lambda: self._has(self.said(call_id), "How many people?"), 10, "the question to finish playing")
         client.talk(tone(0.6))
         answer = await pending
         self.assertEqual(answer, {"success": True, "transcript": "A table for two"})
@@ -123,7 +115,7 @@ class StreamedConversationTests(TestCase):
         await self.start(transcripts=("Sorry, stop",))
         call_id, fake_call, stream = await self.call("Hi")
         client = await self.connect(fake_call, stream)
-        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        await eventually(lambda: self._has(self.said(call_id), "Hi"), 10, "the greeting")
         speaking = self.rpc.call("voicecall.speak", {"callId": call_id, "message": "This is a very long announcement " * 4})
         await eventually(lambda: len(client.audio_received) > 16000, 10, "the announcement to start")
         client.talk(tone(0.6))
@@ -139,7 +131,7 @@ class StreamedConversationTests(TestCase):
         await self.start()
         call_id, fake_call, stream = await self.call("Hi")
         client = await self.connect(fake_call, stream)
-        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        await eventually(lambda: self._has(self.said(call_id), "Hi"), 10, "the greeting")
         fetches = len(fake_call.documents)
         client.close()
         await client.closed
@@ -150,7 +142,8 @@ class StreamedConversationTests(TestCase):
         await self.connect(fake_call, again)
         stale = await self.connect(fake_call, stream)
         self.assertEqual(await stale.closed, (1008, "Unknown call"))
-        await sleep(2.0)
+        # The returning stream cancels the pending end of the call: nothing can end it by grace.
+        await eventually(lambda: not self.service._bridge._grace, 5, "the returning stream to cancel the grace timer")
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertNotIn(status["state"], ("hangup-bot", "completed"))
         for s in list(self.service._media.sessions.values()):
@@ -161,22 +154,23 @@ class StreamedConversationTests(TestCase):
             return state if state not in ("initiated", "ringing", "answered", "active", "speaking", "listening") else None
 
         # The 2 s grace, then the hang-up through the carrier: polled (a loaded machine is slow).
-        self.assertEqual(await self.until(ended, "the call to end after the grace", timeout=20.0), "hangup-bot")
+        self.assertEqual(await eventually(ended, 20.0, "the call to end after the grace"), "hangup-bot")
 
     async def test_a_used_token_starts_no_second_stream(self):
         """A second socket presenting the token of a started stream is closed 1008; the first keeps the call."""
         await self.start()
         call_id, fake_call, stream = await self.call("Hi")
         client = await self.connect(fake_call, stream)
-        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        await eventually(lambda: self._has(self.said(call_id), "Hi"), 10, "the greeting")
         thief = await self.connect(fake_call, stream)
         self.assertEqual(await thief.closed, (1008, "Unknown call"))
-        await sleep(0.1)
-        self.assertTrue(client.is_open)
-        self.assertEqual([s.stream_sid for s in self.service._media.sessions.values()], [client.stream_sid])
+        # Marker: a speak after the thief was turned away still plays to the first socket, so a
+        # close the thief caused would already have reached it.
         heard = len(client.audio_received)
         await self.rpc.call("voicecall.speak", {"callId": call_id, "message": "Still here"})
         self.assertGreater(len(client.audio_received), heard)
+        self.assertTrue(client.is_open)
+        self.assertEqual([s.stream_sid for s in self.service._media.sessions.values()], [client.stream_sid])
 
     async def test_replayed_twiml_fetch_after_a_restart_mints_no_token(self):
         """
@@ -187,7 +181,7 @@ class StreamedConversationTests(TestCase):
         await self.start()
         call_id, fake_call, stream = await self.call("Hi")
         client = await self.connect(fake_call, stream)
-        await self.until(lambda: self._has(self.said(call_id), "Hi"), "the greeting")
+        await eventually(lambda: self._has(self.said(call_id), "Hi"), 10, "the greeting")
         [fetch] = [d for d in fake_call.documents if d.kind == "twiml"]
         await self.restart()
         await client.closed

@@ -10,7 +10,7 @@ import tempfile
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from tests.daemon import TWISTD, make_workdir, run_cli, spawn
+from tests.harness import TWISTD, make_workdir, run_cli, spawn
 from voicecall.tap import DISABLED_EXIT_STATUS
 
 UNITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd")

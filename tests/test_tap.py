@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall import tap
 from voicecall.config import DISABLED_MESSAGE, ServeConfig, VoiceCallConfig
-from tests.daemon import ChildProcess, daemon_argv, event, make_workdir, run_cli, spawn, start_daemon, webhook_client
+from tests.harness import ChildProcess, daemon_argv, event, make_workdir, run_cli, spawn, spawn_daemon, webhook_client
 
 P = "plugins.entries.voice-call.config"
 
@@ -288,7 +288,7 @@ class StartupTests(TestCase):
 
     async def test_busy_port_is_one_line(self):
         """A second daemon on a busy webhook port says so in one line (no traceback) and exits 1."""
-        first = await start_daemon(self, make_workdir(self))
+        first = await spawn_daemon(self, make_workdir(self))
         port = int(first.base_url.rsplit(":", 1)[1])
         workdir = make_workdir(self)
         child = await self.refused(workdir, "--webhook", f"tcp:{port}:interface=127.0.0.1")
@@ -301,7 +301,7 @@ class StartupTests(TestCase):
     async def test_second_daemon_on_the_same_checkout_is_one_line(self):
         """A second `make run` (same store, socket and port) prints one line, on stderr, and nothing on stdout about it."""
         workdir = make_workdir(self)
-        await start_daemon(self, workdir)
+        await spawn_daemon(self, workdir)
         child = await self.refused(workdir)
         self.assertEqual(len(child.stderr.splitlines()), 1, child.stderr)
         self.assertIn("voicecall failed to start: the store", child.stderr)
@@ -325,7 +325,7 @@ class StartupTests(TestCase):
     async def test_busy_rpc_socket_is_one_line(self):
         """A second daemon (on a store of its own) on the same RPC socket says the socket is in use."""
         workdir = make_workdir(self)
-        await start_daemon(self, workdir)
+        await spawn_daemon(self, workdir)
         child = await self.refused(make_workdir(self), "--rpc", "unix:" + workdir.rpc_path)
         self.assertEqual(
             child.stderr,
@@ -335,7 +335,7 @@ class StartupTests(TestCase):
     async def test_log_at_default_level(self):
         """The bare ready line, config warnings, and one line per call placed, answered and ended; no debug."""
         workdir = make_workdir(self, {"provider": "log"})
-        daemon = await start_daemon(self, workdir)
+        daemon = await spawn_daemon(self, workdir)
         self.assertRegex(daemon.process.stdout, re.compile(r"^voicecall ready: webhook \S+  rpc \S+$", re.M))
         self.assertIn(f'config {workdir.config_path}: provider "log" is deprecated; use "mock" instead', daemon.process.stdout)
         placed = await run_cli(self, workdir, "call", "--to", "+15550001234", "--message", "Hi")
@@ -365,7 +365,7 @@ class StartupTests(TestCase):
              "twilio": {"accountSid": "AC00000000000000000000000000000000", "authToken": "sekrit-token",
                         "baseUrl": "http://127.0.0.1:9"}},
         )  # fmt: skip
-        daemon = await start_daemon(self, workdir)
+        daemon = await spawn_daemon(self, workdir)
         placed = await run_cli(self, workdir, "call", "--to", "+15550001234", "--message", "Hi")
         self.assertNotEqual(placed.code, 0)
         await daemon.process.wait_for_output(re.compile(rb"failed at the carrier"), 10, "the failure line")

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from voicecall.client import RemoteError
 from voicecall.testing.telnyx import FakeTelnyx, Scenario, envelope, error_body, iso8601
 
-from tests.harness import eventually, free_port, http_client, serve, sleep, start_daemon
+from tests.harness import eventually, free_port, http_client, serve, start_daemon
 
 API_KEY = "KEY0123456789_fake_telnyx"
 CONNECTION = "1234567890"
@@ -53,12 +53,11 @@ class TelnyxEndToEndTests(TestCase):
         return (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
 
     async def until_state(self, call_id, *states):
-        for _ in range(250):
+        async def reached():
             record = await self.status(call_id)
-            if record["state"] in states:
-                return record
-            await sleep(0.02)
-        self.fail(f"call never reached {states}; it is {record['state']}")
+            return record if record["state"] in states else None
+
+        return await eventually(reached, 5, f"the call to reach {states}")
 
     def fake_call(self):
         (call,) = self.fake.calls.values()

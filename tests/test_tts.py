@@ -15,7 +15,7 @@ from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -34,6 +34,8 @@ from voicecall.config import (
 from voicecall.speech.tts import TelephonyTts, TtsError
 from voicecall.tap import build_tts
 from voicecall.testing.speech import FakeElevenLabs, FakeOpenAISpeech, tone
+
+from tests.harness import eventually
 
 OPENAI_KEY = "sk-test-0123456789abcdef"
 ELEVEN_KEY = "el-test-0123456789abcdef"
@@ -495,14 +497,6 @@ class FakeSpeechTests(_Stubbed, SynchronousTestCase):
         self.assertEqual(len(self.eleven.audio_for("x" * 4096)), 8000 * 30)
 
 
-async def _eventually(check, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not reached in time")
-
-
 class StreamingLoopbackTests(TestCase):
     """The real HTTP stack on loopback: streaming, time limits and aborts as they really happen."""
 
@@ -555,17 +549,17 @@ class StreamingLoopbackTests(TestCase):
         with self.assertRaises(TtsError) as caught:
             await self.make(eleven_key=None, timeout_ms=300).synthesize("Hi", lambda c: None)
         self.assertIn("openai: request timed out after 300ms", str(caught.exception))
-        await _eventually(lambda: self.openai.disconnects == 1)
+        await eventually(lambda: self.openai.disconnects == 1, 5, "the provider to see its connection closed")
         self.assertEqual(self.openai.open_requests, 0)
 
     async def test_cancel_closes_connection(self) -> None:
         """Cancelling mid-stream closes the HTTP connection before the audio is complete."""
         chunks: list[AudioChunk] = []
         d = self.make().synthesize("Hello there", chunks.append)
-        await _eventually(lambda: chunks)
+        await eventually(lambda: chunks, 5, "the first audio chunk")
         d.cancel()
         with self.assertRaises(CancelledError):
             await d
-        await _eventually(lambda: self.openai.disconnects == 1)
+        await eventually(lambda: self.openai.disconnects == 1, 5, "the provider to see its connection closed")
         self.assertLess(self.openai.bytes_sent, len(self.openai.audio_for("Hello there")))
         self.assertEqual(self.openai.completed, 0)

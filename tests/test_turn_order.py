@@ -15,6 +15,7 @@ from voicecall.domain.model import CallEvent, EventType
 from voicecall.providers.mock import MockProvider
 
 from tests import test_streaming as streamed
+from tests.harness import eventually
 
 GREETING = "Hello there, thanks for picking up the phone today"
 
@@ -133,22 +134,21 @@ class StreamedTurnOrderTests(TestCase):
     connect = streamed.StreamedConversationTests.connect
     close_client = streamed.StreamedConversationTests.close_client
     said = streamed.StreamedConversationTests.said
-    until = streamed.StreamedConversationTests.until
     _has = streamed.StreamedConversationTests._has
 
     async def test_continue_before_the_stream(self):
         await self.start(transcripts=("A table for two", "At eight"))
         call_id = (await self.rpc.call("voicecall.initiate", {"to": "+15550001234", "message": "Good evening", "mode": "conversation"}))["callId"]
         pending = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "How many people?"})
-        fake_call = await self.until(self._fake_call, "the fake call")
+        fake_call = await eventually(self._fake_call, 10, "the fake call")
         stream = await fake_call.next_stream()
         client = await self.connect(fake_call, stream)
-        await self.until(lambda: self._has(self.said(call_id), "How many people?"), "the question to finish playing")
+        await eventually(lambda: self._has(self.said(call_id), "How many people?"), 10, "the question to finish playing")
         self.assertEqual(await self.said(call_id), ["Good evening", "How many people?"])
         client.talk(streamed.tone(0.6))
         self.assertEqual(await pending, {"success": True, "transcript": "A table for two"})
         pending = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "What time?"})
-        await self.until(lambda: self._has(self.said(call_id), "What time?"), "the second question")
+        await eventually(lambda: self._has(self.said(call_id), "What time?"), 10, "the second question")
         client.talk(streamed.tone(0.6))
         self.assertEqual(await pending, {"success": True, "transcript": "At eight"})
         self.assertEqual(len(fake_call.streams), 1, "no TwiML update replaced the stream")
