@@ -20,10 +20,10 @@ from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.trial.unittest import TestCase
 
-from voicecall.media.stream import MAX_PENDING_SEND_BUFFER, MAX_SEND_BUFFER
+from voicecall.media.sockets import MAX_PENDING_SEND_BUFFER, MAX_SEND_BUFFER
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
-from voicecall.infra.wsframes import send_buffer_size, xor_mask
+from voicecall.infra.wsfast import send_buffer_size, xor_mask
 
 from tests.harness import eventually, free_port, http_client, raise_fd_limit, serve, sleep, speech_fakes, start_daemon
 
@@ -217,7 +217,7 @@ class FloodTests(TestCase):
         outcomes = await gatherResults([c.outcome for c in self.clients if c.upgraded_at is not None and not c.outcome.called])
         self.assertEqual({(code, reason) for code, reason, _ in outcomes}, {(1008, "Start timeout")})
         self.assertTrue(all(waited >= PRE_START_MS / 1000.0 - 0.15 for _, _, waited in outcomes))
-        await eventually(lambda: self.media.pending_count == 0 and len(self.media._connections) == 0, 5, "every socket closed")
+        await eventually(lambda: self.media.pending_count == 0 and len(self.media._sockets._connections) == 0, 5, "every socket closed")
 
     async def test_flood_keeps_caps_and_serves_a_call(self):
         """A thousand idle upgrades from many addresses: every one refused or timed out, sockets bounded, then a call is served."""
@@ -227,7 +227,7 @@ class FloodTests(TestCase):
 
         async def one(i: int):
             client = await self.idle(f"127.0.1.{i % FLOOD_IPS + 1}")
-            peak["connections"] = max(peak["connections"], len(self.media._connections))
+            peak["connections"] = max(peak["connections"], len(self.media._sockets._connections))
             return await client.outcome
 
         async def flood():
@@ -282,18 +282,18 @@ class FloodTests(TestCase):
         self.addCleanup(flooder.close)
         head = await flooder.upgraded()
         self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
-        [connection] = self.media._connections
+        [connection] = self.media._sockets._connections
         if start is not None:
             flooder.send(masked(1, json.dumps(start).encode()))
             await eventually(lambda: self.media.active_count == 1, 5, "the stream to start")
         pings = masked(9, os.urandom(125)) * 500
         began = reactor.seconds()
         peak = 0
-        while reactor.seconds() - began < 10 and connection in self.media._connections:
+        while reactor.seconds() - began < 10 and connection in self.media._sockets._connections:
             flooder.send(pings)
             peak = max(peak, send_buffer_size(connection.transport))
             await sleep(0)
-        self.assertNotIn(connection, self.media._connections, "the daemon still holds a client that does not read")
+        self.assertNotIn(connection, self.media._sockets._connections, "the daemon still holds a client that does not read")
         return peak, reactor.seconds() - began
 
     async def test_ping_flood_before_start(self):

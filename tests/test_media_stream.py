@@ -24,7 +24,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from voicecall.infra.audio import FRAME_BYTES, AudioChunk
-from voicecall.media.stream import _MEDIA, MediaStreamServer, neutralise_autobahn_log_formatting
+from voicecall.infra.wsfast import neutralise_autobahn_log_formatting
+from voicecall.media.sockets import _MEDIA
+from voicecall.media.stream import MediaStreamServer
 from voicecall.providers.signatures import verify_twilio
 from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
 from voicecall.web.limits import ScreenedSite
@@ -167,7 +169,7 @@ class MediaStreamTestBase(TestCase):
             if not client.opened.called:
                 client.opened.addErrback(lambda f: None)
             await client.closed
-        await until(lambda: not self.server._connections)
+        await until(lambda: not self.server._sockets._connections)
 
     def client(self, **kwargs) -> TwilioMediaClient:
         kwargs.setdefault("token", "tok")
@@ -350,7 +352,7 @@ class CapTests(MediaStreamTestBase):
                 raw.transport.write(client_frame(b'{"event":"start","streamSid":"MZ1","start":{}}'))
             await until(lambda: raw.lost.called, timeout=10)
             self.assertEqual(FramingTests.close_code(None, raw.data), code)
-        self.assertEqual(len(server._connections), 1)
+        self.assertEqual(len(server._sockets._connections), 1)
 
     async def test_timed_out_sockets_are_dropped_at_once(self):
         """A socket closed 1008 Start timeout is dropped without waiting for the peer's close reply."""
@@ -360,7 +362,7 @@ class CapTests(MediaStreamTestBase):
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), raw)
         await until(lambda: raw.lost.called, timeout=10)
         self.assertEqual(FramingTests.close_code(None, raw.data), 1008)
-        self.assertEqual(len(server._connections), 0)
+        self.assertEqual(len(server._sockets._connections), 0)
 
     async def test_pending_limit_per_ip(self):
         """Beyond max_pending_per_ip pending sockets from one client address, the next is closed 1013."""
@@ -456,7 +458,7 @@ class UpgradeCheckTests(MediaStreamTestBase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 403 "))
         self.assertEqual(self.handler.accepted, [])
         self.assertEqual(server.counts["403"], 2)
-        self.assertEqual(len(server._connections), 0)
+        self.assertEqual(len(server._sockets._connections), 0)
 
     async def test_malformed_host(self):
         """A malformed Host on an upgrade gets 400 and the Site keeps serving webhooks."""
@@ -478,7 +480,7 @@ class SessionTests(MediaStreamTestBase):
         client = await self.started()
         client.stop()
         self.assertEqual(await client.closed, (1000, "Stream stopped"))
-        await until(lambda: not server._connections)
+        await until(lambda: not server._sockets._connections)
         self.assertEqual(len(self.handler.stopped), 1)
         self.assertEqual(server.active_count, 0)
 

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from voicecall.client import connect
 from voicecall.control.rpc import MAX_QUEUED_BYTES, RpcProtocol
-from voicecall.infra.wsframes import send_buffer_size
+from voicecall.infra.wsfast import send_buffer_size
 
 from tests.harness import eventually, http_client, start_daemon
 

@@ -30,7 +30,7 @@ from voicecall.speech.stt import (
     RealtimeTranscriber,
 )
 from voicecall.testing.openai_realtime import FakeRealtimeServer, Handshake
-from voicecall.infra.wsframes import masked_text_frame
+from voicecall.infra.wsfast import masked_text_frame
 
 KEY = "sk-test-realtime-0123456789"
 SILENCE = b"\xff" * 160
@@ -765,7 +765,7 @@ class LoopbackTests(TestCase):
         """Appends written straight to a TCP socket, small and large (64-bit length), reach the server intact."""
         stt = self.transcriber(batch_ms=20)
         await stt.connect()
-        self.assertTrue(stt._proto._direct)
+        self.assertTrue(stt._proto._wire._direct)
         frames = [bytes([i % 256]) * 160 for i in range(200)]
         for frame in frames:
             stt.send_audio(frame)

@@ -18,9 +18,7 @@ included, so a batch always fills. The callbacks:
   - C{on_final(text)}: the completed, non-empty transcript.
 
 The callbacks get the text exactly as the server sent it; only what this module logs is
-shortened (200 characters) and stripped of control characters. The API key is never logged:
-autobahn logs the whole opening handshake at debug level, so the protocol's autobahn logger is
-pinned at info.
+shortened (200 characters) and stripped of control characters. The API key is never logged.
 
 Connecting is bounded by 10 s (C{Realtime STT connection timeout}). After the connection drops
 unexpectedly (or a connection attempt fails for a reason other than a rejected key) the client
@@ -29,28 +27,18 @@ a successful open resets the count, and a closed transcriber never reconnects. A
 queued: frames are dropped while no session is open and while the transport asks its producer
 to pause, so one transcriber holds at most what the transport buffers.
 
-Performance: the appends (one every 100 ms per call) are framed here, not by autobahn, whose
-client send path (C{sendMessage}, C{sendFrame}, its masker, C{sendData}) cost more than the rest
-of the forwarding: each is one masked text frame (L{voicecall.infra.wsframes.masked_text_frame}, with
-a fresh 4-byte key from C{os.urandom} per frame) written straight to the socket when nothing is
-queued before it (L{voicecall.infra.wsframes.write_now}, as the media-stream server does for its own
-frames). autobahn still does the handshake, the session update, control frames and closing, and
-every send it would queue itself (its send queue in use, compression negotiated).
+The wire (the autobahn client protocol and factory, and the appends framed and written without
+autobahn's send path) is L{voicecall.speech.realtime_wire}'s; this module is the policy.
 """
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 from binascii import b2a_base64
 from typing import Any, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import txaio
 from attrs import define, field
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import (
@@ -59,14 +47,11 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from voicecall import __version__
-from voicecall.infra.wsframes import masked_text_frame, write_now
-from voicecall.infra.wstimers import unbatch
+from voicecall.speech.realtime_wire import RealtimeClientFactory, RealtimeConnection
 
 __all__ = [
     "CONNECT_TIMEOUT_MESSAGE",
@@ -95,7 +80,6 @@ LOG_EXCERPT_CHARS = 200
 
 _APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":"'
 _APPEND_TAIL = b'"}'
-_OPEN = WebSocketProtocol.STATE_OPEN
 _AUTH_STATUSES = frozenset({401, 403})
 _QUIET_EVENTS = frozenset(
     {
@@ -151,128 +135,6 @@ def _default_silence(value: int | None) -> int:
     return DEFAULT_SILENCE_DURATION_MS if value is None else int(value)
 
 
-@implementer(IPushProducer)
-class _RealtimeProtocol(WebSocketClientProtocol):
-    """
-    One WebSocket connection of a L{RealtimeTranscriber}. It reports its opening (through
-    C{opened}), its messages and its closing to the transcriber, and registers itself as the
-    transport's push producer so that audio is dropped, not queued, while the transport's
-    buffer is full.
-    """
-
-    # autobahn's logger (it owns `log`): pinned at info, so its debug dump of the opening
-    # handshake (which carries the Authorization header) is never emitted, whatever the
-    # global txaio level.
-    log = txaio.make_logger(level="info")
-    _log = Logger()
-
-    # Set by _RealtimeFactory.buildProtocol.
-    opened: Deferred[_RealtimeProtocol]
-    _owner: RealtimeTranscriber
-    was_open = False
-    paused = False
-    # A plain TCP transport, which send_text may write to synchronously.
-    _direct = False
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._direct = isinstance(self.transport, tcp.Connection)
-
-    def _cancel_open(self, d: Deferred[Any]) -> None:
-        self.dropConnection(abort=True)
-
-    def onOpen(self) -> None:
-        try:
-            self.was_open = True
-            self.sendMessage(self._owner._session_update(), False)
-            self.registerProducer(self, True)
-            self.opened.callback(self)
-        except Exception:
-            self._log.failure("Realtime STT: opening the session failed")
-            self.dropConnection(abort=True)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if isBinary:
-            return
-        try:
-            self._owner._on_event(self, payload)
-        except Exception:
-            self._log.failure("Realtime STT: handling a server event failed")
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        try:
-            self._owner._on_closed(self, wasClean, code, reason)
-        except Exception:
-            self._log.failure("Realtime STT: handling the connection close failed")
-
-    def send_text(self, payload: bytes) -> bool:
-        """
-        Send `payload` (UTF-8 JSON) as one masked text frame; False if the connection is not
-        open. What autobahn would queue rather than write (its send queue holds chopped or
-        synchronous writes, or compression was negotiated) goes through C{sendMessage}, so
-        frames never overtake each other. With nothing waiting in a plain TCP transport the
-        frame goes to the kernel now; otherwise to the transport, whose buffer filling up
-        pauses this producer as before.
-        """
-        if self.state != _OPEN:
-            return False
-        if self.send_queue or self._perMessageCompress is not None:
-            self.sendMessage(payload, False)
-            return True
-        frame = masked_text_frame(payload, os.urandom(4))
-        transport = self.transport
-        if (
-            self._direct
-            and not transport.disconnecting
-            and not transport.dataBuffer
-            and not transport._tempDataLen
-        ):
-            frame = write_now(transport, frame)
-            if not frame:
-                return True
-        transport.write(frame)
-        return True
-
-    # IPushProducer: the transport's buffer is full (or drained again).
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.paused = True
-
-
-class _RealtimeFactory(WebSocketClientFactory):
-    """The client factory of one transcriber: URL, headers and protocol options."""
-
-    protocol = _RealtimeProtocol
-    # Twisted logs every factory start and stop otherwise: one pair per connection.
-    noisy = False
-
-    def __init__(self, owner: RealtimeTranscriber, url: str, headers: dict[str, str], reactor: Any):
-        super().__init__(
-            url, headers=headers, useragent=f"voicecall/{__version__}", reactor=reactor
-        )
-        self._owner = owner
-        self.setProtocolOptions(
-            # Our own timeout (on the injected clock) bounds the whole connection attempt.
-            openHandshakeTimeout=0,
-            maxFramePayloadSize=MAX_MESSAGE_BYTES,
-            maxMessagePayloadSize=MAX_MESSAGE_BYTES,
-            # Every message is parsed as JSON, which rejects invalid UTF-8 anyway.
-            utf8validateIncoming=False,
-        )
-        unbatch(self, reactor)
-
-    def buildProtocol(self, addr: Any) -> _RealtimeProtocol:
-        proto: _RealtimeProtocol = super().buildProtocol(addr)
-        proto._owner = self._owner
-        proto.opened = Deferred(proto._cancel_open)
-        return proto
-
-
 @define(repr=False)
 class RealtimeTranscriber:
     """
@@ -303,13 +165,13 @@ class RealtimeTranscriber:
     #: Audio per append message, in milliseconds of 8 kHz mu-law (one frame: 20).
     _batch_ms: int = 100
 
-    _factory: _RealtimeFactory = field(init=False, repr=False)
+    _factory: RealtimeClientFactory = field(init=False, repr=False)
     _endpoint: Any = field(init=False, repr=False)
     _closed: bool = field(default=False, init=False)
     # The open session, if any.
-    _proto: _RealtimeProtocol | None = field(default=None, init=False, repr=False)
+    _proto: RealtimeConnection | None = field(default=None, init=False, repr=False)
     # The connection whose TCP link exists (open or still handshaking).
-    _live: _RealtimeProtocol | None = field(default=None, init=False, repr=False)
+    _live: RealtimeConnection | None = field(default=None, init=False, repr=False)
     # The connection attempt in flight and the connect() callers waiting on it.
     _attempt: Deferred[Any] | None = field(default=None, init=False, repr=False)
     _waiters: list[Deferred[None]] = field(factory=list, init=False, repr=False)
@@ -326,7 +188,7 @@ class RealtimeTranscriber:
     def __attrs_post_init__(self) -> None:
         url = _with_intent(self._url)
         headers = {"Authorization": f"Bearer {self._api_key}", "OpenAI-Beta": "realtime=v1"}
-        self._factory = _RealtimeFactory(self, url, headers, self._reactor)
+        self._factory = RealtimeClientFactory(self, url, headers, self._reactor, MAX_MESSAGE_BYTES)
         self._endpoint = self._make_endpoint()
 
     def _make_endpoint(self) -> Any:
@@ -412,7 +274,8 @@ class RealtimeTranscriber:
 
     # -- connection attempts -------------------------------------------------------------------
 
-    def _session_update(self) -> bytes:
+    def session_update(self) -> bytes:
+        """The session's configuration (L{TranscriberEnd}): the first message of every connection."""
         return json.dumps(
             {
                 "type": "transcription_session.update",
@@ -445,11 +308,11 @@ class RealtimeTranscriber:
             lambda f: self._log.failure("Realtime STT: connection bookkeeping failed", f)
         )
 
-    def _tcp_connected(self, proto: _RealtimeProtocol) -> Deferred[_RealtimeProtocol]:
+    def _tcp_connected(self, proto: RealtimeConnection) -> Deferred[RealtimeConnection]:
         self._live = proto
         return proto.opened
 
-    def _attempt_opened(self, proto: _RealtimeProtocol) -> None:
+    def _attempt_opened(self, proto: RealtimeConnection) -> None:
         self._attempt = None
         self._proto = proto
         self._reconnects = 0
@@ -505,8 +368,8 @@ class RealtimeTranscriber:
         if not self._closed and self._proto is None and self._attempt is None:
             self._start_attempt()
 
-    def _on_closed(
-        self, proto: _RealtimeProtocol, was_clean: bool, code: int | None, reason: str | None
+    def connection_closed(
+        self, proto: RealtimeConnection, was_clean: bool, code: int | None, reason: str | None
     ) -> None:
         if not proto.opened.called:
             proto.opened.errback(self._handshake_error(proto))
@@ -526,12 +389,10 @@ class RealtimeTranscriber:
         )
         self._schedule_reconnect()
 
-    def _handshake_error(self, proto: _RealtimeProtocol) -> RealtimeSTTError:
-        status_line = getattr(proto, "http_status_line", None)
-        parts = status_line.split(None, 2) if status_line else []
-        if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
-            status = int(parts[1])
-            text = _excerpt(parts[2] if len(parts) > 2 else "", 80)
+    def _handshake_error(self, proto: RealtimeConnection) -> RealtimeSTTError:
+        refusal = proto.upgrade_refusal()
+        if refusal is not None:
+            status, text = refusal[0], _excerpt(refusal[1], 80)
             if status in _AUTH_STATUSES:
                 message = (
                     f"Realtime STT authentication failed: HTTP {status} {text}".rstrip()
@@ -540,13 +401,13 @@ class RealtimeTranscriber:
             else:
                 message = f"Realtime STT handshake rejected: HTTP {status} {text}".rstrip()
             return RealtimeSTTRejected(message, status)
-        reason = getattr(proto, "wasNotCleanReason", None)
+        reason = proto.drop_reason
         detail = f": {_excerpt(reason)}" if reason else ""
         return RealtimeSTTError(f"Realtime STT connection closed before the session opened{detail}")
 
     # -- server events -------------------------------------------------------------------------
 
-    def _on_event(self, proto: _RealtimeProtocol, payload: bytes) -> None:
+    def event_received(self, proto: RealtimeConnection, payload: bytes) -> None:
         if proto is not self._proto:
             return
         try:

@@ -1,7 +1,9 @@
 """
-Tests for voicecall.infra.wsframes: the RFC 6455 frames voicecall builds and unmasks itself, checked
-against the RFC's layout worked by hand, a byte-by-byte reference and autobahn's own parser,
-and the send-buffer accounting and direct send its two WebSocket ends share.
+Tests for voicecall.infra.wsfast: the RFC 6455 frames voicecall builds and unmasks itself, checked
+against the RFC's layout worked by hand, a byte-by-byte reference and autobahn's own parser; the
+send-buffer accounting and direct send its two WebSocket ends share; and the private autobahn and
+Twisted names it relies on, pinned (the public path it falls back to is carried end to end by
+tests.test_media_stream and tests.test_stt).
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.infra.wsframes import masked_text_frame, send_buffer_size, text_frame_header, write_now, xor_mask
-from voicecall.infra.wstimers import unbatch
+from voicecall.infra import wsfast
+from voicecall.infra.wsfast import PRIVATE_NAMES, Wire, masked_text_frame, send_buffer_size, text_frame_header, tune_factory, xor_mask
 
 #: Payload length -> (unmasked, masked) text frame header, from RFC 6455 §5.2 by hand: FIN +
 #: opcode 1, then the mask bit and a 7-bit length, or 126 + 16 bits, or 127 + 64 bits.
@@ -74,7 +76,7 @@ def autobahn_pair():
         factory.setProtocolOptions(
             utf8validateIncoming=False, openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0
         )
-        unbatch(factory, clock)
+        tune_factory(factory, clock)
     client, server, pump = iosim.connectedServerAndClient(
         lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None), clock=clock, greet=False
     )
@@ -165,25 +167,55 @@ class _Socket:
 
 
 class _Transport:
+    disconnecting = False
+
     def __init__(self, socket: _Socket | None = None, buffered: bytes = b"", offset: int = 0, temp: int = 0) -> None:
         self.socket, self.dataBuffer, self.offset, self._tempDataLen = socket, buffered, offset, temp
+        self.written: list[bytes] = []
+
+    def getHandle(self) -> _Socket | None:
+        return self.socket
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
 
 
-class WriteNowTests(SynchronousTestCase):
+def direct_wire(transport: _Transport) -> Wire:
+    """A Wire on `transport` that writes to its socket as it does to a plain TCP transport's."""
+    wire = Wire(type("Protocol", (), {"transport": transport})())
+    wire._direct = True
+    return wire
+
+
+class WireWriteTests(SynchronousTestCase):
     def test_all_taken(self) -> None:
         transport = _Transport(_Socket())
-        self.assertEqual(write_now(transport, b"frame"), b"")
-        self.assertEqual(transport.socket.sent, [b"frame"])
+        self.assertTrue(direct_wire(transport).write(b"frame"))
+        self.assertEqual((transport.socket.sent, transport.written), ([b"frame"], []))
 
     def test_part_taken(self) -> None:
-        """What the kernel did not take comes back, for the transport to write."""
-        self.assertEqual(write_now(_Transport(_Socket(takes=2)), b"frame"), b"ame")
-        self.assertEqual(write_now(_Transport(_Socket(takes=0)), b"frame"), b"frame")
+        """What the kernel did not take goes to the transport."""
+        for takes, rest in ((2, b"ame"), (0, b"frame")):
+            transport = _Transport(_Socket(takes=takes))
+            self.assertFalse(direct_wire(transport).write(b"frame"))
+            self.assertEqual(transport.written, [rest])
 
     def test_send_fails(self) -> None:
         """A send that would block (or fails) leaves the whole frame to the transport."""
-        self.assertEqual(write_now(_Transport(_Socket(error=BlockingIOError())), b"frame"), b"frame")
-        self.assertEqual(write_now(_Transport(_Socket(error=ConnectionResetError())), b"frame"), b"frame")
+        for error in (BlockingIOError(), ConnectionResetError()):
+            transport = _Transport(_Socket(error=error))
+            self.assertFalse(direct_wire(transport).write(b"frame"))
+            self.assertEqual(transport.written, [b"frame"])
+
+    def test_behind_waiting_bytes_or_closing(self) -> None:
+        """A frame never overtakes bytes already waiting, nor goes out on a closing transport."""
+        waiting = _Transport(_Socket(), buffered=b"xy")
+        self.assertFalse(direct_wire(waiting).write(b"frame"))
+        closing = _Transport(_Socket())
+        closing.disconnecting = True
+        self.assertFalse(direct_wire(closing).write(b"frame"))
+        for transport in (waiting, closing):
+            self.assertEqual((transport.socket.sent, transport.written), ([], [b"frame"]))
 
 
 class SendBufferSizeTests(SynchronousTestCase):
