@@ -4,7 +4,7 @@ The carrier side of the fake Plivo, per call: what Plivo does after the REST API
 call (or one arrives for a number). `FakeCall` rings, answers, fetches the answer URL and
 follows the XML element by element (`<Speak>`, `<Play>`, `<Wait>`, `<GetInput>`,
 `<Redirect>`, `<Hangup>`), lets a transfer interrupt it, plays the person on the line as its
-`Scenario` says, and posts the hang-up URL when the call ends.
+`Scenario` says, and posts the hang-up URL when the call ends. The runner itself is documents.py's.
 
 It imports nothing of the daemon, only the fake's own modules.
 """
@@ -14,14 +14,11 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections import deque
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
-from urllib.parse import urljoin, urlsplit
+from typing import Any, Mapping
 
-from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.task import deferLater
-from twisted.logger import Logger
+from attrs import define, field
 
+from voicecall.testing.documents import DocumentCall, Fetch, Superseded, int_attr, resolve
 from voicecall.testing.plivo_carrier import (
     HANGUP_CAUSES,
     MAX_OBSERVATIONS,
@@ -40,29 +37,17 @@ def _timestamp(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-class _Superseded(Exception):
-    """The XML a runner was following was replaced (transfer) or the call ended."""
-
-
-@frozen
-class _Fetch:
-    """Where to fetch the next document."""
-
-    kind: str
-    url: str
-    method: str
-    extra: Mapping[str, str] = field(factory=dict)
-
-
 # -- one call -----------------------------------------------------------------------------------
 
 
 @define(eq=False)
-class FakeCall:
+class FakeCall(DocumentCall):
     """
     One call on the fake Plivo. Observations (`documents`, `speaks`, `inputs`, `plays`,
     `callbacks`, `transfers`, `errors`) are bounded deques, oldest first.
     """
+
+    prompt_tags = ("Speak", "Play", "Wait")
 
     _carrier: Carrier
     request_uuid: str
@@ -84,20 +69,9 @@ class FakeCall:
     answered_at: float | None = None
     ended_at: float | None = None
     hangup_source: str | None = None
-    documents: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     speaks: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     inputs: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
-    plays: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
-    callbacks: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     transfers: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
-    errors: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
-    _generation: int = 0
-    _pending: Deferred | None = None
-    _timers: list = field(factory=list)
-    _utterances_used: int = 0
-    _document_count: int = 0
-    _end_waiters: list = field(factory=list)
-    _log = Logger()
 
     # -- observations and controls ---------------------------------------------------------
 
@@ -112,14 +86,6 @@ class FakeCall:
     @property
     def speak_texts(self) -> list[str]:
         return [s.text for s in self.speaks]
-
-    def when_ended(self) -> Deferred:
-        """A Deferred firing with the final status once the call has ended."""
-        if self.is_ended:
-            return succeed(self.status)
-        d: Deferred = Deferred()
-        self._end_waiters.append(d)
-        return d
 
     def hangup_by_callee(self) -> None:
         """The person on the line hangs up."""
@@ -163,12 +129,12 @@ class FakeCall:
     def start_inbound(self) -> None:
         """A call arrives: Plivo fetches the answer URL while it rings."""
         self.status = "ringing"
-        self._launch(_Fetch("answer", self.answer_url or "", self.answer_method, {"Event": "StartApp"}))
+        self._launch(Fetch("answer", self.answer_url or "", self.answer_method, {"Event": "StartApp"}))
 
     def transfer(self, url: str, method: str = "POST") -> None:
         """REST transfer of the A-leg: stop the current XML and follow `url`'s, like Plivo."""
         self.transfers.append(url)
-        self._launch(_Fetch("transfer", url, method))
+        self._launch(Fetch("transfer", url, method))
 
     def hangup(self) -> None:
         """REST hang-up (DELETE /Call/{uuid}/)."""
@@ -184,9 +150,16 @@ class FakeCall:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _after(self, seconds: float, fn: Callable[..., Any], *args: Any) -> None:
-        self._timers = [t for t in self._timers if t.active()]
-        self._timers.append(self._carrier.clock.callLater(seconds, fn, *args))
+    @property
+    def _label(self) -> str:
+        return f"Plivo call {self.call_uuid}"
+
+    def _document_hook(self, kind: str, url: str, method: str, params: dict[str, str]) -> Webhook:
+        return Webhook(kind, url, method, params, document=True)
+
+    def _document_ended(self) -> None:
+        self.hangup_source = self.hangup_source or "Plivo"
+        self._end("completed" if self.is_answered else "no-answer")
 
     def _ringing(self) -> None:
         self.status = "ringing"
@@ -201,26 +174,11 @@ class FakeCall:
         else:
             self._after(sc.answer_after, self._answer)
 
-    def _mark_answered(self) -> None:
-        self.status = "in-progress"
-        self.answered_at = self._carrier.clock.seconds()
-        if self.scenario.hangup_after is not None:
-            self._after(self.scenario.hangup_after, self.hangup_by_callee)
-
     def _answer(self) -> None:
         self._mark_answered()
-        self._launch(_Fetch("answer", self.answer_url or "", self.answer_method, {"Event": "StartApp"}))
+        self._launch(Fetch("answer", self.answer_url or "", self.answer_method, {"Event": "StartApp"}))
 
-    def _end(self, status: str) -> None:
-        if self.is_ended:
-            return
-        self.status = status
-        self.ended_at = self._carrier.clock.seconds()
-        for timer in self._timers:
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-        self._interrupt()
+    def _report_end(self, status: str) -> None:
         if self.hangup_url:
             duration = str(self._duration())
             extra = {
@@ -235,15 +193,6 @@ class FakeCall:
                 "EndTime": _timestamp(self.ended_at),
             }
             self._callback("hangup", self.hangup_url, self.hangup_method, extra)
-        waiters, self._end_waiters = self._end_waiters, []
-        for d in waiters:
-            d.callback(status)
-
-    def _duration(self) -> int:
-        if self.answered_at is None:
-            return 0
-        end = self.ended_at if self.ended_at is not None else self._carrier.clock.seconds()
-        return int(round(end - self.answered_at))
 
     def _params(self) -> dict[str, str]:
         return {
@@ -263,115 +212,30 @@ class FakeCall:
     def _callback(self, kind: str, url: str, method: str, extra: Mapping[str, str]) -> None:
         params = self._params()
         params.update(extra)
-        hook = Webhook(kind, url, method.upper(), params)
-        self.callbacks.append(hook)
-        d = self._carrier.deliver(hook)
-        d.addErrback(lambda f: f.trap(CancelledError))
+        self._notify(Webhook(kind, url, method.upper(), params))
 
-    def _error(self, message: str) -> None:
-        self.errors.append(message)
-        self._log.info("fake Plivo call {uuid}: {message}", uuid=self.call_uuid, message=message)
-
-    def _interrupt(self) -> int:
-        """Supersede whatever the current runner awaits; return the new generation."""
-        self._generation += 1
-        pending, self._pending = self._pending, None
-        if pending is not None and not pending.called:
-            pending.cancel()
-        return self._generation
-
-    def _launch(self, source: _Fetch) -> None:
-        gen = self._interrupt()
-        d = Deferred.fromCoroutine(self._run(gen, source))
-        d.addErrback(self._runner_failed)
-
-    def _runner_failed(self, failure: Any) -> None:
-        self._log.failure("fake Plivo call {uuid}: XML runner failed", failure, uuid=self.call_uuid)
-        self._error(f"runner failed: {failure.getErrorMessage()}")
-        self._end("completed" if self.is_answered else "failed")
-
-    async def _wait(self, gen: int, d: Deferred) -> Any:
-        self._pending = d
-        try:
-            result = await d
-        finally:
-            if self._pending is d:
-                self._pending = None
-        if gen != self._generation:
-            raise _Superseded()
-        return result
-
-    async def _sleep(self, gen: int, seconds: float) -> None:
-        if seconds > 0:
-            await self._wait(gen, deferLater(self._carrier.clock, seconds))
-
-    async def _run(self, gen: int, source: _Fetch) -> None:
-        try:
-            where: _Fetch | None = source
-            while where is not None:
-                doc = await self._fetch(gen, where)
-                if doc is None:
-                    break
-                where = await self._follow(gen, doc, where.url)
-        except (_Superseded, CancelledError):
-            if gen == self._generation:
-                raise
-            return
-        if gen == self._generation and not self.is_ended:
-            self.hangup_source = self.hangup_source or "Plivo"
-            self._end("completed" if self.is_answered else "no-answer")
-
-    async def _fetch(self, gen: int, where: _Fetch) -> str | None:
-        self._document_count += 1
-        if self._document_count > self._carrier.max_documents_per_call:
-            self._error("too many XML documents for one call")
-            return None
-        params = self._params()
-        params.update(where.extra)
-        hook = Webhook(where.kind, where.url, where.method.upper(), params, document=True)
-        self.documents.append(hook)
-        await self._wait(gen, self._carrier.deliver(hook))
-        if hook.error is not None or hook.status is None or not 200 <= hook.status < 300:
-            self._error(f"XML fetch failed: {hook.url} -> {hook.error or hook.status}")
-            return None
-        return (hook.body or b"").decode("utf-8", "replace")
-
-    async def _follow(self, gen: int, doc: str, base: str) -> _Fetch | None:
-        """Execute one document; return where to fetch the next one, or None to hang up."""
-        try:
-            root = ET.fromstring(doc.encode("utf-8"))
-        except ET.ParseError as e:
-            self._error(f"invalid XML: {e}")
-            return None
-        if root.tag != "Response":
-            self._error(f"invalid XML: root element <{root.tag}>")
-            return None
+    def _before_elements(self, root: ET.Element) -> None:
         if not self.is_answered:
             if len(root) and root[0].tag == "Hangup":
                 reason = root[0].get("reason", "")
                 self._end("busy" if reason in ("busy", "rejected") else "no-answer")
-                raise _Superseded()
+                raise Superseded()
             if len(root):
                 self._mark_answered()
-        for element in root:
-            nxt = await self._element(gen, element, base)
-            if nxt is not False:
-                return nxt
-        return None
 
     async def _element(self, gen: int, element: ET.Element, base: str) -> Any:
-        """Run one element: False to go on, None to hang up, a _Fetch to replace the document."""
+        """Run one element: False to go on, None to hang up, a Fetch to replace the document."""
         tag = element.tag
         if tag in ("Speak", "Play", "Wait"):
             await self._prompt(gen, element, base)
         elif tag == "GetInput":
             return await self._get_input(gen, element, base)
         elif tag == "Redirect":
-            url = _resolve(base, (element.text or "").strip())
+            url = resolve(base, (element.text or "").strip())
             if url is None:
                 self._error("Redirect without a usable URL")
                 return None
-            return _Fetch("redirect", url, element.get("method", "POST"))
+            return Fetch("redirect", url, element.get("method", "POST"))
         elif tag == "Hangup":
             self.hangup_source = self.hangup_source or "Plivo"
             return None
@@ -380,41 +244,26 @@ class FakeCall:
         return False
 
     async def _prompt(self, gen: int, element: ET.Element, base: str, part: float = 1.0) -> None:
-        """Play a prompt element; `part` < 1: the person talks over it that far in (barge-in)."""
-        loop = _int(element.get("loop"), 1)
+        loop = int_attr(element.get("loop"), 1)
         if element.tag == "Speak":
             text = "".join(element.itertext()).strip()
             self.speaks.append(SpeakRecord(text, element.get("voice"), element.get("language"), loop))
             seconds = self._carrier.chaos.playback_seconds(text, self.scenario.speak_seconds_per_char)
             await self._sleep(gen, seconds * max(loop, 1) * part)
         elif element.tag == "Play":
-            self.plays.append(_resolve(base, (element.text or "").strip()) or (element.text or ""))
+            self.plays.append(resolve(base, (element.text or "").strip()) or (element.text or ""))
             await self._sleep(gen, self.scenario.play_seconds * max(loop, 1))
         else:
-            await self._sleep(gen, _int(element.get("length"), 1))
+            await self._sleep(gen, int_attr(element.get("length"), 1))
 
     async def _get_input(self, gen: int, element: ET.Element, base: str) -> Any:
         attrs = dict(element.attrib)
-        action = _resolve(base, attrs["action"]) if attrs.get("action") else None
+        action = resolve(base, attrs["action"]) if attrs.get("action") else None
         record = GetInputRecord(attrs, action, attrs.get("method", "POST").upper())
         self.inputs.append(record)
-        chaos = self._carrier.chaos
-        part = chaos.barge_point() if "speech" in attrs.get("inputType", "") and chaos.talks_over() else 1.0
-        for child in element:
-            if child.tag in ("Speak", "Play", "Wait"):
-                await self._prompt(gen, child, base, part)
-                if part < 1.0:
-                    break  # the person talks over the rest of the prompt
-        heard = await self._wait(gen, self._next_utterance())
-        kinds = attrs.get("inputType", "dtmf").split()
-        if isinstance(heard, str) and (not heard or "speech" not in kinds):
-            heard = None
-        record.heard = heard
+        heard = await self._listen(gen, element, base, record, inputs="inputType", timeout="executionTimeout", default=15)
         if heard is None:
-            silence = self.scenario.silence
-            await self._sleep(gen, _int(attrs.get("executionTimeout"), 15) if silence is None else silence)
             return False
-        await self._sleep(gen, self.scenario.speech_delay)
         if isinstance(heard, str):
             extra = {
                 "InputType": "speech",
@@ -427,37 +276,13 @@ class FakeCall:
         if action is None:
             self._error("GetInput without an action URL")
             return False
-        where = _Fetch("action", action, record.method, extra)
+        where = Fetch("action", action, record.method, extra)
         if attrs.get("redirect", "true").lower() != "false":
             return where  # the XML the action answers drives the call
         self._callback("action", action, record.method, extra)
         return False
 
-    def _next_utterance(self) -> Deferred:
-        source = self.scenario.utterances
-        if callable(source):
-            result = source(self)
-            return result if isinstance(result, Deferred) else succeed(result)
-        index = self._utterances_used
-        self._utterances_used += 1
-        return succeed(source[index] if index < len(source) else None)
-
 
 def _cause_name(status: str) -> str:
     return HANGUP_CAUSES.get(status, "NORMAL_CLEARING")
 
-
-def _resolve(base: str | None, url: str) -> str | None:
-    """An absolute http(s) URL for `url`, relative to the document it came from."""
-    if not url:
-        return None
-    if base:
-        url = urljoin(base, url)
-    return url if urlsplit(url).scheme in ("http", "https") else None
-
-
-def _int(value: str | None, default: int) -> int:
-    try:
-        return int(value) if value is not None else default
-    except ValueError:
-        return default
