@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= voicecall.json5
-TRIAL_ARGS ?= -j2 --reactor=voicecall-epoll tests
+TRIAL_ARGS ?= -j2 tests
 
 SOAK_EXAMPLES ?= 300
 
@@ -52,14 +52,14 @@ $(CONFIG):
 
 run: $(VENV)/.installed-run $(CONFIG)
 	@echo "==> starting the daemon with $(CONFIG) (Ctrl-C stops it)"
-	$(BIN)/twistd --nodaemon --pidfile= --reactor=voicecall-epoll voicecall --config $(CONFIG)
+	$(BIN)/twistd --nodaemon --pidfile= voicecall --config $(CONFIG)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python tools/run_trial.py $(TRIAL_ARGS)
 
 soak: $(VENV)/.installed-test
 	HYPOTHESIS_PROFILE=soak VOICECALL_SOAK_EXAMPLES=$(SOAK_EXAMPLES) \
-		$(BIN)/python tools/run_trial.py --reactor=voicecall-epoll tests.test_chaos_stateful
+		$(BIN)/python tools/run_trial.py tests.test_chaos_stateful
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks

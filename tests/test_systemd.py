@@ -38,7 +38,14 @@ class UnitFileTests(SynchronousTestCase):
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
         ):
             self.assertIn(line + "\n", text)
-        self.assertRegex(text, r"ExecStart=\S+/twistd --nodaemon --pidfile= --reactor=voicecall-epoll voicecall")
+        self.assertRegex(text, r"ExecStart=\S+/twistd --nodaemon --pidfile= voicecall ")
+
+    def test_twisted_default_reactor(self):
+        """The service, `make run`, `make test` and `make soak` name no reactor: twistd and trial use Twisted's default."""
+        with open(os.path.join(os.path.dirname(UNITS), "Makefile")) as f:
+            makefile = f.read()
+        for name, text in (("systemd/voicecall.service", unit("voicecall.service")), ("Makefile", makefile)):
+            self.assertNotIn("--reactor", text, f"{name} chooses a reactor")
 
     def test_disabled_config_not_restarted(self):
         """The exit status of `enabled: false` is one Restart=on-failure does not restart."""

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall import tap
 from voicecall.config import DISABLED_MESSAGE, ServeConfig, VoiceCallConfig
-from tests.harness import ChildProcess, daemon_argv, event, make_workdir, run_cli, spawn, spawn_daemon, webhook_client
+from tests.harness import ChildProcess, daemon_argv, event, http_client, make_workdir, run_cli, spawn, spawn_daemon, webhook_client
 
 P = "plugins.entries.voice-call.config"
 
@@ -356,6 +356,24 @@ class StartupTests(TestCase):
         """Twisted's factory and port chatter is not shown at the default level."""
         for noise in (r"starting on", r"Port .* Closed", r"Starting factory", r"Stopping factory"):
             self.assertNotRegex(stdout, noise)
+
+    async def test_media_streams_on_twisted_default_reactor(self):
+        """With media streams on, the daemon runs on Twisted's default reactor and asks for no other."""
+        workdir = make_workdir(self, {
+            "provider": "twilio",
+            "fromNumber": "+15550000000",
+            "twilio": {"accountSid": "AC" + "0" * 32, "authToken": "token", "baseUrl": "http://127.0.0.1:9"},
+            "publicUrl": "https://voice.example.com/voice/webhook",
+            "streaming": {"enabled": True, "providers": {"openai": {"apiKey": "sk-stt"}}},
+            "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts"}},
+        })  # fmt: skip
+        daemon = await spawn_daemon(self, workdir)
+        local = re.search(r"Webhook URL: (http://\S+)/voice/webhook", daemon.process.stdout).group(1)
+        stream = await http_client(self).get(local + "/voice/stream")  # served: streams are on
+        await stream.content()
+        await daemon.stop()
+        self.assertNotEqual(stream.code, 404)
+        self.assertNotIn("reactor", daemon.process.stdout)
 
     async def test_carrier_failure_logged_with_the_api_root(self):
         """A call the carrier API refuses is one line naming the API root, never the credentials."""

@@ -459,11 +459,6 @@ class VoicecallService(MultiService):
         if public_url:
             self._log.info("Public URL: {url}", url=public_url)
         self._log.info("RPC socket: {rpc}", rpc=self._rpc.description)
-        if self._media is not None and not getattr(self._reactor, "timely", False):
-            self._log.warn(
-                "media streams on the {name}: run twistd with --reactor=voicecall-epoll to keep playback paced under load",
-                name=type(self._reactor).__name__,
-            )
         sdnotify.notify(f"READY=1\nSTATUS=listening on {local_url}")
         # The real stdout: twistd turns print() into a timestamped "[stdout#info]" log line.
         rpc = _unix_path(self._rpc.description) or self._rpc.description
