@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_tap,tests.test_wiring -*-
 """
 `twistd voicecall`: the options and `makeService`, the only place that turns config into
 components and wires them together.
@@ -743,24 +743,28 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     called on carrier or caller traffic, never while building): the Twilio adapter asks the
     stream bridge for stream TwiML; the bridge, the voice of streamed calls, hands stream events
     to the manager; the manager hands callers' words to the auto-responder, which answers
-    through the manager.
+    through the manager. The RPC status method likewise reads the webhook URL the service
+    learns once it listens.
     """
     if reactor is None:
         from twisted.internet import reactor
     cfg = options["voicecall"]
+    # Values.
     serve_path = normalize_path(cfg.serve.path)
     stream_path = normalize_path(cfg.streaming.stream_path)
     forwarding = forwarding_policy(cfg)
 
+    # Components, in dependency order. These four are bound further down: the callables that
+    # close the cycles above look them up when traffic arrives.
+    bridge: StreamBridge | None
+    manager: CallManager
+    auto: AutoResponder
+    service: VoicecallService
     writer = ThreadedWriter(reactor)
     store = CallStore(cfg.store, writer)
     http, pool = build_http_client(reactor)
     metrics = Metrics() if cfg.metrics.enabled else None
     tts = stream_tts(cfg, reactor, http)  # None: no media streams, calls use the carrier's speech
-    bridge: StreamBridge | None
-    manager: CallManager
-    auto: AutoResponder
-    service: VoicecallService
     provider = build_provider(
         cfg,
         reactor,
@@ -801,6 +805,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         started_at=reactor.seconds(),
     )
 
+    # The service: starts them in sequence, stops them in reverse.
     service = VoicecallService(
         reactor,
         writer=writer,
