@@ -1,19 +1,25 @@
 """
-What the fake carriers' REST APIs share: reading a request, answering it, and the faults a test
-can inject (a failure, a request never answered, an answer delayed).
+What the fake carriers' REST APIs share: the resource tree, reading a request, answering it, the
+faults a test can inject (a failure, a request never answered, an answer delayed), and the
+account's calls (scenarios, room for more).
 
 A fake API (FakeTwilio, FakeTelnyx, FakePlivo) mixes in L{FaultyApi}, keeps the attributes it
-names, and supplies its carrier's parts: L{FaultyApi._record} (the request as that carrier's
-RecordedRequest), L{FaultyApi._reply} (route it to a L{Reply}) and
-L{FaultyApi._failure_body} (the carrier's error body for an injected failure).
+names, and supplies its carrier's parts: L{FaultyApi.api_root}, L{FaultyApi._record} (the request
+as that carrier's RecordedRequest), L{FaultyApi._reply} (route it to a L{Reply}),
+L{FaultyApi._failure_body} (the carrier's error body for an injected failure) and
+L{FaultyApi._call_ended}.
 """
 from __future__ import annotations
 
+import hmac
 import json
+from collections import deque
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from attrs import define, frozen
+from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 JSON = b"application/json; charset=utf-8"
@@ -64,6 +70,14 @@ def basic_auth(request: Any) -> tuple[str, str] | None:
     return request.getUser().decode("utf-8", "replace"), request.getPassword().decode("utf-8", "replace")
 
 
+def credentials_match(given: tuple[str, str] | None, user: str, password: str) -> bool:
+    """Whether Basic credentials `given` are (`user`, `password`), compared in constant time."""
+    given_user, given_password = given or ("", "")
+    ok_user = hmac.compare_digest(given_user.encode("utf-8"), user.encode("utf-8"))
+    ok_password = hmac.compare_digest(given_password.encode("utf-8"), password.encode("utf-8"))
+    return ok_user and ok_password
+
+
 def respond(request: Any, status: int, body: bytes, headers: tuple = (), content_type: bytes = JSON) -> bytes:
     """Set the status (and the JSON content type when there is a body) and return the body."""
     request.setResponseCode(status)
@@ -82,15 +96,52 @@ def is_http_url(url: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+class ApiResource(Resource):
+    """The API's subtree (below `api_root`): every request is handled by the fake."""
+
+    isLeaf = True
+
+    def __init__(self, fake: FaultyApi) -> None:
+        super().__init__()
+        self._fake = fake
+
+    def render(self, request: Any) -> bytes | int:
+        return self._fake._handle(request)
+
+
 class FaultyApi:
     """
-    The request cycle of a fake REST API with fault injection. Needs C{self._reactor},
-    C{self._faults} (a deque) and C{self._held} (a dict: request -> delayed answer or None).
+    The request cycle of a fake REST API with fault injection, and the account's calls. Needs
+    C{self._reactor}, C{self._carrier} (a delivery.Courier), C{self.scenario}, C{self.requests}
+    (a bounded deque), C{self.calls} (a dict, oldest first), C{self.max_calls},
+    C{self._scenarios} (a dict), C{self._faults} (a deque) and C{self._held} (a dict: request ->
+    delayed answer or None).
     """
 
     __slots__ = ()
     #: The content type of JSON answers.
     content_type = JSON
+    #: The first path segment of the API (C{b"2010-04-01"}, C{b"v1"}, C{b"v2"}).
+    api_root = b""
+
+    def resource(self) -> Resource:
+        """The root resource: serve it with a Site; its URL is the API base URL."""
+        root = Resource()
+        root.putChild(self.api_root, ApiResource(self))
+        return root
+
+    @property
+    def webhooks(self) -> deque:
+        """Every webhook (callback, document fetch) sent for any call, oldest first."""
+        return self._carrier.webhooks
+
+    def set_scenario(self, number: str, scenario: Any) -> None:
+        """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
+        self._scenarios[number] = scenario
+
+    def settle(self) -> Deferred:
+        """Fires once no webhook is in flight."""
+        return self._carrier.settle()
 
     def fail_next(
         self,
@@ -132,6 +183,30 @@ class FaultyApi:
 
     def _failure_body(self, status: int) -> Mapping[str, Any]:
         raise NotImplementedError
+
+    def _call_ended(self, call: Any) -> bool:
+        raise NotImplementedError
+
+    def _forget(self, call: Any) -> None:
+        """An ended call was dropped from `calls` (to make room)."""
+
+    # -- the account's calls ----------------------------------------------------------------
+
+    def _adopt(self, key: str, call: Any, scenario: Any) -> Any:
+        """Keep a new call under `key`, following `scenario` (None: the account's default for it)."""
+        if scenario is None:
+            scenario = self.scenario(call) if callable(self.scenario) else self.scenario
+        call.scenario = scenario
+        self.calls[key] = call
+        return call
+
+    def _make_room(self, n: int = 1) -> bool:
+        """Forget the oldest ended calls until `n` more fit in `max_calls`; False if too many are live."""
+        for key in [k for k, c in self.calls.items() if self._call_ended(c)]:
+            if len(self.calls) + n <= self.max_calls:
+                break
+            self._forget(self.calls.pop(key))
+        return len(self.calls) + n <= self.max_calls
 
     # -- the cycle --------------------------------------------------------------------------
 

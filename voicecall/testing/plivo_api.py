@@ -17,7 +17,6 @@ It imports nothing of the daemon.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import uuid
@@ -26,12 +25,11 @@ from typing import Any, Callable, Mapping
 from urllib.parse import parse_qsl
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 
 from voicecall.testing.chaos import Chaos
-from voicecall.testing.fakerest import FaultyApi, basic_auth, raw_headers, read_body
+from voicecall.testing.fakerest import FaultyApi, basic_auth, credentials_match, raw_headers, read_body
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
 from voicecall.testing.plivo_carrier import Carrier, Scenario
@@ -60,19 +58,6 @@ class RecordedRequest:
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.body.get(name, default)
-
-
-class _ApiResource(Resource):
-    """The `/v1` subtree; everything below it is routed by FakePlivo."""
-
-    isLeaf = True
-
-    def __init__(self, fake: FakePlivo) -> None:
-        super().__init__()
-        self._fake = fake
-
-    def render(self, request: Any) -> bytes | int:
-        return self._fake._handle(request)
 
 
 @define
@@ -104,6 +89,8 @@ class FakePlivo(FaultyApi):
     _carrier: Carrier = field(init=False)
     _log = Logger()
 
+    api_root = b"v1"
+
     def __attrs_post_init__(self) -> None:
         self._carrier = Carrier(
             self._reactor,
@@ -118,23 +105,8 @@ class FakePlivo(FaultyApi):
 
     # -- public API -------------------------------------------------------------------------
 
-    def resource(self) -> Resource:
-        """The root resource: serve it with a Site; its URL is the API base URL."""
-        root = Resource()
-        root.putChild(b"v1", _ApiResource(self))
-        return root
-
-    @property
-    def webhooks(self) -> deque:
-        """Every callback and XML fetch sent for any call, oldest first."""
-        return self._carrier.webhooks
-
     def call_by_request(self, request_uuid: str) -> FakeCall | None:
         return self._by_request.get(request_uuid)
-
-    def set_scenario(self, number: str, scenario: Scenario) -> None:
-        """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
-        self._scenarios[number] = scenario
 
     def place_inbound_call(
         self,
@@ -166,16 +138,18 @@ class FakePlivo(FaultyApi):
             call.hangup_by_callee()
         return self.settle()
 
-    def settle(self) -> Deferred:
-        """Fires once no callback is in flight."""
-        return self._carrier.settle() if self._http is not None else succeed(None)
-
     # -- request handling -------------------------------------------------------------------
 
     content_type = b"application/json"
 
     def _failure_body(self, status: int) -> Mapping[str, Any]:
         return error_body("fake failure")
+
+    def _call_ended(self, call: FakeCall) -> bool:
+        return call.is_ended
+
+    def _forget(self, call: FakeCall) -> None:
+        self._by_request.pop(call.request_uuid, None)
 
     def _reply(self, request: Any, record: RecordedRequest) -> _Reply:
         if record.too_large:
@@ -214,7 +188,7 @@ class FakePlivo(FaultyApi):
         # /v1/Account/{id}/Call/ -> ["Account", id, "Call", ""]
         if len(parts) < 4 or parts[0] != "Account" or parts[-1] != "":
             return not_found
-        if not self._authenticated(record, parts[1]):
+        if not (credentials_match(record.auth, self.auth_id, self._auth_token) and parts[1] == self.auth_id):
             return _Reply(401, error_body("Authentication failed"))
         if record.body.get("_invalid_json"):
             return _Reply(400, error_body("invalid JSON in request body"))
@@ -247,12 +221,6 @@ class FakePlivo(FaultyApi):
             return _Reply(204, None)
         return not_found
 
-    def _authenticated(self, record: RecordedRequest, path_id: str) -> bool:
-        user, password = record.auth or ("", "")
-        ok_user = hmac.compare_digest(user.encode("utf-8"), self.auth_id.encode("utf-8"))
-        ok_pass = hmac.compare_digest(password.encode("utf-8"), self._auth_token.encode("utf-8"))
-        return ok_user and ok_pass and path_id == self.auth_id
-
     def _create(self, record: RecordedRequest) -> _Reply:
         body = record.body
         for name in ("from", "to", "answer_url"):
@@ -277,7 +245,7 @@ class FakePlivo(FaultyApi):
             return _bad("hangup_on_ring and ring_timeout must be integers")
         if (hangup_on_ring is not None and hangup_on_ring < 1) or not 1 <= ring_timeout <= 120:
             return _bad("hangup_on_ring must be positive and ring_timeout between 1 and 120")
-        if len(self.calls) + len(destinations) > self.max_calls and not self._evict(len(destinations)):
+        if not self._make_room(len(destinations)):
             return _Reply(429, error_body("too many calls"))
         created = []
         for number in destinations:
@@ -326,22 +294,10 @@ class FakePlivo(FaultyApi):
             created_at=self._reactor.seconds(),
             **kwargs,
         )
-        if scenario is None:
-            scenario = self.scenario(call) if callable(self.scenario) else self.scenario
-        call.scenario = scenario
-        self.calls[call.call_uuid] = call
+        self._adopt(call.call_uuid, call, scenario)
         self._by_request[call.request_uuid] = call
         self._log.info("fake Plivo {direction} call {uuid} to {to}", direction=direction, uuid=call.call_uuid, to=to)
         return call
-
-    def _evict(self, n: int) -> bool:
-        """Forget the oldest ended calls to make room for `n`; False if too many are live."""
-        for key in [k for k, c in self.calls.items() if c.is_ended]:
-            if len(self.calls) + n <= self.max_calls:
-                break
-            call = self.calls.pop(key)
-            self._by_request.pop(call.request_uuid, None)
-        return len(self.calls) + n <= self.max_calls
 
 
 def _bad(message: str) -> _Reply:

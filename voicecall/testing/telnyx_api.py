@@ -29,7 +29,6 @@ from typing import Any, Callable, Mapping
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 
 from voicecall.testing.chaos import Chaos
 from voicecall.testing.fakerest import FaultyApi, raw_headers, read_body
@@ -100,19 +99,6 @@ def _bad(name: str, detail: str) -> _Invalid:
     return _Invalid(422, "10015", "Bad Request", detail, "/" + name)
 
 
-class _ApiResource(Resource):
-    """The `/v2` subtree; everything below it is routed by FakeTelnyx."""
-
-    isLeaf = True
-
-    def __init__(self, fake: FakeTelnyx) -> None:
-        super().__init__()
-        self._fake = fake
-
-    def render(self, request: Any) -> bytes | int:
-        return self._fake._handle(request)
-
-
 @define
 class FakeTelnyx(FaultyApi):
     """
@@ -143,6 +129,8 @@ class FakeTelnyx(FaultyApi):
     _carrier: Carrier = field(init=False)
     _log = Logger()
 
+    api_root = API_VERSION.encode("ascii")
+
     def __attrs_post_init__(self) -> None:
         self._carrier = Carrier(
             self._reactor, self._http, self.signer, webhook_timeout=self.webhook_timeout, chaos=self.chaos
@@ -150,25 +138,10 @@ class FakeTelnyx(FaultyApi):
 
     # -- public API -----------------------------------------------------------------------
 
-    def resource(self) -> Resource:
-        """The root resource: serve it with a Site; its URL is the API base URL."""
-        root = Resource()
-        root.putChild(API_VERSION.encode("ascii"), _ApiResource(self))
-        return root
-
     @property
     def public_key(self) -> str:
         """The webhook public key, base64 of the raw 32-byte Ed25519 key (`telnyx.publicKey`)."""
         return self.signer.public_key
-
-    @property
-    def webhooks(self) -> deque:
-        """Every webhook sent for any call, oldest first."""
-        return self._carrier.webhooks
-
-    def set_scenario(self, number: str, scenario: Scenario) -> None:
-        """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
-        self._scenarios[number] = scenario
 
     def place_inbound_call(
         self, from_: str, to: str, webhook_url: str | None = None, *, scenario: Scenario | None = None
@@ -187,10 +160,6 @@ class FakeTelnyx(FaultyApi):
         ts = int(self._reactor.seconds()) if timestamp is None else timestamp
         return self.signer.headers(body, ts)
 
-    def settle(self) -> Deferred:
-        """Fires once no webhook is queued or in flight."""
-        return self._carrier.settle()
-
     def close(self) -> Deferred:
         """Stop every call's clockwork and drop held requests; fires once webhooks settled."""
         for call in self.calls.values():
@@ -202,6 +171,9 @@ class FakeTelnyx(FaultyApi):
 
     def _failure_body(self, status: int) -> Mapping[str, Any]:
         return error_body("10007", "Unexpected error", "Fake failure")
+
+    def _call_ended(self, call: FakeCall) -> bool:
+        return not call.is_alive
 
     def _reply(self, request: Any, record: RecordedRequest) -> _Reply:
         try:
@@ -279,7 +251,7 @@ class FakeTelnyx(FaultyApi):
             raise _bad("timeout_secs", "timeout_secs must be an integer between 5 and 600.")
         if "command_id" in body and not isinstance(body["command_id"], str):
             raise _bad("command_id", "command_id must be a string.")
-        if len(self.calls) >= self.max_calls and not self._evict():
+        if not self._make_room():
             return _Reply(429, error_body("10011", "Too many requests", "You have exceeded the maximum number of allowed requests."))
         call = self._new_call("outgoing", from_, to, self._scenarios.get(to), webhook_url or self.webhook_url,
                               connection_id=connection_id, client_state=client_state, timeout_secs=timeout)
@@ -336,20 +308,9 @@ class FakeTelnyx(FaultyApi):
             created_at=self._reactor.seconds(),
             **kwargs,
         )
-        if scenario is None:
-            scenario = self.scenario(call) if callable(self.scenario) else self.scenario
-        call.scenario = scenario
-        self.calls[call.call_control_id] = call
+        self._adopt(call.call_control_id, call, scenario)
         self._log.info("fake Telnyx {direction} call {id} to {to}", direction=direction, id=call.call_control_id, to=to)
         return call
-
-    def _evict(self) -> bool:
-        """Forget the oldest ended call to make room; False if every call is still live."""
-        for key, call in self.calls.items():
-            if not call.is_alive:
-                del self.calls[key]
-                return True
-        return False
 
 
 def _body(record: RecordedRequest) -> dict[str, Any]:

@@ -15,19 +15,16 @@ It imports nothing of the daemon.
 """
 from __future__ import annotations
 
-import hmac
 import re
 from collections import deque
 from typing import Any, Callable, Mapping
 from urllib.parse import parse_qsl
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 
 from voicecall.testing.chaos import Chaos
-from voicecall.testing.fakerest import FaultyApi, basic_auth, raw_headers, read_body
+from voicecall.testing.fakerest import FaultyApi, basic_auth, credentials_match, raw_headers, read_body
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
 from voicecall.testing.twilio_carrier import STATUS_EVENTS, API_VERSION, Carrier, Scenario, new_sid
@@ -77,19 +74,6 @@ class RecordedRequest:
         return out
 
 
-class _ApiResource(Resource):
-    """The `/2010-04-01` subtree; everything below it is routed by FakeTwilio."""
-
-    isLeaf = True
-
-    def __init__(self, fake: FakeTwilio) -> None:
-        super().__init__()
-        self._fake = fake
-
-    def render(self, request: Any) -> bytes | int:
-        return self._fake._handle(request)
-
-
 @define
 class FakeTwilio(FaultyApi):
     """
@@ -118,6 +102,8 @@ class FakeTwilio(FaultyApi):
     _carrier: Carrier = field(init=False)
     _log = Logger()
 
+    api_root = API_VERSION.encode("ascii")
+
     def __attrs_post_init__(self) -> None:
         self._carrier = Carrier(
             self._reactor,
@@ -130,21 +116,6 @@ class FakeTwilio(FaultyApi):
         )
 
     # -- public API -----------------------------------------------------------------------
-
-    def resource(self) -> Resource:
-        """The root resource: serve it with a Site; its URL is the API base URL."""
-        root = Resource()
-        root.putChild(API_VERSION.encode("ascii"), _ApiResource(self))
-        return root
-
-    @property
-    def webhooks(self) -> deque:
-        """Every webhook sent for any call, oldest first."""
-        return self._carrier.webhooks
-
-    def set_scenario(self, number: str, scenario: Scenario) -> None:
-        """Calls to (outbound) or from (inbound) `number` follow `scenario`."""
-        self._scenarios[number] = scenario
 
     def place_inbound_call(
         self,
@@ -174,14 +145,13 @@ class FakeTwilio(FaultyApi):
         call.start_inbound(webhook_url, method)
         return call
 
-    def settle(self) -> Deferred:
-        """Fires once no webhook is in flight."""
-        return self._carrier.settle() if self._http is not None else succeed(None)
-
     # -- request handling -----------------------------------------------------------------
 
     def _failure_body(self, status: int) -> Mapping[str, Any]:
         return error_body(20000 + status, "Fake failure", status)
+
+    def _call_ended(self, call: FakeCall) -> bool:
+        return call.is_ended
 
     def _reply(self, request: Any, record: RecordedRequest) -> _Reply:
         if record.too_large:
@@ -214,7 +184,7 @@ class FakeTwilio(FaultyApi):
         parts = [p.decode("utf-8", "replace") for p in request.postpath]
         if len(parts) not in (3, 4) or parts[0] != "Accounts":
             return not_found
-        if not self._authenticated(record, parts[1]):
+        if not (credentials_match(record.auth, self.account_sid, self._auth_token) and parts[1] == self.account_sid):
             return _Reply(
                 401,
                 error_body(20003, "Authenticate", 401),
@@ -235,14 +205,6 @@ class FakeTwilio(FaultyApi):
                 return self._update(call, record)
             return _method_not_allowed(record.method)
         return not_found
-
-    def _authenticated(self, record: RecordedRequest, path_sid: str) -> bool:
-        user, password = record.auth or ("", "")
-        ok_user = hmac.compare_digest(user.encode("utf-8"), self.account_sid.encode("utf-8"))
-        ok_pass = hmac.compare_digest(
-            password.encode("utf-8"), self._auth_token.encode("utf-8")
-        )
-        return ok_user and ok_pass and path_sid == self.account_sid
 
     def _create(self, record: RecordedRequest) -> _Reply:
         form = record.form_dict
@@ -289,7 +251,7 @@ class FakeTwilio(FaultyApi):
             timeout = -1
         if not 1 <= timeout <= 600:
             return _bad(20001, "Timeout must be an integer between 1 and 600")
-        if len(self.calls) >= self.max_calls and not self._evict():
+        if not self._make_room():
             return _Reply(429, error_body(20429, "Too Many Requests", 429))
         call = self._new_call(
             "outbound-api",
@@ -339,22 +301,11 @@ class FakeTwilio(FaultyApi):
             created_at=self._reactor.seconds(),
             **kwargs,
         )
-        if scenario is None:
-            scenario = self.scenario(call) if callable(self.scenario) else self.scenario
-        call.scenario = scenario
-        self.calls[call.sid] = call
+        self._adopt(call.sid, call, scenario)
         self._log.info(
             "fake Twilio {direction} call {sid} to {to}", direction=direction, sid=call.sid, to=to
         )
         return call
-
-    def _evict(self) -> bool:
-        """Forget the oldest ended call to make room; False if every call is still live."""
-        for sid, call in self.calls.items():
-            if call.is_ended:
-                del self.calls[sid]
-                return True
-        return False
 
 
 def _bad(code: int, message: str) -> _Reply:
