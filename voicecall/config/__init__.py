@@ -68,7 +68,8 @@ from typing import Any, Mapping
 import json5
 from attrs import evolve
 
-from voicecall.config.model import (  # noqa: F401  (the package's names for its importers)
+from voicecall.config.checks import boolean
+from voicecall.config.model import (
     DEFAULT_STORE,
     ServeConfig,
     TtsConfig,
@@ -77,8 +78,24 @@ from voicecall.config.model import (  # noqa: F401  (the package's names for its
     TtsVoiceSettings,
     VoiceCallConfig,
 )
-from voicecall.config.checks import boolean
 from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, provider_problems
+
+__all__ = [
+    "DISABLED_MESSAGE",
+    "ConfigError",
+    "ServeConfig",
+    "TtsConfig",
+    "TtsElevenLabsConfig",
+    "TtsOpenAIConfig",
+    "TtsVoiceSettings",
+    "VoiceCallConfig",
+    "config_search_paths",
+    "file_permission_problems",
+    "find_config_path",
+    "load_config",
+    "parse_config",
+    "provider_problems",
+]
 
 #: The error the daemon refuses to start with when the config says ``enabled: false``.
 DISABLED_MESSAGE = "Voice call disabled. Enable the plugin entry in config."

@@ -23,6 +23,8 @@ CONFIG_PATH = "plugins.entries.voice-call.config"
 #: The providers that need credentials and a caller number (SPEC §2.5).
 CARRIERS = ("twilio", "telnyx", "plivo")
 
+_FROM_NUMBER = fields(VoiceCallConfig).from_number
+
 
 class _Undefined:
     """JavaScript's ``undefined``: a value that is not there (unlike ``None``, JSON ``null``)."""
@@ -204,7 +206,7 @@ class Reader:
             raw["twilio"] = twilio
             self.warnings.append("twilio.from is deprecated; use fromNumber instead")
             if legacy_from is not None:
-                raw.setdefault("fromNumber", legacy_from)
+                raw.setdefault(json_name(_FROM_NUMBER), legacy_from)
         if isinstance(raw.get("streaming"), dict):
             raw["streaming"] = self._flatten_streaming(raw["streaming"], f"{path}.streaming")
         return raw
@@ -323,8 +325,10 @@ def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
     problems = []
     if cfg.provider is None:
         problems.append(Issue(f"{p}.provider", "is required", sep=" "))
+    number = declaration(_FROM_NUMBER)
     if cfg.provider in CARRIERS and cfg.from_number is None:
-        problems.append(Issue(f"{p}.fromNumber", "is required" + _env_hint(cfg, "from_number"), sep=" "))
+        hint = f" (or set {number.env[0]} env)" if number.provider == cfg.provider else ""
+        problems.append(Issue(f"{p}.{json_name(_FROM_NUMBER)}", "is required" + hint, sep=" "))
     for a in fields(VoiceCallConfig):
         declared = declaration(a)
         if declared is None or declared.provider is None or declared.provider != cfg.provider:
@@ -344,9 +348,3 @@ def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
         problems.append(Issue(f"{p}.provider", 'must be "twilio" when streaming.enabled is true', sep=" "))
     return problems
 
-
-def _env_hint(cfg: VoiceCallConfig, name: str) -> str:
-    declared = declaration(getattr(fields(VoiceCallConfig), name))
-    if declared.env and declared.provider in (None, cfg.provider):
-        return f" (or set {declared.env[0]} env)"
-    return ""
