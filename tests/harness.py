@@ -137,6 +137,21 @@ async def start_daemon(testcase, config: dict, directory: str | None = None):
     return service, client
 
 
+async def call_status(rpc, call_id: str) -> dict:
+    """The record `voicecall.status` gives for `call_id`, over an in-process daemon's RPC client."""
+    return (await rpc.call("voicecall.status", {"callId": call_id}))["call"]
+
+
+async def until_state(rpc, call_id: str, *states: str, timeout: float = 6.0) -> dict:
+    """The record of `call_id` once its state is one of `states`."""
+
+    async def reached():
+        record = await call_status(rpc, call_id)
+        return record if record["state"] in states else None
+
+    return await eventually(reached, timeout, f"call {call_id} to reach {states}")
+
+
 async def serve(testcase, resource) -> str:
     """Serve a twisted.web resource on loopback; returns its base URL."""
     site = Site(resource)

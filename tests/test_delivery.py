@@ -27,7 +27,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.resource import Resource
 
-from voicecall.domain.manager import CallError, CallManager, ManagerSettings
+from voicecall.domain.manager import CallError
 from voicecall.domain.model import CallState
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.plivo import PlivoProvider
@@ -39,6 +39,8 @@ from voicecall.testing.telnyx import Signer, envelope
 from voicecall.testing.twilio import sign_request
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.webhook import WebhookResource
+
+from tests.fixtures import build_manager
 
 NOW = 1_700_000_000
 ORIGIN = "https://voice.example.com"
@@ -136,24 +138,21 @@ class Daemon:
         self.store = CallStore(case.directory, self.writer)
         case.successResultOf(self.writer.start())
         case.successResultOf(self.store.open())
-        self.manager = CallManager(
-            provider=self.provider,
-            voice=self.provider,
-            store=self.store,
-            clock=case.clock,
-            settings=ManagerSettings(
-                provider_name=self.provider.name,
-                from_number=OURS,
-                max_concurrent_calls=5,
-                max_duration_seconds=300,
-                transcript_timeout_ms=60_000,
-                default_mode="conversation",
-                inbound_policy="allowlist",
-                allow_from=(CALLEE,),
-            ),
+        self.manager = build_manager(
+            self.provider,
+            self.store,
+            case.clock,
+            webhook_url=PUBLIC,
             on_utterance=lambda call, text: self.on_utterance(call, text),
+            provider_name=self.provider.name,
+            from_number=OURS,
+            max_concurrent_calls=5,
+            max_duration_seconds=300,
+            transcript_timeout_ms=60_000,
+            default_mode="conversation",
+            inbound_policy="allowlist",
+            allow_from=(CALLEE,),
         )
-        self.manager.set_webhook_url(PUBLIC)
         if hasattr(self.provider, "set_webhook_url"):
             self.provider.set_webhook_url(PUBLIC)
         self.heard: list[dict] = []

@@ -9,14 +9,14 @@ import uuid
 
 from attrs import define
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.domain.manager import DEFAULT_GREETING, CallError, CallManager, ManagerSettings
+from voicecall.domain.manager import DEFAULT_GREETING, CallError
 from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.base import ProviderError
 from voicecall.providers.mock import MockProvider
-from voicecall.domain.store import CallStore, SynchronousWriter
+
+from tests.fixtures import build_manager, manager_rig
 
 
 @define
@@ -55,40 +55,24 @@ class FlakyProvider(MockProvider):
 
 class ManagerTestsBase(SynchronousTestCase):
     def setUp(self):
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.directory = self.mktemp()
-        self.writer = SynchronousWriter()
-        self.store = CallStore(self.directory, self.writer)
-        self.successResultOf(self.writer.start())
-        self.successResultOf(self.store.open())
-        self.addCleanup(lambda: self.successResultOf(self.store.close()))
-        self.provider = FlakyProvider(clock=self.clock)
-        self.manager = self.make_manager()
+        rig = manager_rig(self, lambda clock: FlakyProvider(clock=clock), **self.SETTINGS)
+        self.clock, self.directory, self.store, self.provider, self.manager = (
+            rig.clock, rig.directory, rig.store, rig.provider, rig.manager
+        )
+
+    SETTINGS = dict(
+        max_concurrent_calls=2,
+        max_duration_seconds=300,
+        transcript_timeout_ms=1000,
+        notify_hangup_delay_sec=3,
+        default_mode="conversation",
+        inbound_policy="allowlist",
+        allow_from=("+15550001234",),
+    )
 
     def make_manager(self, on_utterance=None, **overrides):
-        settings = dict(
-            provider_name="mock",
-            from_number="+15550000000",
-            max_concurrent_calls=2,
-            max_duration_seconds=300,
-            transcript_timeout_ms=1000,
-            notify_hangup_delay_sec=3,
-            default_mode="conversation",
-            inbound_policy="allowlist",
-            allow_from=("+15550001234",),
-        )
-        settings.update(overrides)
-        manager = CallManager(
-            provider=self.provider,
-            voice=self.provider,
-            store=self.store,
-            clock=self.clock,
-            settings=ManagerSettings(**settings),
-            on_utterance=on_utterance,
-        )
-        manager.set_webhook_url("http://127.0.0.1:3334/voice/webhook")
-        return manager
+        """Another manager on this test's provider, store and clock (a restart), with `overrides`."""
+        return build_manager(self.provider, self.store, self.clock, on_utterance=on_utterance, **{**self.SETTINGS, **overrides})
 
     def go(self, coro):
         return self.successResultOf(Deferred.fromCoroutine(coro))

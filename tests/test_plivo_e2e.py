@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 from voicecall.client import RemoteError
 from voicecall.testing.plivo import FakePlivo, Scenario, signature_headers
 
-from tests.harness import eventually, free_port, http_client, serve, start_daemon
+from tests.harness import call_status, eventually, free_port, http_client, serve, start_daemon, until_state
 
 AUTH_ID = "MAXXXXXXXXXXXXXXXXXX"
 TOKEN = "fake-plivo-auth-token-for-tests"
@@ -42,16 +42,6 @@ class PlivoEndToEndTests(TestCase):
         self.service, self.rpc = await start_daemon(self, config)
         self.addCleanup(self.fake.hang_up_all)
 
-    async def status(self, call_id):
-        return (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
-
-    async def until_state(self, call_id, *states):
-        async def reached():
-            record = await self.status(call_id)
-            return record if record["state"] in states else None
-
-        return await eventually(reached, 6, f"the call to reach {states}")
-
     def fake_call(self):
         (call,) = self.fake.calls.values()
         return call
@@ -72,14 +62,14 @@ class PlivoEndToEndTests(TestCase):
         await self.start(scenario)
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hello", "mode": "conversation"}))["callId"]
         await eventually(lambda: self.fake.calls and self.fake_call().speak_texts, 10, "the greeting")
-        await self.until_state(call_id, "listening")  # the greeting has played
+        await until_state(self.rpc, call_id, "listening")  # the greeting has played
         return call_id
 
     async def test_notify_call(self):
         """A notify call: the message is spoken on answer by an A-leg transfer, then the call is hung up by CallUUID."""
         await self.start()
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Your parcel & co. arrive today", "mode": "notify"}))["callId"]
-        await self.until_state(call_id, "hangup-bot")
+        await until_state(self.rpc, call_id, "hangup-bot")
         call = self.fake_call()
         self.assertEqual(call.speak_texts, ["Your parcel & co. arrive today"])
         create = next(r for r in self.fake.requests if r.method == "POST" and r.path.endswith("/Call/"))
@@ -91,7 +81,7 @@ class PlivoEndToEndTests(TestCase):
         deletes = [r.path for r in self.fake.requests if r.method == "DELETE"]
         self.assertEqual(deletes, [f"/v1/Account/{AUTH_ID}/Call/{call.call_uuid}/"])
         await eventually(lambda: call.is_ended, 5, "the hang-up at Plivo")
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(record["providerCallId"], call.call_uuid)
         self.assertNotIn("initialMessage", record["metadata"])
 
@@ -100,8 +90,8 @@ class PlivoEndToEndTests(TestCase):
         message = "Your parcel arrives today between noon and four"  # 47 characters: 1.88 s spoken
         await self.start(Scenario(speak_seconds_per_char=0.04))
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": message, "mode": "notify"}))["callId"]
-        await self.until_state(call_id, "hangup-bot")
-        record = await self.status(call_id)
+        await until_state(self.rpc, call_id, "hangup-bot")
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(self.fake_call().speak_texts, [message])
         self.assertGreaterEqual(record["endedAt"] - record["answeredAt"], 1880 + 1000)
 
@@ -109,7 +99,7 @@ class PlivoEndToEndTests(TestCase):
         """With plivo.allowV2Signatures, callbacks signed with the legacy V2 scheme only are accepted: a notify call completes."""
         await self.start(signature="v2", plivo={"allowV2Signatures": True})
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "V2 here", "mode": "notify"}))["callId"]
-        await self.until_state(call_id, "hangup-bot")
+        await until_state(self.rpc, call_id, "hangup-bot")
         self.assertEqual(self.fake_call().speak_texts, ["V2 here"])
         self.assertNotIn("X-Plivo-Signature-V3", self.fake.webhooks[0].headers)
 
@@ -124,7 +114,7 @@ class PlivoEndToEndTests(TestCase):
         self.assertEqual(self.fake_call().speak_texts, ["Hello"])
         answer = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
         self.assertEqual(answer, {"success": True, "transcript": "It's Alice"})
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(
             [(t["speaker"], t["text"]) for t in record["transcript"]],
             [("bot", "Hello"), ("bot", "Who is this?"), ("user", "It's Alice")],
@@ -150,14 +140,14 @@ class PlivoEndToEndTests(TestCase):
         self.assertEqual(code, 200)
         # Marker: answers on one RPC connection come in order, and the webhooks above were
         # answered after their speech was applied, so a continue they satisfied answers first.
-        await self.status(call_id)
+        await call_status(self.rpc, call_id)
         self.assertFalse(waiting.called)
         code, _ = await self.post_signed(
             {**params, "Speech": "real answer"}, f"?provider=plivo&flow=getinput&callId={call_id}&turnToken={token}"
         )
         self.assertEqual(code, 200)
         self.assertEqual((await waiting)["transcript"], "real answer")
-        texts = [t["text"] for t in (await self.status(call_id))["transcript"]]
+        texts = [t["text"] for t in (await call_status(self.rpc, call_id))["transcript"]]
         self.assertNotIn("stale words", texts)
 
     async def test_replayed_callback(self):
@@ -171,13 +161,13 @@ class PlivoEndToEndTests(TestCase):
         second = await self.post_signed(params, query, headers=headers, signed=False)
         self.assertEqual(first, (200, b'<Response><Wait length="300" /></Response>'))
         self.assertEqual(second, first)
-        texts = [t["text"] for t in (await self.status(call_id))["transcript"]]
+        texts = [t["text"] for t in (await call_status(self.rpc, call_id))["transcript"]]
         self.assertEqual(texts.count("just once"), 1)
 
     async def test_forged_requests_are_refused(self):
         """A tampered body, a signature over another URL, or no signature: 401 and no state change."""
         call_id = await self.conversation(Scenario(utterances=[], silence=30))
-        before = await self.status(call_id)
+        before = await call_status(self.rpc, call_id)
         params = {"CallUUID": self.fake_call().call_uuid, "CallStatus": "completed", "Event": "Hangup"}
         query = f"?provider=plivo&flow=hangup&callId={call_id}"
         good = signature_headers(TOKEN, "POST", self.webhook + query, list(params.items()))
@@ -185,7 +175,7 @@ class PlivoEndToEndTests(TestCase):
         other_url = await self.post_signed(params, query, signed_url="https://evil.example/voice/webhook" + query)
         unsigned = await self.post_signed(params, query, signed=False)
         self.assertEqual([tampered[0], other_url[0], unsigned[0]], [401, 401, 401])
-        after = await self.status(call_id)
+        after = await call_status(self.rpc, call_id)
         self.assertEqual(after["state"], before["state"])
         self.assertIsNone(self.service.manager.find(call_id).end_reason)
 
@@ -196,7 +186,7 @@ class PlivoEndToEndTests(TestCase):
         with self.assertRaises(RemoteError) as caught:
             await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hi"})
         self.assertEqual(str(caught.exception), 'Plivo API error: 400 {"api_id": "a-1", "error": "invalid destination"}')
-        record = await self.status(caught.exception.data["callId"])
+        record = await call_status(self.rpc, caught.exception.data["callId"])
         self.assertEqual(record["state"], "failed")
         self.assertEqual((await self.rpc.call("voicecall.status", {}))["calls"], [])
         self.assertEqual(self.fake.calls, {})
@@ -238,7 +228,7 @@ class PlivoEndToEndTests(TestCase):
         self.assertEqual(self.fake_call().speak_texts, [greeting, "Who is this?", "Where are you?"])
         spoken = [h for h in self.fake.webhooks if "flow=spoken" in h.url]
         self.assertEqual(len(spoken), 1, "the greeting was played to its end")
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(
             [(t["speaker"], t["text"]) for t in record["transcript"]],
             [

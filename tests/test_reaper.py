@@ -8,15 +8,15 @@ import uuid
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.domain.manager import CallError, CallManager, ManagerSettings
+from voicecall.domain.manager import CallError
 from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.base import ProviderError
 from voicecall.providers.mock import MockProvider
 from voicecall.domain.reaper import INTERVAL_SECONDS, StaleCallReaper
-from voicecall.domain.store import CallStore, SynchronousWriter
+
+from tests.fixtures import manager_rig
 
 MAX_AGE = 120
 
@@ -41,29 +41,15 @@ class ReaperTestsBase(SynchronousTestCase):
     max_age: float = MAX_AGE
 
     def setUp(self):
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.writer = SynchronousWriter()
-        self.store = CallStore(self.mktemp(), self.writer)
-        self.successResultOf(self.writer.start())
-        self.successResultOf(self.store.open())
-        self.addCleanup(lambda: self.successResultOf(self.store.close()))
-        self.provider = HangupProvider(clock=self.clock)
-        self.manager = CallManager(
-            provider=self.provider,
-            voice=self.provider,
-            store=self.store,
-            clock=self.clock,
-            settings=ManagerSettings(
-                provider_name="mock",
-                from_number="+15550000000",
-                max_concurrent_calls=10,
-                max_duration_seconds=3600,
-                transcript_timeout_ms=3_600_000,
-                inbound_policy="open",
-            ),
+        rig = manager_rig(
+            self,
+            lambda clock: HangupProvider(clock=clock),
+            max_concurrent_calls=10,
+            max_duration_seconds=3600,
+            transcript_timeout_ms=3_600_000,
+            inbound_policy="open",
         )
-        self.manager.set_webhook_url("http://127.0.0.1:3334/voice/webhook")
+        self.clock, self.store, self.provider, self.manager = rig.clock, rig.store, rig.provider, rig.manager
         self.reaper = StaleCallReaper(manager=self.manager, clock=self.clock, max_age_seconds=self.max_age)
         self.reaper.startService()
         self.addCleanup(self.stop)

@@ -14,17 +14,16 @@ from twisted.internet.testing import EventLoggingObserver
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.mock import MockProvider
 from voicecall.control.protocol import default_socket_path
 from voicecall.control.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcMethods
-from voicecall.domain.store import CallStore, SynchronousWriter
+
+from tests.fixtures import manager_rig
 
 WEBHOOK_URL = "http://127.0.0.1:3334/voice/webhook"
 TO = "+15550001234"
@@ -84,29 +83,16 @@ class RpcTestsBase(SynchronousTestCase):
     default_to: str | None = None
 
     def setUp(self):
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.writer = SynchronousWriter()
-        self.store = CallStore(self.mktemp(), self.writer)
-        self.successResultOf(self.writer.start())
-        self.successResultOf(self.store.open())
-        self.addCleanup(lambda: self.successResultOf(self.store.close()))
-        self.provider = MockProvider(clock=self.clock)
-        self.manager = CallManager(
-            provider=self.provider,
-            voice=self.provider,
-            store=self.store,
-            clock=self.clock,
-            settings=ManagerSettings(
-                provider_name="mock",
-                from_number="+15550000000",
-                max_concurrent_calls=3,
-                transcript_timeout_ms=180_000,
-                default_mode="conversation",
-                inbound_policy="open",
-            ),
+        rig = manager_rig(
+            self,
+            lambda clock: MockProvider(clock=clock),
+            webhook_url=WEBHOOK_URL,
+            max_concurrent_calls=3,
+            transcript_timeout_ms=180_000,
+            default_mode="conversation",
+            inbound_policy="open",
         )
-        self.manager.set_webhook_url(WEBHOOK_URL)
+        self.clock, self.store, self.provider, self.manager = rig.clock, rig.store, rig.provider, rig.manager
         self.methods = RpcMethods(
             manager=self.manager,
             clock=self.clock,

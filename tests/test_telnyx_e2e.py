@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from voicecall.client import RemoteError
 from voicecall.testing.telnyx import FakeTelnyx, Scenario, envelope, error_body, iso8601
 
-from tests.harness import eventually, free_port, http_client, serve, start_daemon
+from tests.harness import call_status, eventually, free_port, http_client, serve, start_daemon, until_state
 
 API_KEY = "KEY0123456789_fake_telnyx"
 CONNECTION = "1234567890"
@@ -49,16 +49,6 @@ class TelnyxEndToEndTests(TestCase):
             call.hangup_by_callee()
         await self.fake.close()
 
-    async def status(self, call_id):
-        return (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
-
-    async def until_state(self, call_id, *states):
-        async def reached():
-            record = await self.status(call_id)
-            return record if record["state"] in states else None
-
-        return await eventually(reached, 5, f"the call to reach {states}")
-
     def fake_call(self):
         (call,) = self.fake.calls.values()
         return call
@@ -85,7 +75,7 @@ class TelnyxEndToEndTests(TestCase):
         """A notify call is dialled with our call id as client_state, spoken on answer, then hung up after the delay."""
         await self.start()
         call_id = await self.initiate("Your parcel arrives today", "notify")
-        record = await self.until_state(call_id, "hangup-bot")
+        record = await until_state(self.rpc, call_id, "hangup-bot")
         dial = next(r for r in self.fake.requests if r.path == "/v2/calls")
         body = dial.json
         self.assertEqual(dial.header("Authorization"), f"Bearer {API_KEY}")
@@ -109,7 +99,7 @@ class TelnyxEndToEndTests(TestCase):
         message = "Your parcel arrives today between noon and four"  # 47 characters: 1.88 s spoken
         await self.start(Scenario(say_seconds_per_char=0.04))
         call_id = await self.initiate(message, "notify")
-        record = await self.until_state(call_id, "hangup-bot")
+        record = await until_state(self.rpc, call_id, "hangup-bot")
         self.assertEqual(self.fake_call().speak_texts, [message])
         self.assertGreaterEqual(record["endedAt"] - record["answeredAt"], 1880 + 1000)
 
@@ -123,7 +113,7 @@ class TelnyxEndToEndTests(TestCase):
         await eventually(lambda: self.fake_call().transcribing, 10, "transcription after the greeting")
         answer = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
         self.assertEqual(answer, {"success": True, "transcript": "It's Alice"})
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(
             [(t["speaker"], t["text"]) for t in record["transcript"]],
             [("bot", "Hi there"), ("bot", "Who is this?"), ("user", "It's Alice")],
@@ -152,7 +142,7 @@ class TelnyxEndToEndTests(TestCase):
         second = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Where are you?"})
         self.assertEqual(second, {"success": True, "transcript": "answer to Where are you?"})
         self.assertEqual(self.fake_call().speak_texts, [greeting, "Who is this?", "Where are you?"])
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(
             [(t["speaker"], t["text"]) for t in record["transcript"] if t["text"] != f"answer to {greeting}"],
             [
@@ -192,7 +182,7 @@ class TelnyxEndToEndTests(TestCase):
         self.assertEqual(await self.post(late, self.fake.signed_headers(late)), (200, b"OK"))
         self.assertEqual(await asked, {"success": True, "transcript": "answer to Question 3?"})
         self.assertIn("answer to Greeting 1?", list(call.said))  # said, never taken as an answer
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(
             [(t["speaker"], t["text"]) for t in record["transcript"]],
             [("bot", "Greeting 1?"), ("bot", "Please hold."), ("bot", "Question 3?"), ("user", "answer to Question 3?")],
@@ -203,7 +193,7 @@ class TelnyxEndToEndTests(TestCase):
         """The callee hanging up (normal_clearing) completes the call."""
         await self.start(Scenario(hangup_after=0.5))
         call_id = await self.initiate("Hello", "conversation")
-        record = await self.until_state(call_id, "completed")
+        record = await until_state(self.rpc, call_id, "completed")
         self.assertEqual(record["endReason"], "completed")
         self.assertEqual(self.fake_call().hangup_source, "callee")
         self.assertEqual((await self.rpc.call("voicecall.status", {}))["calls"], [])
@@ -230,7 +220,7 @@ class TelnyxEndToEndTests(TestCase):
         second = await self.post(body, headers)
         self.assertEqual(first, (200, b"OK"))
         self.assertEqual(second, (200, b"OK"))
-        texts = [t["text"] for t in (await self.status(call_id))["transcript"]]
+        texts = [t["text"] for t in (await call_status(self.rpc, call_id))["transcript"]]
         self.assertEqual(texts.count("just once"), 1)
 
     async def test_forged_requests_are_refused(self):
@@ -238,7 +228,7 @@ class TelnyxEndToEndTests(TestCase):
         await self.start(Scenario(utterances=[]))
         call_id = await self.initiate("Hello", "conversation")
         await eventually(lambda: self.fake_call().transcribing, 10, "transcription")
-        before = await self.status(call_id)
+        before = await call_status(self.rpc, call_id)
         call = self.fake_call()
         hangup = envelope(
             "call.hangup",
@@ -250,7 +240,7 @@ class TelnyxEndToEndTests(TestCase):
         unsigned = await self.post(hangup, {})
         stale = await self.post(hangup, self.fake.signed_headers(hangup, int(reactor.seconds()) - 301))
         self.assertEqual([tampered[0], unsigned[0], stale[0]], [401, 401, 401])
-        after = await self.status(call_id)
+        after = await call_status(self.rpc, call_id)
         self.assertEqual((after["state"], after.get("endReason")), (before["state"], None))
         self.assertEqual(after["transcript"], before["transcript"])
         self.assertTrue(call.is_alive)
@@ -263,7 +253,7 @@ class TelnyxEndToEndTests(TestCase):
         with self.assertRaises(RemoteError) as caught:
             await self.initiate("Hi", "notify")
         self.assertEqual(str(caught.exception), "Telnyx API error: 422 " + json.dumps(body))
-        record = await self.status(caught.exception.data["callId"])
+        record = await call_status(self.rpc, caught.exception.data["callId"])
         self.assertEqual(record["state"], "failed")
         self.assertEqual((await self.rpc.call("voicecall.status", {}))["calls"], [])
         self.assertEqual(self.fake.calls, {})

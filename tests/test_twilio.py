@@ -15,7 +15,7 @@ from voicecall.providers.base import ProviderError
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 
-from tests.harness import eventually, free_port, http_client, serve, start_daemon
+from tests.harness import call_status, eventually, free_port, http_client, serve, start_daemon, until_state
 
 SID = "AC" + "0" * 32
 TOKEN = "fake-auth-token-for-tests"
@@ -50,16 +50,6 @@ class TwilioEndToEndTests(TestCase):
             call.hangup_by_callee()
         await self.fake.settle()
 
-    async def status(self, call_id):
-        return (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
-
-    async def until_state(self, call_id, *states):
-        async def reached():
-            record = await self.status(call_id)
-            return record if record["state"] in states else None
-
-        return await eventually(reached, 5, f"the call to reach {states}")
-
     def fake_call(self):
         (call,) = self.fake.calls.values()
         return call
@@ -80,7 +70,7 @@ class TwilioEndToEndTests(TestCase):
         await self.start()
         result = await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Your parcel & co. arrive today", "mode": "notify"})
         call_id = result["callId"]
-        await self.until_state(call_id, "completed")
+        await until_state(self.rpc, call_id, "completed")
         create = next(r for r in self.fake.requests if r.path.endswith("/Calls.json"))
         self.assertEqual(create.getall("StatusCallbackEvent"), ["initiated", "ringing", "answered", "completed"])
         self.assertEqual(create.get("Url"), f"{self.webhook}?callId={call_id}")
@@ -89,15 +79,15 @@ class TwilioEndToEndTests(TestCase):
         twiml_fetches = [w for w in self.fake.webhooks if w.kind == "twiml"]
         self.assertEqual(len(twiml_fetches), 1)
         self.assertIn(b"<Hangup/>", twiml_fetches[0].body)
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertNotIn("initialMessage", record["metadata"])
 
     async def test_notify_message_in_transcript(self):
         """The notify message Twilio says from the stored TwiML is in the transcript, once, like other carriers'."""
         await self.start()
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Your table is ready", "mode": "notify"}))["callId"]
-        await self.until_state(call_id, "completed")
-        record = await self.status(call_id)
+        await until_state(self.rpc, call_id, "completed")
+        record = await call_status(self.rpc, call_id)
         self.assertEqual([(t["speaker"], t["text"]) for t in record["transcript"]], [("bot", "Your table is ready")])
 
     async def test_conversation_call(self):
@@ -111,7 +101,7 @@ class TwilioEndToEndTests(TestCase):
         await eventually(lambda: "Hi there" in self.fake_call().say_texts, 10, "the greeting")
         answer = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Who is this?"})
         self.assertEqual(answer, {"success": True, "transcript": "It's Alice"})
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(
             [(t["speaker"], t["text"]) for t in record["transcript"]],
             [("bot", "Hi there"), ("bot", "Who is this?"), ("user", "It's Alice")],
@@ -145,7 +135,7 @@ class TwilioEndToEndTests(TestCase):
         self.assertEqual(list(self.fake_call().said), [greeting, "Who is this?", "Where are you?"], "nothing was cut short")
         asked = [g for g in self.fake_call().gathers if "turnToken=" in (g.action_url or "")]
         self.assertEqual(len(asked), 2)
-        record = await self.status(call_id)
+        record = await call_status(self.rpc, call_id)
         self.assertEqual(
             [(t["speaker"], t["text"]) for t in record["transcript"]],
             [
@@ -177,7 +167,7 @@ class TwilioEndToEndTests(TestCase):
         self.assertEqual(code, 200)
         # Marker: answers on one RPC connection come in order, and the webhooks above were
         # answered after their speech was applied, so a continue they satisfied answers first.
-        await self.status(call_id)
+        await call_status(self.rpc, call_id)
         self.assertFalse(waiting.called)
         code, _ = await self.post_signed({**params, "SpeechResult": "real answer"}, f"?callId={call_id}&turnToken={token}")
         self.assertEqual((await waiting)["transcript"], "real answer")
@@ -192,7 +182,7 @@ class TwilioEndToEndTests(TestCase):
         second = await self.post_signed(params, f"?callId={call_id}")
         self.assertEqual(first[0], 200)
         self.assertEqual(second, (200, b'<?xml version="1.0" encoding="UTF-8"?><Response></Response>'))
-        texts = [t["text"] for t in (await self.status(call_id))["transcript"]]
+        texts = [t["text"] for t in (await call_status(self.rpc, call_id))["transcript"]]
         self.assertEqual(texts.count("just once"), 1)
 
     async def test_forged_requests_are_refused(self):
@@ -200,15 +190,15 @@ class TwilioEndToEndTests(TestCase):
         await self.start(Scenario(utterances=[], silence=30))
         call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hello", "mode": "conversation"}))["callId"]
         await eventually(lambda: self.fake_call().say_texts, 10, "the greeting")
-        await self.until_state(call_id, "listening")  # the greeting has been said
-        before = await self.status(call_id)
+        await until_state(self.rpc, call_id, "listening")  # the greeting has been said
+        before = await call_status(self.rpc, call_id)
         params = {"CallSid": self.fake_call().sid, "CallStatus": "completed", "Direction": "outbound-api"}
         good = sign_request(TOKEN, f"{self.webhook}?callId={call_id}", params)
         tampered = await self.post_signed({**params, "CallStatus": "busy"}, f"?callId={call_id}", signature=good)
         other_url = await self.post_signed(params, f"?callId={call_id}", url="https://evil.example/voice/webhook")
         unsigned = await self.post_signed(params, f"?callId={call_id}", signature="")
         self.assertEqual([tampered[0], other_url[0], unsigned[0]], [401, 401, 401])
-        after = await self.status(call_id)
+        after = await call_status(self.rpc, call_id)
         self.assertEqual(after["state"], before["state"])
         self.assertEqual(self.service.manager.find(call_id).end_reason, None)
 
@@ -221,7 +211,7 @@ class TwilioEndToEndTests(TestCase):
         message = str(caught.exception)
         self.assertTrue(message.startswith("Twilio API error: 400 "), message)
         self.assertIn("21211", message)
-        record = await self.status(caught.exception.data["callId"])
+        record = await call_status(self.rpc, caught.exception.data["callId"])
         self.assertEqual(record["state"], "failed")
         self.assertEqual((await self.rpc.call("voicecall.status", {}))["calls"], [])
 

@@ -17,12 +17,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.domain.manager import CallManager, ManagerSettings
+from voicecall.domain.manager import CallManager
 from voicecall.domain.model import CallState
 from voicecall.providers.base import Verification
 from voicecall.providers.mock import MockProvider
 from voicecall.providers.twiml import hold_music
-from voicecall.domain.store import CallStore, SynchronousWriter
 from voicecall.web.limits import (
     EVICT_PENDING_AFTER_SECONDS,
     HEADERS_TIMEOUT_SECONDS,
@@ -34,6 +33,8 @@ from voicecall.web.limits import (
 )
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen
+
+from tests.fixtures import manager_rig
 
 PATH = "/voice/webhook"
 CLIENT_IP = "203.0.113.7"
@@ -148,22 +149,10 @@ class Conn:
 
 class WebhookTestsBase(SynchronousTestCase):
     def setUp(self):
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.writer = SynchronousWriter()
-        self.store = CallStore(self.mktemp(), self.writer)
-        self.successResultOf(self.writer.start())
-        self.successResultOf(self.store.open())
-        self.addCleanup(lambda: self.successResultOf(self.store.close()))
-        self.provider = GatedProvider(clock=self.clock)
-        self.manager = CallManager(
-            provider=self.provider,
-            voice=self.provider,
-            store=self.store,
-            clock=self.clock,
-            settings=ManagerSettings(provider_name="mock", from_number="+15550000000", max_concurrent_calls=5),
+        rig = manager_rig(
+            self, lambda clock: GatedProvider(clock=clock), webhook_url="http://127.0.0.1:3334" + PATH, max_concurrent_calls=5
         )
-        self.manager.set_webhook_url("http://127.0.0.1:3334" + PATH)
+        self.clock, self.store, self.provider, self.manager = rig.clock, rig.store, rig.provider, rig.manager
         self.proxy = ManagerProxy(self.manager)
         self.resource = WebhookResource(
             provider=self.provider,

@@ -31,7 +31,7 @@ from twisted.trial.unittest import TestCase
 from voicecall.testing.twilio import FakeTwilio, Scenario
 from voicecall.web import limits
 
-from tests.harness import eventually, free_port, http_client, raise_fd_limit, serve, sleep, speech_fakes, start_daemon, workdir
+from tests.harness import eventually, free_port, http_client, raise_fd_limit, serve, speech_fakes, start_daemon, workdir
 
 SID = "AC" + "7" * 32
 TOKEN = "screening-token"
@@ -347,7 +347,13 @@ class ScreeningTests(TestCase):
         call_id, fake_call = await self.call_without_stream()
         for forwarded_for in (None, "198.51.100.9", "203.0.113.50, 198.51.100.9"):
             flood = self.slow_bodies(50, forwarded_for)
-            await sleep(0.3)
+            # Marker: all 50 reached the daemon, which refused all but the in-flight cap's worth.
+            await eventually(
+                lambda: sum(c.status is not None for c in flood) >= 50 - limits.MAX_IN_FLIGHT_PER_IP
+                and len(self.slots_held_since()) == limits.MAX_IN_FLIGHT_PER_IP,
+                10,
+                "the flood to fill the in-flight cap",
+            )
             self.assertTrue(any(c.status is None for c in flood))
             # The carrier comes through the same proxy, from its own address (or none).
             for carrier in (None, "54.172.60.1"):
@@ -358,7 +364,11 @@ class ScreeningTests(TestCase):
                 self.assertLess(waited, 1.0)  # not a slot freed by a 5 s read budget
                 self.log_figure(forwarded_for, carrier, waited)
             # A carrier whose body comes in a second segment, once the flood has been slow a while.
-            await sleep(limits.EVICT_PENDING_AFTER_SECONDS + 0.1)
+            await eventually(
+                lambda: reactor.seconds() - min(self.slots_held_since()) >= limits.EVICT_PENDING_AFTER_SECONDS,
+                5,
+                "the oldest held slot to become evictable",
+            )
             legit = self.ringing(fake_call, "54.172.60.1", split=True)
             await legit.done
             self.assertEqual(legit.status, 200, legit.buffer[:200])
@@ -367,6 +377,11 @@ class ScreeningTests(TestCase):
             await eventually(lambda: all(c.done.called for c in flood), 5, "the flood closed")
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertEqual(status["state"], "ringing")
+
+    def slots_held_since(self) -> list[float]:
+        """When each request holding a slot of the webhook's in-flight limiter took it (on the reactor's clock)."""
+        limiter = self.service._webhook._factory._screen._limiter
+        return [since for _client, since, _on_evict in limiter._holders.values()]
 
     def log_figure(self, forwarded_for, carrier, waited) -> None:
         print(f"signed webhook behind the flood (flood XFF {forwarded_for!r}, carrier XFF {carrier!r}): {waited * 1000:.1f} ms")
@@ -482,12 +497,12 @@ class ScreeningTests(TestCase):
         client = self.connect(b"")
         await eventually(lambda: client.transport is not None and client.transport.connected or None, 5, "connected")
         client.transport.pauseProducing()  # never read an answer
-        sent = 0
-        while sent < 4_000_000:
-            client.transport.write(request * 2000)
-            sent += len(request) * 2000
-            await sleep(0.01)
-        await sleep(1.0)
+        client.transport.write(request * (4_000_000 // len(request)))
+
+        def stopped_reading():
+            return [c for c in gc.get_objects() if isinstance(c, limits.ScreenedChannel) and c.transport is not None and c.paused]
+
         # Before: Twisted kept reading while the answers piled up (several MB per connection).
+        await eventually(stopped_reading, 10, "the daemon to stop reading the client that does not read")
         self.assertLess(self.queued_for_peers(), 1_000_000)
         client.transport.abortConnection()
