@@ -18,6 +18,7 @@ import sys
 from typing import Any, Sequence
 
 from voicecall.testing import chaos as _chaos
+from voicecall.testing import standalone
 from voicecall.testing.chaos import Chaos
 from voicecall.testing.telnyx_api import FakeTelnyx, RecordedRequest, error_body
 from voicecall.testing.telnyx_driver import (
@@ -59,31 +60,21 @@ def _seed(text: str) -> bytes:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m voicecall.testing.telnyx",
-        description="Run a fake Telnyx Call Control API and carrier on this machine.",
-    )
-    parser.add_argument("--port", type=int, default=8081, help="TCP port (0: any free port)")
-    parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
+    parser = standalone.parser("telnyx", "Run a fake Telnyx Call Control API and carrier on this machine.", 8081)
     parser.add_argument("--api-key", default=os.environ.get("TELNYX_API_KEY"), help="API key (default: $TELNYX_API_KEY)")
     parser.add_argument("--connection-id", default=None, help="the only connection_id a dial may name (default: any)")
     parser.add_argument("--webhook-url", default=None, help="the application's webhook URL (for dials without one)")
     parser.add_argument("--signing-seed", type=_seed, default=None, help="Ed25519 seed, 64 hex digits (default: a new key)")
-    parser.add_argument("--outcome", default="answer", choices=["answer", "no-answer", "busy"])
-    parser.add_argument("--answer-after", type=float, default=1.0, help="seconds from dial to answer")
-    parser.add_argument(
-        "--say", dest="utterances", action="append", default=[],
-        help='what the callee says at each turn, in order (repeatable; "" is silence)',
+    standalone.add_callee_arguments(
+        parser,
+        outcomes=("answer", "no-answer", "busy"),
+        answer_after="seconds from dial to answer",
+        turn="turn",
+        questions_only="stay silent except after a question (a prompt ending in '?'), answering each once",
+        seconds_per_char="--say-seconds-per-char",
+        speech="",
+        hangup_after="callee hangs up N seconds after answering",
     )
-    parser.add_argument(
-        "--answer-questions-only", action="store_true",
-        help="stay silent except after a question (a prompt ending in '?'), answering each once",
-    )
-    parser.add_argument(
-        "--say-seconds-per-char", type=float, default=0.06, help="simulated speaking time per character"
-    )
-    parser.add_argument("--hangup-after", type=float, default=None, help="callee hangs up N seconds after answering")
-    _chaos.add_arguments(parser)
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("--api-key (or $TELNYX_API_KEY) is required")
@@ -97,8 +88,6 @@ def scripted_utterances(args: argparse.Namespace) -> Any:
     when the daemon starts transcribing), or, with --answer-questions-only, one phrase after each
     question the bot asked; every call starts again at the first phrase.
     """
-    from voicecall.testing.twilio import MAX_SCRIPTED_CALLS, answers_per_call
-
     said = [u or None for u in args.utterances]
     if not args.answer_questions_only:
         return said  # each call keeps its own position in the list
@@ -110,21 +99,14 @@ def scripted_utterances(args: argparse.Namespace) -> Any:
             return False
         answered.pop(call.call_control_id, None)
         answered[call.call_control_id] = prompt
-        while len(answered) > MAX_SCRIPTED_CALLS:
+        while len(answered) > standalone.MAX_SCRIPTED_CALLS:
             del answered[next(iter(answered))]
         return True
 
-    return answers_per_call(said, asked=asked, key=lambda call: call.call_control_id)
+    return standalone.answers_per_call(said, asked=asked, key=lambda call: call.call_control_id)
 
 
-async def _serve(reactor: Any, args: argparse.Namespace) -> None:
-    from twisted.internet.defer import Deferred
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-    from twisted.web.client import Agent, HTTPConnectionPool
-    from twisted.web.server import Site
-    from treq.client import HTTPClient
-
-    http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+def _build(args: argparse.Namespace) -> Any:
     scenario = Scenario(
         outcome=args.outcome,
         answer_after=args.answer_after,
@@ -133,7 +115,8 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
         say_seconds_per_char=args.say_seconds_per_char,
     )
     signer = Signer.from_seed(args.signing_seed) if args.signing_seed else Signer.generate()
-    fake = FakeTelnyx(
+    chaos = _chaos.from_arguments(args)
+    return lambda reactor, http: FakeTelnyx(
         reactor,
         args.api_key,
         http,
@@ -141,26 +124,14 @@ async def _serve(reactor: Any, args: argparse.Namespace) -> None:
         webhook_url=args.webhook_url,
         signer=signer,
         scenario=scenario,
-        chaos=_chaos.from_arguments(args),
+        chaos=chaos,
     )
-    site = Site(fake.resource())
-    site.displayTracebacks = False
-    from voicecall.testing.twilio import listen_or_exit
-
-    port = await listen_or_exit(reactor, args, site, "Telnyx")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    address = port.getHost()
-    print(f"telnyx.baseUrl: http://{address.host}:{address.port}", flush=True)
-    print(f"telnyx.publicKey: {fake.public_key}", flush=True)
-    await Deferred()  # serve until interrupted
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the fake Telnyx until interrupted (Ctrl-C)."""
-    from twisted.internet.task import react
-
     args = _parse(sys.argv[1:] if argv is None else argv)
-    react(lambda reactor: _serve(reactor, args))
+    standalone.run(args, "Telnyx", _build(args), lambda fake: [f"telnyx.publicKey: {fake.public_key}"])
 
 
 if __name__ == "__main__":
