@@ -20,8 +20,11 @@ from voicecall.config.model import StreamingConfig, TtsConfig, VoiceCallConfig, 
 #: Where the plugin config lives in an OpenClaw config file; every problem is named under it.
 CONFIG_PATH = "plugins.entries.voice-call.config"
 
+#: The config sections whose keys belong to one provider (their env fallbacks and requirements).
+_PROVIDER_SECTIONS = [a for a in fields(VoiceCallConfig) if declaration(a) and declaration(a).provider and declaration(a).section]
+
 #: The providers that need credentials and a caller number (SPEC §2.5).
-CARRIERS = ("twilio", "telnyx", "plivo")
+CARRIERS = tuple(declaration(a).provider for a in _PROVIDER_SECTIONS)
 
 _FROM_NUMBER = fields(VoiceCallConfig).from_number
 
@@ -109,14 +112,24 @@ def shape(cls: type) -> Shape:
     return Shape(cls, keys)
 
 
-# The current streaming shape, ``providers.openai.*``, read into the flat fields that moved there.
-_OPENAI_STREAM = "providers.openai."
+#: The legacy flat streaming keys: (legacy JSON key, the key that replaced it, the attribute).
 _STREAM_MOVED = [(json_name(a), declaration(a).moved_to, a.name)
                  for a in fields(StreamingConfig) if declaration(a).moved_to]  # fmt: skip
-_STREAM_PROVIDERS = Shape(None, {"openai": ("openai", Shape(None, {
-    moved[len(_OPENAI_STREAM):]: (name, shape(StreamingConfig).keys[legacy][1])
-    for legacy, moved, name in _STREAM_MOVED if moved.startswith(_OPENAI_STREAM)
-}))})  # fmt: skip
+
+
+def _streaming_providers() -> Shape:
+    """
+    The current streaming shape's ``providers`` object: ``openai`` holds the keys that replaced
+    flat ones (``providers.openai.apiKey``, ...), read with their checks into their attributes.
+    """
+    prefix = "providers.openai."
+    flat = shape(StreamingConfig).keys
+    openai = {moved[len(prefix):]: (name, flat[legacy][1])
+              for legacy, moved, name in _STREAM_MOVED if moved.startswith(prefix)}  # fmt: skip
+    return Shape(None, {"openai": ("openai", Shape(None, openai))})
+
+
+_STREAM_PROVIDERS = _streaming_providers()
 
 # OpenClaw's TTS layout, messages.tts.providers.<id>: the `TtsConfig` section each id voicecall can
 # use fills, and the keys OpenClaw accepts there that calls do not use (calls need PCM).
@@ -329,11 +342,9 @@ def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
     if cfg.provider in CARRIERS and cfg.from_number is None:
         hint = f" (or set {number.env[0]} env)" if number.provider == cfg.provider else ""
         problems.append(Issue(f"{p}.{json_name(_FROM_NUMBER)}", "is required" + hint, sep=" "))
-    for a in fields(VoiceCallConfig):
+    for a in _PROVIDER_SECTIONS:
         declared = declaration(a)
-        if declared is None or declared.provider is None or declared.provider != cfg.provider:
-            continue
-        if not declared.section:
+        if declared.provider != cfg.provider:
             continue
         section = getattr(cfg, a.name)
         for inner in fields(declared.section):
