@@ -17,10 +17,12 @@ from collections import deque
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+
+from voicecall.testing.chaos import Chaos
 
 JSON = b"application/json; charset=utf-8"
 
@@ -109,16 +111,24 @@ class ApiResource(Resource):
         return self._fake._handle(request)
 
 
+@define(kw_only=True)
 class FaultyApi:
     """
-    The request cycle of a fake REST API with fault injection, and the account's calls. Needs
-    C{self._reactor}, C{self._carrier} (a delivery.Courier), C{self.scenario}, C{self.requests}
-    (a bounded deque), C{self.calls} (a dict, oldest first), C{self.max_calls},
-    C{self._scenarios} (a dict), C{self._faults} (a deque) and C{self._held} (a dict: request ->
-    delayed answer or None).
+    The request cycle of a fake REST API with fault injection, and the account's calls. A
+    carrier's fake adds C{_reactor}, C{scenario} and its credentials, and builds C{_carrier} (a
+    delivery.Courier) after construction.
     """
 
-    __slots__ = ()
+    max_calls: int = 10_000
+    webhook_timeout: float = 15.0
+    chaos: Chaos = field(factory=Chaos)
+    requests: deque = field(factory=lambda: deque(maxlen=10_000))
+    calls: dict = field(factory=dict)  # call id -> FakeCall, oldest first
+    _scenarios: dict = field(factory=dict)
+    _faults: deque = field(factory=deque)
+    _held: dict = field(factory=dict)  # request -> pending delayed answer (or None)
+    _carrier: Any = field(init=False)
+
     #: The content type of JSON answers.
     content_type = JSON
     #: The first path segment of the API (C{b"2010-04-01"}, C{b"v1"}, C{b"v2"}).

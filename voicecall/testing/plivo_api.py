@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections import deque
 from typing import Any, Callable, Mapping
 from urllib.parse import parse_qsl
 
@@ -28,7 +27,6 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from voicecall.testing.chaos import Chaos
 from voicecall.testing.fakerest import FaultyApi, basic_auth, credentials_match, raw_headers, read_body
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
@@ -76,17 +74,8 @@ class FakePlivo(FaultyApi):
     _http: Any = None
     scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
     signature: str = "v3"
-    max_calls: int = 10_000
-    webhook_timeout: float = 15.0
     max_documents_per_call: int = 1_000
-    chaos: Chaos = field(factory=Chaos)
-    requests: deque = field(factory=lambda: deque(maxlen=10_000))
-    calls: dict = field(factory=dict)  # CallUUID -> FakeCall, oldest first
     _by_request: dict = field(factory=dict)  # request_uuid -> FakeCall
-    _scenarios: dict = field(factory=dict)
-    _faults: deque = field(factory=deque)
-    _held: dict = field(factory=dict)  # request -> pending delayed answer (or None)
-    _carrier: Carrier = field(init=False)
     _log = Logger()
 
     api_root = b"v1"

@@ -23,14 +23,12 @@ import binascii
 import hmac
 import json
 import re
-from collections import deque
 from typing import Any, Callable, Mapping
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from voicecall.testing.chaos import Chaos
 from voicecall.testing.fakerest import FaultyApi, raw_headers, read_body
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
@@ -118,15 +116,6 @@ class FakeTelnyx(FaultyApi):
     webhook_url: str | None = None
     signer: Signer = field(factory=Signer.generate)
     scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
-    max_calls: int = 10_000
-    webhook_timeout: float = 15.0
-    chaos: Chaos = field(factory=Chaos)
-    requests: deque = field(factory=lambda: deque(maxlen=10_000))
-    calls: dict = field(factory=dict)  # call_control_id -> FakeCall, oldest first
-    _scenarios: dict = field(factory=dict)
-    _faults: deque = field(factory=deque)
-    _held: dict = field(factory=dict)  # request -> pending delayed answer (or None)
-    _carrier: Carrier = field(init=False)
     _log = Logger()
 
     api_root = API_VERSION.encode("ascii")
