@@ -748,6 +748,11 @@ class MediaFuzzTests(FuzzBase):
         self.addCleanup(close)
         return client
 
+    async def closed(self, client, payload: bytes) -> tuple[int, str]:
+        """The code and reason the daemon closed `client` with, once it has (after `payload`)."""
+        await eventually(lambda: client.closed.called, 10, f"the daemon to close the stream after {payload[:80]!r}")
+        return await client.closed
+
     async def call_state(self):
         return (await self.rpc.call("voicecall.status", {"callId": self.call_id}))["call"]
 
@@ -776,10 +781,12 @@ class MediaFuzzTests(FuzzBase):
         before = await self.call_state()
         client = await self.client(auto_start=False)
         for payload, binary in draw(frames()) + [(b'{"event": "start", "start": {}}', False)]:
-            code = close_code(payload, binary, started=False)
+            expected = expected_close(payload, binary, started=False)
             client.send_raw(payload, binary)
-            if code is not None:
-                self.assertEqual((await client.closed)[0], code, f"{payload[:200]!r}")
+            if expected is not None:
+                code, reason = await self.closed(client, payload)
+                self.assertEqual(code, expected[0], f"{payload[:200]!r}: {reason}")
+                self.assertIn(reason, expected[1], f"{payload[:200]!r}")
                 self.assertEqual(dict(self.service._media.sessions), {}, f"{payload[:200]!r} was admitted")
                 client = await self.client(auto_start=False)
         # The last socket was closed by the `start` added last, after every frame before it.
@@ -790,22 +797,22 @@ class MediaFuzzTests(FuzzBase):
 
     async def test_frames_after_valid_start(self):
         """
-        After a valid `start`, garbage frames never crash the stream or the daemon: text that is
-        not UTF-8 closes it 1007, a `stop` 1000, and every other frame leaves it open; the call
-        goes on (a dropped stream has a grace period to come back in).
+        After a valid `start`, garbage frames never crash the stream or the daemon: every frame
+        but a `stop` or text that is not UTF-8 (which close it, 1000 or 1007: see the test before)
+        leaves it open, as the `stop` sent last shows by closing it 1000; the call goes on (a
+        dropped stream has a grace period to come back in).
         """
         await self.start_streaming()
         client = await self.client(token=self.stream.parameters["token"])
         await eventually(lambda: self.service._media.sessions, 5, "the stream to be admitted")
         state_at_start = (await self.call_state())["state"]
         stop = (json.dumps({"event": "stop", "streamSid": client.stream_sid}).encode(), False)
-        for payload, binary in draw(frames()) + [stop]:
-            code = close_code(payload, binary, started=True)
+        garbage = [frame for frame in draw(frames()) if expected_close(*frame, started=True) is None]
+        self.assertGreater(len(garbage), EXAMPLES // 2)
+        for payload, binary in garbage + [stop]:
             client.send_raw(payload, binary)
-            if code is not None:
-                # The close answers this frame, after all the frames sent before it.
-                self.assertEqual((await client.closed)[0], code, f"{payload[:200]!r}")
-                break
+        # The close answers the `stop`, after every frame sent before it.
+        self.assertEqual(await self.closed(client, stop[0]), (1000, "Stream stopped"))
         self.assertEqual(dict(self.service._media.sessions), {})
         self.assertNothingLogged("frames after start")
         state = (await self.call_state())["state"]
@@ -818,21 +825,25 @@ class MediaFuzzTests(FuzzBase):
 LIVE = ["answered", "active", "speaking", "listening"]
 
 
-def close_code(payload: bytes, binary: bool, started: bool) -> int | None:
-    """The code the daemon closes a stream with on this frame, or None when it keeps it open."""
+#: The close reasons of a refused `start` (none can carry the call's one-time token).
+START_REFUSED = {"Missing callSid", "Missing streamSid", "Unknown call", "Duplicate streamSid"}
+
+
+def expected_close(payload: bytes, binary: bool, started: bool) -> tuple[int, set[str]] | None:
+    """The code and possible reasons the daemon closes a stream with on this frame; None when it keeps it open."""
     if binary:
         return None
     try:
         text = payload.decode()
     except UnicodeDecodeError:
-        return 1007
+        return 1007, {"Invalid UTF-8 in a text frame"}
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):
         return None
     event = message.get("event") if isinstance(message, dict) else None
     if event == "stop" and started:
-        return 1000
+        return 1000, {"Stream stopped"}
     if event == "start" and not started:
-        return 1008
+        return 1008, START_REFUSED
     return None
