@@ -135,6 +135,7 @@ class StreamedConversationTests(TestCase):
         fetches = len(fake_call.documents)
         client.close()
         await client.closed
+        grace = await eventually(lambda: self.service._bridge._grace.get(fake_call.sid), 5, "the dropped stream's grace timer")
         fake_call.end_stream()  # Twilio sees its socket close and asks the <Connect> action what next
         again = await fake_call.next_stream()
         self.assertEqual(fake_call.documents[fetches].kind, "action")
@@ -143,7 +144,7 @@ class StreamedConversationTests(TestCase):
         stale = await self.connect(fake_call, stream)
         self.assertEqual(await stale.closed, (1008, "Unknown call"))
         # The returning stream cancels the pending end of the call: nothing can end it by grace.
-        await eventually(lambda: not self.service._bridge._grace, 5, "the returning stream to cancel the grace timer")
+        await eventually(lambda: grace.cancelled, 5, "the returning stream to cancel the grace timer")
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertNotIn(status["state"], ("hangup-bot", "completed"))
         for s in list(self.service._media.sessions.values()):
