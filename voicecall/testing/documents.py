@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections import deque
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, Union
 from urllib.parse import urljoin, urlsplit
 
 from attrs import define, field, frozen
@@ -29,6 +29,42 @@ from twisted.logger import Logger
 
 #: Observations kept per call (oldest dropped first).
 MAX_OBSERVATIONS = 1_000
+OUTCOMES = ("answer", "no-answer", "busy", "failed")
+
+#: What a Gather/GetInput hears: speech (str), other parameters (`{"Digits": "1"}`), or nothing (None).
+Utterance = Union[str, Mapping[str, str], None]
+
+
+def _utterance_source(value: Any) -> Any:
+    return value if callable(value) else tuple(value)
+
+
+@frozen
+class DocumentScenario:
+    """
+    What the person on the far end of a document carrier's call does (the carrier's `Scenario`
+    adds its speaking rate and words); times are in seconds on the injected clock.
+
+    `outcome` is `answer`, `no-answer`, `busy` or `failed`. An outbound call rings after
+    `ring_after`, then is answered (or busy, or fails) `answer_after` later. `utterances` feeds
+    the Gathers/GetInputs: a sequence consumed one per input, or a callable
+    `(call) -> Utterance` (or a Deferred of one). `hangup_after` hangs up that long after the
+    answer. `<Play>` takes `play_seconds`; an input that hears nothing waits `silence` (None:
+    its own timeout attribute); what is heard is posted `speech_delay` after the prompt ended.
+    """
+
+    outcome: str = "answer"
+    ring_after: float = 0.0
+    answer_after: float = 0.0
+    utterances: Sequence[Utterance] | Callable[[Any], Any] = field(default=(), converter=_utterance_source)
+    hangup_after: float | None = None
+    play_seconds: float = 0.0
+    silence: float | None = None
+    speech_delay: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {self.outcome!r}")
 
 
 class Superseded(Exception):

@@ -13,12 +13,13 @@ import base64
 import hashlib
 import hmac
 import secrets
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from attrs import define, field, frozen
 
 from voicecall.testing.delivery import Courier, with_query
+from voicecall.testing.documents import DocumentScenario, Utterance
 
 #: What the fake sends as User-Agent on its callbacks.
 USER_AGENT = "PlivoHTTP/1.0 (fake)"
@@ -34,8 +35,6 @@ HANGUP_CAUSES = {
     "cancel": "ORIGINATOR_CANCEL",
 }
 
-#: What a GetInput hears: speech (str), other callback parameters (`{"Digits": "1"}`), or nothing.
-Utterance = Union[str, Mapping[str, str], None]
 
 
 # -- signatures ---------------------------------------------------------------------------------
@@ -116,35 +115,16 @@ def signature_headers(
 
 
 @frozen
-class Scenario:
+class Scenario(DocumentScenario):
     """
-    What the person on the far end does; times are in seconds on the injected clock.
-
-    `outcome` is `answer`, `no-answer`, `busy` or `failed`. An outbound call rings after
-    `ring_after` and is answered (or busy, or fails) `answer_after` later; an answer later than
-    the call's `hangup_on_ring` (else `ring_timeout`) is a no-answer. `utterances` feeds the
-    GetInputs: a sequence consumed one per GetInput, or a callable `(call) -> Utterance` (or a
-    Deferred of one). `hangup_after` hangs up that long after the answer. `<Speak>` takes
-    `speak_seconds_per_char` per character; a GetInput that hears nothing waits `silence`
-    (None: its `executionTimeout`); what is heard is posted `speech_delay` after the prompt.
+    What the person on the far end does (see DocumentScenario). An answer later than the call's
+    `hangup_on_ring` (else `ring_timeout`) is a no-answer; `<Speak>` takes
+    `speak_seconds_per_char` per character; a GetInput that hears nothing waits `silence` (None:
+    its `executionTimeout`); speech is heard with `confidence`.
     """
 
-    outcome: str = "answer"
-    ring_after: float = 0.0
-    answer_after: float = 0.0
-    utterances: Sequence[Utterance] | Callable[[Any], Any] = field(
-        default=(), converter=lambda v: v if callable(v) else tuple(v)
-    )
-    hangup_after: float | None = None
     speak_seconds_per_char: float = 0.0
-    play_seconds: float = 0.0
-    silence: float | None = None
-    speech_delay: float = 0.0
     confidence: str = "0.91"
-
-    def __attrs_post_init__(self) -> None:
-        if self.outcome not in ("answer", "no-answer", "busy", "failed"):
-            raise ValueError(f"unknown outcome {self.outcome!r}")
 
 
 @define

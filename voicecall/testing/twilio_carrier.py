@@ -17,12 +17,13 @@ import hmac
 import secrets
 from datetime import datetime, timezone
 from email.utils import format_datetime
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Iterable, Mapping
 from urllib.parse import urlencode
 
 from attrs import define, field, frozen
 
 from voicecall.testing.delivery import Courier, with_query
+from voicecall.testing.documents import DocumentScenario, Utterance
 
 API_VERSION = "2010-04-01"
 #: What Twilio sends as User-Agent on its webhook requests.
@@ -33,9 +34,6 @@ MAX_OBSERVATIONS = 1_000
 TERMINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
 
-#: What a Gather hears: speech (str), other form parameters (e.g. `{"Digits": "1"}`), or
-#: nothing (None).
-Utterance = Union[str, Mapping[str, str], None]
 
 
 def sign_request(
@@ -58,36 +56,16 @@ def new_sid(prefix: str) -> str:
 
 
 @frozen
-class Scenario:
+class Scenario(DocumentScenario):
     """
-    What the person on the far end does; times are in seconds on the injected clock.
-
-    `outcome` is `answer`, `no-answer`, `busy` or `failed`. An outbound call rings after
-    `ring_after`, then is answered (or busy, or fails) `answer_after` later; an answer later
-    than the call's `Timeout` is a no-answer. `utterances` feeds the Gathers: a sequence
-    consumed one per Gather, or a callable `(call) -> Utterance` (or a Deferred of one).
-    `hangup_after` hangs up that long after the answer. `<Say>` takes
-    `say_seconds_per_char` per character, `<Play>` `play_seconds`; a Gather that hears nothing
-    waits `silence` (None: its own `timeout` attribute); a heard utterance is posted
-    `speech_delay` after the prompt ended.
+    What the person on the far end does (see DocumentScenario). An answer later than the call's
+    `Timeout` is a no-answer; `<Say>` takes `say_seconds_per_char` per character; a Gather that
+    hears nothing waits `silence` (None: its own `timeout` attribute); speech is heard with
+    `confidence`.
     """
 
-    outcome: str = "answer"
-    ring_after: float = 0.0
-    answer_after: float = 0.0
-    utterances: Sequence[Utterance] | Callable[[Any], Any] = field(
-        default=(), converter=lambda v: v if callable(v) else tuple(v)
-    )
-    hangup_after: float | None = None
     say_seconds_per_char: float = 0.0
-    play_seconds: float = 0.0
-    silence: float | None = None
-    speech_delay: float = 0.0
     confidence: str = "0.9"
-
-    def __attrs_post_init__(self) -> None:
-        if self.outcome not in ("answer", "no-answer", "busy", "failed"):
-            raise ValueError(f"unknown outcome {self.outcome!r}")
 
 
 @define
