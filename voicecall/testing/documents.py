@@ -40,6 +40,26 @@ def _utterance_source(value: Any) -> Any:
 
 
 @frozen
+class PromptRecord:
+    """A speech prompt the call played (`<Say>`, `<Speak>`) with its attributes."""
+
+    text: str
+    voice: str | None
+    language: str | None
+    loop: int = 1
+
+
+@define
+class InputRecord:
+    """An input the call gathered (`<Gather>`, `<GetInput>`): its attributes, where it posts, what it heard."""
+
+    attributes: dict[str, str]
+    action_url: str | None
+    method: str
+    heard: Utterance = None
+
+
+@frozen
 class DocumentScenario:
     """
     What the person on the far end of a document carrier's call does (the carrier's `Scenario`

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from attrs import define, field, frozen
 
 from voicecall.testing.delivery import Courier, with_query
-from voicecall.testing.documents import DocumentScenario, Utterance
+from voicecall.testing.documents import DocumentScenario, InputRecord, PromptRecord
 
 #: What the fake sends as User-Agent on its callbacks.
 USER_AGENT = "PlivoHTTP/1.0 (fake)"
@@ -146,19 +146,13 @@ class Webhook:
 
 
 @frozen
-class SpeakRecord:
-    text: str
-    voice: str | None
-    language: str | None
-    loop: int = 1
+class SpeakRecord(PromptRecord):
+    """A `<Speak>` the call played."""
 
 
 @define
-class GetInputRecord:
-    attributes: dict[str, str]
-    action_url: str | None
-    method: str
-    heard: Utterance = None
+class GetInputRecord(InputRecord):
+    """A `<GetInput>` the call ran."""
 
     @property
     def turn_token(self) -> str | None:

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 from attrs import define, field, frozen
 
 from voicecall.testing.delivery import Courier, with_query
-from voicecall.testing.documents import DocumentScenario, Utterance
+from voicecall.testing.documents import DocumentScenario, InputRecord, PromptRecord
 
 API_VERSION = "2010-04-01"
 #: What Twilio sends as User-Agent on its webhook requests.
@@ -87,19 +87,13 @@ class Webhook:
 
 
 @frozen
-class SayRecord:
-    text: str
-    voice: str | None
-    language: str | None
-    loop: int = 1
+class SayRecord(PromptRecord):
+    """A `<Say>` the call played."""
 
 
 @define
-class GatherRecord:
-    attributes: dict[str, str]
-    action_url: str | None
-    method: str
-    heard: Utterance = None
+class GatherRecord(InputRecord):
+    """A `<Gather>` the call ran."""
 
 
 @define
