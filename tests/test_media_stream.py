@@ -1,6 +1,13 @@
 """
-Tests for voicecall.media.stream: the Twilio media-stream server on real loopback sockets,
-mounted on the webhook Site as the daemon mounts it, driven by the TwilioMediaClient.
+Tests for voicecall.media.stream (the call policy) and voicecall.media.sockets (the wire): the
+Twilio media-stream server mounted on the webhook Site as the daemon mounts it, driven by the
+TwilioMediaClient or a hand-rolled WebSocket client.
+
+The unit tier runs in memory: every connection is a twisted.test.iosim pair on one
+MemoryReactorClock, so time only passes when a test advances it and "nothing happened" is
+checked after every byte has been delivered. The integration tier (IntegrationTests) keeps what
+only real sockets show: a kernel send buffer that fills (backpressure) and the direct write of
+frames to a plain TCP socket; it polls, never sleeps.
 """
 from __future__ import annotations
 
@@ -14,26 +21,31 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twilio.request_validator import RequestValidator
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
+from twisted.test import iosim
 from twisted.test.proto_helpers import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
+from voicecall.infra import wsfast
 from voicecall.infra.audio import FRAME_BYTES, AudioChunk
-from voicecall.infra.wsfast import neutralise_autobahn_log_formatting
-from voicecall.media.sockets import _MEDIA
+from voicecall.infra.wsfast import Wire, neutralise_autobahn_log_formatting, tune_factory
+from voicecall.media.sockets import _MEDIA, MediaSocket
 from voicecall.media.stream import MediaStreamServer
 from voicecall.providers.signatures import verify_twilio
 from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.webhook import RootResource
 
+from tests.harness import eventually
+
 STREAM_PATH = "/voice/stream"
 AUTH_TOKEN = "test_auth_token_0123456789abcdef"
+START = b'{"event":"start","streamSid":"%s","start":{"callSid":"%s","customParameters":{"token":"t"}}}'
 
 
 class Handler:
@@ -44,6 +56,7 @@ class Handler:
         self.accepted: list[tuple[str, str | None]] = []
         self.started: list = []
         self.media: list[bytes] = []
+        self.media_calls = 0
         self.digits: list[str] = []
         self.stopped: list = []
         self.fail_media = False
@@ -56,6 +69,7 @@ class Handler:
         self.started.append(session)
 
     def media_received(self, session, ulaw):
+        self.media_calls += 1
         if self.fail_media:
             raise RuntimeError("handler broke")
         self.media.append(ulaw)
@@ -102,25 +116,34 @@ def client_frame(payload: bytes, opcode: int = 1, mask: bytes = b"\x12\x34\x56\x
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def close_code(data: bytes) -> int | None:
+    """The status code of the first close frame in what the server sent."""
+    at = data.find(b"\x88")
+    while at != -1:
+        if at + 4 <= len(data) and 2 <= data[at + 1] <= 125:
+            return int.from_bytes(data[at + 2 : at + 4], "big")
+        at = data.find(b"\x88", at + 1)
+    return None
+
+
 class RawWebSocket(Protocol):
-    """A hand-rolled WebSocket client that writes exactly the bytes it is given."""
+    """A hand-rolled WebSocket client that writes exactly the bytes it is given (and never answers a close)."""
 
     def __init__(self) -> None:
         self.data = b""
-        self.upgraded: Deferred = Deferred()
-        self.lost: Deferred = Deferred()
+        self.head: bytes | None = None
+        self.lost = False
 
     def connectionMade(self):
         self.transport.write(upgrade_request())
 
     def dataReceived(self, data):
         self.data += data
-        if not self.upgraded.called and b"\r\n\r\n" in self.data:
-            head, _, self.data = self.data.partition(b"\r\n\r\n")
-            self.upgraded.callback(head)
+        if self.head is None and b"\r\n\r\n" in self.data:
+            self.head, _, self.data = self.data.partition(b"\r\n\r\n")
 
     def connectionLost(self, reason):
-        self.lost.callback(None)
+        self.lost = True
 
 
 def upgrade_request(host: bytes = b"127.0.0.1", extra: bytes = b"") -> bytes:
@@ -131,206 +154,263 @@ def upgrade_request(host: bytes = b"127.0.0.1", extra: bytes = b"") -> bytes:
     )
 
 
-def wait(seconds: float) -> Deferred:
-    return deferLater(reactor, seconds, lambda: None)
+def result(d: Deferred):
+    """What `d` fired with (it must have fired)."""
+    box: list = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    value = box[0]
+    d.addBoth(lambda _: value)  # leave it as it was for other observers
+    if hasattr(value, "raiseException"):
+        value.raiseException()
+    return value
 
 
-async def until(predicate, timeout: float = 5.0) -> None:
-    """Wait (spinning the reactor) until predicate() is true."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        await wait(0.01)
+class Memory:
+    """
+    The media server on the webhook Site, and its clients, in memory: one MemoryReactorClock and
+    one iosim pump per connection. flush() delivers every byte; advance() lets time pass.
+    """
 
-
-class MediaStreamTestBase(TestCase):
-    handler: Handler
-
-    def serve(self, **kwargs) -> MediaStreamServer:
-        self.handler = kwargs.pop("handler", None) or Handler()
+    def __init__(self, handler: Handler | None = None, **kwargs) -> None:
+        self.clock = MemoryReactorClock()
+        self.handler = handler or Handler()
         kwargs.setdefault("pre_start_timeout", 5.0)
-        server = MediaStreamServer(reactor, self.handler, **kwargs)
-        root = RootResource(webhook=Webhook(), stream_path=STREAM_PATH, stream=server.resource)
-        site = ScreenedSite(root, clock=reactor, screen=lambda request, length: None)
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(self.port.stopListening)
-        self.url = f"ws://127.0.0.1:{self.port.getHost().port}{STREAM_PATH}"
-        self.server = server
-        self.clients: list[TwilioMediaClient] = []
-        self.addCleanup(self._close_all)
-        return server
+        self.server = MediaStreamServer(self.clock, self.handler, **kwargs)
+        root = RootResource(webhook=Webhook(), stream_path=STREAM_PATH, stream=self.server.resource)
+        self.site = ScreenedSite(root, clock=self.clock, screen=lambda request, length: None)
+        self.url = "ws://127.0.0.1:8080" + STREAM_PATH
+        self.pumps: list[iosim.IOPump] = []
+        self._ports = 40000
 
-    async def _close_all(self) -> None:
-        self.server.shutdown()
-        for client in self.clients:
-            client.abort()
-        for client in self.clients:
-            if not client.opened.called:
-                client.opened.addErrback(lambda f: None)
-            await client.closed
-        await until(lambda: not self.server._sockets._connections)
+    def connect(self, protocol) -> iosim.IOPump:
+        """Connect a client `protocol` to the Site from 127.0.0.1 and deliver what it sends first."""
+        self._ports += 1
+        host = IPv4Address("TCP", "127.0.0.1", 8080)
+        peer = IPv4Address("TCP", "127.0.0.1", self._ports)
+        server = self.site.buildProtocol(peer)
+        pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, isServer=True, hostAddress=host, peerAddress=peer),
+            protocol,
+            iosim.FakeTransport(protocol, isServer=False, hostAddress=peer, peerAddress=host),
+            greet=False,
+            clock=self.clock,
+        )
+        self.pumps.append(pump)
+        self.flush()
+        return pump
+
+    def flush(self) -> None:
+        """Deliver every byte in flight (and run what is due now) until nothing moves."""
+        for _ in range(10_000):
+            moved = False
+            for pump in self.pumps:
+                moved = pump.pump() or moved
+            if not moved:
+                return
+        raise AssertionError("the connections never settled")
+
+    def advance(self, seconds: float, step: float = 0.01) -> None:
+        """Let `seconds` pass in `step`s, delivering everything in flight after each."""
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end - 1e-9:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+            self.flush()
 
     def client(self, **kwargs) -> TwilioMediaClient:
+        """A TwilioMediaClient connected (its upgrade answered, its start sent unless auto_start=False)."""
         kwargs.setdefault("token", "tok")
-        client = TwilioMediaClient(reactor, kwargs.pop("url", self.url), **kwargs)
-        self.clients.append(client)
+        client = TwilioMediaClient(self.clock, kwargs.pop("url", self.url), **kwargs)
+        client.opened.addErrback(lambda f: f)  # a test that expects a refusal reads it
+        client.connect()
+        factory = self.clock.tcpClients[-1][2]
+        tune_factory(factory._wrappedFactory, self.clock)  # its timers on our clock
+        self.connect(factory.buildProtocol(None))
         return client
 
-    async def connected(self, **kwargs) -> TwilioMediaClient:
-        client = self.client(**kwargs)
-        await client.connect()
-        return client
-
-    async def started(self, **kwargs) -> TwilioMediaClient:
+    def started(self, **kwargs) -> TwilioMediaClient:
         before = len(self.handler.started)
-        client = await self.connected(**kwargs)
-        await until(lambda: len(self.handler.started) > before)
+        client = self.client(**kwargs)
+        assert len(self.handler.started) == before + 1, "the stream did not start"
         return client
 
-    async def raw(self, request: bytes) -> bytes:
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+    def raw(self, request: bytes) -> bytes:
+        """The server's whole answer to one HTTP request."""
         protocol = Raw(request)
-        await connectProtocol(endpoint, protocol)
-        return await protocol.done
+        self.connect(protocol)
+        return result(protocol.done)
+
+    def raw_socket(self) -> RawWebSocket:
+        protocol = RawWebSocket()
+        self.connect(protocol)
+        assert protocol.head is not None and protocol.head.startswith(b"HTTP/1.1 101 "), protocol.head
+        return protocol
+
+    def send(self, ws: RawWebSocket, data: bytes) -> None:
+        ws.transport.write(data)
+        self.flush()
+
+    def started_socket(self, stream_sid: bytes = b"MZ3", call_sid: bytes = b"CA3") -> RawWebSocket:
+        ws = self.raw_socket()
+        before = len(self.handler.started)
+        self.send(ws, client_frame(START % (stream_sid, call_sid)))
+        assert len(self.handler.started) == before + 1, "the stream did not start"
+        return ws
+
+    @property
+    def connections(self) -> set:
+        return self.server._sockets._connections
 
 
-class StartTests(MediaStreamTestBase):
-    async def test_start_registers_a_session(self):
+class MemoryTestCase(SynchronousTestCase):
+    def serve(self, **kwargs) -> Memory:
+        self.net = Memory(**kwargs)
+        self.handler = self.net.handler
+        self.server = self.net.server
+        return self.net
+
+
+class StartTests(MemoryTestCase):
+    def test_start_registers_a_session(self):
         """A valid start is offered to accept_start and becomes a session under its stream SID."""
-        server = self.serve()
-        client = await self.started(call_sid="CA123", token="secret-token")
+        net = self.serve()
+        client = net.started(call_sid="CA123", token="secret-token")
         self.assertEqual(self.handler.accepted, [("CA123", "secret-token")])
         [session] = self.handler.started
         self.assertEqual((session.call_sid, session.stream_sid, session.client_ip), ("CA123", client.stream_sid, "127.0.0.1"))
-        self.assertIs(server.sessions[client.stream_sid], session)
-        self.assertEqual((server.active_count, server.pending_count), (1, 0))
+        self.assertIs(self.server.sessions[client.stream_sid], session)
+        self.assertEqual((self.server.active_count, self.server.pending_count), (1, 0))
         self.assertEqual(session.custom_parameters, {})  # the token was used up: the session does not keep it
 
-    async def test_valid_start_outlives_the_start_timeout(self):
+    def test_valid_start_outlives_the_start_timeout(self):
         """A socket that sent a valid start is no longer pending and stays open past the timeout."""
-        server = self.serve(pre_start_timeout=0.2)
-        client = await self.started()
-        await wait(0.5)
+        net = self.serve(pre_start_timeout=0.2)
+        client = net.started(stream_media=False)
+        net.advance(0.5)
         self.assertTrue(client.is_open)
-        self.assertEqual((server.active_count, server.pending_count), (1, 0))
+        self.assertEqual((self.server.active_count, self.server.pending_count), (1, 0))
 
-    async def test_start_timeout(self):
-        """A socket without a start is closed 1008 "Start timeout" without consulting accept_start."""
-        server = self.serve(pre_start_timeout=0.2)
-        client = await self.connected(auto_start=False)
-        self.assertEqual(server.pending_count, 1)
-        self.assertEqual(await client.closed, (1008, "Start timeout"))
+    def test_start_timeout(self):
+        """A socket without a start is closed 1008 "Start timeout" at the timeout, not before, without consulting accept_start."""
+        net = self.serve(pre_start_timeout=0.2)
+        client = net.client(auto_start=False)
+        self.assertEqual(self.server.pending_count, 1)
+        net.advance(0.19)
+        self.assertFalse(client.closed.called)
+        net.advance(0.02)
+        self.assertEqual(result(client.closed), (1008, "Start timeout"))
         self.assertEqual(self.handler.accepted, [])
-        await until(lambda: server.pending_count == 0)
+        self.assertEqual((self.server.pending_count, len(net.connections)), (0, 0))
 
-    async def test_missing_call_sid(self):
+    def test_missing_call_sid(self):
         """A start without start.callSid is closed 1008 "Missing callSid"."""
-        self.serve()
-        client = await self.connected(auto_start=False)
+        net = self.serve()
+        client = net.client(auto_start=False)
         client.send_json({"event": "start", "streamSid": "MZ1", "start": {"customParameters": {"token": "t"}}})
-        self.assertEqual(await client.closed, (1008, "Missing callSid"))
+        net.flush()
+        self.assertEqual(result(client.closed), (1008, "Missing callSid"))
         self.assertEqual(self.handler.accepted, [])
 
-    async def test_unknown_call(self):
+    def test_unknown_call(self):
         """A start that accept_start refuses is closed 1008 "Unknown call" and never starts."""
-        self.serve(handler=Handler(accept=False))
-        client = await self.connected(call_sid="CA9", token="wrong")
-        self.assertEqual(await client.closed, (1008, "Unknown call"))
+        net = self.serve(handler=Handler(accept=False))
+        client = net.client(call_sid="CA9", token="wrong")
+        self.assertEqual(result(client.closed), (1008, "Unknown call"))
         self.assertEqual(self.handler.accepted, [("CA9", "wrong")])
         self.assertEqual(self.handler.started, [])
 
-    async def test_token_from_the_query_string(self):
+    def test_token_from_the_query_string(self):
         """Without a customParameters token the upgrade URL's token parameter is used."""
-        self.serve()
-        await self.started(url=self.url + "?token=from-query", token=None)
-        self.assertEqual(self.handler.accepted[0][1], "from-query")
+        net = self.serve()
+        net.started(url=net.url + "?token=from-query", token=None)
+        self.assertEqual(self.handler.accepted, [(self.handler.started[0].call_sid, "from-query")])
 
-    async def test_duplicate_stream_sid(self):
-        """A second stream claiming an active stream SID is refused."""
-        self.serve()
-        first = await self.started()
-        second = await self.connected(stream_sid=first.stream_sid)
-        self.assertEqual(await second.closed, (1008, "Duplicate streamSid"))
+    def test_duplicate_stream_sid(self):
+        """A second stream claiming an active stream SID is refused, before its token is checked."""
+        net = self.serve()
+        first = net.started()
+        second = net.client(stream_sid=first.stream_sid)
+        self.assertEqual(result(second.closed), (1008, "Duplicate streamSid"))
+        self.assertEqual(len(self.handler.accepted), 1)
         self.assertTrue(first.is_open)
 
-    async def test_media_before_start_is_dropped(self):
+    def test_media_before_start_is_dropped(self):
         """Media frames sent before start are ignored; those after it reach the handler, decoded."""
-        self.serve()
-        client = await self.connected(auto_start=False, stream_media=False)
+        net = self.serve()
+        client = net.client(auto_start=False, stream_media=False)
         for _ in range(3):
             client.send_media(b"\x01" * FRAME_BYTES)
-        await wait(0.1)
-        self.assertEqual(self.handler.media, [])
+        net.flush()
+        self.assertEqual((self.handler.media_calls, len(net.connections)), (0, 1))
         client.send_start()
-        await until(lambda: self.handler.started)
         client.send_media(b"\x02" * FRAME_BYTES)
-        await until(lambda: self.handler.media)
+        net.flush()
+        self.assertEqual(len(self.handler.started), 1)
         self.assertEqual(self.handler.media, [b"\x02" * FRAME_BYTES])
 
-    async def test_media_streams_in(self):
-        """The client's audio arrives as 160-byte mu-law payloads, in order."""
-        self.serve()
+    def test_media_streams_in(self):
+        """The client's audio arrives as 160-byte mu-law payloads, in order, one every 20 ms."""
+        net = self.serve()
         audio = bytes(range(1, 161)) * 3
-        await self.started(audio=audio)
-        await until(lambda: len(self.handler.media) >= 3)
-        self.assertEqual(b"".join(self.handler.media[:3]), audio)
+        net.started(audio=audio)
+        net.advance(0.05)
+        self.assertEqual(len(self.handler.media), 3)
+        self.assertEqual(b"".join(self.handler.media), audio)
 
-    async def test_dtmf(self):
+    def test_dtmf(self):
         """DTMF digits reach the handler; anything that is not a digit is ignored."""
-        self.serve()
-        client = await self.started(stream_media=False)
+        net = self.serve()
+        client = net.started(stream_media=False)
         client.send_dtmf("7")
         client.send_dtmf("<script>")
         client.send_dtmf("#")
-        await until(lambda: len(self.handler.digits) >= 2)
-        await wait(0.05)
+        net.flush()
         self.assertEqual(self.handler.digits, ["7", "#"])
 
 
-class CapTests(MediaStreamTestBase):
-    async def test_pending_limit_in_total(self):
+class CapTests(MemoryTestCase):
+    def test_pending_limit_in_total(self):
         """Beyond max_pending pending sockets, the next is closed 1013; a started stream frees a slot."""
-        server = self.serve(max_pending=2, max_pending_per_ip=10, pending_yield_after=60, client_ip=lambda headers, peer: headers.get("x-client", peer))
-        first = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
-        await self.connected(auto_start=False, headers={"X-Client": "10.0.0.2"})
-        third = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.3"})
-        code, reason = await third.closed
-        self.assertEqual(code, 1013)
-        self.assertEqual(reason, "Too many pending media stream connections")
+        net = self.serve(max_pending=2, max_pending_per_ip=10, pending_yield_after=60, client_ip=lambda headers, peer: headers.get("x-client", peer))
+        first = net.client(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        net.client(auto_start=False, headers={"X-Client": "10.0.0.2"})
+        third = net.client(auto_start=False, headers={"X-Client": "10.0.0.3"})
+        self.assertEqual(result(third.closed), (1013, "Too many pending media stream connections"))
         first.send_start()
-        await until(lambda: server.pending_count == 1)
-        fourth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.4"})
-        await wait(0.05)
+        net.flush()
+        self.assertEqual(self.server.pending_count, 1)
+        fourth = net.client(auto_start=False, headers={"X-Client": "10.0.0.4"})
         self.assertTrue(fourth.is_open)
-        self.assertEqual(server.pending_count, 2)
+        self.assertEqual(self.server.pending_count, 2)
 
-    async def test_idle_pending_sockets_give_their_place_to_a_newcomer(self):
+    def test_idle_pending_sockets_give_their_place_to_a_newcomer(self):
         """
         With every pending place taken, the oldest socket that has waited pending_yield_after
         seconds without a start is closed 1013 and the newcomer admitted: idle sockets holding
         every place (the upgrade signature is one per account) kept Twilio's streams out with
         1013 for as long as they reconnected. A socket younger than that keeps its place.
         """
-        server = self.serve(max_pending=2, max_pending_per_ip=10, pending_yield_after=1.0, client_ip=lambda headers, peer: headers.get("x-client", peer))
-        first = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
-        second = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.2"})
-        await wait(1.1)
-        third = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.3"})
-        self.assertEqual(await first.closed, (1013, "Too many pending media stream connections"))
+        net = self.serve(max_pending=2, max_pending_per_ip=10, pending_yield_after=1.0, client_ip=lambda headers, peer: headers.get("x-client", peer))
+        first = net.client(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        second = net.client(auto_start=False, headers={"X-Client": "10.0.0.2"})
+        net.advance(1.1)
+        third = net.client(auto_start=False, headers={"X-Client": "10.0.0.3"})
+        self.assertEqual(result(first.closed), (1013, "Too many pending media stream connections"))
         self.assertTrue(third.is_open)
         third.send_start()
-        await until(lambda: len(self.handler.started) == 1)
-        fourth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.4"})  # the free place
-        fifth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.5"})  # second's place
-        self.assertEqual((await second.closed)[0], 1013)
-        sixth = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.6"})  # fourth is too young
-        self.assertEqual((await sixth.closed)[0], 1013)
+        net.flush()
+        self.assertEqual(len(self.handler.started), 1)
+        fourth = net.client(auto_start=False, headers={"X-Client": "10.0.0.4"})  # the free place
+        fifth = net.client(auto_start=False, headers={"X-Client": "10.0.0.5"})  # second's place
+        self.assertEqual(result(second.closed)[0], 1013)
+        sixth = net.client(auto_start=False, headers={"X-Client": "10.0.0.6"})  # fourth is too young
+        self.assertEqual(result(sixth.closed)[0], 1013)
         self.assertTrue(fourth.is_open and fifth.is_open and third.is_open)
-        self.assertEqual(server.pending_count, 2)
-        self.assertEqual(server.counts["1013-pending-yielded"], 2)
+        self.assertEqual(self.server.pending_count, 2)
+        self.assertEqual(self.server.counts["1013-pending-yielded"], 2)
 
-    async def test_refused_sockets_are_dropped_at_once(self):
+    def test_refused_sockets_are_dropped_at_once(self):
         """
         A socket refused before its start (1013 pending caps, 1008 start refusals and timeouts)
         is sent its close frame and dropped, without waiting for the peer's close reply: refused
@@ -338,49 +418,47 @@ class CapTests(MediaStreamTestBase):
         handshake, so a flood of idle upgrades (1900/s from many addresses) kept 32 of 37 of
         Twilio's streams out with 503.
         """
-        server = self.serve(max_pending=1, max_pending_per_ip=10, pending_yield_after=60, pre_start_timeout=60)
-        server.resource._upgrade._factory.setProtocolOptions(closeHandshakeTimeout=60)
-        holder = await self.connected(auto_start=False)  # holds the one pending place
-        for wire, code in ((b"", 1013), (None, 1008)):
-            if wire is None:  # the pending place is free again
-                holder.send_start()
-                await until(lambda: server.pending_count == 0)
-            raw = RawWebSocket()  # never answers a close frame
-            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), raw)
-            await raw.upgraded
-            if wire is None:  # a start without a call SID
-                raw.transport.write(client_frame(b'{"event":"start","streamSid":"MZ1","start":{}}'))
-            await until(lambda: raw.lost.called, timeout=10)
-            self.assertEqual(FramingTests.close_code(None, raw.data), code)
-        self.assertEqual(len(server._sockets._connections), 1)
+        net = self.serve(max_pending=1, max_pending_per_ip=10, pending_yield_after=60, pre_start_timeout=60)
+        self.server.resource._upgrade._factory.setProtocolOptions(closeHandshakeTimeout=60)
+        holder = net.client(auto_start=False)  # holds the one pending place
+        refused = net.raw_socket()  # never answers a close frame
+        self.assertTrue(refused.lost)
+        self.assertEqual(close_code(refused.data), 1013)
+        holder.send_start()
+        net.flush()
+        self.assertEqual(self.server.pending_count, 0)
+        bad_start = net.raw_socket()
+        net.send(bad_start, client_frame(b'{"event":"start","streamSid":"MZ1","start":{}}'))
+        self.assertTrue(bad_start.lost)
+        self.assertEqual(close_code(bad_start.data), 1008)
+        self.assertEqual(len(net.connections), 1)
 
-    async def test_timed_out_sockets_are_dropped_at_once(self):
+    def test_timed_out_sockets_are_dropped_at_once(self):
         """A socket closed 1008 Start timeout is dropped without waiting for the peer's close reply."""
-        server = self.serve(pre_start_timeout=0.1)
-        server.resource._upgrade._factory.setProtocolOptions(closeHandshakeTimeout=60)
-        raw = RawWebSocket()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), raw)
-        await until(lambda: raw.lost.called, timeout=10)
-        self.assertEqual(FramingTests.close_code(None, raw.data), 1008)
-        self.assertEqual(len(server._sockets._connections), 0)
+        net = self.serve(pre_start_timeout=0.1)
+        self.server.resource._upgrade._factory.setProtocolOptions(closeHandshakeTimeout=60)
+        raw = net.raw_socket()
+        net.advance(0.11)
+        self.assertTrue(raw.lost)
+        self.assertEqual(close_code(raw.data), 1008)
+        self.assertEqual(len(net.connections), 0)
 
-    async def test_pending_limit_per_ip(self):
+    def test_pending_limit_per_ip(self):
         """Beyond max_pending_per_ip pending sockets from one client address, the next is closed 1013."""
-        server = self.serve(max_pending_per_ip=1, client_ip=lambda headers, peer: headers.get("x-client", peer))
-        await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
-        same = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.1"})
-        self.assertEqual(await same.closed, (1013, "Too many pending media stream connections"))
-        other = await self.connected(auto_start=False, headers={"X-Client": "10.0.0.2"})
-        await wait(0.05)
+        net = self.serve(max_pending_per_ip=1, client_ip=lambda headers, peer: headers.get("x-client", peer))
+        net.client(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        same = net.client(auto_start=False, headers={"X-Client": "10.0.0.1"})
+        self.assertEqual(result(same.closed), (1013, "Too many pending media stream connections"))
+        other = net.client(auto_start=False, headers={"X-Client": "10.0.0.2"})
         self.assertTrue(other.is_open)
-        self.assertEqual(server.pending_count, 2)
+        self.assertEqual(self.server.pending_count, 2)
 
-    async def test_503_at_max_connections(self):
+    def test_503_at_max_connections(self):
         """With max_connections sockets open (pending or active), an upgrade gets a plain 503 before upgrading."""
-        self.serve(max_connections=2)
-        await self.started()
-        await self.connected(auto_start=False)
-        answer = await self.raw(upgrade_request())
+        net = self.serve(max_connections=2)
+        net.started()
+        net.client(auto_start=False)
+        answer = net.raw(upgrade_request())
         head, _, body = answer.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         self.assertEqual(lines[0], b"HTTP/1.1 503 Service Unavailable")
@@ -389,119 +467,101 @@ class CapTests(MediaStreamTestBase):
         self.assertEqual(headers[b"content-type"], b"text/plain; charset=utf-8")
         self.assertEqual(headers[b"content-length"], b"%d" % len(body))
         self.assertEqual(body, b"Too many media stream connections\n")
-        refused = self.client()
-        failure = await self.assertFailure(refused.connect(), UpgradeRefused)
-        self.assertEqual(failure.status, 503)
+        refused = net.client()
+        self.assertEqual(self.failureResultOf(refused.opened, UpgradeRefused).value.status, 503)
 
-    async def test_shutdown(self):
+    def test_shutdown(self):
         """shutdown() ends sessions once, closes sockets 1001, and later upgrades get a 503."""
-        server = self.serve()
-        client = await self.started()
-        server.shutdown()
-        code, _ = await client.closed
-        self.assertEqual(code, 1001)
+        net = self.serve()
+        client = net.started()
+        self.server.shutdown()
+        net.flush()
+        self.assertEqual(result(client.closed)[0], 1001)
         self.assertEqual(len(self.handler.stopped), 1)
-        answer = await self.raw(upgrade_request())
+        answer = net.raw(upgrade_request())
         self.assertTrue(answer.startswith(b"HTTP/1.1 503 "))
         self.assertTrue(answer.endswith(b"\r\n\r\nMedia stream handler is shutting down\n"))
 
-    async def test_frame_cap(self):
+    def test_frame_cap(self):
         """An inbound frame over 64 KiB closes the socket 1009."""
-        self.serve()
-        client = await self.started(stream_media=False)
+        net = self.serve()
+        client = net.started(stream_media=False)
         client.send_raw(b'{"event":"media","pad":"' + b"x" * (64 * 1024) + b'"}')
-        code, _ = await client.closed
-        self.assertEqual(code, 1009)
+        net.flush()
+        self.assertEqual(result(client.closed)[0], 1009)
         self.assertEqual(len(self.handler.stopped), 1)
 
-    async def test_backpressure(self):
-        """A client that stops reading is closed 1013 once more than 1 MiB waits to be sent."""
-        self.serve()
-        client = await self.started(stream_media=False)
-        [session] = self.handler.started
-        client.pause_reading()
-        refused_after = 0
-        for _ in range(2000):
-            if not all(session.send_media(b"\x00" * FRAME_BYTES) for _ in range(500)):
-                break
-            refused_after += 500
-            await wait(0)
-        self.assertFalse(session.send_media(b"\x00" * FRAME_BYTES))
-        self.assertGreater(refused_after, 1024 * 1024 // 300)
-        client.resume_reading()
-        self.assertEqual(await client.closed, (1013, "Backpressure: send buffer exceeded"))
-        self.assertEqual(self.server.counts["backpressure"], 1)
 
-
-class UpgradeCheckTests(MediaStreamTestBase):
+class UpgradeCheckTests(MemoryTestCase):
     def verifier(self, url, headers):
         self.verified.append(url)
         return verify_twilio(url=url, params={}, signature=headers.get("x-twilio-signature"), auth_token=AUTH_TOKEN).ok
 
-    async def test_signed_upgrade_accepted(self):
+    def test_signed_upgrade_accepted(self):
         """An upgrade whose X-Twilio-Signature (Twilio's SDK over the wss URL) verifies is accepted."""
         self.verified = []
-        self.serve(verify_upgrade=self.verifier)
-        wss = self.url.replace("ws://", "wss://")
+        net = self.serve(verify_upgrade=self.verifier)
+        wss = net.url.replace("ws://", "wss://")
         signature = RequestValidator(AUTH_TOKEN).compute_signature(wss, {})
-        await self.started(headers={"X-Twilio-Signature": signature})
+        net.started(headers={"X-Twilio-Signature": signature})
         self.assertEqual(self.verified, [wss])
 
-    async def test_bad_signature_refused_before_upgrade(self):
+    def test_bad_signature_refused_before_upgrade(self):
         """An upgrade whose signature does not verify gets a 403 and never becomes a socket."""
         self.verified = []
-        server = self.serve(verify_upgrade=self.verifier)
-        client = self.client(headers={"X-Twilio-Signature": "XBfm3Ksz9YsboFXKJwfpv8PTqEg="})
-        failure = await self.assertFailure(client.connect(), UpgradeRefused)
-        self.assertEqual(failure.status, 403)
-        answer = await self.raw(upgrade_request())
+        net = self.serve(verify_upgrade=self.verifier)
+        client = net.client(headers={"X-Twilio-Signature": "XBfm3Ksz9YsboFXKJwfpv8PTqEg="})
+        self.assertEqual(self.failureResultOf(client.opened, UpgradeRefused).value.status, 403)
+        answer = net.raw(upgrade_request())
         self.assertTrue(answer.startswith(b"HTTP/1.1 403 "))
+        self.assertEqual(len(self.verified), 2)
         self.assertEqual(self.handler.accepted, [])
-        self.assertEqual(server.counts["403"], 2)
-        self.assertEqual(len(server._sockets._connections), 0)
+        self.assertEqual(self.server.counts["403"], 2)
+        self.assertEqual(len(net.connections), 0)
 
-    async def test_malformed_host(self):
+    def test_malformed_host(self):
         """A malformed Host on an upgrade gets 400 and the Site keeps serving webhooks."""
-        self.serve()
+        net = self.serve()
         for host in (b"[::1", b"example.com:abc", b"exa mple.com", b"user@example.com", b"a..b"):
-            answer = await self.raw(upgrade_request(host))
+            answer = net.raw(upgrade_request(host))
             self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (host, answer[:40]))
-        twice = await self.raw(upgrade_request(extra=b"Host: other.example\r\n"))
+        twice = net.raw(upgrade_request(extra=b"Host: other.example\r\n"))
         self.assertTrue(twice.startswith(b"HTTP/1.1 400 "))
-        answer = await self.raw(b"POST /voice/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        answer = net.raw(b"POST /voice/webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "))
         self.assertTrue(answer.endswith(b"OK"))
+        self.assertEqual(self.server.counts["400"], 6)
 
 
-class SessionTests(MediaStreamTestBase):
-    async def test_stop_ends_the_session_once(self):
+class SessionTests(MemoryTestCase):
+    def test_stop_ends_the_session_once(self):
         """stop ends the session (stream_stopped once), closes the socket, and frees the stream SID."""
-        server = self.serve()
-        client = await self.started()
+        net = self.serve()
+        client = net.started()
         client.stop()
-        self.assertEqual(await client.closed, (1000, "Stream stopped"))
-        await until(lambda: not server._sockets._connections)
+        net.flush()
+        self.assertEqual(result(client.closed), (1000, "Stream stopped"))
+        self.assertEqual(len(net.connections), 0)
         self.assertEqual(len(self.handler.stopped), 1)
-        self.assertEqual(server.active_count, 0)
+        self.assertEqual(self.server.active_count, 0)
 
-    async def test_socket_close_ends_the_session_once(self):
+    def test_socket_close_ends_the_session_once(self):
         """A socket dropped without stop ends its session exactly once; the session stops sending."""
-        server = self.serve()
-        client = await self.started()
+        net = self.serve()
+        client = net.started()
         [session] = self.handler.started
         client.abort()
-        await client.closed
-        await until(lambda: self.handler.stopped)
-        await wait(0.05)
+        net.flush()
+        self.assertTrue(client.closed.called)
         self.assertEqual(self.handler.stopped, [session])
-        self.assertEqual(server.sessions, {})
+        self.assertEqual(self.server.sessions, {})
         self.assertFalse(session.send_media(b"\xff" * FRAME_BYTES))
         self.assertFalse(session.is_open)
 
-    async def test_playback_over_the_socket(self):
-        """Paced audio reaches the client as 160-byte media frames; the echoed mark completes the utterance."""
-        self.serve()
-        client = await self.started(stream_media=False)
+    def test_playback_over_the_socket(self):
+        """Paced audio reaches the client as 160-byte media frames every 20 ms; the echoed mark completes the utterance."""
+        net = self.serve()
+        client = net.started(stream_media=False)
         [session] = self.handler.started
         audio = bytes(range(1, 161)) * 10
 
@@ -511,175 +571,258 @@ class SessionTests(MediaStreamTestBase):
             d.callback(None)
             return d
 
-        outcome = await session.playback.play(synthesize)
-        self.assertEqual(outcome, "played")
+        played = session.playback.play(synthesize)
+        net.advance(0.5)
+        self.assertEqual(result(played), "played")
         self.assertEqual(bytes(client.audio_received), audio)
         self.assertEqual(len(client.marks_echoed), 1)
         times = list(client.media_times)
+        self.assertEqual(len(times), 10)
         self.assertGreaterEqual(times[-1] - times[0], 0.15)
 
-    async def test_clear_reaches_the_client(self):
+    def test_clear_reaches_the_client(self):
         """Barge-in sends clear on the socket, and the playing utterance resolves skipped."""
-        self.serve()
-        client = await self.started(stream_media=False)
+        net = self.serve()
+        client = net.started(stream_media=False)
         [session] = self.handler.started
         d = session.playback.play(lambda on_chunk: Deferred())
-        await wait(0.05)
+        net.advance(0.05)
+        self.assertFalse(d.called)
         session.playback.clear()
-        self.assertEqual(await d, "skipped")
-        await until(lambda: client.clears == 1)
+        net.flush()
+        self.assertEqual(result(d), "skipped")
+        self.assertEqual(client.clears, 1)
 
-    async def test_unusable_frames_are_logged_sanitised_and_ignored(self):
+    def test_unusable_frames_are_logged_sanitised_and_ignored(self):
         """Invalid JSON, binary frames and unknown events are logged without control characters and ignored."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        self.serve()
-        client = await self.started(stream_media=False)
+        net = self.serve()
+        client = net.started(stream_media=False)
         client.send_raw(b"not json \x1b[31m\x00")
         client.send_raw(b"\x00\x01", binary=True)
         client.send_json({"event": "bogus"})
         client.send_media(b"\x05" * FRAME_BYTES)
-        await until(lambda: self.handler.media)
+        net.flush()
+        self.assertEqual(self.handler.media, [b"\x05" * FRAME_BYTES])
         self.assertTrue(client.is_open)
         texts = [e.get("frame") for e in observer if e.get("log_format", "").startswith("ignored media stream frame")]
         self.assertEqual(len(texts), 3)
         self.assertIn("not json [31m", texts[0])
         self.assertFalse(any(ch in "".join(texts) for ch in "\x00\x1b\x01"))
 
-    async def test_handler_errors_are_contained(self):
-        """An exception in the handler is logged and the stream carries on."""
-        self.serve()
+    def test_handler_errors_are_contained(self):
+        """An exception in the handler is logged (a few times per socket) and the stream carries on."""
+        net = self.serve()
         self.handler.fail_media = True
-        client = await self.started()
-        await wait(0.1)
-        self.flushLoggedErrors(RuntimeError)
+        client = net.started()
+        net.advance(0.2)
+        self.assertEqual(self.handler.media_calls, 11)  # the handler ran, on every frame (t = 0 to 0.2 s)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 3)
         self.assertTrue(client.is_open)
+        self.handler.fail_media = False
+        net.advance(0.02)
+        self.assertEqual(len(self.handler.media), 1)
 
 
-class FramingTests(MediaStreamTestBase):
-    async def raw_socket(self) -> RawWebSocket:
-        protocol = RawWebSocket()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), protocol)
-        self.addCleanup(lambda: protocol.lost)
-        self.addCleanup(protocol.transport.abortConnection)
-        head = await protocol.upgraded
-        self.assertTrue(head.startswith(b"HTTP/1.1 101 "))
-        return protocol
-
-    async def test_frames_split_and_coalesced_anyhow(self):
+class FramingTests(MemoryTestCase):
+    def test_frames_split_and_coalesced_anyhow(self):
         """Frames split at any byte and several per read, with a ping between them, all arrive intact."""
-        self.serve()
-        ws = await self.raw_socket()
-        start = b'{"event":"start","streamSid":"MZ1","start":{"callSid":"CA1","customParameters":{"token":"t"}}}'
+        net = self.serve()
+        ws = net.raw_socket()
         payloads = [bytes([i]) * FRAME_BYTES for i in (1, 2, 3, 4)]
         media = [b'{"event":"media","media":{"payload":"%s"}}' % base64.b64encode(p) for p in payloads]
-        wire = client_frame(start) + client_frame(media[0]) + client_frame(b"ping!", opcode=9)
+        wire = client_frame(START % (b"MZ1", b"CA1")) + client_frame(media[0]) + client_frame(b"ping!", opcode=9)
         wire += client_frame(media[1]) + client_frame(media[2]) + client_frame(media[3])
         for size in (1, 7, 3, 250, 5, 1000):
             chunk, wire = wire[:size], wire[size:]
-            ws.transport.write(chunk)
-            await wait(0.005)
-        ws.transport.write(wire)
-        await until(lambda: len(self.handler.media) == 4)
+            net.send(ws, chunk)
+        net.send(ws, wire)
         self.assertEqual(self.handler.media, payloads)
-        await until(lambda: b"\x8a\x05ping!" in ws.data)
+        self.assertIn(b"\x8a\x05ping!", ws.data)
 
-    async def test_unmasked_frame_is_a_protocol_error(self):
+    def test_unmasked_frame_is_a_protocol_error(self):
         """An unmasked client frame is refused by autobahn's parser (close 1002), not accepted by the fast path."""
-        self.serve()
-        ws = await self.raw_socket()
-        ws.transport.write(b"\x81\x05hello")
-        await ws.lost
-        self.assertIn(b"\x88", ws.data)
-        self.assertIn((1002).to_bytes(2, "big"), ws.data)
+        net = self.serve()
+        ws = net.raw_socket()
+        net.send(ws, b"\x81\x05hello")
+        net.advance(1.1)  # the close handshake times out: the peer never answers
+        self.assertTrue(ws.lost)
+        self.assertEqual(close_code(ws.data), 1002)
 
-    def close_code(self, data: bytes) -> int | None:
-        """The status code of the first close frame in what the server sent."""
-        at = data.find(b"\x88")
-        while at != -1:
-            if at + 4 <= len(data) and 2 <= data[at + 1] <= 125:
-                return int.from_bytes(data[at + 2 : at + 4], "big")
-            at = data.find(b"\x88", at + 1)
-        return None
-
-    async def test_invalid_utf8_before_start_is_1007(self):
+    def test_invalid_utf8_before_start_is_1007(self):
         """A text frame that is not UTF-8 closes the socket 1007 (RFC 6455 §8.1), before any start."""
-        self.serve()
-        ws = await self.raw_socket()
-        ws.transport.write(client_frame(b'{"event":"connected","x":"\xff\xfe"}'))
-        await ws.lost
-        self.assertEqual(self.close_code(ws.data), 1007)
+        net = self.serve()
+        ws = net.raw_socket()
+        net.send(ws, client_frame(b'{"event":"connected","x":"\xff\xfe"}'))
+        self.assertEqual(close_code(ws.data), 1007)
         self.assertEqual(self.handler.accepted, [])
 
-    async def test_invalid_utf8_after_start_is_1007(self):
+    def test_invalid_utf8_after_start_is_1007(self):
         """Invalid UTF-8 after a start (a surrogate, an overlong form, a cut sequence) closes 1007 and ends the session."""
-        self.serve()
+        net = self.serve()
         for n, bad in enumerate((b"\xed\xa0\x80", b"\xc0\xaf", b"\xe2\x82")):
-            ws = await self.raw_socket()
-            start = b'{"event":"start","streamSid":"MZ3%d","start":{"callSid":"CA3","customParameters":{"token":"t"}}}' % n
-            ws.transport.write(client_frame(start))
-            await until(lambda: len(self.handler.started) == n + 1)
-            ws.transport.write(client_frame(b'{"event":"mark","mark":{"name":"' + bad + b'"}}'))
-            await ws.lost
-            self.assertEqual(self.close_code(ws.data), 1007, bad)
+            ws = net.started_socket(b"MZ3%d" % n)
+            net.send(ws, client_frame(b'{"event":"mark","mark":{"name":"' + bad + b'"}}'))
+            self.assertEqual(close_code(ws.data), 1007, bad)
+            net.advance(1.1)  # the peer never answers the close: dropped after the close handshake timeout
+            self.assertTrue(ws.lost)
             self.assertEqual(len(self.handler.stopped), n + 1)
 
-    async def fragment_flood(self, ws: RawWebSocket, fragments: int, size: int = 0) -> None:
+    def fragment_flood(self, ws: RawWebSocket, fragments: int, size: int = 0) -> None:
         """Open a text message, send `fragments` continuations of `size` bytes without FIN, then a ping."""
         first = bytearray(client_frame(b"{"))
         first[0] = 0x01  # text, FIN clear
         more = bytearray(client_frame(b"a" * size, opcode=0))
         more[0] = 0x00  # continuation, FIN clear
-        ws.transport.write(bytes(first) + bytes(more) * fragments + client_frame(b"probe", opcode=9))
-        # The ping is read after every fragment: its pong (or the close) says they were all handled.
-        await until(lambda: ws.lost.called or b"\x8a\x05probe" in ws.data, timeout=20)
+        self.net.send(ws, bytes(first) + bytes(more) * fragments + client_frame(b"probe", opcode=9))
 
-    async def test_a_message_in_too_many_fragments_is_1009(self):
+    def test_a_message_in_too_many_fragments_is_1009(self):
         """
         A message is at most MAX_FRAGMENTS frames: autobahn kept a list entry for every fragment,
         empty ones included, so 64 KiB of empty continuations grew the daemon by a megabyte with
         no end (16 MiB from one socket before its start timeout, without bound after a start).
-        Before and after the start it is closed 1009 once the cap is passed.
+        Before and after the start it is closed 1009 once the cap is passed, counted once.
         """
-        self.serve()
-        ws = await self.raw_socket()
-        await self.fragment_flood(ws, 20_000)
-        self.assertEqual(self.close_code(ws.data), 1009)
+        net = self.serve()
+        ws = net.raw_socket()
+        self.fragment_flood(ws, 20_000)
+        self.assertEqual(close_code(ws.data), 1009)
         self.assertNotIn(b"\x8a\x05probe", ws.data)
-        ws = await self.raw_socket()
-        start = b'{"event":"start","streamSid":"MZ9","start":{"callSid":"CA9","customParameters":{"token":"t"}}}'
-        ws.transport.write(client_frame(start))
-        await until(lambda: len(self.handler.started) == 1)
-        await self.fragment_flood(ws, 20_000, size=1)
-        self.assertEqual(self.close_code(ws.data), 1009)
+        ws = net.started_socket(b"MZ9", b"CA9")
+        self.fragment_flood(ws, 20_000, size=1)
+        self.assertEqual(close_code(ws.data), 1009)
         self.assertNotIn(b"\x8a\x05probe", ws.data)
+        self.assertEqual(self.server.counts["1009-fragments"], 2)
 
-    async def test_a_message_in_a_few_fragments_is_read(self):
+    def test_a_message_in_a_few_fragments_is_read(self):
         """A message in fragments (up to the cap) still arrives whole."""
-        self.serve()
-        ws = await self.raw_socket()
-        start = b'{"event":"start","streamSid":"MZ8","start":{"callSid":"CA8","customParameters":{"token":"t"}}}'
+        net = self.serve()
+        ws = net.raw_socket()
+        start = START % (b"MZ8", b"CA8")
         wire = b""
         for n, i in enumerate(range(0, len(start), 2)):
             frame = bytearray(client_frame(start[i : i + 2], opcode=0 if n else 1))
             if i + 2 < len(start):
                 frame[0] &= 0x7F  # FIN only on the last
             wire += bytes(frame)
-        ws.transport.write(wire)
-        await until(lambda: len(self.handler.started) == 1)
+        net.send(ws, wire)
+        self.assertEqual([s.stream_sid for s in self.handler.started], ["MZ8"])
 
-    async def test_client_close_ends_the_session(self):
+    def test_client_close_ends_the_session(self):
         """A masked close frame after a start ends the session once and gets a close reply."""
-        self.serve()
-        ws = await self.raw_socket()
-        start = b'{"event":"start","streamSid":"MZ2","start":{"callSid":"CA2","customParameters":{"token":"t"}}}'
-        ws.transport.write(client_frame(start) + client_frame((1000).to_bytes(2, "big"), opcode=8))
-        await ws.lost
+        net = self.serve()
+        ws = net.raw_socket()
+        net.send(ws, client_frame(START % (b"MZ2", b"CA2")) + client_frame((1000).to_bytes(2, "big"), opcode=8))
+        self.assertTrue(ws.lost)
         self.assertEqual(len(self.handler.started), 1)
         self.assertEqual(len(self.handler.stopped), 1)
-        self.assertTrue(ws.data.startswith(b"\x88"))
+        self.assertEqual(close_code(ws.data), 1000)
 
 
-class AutobahnTuningTests(MediaStreamTestBase):
+class PeerNotReadingTests(MemoryTestCase):
+    """What the wire queues for a peer, read through wsfast (here, a transport whose backlog the test sets)."""
+
+    def backlog(self, size: int) -> None:
+        self.patch(Wire, "buffered", lambda wire: size)
+
+    def test_backpressure_closes_1013(self):
+        """A session's send refused once more than 1 MiB waits: the socket is closed 1013, counted once."""
+        net = self.serve()
+        client = net.started(stream_media=False)
+        [session] = self.handler.started
+        [connection] = net.connections
+        self.assertTrue(session.send_media(b"\x00" * FRAME_BYTES))
+        self.backlog(1024 * 1024 + 1)
+        self.assertFalse(session.send_media(b"\x00" * FRAME_BYTES))
+        self.assertFalse(session.send_mark("m"))
+        net.flush()
+        self.assertEqual(result(client.closed), (1013, "Backpressure: send buffer exceeded"))
+        self.assertEqual(self.server.counts["backpressure"], 1)
+
+    def test_pong_over_budget_closes_1008(self):
+        """A pong that would leave more than 64 KiB waiting before the start is not written: closed 1008 "Peer does not read"."""
+        net = self.serve()
+        ws = net.raw_socket()
+        [connection] = net.connections
+        self.backlog(64 * 1024 - 7)  # the 7-byte pong fills the budget exactly
+        net.send(ws, client_frame(b"12345", opcode=9))
+        self.assertIn(b"\x8a\x0512345", ws.data)
+        self.backlog(64 * 1024 - 6)
+        ws.data = b""
+        net.send(ws, client_frame(b"12345", opcode=9))
+        self.assertNotIn(b"\x8a", ws.data)
+        self.assertEqual(close_code(ws.data), 1008)
+        self.assertEqual(self.server.counts["1008-peer-not-reading"], 1)
+
+    def test_a_socket_that_keeps_unsent_bytes_after_its_close_is_aborted(self):
+        """After a close we answered, a socket still holding unsent bytes is aborted a second later."""
+        net = self.serve()
+        ws = net.started_socket()
+        [connection] = net.connections
+        aborted = []
+        self.patch(connection.transport, "abortConnection", lambda: aborted.append(True))
+        self.patch(connection.transport, "loseConnection", lambda: None)  # the graceful close never completes
+        net.send(ws, client_frame((1000).to_bytes(2, "big"), opcode=8))
+        self.assertEqual(close_code(ws.data), 1000)
+        net.advance(0.99)
+        self.assertEqual(aborted, [])
+        net.advance(0.02)
+        self.assertEqual(aborted, [True])
+
+
+class PublicPathTests(MemoryTestCase):
+    """
+    With wsfast's private names missing (forced here) the wire takes autobahn's public path:
+    the same stream, end to end, and the same bounds.
+    """
+
+    def setUp(self) -> None:
+        self.patch(wsfast, "FAST", False)
+
+    def test_a_stream_end_to_end(self):
+        """Start, media in (Twilio's layout and another), DTMF, playback out with its mark, stop."""
+        net = self.serve()
+        client = net.started(audio=bytes(range(1, 161)) * 2)
+        [session] = self.handler.started
+        [connection] = net.connections
+        self.assertFalse(connection._wire.idle() or connection._wire.can_frame())
+        net.advance(0.03)
+        self.assertEqual(b"".join(self.handler.media[:2]), bytes(range(1, 161)) * 2)
+        client.send_raw(b'{ "event": "dtmf", "dtmf": { "digit": "5" } }')
+        audio = bytes(range(7, 167)) * 3
+
+        def synthesize(on_chunk):
+            on_chunk(AudioChunk(audio, "ulaw", 8000))
+            d = Deferred()
+            d.callback(None)
+            return d
+
+        played = session.playback.play(synthesize)
+        net.advance(0.3)
+        self.assertEqual(self.handler.digits, ["5"])
+        self.assertEqual(result(played), "played")
+        self.assertEqual(bytes(client.audio_received), audio)
+        self.assertEqual(len(client.marks_echoed), 1)
+        client.stop()
+        net.flush()
+        self.assertEqual(result(client.closed), (1000, "Stream stopped"))
+        self.assertEqual(self.handler.stopped, [session])
+
+    def test_backpressure_from_the_producer_pause(self):
+        """Once the transport pauses its producer (its buffer is full), sends are refused and the socket closed 1013."""
+        net = self.serve()
+        client = net.started(stream_media=False)
+        [session] = self.handler.started
+        [connection] = net.connections
+        self.assertIs(connection.transport.producer, connection._wire)
+        self.assertTrue(session.send_media(b"\x00" * FRAME_BYTES))
+        connection.transport.producer.pauseProducing()
+        self.assertFalse(session.send_media(b"\x00" * FRAME_BYTES))
+        net.flush()
+        self.assertEqual(result(client.closed), (1013, "Backpressure: send buffer exceeded"))
+
+
+class AutobahnTuningTests(MemoryTestCase):
     def test_log_helpers_neutralised(self):
         """The server replaces hltype/hlval in the autobahn modules that call them per frame."""
         self.assertTrue(neutralise_autobahn_log_formatting())
@@ -687,12 +830,12 @@ class AutobahnTuningTests(MediaStreamTestBase):
             self.assertEqual(module.hltype(self), self)
             self.assertEqual(module.hlval(42), 42)
 
-    async def test_no_log_formatting_per_frame(self):
+    def test_no_log_formatting_per_frame(self):
         """Frames in and out of a stream never reach autobahn's colouring helper (it would notice a move)."""
         for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
             module.hltype, module.hlval = autobahn.util.hltype, autobahn.util.hlval
-        self.serve()
-        client = await self.started(stream_media=False)
+        net = self.serve()
+        client = net.started(stream_media=False)
         [session] = self.handler.started
         calls = []
         original = autobahn.util.hl
@@ -701,7 +844,8 @@ class AutobahnTuningTests(MediaStreamTestBase):
         for _ in range(5):
             client.send_media(b"\x01" * FRAME_BYTES)
             session.send_media(b"\x02" * FRAME_BYTES)
-        await until(lambda: len(self.handler.media) == 5 and len(client.media_times) == 5)
+        net.flush()
+        self.assertEqual((len(self.handler.media), len(client.media_times)), (5, 5))
         self.assertEqual(calls, [])
 
 
@@ -815,20 +959,11 @@ class MediaFastPathTests(SynchronousTestCase):
         self.assertEqual(base64.b64decode(match.group(1)), audio)
 
 
-class MediaParsingTests(MediaStreamTestBase):
-    raw_socket = FramingTests.raw_socket
-
-    async def started_socket(self) -> RawWebSocket:
-        self.serve()
-        ws = await self.raw_socket()
-        start = b'{"event":"start","streamSid":"MZ3","start":{"callSid":"CA3","customParameters":{"token":"t"}}}'
-        ws.transport.write(client_frame(start))
-        await until(lambda: self.handler.started)
-        return ws
-
-    async def test_every_layout_of_a_media_message_is_read(self):
+class MediaParsingTests(MemoryTestCase):
+    def test_every_layout_of_a_media_message_is_read(self):
         """Media messages off the fast path (spacing, escapes, other orders, extra keys) arrive the same."""
-        ws = await self.started_socket()
+        net = self.serve()
+        ws = net.started_socket()
         audio = [bytes([i]) * FRAME_BYTES for i in range(1, 7)]
         b64 = [base64.b64encode(a) for a in audio]
         messages = [
@@ -839,25 +974,93 @@ class MediaParsingTests(MediaStreamTestBase):
             b'{"event":"media","media":{"payload":"%s"}}' % b64[4].replace(b"/", b"\\/").replace(b"A", b"\\u0041"),
             b'{"event":"media","media":{"payload":"BBBB"},"media":{"payload":"%s"}}' % b64[5],
         ]
-        ws.transport.write(b"".join(client_frame(m, mask=bytes([i, 0x5A, 0xA5, i])) for i, m in enumerate(messages)))
-        await until(lambda: len(self.handler.media) == len(audio))
+        net.send(ws, b"".join(client_frame(m, mask=bytes([i, 0x5A, 0xA5, i])) for i, m in enumerate(messages)))
         self.assertEqual(self.handler.media, audio)
 
-    async def test_a_later_event_member_wins(self):
+    def test_a_later_event_member_wins(self):
         """A media-looking message whose last "event" is stop is a stop, as the JSON parser reads it."""
-        ws = await self.started_socket()
-        ws.transport.write(client_frame(b'{"event":"media","media":{"payload":"AAAA"},"event":"stop"}'))
-        await ws.lost
-        self.assertEqual(self.handler.media, [])
+        net = self.serve()
+        ws = net.started_socket()
+        net.send(ws, client_frame(b'{"event":"media","media":{"payload":"AAAA"},"event":"stop"}'))
+        self.assertEqual(close_code(ws.data), 1000)
+        self.assertEqual(self.handler.media_calls, 0)
         self.assertEqual(len(self.handler.stopped), 1)
 
-    async def test_bad_base64_on_the_fast_path_is_a_bad_frame(self):
+    def test_bad_base64_on_the_fast_path_is_a_bad_frame(self):
         """A Twilio-shaped media message whose payload is not valid base64 is logged and ignored."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        ws = await self.started_socket()
-        ws.transport.write(client_frame(b'{"event":"media","media":{"payload":"AAAAA"}}'))
-        ws.transport.write(client_frame(b'{"event":"media","media":{"payload":"%s"}}' % base64.b64encode(b"\x09" * FRAME_BYTES)))
-        await until(lambda: self.handler.media)
+        net = self.serve()
+        ws = net.started_socket()
+        net.send(ws, client_frame(b'{"event":"media","media":{"payload":"AAAAA"}}'))
+        net.send(ws, client_frame(b'{"event":"media","media":{"payload":"%s"}}' % base64.b64encode(b"\x09" * FRAME_BYTES)))
         self.assertEqual(self.handler.media, [b"\x09" * FRAME_BYTES])
         whats = [e.get("what") for e in observer if e.get("log_format", "").startswith("ignored media stream frame")]
         self.assertEqual(whats, ["media without a base64 payload"])
+
+
+class IntegrationTests(TestCase):
+    """What only real sockets show: a kernel send buffer that fills, and frames written straight to a TCP socket."""
+
+    def serve(self) -> None:
+        self.handler = Handler()
+        self.server = MediaStreamServer(reactor, self.handler)
+        root = RootResource(webhook=Webhook(), stream_path=STREAM_PATH, stream=self.server.resource)
+        site = ScreenedSite(root, clock=reactor, screen=lambda request, length: None)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.url = f"ws://127.0.0.1:{port.getHost().port}{STREAM_PATH}"
+        self.addCleanup(self._close)
+
+    async def _close(self) -> None:
+        self.server.shutdown()
+        for client in self.clients:
+            client.abort()
+            await client.closed
+        await eventually(lambda: not self.server._sockets._connections, 5, "every socket closed")
+
+    async def started(self, **kwargs) -> TwilioMediaClient:
+        client = TwilioMediaClient(reactor, self.url, token="tok", stream_media=False, **kwargs)
+        self.clients = [client]
+        await client.connect()
+        await eventually(lambda: self.handler.started, 5, "the stream to start")
+        return client
+
+    async def test_frames_written_straight_to_the_socket(self):
+        """Media both ways over TCP, the server's frames written to the socket directly (nothing queued before them)."""
+        self.serve()
+        client = await self.started()
+        [session] = self.handler.started
+        [connection] = self.server._sockets._connections
+        self.assertIsNotNone(connection._wire._socket)
+        frames = [bytes([i]) * FRAME_BYTES for i in range(1, 51)]
+        for frame in frames:
+            self.assertTrue(session.send_media(frame))
+            client.send_media(frame)
+        await eventually(lambda: len(client.audio_received) == len(frames) * FRAME_BYTES and len(self.handler.media) == len(frames), 5, "every frame")
+        self.assertEqual(bytes(client.audio_received), b"".join(frames))
+        self.assertEqual(self.handler.media, frames)
+
+    async def test_backpressure(self):
+        """A client that stops reading is closed 1013 once more than 1 MiB waits in the kernel and the transport."""
+        self.serve()
+        # The client reads a megabyte before it reaches the close frame: give it time on a loaded machine.
+        self.server.resource._upgrade._factory.setProtocolOptions(closeHandshakeTimeout=30)
+        client = await self.started()
+        [session] = self.handler.started
+        client.pause_reading()
+        sent = 0
+
+        async def fill() -> bool:
+            nonlocal sent
+            for _ in range(500):
+                if not session.send_media(b"\x00" * FRAME_BYTES):
+                    return True
+                sent += 1
+            return False
+
+        await eventually(fill, 10, "a send refused")
+        self.assertFalse(session.send_media(b"\x00" * FRAME_BYTES))
+        self.assertGreater(sent, 1024 * 1024 // 300)
+        client.resume_reading()
+        self.assertEqual(await client.closed, (1013, "Backpressure: send buffer exceeded"))
+        self.assertEqual(self.server.counts["backpressure"], 1)

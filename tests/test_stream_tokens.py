@@ -2,21 +2,20 @@
 One-time media-stream tokens (DESIGN.md threat model): the bridge mints a token per stream TwiML
 fetch, the token starts exactly one stream, expires unused after 60 s (injected clock), is stored
 hashed and kept out of every repr, and a replayed TwiML fetch mints none. Driven through the real
-media-stream server on loopback with the real L{StreamBridge} as its handler.
+media-stream server (in memory) with the real L{StreamBridge} as its handler.
 """
 from __future__ import annotations
 
 import re
 
 from attrs import define, field
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from voicecall.media.bridge import STREAM_TOKEN_TTL_SECONDS, StreamBridge
 from voicecall.domain.model import Direction
 
-from tests.test_media_stream import STREAM_PATH, MediaStreamTestBase, until, wait
+from tests.test_media_stream import STREAM_PATH, MemoryTestCase, result
 
 ACTION = "http://127.0.0.1/voice/webhook?callId=c1&stream=abc"
 
@@ -69,9 +68,7 @@ def token_of(document: str) -> str | None:
     return match.group(1) if match else None
 
 
-class StreamTokenTests(MediaStreamTestBase):
-    timeout = 20
-
+class StreamTokenTests(MemoryTestCase):
     def setUp(self):
         self.clock = Clock()
         self.call = Call()
@@ -86,7 +83,8 @@ class StreamTokenTests(MediaStreamTestBase):
             manager=lambda: self.manager,
             max_streams=4,
         )
-        self.media = self.serve(handler=self.bridge)
+        self.net = self.serve(handler=self.bridge)
+        self.media = self.net.server
 
     def mint(self, request_key: str | None = None) -> str:
         document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=request_key, action_url=ACTION)
@@ -94,79 +92,77 @@ class StreamTokenTests(MediaStreamTestBase):
         self.assertIsNotNone(token, document)
         return token
 
-    async def start(self, token: str, call_sid: str = "CA1", **kwargs):
-        client = await self.connected(call_sid=call_sid, token=token, **kwargs)
-        await until(lambda: client.stream_sid in self.media.sessions or client.closed.called)
-        return client
+    def start(self, token: str, call_sid: str = "CA1", **kwargs):
+        return self.net.client(call_sid=call_sid, token=token, stream_media=False, **kwargs)
 
-    async def test_a_token_starts_one_stream(self):
+    def refused(self, token: str, call_sid: str = "CA1", **kwargs):
+        """How a start with `token` was refused (its close code and reason)."""
+        client = self.net.client(call_sid=call_sid, token=token, stream_media=False, **kwargs)
+        return result(client.closed)
+
+    def test_a_token_starts_one_stream(self):
         """A second socket presenting a used token is closed 1008; the first keeps the call."""
         token = self.mint()
-        first = await self.start(token)
+        first = self.start(token)
         self.assertIn(first.stream_sid, self.media.sessions)
-        second = await self.connected(call_sid="CA1", token=token)
-        self.assertEqual(await second.closed, (1008, "Unknown call"))
-        await wait(0.05)
+        self.assertEqual(self.refused(token), (1008, "Unknown call"))
         self.assertTrue(first.is_open)
         self.assertEqual(list(self.media.sessions), [first.stream_sid])
 
-    async def test_the_end_of_the_call_closes_its_stream(self):
+    def test_the_end_of_the_call_closes_its_stream(self):
         """
         When the call ends, its stream is closed 1000 and frees its slot: a peer that kept the
         socket after the call ended kept its session (and its STT session) without end, and with
         one stream slot every inbound caller waited in the hold queue. Other calls' streams stay.
         """
         self.manager.calls["CA2"] = Call(call_id="c2")
-        first = await self.start(self.mint())
-        other = await self.start(token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, action_url=ACTION)), call_sid="CA2")
+        first = self.start(self.mint())
+        other = self.start(token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, action_url=ACTION)), call_sid="CA2")
         self.assertIn(other.stream_sid, self.media.sessions)
         del self.manager.calls["CA1"]
         self.manager.emit({"type": "call.state", "callId": "c1", "state": "completed"})
-        await wait(0.05)
+        self.net.flush()
         self.assertTrue(first.is_open)
         self.manager.emit({"type": "call.ended", "callId": "c1", "reason": "completed"})
-        self.assertEqual(await first.closed, (1000, "Call ended"))
-        await until(lambda: list(self.media.sessions) == [other.stream_sid])
+        self.net.flush()
+        self.assertEqual(result(first.closed), (1000, "Call ended"))
+        self.assertEqual(list(self.media.sessions), [other.stream_sid])
         self.assertTrue(other.is_open)
         self.assertFalse(self.bridge.stream_busy())
 
-    async def test_an_unused_token_expires(self):
+    def test_an_unused_token_expires(self):
         """A token not used within 60 s starts nothing; one used just in time does."""
         late = self.mint()
         self.clock.advance(STREAM_TOKEN_TTL_SECONDS + 1)
-        refused = await self.connected(call_sid="CA1", token=late)
-        self.assertEqual(await refused.closed, (1008, "Unknown call"))
+        self.assertEqual(self.refused(late), (1008, "Unknown call"))
         in_time = self.mint()
         self.clock.advance(STREAM_TOKEN_TTL_SECONDS - 1)
-        client = await self.start(in_time)
+        client = self.start(in_time)
         self.assertIn(client.stream_sid, self.media.sessions)
 
-    async def test_each_fetch_mints_a_new_token_and_retires_the_last(self):
+    def test_each_fetch_mints_a_new_token_and_retires_the_last(self):
         """A fresh TwiML fetch gets a new token; the unused one before it no longer starts a stream."""
         old, new = self.mint(), self.mint()
         self.assertNotEqual(old, new)
-        refused = await self.connected(call_sid="CA1", token=old)
-        self.assertEqual(await refused.closed, (1008, "Unknown call"))
-        client = await self.start(new)
+        self.assertEqual(self.refused(old), (1008, "Unknown call"))
+        client = self.start(new)
         self.assertIn(client.stream_sid, self.media.sessions)
 
-    async def test_a_refused_start_does_not_use_the_token(self):
+    def test_a_refused_start_does_not_use_the_token(self):
         """A wrong token, or a start refused for its stream SID, leaves the real token usable."""
         token = self.mint()
-        other = await self.start(self.mint_for_other_call(), call_sid="CA2")
+        other = self.start(self.mint_for_other_call(), call_sid="CA2")
         self.assertIn(other.stream_sid, self.media.sessions)
-        wrong = await self.connected(call_sid="CA1", token=token[:-1] + ("A" if token[-1] != "A" else "B"))
-        self.assertEqual(await wrong.closed, (1008, "Unknown call"))
-        duplicate = await self.connected(call_sid="CA1", token=token, stream_sid=other.stream_sid)
-        self.assertEqual(await duplicate.closed, (1008, "Duplicate streamSid"))
-        client = await self.start(token)
+        self.assertEqual(self.refused(token[:-1] + ("A" if token[-1] != "A" else "B")), (1008, "Unknown call"))
+        self.assertEqual(self.refused(token, stream_sid=other.stream_sid), (1008, "Duplicate streamSid"))
+        client = self.start(token)
         self.assertIn(client.stream_sid, self.media.sessions)
 
     def mint_for_other_call(self) -> str:
         self.manager.calls["CA2"] = Call(call_id="c2")
         return token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, request_key=None, action_url=ACTION))
 
-    async def test_a_replayed_fetch_mints_no_token(self):
+    def test_a_replayed_fetch_mints_no_token(self):
         """A TwiML fetch whose verified key the call has already processed (a replay the replay
         cache no longer knows: after a restart or its 10 minutes) gets no stream, and the token of
         the real fetch still works."""
@@ -175,19 +171,19 @@ class StreamTokenTests(MediaStreamTestBase):
         replayed = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key="twilio:req:first", action_url=ACTION)
         self.assertIsNone(token_of(replayed))
         self.assertNotIn("<Stream", replayed)
-        client = await self.start(token)
+        client = self.start(token)
         self.assertIn(client.stream_sid, self.media.sessions)
 
-    async def test_the_stream_twiml_leads_back_to_the_daemon(self):
+    def test_the_stream_twiml_leads_back_to_the_daemon(self):
         """<Connect action=...>: when the socket closes Twilio fetches TwiML again (a fresh token)."""
         document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=None, action_url=ACTION)
         self.assertIn('<Connect action="http://127.0.0.1/voice/webhook?callId=c1&amp;stream=abc" method="POST">', document)
 
-    async def test_tokens_stay_out_of_reprs(self):
+    def test_tokens_stay_out_of_reprs(self):
         """Tokens are stored hashed: neither the bridge's repr nor a session's shows one."""
         token = self.mint()
         spare = self.mint_for_other_call()
-        client = await self.start(token)
+        client = self.start(token)
         session = self.media.sessions[client.stream_sid]
         for text in (repr(self.bridge), repr(session), repr(self.bridge._tokens)):
             self.assertNotIn(token, text)

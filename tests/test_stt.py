@@ -30,6 +30,7 @@ from voicecall.speech.stt import (
     RealtimeTranscriber,
 )
 from voicecall.testing.openai_realtime import FakeRealtimeServer, Handshake
+from voicecall.infra import wsfast
 from voicecall.infra.wsfast import masked_text_frame
 
 KEY = "sk-test-realtime-0123456789"
@@ -162,6 +163,32 @@ class Harness:
         for event in events:
             self.fake.send(event)
         self.flush()
+
+
+class PublicPathTests(SynchronousTestCase):
+    """With wsfast's private names missing (forced here) the client takes autobahn's public path."""
+
+    def test_a_session_end_to_end(self) -> None:
+        """Session update, appends (sent by autobahn's sendMessage), transcripts back, and the close."""
+        self.patch(wsfast, "FAST", False)
+        h = Harness(batch_ms=20)
+        h.open(self)
+        proto = h.stt._proto
+        sent = []
+        send_message = proto.sendMessage
+        proto.sendMessage = lambda payload, isBinary=False, **kw: sent.append(payload) or send_message(payload, isBinary, **kw)
+        frames = [bytes([i]) * 160 for i in range(3)]
+        for frame in frames:
+            h.stt.send_audio(frame)
+        h.flush()
+        self.assertEqual(h.fake.received[0].message, session_update(0.5, 800))
+        self.assertEqual(h.fake.appended_audio(), [b64encode(f).decode() for f in frames])
+        self.assertEqual(len(sent), 3)
+        h.send({"type": DELTA, "delta": "Hi"}, {"type": COMPLETED, "transcript": "Hi there"})
+        self.assertEqual(h.recorder.events, [("start",), ("partial", "Hi"), ("final", "Hi there")])
+        closed = h.stt.close()
+        h.flush()
+        self.successResultOf(closed)
 
 
 class SessionTests(SynchronousTestCase):
@@ -765,7 +792,7 @@ class LoopbackTests(TestCase):
         """Appends written straight to a TCP socket, small and large (64-bit length), reach the server intact."""
         stt = self.transcriber(batch_ms=20)
         await stt.connect()
-        self.assertTrue(stt._proto._wire._direct)
+        self.assertIsNotNone(stt._proto._wire._socket)
         frames = [bytes([i % 256]) * 160 for i in range(200)]
         for frame in frames:
             stt.send_audio(frame)

@@ -7,7 +7,9 @@ tests.test_media_stream and tests.test_stt).
 """
 from __future__ import annotations
 
+import importlib
 import random
+import socket
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
@@ -17,6 +19,7 @@ from autobahn.twisted.websocket import (
 )
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from twisted.internet import tcp
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -173,49 +176,60 @@ class _Transport:
         self.socket, self.dataBuffer, self.offset, self._tempDataLen = socket, buffered, offset, temp
         self.written: list[bytes] = []
 
-    def getHandle(self) -> _Socket | None:
-        return self.socket
-
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        self._tempDataLen += len(data)
 
 
-def direct_wire(transport: _Transport) -> Wire:
+def direct_wire(transport: _Transport, queued: tuple = ()) -> Wire:
     """A Wire on `transport` that writes to its socket as it does to a plain TCP transport's."""
-    wire = Wire(type("Protocol", (), {"transport": transport})())
-    wire._direct = True
+    wire = Wire(type("Protocol", (), {"transport": transport, "send_queue": list(queued)})())
+    wire._socket = transport.socket
     return wire
 
 
-class WireWriteTests(SynchronousTestCase):
+class WireSendTests(SynchronousTestCase):
     def test_all_taken(self) -> None:
         transport = _Transport(_Socket())
-        self.assertTrue(direct_wire(transport).write(b"frame"))
+        self.assertTrue(direct_wire(transport).send(b"frame", 10))
         self.assertEqual((transport.socket.sent, transport.written), ([b"frame"], []))
 
     def test_part_taken(self) -> None:
         """What the kernel did not take goes to the transport."""
         for takes, rest in ((2, b"ame"), (0, b"frame")):
             transport = _Transport(_Socket(takes=takes))
-            self.assertFalse(direct_wire(transport).write(b"frame"))
+            self.assertTrue(direct_wire(transport).send(b"frame", 10))
             self.assertEqual(transport.written, [rest])
 
     def test_send_fails(self) -> None:
         """A send that would block (or fails) leaves the whole frame to the transport."""
         for error in (BlockingIOError(), ConnectionResetError()):
             transport = _Transport(_Socket(error=error))
-            self.assertFalse(direct_wire(transport).write(b"frame"))
+            self.assertTrue(direct_wire(transport).send(b"frame", 10))
             self.assertEqual(transport.written, [b"frame"])
 
     def test_behind_waiting_bytes_or_closing(self) -> None:
-        """A frame never overtakes bytes already waiting, nor goes out on a closing transport."""
+        """A frame never overtakes bytes waiting in the transport or autobahn's queue, nor goes out on a closing transport."""
         waiting = _Transport(_Socket(), buffered=b"xy")
-        self.assertFalse(direct_wire(waiting).write(b"frame"))
+        self.assertTrue(direct_wire(waiting).send(b"frame", 10))
+        queued = _Transport(_Socket())
+        self.assertTrue(direct_wire(queued, queued=(b"chopped",)).send(b"frame", 10))
         closing = _Transport(_Socket())
         closing.disconnecting = True
-        self.assertFalse(direct_wire(closing).write(b"frame"))
-        for transport in (waiting, closing):
+        self.assertTrue(direct_wire(closing).send(b"frame", 10))
+        for transport in (waiting, queued, closing):
             self.assertEqual((transport.socket.sent, transport.written), ([], [b"frame"]))
+
+    def test_limit(self) -> None:
+        """Over the limit before: not written. Over it after: written, and False says so."""
+        full = _Transport(_Socket(), buffered=b"x" * 11)
+        self.assertFalse(direct_wire(full).send(b"frame", 10))
+        self.assertEqual((full.socket.sent, full.written), ([], []))
+        nearly = _Transport(_Socket(), buffered=b"x" * 6)
+        self.assertFalse(direct_wire(nearly).send(b"frame", 10))
+        self.assertEqual(nearly.written, [b"frame"])
+        exactly = _Transport(_Socket(), buffered=b"x" * 5)
+        self.assertTrue(direct_wire(exactly).send(b"frame", 10))
 
 
 class SendBufferSizeTests(SynchronousTestCase):
@@ -231,3 +245,75 @@ class SendBufferSizeTests(SynchronousTestCase):
 
     def test_bufferless_transport_is_empty(self) -> None:
         self.assertEqual(send_buffer_size(object()), 0)
+
+
+class _NoReactor:
+    def addReader(self, reader) -> None:
+        pass
+
+    def addWriter(self, writer) -> None:
+        pass
+
+    def removeWriter(self, writer) -> None:
+        pass
+
+
+class PrivateNamesTests(SynchronousTestCase):
+    """
+    Every private name the fast paths use (wsfast.PRIVATE_NAMES), pinned: a new autobahn or
+    Twisted without one fails here, naming it (the daemon would log it and take the public path).
+    """
+
+    def test_the_import_time_check_finds_every_name(self) -> None:
+        self.assertEqual(wsfast._check(), ())
+        self.assertTrue(wsfast.FAST)
+
+    def test_each_name_on_live_objects(self) -> None:
+        """Each name, looked up where the fast paths use it: opened autobahn ends, a fresh factory, a TCP transport."""
+        client, server, pump = autobahn_pair()
+        factory = WebSocketServerFactory("ws://localhost:9000", reactor=Clock())
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        connection = tcp.Connection(a, None, reactor=_NoReactor())
+        connection.connected = True
+        connection.write(b"abc")
+        for name in PRIVATE_NAMES:
+            owner, _, attribute = name.rpartition(".")
+            if owner == "WebSocketProtocol":
+                for end in (client, server):
+                    self.assertTrue(hasattr(end, attribute), f"{name} is missing on {type(end).__name__}")
+            elif owner == "WebSocketFactory._batched_timer":
+                self.assertTrue(callable(getattr(factory._batched_timer, attribute, None)), f"{name} is missing")
+            elif owner == "FileDescriptor":
+                self.assertTrue(hasattr(connection, attribute), f"{name} is missing on tcp.Connection")
+            elif owner == "tcp.Connection":
+                self.assertIs(connection.getHandle(), a, f"{name} is not the socket")
+            else:
+                self.assertTrue(callable(getattr(importlib.import_module(owner), attribute, None)), f"{name} is missing")
+        self.assertEqual(send_buffer_size(connection), 3)
+
+    def test_missing_state_is_named(self) -> None:
+        """The check names state autobahn no longer keeps."""
+        from autobahn.twisted.websocket import WebSocketServerProtocol as TwistedServerProtocol
+
+        made = TwistedServerProtocol._connectionMade
+
+        def without_the_timer(self) -> None:
+            made(self)
+            del self.closeHandshakeTimeoutCall
+
+        self.patch(TwistedServerProtocol, "_connectionMade", without_the_timer)
+        self.assertEqual(wsfast._check(), ("WebSocketProtocol.closeHandshakeTimeoutCall",))
+
+    def test_a_moved_log_helper_is_named(self) -> None:
+        """A module that no longer holds the helpers (here, one that never did) is named."""
+        self.patch(wsfast, "_LOG_FORMATTING_MODULES", ("autobahn.websocket.protocol", "json"))
+        self.assertEqual(wsfast._check(), ("json.hltype", "json.hlval"))
+
+    def test_a_changed_write_buffer_is_named(self) -> None:
+        """A FileDescriptor whose writes no longer show in dataBuffer/offset/_tempDataLen is named."""
+        from twisted.internet import abstract
+
+        self.patch(abstract.FileDescriptor, "write", lambda self, data: None)
+        self.assertEqual(wsfast._check(), ("FileDescriptor.dataBuffer",))

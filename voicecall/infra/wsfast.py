@@ -15,7 +15,7 @@ connection:
     (C{send_queue}, C{_perMessageCompress}): only then may a frame be read or written beside it;
   - what a Twisted transport still holds unsent (C{dataBuffer} from C{offset}, plus
     C{_tempDataLen}): the backpressure bound, and when it is zero a frame goes to the kernel
-    now with one C{send(2)} on the socket (L{Wire.write});
+    now with one C{send(2)} on the socket (L{Wire.send});
   - the close-handshake timer autobahn leaves behind when the peer drops during our close
     (C{closeHandshakeTimeoutCall});
   - autobahn's per-factory batched timer (C{_batched_timer}), replaced by plain reactor calls
@@ -212,6 +212,17 @@ def masked_text_frame(payload: bytes, mask: bytes) -> bytes:
 # -- transports and protocols -------------------------------------------------------------------
 
 
+def _buffer_of(transport: Any) -> Any:
+    """The transport under `transport` (itself, or looked through a TLS wrapper) that holds a write buffer."""
+    for _ in range(4):
+        if hasattr(transport, "_tempDataLen"):
+            return transport
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
+
+
 def send_buffer_size(transport: Any) -> int:
     """
     Bytes written to `transport` and not yet taken by the kernel: the write buffer of Twisted's
@@ -219,16 +230,8 @@ def send_buffer_size(transport: Any) -> int:
     transport under it. A transport without such a buffer (or without the private names)
     counts as empty.
     """
-    if not FAST:
-        return 0
-    for _ in range(4):
-        try:
-            return _buffered(transport)
-        except AttributeError:
-            transport = getattr(transport, "transport", None)
-            if transport is None:
-                return 0
-    return 0
+    buffer = _buffer_of(transport) if FAST else None
+    return 0 if buffer is None else _buffered(buffer)
 
 
 #: What L{Wire.buffered} reports on the public path once the transport paused its producer.
@@ -245,13 +248,15 @@ class Wire:
     off on a protocol that registers its own).
     """
 
-    __slots__ = ("_protocol", "_transport", "_direct", "_paused")
+    __slots__ = ("_protocol", "_transport", "_buffer", "_socket", "_paused")
 
     def __init__(self, protocol: Any, watch_backlog: bool = False) -> None:
         self._protocol = protocol
         self._transport = transport = protocol.transport
-        # A plain TCP transport can be written to synchronously (see write).
-        self._direct = FAST and isinstance(transport, tcp.Connection)
+        # The transport holding the write buffer (a TLS transport is looked through) and, for a
+        # plain TCP transport, the socket a frame may be sent on at once (see send).
+        self._buffer = _buffer_of(transport) if FAST else None
+        self._socket = transport.getHandle() if FAST and isinstance(transport, tcp.Connection) else None
         self._paused = False
         if not FAST and watch_backlog:
             transport.registerProducer(self, True)
@@ -277,28 +282,38 @@ class Wire:
 
     def buffered(self) -> int:
         """Bytes written and not yet taken by the kernel (public path: L{BACKLOG_UNKNOWN} once paused)."""
-        if FAST:
-            return send_buffer_size(self._transport)
-        return BACKLOG_UNKNOWN if self._paused else 0
+        if not FAST:
+            return BACKLOG_UNKNOWN if self._paused else 0
+        buffer = self._buffer
+        return 0 if buffer is None else _buffered(buffer)
 
-    def write(self, frame: bytes) -> bool:
+    def send(self, frame: bytes, limit: int) -> bool:
         """
-        Write `frame` (built here, L{can_frame}): on a plain TCP transport with nothing waiting
-        it goes to the kernel now, with one C{send(2)} rather than on the reactor's next turn
-        (two C{epoll_ctl(2)} and a send); what the kernel does not take, and every other
-        frame, goes to the transport. True when the kernel took all of it.
+        Write `frame` (built here, L{can_frame}) unless more than `limit` bytes already wait;
+        False when it was not written, or when the write left more than `limit` waiting. On a
+        plain TCP transport with nothing waiting it goes to the kernel now, with one C{send(2)}
+        rather than on the reactor's next turn (two C{epoll_ctl(2)} and a send); what the kernel
+        does not take, and every other frame, goes to the transport.
         """
-        transport = self._transport
-        if self._direct and not transport.disconnecting and not _buffered(transport):
+        buffer = self._buffer
+        if buffer is None:
+            if self.buffered() > limit:
+                return False
+            self._transport.write(frame)
+            return self.buffered() <= limit
+        waiting = _buffered(buffer)
+        if waiting > limit:
+            return False
+        if not waiting and self._socket is not None and not buffer.disconnecting and not self._protocol.send_queue:
             try:
-                written = transport.getHandle().send(frame)
+                written = self._socket.send(frame)
             except OSError:
                 written = 0  # would block, interrupted or broken: the transport finds out
             if written == len(frame):
                 return True
             frame = frame[written:]
-        transport.write(frame)
-        return False
+        self._transport.write(frame)
+        return _buffered(buffer) <= limit
 
     def forget_close_timer(self) -> None:
         """Cancel the close-handshake timer autobahn leaves behind when the peer drops during our close."""

@@ -156,6 +156,8 @@ class MediaSocket(WebSocketServerProtocol):
     _abort_call: IDelayedCall | None = None
     _fragments = 0
     _media_head: bytes | None = None
+    #: Whether our own frames may be written beside autobahn's (decided at the opening handshake).
+    _own_frames = False
 
     def connectionMade(self) -> None:
         self._sockets = self.factory.sockets
@@ -250,6 +252,7 @@ class MediaSocket(WebSocketServerProtocol):
         return None
 
     def onOpen(self) -> None:
+        self._own_frames = self._wire.can_frame()
         try:
             self._sockets.opened(self)
         except Exception:
@@ -366,9 +369,9 @@ class MediaSocket(WebSocketServerProtocol):
         """
         if self.state != _OPEN:
             return False
-        if self._wire.can_frame():
+        if self._own_frames:
             return self._send(text_frame_header(len(data)) + data)
-        return self._send(data, framed=False)
+        return self._send_public(data)
 
     def send_media(self, prefix: bytes, frame: bytes) -> bool:
         """
@@ -377,26 +380,28 @@ class MediaSocket(WebSocketServerProtocol):
         frame's message header is the same every time, so it is built once.
         """
         body = b2a_base64(frame, newline=False) + _MEDIA_TAIL
-        if len(frame) == _MEDIA_FRAME_BYTES and self.state == _OPEN and self._wire.can_frame():
+        if len(frame) == _MEDIA_FRAME_BYTES and self._own_frames and self.state == _OPEN:
             head = self._media_head
             if head is None:
                 head = self._media_head = text_frame_header(len(prefix) + _MEDIA_BODY_LENGTH) + prefix
             return self._send(head + body)
         return self.send_text(prefix + body)
 
-    def _send(self, data: bytes, framed: bool = True) -> bool:
-        wire = self._wire
-        if wire.buffered() > MAX_SEND_BUFFER:
+    def _send(self, frame: bytes) -> bool:
+        if self._wire.send(frame, MAX_SEND_BUFFER):
+            return True
+        self._backpressure()
+        return False
+
+    def _send_public(self, data: bytes) -> bool:
+        """autobahn's public path (L{voicecall.infra.wsfast} without its private names, or compression)."""
+        if self._wire.buffered() > MAX_SEND_BUFFER:
             self._backpressure()
             return False
-        if framed:
-            if wire.write(data):
-                return True
-        else:
-            self.sendMessage(data, False)
-            if self.state != _OPEN:
-                return False  # not written: over the not-reading budget
-        if wire.buffered() > MAX_SEND_BUFFER:
+        self.sendMessage(data, False)
+        if self.state != _OPEN:
+            return False  # not written: over the not-reading budget
+        if self._wire.buffered() > MAX_SEND_BUFFER:
             self._backpressure()
             return False
         return True

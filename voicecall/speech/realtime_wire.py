@@ -8,7 +8,7 @@ Performance: the appends (one every 100 ms per call) are framed here, not by aut
 client send path (C{sendMessage}, C{sendFrame}, its masker, C{sendData}) cost more than the rest
 of the forwarding: each is one masked text frame (L{voicecall.infra.wsfast.masked_text_frame},
 with a fresh 4-byte key from C{os.urandom} per frame) written straight to the socket when nothing
-is queued before it (L{voicecall.infra.wsfast.Wire.write}, as the media-stream server does for
+is queued before it (L{voicecall.infra.wsfast.Wire.send}, as the media-stream server does for
 its own frames). autobahn still does the handshake, the session update, control frames and
 closing, and every send it would queue itself (its send queue in use, compression negotiated, or
 its private names missing: L{voicecall.infra.wsfast}).
@@ -35,6 +35,7 @@ from voicecall.infra.wsfast import Wire, masked_text_frame, tune_factory
 __all__ = ["RealtimeClientFactory", "RealtimeConnection", "TranscriberEnd"]
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_NO_LIMIT = 1 << 62
 
 
 class TranscriberEnd(Protocol):
@@ -128,7 +129,8 @@ class RealtimeConnection(WebSocketClientProtocol):
         if not self._wire.can_frame():
             self.sendMessage(payload, False)
             return True
-        self._wire.write(masked_text_frame(payload, os.urandom(4)))
+        # The transport's own buffer bound pauses this producer; no other limit applies here.
+        self._wire.send(masked_text_frame(payload, os.urandom(4)), _NO_LIMIT)
         return True
 
     # IPushProducer: the transport's buffer is full (or drained again).
