@@ -74,11 +74,20 @@ class Carrier:
     name: str
     fake: Any
     make_provider: Callable[[Any], Any]
-    calls: Callable[[], dict]
     spoken: Callable[[Any], list]  # fake call -> texts the carrier played, in order
     ended: Callable[[Any], bool]
-    hang_up: Callable[[Any], None]
-    webhooks: Callable[[], list]  # (status, error) of every webhook the carrier sent
+
+    def calls(self) -> dict:
+        """The fake's calls by the carrier's call id, oldest first."""
+        return self.fake.calls
+
+    def hang_up(self, call: Any) -> None:
+        """The person on the line hangs up."""
+        call.hangup_by_callee()
+
+    def webhooks(self) -> list:
+        """(status, error) of every webhook the carrier sent."""
+        return [(h.status, h.error) for h in self.fake.webhooks]
 
 
 @define(eq=False)
@@ -275,11 +284,8 @@ def _telnyx(stack: Stack) -> Carrier:
         "telnyx",
         fake,
         provider,
-        calls=lambda: fake.calls,
         spoken=lambda call: call.speak_texts,
         ended=lambda call: not call.is_alive,
-        hang_up=lambda call: call.hangup_by_callee(),
-        webhooks=lambda: [(h.status, h.error) for h in fake.webhooks],
     )
 
 
@@ -302,11 +308,8 @@ def _twilio(stack: Stack) -> Carrier:
         "twilio",
         fake,
         provider,
-        calls=lambda: fake.calls,
         spoken=lambda call: call.say_texts,
         ended=lambda call: call.is_ended,
-        hang_up=lambda call: call.hangup_by_callee(),
-        webhooks=lambda: [(h.status, h.error) for h in fake.webhooks],
     )
 
 
@@ -329,11 +332,8 @@ def _plivo(stack: Stack) -> Carrier:
         "plivo",
         fake,
         provider,
-        calls=lambda: fake.calls,
         spoken=lambda call: call.speak_texts,
         ended=lambda call: call.is_ended,
-        hang_up=lambda call: call.hangup_by_callee(),
-        webhooks=lambda: [(h.status, h.error) for h in fake.webhooks],
     )
 
 
