@@ -31,22 +31,6 @@ def pin(cpu: int | None) -> bool:
     return True
 
 
-def install_reactor() -> None:
-    """
-    Install voicecall's reactor, as systemd/voicecall.service runs it (server children, first
-    thing); $VOICECALL_BENCH_REACTOR=epoll installs Twisted's epoll reactor instead, to compare.
-    """
-    if os.environ.get("VOICECALL_BENCH_REACTOR") == "epoll":
-        from twisted.internet import epollreactor as reactor
-    else:
-        from voicecall.infra import reactor
-
-    try:
-        reactor.install()
-    except Exception:
-        pass  # a reactor is already installed (run from another benchmark): use it
-
-
 def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -222,7 +206,6 @@ def _serve_daemon(argv: list[str]) -> int:
     parser.add_argument("--cpu", type=int)
     args = parser.parse_args(argv)
     pin(args.cpu)
-    install_reactor()
     from twisted.internet import reactor
 
     from voicecall import tap

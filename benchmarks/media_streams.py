@@ -2,10 +2,9 @@
 Benchmark: many concurrent Twilio media streams against the real media-stream server.
 
 The server process (pinned to CPU 0) runs voicecall's L{MediaStreamServer} on a twisted.web Site
-with voicecall's epoll reactor (C{--reactor voicecall-epoll}, what systemd/voicecall.service
-runs; C{--reactor epoll} for Twisted's). Every accepted stream forwards its inbound audio to a real
-L{RealtimeTranscriber} (C{--stt sink}, the default) whose WebSocket ends in a discard-only sink
-served by the client process, or to a counter (C{--stt null}); and it plays one long TTS
+on Twisted's default reactor, as the daemon does. Every accepted stream forwards its inbound
+audio to a real L{RealtimeTranscriber} (C{--stt sink}, the default) whose WebSocket ends in a
+discard-only sink served by the client process, or to a counter (C{--stt null}); and it plays one long TTS
 utterance through L{Playback}: 8 kHz mu-law (ElevenLabs' C{ulaw_8000}) handed over by an
 in-process synthesis that streams it at real time, half a second ahead, so the outbound audio
 covers the whole run (a chunk per stream every 200 ms, the streams spread over ten 20 ms
@@ -13,7 +12,8 @@ slots: C{--feed-slots}). Every frame's first four bytes carry its index.
 
 The client process (this one, pinned to CPU 1) is a light raw-socket WebSocket client on one
 epoll loop: each stream sends C{connected}, C{start}, then a C{media} frame every 20 ms (streams
-spread over ten 2 ms phases, as calls start at random moments; C{--client-phases 1}: all at once), and timestamps what it receives.
+spread over ten 2 ms phases in turn, as calls start at different moments; C{--random-phase}: each
+stream draws its phase at random; C{--client-phases 1}: all at once), and timestamps what it receives.
 An arrival is stamped with the time epoll returned, not the time the loop got round to that
 socket, so the client's own processing of other sockets is not counted; what remains (the loop's
 busy time per wakeup, and its CPU) is reported to show the client is not the bottleneck.
@@ -26,7 +26,7 @@ RSS after the streams are up minus RSS before, divided by the streams). Targets 
 500 streams, p99 pacing error < 5 ms, no frame lost, < 64 KiB per stream.
 
 Run:  .venv/bin/python benchmarks/media_streams.py [--streams 500] [--seconds 30] [--stt sink|null]
-      [--reactor voicecall-epoll|epoll] [--feed-slots 10] [--client-phases 10]
+      [--feed-slots 10] [--client-phases 10] [--random-phase]
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import select
 import socket
 import subprocess
@@ -49,6 +50,7 @@ TARGET_P99_MS = 5.0
 TARGET_KIB = 64.0
 FRAME = 0.02
 CLIENT_PHASES = 10  # default of --client-phases
+RANDOM_SEED = 15  # --random-phase: the same draw every run
 LEAD_FRAMES = 25  # the synthesis streams audio this far ahead of real time
 OUT_JSON = os.path.join("var", "bench", "media_streams.json")
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -90,12 +92,6 @@ def serve(args) -> int:
     """The media server under test; commands on stdin, one JSON line per answer on stdout."""
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    if args.reactor == "voicecall-epoll":
-        from voicecall.infra import reactor as installer
-    else:
-        from twisted.internet import epollreactor as installer
-
-    installer.install()
     import gc
 
     from twisted.internet import reactor, stdio
@@ -246,7 +242,7 @@ def serve(args) -> int:
 
         def connectionMade(self) -> None:
             gc.collect()
-            self.reply({"port": port.getHost().port, "rss": rss_bytes()})
+            self.reply({"port": port.getHost().port, "rss": rss_bytes(), "reactor": type(reactor).__name__})
 
         def reply(self, obj) -> None:
             self.transport.write(json.dumps(obj).encode() + b"\n")
@@ -357,6 +353,7 @@ class Client:
         self.by_fd: dict[int, Any] = {}
         self.client_phases = args.client_phases
         self.phases: list[list[Stream]] = [[] for _ in range(self.client_phases)]
+        self.random = random.Random(RANDOM_SEED) if args.random_phase else None
         self.sink = sink
         self.sink_conns: dict[int, list] = {}
         self.sink_bytes = 0
@@ -400,7 +397,8 @@ class Client:
         }
         s.sock.send(ws_frame(b'{"event":"connected","protocol":"Call","version":"1.0.0"}') + ws_frame(json.dumps(start).encode()))
         s.state = "open"
-        self.phases[s.n % self.client_phases].append(s)
+        phase = self.random.randrange(self.client_phases) if self.random is not None else s.n % self.client_phases
+        self.phases[phase].append(s)
 
     # the loop
     def run_until(self, deadline: float, done=None) -> None:
@@ -631,10 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-phases", type=int, default=CLIENT_PHASES,
                         help="spread the streams' inbound frames over N phases of 20/N ms (10; 1: every stream "
                              "sends at the same moment, so the server reads them in one burst)")
+    parser.add_argument("--random-phase", action="store_true",
+                        help="give each stream a random one of the client phases (seeded), as calls start at "
+                             "random moments, instead of taking them in turn")
     parser.add_argument("--feed-slots", type=int, default=10,
                         help="split the synthetic TTS feed over N slots of 200/N ms (10; 1: all streams at once)")
-    parser.add_argument("--reactor", choices=("voicecall-epoll", "epoll"), default="voicecall-epoll",
-                        help="the server's reactor: voicecall's (what the systemd unit runs) or Twisted's epoll")
     parser.add_argument("--nice", type=int, default=0,
                         help="niceness increment for both processes (negative needs root; for a machine shared with other load)")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the server once started")
@@ -662,7 +661,7 @@ def run_client(args) -> int:
         command += ["--cpu", str(args.server_cpu)]
     if args.phases is not None:
         command += ["--phases", str(args.phases)]
-    command += ["--reactor", args.reactor, "--feed-slots", str(args.feed_slots)]
+    command += ["--feed-slots", str(args.feed_slots)]
     if args.gc_freeze:
         command += ["--gc-freeze"]
     if args.stt == "sink":
@@ -726,9 +725,10 @@ def run_client(args) -> int:
         "seconds": args.seconds,
         "stt": args.stt,
         "phases": args.phases,
-        "reactor": args.reactor,
+        "reactor": hello["reactor"],
         "feed_slots": args.feed_slots,
         "client_phases": args.client_phases,
+        "random_phase": args.random_phase,
         "ramp_seconds": ramp,
         "server_cpu_percent": stats["cpu_percent"],
         "server_rss_base_mib": hello["rss"] / 2**20,
@@ -769,7 +769,7 @@ def run_client(args) -> int:
     v = lambda good: "ok" if good else "MISSED"  # noqa: E731
     print(f"media streams: {args.streams} streams x {args.seconds:g} s, server on CPU {args.server_cpu}, clients on CPU "
           f"{args.client_cpu}, STT {'RealtimeTranscriber -> discard sink' if args.stt == 'sink' else 'null sink'}, "
-          f"playback phases {args.phases if args.phases is not None else 'default'}, reactor {args.reactor}, TTS feed in {args.feed_slots} slots, client phases {args.client_phases}"
+          f"playback phases {args.phases if args.phases is not None else 'default'}, reactor {hello['reactor']}, TTS feed in {args.feed_slots} slots, client phases {args.client_phases}{' (random)' if args.random_phase else ''}"
           + (f", nice {args.nice:+d}" if args.nice else ""))
     print(f"{'metric':<34} {'value':>12}  target")
     rows = [

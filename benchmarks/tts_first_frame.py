@@ -21,8 +21,6 @@ import random
 import sys
 import time
 
-from benchmarks.common import install_reactor
-
 TARGET_MS = 30.0
 TEXT = "Thank you for calling, how can I help you today?"
 
@@ -42,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    install_reactor()
     from twisted.internet import reactor
     from twisted.internet.defer import ensureDeferred
 

@@ -41,7 +41,6 @@ from urllib.parse import urlencode
 from benchmarks.common import (
     cpu_seconds,
     percentile,
-    install_reactor,
     pin,
     spawn,
     stop,
@@ -65,7 +64,6 @@ TARGET_P99_MS = 5.0
 def serve(mode: str, calls: int, cpu: int | None, profile: str | None) -> int:
     """Run the daemon (or the bare resource) until SIGTERM; print READY first and STATS last."""
     pin(cpu)
-    install_reactor()
     import shutil
     import tempfile
 
