@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 
 import attrs
 from twilio.request_validator import RequestValidator
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
@@ -479,12 +479,19 @@ class ScreeningTests(TestCase):
         answered = [await c.done for c in clients[:2]]
         self.assertEqual([c.status for c in answered], [404, 404])
 
+    def daemon_channels(self) -> list:
+        """The daemon's HTTP channels on real sockets (other tests' in-memory ones may still be about)."""
+        return [
+            o for o in gc.get_objects()
+            if isinstance(o, limits.ScreenedChannel) and isinstance(o.transport, tcp.Server) and o.transport.server is self.service._webhook.port
+        ]
+
     def queued_for_peers(self) -> int:
         """Bytes the daemon holds for its HTTP peers: answers not yet sent, requests read but not parsed."""
         total = 0
-        for channel in (o for o in gc.get_objects() if isinstance(o, limits.ScreenedChannel)):
+        for channel in self.daemon_channels():
             transport = channel.transport
-            if transport is None or not transport.connected:
+            if not transport.connected:
                 continue
             total += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
             total += len(channel._buffer) + sum(map(len, channel._dataBuffer))
@@ -500,7 +507,7 @@ class ScreeningTests(TestCase):
         client.transport.write(request * (4_000_000 // len(request)))
 
         def stopped_reading():
-            return [c for c in gc.get_objects() if isinstance(c, limits.ScreenedChannel) and c.transport is not None and c.paused]
+            return [c for c in self.daemon_channels() if c.paused]
 
         # Before: Twisted kept reading while the answers piled up (several MB per connection).
         await eventually(stopped_reading, 10, "the daemon to stop reading the client that does not read")
