@@ -34,7 +34,8 @@ from twisted.web.resource import Resource
 from voicecall.infra import wsfast
 from voicecall.infra.audio import FRAME_BYTES, AudioChunk
 from voicecall.infra.wsfast import Wire, neutralise_autobahn_log_formatting, tune_factory
-from voicecall.media.sockets import _MEDIA, MediaSocket
+from voicecall.media import sockets
+from voicecall.media.sockets import _MEDIA
 from voicecall.media.stream import MediaStreamServer
 from voicecall.providers.signatures import verify_twilio
 from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
@@ -780,7 +781,13 @@ class PublicPathTests(MemoryTestCase):
         self.patch(wsfast, "FAST", False)
 
     def test_a_stream_end_to_end(self):
-        """Start, media in (Twilio's layout and another), DTMF, playback out with its mark, stop."""
+        """Start, media in (Twilio's layout and another), DTMF, playback out with its mark, stop: framed and unmasked by autobahn."""
+
+        def fast_path(*args):
+            raise AssertionError("the fast path ran without its private names")
+
+        self.patch(sockets, "xor_mask", fast_path)
+        self.patch(sockets, "text_frame_header", fast_path)
         net = self.serve()
         client = net.started(audio=bytes(range(1, 161)) * 2)
         [session] = self.handler.started

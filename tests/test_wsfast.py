@@ -247,6 +247,39 @@ class SendBufferSizeTests(SynchronousTestCase):
         self.assertEqual(send_buffer_size(object()), 0)
 
 
+class WireIdleTests(SynchronousTestCase):
+    """Wire.idle: a frame may be parsed beside autobahn's parser only at a frame boundary."""
+
+    def test_idle_only_between_frames(self) -> None:
+        client, server, pump = autobahn_pair()
+        wire = Wire(server)
+        self.assertTrue(wire.idle())
+        frame = masked_text_frame(b"hello", b"abcd")
+        client.transport.write(frame[:1])  # half a header: autobahn keeps the byte
+        pump.flush()
+        self.assertFalse(wire.idle())
+        client.transport.write(frame[1:8])  # the header and part of the payload: a frame is open
+        pump.flush()
+        self.assertFalse(wire.idle())
+        client.transport.write(frame[8:])
+        pump.flush()
+        self.assertTrue(wire.idle())
+        first = bytearray(masked_text_frame(b"he", b"abcd"))
+        first[0] = 0x01  # the first fragment of a message: inside a message until its last
+        client.transport.write(bytes(first))
+        pump.flush()
+        self.assertFalse(wire.idle())
+        client.transport.write(bytes((0x80,)) + masked_text_frame(b"llo", b"abcd")[1:])
+        pump.flush()
+        self.assertTrue(wire.idle())
+        self.assertEqual(server.factory.messages, [(b"hello", False), (b"hello", False)])
+
+    def test_public_path_never_idle(self) -> None:
+        self.patch(wsfast, "FAST", False)
+        client, server, pump = autobahn_pair()
+        self.assertFalse(Wire(server).idle() or Wire(server).can_frame())
+
+
 class _NoReactor:
     def addReader(self, reader) -> None:
         pass
