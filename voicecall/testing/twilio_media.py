@@ -11,7 +11,7 @@ audio queued before it has played, or at once when a C{clear} drops that audio. 
 what it receives with arrival times, for pacing measurements.
 
 Many clients can share one L{MediaTicker}, which sends every client's frame on one 20 ms tick.
-This module imports nothing of the daemon.
+This module imports nothing of the daemon but its WebSocket fast paths (L{voicecall.infra.wsfast}).
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+
+from voicecall.infra.wsfast import Wire
 
 __all__ = ["MediaTicker", "Received", "TwilioMediaClient", "UpgradeRefused"]
 
@@ -123,20 +125,19 @@ class MediaTicker:
 
 
 class _Protocol(WebSocketClientProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._wire = Wire(self)
+
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         # autobahn leaves this timer behind when the peer drops during our close handshake.
-        timer, self.closeHandshakeTimeoutCall = getattr(self, "closeHandshakeTimeoutCall", None), None
-        if timer is not None:
-            try:
-                timer.cancel()
-            except Exception:
-                pass  # already fired or cancelled
+        self._wire.forget_close_timer()
 
     def dataReceived(self, data: bytes) -> None:
         # Fast path for whole unmasked text frames from the server at a frame boundary (the
         # media stream's every message); anything else goes through autobahn's parser.
-        if self.state != WebSocketProtocol.STATE_OPEN or self.current_frame is not None or self.inside_message or self.data:
+        if self.state != WebSocketProtocol.STATE_OPEN or not self._wire.idle():
             super().dataReceived(data)
             return
         n = len(data)
