@@ -25,7 +25,8 @@ connection:
 
 At import the module checks, on a throw-away autobahn protocol and Twisted transport, that every
 one of these names is there and behaves as relied on (L{PRIVATE_NAMES}). If any is missing it
-logs once and every L{Wire} takes autobahn's public path: C{sendMessage} for every message,
+logs once and (unless only a log helper moved, which merely leaves autobahn's formatting in
+place) every L{Wire} takes autobahn's public path: C{sendMessage} for every message,
 autobahn's own parser for every frame, and the transport's producer pause (Twisted pauses a
 registered producer once more than its C{bufferSize}, 64 KiB, waits) as the backlog signal.
 Slower, and stricter about a backlog, but correct. setup.cfg bounds twisted and autobahn to the
@@ -132,15 +133,12 @@ def _check() -> tuple[str, ...]:
         missing.append("WebSocketFactory._batched_timer.call_later")
     descriptor = abstract.FileDescriptor(reactor=_NoReactor())
     descriptor.connected = True
-    try:
-        descriptor.write(b"abc")
-        fd_ok = _buffered(descriptor) == 3
-    except Exception:
-        fd_ok = False
-    if not fd_ok:
-        missing.extend(n for n in PRIVATE_NAMES if n.startswith("FileDescriptor.") and not hasattr(descriptor, n.split(".")[1]))
-        if not any(n.startswith("FileDescriptor.") for n in missing):
-            missing.append("FileDescriptor.dataBuffer")  # there, but not what it was
+    descriptor.write(b"abc")
+    absent = [n for n in PRIVATE_NAMES if n.startswith("FileDescriptor.") and not hasattr(descriptor, n.partition(".")[2])]
+    if absent:
+        missing.extend(absent)
+    elif _buffered(descriptor) != 3:
+        missing.append("FileDescriptor.dataBuffer")  # there, but no longer what a write left waiting
     if not callable(getattr(tcp.Connection, "getHandle", None)):
         missing.append("tcp.Connection.getHandle")
     for module_name in _LOG_FORMATTING_MODULES:
@@ -153,8 +151,8 @@ def _check() -> tuple[str, ...]:
 
 #: The private names that are missing or changed (empty when the fast paths are on).
 MISSING: tuple[str, ...] = _check()
-#: Whether the fast paths are on.
-FAST = not MISSING
+#: Whether the fast paths are on (the log helpers only concern L{neutralise_autobahn_log_formatting}).
+FAST = not [name for name in MISSING if not name.startswith(_LOG_FORMATTING_MODULES)]
 if MISSING:
     _log.warn(
         "autobahn/Twisted private names changed ({missing}): WebSockets take autobahn's public, slower path",
