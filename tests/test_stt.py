@@ -15,7 +15,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -30,6 +29,8 @@ from voicecall.speech.stt import (
     RealtimeTranscriber,
 )
 from voicecall.testing.openai_realtime import FakeRealtimeServer, Handshake
+
+from tests.harness import eventually
 from voicecall.infra import wsfast
 from voicecall.infra.wsfast import masked_text_frame
 
@@ -747,21 +748,11 @@ class LoopbackTests(TestCase):
         self.addCleanup(stt.close)
         return stt
 
-    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = self.reactor.seconds() + timeout
-        while not predicate():
-            if self.reactor.seconds() > deadline:
-                self.fail("condition not reached in time")
-            await self.sleep(0.01)
-
-    async def sleep(self, seconds: float) -> None:
-        await deferLater(self.reactor, seconds, lambda: None)
-
     async def test_session_update_over_loopback(self) -> None:
         """The session update reaches the server exactly as SPEC §11 gives it."""
         stt = self.transcriber()
         await stt.connect()
-        await self.until(lambda: len(self.fake.received) == 1)
+        await eventually(lambda: len(self.fake.received) == 1, 5, "the session update")
         self.assertEqual(self.fake.received[0].message, session_update(0.5, 800))
         self.assertEqual(self.fake.handshakes[0].status, 101)
 
@@ -773,7 +764,7 @@ class LoopbackTests(TestCase):
             stt.send_audio(frame)
         for _ in range(50):
             stt.send_audio(SILENCE)
-        await self.until(lambda: bool(self.recorder.of("final")))
+        await eventually(lambda: bool(self.recorder.of("final")), 5, "a final transcript")
         self.assertEqual(
             self.recorder.events,
             [
@@ -796,14 +787,14 @@ class LoopbackTests(TestCase):
         frames = [bytes([i % 256]) * 160 for i in range(200)]
         for frame in frames:
             stt.send_audio(frame)
-        await self.until(lambda: len(self.fake.appended_audio()) == 200)
+        await eventually(lambda: len(self.fake.appended_audio()) == 200, 5, "200 appends")
         self.assertEqual(self.fake.appended_audio(), [b64encode(f).decode() for f in frames])
         big = self.transcriber(batch_ms=7000)  # 56,000 bytes: 74,668 in base64
         await big.connect()
         audio = bytes(range(256)) * 218 + bytes(192)
         for i in range(0, len(audio), 160):
             big.send_audio(audio[i : i + 160])
-        await self.until(lambda: len(self.fake.appended_audio()) == 201)
+        await eventually(lambda: len(self.fake.appended_audio()) == 201, 5, "the large append")
         self.assertEqual(self.fake.appended_audio()[-1], b64encode(audio).decode())
 
     async def test_transcript_text_unchanged_over_loopback(self) -> None:
@@ -814,7 +805,7 @@ class LoopbackTests(TestCase):
         await stt.connect()
         for frame in tone_frames(5) + [SILENCE] * 10:
             stt.send_audio(frame)
-        await self.until(lambda: bool(self.recorder.of("final")))
+        await eventually(lambda: bool(self.recorder.of("final")), 5, "a final transcript")
         self.assertEqual(self.recorder.of("final"), [("final", text)])
         self.assertEqual(self.recorder.of("partial")[-1], ("partial", text))
 
@@ -845,20 +836,21 @@ class LoopbackTests(TestCase):
         self.fake.close_next(after_messages=1)
         stt = self.transcriber(reconnect_delay=0.05, batch_ms=20)
         await stt.connect()
-        await self.until(lambda: len(self.fake.sessions) == 2 and stt.connected)
+        await eventually(lambda: len(self.fake.sessions) == 2 and stt.connected, 5, "the second session")
         stt.send_audio(SILENCE)
-        await self.until(lambda: len(self.fake.appended_audio()) == 1)
+        await eventually(lambda: len(self.fake.appended_audio()) == 1, 5, "an append on the new session")
         self.assertEqual([h.status for h in self.fake.handshakes], [101, 101])
 
     async def test_reconnect_stops_after_five_attempts(self) -> None:
         """With every reconnection refused, exactly five attempts are made."""
         stt = self.transcriber(reconnect_delay=0.01)
         await stt.connect()
-        await self.until(lambda: self.fake.open_connections == 1)
+        await eventually(lambda: self.fake.open_connections == 1, 5, "the connection")
         self.fake.refuse_next(100)
         self.fake.drop_all()
-        await self.until(lambda: len(self.fake.handshakes) == 6)
-        await self.sleep(0.5)
+        await eventually(lambda: len(self.fake.handshakes) == 6, 5, "six handshakes")
+        # Given up: no attempt in flight and none scheduled.
+        await eventually(lambda: stt._attempt is None and stt._reconnect_call is None, 5, "the transcriber to give up")
         self.assertEqual([h.status for h in self.fake.handshakes], [101] + [503] * 5)
         self.assertFalse(stt.connected)
 
@@ -867,8 +859,8 @@ class LoopbackTests(TestCase):
         stt = self.transcriber(reconnect_delay=0.01)
         await stt.connect()
         await stt.close()
-        await self.until(lambda: self.fake.close_codes == [1000])
-        await self.sleep(0.1)
+        await eventually(lambda: self.fake.close_codes == [1000], 5, "the clean close")
+        self.assertIsNone(stt._reconnect_call)  # nothing scheduled: a closed transcriber never reconnects
         self.assertEqual(len(self.fake.handshakes), 1)
         self.assertFalse(stt.connected)
 
