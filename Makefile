@@ -1,6 +1,7 @@
 # voicecall: every set-up step lives here, so a fresh machine needs only python3.
 #   make run    venv + package, then the daemon in the foreground on the mock provider
-#   make test   venv + package + test extra, then the whole trial suite
+#   make test   venv + package + test extra, then the linter (ruff) and the whole trial suite
+#   make lint   the linter alone (rules in ruff.toml)
 #   make bench  the benchmarks (loopback only), printing their figures
 #   make soak   the chaos / stateful property tests with many more examples (SOAK_EXAMPLES=300)
 PYTHON ?= python3
@@ -11,7 +12,7 @@ TRIAL_ARGS ?= -j2 tests
 
 SOAK_EXAMPLES ?= 300
 
-.PHONY: run test bench soak clean venv
+.PHONY: run test lint bench soak clean venv
 
 $(BIN)/python:
 	@echo "==> creating the virtualenv $(VENV) (first run only)"
@@ -54,7 +55,13 @@ run: $(VENV)/.installed-run $(CONFIG)
 	@echo "==> starting the daemon with $(CONFIG) (Ctrl-C stops it)"
 	$(BIN)/twistd --nodaemon --pidfile= voicecall --config $(CONFIG)
 
-test: $(VENV)/.installed-test
+LINTED = voicecall tests benchmarks tools twisted setup.py
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check $(LINTED)
+
+# The linter first: a finding fails the run before the suite starts.
+test: lint
 	$(BIN)/python tools/run_trial.py $(TRIAL_ARGS)
 
 soak: $(VENV)/.installed-test

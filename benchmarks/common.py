@@ -53,7 +53,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], title: str | No
     numeric = [all(_is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)).rstrip()
 
     out = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]

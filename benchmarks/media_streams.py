@@ -587,7 +587,7 @@ def analyse(streams: list[Stream], window: float) -> dict:
         for k in range(1, len(idx)):
             if idx[k] > idx[k - 1] + 1:
                 lost += idx[k] - idx[k - 1] - 1
-        timed = [(i, t) for i, t in zip(idx, at) if t == t]
+        timed = [(i, t) for i, t in zip(idx, at, strict=True) if t == t]
         if not timed:
             continue
         i0, t0 = timed[0]

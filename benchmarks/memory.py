@@ -187,7 +187,7 @@ async def _streams(reactor, n: int, cpu: int, hold: float, out: dict) -> None:
             note(f"no stream: {c.status} errors={list(c.errors)} callbacks={[(h.params.get('CallStatus'), h.status) for h in c.callbacks]} docs={[(d.status, d.body[:300]) for d in c.documents]}")
         waiting = await settle_rss_async(reactor, pid, 1.0)
         ticker = MediaTicker(reactor, phases=10)
-        for call, stream in zip(calls, streams):
+        for call, stream in zip(calls, streams, strict=True):
             client = TwilioMediaClient(reactor, stream.url, call_sid=call.sid, token=stream.parameters.get("token"),
                                        headers={"X-Twilio-Signature": sign_request(TOKEN, stream.url)}, ticker=ticker,
                                        max_records=100, max_audio_bytes=1024)

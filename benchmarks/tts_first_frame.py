@@ -184,7 +184,7 @@ async def run(reactor, args, result: dict) -> None:
             totals, converts, waits = [], [], []
             for i in range(args.count + 5):
                 marks.clear()
-                played = session.playback.play(lambda on_audio: tts.synthesize(TEXT, on_audio))
+                played = session.playback.play(lambda on_audio, tts=tts: tts.synthesize(TEXT, on_audio))
                 played.addErrback(lambda f: None)
                 for _ in range(500):
                     if "sent" in marks:

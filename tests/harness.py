@@ -437,7 +437,7 @@ class CliResult:
         try:
             return json.loads(self.out)
         except ValueError:
-            raise AssertionError(f"CLI printed no JSON (exit {self.code})\nstdout: {self.out}\nstderr: {self.err}")
+            raise AssertionError(f"CLI printed no JSON (exit {self.code})\nstdout: {self.out}\nstderr: {self.err}") from None
 
 
 def cli_argv(workdir: Workdir, *args: str) -> list[str]:

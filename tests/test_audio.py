@@ -147,7 +147,7 @@ class UlawCodecTests(SynchronousTestCase):
         codes = bytes(range(256))
         again = ulaw_encode(ulaw_decode(codes))
         self.assertEqual(
-            [c for c, a in zip(codes, again) if c != a], [0x7F]
+            [c for c, a in zip(codes, again, strict=True) if c != a], [0x7F]
         )
         self.assertEqual(again[0x7F], 0xFF)
 

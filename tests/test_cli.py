@@ -290,7 +290,7 @@ class ValidationTests(CliTestsBase):
         for command, option in (("tail", "--since"), ("tail", "--poll"), ("latency", "--last"), ("expose", "--port")):
             result = self.invoke(command, "--help")
             self.assertEqual(result.exit_code, 0, result.stderr)
-            line = next(l for l in result.stdout.splitlines() if l.strip().startswith(option))
+            line = next(text for text in result.stdout.splitlines() if text.strip().startswith(option))
             self.assertIn("INTEGER RANGE", line, (command, line))
 
     def test_out_of_range_refused(self):

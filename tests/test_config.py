@@ -940,10 +940,10 @@ class LegacyTests(SynchronousTestCase):
             ("streaming.sttProvider is deprecated; use streaming.provider instead",
              "streaming.openaiApiKey is deprecated; use streaming.providers.openai.apiKey instead",
              "streaming.sttModel is deprecated; use streaming.providers.openai.model instead",
-             "streaming.silenceDurationMs is deprecated;"
-             " use streaming.providers.openai.silenceDurationMs instead",
-             "streaming.vadThreshold is deprecated;"
-             " use streaming.providers.openai.vadThreshold instead"),
+             ("streaming.silenceDurationMs is deprecated;"
+             " use streaming.providers.openai.silenceDurationMs instead"),
+             ("streaming.vadThreshold is deprecated;"
+             " use streaming.providers.openai.vadThreshold instead")),
         )  # fmt: skip
 
     def test_legacy_streaming_keys_validated(self):
@@ -967,8 +967,8 @@ class LegacyTests(SynchronousTestCase):
         self.assertEqual(
             problems_of(self, {"streaming": {"sttModel": "a",
                                              "providers": {"openai": {"model": "b"}}}}),
-            [f"{P}.streaming.sttModel: conflicts with {P}.streaming.providers.openai.model;"
-             " remove the deprecated key"],
+            [(f"{P}.streaming.sttModel: conflicts with {P}.streaming.providers.openai.model;"
+             " remove the deprecated key")],
         )  # fmt: skip
 
     def test_current_shape_validated(self):

@@ -138,7 +138,7 @@ class BehaviourTests(SynchronousTestCase):
 
     def test_env_fallbacks(self):
         """Each declared env variable fills its absent key, only for its provider."""
-        for path, (a, key) in leaf_keys().items():
+        for path, (_, key) in leaf_keys().items():
             for variable in key.env:
                 for provider in ("twilio", "telnyx", "plivo", "mock"):
                     env = {"HOME": "/h", variable: "+15550001234"}
@@ -157,7 +157,7 @@ class BehaviourTests(SynchronousTestCase):
 
     def test_secrets_never_shown(self):
         """A refused value of a secret key is described, never shown, in `ConfigError.lines`."""
-        for path, (a, key) in leaf_keys().items():
+        for path, (_, key) in leaf_keys().items():
             if not key.secret:
                 continue
             raw, value = {}, ({"sid": 12345} if isinstance(key.check, MapOf) else 12345)

@@ -86,8 +86,8 @@ class SignatureTests(SynchronousTestCase):
              {"CallUUID": "0fe7b2e4-1111-2222-3333-444455556666", "From": "14155550100", "To": "14155550199",
               "CallStatus": "in-progress", "Direction": "outbound", "Event": "StartApp"},
              "12345678901234567890",
-             "https://example.com/plivo/answer?CallStatusin-progressCallUUID0fe7b2e4-1111-2222-3333-444455556666"
-             "DirectionoutboundEventStartAppFrom14155550100To14155550199",
+             ("https://example.com/plivo/answer?CallStatusin-progressCallUUID0fe7b2e4-1111-2222-3333-444455556666"
+             "DirectionoutboundEventStartAppFrom14155550100To14155550199"),
              "qhyZe6XbqEvy9xUbx8IRmJq1AYdU5VuPcpKj2tp9fu0="),
             ("POST", "https://example.com/plivo/answer?call=abc&b=2", {"CallUUID": "u-1", "To": "14155550199"}, "nonce1",
              "https://example.com/plivo/answer?b=2&call=abc.CallUUIDu-1To14155550199",

@@ -86,7 +86,7 @@ class InboundMixin:
         await self.start()
         calls = [self.place(number, lambda call: None) for number in STRANGERS]
         for call in calls:
-            await eventually(lambda: self.ended(call), 10, "the stranger's call to end")
+            await eventually(lambda call=call: self.ended(call), 10, "the stranger's call to end")
         # Marker: every callback the carrier sent about those calls has been answered, and a
         # hang-up the daemon would add is requested while it handles one.
         await self.fake.settle()

@@ -19,6 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
+from voicecall.client import RemoteError
 from voicecall.infra.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
@@ -146,7 +147,7 @@ class LogSecretsTests(TestCase):
         await bad.content()
 
         # RPC and CLI errors.
-        with self.assertRaises(Exception):
+        with self.assertRaises(RemoteError):
             await rpc(daemon.rpc_path, "voicecall.continue", {"callId": "no-such-call", "message": "hi"})
         await cli("continue-unknown", "continue", "--call-id", "no-such-call", "--message", "hi")
 

@@ -399,7 +399,7 @@ class SchedulerTests(PlaybackTestBase):
         """Whatever its phase, a stream's frames are 20 ms apart, on the grid from its phase point."""
         streams = self.streams(6, frames=20)
         self.advance_to(0.5)
-        for playback, sink in streams:
+        for _, sink in streams:
             times = [t for t, kind, _ in sink.sent if kind == "media"]
             self.assertEqual(len(times), 20)
             start = times[0]

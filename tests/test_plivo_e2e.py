@@ -22,9 +22,9 @@ CALLEE = "+15550001234"
 class PlivoEndToEndTests(TestCase):
     timeout = 60
 
-    async def start(self, scenario=Scenario(), signature="v3", plivo=None, **overrides):
+    async def start(self, scenario=None, signature="v3", plivo=None, **overrides):
         self.http = http_client(self)
-        self.fake = FakePlivo(reactor, AUTH_ID, TOKEN, http=self.http, scenario=scenario, signature=signature)
+        self.fake = FakePlivo(reactor, AUTH_ID, TOKEN, http=self.http, scenario=Scenario() if scenario is None else scenario, signature=signature)
         base = await serve(self, self.fake.resource())
         port = free_port()
         self.webhook = f"http://127.0.0.1:{port}/voice/webhook"

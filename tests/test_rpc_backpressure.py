@@ -17,7 +17,6 @@ from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
-from voicecall.client import connect
 from voicecall.control.rpc import MAX_QUEUED_BYTES, RpcProtocol
 from voicecall.infra.wsfast import send_buffer_size
 

@@ -122,7 +122,7 @@ class SecondDaemonTests(TestCase):
         self.assertEqual(second.exit_code, 1, second.describe())
         pid = first.process.transport.pid
         line = f"the store {workdir.path} is in use by another voicecall daemon (pid {pid})"
-        errors = [l for l in second.stderr.splitlines() if l.strip()]
+        errors = [text for text in second.stderr.splitlines() if text.strip()]
         self.assertEqual(len(errors), 1, second.describe())
         self.assertIn(line, errors[0])
         self.assertNotIn("Traceback", second.stdout + second.stderr)

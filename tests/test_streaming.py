@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from voicecall.infra.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
-from voicecall.testing.twilio_media import TwilioMediaClient
+from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
 
 from tests.harness import eventually, free_port, http_client, serve, speech_fakes, start_daemon, workdir
 
@@ -220,5 +220,6 @@ class StreamedConversationTests(TestCase):
         code, reason = await bad.closed
         self.assertEqual((code, reason), (1008, "Unknown call"))
         forged = TwilioMediaClient(reactor, stream.url, call_sid=fake_call.sid, token=stream.parameters["token"], headers={"X-Twilio-Signature": sign_request("not-the-token", stream.url)})
-        with self.assertRaises(Exception):
+        with self.assertRaises(UpgradeRefused) as refused:
             await forged.connect()
+        self.assertEqual(refused.exception.status, 403)

@@ -163,7 +163,9 @@ class TelnyxParseTests(SynchronousTestCase):
         def state(obj):
             return base64.b64encode(json.dumps(obj).encode()).decode()
 
-        body = lambda cs: event("call.transcription", client_state=cs, transcription_data={"transcript": "hi", "is_final": True})
+        def body(cs):
+            return event("call.transcription", client_state=cs, transcription_data={"transcript": "hi", "is_final": True})
+
         ev = self.only(body(encode_client_state(CALL_ID, "tok-9")))
         self.assertEqual((ev.call_id, ev.turn_token), (CALL_ID, "tok-9"))
         ev = self.only(body(STATE))

@@ -24,9 +24,9 @@ CALLEE = "+15550001234"
 class TelnyxEndToEndTests(TestCase):
     timeout = 60
 
-    async def start(self, scenario=Scenario(), **overrides):
+    async def start(self, scenario=None, **overrides):
         self.http = http_client(self)
-        self.fake = FakeTelnyx(reactor, API_KEY, self.http, connection_id=CONNECTION, scenario=scenario)
+        self.fake = FakeTelnyx(reactor, API_KEY, self.http, connection_id=CONNECTION, scenario=Scenario() if scenario is None else scenario)
         base = await serve(self, self.fake.resource())
         port = free_port()
         self.webhook = f"http://127.0.0.1:{port}/voice/webhook"

@@ -25,9 +25,9 @@ CALLEE = "+15550001234"
 class TwilioEndToEndTests(TestCase):
     timeout = 60
 
-    async def start(self, scenario=Scenario(), **overrides):
+    async def start(self, scenario=None, **overrides):
         self.http = http_client(self)
-        self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=scenario)
+        self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=Scenario() if scenario is None else scenario)
         base = await serve(self, self.fake.resource())
         port = free_port()
         self.webhook = f"http://127.0.0.1:{port}/voice/webhook"

@@ -213,7 +213,7 @@ class WebhookFloodTests(TestCase):
                         dribblers.append(client)
             held = min(MAX_IN_FLIGHT_PER_IP, (round_ + 1) * PER_ROUND)
             await eventually(
-                lambda: all(
+                lambda held=held: all(
                     self.in_flight(ip) == held and sum(c.status is None for c in clients) == held
                     for ip, clients in by_ip.items()
                 ),
@@ -283,7 +283,7 @@ class WebhookFloodTests(TestCase):
         flood = []
         for round_ in range(50):
             flood += [self.post(ip, head) for ip in ips]
-            await eventually(lambda: all(c.outcome.called for c in flood), 5, f"401s for round {round_}")
+            await eventually(lambda flood=flood: all(c.outcome.called for c in flood), 5, f"401s for round {round_}")
         sampler.stop()
         self.assertEqual({c.status for c in flood}, {401})
         self.assertTrue(all(c.buffer.startswith(b"HTTP/1.1 401 Unauthorized\r\n") for c in flood))

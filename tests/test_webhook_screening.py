@@ -19,7 +19,6 @@ import os
 import secrets
 from urllib.parse import urlencode
 
-import attrs
 from twilio.request_validator import RequestValidator
 from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred
@@ -349,7 +348,7 @@ class ScreeningTests(TestCase):
             flood = self.slow_bodies(50, forwarded_for)
             # Marker: all 50 reached the daemon, which refused all but the in-flight cap's worth.
             await eventually(
-                lambda: sum(c.status is not None for c in flood) >= 50 - limits.MAX_IN_FLIGHT_PER_IP
+                lambda flood=flood: sum(c.status is not None for c in flood) >= 50 - limits.MAX_IN_FLIGHT_PER_IP
                 and len(self.slots_held_since()) == limits.MAX_IN_FLIGHT_PER_IP,
                 10,
                 "the flood to fill the in-flight cap",
@@ -374,7 +373,7 @@ class ScreeningTests(TestCase):
             self.assertEqual(legit.status, 200, legit.buffer[:200])
             for client in flood:
                 client.transport.abortConnection()
-            await eventually(lambda: all(c.done.called for c in flood), 5, "the flood closed")
+            await eventually(lambda flood=flood: all(c.done.called for c in flood), 5, "the flood closed")
         status = (await self.rpc.call("voicecall.status", {"callId": call_id}))["call"]
         self.assertEqual(status["state"], "ringing")
 

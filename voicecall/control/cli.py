@@ -120,7 +120,7 @@ def run(fn: Callable[[Any], Awaitable[Any]]) -> None:
         except Failed as e:
             if not stopped_by:
                 click.echo(f"Error: {e}", err=True)
-                raise SystemExit(1)
+                raise SystemExit(1) from None
         except CancelledError:
             if not stopped_by:
                 raise
@@ -205,7 +205,7 @@ class _Group(click.Group):
             return super().invoke(click_ctx)
         except Failed as e:
             click.echo(f"Error: {e}", err=True)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

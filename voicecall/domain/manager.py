@@ -140,7 +140,7 @@ class _Fields:
 
     def restore(self, call: CallRecord, after: _Fields) -> None:
         """Put back each field the change moved from this value to `after`'s, unless it has moved on since."""
-        for name, old, new in zip(_FIELDS, self.values, after.values):
+        for name, old, new in zip(_FIELDS, self.values, after.values, strict=True):
             if old != new and getattr(call, name) == new:
                 setattr(call, name, old)
 
@@ -1167,7 +1167,7 @@ class CallManager:
         results = await statuses
         closing = []
         with collector_paused():
-            for call, (ok, status) in zip(candidates, results):
+            for call, (ok, status) in zip(candidates, results, strict=True):
                 if ok and status.is_terminal and not status.is_unknown:
                     closing.append((call, "ended-at-carrier", "completed"))
                     continue

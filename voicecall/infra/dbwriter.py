@@ -313,7 +313,7 @@ class ThreadedWriter:
             error = Failure(StoreClosedError("the store is not open"))
             return [(d, False, error) for _, d in batch]
         results = _run_batch(self._conn, [op for op, _ in batch])
-        return [(d, ok, value) for (_, d), (ok, value) in zip(batch, results)]
+        return [(d, ok, value) for (_, d), (ok, value) in zip(batch, results, strict=True)]
 
     def _control(self, kind: int, opener: Any) -> tuple[bool, Any]:
         try:

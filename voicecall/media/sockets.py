@@ -248,7 +248,7 @@ class MediaSocket(WebSocketServerProtocol):
             self.query_token = token if isinstance(token, str) and len(token) <= MAX_TOKEN else None
         except Exception:
             self._log.failure("media stream upgrade failed")
-            raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR)
+            raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR) from None
         return None
 
     def onOpen(self) -> None:

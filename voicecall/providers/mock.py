@@ -113,7 +113,7 @@ def _what(item: dict) -> tuple:
 
 
 def _describe(what: tuple) -> str:
-    return " ".join(f"{name} {_quote(value)}" for name, value in zip(_SAYS, what) if value is not None and name != "callId")
+    return " ".join(f"{name} {_quote(value)}" for name, value in zip(_SAYS, what, strict=True) if value is not None and name != "callId")
 
 
 @define(repr=False)

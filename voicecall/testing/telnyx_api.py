@@ -308,7 +308,7 @@ def _body(record: RecordedRequest) -> dict[str, Any]:
     try:
         body = json.loads(record.raw)
     except (ValueError, RecursionError):
-        raise _Invalid(400, "10023", "Invalid JSON", "The supplied JSON is invalid.")
+        raise _Invalid(400, "10023", "Invalid JSON", "The supplied JSON is invalid.") from None
     if not isinstance(body, dict):
         raise _Invalid(400, "10015", "Bad Request", "The request body must be a JSON object.")
     return body
@@ -332,7 +332,7 @@ def _client_state(body: Mapping[str, Any]) -> str | None:
             raise ValueError(value)
         base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise _bad("client_state", "client_state must be a valid Base-64 encoded string.")
+        raise _bad("client_state", "client_state must be a valid Base-64 encoded string.") from None
     return value
 
 
