@@ -110,6 +110,20 @@ class RpcClient(Protocol):
         self.closed.callback(None)
 
 
-async def connect(reactor, socket_path: str, on_notification=None, timeout: float = 5, on_request=None) -> RpcClient:
+async def connect(
+    reactor,
+    socket_path: str,
+    on_notification: Callable[[str, Any], None] | None = None,
+    timeout: float = 5,
+    on_request: Callable[[str, Any], Any] | None = None,
+) -> RpcClient:
+    """
+    Connect to the control socket at `socket_path` (within `timeout` seconds).
+
+    `on_notification(method, params)` receives the daemon's notifications, from the first one on:
+    after a C{voicecall.subscribe} call, every call event as C{("voicecall.event", entry)}.
+    `on_request(method, params)` answers the daemon's own requests (C{voicecall.respond}, once
+    this connection registered as the responder: see L{RpcClient}).
+    """
     endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=timeout)
     return await endpoint.connect(Factory.forProtocol(lambda: RpcClient(on_notification, on_request)))

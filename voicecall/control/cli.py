@@ -378,6 +378,7 @@ class _Tail:
         self._poll = poll
         self._seq = 0  # the last store event read
         self._printed: OrderedDict[str, None] = OrderedDict()  # keys of recently printed events
+        self._held: list[dict] | None = None  # live events that arrived before the store was read
 
     def _show(self, entry: dict) -> None:
         key = _event_key(entry)
@@ -387,6 +388,15 @@ class _Tail:
         if len(self._printed) > TAIL_MEMORY:
             self._printed.popitem(last=False)
         click.echo(json.dumps(entry, ensure_ascii=False))
+
+    def _event(self, method: str, params) -> None:
+        """A notification from the daemon: a call event is printed, or held until `_live`."""
+        if method != "voicecall.event" or not isinstance(params, dict):
+            return
+        if self._held is not None:
+            self._held.append(params)
+        else:
+            self._show(params)
 
     def _read_store(self, first: bool = False) -> bool:
         """Print what the store holds after the last event read; False if there is no store."""
@@ -412,36 +422,36 @@ class _Tail:
                     return True
 
     async def _subscribe(self, reactor):
-        """A subscribed client (live events queue until `_live`), or None if the daemon is down."""
+        """A subscribed client (its live events are held until `_live`), or None if the daemon is down."""
         from twisted.internet.error import ConnectError
 
         from voicecall.client import ConnectionClosed, RemoteError, connect
 
-        queued: list[dict] = []
+        self._held = []
         try:
-            client = await connect(reactor, self._ctx.socket, on_notification=lambda m, p: queued.append(p))
+            client = await connect(reactor, self._ctx.socket, on_notification=self._event)
         except (ConnectError, OSError):
-            return None, queued
+            return None
         try:
             # Subscribe before reading the store, so nothing committed in between is missed.
             await client.call("voicecall.subscribe", {})
         except (ConnectionClosed, RemoteError):
             client.transport.loseConnection()
-            return None, queued
-        return client, queued
+            return None
+        return client
 
     async def run(self, reactor) -> None:
         from twisted.internet.task import deferLater
 
         ctx = self._ctx
-        client, queued = await self._subscribe(reactor)
+        client = await self._subscribe(reactor)
         has_store = self._read_store(first=True)
         if client is None and not has_store:
             raise Failed(f"nothing to follow: no store at {ctx.store} and no daemon on {ctx.socket}; {how_to_start(ctx)}")
         while True:
             if client is not None:
                 try:
-                    await self._live(client, queued)
+                    await self._live(client)
                 finally:
                     client.transport.loseConnection()
                 click.echo(f"(daemon stopped; following the store at {ctx.store})", err=True)
@@ -451,20 +461,17 @@ class _Tail:
             while True:
                 await deferLater(reactor, self._poll, lambda: None)
                 self._read_store()
-                client, queued = await self._subscribe(reactor)
+                client = await self._subscribe(reactor)
                 if client is not None:
                     click.echo(f"(reconnected to the daemon on {ctx.socket})", err=True)
                     self._read_store()
                     break
 
-    async def _live(self, client, queued: list[dict]) -> None:
-        def on_event(method, params):
-            if method == "voicecall.event" and isinstance(params, dict):
-                self._show(params)
-
-        for entry in queued:
-            on_event("voicecall.event", entry)
-        client._on_notification = on_event
+    async def _live(self, client) -> None:
+        """Print the held events, then each one as it arrives, until the daemon goes."""
+        held, self._held = self._held or [], None
+        for entry in held:
+            self._show(entry)
         await client.closed
 
 

@@ -125,7 +125,7 @@ class StreamCalls(Protocol):
     """What the wire hands to the call policy (L{voicecall.media.stream.MediaStreamServer})."""
 
     def media(self, connection: MediaSocket, ulaw: bytes) -> None:
-        """Audio from an active stream (one whose C{session} the policy set)."""
+        """Audio from an active stream (one the policy gave its session: L{MediaSocket.activate})."""
 
     def event(self, connection: MediaSocket, event: object, message: dict, payload: bytes) -> None:
         """Any other JSON object from the peer (C{start}, C{mark}, C{stop}, ...)."""
@@ -142,13 +142,9 @@ class MediaSocket(WebSocketServerProtocol):
     _wire: Wire
     client_ip = ""
     query_token: str | None = None
-    #: Set by the call policy once the stream started (the socket is then *active*).
+    #: The call policy's session once the stream started (the socket is then *active*).
     session: Any = None
-    #: Handler failures on this socket (the policy logs only the first few).
-    handler_errors = 0
-    pending_timer: IDelayedCall | None = None
-    pending_since = 0.0
-    is_pending = False
+    _handler_errors = 0
     _gone = False
     _bad_frames = 0
     _backed_up = False
@@ -173,6 +169,12 @@ class MediaSocket(WebSocketServerProtocol):
             abort, self._abort_call = self._abort_call, None
             if abort is not None and abort.active():
                 abort.cancel()
+            self._went()
+
+    def _went(self) -> None:
+        """The socket closed or was lost: the sockets hear of it once."""
+        if not self._gone:
+            self._gone = True
             self._sockets.disconnected(self)
 
     @property
@@ -261,7 +263,7 @@ class MediaSocket(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason) -> None:
         try:
-            self._sockets.disconnected(self)
+            self._went()
         except Exception:
             self._log.failure("media stream close failed")
 
@@ -419,6 +421,22 @@ class MediaSocket(WebSocketServerProtocol):
             self._sockets.counts[count] += 1
         self.close_with(code, reason)
 
+    # -- the call policy's state -------------------------------------------------------------
+
+    def activate(self, session: Any) -> None:
+        """The policy accepted the stream's start: the socket is *active* and carries `session`."""
+        self.session = session
+
+    def deactivate(self) -> Any:
+        """The stream ended: the session the socket carried (None if it had none, or ended already)."""
+        session, self.session = self.session, None
+        return session
+
+    def count_handler_error(self) -> int:
+        """One more failure of the policy's handler on this socket: how many so far (the policy logs a few)."""
+        self._handler_errors += 1
+        return self._handler_errors
+
     # -- closing -----------------------------------------------------------------------------
 
     def refuse(self, code: int, reason: str) -> None:
@@ -505,8 +523,8 @@ class MediaSockets:
     #: Refusals and closes by label, for metrics.
     counts: Counter = field(init=False, factory=Counter)
     _connections: set = field(init=False, factory=set)
-    #: Pending sockets, oldest first (a dict keeps insertion order).
-    _pending: dict = field(init=False, factory=dict)
+    #: Pending sockets, oldest first (a dict keeps insertion order): (since, start timer).
+    _pending: dict[MediaSocket, tuple[float, IDelayedCall]] = field(init=False, factory=dict)
     _pending_by_ip: dict = field(init=False, factory=dict)
     _shutting_down: bool = field(init=False, default=False)
     _log = Logger()
@@ -583,11 +601,9 @@ class MediaSockets:
             self._log.warn("closing media stream from {ip}: {reason}", ip=ip, reason=TOO_MANY_PENDING)
             connection.refuse(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
             return
-        connection.is_pending = True
-        connection.pending_since = self.clock.seconds()
-        self._pending[connection] = None
+        since = self.clock.seconds()
+        self._pending[connection] = (since, self.clock.callLater(self._pre_start_timeout, self._start_timed_out, connection))
         self._pending_by_ip[ip] = self._pending_by_ip.get(ip, 0) + 1
-        connection.pending_timer = self.clock.callLater(self._pre_start_timeout, self._start_timed_out, connection)
 
     def _yield_oldest_pending(self) -> None:
         """
@@ -596,7 +612,7 @@ class MediaSockets:
         (the upgrade signature is one constant per account) cannot keep Twilio's streams out.
         """
         oldest = next(iter(self._pending), None)
-        if oldest is None or self.clock.seconds() - oldest.pending_since < self._pending_yield_after:
+        if oldest is None or self.clock.seconds() - self._pending[oldest][0] < self._pending_yield_after:
             return
         self.leave_pending(oldest)
         self.counts["1013-pending-yielded"] += 1
@@ -604,22 +620,24 @@ class MediaSockets:
         oldest.refuse(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
 
     def _start_timed_out(self, connection: MediaSocket) -> None:
-        connection.pending_timer = None
-        if not connection.is_pending:
+        if connection not in self._pending:
             return
         self.counts["1008-start-timeout"] += 1
         self._log.info("closing media stream from {ip}: no start in time", ip=connection.client_ip)
         connection.refuse(CLOSE_POLICY, START_TIMEOUT)
 
+    def is_pending(self, connection: MediaSocket) -> bool:
+        """Whether the socket is upgraded and still waiting for a valid start."""
+        return connection in self._pending
+
     def leave_pending(self, connection: MediaSocket) -> None:
         """The socket is no longer pending (it started, or is going): its place and timer are freed."""
-        timer, connection.pending_timer = connection.pending_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        if not connection.is_pending:
+        place = self._pending.pop(connection, None)
+        if place is None:
             return
-        connection.is_pending = False
-        self._pending.pop(connection, None)
+        timer = place[1]
+        if timer.active():
+            timer.cancel()
         ip = connection.client_ip
         left = self._pending_by_ip.get(ip, 1) - 1
         if left > 0:
@@ -628,9 +646,7 @@ class MediaSockets:
             self._pending_by_ip.pop(ip, None)
 
     def disconnected(self, connection: MediaSocket) -> None:
-        if connection._gone:
-            return
-        connection._gone = True
+        """The socket closed or was lost (called once per socket)."""
         self._connections.discard(connection)
         self.leave_pending(connection)
         self.calls.ended(connection)

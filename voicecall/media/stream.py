@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from voicecall.infra.wsfast import neutralise_autobahn_log_formatting
-from voicecall.media.playback import SYNTHESIS_TIMEOUT, Playback, PlaybackScheduler
+from voicecall.media.playback import SYNTHESIS_TIMEOUT, Playback, PlaybackScheduler, StreamSink
 from voicecall.media.sockets import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
@@ -72,8 +72,10 @@ class StreamSession:
     stream_sid: str
     client_ip: str
     _connection: MediaSocket = field(repr=False)
+    #: Builds the session's playback, which sends through the session (its L{StreamSink}).
+    _make_playback: Callable[[StreamSink], Playback] = field(repr=False)
     custom_parameters: Mapping[str, str] = field(factory=dict, repr=False)
-    playback: Playback = field(init=False, repr=False, default=None)
+    playback: Playback = field(init=False, repr=False)
     _media_prefix: bytes = field(init=False, repr=False)
     _clear: bytes = field(init=False, repr=False)
 
@@ -81,6 +83,7 @@ class StreamSession:
         sid = json.dumps(self.stream_sid)
         self._media_prefix = ('{"event":"media","streamSid":%s,"media":{"payload":"' % sid).encode()
         self._clear = ('{"event":"clear","streamSid":%s}' % sid).encode()
+        self.playback = self._make_playback(self)
 
     @property
     def is_open(self) -> bool:
@@ -183,7 +186,7 @@ class MediaStreamServer:
         self._call_handler(connection, "media_received", connection.session, ulaw)
 
     def ended(self, connection: MediaSocket) -> None:
-        session, connection.session = connection.session, None
+        session = connection.deactivate()
         if session is None:
             return
         if self._sessions.get(session.stream_sid) is session:
@@ -220,12 +223,11 @@ class MediaStreamServer:
         try:
             getattr(self._handler, name)(*args)
         except Exception:
-            connection.handler_errors += 1
-            if connection.handler_errors <= _MAX_LOGGED_HANDLER_ERRORS:
+            if connection.count_handler_error() <= _MAX_LOGGED_HANDLER_ERRORS:
                 self._log.failure("media stream handler {name} failed", name=name)
 
     def _start(self, connection: MediaSocket, message: dict) -> None:
-        if not connection.is_pending:
+        if not self._sockets.is_pending(connection):
             return  # a second start, or one after the socket stopped being pending
         start = message.get("start")
         start = start if isinstance(start, dict) else {}
@@ -262,13 +264,16 @@ class MediaStreamServer:
             stream_sid=stream_sid,
             client_ip=connection.client_ip,
             connection=connection,
+            make_playback=self._playback_for,
             custom_parameters=parameters,
         )
-        session.playback = Playback(self._playback, session, synthesis_timeout=self._synthesis_timeout)
-        connection.session = session
+        connection.activate(session)
         self._sessions[stream_sid] = session
         self._log.info("media stream {stream_sid} started for {call_sid}", stream_sid=stream_sid, call_sid=call_sid)
         self._call_handler(connection, "stream_started", session)
+
+    def _playback_for(self, sink: StreamSink) -> Playback:
+        return Playback(self._playback, sink, synthesis_timeout=self._synthesis_timeout)
 
     def _refuse_start(self, connection: MediaSocket, reason: str) -> None:
         self._sockets.counts["1008-" + reason] += 1

@@ -65,12 +65,16 @@ class RealtimeConnection(WebSocketClientProtocol):
     log = txaio.make_logger(level="info")
     _log = Logger()
 
-    # Set by RealtimeClientFactory.buildProtocol.
-    opened: Deferred[RealtimeConnection]
-    _end: TranscriberEnd
     _wire: Wire
     was_open = False
     paused = False
+
+    def __init__(self, factory: RealtimeClientFactory, end: TranscriberEnd) -> None:
+        super().__init__()
+        self.factory = factory
+        self._end = end
+        #: Fires with this connection once the session update is sent; cancelling it drops the connection.
+        self.opened: Deferred[RealtimeConnection] = Deferred(self._cancel_open)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -147,7 +151,6 @@ class RealtimeConnection(WebSocketClientProtocol):
 class RealtimeClientFactory(WebSocketClientFactory):
     """The client factory of one transcriber: URL, headers and protocol options."""
 
-    protocol = RealtimeConnection
     # Twisted logs every factory start and stop otherwise: one pair per connection.
     noisy = False
 
@@ -165,7 +168,5 @@ class RealtimeClientFactory(WebSocketClientFactory):
         tune_factory(self, reactor)
 
     def buildProtocol(self, addr: Any) -> RealtimeConnection:
-        proto: RealtimeConnection = super().buildProtocol(addr)
-        proto._end = self._end
-        proto.opened = Deferred(proto._cancel_open)
-        return proto
+        """Each connection is built with its factory and its transcriber (Twisted's buildProtocol, overridden)."""
+        return RealtimeConnection(self, self._end)

@@ -57,14 +57,14 @@ class FlakyStore(CallStore):
         return super().write(*args, **kwargs)
 
 
-class _Lazy:
-    """An HTTP client whose target is set later (the webhook resource changes on a restart)."""
+@define
+class _ToDaemon:
+    """The fake carrier's HTTP client: each request goes to the daemon's current webhook resource (a restart replaces it)."""
 
-    def __init__(self) -> None:
-        self.target: Any = None
+    _current: Callable[[], StubTreq]
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
-        return self.target.request(*args, **kwargs)
+        return self._current().request(*args, **kwargs)
 
 
 @define
@@ -98,7 +98,6 @@ class Stack:
     directory: str
     clock: Clock
     chaos: Chaos
-    carrier: Carrier | None
     transcript_timeout_ms: int = 4000
     max_calls: int = 3
     moods: dict = field(factory=dict)  # provider call id -> "talk" | "silent"
@@ -106,25 +105,27 @@ class Stack:
     posts: list = field(factory=list)  # mock: (status, body) of each webhook posted
     mock_actions: list = field(factory=list)  # mock: what the daemon asked of the carrier
     _answered: dict = field(factory=dict)  # provider call id -> prompts heard when last answering
-    manager: Any = None
-    provider: Any = None
-    store: Any = None
-    webhook: Any = None
-    _writer: Any = None
-    _to_daemon: Any = None
-    _api: Any = None
+    carrier: Carrier | None = field(init=False, default=None)
+    manager: Any = field(init=False, default=None)
+    provider: Any = field(init=False, default=None)
+    store: Any = field(init=False, default=None)
+    webhook: Any = field(init=False, default=None)
+    _writer: Any = field(init=False, default=None)
+    _to_webhook: StubTreq | None = field(init=False, default=None)  # the current webhook resource's client
+    _to_daemon: _ToDaemon = field(init=False)
+    _api: StubTreq | None = field(init=False, default=None)
 
     @classmethod
     def build(cls, provider: str, directory: str, chaos: Chaos | None = None, **kwargs: Any) -> Stack:
         clock = Clock()
         clock.advance(START)
-        chaos = chaos or Chaos()
-        stack = cls(provider, directory, clock, chaos, None, **kwargs)
-        stack._to_daemon = _Lazy()
-        stack.carrier = _CARRIERS[provider](stack) if provider != "mock" else None
-        stack._api = StubTreq(stack.carrier.fake.resource()) if stack.carrier else None
-        stack._open()
-        return stack
+        return cls(provider, directory, clock, chaos or Chaos(), **kwargs)
+
+    def __attrs_post_init__(self) -> None:
+        self._to_daemon = _ToDaemon(lambda: self._to_webhook)
+        self.carrier = _CARRIERS[self.provider_name](self) if self.provider_name != "mock" else None
+        self._api = StubTreq(self.carrier.fake.resource()) if self.carrier else None
+        self._open()
 
     # -- the daemon ---------------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class Stack:
             replays=ReplayCache(self.clock),
             responses=ResponseCache(self.clock),
         )
-        self._to_daemon.target = StubTreq(self.webhook)
+        self._to_webhook = StubTreq(self.webhook)
 
     def restart(self) -> dict:
         """Stop the daemon, re-open the store and restore; returns restore's outcome."""
@@ -198,9 +199,8 @@ class Stack:
         for _ in range(rounds):
             if self._api is not None:
                 self._api.flush()
-            target = self._to_daemon.target
-            if target is not None:
-                target.flush()
+            if self._to_webhook is not None:
+                self._to_webhook.flush()
             self.clock.advance(0)
 
     def advance(self, seconds: float, step: float = 0.05) -> None:
