@@ -87,7 +87,7 @@ async def run(reactor, args, result: dict) -> None:
     from treq.client import HTTPClient
 
     from voicecall.infra.audio import SILENCE_FRAME
-    from voicecall.config import TtsConfig, TtsElevenLabsConfig, TtsOpenAIConfig
+    from voicecall.config.model import TtsConfig, TtsElevenLabsConfig, TtsOpenAIConfig
     from voicecall.media import playback as playback_module
     from voicecall.media.stream import MediaStreamServer
     from voicecall.speech import tts as tts_module

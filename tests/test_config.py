@@ -13,12 +13,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.config import (
     DISABLED_MESSAGE,
     ConfigError,
-    VoiceCallConfig,
     config_search_paths,
     find_config_path,
     load_config,
     parse_config,
 )
+from voicecall.config.model import VoiceCallConfig
 from voicecall.config.validate import UNDEFINED, deep_merge_defined
 
 P = "plugins.entries.voice-call.config"

@@ -18,7 +18,8 @@ from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall import tap
-from voicecall.config import DISABLED_MESSAGE, ServeConfig, VoiceCallConfig
+from voicecall.config import DISABLED_MESSAGE
+from voicecall.config.model import ServeConfig, VoiceCallConfig
 from tests.harness import ChildProcess, daemon_argv, event, http_client, make_workdir, run_cli, spawn, spawn_daemon, webhook_client
 
 P = "plugins.entries.voice-call.config"

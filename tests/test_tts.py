@@ -24,13 +24,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from voicecall.infra.audio import AudioChunk
-from voicecall.config import (
-    TtsConfig,
-    TtsElevenLabsConfig,
-    TtsOpenAIConfig,
-    TtsVoiceSettings,
-    parse_config,
-)
+from voicecall.config import parse_config
+from voicecall.config.model import TtsConfig, TtsElevenLabsConfig, TtsOpenAIConfig, TtsVoiceSettings
 from voicecall.speech.tts import TelephonyTts, TtsError
 from voicecall.tap import build_tts
 from voicecall.testing.speech import FakeElevenLabs, FakeOpenAISpeech, tone

@@ -69,26 +69,12 @@ import json5
 from attrs import evolve
 
 from voicecall.config.checks import boolean
-from voicecall.config.model import (
-    DEFAULT_STORE,
-    ServeConfig,
-    TtsConfig,
-    TtsElevenLabsConfig,
-    TtsOpenAIConfig,
-    TtsVoiceSettings,
-    VoiceCallConfig,
-)
+from voicecall.config.model import DEFAULT_STORE, VoiceCallConfig
 from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, provider_problems
 
 __all__ = [
     "DISABLED_MESSAGE",
     "ConfigError",
-    "ServeConfig",
-    "TtsConfig",
-    "TtsElevenLabsConfig",
-    "TtsOpenAIConfig",
-    "TtsVoiceSettings",
-    "VoiceCallConfig",
     "config_search_paths",
     "file_permission_problems",
     "find_config_path",
