@@ -204,9 +204,11 @@ class ParseTests(MockProviderTestsBase):
         )
 
     def test_unknown_and_incomplete_items_refused(self):
-        """Items with an unknown type, no type, no callId, or that are not objects are refused, each with its reason."""
+        """Items with an unknown type (or one that is no string), no type, no callId, or that are not objects are refused, each with its reason."""
         for item, reason in (
             ({"type": "call.teleported", "callId": "c"}, b'unknown event type "call.teleported"'),
+            ({"type": ["call.ringing"], "callId": "c"}, b'unknown event type ["call.ringing"]'),
+            ({"type": {"call.ringing": 1}, "callId": "c"}, b'unknown event type {"call.ringing": 1}'),
             ({"callId": "c"}, b'has no "type"'),
             ({"type": "call.ringing"}, b'"callId" must be a non-empty string'),
             ("call.ringing", b"must be an object"),

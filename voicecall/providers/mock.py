@@ -53,6 +53,7 @@ from voicecall.providers.signatures import mock_request_key
 MAX_TRACKED_CALLS = 10_000
 _SHAPE = 'the body must be {"event": {...}} or {"events": [{...}, ...]}'
 _TYPES = ", ".join(t.value for t in EventType)
+_TYPE_VALUES = frozenset(t.value for t in EventType)
 _MAX_INT = 2**53  # timestamps and durations stay exact in JSON and SQLite
 #: Optional fields and the JSON types they take (bool is not a number here).
 _FIELDS: dict[str, tuple[type, ...]] = {
@@ -199,7 +200,7 @@ class MockProvider:
         kind = item.get("type")
         if kind is None:
             raise _Refused(400, f'{where} has no "type" (one of {_TYPES})')
-        if kind not in EventType._value2member_map_:
+        if not isinstance(kind, str) or kind not in _TYPE_VALUES:
             raise _Refused(400, f"{where}: unknown event type {_quote(kind)} (one of {_TYPES})")
         call_id = item.get("callId")
         if not isinstance(call_id, str) or not call_id:
