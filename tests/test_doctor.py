@@ -7,10 +7,15 @@ import socket
 import tempfile
 
 from click.testing import CliRunner
+from twisted.internet import reactor
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from voicecall.control.cli import main
-from voicecall.control.doctor import render, run_checks
+from voicecall.control.doctor import MAX_HEALTH_BYTES, render, run_checks
 from tests.harness import make_workdir, run_cli, spawn_daemon
 
 TWILIO = {"provider": "twilio", "fromNumber": "+15550000000", "twilio": {"accountSid": "AC1", "authToken": "t"}}
@@ -180,3 +185,63 @@ class DoctorWithDaemonTests(TestCase):
         checked = [line[6:].split(":", 1)[0] for line in lines[1:] if not line.startswith(" ")]
         self.assertEqual(checked, ["port", "socket", "state directory"], result.out)
         self.assertNotIn("Traceback", result.out + result.err)
+
+
+@implementer(IPullProducer)
+class _EndlessLine(Protocol):
+    """Answers anything with a line that never ends: 64 KiB more each time the client has read the last."""
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        self.transport.write(b"x" * 65536)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class DoctorAgainstAStrangerTests(TestCase):
+    timeout = 40
+
+    async def test_an_endless_answer_on_the_socket(self):
+        """
+        Something on the daemon's socket that answers with an endless line: `voicecall doctor`
+        reads at most MAX_HEALTH_BYTES of it and fails the daemon check saying so (it used to read
+        for ever, its memory growing), and still checks the port and the state directory.
+        """
+        workdir = make_workdir(self)
+        port = await UNIXServerEndpoint(reactor, workdir.rpc_path).listen(Factory.forProtocol(_EndlessLine))
+        self.addCleanup(port.stopListening)
+        result = await run_cli(self, workdir, "doctor", timeout=15)
+        self.assertEqual(result.code, 1, result.err)
+        lines = result.out.splitlines()
+        self.assertIn(
+            f"FAIL  daemon: {workdir.rpc_path} answered with more than {MAX_HEALTH_BYTES // 1024} KiB:"
+            " not a voicecall daemon's health answer",
+            lines,
+        )
+        checked = [line[6:].split(":", 1)[0] for line in lines if not line.startswith(" ")]
+        self.assertEqual(checked[-3:], ["daemon", "port", "state directory"], result.out)
+        self.assertNotIn("Traceback", result.out + result.err)
+
+    async def test_a_json_answer_that_is_not_an_object(self):
+        """An answer on the socket that is JSON but not an object, or whose result is not one, is no daemon's: doctor reports on, without a traceback."""
+        for answer in (_ListAnswer, _NumberResult):
+            workdir = make_workdir(self)
+            port = await UNIXServerEndpoint(reactor, workdir.rpc_path).listen(Factory.forProtocol(answer))
+            self.addCleanup(port.stopListening)
+            result = await run_cli(self, workdir, "doctor", timeout=15)
+            self.assertNotIn("Traceback", result.out + result.err)
+            checked = [line[6:].split(":", 1)[0] for line in result.out.splitlines() if not line.startswith(" ")]
+            self.assertEqual(checked[-3:], ["port", "socket", "state directory"], result.out)
+
+
+class _ListAnswer(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"[1]\n")
+
+
+class _NumberResult(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b'{"jsonrpc":"2.0","id":1,"result":5}\n')

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from typing import Mapping
 from urllib.parse import urlsplit
 
@@ -51,22 +52,45 @@ def _is_public_host(host: str) -> bool:
     return address.is_global
 
 
+#: The most doctor reads of an answer on the daemon's socket (a health answer is a few hundred bytes).
+MAX_HEALTH_BYTES = 64 * 1024
+
+
+class UnreadableAnswer(Exception):
+    """Something answers on the daemon's socket, with more than doctor reads."""
+
+
 def daemon_health(socket_path: str, timeout: float = 2.0) -> dict | None:
-    """The running daemon's `voicecall.health`, or None when nothing answers on the socket."""
+    """
+    The running daemon's `voicecall.health`, or None when nothing answers on the socket (within
+    `timeout` seconds in all, with a JSON-RPC answer whose result is an object). An answer longer than L{MAX_HEALTH_BYTES} is not read
+    further: L{UnreadableAnswer}.
+    """
+    deadline = time.monotonic() + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(socket_path)
             sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"voicecall.health"}\n')
-            data = b""
+            data = bytearray()
             while not data.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                sock.settimeout(left)
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-        return json.loads(data).get("result")
+                if len(data) > MAX_HEALTH_BYTES:
+                    raise UnreadableAnswer(
+                        f"{socket_path} answered with more than {MAX_HEALTH_BYTES // 1024} KiB: not a voicecall daemon's health answer"
+                    )
+        answer = json.loads(data)
     except (OSError, ValueError):
         return None
+    result = answer.get("result") if isinstance(answer, dict) else None
+    return result if isinstance(result, dict) else None
 
 
 def _writable_dir(path: str) -> tuple[bool, str]:
@@ -179,7 +203,21 @@ def _local_checks(cfg, socket_override: str | None, env: Mapping[str, str], note
     ends each detail (the defaults used when the config could not be read)."""
     checks: list[Check] = []
     socket_path = socket_override or default_socket_path(cfg.store, env)
-    health = daemon_health(socket_path)
+    try:
+        health = daemon_health(socket_path)
+    except UnreadableAnswer as e:
+        checks.append(Check("daemon", False, str(e), f"stop what listens on {socket_path}, or give --socket the daemon's socket"))
+        checks.append(_port_check(cfg.serve.bind, cfg.serve.port))
+    else:
+        checks.extend(_daemon_checks(cfg, socket_path, health))
+    ok, detail = _writable_dir(cfg.store)
+    checks.append(Check("state directory", ok, detail, None if ok else f"make {cfg.store} writable by the daemon's user"))
+    return [Check(c.name, c.ok, c.detail + note, c.fix, c.warn) for c in checks]
+
+
+def _daemon_checks(cfg, socket_path: str, health: dict | None) -> list[Check]:
+    """The running daemon's port and socket, or the port and socket it would take."""
+    checks: list[Check] = []
     if health is not None:
         checks.append(Check("daemon", True, f"running: {health.get('activeCalls', 0)} active call(s), webhook {health.get('webhookUrl')}"))
         checks.append(Check("port", True, f"{cfg.serve.bind}:{cfg.serve.port} held by the running daemon"))
@@ -187,9 +225,7 @@ def _local_checks(cfg, socket_override: str | None, env: Mapping[str, str], note
     else:
         checks.append(_port_check(cfg.serve.bind, cfg.serve.port))
         checks.append(_socket_check(socket_path))
-    ok, detail = _writable_dir(cfg.store)
-    checks.append(Check("state directory", ok, detail, None if ok else f"make {cfg.store} writable by the daemon's user"))
-    return [Check(c.name, c.ok, c.detail + note, c.fix, c.warn) for c in checks]
+    return checks
 
 
 def _port_check(bind: str, port: int) -> Check:
