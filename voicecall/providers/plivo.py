@@ -125,7 +125,7 @@ MAX_CARRIED = 8
 
 def _preceded(document: str, earlier: tuple, language: str | None) -> str:
     """C{document} with a `<Speak>` of each earlier (text, voice) first: what it replaced unheard."""
-    speaks = "".join(plivoxml._speak(text, language, voice) for text, voice in earlier)
+    speaks = "".join(plivoxml.speak_element(text, language, voice) for text, voice in earlier)
     head = "<Response>"
     return head + speaks + document[len(head):] if document.startswith(head) else document
 

@@ -55,7 +55,8 @@ def speak_voice(voice: str | None) -> str | None:
     return None
 
 
-def _speak(text: str, language: str | None, voice: str | None) -> str:
+def speak_element(text: str, language: str | None, voice: str | None) -> str:
+    """One `<Speak>` element (not a document): `text` in `language` (default en-US), with `voice` if Plivo knows it."""
     attrs = f' language="{escape(language or DEFAULT_LANGUAGE)}"'
     chosen = speak_voice(voice)
     if chosen is not None:
@@ -76,8 +77,8 @@ def keep_alive() -> str:
 def speak(text: str, language: str | None = None, voice: str | None = None, spoken_url: str | None = None) -> str:
     """Say `text`, then (with C{spoken_url}) tell us it was said by fetching that URL, then keep the call up."""
     if spoken_url is None:
-        return _document(_speak(text, language, voice) + _WAIT)
-    return _document(_speak(text, language, voice) + f'<Redirect method="POST">{escape(spoken_url)}</Redirect>')
+        return _document(speak_element(text, language, voice) + _WAIT)
+    return _document(speak_element(text, language, voice) + f'<Redirect method="POST">{escape(spoken_url)}</Redirect>')
 
 
 def listen(
@@ -93,7 +94,7 @@ def listen(
     when nothing was heard).
     """
     lang = escape(language or DEFAULT_LANGUAGE)
-    inner = _speak(prompt, language, voice) if prompt else ""
+    inner = speak_element(prompt, language, voice) if prompt else ""
     return _document(
         f'<GetInput inputType="speech" method="POST" action="{escape(action_url)}" '
         f'language="{lang}" executionTimeout="{EXECUTION_TIMEOUT}" '
