@@ -533,11 +533,6 @@ class MediaSockets:
         self.resource = _StreamResource(self, WebSocketResource(_MediaStreamFactory(self, self.clock)))
 
     @property
-    def open_count(self) -> int:
-        """Sockets upgrading, pending or active."""
-        return len(self._connections)
-
-    @property
     def pending_count(self) -> int:
         """Upgraded sockets still waiting for a valid start."""
         return len(self._pending)

@@ -154,11 +154,6 @@ def decode_client_state_token(value: object) -> tuple[str | None, str | None]:
     return text, None
 
 
-def decode_client_state(value: object) -> str | None:
-    """The call id in a `client_state` (see `decode_client_state_token`)."""
-    return decode_client_state_token(value)[0]
-
-
 def hangup_reason(cause: object) -> str | None:
     """The end reason for a `hangup_cause`, or None when Telnyx gave a cause we do not know."""
     return HANGUP_CAUSES.get(cause.strip().lower()) if isinstance(cause, str) else None

@@ -90,11 +90,6 @@ class Refusal:
     body: bytes
 
 
-#: screen(method, path, headers, remote_ip, declared_length) -> Refusal | None, where headers map
-#: lower-case names to first values. Called after the headers, before the body.
-Screen = Callable[[bytes, bytes, dict, "str | None", "int | None"], "Refusal | None"]
-
-
 def _write_refusal(transport, refusal: Refusal) -> None:
     reason = _REASONS.get(refusal.status, b"Error")
     transport.write(
