@@ -2,16 +2,19 @@
 Tests for voicecall.providers.http: the carriers' REST client reads at most MAX_RESPONSE_BYTES of
 an answer. A larger body fails the request with a clear ProviderError and drops the connection
 instead of being read into memory (integration tier: a real server on 127.0.0.1:0 that streams
-its body only as fast as the client reads it).
+its body only as fast as the client reads it). A body that stops arriving fails the request once
+its time is up, and the connection dropped after it fires nothing a second time.
 """
 from __future__ import annotations
 
+import gc
 import json
 
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import AlreadyCalledError, Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -19,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from voicecall.providers.base import ProviderError
 from voicecall.providers.http import MAX_RESPONSE_BYTES, ApiClient
+from tests.harness import eventually
 
 CHUNK = 64 * 1024
 #: What the oversized answers would send in all: far more than loopback's socket buffers hold.
@@ -142,3 +146,55 @@ class ResponseSizeCapTests(TestCase):
             await client.request("POST", "/calls", form=[("To", "x")])
         self.assertEqual(str(caught.exception), f"Twilio API error: 400 {body.decode()}")
         self.assertEqual((caught.exception.status, caught.exception.code), (400, 21211))
+
+
+class _Stalled(Resource):
+    """Sends the headers and the first bytes of a 100-byte body, then nothing more."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[Deferred] = []
+
+    def render(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"100")
+        request.write(b'{"sid": ')
+        self.lost.append(request.notifyFinish().addErrback(lambda failure: failure.value))
+        return NOT_DONE_YET
+
+
+class BodyTimeoutTests(TestCase):
+    """The time limit bounds the body too, and fires the request's outcome once."""
+
+    async def test_stalled_body_then_dropped_connection(self):
+        """
+        Headers, then a body that stalls past the time limit: the request fails with the SPEC
+        timeout text; the connection dropped afterwards (by the client's abort) reaches the
+        already-cancelled body reader, which must not fire again (no AlreadyCalledError logged).
+        """
+        resource = _Stalled()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        clock = Clock()
+        client = ApiClient(
+            HTTPClient(Agent(reactor, pool=pool)), f"http://127.0.0.1:{port.getHost().port}", "Twilio API error",
+            clock=clock, timeout=5.0,
+        )
+        outcome = Deferred.fromCoroutine(client.request("GET", "/calls"))
+        await eventually(clock.getDelayedCalls, 10, "the body's time limit armed (headers received)")
+        self.assertFalse(outcome.called)
+        clock.advance(5.0)
+        failure = self.failureResultOf(outcome, ProviderError)
+        self.assertEqual(str(failure.value), "Twilio API error: no answer within 5s")
+        [lost] = resource.lost
+        # The client's transport closes its socket and tells its protocol (and the body reader)
+        # in one step, before the server can read the end of the stream.
+        await eventually(lambda: lost.called, 10, "the server seeing the connection dropped")
+        self.assertIsInstance(lost.result, Exception)
+        gc.collect()  # a Deferred left failed (the second firing's error) logs when it is collected
+        self.assertEqual(self.flushLoggedErrors(AlreadyCalledError), [])
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_twilio -*-
+# -*- test-case-name: tests.test_provider_http,tests.test_twilio -*-
 """
 The carriers' REST calls: one injected treq client, a time limit on every request, bodies always
 consumed (so pooled connections are released) but never more than `MAX_RESPONSE_BYTES` of one (a
@@ -53,7 +53,11 @@ def _printable(text: str) -> str:
 
 
 def _abort(response: Any, result: Any, timeout: float) -> Any:
-    """A body that stopped arriving: drop its connection (treq's reader cannot be cancelled)."""
+    """
+    A body that stopped arriving: drop its connection (treq's reader cannot be cancelled). The
+    reader's Deferred has no canceller, so cancelling it makes Twisted swallow the one firing the
+    dropped connection then brings (tests.test_provider_http.BodyTimeoutTests).
+    """
     original = response
     while hasattr(original, "original"):
         original = original.original
