@@ -8,11 +8,12 @@ import json
 import uuid
 
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted.internet.defer import Deferred
 
 from tests import test_webhook
+from tests.harness import http_client, start_daemon
 from voicecall.domain.model import CallRecord, CallState, EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.mock import MockProvider
@@ -416,3 +417,32 @@ class MockWebhookTests(test_webhook.WebhookTestsBase):
         self.assertEqual([e.transcript for e in self.proxy.seen if e.type is EventType.SPEECH], ["Fine, thanks", "Fine, thanks"])
         both = [{"id": "ev-3", "type": "call.dtmf", "callId": call_id, "digits": "1"}, {"id": "ev-3", "type": "call.dtmf", "callId": call_id, "digits": "2"}]
         self.assertIn('"ev-3"', self.refused({"events": both}, 409))
+
+
+class MockInboundDaemonTests(TestCase):
+    """The mock's inbound calls on a daemon in process, posted over loopback HTTP as README shows."""
+
+    timeout = 30
+
+    async def test_first_event_call_id_names_no_call(self):
+        """
+        A new inbound call is the carrier's `providerCallId`. The `callId` its first event must
+        carry names no call (the call gets an id of ours), so a later event sent to that id is a
+        404 naming it, as for any id no call has; it is not answered 200 and silently ignored.
+        """
+        http = http_client(self)
+        service, rpc = await start_daemon(self, {"provider": "mock", "inboundPolicy": "allowlist", "allowFrom": ["+15550001234"]})
+
+        async def post(event: dict) -> tuple[int, bytes]:
+            response = await http.post(service.webhook_url, data=json.dumps({"event": event}).encode())
+            return response.code, await response.content()
+
+        first = {"id": "in-1", "type": "call.initiated", "callId": "made-up", "providerCallId": "pc-1",
+                 "direction": "inbound", "from": "+15550001234", "to": "+15550000000"}  # fmt: skip
+        self.assertEqual((await post(first))[0], 200)
+        call = (await rpc.call("voicecall.status", {"callId": "pc-1"}))["call"]
+        code, body = await post({"id": "in-2", "type": "call.speech", "callId": "made-up", "transcript": "hello"})
+        self.assertEqual((code, body.decode()), (404, 'event: unknown callId "made-up": no call has this id (ours or mock-<callId>)\n'))
+        self.assertEqual((await post({"id": "in-3", "type": "call.speech", "callId": "pc-1", "transcript": "hi"}))[0], 200)
+        record = (await rpc.call("voicecall.status", {"callId": call["callId"]}))["call"]
+        self.assertEqual([t["text"] for t in record["transcript"] if t["speaker"] == "user"], ["hi"])

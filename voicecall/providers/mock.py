@@ -233,6 +233,9 @@ class MockProvider:
             if missing:
                 raise _Refused(400, f"{where}: an inbound event for a new call needs {', '.join(missing)}")
             state = True
+            # The new call is the carrier's providerCallId and gets an id of ours: the callId this
+            # event carries names no call, and a later event sent to it is a 404, not ignored.
+            ids = [item["providerCallId"]]
         if state is None:
             raise _Refused(404, f"{where}: unknown callId {_quote(call_id)}: no call has this id (ours or mock-<callId>)")
         if state is False:
