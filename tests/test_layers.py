@@ -54,6 +54,8 @@ RULES = (
          why="a provider is handed a WebhookContext and returns values: it knows neither the surfaces nor the manager"),
     Rule(("speech",), never=("media", "web", "control", "domain.manager", "domain.store", "domain.reaper", "domain.policy"),
          why="TTS yields audio chunks with their format; media/ converts and paces them, tap.py wires STT to the manager"),
+    Rule(("speech",), never=("providers",),
+         why="speech is no carrier's: its JSON HTTP client is infra/jsonhttp.py"),
     Rule(("web", "media"), never=("control",), why="surfaces reach the manager and the providers, never the people's and gateway's surface"),
     Rule(("web",), never=("media",), why="one surface does not import another; tap.py wires them"),
     Rule(("media",), never=("web",), why="one surface does not import another; tap.py wires them"),
@@ -321,6 +323,14 @@ class RuleTests(SynchronousTestCase):
                          "speech/stt.py": "from voicecall.web import webhook\nimport voicecall.control.rpc\n"}),
             ["voicecall.speech.stt:1 -> voicecall.web", "voicecall.speech.stt:2 -> voicecall.control.rpc",
              "voicecall.speech.tts:1 -> voicecall.media.playback", "voicecall.speech.tts:2 -> voicecall.domain.manager"],
+        )
+
+    def test_speech_knows_no_carrier(self):
+        """speech/ imports nothing of providers/, in any spelling, at any depth."""
+        self.assertEqual(
+            self._lines({"speech/responder.py": "from voicecall.providers.http import ApiClient\nfrom voicecall.infra.jsonhttp import ApiClient\n",
+                         "speech/tts.py": "def f():\n    from ..providers import base\n"}),
+            ["voicecall.speech.responder:1 -> voicecall.providers.http", "voicecall.speech.tts:2 -> voicecall.providers"],
         )
 
     def test_surfaces_keep_to_themselves(self):

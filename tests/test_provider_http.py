@@ -1,6 +1,6 @@
 """
-Tests for voicecall.providers.http: the carriers' REST client reads at most MAX_RESPONSE_BYTES of
-an answer. A larger body fails the request with a clear ProviderError and drops the connection
+Tests for voicecall.infra.jsonhttp: the carriers' REST client reads at most MAX_RESPONSE_BYTES of
+an answer. A larger body fails the request with a clear ApiError and drops the connection
 instead of being read into memory (integration tier: a real server on 127.0.0.1:0 that streams
 its body only as fast as the client reads it). A body that stops arriving fails the request once
 its time is up, and the connection dropped after it fires nothing a second time.
@@ -20,8 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from voicecall.providers.base import ProviderError
-from voicecall.providers.http import MAX_RESPONSE_BYTES, ApiClient
+from voicecall.infra.jsonhttp import MAX_RESPONSE_BYTES, ApiClient, ApiError
 from tests.harness import eventually
 
 CHUNK = 64 * 1024
@@ -105,7 +104,7 @@ class ResponseSizeCapTests(TestCase):
     async def _refused(self, announce: bool) -> None:
         resource = _Oversized(HUGE, announce)
         client = await self._client(resource)
-        with self.assertRaises(ProviderError) as caught:
+        with self.assertRaises(ApiError) as caught:
             await client.request("GET", "/calls")
         self.assertEqual(
             str(caught.exception), f"Twilio API error: answer larger than {MAX_RESPONSE_BYTES} bytes"
@@ -142,7 +141,7 @@ class ResponseSizeCapTests(TestCase):
         """A carrier error (non-2xx) still becomes the SPEC text with the carrier's code."""
         body = json.dumps({"code": 21211, "message": "bad To"}).encode()
         client = await self._client(_Small(body, status=400))
-        with self.assertRaises(ProviderError) as caught:
+        with self.assertRaises(ApiError) as caught:
             await client.request("POST", "/calls", form=[("To", "x")])
         self.assertEqual(str(caught.exception), f"Twilio API error: 400 {body.decode()}")
         self.assertEqual((caught.exception.status, caught.exception.code), (400, 21211))
@@ -188,7 +187,7 @@ class BodyTimeoutTests(TestCase):
         await eventually(clock.getDelayedCalls, 10, "the body's time limit armed (headers received)")
         self.assertFalse(outcome.called)
         clock.advance(5.0)
-        failure = self.failureResultOf(outcome, ProviderError)
+        failure = self.failureResultOf(outcome, ApiError)
         self.assertEqual(str(failure.value), "Twilio API error: no answer within 5s")
         [lost] = resource.lost
         # The client's transport closes its socket and tells its protocol (and the body reader)

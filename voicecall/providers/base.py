@@ -16,15 +16,11 @@ from attrs import field, frozen
 from twisted.internet.defer import Deferred
 
 from voicecall.domain.model import CallEvent, CallRecord
+from voicecall.infra.jsonhttp import ApiError
 
 
-class ProviderError(Exception):
+class ProviderError(ApiError):
     """A carrier API call failed; the message is the SPEC text (`Twilio API error: 400 ...`)."""
-
-    def __init__(self, message: str, status: int | None = None, code: object = None) -> None:
-        super().__init__(message)
-        self.status = status  # HTTP status, when the carrier answered
-        self.code = code  # the carrier's own error code from the body, when it gave one
 
 
 @frozen

@@ -61,7 +61,7 @@ from voicecall.providers.base import (
     normalize_status,
     wait_until_played,
 )
-from voicecall.providers.http import ApiClient
+from voicecall.infra.jsonhttp import ApiClient
 from voicecall.providers.signatures import parse_form, replace_origin, verify_plivo
 
 #: Per-call state kept here (URLs, ids, pending documents) is capped, oldest dropped first.
@@ -185,6 +185,7 @@ class PlivoProvider:
             prefix="Plivo API error",
             clock=self._clock,
             auth=(self._auth_id, self._auth_token),
+            error=ProviderError,
         )
 
     def set_webhook_url(self, url: str | None) -> None:

@@ -59,7 +59,7 @@ from voicecall.providers.base import (
     normalize_status,
     wait_until_played,
 )
-from voicecall.providers.http import ApiClient
+from voicecall.infra.jsonhttp import ApiClient
 from voicecall.providers.signatures import verify_telnyx
 
 API_VERSION = "v2"
@@ -217,6 +217,7 @@ class TelnyxProvider:
             prefix=ERROR_PREFIX,
             clock=self._clock,
             headers={"Authorization": f"Bearer {self._api_key or ''}"},
+            error=ProviderError,
         )
 
     # -- REST -------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from voicecall.providers.base import (
     normalize_status,
     wait_until_played,
 )
-from voicecall.providers.http import ApiClient
+from voicecall.infra.jsonhttp import ApiClient
 from voicecall.providers.signatures import parse_form, replace_origin, verify_twilio
 
 API_VERSION = "2010-04-01"
@@ -129,6 +129,7 @@ class TwilioProvider:
             prefix="Twilio API error",
             clock=self._clock,
             auth=(self._account_sid, self._auth_token),
+            error=ProviderError,
         )
 
     def set_public_url(self, url: str | None) -> None:

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from voicecall.domain.model import CallRecord, Direction, Mode, Speaker
-from voicecall.providers.http import ApiClient
+from voicecall.infra.jsonhttp import ApiClient
 
 APOLOGY = "Sorry, I'm having trouble answering right now. Could you say that again?"
 DEFAULT_MODEL = "gpt-4o-mini"

@@ -1,9 +1,10 @@
-# -*- test-case-name: tests.test_provider_http,tests.test_twilio -*-
+# -*- test-case-name: tests.test_provider_http,tests.test_twilio,tests.test_responder -*-
 """
-The carriers' REST calls: one injected treq client, a time limit on every request, bodies always
-consumed (so pooled connections are released) but never more than `MAX_RESPONSE_BYTES` of one (a
-larger answer drops its connection and fails), and failures turned into `ProviderError` with the
-SPEC text `<Carrier> API error: <status> <body>` (SPEC §7 shared HTTP client rules).
+JSON API requests (the carriers' REST calls, the responder's chat completions): one injected treq
+client, a time limit on every request, bodies always consumed (so pooled connections are
+released) but never more than `MAX_RESPONSE_BYTES` of one (a larger answer drops its connection
+and fails), and failures turned into an `ApiError` (the carriers pass their `ProviderError`) with
+the SPEC text `<Carrier> API error: <status> <body>` (SPEC §7 shared HTTP client rules).
 """
 from __future__ import annotations
 
@@ -17,12 +18,19 @@ from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.web._newclient import ResponseFailed
 
-from voicecall.providers.base import ProviderError
-
 #: How much of an error body goes into an error message.
 MAX_ERROR_BODY = 500
 #: Largest response body read from a carrier; past it the connection is dropped unread.
 MAX_RESPONSE_BYTES = 1024 * 1024
+
+
+class ApiError(Exception):
+    """A request failed; the message is `<prefix>: <what>` (`Twilio API error: 400 ...`)."""
+
+    def __init__(self, message: str, status: int | None = None, code: object = None) -> None:
+        super().__init__(message)
+        self.status = status  # HTTP status, when the API answered
+        self.code = code  # the API's own error code from the body, when it gave one
 
 
 class _TooLarge(Exception):
@@ -69,7 +77,7 @@ def _abort(response: Any, result: Any, timeout: float) -> Any:
 
 @define
 class ApiClient:
-    """JSON (or form) requests to one carrier API root."""
+    """JSON (or form) requests to one API root."""
 
     _http: Any  # treq.client.HTTPClient
     _base: str
@@ -79,6 +87,8 @@ class ApiClient:
     _timeout: float = 15.0
     #: Bounds the body too (treq's `timeout` stops at the headers); None: headers only.
     _clock: Any = None
+    #: What a failure raises: ApiError, or a subclass of it (the carriers' ProviderError).
+    _error: type[ApiError] = ApiError
 
     def _redact(self, text: str) -> str:
         """An answer without our credentials in it (some carriers and proxies echo the request's headers)."""
@@ -117,16 +127,16 @@ class ApiClient:
                 reading.addTimeout(left, self._clock, onTimeoutCancel=lambda r, t: _abort(response, r, t))
             content = await reading
         except (CancelledError, TimeoutError) as e:
-            raise ProviderError(f"{self._prefix}: no answer within {self._timeout:g}s") from e
+            raise self._error(f"{self._prefix}: no answer within {self._timeout:g}s") from e
         except _TooLarge as e:
-            raise ProviderError(f"{self._prefix}: answer larger than {MAX_RESPONSE_BYTES} bytes", response.code) from e
+            raise self._error(f"{self._prefix}: answer larger than {MAX_RESPONSE_BYTES} bytes", response.code) from e
         except (ConnectError, DNSLookupError) as e:
-            raise ProviderError(f"{self._prefix}: cannot connect ({type(e).__name__})") from e
+            raise self._error(f"{self._prefix}: cannot connect ({type(e).__name__})") from e
         except ResponseFailed as e:
             # treq's time limit cancels the request, which surfaces wrapped in ResponseFailed.
             if any(r.check(CancelledError, TimeoutError) for r in getattr(e, "reasons", [])):
-                raise ProviderError(f"{self._prefix}: no answer within {self._timeout:g}s") from e
-            raise ProviderError(f"{self._prefix}: connection lost before a complete answer") from e
+                raise self._error(f"{self._prefix}: no answer within {self._timeout:g}s") from e
+            raise self._error(f"{self._prefix}: connection lost before a complete answer") from e
         if response.code == 404 and allow_not_found:
             return None
         text = content.decode("utf-8", "replace")
@@ -139,10 +149,10 @@ class ApiClient:
                     code = parsed["errors"][0].get("code")  # Telnyx
             except (ValueError, AttributeError, TypeError, RecursionError):
                 pass
-            raise ProviderError(f"{self._prefix}: {response.code} {_printable(self._redact(text))}", response.code, code)
+            raise self._error(f"{self._prefix}: {response.code} {_printable(self._redact(text))}", response.code, code)
         if not text.strip():
             return None
         try:
             return json.loads(text)
         except (ValueError, RecursionError) as e:
-            raise ProviderError(f"{self._prefix}: {response.code} answer is not JSON: {_printable(self._redact(text))}", response.code) from e
+            raise self._error(f"{self._prefix}: {response.code} answer is not JSON: {_printable(self._redact(text))}", response.code) from e
