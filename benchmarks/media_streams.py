@@ -103,6 +103,7 @@ def serve(args) -> int:
 
     from voicecall.infra.audio import AudioChunk
     from voicecall.media.playback import PlaybackScheduler
+    from voicecall.media.sockets import Admission
     from voicecall.media.stream import MediaStreamServer
     from voicecall.speech.stt import RealtimeTranscriber
 
@@ -215,10 +216,8 @@ def serve(args) -> int:
         kwargs["phases"] = args.phases
     scheduler = PlaybackScheduler(reactor, **kwargs)
     cap = args.streams + 64
-    server = MediaStreamServer(
-        reactor, handler, max_connections=cap, max_pending=cap, max_pending_per_ip=cap,
-        pre_start_timeout=60.0, playback=scheduler,
-    )
+    admission = Admission(max_connections=cap, max_pending=cap, max_pending_per_ip=cap, pre_start_timeout=60.0)
+    server = MediaStreamServer(reactor, handler, admission=admission, playback=scheduler)
     site = Site(server.resource)
     site.noisy = False
     site.log = lambda request: None

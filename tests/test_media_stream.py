@@ -35,7 +35,7 @@ from voicecall.infra import wsfast
 from voicecall.infra.audio import FRAME_BYTES, AudioChunk
 from voicecall.infra.wsfast import Wire, neutralise_autobahn_log_formatting, tune_factory
 from voicecall.media import sockets
-from voicecall.media.sockets import _MEDIA
+from voicecall.media.sockets import _MEDIA, Admission
 from voicecall.media.stream import MediaStreamServer
 from voicecall.providers.signatures import verify_twilio
 from voicecall.testing.twilio_media import TwilioMediaClient, UpgradeRefused
@@ -173,11 +173,10 @@ class Memory:
     one iosim pump per connection. flush() delivers every byte; advance() lets time pass.
     """
 
-    def __init__(self, handler: Handler | None = None, **kwargs) -> None:
+    def __init__(self, handler: Handler | None = None, **admission) -> None:
         self.clock = MemoryReactorClock()
         self.handler = handler or Handler()
-        kwargs.setdefault("pre_start_timeout", 5.0)
-        self.server = MediaStreamServer(self.clock, self.handler, **kwargs)
+        self.server = MediaStreamServer(self.clock, self.handler, admission=Admission(**admission))
         root = RootResource(webhook=Webhook(), stream_path=STREAM_PATH, stream=self.server.resource)
         self.site = ScreenedSite(root, clock=self.clock, screen=lambda request, length: None)
         self.url = "ws://127.0.0.1:8080" + STREAM_PATH

@@ -57,6 +57,7 @@ from voicecall.speech.responder import AutoResponder, ChatResponder
 from voicecall.speech.stt import RealtimeTranscriber
 from voicecall.speech.tts import ElevenLabsSpeech, OpenAISpeech, TelephonyTts
 from voicecall.media.bridge import StreamBridge
+from voicecall.media.sockets import Admission
 from voicecall.media.stream import MediaStreamServer
 from voicecall.infra.wsfast import neutralise_autobahn_log_formatting
 from voicecall.domain.store import CallStore, StoreLockedError, ThreadedWriter
@@ -639,9 +640,7 @@ def build_media_server(cfg, reactor, bridge: StreamBridge, provider, forwarding:
             host_header=headers.get("host"),
         ).ok
 
-    return MediaStreamServer(
-        reactor,
-        bridge,
+    admission = Admission(
         max_connections=streaming.max_connections,
         max_pending=streaming.max_pending_connections,
         max_pending_per_ip=streaming.max_pending_connections_per_ip,
@@ -649,6 +648,7 @@ def build_media_server(cfg, reactor, bridge: StreamBridge, provider, forwarding:
         client_ip=forwarding.client_ip,
         verify_upgrade=None if cfg.skip_signature_verification else verify,
     )
+    return MediaStreamServer(reactor, bridge, admission=admission)
 
 
 def manager_settings(cfg) -> ManagerSettings:

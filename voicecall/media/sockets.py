@@ -6,9 +6,9 @@ message means for a call (start, mark, stop, DTMF, media) is the call policy's
 (L{StreamCalls}, implemented by L{voicecall.media.stream.MediaStreamServer}).
 
 Before the upgrade (plain HTTP, answered by L{MediaSockets.resource}): 503 when the open sockets
-(upgrading, pending and active) reach C{max_connections} or after L{MediaSockets.shutdown}; 400
-for a missing, repeated or malformed C{Host}; 403 when an upgrade verifier is configured and the
-request's C{X-Twilio-Signature} does not verify. After the upgrade the socket is *pending*: it is
+(upgrading, pending and active) reach L{Admission.max_connections} or after
+L{MediaSockets.shutdown}; 400 for a missing, repeated or malformed C{Host}; 403 when an upgrade
+verifier is configured and the request's C{X-Twilio-Signature} does not verify. After the upgrade the socket is *pending*: it is
 closed 1013 when too many sockets are pending (in all, or from its client address; when all the
 places are taken, the oldest pending socket gives its place to a newcomer once it has waited
 L{PENDING_YIELD_AFTER} seconds for its start) and 1008 C{Start timeout} when no valid C{start}
@@ -45,7 +45,7 @@ from binascii import a2b_base64, b2a_base64
 from collections import Counter
 from typing import Any, Callable, Mapping, Protocol
 
-from attrs import define, field
+from attrs import define, field, frozen
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
@@ -57,7 +57,7 @@ from twisted.web.resource import Resource
 
 from voicecall.infra.wsfast import Wire, text_frame_header, tune_factory, xor_mask
 
-__all__ = ["MediaSocket", "MediaSockets", "StreamCalls", "sanitize"]
+__all__ = ["Admission", "MediaSocket", "MediaSockets", "StreamCalls", "sanitize"]
 
 #: Largest inbound frame or message (bytes); bigger ones close the socket 1009.
 MAX_FRAME_BYTES = 64 * 1024
@@ -244,7 +244,7 @@ class MediaSocket(WebSocketServerProtocol):
     def onConnect(self, request):
         try:
             peer = getattr(self.transport.getPeer(), "host", None)
-            self.client_ip = str(self._sockets.client_ip(request.headers, peer) or "")
+            self.client_ip = str(self._sockets.admission.client_ip(request.headers, peer) or "")
             tokens = request.params.get("token") or [None]
             token = tokens[0]
             self.query_token = token if isinstance(token, str) and len(token) <= MAX_TOKEN else None
@@ -502,6 +502,24 @@ class _StreamResource(Resource):
         return self._upgrade.render(request)
 
 
+@frozen
+class Admission:
+    """
+    Which media sockets are let in, and for how long one may wait for its start: the caps, the
+    timeouts, and the checks made on an upgrade (built once, by tap.py, from C{streaming.*}).
+    """
+
+    max_connections: int = 128
+    max_pending: int = 32
+    max_pending_per_ip: int = 4
+    pre_start_timeout: float = 5.0
+    pending_yield_after: float = PENDING_YIELD_AFTER
+    #: (lower-case headers, peer host) -> the client address the per-address cap counts.
+    client_ip: Callable[[Mapping[str, str], "str | None"], str] = lambda headers, peer: peer or ""
+    #: (the wss URL as requested: "wss://" + Host + request target, lower-case headers) -> ok
+    verify_upgrade: Callable[[str, Mapping[str, str]], bool] | None = None
+
+
 @define(repr=False)
 class MediaSockets:
     """
@@ -511,14 +529,7 @@ class MediaSockets:
 
     clock: Any
     calls: StreamCalls
-    _max_connections: int = 128
-    _max_pending: int = 32
-    _max_pending_per_ip: int = 4
-    _pre_start_timeout: float = 5.0
-    _pending_yield_after: float = PENDING_YIELD_AFTER
-    client_ip: Callable[[Mapping[str, str], "str | None"], str] = lambda headers, peer: peer or ""
-    #: (the wss URL as requested: "wss://" + Host + request target, lower-case headers) -> ok
-    _verify_upgrade: Callable[[str, Mapping[str, str]], bool] | None = None
+    admission: Admission = field(factory=Admission)
     resource: Resource = field(init=False)
     #: Refusals and closes by label, for metrics.
     counts: Counter = field(init=False, factory=Counter)
@@ -552,7 +563,7 @@ class MediaSockets:
         if self._shutting_down:
             self.counts["503-shutting-down"] += 1
             return 503, SHUTTING_DOWN
-        if len(self._connections) >= self._max_connections:
+        if len(self._connections) >= self.admission.max_connections:
             self.counts["503"] += 1
             return 503, TOO_MANY_CONNECTIONS
         hosts = request.requestHeaders.getRawHeaders(b"host") or []
@@ -560,13 +571,13 @@ class MediaSockets:
         if not _HOST.match(host):
             self.counts["400"] += 1
             return 400, b"Bad Request\n"
-        if self._verify_upgrade is not None:
+        if self.admission.verify_upgrade is not None:
             headers: dict[str, str] = {}
             for name, values in request.requestHeaders.getAllRawHeaders():
                 headers.setdefault(name.decode("latin-1").lower(), values[0].decode("latin-1"))
             url = "wss://" + host + request.uri.decode("latin-1")
             try:
-                ok = bool(self._verify_upgrade(url, headers))
+                ok = bool(self.admission.verify_upgrade(url, headers))
             except Exception:
                 self._log.failure("media stream upgrade verification failed")
                 ok = False
@@ -589,15 +600,16 @@ class MediaSockets:
             connection.close_with(CLOSE_GOING_AWAY, "Server shutting down")
             return
         ip = connection.client_ip
-        if len(self._pending) >= self._max_pending and self._pending_by_ip.get(ip, 0) < self._max_pending_per_ip:
+        admission = self.admission
+        if len(self._pending) >= admission.max_pending and self._pending_by_ip.get(ip, 0) < admission.max_pending_per_ip:
             self._yield_oldest_pending()
-        if len(self._pending) >= self._max_pending or self._pending_by_ip.get(ip, 0) >= self._max_pending_per_ip:
+        if len(self._pending) >= admission.max_pending or self._pending_by_ip.get(ip, 0) >= admission.max_pending_per_ip:
             self.counts["1013-pending"] += 1
             self._log.warn("closing media stream from {ip}: {reason}", ip=ip, reason=TOO_MANY_PENDING)
             connection.refuse(CLOSE_TRY_AGAIN, TOO_MANY_PENDING)
             return
         since = self.clock.seconds()
-        self._pending[connection] = (since, self.clock.callLater(self._pre_start_timeout, self._start_timed_out, connection))
+        self._pending[connection] = (since, self.clock.callLater(self.admission.pre_start_timeout, self._start_timed_out, connection))
         self._pending_by_ip[ip] = self._pending_by_ip.get(ip, 0) + 1
 
     def _yield_oldest_pending(self) -> None:
@@ -607,7 +619,7 @@ class MediaSockets:
         (the upgrade signature is one constant per account) cannot keep Twilio's streams out.
         """
         oldest = next(iter(self._pending), None)
-        if oldest is None or self.clock.seconds() - self._pending[oldest][0] < self._pending_yield_after:
+        if oldest is None or self.clock.seconds() - self._pending[oldest][0] < self.admission.pending_yield_after:
             return
         self.leave_pending(oldest)
         self.counts["1013-pending-yielded"] += 1

@@ -29,7 +29,7 @@ from voicecall.media.sockets import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
     MAX_TOKEN,
-    PENDING_YIELD_AFTER,
+    Admission,
     MediaSocket,
     MediaSockets,
 )
@@ -113,19 +113,12 @@ class MediaStreamServer:
     """
     The media-stream WebSocket server: mount L{resource} at the stream path of the webhook
     Site. Turns accepted streams into L{StreamSession}s reported to the L{StreamHandler}; the
-    sockets' caps and timeouts are L{MediaSockets}'.
+    sockets' caps, timeouts and upgrade checks are its L{Admission}, which L{MediaSockets} applies.
     """
 
     _reactor: object
     _handler: StreamHandler
-    _max_connections: int = 128
-    _max_pending: int = 32
-    _max_pending_per_ip: int = 4
-    _pre_start_timeout: float = 5.0
-    _pending_yield_after: float = PENDING_YIELD_AFTER
-    _client_ip: Callable[[Mapping[str, str], "str | None"], str] = lambda headers, peer: peer or ""
-    #: (the wss URL as requested: "wss://" + Host + request target, lower-case headers) -> ok
-    _verify_upgrade: Callable[[str, Mapping[str, str]], bool] | None = None
+    _admission: Admission = field(factory=Admission)
     _playback: PlaybackScheduler | None = None
     _synthesis_timeout: float = SYNTHESIS_TIMEOUT
     _sockets: MediaSockets = field(init=False)
@@ -139,17 +132,7 @@ class MediaStreamServer:
             self._log.info("autobahn runs without its native accelerators (NVX)")
         if self._playback is None:
             self._playback = PlaybackScheduler(self._reactor)
-        self._sockets = MediaSockets(
-            self._reactor,
-            self,
-            max_connections=self._max_connections,
-            max_pending=self._max_pending,
-            max_pending_per_ip=self._max_pending_per_ip,
-            pre_start_timeout=self._pre_start_timeout,
-            pending_yield_after=self._pending_yield_after,
-            client_ip=self._client_ip,
-            verify_upgrade=self._verify_upgrade,
-        )
+        self._sockets = MediaSockets(self._reactor, self, self._admission)
 
     @property
     def resource(self) -> Resource:
