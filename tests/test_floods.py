@@ -23,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from voicecall.media.sockets import MAX_PENDING_SEND_BUFFER, MAX_SEND_BUFFER
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
-from voicecall.infra.wsfast import send_buffer_size, xor_mask
+from voicecall.infra.private.ws import send_buffer_size, xor_mask
 
 from tests.harness import eventually, free_port, http_client, raise_fd_limit, serve, sleep, speech_fakes, start_daemon
 

@@ -31,9 +31,9 @@ from twisted.test.proto_helpers import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from voicecall.infra import wsfast
+from voicecall.infra.private import ws as private_ws
 from voicecall.infra.audio import FRAME_BYTES, AudioChunk
-from voicecall.infra.wsfast import Wire, neutralise_autobahn_log_formatting, tune_factory
+from voicecall.infra.private.ws import Wire, neutralise_autobahn_log_formatting, tune_factory
 from voicecall.media import sockets
 from voicecall.media.sockets import _MEDIA, Admission
 from voicecall.media.stream import MediaStreamServer
@@ -720,7 +720,7 @@ class FramingTests(MemoryTestCase):
 
 
 class PeerNotReadingTests(MemoryTestCase):
-    """What the wire queues for a peer, read through wsfast (here, a transport whose backlog the test sets)."""
+    """What the wire queues for a peer, read through private/ws.py (here, a transport whose backlog the test sets)."""
 
     def backlog(self, size: int) -> None:
         self.patch(Wire, "buffered", lambda wire: size)
@@ -772,12 +772,12 @@ class PeerNotReadingTests(MemoryTestCase):
 
 class PublicPathTests(MemoryTestCase):
     """
-    With wsfast's private names missing (forced here) the wire takes autobahn's public path:
+    With private/ws.py's private names missing (forced here) the wire takes autobahn's public path:
     the same stream, end to end, and the same bounds.
     """
 
     def setUp(self) -> None:
-        self.patch(wsfast, "FAST", False)
+        self.patch(private_ws, "FAST", False)
 
     def test_a_stream_end_to_end(self):
         """Start, media in (Twilio's layout and another), DTMF, playback out with its mark, stop: framed and unmasked by autobahn."""

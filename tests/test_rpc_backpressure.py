@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from voicecall.control.rpc import MAX_QUEUED_BYTES, RpcProtocol
-from voicecall.infra.wsfast import send_buffer_size
+from voicecall.infra.private.ws import send_buffer_size
 
 from tests.harness import eventually, http_client, start_daemon
 

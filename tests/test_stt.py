@@ -31,8 +31,8 @@ from voicecall.speech.stt import (
 from voicecall.testing.openai_realtime import FakeRealtimeServer, Handshake
 
 from tests.harness import eventually
-from voicecall.infra import wsfast
-from voicecall.infra.wsfast import masked_text_frame
+from voicecall.infra.private import ws as private_ws
+from voicecall.infra.private.ws import masked_text_frame
 
 KEY = "sk-test-realtime-0123456789"
 SILENCE = b"\xff" * 160
@@ -167,11 +167,11 @@ class Harness:
 
 
 class PublicPathTests(SynchronousTestCase):
-    """With wsfast's private names missing (forced here) the client takes autobahn's public path."""
+    """With private/ws.py's private names missing (forced here) the client takes autobahn's public path."""
 
     def test_a_session_end_to_end(self) -> None:
         """Session update, appends (sent by autobahn's sendMessage), transcripts back, and the close."""
-        self.patch(wsfast, "FAST", False)
+        self.patch(private_ws, "FAST", False)
         h = Harness(batch_ms=20)
         h.open(self)
         proto = h.stt._proto

@@ -59,7 +59,7 @@ from voicecall.speech.tts import ElevenLabsSpeech, OpenAISpeech, TelephonyTts
 from voicecall.media.bridge import StreamBridge
 from voicecall.media.sockets import Admission
 from voicecall.media.stream import MediaStreamServer
-from voicecall.infra.wsfast import neutralise_autobahn_log_formatting
+from voicecall.infra.private.ws import neutralise_autobahn_log_formatting
 from voicecall.domain.store import CallStore, StoreLockedError, ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache

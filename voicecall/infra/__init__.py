@@ -1,7 +1,7 @@
 """
 Infrastructure with no knowledge of calls: G.711 audio, bounded containers, child
 processes, the store's writer thread, systemd notification, a bounded JSON HTTP client
-(jsonhttp: the carriers' REST calls and the responder's), and wsfast, the WebSocket fast
-paths (framing, unmasking, direct writes, timers): the one module that touches autobahn's and
-Twisted's private names. It imports nothing of voicecall outside infra (tests/test_layers.py).
+(jsonhttp: the carriers' REST calls and the responder's), and private/, the one package that
+touches autobahn's and Twisted's private names (ws.py, the WebSocket fast paths; http.py, the
+webhook channel's view of Twisted's HTTP parser). It imports nothing of voicecall outside infra (tests/test_layers.py).
 """

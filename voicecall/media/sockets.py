@@ -30,7 +30,7 @@ UTF-8 re-validation (frames are parsed as JSON, which decodes UTF-8 anyway) or s
 autobahn's native accelerators when installed; whole masked text frames are unmasked here rather
 than by autobahn, and outbound messages are framed here in one step (a text frame is a 2-4 byte
 header and the JSON bytes) and, when nothing is queued before them, handed to the socket at once
-(L{voicecall.infra.wsfast}, which takes autobahn's public path when its private names are
+(L{voicecall.infra.private.ws}, which takes autobahn's public path when its private names are
 missing). An inbound C{media} message of an active stream in Twilio's own compact layout
 (L{_MEDIA}) has its payload taken by one regular expression instead of a full JSON parse;
 anything else, however slightly different, is parsed in full, and the expression admits only what
@@ -55,7 +55,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from voicecall.infra.wsfast import Wire, text_frame_header, tune_factory, xor_mask
+from voicecall.infra.private.ws import Wire, text_frame_header, tune_factory, xor_mask
 
 __all__ = ["Admission", "MediaSocket", "MediaSockets", "StreamCalls", "sanitize"]
 
@@ -396,7 +396,7 @@ class MediaSocket(WebSocketServerProtocol):
         return False
 
     def _send_public(self, data: bytes) -> bool:
-        """autobahn's public path (L{voicecall.infra.wsfast} without its private names, or compression)."""
+        """autobahn's public path (L{voicecall.infra.private.ws} without its private names, or compression)."""
         if self._wire.buffered() > MAX_SEND_BUFFER:
             self._backpressure()
             return False

@@ -23,7 +23,7 @@ from autobahn.websocket import USES_NVX
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from voicecall.infra.wsfast import neutralise_autobahn_log_formatting
+from voicecall.infra.private.ws import neutralise_autobahn_log_formatting
 from voicecall.media.playback import SYNTHESIS_TIMEOUT, Playback, PlaybackScheduler, StreamSink
 from voicecall.media.sockets import (
     CLOSE_NORMAL,

@@ -6,12 +6,12 @@ one L{voicecall.speech.stt.RealtimeTranscriber} (its L{TranscriberEnd}), which h
 
 Performance: the appends (one every 100 ms per call) are framed here, not by autobahn, whose
 client send path (C{sendMessage}, C{sendFrame}, its masker, C{sendData}) cost more than the rest
-of the forwarding: each is one masked text frame (L{voicecall.infra.wsfast.masked_text_frame},
+of the forwarding: each is one masked text frame (L{voicecall.infra.private.ws.masked_text_frame},
 with a fresh 4-byte key from C{os.urandom} per frame) written straight to the socket when nothing
-is queued before it (L{voicecall.infra.wsfast.Wire.send}, as the media-stream server does for
+is queued before it (L{voicecall.infra.private.ws.Wire.send}, as the media-stream server does for
 its own frames). autobahn still does the handshake, the session update, control frames and
 closing, and every send it would queue itself (its send queue in use, compression negotiated, or
-its private names missing: L{voicecall.infra.wsfast}).
+its private names missing: L{voicecall.infra.private.ws}).
 
 The API key is never logged: autobahn logs the whole opening handshake at debug level, so the
 protocol's autobahn logger is pinned at info.
@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from voicecall import __version__
-from voicecall.infra.wsfast import Wire, masked_text_frame, tune_factory
+from voicecall.infra.private.ws import Wire, masked_text_frame, tune_factory
 
 __all__ = ["RealtimeClientFactory", "RealtimeConnection", "TranscriberEnd"]
 

@@ -11,7 +11,7 @@ audio queued before it has played, or at once when a C{clear} drops that audio. 
 what it receives with arrival times, for pacing measurements.
 
 Many clients can share one L{MediaTicker}, which sends every client's frame on one 20 ms tick.
-This module imports nothing of the daemon but its WebSocket fast paths (L{voicecall.infra.wsfast}).
+This module imports nothing of the daemon but its WebSocket fast paths (L{voicecall.infra.private.ws}).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from voicecall.infra.wsfast import Wire
+from voicecall.infra.private.ws import Wire
 
 __all__ = ["MediaTicker", "Received", "TwilioMediaClient", "UpgradeRefused"]
 

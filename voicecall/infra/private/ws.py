@@ -1,7 +1,7 @@
-# -*- test-case-name: tests.test_wsfast -*-
+# -*- test-case-name: tests.test_private_ws -*-
 """
-The WebSocket fast paths, and the one place in voicecall that touches autobahn's and Twisted's
-private state.
+The WebSocket fast paths, and the private autobahn and Twisted state they touch (the package's
+other module, http.py, holds the webhook channel's).
 
 On the hot paths voicecall frames, unmasks and writes its own messages instead of going through
 autobahn (whose per-frame send and parse paths cost more than the rest of the media forwarding):
@@ -116,7 +116,7 @@ def _check() -> tuple[str, ...]:
         if protocol.state != protocol.STATE_OPEN:
             raise RuntimeError("the opening handshake did not complete")
     except Exception:
-        _log.failure("wsfast: a throw-away autobahn protocol does not open")
+        _log.failure("private.ws: a throw-away autobahn protocol does not open")
         return PRIVATE_NAMES
     expected = {
         "current_frame": lambda v: v is None,

@@ -1,5 +1,5 @@
 """
-Tests for voicecall.infra.wsfast: the RFC 6455 frames voicecall builds and unmasks itself, checked
+Tests for voicecall.infra.private.ws: the RFC 6455 frames voicecall builds and unmasks itself, checked
 against the RFC's layout worked by hand, a byte-by-byte reference and autobahn's own parser; the
 send-buffer accounting and direct send its two WebSocket ends share; and the private autobahn and
 Twisted names it relies on, pinned (the public path it falls back to is carried end to end by
@@ -24,8 +24,8 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from voicecall.infra import wsfast
-from voicecall.infra.wsfast import PRIVATE_NAMES, Wire, masked_text_frame, send_buffer_size, text_frame_header, tune_factory, xor_mask
+from voicecall.infra.private import ws as private_ws
+from voicecall.infra.private.ws import PRIVATE_NAMES, Wire, masked_text_frame, send_buffer_size, text_frame_header, tune_factory, xor_mask
 
 #: Payload length -> (unmasked, masked) text frame header, from RFC 6455 §5.2 by hand: FIN +
 #: opcode 1, then the mask bit and a 7-bit length, or 126 + 16 bits, or 127 + 64 bits.
@@ -275,7 +275,7 @@ class WireIdleTests(SynchronousTestCase):
         self.assertEqual(server.factory.messages, [(b"hello", False), (b"hello", False)])
 
     def test_public_path_never_idle(self) -> None:
-        self.patch(wsfast, "FAST", False)
+        self.patch(private_ws, "FAST", False)
         client, server, pump = autobahn_pair()
         self.assertFalse(Wire(server).idle() or Wire(server).can_frame())
 
@@ -293,13 +293,13 @@ class _NoReactor:
 
 class PrivateNamesTests(SynchronousTestCase):
     """
-    Every private name the fast paths use (wsfast.PRIVATE_NAMES), pinned: a new autobahn or
+    Every private name the fast paths use (private_ws.PRIVATE_NAMES), pinned: a new autobahn or
     Twisted without one fails here, naming it (the daemon would log it and take the public path).
     """
 
     def test_the_import_time_check_finds_every_name(self) -> None:
-        self.assertEqual(wsfast._check(), ())
-        self.assertTrue(wsfast.FAST)
+        self.assertEqual(private_ws._check(), ())
+        self.assertTrue(private_ws.FAST)
 
     def test_each_name_on_live_objects(self) -> None:
         """Each name, looked up where the fast paths use it: opened autobahn ends, a fresh factory, a TCP transport."""
@@ -337,16 +337,16 @@ class PrivateNamesTests(SynchronousTestCase):
             del self.closeHandshakeTimeoutCall
 
         self.patch(TwistedServerProtocol, "_connectionMade", without_the_timer)
-        self.assertEqual(wsfast._check(), ("WebSocketProtocol.closeHandshakeTimeoutCall",))
+        self.assertEqual(private_ws._check(), ("WebSocketProtocol.closeHandshakeTimeoutCall",))
 
     def test_a_moved_log_helper_is_named(self) -> None:
         """A module that no longer holds the helpers (here, one that never did) is named."""
-        self.patch(wsfast, "_LOG_FORMATTING_MODULES", ("autobahn.websocket.protocol", "json"))
-        self.assertEqual(wsfast._check(), ("json.hltype", "json.hlval"))
+        self.patch(private_ws, "_LOG_FORMATTING_MODULES", ("autobahn.websocket.protocol", "json"))
+        self.assertEqual(private_ws._check(), ("json.hltype", "json.hlval"))
 
     def test_a_changed_write_buffer_is_named(self) -> None:
         """A FileDescriptor whose writes no longer show in dataBuffer/offset/_tempDataLen is named."""
         from twisted.internet import abstract
 
         self.patch(abstract.FileDescriptor, "write", lambda self, data: None)
-        self.assertEqual(wsfast._check(), ("FileDescriptor.dataBuffer",))
+        self.assertEqual(private_ws._check(), ("FileDescriptor.dataBuffer",))
