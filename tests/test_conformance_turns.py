@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.config import ConfigError, parse_config
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import CallEvent, EventType
-from voicecall.providers.base import ProviderError
+from voicecall.domain.carrier import ProviderError
 from voicecall.providers.mock import MockProvider
 from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods
 from voicecall.speech.responder import model_name

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.domain.manager import DEFAULT_GREETING, CallError
 from voicecall.domain.model import CallEvent, CallState
-from voicecall.providers.base import ProviderError
+from voicecall.domain.carrier import ProviderError
 from voicecall.providers.mock import MockProvider
 
 from tests.fixtures import build_manager, manager_rig

@@ -14,7 +14,8 @@ from twisted.web.resource import Resource
 
 from voicecall.domain.model import CallRecord, Direction, EventType
 from voicecall.providers import plivoxml
-from voicecall.providers.base import ProviderError, WebhookContext
+from voicecall.domain.carrier import ProviderError
+from voicecall.providers.base import WebhookContext
 from voicecall.providers.plivo import PlivoProvider
 from voicecall.testing.plivo import FakePlivo, Scenario, signature_headers
 

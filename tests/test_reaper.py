@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.domain.manager import CallError
 from voicecall.domain.model import CallEvent, CallState
-from voicecall.providers.base import ProviderError
+from voicecall.domain.carrier import ProviderError
 from voicecall.providers.mock import MockProvider
 from voicecall.domain.reaper import INTERVAL_SECONDS, StaleCallReaper
 

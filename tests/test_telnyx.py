@@ -16,7 +16,8 @@ from twisted.test.proto_helpers import EventLoggingObserver
 from twisted.trial.unittest import SynchronousTestCase
 
 from voicecall.domain.model import CallRecord, Direction, EventType
-from voicecall.providers.base import ProviderError, WebhookContext
+from voicecall.domain.carrier import ProviderError
+from voicecall.providers.base import WebhookContext
 from voicecall.providers.base import SPEAK_TIMEOUT_BASE
 from voicecall.providers.telnyx import HANGUP_CAUSES, TelnyxProvider, decode_client_state_token, encode_client_state
 from voicecall.testing.telnyx import FakeTelnyx, Signer, envelope, error_body

@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from voicecall.client import RemoteError
 from voicecall.domain.model import CallRecord, Direction
-from voicecall.providers.base import ProviderError
+from voicecall.domain.carrier import ProviderError
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 

@@ -5,8 +5,8 @@ The CallManager: the one owner of call state (SPEC §4, §5, §6 with the [H] be
 It applies normalised carrier events (`process_event`), runs the operations the RPC offers
 (`initiate`, `speak`, `continue_call`, `end_call`), owns the timers (max duration, notify hang-up,
 transcript waits) and persists every change through the store before reporting it. It talks to
-the carrier through a `Provider` (call control) and a `Voice` (speech) and never imports the web,
-media, speech or RPC layers: they call it.
+the carrier through interfaces of the domain, a `CallControl` (domain/carrier.py) and a `Voice`
+(speech), and never imports the providers, web, media, speech or RPC layers: they call it.
 
 Commands on a call take effect in order (DESIGN.md): `speak`, `continue` and automatic replies
 wait in a small per-call queue until what the call is playing has played, and an initial
@@ -41,7 +41,7 @@ from voicecall.domain.model import (
     next_state,
 )
 from voicecall.domain.policy import inbound_decision
-from voicecall.providers.base import Provider, ProviderError
+from voicecall.domain.carrier import CallControl, ProviderError
 from voicecall.domain.voice import Voice
 from voicecall.domain.store import collector_paused
 
@@ -169,7 +169,7 @@ class _Commands:
 
 @define(repr=False)
 class CallManager:
-    _provider: Provider
+    _provider: CallControl
     _voice: Voice
     _store: Any  # voicecall.domain.store.CallStore
     _clock: IReactorTime

@@ -4,23 +4,19 @@ What every carrier adapter offers, and the values that cross its boundary.
 
 The webhook resource hands a provider a `WebhookContext` (the request as received plus the public
 URL that web/security.py reconstructed); the provider verifies it and parses it into normalised
-`CallEvent`s and the body to answer with. The CallManager drives calls through the call-control
-methods here and speaks through each adapter's native speech, the `voicecall.domain.voice.Voice` it
-defines. Providers never import web/, media/ or the manager.
+`CallEvent`s and the body to answer with. The CallManager drives calls through the call control
+it defines (`voicecall.domain.carrier.CallControl`, which `Provider` extends) and speaks through
+each adapter's native speech, the `voicecall.domain.voice.Voice` it defines. Providers never import
+web/, media/ or the manager.
 """
 from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence
 
 from attrs import field, frozen
-from twisted.internet.defer import Deferred
 
-from voicecall.domain.model import CallEvent, CallRecord
-from voicecall.infra.jsonhttp import ApiError
-
-
-class ProviderError(ApiError):
-    """A carrier API call failed; the message is the SPEC text (`Twilio API error: 400 ...`)."""
+from voicecall.domain.carrier import CallControl
+from voicecall.domain.model import CallEvent
 
 
 @frozen
@@ -62,26 +58,6 @@ class WebhookResponse:
 class ParsedWebhook:
     events: Sequence[CallEvent] = ()
     response: WebhookResponse = field(factory=WebhookResponse)
-
-
-@frozen
-class InitiatedCall:
-    provider_call_id: str
-    status: str = "initiated"
-    #: The carrier will say the initial message itself (Twilio notify TwiML): never speak it again.
-    consumes_initial_message: bool = False
-    #: With `consumes_initial_message`: fires with the message when the carrier fetches it (it is
-    #: then being said), so the manager records it in the transcript; never fires if it is not.
-    served: Deferred | None = field(default=None, eq=False)
-
-
-@frozen
-class ProviderCallStatus:
-    """SPEC §7 getCallStatus: the carrier's view of a call (used when restoring)."""
-
-    status: str
-    is_terminal: bool
-    is_unknown: bool = False
 
 
 #: SPEC §7 normalizeProviderStatus: carrier statuses that mean the call is over, and the
@@ -136,8 +112,8 @@ def normalize_status(status: str | None) -> str:
     return value or "unknown"
 
 
-class Provider(Protocol):
-    """A carrier adapter. Methods that talk to the carrier return Deferreds."""
+class Provider(CallControl, Protocol):
+    """A carrier adapter: the manager's call control, and the webhooks (their checks and parsing)."""
 
     name: str
     #: Whether `continue` turns carry a turn token through the carrier (Twilio `<Gather>`).
@@ -154,25 +130,4 @@ class Provider(Protocol):
 
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
         """The answer to a verified replay, or None to answer with the original's cached answer."""
-
-    def initiate_call(
-        self,
-        *,
-        call_id: str,
-        from_number: str,
-        to_number: str,
-        webhook_url: str,
-        notify_message: str | None = None,
-        voice: str | None = None,
-    ) -> Deferred[InitiatedCall]:
-        ...
-
-    def hangup_call(self, call: CallRecord, reason: str) -> Deferred[None]:
-        ...
-
-    def answer_call(self, call: CallRecord) -> Deferred[None]:
-        """Answer an accepted inbound call (Telnyx parks inbound calls until answered)."""
-
-    def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
-        ...
 

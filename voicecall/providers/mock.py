@@ -38,11 +38,10 @@ from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from voicecall.domain.carrier import InitiatedCall, ProviderCallStatus
 from voicecall.domain.model import END_REASONS, CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers.base import (
-    InitiatedCall,
     ParsedWebhook,
-    ProviderCallStatus,
     Verification,
     WebhookContext,
     WebhookResponse,

@@ -47,14 +47,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from voicecall.domain.carrier import InitiatedCall, ProviderCallStatus, ProviderError
 from voicecall.domain.model import CallEvent, CallRecord, EventType, identity_key
 from voicecall.providers import plivoxml
 from voicecall.providers.base import (
     NOT_PLAYED,
-    InitiatedCall,
     ParsedWebhook,
-    ProviderCallStatus,
-    ProviderError,
     Verification,
     WebhookContext,
     WebhookResponse,

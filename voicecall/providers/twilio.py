@@ -42,15 +42,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from voicecall.domain.carrier import InitiatedCall, ProviderCallStatus, ProviderError
 from voicecall.domain.model import CallEvent, CallRecord, Direction, EventType, identity_key
 from voicecall.providers import twiml
 from voicecall.providers.base import (
     NOT_PLAYED,
     TERMINAL_STATUS_REASONS,
-    InitiatedCall,
     ParsedWebhook,
-    ProviderCallStatus,
-    ProviderError,
     Verification,
     WebhookContext,
     WebhookResponse,
