@@ -232,23 +232,21 @@ class RuleTests(SynchronousTestCase):
         )
 
     def test_the_service_is_handed_its_components(self):
-        """service.py imports the errors it catches and infra; no component, no config; only tap.py imports it."""
+        """service.py imports only the errors it catches and infra, no component it is handed; only tap.py imports it."""
         self.assertEqual(
             self._lines(
                 {
                     "tap.py": "from voicecall.service import VoicecallService\n",
                     "service.py": "from voicecall.domain.store import StoreLockedError\nfrom voicecall.control.expose import ExposeError\n"
                     "from voicecall.infra import sdnotify\nfrom voicecall.domain.manager import CallManager\n"
-                    "def f():\n    from voicecall.control import rpc\n    from voicecall.config import load\n",
+                    "def f():\n    from voicecall.control import rpc\n",
                     "control/rpc.py": "from .. import service\n",
                 }
             ),
             [
                 "voicecall.control.rpc:1 -> voicecall.service",
                 "voicecall.service:4 -> voicecall.domain.manager",
-                "voicecall.service:6 -> voicecall.control.rpc",
-                "voicecall.service:7 -> voicecall.config",
-                "voicecall.service:7 -> voicecall.config",
+                "voicecall.service:6 -> voicecall.control",
             ],
         )
 

@@ -25,7 +25,8 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 import voicecall
-from voicecall import tap
+from voicecall import service, tap
+from voicecall.infra import httpclient, logs
 
 STREAMING_TWILIO = {
     "provider": "twilio",
@@ -136,7 +137,7 @@ def config_holders(root) -> list[str]:
 
 
 class CompositionRootTests(SynchronousTestCase):
-    def make_service(self, config: dict) -> tap.VoicecallService:
+    def make_service(self, config: dict) -> service.VoicecallService:
         directory = self.mktemp()
         os.makedirs(directory)
         path = os.path.join(directory, "voicecall.json")
@@ -162,7 +163,8 @@ class CompositionRootTests(SynchronousTestCase):
         unexplained, used = wiring_assignments(Path(voicecall.__file__).parent)
         self.assertEqual(unexplained, [])
         self.assertEqual(set(ALLOWED_ASSIGNMENTS) - used, set())
-        self.assertEqual([t for _, t in _assigned_attributes(ast.parse(inspect.getsource(tap)))], [])
+        for module in (tap, service):  # the composition root and the service it builds
+            self.assertEqual([t for _, t in _assigned_attributes(ast.parse(inspect.getsource(module)))], [], module.__name__)
 
     def test_the_check_sees_wiring(self):
         """Attribute, tuple, augmented and chained targets on another object are found; `self`'s own are not."""
@@ -190,11 +192,11 @@ class HttpPoolChatterTests(TestCase):
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        http, pool = tap.build_http_client(reactor)
+        http, pool = httpclient.build_http_client(reactor)
         response = await http.get(f"http://127.0.0.1:{port.getHost().port}/x")
         self.assertEqual(await response.content(), b"ok")
         await pool.closeCachedConnections()
-        chatter = [e for e in events if e.get("log_namespace") == tap._HTTP_FACTORY]
+        chatter = [e for e in events if e.get("log_namespace") == logs._HTTP_FACTORY]
         self.assertIn("Starting factory {factory!r}", [e["log_format"] for e in chatter])
-        self.assertEqual({tap._drop_chatter(e) for e in chatter}, {PredicateResult.no})
-        self.assertEqual(tap._drop_chatter({"log_namespace": "voicecall.tap", "log_format": "Starting factory {factory!r}"}), PredicateResult.maybe)
+        self.assertEqual({logs._drop_chatter(e) for e in chatter}, {PredicateResult.no})
+        self.assertEqual(logs._drop_chatter({"log_namespace": "voicecall.tap", "log_format": "Starting factory {factory!r}"}), PredicateResult.maybe)

@@ -14,35 +14,21 @@ the sequence is one line on stderr (a listening address in use says so) and exit
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
 import sys
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    InvalidLogLevelError,
-    LogLevel,
-    LogLevelFilterPredicate,
-    Logger,
-    PredicateResult,
-    textFileLogObserver,
-)
-from twisted.python.components import Componentized
+from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
 
-from voicecall.control.expose import ExposeError, legacy_tailscale, start_tunnel
+from voicecall.control.expose import legacy_tailscale, start_tunnel
 from voicecall.config import DISABLED_MESSAGE, ConfigError, find_config_path, load_config, parse_config
-from voicecall.infra import sdnotify
+from voicecall.infra.httpclient import build_http_client
+from voicecall.infra.logs import stdout_log_observer
+from voicecall.domain.calllog import CallLog
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.control.metrics import Metrics, MetricsSite, VoicecallCollector
 from voicecall.domain.model import Mode
@@ -60,11 +46,13 @@ from voicecall.media.bridge import StreamBridge
 from voicecall.media.sockets import Admission
 from voicecall.media.stream import MediaStreamServer
 from voicecall.infra.private.ws import neutralise_autobahn_log_formatting
-from voicecall.domain.store import CallStore, StoreLockedError, ThreadedWriter
+from voicecall.domain.store import CallStore
+from voicecall.infra.dbwriter import ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.security import ForwardingPolicy
 from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen, normalize_path
+from voicecall.service import ListenerService, VoicecallService, unix_path
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 PROVIDERS = ("mock", "twilio", "telnyx", "plivo")
@@ -120,21 +108,6 @@ def build_provider(cfg, reactor, http, *, stream_twiml=None, stream_busy=None):
     return MockProvider(clock=reactor)
 
 
-class _ApiPool(HTTPConnectionPool):
-    """
-    The connections to the carrier, TTS and chat APIs: a few kept open per host. What each says
-    when it opens and closes is Twisted's chatter (`_drop_chatter`).
-    """
-
-    maxPersistentPerHost = 8
-
-
-def build_http_client(reactor):
-    """One treq client with its own connection pool for every outside HTTP API."""
-    pool = _ApiPool(reactor, persistent=True)
-    return HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
-
-
 def build_tts(tts, http, clock) -> TelephonyTts:
     """Call TTS from the config's `tts` section (SPEC §2.3)."""
     openai, eleven = tts.openai, tts.elevenlabs
@@ -185,7 +158,7 @@ def unix_endpoint(description: str) -> str:
 def _bad_endpoint(option: str, description: str) -> str | None:
     """The line refusing an endpoint string Twisted cannot parse (None: it parses)."""
     example = "tcp:3334:interface=127.0.0.1" if option == "webhook" else "unix:/path/to/voicecall.sock"
-    if description.startswith("unix:") and not _unix_path(description):
+    if description.startswith("unix:") and not unix_path(description):
         return f'voicecall: --{option} "{description}": a UNIX endpoint needs a path, e.g. {example}'
     try:
         serverFromString(MemoryReactor(), description)  # parses only: nothing is bound
@@ -205,14 +178,6 @@ def _bad_endpoint(option: str, description: str) -> str | None:
 def _endpoint_text(value: str) -> str:
     """`value` as one argument of an endpoint string (an IPv6 address has colons)."""
     return value.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def _unix_path(description: str) -> str | None:
-    if not description.startswith("unix:"):
-        return None
-    rest = description[len("unix:") :]
-    first = rest.split(":", 1)[0]
-    return first[len("address=") :] if first.startswith("address=") else first
 
 
 class Options(usage.Options):
@@ -255,304 +220,6 @@ class Options(usage.Options):
         self["voicecall"] = config
         self["webhook"] = self["webhook"] or f"tcp:{config.serve.port}:interface={_endpoint_text(config.serve.bind)}"
         self["rpc"] = unix_endpoint(self["rpc"] or "unix:" + default_socket_path(config.store, env))
-
-
-def _in_use(error: CannotListenError, description: str) -> str:
-    """One line for an address another program holds."""
-    path = _unix_path(description)
-    if path is not None:
-        what = f"RPC socket {path}"
-    else:
-        what = f"port {error.port} on {error.interface or '0.0.0.0'}"
-    return f"{what} is in use (another voicecall? check `voicecall status`)"
-
-
-def stdout_log_observer(twistd_options: Any, env: Any) -> Any:
-    """
-    The observer twistd would log to stdout with (``-n`` without ``--logfile``: the journal under
-    systemd, the terminal for ``make run``), keeping only events at ``$VOICECALL_LOG_LEVEL``
-    (default ``info``) and above: twistd has no level option and would print debug events. Unless
-    the level is debug it also drops Twisted's chatter (`_drop_chatter`), and a start failure is not logged
-    there: it is the one line on stderr.
-    None (twistd's own choice stands) for a log file, syslog, ``--logger``, or outside twistd.
-    """
-    if not twistd_options or twistd_options.get("logger") or twistd_options.get("syslog"):
-        return None
-    logfile = twistd_options.get("logfile")
-    if not (logfile == "-" or (twistd_options.get("nodaemon") and not logfile)):
-        return None
-    try:
-        level = LogLevel.levelWithName(env.get("VOICECALL_LOG_LEVEL", "info").lower())
-    except InvalidLogLevelError:
-        level = LogLevel.info
-    predicates = [LogLevelFilterPredicate(level)]
-    if level > LogLevel.debug:
-        predicates.append(_drop_chatter)
-    return FilteringLogObserver(textFileLogObserver(sys.stdout), predicates)
-
-
-#: What Twisted's ports say, unconditionally and at info, when they open and close
-#: ("ScreenedSite starting on 3334", "(TCP Port 3334 Closed)"): debug chatter here, since the
-#: ready line names what listens.
-_PORT_CHATTER = re.compile(r"\S+ starting on .+|\((?:TCP |UNIX |UDP )?Port \S.* Closed\)")
-
-#: twistd's own first two lines (its version and the reactor class): debug chatter too, so a
-#: daemon that cannot start prints its one line on stderr and nothing else.
-_TWISTD_START = ("twistd {version} ({exe} {pyVersion}) starting up.", "reactor class: {reactor}.")
-
-#: What each connection of the HTTP client pool says when it opens and closes: nothing useful
-#: (twisted/twisted#9330), and one pair per connection to a carrier or TTS API.
-_HTTP_FACTORY = "twisted.web.client._HTTP11ClientFactory"
-_FACTORY_CHATTER = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
-
-
-def _drop_chatter(event: dict) -> PredicateResult:
-    if event.get("log_level", LogLevel.info) > LogLevel.info:
-        return PredicateResult.maybe
-    if event.get("log_format") in _TWISTD_START and "AppLogger" in event.get("log_namespace", ""):
-        return PredicateResult.no
-    if event.get("log_namespace") == _HTTP_FACTORY and event.get("log_format") in _FACTORY_CHATTER:
-        return PredicateResult.no
-    message = event.get("message")
-    if message and len(message) == 1 and isinstance(message[0], str) and _PORT_CHATTER.fullmatch(message[0]):
-        return PredicateResult.no
-    return PredicateResult.maybe
-
-
-class StartFailed(Exception):
-    """A start-up failure whose message says it all (no traceback is logged for it)."""
-
-
-class ListenerService(Service):
-    """One listening endpoint; `listen()` is called by the parent, in its start sequence."""
-
-    def __init__(self, name: str, reactor, description: str, factory) -> None:
-        self.setName(name)
-        self._reactor = reactor
-        self.description = description
-        self._factory = factory
-        self.port = None
-
-    async def listen(self):
-        path = _unix_path(self.description)
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-        try:
-            self.port = await serverFromString(self._reactor, self.description).listen(self._factory)
-        except CannotListenError as e:
-            held = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
-            if held or (path and str(e.socketError) == "Cannot acquire lock"):  # lockfile=1: a live owner
-                raise StartFailed(_in_use(e, self.description)) from None
-            reason = getattr(e.socketError, "strerror", None) or e.socketError
-            raise StartFailed(f"cannot listen on {self.description}: {reason}") from None
-        self.running = 1
-        return self.port
-
-    def stopService(self):
-        Service.stopService(self)
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-        return None
-
-
-class VoicecallService(MultiService):
-    """
-    The daemon: runs the start sequence in order and stops it in reverse.
-
-    `public_url` is the configured one (None: `open_tunnel(port)`, when given, exposes the webhook
-    port and fires with the tunnel, whose `public_url` is used). `set_public_url` is the adapter's,
-    for a carrier that verifies signatures against a tunnel's URL. `stdout_observer` is installed
-    as twistd's log observer (`stdout_log_observer`): a start failure is then said on stderr only.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self,
-        reactor,
-        *,
-        writer,
-        store,
-        manager,
-        webhook,
-        rpc,
-        reaper,
-        serve_path: str,
-        provider,
-        pool,
-        public_url: str | None = None,
-        open_tunnel: Callable[[int], Awaitable[Any]] | None = None,
-        set_public_url: Callable[[str], None] | None = None,
-        warnings: Sequence[str] = (),
-        config_path: str | None = None,
-        metrics=None,
-        media=None,
-        bridge=None,
-        stdout_observer=None,
-    ) -> None:
-        super().__init__()
-        self.setName("voicecall")
-        self._reactor = reactor
-        self._writer = writer
-        self._store = store
-        self.manager = manager
-        self._webhook = webhook
-        self._rpc = rpc
-        self._reaper = reaper
-        self._serve_path = serve_path
-        self._provider = provider
-        self._pool = pool
-        self._public_url = public_url
-        self._open_tunnel = open_tunnel
-        self._set_public_url = set_public_url
-        self._warnings = tuple(warnings)
-        self.webhook_url: str | None = None
-        self._metrics = metrics
-        self._media = media
-        self._bridge = bridge
-        self._tunnel = None
-        self._config_path = config_path
-        self._stdout_observer = stdout_observer
-        self._logs_to_stdout = False
-        self.ready: Deferred = Deferred()
-        for child in (webhook, rpc, reaper, metrics):
-            if child is not None:
-                child.setServiceParent(self)
-
-    def setServiceParent(self, parent) -> None:
-        # twistd adds the plugin's service to a new Application, then starts logging with the
-        # Application's ILogObserver component when it has one (twisted.application.app.AppLogger).
-        if self._stdout_observer is not None and isinstance(parent, Componentized):
-            if parent.getComponent(ILogObserver, None) is None:
-                parent.setComponent(ILogObserver, self._stdout_observer)
-                self._logs_to_stdout = True
-        super().setServiceParent(parent)
-
-    def startService(self) -> None:
-        Service.startService(self)
-        d = Deferred.fromCoroutine(self._start())
-        d.addCallbacks(self.ready.callback, self._failed)
-
-    async def _start(self) -> None:
-        for warning in self._warnings:
-            self._log.warn("config {path}: {problem}", path=self._config_path or "(none)", problem=warning)
-        await self._writer.start()
-        await self._store.open()
-        await self.manager.restore()
-        port = await self._webhook.listen()
-        host = port.getHost()
-        bound = f"[{host.host}]" if ":" in host.host else host.host
-        local_url = f"http://{bound}:{host.port}{self._serve_path}"
-        public_url = self._public_url or await self._expose(host.port)
-        self.webhook_url = public_url or local_url
-        self.manager.set_webhook_url(self.webhook_url)
-        if hasattr(self._provider, "set_webhook_url"):
-            self._provider.set_webhook_url(self.webhook_url)
-        if public_url and self._set_public_url is not None:
-            self._set_public_url(public_url)
-        await self._rpc.listen()
-        if self._metrics is not None:
-            await self._metrics.listen()
-            self._log.info("Metrics: {endpoint}", endpoint=self._metrics.description)
-        self._reaper.startService()
-        self._log.info("Webhook URL: {url}", url=local_url)
-        if public_url:
-            self._log.info("Public URL: {url}", url=public_url)
-        self._log.info("RPC socket: {rpc}", rpc=self._rpc.description)
-        sdnotify.notify(f"READY=1\nSTATUS=listening on {local_url}")
-        # The real stdout: twistd turns print() into a timestamped "[stdout#info]" log line.
-        rpc = _unix_path(self._rpc.description) or self._rpc.description
-        print(f"voicecall ready: webhook {self.webhook_url}  rpc {rpc}", file=sys.__stdout__, flush=True)
-
-    async def _expose(self, port: int) -> str | None:
-        """SPEC §1 step 6: a tunnel or a legacy Tailscale route; a failure is logged, not fatal."""
-        if self._open_tunnel is None:
-            return None
-        try:
-            self._tunnel = await self._open_tunnel(port)
-        except ExposeError as e:
-            self._log.error("[voice-call] Tunnel setup failed: {error}", error=str(e))
-            return None
-        return self._tunnel.public_url if self._tunnel is not None else None
-
-    def _failed(self, failure) -> None:
-        if failure.check(StartFailed, StoreLockedError):
-            if not self._logs_to_stdout:  # a log file or the syslog keeps it; a terminal sees stderr
-                self._log.error("voicecall failed to start: {why}", why=failure.getErrorMessage())
-        else:
-            self._log.failure("voicecall failed to start", failure)
-        print(f"voicecall failed to start: {failure.getErrorMessage()}", file=sys.__stderr__, flush=True)
-        self.ready.errback(failure)
-        self.ready.addErrback(lambda _: None)
-        if getattr(self._reactor, "running", False):
-            self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-            self._reactor.stop()
-
-    async def _stop(self) -> None:
-        sdnotify.notify("STOPPING=1")
-        if self._media is not None:
-            self._bridge.stop()
-            self._media.shutdown()
-            await self._bridge.stop()  # the STT sessions the closed streams were feeding
-        tunnel, self._tunnel = self._tunnel, None
-        if tunnel is not None:
-            await tunnel.stop()
-        self._reaper.stopService()
-        if self._metrics is not None:
-            await _maybe(self._metrics.stopService())
-        await _maybe(self._rpc.stopService())
-        await _maybe(self._webhook.stopService())
-        self.manager.stop()
-        stop_provider = getattr(self._provider, "stop", None)
-        if stop_provider is not None:
-            stop_provider()
-        await self._store.close()
-        await self._writer.stop()
-        await self._pool.closeCachedConnections()
-
-    def stopService(self):
-        if not self.running:
-            return None
-        Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop())
-
-
-async def _maybe(result: Any) -> Any:
-    if isinstance(result, Deferred):
-        return await result
-    return result
-
-
-class CallLog:
-    """
-    The daemon's line per call milestone at the default level, from the manager's durable call
-    events (the manager itself logs "placed"): answered, ended with its reason, and a call the
-    carrier's API refused or never answered, naming that API's root (never a credential).
-    """
-
-    _log = Logger()
-
-    def __init__(self, api_root: str | None) -> None:
-        self._api_root = api_root
-        self._refused: str | None = None  # the call whose "ended" line the refusal line replaces
-
-    def __call__(self, entry: dict) -> None:
-        kind, call_id = entry.get("type"), entry.get("callId")
-        if kind == "call.state" and entry.get("state") == "answered":
-            self._log.info("call {call_id} answered", call_id=call_id)
-        elif kind == "call.state" and entry.get("state") == "failed" and entry.get("previous") == "initiated":
-            self._refused = call_id
-            self._log.warn(
-                "call {call_id} failed at the carrier ({api})",
-                call_id=call_id,
-                api=self._api_root or "the carrier API",
-            )
-        elif kind == "call.ended":
-            if self._refused == call_id:
-                self._refused = None
-                return
-            self._log.info("call {call_id} ended: {reason}", call_id=call_id, reason=entry.get("reason"))
 
 
 def _api_root(cfg) -> str | None:
