@@ -92,7 +92,8 @@ def bench_initiate(n: int, inflight: int, server_cpu: int) -> dict:
 def _manager(reactor, directory: str, max_calls: int):
     from voicecall.domain.manager import CallManager, ManagerSettings
     from voicecall.providers.mock import MockProvider
-    from voicecall.domain.store import CallStore, ThreadedWriter
+    from voicecall.domain.store import CallStore
+    from voicecall.infra.dbwriter import ThreadedWriter
 
     writer = ThreadedWriter(reactor)
     store = CallStore(directory, writer)
@@ -147,7 +148,8 @@ async def _populate(reactor, directory: str, n: int) -> dict:
     from twisted.internet.defer import gatherResults
 
     from voicecall.domain.model import CallRecord, TranscriptEntry
-    from voicecall.domain.store import CallStore, ThreadedWriter
+    from voicecall.domain.store import CallStore
+    from voicecall.infra.dbwriter import ThreadedWriter
 
     writer = ThreadedWriter(reactor)
     store = CallStore(directory, writer)

@@ -14,7 +14,8 @@ from attrs import frozen
 from twisted.internet.task import Clock
 
 from voicecall.domain.manager import CallManager, ManagerSettings
-from voicecall.domain.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore
+from voicecall.infra.dbwriter import SynchronousWriter
 
 #: Where every rig's clock starts (a plausible Unix time, so timestamps look real).
 EPOCH = 1_700_000_000

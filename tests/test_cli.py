@@ -30,7 +30,8 @@ from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import CallEvent, CallRecord
 from voicecall.providers.mock import MockProvider
 from voicecall.control.rpc import RpcFactory, RpcMethods
-from voicecall.domain.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore
+from voicecall.infra.dbwriter import SynchronousWriter
 
 TO = "+15550001234"
 ACTIONS = ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status"]

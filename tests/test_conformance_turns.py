@@ -19,7 +19,8 @@ from voicecall.domain.carrier import ProviderError
 from voicecall.providers.mock import MockProvider
 from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods
 from voicecall.speech.responder import model_name
-from voicecall.domain.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore
+from voicecall.infra.dbwriter import SynchronousWriter
 
 from tests import test_cli as cli_tests
 

@@ -33,7 +33,8 @@ from voicecall.providers.mock import MockProvider
 from voicecall.providers.plivo import PlivoProvider
 from voicecall.providers.telnyx import TelnyxProvider
 from voicecall.providers.twilio import TwilioProvider
-from voicecall.domain.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore
+from voicecall.infra.dbwriter import SynchronousWriter
 from voicecall.testing.plivo import signature_headers
 from voicecall.testing.telnyx import Signer, envelope
 from voicecall.testing.twilio import sign_request

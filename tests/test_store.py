@@ -26,17 +26,8 @@ import voicecall
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import CallEvent, CallRecord, CallState, Direction, Speaker, TranscriptEntry
 from voicecall.providers.mock import MockProvider
-from voicecall.domain.store import (
-    DB_FILENAME,
-    CallStore,
-    StoreBusyError,
-    StoreClosedError,
-    StoreError,
-    SynchronousWriter,
-    ThreadedWriter,
-    collector_paused,
-    open_readonly,
-)
+from voicecall.domain.store import DB_FILENAME, CallStore, collector_paused, open_readonly
+from voicecall.infra.dbwriter import StoreBusyError, StoreClosedError, StoreError, SynchronousWriter, ThreadedWriter
 
 from tests.harness import eventually
 
@@ -824,7 +815,8 @@ _CHILD = textwrap.dedent(
     import sys
     from twisted.internet import defer, task
     from voicecall.domain.model import CallRecord, TranscriptEntry
-    from voicecall.domain.store import CallStore, ThreadedWriter
+    from voicecall.domain.store import CallStore
+    from voicecall.infra.dbwriter import ThreadedWriter
 
     async def main(reactor, directory):
         writer = ThreadedWriter(reactor)

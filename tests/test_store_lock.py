@@ -13,7 +13,8 @@ import sqlite3
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.domain.store import LOCK_FILENAME, CallStore, StoreLockedError, SynchronousWriter, open_readonly
+from voicecall.domain.store import LOCK_FILENAME, CallStore, StoreLockedError, open_readonly
+from voicecall.infra.dbwriter import SynchronousWriter
 
 from tests.harness import daemon_argv, make_workdir, rpc, run_cli, spawn, spawn_daemon
 

@@ -38,14 +38,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
-from voicecall.infra.dbwriter import (  # noqa: F401  (re-exported: the writers and their errors)
-    StoreBusyError,
-    StoreClosedError,
-    StoreError,
-    SynchronousWriter,
-    ThreadedWriter,
-    Writer,
-)
+from voicecall.infra.dbwriter import StoreError, Writer
 from voicecall.domain.model import CallRecord, CallState, Direction, Speaker, TranscriptEntry
 
 T = TypeVar("T")

@@ -26,7 +26,8 @@ from twisted.internet.task import Clock
 
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import Mode
-from voicecall.domain.store import CallStore, SynchronousWriter
+from voicecall.domain.store import CallStore
+from voicecall.infra.dbwriter import SynchronousWriter
 from voicecall.testing.chaos import Chaos
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.webhook import WebhookResource
