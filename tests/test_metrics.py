@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.harness import eventually, free_port, http_client, start_daemon
@@ -43,3 +44,33 @@ class MetricsEndpointTests(TestCase):
         """Without metrics.enabled nothing listens for metrics."""
         service, _ = await start_daemon(self, {"provider": "mock"})
         self.assertNotIn("metrics", [s.name for s in service])
+
+    async def test_refused_webhooks_counted_by_status(self):
+        """
+        A webhook answered 4xx after its body was read (a mock body it cannot use: 400, an unknown
+        callId: 404) is counted under its status, not as "ok".
+        """
+        port = free_port()
+        service, _ = await start_daemon(self, {"provider": "mock", "metrics": {"enabled": True, "port": port}})
+        http = http_client(self)
+        for body in ({}, {"event": {"id": "ev-1", "type": "call.answered", "callId": "nope"}}):
+            response = await http.post(service.webhook_url, data=json.dumps(body).encode())
+            await response.content()
+        text = (await (await http.get(f"http://127.0.0.1:{port}/metrics")).text()).splitlines()
+        self.assertIn('voicecall_webhook_requests_total{result="400"} 1.0', text)
+        self.assertIn('voicecall_webhook_requests_total{result="404"} 1.0', text)
+        self.assertNotIn('voicecall_webhook_requests_total{result="ok"} 1.0', text)
+
+    async def test_scrapes_are_not_logged(self):
+        """Prometheus scrapes every few seconds: a scrape writes no access-log line to the daemon's log."""
+        port = free_port()
+        await start_daemon(self, {"provider": "mock", "metrics": {"enabled": True, "port": port}})
+        logged: list[str] = []
+        observer = lambda event: logged.append(formatEvent(event) or "")  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        http = http_client(self)
+        response = await http.get(f"http://127.0.0.1:{port}/metrics")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertEqual([line for line in logged if "/metrics" in line], [])

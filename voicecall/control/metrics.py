@@ -49,7 +49,7 @@ class VoicecallCollector:
             ended.add_metric([self._provider, reason], n)
         yield ended
         hooks = CounterMetricFamily(
-            "voicecall_webhook_requests", "Webhook requests by result (ok, replay, 401, 404, 405, 408, 413, 429, 500).", labels=["result"]
+            "voicecall_webhook_requests", "Webhook requests by result (ok, replay, or the status of a refusal: 400, 401, 404, 405, 408, 409, 413, 429, 500).", labels=["result"]
         )
         for result, n in sorted(self._webhook_counts.items()):
             hooks.add_metric([result], n)
@@ -112,9 +112,12 @@ class MetricsResource(Resource):
 
 
 class MetricsSite(Site):
-    """The metrics listener's factory; it does not log each scrape's connection (`noisy`)."""
+    """The metrics listener's factory; it logs neither each scrape's connection (`noisy`) nor its request."""
 
     noisy = False
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__(MetricsResource(metrics))
+
+    def log(self, request) -> None:
+        """No access-log line per scrape: Prometheus scrapes every few seconds, into the journal."""

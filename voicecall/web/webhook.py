@@ -223,7 +223,8 @@ class WebhookResource(Resource):
         except Exception:
             self._replays.discard(key)
             raise
-        return answer, "ok"
+        # A body the provider refused after reading it (a 4xx) is counted under its status.
+        return answer, "ok" if answer.status < 400 else str(answer.status)
 
     async def _apply(self, ctx: WebhookContext, key: str) -> WebhookResponse:
         parsed = self._provider.parse_webhook(ctx, key)
