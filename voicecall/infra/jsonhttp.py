@@ -12,11 +12,12 @@ import base64
 import json
 from typing import Any, Mapping, Sequence
 
-import treq
 from attrs import define, field
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.web._newclient import ResponseFailed
+
+from voicecall.infra.bodies import BodyTooLarge, read_bounded
 
 #: How much of an error body goes into an error message.
 MAX_ERROR_BODY = 500
@@ -31,28 +32,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status  # HTTP status, when the API answered
         self.code = code  # the API's own error code from the body, when it gave one
-
-
-class _TooLarge(Exception):
-    """The answer's body passed MAX_RESPONSE_BYTES."""
-
-
-def _read_bounded(response: Any, limit: int) -> Any:
-    """
-    A Deferred of the whole body, or failing with `_TooLarge` as soon as more than `limit` bytes
-    arrived (treq then drops the connection, so the rest is never read).
-    """
-    chunks: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise _TooLarge()
-        chunks.append(data)
-
-    return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))
 
 
 def _printable(text: str) -> str:
@@ -121,14 +100,14 @@ class ApiClient:
         try:
             started = self._clock.seconds() if self._clock is not None else 0.0
             response = await self._http.request(method, url, **kwargs)
-            reading = _read_bounded(response, MAX_RESPONSE_BYTES)
+            reading = read_bounded(response, MAX_RESPONSE_BYTES)
             if self._clock is not None:
                 left = max(0.0, self._timeout - (self._clock.seconds() - started))
                 reading.addTimeout(left, self._clock, onTimeoutCancel=lambda r, t: _abort(response, r, t))
             content = await reading
         except (CancelledError, TimeoutError) as e:
             raise self._error(f"{self._prefix}: no answer within {self._timeout:g}s") from e
-        except _TooLarge as e:
+        except BodyTooLarge as e:
             raise self._error(f"{self._prefix}: answer larger than {MAX_RESPONSE_BYTES} bytes", response.code) from e
         except (ConnectError, DNSLookupError) as e:
             raise self._error(f"{self._prefix}: cannot connect ({type(e).__name__})") from e

@@ -13,7 +13,7 @@ A carrier subclasses `Courier` and supplies its wire format: `_signed` (the requ
 carrier sends it, signed now), `_again` (the redelivery of a webhook), `_answered` (where the
 answer goes on its webhook record) and, if it fetches documents, `_is_document`.
 
-It imports nothing of the daemon.
+It imports nothing of the daemon but its bounded body reader (L{voicecall.infra.bodies}).
 """
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ from collections import deque
 from typing import Any, Mapping
 from urllib.parse import urlencode
 
-import treq
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from voicecall.infra.bodies import BodyTooLarge, read_bounded
 from voicecall.testing.chaos import Chaos
 
 #: The largest answer a fake carrier reads (Twilio refuses TwiML documents over 64 KB).
@@ -132,23 +132,14 @@ class Courier:
             d = self.http.request(method, url, data=body, headers=headers, allow_redirects=False)
             d.addTimeout(self.webhook_timeout, self.clock)
             response = await d
-            chunks: list[bytes] = []
-            size = 0
-
-            def collect(data: bytes) -> None:
-                nonlocal size
-                size += len(data)
-                if size > MAX_ANSWER_BYTES:
-                    raise ValueError("response larger than 64 KB")
-                chunks.append(data)
-
-            collected = treq.collect(response, collect)
-            collected.addTimeout(self.webhook_timeout, self.clock)
-            await collected
-            self._answered(hook, response.code, b"".join(chunks))
+            reading = read_bounded(response, MAX_ANSWER_BYTES)
+            reading.addTimeout(self.webhook_timeout, self.clock)
+            self._answered(hook, response.code, await reading)
         except CancelledError:
             hook.error = "cancelled"
             raise
+        except BodyTooLarge:
+            hook.error = f"answer larger than {MAX_ANSWER_BYTES // 1024} KB"
         except Exception as e:
             hook.error = f"{type(e).__name__}: {e}"[:300]
         return hook
