@@ -10,11 +10,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from voicecall.domain.manager import MAX_QUEUED_COMMANDS, CallError, CallManager, ManagerSettings
+from voicecall.domain.manager import MAX_QUEUED_COMMANDS, CallError, CallManager
 from voicecall.domain.model import CallEvent, EventType
 from voicecall.providers.mock import MockProvider
 
 from tests import test_streaming as streamed
+from tests.fixtures import build_manager
 from tests.harness import eventually
 
 GREETING = "Hello there, thanks for picking up the phone today"
@@ -42,15 +43,14 @@ class _MockCalls(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.mock = MockProvider(self.clock, speak_seconds_per_char=0.06)
-        self.manager = CallManager(
-            self.mock,
-            self.mock,
-            _MemoryStore(),
-            self.clock,
-            ManagerSettings(provider_name="mock", max_concurrent_calls=2, transcript_timeout_ms=30_000),
-            webhook_url="http://127.0.0.1/voice/webhook",
-        )
+        self.manager = self.make_manager()
         self.events = 0
+
+    def make_manager(self, on_utterance=None) -> CallManager:
+        """A manager speaking through `self.mock` (at most 2 calls, 30 s for an answer)."""
+        return build_manager(
+            self.mock, _MemoryStore(), self.clock, on_utterance=on_utterance, max_concurrent_calls=2, transcript_timeout_ms=30_000
+        )
 
     def run_(self, coroutine) -> Deferred:
         return Deferred.fromCoroutine(coroutine)
@@ -169,15 +169,7 @@ class AutoReplyWhileAContinueWaitsTests(_MockCalls):
             asked.append(text)
             return Deferred()
 
-        self.manager = CallManager(
-            self.mock,
-            self.mock,
-            _MemoryStore(),
-            self.clock,
-            ManagerSettings(provider_name="mock", max_concurrent_calls=2, transcript_timeout_ms=30_000),
-            webhook_url="http://127.0.0.1/voice/webhook",
-            on_utterance=lambda call, text: responder.on_utterance(call, text),
-        )
+        self.manager = self.make_manager(on_utterance=lambda call, text: responder.on_utterance(call, text))
         responder = AutoResponder(manager=self.manager, clock=self.clock, gateway=gateway)
         call_id = self.initiate()
         self.event(call_id, EventType.ANSWERED)
@@ -206,7 +198,7 @@ class _GoneAtTheCarrier(MockProvider):
     def start_listening(self, call, turn_token):
         from twisted.internet.defer import fail
 
-        from voicecall.providers.base import ProviderError
+        from voicecall.domain.carrier import ProviderError
 
         return fail(ProviderError("Plivo API error: 404 call not in progress", status=404))
 
@@ -253,11 +245,7 @@ class AbandonedWaiterTests(SynchronousTestCase):
 
         clock = Clock()
         mock = _StalledPrompt(clock)
-        manager = CallManager(
-            mock, mock, _MemoryStore(), clock,
-            ManagerSettings(provider_name="mock", transcript_timeout_ms=5000),
-            webhook_url="http://127.0.0.1/voice/webhook",
-        )  # fmt: skip
+        manager = build_manager(mock, _MemoryStore(), clock, transcript_timeout_ms=5000)
         call_id = self.successResultOf(Deferred.fromCoroutine(manager.initiate("+15550001234", None, "conversation")))
         key = "answered"
         manager_event = CallEvent(type=EventType.ANSWERED, call_id=call_id, id=key, timestamp=0, dedupe_key=key)
@@ -283,11 +271,7 @@ class GreetingThenHangUpTests(_MockCalls):
     def setUp(self):
         super().setUp()
         self.mock = _GoneAtTheCarrier(self.clock, speak_seconds_per_char=0.06)
-        self.manager = CallManager(
-            self.mock, self.mock, _MemoryStore(), self.clock,
-            ManagerSettings(provider_name="mock", max_concurrent_calls=2, transcript_timeout_ms=30_000),
-            webhook_url="http://127.0.0.1/voice/webhook",
-        )  # fmt: skip
+        self.manager = self.make_manager()
 
     def test_listen_refused_after_the_greeting(self):
         from twisted.logger import globalLogPublisher
