@@ -127,7 +127,7 @@ class CliTestsBase(SynchronousTestCase):
         )
         self.manager.set_webhook_url("http://127.0.0.1:3334/voice/webhook")
         methods = RpcMethods(manager=self.manager, clock=self.clock, default_to=None)
-        self.daemon = RpcFactory(methods.table(), self.manager.subscribe)
+        self.daemon = RpcFactory(methods.table(), self.manager.subscribe, clock=self.clock)
 
     def stop_daemon(self) -> None:
         """The daemon goes away: its connections close and new ones are refused."""

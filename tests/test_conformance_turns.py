@@ -123,7 +123,7 @@ class ResponderSessionKeyTests(_Base):
 
         manager = self.manager_with(MockProvider, max_concurrent_calls=2)
         responders = GatewayResponders()
-        factory = RpcFactory(RpcMethods(manager=manager, clock=self.clock, default_to=None).table(), manager.subscribe, responders)
+        factory = RpcFactory(RpcMethods(manager=manager, clock=self.clock, default_to=None).table(), manager.subscribe, responders, clock=self.clock)
         server = factory.buildProtocol(UNIXAddress("rpc.sock"))
 
         class Gateway(Protocol):

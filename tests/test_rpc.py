@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from voicecall.domain.model import CallEvent, CallState
 from voicecall.providers.mock import MockProvider
 from voicecall.control.protocol import default_socket_path
-from voicecall.control.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcMethods
+from voicecall.control.rpc import MAX_IN_FLIGHT, MAX_LINE_BYTES, MAX_QUEUED_BYTES, STALL_TIMEOUT, RpcFactory, RpcLimits, RpcMethods
 
 from tests.fixtures import manager_rig
 
@@ -478,7 +478,7 @@ class SubscriptionTests(RpcTestsBase):
 
     def hub_connection(self) -> tuple[Hub, Connection]:
         hub = Hub()
-        conn = self.connect(RpcFactory(self.methods.table(), hub.subscribe))
+        conn = self.connect(RpcFactory(self.methods.table(), hub.subscribe, clock=self.clock))
         self.subscribed(conn)
         return hub, conn
 
@@ -573,7 +573,7 @@ class BackpressureTests(RpcTestsBase):
             waiting.append(d)
             return await d
 
-        return RpcFactory({"slow": slow}, Hub().subscribe), waiting
+        return RpcFactory({"slow": slow}, Hub().subscribe, clock=self.clock), waiting
 
     def test_requests_read_are_not_handled_while_backed_up(self):
         """
@@ -613,7 +613,7 @@ class BackpressureTests(RpcTestsBase):
     def test_connections_are_capped(self):
         """Past max_connections a new connection is closed when accepted (one log line); a closed one frees its place."""
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        factory = RpcFactory(self.methods.table(), self.manager.subscribe, clock=self.clock, max_connections=3)
+        factory = RpcFactory(self.methods.table(), self.manager.subscribe, clock=self.clock, limits=RpcLimits(max_connections=3))
         conns = [self.connect(factory) for _ in range(3)]
         self.assertIsNone(factory.buildProtocol(None))
         self.assertIsNone(factory.buildProtocol(None))
@@ -629,7 +629,7 @@ class BackpressureTests(RpcTestsBase):
         holding a 1 MiB line without its newline grew the daemon by 68 MiB.
         """
         logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        factory = RpcFactory(self.methods.table(), self.manager.subscribe, clock=self.clock, max_shared_buffer=200 * 1024)
+        factory = RpcFactory(self.methods.table(), self.manager.subscribe, clock=self.clock, limits=RpcLimits(max_shared_buffer=200 * 1024))
         first, second, third = (self.connect(factory) for _ in range(3))
         partial = b'{"jsonrpc":"2.0","id":1,"method":"voicecall.health","params":{"x":"' + b"a" * 150 * 1024
         for conn in (first, second, third):

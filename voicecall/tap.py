@@ -479,7 +479,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         store=store,
         manager=manager,
         webhook=ListenerService("webhook", reactor, options["webhook"], site),
-        rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe, responders)),
+        rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe, responders, clock=reactor)),
         reaper=StaleCallReaper(manager=manager, clock=reactor, max_age_seconds=cfg.stale_call_reaper_seconds),
         serve_path=serve_path,
         provider=provider,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from typing import Any, Awaitable, Callable, Mapping
 
-from attrs import define
+from attrs import define, frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -67,6 +67,17 @@ MAX_CONNECTIONS = 64
 FREE_BUFFER_BYTES = 64 * 1024
 #: The shared budget: past it, the connection whose buffer would exceed it is closed.
 MAX_SHARED_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+@frozen
+class RpcLimits:
+    """What the server holds for its peers: the caps above, one value the factory hands each connection."""
+
+    max_queued_bytes: int = MAX_QUEUED_BYTES
+    max_in_flight: int = MAX_IN_FLIGHT
+    stall_timeout: float = STALL_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    max_shared_buffer: int = MAX_SHARED_BUFFER_BYTES
 
 
 class LineBudget:
@@ -255,23 +266,18 @@ class RpcProtocol(Protocol):
         self,
         methods: Mapping[str, Callable],
         subscribe: Callable,
-        responders: GatewayResponders | None = None,
-        max_queued_bytes: int = MAX_QUEUED_BYTES,
-        max_in_flight: int = MAX_IN_FLIGHT,
-        clock: IReactorTime | None = None,
-        stall_timeout: float = STALL_TIMEOUT,
+        responders: GatewayResponders | None,
+        *,
+        clock: IReactorTime,
+        limits: RpcLimits,
         on_lost: Callable[["RpcProtocol"], None] | None = None,
         budget: LineBudget | None = None,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
         self._methods = methods
         self._subscribe = subscribe
         self._responders = responders
-        self._max_queued = max_queued_bytes
-        self._max_in_flight = max_in_flight
+        self._limits = limits
         self._clock = clock
-        self._stall_timeout = stall_timeout
         self._stall_call: IDelayedCall | None = None
         self._on_lost = on_lost
         self._budget = budget
@@ -296,7 +302,7 @@ class RpcProtocol(Protocol):
         # by the write that filled the buffer.
         self._backed_up = True
         if self._stall_call is None and self._connected:
-            self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
+            self._stall_call = self._clock.callLater(self._limits.stall_timeout, self._stalled)
         self._update_reading()
 
     def resumeProducing(self) -> None:
@@ -317,7 +323,7 @@ class RpcProtocol(Protocol):
         if self._connected and self._backed_up:
             self._log.warn(
                 "closing an RPC connection that does not read: its answers waited {seconds} s",
-                seconds=self._stall_timeout,
+                seconds=self._limits.stall_timeout,
             )
             self._connected = False
             self.transport.abortConnection()
@@ -327,7 +333,7 @@ class RpcProtocol(Protocol):
 
     def _update_reading(self) -> None:
         """Read requests only while answers are not backed up and the in-flight cap allows."""
-        reading = self._connected and not self._backed_up and len(self._pending) < self._max_in_flight
+        reading = self._connected and not self._backed_up and len(self._pending) < self._limits.max_in_flight
         if reading != self._reading:
             self._reading = reading
             if reading:
@@ -372,7 +378,7 @@ class RpcProtocol(Protocol):
             return  # a request finished while an earlier line was being handled: that loop goes on
         self._lines_running = True
         try:
-            while self._connected and not self._backed_up and len(self._pending) < self._max_in_flight:
+            while self._connected and not self._backed_up and len(self._pending) < self._limits.max_in_flight:
                 line, sep, rest = self._buffer.partition(b"\n")
                 if not sep:
                     break
@@ -522,7 +528,7 @@ class RpcProtocol(Protocol):
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
         # Until the transport pauses us its buffer holds at most its bufferSize.
         queued = (self._queued if self._backed_up else getattr(self.transport, "bufferSize", 0)) + len(data)
-        if queued > self._max_queued:
+        if queued > self._limits.max_queued_bytes:
             self._drop(queued)
             return
         self._queued = queued
@@ -533,7 +539,7 @@ class RpcProtocol(Protocol):
         self._log.warn(
             "closing an RPC connection that does not read: {queued} bytes would be queued for it (max {limit})",
             queued=queued,
-            limit=self._max_queued,
+            limit=self._limits.max_queued_bytes,
         )
         self._connected = False
         self.transport.abortConnection()
@@ -554,17 +560,17 @@ class RpcFactory(Factory):
         methods: Mapping[str, Callable],
         subscribe: Callable,
         responders: GatewayResponders | None = None,
-        clock: IReactorTime | None = None,
-        max_connections: int = MAX_CONNECTIONS,
-        max_shared_buffer: int = MAX_SHARED_BUFFER_BYTES,
+        *,
+        clock: IReactorTime,
+        limits: RpcLimits = RpcLimits(),
     ) -> None:
         self._methods = methods
         self._subscribe = subscribe
         self._responders = responders
         self._clock = clock
-        self._max_connections = max_connections
+        self._limits = limits
         self._connections: set[RpcProtocol] = set()
-        self._budget = LineBudget(max_shared_buffer)
+        self._budget = LineBudget(limits.max_shared_buffer)
         self._refused = 0
 
     def __repr__(self) -> str:
@@ -572,14 +578,16 @@ class RpcFactory(Factory):
 
     def buildProtocol(self, addr) -> RpcProtocol | None:
         """A protocol for a new connection; None (closed at once) when MAX_CONNECTIONS are open."""
-        if len(self._connections) >= self._max_connections:
+        if len(self._connections) >= self._limits.max_connections:
             if not self._refused:
-                self._log.warn("refusing RPC connections: {limit} are open", limit=self._max_connections)
+                self._log.warn("refusing RPC connections: {limit} are open", limit=self._limits.max_connections)
             self._refused += 1
             return None
         if self._refused:
             self._log.info("accepting RPC connections again ({count} refused)", count=self._refused)
             self._refused = 0
-        protocol = RpcProtocol(self._methods, self._subscribe, self._responders, clock=self._clock, on_lost=self._connections.discard, budget=self._budget)
+        protocol = RpcProtocol(
+            self._methods, self._subscribe, self._responders, clock=self._clock, limits=self._limits, on_lost=self._connections.discard, budget=self._budget
+        )
         self._connections.add(protocol)
         return protocol
