@@ -288,7 +288,7 @@ def build_stream_bridge(cfg, reactor, tts: TelephonyTts, provider, manager, on_f
     )
 
 
-def build_media_server(cfg, reactor, bridge: StreamBridge, provider, forwarding: ForwardingPolicy) -> MediaStreamServer:
+def build_media_server(cfg, reactor, bridge: StreamBridge, forwarding: ForwardingPolicy) -> MediaStreamServer:
     streaming = cfg.streaming
 
     def verify(url: str, headers) -> bool:
@@ -303,8 +303,6 @@ def build_media_server(cfg, reactor, bridge: StreamBridge, provider, forwarding:
             auth_token=cfg.twilio.auth_token,
             settings_header=headers.get("x-twilio-webhooks-signature-settings"),
             signing_keys=dict(cfg.twilio.signing_keys),
-            public_url=provider.public_url,
-            host_header=headers.get("host"),
         ).ok
 
     admission = Admission(
@@ -455,7 +453,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     manager.subscribe(CallLog(_api_root(cfg)))
     responders = GatewayResponders()
     auto = build_responder(cfg, reactor, http, manager, responders)
-    media = None if bridge is None else build_media_server(cfg, reactor, bridge, provider, forwarding)
+    media = None if bridge is None else build_media_server(cfg, reactor, bridge, forwarding)
     webhook = build_webhook(cfg, reactor, provider, manager, forwarding, serve_path)
     site = ScreenedSite(
         RootResource(webhook=webhook, stream_path=stream_path, stream=media.resource if media else None),

@@ -276,17 +276,15 @@ def verify_twilio(
     auth_token: str,
     settings_header: str | None = None,
     signing_keys: Mapping[str, str] = {},
-    public_url: str | None = None,
-    host_header: str | None = None,
 ) -> SignatureResult:
     """
     Check ``X-Twilio-Signature`` (SPEC §9.2).
 
     `url` is the verification URL (the configured public URL's origin, or the reconstructed
     one); it is also tried with the scheme's default port written out (or left out), and with
-    no other port.  `public_url` and `host_header` are accepted for the callers' sake and never
-    used: no port is ever taken from the request.  With ``X-Twilio-Webhooks-Signature-Settings`` naming a key id, the SharedKey of that
-    id in `signing_keys` signs with the named algorithm; an unknown key id fails.
+    no other port: no port is ever taken from the request.  With
+    ``X-Twilio-Webhooks-Signature-Settings`` naming a key id, the SharedKey of that id in
+    `signing_keys` signs with the named algorithm; an unknown key id fails.
     """
     ngrok = _is_ngrok_free_tier(url)
 

@@ -353,8 +353,6 @@ class TwilioProvider:
             auth_token=self._auth_token,
             settings_header=ctx.header("x-twilio-webhooks-signature-settings"),
             signing_keys=self._signing_keys,
-            public_url=self._public_url,
-            host_header=ctx.header("host"),
         )
         return Verification(result.ok, result.reason, result.request_key)
 

@@ -66,7 +66,6 @@ class RealtimeConnection(WebSocketClientProtocol):
     _log = Logger()
 
     _wire: Wire
-    was_open = False
     paused = False
 
     def __init__(self, factory: RealtimeClientFactory, end: TranscriberEnd) -> None:
@@ -85,7 +84,6 @@ class RealtimeConnection(WebSocketClientProtocol):
 
     def onOpen(self) -> None:
         try:
-            self.was_open = True
             self.sendMessage(self._end.session_update(), False)
             self.registerProducer(self, True)
             self.opened.callback(self)
