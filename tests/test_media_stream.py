@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from voicecall.infra.private import ws as private_ws
-from voicecall.infra.audio import FRAME_BYTES, AudioChunk
+from voicecall.infra.audio import FRAME_BYTES
 from voicecall.infra.private.ws import Wire, neutralise_autobahn_log_formatting, tune_factory
 from voicecall.media import sockets
 from voicecall.media.sockets import _MEDIA, Admission
@@ -43,6 +43,7 @@ from voicecall.web.limits import ScreenedSite
 from voicecall.web.webhook import RootResource
 
 from tests.harness import eventually
+from tests.test_playback import instant
 
 STREAM_PATH = "/voice/stream"
 AUTH_TOKEN = "test_auth_token_0123456789abcdef"
@@ -564,14 +565,7 @@ class SessionTests(MemoryTestCase):
         client = net.started(stream_media=False)
         [session] = self.handler.started
         audio = bytes(range(1, 161)) * 10
-
-        def synthesize(on_chunk):
-            on_chunk(AudioChunk(audio, "ulaw", 8000))
-            d = Deferred()
-            d.callback(None)
-            return d
-
-        played = session.playback.play(synthesize)
+        played = session.playback.play(instant(audio))
         net.advance(0.5)
         self.assertEqual(result(played), "played")
         self.assertEqual(bytes(client.audio_received), audio)
@@ -796,14 +790,7 @@ class PublicPathTests(MemoryTestCase):
         self.assertEqual(b"".join(self.handler.media[:2]), bytes(range(1, 161)) * 2)
         client.send_raw(b'{ "event": "dtmf", "dtmf": { "digit": "5" } }')
         audio = bytes(range(7, 167)) * 3
-
-        def synthesize(on_chunk):
-            on_chunk(AudioChunk(audio, "ulaw", 8000))
-            d = Deferred()
-            d.callback(None)
-            return d
-
-        played = session.playback.play(synthesize)
+        played = session.playback.play(instant(audio))
         net.advance(0.3)
         self.assertEqual(self.handler.digits, ["5"])
         self.assertEqual(result(played), "played")
