@@ -99,16 +99,16 @@ def is_http_url(url: object) -> bool:
 
 
 class ApiResource(Resource):
-    """The API's subtree (below `api_root`): every request is handled by the fake."""
+    """A fake API's subtree: every request below it is answered by `handle` (the fake's handler)."""
 
     isLeaf = True
 
-    def __init__(self, fake: FaultyApi) -> None:
+    def __init__(self, handle: Callable[[Any], bytes | int]) -> None:
         super().__init__()
-        self._fake = fake
+        self._handle = handle
 
     def render(self, request: Any) -> bytes | int:
-        return self._fake._handle(request)
+        return self._handle(request)
 
 
 @define(kw_only=True)
@@ -137,7 +137,7 @@ class FaultyApi:
     def resource(self) -> Resource:
         """The root resource: serve it with a Site; its URL is the API base URL."""
         root = Resource()
-        root.putChild(self.api_root, ApiResource(self))
+        root.putChild(self.api_root, ApiResource(self._handle))
         return root
 
     @property

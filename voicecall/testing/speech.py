@@ -31,6 +31,8 @@ from attrs import define, field, frozen
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from voicecall.testing.fakerest import ApiResource
+
 __all__ = ["FakeElevenLabs", "FakeOpenAISpeech", "SpeechRequest"]
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -82,17 +84,6 @@ def tone(seconds: float, rate: int, encoding: str) -> bytes:
     samples = np.round(AMPLITUDE * np.sin(2 * np.pi * TONE_HZ * np.arange(n) / rate))
     samples = samples.astype("<i2")
     return _ulaw(samples) if encoding == "ulaw" else samples.tobytes()
-
-
-class _Endpoint(Resource):
-    isLeaf = True
-
-    def __init__(self, fake: _SpeechFake) -> None:
-        super().__init__()
-        self._fake = fake
-
-    def render(self, request: Any) -> bytes | int:
-        return self._fake._handle(request)
 
 
 @define
@@ -296,7 +287,7 @@ class FakeOpenAISpeech(_SpeechFake):
 
     def resource(self) -> Resource:
         audio = Resource()
-        audio.putChild(b"speech", _Endpoint(self))
+        audio.putChild(b"speech", ApiResource(self._handle))
         v1 = Resource()
         v1.putChild(b"audio", audio)
         root = Resource()
@@ -351,7 +342,7 @@ class FakeElevenLabs(_SpeechFake):
     def resource(self) -> Resource:
         root = Resource()
         v1 = Resource()
-        v1.putChild(b"text-to-speech", _Endpoint(self))
+        v1.putChild(b"text-to-speech", ApiResource(self._handle))
         root.putChild(b"v1", v1)
         return root
 
