@@ -16,11 +16,25 @@ from twisted.logger import ILogObserver, LogLevel
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
 
 from voicecall import tap
 from voicecall.config import DISABLED_MESSAGE
 from voicecall.config.model import ServeConfig, VoiceCallConfig
-from tests.harness import ChildProcess, daemon_argv, event, http_client, make_workdir, run_cli, spawn, spawn_daemon, webhook_client
+from tests.harness import (
+    READY,
+    READY_TIMEOUT,
+    ChildProcess,
+    daemon_argv,
+    event,
+    http_client,
+    make_workdir,
+    run_cli,
+    serve,
+    spawn,
+    spawn_daemon,
+    webhook_client,
+)
 
 P = "plugins.entries.voice-call.config"
 
@@ -395,6 +409,35 @@ class StartupTests(TestCase):
         self.assertNotIn("ended: failed", daemon.process.stdout)
         self.assertNoStartupNoise(daemon.process.stdout)
         self.assertNotIn("sekrit", daemon.process.stdout + daemon.process.stderr)
+
+    async def test_log_file_has_no_http_pool_chatter(self):
+        """
+        Under --logfile (twistd's own observer, every level) the carrier API's connections say
+        nothing: no "Starting factory"/"Stopping factory" pair per connection; the daemon's lines are there.
+        """
+        carrier = Resource()
+        carrier.isLeaf = True
+        carrier.render_POST = lambda request: request.setResponseCode(500) or b'{"message": "no"}'
+        base_url = await serve(self, carrier)
+        workdir = make_workdir(
+            self,
+            {"provider": "twilio", "fromNumber": "+15550000000", "publicUrl": "https://voice.example.com/voice/webhook",
+             "twilio": {"accountSid": "AC" + "0" * 32, "authToken": "token", "baseUrl": base_url}},
+        )  # fmt: skip
+        logfile = os.path.join(workdir.path, "voicecall.log")
+        argv = daemon_argv(workdir)
+        argv.insert(argv.index("voicecall"), f"--logfile={logfile}")
+        process = spawn(self, argv, cwd=workdir.path)
+        await process.wait_for_output(READY, READY_TIMEOUT, "voicecall ready line")
+        placed = await run_cli(self, workdir, "call", "--to", "+15550001234", "--message", "Hi")
+        self.assertNotEqual(placed.code, 0)  # the carrier answered 500: a request was made
+        process.send_signal("TERM")
+        await process.ended()
+        with open(logfile, encoding="utf-8") as f:
+            log = f.read()
+        self.assertIn("Webhook URL: http://127.0.0.1:", log)
+        self.assertIn(f"failed at the carrier ({base_url})", log)
+        self.assertNotRegex(log, r"Starting factory|Stopping factory")
 
 
 class LogLevelTests(TapTestsBase):

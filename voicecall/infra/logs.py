@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_tap,tests.test_wiring -*-
 """
 The daemon's log observer set-up under twistd: the stdout observer (its level from
-``$VOICECALL_LOG_LEVEL``) and the predicate that drops Twisted's chatter there. Knows nothing of
-calls.
+``$VOICECALL_LOG_LEVEL``) and the predicate that drops Twisted's port and start-up chatter there
+(kept at debug). The HTTP pool's connection chatter is never logged at all (infra/httpclient.py).
+Knows nothing of calls.
 """
 from __future__ import annotations
 
@@ -53,18 +54,12 @@ _PORT_CHATTER = re.compile(r"\S+ starting on .+|\((?:TCP |UNIX |UDP )?Port \S.* 
 #: daemon that cannot start prints its one line on stderr and nothing else.
 _TWISTD_START = ("twistd {version} ({exe} {pyVersion}) starting up.", "reactor class: {reactor}.")
 
-#: What each connection of the HTTP client pool says when it opens and closes: nothing useful
-#: (twisted/twisted#9330), and one pair per connection to a carrier or TTS API.
-_HTTP_FACTORY = "twisted.web.client._HTTP11ClientFactory"
-_FACTORY_CHATTER = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
 
 
 def _drop_chatter(event: dict) -> PredicateResult:
     if event.get("log_level", LogLevel.info) > LogLevel.info:
         return PredicateResult.maybe
     if event.get("log_format") in _TWISTD_START and "AppLogger" in event.get("log_namespace", ""):
-        return PredicateResult.no
-    if event.get("log_namespace") == _HTTP_FACTORY and event.get("log_format") in _FACTORY_CHATTER:
         return PredicateResult.no
     message = event.get("message")
     if message and len(message) == 1 and isinstance(message[0], str) and _PORT_CHATTER.fullmatch(message[0]):
