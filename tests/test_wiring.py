@@ -54,7 +54,8 @@ ALLOWED_ASSIGNMENTS = {
     ("infra/audio.py", "*.flags.writeable"): "numpy's documented way to make a lookup table read-only",
     ("media/sockets.py", "request.channel.persistent"): "twisted.web's way to close the connection after a refusal",
     ("web/limits.py", "request.early_*"): "the request line, kept on Twisted's Request for refusals before its body ends",
-    ("infra/private/*", "*"): "the one guarded module for autobahn's and Twisted's private names (DESIGN.md)",
+    ("infra/private/ws.py", "*"): "the one guarded package for autobahn's and Twisted's private names (DESIGN.md)",
+    ("infra/private/http.py", "*"): "the one guarded package for autobahn's and Twisted's private names (DESIGN.md)",
 }
 
 

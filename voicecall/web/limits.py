@@ -49,10 +49,12 @@ from io import BytesIO
 from typing import Callable
 
 from attrs import frozen
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
+
+from voicecall.infra.private.http import handling_request, unparsed_bytes
 
 MAX_BODY_BYTES = 64 * 1024
 READ_TIMEOUT_SECONDS = 5.0
@@ -203,7 +205,8 @@ class ScreenedChannel(HTTPChannel):
     """
 
     _headers_deadline = None
-    _paused_while_handling = False
+    #: The transport this channel paused while a request was handled (Twisted would not have).
+    _paused_transport = None
     _awaiting_headers = True
     _to_admit = None
 
@@ -241,22 +244,29 @@ class ScreenedChannel(HTTPChannel):
         reading the answers was read on and on (4 MB of tiny requests queued 18 MB of answers).
         Parsing stops at once too, so at most one answer past the full buffer is queued. Once a
         WebSocket has taken the connection over (our transport is None), Twisted's rule applies.
+        Twisted's parser state is read through L{voicecall.infra.private.http}.
         """
         super().pauseProducing()
         if self.transport is None:
             return
         self.paused = True  # LineReceiver stops handing over the lines it has already read
-        if self._handlingRequest:
-            self._networkProducer.pauseProducing()
-            self._paused_while_handling = True
+        if handling_request(self, unknown=True):
+            self._paused_transport = IPushProducer(self.transport, None)
+            if self._paused_transport is not None:
+                self._paused_transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.paused = False
         super().resumeProducing()  # resumes reading unless a request is being handled
-        if self._paused_while_handling and self.transport is None:
-            self._networkProducer.resumeProducing()  # taken over meanwhile: nothing else will
-        self._paused_while_handling = False
-        if self._buffer and not self._handlingRequest and self.transport is not None and not self.transport.disconnecting:
+        paused, self._paused_transport = self._paused_transport, None
+        if paused is not None and self.transport is None:
+            paused.resumeProducing()  # taken over meanwhile: nothing else will
+        if (
+            self.transport is not None
+            and not self.transport.disconnecting
+            and unparsed_bytes(self)
+            and not handling_request(self, unknown=False)
+        ):
             self.dataReceived(b"")  # parse what was read before the pause
 
     def _start_headers_budget(self) -> None:
@@ -276,20 +286,21 @@ class ScreenedChannel(HTTPChannel):
         site.refused(408, peer, b"-", b"-", "request headers too slow")
         _write_refusal(self.transport, Refusal(408, f"Request headers not received within {site.headers_timeout:g}s".encode()))
 
+    def lineReceived(self, line: bytes) -> None:
+        opened = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > opened:
+            # The line opened a request. Twisted hands its method and target to the request only
+            # with the body; the screen needs them with the headers.
+            parts = line.split(b" ")
+            if len(parts) == 3:
+                request = self.requests[-1]
+                request.early_method, request.early_uri = parts[0], parts[1]
+
     def allHeadersReceived(self) -> None:
         self._stop_headers_budget()
         self._awaiting_headers = False
-        request = self.requests[-1]
-        # Twisted keeps the request line on the channel until the body is complete.
-        request.early_method = self._command
-        request.early_uri = self._path
         super().allHeadersReceived()
-
-    def _send100Continue(self) -> None:
-        """Never invite the body of a request that was just refused."""
-        if self.requests and getattr(self.requests[-1], "_refused", False):
-            return
-        super()._send100Continue()
 
 
 class ScreenedRequest(Request):
@@ -404,6 +415,9 @@ class ScreenedRequest(Request):
         if self._refused:
             return
         self._refused = True
+        # Twisted invites the body (100 Continue) right after gotLength when the request asks
+        # for it: a refused request no longer asks.
+        self.requestHeaders.removeHeader(b"expect")
         self._limiter = None
         self._cancel_deadline()
         self.release()
