@@ -5,8 +5,9 @@ components and wires them together.
 
     twistd -n voicecall [--config PATH] [--webhook ENDPOINT] [--rpc ENDPOINT]
 
-Start sequence: open the store, restore the calls that were live (checking each with the
-carrier), listen for webhooks, then open the RPC socket and start the reaper. A bad config stops
+The service it returns (service.py) runs the start sequence: open the store, restore the calls
+that were live (checking each with the carrier), listen for webhooks, then open the RPC socket
+and start the reaper. A bad config stops
 the daemon in option parsing, before anything is bound: its problems are printed to stderr, one
 line each, and twistd exits 1 (no usage text, no traceback). A config with ``enabled: false``
 exits with `DISABLED_EXIT_STATUS`, which the systemd unit does not restart. A failure later in
