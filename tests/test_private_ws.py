@@ -8,6 +8,7 @@ tests.test_media_stream and tests.test_stt).
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import random
 import socket
 
@@ -24,6 +25,7 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+import voicecall
 from voicecall.infra.private import ws as private_ws
 from voicecall.infra.private.ws import PRIVATE_NAMES, Wire, masked_text_frame, send_buffer_size, text_frame_header, tune_factory, xor_mask
 
@@ -350,3 +352,27 @@ class PrivateNamesTests(SynchronousTestCase):
 
         self.patch(abstract.FileDescriptor, "write", lambda self, data: None)
         self.assertEqual(private_ws._check(), ("FileDescriptor.dataBuffer",))
+
+
+class NoPrivateOverridesTests(SynchronousTestCase):
+    """
+    Outside voicecall.infra.private (and the fakes), no class of ours defines a name that a
+    Twisted or autobahn base class keeps private: such a name silently replaces the library's
+    own (MediaSocket's frame writer was once C{_send}, the name of autobahn's send-queue drain).
+    """
+
+    def test_no_class_shadows_a_private_library_name(self) -> None:
+        shadowing = []
+        for info in pkgutil.walk_packages(voicecall.__path__, "voicecall."):
+            if info.name.startswith(("voicecall.testing", "voicecall.infra.private")):
+                continue
+            module = importlib.import_module(info.name)
+            for cls in vars(module).values():
+                if not (isinstance(cls, type) and cls.__module__ == info.name):
+                    continue
+                for name in vars(cls):
+                    if name.startswith("_") and not name.startswith("__"):
+                        for base in cls.__mro__[1:]:
+                            if base.__module__.startswith(("twisted.", "autobahn.")) and name in vars(base):
+                                shadowing.append(f"{info.name}.{cls.__name__}.{name} shadows {base.__module__}.{base.__name__}.{name}")
+        self.assertEqual(shadowing, [])

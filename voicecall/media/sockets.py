@@ -372,7 +372,7 @@ class MediaSocket(WebSocketServerProtocol):
         if self.state != _OPEN:
             return False
         if self._own_frames:
-            return self._send(text_frame_header(len(data)) + data)
+            return self._send_frame(text_frame_header(len(data)) + data)
         return self._send_public(data)
 
     def send_media(self, prefix: bytes, frame: bytes) -> bool:
@@ -386,10 +386,10 @@ class MediaSocket(WebSocketServerProtocol):
             head = self._media_head
             if head is None:
                 head = self._media_head = text_frame_header(len(prefix) + _MEDIA_BODY_LENGTH) + prefix
-            return self._send(head + body)
+            return self._send_frame(head + body)
         return self.send_text(prefix + body)
 
-    def _send(self, frame: bytes) -> bool:
+    def _send_frame(self, frame: bytes) -> bool:
         if self._wire.send(frame, MAX_SEND_BUFFER):
             return True
         self._backpressure()

@@ -318,7 +318,6 @@ class ScreenedRequest(Request):
     _release: Callable[[], None] | None = None
     _limiter: "InFlightLimiter | None" = None
     _client: Callable[[], str] = staticmethod(lambda: "")
-    _log = Logger()
 
     def gotLength(self, length: int | None) -> None:
         site: ScreenedSite = self.channel.site
