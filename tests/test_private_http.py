@@ -1,17 +1,28 @@
 """
-Tests for voicecall.infra.private.http: the private names of Twisted's HTTPChannel the webhook
-channel reads, pinned (a Twisted without one fails here, naming it), and the public path it falls
-back to (forced here), carried through a real daemon's webhook over loopback: a signed callback
-is served, a slow-body flood is refused within its bounds, and a pipelining client that stops
-reading is paused and, once it reads again, gets every answer.
+Tests for voicecall.infra.private.http and .client: the private names of Twisted's HTTPChannel the
+webhook channel reads and of its client Response the JSON client reads, pinned (a Twisted without
+one fails here, naming it), and the public paths they fall back to (forced here). The webhook's is
+carried through a real daemon's webhook over loopback: a signed callback is served, a slow-body
+flood is refused within its bounds, and a pipelining client that stops reading is paused and, once
+it reads again, gets every answer. The client's through a real server whose body stalls.
 """
 from __future__ import annotations
 
+from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web._newclient import Response
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
+from voicecall.infra.jsonhttp import ApiClient, ApiError
+from voicecall.infra.private import client as private_client
 from voicecall.infra.private import http as private_http
 from voicecall.infra.private.http import PRIVATE_NAMES, _Held, handling_request, unparsed_bytes
 
@@ -117,3 +128,69 @@ class PipeliningTests(_helpers(test_webhook_screening.ScreeningTests)):
 
 class FallbackPipeliningTests(_PublicPath, PipeliningTests):
     """The same on the public path."""
+
+
+class ResponseConnectionTests(SynchronousTestCase):
+    """The client Response's private name (private_client.PRIVATE_NAMES), pinned."""
+
+    def test_the_import_time_check_finds_every_name(self) -> None:
+        self.assertEqual(private_client.PRIVATE_NAMES, ("Response._transport",))
+        self.assertEqual(private_client._check(), ())
+        self.assertTrue(private_client.FAST)
+
+    def test_a_missing_connection_is_named(self) -> None:
+        made = Response.__init__
+
+        def without_the_connection(self, *args, **kwargs) -> None:
+            made(self, *args, **kwargs)
+            del self._transport
+
+        self.patch(Response, "__init__", without_the_connection)
+        self.assertEqual(private_client._check(), ("Response._transport",))
+
+    def test_the_public_path_has_no_connection(self) -> None:
+        self.patch(private_client, "FAST", False)
+        self.assertIsNone(private_client.response_connection(object()))
+
+
+class _Stalls(Resource):
+    """Sends the headers and the first bytes of a 100-byte body, then nothing more."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list = []
+
+    def render(self, request):
+        request.setHeader(b"content-length", b"100")
+        request.write(b'{"sid": ')
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class FallbackBodyTimeoutTests(TestCase):
+    """On the public path a stalled body still fails the request at its time limit."""
+
+    async def test_stalled_body(self) -> None:
+        self.patch(private_client, "FAST", False)
+        resource = _Stalls()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        clock = Clock()
+        client = ApiClient(
+            HTTPClient(Agent(reactor, pool=pool)), f"http://127.0.0.1:{port.getHost().port}", "Twilio API error",
+            clock=clock, timeout=5.0,
+        )
+        outcome = Deferred.fromCoroutine(client.request("GET", "/calls"))
+        await eventually(clock.getDelayedCalls, 10, "the body's time limit armed (headers received)")
+        clock.advance(5.0)
+        failure = self.failureResultOf(outcome, ApiError)
+        self.assertEqual(str(failure.value), "Twilio API error: no answer within 5s")
+        # The connection is left open (what the public path gives up): the server closes it.
+        [request] = resource.requests
+        gone = request.notifyFinish().addErrback(lambda failure: None)
+        request.channel.transport.abortConnection()
+        await gone

@@ -4,5 +4,5 @@ processes, the store's writer thread, systemd notification, a bounded JSON HTTP 
 (jsonhttp: the carriers' REST calls and the responder's) and its size-capped body reader
 (bodies, which the fake carriers read webhook answers with too), and private/, the one package that
 touches autobahn's and Twisted's private names (ws.py, the WebSocket fast paths; http.py, the
-webhook channel's view of Twisted's HTTP parser). It imports nothing of voicecall outside infra (tests/test_layers.py).
+webhook channel's view of Twisted's HTTP parser; client.py, a client response's connection). It imports nothing of voicecall outside infra (tests/test_layers.py).
 """

@@ -15,9 +15,10 @@ from typing import Any, Mapping, Sequence
 from attrs import define, field
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.web._newclient import ResponseFailed
+from twisted.web.client import ResponseFailed
 
 from voicecall.infra.bodies import BodyTooLarge, read_bounded
+from voicecall.infra.private.client import response_connection
 
 #: How much of an error body goes into an error message.
 MAX_ERROR_BODY = 500
@@ -45,12 +46,9 @@ def _abort(response: Any, result: Any, timeout: float) -> Any:
     reader's Deferred has no canceller, so cancelling it makes Twisted swallow the one firing the
     dropped connection then brings (tests.test_provider_http.BodyTimeoutTests).
     """
-    original = response
-    while hasattr(original, "original"):
-        original = original.original
-    transport = getattr(original, "_transport", None)
-    if transport is not None:
-        transport.loseConnection()
+    connection = response_connection(response)
+    if connection is not None:
+        connection.loseConnection()
     raise TimeoutError(timeout, "response body")
 
 
