@@ -7,10 +7,12 @@ tests.test_media_stream and tests.test_stt).
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 import random
 import socket
+from pathlib import Path
 
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
@@ -354,12 +356,37 @@ class PrivateNamesTests(SynchronousTestCase):
         self.assertEqual(private_ws._check(), ("FileDescriptor.dataBuffer",))
 
 
-class NoPrivateOverridesTests(SynchronousTestCase):
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+class PrivateNamesStayHereTests(SynchronousTestCase):
     """
-    Outside voicecall.infra.private (and the fakes), no class of ours defines a name that a
-    Twisted or autobahn base class keeps private: such a name silently replaces the library's
-    own (MediaSocket's frame writer was once C{_send}, the name of autobahn's send-queue drain).
+    Outside voicecall.infra.private (and the fakes): no class of ours defines a name that a
+    Twisted or autobahn base class keeps private (such a name silently replaces the library's
+    own: MediaSocket's frame writer was once C{_send}, the name of autobahn's send-queue drain),
+    no module imports a library's private module or name, and none looks a private name up by
+    its string.
     """
+
+    def test_no_private_import_or_lookup(self) -> None:
+        found = []
+        package = Path(voicecall.__file__).parent
+        for path in sorted(package.rglob("*.py")):
+            relative = path.relative_to(package).as_posix()
+            if relative.startswith(("testing/", "infra/private/")):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and node.module and not node.module.startswith(("voicecall", "__future__")):
+                    if any(_private(part) for part in node.module.split(".")) or any(_private(alias.name) for alias in node.names):
+                        found.append(f"{relative}:{node.lineno}: from {node.module} import ...")
+                elif isinstance(node, ast.Import):
+                    found += [f"{relative}:{node.lineno}: import {a.name}" for a in node.names if any(_private(p) for p in a.name.split("."))]
+                elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr", "delattr"):
+                    name = node.args[1] if len(node.args) > 1 else None
+                    if isinstance(name, ast.Constant) and isinstance(name.value, str) and _private(name.value):
+                        found.append(f"{relative}:{node.lineno}: {node.func.id}(..., {name.value!r})")
+        self.assertEqual(found, [])
 
     def test_no_class_shadows_a_private_library_name(self) -> None:
         shadowing = []
@@ -371,7 +398,7 @@ class NoPrivateOverridesTests(SynchronousTestCase):
                 if not (isinstance(cls, type) and cls.__module__ == info.name):
                     continue
                 for name in vars(cls):
-                    if name.startswith("_") and not name.startswith("__"):
+                    if _private(name):
                         for base in cls.__mro__[1:]:
                             if base.__module__.startswith(("twisted.", "autobahn.")) and name in vars(base):
                                 shadowing.append(f"{info.name}.{cls.__name__}.{name} shadows {base.__module__}.{base.__name__}.{name}")
