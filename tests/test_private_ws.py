@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import pkgutil
 import random
 import socket
+import textwrap
 from pathlib import Path
 
 from autobahn.twisted.websocket import (
@@ -360,14 +362,45 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _daemon_classes() -> list[type]:
+    """Every class defined in the daemon's modules (outside voicecall.testing and infra.private)."""
+    found = []
+    for info in pkgutil.walk_packages(voicecall.__path__, "voicecall."):
+        if not info.name.startswith(("voicecall.testing", "voicecall.infra.private")):
+            module = importlib.import_module(info.name)
+            found += [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == info.name]
+    return found
+
+
 class PrivateNamesStayHereTests(SynchronousTestCase):
     """
     Outside voicecall.infra.private (and the fakes): no class of ours defines a name that a
     Twisted or autobahn base class keeps private (such a name silently replaces the library's
     own: MediaSocket's frame writer was once C{_send}, the name of autobahn's send-queue drain),
-    no module imports a library's private module or name, and none looks a private name up by
-    its string.
+    none reads on self a private name only a library base sets (web/limits.py's channel once
+    read five of HTTPChannel's), no module imports a library's private module or name, and none
+    looks a private name up by its string.
     """
+
+    def test_no_class_reads_a_private_name_it_inherits(self) -> None:
+        """A class of ours with a Twisted or autobahn base reads on self only the private names our classes set."""
+        reads = []
+        for cls in _daemon_classes():
+            if not any(base.__module__.startswith(("twisted.", "autobahn.")) for base in cls.__mro__):
+                continue
+            ours = [base for base in cls.__mro__ if base.__module__.startswith("voicecall")]
+            trees = [ast.parse(textwrap.dedent(inspect.getsource(base))) for base in ours]
+            set_here = {name for base in ours for name in vars(base)} | {
+                node.attr for tree in trees for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del))
+            }
+            for node in ast.walk(trees[0]):
+                if (
+                    isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in set_here
+                    and isinstance(node.value, ast.Name) and node.value.id == "self"
+                ):
+                    reads.append(f"{cls.__module__}.{cls.__name__} reads self.{node.attr}")
+        self.assertEqual(sorted(set(reads)), [])
 
     def test_no_private_import_or_lookup(self) -> None:
         found = []
@@ -390,16 +423,10 @@ class PrivateNamesStayHereTests(SynchronousTestCase):
 
     def test_no_class_shadows_a_private_library_name(self) -> None:
         shadowing = []
-        for info in pkgutil.walk_packages(voicecall.__path__, "voicecall."):
-            if info.name.startswith(("voicecall.testing", "voicecall.infra.private")):
-                continue
-            module = importlib.import_module(info.name)
-            for cls in vars(module).values():
-                if not (isinstance(cls, type) and cls.__module__ == info.name):
-                    continue
-                for name in vars(cls):
-                    if _private(name):
-                        for base in cls.__mro__[1:]:
-                            if base.__module__.startswith(("twisted.", "autobahn.")) and name in vars(base):
-                                shadowing.append(f"{info.name}.{cls.__name__}.{name} shadows {base.__module__}.{base.__name__}.{name}")
+        for cls in _daemon_classes():
+            for name in vars(cls):
+                if _private(name):
+                    for base in cls.__mro__[1:]:
+                        if base.__module__.startswith(("twisted.", "autobahn.")) and name in vars(base):
+                            shadowing.append(f"{cls.__module__}.{cls.__name__}.{name} shadows {base.__module__}.{base.__name__}.{name}")
         self.assertEqual(shadowing, [])
