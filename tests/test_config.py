@@ -1323,6 +1323,34 @@ class RenderedProblemsTests(SynchronousTestCase):
              f'{path}: messages.tts.auto: expected one of "off", "always", "inbound", "tagged" (got "never")'],
         )  # fmt: skip
 
+    def test_misspelt_entry_is_refused(self):
+        """
+        A whole OpenClaw file whose voice-call entry is misspelt (its name, a key in it, or the
+        top-level plugins) is refused naming the key and what was meant, not run on the mock.
+        """
+        cases = [
+            ({"plugins": {"entries": {"voicecall": {"config": {"provider": "twilio"}}}}},
+             'plugins.entries.voicecall: unknown key (did you mean "voice-call"?)'),
+            ({"plugins": {"entries": {"voice-call": {"confg": {"provider": "twilio"}}}}},
+             'plugins.entries.voice-call.confg: unknown key (did you mean "config"?)'),
+            ({"plugin": {"entries": {"voice-call": {"config": {"provider": "twilio"}}}}, "messages": {}},
+             'plugin: unknown key (did you mean "plugins"?)'),
+            ({"plugin": {"entries": {"voice-call": {"config": {"provider": "twilio"}}}}},
+             'plugin: unknown key (did you mean "plugins"?)'),
+        ]  # fmt: skip
+        for data, line in cases:
+            path, lines = self.lines_of(data, "openclaw.json")
+            self.assertEqual(lines, [f"{path}: {line}"], data)
+
+    def test_other_plugins_entries_accepted(self):
+        """Other plugins' entries, even with a name close to ours, are not ours to refuse."""
+        path = os.path.join(self.dir, "openclaw.json")
+        with open(path, "w") as f:
+            json.dump({"plugins": {"entries": {"voice-call": {"config": {"provider": "mock"}}, "voicecall": {},
+                                               "phone-call": {"x": 1}, "memory": {}}}}, f)  # fmt: skip
+        os.chmod(path, 0o600)
+        self.assertEqual(load_config(path, ENV).provider, "mock")
+
     def test_unknown_key_suggestion(self):
         """A mistyped key gets the closest known key; its value is never shown (it may be a secret)."""
         _, lines = self.lines_of({"twilio": {"acountSid": "AC1", "authTokn": "hunter2-secret"}, "fromNumbr": "+1555"})

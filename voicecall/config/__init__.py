@@ -57,6 +57,7 @@ except `load_config` reading its file.
 """
 from __future__ import annotations
 
+import difflib
 import grp
 import json
 import os
@@ -68,7 +69,7 @@ from typing import Any, Mapping
 import json5
 from attrs import evolve
 
-from voicecall.config.checks import boolean
+from voicecall.config.checks import boolean, suggest
 from voicecall.config.model import DEFAULT_STORE, VoiceCallConfig
 from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, provider_problems
 
@@ -198,6 +199,7 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
         entries = r.member(r.member(data, "plugins", "plugins"), "entries", "plugins.entries")
         where = "plugins.entries.voice-call"
         entry = r.member(entries, "voice-call", where)
+        _check_entry(r, data, entries, entry, where)
         raw = entry.get("config", UNDEFINED)
         entry_enabled = r.read(entry.get("enabled", True), f"{where}.enabled", boolean, True)
         messages_tts = r.member(data, "messages", "messages").get("tts", UNDEFINED)
@@ -209,6 +211,8 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
 
     raw = r.legacy(raw, CONFIG_PATH)
     kwargs = r.plugin(raw)
+    if not whole_file:
+        _suggest_whole_file(r)
     enabled = kwargs.pop("enabled", True) and entry_enabled
     provider = kwargs.pop("provider", None) or ("mock" if enabled else None)
     store = _resolve_path(kwargs.pop("store", DEFAULT_STORE), env)
@@ -222,6 +226,41 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
     if r.issues:
         raise ConfigError(r.issues, whole_file=whole_file, config=cfg)
     return cfg
+
+
+#: The keys of a plugin entry in an OpenClaw file (``plugins.entries.<id>``).
+_ENTRY_KEYS = ("enabled", "config")
+
+
+def _check_entry(r: Reader, data: dict, entries: dict, entry: dict, where: str) -> None:
+    """
+    A whole file whose voice-call entry is misspelt would run the built-in defaults (the mock
+    provider) without a word: a mistyped top-level ``plugins``, an entry named like ours but not
+    ours, and unknown keys in ours are problems, each naming what was probably meant.
+    """
+    if "plugins" not in data:
+        for key in data:
+            if isinstance(key, str) and suggest(key, ("plugins",)):
+                r.add(key, "unknown key", suggestion="plugins")
+    if "voice-call" not in entries:
+        for key in entries:
+            if isinstance(key, str) and difflib.get_close_matches(key.lower(), ["voice-call"], n=1, cutoff=0.8):
+                r.add(f"plugins.entries.{key}", "unknown key", suggestion="voice-call")
+    for key in entry:
+        if key not in _ENTRY_KEYS:
+            r.add(f"{where}.{key}", "unknown key", suggestion=suggest(key, _ENTRY_KEYS))
+
+
+def _suggest_whole_file(r: Reader) -> None:
+    """An unknown top-level key that is a misspelt ``plugins`` or ``messages`` says so (the file
+    was meant to be a whole OpenClaw config, but was read as the bare plugin config)."""
+    prefix = CONFIG_PATH + "."
+    for i, issue in enumerate(r.issues):
+        key = issue.path[len(prefix) :]
+        if issue.text == "unknown key" and issue.suggestion is None and issue.path.startswith(prefix) and "." not in key:
+            meant = suggest(key, ("plugins", "messages"))
+            if meant:
+                r.issues[i] = evolve(issue, suggestion=meant)
 
 
 _JSON5_POSITION = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$", re.S)
