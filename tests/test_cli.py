@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 
 from click.testing import CliRunner
@@ -456,6 +460,33 @@ class DaemonCommandTests(CliTestsBase):
         self.assertIn("following the store", result.stderr)
         self.assertIn("reconnected", result.stderr)
 
+    def test_tail_prints_one_shape(self):
+        """Events `tail` read from the store and live ones have the same fields: no store `seq` (README)."""
+        call_id = self.place()
+        self.idle_steps = [lambda: self.event("call.ended", call_id, reason="hangup-user"), lambda: self.interrupt(signal.SIGINT)]
+        result = self.invoke("tail")
+        self.assertEqual(result.exit_code, 130, result.stderr)
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        # call.created and answered come from the store, hanging up is live.
+        self.assertEqual([e["type"] for e in events], ["call.created", "call.state", "call.state", "call.ended"], result.stdout)
+        self.assertEqual(sorted(events[1]), sorted(events[2]))
+        self.assertEqual([e for e in events if "seq" in e], [])
+
+    def test_tail_into_a_closed_pipe_is_quiet(self):
+        """A live event `tail` cannot print (`voicecall tail | head -1` after head is gone) ends it quietly, exit 141."""
+        call_id = self.place()
+        echo = cli.click.echo
+
+        def closed_stdout(message=None, file=None, nl=True, err=False, color=None):
+            if not err:
+                raise BrokenPipeError(32, "Broken pipe")
+            echo(message, file, nl, err, color)
+
+        self.idle_steps = [lambda: self.patch(cli.click, "echo", closed_stdout),
+                           lambda: self.event("call.ended", call_id, reason="hangup-user")]  # fmt: skip
+        result = self.invoke("tail", "--since", "0")
+        self.assertEqual((result.exit_code, result.stderr), (141, ""))
+
     def test_daemon_error(self):
         """A daemon error is printed on stderr as `Error: <text>` with exit status 1."""
         result = self.fails("speak", "--call-id", "nope", "--message", "hi")
@@ -673,6 +704,103 @@ class BadConfigTests(SynchronousTestCase):
              f'  {path}: twilio.acountSid: unknown key (did you mean "accountSid"?)'],
         )  # fmt: skip
         self.assertNotIn("plugins.entries", result.stderr)
+
+
+def console_script() -> str:
+    """The `voicecall` console script installed beside this Python."""
+    return os.path.join(os.path.dirname(sys.executable), "voicecall")
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux: SigCgt of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+class ScriptTests(SynchronousTestCase):
+    """The `voicecall` console script in a fresh process, as a shell runs it."""
+
+    def setUp(self):
+        # Short, so the store's socket path fits a UNIX socket address (107 bytes).
+        self.home = tempfile.mkdtemp(prefix="vc-cli-")
+        self.addCleanup(shutil.rmtree, self.home, ignore_errors=True)
+        self.config = os.path.join(self.home, "voicecall.json")
+        with open(self.config, "w") as f:
+            json.dump({"store": os.path.join(self.home, "store")}, f)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("VOICECALL_")}
+        self.env.update(HOME=self.home)
+
+    def spawn(self, *args: str, **kw) -> subprocess.Popen:
+        child = subprocess.Popen([console_script(), "--config", self.config, *args], cwd=self.home, env=self.env,
+                                 stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+        self.addCleanup(lambda: child.poll() is None and child.kill())
+        return child
+
+    def interrupted(self, socket_path: str, delay: float, after_ready: bool) -> tuple[bool, int, str]:
+        """
+        Run `status` against `socket_path` and send SIGINT `delay` seconds after the process
+        exists, or after it is ready (the CLI caught SIGTERM: its first instruction has run).
+        Returns whether it was ready when the signal went, its exit status and its stderr.
+        """
+        child = self.spawn("--socket", socket_path, "status", stdout=subprocess.DEVNULL)
+        if after_ready:
+            for _ in range(6000):
+                if child.poll() is not None or catches(child.pid, signal.SIGTERM):
+                    break
+                time.sleep(0.005)
+        time.sleep(delay)
+        ready = child.poll() is None and catches(child.pid, signal.SIGTERM)
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=60)
+        return ready, child.returncode, stderr
+
+    def test_ctrl_c_at_start_is_quiet(self):
+        """
+        Ctrl-C at any moment of a CLI run (its imports, click, the config, the reactor's start, the
+        wait for an answer) exits 130 without a traceback or click's "Aborted!". The first thing
+        the script does is catch SIGINT and SIGTERM; from then on (SigCgt shows SIGTERM caught,
+        which Python alone leaves to the default) the exit must be exactly 130 and silent. A
+        signal that comes earlier finds the interpreter still starting, which no code of ours
+        runs in: it must not show our code or click, whatever the interpreter says.
+        """
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        path = os.path.join(self.home, "silent.sock")
+        listener.bind(path)
+        listener.listen(16)  # a "daemon" that never answers, so `status` waits until interrupted
+        moments = [(d, False) for d in (0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)] + [(d, True) for d in (0, 0.02, 0.1, 1.0)]
+        strict = 0
+        for delay, after_ready in moments:
+            ready, status, stderr = self.interrupted(path, delay, after_ready)
+            if ready:
+                strict += 1
+                self.assertEqual((delay, after_ready, status, stderr), (delay, after_ready, 130, ""))
+            else:
+                for noise in ("Aborted!", f"{os.sep}voicecall{os.sep}", f"{os.sep}click{os.sep}"):  # our frames, click's
+                    self.assertNotIn(noise, stderr, (delay, status, stderr))
+        self.assertGreaterEqual(strict, 4)  # at least every moment after the CLI was ready
+
+    def test_tail_into_a_closed_pipe_is_quiet(self):
+        """`voicecall tail | head -0`: the reader is gone before the history is printed; exit 141, no traceback."""
+        store_dir = os.path.join(self.home, "store")
+        writer = SynchronousWriter()
+        store = CallStore(store_dir, writer)
+        self.successResultOf(writer.start())
+        self.successResultOf(store.open())
+        events = [{"type": "call.state", "callId": "c1", "at": 1_700_000_000_000 + i, "state": "ringing"} for i in range(3)]
+        self.successResultOf(store.write(None, events=events))
+        self.successResultOf(store.close())
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            child = self.spawn("tail", stdout=write)
+        finally:
+            os.close(write)
+        _, stderr = child.communicate(timeout=60)
+        self.assertEqual((child.returncode, stderr), (141, ""))
 
 
 class FootprintTests(SynchronousTestCase):

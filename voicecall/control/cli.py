@@ -16,11 +16,19 @@ server side (the RPC server, the manager, the adapters): tests.test_cli.Footprin
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import sys
+
+if os.path.basename(sys.argv[0]) == "voicecall":
+    # The console script imports this module first: from its first instruction, Ctrl-C or
+    # SIGTERM ends the command quietly (no traceback of an import, no click "Aborted!"), exiting
+    # 130 or 143. Once the reactor runs, `run` routes them to cancel the work (watch_signals).
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, lambda signum, _frame: sys.exit(128 + signum))
+
+import json
+import math
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
@@ -97,26 +105,52 @@ def watch_signals(reactor, on_signal: Callable[[int], None]) -> None:
     reactor.callWhenRunning(install)
 
 
+#: The exit status when stdout's reader has gone (`voicecall tail | head`): 128 + SIGPIPE, what
+#: a shell reports for the Unix tools SIGPIPE ends.
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+
+
+def stdout_closed() -> SystemExit:
+    """
+    Nobody reads stdout any more: the quiet exit to raise. Python's final flush of stdout must not
+    fail with a second broken pipe, so stdout's descriptor is pointed at /dev/null first.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (a test's buffer)
+        pass
+    else:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return SystemExit(EXIT_PIPE_CLOSED)
+
+
 def run(fn: Callable[[Any], Awaitable[Any]]) -> None:
     """
     The one seam into the reactor: run `fn(reactor)` and exit with its outcome. Ctrl-C (SIGINT) or
-    SIGTERM stops the command quietly, exiting 128 + the signal number (130, 143), like a shell.
+    SIGTERM stops the command quietly, exiting 128 + the signal number (130, 143), like a shell;
+    so does stdout's reader going away (141, `stdout_closed`).
     """
     from twisted.internet.defer import CancelledError, Deferred
     from twisted.internet.task import react
 
     async def main(reactor) -> None:
-        work = Deferred.fromCoroutine(fn(reactor))
         stopped_by: list[int] = []
+        started: list[Deferred] = []
 
         def on_signal(signum: int) -> None:
             if not stopped_by:
                 stopped_by.append(signum)
-                work.cancel()
+                started[0].cancel()
 
-        watch_signals(reactor, on_signal)
+        watch_signals(reactor, on_signal)  # before `fn` starts, so no signal finds no handler of ours
+        work = Deferred.fromCoroutine(fn(reactor))
+        started.append(work)
         try:
             await work
+        except BrokenPipeError:
+            raise stdout_closed() from None
         except Failed as e:
             if not stopped_by:
                 click.echo(f"Error: {e}", err=True)
@@ -206,6 +240,8 @@ class _Group(click.Group):
         except Failed as e:
             click.echo(f"Error: {e}", err=True)
             raise SystemExit(1) from None
+        except BrokenPipeError:
+            raise stdout_closed() from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -379,15 +415,19 @@ class _Tail:
         self._seq = 0  # the last store event read
         self._printed: OrderedDict[str, None] = OrderedDict()  # keys of recently printed events
         self._held: list[dict] | None = None  # live events that arrived before the store was read
+        self._client = None  # the connection `_live` follows
+        self._unprinted: BrokenPipeError | None = None  # a live event stdout's reader was gone for
 
     def _show(self, entry: dict) -> None:
-        key = _event_key(entry)
+        """Print an event as the daemon notifies it: the store's ``seq`` is not part of it (README)."""
+        event = {k: v for k, v in entry.items() if k != "seq"}
+        key = json.dumps(event, sort_keys=True)
         if key in self._printed:
             return
         self._printed[key] = None
         if len(self._printed) > TAIL_MEMORY:
             self._printed.popitem(last=False)
-        click.echo(json.dumps(entry, ensure_ascii=False))
+        click.echo(json.dumps(event, ensure_ascii=False))
 
     def _event(self, method: str, params) -> None:
         """A notification from the daemon: a call event is printed, or held until `_live`."""
@@ -395,8 +435,12 @@ class _Tail:
             return
         if self._held is not None:
             self._held.append(params)
-        else:
+            return
+        try:
             self._show(params)
+        except BrokenPipeError as e:  # `_live` ends with it: nothing more can be printed
+            self._unprinted = e
+            self._client.transport.loseConnection()
 
     def _read_store(self, first: bool = False) -> bool:
         """Print what the store holds after the last event read; False if there is no store."""
@@ -470,13 +514,12 @@ class _Tail:
     async def _live(self, client) -> None:
         """Print the held events, then each one as it arrives, until the daemon goes."""
         held, self._held = self._held or [], None
+        self._client = client
         for entry in held:
             self._show(entry)
         await client.closed
-
-
-def _event_key(entry: dict) -> str:
-    return json.dumps({k: v for k, v in entry.items() if k != "seq"}, sort_keys=True)
+        if self._unprinted is not None:
+            raise self._unprinted
 
 
 def _summary(values: list[int]) -> dict:
