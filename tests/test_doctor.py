@@ -6,6 +6,8 @@ import os
 import socket
 import tempfile
 
+import json5
+
 from click.testing import CliRunner
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
@@ -14,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from voicecall.config import ConfigError, parse_config
 from voicecall.control.cli import main
 from voicecall.control.doctor import MAX_HEALTH_BYTES, render, run_checks
 from tests.harness import make_workdir, run_cli, spawn_daemon
@@ -141,6 +144,81 @@ class DoctorChecksTests(SynchronousTestCase):
         lines = result.stdout.splitlines()
         refused = next(i for i, line in enumerate(lines) if "writable by other users" in line)
         self.assertEqual(lines[refused + 1].strip(), f"fix: chmod go-w {path}")
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+#: No carrier credential from the environment: doctor reads only the file.
+NO_ENV = {name: None for name in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_FROM_NUMBER", "TELNYX_API_KEY",
+                                  "TELNYX_CONNECTION_ID", "TELNYX_PUBLIC_KEY", "PLIVO_AUTH_ID", "PLIVO_AUTH_TOKEN",
+                                  "OPENAI_API_KEY", "VOICECALL_CONFIG", "VOICECALL_SOCKET")}  # fmt: skip
+
+
+def doctor_report(testcase, config: dict) -> dict:
+    """`voicecall --config F doctor --json` on `config` (its store a fresh directory), through the CLI."""
+    directory = tempfile.mkdtemp(prefix="vc-doc-", dir="/tmp")
+    testcase.addCleanup(os.system, f"rm -rf {directory}")
+    path = os.path.join(directory, "voicecall.json")
+    with open(path, "w") as f:
+        json.dump({**config, "store": directory}, f)
+    os.chmod(path, 0o600)
+    args = ["--config", path, "--socket", os.path.join(directory, "s.sock"), "doctor", "--json"]
+    return json.loads(CliRunner().invoke(main, args, env=NO_ENV).stdout)
+
+
+def example(name: str) -> dict:
+    with open(os.path.join(EXAMPLES, name)) as f:
+        return json5.load(f)
+
+
+class DoctorAdviceTests(SynchronousTestCase):
+    """What doctor says matches the daemon and README: current keys, the daemon's problems, placeholders."""
+
+    def test_streaming_fix_names_the_current_key(self):
+        """Without an STT key, the fix names streaming.providers.openai.apiKey, not the deprecated streaming.openaiApiKey."""
+        report = doctor_report(self, {**TWILIO, "publicUrl": "https://voice.example.com/voice/webhook", "streaming": {"enabled": True}})
+        [streaming] = [c for c in report["checks"] if c["name"] == "streaming"]
+        self.assertEqual(streaming["fix"], "set streaming.providers.openai.apiKey or OPENAI_API_KEY")
+
+    def test_bad_from_number_said_once(self):
+        """A fromNumber that is not E.164 is the daemon's one problem; doctor does not add "fromNumber is required"."""
+        config = {**TWILIO, "fromNumber": "555"}
+        daemon = self.assertRaises(ConfigError, parse_config, config, {}).problems
+        report = doctor_report(self, config)
+        failed = [c["detail"] for c in report["checks"] if not c["ok"] and c["name"] in ("config", "credentials")]
+        self.assertEqual(len(failed), len(daemon), failed)
+        self.assertIn("fromNumber: Expected E.164 format", failed[0])
+
+    def test_misspelt_plugin_entry_fails(self):
+        """A whole OpenClaw file whose voice-call entry is misspelt fails the config check, not "OK (provider mock)"."""
+        report = doctor_report(self, {"plugins": {"entries": {"voicecall": {"config": {"provider": "twilio"}}}}})
+        [config] = [c for c in report["checks"] if c["name"] == "config"]
+        self.assertFalse(config["ok"])
+        self.assertTrue(config["detail"].endswith('plugins.entries.voicecall: unknown key (did you mean "voice-call"?)'), config)
+
+    def test_example_placeholders_warn(self):
+        """The examples' placeholder credentials are a WARN naming each key to replace, not "OK credentials present"."""
+        cases = {
+            "twilio.json5": ["twilio.accountSid", "twilio.authToken"],
+            "twilio-streaming.json5": ["twilio.accountSid", "twilio.authToken"],
+            "telnyx.json5": ["telnyx.apiKey", "telnyx.connectionId", "telnyx.publicKey"],
+            "plivo.json5": ["plivo.authId", "plivo.authToken"],
+        }
+        for name, keys in cases.items():
+            report = doctor_report(self, example(name))
+            [credentials] = [c for c in report["checks"] if c["name"] == "credentials"]
+            self.assertEqual((credentials["ok"], credentials.get("warn")), (True, True), name)
+            self.assertEqual(credentials["detail"], f"still the examples' placeholders, replace them: {', '.join(keys)}")
+
+    def test_real_looking_credentials_pass(self):
+        """Credentials that are not the placeholders, and the fake carriers' examples (a local baseUrl), pass without a WARN."""
+        config = example("twilio.json5")
+        config["twilio"] = {"accountSid": "AC" + "3f" * 16, "authToken": "9b" * 16}
+        reports = {"real": doctor_report(self, config)}
+        for name in ("twilio-fake.json5", "telnyx-fake.json5", "plivo-fake.json5"):
+            reports[name] = doctor_report(self, example(name))
+        for name, report in reports.items():
+            [credentials] = [c for c in report["checks"] if c["name"] == "credentials"]
+            self.assertEqual((credentials["ok"], "warn" in credentials), (True, False), (name, credentials))
 
 
 def run_checks_list(testcase, config: dict, mode: int = 0o600) -> list:

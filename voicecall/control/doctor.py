@@ -8,6 +8,7 @@ changes anything: it binds nothing it keeps and writes only a probe file it remo
 from __future__ import annotations
 
 import errno
+import hmac
 import ipaddress
 import json
 import os
@@ -17,9 +18,9 @@ import time
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import fields, frozen
 
-from voicecall.config import ConfigError, find_config_path, load_config, parse_config, provider_problems
+from voicecall.config import ConfigError, find_config_path, load_config, parse_config
 from voicecall.control.protocol import default_socket_path
 
 
@@ -113,8 +114,33 @@ def _writable_dir(path: str) -> tuple[bool, str]:
     return True, path
 
 
-def _missing_credentials(cfg):
-    return [issue for issue in provider_problems(cfg) if "is required" in issue.text]
+#: The placeholder credentials of the examples (examples/twilio.json5, telnyx.json5, plivo.json5),
+#: which README says to replace: (provider, key, attribute, placeholder).
+PLACEHOLDERS = (
+    ("twilio", "accountSid", "account_sid", "AC" + "x" * 32),
+    ("twilio", "authToken", "auth_token", "your-twilio-auth-token"),
+    ("telnyx", "apiKey", "api_key", "KEY" + "x" * 29),
+    ("telnyx", "connectionId", "connection_id", "1234567890"),
+    ("telnyx", "publicKey", "public_key", "A" * 43 + "="),
+    ("plivo", "authId", "auth_id", "MA" + "X" * 18),
+    ("plivo", "authToken", "auth_token", "your-plivo-auth-token"),
+)
+
+
+def _placeholders(cfg) -> list[str]:
+    """
+    The credentials of the configured carrier still holding the examples' placeholders. A carrier
+    at another base URL than its API's (the fake carriers of the *-fake examples) is not checked.
+    """
+    section = getattr(cfg, cfg.provider or "", None)
+    if section is None or section.base_url != fields(type(section)).base_url.default:
+        return []
+    return [
+        f"{provider}.{key}"
+        for provider, key, attribute, placeholder in PLACEHOLDERS
+        if provider == cfg.provider
+        and hmac.compare_digest((getattr(section, attribute) or "").encode(), placeholder.encode())
+    ]
 
 
 def _fix_for(line: str, path: str | None, fix: str) -> str:
@@ -146,21 +172,24 @@ def run_checks(explicit_config: str | None, socket_override: str | None, env: Ma
                 return checks
             return checks + _local_checks(defaults, socket_override, env, "; built-in defaults, as the config could not be read")
         cfg, whole_file = e.config, e.whole_file
-        missing = {i.problem for i in _missing_credentials(cfg)}  # reported under "credentials"
-        shown = ConfigError([i for i in e.issues if i.problem not in missing], whole_file=whole_file, file=e.file)
+        # The daemon's problems, as it reports them; the missing credentials under "credentials".
+        missing = [i for i in e.issues if "is required" in i.text]
+        shown = ConfigError([i for i in e.issues if i not in missing], whole_file=whole_file, file=e.file)
         checks.extend(Check("config", False, line, _fix_for(line, path, fix)) for line in shown.lines())
     else:
+        missing = []
         checks.append(Check("config", True, f"{path or 'no file: built-in defaults'} (provider {cfg.provider})"))
     checks.extend(Check("config", True, warning, warn=True) for warning in cfg.warnings)
     if not cfg.enabled:
         checks.append(Check("enabled", False, "the config disables voice calls", "set enabled: true"))
 
-    missing_credentials = _missing_credentials(cfg)
-    if missing_credentials:
-        shown = ConfigError(missing_credentials, whole_file=whole_file, file=path)
+    if missing:
+        shown = ConfigError(missing, whole_file=whole_file, file=path)
         checks.extend(Check("credentials", False, line, fix) for line in shown.lines())
     elif cfg.provider == "mock":
         checks.append(Check("credentials", True, "mock provider: no carrier, no real calls"))
+    elif placeholders := _placeholders(cfg):
+        checks.append(Check("credentials", True, f"still the examples' placeholders, replace them: {', '.join(placeholders)}", warn=True))
     else:
         checks.append(Check("credentials", True, f"{cfg.provider} credentials present"))
 
@@ -191,7 +220,7 @@ def run_checks(explicit_config: str | None, socket_override: str | None, env: Ma
         if cfg.provider != "twilio":
             checks.append(Check("streaming", False, "media streaming works with Twilio only", 'set provider "twilio" or streaming.enabled false'))
         elif not cfg.streaming.openai_api_key:
-            checks.append(Check("streaming", False, "no OpenAI API key for streaming speech-to-text", "set streaming.openaiApiKey or OPENAI_API_KEY"))
+            checks.append(Check("streaming", False, "no OpenAI API key for streaming speech-to-text", "set streaming.providers.openai.apiKey or OPENAI_API_KEY"))
         else:
             checks.append(Check("streaming", True, "Twilio media streams with OpenAI realtime STT"))
 
