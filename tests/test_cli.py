@@ -783,16 +783,31 @@ class ScriptTests(SynchronousTestCase):
                     self.assertNotIn(noise, stderr, (delay, status, stderr))
         self.assertGreaterEqual(strict, 4)  # at least every moment after the CLI was ready
 
-    def test_tail_into_a_closed_pipe_is_quiet(self):
-        """`voicecall tail | head -0`: the reader is gone before the history is printed; exit 141, no traceback."""
-        store_dir = os.path.join(self.home, "store")
+    def write_events(self, count: int) -> None:
+        """`count` events in the config's store, as a daemon would have left them."""
         writer = SynchronousWriter()
-        store = CallStore(store_dir, writer)
+        store = CallStore(os.path.join(self.home, "store"), writer)
         self.successResultOf(writer.start())
         self.successResultOf(store.open())
-        events = [{"type": "call.state", "callId": "c1", "at": 1_700_000_000_000 + i, "state": "ringing"} for i in range(3)]
+        events = [{"type": "call.state", "callId": "c1", "at": 1_700_000_000_000 + i, "state": "ringing"} for i in range(count)]
         self.successResultOf(store.write(None, events=events))
         self.successResultOf(store.close())
+
+    def test_tail_ends_when_its_reader_goes(self):
+        """
+        `voicecall tail | head -2`: once head has its lines and goes, tail ends (exit 141, quietly)
+        while following, without waiting for one more event to fail to print.
+        """
+        self.write_events(3)
+        child = self.spawn("tail", "--poll", "50", stdout=subprocess.PIPE)
+        self.assertEqual(json.loads(child.stdout.readline())["at"], 1_700_000_000_000)
+        child.stdout.close()
+        self.assertEqual(child.wait(timeout=60), 141)
+        self.assertEqual(child.stderr.read(), "(daemon not running; following the store at {})\n".format(os.path.join(self.home, "store")))
+
+    def test_tail_into_a_closed_pipe_is_quiet(self):
+        """`voicecall tail | head -0`: the reader is gone before the history is printed; exit 141, no traceback."""
+        self.write_events(3)
         read, write = os.pipe()
         os.close(read)
         try:

@@ -27,8 +27,10 @@ if os.path.basename(sys.argv[0]) == "voicecall":
     for _signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_signum, lambda signum, _frame: sys.exit(128 + signum))
 
+import errno
 import json
 import math
+import select
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
@@ -495,7 +497,7 @@ class _Tail:
         while True:
             if client is not None:
                 try:
-                    await self._live(client)
+                    await self._live(reactor, client)
                 finally:
                     client.transport.loseConnection()
                 click.echo(f"(daemon stopped; following the store at {ctx.store})", err=True)
@@ -504,6 +506,8 @@ class _Tail:
             self._read_store()
             while True:
                 await deferLater(reactor, self._poll, lambda: None)
+                if reader_gone():
+                    raise BrokenPipeError(errno.EPIPE, "stdout's reader has gone")
                 self._read_store()
                 client = await self._subscribe(reactor)
                 if client is not None:
@@ -511,15 +515,40 @@ class _Tail:
                     self._read_store()
                     break
 
-    async def _live(self, client) -> None:
-        """Print the held events, then each one as it arrives, until the daemon goes."""
+    async def _live(self, reactor, client) -> None:
+        """Print the held events, then each one as it arrives, until the daemon or stdout's reader goes."""
+        from twisted.internet.task import LoopingCall
+
         held, self._held = self._held or [], None
         self._client = client
         for entry in held:
             self._show(entry)
-        await client.closed
+        watch = LoopingCall(self._watch_reader)
+        watch.clock = reactor
+        watch.start(self._poll, now=False)
+        try:
+            await client.closed
+        finally:
+            watch.stop()
         if self._unprinted is not None:
             raise self._unprinted
+
+    def _watch_reader(self) -> None:
+        """Between events, notice stdout's reader going (`voicecall tail | head -2`), as `tail -f` does."""
+        if reader_gone():
+            self._unprinted = BrokenPipeError(errno.EPIPE, "stdout's reader has gone")
+            self._client.transport.loseConnection()
+
+
+def reader_gone() -> bool:
+    """Whether stdout is a pipe or terminal nobody reads any more (poll says POLLERR or POLLHUP), without writing to it."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # not a real file (a test's buffer)
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)
+    return any(events & (select.POLLERR | select.POLLHUP) for _fd, events in poller.poll(0))
 
 
 def _summary(values: list[int]) -> dict:
