@@ -467,6 +467,30 @@ class LogLevelTests(TapTestsBase):
         application.getComponent(ILogObserver)({"log_level": LogLevel.debug, "log_format": "d", "log_namespace": "x", "log_time": 0})
         self.assertIn("d", self.stdout.getvalue())
 
+    def test_level_spellings(self):
+        """`warning` is `warn` (Python's spelling), any case; a level Twisted does not know is said on
+        stderr, naming the levels, and the daemon logs at info rather than silently."""
+        def kept(level):
+            self.env["VOICECALL_LOG_LEVEL"] = level
+            self.stdout = None
+            application = Application("voicecall")
+            self.service({"nodaemon": True, "logfile": None}).setServiceParent(application)
+            for name in ("debug", "info", "warn"):
+                application.getComponent(ILogObserver)(
+                    {"log_level": LogLevel.levelWithName(name), "log_format": name, "log_namespace": "x", "log_time": 0})
+            return [line.split("] ", 1)[1] for line in self.stdout.getvalue().splitlines()]
+
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        self.assertEqual(kept("warning"), ["warn"])
+        self.assertEqual(kept("WARN"), ["warn"])
+        self.assertEqual(stderr.getvalue(), "")
+        self.assertEqual(kept("verbose"), ["info", "warn"])
+        self.assertEqual(
+            stderr.getvalue(),
+            "voicecall: VOICECALL_LOG_LEVEL=verbose is not a level (debug, info, warn, error, critical); logging at info\n",
+        )
+
     def test_port_chatter_only_at_debug(self):
         """Twisted's "... starting on ..." and "(TCP Port ... Closed)" lines show only at debug."""
         def shown(level):

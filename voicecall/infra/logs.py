@@ -35,14 +35,23 @@ def stdout_log_observer(twistd_options: Any, env: Any) -> Any:
     logfile = twistd_options.get("logfile")
     if not (logfile == "-" or (twistd_options.get("nodaemon") and not logfile)):
         return None
-    try:
-        level = LogLevel.levelWithName(env.get("VOICECALL_LOG_LEVEL", "info").lower())
-    except InvalidLogLevelError:
-        level = LogLevel.info
+    level = _level(env.get("VOICECALL_LOG_LEVEL", "info"))
     predicates = [LogLevelFilterPredicate(level)]
     if level > LogLevel.debug:
         predicates.append(_drop_chatter)
     return FilteringLogObserver(textFileLogObserver(sys.stdout), predicates)
+
+
+def _level(name: str) -> LogLevel:
+    """Twisted's level names, any case, and Python's `warning`; anything else is said on stderr
+    (a typo must not silently change what the journal keeps) and means info."""
+    wanted = name.strip().lower()
+    try:
+        return LogLevel.levelWithName("warn" if wanted == "warning" else wanted)
+    except InvalidLogLevelError:
+        names = ", ".join(level.name for level in LogLevel.iterconstants())
+        print(f"voicecall: VOICECALL_LOG_LEVEL={name} is not a level ({names}); logging at info", file=sys.stderr)
+        return LogLevel.info
 
 
 #: What Twisted's ports say, unconditionally and at info, when they open and close
