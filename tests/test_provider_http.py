@@ -197,3 +197,30 @@ class BodyTimeoutTests(TestCase):
         gc.collect()  # a Deferred left failed (the second firing's error) logs when it is collected
         self.assertEqual(self.flushLoggedErrors(AlreadyCalledError), [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ResponderBodyTimeoutTests(TestCase):
+    """The built-in responder's time limit covers the answer's body, not only its headers."""
+
+    async def test_stalled_answer_fails_on_time(self):
+        from voicecall.speech.responder import ChatResponder
+        from voicecall.domain.model import CallRecord
+
+        resource = _Stalled()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        clock = Clock()
+        responder = ChatResponder(
+            http=HTTPClient(Agent(reactor, pool=pool)), base_url=f"http://127.0.0.1:{port.getHost().port}/v1",
+            api_key="sk-test", model="openai/gpt-test", timeout_ms=5000, clock=clock,
+        )
+        call = CallRecord(call_id="c1", provider="mock", direction="inbound", state="answered", from_number="+15550001234", to_number="+15550000000", started_at=0)
+        outcome = responder.respond(call, "Hello?")
+        await eventually(clock.getDelayedCalls, 10, "the body's time limit armed (headers received)")
+        clock.advance(5.0)
+        failure = self.failureResultOf(outcome, ApiError)
+        self.assertEqual(str(failure.value), "Response API error: no answer within 5s")
+        [lost] = resource.lost
+        await eventually(lambda: lost.called, 10, "the stalled answer's connection dropped")

@@ -348,6 +348,7 @@ def build_responder(cfg, reactor, http, manager: CallManager, responders: Gatewa
             model=cfg.response_model,
             system_prompt=cfg.response_system_prompt,
             timeout_ms=cfg.response_timeout_ms,
+            clock=reactor,
         ),
         timeout_ms=cfg.response_timeout_ms,
     )

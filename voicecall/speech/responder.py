@@ -112,6 +112,8 @@ class ChatResponder:
     _model: str | None = None
     _system_prompt: str | None = None
     _timeout_ms: int = 30_000
+    #: Bounds the answer's body as well as its headers (without one, only the headers).
+    _clock: IReactorTime | None = None
     _api: ApiClient = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -122,6 +124,7 @@ class ChatResponder:
             prefix="Response API error",
             headers=headers,
             timeout=self._timeout_ms / 1000.0,
+            clock=self._clock,
         )
 
     @property
