@@ -8,18 +8,13 @@ it reads again, gets every answer. The client's through a real server whose body
 """
 from __future__ import annotations
 
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web._newclient import Response
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
 
 from voicecall.infra.jsonhttp import ApiClient, ApiError
 from voicecall.infra.private import client as private_client
@@ -28,6 +23,7 @@ from voicecall.infra.private.http import PRIVATE_NAMES, _Held, handling_request,
 
 from tests import test_webhook_flood, test_webhook_screening
 from tests.harness import eventually
+from tests.test_provider_http import stalled_server
 
 
 class PrivateNamesTests(SynchronousTestCase):
@@ -153,37 +149,14 @@ class ResponseConnectionTests(SynchronousTestCase):
         self.assertIsNone(private_client.response_connection(object()))
 
 
-class _Stalls(Resource):
-    """Sends the headers and the first bytes of a 100-byte body, then nothing more."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list = []
-
-    def render(self, request):
-        request.setHeader(b"content-length", b"100")
-        request.write(b'{"sid": ')
-        self.requests.append(request)
-        return NOT_DONE_YET
-
-
 class FallbackBodyTimeoutTests(TestCase):
     """On the public path a stalled body still fails the request at its time limit."""
 
     async def test_stalled_body(self) -> None:
         self.patch(private_client, "FAST", False)
-        resource = _Stalls()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
-        self.addCleanup(port.stopListening)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
+        resource, base, http = await stalled_server(self)
         clock = Clock()
-        client = ApiClient(
-            HTTPClient(Agent(reactor, pool=pool)), f"http://127.0.0.1:{port.getHost().port}", "Twilio API error",
-            clock=clock, timeout=5.0,
-        )
+        client = ApiClient(http, base, "Twilio API error", clock=clock, timeout=5.0)
         outcome = Deferred.fromCoroutine(client.request("GET", "/calls"))
         await eventually(clock.getDelayedCalls, 10, "the body's time limit armed (headers received)")
         clock.advance(5.0)

@@ -154,14 +154,27 @@ class _Stalled(Resource):
 
     def __init__(self) -> None:
         super().__init__()
+        self.requests: list = []
         self.lost: list[Deferred] = []
 
     def render(self, request):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"100")
         request.write(b'{"sid": ')
+        self.requests.append(request)
         self.lost.append(request.notifyFinish().addErrback(lambda failure: failure.value))
         return NOT_DONE_YET
+
+
+async def stalled_server(case: TestCase) -> tuple[_Stalled, str, HTTPClient]:
+    """A loopback server whose answers stall after their first bytes, its base URL, and a client
+    for it that keeps no connection (both closed when `case` ends)."""
+    resource = _Stalled()
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+    case.addCleanup(port.stopListening)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    case.addCleanup(pool.closeCachedConnections)
+    return resource, f"http://127.0.0.1:{port.getHost().port}", HTTPClient(Agent(reactor, pool=pool))
 
 
 class BodyTimeoutTests(TestCase):
@@ -173,16 +186,9 @@ class BodyTimeoutTests(TestCase):
         timeout text; the connection dropped afterwards (by the client's abort) reaches the
         already-cancelled body reader, which must not fire again (no AlreadyCalledError logged).
         """
-        resource = _Stalled()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
-        self.addCleanup(port.stopListening)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
+        resource, base, http = await stalled_server(self)
         clock = Clock()
-        client = ApiClient(
-            HTTPClient(Agent(reactor, pool=pool)), f"http://127.0.0.1:{port.getHost().port}", "Twilio API error",
-            clock=clock, timeout=5.0,
-        )
+        client = ApiClient(http, base, "Twilio API error", clock=clock, timeout=5.0)
         outcome = Deferred.fromCoroutine(client.request("GET", "/calls"))
         await eventually(clock.getDelayedCalls, 10, "the body's time limit armed (headers received)")
         self.assertFalse(outcome.called)
@@ -206,14 +212,10 @@ class ResponderBodyTimeoutTests(TestCase):
         from voicecall.speech.responder import ChatResponder
         from voicecall.domain.model import CallRecord
 
-        resource = _Stalled()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
-        self.addCleanup(port.stopListening)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        self.addCleanup(pool.closeCachedConnections)
+        resource, base, http = await stalled_server(self)
         clock = Clock()
         responder = ChatResponder(
-            http=HTTPClient(Agent(reactor, pool=pool)), base_url=f"http://127.0.0.1:{port.getHost().port}/v1",
+            http=http, base_url=base + "/v1",
             api_key="sk-test", model="openai/gpt-test", timeout_ms=5000, clock=clock,
         )
         call = CallRecord(call_id="c1", provider="mock", direction="inbound", state="answered", from_number="+15550001234", to_number="+15550000000", started_at=0)
