@@ -721,7 +721,7 @@ class MediaFuzzTests(FuzzBase):
             "twilio": {"accountSid": TWILIO_SID, "authToken": TWILIO_TOKEN, "baseUrl": twilio_base},
             "serve": {"port": port, "bind": "127.0.0.1"},
             "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
-            "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": stt.url, "preStartTimeoutMs": 2000},
+            "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": stt.url, "preStartTimeoutMs": 10000},
             "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts", "baseUrl": speech_base + "/v1"}},
         })
         self.addCleanup(self.hang_up)
