@@ -51,6 +51,7 @@ ALLOWED_ASSIGNMENTS = {
     ("config/__init__.py", "e.*"): "a ConfigError from parse_config, completed with the file it came from",
     ("control/cli.py", "click_ctx.obj"): "click's context object, set as click documents",
     ("domain/reaper.py", "self._loop.clock"): "LoopingCall.clock, Twisted's documented way to give it a clock",
+    ("control/cli.py", "watch.clock"): "LoopingCall.clock (tail's stdout-reader watch), as above",
     ("infra/audio.py", "*.flags.writeable"): "numpy's documented way to make a lookup table read-only",
     ("media/sockets.py", "request.channel.persistent"): "twisted.web's way to close the connection after a refusal",
     ("web/limits.py", "request.early_*"): "the request line, kept on Twisted's Request for refusals before its body ends",
