@@ -270,8 +270,8 @@ class RpcProtocol(Protocol):
         *,
         clock: IReactorTime,
         limits: RpcLimits,
+        budget: LineBudget,
         on_lost: Callable[["RpcProtocol"], None] | None = None,
-        budget: LineBudget | None = None,
     ) -> None:
         self._methods = methods
         self._subscribe = subscribe
@@ -349,8 +349,7 @@ class RpcProtocol(Protocol):
     def connectionLost(self, reason) -> None:
         self._connected = False
         self._cancel_stall()
-        if self._budget is not None:
-            self._budget.release(self)
+        self._budget.release(self)
         if self._on_lost is not None:
             on_lost, self._on_lost = self._on_lost, None
             on_lost(self)
@@ -398,7 +397,7 @@ class RpcProtocol(Protocol):
             if not self._discarding:
                 self._discarding = True
                 self._send_error(None, INVALID_REQUEST, "Request line too long (max 1 MiB)")
-        if self._connected and self._budget is not None and not self._budget.charge(self, len(self._buffer)):
+        if self._connected and not self._budget.charge(self, len(self._buffer)):
             self._log.warn(
                 "closing an RPC connection: the request data all connections hold would pass {limit} bytes",
                 limit=self._budget.limit,
