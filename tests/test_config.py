@@ -1350,6 +1350,11 @@ class RenderedProblemsTests(SynchronousTestCase):
                                                "phone-call": {"x": 1}, "memory": {}}}}, f)  # fmt: skip
         os.chmod(path, 0o600)
         self.assertEqual(load_config(path, ENV).provider, "mock")
+        # Without a voice-call entry, a sibling named like us whose config is not ours is not refused.
+        with open(path, "w") as f:
+            json.dump({"messages": {}, "plugins": {"entries": {"voice-chat": {"enabled": True, "config": {"room": "x"}},
+                                                               "voicecal": {"enabled": True}}}}, f)  # fmt: skip
+        self.assertEqual(load_config(path, ENV).provider, "mock")
 
     def test_unknown_key_suggestion(self):
         """A mistyped key gets the closest known key; its value is never shown (it may be a secret)."""

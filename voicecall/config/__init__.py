@@ -67,10 +67,10 @@ import stat
 from typing import Any, Mapping
 
 import json5
-from attrs import evolve
+from attrs import evolve, fields
 
 from voicecall.config.checks import boolean, suggest
-from voicecall.config.model import DEFAULT_STORE, VoiceCallConfig
+from voicecall.config.model import DEFAULT_STORE, VoiceCallConfig, declaration, json_name
 from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, provider_problems
 
 __all__ = [
@@ -243,12 +243,23 @@ def _check_entry(r: Reader, data: dict, entries: dict, entry: dict, where: str) 
             if isinstance(key, str) and suggest(key, ("plugins",)):
                 r.add(key, "unknown key", suggestion="plugins")
     if "voice-call" not in entries:
-        for key in entries:
-            if isinstance(key, str) and difflib.get_close_matches(key.lower(), ["voice-call"], n=1, cutoff=0.8):
+        for key, value in entries.items():
+            if isinstance(key, str) and _looks_like_ours(value) and difflib.get_close_matches(key.lower(), ["voice-call"], n=1, cutoff=0.8):
                 r.add(f"plugins.entries.{key}", "unknown key", suggestion="voice-call")
     for key in entry:
         if key not in _ENTRY_KEYS:
             r.add(f"{where}.{key}", "unknown key", suggestion=suggest(key, _ENTRY_KEYS))
+
+
+def _looks_like_ours(entry: Any) -> bool:
+    """Whether a plugin entry carries a config with a key of ours: a sibling plugin named like us
+    (``voice-chat``) is not ours to refuse, a misspelt ``voice-call`` holding our config is."""
+    config = entry.get("config") if isinstance(entry, dict) else None
+    return isinstance(config, dict) and any(key in _OUR_KEYS for key in config)
+
+
+#: The top-level keys of our config, from its declarations (but `enabled`, which any plugin may have).
+_OUR_KEYS = frozenset(json_name(a) for a in fields(VoiceCallConfig) if declaration(a) is not None) - {"enabled"}
 
 
 def _suggest_whole_file(r: Reader) -> None:
