@@ -305,7 +305,7 @@ class DoctorAgainstAStrangerTests(TestCase):
 
     async def test_a_json_answer_that_is_not_an_object(self):
         """An answer on the socket that is JSON but not an object, or whose result is not one, is no daemon's: doctor reports on, without a traceback."""
-        for answer in (_ListAnswer, _NumberResult):
+        for answer in (_ListAnswer, _NumberResult, _DeepAnswer):
             workdir = make_workdir(self)
             port = await UNIXServerEndpoint(reactor, workdir.rpc_path).listen(Factory.forProtocol(answer))
             self.addCleanup(port.stopListening)
@@ -318,6 +318,13 @@ class DoctorAgainstAStrangerTests(TestCase):
 class _ListAnswer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(b"[1]\n")
+
+
+class _DeepAnswer(Protocol):
+    """JSON nested deeper than Python's parser recurses, within doctor's 64 KiB."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"[" * 60_000 + b"\n")
 
 
 class _NumberResult(Protocol):

@@ -529,7 +529,8 @@ class _Tail:
         try:
             await client.closed
         finally:
-            watch.stop()
+            if watch.running:  # a failed watch has stopped itself; stop() would hide how we ended
+                watch.stop()
         if self._unprinted is not None:
             raise self._unprinted
 

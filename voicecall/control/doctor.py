@@ -88,7 +88,7 @@ def daemon_health(socket_path: str, timeout: float = 2.0) -> dict | None:
                         f"{socket_path} answered with more than {MAX_HEALTH_BYTES // 1024} KiB: not a voicecall daemon's health answer"
                     )
         answer = json.loads(data)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested past the parser's depth
         return None
     result = answer.get("result") if isinstance(answer, dict) else None
     return result if isinstance(result, dict) else None
