@@ -1,6 +1,7 @@
 """
 The set-up the manager's unit tests share: a CallManager on a `Clock`, over a real CallStore
-written synchronously, with the provider a test chooses as its voice.
+written synchronously, with the provider a test chooses as its voice; and, for the turn-order and
+chaos tests, the whole call path against a fake carrier (`carrier_stack`, `answered_call`).
 
     rig = manager_rig(self, lambda clock: MockProvider(clock=clock), max_concurrent_calls=3)
     rig.manager.initiate(...)
@@ -8,14 +9,19 @@ written synchronously, with the provider a test chooses as its voice.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any, Callable
 
 from attrs import frozen
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.store import CallStore
 from voicecall.infra.dbwriter import SynchronousWriter
+from voicecall.testing.stack import CALLEE, Stack
 
 #: Where every rig's clock starts (a plausible Unix time, so timestamps look real).
 EPOCH = 1_700_000_000
@@ -63,3 +69,22 @@ def manager_rig(testcase, make_provider: Callable[[Clock], Any], **settings: Any
     store = open_store(testcase, directory)
     provider = make_provider(clock)
     return ManagerRig(clock, directory, store, provider, build_manager(provider, store, clock, **settings))
+
+
+def carrier_stack(testcase, provider: str, chaos=None, *, transcript_timeout_ms: int, prefix: str = "vc-stack-") -> Stack:
+    """
+    The daemon's call path in memory against `provider`'s fake carrier (voicecall.testing.stack),
+    in a fresh directory (in memory where /dev/shm exists); closed and removed at cleanup.
+    """
+    directory = tempfile.mkdtemp(prefix=prefix, dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    stack = Stack.build(provider, directory, chaos, transcript_timeout_ms=transcript_timeout_ms)
+    testcase.addCleanup(stack.close)
+    return stack
+
+
+def answered_call(testcase, stack: Stack):
+    """A conversation call on `stack` whose greeting has played (its CallRecord)."""
+    d = Deferred.fromCoroutine(stack.manager.initiate(CALLEE, "Hello, who is this?", "conversation"))
+    stack.advance(4)
+    return testcase.successResultOf(d)

@@ -52,6 +52,8 @@ from voicecall.infra.dbwriter import StoreError
 from voicecall.testing.chaos import Chaos
 from voicecall.testing.stack import CALLEE, START, Stack, answer_to
 
+from tests.fixtures import answered_call, carrier_stack
+
 settings.register_profile(
     "voicecall-chaos",
     max_examples=40,
@@ -555,16 +557,10 @@ class KnownBugTests(SynchronousTestCase):
         _flush_findings(self)
 
     def stack(self, provider, chaos=None):
-        directory = tempfile.mkdtemp(prefix="vc-chaos-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        self.addCleanup(shutil.rmtree, directory, True)
-        stack = Stack.build(provider, directory, chaos, transcript_timeout_ms=TIMEOUT_MS)
-        self.addCleanup(stack.close)
-        return stack
+        return carrier_stack(self, provider, chaos, transcript_timeout_ms=TIMEOUT_MS, prefix="vc-chaos-")
 
     def answered(self, stack):
-        d = Deferred.fromCoroutine(stack.manager.initiate(CALLEE, "Hello, who is this?", "conversation"))
-        stack.advance(4)
-        return self.successResultOf(d)
+        return answered_call(self, stack)
 
     def check_failed_write_changes_nothing(self, provider):
         """(d): a continue whose first store write fails leaves memory as the store has it."""

@@ -647,8 +647,8 @@ class LatencyTests(CliTestsBase):
 class NoConfigTests(SynchronousTestCase):
     """A command run where no config file is found says so."""
 
-    def test_status_says_no_config_was_found(self):
-        """`status` in a directory without a config names the paths it searched, on stderr."""
+    def invoke_without_config(self, *args: str):
+        """Run the CLI with `args` in an empty directory under an empty HOME; (result, HOME)."""
         home = os.path.abspath(self.mktemp())
         os.makedirs(home)
         self.patch(task, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
@@ -656,7 +656,12 @@ class NoConfigTests(SynchronousTestCase):
         self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
         runner = CliRunner()
         with runner.isolated_filesystem(temp_dir=home):
-            result = runner.invoke(cli.main, ["status"], env={"VOICECALL_SOCKET": None, "VOICECALL_CONFIG": None, "HOME": home})
+            result = runner.invoke(cli.main, list(args), env={"VOICECALL_SOCKET": None, "VOICECALL_CONFIG": None, "HOME": home})
+        return result, home
+
+    def test_status_says_no_config_was_found(self):
+        """`status` in a directory without a config names the paths it searched, on stderr."""
+        result, home = self.invoke_without_config("status")
         self.assertIn("no config file found", result.stderr)
         self.assertIn("voicecall.json5", result.stderr)
         self.assertIn(os.path.join(home, ".config", "voicecall", "voicecall.json5"), result.stderr)
@@ -666,14 +671,7 @@ class NoConfigTests(SynchronousTestCase):
         Run from another directory than the checkout where `make run` serves, the CLI finds no config
         and tries the default socket; it says the daemon may be running elsewhere, and how to reach it.
         """
-        home = os.path.abspath(self.mktemp())
-        os.makedirs(home)
-        self.patch(task, "react", lambda main, argv=(): CliTestsBase.react(self, main, argv))
-        self.patch(cli, "watch_signals", lambda reactor, on_signal: None)
-        self.daemon, self.connects, self.reacted, self.on_idle, self.idle_steps, self.pumps = None, [], 0, None, [], []
-        runner = CliRunner()
-        with runner.isolated_filesystem(temp_dir=home):
-            result = runner.invoke(cli.main, ["end", "--call-id", "x"], env={"VOICECALL_SOCKET": None, "VOICECALL_CONFIG": None, "HOME": home})
+        result, _ = self.invoke_without_config("end", "--call-id", "x")
         self.assertEqual(result.exit_code, 1)
         error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
         self.assertEqual(len(error), 1, result.stderr)

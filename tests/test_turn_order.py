@@ -15,7 +15,7 @@ from voicecall.domain.model import CallEvent, EventType
 from voicecall.providers.mock import MockProvider
 
 from tests import test_streaming as streamed
-from tests.fixtures import build_manager
+from tests.fixtures import answered_call, build_manager, carrier_stack
 from tests.harness import eventually
 
 GREETING = "Hello there, thanks for picking up the phone today"
@@ -292,25 +292,11 @@ class _CarrierStack(SynchronousTestCase):
     """The daemon's call path in memory against a fake carrier (voicecall.testing.stack), chaos off."""
 
     def stack(self, provider, chaos=None):
-        import os
-        import shutil
-        import tempfile
-
-        from voicecall.testing.stack import Stack
-
-        directory = tempfile.mkdtemp(prefix="vc-turns-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-        self.addCleanup(shutil.rmtree, directory, True)
-        stack = Stack.build(provider, directory, chaos, transcript_timeout_ms=4000)
-        self.addCleanup(stack.close)
-        return stack
+        return carrier_stack(self, provider, chaos, transcript_timeout_ms=4000, prefix="vc-turns-")
 
     def answered(self, stack):
         """A conversation call whose greeting has played."""
-        from voicecall.testing.stack import CALLEE
-
-        d = Deferred.fromCoroutine(stack.manager.initiate(CALLEE, "Hello, who is this?", "conversation"))
-        stack.advance(4)
-        return self.successResultOf(d)
+        return answered_call(self, stack)
 
     def fake_call(self, stack, call_id):
         return stack.carrier.calls()[stack.manager.find(call_id).provider_call_id]
