@@ -12,7 +12,7 @@ TRIAL_ARGS ?= -j2 tests
 
 SOAK_EXAMPLES ?= 300
 
-.PHONY: run test lint bench soak clean venv
+.PHONY: run test lint bench soak clean venv system-deps
 
 $(BIN)/python:
 	@echo "==> creating the virtualenv $(VENV) (first run only)"
@@ -60,8 +60,12 @@ LINTED = voicecall tests benchmarks tools twisted setup.py
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(LINTED)
 
+# PostgreSQL and nginx, which some tests run for real: found, or installed where we may.
+system-deps:
+	@sh tools/system_deps.sh
+
 # The linter first: a finding fails the run before the suite starts.
-test: lint
+test: lint system-deps
 	$(BIN)/python tools/run_trial.py $(TRIAL_ARGS)
 
 soak: $(VENV)/.installed-test
