@@ -165,6 +165,7 @@ class DefaultsTests(SynchronousTestCase):
                 },
                 "plivo": {"auth_id": None, "auth_token": None, "base_url": "https://api.plivo.com", "allow_v2_signatures": False},
                 "metrics": {"enabled": False, "bind": "127.0.0.1", "port": 9464},
+                "cluster": {"node_id": None, "lease_seconds": 10, "entry_url": None},
                 "warnings": (),
             },
         )

@@ -32,6 +32,8 @@ Keys added by this project beyond SPEC §2:
 - ``responseBaseUrl`` (``https://api.openai.com/v1``) and ``responseApiKey`` (env fallback
   ``OPENAI_API_KEY``) for the built-in OpenAI-compatible auto-reply client.
 - ``metrics.enabled`` (``false``), ``metrics.bind`` (``127.0.0.1``), ``metrics.port`` (``9464``).
+- ``cluster.nodeId`` (the host name), ``cluster.leaseSeconds`` (``10``), ``cluster.entryUrl``
+  (``publicUrl``): many nodes on one PostgreSQL store (README "Scaling out").
 
 Every URL-valued key must be an absolute http(s) URL (``streaming.sttBaseUrl``: ws(s)).
 ``serve.path``, ``tailscale.path`` and ``streaming.streamPath`` must start with ``/``.

@@ -131,6 +131,17 @@ def openai_model(value: Any) -> str:
     return model
 
 
+#: A cluster node id names the node's row and its NOTIFY channel (``voicecall_node_<id>``, a
+#: PostgreSQL identifier of at most 63 bytes): letters, digits, ``.``, ``_`` and ``-`` only.
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,47}")
+
+
+def node_id(value: Any) -> str:
+    if isinstance(value, str) and _NODE_ID.fullmatch(value):
+        return value
+    raise Invalid("expected a node id: 1 to 48 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
 def url_path(value: Any) -> str:
     if isinstance(value, str) and value.startswith("/"):
         return value

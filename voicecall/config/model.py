@@ -28,6 +28,7 @@ from voicecall.config.checks import (
     e164,
     http_url,
     integer,
+    node_id,
     non_empty,
     number,
     one_of,
@@ -201,6 +202,18 @@ class MetricsConfig:
 
 
 @frozen
+class ClusterConfig:
+    """
+    Many nodes on one PostgreSQL store (clustering is on when ``store`` is a PostgreSQL URL).
+    ``node_id`` None means the host name; ``entry_url`` None means this node's ``publicUrl``.
+    """
+
+    node_id: str | None = key(node_id, None, doc="This node's id (default: the host name).")
+    lease_seconds: int = key(integer(3, 3600), 10, doc="A node silent this long is dead: its calls are adopted.")
+    entry_url: str | None = key(http_url, None, doc="The shared URL that reaches any live node (default: publicUrl).")
+
+
+@frozen
 class TtsModelOverrides:
     enabled: bool | None = key(boolean, None)
     allow_text: bool | None = key(boolean, None)
@@ -313,5 +326,6 @@ class VoiceCallConfig:
     telnyx: TelnyxConfig = section(TelnyxConfig, provider="telnyx")
     plivo: PlivoConfig = section(PlivoConfig, provider="plivo")
     metrics: MetricsConfig = section(MetricsConfig)
+    cluster: ClusterConfig = section(ClusterConfig)
     #: The legacy-shape warnings found while reading; no JSON key sets it.
     warnings: tuple[str, ...] = field(default=(), metadata={KEY: None})
