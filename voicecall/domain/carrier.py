@@ -62,3 +62,10 @@ class CallControl(Protocol):
 
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
         ...
+
+    def repoint_call(self, call: CallRecord, webhook_url: str) -> Deferred[None]:
+        """
+        Point a live call at this node's `webhook_url` (it adopted the call from a dead node):
+        the carrier's next requests for it come here (Twilio call update, Plivo transfer; a
+        carrier whose webhooks reach any node does nothing).
+        """

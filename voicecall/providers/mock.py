@@ -355,6 +355,10 @@ class MockProvider:
         self._track(call.provider_call_id, True)
         return succeed(None)
 
+    def repoint_call(self, call: CallRecord, webhook_url: str) -> Deferred[None]:
+        self.actions.append(("repoint", call.provider_call_id, webhook_url))
+        return succeed(None)
+
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
         bare = provider_call_id[len("mock-") :] if provider_call_id.startswith("mock-") else provider_call_id
         hung_up = self._calls.get(provider_call_id) is False or self._calls.get(bare) is False

@@ -263,6 +263,16 @@ class PlivoProvider:
         status = normalize_status(answer.get("call_status") if isinstance(answer, dict) else None)
         return ProviderCallStatus(status, is_terminal=status in TERMINAL_STATUSES)
 
+    def repoint_call(self, call: CallRecord, webhook_url: str) -> Deferred[None]:
+        """
+        A live call another node ran is now ours (adoption): transfer its A-leg to this node's
+        listen document, so its next XML fetches and GetInput results come here. Plivo has no
+        API to move a live call's hangup_url: that callback still goes to the old node's URL
+        (a load balancer with the other nodes as its backups brings it to a live one).
+        """
+        _bounded_put(self._call_urls, call.call_id, webhook_url)
+        return self._transfer(call, "xml-listen", "repoint", None, None, listen=True, turn_token=None)
+
     def _forget(self, call_id: str | None, *uuids: str | None) -> None:
         if call_id:
             # The call is over: a message not fetched yet, or still playing, was not heard

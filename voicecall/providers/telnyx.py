@@ -42,7 +42,7 @@ from typing import Any, Mapping
 from urllib.parse import quote
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -281,6 +281,10 @@ class TelnyxProvider:
         """Answer a parked inbound call; its later webhooks then carry our call id."""
         body = {"client_state": encode_client_state(call.call_id)}
         return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "answer", body)))
+
+    def repoint_call(self, call: CallRecord, webhook_url: str) -> Deferred[None]:
+        """Adoption: nothing to move, Telnyx sends a call's webhooks to its application's one URL."""
+        return succeed(None)
 
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
         return Deferred.fromCoroutine(self._status(provider_call_id))

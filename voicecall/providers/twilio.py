@@ -212,6 +212,29 @@ class TwilioProvider:
         status = normalize_status(answer.get("status"))
         return ProviderCallStatus(status, is_terminal=status in TERMINAL_STATUS_REASONS)
 
+    def repoint_call(self, call: CallRecord, webhook_url: str) -> Deferred[None]:
+        """
+        A live call another node ran is now ours (adoption): a call update (`Url`) makes Twilio
+        fetch this node's TwiML for it at once (a fresh stream, or the listen loop), and moves
+        its status callback here (Twilio then sends the final `completed`, as documented for an
+        update without StatusCallbackEvent).
+        """
+        sid = call.provider_call_id or ""
+        outbound = call.direction is Direction.OUTBOUND
+        url = twiml.with_query(webhook_url, callId=call.call_id) if outbound else webhook_url
+        self._listening.pop(sid, None)
+        _bounded_put(self._call_urls, sid, url)
+        form = [
+            ("Url", twiml.with_query(url, n=secrets.token_hex(6))),  # a request of its own (replay guard)
+            ("Method", "POST"),
+            ("StatusCallback", twiml.with_query(webhook_url, callId=call.call_id, type="status")),
+            ("StatusCallbackMethod", "POST"),
+        ]
+        return Deferred.fromCoroutine(self._repoint(sid, form))
+
+    async def _repoint(self, sid: str, form: list[tuple[str, str]]) -> None:
+        await self._api.request("POST", f"/Calls/{sid}.json", form=form)
+
     async def _update(self, sid: str, document: str) -> None:
         """A live update with TwiML, retried while Twilio says the call is not in progress yet."""
         for delay in (*RETRY_DELAYS, None):

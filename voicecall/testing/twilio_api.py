@@ -3,8 +3,8 @@
 The fake Twilio REST API (PROVIDERS.md §1.1): a twisted.web resource tree serving
 
 - `POST /2010-04-01/Accounts/{sid}/Calls.json`: create a call;
-- `POST /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: live update (`Twiml`, `Url`) or
-  hang up (`Status=completed|canceled`);
+- `POST /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: live update (`Twiml`, `Url`, and
+  `StatusCallback`, which then reports `completed` only) or hang up (`Status=completed|canceled`);
 - `GET  /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: fetch the call resource,
 
 with Twilio's HTTP Basic auth, validation, error JSON and status codes. Every request is
@@ -268,13 +268,24 @@ class FakeTwilio(FaultyApi):
             call.cancel_or_complete(status)
             return _Reply(200, call.to_json(self.account_sid))
         twiml, url = form.get("Twiml"), form.get("Url")
-        if twiml is None and url is None:
+        callback = form.get("StatusCallback")
+        if callback is not None and not _is_http_url(callback):
+            return _bad(21609, f"StatusCallback is not a valid URL: {callback}")
+        methods = [form.get("Method", "POST").upper(), form.get("StatusCallbackMethod", "POST").upper()]
+        if any(m not in ("GET", "POST") for m in methods):
+            return _bad(20001, "Method must be GET or POST")
+        if twiml is None and url is None and callback is None:
             return _Reply(200, call.to_json(self.account_sid))
         if url is not None and twiml is None and not _is_http_url(url):
             return _bad(21205, f"Url is not a valid URL: {url}")
         if call.status != "in-progress":
             return _bad(21220, "Call is not in-progress. Cannot redirect.")
-        call.update(twiml=twiml, url=url, method=form.get("Method", "POST").upper())
+        if callback is not None:
+            # An update names no StatusCallbackEvent: Twilio then sends the `completed` status only.
+            call.status_callback, call.status_callback_method = callback, methods[1]
+            call.status_callback_events = frozenset({"completed"})
+        if twiml is not None or url is not None:
+            call.update(twiml=twiml, url=url, method=methods[0])
         return _Reply(200, call.to_json(self.account_sid))
 
     def _new_call(
