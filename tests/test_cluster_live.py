@@ -9,16 +9,18 @@ import json
 from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
-from voicecall.domain.model import CallRecord, CallState, Direction
+from voicecall.domain.model import CallRecord, CallState, Direction, EventType
 from voicecall.providers.plivo import PlivoProvider
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.testing.plivo import FakePlivo
 from voicecall.testing.plivo import Scenario as PlivoScenario
 from voicecall.testing.twilio import FakeTwilio, Scenario
 
+from tests import test_manager
 from tests.harness import eventually, http_client, serve
 
 SID = "AC" + "0" * 32
@@ -199,3 +201,59 @@ class PlivoRepointTests(TestCase):
         await eventually(lambda: node_b.requests, 5, "Plivo fetches B's XML")
         self.assertEqual(node_b.requests[0][0], "POST")
         self.assertEqual(node_b.requests[0][3]["CallUUID"], call_uuid)
+
+
+class ManagerAdoptTests(test_manager.ManagerTestsBase):
+    """CallManager.adopt: the live calls of a dead node, loaded from the store, run here."""
+
+    def dead_node_call(self, **answered):
+        """A call initiated and answered by this test's manager, which then dies (node A)."""
+        call_id = self.go(self.manager.initiate("+15550001234", "Hi"))
+        self.event(EventType.ANSWERED, call_id, dedupe_key="ans", **answered)
+        self.event(EventType.SPEECH, call_id, dedupe_key="sp1", transcript="hello", is_final=True)
+        self.manager.stop()
+        return call_id
+
+    def test_adopted_call_runs_here(self):
+        """The adopter holds the call with its transcript; an event A applied is not applied twice."""
+        call_id = self.dead_node_call()
+        adopter = self.make_manager()
+        record = self.stored(call_id)
+        self.manager = adopter
+        adopted = self.successResultOf(Deferred.fromCoroutine(adopter.adopt([record])))
+        self.assertEqual([c.call_id for c in adopted], [call_id])
+        self.assertIs(adopter.find(call_id), adopted[0])
+        self.assertEqual([t.text for t in adopter.find(call_id).transcript], ["Hi", "hello"])
+        self.event(EventType.SPEECH, call_id, dedupe_key="sp1", transcript="hello", is_final=True)
+        self.assertEqual(len(self.stored(call_id).transcript), 2)
+        self.event(EventType.SPEECH, call_id, dedupe_key="sp2", transcript="again", is_final=True)
+        self.assertEqual([t.text for t in self.stored(call_id).transcript], ["Hi", "hello", "again"])
+
+    def test_adopting_twice_keeps_the_held_call(self):
+        """A call this node already holds is not taken over again (nor returned to re-point)."""
+        call_id = self.dead_node_call()
+        adopter = self.make_manager()
+        record = self.stored(call_id)
+        first = self.successResultOf(Deferred.fromCoroutine(adopter.adopt([record])))
+        again = self.successResultOf(Deferred.fromCoroutine(adopter.adopt([self.stored(call_id)])))
+        self.assertEqual(again, [])
+        self.assertIs(adopter.find(call_id), first[0])
+
+    def test_adopted_call_keeps_its_max_duration(self):
+        """A call answered 290 s before its adoption is hung up 10 s after it (reason timeout)."""
+        call_id = self.dead_node_call()
+        self.clock.advance(290)
+        adopter = self.make_manager()
+        self.successResultOf(Deferred.fromCoroutine(adopter.adopt([self.stored(call_id)])))
+        self.clock.advance(9.9)
+        self.assertEqual(self.actions("hangup"), [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.actions("hangup"), [("hangup", f"mock-{call_id}", "timeout")])
+
+    def test_call_ended_at_the_carrier_is_closed(self):
+        """A call that ended while its node was dead is closed (completed), not adopted."""
+        call_id = self.dead_node_call(provider_call_id="mock-ended-1")
+        adopter = self.make_manager()
+        adopted = self.successResultOf(Deferred.fromCoroutine(adopter.adopt([self.stored(call_id)])))
+        self.assertEqual(adopted, [])
+        self.assertEqual(self.stored(call_id).state, CallState.COMPLETED)

@@ -1144,7 +1144,29 @@ class CallManager:
         """
         for key in await self._store.recent_event_keys(self._settings.dedupe_limit):
             self._processed.add(key)
-        records = await self._store.load_active()
+        outcome = await self._take_over(await self._store.load_active())
+        if outcome["restored"]:
+            self._log.info("Restored {n} active call(s) from store", n=outcome["restored"])
+        for what, n in outcome.items():
+            if what != "restored" and n:
+                self._log.info("Skipped {n} restored call(s): {what}", n=n, what=what)
+        return outcome
+
+    async def adopt(self, records: Sequence[CallRecord]) -> list[CallRecord]:
+        """
+        Run the live calls of a dead node, which this node now owns in the store (cluster/adopt.py
+        claimed them), as restore() runs this node's own after a restart: each is checked with
+        the carrier, closed if it ended there or outlived maxDurationSeconds, else held with its
+        transcript, processed events and remaining max duration. Returns the calls now held here
+        (to re-point at the carrier). A call already held here is left as it is.
+        """
+        fresh = [call for call in records if call.call_id not in self._active]
+        outcome = await self._take_over(fresh)
+        self._log.info("Adopted {n} call(s) ({outcome})", n=outcome["restored"], outcome=outcome)
+        return [call for call in fresh if self._active.get(call.call_id) is call]
+
+    async def _take_over(self, records: Sequence[CallRecord]) -> dict[str, int]:
+        """Hold `records` (live in the store) as this manager's active calls, closing the ones that are over."""
         now = self._now()
         max_ms = self._settings.max_duration_seconds * 1000
         outcome = {"restored": 0, "no-provider-id": 0, "expired": 0, "ended-at-carrier": 0}
@@ -1181,11 +1203,6 @@ class CallManager:
                 self._by_provider_id[call.provider_call_id] = call.call_id
                 outcome["restored"] += 1
         await self._close_all_restored(closing, outcome)
-        if outcome["restored"]:
-            self._log.info("Restored {n} active call(s) from store", n=outcome["restored"])
-        for what, n in outcome.items():
-            if what != "restored" and n:
-                self._log.info("Skipped {n} restored call(s): {what}", n=n, what=what)
         return outcome
 
     async def _close_all_restored(
