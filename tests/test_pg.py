@@ -1,0 +1,274 @@
+"""
+voicecall/infra/pg.py against a real PostgreSQL (tests/pgserver.py): transactions committed
+before they are acknowledged, retries (serialization failure, a backend terminated mid-transaction,
+a connection lost during COMMIT), the server going away and coming back, bounds, LISTEN/NOTIFY
+with reconnection, and the password never shown.
+"""
+from __future__ import annotations
+
+import threading
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests.harness import eventually, free_port
+from tests.pgserver import postgres_server, private_postgres_server
+from voicecall.infra.dbwriter import StoreBusyError, StoreClosedError, StoreError
+from voicecall.infra.pg import CommitUnknownError, PgPool, StoreUnavailableError, describe, notify
+
+SECRET = "s3cr3t-pa55"
+
+
+def capture_log(testcase) -> list[str]:
+    """Every log event's formatted text and fields, as strings, while the test runs."""
+    seen: list[str] = []
+
+    def observer(event: dict) -> None:
+        seen.append(repr(event))
+
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return seen
+
+
+async def open_pool(testcase, url: str, **kwargs) -> PgPool:
+    pool = PgPool(reactor, url, **kwargs)
+    await pool.open()
+    testcase.addCleanup(pool.close)
+    return pool
+
+
+class TransactionTests(TestCase):
+    async def setUp(self) -> None:
+        self.pg = postgres_server(self)
+        self.url = self.pg.new_database(self)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
+            conn.execute("INSERT INTO t VALUES ('a', 0)")
+        self.pool = await open_pool(self, self.pg.url(self.url.rsplit("/", 1)[1], password=SECRET), max_size=4)
+
+    def value(self, k: str = "a"):
+        with psycopg.connect(self.url) as conn:
+            row = conn.execute("SELECT v FROM t WHERE k = %s", (k,)).fetchone()
+        return row and row[0]
+
+    async def test_fires_after_commit_on_a_pool_thread(self):
+        threads = []
+
+        def op(conn):
+            threads.append(threading.current_thread())
+            conn.execute("UPDATE t SET v = 7 WHERE k = 'a'")
+            return "done"
+
+        self.assertEqual(await self.pool.run(op), "done")
+        self.assertEqual(self.value(), 7)  # committed: another connection sees it at once
+        self.assertIsNot(threads[0], threading.main_thread())
+        self.assertTrue("voicecall-pg-" in threads[0].name, threads[0].name)
+
+    async def test_error_in_fn_rolls_back_and_passes_through(self):
+
+        class Refused(Exception):
+            pass
+
+        def op(conn):
+            conn.execute("UPDATE t SET v = 9 WHERE k = 'a'")
+            raise Refused()
+
+        with self.assertRaises(Refused):
+            await self.pool.run(op)
+        self.assertEqual(self.value(), 0)
+
+    async def test_sql_error_is_a_store_error(self):
+        with self.assertRaises(StoreError) as caught:
+            await self.pool.run(lambda conn: conn.execute("SELECT * FROM no_such_table"))
+        self.assertIn("no_such_table", str(caught.exception))
+        self.assertNotIn(SECRET, str(caught.exception))
+
+    async def test_serialization_failure_is_retried(self):
+        attempts = []
+
+        def op(conn):
+            attempts.append(1)
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            (v,) = conn.execute("SELECT v FROM t WHERE k = 'a'").fetchone()
+            if len(attempts) == 1:  # a concurrent writer commits after our snapshot was taken
+                with psycopg.connect(self.url, autocommit=True) as other:
+                    other.execute("UPDATE t SET v = v + 100 WHERE k = 'a'")
+            conn.execute("UPDATE t SET v = %s WHERE k = 'a'", (v + 1,))
+            return v + 1
+
+        self.assertEqual(await self.pool.run(op), 101)
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(self.value(), 101)
+
+    async def test_backend_terminated_mid_transaction_is_retried(self):
+        attempts = []
+
+        def op(conn):
+            attempts.append(1)
+            conn.execute("INSERT INTO t VALUES (%s, 1) ON CONFLICT (k) DO UPDATE SET v = excluded.v", (f"x{len(attempts)}",))
+            if len(attempts) == 1:
+                pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+                with psycopg.connect(self.url, autocommit=True) as other:
+                    other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            conn.execute("SELECT 1")
+            return len(attempts)
+
+        self.assertEqual(await self.pool.run(op), 2)
+        self.assertIsNone(self.value("x1"))  # the killed attempt left nothing
+        self.assertEqual(self.value("x2"), 1)
+
+    def install_commit_sabotage(self):
+        """A deferred trigger that terminates its own backend AT COMMIT, once: COMMIT's outcome is unknown."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE sabotage (armed bool NOT NULL)")
+            conn.execute("INSERT INTO sabotage VALUES (true)")
+            conn.execute(
+                "CREATE FUNCTION die_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                " IF (SELECT armed FROM sabotage) THEN"
+                "   PERFORM pg_terminate_backend(pg_backend_pid()); PERFORM pg_sleep(5);"
+                " END IF; RETURN NULL; END $$"
+            )
+            conn.execute(
+                "CREATE CONSTRAINT TRIGGER die AFTER UPDATE ON t DEFERRABLE INITIALLY DEFERRED"
+                " FOR EACH ROW EXECUTE FUNCTION die_at_commit()"
+            )
+
+    async def test_connection_lost_during_commit(self):
+        self.install_commit_sabotage()
+        attempts = []
+
+        def op(conn):
+            attempts.append(1)
+            conn.execute("UPDATE t SET v = 5 WHERE k = 'a'")
+            if len(attempts) == 3:  # the second run's first attempt also dies at COMMIT; its retry disarms
+                conn.execute("UPDATE sabotage SET armed = false")
+
+        with self.assertRaises(CommitUnknownError):
+            await self.pool.run(op, retry_ambiguous=False)
+        self.assertEqual(len(attempts), 1)
+        await self.pool.run(op)  # idempotent: retried after the ambiguous COMMIT
+        self.assertEqual(len(attempts), 3)
+        self.assertEqual(self.value(), 5)
+
+    async def test_pending_is_bounded(self):
+        pool = await open_pool(self, self.url, max_size=1, max_pending=2)
+        gate = threading.Event()
+        first = pool.run(lambda conn: gate.wait(10))
+        second = pool.run(lambda conn: 2)
+        with self.assertRaises(StoreBusyError):
+            await pool.run(lambda conn: 3)
+        gate.set()
+        self.assertEqual([await first, await second], [True, 2])
+        self.assertEqual(await pool.run(lambda conn: 4), 4)
+
+    async def test_close_waits_for_running_work_then_refuses(self):
+        pool = PgPool(reactor, self.url, max_size=2)
+        await pool.open()
+        gate = threading.Event()
+        running = pool.run(lambda conn: (gate.wait(10), conn.execute("UPDATE t SET v = 3 WHERE k = 'a'"))[0])
+        closed = pool.close()
+        self.assertFalse(closed.called)
+        gate.set()
+        await closed
+        self.assertTrue(await running)
+        self.assertEqual(self.value(), 3)
+        with self.assertRaises(StoreClosedError):
+            await pool.run(lambda conn: 1)
+
+
+class ServerDownTests(TestCase):
+    async def test_unreachable_server_is_a_clear_error_without_the_password(self):
+        logged = capture_log(self)
+        url = f"postgresql://voicecall:{SECRET}@127.0.0.1:{free_port()}/calls"
+        pool = PgPool(reactor, url, connect_timeout=1)
+        self.assertNotIn(SECRET, repr(pool))
+        with self.assertRaises(StoreUnavailableError) as caught:
+            await pool.open()
+        message = str(caught.exception)
+        self.assertIn("voicecall@127.0.0.1:", message)
+        self.assertIn("/calls", message)
+        self.assertNotIn(SECRET, message)
+        self.assertFalse(any(SECRET in line for line in logged))
+        self.assertEqual(describe(url).split("@")[0], "voicecall")
+
+    async def test_server_stopped_then_restarted(self):
+        logged = capture_log(self)
+        pg = private_postgres_server(self)
+        url = pg.new_database()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (k int PRIMARY KEY)")
+        name = url.rsplit("/", 1)[1]
+        pool = await open_pool(self, pg.url(name, password=SECRET), max_size=3, acquire_timeout=1, connect_timeout=1)
+        await pool.run(lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
+        pg.stop()
+        with self.assertRaises(StoreError) as caught:
+            await pool.run(lambda conn: conn.execute("INSERT INTO t VALUES (2)"))
+        self.assertIn(pool.server, str(caught.exception))
+        self.assertNotIn(SECRET, str(caught.exception))
+        pg.restart()
+
+        async def write():
+            try:
+                await pool.run(lambda conn: conn.execute("INSERT INTO t VALUES (3) ON CONFLICT DO NOTHING"))
+            except StoreError:
+                return False
+            return True
+
+        await eventually(write, 30, "a write after the server came back")
+        with psycopg.connect(url) as conn:
+            self.assertEqual([r[0] for r in conn.execute("SELECT k FROM t ORDER BY k")], [1, 3])
+        self.assertFalse(any(SECRET in line for line in logged))
+
+
+class ListenTests(TestCase):
+    async def test_notify_delivered_on_the_reactor_thread_after_commit(self):
+        pg = postgres_server(self)
+        pool = await open_pool(self, pg.new_database(self))
+        got: list[tuple[str, bool]] = []
+        reconnects = []
+        listener = pool.listen("chan_a", lambda p: got.append((p, threading.current_thread() is threading.main_thread())), lambda: reconnects.append(1))
+        self.addCleanup(listener.stop)
+        await eventually(lambda: reconnects, 10, "the first connect")
+
+        class Abort(Exception):
+            pass
+
+        def rolled_back(conn):
+            notify(conn, "chan_a", "never")
+            raise Abort()
+
+        with self.assertRaises(Abort):
+            await pool.run(rolled_back)
+        await pool.run(lambda conn: notify(conn, "chan_a", "42"))
+        await eventually(lambda: got, 10, "the notification")
+        self.assertEqual(got, [("42", True)])
+
+    async def test_reconnects_and_says_so(self):
+        pg = postgres_server(self)
+        url = pg.new_database(self)
+        pool = await open_pool(self, url)
+        got: list[str] = []
+        reconnects = []
+        listener = pool.listen("chan_b", got.append, lambda: reconnects.append(1))
+        self.addCleanup(listener.stop)
+        await eventually(lambda: listener.connected and reconnects, 10, "the first connect")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%' AND datname = current_database()")
+        await eventually(lambda: len(reconnects) == 2, 10, "on_reconnect after the listener's backend was terminated")
+        await pool.run(lambda conn: notify(conn, "chan_b", "after"))
+        await eventually(lambda: got == ["after"], 10, "a notification on the new connection")
+
+    async def test_stop_ends_the_thread(self):
+        pg = postgres_server(self)
+        pool = await open_pool(self, pg.new_database(self))
+        before = threading.active_count()
+        listener = pool.listen("chan_c", lambda p: None, lambda: None)
+        await eventually(lambda: listener.connected, 10, "connected")
+        stopped: Deferred = listener.stop()
+        await DeferredList([stopped])
+        self.assertFalse(listener.connected)
+        await eventually(lambda: threading.active_count() <= before, 5, "the listener thread to end")
