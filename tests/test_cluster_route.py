@@ -5,9 +5,24 @@ to it through the store, and answered with the owner's answer.
 """
 from __future__ import annotations
 
-from twisted.trial.unittest import SynchronousTestCase
+import json
 
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.harness import eventually
+from tests.pgserver import postgres_server
+from voicecall.cluster.router import FORWARDS_SCHEMA, ForwardError, Router
 from voicecall.config import ConfigError, parse_config
+from voicecall.infra.pg import PgPool
+from voicecall.providers.base import WebhookContext
+from voicecall.providers.mock import MockProvider
+from voicecall.providers.plivo import PlivoProvider
+from voicecall.providers.telnyx import TelnyxProvider, encode_client_state
+from voicecall.providers.twilio import TwilioProvider
 
 ENV = {"HOME": "/h"}
 
@@ -37,3 +52,206 @@ class ClusterConfigTests(SynchronousTestCase):
             e = self.assertRaises(ConfigError, parse_config, {"cluster": bad}, ENV)
             self.assertEqual(len(e.problems), 1, e.problems)
             self.assertIn("$." + where + ":", e.problems[0].replace("plugins.entries.voice-call.config", "$"))
+
+
+# -- the router, two nodes on one real PostgreSQL --------------------------------------------------
+
+#: The tables the router reads, as the PostgreSQL store creates them (only the columns read here).
+_CALLS_AND_NODES = """
+CREATE TABLE calls (call_id TEXT PRIMARY KEY, provider_call_id TEXT, owner_node TEXT, started_at BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE nodes (node_id TEXT PRIMARY KEY, public_url TEXT NOT NULL, heartbeat_at TIMESTAMPTZ NOT NULL);
+"""
+
+
+def soon(check, what: str = "the condition"):
+    return eventually(check, 10, what)
+
+
+class _Node:
+    """One node's router, its handlers recording what they were asked."""
+
+    def __init__(self, testcase, pool, node_id: str, **kwargs) -> None:
+        self.asked: list[dict] = []
+        self.local: set[str] = set()
+        self.adopted: list[str] = []
+        self.gate: Deferred | None = None
+
+        async def echo(request: dict) -> dict:
+            self.asked.append(request)
+            if self.gate is not None:
+                await self.gate
+            return {"node": node_id, "echo": request}
+
+        def adopt(call_id: str) -> Deferred:
+            self.adopted.append(call_id)
+            self.local.add(call_id)
+            return succeed(None)
+
+        self.router = Router(
+            reactor=reactor,
+            pool=pool,
+            node_id=node_id,
+            lease_seconds=10,
+            handlers={"rpc": echo},
+            is_local=lambda ref: ref in self.local,
+            adopt=adopt,
+            **kwargs,
+        )
+        testcase.addCleanup(self.router.stop)
+
+
+class RouterTests(TestCase):
+    """Forwarding through the `forwards` table and NOTIFY, between two routers (two nodes)."""
+
+    async def setUp(self) -> None:
+        self.pg = postgres_server(self)
+        self.url = self.pg.new_database(self)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(_CALLS_AND_NODES)
+            conn.execute(FORWARDS_SCHEMA)
+        self.pool_a = await self.open_pool()
+        self.pool_b = await self.open_pool()
+        self.a = _Node(self, self.pool_a, "a", timeout=5.0)
+        self.b = _Node(self, self.pool_b, "b", timeout=5.0)
+        self.sql("INSERT INTO nodes VALUES ('a', 'https://a.example', now()), ('b', 'https://b.example', now()),"
+                 " ('dead', 'https://dead.example', now() - interval '1 hour')")
+
+    async def open_pool(self) -> PgPool:
+        pool = PgPool(reactor, self.url, max_size=4)
+        await pool.open()
+        self.addCleanup(pool.close)
+        return pool
+
+    def sql(self, query: str, params=()) -> list:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    async def started(self, *nodes: _Node) -> None:
+        for node in nodes:
+            await node.router.start()
+        # LISTEN is issued on the listener's own thread: wait until the server has it.
+        await soon(lambda: len(self.sql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")) >= len(nodes))
+
+    async def test_forward_is_answered_by_the_owner(self):
+        await self.started(self.a, self.b)
+        reply = await self.a.router.forward("b", "rpc", {"method": "voicecall.speak", "n": 1})
+        self.assertEqual(reply, {"node": "b", "echo": {"method": "voicecall.speak", "n": 1}})
+        self.assertEqual(self.b.asked, [{"method": "voicecall.speak", "n": 1}])
+        await soon(lambda: self.sql("SELECT count(*) FROM forwards") == [(0,)])
+
+    async def test_many_forwards_at_once_each_get_their_own_reply(self):
+        await self.started(self.a, self.b)
+        replies = await gatherResults([Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"n": n})) for n in range(40)])
+        self.assertEqual([r["echo"]["n"] for r in replies], list(range(40)))
+
+    async def test_route_local_live_dead_unknown(self):
+        """Mine or unknown: run here; a live node's: forwarded; a dead node's: adopted, then run here."""
+        await self.started(self.a, self.b)
+        self.sql("INSERT INTO calls VALUES ('c-a', 'CA1', 'a'), ('c-b', 'CA2', 'b'), ('c-dead', 'CA3', 'dead')")
+        self.a.local.add("c-a")
+
+        async def here():
+            return "here"
+
+        async def route(*refs):
+            return await self.a.router.route(list(refs), "rpc", {"refs": list(refs)}, here, lambda reply: reply["node"])
+
+        self.assertEqual(await route("c-a"), "here")
+        self.assertEqual(await route("CA2"), "b")  # by the carrier's id
+        self.assertEqual(await route("c-b", "CA2"), "b")
+        self.assertEqual(await route("nope"), "here")
+        self.assertEqual(await route(), "here")
+        self.assertEqual(self.a.adopted, [])
+        self.assertEqual(await route("c-dead"), "here")
+        self.assertEqual(self.a.adopted, ["c-dead"])
+        self.assertEqual(len(self.b.asked), 2)
+
+    async def test_lost_inbound_claim_goes_to_the_winner(self):
+        await self.started(self.a, self.b)
+
+        class CallExistsError(Exception):
+            owner_node = "b"
+
+        async def claimed_by_b():
+            raise CallExistsError()
+
+        self.assertEqual(await self.a.router.route(["CA9"], "rpc", {"x": 1}, claimed_by_b, lambda r: r["node"]), "b")
+
+    async def test_an_owner_that_does_not_answer_times_out(self):
+        """A forward to a node that never answers fails after its time limit and leaves no row."""
+        await self.started(self.a, self.b)
+        self.b.gate = Deferred()
+        self.addCleanup(lambda: self.b.gate.called or self.b.gate.callback(None))
+        router = Router(reactor=reactor, pool=self.pool_a, node_id="a2", lease_seconds=10, handlers={}, is_local=lambda _: False,
+                        adopt=lambda _: succeed(None), timeouts={"rpc": 0.5})
+        started = reactor.seconds()
+        with self.assertRaises(ForwardError) as e:
+            await router.forward("b", "rpc", {})
+        self.assertIn("did not answer", str(e.exception))
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        await soon(lambda: self.sql("SELECT count(*) FROM forwards WHERE from_node = 'a2'") == [(0,)])
+
+    async def test_requests_sent_while_the_owner_was_not_listening_are_served_when_it_listens(self):
+        await self.started(self.a)
+        forward = Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"early": True}))
+        await soon(lambda: self.sql("SELECT count(*) FROM forwards") == [(1,)])
+        await self.started(self.b)  # its first LISTEN re-reads what is addressed to it
+        self.assertEqual((await forward)["echo"], {"early": True})
+
+    async def test_waiting_forwards_are_bounded(self):
+        await self.started(self.a, self.b)
+        self.b.gate = Deferred()
+        router = Router(reactor=reactor, pool=self.pool_a, node_id="a3", lease_seconds=10, handlers={}, is_local=lambda _: False,
+                        adopt=lambda _: succeed(None), max_pending=2, timeout=5.0)
+        await router.start()
+        self.addCleanup(router.stop)
+        first = [Deferred.fromCoroutine(router.forward("b", "rpc", {"n": n})) for n in range(2)]
+        with self.assertRaises(ForwardError) as e:
+            await router.forward("b", "rpc", {"n": 2})
+        self.assertIn("too many", str(e.exception))
+        self.b.gate.callback(None)
+        self.assertEqual([r["echo"]["n"] for r in await gatherResults(first)], [0, 1])
+
+    async def test_served_requests_are_bounded(self):
+        """At most max_running run at once on the owner; the rest wait their turn, none is lost."""
+        self.b.router = Router(reactor=reactor, pool=self.pool_b, node_id="b", lease_seconds=10, handlers=self.b.router._handlers,
+                               is_local=lambda _: False, adopt=lambda _: succeed(None), max_running=2)
+        self.addCleanup(self.b.router.stop)
+        self.b.gate = Deferred()
+        await self.started(self.a, self.b)
+        forwards = [Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"n": n})) for n in range(6)]
+        await soon(lambda: len(self.b.asked) == 2)
+        self.assertEqual(len(self.b.asked), 2)
+        self.b.gate.callback(None)
+        self.assertEqual(sorted(r["echo"]["n"] for r in await gatherResults(forwards)), list(range(6)))
+
+
+class CallRefsTests(SynchronousTestCase):
+    """Each carrier adapter names the call a request concerns without parsing it for effect."""
+
+    def ctx(self, body: bytes, query: dict | None = None, content_type: str = "application/x-www-form-urlencoded") -> WebhookContext:
+        return WebhookContext(method="POST", path="/voice/webhook", path_and_query="/voice/webhook", query=query or {},
+                              headers={"content-type": content_type}, raw_body=body, remote_ip="127.0.0.1", url="https://a.example/voice/webhook")
+
+    def test_twilio(self):
+        provider = TwilioProvider(http=None, clock=Clock(), account_sid="AC" + "0" * 32, auth_token="t")
+        self.assertEqual(provider.call_refs(self.ctx(b"CallSid=CA1&CallStatus=ringing", {"callId": "c-1"})), ("c-1", "CA1"))
+        self.assertEqual(provider.call_refs(self.ctx(b"CallSid=CA1")), ("CA1",))
+        self.assertEqual(provider.call_refs(self.ctx(b"\xff\xfe")), ())
+
+    def test_plivo(self):
+        provider = PlivoProvider(http=None, clock=Clock(), auth_id="MA1", auth_token="t")
+        self.assertEqual(provider.call_refs(self.ctx(b"CallUUID=u1&RequestUUID=r1", {"callId": "c-1"})), ("c-1", "u1", "r1"))
+
+    def test_telnyx(self):
+        provider = TelnyxProvider(http=None, clock=Clock(), api_key="k", connection_id="c", public_key=None)
+        body = json.dumps({"data": {"event_type": "call.answered", "payload": {"call_control_id": "v3:x", "client_state": encode_client_state("c-1")}}})
+        self.assertEqual(provider.call_refs(self.ctx(body.encode(), content_type="application/json")), ("c-1", "v3:x"))
+        self.assertEqual(provider.call_refs(self.ctx(b"[1]", content_type="application/json")), ())
+
+    def test_mock(self):
+        provider = MockProvider(clock=Clock())
+        body = json.dumps({"events": [{"type": "call.speech", "callId": "c-1"}, {"type": "call.ended", "callId": "c-1"}, {"type": "call.ended", "callId": "c-2"}]})
+        self.assertEqual(provider.call_refs(self.ctx(body.encode(), content_type="application/json")), ("c-1", "c-2"))
+        self.assertEqual(provider.call_refs(self.ctx(b"nope")), ())

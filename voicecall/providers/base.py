@@ -128,6 +128,9 @@ class Provider(CallControl, Protocol):
     def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
         ...
 
+    def call_refs(self, ctx: WebhookContext) -> tuple[str, ...]:
+        """The ids (ours or the carrier's) of the call a verified request concerns; parses, changes nothing."""
+
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
         """The answer to a verified replay, or None to answer with the original's cached answer."""
 

@@ -143,6 +143,13 @@ class MockProvider:
     def verify_webhook(self, ctx: WebhookContext) -> Verification:
         return Verification(ok=True, request_key=mock_request_key(ctx.raw_body))
 
+    def call_refs(self, ctx: WebhookContext) -> tuple[str, ...]:
+        try:
+            items = self._items(ctx.raw_body)
+        except _Refused:
+            return ()
+        return tuple(dict.fromkeys(i["callId"] for i in items if isinstance(i, dict) and isinstance(i.get("callId"), str) and i["callId"]))
+
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
         return None
 

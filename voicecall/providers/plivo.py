@@ -453,6 +453,14 @@ class PlivoProvider:
         )
         return Verification(result.ok, result.reason, result.request_key)
 
+    def call_refs(self, ctx: WebhookContext) -> tuple[str, ...]:
+        try:
+            params = dict(self._params(ctx))
+        except (ValueError, UnicodeDecodeError):
+            params = {}
+        refs = (ctx.query.get("callId") or "", params.get("CallUUID", ""), params.get("RequestUUID", ""))
+        return tuple(ref.strip() for ref in refs if ref.strip())
+
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
         """Replays get the cached answer of the original request."""
         return None

@@ -454,6 +454,18 @@ class TelnyxProvider:
         )
         return Verification(result.ok, result.reason, result.request_key)
 
+    def call_refs(self, ctx: WebhookContext) -> tuple[str, ...]:
+        try:
+            document = json.loads(ctx.raw_body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return ()
+        data = document.get("data") if isinstance(document, dict) else None
+        payload = data.get("payload") if isinstance(data, dict) else None
+        if not isinstance(payload, dict):
+            return ()
+        call_id, _ = decode_client_state_token(payload.get("client_state"))
+        return tuple(ref for ref in (call_id, _text(payload.get("call_control_id"))) if ref)
+
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
         """
         A replay gets the answer the original got (Telnyx's answer depends only on whether the

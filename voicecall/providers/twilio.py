@@ -379,6 +379,13 @@ class TwilioProvider:
         )
         return Verification(result.ok, result.reason, result.request_key)
 
+    def call_refs(self, ctx: WebhookContext) -> tuple[str, ...]:
+        try:
+            sid = dict(self._params(ctx)).get("CallSid", "")
+        except (ValueError, UnicodeDecodeError):
+            sid = ""
+        return tuple(ref.strip() for ref in (ctx.query.get("callId") or "", sid) if ref.strip())
+
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse:
         """A replay gets empty TwiML: the builder never runs, so no stream token is minted."""
         return WebhookResponse(200, twiml.empty().encode(), {"Content-Type": "text/xml"})

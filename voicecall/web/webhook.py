@@ -18,8 +18,9 @@ request key is forgotten, so the carrier's retry is processed rather than taken 
 """
 from __future__ import annotations
 
+from base64 import b64decode, b64encode
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from attrs import define, field
@@ -120,6 +121,9 @@ class WebhookResource(Resource):
     _replays: Any  # voicecall.web.replay.ReplayCache
     _responses: Any  # voicecall.web.replay.ResponseCache
     _skip_key: Callable[[WebhookContext], str] | None = None
+    #: In a cluster (tap.py: voicecall.cluster.router.Router.route): applies a verified request
+    #: here, or forwards it to the node that owns its call and answers with that node's answer.
+    _route: Callable[..., Awaitable[tuple[WebhookResponse, str]]] | None = None
     #: Webhook outcomes by label (ok, 401, 404, 405, 413, 429, replay, 500, ...), for metrics.
     counts: Counter = field(factory=Counter)
     isLeaf = True
@@ -204,9 +208,29 @@ class WebhookResource(Resource):
                     self._log.warn("webhook rejected: {reason}", reason=clip(reason))
                 return WebhookResponse(401, b"Unauthorized", _TEXT), "401"
             key = verdict.request_key
+        if self._route is not None:
+            refs = self._provider.call_refs(ctx)
+            local = lambda: self.apply_verified(ctx, key, _refusal_log(request))  # noqa: E731
+            return await self._route(refs, "webhook", forwarded_request(ctx, key), local, forwarded_answer)
+        return await self.apply_verified(ctx, key, _refusal_log(request))
+
+    async def serve_forwarded(self, request: dict) -> dict:
+        """A verified request another node forwarded here (its call is ours): applied as if received here."""
+        ctx, key = forwarded_context(request)
+        try:
+            answer, label = await self.apply_verified(ctx, key)
+        except Exception:
+            self._log.failure("a forwarded webhook failed")
+            answer, label = WebhookResponse(500, b"Internal Server Error", _TEXT), "500"
+        return {"status": answer.status, "body": b64encode(answer.body).decode(), "headers": dict(answer.headers), "label": label}
+
+    async def apply_verified(self, ctx: WebhookContext, key: str, refusals=None) -> tuple[WebhookResponse, str]:
+        """
+        A verified request (its request key `key`): a replay's answer, or its events applied.
+        `refusals`: the site's `RefusalLog`, which counts replays (None: not counted).
+        """
         if self._replays.check_and_record(key):
             # Rate limited: one captured signed request replayed in a loop must not grow the log.
-            refusals = _refusal_log(request)
             if refusals is not None:
                 refusals.replayed(self._provider.name)
             answer = self._provider.replay_response(ctx)
@@ -238,6 +262,42 @@ class WebhookResource(Resource):
 
     async def _rebuild(self, ctx: WebhookContext, key: str) -> WebhookResponse:
         return self._provider.parse_webhook(ctx, key).response
+
+
+def forwarded_request(ctx: WebhookContext, key: str) -> dict:
+    """A verified request as JSON, for its call's owner (`WebhookResource.serve_forwarded`)."""
+    return {
+        "method": ctx.method,
+        "path": ctx.path,
+        "pathAndQuery": ctx.path_and_query,
+        "query": dict(ctx.query),
+        "headers": dict(ctx.headers),
+        "body": b64encode(ctx.raw_body).decode(),
+        "remoteIp": ctx.remote_ip,
+        "url": ctx.url,
+        "key": key,
+    }
+
+
+def forwarded_context(request: dict) -> tuple[WebhookContext, str]:
+    ctx = WebhookContext(
+        method=request["method"],
+        path=request["path"],
+        path_and_query=request["pathAndQuery"],
+        query=request["query"],
+        headers=request["headers"],
+        raw_body=b64decode(request["body"]),
+        remote_ip=request["remoteIp"],
+        url=request["url"],
+    )
+    return ctx, request["key"]
+
+
+def forwarded_answer(reply: dict) -> tuple[WebhookResponse, str]:
+    """The owner's answer to a forwarded request, as the answer here."""
+    if "status" not in reply:  # the forward itself failed on the owner's side
+        return WebhookResponse(503, b"Service Unavailable", _TEXT), "503"
+    return WebhookResponse(reply["status"], b64decode(reply["body"]), reply["headers"]), reply["label"]
 
 
 @define(repr=False)
