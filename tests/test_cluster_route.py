@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.harness import eventually
 from tests.pgserver import postgres_server
+from voicecall.cluster.events import ClusterEvents
 from voicecall.cluster.router import FORWARDS_SCHEMA, ForwardError, Router
 from voicecall.config import ConfigError, parse_config
 from voicecall.infra.pg import PgPool
@@ -255,3 +256,69 @@ class CallRefsTests(SynchronousTestCase):
         body = json.dumps({"events": [{"type": "call.speech", "callId": "c-1"}, {"type": "call.ended", "callId": "c-1"}, {"type": "call.ended", "callId": "c-2"}]})
         self.assertEqual(provider.call_refs(self.ctx(body.encode(), content_type="application/json")), ("c-1", "c-2"))
         self.assertEqual(provider.call_refs(self.ctx(b"nope")), ())
+
+
+class ClusterEventsTests(TestCase):
+    """Every node's call events reach a subscriber on any node, once each."""
+
+    async def setUp(self) -> None:
+        self.pg = postgres_server(self)
+        self.url = self.pg.new_database(self)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE events (seq BIGSERIAL PRIMARY KEY, json TEXT NOT NULL)")
+        self.pool = PgPool(reactor, self.url, max_size=2)
+        await self.pool.open()
+        self.addCleanup(self.pool.close)
+        self.manager_listeners: list = []
+
+        def events_after(seq: int, limit: int) -> Deferred:
+            def read(conn):
+                rows = conn.execute("SELECT seq, json FROM events WHERE seq > %s ORDER BY seq LIMIT %s", (seq, limit))
+                return [dict(json.loads(body), seq=s) for s, body in rows]
+
+            return self.pool.run(read)
+
+        def last_events(n: int) -> Deferred:
+            return self.pool.run(lambda conn: [{"seq": s} for (s,) in conn.execute("SELECT seq FROM events ORDER BY seq DESC LIMIT %s", (n,))])
+
+        def local_subscribe(listener):
+            self.manager_listeners.append(listener)
+            return lambda: self.manager_listeners.remove(listener)
+
+        self.insert({"type": "call.state", "callId": "before", "at": 0})  # history: not replayed
+        self.feed = ClusterEvents(pool=self.pool, local_subscribe=local_subscribe, events_after=events_after, last_events=last_events)
+        await self.feed.start()
+        self.addCleanup(self.feed.stop)
+        self.got: list[dict] = []
+        self.feed.subscribe(self.got.append)
+        await soon(lambda: self.pg_listening(), "LISTEN voicecall_events")
+
+    def pg_listening(self) -> bool:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return bool(conn.execute("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'").fetchall())
+
+    def insert(self, event: dict, seq: int | None = None) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            if seq is None:
+                (seq,) = conn.execute("INSERT INTO events (json) VALUES (%s) RETURNING seq", (json.dumps(event),)).fetchone()
+            else:
+                conn.execute("INSERT INTO events (seq, json) VALUES (%s, %s)", (seq, json.dumps(event)))
+            conn.execute("SELECT pg_notify('voicecall_events', %s)", (str(seq),))
+
+    async def test_local_and_remote_events_once_each(self):
+        mine = {"type": "call.state", "callId": "c-a", "at": 1, "state": "ringing"}
+        for listener in self.manager_listeners:
+            listener(mine)
+        self.assertEqual(self.got, [mine])  # at once, not after a round trip
+        self.insert(mine)  # its row: skipped
+        theirs = {"type": "call.transcript", "callId": "c-b", "at": 2, "text": "hi"}
+        self.insert(theirs)
+        await soon(lambda: len(self.got) == 2, "the other node's event")
+        self.assertEqual(self.got, [mine, theirs])
+
+    async def test_a_seq_committed_late_is_read(self):
+        self.insert({"type": "a", "callId": "x", "at": 1}, seq=100)
+        await soon(lambda: len(self.got) == 1, "seq 100")
+        self.insert({"type": "b", "callId": "x", "at": 2}, seq=50)
+        await soon(lambda: len(self.got) == 2, "seq 50, committed after 100")
+        self.assertEqual([e["type"] for e in self.got], ["a", "b"])

@@ -36,6 +36,8 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from voicecall.domain.manager import CallError
+
 #: The NOTIFY channel of a node is this prefix and its id (config's node id check keeps it an
 #: identifier of at most 63 bytes).
 CHANNEL_PREFIX = "voicecall_node_"
@@ -65,8 +67,8 @@ def node_channel(node_id: str) -> str:
     return CHANNEL_PREFIX + node_id
 
 
-class ForwardError(Exception):
-    """A forward that got no answer: refused here (too many waiting), timed out, or the owner failed."""
+class ForwardError(CallError):
+    """A forward that got no answer: refused here (too many waiting), or timed out (an RPC error's text)."""
 
 
 @frozen

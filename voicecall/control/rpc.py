@@ -132,6 +132,11 @@ class RpcMethods:
     _provider_name: str = "mock"
     _webhook_url: Callable[[], "str | None"] = lambda: None
     _started_at: float = 0.0
+    #: In a cluster (tap.py: voicecall.cluster.router.Router.route): runs a command for a call
+    #: here, or forwards it to the node that owns the call and answers with that node's answer.
+    _route: Callable[..., Awaitable[Any]] | None = None
+
+    _log = Logger()
 
     def table(self) -> dict[str, Callable[[Mapping[str, Any]], Awaitable[Any]]]:
         return {
@@ -172,21 +177,54 @@ class RpcMethods:
         return call_id, message
 
     async def continue_(self, params: Mapping[str, Any]) -> dict:
-        call_id, message = self._call_and_message(params)
-        transcript = await self._manager.continue_call(call_id, message)
-        return {"success": True, "transcript": transcript}
+        call_id, _ = self._call_and_message(params)
+        return await self._routed(call_id, "voicecall.continue", params)
 
     async def speak(self, params: Mapping[str, Any]) -> dict:
-        call_id, message = self._call_and_message(params)
-        await self._manager.speak(call_id, message)
-        return {"success": True}
+        call_id, _ = self._call_and_message(params)
+        return await self._routed(call_id, "voicecall.speak", params)
 
     async def end(self, params: Mapping[str, Any]) -> dict:
         call_id = _text(params, "callId")
         if call_id is None:
             raise CallError("callId required")
-        await self._manager.end_call(call_id)
+        return await self._routed(call_id, "voicecall.end", params)
+
+    async def _continue_here(self, params: Mapping[str, Any]) -> dict:
+        call_id, message = self._call_and_message(params)
+        transcript = await self._manager.continue_call(call_id, message)
+        return {"success": True, "transcript": transcript}
+
+    async def _speak_here(self, params: Mapping[str, Any]) -> dict:
+        call_id, message = self._call_and_message(params)
+        await self._manager.speak(call_id, message)
         return {"success": True}
+
+    async def _end_here(self, params: Mapping[str, Any]) -> dict:
+        await self._manager.end_call(_text(params, "callId") or "")
+        return {"success": True}
+
+    def _here(self, method: str) -> Callable[[Mapping[str, Any]], Awaitable[dict]]:
+        """The commands on a call, run on this node (its owner)."""
+        return {"voicecall.continue": self._continue_here, "voicecall.speak": self._speak_here, "voicecall.end": self._end_here}[method]
+
+    async def _routed(self, call_id: str, method: str, params: Mapping[str, Any]) -> dict:
+        local = lambda: self._here(method)(params)  # noqa: E731
+        if self._route is None:
+            return await local()
+        return await self._route([call_id], "rpc", {"method": method, "params": dict(params)}, local, _forwarded_result)
+
+    async def serve_forwarded(self, request: dict) -> dict:
+        """A command another node forwarded here (the call is ours): run as if asked here; its outcome as JSON."""
+        try:
+            return {"result": await self._here(request["method"])(request["params"])}
+        except CallError as e:
+            return {"error": {"code": CALL_ERROR, "message": str(e), "callId": e.call_id}}
+        except RpcError as e:
+            return {"error": {"code": e.code, "message": str(e), "data": e.data}}
+        except Exception:
+            self._log.failure("a forwarded {method} failed", method=request.get("method"))
+            return {"error": {"code": INTERNAL_ERROR, "message": "Internal error"}}
 
     async def status(self, params: Mapping[str, Any]) -> dict:
         call_id = _text(params, "callId") or _text(params, "sid")
@@ -205,6 +243,17 @@ class RpcMethods:
             "webhookUrl": self._webhook_url(),
             "uptimeSeconds": round(self._clock.seconds() - self._started_at, 3),
         }
+
+
+def _forwarded_result(reply: dict) -> Any:
+    """The owner's outcome of a forwarded command: its result, or its error raised here."""
+    if "result" in reply:
+        return reply["result"]
+    error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+    message = str(error.get("message") or "the owner node failed the command")
+    if error.get("code") == CALL_ERROR:
+        raise CallError(message, error.get("callId"))
+    raise RpcError(error.get("code") if isinstance(error.get("code"), int) else INTERNAL_ERROR, message, error.get("data"))
 
 
 #: Requests voicecall may have outstanding to one gateway connection.
