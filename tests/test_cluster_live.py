@@ -6,14 +6,21 @@ request shapes of the carriers' official SDKs; the fakes follow the update as th
 from __future__ import annotations
 
 import json
+import os
 from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+import psycopg
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 
-from voicecall.domain.model import CallRecord, CallState, Direction, EventType
+from voicecall.cluster.adopt import Adopter, claim_one, claim_share
+from voicecall.cluster.nodes import NodeIdInUse, NodeRegistry
+from voicecall.domain.model import CallEvent, CallRecord, CallState, Direction, EventType
+from voicecall.infra.dbwriter import StoreError
+from voicecall.infra.pg import PgPool
+from voicecall.providers.mock import MockProvider
 from voicecall.providers.plivo import PlivoProvider
 from voicecall.providers.twilio import TwilioProvider
 from voicecall.testing.plivo import FakePlivo
@@ -21,7 +28,9 @@ from voicecall.testing.plivo import Scenario as PlivoScenario
 from voicecall.testing.twilio import FakeTwilio, Scenario
 
 from tests import test_manager
+from tests.fixtures import build_manager, manager_rig
 from tests.harness import eventually, http_client, serve
+from tests.pgserver import postgres_server
 
 SID = "AC" + "0" * 32
 TOKEN = "fake-auth-token-for-tests"
@@ -257,3 +266,205 @@ class ManagerAdoptTests(test_manager.ManagerTestsBase):
         adopted = self.successResultOf(Deferred.fromCoroutine(adopter.adopt([self.stored(call_id)])))
         self.assertEqual(adopted, [])
         self.assertEqual(self.stored(call_id).state, CallState.COMPLETED)
+
+
+# -- liveness and adoption on a real PostgreSQL ------------------------------------------------------
+
+#: The tables liveness and adoption use, as the PostgreSQL store creates them (only these columns).
+_CALLS_AND_NODES = """
+CREATE TABLE calls (call_id TEXT PRIMARY KEY, owner_node TEXT, terminal BOOLEAN NOT NULL DEFAULT false,
+                    started_at BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE nodes (node_id TEXT PRIMARY KEY, public_url TEXT NOT NULL, host TEXT, pid INTEGER,
+                    started_at TIMESTAMPTZ NOT NULL, heartbeat_at TIMESTAMPTZ NOT NULL);
+"""
+
+
+class _PgCase(TestCase):
+    timeout = 60
+
+    async def setUp(self) -> None:
+        self.pg = postgres_server(self)
+        self.url = self.pg.new_database(self)
+        self.sql(_CALLS_AND_NODES)
+
+    async def open_pool(self) -> PgPool:
+        pool = PgPool(reactor, self.url, max_size=4)
+        await pool.open()
+        self.addCleanup(pool.close)
+        return pool
+
+    def sql(self, query: str, params=()) -> list:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    async def registry(self, node_id: str, lease: float = 9, **kwargs) -> NodeRegistry:
+        registry = NodeRegistry(reactor, await self.open_pool(), node_id, f"https://{node_id}.example/voice/webhook", lease, **kwargs)
+        await registry.start()
+        self.addCleanup(registry.stop)
+        return registry
+
+    def kill(self, node_id: str, seconds_ago: int = 60) -> None:
+        """`node_id` stopped beating `seconds_ago` (on the database's clock)."""
+        self.sql("UPDATE nodes SET heartbeat_at = now() - make_interval(secs => %s) WHERE node_id = %s", (seconds_ago, node_id))
+
+
+class NodeRegistryTests(_PgCase):
+    async def test_register_beat_deregister(self):
+        """A node registers at start, beats every lease/3 on the database's clock, and leaves no row at a clean stop."""
+        a = await self.registry("a", lease=0.9)
+        (row,) = self.sql("SELECT node_id, public_url, pid, heartbeat_at FROM nodes")
+        self.assertEqual(row[:3], ("a", "https://a.example/voice/webhook", os.getpid()))
+        self.kill("a", 5)
+        await eventually(lambda: self.sql("SELECT heartbeat_at > now() - interval '1 second' FROM nodes")[0][0], 5, "a beat")
+        (info,) = await a.nodes()
+        self.assertEqual((info.node_id, info.alive, info.calls), ("a", True, 0))
+        self.assertLess(info.heartbeat_age, 0.9)
+        await a.stop()
+        self.assertEqual(self.sql("SELECT * FROM nodes"), [])
+
+    async def test_dead_and_gone_nodes_are_listed(self):
+        """status --cluster's view: a silent node is dead; a stopped one that still owns live calls is listed too."""
+        a = await self.registry("a")
+        await self.registry("b")
+        self.kill("b", 10)
+        self.sql("INSERT INTO calls VALUES ('c1', 'b', false, 1), ('c2', 'b', true, 2), ('c3', 'gone', false, 3)")
+        nodes = {n.node_id: n for n in await a.nodes()}
+        self.assertEqual(sorted(nodes), ["a", "b", "gone"])
+        self.assertTrue(nodes["a"].alive)
+        self.assertEqual((nodes["b"].alive, nodes["b"].calls), (False, 1))
+        self.assertGreaterEqual(nodes["b"].heartbeat_age, 10)
+        self.assertEqual((nodes["gone"].alive, nodes["gone"].calls), (False, 1))
+        self.assertEqual(nodes["b"].to_json()["alive"], False)
+
+    async def test_joins_and_leaves_are_announced(self):
+        """Another node's join and clean leave reach a registry through NOTIFY voicecall_nodes."""
+        seen: list[str] = []
+        await self.registry("a", on_change=seen.append)
+        await eventually(lambda: "reconnect" in seen, 10, "a listens")
+        b = await self.registry("b")
+        await eventually(lambda: "join" in seen, 10, "b's join")
+        await b.stop()
+        await eventually(lambda: "leave" in seen, 10, "b's leave")
+
+    async def test_node_id_of_a_live_node_elsewhere_is_refused(self):
+        """Two processes with one node id would defeat fencing: the second, on another host, does not start."""
+        self.sql("INSERT INTO nodes VALUES ('a', 'https://a.example', 'other-host', 7, now(), now())")
+        registry = NodeRegistry(reactor, await self.open_pool(), "a", "https://a2.example", 9, host="this-host")
+        with self.assertRaises(NodeIdInUse) as caught:
+            await registry.start()
+        self.assertIn("other-host", str(caught.exception))
+        self.assertEqual(self.sql("SELECT public_url FROM nodes"), [("https://a.example",)])
+        # The same id after its owner died (or on the same host: a restart) is taken over.
+        self.kill("a")
+        await registry.start()
+        self.addCleanup(registry.stop)
+        self.assertEqual(self.sql("SELECT public_url, host FROM nodes"), [("https://a2.example", "this-host")])
+
+
+class ClaimTests(_PgCase):
+    """The claim's SQL: a dead node's live calls are spread over the live nodes, never taken twice."""
+
+    async def test_share_spreads_and_never_overlaps(self):
+        """Two adopters claiming at once take disjoint shares covering every live call of the dead node."""
+        self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('b', '', null, null, now(), now()),"
+                 " ('dead', '', null, null, now(), now() - interval '1 minute')")
+        self.sql("INSERT INTO calls SELECT 'c' || i, 'dead', false, i FROM generate_series(1, 40) i")
+        self.sql("INSERT INTO calls VALUES ('over', 'dead', true, 0), ('alive', 'a', false, 0)")
+        pool_a, pool_b = await self.open_pool(), await self.open_pool()
+        got_a, got_b = await gatherResults([
+            pool_a.run(lambda conn: claim_share(conn, "a", 10)),
+            pool_b.run(lambda conn: claim_share(conn, "b", 10)),
+        ])
+        ids_a, ids_b = {c for c, _ in got_a}, {c for c, _ in got_b}
+        self.assertFalse(ids_a & ids_b)
+        self.assertEqual({owner for _, owner in got_a + got_b}, {"dead"})
+        self.assertEqual(len(ids_a) + len(ids_b), 40)  # each took half (or, one after the other, the rest)
+        self.assertEqual(dict(self.sql("SELECT call_id, owner_node FROM calls WHERE call_id IN ('over', 'alive')")),
+                         {"over": "dead", "alive": "a"})
+
+    async def test_only_a_live_node_adopts(self):
+        """A node whose own heartbeat is stale claims nothing (it may be the one that is cut off)."""
+        self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now() - interval '1 minute')")
+        self.sql("INSERT INTO calls VALUES ('c1', 'gone', false, 0)")
+        pool = await self.open_pool()
+        self.assertEqual(await pool.run(lambda conn: claim_share(conn, "a", 10)), [])
+        self.assertEqual(await pool.run(lambda conn: claim_one(conn, "a", 10, "c1")), [("c1", "gone")])
+
+    async def test_claim_one_leaves_a_live_owners_call(self):
+        """One call is claimed only from a dead (or no) owner, or again by its adopter."""
+        self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('b', '', null, null, now(), now())")
+        self.sql("INSERT INTO calls VALUES ('c1', 'b', false, 0), ('c2', null, false, 0), ('c3', 'a', false, 0),"
+                 " ('c4', 'gone', true, 0)")
+        pool = await self.open_pool()
+        claims = [await pool.run(lambda conn, c=c: claim_one(conn, "a", 10, c)) for c in ("c1", "c2", "c3", "c4")]
+        self.assertEqual(claims, [[], [("c2", None)], [("c3", "a")], []])
+
+
+class _FailingStore:
+    """A store whose reads fail while `down`."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.down = True
+
+    def get_call(self, call_id: str):
+        return fail(StoreError("store down")) if self.down else self._store.get_call(call_id)
+
+
+class AdopterTests(_PgCase):
+    """The Adopter: claims, loads into the manager, re-points the answered calls at this node."""
+
+    async def setUp(self) -> None:
+        await super().setUp()
+        self.rig = manager_rig(self, lambda clock: MockProvider(clock=clock), max_concurrent_calls=50)
+        self.pool = await self.open_pool()
+        self.sql("INSERT INTO nodes VALUES ('b', '', null, null, now(), now()),"
+                 " ('dead', '', null, null, now(), now() - interval '1 minute')")
+
+    def dead_call(self, answered: bool = True) -> str:
+        """A live call of node `dead` (in the manager's store, as the shared store would have it)."""
+        manager = build_manager(self.rig.provider, self.rig.store, self.rig.clock, max_concurrent_calls=50)
+        call_id = self.successResultOf(Deferred.fromCoroutine(manager.initiate("+15550001234", "Hi", "conversation")))
+        if answered:
+            now = int(self.rig.clock.seconds() * 1000)
+            event = CallEvent(type=EventType.ANSWERED, call_id=call_id, id=call_id + "-ans", timestamp=now)
+            self.successResultOf(Deferred.fromCoroutine(manager.process_event(event)))
+        manager.stop()
+        self.sql("INSERT INTO calls VALUES (%s, 'dead', false, 0)", (call_id,))
+        return call_id
+
+    def adopter(self, store=None, url: str | None = "https://b.example/voice/webhook") -> Adopter:
+        return Adopter(self.pool, store or self.rig.store, self.rig.manager, self.rig.provider, "b", 10, lambda: url)
+
+    async def test_sweep_adopts_and_repoints(self):
+        answered, ringing = self.dead_call(), self.dead_call(answered=False)
+        adopter = self.adopter()
+        self.assertEqual(await adopter.sweep(), 2)
+        self.assertEqual({c.call_id for c in self.rig.manager.active_calls()}, {answered, ringing})
+        self.assertEqual(dict(self.sql("SELECT call_id, owner_node FROM calls")), {answered: "b", ringing: "b"})
+        repoints = [a for a in self.rig.provider.actions if a[0] == "repoint"]
+        self.assertEqual(repoints, [("repoint", f"mock-{answered}", "https://b.example/voice/webhook")])
+        self.assertEqual(adopter.adopted, 2)
+        self.assertEqual(await adopter.sweep(), 0)
+
+    async def test_adopt_call_for_a_request(self):
+        """The router's entry: one call of a dead owner, adopted for a request that reached this node."""
+        call_id, other = self.dead_call(), self.dead_call()
+        adopter = self.adopter()
+        self.assertTrue(await adopter.adopt_call(call_id))
+        self.assertIsNotNone(self.rig.manager.find(call_id))
+        self.assertIsNone(self.rig.manager.find(other))
+        self.assertTrue(await adopter.adopt_call(call_id))  # held already: nothing more
+        self.assertEqual(len([a for a in self.rig.provider.actions if a[0] == "repoint"]), 1)
+
+    async def test_a_failed_load_gives_the_calls_back(self):
+        """Calls claimed but not loaded (the store failed) lose their owner: the next sweep takes them."""
+        call_id = self.dead_call()
+        store = _FailingStore(self.rig.store)
+        adopter = self.adopter(store)
+        self.assertEqual(await adopter.sweep(), 0)
+        self.assertEqual(self.sql("SELECT owner_node FROM calls"), [(None,)])
+        store.down = False
+        self.assertEqual(await adopter.sweep(), 1)
+        self.assertIsNotNone(self.rig.manager.find(call_id))

@@ -1,0 +1,197 @@
+# -*- test-case-name: tests.test_cluster_live -*-
+"""
+Adoption: the live calls of a dead node are taken over by live nodes.
+
+A call is an orphan when it is not over (``calls.terminal`` false) and its ``owner_node`` is not a
+live node (no row in ``nodes``: it stopped cleanly; or a heartbeat older than the lease: it
+died). `Adopter.sweep()` (run after each heartbeat of this node, and when another node leaves)
+claims a share of the orphans in one transaction:
+
+    UPDATE calls SET owner_node = <me> FROM (SELECT ... FOR UPDATE SKIP LOCKED LIMIT <share>)
+
+``SKIP LOCKED`` keeps two adopters off the same call (a row another sweep is claiming is skipped,
+not waited for), and the share (the orphans divided by the live nodes, rounded up) spreads a
+dead node's calls across the live ones; a sweep repeats while it claimed a full share and
+orphans remain, so none is left behind for long. Only a node whose own heartbeat is fresh
+adopts. The store's fencing then refuses every write of the dead node to these calls, should it
+come back.
+
+The claimed records are loaded from the store and handed to the manager (`CallManager.adopt`,
+which checks each with the carrier and closes what ended meanwhile), then each live, answered
+one is re-pointed at this node (`CallControl.repoint_call`: Twilio call update, Plivo transfer;
+a streamed call so gets a fresh stream to this node). `adopt_call(call_id)` is the same for one
+call, for a request that reaches this node for a dead node's call before a sweep took it (the
+router's). A `continue` waiting on the dead node is lost with its RPC connection; everything the
+dead node acknowledged is in the store, and so survives.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+#: Calls one sweep's transaction claims at most (a sweep repeats while orphans remain).
+MAX_CLAIM = 500
+
+
+def _live(lease_seconds: float) -> str:
+    return f"(SELECT node_id FROM nodes WHERE heartbeat_at > now() - make_interval(secs => {float(lease_seconds)!r}))"
+
+
+def _orphan(lease_seconds: float) -> str:
+    return f"NOT c.terminal AND (c.owner_node IS NULL OR c.owner_node NOT IN {_live(lease_seconds)})"
+
+
+def claim_share(conn, me: str, lease_seconds: float) -> list[tuple[str, str | None]]:
+    """Claim this node's share of the orphan calls: [(call_id, previous owner)]; none unless `me` is live."""
+    row = conn.execute(
+        f"SELECT %s IN {_live(lease_seconds)}, (SELECT count(*) FROM {_live(lease_seconds)} live),"
+        f" (SELECT count(*) FROM calls c WHERE {_orphan(lease_seconds)})",
+        (me,),
+    ).fetchone()
+    me_live, live, orphans = bool(row[0]), int(row[1]), int(row[2])
+    if not me_live or not orphans:
+        return []
+    share = min(MAX_CLAIM, -(-orphans // max(1, live)))
+    return _claim(conn, me, f"{_orphan(lease_seconds)} ORDER BY c.started_at LIMIT %s", (share,))
+
+
+def claim_one(conn, me: str, lease_seconds: float, call_id: str) -> list[tuple[str, str | None]]:
+    """Claim `call_id` if it is an orphan (or already ours: a claim whose load did not finish)."""
+    return _claim(
+        conn,
+        me,
+        f"c.call_id = %s AND NOT c.terminal AND (c.owner_node = %s OR {_orphan(lease_seconds)})",
+        (call_id, me),
+    )
+
+
+def _claim(conn, me: str, where: str, params: Sequence[Any]) -> list[tuple[str, str | None]]:
+    rows = conn.execute(
+        "WITH picked AS (SELECT c.call_id, c.owner_node FROM calls c WHERE " + where + " FOR UPDATE OF c SKIP LOCKED)"
+        " UPDATE calls SET owner_node = %s FROM picked WHERE calls.call_id = picked.call_id"
+        " RETURNING calls.call_id, picked.owner_node",
+        (*params, me),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def release(conn, me: str, call_ids: Sequence[str]) -> None:
+    """Give back calls this node claimed but could not run (no owner: an orphan for the next sweep)."""
+    conn.execute("UPDATE calls SET owner_node = NULL WHERE call_id = ANY(%s) AND owner_node = %s", (list(call_ids), me))
+
+
+@define(repr=False)
+class Adopter:
+    """Takes over the calls of dead nodes; see the module docstring."""
+
+    _pool: Any  # voicecall.infra.pg.PgPool
+    _store: Any  # the PostgreSQL store: get_call
+    _manager: Any  # voicecall.domain.manager.CallManager: adopt, find
+    _provider: Any  # voicecall.domain.carrier.CallControl: repoint_call
+    node_id: str
+    lease_seconds: float
+    #: This node's webhook URL (known once it listens), where adopted calls are re-pointed.
+    _webhook_url: Callable[[], "str | None"]
+    #: Calls adopted by this node since it started (metrics).
+    adopted: int = field(default=0, init=False)
+    _sweeping: Deferred | None = field(default=None, init=False)
+    _again: bool = field(default=False, init=False)
+    #: call_id -> the adoption of that call under way (a second request for it waits for it).
+    _loading: dict[str, Deferred] = field(factory=dict, init=False)
+    _stopped: bool = field(default=False, init=False)
+    _log = Logger()
+
+    def sweep(self, *_: object) -> Deferred[int]:
+        """Claim and run this node's share of the orphan calls; fires with how many were claimed."""
+        if self._sweeping is not None:
+            self._again = True  # one sweep at a time; another runs right after it
+            waiting: Deferred[int] = Deferred()
+            self._sweeping.addBoth(lambda r: (waiting.callback(0), r)[1])
+            return waiting
+        d = Deferred.fromCoroutine(self._sweep())
+
+        def done(result: Any) -> Any:
+            self._sweeping = None
+            if self._again and not self._stopped:
+                self._again = False
+                self.sweep()
+            return result
+
+        self._sweeping = d
+        d.addBoth(done)
+        d.addErrback(lambda f: (self._log.warn("Adoption sweep failed: {error}", error=f.getErrorMessage()), 0)[1])
+        return d
+
+    async def _sweep(self) -> int:
+        total = 0
+        while not self._stopped:
+            claimed = await self._pool.run(lambda conn: claim_share(conn, self.node_id, self.lease_seconds))
+            if not claimed:
+                break
+            total += len(claimed)
+            await self._take(claimed)
+        return total
+
+    def adopt_call(self, call_id: str) -> Deferred[bool]:
+        """Make this node the owner of `call_id` if its owner is dead, and run it here; True if it now runs here."""
+        loading = self._loading.get(call_id)
+        if loading is not None:
+            waiting: Deferred[bool] = Deferred()
+            loading.addBoth(lambda r: (waiting.callback(self._manager.find(call_id) is not None), r)[1])
+            return waiting
+        return Deferred.fromCoroutine(self._adopt_call(call_id))
+
+    async def _adopt_call(self, call_id: str) -> bool:
+        if self._manager.find(call_id) is not None:
+            return True
+        claimed = await self._pool.run(lambda conn: claim_one(conn, self.node_id, self.lease_seconds, call_id))
+        if claimed:
+            await self._take(claimed)
+        return self._manager.find(call_id) is not None
+
+    async def _take(self, claimed: Sequence[tuple[str, "str | None"]]) -> None:
+        ids = [call_id for call_id, _ in claimed if call_id not in self._loading]
+        mine: Deferred = Deferred()
+        for call_id in ids:
+            self._loading[call_id] = mine
+        try:
+            owners = sorted({owner or "(none)" for _, owner in claimed})
+            self._log.info("Adopting {n} call(s) of {owners}", n=len(ids), owners=", ".join(owners))
+            records = []
+            for call_id in ids:
+                record = await self._store.get_call(call_id)
+                if record is not None and not record.is_terminal:
+                    records.append(record)
+            held = await self._manager.adopt(records)
+            self.adopted += len(held)
+            self._repoint(held)
+        except BaseException:
+            # Claimed but not running here: give them back (an orphan again, for the next sweep).
+            dropped = [call_id for call_id in ids if self._manager.find(call_id) is None]
+            await self._pool.run(lambda conn: release(conn, self.node_id, dropped))
+            raise
+        finally:
+            for call_id in ids:
+                if self._loading.get(call_id) is mine:
+                    del self._loading[call_id]
+            mine.callback(None)
+
+    def _repoint(self, calls: Sequence[Any]) -> None:
+        url = self._webhook_url()
+        if url is None:
+            return
+        for call in calls:
+            if call.answered_at is None:
+                continue  # not live at the carrier yet: it cannot be redirected (Twilio 21220)
+            self._provider.repoint_call(call, url).addErrback(
+                lambda f, call_id=call.call_id: self._log.warn(
+                    "Could not re-point adopted call {call_id} at this node: {error}", call_id=call_id, error=f.getErrorMessage()
+                )
+            )
+
+    def stop(self) -> None:
+        """Adopt nothing more (the node is stopping)."""
+        self._stopped = True

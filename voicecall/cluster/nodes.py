@@ -1,0 +1,216 @@
+# -*- test-case-name: tests.test_cluster_live -*-
+"""
+Node liveness: this node's row in the store's ``nodes`` table, kept fresh by heartbeats.
+
+A node registers when it starts (after the store opened, before it restores its calls), beats
+every ``lease_seconds / 3`` and deletes its row when it stops cleanly. Every time is the
+DATABASE's clock (``now()``), so nodes whose clocks disagree still agree on who is alive: a node
+is alive while its ``heartbeat_at`` is less than ``lease_seconds`` old, and dead after (its live
+calls are then adopted, see adopt.py). A node that stopped cleanly has no row: its calls are
+adoptable at once.
+
+Joins and leaves are announced on the NOTIFY channel ``voicecall_nodes`` (`NODES_CHANNEL`) with a
+JSON payload ``{"node": <id>, "event": "join"|"leave", "url": <its publicUrl>}``, sent when the
+row's transaction commits. The registry LISTENs to it and calls ``on_change(event)`` for another
+node's join or leave (and after each (re)connect of the LISTEN, with ``"reconnect"``, since
+notifications sent meanwhile are lost); each heartbeat calls ``on_beat()``. tap.py wires both to
+the adopter's sweep, so a dead node's calls are taken at the first beat after its lease ran out,
+a stopped node's at once.
+
+Two processes with one node id would defeat the store's fencing: a node refuses to start while
+another host's process holds its id with a fresh heartbeat (`NodeIdInUse`). The same host is
+taken for this node restarting (e.g. after kill -9, within its lease).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Callable
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+#: The channel on which nodes announce their joins and leaves.
+NODES_CHANNEL = "voicecall_nodes"
+
+
+class NodeIdInUse(Exception):
+    """Another live process on another host has this node id; the message says which."""
+
+
+@frozen
+class NodeInfo:
+    """One row of ``nodes`` as the database sees it now (ages on its clock)."""
+
+    node_id: str
+    public_url: str
+    host: str | None
+    pid: int | None
+    started_at: float  # Unix time
+    heartbeat_age: float  # seconds since its last heartbeat
+    alive: bool
+    calls: int  # live calls it owns
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodeId": self.node_id,
+            "publicUrl": self.public_url,
+            "host": self.host,
+            "pid": self.pid,
+            "startedAt": int(self.started_at * 1000),
+            "heartbeatAgeSeconds": round(self.heartbeat_age, 3),
+            "alive": self.alive,
+            "calls": self.calls,
+        }
+
+
+def _lease(lease_seconds: float) -> str:
+    return f"make_interval(secs => {float(lease_seconds)!r})"
+
+
+def list_nodes(conn, lease_seconds: float) -> list[NodeInfo]:
+    """Every registered node, with its live calls counted; plus owners of live calls that have no row."""
+    rows = conn.execute(
+        "SELECT n.node_id, n.public_url, n.host, n.pid, extract(epoch FROM n.started_at),"
+        " extract(epoch FROM now() - n.heartbeat_at), n.heartbeat_at > now() - " + _lease(lease_seconds) + ","
+        " (SELECT count(*) FROM calls c WHERE c.owner_node = n.node_id AND NOT c.terminal)"
+        " FROM nodes n ORDER BY n.node_id"
+    ).fetchall()
+    nodes = [NodeInfo(r[0], r[1], r[2], r[3], float(r[4]), max(0.0, float(r[5])), bool(r[6]), int(r[7])) for r in rows]
+    gone = conn.execute(
+        "SELECT c.owner_node, count(*) FROM calls c WHERE NOT c.terminal AND c.owner_node IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.owner_node) GROUP BY c.owner_node"
+    ).fetchall()
+    # A node that stopped (no row) but still owns live calls, until they are adopted.
+    nodes.extend(NodeInfo(owner, "", None, None, 0.0, float("inf"), False, int(n)) for owner, n in gone)
+    return nodes
+
+
+@define(repr=False)
+class NodeRegistry:
+    """This node's membership of the cluster; see the module docstring."""
+
+    _reactor: IReactorTime
+    _pool: Any  # voicecall.infra.pg.PgPool
+    node_id: str
+    public_url: str
+    lease_seconds: float
+    #: Called after each successful heartbeat (the adopter's sweep).
+    _on_beat: Callable[[], object] = lambda: None
+    #: Called with "join", "leave" (another node's) or "reconnect" (this node's LISTEN).
+    _on_change: Callable[[str], object] = lambda event: None
+    _host: str = field(factory=socket.gethostname)
+    _pid: int = field(factory=os.getpid)
+    _beat: LoopingCall | None = field(default=None, init=False)
+    _listener: Any = field(default=None, init=False)
+    #: Heartbeats that failed in a row (the store unreachable); reset by one that succeeds.
+    failed_beats: int = field(default=0, init=False)
+    _log = Logger()
+
+    @property
+    def interval(self) -> float:
+        return self.lease_seconds / 3.0
+
+    def start(self) -> Deferred[None]:
+        """Register (NodeIdInUse if another host's live process has our id), then beat and listen."""
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        await self._pool.run(self._register)
+        self._log.info(
+            "Cluster node {node} registered ({url}); lease {lease}s", node=self.node_id, url=self.public_url, lease=self.lease_seconds
+        )
+        self._listener = self._pool.listen(NODES_CHANNEL, self._notified, lambda: self._on_change("reconnect"))
+        self._beat = LoopingCall(self._heartbeat)
+        self._beat.clock = self._reactor
+        self._beat.start(self.interval, now=False).addErrback(self._log.failure, "heartbeat loop failed")
+
+    def _register(self, conn) -> None:
+        row = conn.execute(
+            "SELECT host, pid, heartbeat_at > now() - " + _lease(self.lease_seconds) + " FROM nodes WHERE node_id = %s FOR UPDATE",
+            (self.node_id,),
+        ).fetchone()
+        if row is not None and row[2] and row[0] != self._host:
+            raise NodeIdInUse(
+                f"cluster node id {self.node_id!r} is in use by a live node on host {row[0]} (pid {row[1]}):"
+                " give each node its own cluster.nodeId"
+            )
+        conn.execute(
+            "INSERT INTO nodes (node_id, public_url, host, pid, started_at, heartbeat_at) VALUES (%s, %s, %s, %s, now(), now())"
+            " ON CONFLICT (node_id) DO UPDATE SET public_url = excluded.public_url, host = excluded.host,"
+            " pid = excluded.pid, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+            (self.node_id, self.public_url, self._host, self._pid),
+        )
+        self._announce(conn, "join")
+
+    def _announce(self, conn, event: str) -> None:
+        payload = json.dumps({"node": self.node_id, "event": event, "url": self.public_url}, separators=(",", ":"))
+        conn.execute("SELECT pg_notify(%s, %s)", (NODES_CHANNEL, payload))
+
+    def _heartbeat(self) -> Deferred[None]:
+        def beat(conn) -> None:
+            # An upsert: a row someone deleted (or never committed) comes back with this beat.
+            conn.execute(
+                "INSERT INTO nodes (node_id, public_url, host, pid, started_at, heartbeat_at) VALUES (%s, %s, %s, %s, now(), now())"
+                " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.node_id, self.public_url, self._host, self._pid),
+            )
+
+        def beaten(_: object) -> None:
+            if self.failed_beats:
+                self._log.info("Cluster heartbeat back after {n} failed", n=self.failed_beats)
+            self.failed_beats = 0
+            self._on_beat()
+
+        def failed(failure) -> None:
+            # Logged, never raised: a raised error would stop the loop for good.
+            self.failed_beats += 1
+            self._log.warn(
+                "Cluster heartbeat failed ({n} in a row): {error}", n=self.failed_beats, error=failure.getErrorMessage()
+            )
+
+        return self._pool.run(beat).addCallbacks(beaten, failed)
+
+    def _notified(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+            node, event = message["node"], message["event"]
+        except (ValueError, KeyError, TypeError):
+            self._log.warn("Ignored a malformed {channel} notification", channel=NODES_CHANNEL)
+            return
+        if node != self.node_id and event in ("join", "leave"):
+            self._on_change(event)
+
+    def nodes(self) -> Deferred[list[NodeInfo]]:
+        """The cluster's nodes as the database sees them now."""
+        return self._pool.run(lambda conn: list_nodes(conn, self.lease_seconds))
+
+    def stop(self) -> Deferred[None]:
+        """Stop beating and listening, and delete this node's row (its calls are then adoptable at once)."""
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        beat, self._beat = self._beat, None
+        if beat is None:
+            return  # never started
+        if beat.running:
+            beat.stop()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
+
+        def leave(conn) -> None:
+            conn.execute("DELETE FROM nodes WHERE node_id = %s AND pid = %s", (self.node_id, self._pid))
+            self._announce(conn, "leave")
+
+        try:
+            await self._pool.run(leave)
+        except Exception as e:  # the store is down: the lease runs out instead
+            self._log.warn("Could not deregister cluster node {node}: {error}", node=self.node_id, error=str(e))
+        else:
+            self._log.info("Cluster node {node} deregistered", node=self.node_id)
+
