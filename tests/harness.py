@@ -324,10 +324,16 @@ class ChildProcess(ProcessProtocol):
             await self.ended()
 
 
-def spawn(testcase, argv: list[str], cwd: str, env: dict[str, str] | None = None) -> ChildProcess:
-    """Start `argv`; the test's cleanup kills it if it is still running."""
+def spawn(
+    testcase, argv: list[str], cwd: str, env: dict[str, str] | None = None, fds: dict[int, int] | None = None
+) -> ChildProcess:
+    """
+    Start `argv`; the test's cleanup kills it if it is still running. `fds` maps descriptors of
+    the child (3 and up) to ours that it inherits (e.g. a listening socket, as systemd passes).
+    """
     child = ChildProcess(argv)
-    reactor.spawnProcess(child, argv[0], argv, env=child_env(env), path=cwd)
+    child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", **(fds or {})}
+    reactor.spawnProcess(child, argv[0], argv, env=child_env(env), path=cwd, childFDs=child_fds)
     testcase.addCleanup(lambda: Deferred.fromCoroutine(child.reap()))
     return child
 
@@ -369,7 +375,7 @@ def make_workdir(testcase, overrides: dict[str, Any] | None = None, raw: str | N
     return Workdir(path=path, config_path=config_path)
 
 
-def daemon_argv(workdir: Workdir) -> list[str]:
+def daemon_argv(workdir: Workdir, webhook: str = "tcp:0:interface=127.0.0.1") -> list[str]:
     return [
         *TWISTD,
         "--nodaemon",
@@ -378,7 +384,7 @@ def daemon_argv(workdir: Workdir) -> list[str]:
         "--config",
         workdir.config_path,
         "--webhook",
-        "tcp:0:interface=127.0.0.1",
+        webhook,
         "--rpc",
         "unix:" + workdir.rpc_path,
     ]
@@ -410,11 +416,30 @@ class Daemon:
         return await self.process.ended(timeout)
 
 
+#: Runs the rest of argv with LISTEN_PID set to its own pid, as systemd sets it (sh's `exec`
+#: keeps the pid), for a child that inherits a socket (sd_listen_fds protocol).
+_AS_SYSTEMD = ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "sh"]
+
+
 async def spawn_daemon(
-    testcase, workdir: Workdir, env: dict[str, str] | None = None, timeout: float = READY_TIMEOUT
+    testcase,
+    workdir: Workdir,
+    env: dict[str, str] | None = None,
+    timeout: float = READY_TIMEOUT,
+    webhook_socket: socket.socket | None = None,
 ) -> Daemon:
-    """Start the daemon (with `env` added to its environment) and wait for its ready line."""
-    process = spawn(testcase, daemon_argv(workdir), cwd=workdir.path, env=env)
+    """
+    Start the daemon (with `env` added to its environment) and wait for its ready line. With
+    `webhook_socket` (a listening socket the test holds, as systemd holds a .socket unit's), the
+    daemon inherits it as fd 3 with LISTEN_FDS=1 and LISTEN_PID, and serves its webhook there
+    (`--webhook systemd:domain=INET:index=0`).
+    """
+    if webhook_socket is None:
+        process = spawn(testcase, daemon_argv(workdir), cwd=workdir.path, env=env)
+    else:
+        argv = _AS_SYSTEMD + daemon_argv(workdir, webhook="systemd:domain=INET:index=0")
+        env = {**(env or {}), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"}
+        process = spawn(testcase, argv, cwd=workdir.path, env=env, fds={3: webhook_socket.fileno()})
     match = await process.wait_for_output(READY, timeout, "voicecall ready line")
     return Daemon(
         workdir=workdir,

@@ -17,13 +17,14 @@ from voicecall.domain.model import Direction
 
 from tests.test_media_stream import STREAM_PATH, MemoryTestCase, result
 
-ACTION = "http://127.0.0.1/voice/webhook?callId=c1&stream=abc"
+RESUME = "http://127.0.0.1/voice/webhook?callId=c1&flow=resume&n=abc"
 
 
 @define
 class Call:
     call_id: str = "c1"
     processed_event_ids: list = field(factory=list)
+    is_terminal: bool = False
 
 
 class Manager:
@@ -87,7 +88,7 @@ class StreamTokenTests(MemoryTestCase):
         self.media = self.net.server
 
     def mint(self, request_key: str | None = None) -> str:
-        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=request_key, action_url=ACTION)
+        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=request_key, resume_url=RESUME)
         token = token_of(document)
         self.assertIsNotNone(token, document)
         return token
@@ -117,7 +118,7 @@ class StreamTokenTests(MemoryTestCase):
         """
         self.manager.calls["CA2"] = Call(call_id="c2")
         first = self.start(self.mint())
-        other = self.start(token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, action_url=ACTION)), call_sid="CA2")
+        other = self.start(token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, resume_url=RESUME)), call_sid="CA2")
         self.assertIn(other.stream_sid, self.media.sessions)
         del self.manager.calls["CA1"]
         self.manager.emit({"type": "call.state", "callId": "c1", "state": "completed"})
@@ -160,7 +161,7 @@ class StreamTokenTests(MemoryTestCase):
 
     def mint_for_other_call(self) -> str:
         self.manager.calls["CA2"] = Call(call_id="c2")
-        return token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, request_key=None, action_url=ACTION))
+        return token_of(self.bridge.stream_twiml("CA2", Direction.OUTBOUND, request_key=None, resume_url=RESUME))
 
     def test_a_replayed_fetch_mints_no_token(self):
         """A TwiML fetch whose verified key the call has already processed (a replay the replay
@@ -168,16 +169,45 @@ class StreamTokenTests(MemoryTestCase):
         the real fetch still works."""
         token = self.mint(request_key="twilio:req:first")
         self.call.processed_event_ids.append("twilio:req:first")
-        replayed = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key="twilio:req:first", action_url=ACTION)
+        replayed = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key="twilio:req:first", resume_url=RESUME)
         self.assertIsNone(token_of(replayed))
         self.assertNotIn("<Stream", replayed)
         client = self.start(token)
         self.assertIn(client.stream_sid, self.media.sessions)
 
     def test_the_stream_twiml_leads_back_to_the_daemon(self):
-        """<Connect action=...>: when the socket closes Twilio fetches TwiML again (a fresh token)."""
-        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=None, action_url=ACTION)
-        self.assertIn('<Connect action="http://127.0.0.1/voice/webhook?callId=c1&amp;stream=abc" method="POST">', document)
+        """
+        A `<Redirect>` follows `</Connect>`: when the socket closes Twilio runs it, and the
+        resume fetch gets a fresh token for the same call (the old one starts nothing).
+        """
+        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, request_key=None, resume_url=RESUME)
+        self.assertIn(
+            '</Stream></Connect><Redirect method="POST">http://127.0.0.1/voice/webhook?callId=c1&amp;flow=resume&amp;n=abc</Redirect></Response>',
+            document,
+        )
+        self.assertNotIn("action=", document)
+        again = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, resume_url=RESUME, resuming=True)
+        self.assertNotEqual(token_of(again), token_of(document))
+        self.assertEqual(self.refused(token_of(document)), (1008, "Unknown call"))
+        self.assertIn(self.start(token_of(again)).stream_sid, self.media.sessions)
+
+    def test_a_resume_for_a_call_not_live_hangs_up(self):
+        """A resume fetch for a call that is over (or unknown here) gets <Hangup/> and mints nothing."""
+        del self.manager.calls["CA1"]
+        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, resume_url=RESUME, resuming=True)
+        self.assertIn("<Response><Hangup/></Response>", document)
+        self.assertEqual(self.bridge._tokens, {})
+
+    def test_a_resume_while_stopping_comes_back_later(self):
+        """
+        A resume fetch that reaches a daemon that is stopping (on a connection it still has)
+        neither mints a token nor hangs up: Twilio is sent back a second later, to the next
+        process.
+        """
+        self.successResultOf(self.bridge.stop())
+        document = self.bridge.stream_twiml("CA1", Direction.OUTBOUND, resume_url=RESUME, resuming=True)
+        self.assertIn('<Pause length="1"/><Redirect method="POST">http://127.0.0.1/voice/webhook?callId=c1&amp;flow=resume&amp;n=abc</Redirect>', document)
+        self.assertEqual(self.bridge._tokens, {})
 
     def test_tokens_stay_out_of_reprs(self):
         """Tokens are stored hashed: neither the bridge's repr nor a session's shows one."""

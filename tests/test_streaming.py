@@ -125,7 +125,7 @@ class StreamedConversationTests(TestCase):
     async def test_reconnect_grace(self):
         """
         A dropped stream comes back through a fresh signed TwiML fetch (Twilio follows the
-        <Connect> action) with a new token, within the 2 s grace, and the call goes on; the old
+        resume Redirect after </Connect>) with a new token, within the 2 s grace, and the call goes on; the old
         token starts nothing. A stream that does not come back ends the call.
         """
         await self.start()
@@ -136,9 +136,10 @@ class StreamedConversationTests(TestCase):
         client.close()
         await client.closed
         grace = await eventually(lambda: self.service._bridge._grace.get(fake_call.sid), 5, "the dropped stream's grace timer")
-        fake_call.end_stream()  # Twilio sees its socket close and asks the <Connect> action what next
+        fake_call.end_stream()  # Twilio sees its socket close and runs the Redirect after </Connect>
         again = await fake_call.next_stream()
-        self.assertEqual(fake_call.documents[fetches].kind, "action")
+        self.assertEqual(fake_call.documents[fetches].kind, "redirect")
+        self.assertIn("flow=resume", fake_call.documents[fetches].url)
         self.assertNotEqual(again.parameters["token"], stream.parameters["token"])
         await self.connect(fake_call, again)
         stale = await self.connect(fake_call, stream)
@@ -177,7 +178,7 @@ class StreamedConversationTests(TestCase):
         """
         The call's first TwiML fetch, replayed byte for byte after a restart (the replay cache
         is gone; the same holds after its 10 minutes), is answered without a stream token. The
-        call's own stream comes back the legitimate way: Twilio follows the <Connect> action.
+        call's own stream comes back the legitimate way: Twilio follows the resume Redirect.
         """
         await self.start()
         call_id, fake_call, stream = await self.call("Hi")

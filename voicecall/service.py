@@ -218,6 +218,11 @@ class VoicecallService(MultiService):
 
     async def _stop(self) -> None:
         sdnotify.notify("STOPPING=1")
+        # Stop accepting first: with the port held by systemd (systemd/voicecall-web.socket) new
+        # connections now wait in its queue for the next process. Then close the media streams
+        # (1001): Twilio follows each stream's resume Redirect at once, over a new connection,
+        # and the next process answers it with a fresh stream for the same call.
+        await _maybe(self._webhook.stopService())
         if self._media is not None:
             self._bridge.stop()
             self._media.shutdown()
@@ -229,7 +234,6 @@ class VoicecallService(MultiService):
         if self._metrics is not None:
             await _maybe(self._metrics.stopService())
         await _maybe(self._rpc.stopService())
-        await _maybe(self._webhook.stopService())
         self.manager.stop()
         stop_provider = getattr(self._provider, "stop", None)
         if stop_provider is not None:

@@ -13,8 +13,13 @@ and, for the manager, the `Voice` of a Twilio call.
   Tokens are kept as SHA-256 digests, never logged, never in a repr.
 - A fetch whose verified request key the call has already processed (a replay the replay cache
   no longer knows: after a restart, or after its 10 minutes) gets empty TwiML and no token.
-- The stream TwiML's `<Connect action>` (built by the adapter) leads back to the call's webhook
-  when the socket closes: a reconnect is a fresh signed fetch with a fresh token.
+- The stream TwiML's `<Redirect>` after `</Connect>` (its resume URL built by the adapter) leads
+  back to the daemon when the socket closes: a reconnect is a fresh signed fetch with a fresh
+  token. That resume fetch gets a fresh stream for a call that is live here (after a restart, the
+  call restored from the store: its transcript and turn state are the stored ones; without a
+  restart a `continue` waiting for its answer still gets it from the new stream), `<Hangup/>` for
+  a call that is over or unknown here (no token), and, while the daemon stops, a Redirect back a
+  second later (its successor answers it; the port is held across the restart, see systemd/).
 - The caller's audio goes to a realtime speech-to-text session; its final transcripts become
   `call.speech` events (stream-native turns, DESIGN.md: no turn token, no TwiML update), and
   speech starting clears our playback (barge-in) except while an outbound call's first words
@@ -24,7 +29,7 @@ and, for the manager, the `Voice` of a Twilio call.
   falls back to `<Say>` while a stream is up (SPEC §20 item 10). Calls without a stream use the
   adapter's own speech.
 - A dropped stream ends its call only if no new stream arrives within 2 s (SPEC §10.2 [H]): the
-  time for Twilio to fetch the `<Connect>` action and open the new stream with its new token.
+  time for Twilio to follow the resume Redirect and open the new stream with its new token.
 """
 from __future__ import annotations
 
@@ -89,19 +94,32 @@ class StreamBridge:
         return twiml.stream_url(public, self._stream_path) if public else None
 
     def stream_twiml(
-        self, call_sid: str, direction: Direction, request_key: str | None = None, action_url: str | None = None
+        self,
+        call_sid: str,
+        direction: Direction,
+        request_key: str | None = None,
+        resume_url: str | None = None,
+        resuming: bool = False,
     ) -> str | None:
         """
         The `<Connect><Stream>` document for a call with a new one-time token (retiring the
         call's unused one), or None when streaming cannot be used. `request_key` is the fetch's
         verified key: one the call has already processed is a replay, answered with empty TwiML.
-        `action_url` is where Twilio asks again when the stream ends.
+        `resume_url` is where Twilio asks again when the stream ends; `resuming` says this fetch
+        is such a return, which only a call live here gets a stream for.
         """
         url = self.stream_url()
         if url is None:
             return None
         manager = self._calls()
+        if resuming and manager is None:
+            # Stopping: the stream closed so that the next process takes over; send Twilio
+            # back in a second (on a new connection, queued by the held port until then).
+            return twiml.come_back(resume_url) if resume_url else twiml.empty()
         call = manager.find(call_sid) if manager is not None else None
+        if resuming and (call is None or call.is_terminal):
+            self._log.info("Stream resume for {sid}: the call is not live here; hanging up", sid=call_sid)
+            return twiml.hangup()
         if call is not None and request_key and request_key in call.processed_event_ids:
             self._log.warn("Replayed TwiML fetch for {sid}: no stream token minted", sid=call_sid)
             return twiml.empty()
@@ -112,7 +130,7 @@ class StreamBridge:
             del self._tokens[sid]
         token = stream_token()
         _bounded_put(self._tokens, call_sid, (_digest(token), now + STREAM_TOKEN_TTL_SECONDS))
-        return twiml.stream(url, token, action_url)
+        return twiml.stream(url, token, resume_url)
 
     def stream_busy(self) -> bool:
         """An inbound caller waits in the hold queue while every stream slot is taken."""

@@ -13,10 +13,13 @@ parsed into normalised events; the answer is the TwiML of §7.1.3 with DESIGN.md
   whose action carries the turn token, then `<Redirect>` so silence re-prompts instead of
   ending the document (Twilio hangs up when a document ends);
 - with a media stream (wired by tap.py) the stream TwiML carries a one-time token in a
-  `<Parameter>` and a `<Connect action>` back to the call's webhook URL, unique per document
-  (`stream=<nonce>`), so a dropped stream comes back through a fresh signed fetch (a request
-  key of its own) and a new token; the builder gets the fetch's verified request key, so a
-  replayed fetch mints nothing (DESIGN.md threat model);
+  `<Parameter>`, and after its `</Connect>` a `<Redirect>` to the call's resume URL
+  (`resume_base_url()` with `callId`, `flow=resume` and a nonce: unique per document, so each
+  resume is a request of its own). Twilio runs it when the socket closes (the daemon restarted,
+  stopped, or the network dropped the socket), and the daemon that answers gives the same call a
+  fresh stream with a new token; a call that is over gets `<Hangup/>`, and a daemon that is
+  stopping sends Twilio back a second later, to its successor. The builder gets the fetch's
+  verified request key, so a replayed fetch mints nothing (DESIGN.md threat model);
 - `speak` resolves when the message has been said, not when the live update is accepted: its
   document is `<Say>` then a `<Redirect>` to `flow=spoken&n=<nonce>`, whose fetch ends the wait
   (and is answered with the listen loop, so listening without a turn token afterwards, as
@@ -95,12 +98,16 @@ class TwilioProvider:
     _language: str | None = None
     #: Builds a call's stream TwiML when a media stream can be used (the bridge's, from tap.py),
     #: else None. Called as (CallSid, direction, request_key=the fetch's verified key,
-    #: action_url=where Twilio asks again once the stream ends).
+    #: resume_url=where Twilio asks again once the stream ends, resuming=whether this fetch is
+    #: such a resume).
     _stream_twiml: Callable[..., "str | None"] | None = None
     #: Whether another call's stream is active (inbound callers then wait in the hold queue).
     _stream_busy: Callable[[], bool] | None = None
     #: The inbound policy (from tap.py): False for a caller to turn away with <Reject/>.
     _inbound_screen: Callable[["str | None"], bool] | None = None
+    #: Where a stream's resume Redirect leads (a webhook URL; None: this daemon's webhook URL).
+    #: A cluster points it at the URL that reaches any live node.
+    _resume_base_url: str | None = None
     name: str = "twilio"
     uses_turn_tokens: bool = True
     _api: ApiClient = field(init=False)
@@ -139,6 +146,10 @@ class TwilioProvider:
 
     def set_webhook_url(self, url: str | None) -> None:
         self._webhook_url = url
+
+    def resume_base_url(self) -> str | None:
+        """The one place a stream's way back is decided: the base of every resume URL."""
+        return self._resume_base_url or self._webhook_url
 
     # -- REST -------------------------------------------------------------------------------------
 
@@ -414,7 +425,8 @@ class TwilioProvider:
         if first_inbound and self._inbound_screen is not None and not self._inbound_screen(event.from_number):
             _bounded_put(self._rejected, sid, None)
             return ParsedWebhook(events, _xml(twiml.reject()))
-        body = self._twiml_for(params, sid, query_call_id, is_status, request_key)
+        resuming = ctx.query.get("flow") == "resume" and not is_status
+        body = self._twiml_for(params, sid, query_call_id, is_status, request_key, resuming)
         if sid and ctx.query.get("flow") == "spoken":
             # The `<Say>` before this Redirect has been said. Only now that its answer is
             # chosen (the listen loop): what the speak's waiter does next knows it.
@@ -434,6 +446,10 @@ class TwilioProvider:
             )
         if event is not None and event.type is EventType.ENDED:
             self._forget(sid, query_call_id)
+        if resuming:
+            # The stream's WebSocket follows on a connection of its own; and a daemon that is
+            # stopping must not get Twilio's next request on this one.
+            return ParsedWebhook(events, WebhookResponse(200, body.encode("utf-8"), {**_XML, "Connection": "close"}))
         return ParsedWebhook(events, _xml(body))
 
     def _event(self, params: dict, sid: str, call_id: str, turn_token: str | None, key: str) -> CallEvent | None:
@@ -465,11 +481,16 @@ class TwilioProvider:
             return CallEvent(type=EventType.INITIATED, **common)
         return None
 
-    def _twiml_for(self, params: dict, sid: str, call_id: str, is_status: bool, request_key: str = "") -> str:
+    def _twiml_for(
+        self, params: dict, sid: str, call_id: str, is_status: bool, request_key: str = "", resuming: bool = False
+    ) -> str:
         """SPEC §7.1.3: what Twilio should do next."""
         direction = params.get("Direction", "")
         if not is_status:
             self._listening.pop(sid, None)  # whatever we answer replaces the call's TwiML
+        if resuming:
+            way = Direction.INBOUND if direction == "inbound" else Direction.OUTBOUND
+            return self._stream_or_pause(sid, way, request_key, call_id, resuming=True)
         if call_id and not is_status:
             stored = self._notify_twiml.pop(call_id, None)
             if stored is not None:
@@ -489,10 +510,13 @@ class TwilioProvider:
             return twiml.empty()
         return self._stream_or_pause(sid, Direction.OUTBOUND, request_key, call_id)
 
-    def _stream_or_pause(self, sid: str, direction: Direction, request_key: str = "", call_id: str = "") -> str:
+    def _stream_or_pause(
+        self, sid: str, direction: Direction, request_key: str = "", call_id: str = "", resuming: bool = False
+    ) -> str:
         if sid and self._stream_twiml is not None:
-            action = self._stream_action(sid, call_id)
-            document = self._stream_twiml(sid, direction, request_key=request_key or None, action_url=action)
+            document = self._stream_twiml(
+                sid, direction, request_key=request_key or None, resume_url=self._resume_url(call_id), resuming=resuming
+            )
             if document is not None:
                 return document
         url = self._call_urls.get(sid)
@@ -503,17 +527,18 @@ class TwilioProvider:
             return self._listen_loop(url, None, None, None)
         return twiml.pause()
 
-    def _stream_action(self, sid: str, call_id: str) -> str | None:
+    def _resume_url(self, call_id: str) -> str | None:
         """
-        Where Twilio asks what next when a stream's `<Connect>` ends: the call's webhook URL
-        (after a restart, our webhook URL with the callId the fetch carried), with a nonce that
-        makes each such fetch a request of its own (the same URL and parameters would be the
-        same signature, and the second reconnect would be taken for a replay).
+        Where Twilio goes when a stream's `<Connect>` ends: `resume_base_url()` naming the call
+        (our `callId` when the fetch carried it, as an outbound call's do; else the CallSid that
+        Twilio posts names it) with `flow=resume` and a nonce that makes each resume a request of
+        its own (the same URL and parameters would be the same signature, and the second resume
+        would be taken for a replay).
         """
-        base = self._call_urls.get(sid)
-        if base is None and self._webhook_url:
-            base = twiml.with_query(self._webhook_url, callId=call_id or None)
-        return twiml.with_query(base, stream=secrets.token_hex(6)) if base else None
+        base = self.resume_base_url()
+        if not base:
+            return None
+        return twiml.with_query(base, callId=call_id or None, flow="resume", n=secrets.token_hex(6))
 
 
 IDEMPOTENCY_HEADER = "i-twilio-idempotency-token"

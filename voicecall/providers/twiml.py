@@ -95,20 +95,30 @@ def hold_music() -> str:
     )
 
 
-def stream(stream_url: str, token: str, action_url: str | None = None) -> str:
+def stream(stream_url: str, token: str, resume_url: str | None = None) -> str:
     """
     Connect the call to our media-stream WebSocket. The token travels as a `<Parameter>`
-    because Twilio strips query strings from stream URLs. With `action_url`, Twilio asks that
-    URL for its next instructions when the `<Connect>` ends (the socket closed), instead of
-    going on with the document (which ends, so Twilio would hang up): a dropped stream comes
-    back through a fresh, signed TwiML fetch.
+    because Twilio strips query strings from stream URLs. With `resume_url`, a `<Redirect>`
+    follows the `<Connect>`: Twilio runs it when the socket closes (the daemon restarted, or the
+    network dropped it), instead of reaching the document's end and hanging up, so a dropped
+    stream comes back through a fresh, signed TwiML fetch and a new token.
     """
-    connect = "<Connect>" if action_url is None else f'<Connect action="{escape(action_url)}" method="POST">'
+    redirect = "" if resume_url is None else f'<Redirect method="POST">{escape(resume_url)}</Redirect>'
     return _document(
-        f'{connect}<Stream url="{escape(stream_url)}">'
+        f'<Connect><Stream url="{escape(stream_url)}">'
         f'<Parameter name="token" value="{escape(token)}" />'
-        "</Stream></Connect>"
+        f"</Stream></Connect>{redirect}"
     )
+
+
+def come_back(url: str, seconds: int = 1) -> str:
+    """Wait `seconds`, then fetch `url` again (a daemon that is stopping sends Twilio to its successor)."""
+    return _document(f'<Pause length="{int(seconds)}"/><Redirect method="POST">{escape(url)}</Redirect>')
+
+
+def hangup() -> str:
+    """End the call (a stream resume for a call that is over)."""
+    return _document("<Hangup/>")
 
 
 def stream_url(public_url: str, stream_path: str) -> str:
