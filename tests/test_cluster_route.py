@@ -6,6 +6,7 @@ to it through the store, and answered with the owner's answer.
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode
 
 import psycopg
 from twisted.internet import reactor
@@ -13,10 +14,13 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.fixtures import manager_rig
 from tests.harness import eventually
+from tests.test_webhook import Conn
 from tests.pgserver import postgres_server
 from voicecall.cluster.events import ClusterEvents
 from voicecall.cluster.router import FORWARDS_SCHEMA, ForwardError, Router
+from voicecall.cluster.urls import SignedUrls
 from voicecall.config import ConfigError, parse_config
 from voicecall.infra.pg import PgPool
 from voicecall.providers.base import WebhookContext
@@ -24,8 +28,13 @@ from voicecall.providers.mock import MockProvider
 from voicecall.providers.plivo import PlivoProvider
 from voicecall.providers.telnyx import TelnyxProvider, encode_client_state
 from voicecall.providers.twilio import TwilioProvider
+from voicecall.web.limits import ScreenedSite
+from voicecall.web.replay import ReplayCache, ResponseCache
+from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen
+from twilio.request_validator import RequestValidator
 
 ENV = {"HOME": "/h"}
+TOKEN = "twilio-auth-token"
 
 
 class ClusterConfigTests(SynchronousTestCase):
@@ -322,3 +331,74 @@ class ClusterEventsTests(TestCase):
         self.insert({"type": "b", "callId": "x", "at": 2}, seq=50)
         await soon(lambda: len(self.got) == 2, "seq 50, committed after 100")
         self.assertEqual([e["type"] for e in self.got], ["a", "b"])
+
+
+class SignedUrlsTests(SynchronousTestCase):
+    """
+    A node accepts a webhook signed for its own publicUrl, the entry URL or another node's
+    publicUrl (the list `SignedUrls` keeps), and nothing else, whatever Host the request names.
+    """
+
+    def setUp(self):
+        rig = manager_rig(self, lambda clock: TwilioProvider(http=None, clock=clock, account_sid="AC" + "0" * 32,
+                                                             auth_token=TOKEN, public_url="https://a.example/voice/webhook"))
+        self.others = ["https://voice.example", "https://b.example"]
+        resource = WebhookResource(
+            provider=rig.provider,
+            manager=rig.manager,
+            reconstruct_url=lambda pq, headers, ip: "https://" + headers["host"] + pq,
+            path="/voice/webhook",
+            replays=ReplayCache(rig.clock),
+            responses=ResponseCache(rig.clock),
+            signed_urls=lambda: self.others,
+        )
+        self.site = ScreenedSite(RootResource(webhook=resource), clock=rig.clock,
+                                 screen=WebhookScreen(provider=rig.provider, path="/voice/webhook", skip_signature=False))
+
+    def post(self, signed_for: str, host: str = "a.example", sid: str = "CA1") -> int:
+        path = "/voice/webhook?type=status"
+        params = {"CallSid": sid, "CallStatus": "completed", "Direction": "outbound-api"}
+        signature = RequestValidator(TOKEN).compute_signature(signed_for + path, params)
+        body = urlencode(params).encode()
+        conn = Conn(self.site, "203.0.113.7")
+        self.addCleanup(conn.lose)
+        conn.send(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/x-www-form-urlencoded\r\nX-Twilio-Signature: %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), host.encode(), signature.encode(), len(body), body)
+        )
+        return conn.response().status
+
+    def test_own_entry_and_other_nodes_urls(self):
+        self.assertEqual(self.post("https://a.example"), 200)
+        self.assertEqual(self.post("https://voice.example", host="voice.example", sid="CA2"), 200)
+        self.assertEqual(self.post("https://b.example", host="b.example", sid="CA3"), 200)
+
+    def test_nothing_else(self):
+        """A URL no node has, even with the Host header naming it."""
+        self.assertEqual(self.post("https://evil.example", host="evil.example"), 401)
+        self.others = []
+        self.assertEqual(self.post("https://b.example", host="b.example"), 401)
+
+    def test_the_list(self):
+        """SignedUrls: the entry URL, then each node's URL from the store, without this node's own."""
+        pool = _RowsPool([("https://a.example",), ("https://b.example",), ("https://c.example",)])
+        urls = SignedUrls(pool=pool, own="https://a.example", entry="https://voice.example")
+        self.assertEqual(urls(), ("https://voice.example",))
+        urls.refresh()
+        self.assertEqual(urls(), ("https://voice.example", "https://b.example", "https://c.example"))
+
+
+class _RowsPool:
+    """A PgPool stand-in whose run() hands fn a connection returning `rows` for any query."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def run(self, fn):
+        rows = self.rows
+
+        class Conn:
+            def execute(self, query, params=()):
+                return rows
+
+        return succeed(fn(Conn()))

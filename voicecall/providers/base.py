@@ -122,8 +122,11 @@ class Provider(CallControl, Protocol):
     def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
         """The pre-auth gate: are the headers a signed request needs present at all?"""
 
-    def verify_webhook(self, ctx: WebhookContext) -> Verification:
-        ...
+    def verify_webhook(self, ctx: WebhookContext, public_url: str | None = None) -> Verification:
+        """
+        Check a request's signature. `public_url`: the origin the carrier may have signed instead
+        of this node's publicUrl (a cluster node also accepts the entry URL and its other nodes').
+        """
 
     def parse_webhook(self, ctx: WebhookContext, request_key: str) -> ParsedWebhook:
         ...

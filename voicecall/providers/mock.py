@@ -140,7 +140,7 @@ class MockProvider:
     def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
         return True
 
-    def verify_webhook(self, ctx: WebhookContext) -> Verification:
+    def verify_webhook(self, ctx: WebhookContext, public_url: str | None = None) -> Verification:
         return Verification(ok=True, request_key=mock_request_key(ctx.raw_body))
 
     def call_refs(self, ctx: WebhookContext) -> tuple[str, ...]:

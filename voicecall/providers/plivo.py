@@ -442,10 +442,10 @@ class PlivoProvider:
             return parse_form(ctx.raw_body)
         return []
 
-    def verify_webhook(self, ctx: WebhookContext) -> Verification:
+    def verify_webhook(self, ctx: WebhookContext, public_url: str | None = None) -> Verification:
         result = verify_plivo(
             method=ctx.method,
-            url=self._verification_url(ctx),
+            url=replace_origin(public_url, ctx.url) if public_url else self._verification_url(ctx),
             params=self._params(ctx),
             headers=ctx.headers,
             auth_token=self._auth_token,

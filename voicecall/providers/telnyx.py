@@ -444,7 +444,7 @@ class TelnyxProvider:
     def has_signature_headers(self, headers: Mapping[str, str]) -> bool:
         return bool(headers.get(SIGNATURE_HEADER)) and bool(headers.get(TIMESTAMP_HEADER))
 
-    def verify_webhook(self, ctx: WebhookContext) -> Verification:
+    def verify_webhook(self, ctx: WebhookContext, public_url: str | None = None) -> Verification:
         result = verify_telnyx(
             raw_body=ctx.raw_body,
             signature=ctx.header(SIGNATURE_HEADER),

@@ -378,8 +378,9 @@ class TwilioProvider:
             return parse_form(ctx.raw_body)
         return []
 
-    def verify_webhook(self, ctx: WebhookContext) -> Verification:
-        url = replace_origin(self._public_url, ctx.url) if self._public_url else ctx.url
+    def verify_webhook(self, ctx: WebhookContext, public_url: str | None = None) -> Verification:
+        origin = public_url or self._public_url
+        url = replace_origin(origin, ctx.url) if origin else ctx.url
         result = verify_twilio(
             url=url,
             params=self._params(ctx),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from base64 import b64decode, b64encode
 from collections import Counter
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import parse_qsl
 
 from attrs import define, field
@@ -124,6 +124,9 @@ class WebhookResource(Resource):
     #: In a cluster (tap.py: voicecall.cluster.router.Router.route): applies a verified request
     #: here, or forwards it to the node that owns its call and answers with that node's answer.
     _route: Callable[..., Awaitable[tuple[WebhookResponse, str]]] | None = None
+    #: In a cluster: the other public URLs a carrier may have signed a request for (the entry
+    #: URL, the other nodes'), tried when the signature does not match this node's publicUrl.
+    _signed_urls: Callable[[], Sequence[str]] | None = None
     #: Webhook outcomes by label (ok, 401, 404, 405, 413, 429, replay, 500, ...), for metrics.
     counts: Counter = field(factory=Counter)
     isLeaf = True
@@ -199,6 +202,12 @@ class WebhookResource(Resource):
             key = self._skip_key(ctx)
         else:
             verdict = self._provider.verify_webhook(ctx)
+            if not verdict.ok and self._signed_urls is not None:
+                for url in self._signed_urls():
+                    other = self._provider.verify_webhook(ctx, url)
+                    if other.ok:
+                        verdict = other
+                        break
             if not verdict.ok or not verdict.request_key:
                 refusals = _refusal_log(request)
                 reason = f"{self._provider.name}: {verdict.reason or 'no verified request key'}"
