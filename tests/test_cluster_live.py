@@ -435,12 +435,16 @@ class AdopterTests(_PgCase):
         return call_id
 
     def adopter(self, store=None, url: str | None = "https://b.example/voice/webhook") -> Adopter:
-        return Adopter(self.pool, store or self.rig.store, self.rig.manager, self.rig.provider, "b", 10, lambda: url)
+        adopter = Adopter(self.pool, store or self.rig.store, self.rig.manager, self.rig.provider, "b", 10, lambda: url)
+        self.addCleanup(adopter.stop)
+        return adopter
 
     async def test_sweep_adopts_and_repoints(self):
+        """Started (after the node restored its own calls), the adopter takes the orphans at once."""
         answered, ringing = self.dead_call(), self.dead_call(answered=False)
         adopter = self.adopter()
-        self.assertEqual(await adopter.sweep(), 2)
+        self.assertEqual(await adopter.sweep(), 0)  # not started: its own calls may not be restored yet
+        self.assertEqual(await adopter.start(), 2)
         self.assertEqual({c.call_id for c in self.rig.manager.active_calls()}, {answered, ringing})
         self.assertEqual(dict(self.sql("SELECT call_id, owner_node FROM calls")), {answered: "b", ringing: "b"})
         repoints = [a for a in self.rig.provider.actions if a[0] == "repoint"]
@@ -450,20 +454,23 @@ class AdopterTests(_PgCase):
 
     async def test_adopt_call_for_a_request(self):
         """The router's entry: one call of a dead owner, adopted for a request that reached this node."""
-        call_id, other = self.dead_call(), self.dead_call()
         adopter = self.adopter()
+        self.assertEqual(await adopter.start(), 0)
+        call_id, other = self.dead_call(), self.dead_call()
         self.assertTrue(await adopter.adopt_call(call_id))
         self.assertIsNotNone(self.rig.manager.find(call_id))
         self.assertIsNone(self.rig.manager.find(other))
         self.assertTrue(await adopter.adopt_call(call_id))  # held already: nothing more
         self.assertEqual(len([a for a in self.rig.provider.actions if a[0] == "repoint"]), 1)
+        await adopter.stop()
+        self.assertFalse(await adopter.adopt_call(other))  # a stopping node adopts nothing
 
     async def test_a_failed_load_gives_the_calls_back(self):
         """Calls claimed but not loaded (the store failed) lose their owner: the next sweep takes them."""
         call_id = self.dead_call()
         store = _FailingStore(self.rig.store)
         adopter = self.adopter(store)
-        self.assertEqual(await adopter.sweep(), 0)
+        self.assertEqual(await adopter.start(), 0)
         self.assertEqual(self.sql("SELECT owner_node FROM calls"), [(None,)])
         store.down = False
         self.assertEqual(await adopter.sweep(), 1)

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 #: Calls one sweep's transaction claims at most (a sweep repeats while orphans remain).
@@ -101,11 +101,28 @@ class Adopter:
     _again: bool = field(default=False, init=False)
     #: call_id -> the adoption of that call under way (a second request for it waits for it).
     _loading: dict[str, Deferred] = field(factory=dict, init=False)
-    _stopped: bool = field(default=False, init=False)
+    _running: bool = field(default=False, init=False)
     _log = Logger()
+
+    def start(self) -> Deferred[int]:
+        """Adopt from now on (after this node restored its own calls), starting with a sweep."""
+        self._running = True
+        return self.sweep()
+
+    def stop(self) -> Deferred[None]:
+        """Adopt nothing more (the node is stopping); fires once a sweep under way has ended."""
+        self._running = False
+        sweeping, done = self._sweeping, Deferred()
+        if sweeping is None:
+            done.callback(None)
+        else:
+            sweeping.addBoth(lambda r: (done.callback(None), r)[1])
+        return done
 
     def sweep(self, *_: object) -> Deferred[int]:
         """Claim and run this node's share of the orphan calls; fires with how many were claimed."""
+        if not self._running:
+            return succeed(0)
         if self._sweeping is not None:
             self._again = True  # one sweep at a time; another runs right after it
             waiting: Deferred[int] = Deferred()
@@ -115,7 +132,7 @@ class Adopter:
 
         def done(result: Any) -> Any:
             self._sweeping = None
-            if self._again and not self._stopped:
+            if self._again and self._running:
                 self._again = False
                 self.sweep()
             return result
@@ -127,7 +144,7 @@ class Adopter:
 
     async def _sweep(self) -> int:
         total = 0
-        while not self._stopped:
+        while self._running:
             claimed = await self._pool.run(lambda conn: claim_share(conn, self.node_id, self.lease_seconds))
             if not claimed:
                 break
@@ -137,6 +154,8 @@ class Adopter:
 
     def adopt_call(self, call_id: str) -> Deferred[bool]:
         """Make this node the owner of `call_id` if its owner is dead, and run it here; True if it now runs here."""
+        if not self._running:
+            return succeed(self._manager.find(call_id) is not None)
         loading = self._loading.get(call_id)
         if loading is not None:
             waiting: Deferred[bool] = Deferred()
@@ -191,7 +210,3 @@ class Adopter:
                     "Could not re-point adopted call {call_id} at this node: {error}", call_id=call_id, error=f.getErrorMessage()
                 )
             )
-
-    def stop(self) -> None:
-        """Adopt nothing more (the node is stopping)."""
-        self._stopped = True
