@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_tap,tests.test_wiring -*-
 """
-The daemon's lifecycle: `VoicecallService` runs the start sequence in order (store, restore,
-webhook, public URL, RPC socket, metrics, reaper, ready) and stops it in reverse; each listening
-endpoint is a `ListenerService`. It is handed every component, built and wired by tap.py, and
-imports none of them: only what it catches (a store or a tunnel that says why it failed) and
-systemd's notification.
+The daemon's lifecycle: `VoicecallService` runs the start sequence in order (store, cluster
+node, restore, webhook, public URL, adoption, RPC socket, metrics, reaper, ready) and stops it in
+reverse; each listening endpoint is a `ListenerService`. It is handed every component, built and
+wired by tap.py, and imports none of them: only what it catches (a store or a tunnel that says
+why it failed) and systemd's notification.
 """
 from __future__ import annotations
 
@@ -87,6 +87,10 @@ class VoicecallService(MultiService):
     """
     The daemon: runs the start sequence in order and stops it in reverse.
 
+    With a shared store, `node` (cluster/nodes.py) registers this node before its calls are
+    restored and deregisters it once it serves nothing more, and `adopter` (cluster/adopt.py)
+    takes over dead nodes' calls from the end of restore to the start of the stop.
+
     `public_url` is the configured one (None: `open_tunnel(port)`, when given, exposes the webhook
     port and fires with the tunnel, whose `public_url` is used). `set_public_url` is the adapter's,
     for a carrier that verifies signatures against a tunnel's URL. `stdout_observer` is installed
@@ -117,6 +121,8 @@ class VoicecallService(MultiService):
         media=None,
         bridge=None,
         stdout_observer=None,
+        node=None,
+        adopter=None,
     ) -> None:
         super().__init__()
         self.setName("voicecall")
@@ -141,6 +147,8 @@ class VoicecallService(MultiService):
         self._tunnel = None
         self._config_path = config_path
         self._stdout_observer = stdout_observer
+        self._node = node
+        self._adopter = adopter
         self._logs_to_stdout = False
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
@@ -166,6 +174,8 @@ class VoicecallService(MultiService):
             self._log.warn("config {path}: {problem}", path=self._config_path or "(none)", problem=warning)
         await self._writer.start()
         await self._store.open()
+        if self._node is not None:
+            await self._node.start()  # a fresh heartbeat before restoring: nobody adopts our calls now
         await self.manager.restore()
         port = await self._webhook.listen()
         host = port.getHost()
@@ -178,6 +188,8 @@ class VoicecallService(MultiService):
             self._provider.set_webhook_url(self.webhook_url)
         if public_url and self._set_public_url is not None:
             self._set_public_url(public_url)
+        if self._adopter is not None:
+            await self._adopter.start()  # now that adopted calls can be re-pointed here
         await self._rpc.listen()
         if self._metrics is not None:
             await self._metrics.listen()
@@ -235,6 +247,10 @@ class VoicecallService(MultiService):
             await _maybe(self._metrics.stopService())
         await _maybe(self._rpc.stopService())
         self.manager.stop()
+        if self._adopter is not None:
+            await self._adopter.stop()
+        if self._node is not None:
+            await self._node.stop()  # no row: the live nodes adopt this node's calls at once
         stop_provider = getattr(self._provider, "stop", None)
         if stop_provider is not None:
             stop_provider()
