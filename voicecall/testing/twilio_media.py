@@ -221,6 +221,10 @@ class TwilioMediaClient:
     #: Stream a media frame every 20 ms once started.
     stream_media: bool = True
     ticker: MediaTicker | None = None
+    #: A client endpoint to connect through instead of the URL's host and port (a proxy's plain
+    #: port in front of the daemon, say); the URL still names the Host and the path. Used as
+    #: given: no TLS is added for a wss URL.
+    via: Any = None
     #: Bounds on what is recorded.
     max_records: int = 10_000
     max_audio_bytes: int = 1024 * 1024
@@ -277,8 +281,8 @@ class TwilioMediaClient:
             serverConnectionDropTimeout=1,
             autoPingInterval=0,
         )
-        endpoint = TCP4ClientEndpoint(self._reactor, parts.hostname, parts.port or (443 if secure else 80))
-        if secure:
+        endpoint = self.via or TCP4ClientEndpoint(self._reactor, parts.hostname, parts.port or (443 if secure else 80))
+        if secure and self.via is None:
             from twisted.internet.ssl import optionsForClientTLS
 
             endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
