@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet import reactor
 import psycopg
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from voicecall.cluster.adopt import Adopter, claim_one, claim_share
-from voicecall.cluster.nodes import NodeIdInUse, NodeRegistry
+from voicecall.cluster.nodes import NodeIdInUse, NodeInfo, NodeRegistry
+from voicecall.control.metrics import Metrics, VoicecallCollector
+from voicecall.control.rpc import RpcMethods
+from voicecall.domain.manager import CallError
 from voicecall.domain.model import CallEvent, CallRecord, CallState, Direction, EventType
 from voicecall.infra.dbwriter import StoreError
 from voicecall.infra.pg import PgPool
@@ -334,7 +339,9 @@ class NodeRegistryTests(_PgCase):
         self.assertTrue(nodes["a"].alive)
         self.assertEqual((nodes["b"].alive, nodes["b"].calls), (False, 1))
         self.assertGreaterEqual(nodes["b"].heartbeat_age, 10)
-        self.assertEqual((nodes["gone"].alive, nodes["gone"].calls), (False, 1))
+        self.assertEqual((nodes["gone"].alive, nodes["gone"].calls, nodes["gone"].heartbeat_age), (False, 1, None))
+        self.assertEqual((nodes["b"].call_ids, nodes["gone"].call_ids), (("c1",), ("c3",)))
+        self.assertEqual([n.node_id for n in a.snapshot], ["a"])  # as of a's registration: b joined after it
         self.assertEqual(nodes["b"].to_json()["alive"], False)
 
     async def test_joins_and_leaves_are_announced(self):
@@ -475,3 +482,47 @@ class AdopterTests(_PgCase):
         store.down = False
         self.assertEqual(await adopter.sweep(), 1)
         self.assertIsNotNone(self.rig.manager.find(call_id))
+
+
+class OperationsTests(SynchronousTestCase):
+    """What an operator sees of the cluster: `voicecall.cluster` (status --cluster) and the metrics."""
+
+    NODES = [
+        NodeInfo("a", "https://a.example/voice/webhook", "host-a", 10, 1_700_000_000.0, 1.25, True, 2, ("c1", "c2")).to_json(),
+        NodeInfo("b", "https://b.example/voice/webhook", "host-b", 11, 1_700_000_000.0, 42.0, False, 1, ("c3",)).to_json(),
+        NodeInfo("gone", "", None, None, None, None, False, 1, ("c4",)).to_json(),
+    ]
+
+    def methods(self, nodes=None) -> RpcMethods:
+        return RpcMethods(manager=None, clock=Clock(), cluster_nodes=nodes)
+
+    def test_rpc_lists_the_nodes(self):
+        async def nodes():
+            return self.NODES
+
+        result = self.successResultOf(Deferred.fromCoroutine(self.methods(nodes).table()["voicecall.cluster"]({})))
+        self.assertEqual(result, {"nodes": self.NODES})
+        self.assertEqual(json.loads(json.dumps(result, allow_nan=False)), result)  # plain JSON, even for a gone node
+        self.assertEqual(result["nodes"][2]["heartbeatAgeSeconds"], None)
+
+    def test_rpc_on_a_single_node_says_so(self):
+        failure = self.failureResultOf(Deferred.fromCoroutine(self.methods().table()["voicecall.cluster"]({})), CallError)
+        self.assertIn("not a cluster", str(failure.value))
+
+    def test_metrics_per_node(self):
+        metrics = Metrics()
+        cluster = {"node": "a", "nodes": self.NODES, "adopted": 3, "failedBeats": 0}
+        metrics.add_collector(VoicecallCollector("twilio", list, Counter(), Counter(), cluster=lambda: cluster))
+        text = metrics.render().decode()
+        for line in (
+            'voicecall_cluster_node_info{node="a"} 1.0',
+            'voicecall_cluster_node_up{node="a"} 1.0',
+            'voicecall_cluster_node_up{node="b"} 0.0',
+            'voicecall_cluster_node_up{node="gone"} 0.0',
+            'voicecall_cluster_node_heartbeat_age_seconds{node="b"} 42.0',
+            'voicecall_cluster_node_calls{node="a"} 2.0',
+            "voicecall_cluster_adopted_calls_total 3.0",
+            "voicecall_cluster_heartbeat_failures 0.0",
+        ):
+            self.assertIn(line, text.splitlines())
+        self.assertNotIn('heartbeat_age_seconds{node="gone"}', text)

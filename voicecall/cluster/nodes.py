@@ -36,6 +36,8 @@ from twisted.logger import Logger
 
 #: The channel on which nodes announce their joins and leaves.
 NODES_CHANNEL = "voicecall_nodes"
+#: Call ids listed per node (`status --cluster`); the count covers them all.
+MAX_LISTED_CALLS = 1000
 
 
 class NodeIdInUse(Exception):
@@ -50,10 +52,11 @@ class NodeInfo:
     public_url: str
     host: str | None
     pid: int | None
-    started_at: float  # Unix time
-    heartbeat_age: float  # seconds since its last heartbeat
+    started_at: float | None  # Unix time (None: no row, the node stopped)
+    heartbeat_age: float | None  # seconds since its last heartbeat (None: no row)
     alive: bool
     calls: int  # live calls it owns
+    call_ids: tuple[str, ...] = ()  # the first MAX_LISTED_CALLS of them, oldest first
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,10 +64,11 @@ class NodeInfo:
             "publicUrl": self.public_url,
             "host": self.host,
             "pid": self.pid,
-            "startedAt": int(self.started_at * 1000),
-            "heartbeatAgeSeconds": round(self.heartbeat_age, 3),
+            "startedAt": None if self.started_at is None else int(self.started_at * 1000),
+            "heartbeatAgeSeconds": None if self.heartbeat_age is None else round(self.heartbeat_age, 3),
             "alive": self.alive,
             "calls": self.calls,
+            "callIds": list(self.call_ids),
         }
 
 
@@ -73,20 +77,26 @@ def _lease(lease_seconds: float) -> str:
 
 
 def list_nodes(conn, lease_seconds: float) -> list[NodeInfo]:
-    """Every registered node, with its live calls counted; plus owners of live calls that have no row."""
+    """Every registered node with its live calls; plus owners of live calls that have no row (stopped)."""
     rows = conn.execute(
         "SELECT n.node_id, n.public_url, n.host, n.pid, extract(epoch FROM n.started_at),"
-        " extract(epoch FROM now() - n.heartbeat_at), n.heartbeat_at > now() - " + _lease(lease_seconds) + ","
-        " (SELECT count(*) FROM calls c WHERE c.owner_node = n.node_id AND NOT c.terminal)"
-        " FROM nodes n ORDER BY n.node_id"
+        " extract(epoch FROM now() - n.heartbeat_at), n.heartbeat_at > now() - " + _lease(lease_seconds)
+        + " FROM nodes n ORDER BY n.node_id"
     ).fetchall()
-    nodes = [NodeInfo(r[0], r[1], r[2], r[3], float(r[4]), max(0.0, float(r[5])), bool(r[6]), int(r[7])) for r in rows]
-    gone = conn.execute(
-        "SELECT c.owner_node, count(*) FROM calls c WHERE NOT c.terminal AND c.owner_node IS NOT NULL"
-        " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.owner_node) GROUP BY c.owner_node"
-    ).fetchall()
+    calls: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for owner, n, ids in conn.execute(
+        "SELECT owner_node, count(*), (array_agg(call_id ORDER BY started_at))[1:%s] FROM calls"
+        " WHERE NOT terminal AND owner_node IS NOT NULL GROUP BY owner_node",
+        (MAX_LISTED_CALLS,),
+    ).fetchall():
+        counts[owner], calls[owner] = int(n), list(ids)
+    nodes = [
+        NodeInfo(r[0], r[1], r[2], r[3], float(r[4]), max(0.0, float(r[5])), bool(r[6]), counts.pop(r[0], 0), tuple(calls.pop(r[0], ())))
+        for r in rows
+    ]
     # A node that stopped (no row) but still owns live calls, until they are adopted.
-    nodes.extend(NodeInfo(owner, "", None, None, 0.0, float("inf"), False, int(n)) for owner, n in gone)
+    nodes.extend(NodeInfo(owner, "", None, None, None, None, False, n, tuple(calls[owner])) for owner, n in sorted(counts.items()))
     return nodes
 
 
@@ -109,6 +119,8 @@ class NodeRegistry:
     _listener: Any = field(default=None, init=False)
     #: Heartbeats that failed in a row (the store unreachable); reset by one that succeeds.
     failed_beats: int = field(default=0, init=False)
+    #: The cluster as the last heartbeat saw it (metrics read it at scrape time).
+    snapshot: tuple[NodeInfo, ...] = field(default=(), init=False)
     _log = Logger()
 
     @property
@@ -120,7 +132,7 @@ class NodeRegistry:
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        await self._pool.run(self._register)
+        self.snapshot = tuple(await self._pool.run(self._register))
         self._log.info(
             "Cluster node {node} registered ({url}); lease {lease}s", node=self.node_id, url=self.public_url, lease=self.lease_seconds
         )
@@ -129,7 +141,7 @@ class NodeRegistry:
         self._beat.clock = self._reactor
         self._beat.start(self.interval, now=False).addErrback(self._log.failure, "heartbeat loop failed")
 
-    def _register(self, conn) -> None:
+    def _register(self, conn) -> list[NodeInfo]:
         row = conn.execute(
             "SELECT host, pid, heartbeat_at > now() - " + _lease(self.lease_seconds) + " FROM nodes WHERE node_id = %s FOR UPDATE",
             (self.node_id,),
@@ -146,21 +158,24 @@ class NodeRegistry:
             (self.node_id, self.public_url, self._host, self._pid),
         )
         self._announce(conn, "join")
+        return list_nodes(conn, self.lease_seconds)
 
     def _announce(self, conn, event: str) -> None:
         payload = json.dumps({"node": self.node_id, "event": event, "url": self.public_url}, separators=(",", ":"))
         conn.execute("SELECT pg_notify(%s, %s)", (NODES_CHANNEL, payload))
 
     def _heartbeat(self) -> Deferred[None]:
-        def beat(conn) -> None:
+        def beat(conn) -> list[NodeInfo]:
             # An upsert: a row someone deleted (or never committed) comes back with this beat.
             conn.execute(
                 "INSERT INTO nodes (node_id, public_url, host, pid, started_at, heartbeat_at) VALUES (%s, %s, %s, %s, now(), now())"
                 " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
                 (self.node_id, self.public_url, self._host, self._pid),
             )
+            return list_nodes(conn, self.lease_seconds)
 
-        def beaten(_: object) -> None:
+        def beaten(nodes: list[NodeInfo]) -> None:
+            self.snapshot = tuple(nodes)
             if self.failed_beats:
                 self._log.info("Cluster heartbeat back after {n} failed", n=self.failed_beats)
             self.failed_beats = 0

@@ -357,14 +357,21 @@ async def _print_rpc(reactor, ctx, method, params, fallback) -> None:
 
 @main.command()
 @click.option("--call-id", callback=not_blank, help="A call id (ours or the carrier's); without it, the active calls.")
+@click.option("--cluster", is_flag=True, help="The cluster's nodes instead: alive or dead, heartbeat age, their live calls.")
 @click.pass_obj
-def status(ctx, call_id):
+def status(ctx, call_id, cluster):
     """Print a call's record, or the active calls; reads the store if the daemon is down.
 
-    Exits 1 when the call is not found.
+    Exits 1 when the call is not found. With --cluster, every node of a cluster (PostgreSQL
+    store) as the store sees it, asked of this node's daemon.
     """
+    if cluster and call_id:
+        raise click.UsageError("--cluster lists the nodes: it takes no --call-id")
 
     async def go(reactor):
+        if cluster:
+            emit(await rpc(reactor, ctx, "voicecall.cluster", {}))
+            return
         params = {"callId": call_id} if call_id else {}
         try:
             result = await rpc(reactor, ctx, "voicecall.status", params)

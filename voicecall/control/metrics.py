@@ -31,12 +31,14 @@ class VoicecallCollector:
         webhook_counts: Counter,
         ended_counts: Counter,
         media: Callable[[], dict] | None = None,
+        cluster: Callable[[], dict] | None = None,
     ) -> None:
         self._provider = provider
         self._active_calls = active_calls
         self._webhook_counts = webhook_counts
         self._ended_counts = ended_counts
         self._media = media
+        self._cluster = cluster
 
     def collect(self):
         calls = GaugeMetricFamily("voicecall_calls_active", "Active calls by state.", labels=["provider", "state"])
@@ -61,6 +63,33 @@ class VoicecallCollector:
             for reason, n in sorted(media.get("refused", {}).items()):
                 refused.add_metric([reason], n)
             yield refused
+        if self._cluster is not None:
+            yield from _cluster_metrics(self._cluster())
+
+
+def _cluster_metrics(cluster: dict):
+    """
+    A cluster node's view (`cluster`: {"node", "nodes": [node JSON as `status --cluster`],
+    "adopted", "failedBeats"}), as of its last heartbeat: this node's `node` label, and one
+    series per node of the cluster, so any node's scrape shows the whole cluster.
+    """
+    me = cluster["node"]
+    info = GaugeMetricFamily("voicecall_cluster_node_info", "This node of the cluster (its id in the node label).", labels=["node"])
+    info.add_metric([me], 1)
+    yield info
+    up = GaugeMetricFamily("voicecall_cluster_node_up", "1 while a node's heartbeat is within the lease, else 0.", labels=["node"])
+    age = GaugeMetricFamily("voicecall_cluster_node_heartbeat_age_seconds", "Seconds since a node's last heartbeat (database clock).", labels=["node"])
+    calls = GaugeMetricFamily("voicecall_cluster_node_calls", "Live calls a node owns in the store.", labels=["node"])
+    for node in cluster["nodes"]:
+        up.add_metric([node["nodeId"]], 1 if node["alive"] else 0)
+        if node["heartbeatAgeSeconds"] is not None:
+            age.add_metric([node["nodeId"]], node["heartbeatAgeSeconds"])
+        calls.add_metric([node["nodeId"]], node["calls"])
+    yield up
+    yield age
+    yield calls
+    yield CounterMetricFamily("voicecall_cluster_adopted_calls", "Calls this node adopted from dead nodes.", value=cluster["adopted"], labels=None)
+    yield GaugeMetricFamily("voicecall_cluster_heartbeat_failures", "This node's heartbeats that failed in a row (0: the last one succeeded).", value=cluster["failedBeats"])
 
 
 class Metrics:

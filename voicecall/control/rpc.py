@@ -5,7 +5,8 @@ The control API: JSON-RPC 2.0, one JSON object per line, on a UNIX socket (DESIG
 Methods (SPEC §18.2 plus additions): `voicecall.initiate`, `voicecall.continue`,
 `voicecall.speak`, `voicecall.end`, `voicecall.status` (without `callId`: the active calls),
 legacy `voicecall.start`, `voicecall.subscribe` (then `voicecall.event` notifications for every
-call event), `voicecall.health`, and `voicecall.responder.register`: the connection becomes the
+call event), `voicecall.health`, `voicecall.cluster` (the nodes of a cluster: `voicecall status
+--cluster`), and `voicecall.responder.register`: the connection becomes the
 gateway that answers callers; voicecall then sends it requests `voicecall.respond` with params
 `{callId, direction, from, to, text, transcript}` and speaks the `spoken` of its result
 `{"spoken": "..."}` (the most recent registered connection is asked).
@@ -135,6 +136,9 @@ class RpcMethods:
     #: In a cluster (tap.py: voicecall.cluster.router.Router.route): runs a command for a call
     #: here, or forwards it to the node that owns the call and answers with that node's answer.
     _route: Callable[..., Awaitable[Any]] | None = None
+    #: In a cluster (tap.py: voicecall.cluster.nodes.NodeRegistry.nodes): every node as the
+    #: store sees it now, as JSON; None on a single node (SQLite store).
+    _cluster_nodes: Callable[[], Awaitable[list[dict]]] | None = None
 
     _log = Logger()
 
@@ -147,6 +151,7 @@ class RpcMethods:
             "voicecall.end": self.end,
             "voicecall.status": self.status,
             "voicecall.health": self.health,
+            "voicecall.cluster": self.cluster,
         }
 
     async def initiate(self, params: Mapping[str, Any]) -> dict:
@@ -234,6 +239,12 @@ class RpcMethods:
         if call is None:
             return {"found": False}
         return {"found": True, "call": call.to_json(with_event_ids=False)}
+
+    async def cluster(self, params: Mapping[str, Any]) -> dict:
+        """The cluster's nodes: id, publicUrl, heartbeat age, alive, the live calls each owns."""
+        if self._cluster_nodes is None:
+            raise CallError("not a cluster: the store is not PostgreSQL (this node is the only one)")
+        return {"nodes": await self._cluster_nodes()}
 
     async def health(self, params: Mapping[str, Any]) -> dict:
         return {
