@@ -432,12 +432,12 @@ async def spawn_daemon(
     Start the daemon (with `env` added to its environment) and wait for its ready line. With
     `webhook_socket` (a listening socket the test holds, as systemd holds a .socket unit's), the
     daemon inherits it as fd 3 with LISTEN_FDS=1 and LISTEN_PID, and serves its webhook there
-    (`--webhook systemd:domain=INET:index=0`).
+    (`--webhook systemd:domain=INET:name=web`, as systemd/voicecall.service does).
     """
     if webhook_socket is None:
         process = spawn(testcase, daemon_argv(workdir), cwd=workdir.path, env=env)
     else:
-        argv = _AS_SYSTEMD + daemon_argv(workdir, webhook="systemd:domain=INET:index=0")
+        argv = _AS_SYSTEMD + daemon_argv(workdir, webhook="systemd:domain=INET:name=web")
         env = {**(env or {}), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"}
         process = spawn(testcase, argv, cwd=workdir.path, env=env, fds={3: webhook_socket.fileno()})
     match = await process.wait_for_output(READY, timeout, "voicecall ready line")

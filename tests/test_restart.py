@@ -5,7 +5,7 @@ The stream TwiML ends with a way back, `</Connect><Redirect>{resume URL}</Redire
 WebSocket closes, Twilio runs the Redirect (the fake Twilio follows its TwiML as Twilio does), and
 the daemon answering it gives the same call a fresh stream. The webhook port is held across
 restarts the way systemd's voicecall-web.socket holds it: the test creates the listening socket
-and hands it to each daemon as fd 3 (LISTEN_FDS=1, LISTEN_PID), so a connection made while no
+and hands it to each daemon as fd 3 (LISTEN_FDS=1, LISTEN_FDNAMES=web, LISTEN_PID), so a connection made while no
 daemon runs waits in its queue for the next one.
 
 Real daemons (`twistd voicecall` children, or the daemon in this process), the fake Twilio, a real
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import socket
 import struct
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -23,6 +24,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
+from voicecall.client import connect
 from voicecall.infra.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
@@ -271,3 +273,113 @@ class StreamDropTests(TestCase):
     async def ended(self):
         state = (await status_of(self.rpc, self.call_id))["state"]
         return state if state in ("completed", "hangup-bot", "hangup-user", "failed") else None
+
+
+class DaemonRestartTests(TestCase):
+    """
+    `twistd voicecall` children on a held webhook socket: the daemon is killed (kill -9) or
+    stopped (SIGTERM, as `systemctl restart` does) mid-call and started again; the call goes on.
+    """
+
+    timeout = 120
+
+    async def start(self):
+        self.sock = held_socket(self)
+        self.rig = StreamedCallRig(self)
+        config = await self.rig.start(self.sock.getsockname()[1])
+        self.work = make_workdir(self, config)
+        self.daemon = await spawn_daemon(self, self.work, webhook_socket=self.sock)
+        self.rpc = await self.connect_rpc()
+        self.call_id = (await self.rpc.call("voicecall.initiate", {"to": TO, "message": "Hi", "mode": "conversation"}))["callId"]
+        self.fake_call = await self.rig.fake_call()
+        self.client = await self.rig.attach(self.fake_call)
+        await eventually(self.said("bot", "Hi"), 10, "the greeting")
+        # One whole turn, then a question whose answer the restart interrupts.
+        pending = self.rpc.call("voicecall.continue", {"callId": self.call_id, "message": "How many people?"})
+        await eventually(self.said("bot", "How many people?"), 10, "the question")
+        self.client.talk(tone(0.6))
+        self.assertEqual(await pending, {"success": True, "transcript": "A table for two"})
+        self.waiting = self.rpc.call("voicecall.continue", {"callId": self.call_id, "message": "What time?"})
+        self.waiting.addErrback(lambda f: f)  # the RPC connection goes with the process
+        await eventually(self.said("bot", "What time?"), 10, "the second question")
+        self.before = await call_record(self.daemon.rpc_path, self.call_id)
+        self.assertEqual(self.before["state"], "listening")
+
+    async def connect_rpc(self):
+        client = await connect(reactor, self.daemon.rpc_path)
+        self.addCleanup(client.transport.loseConnection)
+        return client
+
+    def said(self, speaker: str, text: str):
+        async def check():
+            return text in await said_by(self.daemon.rpc_path, self.call_id, speaker)
+
+        return check
+
+    async def restart_and_resume(self, stop) -> float:
+        """
+        Stop the daemon with `stop`, start the next one on the same socket and store, and follow
+        the call's stream back; returns the seconds from the new process listening (its ready
+        line) to the first audio it plays on the new stream.
+        """
+        fetches = len(self.fake_call.documents)
+        await stop()
+        await self.client.closed  # Twilio's socket closed: it runs the Redirect (queued by the held port)
+        self.daemon = await spawn_daemon(self, self.work, webhook_socket=self.sock)
+        listening = time.monotonic()
+        self.client = await self.rig.attach(self.fake_call)
+        self.rpc = await self.connect_rpc()
+        heard = len(self.client.audio_received)
+        await self.rpc.call("voicecall.speak", {"callId": self.call_id, "message": "Sorry, where were we?"})
+        await eventually(lambda: len(self.client.audio_received) > heard, 10, "audio on the new stream")
+        resumed = time.monotonic() - listening
+        resumes = [d for d in list(self.fake_call.documents)[fetches:] if d.kind == "redirect"]
+        self.assertTrue(resumes, [(d.kind, d.url) for d in self.fake_call.documents])
+        self.assertTrue(all("flow=resume" in d.url and d.status == 200 for d in resumes), [(d.url, d.status, d.error) for d in resumes])
+        self.assertEqual(list(self.fake_call.errors), [])
+        self.assertFalse(self.fake_call.is_ended)
+        return resumed
+
+    async def check_call_goes_on(self):
+        """Transcript and turn state as stored before the restart; the caller's answer is heard."""
+        after = await call_record(self.daemon.rpc_path, self.call_id)
+        self.assertEqual(transcript(after)[: len(transcript(self.before))], transcript(self.before))
+        self.assertEqual(after["metadata"].get("turnCount"), self.before["metadata"].get("turnCount"))
+        self.assertEqual(after["metadata"].get("turnCount"), 1)
+        self.client.talk(tone(0.6))
+        await eventually(self.said("user", "At eight"), 10, "the caller's answer on the new stream")
+        pending = self.rpc.call("voicecall.continue", {"callId": self.call_id, "message": "Anything else?"})
+        await eventually(self.said("bot", "Anything else?"), 10, "a question after the restart")
+        self.client.talk(tone(0.6))
+        self.assertEqual(await pending, {"success": True, "transcript": "Thank you"})
+        self.assertEqual(
+            transcript(await call_record(self.daemon.rpc_path, self.call_id)),
+            [
+                ("bot", "Hi"),
+                ("bot", "How many people?"),
+                ("user", "A table for two"),
+                ("bot", "What time?"),
+                ("bot", "Sorry, where were we?"),
+                ("user", "At eight"),
+                ("bot", "Anything else?"),
+                ("user", "Thank you"),
+            ],
+        )
+
+    async def test_kill9_mid_call(self):
+        """kill -9 while a question waits for its answer: the next process resumes the stream within 3 s."""
+        await self.start()
+        resumed = await self.restart_and_resume(self.daemon.kill9)
+        self.assertLess(resumed, RESUME_SECONDS)
+        await self.check_call_goes_on()
+
+    async def test_graceful_restart(self):
+        """
+        SIGTERM (systemctl restart): the daemon stops accepting, closes the streams so that
+        Twilio runs the Redirect at once, and exits; the next process answers it.
+        """
+        await self.start()
+        resumed = await self.restart_and_resume(self.daemon.stop)
+        self.assertEqual(self.daemon.process.exit_code, None)  # the new one runs
+        self.assertLess(resumed, RESUME_SECONDS)
+        await self.check_call_goes_on()

@@ -40,6 +40,19 @@ class UnitFileTests(SynchronousTestCase):
             self.assertIn(line + "\n", text)
         self.assertRegex(text, r"ExecStart=\S+/twistd --nodaemon --pidfile= voicecall ")
 
+    def test_webhook_port_held_by_systemd(self):
+        """
+        The webhook port is voicecall-web.socket's: the service takes it by name and requires
+        it, so the port stays open (and queues carriers' requests) while voicecall restarts.
+        """
+        service, socket_unit = unit("voicecall.service"), unit("voicecall-web.socket")
+        self.assertIn("--webhook systemd:domain=INET:name=web", service)
+        for line in ("Sockets=voicecall-web.socket", "Requires=voicecall-web.socket"):
+            self.assertIn(line + "\n", service)
+        for line in ("ListenStream=127.0.0.1:3334", "FileDescriptorName=web", "Service=voicecall.service"):
+            self.assertIn(line + "\n", socket_unit)
+        self.assertIn("FileDescriptorName=rpc\n", unit("voicecall.socket"))
+
     def test_twisted_default_reactor(self):
         """The service, `make run`, `make test` and `make soak` name no reactor: twistd and trial use Twisted's default."""
         with open(os.path.join(os.path.dirname(UNITS), "Makefile")) as f:
@@ -52,7 +65,7 @@ class UnitFileTests(SynchronousTestCase):
         self.assertIn(f"RestartPreventExitStatus={DISABLED_EXIT_STATUS}\n", unit("voicecall.service"))
 
     def test_systemd_analyze_verify(self):
-        """systemd-analyze verify accepts both units (with ExecStart pointed at an existing twistd)."""
+        """systemd-analyze verify accepts the three units (with ExecStart pointed at an existing twistd)."""
         tool = shutil.which("systemd-analyze")
         if tool is None:
             raise SkipTest("systemd-analyze is not installed here")
@@ -61,9 +74,10 @@ class UnitFileTests(SynchronousTestCase):
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         with open(os.path.join(directory, "voicecall.service"), "w") as f:
             f.write(unit("voicecall.service").replace("/opt/voicecall/venv/bin/twistd", twistd))
-        shutil.copy(os.path.join(UNITS, "voicecall.socket"), directory)
+        for name in ("voicecall.socket", "voicecall-web.socket"):
+            shutil.copy(os.path.join(UNITS, name), directory)
         result = subprocess.run(
-            [tool, "verify", "voicecall.service", "voicecall.socket"],
+            [tool, "verify", "voicecall.service", "voicecall.socket", "voicecall-web.socket"],
             cwd=directory, capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
