@@ -49,6 +49,9 @@ from unittest import SkipTest
 
 import psycopg
 from psycopg import sql
+from twisted.internet.defer import maybeDeferred
+
+from voicecall.infra.pg import PgPool
 
 SUPERUSER = "voicecall"
 START_TIMEOUT = 60.0
@@ -311,3 +314,18 @@ def _at_exit() -> None:
 
 
 atexit.register(_at_exit)
+
+
+class SynchronousPgPool(PgPool):
+    """
+    A PgPool that runs each transaction at once in the calling thread (same retries, same
+    errors): the store contract tests drive the PostgreSQL store from SynchronousTestCase with
+    it, as they drive the SQLite store with SynchronousWriter. The threaded dispatch itself is
+    tested in tests/test_pg.py.
+    """
+
+    def __init__(self, url: str, **kwargs) -> None:
+        super().__init__(None, url, **kwargs)
+
+    def _dispatch(self, fn, *args):
+        return maybeDeferred(fn, *args)

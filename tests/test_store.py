@@ -1,5 +1,9 @@
 """
-Tests for voicecall.domain.store: the SQLite call store, its writers and its read-only view.
+Tests for the call store: its contract, run against both backends (SQLite: voicecall.domain.store
+on a SynchronousWriter; PostgreSQL: voicecall.domain.pgstore on a real server from
+tests/pgserver.py, through a SynchronousPgPool), then what is SQLite's alone (pragmas, file modes,
+writers, kill -9). PostgreSQL's own tests (cluster rules under concurrency, migrations, server
+failures) are in tests/test_store_pg.py.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import threading
 import uuid
 
 import attrs
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ProcessTerminated
@@ -26,10 +30,19 @@ import voicecall
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import CallEvent, CallRecord, CallState, Direction, Speaker, TranscriptEntry
 from voicecall.providers.mock import MockProvider
-from voicecall.domain.store import DB_FILENAME, CallStore, collector_paused, open_readonly
+from voicecall.domain import store as store_module
+from voicecall.domain.store import (
+    DB_FILENAME,
+    CallExistsError,
+    CallStore,
+    StoreFullError,
+    collector_paused,
+    open_readonly,
+)
 from voicecall.infra.dbwriter import StoreBusyError, StoreClosedError, StoreError, SynchronousWriter, ThreadedWriter
 
 from tests.harness import eventually
+from tests.pgserver import SynchronousPgPool, postgres_server
 
 
 def make_record(call_id: str = "call-1", **changes) -> CallRecord:
@@ -58,7 +71,9 @@ def event(call_id: str, kind: str = "call.ringing", at: int = 1, **extra) -> dic
 
 # --- hypothesis strategies for the round-trip properties ---
 
-texts = st.text(max_size=20)
+# PostgreSQL text cannot hold NUL (the store refuses it: tests/test_store_pg.py); SQLite's tests below
+# keep NUL in their own cases.
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
 ints = st.integers(min_value=0, max_value=2**53)
 json_values = st.recursive(
     st.none()
@@ -73,7 +88,7 @@ entries = st.builds(
     TranscriptEntry,
     timestamp=ints,
     speaker=st.sampled_from(Speaker),
-    text=st.text(max_size=60),
+    text=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60),
     is_final=st.booleans(),
 )
 records = st.builds(
@@ -98,12 +113,67 @@ records = st.builds(
 
 
 
-class _StoreMixin:
-    """Opens a CallStore on a SynchronousWriter in a fresh directory."""
+class SqliteBackend:
+    """The SQLite store on a SynchronousWriter, in a fresh directory."""
 
-    def open_store(self, directory: str | None = None, **kwargs) -> CallStore:
-        directory = directory or os.path.abspath(self.mktemp())
-        store = CallStore(directory, SynchronousWriter(), **kwargs)
+    #: What a write the database refuses fails with.
+    integrity_error: type = sqlite3.IntegrityError
+
+    def new_location(self) -> str:
+        return os.path.abspath(self.mktemp())
+
+    def make_store(self, location: str, **kwargs) -> CallStore:
+        return CallStore(location, SynchronousWriter(), **kwargs)
+
+    def raw(self, store, fn) -> Deferred:
+        """Run ``fn(conn)`` on the store's own connection, in a transaction."""
+        return store._writer.run(fn)
+
+    def readonly(self, location: str):
+        return open_readonly(location)
+
+    def make_newer(self, location: str, version: int) -> None:
+        os.makedirs(location)
+        conn = sqlite3.connect(os.path.join(location, DB_FILENAME))
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.close()
+
+
+class PgBackend:
+    """The PostgreSQL store on a SynchronousPgPool, in a fresh database of the test run's server."""
+
+    integrity_error: type = StoreError
+    node_id = "node-a"
+
+    def new_location(self) -> str:
+        return postgres_server(self).new_database(self)
+
+    def make_store(self, location: str, **kwargs):
+        from voicecall.domain.pgstore import PgCallStore
+
+        return PgCallStore(SynchronousPgPool(location), node_id=kwargs.pop("node_id", self.node_id), **kwargs)
+
+    def raw(self, store, fn) -> Deferred:
+        return store.pool.run(fn)
+
+    def readonly(self, location: str):
+        from voicecall.domain.pgstore import open_readonly as pg_open_readonly
+
+        return pg_open_readonly(location)
+
+    def make_newer(self, location: str, version: int) -> None:
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            conn.execute("INSERT INTO schema_migrations (version, description) VALUES (%s, 'from the future')", (version,))
+
+
+class _StoreMixin(SqliteBackend):
+    """Opens a store of the test's backend (SQLite unless a backend class comes first)."""
+
+    def open_store(self, location: str | None = None, **kwargs):
+        store = self.make_store(location or self.new_location(), **kwargs)
         self.successResultOf(store.open())
         self.addCleanup(store.close)
         return store
@@ -117,17 +187,19 @@ class _StoreMixin:
         )
 
 
-class CallStoreTests(_StoreMixin, SynchronousTestCase):
-    """CallStore on a SynchronousWriter."""
+class StoreContract(_StoreMixin):
+    """The store interface's contract; each backend's test class mixes it in."""
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.differing_executors])
     @given(record=records)
     def test_round_trip(self, record):
         """A record written whole reads back equal, by call id and, if live, from load_active."""
         if not hasattr(self, "_shared"):
             self._shared = self.open_store()
         store = self._shared
-        record = attrs.evolve(record, call_id=str(uuid.uuid4()))
+        call_id = str(uuid.uuid4())
+        pid = None if record.provider_call_id is None else record.provider_call_id + call_id
+        record = attrs.evolve(record, call_id=call_id, provider_call_id=pid)
         self.write_whole(store, record)
         self.assertEqual(self.successResultOf(store.get_call(record.call_id)), record)
         active = self.successResultOf(store.load_active())
@@ -136,7 +208,7 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
             [] if record.is_terminal else [record],
         )
 
-    @settings(max_examples=40, deadline=None)
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.differing_executors])
     @given(first=records, last=records, data=st.data())
     def test_incremental_round_trip(self, first, last, data):
         """A record written in two steps reads back as the last scalars plus every appended row."""
@@ -144,6 +216,8 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
             self._shared = self.open_store()
         store = self._shared
         call_id = str(uuid.uuid4())
+        first = attrs.evolve(first, provider_call_id=None if first.provider_call_id is None else "1" + call_id)
+        last = attrs.evolve(last, provider_call_id=None if last.provider_call_id is None else "2" + call_id)
         cut_t = data.draw(st.integers(0, len(last.transcript)))
         cut_k = data.draw(st.integers(0, len(last.processed_event_ids)))
         self.write(
@@ -161,49 +235,16 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
         )
         self.assertEqual(self.successResultOf(store.get_call(call_id)), final)
 
-    def test_open_creates_private_directory_and_file(self):
-        """open() creates a missing directory with mode 0700, and the database and WAL with 0600."""
-        directory = os.path.join(os.path.abspath(self.mktemp()), "state")
-        store = self.open_store(directory)
-        self.write(store, make_record())
-        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
-        for name in (DB_FILENAME, DB_FILENAME + "-wal"):
-            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode), 0o600)
-
-    def test_pragmas(self):
-        """The connection uses WAL, synchronous=FULL, foreign keys, a busy timeout and schema 1."""
-        writer = SynchronousWriter()
-        store = CallStore(os.path.abspath(self.mktemp()), writer)
-        self.successResultOf(store.open())
-        self.addCleanup(store.close)
-
-        def pragmas(conn):
-            return [
-                conn.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in (
-                    "journal_mode", "synchronous", "foreign_keys", "busy_timeout", "user_version"
-                )
-            ]
-
-        journal, synchronous, foreign_keys, busy, version = self.successResultOf(
-            writer.run(pragmas)
-        )
-        self.assertEqual((journal, synchronous, foreign_keys, version), ("wal", 2, 1, 1))
-        self.assertGreater(busy, 0)
-
     def test_newer_schema_refused(self):
         """A database of a newer schema version is refused with a StoreError naming the version."""
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        conn = sqlite3.connect(os.path.join(directory, DB_FILENAME))
-        conn.execute("PRAGMA user_version = 7")
-        conn.close()
-        failure = self.failureResultOf(CallStore(directory, SynchronousWriter()).open(), StoreError)
+        location = self.new_location()
+        self.make_newer(location, 7)
+        failure = self.failureResultOf(self.make_store(location).open(), StoreError)
         self.assertIn("version 7", str(failure.value))
 
     def test_reopen_keeps_everything(self):
         """Closing and reopening the store gives back the records, keys and event log."""
-        directory = os.path.abspath(self.mktemp())
+        directory = self.new_location()
         store = self.open_store(directory)
         record = make_record(transcript=[entry("hi")], processed_event_ids=["k1", "k2"])
         self.write_whole(store, record)
@@ -220,7 +261,7 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
         """get_call finds a call by its provider call id, the newest one if several share it."""
         store = self.open_store()
         self.write(store, make_record("a", provider_call_id="P1"))
-        self.write(store, make_record("b", provider_call_id="P1"))
+        self.write(store, make_record("b", provider="telnyx", provider_call_id="P1"))
         self.write(store, make_record("c", provider_call_id="P2"))
         self.assertEqual(self.successResultOf(store.get_call("P1")).call_id, "b")
         self.assertEqual(self.successResultOf(store.get_call("c")).call_id, "c")
@@ -271,27 +312,6 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
         got = self.successResultOf(store.get_call("call-1"))
         self.assertEqual(got.processed_event_ids, ["k1", "k2"])
         self.assertEqual(self.successResultOf(store.recent_event_keys()), ["k1", "k2"])
-
-    def test_write_cost_independent_of_call_length(self):
-        """Appending to a long call executes the same statements as appending to a new one."""
-        writer = SynchronousWriter()
-        store = CallStore(os.path.abspath(self.mktemp()), writer)
-        self.successResultOf(store.open())
-        self.addCleanup(store.close)
-        statements: list[str] = []
-        self.successResultOf(writer.run(lambda conn: conn.set_trace_callback(statements.append)))
-
-        def traced_append(call_id):
-            del statements[:]
-            self.write(
-                store, make_record(call_id), transcript=[entry("x")], event_keys=[f"k-{call_id}"]
-            )
-            return [line.replace(call_id, "ID") for line in statements]
-
-        short = traced_append("short")
-        for i in range(200):
-            self.write(store, make_record("long"), transcript=[entry(str(i))], event_keys=[f"k{i}"])
-        self.assertEqual(traced_append("long"), short)
 
     def test_delete_call(self):
         """delete_call removes the call with its transcript and keys; other calls stay."""
@@ -348,7 +368,7 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
 
     def test_event_log_pruned_at_open(self):
         """Opening the store prunes the event log to the cap."""
-        directory = os.path.abspath(self.mktemp())
+        directory = self.new_location()
         store = self.open_store(directory)
         self.write(store, events=[event("a", at=i) for i in range(20)])
         self.successResultOf(store.close())
@@ -391,21 +411,21 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
         failure = self.failureResultOf(
             store.write(changed, transcript=[entry("fine"), entry("bad \ud800")], event_keys=["k2"])
         )
-        self.assertIsInstance(failure.value, (UnicodeError, sqlite3.Error))
+        self.assertIsInstance(failure.value, (UnicodeError, self.integrity_error))
         got = self.successResultOf(store.get_call("call-1"))
         self.assertEqual(got, make_record(transcript=[entry("one")], processed_event_ids=["k1"]))
 
     def test_missing_not_null_field_fails(self):
         """A record missing a required field fails its own write and the store goes on working."""
         store = self.open_store()
-        self.failureResultOf(store.write(make_record(from_number=None)), sqlite3.IntegrityError)
+        self.failureResultOf(store.write(make_record(from_number=None)), self.integrity_error)
         self.write(store, make_record("ok"))
         self.assertIsNone(self.successResultOf(store.get_call("call-1")))
         self.assertEqual(self.successResultOf(store.get_call("ok")), make_record("ok"))
 
     def test_operations_need_open_store(self):
         """Before open() and after close() every operation fails with StoreClosedError."""
-        store = CallStore(os.path.abspath(self.mktemp()), SynchronousWriter())
+        store = self.make_store(self.new_location())
         self.failureResultOf(store.write(make_record()), StoreClosedError)
         self.successResultOf(store.open())
         self.successResultOf(store.close())
@@ -416,6 +436,125 @@ class CallStoreTests(_StoreMixin, SynchronousTestCase):
         store = self.open_store()
         self.failureResultOf(store.last_events(-1), ValueError)
         self.failureResultOf(store.recent_calls("5"), ValueError)
+
+    def test_one_call_per_carrier_call(self):
+        """A second call with a (provider, provider call id) already stored fails, naming the first, and changes nothing."""
+        store = self.open_store()
+        self.write(store, make_record("first", provider_call_id="P1"))
+        failure = self.failureResultOf(
+            store.write(make_record("second", provider_call_id="P1"), events=[event("second")]), CallExistsError
+        )
+        self.assertEqual((failure.value.call_id, failure.value.owner_node), ("first", self.node_id))
+        self.assertIsNone(self.successResultOf(store.get_call("second")))
+        self.assertEqual(self.successResultOf(store.last_events(5)), [])
+        # the same call may write again; another provider's id space is its own
+        self.write(store, make_record("first", provider_call_id="P1", state="active"))
+        self.write(store, make_record("third", provider="plivo", provider_call_id="P1"))
+
+    def test_owner_recorded(self):
+        """Each call row names the node that wrote it."""
+        store = self.open_store()
+        self.write(store, make_record())
+        owner = self.successResultOf(self.raw(store, lambda conn: conn.execute("SELECT owner_node FROM calls").fetchone()[0]))
+        self.assertEqual(owner, self.node_id)
+
+    def test_admit_limit(self):
+        """A new call is refused once `admit_limit` calls are live; known calls and ended ones do not count against it."""
+        store = self.open_store()
+        self.write(store, make_record("a"), admit_limit=2)
+        self.write(store, make_record("b"), admit_limit=2)
+        failure = self.failureResultOf(store.write(make_record("c"), events=[event("c")], admit_limit=2), StoreFullError)
+        self.assertEqual(str(failure.value), "Maximum concurrent calls (2) reached")
+        self.assertIsNone(self.successResultOf(store.get_call("c")))
+        self.assertEqual(self.successResultOf(store.last_events(5)), [])
+        self.write(store, make_record("a", state="active"), admit_limit=2)  # not new: admitted
+        self.write(store, make_record("b", state="completed", ended_at=5))
+        self.write(store, make_record("c"), admit_limit=2)
+
+
+class SqliteStoreTests(StoreContract, SynchronousTestCase):
+    """The contract on SQLite, and what is SQLite's alone."""
+
+    node_id = "local"
+
+    def test_open_creates_private_directory_and_file(self):
+        """open() creates a missing directory with mode 0700, and the database and WAL with 0600."""
+        directory = os.path.join(os.path.abspath(self.mktemp()), "state")
+        store = self.open_store(directory)
+        self.write(store, make_record())
+        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+        for name in (DB_FILENAME, DB_FILENAME + "-wal"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode), 0o600)
+
+    def test_pragmas(self):
+        """The connection uses WAL, synchronous=FULL, foreign keys, a busy timeout and schema 2."""
+        writer = SynchronousWriter()
+        store = CallStore(os.path.abspath(self.mktemp()), writer)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+
+        def pragmas(conn):
+            return [
+                conn.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in (
+                    "journal_mode", "synchronous", "foreign_keys", "busy_timeout", "user_version"
+                )
+            ]
+
+        journal, synchronous, foreign_keys, busy, version = self.successResultOf(
+            writer.run(pragmas)
+        )
+        self.assertEqual((journal, synchronous, foreign_keys, version), ("wal", 2, 1, 2))
+        self.assertGreater(busy, 0)
+
+    def test_write_cost_independent_of_call_length(self):
+        """Appending to a long call executes the same statements as appending to a new one."""
+        writer = SynchronousWriter()
+        store = CallStore(os.path.abspath(self.mktemp()), writer)
+        self.successResultOf(store.open())
+        self.addCleanup(store.close)
+        statements: list[str] = []
+        self.successResultOf(writer.run(lambda conn: conn.set_trace_callback(statements.append)))
+
+        def traced_append(call_id):
+            del statements[:]
+            self.write(
+                store, make_record(call_id), transcript=[entry("x")], event_keys=[f"k-{call_id}"]
+            )
+            return [line.replace(call_id, "ID") for line in statements]
+
+        short = traced_append("short")
+        for i in range(200):
+            self.write(store, make_record("long"), transcript=[entry(str(i))], event_keys=[f"k{i}"])
+        self.assertEqual(traced_append("long"), short)
+
+
+
+    def test_schema_1_upgraded(self):
+        """A store of schema 1 (before owners and the unique claim) opens, keeps its calls and gains both."""
+        directory = self.new_location()
+        os.makedirs(directory)
+        conn = sqlite3.connect(os.path.join(directory, DB_FILENAME), isolation_level=None)
+        conn.executescript(store_module._SCHEMA)
+        conn.execute(
+            "INSERT INTO calls VALUES ('old', 'P1', 'twilio', 'outbound', 'ringing', 0, '+1', '+2', NULL, 1, NULL, NULL, NULL, '{}')"
+        )
+        conn.close()
+        store = self.open_store(directory)
+        self.assertEqual(self.successResultOf(store.get_call("P1")).call_id, "old")
+        self.failureResultOf(store.write(make_record("new", provider_call_id="P1")), CallExistsError)
+        self.assertEqual(self.successResultOf(self.raw(store, lambda c: c.execute("PRAGMA user_version").fetchone()[0])), 2)
+
+    def test_nul_kept(self):
+        """SQLite keeps NUL characters in text (PostgreSQL refuses them: test_store_pg)."""
+        store = self.open_store()
+        record = make_record(to_number="+1\x00", transcript=[entry("a\x00b")])
+        self.write_whole(store, record)
+        self.assertEqual(self.successResultOf(store.get_call("call-1")), record)
+
+
+class PgStoreTests(PgBackend, StoreContract, SynchronousTestCase):
+    """The contract on PostgreSQL."""
 
 
 class SynchronousWriterTests(_StoreMixin, SynchronousTestCase):
@@ -462,25 +601,6 @@ class ReadOnlyStoreTests(_StoreMixin, SynchronousTestCase):
         open(os.path.join(directory, DB_FILENAME), "wb").close()
         self.assertIsNone(open_readonly(directory))
 
-    def test_reads_while_daemon_store_open(self):
-        """A read-only store sees what the daemon's store has committed, also later commits."""
-        directory = os.path.abspath(self.mktemp())
-        store = self.open_store(directory)
-        record = make_record(transcript=[entry("hi")], processed_event_ids=["k"])
-        self.write_whole(store, record)
-        self.write(store, events=[event("call-1"), event("call-1", "call.answered", 2)])
-        ro = open_readonly(directory)
-        self.addCleanup(ro.close)
-        self.assertEqual(ro.get_call("call-1"), record)
-        self.assertEqual(ro.get_call(record.provider_call_id), record)
-        self.assertIsNone(ro.get_call("other"))
-        self.assertEqual(ro.recent_calls(5), [record])
-        self.assertEqual(ro.load_active(), [record])
-        self.assertEqual([e["seq"] for e in ro.last_events(1)], [2])
-        self.write(store, make_record("call-2"), events=[event("call-2")])
-        self.assertEqual([e["callId"] for e in ro.events_after(2)], ["call-2"])
-        self.assertEqual([r.call_id for r in ro.recent_calls(5)], ["call-1", "call-2"])
-
     def test_reads_after_daemon_closed(self):
         """A read-only store opens a closed database and cannot change it."""
         directory = os.path.abspath(self.mktemp())
@@ -495,6 +615,50 @@ class ReadOnlyStoreTests(_StoreMixin, SynchronousTestCase):
 
 
 # --- ThreadedWriter: real threads and the real reactor ---
+
+
+class ReadOnlyContract(_StoreMixin):
+    """The CLI's read-only view, on either backend."""
+
+    def test_reads_while_daemon_store_open(self):
+        """A read-only store sees what the daemon's store has committed, also later commits."""
+        directory = self.new_location()
+        store = self.open_store(directory)
+        record = make_record(transcript=[entry("hi")], processed_event_ids=["k"])
+        self.write_whole(store, record)
+        self.write(store, events=[event("call-1"), event("call-1", "call.answered", 2)])
+        ro = self.readonly(directory)
+        self.addCleanup(ro.close)
+        self.assertEqual(ro.get_call("call-1"), record)
+        self.assertEqual(ro.get_call(record.provider_call_id), record)
+        self.assertIsNone(ro.get_call("other"))
+        self.assertEqual(ro.recent_calls(5), [record])
+        self.assertEqual(ro.load_active(), [record])
+        self.assertEqual([e["seq"] for e in ro.last_events(1)], [2])
+        self.write(store, make_record("call-2"), events=[event("call-2")])
+        self.assertEqual([e["callId"] for e in ro.events_after(2)], ["call-2"])
+        self.assertEqual([r.call_id for r in ro.recent_calls(5)], ["call-1", "call-2"])
+
+
+
+class SqliteReadOnlyTests(ReadOnlyContract, SynchronousTestCase):
+    pass
+
+
+class PgReadOnlyTests(PgBackend, ReadOnlyContract, SynchronousTestCase):
+    def test_no_store_yet(self):
+        """A database without the store's tables reads as no store."""
+        self.assertIsNone(self.readonly(self.new_location()))
+
+    def test_cannot_change_anything(self):
+        import psycopg
+
+        location = self.new_location()
+        self.open_store(location)
+        with self.readonly(location) as ro:
+            with self.assertRaises(psycopg.errors.ReadOnlySqlTransaction):
+                with ro._conn.transaction():
+                    ro._conn.execute("DELETE FROM calls")
 
 
 class ThreadedWriterTests(TestCase):
@@ -617,7 +781,7 @@ class ThreadedWriterTests(TestCase):
         self.assertIsNone(await writer.run(lambda conn: None))
 
 
-class LoadTests(_StoreMixin, SynchronousTestCase):
+class LoadContract(_StoreMixin):
     """The bulk read path (load_active, get_call) builds whole, independent, ordinary records."""
 
     def test_records_are_ordinary_model_objects(self):
@@ -669,7 +833,8 @@ class LoadTests(_StoreMixin, SynchronousTestCase):
 
     def test_many_calls_whole_and_in_order(self):
         """Hundreds of live calls among ended ones come back whole, oldest first."""
-        store = self.open_store()
+        location = self.new_location()
+        store = self.open_store(location)
         expected = []
         for i in range(300):
             record = make_record(
@@ -690,47 +855,19 @@ class LoadTests(_StoreMixin, SynchronousTestCase):
             record.transcript.extend(more)
             record.processed_event_ids.append(f"later-{record.call_id}")
         self.assertEqual(self.successResultOf(store.load_active()), expected)
-        with open_readonly(store._directory) as readonly:
+        with self.readonly(location) as readonly:
             self.assertEqual(readonly.load_active(), expected)
 
     def test_bad_stored_value_fails_the_load(self):
         """A row holding a value outside the model (an edited database) fails the read."""
         store = self.open_store()
         self.write_whole(store, make_record())
-        self.successResultOf(
-            store._writer.run(lambda conn: conn.execute("UPDATE calls SET state = 'bogus'"))
-        )
+        self.successResultOf(self.raw(store, lambda conn: conn.execute("UPDATE calls SET state = 'bogus'")))
         self.failureResultOf(store.load_active(), ValueError)
         self.failureResultOf(store.get_call("call-1"), ValueError)
         self.assertTrue(gc.isenabled())
 
-    def test_collector_left_as_it_was(self):
-        """Loads pause the cyclic collector and leave it as they found it, frozen objects too."""
-        store = self.open_store()
-        self.write_whole(store, make_record())
-        self.assertTrue(gc.isenabled())
-        self.successResultOf(store.load_active())
-        self.assertTrue(gc.isenabled())
-        self.assertEqual(gc.get_freeze_count(), 0)
-        gc.disable()
-        try:
-            self.successResultOf(store.load_active())
-            self.assertFalse(gc.isenabled())
-        finally:
-            gc.enable()
-        gc.freeze()
-        try:
-            frozen = gc.get_freeze_count()
-            self.successResultOf(store.load_active())
-            self.assertEqual(gc.get_freeze_count(), frozen)
-        finally:
-            gc.unfreeze()
-        with self.assertRaises(KeyError), collector_paused():
-            raise KeyError("boom")
-        self.assertTrue(gc.isenabled())
-
-
-class RestoreTests(_StoreMixin, SynchronousTestCase):
+class RestoreContract(_StoreMixin):
     """CallManager.restore over the real store: records come back exactly as stored."""
 
     def setUp(self):
@@ -808,6 +945,46 @@ class RestoreTests(_StoreMixin, SynchronousTestCase):
         self.clock.advance(0.2)
         self.assertEqual(len(manager.active_calls()), 25)
         self.assertTrue(gc.isenabled())
+
+
+class SqliteLoadTests(LoadContract, SynchronousTestCase):
+    # Here only: the PostgreSQL pool's own threads free objects, which moves the freeze count.
+    def test_collector_left_as_it_was(self):
+        """Loads pause the cyclic collector and leave it as they found it, frozen objects too."""
+        store = self.open_store()
+        self.write_whole(store, make_record())
+        self.assertTrue(gc.isenabled())
+        self.successResultOf(store.load_active())
+        self.assertTrue(gc.isenabled())
+        self.assertEqual(gc.get_freeze_count(), 0)
+        gc.disable()
+        try:
+            self.successResultOf(store.load_active())
+            self.assertFalse(gc.isenabled())
+        finally:
+            gc.enable()
+        gc.freeze()
+        try:
+            frozen = gc.get_freeze_count()
+            self.successResultOf(store.load_active())
+            self.assertEqual(gc.get_freeze_count(), frozen)
+        finally:
+            gc.unfreeze()
+        with self.assertRaises(KeyError), collector_paused():
+            raise KeyError("boom")
+        self.assertTrue(gc.isenabled())
+
+
+class PgLoadTests(PgBackend, LoadContract, SynchronousTestCase):
+    pass
+
+
+class SqliteRestoreTests(RestoreContract, SynchronousTestCase):
+    pass
+
+
+class PgRestoreTests(PgBackend, RestoreContract, SynchronousTestCase):
+    pass
 
 
 _CHILD = textwrap.dedent(

@@ -20,6 +20,17 @@ another process holds fails with `StoreLockedError` before anything in the direc
 
 `open_readonly` gives the CLI synchronous, read-only access while the daemon is down (it takes
 no lock, so it works while a daemon holds the store too).
+
+The store interface is shared with the PostgreSQL store (pgstore.py), which many nodes use at
+once; SQLite keeps the same columns and rules for one node, so the manager's code is one:
+
+- every call row names its owner (``owner_node``, the id the store was opened with). On
+  PostgreSQL a write to a call another node owns fails with `NotOwnerError` (fencing); on SQLite
+  the store's lock is the fence (one daemon per directory), so it only records the owner;
+- a (provider, provider call id) pair belongs to one call: writing a second call with it fails
+  with `CallExistsError` naming the call (and owner) that has it, and changes nothing;
+- ``write(record, admit_limit=N)`` for a call not yet stored fails with `StoreFullError` when N
+  non-terminal calls are already stored (maxConcurrentCalls, for all nodes on PostgreSQL).
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ import os
 import sqlite3
 import urllib.parse
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import attrs
 from attrs import define, field
@@ -45,7 +56,7 @@ T = TypeVar("T")
 
 DB_FILENAME = "voicecall.sqlite3"
 LOCK_FILENAME = "voicecall.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EVENTS_CAP = 100_000
 PRUNE_EVERY = 1_000
 BUSY_TIMEOUT_MS = 5_000
@@ -97,15 +108,53 @@ PRAGMA user_version = 1;
 COMMIT;
 """
 
-_CALL_COLUMNS = (
+#: Version 2: the owner of each call, and one call per (provider, provider call id).
+_SCHEMA_2 = """
+BEGIN IMMEDIATE;
+ALTER TABLE calls ADD COLUMN owner_node TEXT;
+CREATE UNIQUE INDEX calls_claim ON calls (provider, provider_call_id) WHERE provider_call_id IS NOT NULL;
+PRAGMA user_version = 2;
+COMMIT;
+"""
+
+CALL_COLUMNS = (
     "call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
     " session_key, started_at, answered_at, ended_at, end_reason, metadata"
 )
 _UPSERT = (
-    f"INSERT INTO calls ({_CALL_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    f"INSERT INTO calls ({CALL_COLUMNS}, owner_node) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
     " ON CONFLICT (call_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _CALL_COLUMNS.replace(" ", "").split(",")[1:])
+    + ", ".join(f"{c} = excluded.{c}" for c in [*CALL_COLUMNS.replace(" ", "").split(",")[1:], "owner_node"])
 )
+
+
+# --- the errors of the store interface (both backends) ------------------------------------------
+
+
+class NotOwnerError(StoreError):
+    """The call belongs to another node (it adopted it): this node's write changed nothing."""
+
+    def __init__(self, call_id: str, owner: str | None) -> None:
+        self.call_id = call_id
+        self.owner = owner
+        super().__init__(f"call {call_id} is owned by node {owner!r}; this node may no longer change it")
+
+
+class CallExistsError(StoreError):
+    """Another call already has this (provider, provider call id): the first to store it won."""
+
+    def __init__(self, call_id: str, owner_node: str | None) -> None:
+        self.call_id = call_id
+        self.owner_node = owner_node
+        super().__init__(f"the carrier's call is already stored as {call_id} (node {owner_node!r})")
+
+
+class StoreFullError(StoreError):
+    """``admit_limit`` non-terminal calls are already stored: a new one is not admitted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"Maximum concurrent calls ({limit}) reached")
 
 
 # --- the store lock ----------------------------------------------------------------------------
@@ -164,6 +213,8 @@ class CallStore:
 
     _directory: str
     _writer: Writer
+    #: This daemon's node id, recorded as each call's owner.
+    _node_id: str = "local"
     _events_cap: int = EVENTS_CAP
     _prune_every: int = PRUNE_EVERY
     _since_prune: int = field(default=0, init=False)  # touched by operations only
@@ -204,6 +255,7 @@ class CallStore:
         transcript: Sequence[TranscriptEntry] = (),
         event_keys: Sequence[str] = (),
         events: Sequence[dict[str, Any]] = (),
+        admit_limit: int | None = None,
     ) -> Deferred[None]:
         """
         In one transaction: upsert `record`'s row (scalar fields and metadata, not its transcript
@@ -211,11 +263,15 @@ class CallStore:
         and append `events` to the event log (each a JSON-able dict with a string ``callId`` and
         ``type`` and an integer ``at``; the store gives it an increasing ``seq``). The record is
         read now, so the caller may change it as soon as this returns. Fires once committed.
+
+        With `admit_limit`, a record not yet stored is admitted only while fewer than that many
+        calls are non-terminal (else `StoreFullError`). A record whose provider call id another
+        call has fails with `CallExistsError`. Either changes nothing.
         """
         try:
             if record is None and (transcript or event_keys):
                 raise ValueError("transcript entries and event keys need the call's record")
-            row = None if record is None else _call_row(record)
+            row = None if record is None else (*_call_row(record), self._node_id)
             call_id = None if record is None else record.call_id
             lines = [
                 (call_id, t.timestamp, t.speaker.value, t.text, int(t.is_final)) for t in transcript
@@ -229,7 +285,18 @@ class CallStore:
 
         def op(conn: sqlite3.Connection) -> None:
             if row is not None:
-                conn.execute(_UPSERT, row)
+                if admit_limit is not None:
+                    _admit(conn, call_id, admit_limit)
+                try:
+                    conn.execute(_UPSERT, row)
+                except sqlite3.IntegrityError as e:
+                    if "provider_call_id" not in str(e):
+                        raise
+                    holder = conn.execute(
+                        "SELECT call_id, owner_node FROM calls WHERE provider = ? AND provider_call_id = ?",
+                        (record.provider, record.provider_call_id),
+                    ).fetchone()
+                    raise CallExistsError(*holder) from None
             if lines:
                 conn.executemany(
                     "INSERT INTO transcript (call_id, timestamp, speaker, text, is_final)"
@@ -338,6 +405,8 @@ def _open_connection(directory: str) -> sqlite3.Connection:
         version = _schema_version(conn, path)
         if version == 0:
             conn.executescript(_SCHEMA)
+        if version < 2:
+            conn.executescript(_SCHEMA_2)
     except BaseException:
         conn.close()
         raise
@@ -352,6 +421,14 @@ def _schema_version(conn: sqlite3.Connection, path: str) -> int:
             f" this voicecall reads up to {SCHEMA_VERSION}"
         )
     return version
+
+
+def _admit(conn: sqlite3.Connection, call_id: str, limit: int) -> None:
+    """Refuse (StoreFullError) a call not yet stored when `limit` calls are live; the writer serialises this."""
+    if conn.execute("SELECT 1 FROM calls WHERE call_id = ?", (call_id,)).fetchone() is None:
+        (live,) = conn.execute("SELECT count(*) FROM calls WHERE terminal = 0").fetchone()
+        if live >= limit:
+            raise StoreFullError(limit)
 
 
 def _call_row(r: CallRecord) -> tuple[Any, ...]:
@@ -439,14 +516,37 @@ def _select_calls(
     back into records by `_record` and `_entry`, without the model's converters (restore of a
     large store spends most of its time here).
     """
+    select = f"SELECT {CALL_COLUMNS} FROM calls c WHERE {where} ORDER BY c.rowid"
+    records = build_records(conn.execute(select, params))
+    if not records:
+        return []
+    return fill_records(
+        records,
+        conn.execute(
+            "SELECT t.call_id, t.timestamp, t.speaker, t.text, t.is_final FROM calls c"
+            f" CROSS JOIN transcript t ON t.call_id = c.call_id WHERE {where} ORDER BY c.rowid, t.seq",
+            params,
+        ),
+        conn.execute(
+            "SELECT k.call_id, k.key FROM calls c"
+            f" CROSS JOIN event_keys k ON k.call_id = c.call_id WHERE {where} ORDER BY c.rowid, k.seq",
+            params,
+        ),
+    )
+
+
+def build_records(rows: Iterable[Sequence[Any]]) -> dict[str, CallRecord]:
+    """
+    Records (without transcript or event keys yet) from rows of `CALL_COLUMNS`, in row order,
+    by call id. Shared with the PostgreSQL store, whose rows hold the same values.
+    """
     records: dict[str, CallRecord] = {}
     metadata = _metadata_loader()
     states, directions = _STATES, _DIRECTIONS
-    select = f"SELECT {_CALL_COLUMNS} FROM calls c WHERE {where} ORDER BY c.rowid"
     for (
         call_id, pid, provider, direction, state, _, from_, to, session, started, answered, ended,
         reason, meta,
-    ) in conn.execute(select, params):
+    ) in rows:
         records[call_id] = _record(
             call_id,
             provider,
@@ -464,22 +564,21 @@ def _select_calls(
             [],
             metadata(meta),
         )
-    if not records:
-        return []
+    return records
+
+
+def fill_records(
+    records: dict[str, CallRecord],
+    transcript_rows: Iterable[Sequence[Any]],
+    key_rows: Iterable[Sequence[Any]],
+) -> list[CallRecord]:
+    """Append (call_id, timestamp, speaker, text, is_final) and (call_id, key) rows, in order, to `records`."""
     speakers = _SPEAKERS
-    for call_id, timestamp, speaker, text, is_final in conn.execute(
-        "SELECT t.call_id, t.timestamp, t.speaker, t.text, t.is_final FROM calls c"
-        f" CROSS JOIN transcript t ON t.call_id = c.call_id WHERE {where} ORDER BY c.rowid, t.seq",
-        params,
-    ):
+    for call_id, timestamp, speaker, text, is_final in transcript_rows:
         records[call_id].transcript.append(
             _entry(timestamp, speakers.get(speaker) or Speaker(speaker), text, bool(is_final))
         )
-    for call_id, key in conn.execute(
-        "SELECT k.call_id, k.key FROM calls c"
-        f" CROSS JOIN event_keys k ON k.call_id = c.call_id WHERE {where} ORDER BY c.rowid, k.seq",
-        params,
-    ):
+    for call_id, key in key_rows:
         records[call_id].processed_event_ids.append(key)
     return list(records.values())
 

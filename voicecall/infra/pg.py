@@ -166,7 +166,7 @@ class PgPool:
         if self._open:
             return succeed(None)
         self._threads.start()
-        d = deferToThreadPool(self._reactor, self._threads, self._open_pool)
+        d = self._dispatch(self._open_pool)
 
         def opened(pool: ConnectionPool) -> None:
             self._pool = pool
@@ -199,6 +199,10 @@ class PgPool:
             raise StoreUnavailableError(self._unreachable(self._probe())) from None
         return pool
 
+    def _dispatch(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``fn(*args)`` on one of the pool's threads; the result is delivered on the reactor thread."""
+        return deferToThreadPool(self._reactor, self._threads, fn, *args)
+
     def _probe(self) -> str:
         """Why a connection fails (one direct attempt, for the error message)."""
         try:
@@ -224,7 +228,7 @@ class PgPool:
         self._pool = None
 
         def disconnect(_: object) -> Deferred[None]:
-            return deferToThreadPool(self._reactor, self._threads, pool.close)
+            return self._dispatch(pool.close)
 
         def stop_threads(result: object) -> object:
             self._threads.stop()
@@ -241,7 +245,7 @@ class PgPool:
         if self._pending >= self._max_pending:
             return fail(StoreBusyError(f"{self._pending} operations already wait for PostgreSQL {self.server}"))
         self._pending += 1
-        d = deferToThreadPool(self._reactor, self._threads, self._transact, self._pool, fn, retry_ambiguous)
+        d = self._dispatch(self._transact, self._pool, fn, retry_ambiguous)
 
         def done(result: T) -> T:
             self._pending -= 1

@@ -1,0 +1,527 @@
+# -*- test-case-name: tests.test_store,tests.test_store_pg -*-
+"""
+The call store on PostgreSQL, shared by every node of a deployment (DESIGN.md "Scale-out").
+
+Same interface and contract as the SQLite `CallStore` (store.py): a write's Deferred fires only
+once its transaction is committed (``synchronous_commit`` as the server has it: keep it ``on``),
+so a webhook answered 2xx and an acknowledged initiate survive a crash of the node and of the
+server. All database work runs on `PgPool` threads (infra/pg.py), never the reactor's.
+
+Schema: versioned migrations (`MIGRATIONS`), applied at `open` in one transaction under an
+advisory lock, so nodes starting together do not race; each applied version is a row of
+``schema_migrations``. A database whose version is newer than this code knows is refused. To
+change the schema, APPEND a `Migration` to `MIGRATIONS` (never edit an applied one).
+
+Cluster rules (the store is opened with this node's id):
+
+- every call row names its owner, ``owner_node``; a write sets it to this node. FENCING: a write
+  (or delete) of a call another node owns fails with `NotOwnerError` and changes nothing, so a
+  node declared dead cannot overwrite the node that adopted its calls;
+- UNIQUE (provider, provider_call_id): an inbound call is created by exactly one node; the loser
+  gets `CallExistsError(call_id, owner_node)` naming the winner;
+- ``write(record, admit_limit=N)`` for a call not yet stored counts the non-terminal calls of
+  ALL nodes under a transaction-level advisory lock and fails with `StoreFullError` when N are
+  live, so maxConcurrentCalls holds across nodes under concurrent initiates;
+- `load_active` gives only this node's live calls (the others are their owners' to run, or to
+  adopt); every other read sees all nodes' calls.
+
+The event log (``events``, what ``voicecall tail`` and cross-node ``subscribe`` follow): a
+bigserial ``seq``, pruned to the newest ``events_cap`` rows like SQLite's. Every insert NOTIFYs
+channel ``voicecall_events`` (`EVENTS_CHANNEL`) with the row's seq as payload (a trigger), sent
+when its transaction commits. Transactions that append events take an advisory lock first
+(`EVENTS_LOCK`, held to COMMIT), so seqs become visible in increasing order: a follower that
+reads ``events_after(last_seq)`` on each notification (and after reconnecting) misses nothing.
+The price: event-writing transactions of all nodes commit one at a time.
+
+Retries (see infra/pg.py): a transaction may run again after a serialization failure, a lost
+connection, or a connection lost during COMMIT, when it may already have been applied. Every
+write is idempotent: call rows are upserts of whole values, event keys are INSERT ... ON CONFLICT
+DO NOTHING, and a write that appends transcript entries or events first records its random
+write id in ``applied_writes`` and, finding it there, does nothing more.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable, Sequence, TypeVar
+
+import psycopg
+from attrs import frozen
+from psycopg import errors as pgerrors
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+
+from voicecall.domain.model import CallRecord, TranscriptEntry
+from voicecall.domain.store import (
+    CALL_COLUMNS,
+    EVENTS_CAP,
+    PRUNE_EVERY,
+    CallExistsError,
+    NotOwnerError,
+    StoreFullError,
+    _call_row,
+    _count,
+    _event,
+    _event_row,
+    build_records,
+    collector_paused,
+    fill_records,
+)
+from voicecall.infra.dbwriter import StoreError
+from voicecall.infra.pg import PgPool, describe, redactor
+
+T = TypeVar("T")
+
+#: The channel every events insert notifies, with the new row's seq as payload.
+EVENTS_CHANNEL = "voicecall_events"
+#: Transaction-level advisory lock keys (one namespace: 0x766f6963 is "voic").
+MIGRATION_LOCK = 0x766F6963_0001
+ADMIT_LOCK = 0x766F6963_0002
+EVENTS_LOCK = 0x766F6963_0003
+#: How long a write id is kept to recognise the retry of an ambiguous COMMIT.
+APPLIED_WRITES_KEPT = "1 hour"
+
+
+@frozen
+class Migration:
+    """One schema step: `sql` (statements separated by ';' are run as one script) or a callable(conn)."""
+
+    version: int
+    description: str
+    sql: str | Callable[[psycopg.Connection], None]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "calls, transcript, event keys, event log, nodes", f"""
+CREATE TABLE calls (
+    call_id TEXT PRIMARY KEY,
+    created_seq BIGSERIAL NOT NULL,
+    provider_call_id TEXT,
+    provider TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    state TEXT NOT NULL,
+    terminal BOOLEAN NOT NULL,
+    from_number TEXT NOT NULL,
+    to_number TEXT NOT NULL,
+    session_key TEXT,
+    started_at BIGINT NOT NULL,
+    answered_at BIGINT,
+    ended_at BIGINT,
+    end_reason TEXT,
+    metadata TEXT NOT NULL,
+    owner_node TEXT
+);
+CREATE INDEX calls_created ON calls (created_seq);
+CREATE INDEX calls_by_provider_call_id ON calls (provider_call_id, created_seq);
+CREATE UNIQUE INDEX calls_claim ON calls (provider, provider_call_id) WHERE provider_call_id IS NOT NULL;
+CREATE INDEX calls_active ON calls (owner_node, created_seq) WHERE NOT terminal;
+CREATE TABLE transcript (
+    seq BIGSERIAL PRIMARY KEY,
+    call_id TEXT NOT NULL REFERENCES calls (call_id) ON DELETE CASCADE,
+    timestamp BIGINT NOT NULL,
+    speaker TEXT NOT NULL,
+    text TEXT NOT NULL,
+    is_final BOOLEAN NOT NULL
+);
+CREATE INDEX transcript_by_call ON transcript (call_id, seq);
+CREATE TABLE event_keys (
+    seq BIGSERIAL PRIMARY KEY,
+    call_id TEXT NOT NULL REFERENCES calls (call_id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    UNIQUE (call_id, key)
+);
+CREATE TABLE events (
+    seq BIGSERIAL PRIMARY KEY,
+    call_id TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    type TEXT NOT NULL,
+    json TEXT NOT NULL
+);
+CREATE FUNCTION voicecall_events_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{EVENTS_CHANNEL}', NEW.seq::text);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER events_notify AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION voicecall_events_notify();
+CREATE TABLE applied_writes (
+    write_id UUID PRIMARY KEY,
+    at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    public_url TEXT NOT NULL,
+    host TEXT,
+    pid INTEGER,
+    started_at TIMESTAMPTZ NOT NULL,
+    heartbeat_at TIMESTAMPTZ NOT NULL
+)
+"""),
+)
+
+_log = Logger()
+
+_COLUMN_NAMES = [c.strip() for c in CALL_COLUMNS.split(",")]
+_UPSERT = (
+    f"INSERT INTO calls ({CALL_COLUMNS}, owner_node) VALUES ({', '.join(['%s'] * (len(_COLUMN_NAMES) + 1))})"
+    " ON CONFLICT (call_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in [*_COLUMN_NAMES[1:], "owner_node"])
+    + " WHERE calls.owner_node IS NULL OR calls.owner_node = excluded.owner_node"
+    " RETURNING 1"
+)
+_SELECT = f"SELECT {', '.join('c.' + c for c in _COLUMN_NAMES)} FROM calls c"
+
+
+def latest_version(migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    return max(m.version for m in migrations)
+
+
+def migrate(conn: psycopg.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
+    """
+    Bring the schema up to date inside `conn`'s transaction, under `MIGRATION_LOCK`; return the
+    versions applied. Raises StoreError, changing nothing, if the database is newer than `migrations`.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
+        " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    applied = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+    known = latest_version(migrations)
+    if applied and max(applied) > known:
+        raise StoreError(
+            f"the PostgreSQL store has schema version {max(applied)}; this voicecall knows up to"
+            f" {known}: upgrade voicecall on this node (nodes of one deployment run the same version)"
+        )
+    done = []
+    for m in sorted(migrations, key=lambda m: m.version):
+        if m.version in applied:
+            continue
+        if callable(m.sql):
+            m.sql(conn)
+        else:
+            conn.execute(m.sql)
+        conn.execute("INSERT INTO schema_migrations (version, description) VALUES (%s, %s)", (m.version, m.description))
+        done.append(m.version)
+    return done
+
+
+class PgCallStore:
+    """The call store on PostgreSQL; see the module docstring. Owns `pool`'s open and close."""
+
+    def __init__(
+        self,
+        pool: PgPool,
+        *,
+        node_id: str,
+        events_cap: int = EVENTS_CAP,
+        prune_every: int = PRUNE_EVERY,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> None:
+        self.pool = pool
+        self.node_id = node_id
+        self._events_cap = events_cap
+        self._prune_every = prune_every
+        self._migrations = migrations
+        self._since_prune = 0  # only an estimate when writes overlap: pruning is best effort
+
+    def __repr__(self) -> str:
+        return f"<PgCallStore {self.pool.server} node={self.node_id!r}>"
+
+    @property
+    def path(self) -> str:
+        """Where the store is, for messages: ``user@host:port/dbname`` (no password)."""
+        return self.pool.server
+
+    def open(self) -> Deferred[None]:
+        """Connect, apply missing migrations (under an advisory lock), prune the event log."""
+        d = self.pool.open()
+
+        def migrated(applied: list[int]) -> None:
+            if applied:
+                _log.info("PostgreSQL store {server}: applied schema migrations {versions}", server=self.pool.server, versions=applied)
+
+        def failed(failure):
+            return self.pool.close().addBoth(lambda _: failure)
+
+        d.addCallback(lambda _: self.pool.run(lambda conn: migrate(conn, self._migrations)).addErrback(failed))
+        d.addCallback(migrated)
+        d.addCallback(lambda _: self.pool.run(self._prune))
+        return d
+
+    def close(self) -> Deferred[None]:
+        """Disconnect once every write issued before has been committed."""
+        return self.pool.close()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def write(
+        self,
+        record: CallRecord | None = None,
+        *,
+        transcript: Sequence[TranscriptEntry] = (),
+        event_keys: Sequence[str] = (),
+        events: Sequence[dict[str, Any]] = (),
+        admit_limit: int | None = None,
+    ) -> Deferred[None]:
+        """As `CallStore.write`, plus the cluster rules (module docstring)."""
+        try:
+            if record is None and (transcript or event_keys):
+                raise ValueError("transcript entries and event keys need the call's record")
+            row = None if record is None else _pg_row(record, self.node_id)
+            call_id = None if record is None else record.call_id
+            lines = [(call_id, t.timestamp, t.speaker.value, t.text, t.is_final) for t in transcript]
+            keys = [(call_id, k) for k in event_keys]
+            if not all(isinstance(k, str) for _, k in keys):
+                raise TypeError("event keys must be strings")
+            log = [_event_row(e) for e in events]
+        except Exception:
+            return fail()
+        write_id = uuid.uuid4() if (lines or log) else None
+
+        def op(conn: psycopg.Connection) -> None:
+            cur = conn.cursor()
+            if write_id is not None:
+                cur.execute("INSERT INTO applied_writes (write_id) VALUES (%s) ON CONFLICT DO NOTHING", (write_id,))
+                if cur.rowcount == 0:
+                    return  # the retry of a write whose COMMIT was in fact applied
+            if row is not None:
+                if admit_limit is not None:
+                    _admit(cur, call_id, admit_limit)
+                cur.execute(_UPSERT, row)
+                if cur.fetchone() is None:
+                    owner = cur.execute("SELECT owner_node FROM calls WHERE call_id = %s", (call_id,)).fetchone()
+                    raise NotOwnerError(call_id, owner[0] if owner else None)
+            if lines:
+                cur.executemany(
+                    "INSERT INTO transcript (call_id, timestamp, speaker, text, is_final) VALUES (%s, %s, %s, %s, %s)",
+                    lines,
+                )
+            if keys:
+                cur.executemany("INSERT INTO event_keys (call_id, key) VALUES (%s, %s) ON CONFLICT DO NOTHING", keys)
+            if log:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+                cur.executemany("INSERT INTO events (call_id, at, type, json) VALUES (%s, %s, %s, %s)", log)
+            self._since_prune += len(log) + (write_id is not None)
+            if self._since_prune >= self._prune_every:
+                self._prune(conn)
+
+        d = self.pool.run(op)
+        if record is not None and record.provider_call_id is not None:
+            d.addErrback(self._claim_lost, record)
+        return d
+
+    def _claim_lost(self, failure, record: CallRecord):
+        """Turn the unique claim's violation into CallExistsError naming the call that has it."""
+        cause = failure.value.__cause__
+        if not (isinstance(cause, pgerrors.UniqueViolation) and cause.diag.constraint_name == "calls_claim"):
+            return failure
+
+        def holder(conn: psycopg.Connection) -> None:
+            found = conn.execute(
+                "SELECT call_id, owner_node FROM calls WHERE provider = %s AND provider_call_id = %s",
+                (record.provider, record.provider_call_id),
+            ).fetchone()
+            if found is None:  # the holder was deleted since: the caller may try again
+                raise StoreError(f"call {record.call_id}: its carrier id was claimed by a call since deleted")
+            raise CallExistsError(*found)
+
+        return self.pool.run(holder)
+
+    def delete_call(self, call_id: str) -> Deferred[None]:
+        """Remove a call with its transcript and event keys (the rollback of a failed initiate); fenced."""
+        me = self.node_id
+
+        def op(conn: psycopg.Connection) -> None:
+            found = conn.execute("SELECT owner_node FROM calls WHERE call_id = %s FOR UPDATE", (call_id,)).fetchone()
+            if found is not None and found[0] not in (None, me):
+                raise NotOwnerError(call_id, found[0])
+            conn.execute("DELETE FROM calls WHERE call_id = %s", (call_id,))
+
+        return self.pool.run(op)
+
+    def _prune(self, conn: psycopg.Connection) -> None:
+        self._since_prune = 0
+        conn.execute("DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - %s", (self._events_cap,))
+        conn.execute(f"DELETE FROM applied_writes WHERE at < now() - interval '{APPLIED_WRITES_KEPT}'")
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def load_active(self) -> Deferred[list[CallRecord]]:
+        """This node's non-terminal calls, oldest first, whole."""
+        return self.pool.run(lambda conn: _load_active(conn, self.node_id))
+
+    def recent_event_keys(self, limit: int = 10_000) -> Deferred[list[str]]:
+        """The newest `limit` processed event keys of all calls (ended ones too), oldest first."""
+        return self._read(_recent_event_keys, limit)
+
+    def get_call(self, call_id_or_provider_call_id: str) -> Deferred[CallRecord | None]:
+        """The call with this call id or else the newest with this provider call id (any node's)."""
+        return self._read(_get_call, call_id_or_provider_call_id)
+
+    def recent_calls(self, limit: int = 50) -> Deferred[list[CallRecord]]:
+        """The `limit` most recently created calls (all nodes'), newest last."""
+        return self._read(_recent_calls, limit)
+
+    def events_after(self, seq: int, limit: int = 1000) -> Deferred[list[dict[str, Any]]]:
+        """Up to `limit` event-log entries with a ``seq`` above `seq`, oldest first."""
+        return self._read(_events_after, seq, limit)
+
+    def last_events(self, n: int) -> Deferred[list[dict[str, Any]]]:
+        """The last `n` event-log entries, oldest first."""
+        return self._read(_last_events, n)
+
+    def _read(self, query: Callable[..., T], *args: Any) -> Deferred[T]:
+        try:
+            _check_args(query, args)
+        except Exception:
+            return fail()
+        return self.pool.run(lambda conn: query(conn, *args))
+
+
+def _pg_row(record: CallRecord, node_id: str) -> tuple[Any, ...]:
+    """SQLite's row of `record` with ``terminal`` a boolean, and the owner appended."""
+    row = _call_row(record)
+    return (*row[:5], bool(row[5]), *row[6:], node_id)
+
+
+def _check_args(query: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Validate counts on the reactor thread, so a bad one fails as with SQLite (ValueError)."""
+    if query in (_recent_event_keys, _recent_calls, _last_events):
+        _count(args[0])
+    elif query is _events_after:
+        _count(args[1])
+
+
+def _admit(cur: psycopg.Cursor, call_id: str, limit: int) -> None:
+    """StoreFullError if `call_id` is new and `limit` calls are live (all nodes), under ADMIT_LOCK."""
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (ADMIT_LOCK,))
+    if cur.execute("SELECT 1 FROM calls WHERE call_id = %s", (call_id,)).fetchone() is None:
+        (live,) = cur.execute("SELECT count(*) FROM calls WHERE NOT terminal").fetchone()
+        if live >= limit:
+            raise StoreFullError(limit)
+
+
+# --- queries (shared by PgCallStore and the CLI's ReadOnlyPgStore) -----------------------------
+
+
+def _select_calls(conn: psycopg.Connection, where: str, params: tuple[Any, ...]) -> list[CallRecord]:
+    """The calls matching `where` (over ``calls c``), oldest first, whole: one query per table."""
+    cur = conn.cursor()
+    records = build_records(cur.execute(f"{_SELECT} WHERE {where} ORDER BY c.created_seq", params).fetchall())
+    if not records:
+        return []
+    ids = list(records)
+    transcript = cur.execute(
+        "SELECT call_id, timestamp, speaker, text, is_final FROM transcript WHERE call_id = ANY(%s) ORDER BY seq", (ids,)
+    ).fetchall()
+    keys = cur.execute("SELECT call_id, key FROM event_keys WHERE call_id = ANY(%s) ORDER BY seq", (ids,)).fetchall()
+    return fill_records(records, transcript, keys)
+
+
+def _load_active(conn: psycopg.Connection, node_id: str | None) -> list[CallRecord]:
+    with collector_paused():
+        if node_id is None:
+            return _select_calls(conn, "NOT c.terminal", ())
+        return _select_calls(conn, "NOT c.terminal AND c.owner_node = %s", (node_id,))
+
+
+def _get_call(conn: psycopg.Connection, ident: str) -> CallRecord | None:
+    found = _select_calls(conn, "c.call_id = %s", (ident,))
+    if not found:
+        found = _select_calls(
+            conn,
+            "c.call_id = (SELECT call_id FROM calls WHERE provider_call_id = %s ORDER BY created_seq DESC LIMIT 1)",
+            (ident,),
+        )
+    return found[0] if found else None
+
+
+def _recent_calls(conn: psycopg.Connection, limit: int) -> list[CallRecord]:
+    return _select_calls(
+        conn, "c.call_id IN (SELECT call_id FROM calls ORDER BY created_seq DESC LIMIT %s)", (_count(limit),)
+    )
+
+
+def _recent_event_keys(conn: psycopg.Connection, limit: int) -> list[str]:
+    rows = conn.execute("SELECT key FROM event_keys ORDER BY seq DESC LIMIT %s", (_count(limit),))
+    return [key for (key,) in rows][::-1]
+
+
+def _events_after(conn: psycopg.Connection, seq: int, limit: int) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT seq, json FROM events WHERE seq > %s ORDER BY seq LIMIT %s", (int(seq), _count(limit)))
+    return [_event(s, body) for s, body in rows]
+
+
+def _last_events(conn: psycopg.Connection, n: int) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT seq, json FROM events ORDER BY seq DESC LIMIT %s", (_count(n),))
+    return [_event(s, body) for s, body in rows][::-1]
+
+
+# --- read-only access for the CLI --------------------------------------------------------------
+
+
+class ReadOnlyPgStore:
+    """Synchronous, read-only access to the PostgreSQL store, for the CLI while the daemon is down."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+
+    def __repr__(self) -> str:
+        return "<ReadOnlyPgStore>"
+
+    def get_call(self, call_id_or_provider_call_id: str) -> CallRecord | None:
+        return self._read(_get_call, call_id_or_provider_call_id)
+
+    def recent_calls(self, limit: int = 50) -> list[CallRecord]:
+        return self._read(_recent_calls, limit)
+
+    def load_active(self) -> list[CallRecord]:
+        """Every node's non-terminal calls."""
+        return self._read(_load_active, None)
+
+    def events_after(self, seq: int, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._read(_events_after, seq, limit)
+
+    def last_events(self, n: int) -> list[dict[str, Any]]:
+        return self._read(_last_events, n)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ReadOnlyPgStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _read(self, query: Callable[..., T], *args: Any) -> T:
+        with self._conn.transaction():  # one snapshot (REPEATABLE READ) for the whole answer
+            return query(self._conn, *args)
+
+
+def open_readonly(url: str, *, connect_timeout: int = 5) -> ReadOnlyPgStore | None:
+    """
+    Connect read-only to the PostgreSQL store at `url`, or return None if it holds no store yet.
+    Raises StoreError (naming the server, never the password) if it cannot be reached.
+    """
+    redact = redactor(url)
+    try:
+        conn = psycopg.connect(url, connect_timeout=connect_timeout, application_name="voicecall-cli")
+    except psycopg.Error as e:
+        raise StoreError(f"cannot connect to PostgreSQL {describe(url)}: {redact(str(e).strip())}") from None
+    try:
+        conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+        conn.set_read_only(True)
+        with conn.transaction():
+            exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+            version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] if exists else None
+    except BaseException:
+        conn.close()
+        raise
+    if version is None:
+        conn.close()
+        return None
+    if version > latest_version():
+        conn.close()
+        raise StoreError(f"the PostgreSQL store {describe(url)} has schema version {version}; this voicecall knows up to {latest_version()}")
+    return ReadOnlyPgStore(conn)
