@@ -472,6 +472,31 @@ class AdopterTests(_PgCase):
         await adopter.stop()
         self.assertFalse(await adopter.adopt_call(other))  # a stopping node adopts nothing
 
+    async def test_a_call_adopted_elsewhere_is_released_here(self):
+        """Taken for dead (cut off longer than the lease), this node finds its call run by another: it lets go."""
+        adopter = self.adopter()
+        await adopter.start()
+        manager = self.rig.manager
+        call_id = self.successResultOf(Deferred.fromCoroutine(manager.initiate("+15550001234", "Hi", "conversation")))
+        self.sql("INSERT INTO calls VALUES (%s, 'b', false, 0)", (call_id,))
+        now = int(self.rig.clock.seconds() * 1000)
+        answered = CallEvent(type=EventType.ANSWERED, call_id=call_id, id="ans", timestamp=now)
+        self.successResultOf(Deferred.fromCoroutine(manager.process_event(answered)))
+        self.rig.clock.advance(5)  # the greeting has been said
+        waiting = Deferred.fromCoroutine(manager.continue_call(call_id, "Still there?"))
+        self.rig.clock.advance(1)
+        self.assertNoResult(waiting)  # asked; waiting for the person's answer
+        self.sql("INSERT INTO nodes VALUES ('c', '', null, null, now(), now())")
+        self.sql("UPDATE calls SET owner_node = 'c' WHERE call_id = %s", (call_id,))  # c adopted it
+        await adopter.sweep()
+        self.assertIsNone(manager.find(call_id))
+        self.assertEqual(str(self.failureResultOf(waiting, CallError).value), "Call moved to node c")
+        self.assertFalse(self.stored(call_id).is_terminal)  # not ended: c runs it
+        self.assertEqual([a for a in self.rig.provider.actions if a[0] == "hangup"], [])
+
+    def stored(self, call_id):
+        return self.successResultOf(self.rig.store.get_call(call_id))
+
     async def test_a_failed_load_gives_the_calls_back(self):
         """Calls claimed but not loaded (the store failed) lose their owner: the next sweep takes them."""
         call_id = self.dead_call()

@@ -14,7 +14,9 @@ not waited for), and the share (the orphans divided by the live nodes, rounded u
 dead node's calls across the live ones; a sweep repeats while it claimed a full share and
 orphans remain, so none is left behind for long. Only a node whose own heartbeat is fresh
 adopts. The store's fencing then refuses every write of the dead node to these calls, should it
-come back.
+come back; and each sweep first looks up the calls this node runs: one another node owns now (this
+node was taken for dead, e.g. cut off from the database for longer than the lease) is released
+(`CallManager.release`), never ended, so the two nodes do not both run it.
 
 The claimed records are loaded from the store and handed to the manager (`CallManager.adopt`,
 which checks each with the carrier and closes what ended meanwhile), then each live, answered
@@ -74,6 +76,15 @@ def _claim(conn, me: str, where: str, params: Sequence[Any]) -> list[tuple[str, 
         " UPDATE calls SET owner_node = %s FROM picked WHERE calls.call_id = picked.call_id"
         " RETURNING calls.call_id, picked.owner_node",
         (*params, me),
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def taken_from(conn, me: str, call_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """Of `call_ids` (the calls this node runs), those another node owns now: [(call_id, owner)]."""
+    rows = conn.execute(
+        "SELECT call_id, owner_node FROM calls WHERE call_id = ANY(%s) AND owner_node IS NOT NULL AND owner_node <> %s",
+        (list(call_ids), me),
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
 
@@ -143,6 +154,10 @@ class Adopter:
         return d
 
     async def _sweep(self) -> int:
+        held = [call.call_id for call in self._manager.active_calls()]
+        if held:
+            for call_id, owner in await self._pool.run(lambda conn: taken_from(conn, self.node_id, held)):
+                self._manager.release(call_id, owner)
         total = 0
         while self._running:
             claimed = await self._pool.run(lambda conn: claim_share(conn, self.node_id, self.lease_seconds))

@@ -43,7 +43,7 @@ from voicecall.domain.model import (
 from voicecall.domain.policy import inbound_decision
 from voicecall.domain.carrier import CallControl, ProviderError
 from voicecall.domain.voice import Voice
-from voicecall.domain.store import collector_paused
+from voicecall.domain.store import StoreFullError, collector_paused
 
 DEFAULT_GREETING = "Hello! How can I help you today?"
 MOCK_FROM_NUMBER = "+15550000000"
@@ -257,8 +257,9 @@ class CallManager:
         transcript: Sequence[TranscriptEntry] = (),
         keys: Sequence[str] = (),
         events: Sequence[dict] = (),
+        admit_limit: int | None = None,
     ) -> None:
-        await self._store.write(call, transcript=transcript, event_keys=keys, events=events)
+        await self._store.write(call, transcript=transcript, event_keys=keys, events=events, admit_limit=admit_limit)
         for entry in events:
             for listener in list(self._subscribers):
                 try:
@@ -883,8 +884,12 @@ class CallManager:
         )
         if message:
             call.metadata["initialMessage"] = message
+        limit = self._settings.max_concurrent_calls
         try:
-            await self._persist(call, events=[self._created_entry(call)])
+            # The store counts the live calls of every node sharing it (PostgreSQL) under a lock.
+            await self._persist(call, events=[self._created_entry(call)], admit_limit=limit)
+        except StoreFullError as e:
+            raise CallError(f"Maximum concurrent calls ({limit}) reached") from e
         except Exception as e:
             self._log.failure("could not store a new call; nothing was dialled")
             raise CallError(f"Failed to persist call: {e}") from e
@@ -1164,6 +1169,21 @@ class CallManager:
         outcome = await self._take_over(fresh)
         self._log.info("Adopted {n} call(s) ({outcome})", n=outcome["restored"], outcome=outcome)
         return [call for call in fresh if self._active.get(call.call_id) is call]
+
+    def release(self, call_id: str, owner: str) -> None:
+        """
+        Stop running a call another node now owns (this node was taken for dead and the call
+        adopted; the store refuses this node's writes to it): it is forgotten here, not ended,
+        and a `continue` waiting on it fails, naming the node that runs the call now.
+        """
+        call = self._active.get(call_id)
+        if call is None:
+            return
+        self._forget(call)
+        waiter = self._waiters.pop(call_id, None)
+        if waiter is not None and not waiter.deferred.called:
+            waiter.deferred.errback(CallError(f"Call moved to node {owner}", call_id))
+        self._log.warn("Call {call_id} is now run by node {owner}: released here", call_id=call_id, owner=owner)
 
     async def _take_over(self, records: Sequence[CallRecord]) -> dict[str, int]:
         """Hold `records` (live in the store) as this manager's active calls, closing the ones that are over."""
