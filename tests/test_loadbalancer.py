@@ -16,6 +16,7 @@ Skipped, loudly, when no nginx is installed (tools/system_deps.sh installs it).
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import re
@@ -51,6 +52,7 @@ from tests.harness import (
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "nginx", "voicecall.conf")
 SID = "AC" + "1" * 32
+FROM = "+15550000000"
 TOKEN = "lb-auth-token"
 SHARED = "voice.test"
 NODES = ("a", "b")
@@ -130,20 +132,27 @@ class LoadBalancerTests(TestCase):
         await self.start_nginx(nginx, self.listeners)
         self.addCleanup(self.hang_up)
 
+    def node_config(self, node: str, twilio_base: str, speech_base: str) -> dict:
+        """Node `node`'s config: its own name as publicUrl, nginx (loopback) as its trusted proxy."""
+        return {
+            "provider": "twilio",
+            "fromNumber": FROM,
+            "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": twilio_base},
+            "publicUrl": f"https://{node_name(node)}/voice/webhook",
+            "webhookSecurity": {"trustedProxyIPs": ["127.0.0.1"]},
+            "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": self.stt.url},
+            "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts", "baseUrl": speech_base + "/v1"}},
+            "metrics": {"enabled": True, "port": self.metrics[node]},
+        }
+
     async def spawn_node(self, node: str, listener: int, twilio_base: str, speech_base: str) -> Daemon:
-        work = make_workdir(
-            self,
-            {
-                "provider": "twilio",
-                "fromNumber": "+15550000000",
-                "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": twilio_base},
-                "publicUrl": f"https://{node_name(node)}/voice/webhook",
-                "webhookSecurity": {"trustedProxyIPs": ["127.0.0.1"]},
-                "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": self.stt.url},
-                "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts", "baseUrl": speech_base + "/v1"}},
-                "metrics": {"enabled": True, "port": self.metrics[node]},
-            },
-        )
+        config = self.node_config(node, twilio_base, speech_base)
+        work = make_workdir(self, config)
+        if "store" in config:  # one shared store: make_workdir gives each node a directory of its own
+            with open(work.config_path, encoding="utf-8") as f:
+                written = json.load(f)
+            with open(work.config_path, "w", encoding="utf-8") as f:
+                json.dump({**written, "store": config["store"]}, f)
         argv = [a.replace("tcp:0:", f"tcp:{listener}:") for a in daemon_argv(work)]
         process = spawn(self, argv, cwd=work.path)
         match = await process.wait_for_output(READY, READY_TIMEOUT, f"node {node}'s ready line")
@@ -324,3 +333,4 @@ class LoadBalancerTests(TestCase):
         # A name nginx does not serve is closed without an answer.
         with self.assertRaises(ResponseNeverReceived):
             await self.request("GET", "unknown.example.org", "/voice/webhook")
+
