@@ -383,3 +383,19 @@ class DaemonRestartTests(TestCase):
         self.assertEqual(self.daemon.process.exit_code, None)  # the new one runs
         self.assertLess(resumed, RESUME_SECONDS)
         await self.check_call_goes_on()
+
+    async def test_without_the_held_port_the_call_ends(self):
+        """
+        Without the held port, Twilio's Redirect finds nothing listening: the fetch is refused
+        and Twilio ends the call with an application error (11200), as the fake Twilio does.
+        """
+        await self.start()
+        await self.daemon.kill9()
+        self.sock.close()  # nobody holds the port now
+        await self.client.closed
+        self.assertEqual(await self.fake_call.when_ended(), "completed")
+        [resume] = [d for d in self.fake_call.documents if d.kind == "redirect"]
+        self.assertIn("flow=resume", resume.url)
+        self.assertIsNone(resume.status)
+        self.assertIn("ConnectionRefused", resume.error)
+        self.assertTrue(any("11200" in e for e in self.fake_call.errors), list(self.fake_call.errors))
