@@ -22,6 +22,7 @@ from voicecall.cluster.nodes import NodeIdInUse, NodeInfo, NodeRegistry
 from voicecall.control.metrics import Metrics, VoicecallCollector
 from voicecall.control.rpc import RpcMethods
 from voicecall.domain.manager import CallError
+from voicecall.domain.pgstore import migrate
 from voicecall.domain.model import CallEvent, CallRecord, CallState, Direction, EventType
 from voicecall.infra.dbwriter import StoreError
 from voicecall.infra.pg import PgPool
@@ -275,28 +276,30 @@ class ManagerAdoptTests(test_manager.ManagerTestsBase):
 
 # -- liveness and adoption on a real PostgreSQL ------------------------------------------------------
 
-#: The tables liveness and adoption use, as the PostgreSQL store creates them (only these columns).
-_CALLS_AND_NODES = """
-CREATE TABLE calls (call_id TEXT PRIMARY KEY, owner_node TEXT, terminal BOOLEAN NOT NULL DEFAULT false,
-                    started_at BIGINT NOT NULL DEFAULT 0);
-CREATE TABLE nodes (node_id TEXT PRIMARY KEY, public_url TEXT NOT NULL, host TEXT, pid INTEGER,
-                    started_at TIMESTAMPTZ NOT NULL, heartbeat_at TIMESTAMPTZ NOT NULL);
-"""
-
-
 class _PgCase(TestCase):
     timeout = 60
 
     async def setUp(self) -> None:
         self.pg = postgres_server(self)
         self.url = self.pg.new_database(self)
-        self.sql(_CALLS_AND_NODES)
+        with psycopg.connect(self.url) as conn:
+            migrate(conn)  # the PostgreSQL store's schema
 
     async def open_pool(self) -> PgPool:
         pool = PgPool(reactor, self.url, max_size=4)
         await pool.open()
         self.addCleanup(pool.close)
         return pool
+
+    def calls(self, *rows: tuple) -> None:
+        """Store calls (call_id, owner_node, terminal, started_at), the other columns plausible."""
+        for call_id, owner, terminal, started in rows:
+            self.sql(
+                "INSERT INTO calls (call_id, owner_node, terminal, started_at, provider, direction, state,"
+                " from_number, to_number, metadata) VALUES (%s, %s, %s, %s, 'mock', 'outbound', %s, '+15550000000',"
+                " '+15550001234', '{}')",
+                (call_id, owner, terminal, started, "completed" if terminal else "answered"),
+            )
 
     def sql(self, query: str, params=()) -> list:
         with psycopg.connect(self.url, autocommit=True) as conn:
@@ -333,7 +336,7 @@ class NodeRegistryTests(_PgCase):
         a = await self.registry("a")
         await self.registry("b")
         self.kill("b", 10)
-        self.sql("INSERT INTO calls VALUES ('c1', 'b', false, 1), ('c2', 'b', true, 2), ('c3', 'gone', false, 3)")
+        self.calls(("c1", "b", False, 1), ("c2", "b", True, 2), ("c3", "gone", False, 3))
         nodes = {n.node_id: n for n in await a.nodes()}
         self.assertEqual(sorted(nodes), ["a", "b", "gone"])
         self.assertTrue(nodes["a"].alive)
@@ -376,8 +379,7 @@ class ClaimTests(_PgCase):
         """Two adopters claiming at once take disjoint shares covering every live call of the dead node."""
         self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('b', '', null, null, now(), now()),"
                  " ('dead', '', null, null, now(), now() - interval '1 minute')")
-        self.sql("INSERT INTO calls SELECT 'c' || i, 'dead', false, i FROM generate_series(1, 40) i")
-        self.sql("INSERT INTO calls VALUES ('over', 'dead', true, 0), ('alive', 'a', false, 0)")
+        self.calls(*((f"c{i}", "dead", False, i) for i in range(1, 41)), ("over", "dead", True, 0), ("alive", "a", False, 0))
         pool_a, pool_b = await self.open_pool(), await self.open_pool()
         got_a, got_b = await gatherResults([
             pool_a.run(lambda conn: claim_share(conn, "a", 10)),
@@ -393,7 +395,7 @@ class ClaimTests(_PgCase):
     async def test_only_a_live_node_adopts(self):
         """A node whose own heartbeat is stale claims nothing (it may be the one that is cut off)."""
         self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now() - interval '1 minute')")
-        self.sql("INSERT INTO calls VALUES ('c1', 'gone', false, 0)")
+        self.calls(("c1", "gone", False, 0))
         pool = await self.open_pool()
         self.assertEqual(await pool.run(lambda conn: claim_share(conn, "a", 10)), [])
         self.assertEqual(await pool.run(lambda conn: claim_one(conn, "a", 10, "c1")), [("c1", "gone")])
@@ -401,8 +403,7 @@ class ClaimTests(_PgCase):
     async def test_claim_one_leaves_a_live_owners_call(self):
         """One call is claimed only from a dead (or no) owner, or again by its adopter."""
         self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('b', '', null, null, now(), now())")
-        self.sql("INSERT INTO calls VALUES ('c1', 'b', false, 0), ('c2', null, false, 0), ('c3', 'a', false, 0),"
-                 " ('c4', 'gone', true, 0)")
+        self.calls(("c1", "b", False, 0), ("c2", None, False, 0), ("c3", "a", False, 0), ("c4", "gone", True, 0))
         pool = await self.open_pool()
         claims = [await pool.run(lambda conn, c=c: claim_one(conn, "a", 10, c)) for c in ("c1", "c2", "c3", "c4")]
         self.assertEqual(claims, [[], [("c2", None)], [("c3", "a")], []])
@@ -438,7 +439,7 @@ class AdopterTests(_PgCase):
             event = CallEvent(type=EventType.ANSWERED, call_id=call_id, id=call_id + "-ans", timestamp=now)
             self.successResultOf(Deferred.fromCoroutine(manager.process_event(event)))
         manager.stop()
-        self.sql("INSERT INTO calls VALUES (%s, 'dead', false, 0)", (call_id,))
+        self.calls((call_id, "dead", False, 0))
         return call_id
 
     def adopter(self, store=None, url: str | None = "https://b.example/voice/webhook") -> Adopter:
@@ -478,7 +479,7 @@ class AdopterTests(_PgCase):
         await adopter.start()
         manager = self.rig.manager
         call_id = self.successResultOf(Deferred.fromCoroutine(manager.initiate("+15550001234", "Hi", "conversation")))
-        self.sql("INSERT INTO calls VALUES (%s, 'b', false, 0)", (call_id,))
+        self.calls((call_id, "b", False, 0))
         now = int(self.rig.clock.seconds() * 1000)
         answered = CallEvent(type=EventType.ANSWERED, call_id=call_id, id="ans", timestamp=now)
         self.successResultOf(Deferred.fromCoroutine(manager.process_event(answered)))
