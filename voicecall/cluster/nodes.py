@@ -31,7 +31,6 @@ from typing import Any, Callable
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 #: The channel on which nodes announce their joins and leaves.
@@ -115,7 +114,10 @@ class NodeRegistry:
     _on_change: Callable[[str], object] = lambda event: None
     _host: str = field(factory=socket.gethostname)
     _pid: int = field(factory=os.getpid)
-    _beat: LoopingCall | None = field(default=None, init=False)
+    #: The next heartbeat's timer (None: not started, or stopped).
+    _next: Any = field(default=None, init=False)
+    #: The heartbeat under way, if any (a stop waits for it).
+    _beating: Deferred | None = field(default=None, init=False)
     _listener: Any = field(default=None, init=False)
     #: Heartbeats that failed in a row (the store unreachable); reset by one that succeeds.
     failed_beats: int = field(default=0, init=False)
@@ -137,9 +139,21 @@ class NodeRegistry:
             "Cluster node {node} registered ({url}); lease {lease}s", node=self.node_id, url=self.public_url, lease=self.lease_seconds
         )
         self._listener = self._pool.listen(NODES_CHANNEL, self._notified, lambda: self._on_change("reconnect"))
-        self._beat = LoopingCall(self._heartbeat)
-        self._beat.clock = self._reactor
-        self._beat.start(self.interval, now=False).addErrback(self._log.failure, "heartbeat loop failed")
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """The next beat, `interval` after this one ended (a slow store never stacks beats up)."""
+        self._next = self._reactor.callLater(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._beating = self._heartbeat()
+
+        def done(_: object) -> None:
+            self._beating = None
+            if self._next is not None:  # not stopped meanwhile
+                self._schedule()
+
+        self._beating.addBoth(done)
 
     def _register(self, conn) -> list[NodeInfo]:
         row = conn.execute(
@@ -209,11 +223,13 @@ class NodeRegistry:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        beat, self._beat = self._beat, None
-        if beat is None:
+        timer, self._next = self._next, None
+        if timer is None:
             return  # never started
-        if beat.running:
-            beat.stop()
+        if timer.active():
+            timer.cancel()
+        if self._beating is not None:
+            await self._beating
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.stop()
