@@ -188,6 +188,7 @@ class StreamDropTests(TestCase):
     async def start(self):
         self.rig = StreamedCallRig(self)
         config = await self.rig.start(free_port())
+        config["inboundPolicy"] = "open"  # a stranger's call could be taken: a resume must not take one
         self.service, self.rpc = await start_daemon(self, config, workdir(self))
         self.call_id = (await self.rpc.call("voicecall.initiate", {"to": TO, "message": "Hi", "mode": "conversation"}))["callId"]
         self.fake_call = await self.rig.fake_call()
@@ -269,6 +270,13 @@ class StreamDropTests(TestCase):
         code, body = await self.post(late_url, params, sign_request(TOKEN, late_url, params))
         self.assertEqual(code, 200)
         self.assertIn("<Response><Hangup/></Response>", body)
+        # A resume naming a call nobody placed or took (an inbound CallSid) creates none.
+        stranger_url = self.service.webhook_url + "?flow=resume&n=2"
+        params = {**resume.params, "CallSid": "CA" + "7" * 32, "Direction": "inbound", "CallStatus": "in-progress"}
+        code, body = await self.post(stranger_url, params, sign_request(TOKEN, stranger_url, params))
+        self.assertEqual(code, 200)
+        self.assertIn("<Response><Hangup/></Response>", body)
+        self.assertEqual((await self.rpc.call("voicecall.status", {}))["calls"], [])
 
     async def ended(self):
         state = (await status_of(self.rpc, self.call_id))["state"]

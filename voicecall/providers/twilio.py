@@ -410,8 +410,12 @@ class TwilioProvider:
         sid = params.get("CallSid", "").strip()
         query_call_id = (ctx.query.get("callId") or "").strip()
         event = self._event(params, sid, query_call_id, ctx.query.get("turnToken"), request_key) if sid else None
+        resuming = ctx.query.get("flow") == "resume" and ctx.query.get("type") != "status"
         if event is not None:
             event = _with_identity(event, ctx, params, request_key)
+            if resuming:
+                # A resume names a call we placed or took: recorded with it, it never creates one.
+                event = attrs.evolve(event, direction=None)
         if sid and event is not None and event.type is not EventType.ENDED and event.direction is Direction.INBOUND:
             if sid not in self._call_urls and self._webhook_url:
                 _bounded_put(self._call_urls, sid, self._webhook_url)
@@ -426,7 +430,6 @@ class TwilioProvider:
         if first_inbound and self._inbound_screen is not None and not self._inbound_screen(event.from_number):
             _bounded_put(self._rejected, sid, None)
             return ParsedWebhook(events, _xml(twiml.reject()))
-        resuming = ctx.query.get("flow") == "resume" and not is_status
         body = self._twiml_for(params, sid, query_call_id, is_status, request_key, resuming)
         if sid and ctx.query.get("flow") == "spoken":
             # The `<Say>` before this Redirect has been said. Only now that its answer is
