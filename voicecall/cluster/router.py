@@ -3,8 +3,8 @@
 Any node serves any request: a request (a verified webhook, an RPC command) for a call another
 LIVE node owns is forwarded to that node through the store and answered with its answer.
 
-A forward is a row of the ``forwards`` table (UNLOGGED: a forward lives no longer than the
-request that made it) and a NOTIFY on the owner's channel ``voicecall_node_<id>`` with the
+A forward is a row of the ``forwards`` table (the PostgreSQL store's migration 2; UNLOGGED: a
+forward lives no longer than the request that made it) and a NOTIFY on the owner's channel ``voicecall_node_<id>`` with the
 payload ``q<row id>``. The owner, which LISTENs on its channel, claims the row (one UPDATE: a
 row is claimed once), runs the request exactly as a local one (the handler of its kind, given
 by tap.py), stores the reply in the row and NOTIFYs the sender's channel ``r<row id>``; the
@@ -43,24 +43,6 @@ from voicecall.domain.manager import CallError
 CHANNEL_PREFIX = "voicecall_node_"
 #: Forward rows older than this are dropped by a starting node (their sender gave up long ago).
 STALE_SECONDS = 600
-
-#: The table, as a migration of the PostgreSQL store. A row's id is chosen by its sender and
-#: ``claimed_by`` by the claiming attempt, so that every statement on it is idempotent: a
-#: transaction whose COMMIT's outcome was unknown is retried by the pool (voicecall.infra.pg).
-FORWARDS_SCHEMA = """
-CREATE UNLOGGED TABLE forwards (
-    id TEXT PRIMARY KEY,
-    from_node TEXT NOT NULL,
-    to_node TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    request JSONB NOT NULL,
-    reply JSONB,
-    claimed_by TEXT,
-    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE INDEX forwards_unclaimed ON forwards (to_node) WHERE claimed_by IS NULL;
-CREATE INDEX forwards_answered ON forwards (from_node) WHERE reply IS NOT NULL;
-"""
 
 
 def node_channel(node_id: str) -> str:

@@ -155,6 +155,23 @@ CREATE TABLE nodes (
     heartbeat_at TIMESTAMPTZ NOT NULL
 )
 """),
+    # cluster/router.py: a request forwarded to the node that owns its call, and its reply.
+    # UNLOGGED: a row lives no longer than the request it carries. The id is the sender's and
+    # claimed_by the claiming attempt's, so every statement on a row is idempotent (retries).
+    Migration(2, "forwards: requests forwarded to a call's owner", """
+CREATE UNLOGGED TABLE forwards (
+    id TEXT PRIMARY KEY,
+    from_node TEXT NOT NULL,
+    to_node TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    request JSONB NOT NULL,
+    reply JSONB,
+    claimed_by TEXT,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX forwards_unclaimed ON forwards (to_node) WHERE claimed_by IS NULL;
+CREATE INDEX forwards_answered ON forwards (from_node) WHERE reply IS NOT NULL
+"""),
 )
 
 _log = Logger()
