@@ -19,9 +19,10 @@ from tests.harness import eventually
 from tests.test_webhook import Conn
 from tests.pgserver import postgres_server
 from voicecall.cluster.events import ClusterEvents
-from voicecall.cluster.router import FORWARDS_SCHEMA, ForwardError, Router
+from voicecall.cluster.router import ForwardError, Router
 from voicecall.cluster.urls import SignedUrls
 from voicecall.config import ConfigError, parse_config
+from voicecall.domain.pgstore import migrate
 from voicecall.infra.pg import PgPool
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.mock import MockProvider
@@ -66,11 +67,6 @@ class ClusterConfigTests(SynchronousTestCase):
 
 # -- the router, two nodes on one real PostgreSQL --------------------------------------------------
 
-#: The tables the router reads, as the PostgreSQL store creates them (only the columns read here).
-_CALLS_AND_NODES = """
-CREATE TABLE calls (call_id TEXT PRIMARY KEY, provider_call_id TEXT, owner_node TEXT, started_at BIGINT NOT NULL DEFAULT 0);
-CREATE TABLE nodes (node_id TEXT PRIMARY KEY, public_url TEXT NOT NULL, heartbeat_at TIMESTAMPTZ NOT NULL);
-"""
 
 
 def soon(check, what: str = "the condition"):
@@ -116,15 +112,14 @@ class RouterTests(TestCase):
     async def setUp(self) -> None:
         self.pg = postgres_server(self)
         self.url = self.pg.new_database(self)
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(_CALLS_AND_NODES)
-            conn.execute(FORWARDS_SCHEMA)
+        with psycopg.connect(self.url) as conn:
+            migrate(conn)
         self.pool_a = await self.open_pool()
         self.pool_b = await self.open_pool()
         self.a = _Node(self, self.pool_a, "a", timeout=5.0)
         self.b = _Node(self, self.pool_b, "b", timeout=5.0)
-        self.sql("INSERT INTO nodes VALUES ('a', 'https://a.example', now()), ('b', 'https://b.example', now()),"
-                 " ('dead', 'https://dead.example', now() - interval '1 hour')")
+        self.sql("INSERT INTO nodes (node_id, public_url, started_at, heartbeat_at) VALUES ('a', 'https://a.example', now(), now()),"
+                 " ('b', 'https://b.example', now(), now()), ('dead', 'https://dead.example', now(), now() - interval '1 hour')")
 
     async def open_pool(self) -> PgPool:
         pool = PgPool(reactor, self.url, max_size=4)
@@ -158,7 +153,12 @@ class RouterTests(TestCase):
     async def test_route_local_live_dead_unknown(self):
         """Mine or unknown: run here; a live node's: forwarded; a dead node's: adopted, then run here."""
         await self.started(self.a, self.b)
-        self.sql("INSERT INTO calls VALUES ('c-a', 'CA1', 'a'), ('c-b', 'CA2', 'b'), ('c-dead', 'CA3', 'dead')")
+        for call_id, carrier_id, owner in (("c-a", "CA1", "a"), ("c-b", "CA2", "b"), ("c-dead", "CA3", "dead")):
+            self.sql(
+                "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+                " started_at, metadata, owner_node) VALUES (%s, %s, 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', %s)",
+                (call_id, carrier_id, owner),
+            )
         self.a.local.add("c-a")
 
         async def here():
@@ -402,3 +402,4 @@ class _RowsPool:
                 return rows
 
         return succeed(fn(Conn()))
+
