@@ -27,7 +27,7 @@ class _MemoryStore:
     def __init__(self):
         self.calls = {}
 
-    def write(self, call, transcript=(), event_keys=(), events=()):
+    def write(self, call, transcript=(), event_keys=(), events=(), admit_limit=None):
         from twisted.internet.defer import succeed
 
         self.calls[call.call_id] = call

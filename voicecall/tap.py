@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sys
 from typing import Any, Awaitable, Callable
 
@@ -220,7 +221,7 @@ class Options(usage.Options):
         self["config_path"] = path
         self["voicecall"] = config
         self["webhook"] = self["webhook"] or f"tcp:{config.serve.port}:interface={_endpoint_text(config.serve.bind)}"
-        self["rpc"] = unix_endpoint(self["rpc"] or "unix:" + default_socket_path(config.store, env))
+        self["rpc"] = unix_endpoint(self["rpc"] or "unix:" + default_socket_path(config.state_dir, env))
 
 
 def _api_root(cfg) -> str | None:
@@ -384,6 +385,30 @@ def build_metrics_listener(cfg, reactor, metrics: Metrics, manager: CallManager,
     return ListenerService("metrics", reactor, f"tcp:{cfg.metrics.port}:interface={interface}", MetricsSite(metrics))
 
 
+def build_store(cfg, reactor, writer: ThreadedWriter):
+    """
+    The call store: SQLite in the store directory (on `writer`), or, for a postgresql:// URL, the
+    store shared by a cluster's nodes, opened as this node (``cluster.nodeId``, else the host name).
+    """
+    if not cfg.store_is_postgres:
+        return CallStore(cfg.store, writer)
+    try:
+        from voicecall.domain.pgstore import PgCallStore
+        from voicecall.infra.pg import PgPool
+    except ImportError as e:
+        raise SystemExit(
+            f"voicecall: the store is PostgreSQL ({cfg.store_shown}) but {e.name} is not installed:"
+            " pip install 'voicecall[postgresql]'"
+        ) from None
+    return PgCallStore(PgPool(reactor, cfg.store), node_id=cfg.cluster.node_id or host_node_id())
+
+
+def host_node_id() -> str:
+    """The host name as a node id (``cluster.nodeId``'s default): other characters become '-', at most 48."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-")[:48]
+    return name or "node"
+
+
 def tunnel_opener(cfg, reactor, serve_path: str) -> Callable[[int], Awaitable[Any]] | None:
     """SPEC §1 step 6: what exposes the webhook port (a tunnel, or a legacy Tailscale route), if anything."""
     tunnel, tailscale = cfg.tunnel, cfg.tailscale
@@ -428,7 +453,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     auto: AutoResponder
     service: VoicecallService
     writer = ThreadedWriter(reactor)
-    store = CallStore(cfg.store, writer)
+    store = build_store(cfg, reactor, writer)
     http, pool = build_http_client(reactor)
     metrics = Metrics() if cfg.metrics.enabled else None
     tts = stream_tts(cfg, reactor, http)  # None: no media streams, calls use the carrier's speech

@@ -71,7 +71,7 @@ from typing import Any, Mapping
 import json5
 from attrs import evolve, fields
 
-from voicecall.config.checks import boolean, suggest
+from voicecall.config.checks import boolean, is_postgres_url, redact_url, suggest
 from voicecall.config.model import DEFAULT_STORE, VoiceCallConfig, declaration, json_name
 from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, provider_problems
 
@@ -136,6 +136,8 @@ def _shown_value(path: str, value: Any) -> str:
         if isinstance(value, str):
             return f"a hidden secret of {len(value)} characters"
         return f"a hidden {_json_type(value)}"
+    if isinstance(value, str):
+        value = redact_url(value)  # a URL's password (the store's)
     text = json.dumps(value, ensure_ascii=False, allow_nan=True)
     text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= 60 else text[:60] + "…"
@@ -217,10 +219,13 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
         _suggest_whole_file(r)
     enabled = kwargs.pop("enabled", True) and entry_enabled
     provider = kwargs.pop("provider", None) or ("mock" if enabled else None)
-    store = _resolve_path(kwargs.pop("store", DEFAULT_STORE), env)
     tts = r.tts(messages_tts, raw.get("tts", UNDEFINED))
+    # store: the file's value, else VOICECALL_STORE (apply_env), else the default directory.
+    store = kwargs.pop("store", None)
     cfg = VoiceCallConfig(**kwargs, enabled=enabled, provider=provider, store=store, tts=tts)
     cfg = apply_env(cfg, env, r, cfg.provider)
+    store = cfg.store or DEFAULT_STORE
+    cfg = evolve(cfg, store=store if is_postgres_url(store) else _resolve_path(store, env))
     # A key whose value was refused is not also reported as missing.
     refused = {issue.path for issue in r.issues}
     r.issues.extend(issue for issue in provider_problems(cfg) if issue.path not in refused)

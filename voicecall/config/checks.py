@@ -186,5 +186,56 @@ def _url(label: str, *schemes: str) -> Check:
     return check
 
 
+#: The URL schemes that put the store on PostgreSQL (libpq's); anything else is a directory.
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_postgres_url(store: str) -> bool:
+    """Whether the ``store`` value names a PostgreSQL database (else it is a directory)."""
+    m = _SCHEME.match(store)
+    return m is not None and m.group(1).lower() in POSTGRES_SCHEMES
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of a URL in it replaced by ``***`` (other text unchanged)."""
+    m = _SCHEME.match(text)
+    if m is None:
+        return text
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:
+        return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", text)
+    if not password:
+        return text
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+
+
+def store_location(value: Any) -> str:
+    """
+    A directory (SQLite) or a libpq URL ``postgresql://[user[:password]@][host][:port][/dbname][?...]``
+    (``postgres://`` too). Only the URL's form is checked here; the server is reached at start.
+    """
+    text = non_empty(value)
+    m = _SCHEME.match(text)
+    if m is None:
+        return text
+    if m.group(1).lower() not in POSTGRES_SCHEMES:
+        raise Invalid(f'expected a directory or a postgresql:// URL, not a "{m.group(1)}" URL')
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise Invalid("expected a postgresql:// URL without spaces or control characters")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise Invalid("expected a postgresql:// URL with a valid host and port") from None
+    if len(parts.path.lstrip("/")) > 63:
+        raise Invalid("expected a database name of at most 63 bytes")
+    return text
+
+
 http_url = _url("http(s)", "http", "https")
 ws_url = _url("ws(s)", "ws", "wss")

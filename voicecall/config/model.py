@@ -28,12 +28,15 @@ from voicecall.config.checks import (
     e164,
     http_url,
     integer,
+    is_postgres_url,
     node_id,
     non_empty,
     number,
     one_of,
     openai_model,
     port,
+    redact_url,
+    store_location,
     url_path,
     ws_url,
 )
@@ -316,7 +319,8 @@ class VoiceCallConfig:
     stt: SttConfig = section(SttConfig)
     #: Read after the deep merge with OpenClaw's ``messages.tts`` (SPEC §2.3).
     tts: TtsConfig = section(TtsConfig)
-    store: str = key(non_empty, factory=_default_store)
+    store: str = key(store_location, factory=_default_store, env="VOICECALL_STORE",
+                     doc="A directory (SQLite, one node) or a postgresql:// URL (the shared store of a cluster).")  # fmt: skip
     response_model: str = key(openai_model, "openai/gpt-4o-mini")
     response_system_prompt: str | None = key(any_text, None)
     response_timeout_ms: int = key(POSITIVE, 30000)
@@ -329,3 +333,18 @@ class VoiceCallConfig:
     cluster: ClusterConfig = section(ClusterConfig)
     #: The legacy-shape warnings found while reading; no JSON key sets it.
     warnings: tuple[str, ...] = field(default=(), metadata={KEY: None})
+
+    @property
+    def store_is_postgres(self) -> bool:
+        """Whether ``store`` is a PostgreSQL URL (clustering on) rather than a directory."""
+        return is_postgres_url(self.store)
+
+    @property
+    def state_dir(self) -> str:
+        """Where local state (the RPC socket) goes: the store directory, or the default one with PostgreSQL."""
+        return _default_store() if self.store_is_postgres else self.store
+
+    @property
+    def store_shown(self) -> str:
+        """``store`` as messages and logs show it: a URL's password replaced by ``***``."""
+        return redact_url(self.store)

@@ -86,11 +86,26 @@ class Context:
 
     @property
     def socket(self) -> str:
-        return self._socket or default_socket_path(self.config.store, os.environ)
+        return self._socket or default_socket_path(self.config.state_dir, os.environ)
 
     @property
     def store(self) -> str:
-        return self.config.store
+        """The store as messages show it (a PostgreSQL URL's password hidden)."""
+        return self.config.store_shown
+
+    def open_store(self):
+        """The store, read-only (a directory's SQLite or the PostgreSQL URL's), or None if it holds none."""
+        if self.config.store_is_postgres:
+            from voicecall.domain.pgstore import open_readonly
+            from voicecall.infra.dbwriter import StoreError
+
+            try:
+                return open_readonly(self.config.store)
+            except StoreError as e:
+                raise Failed(str(e)) from None
+        from voicecall.domain.store import open_readonly
+
+        return open_readonly(self.config.store)
 
 
 def emit(payload: Any) -> None:
@@ -386,9 +401,7 @@ def status(ctx, call_id, cluster):
 
 
 def _status_from_store(ctx: Context, call_id: str | None) -> dict:
-    from voicecall.domain.store import open_readonly
-
-    store = open_readonly(ctx.store)
+    store = ctx.open_store()
     if store is None:
         click.echo(f"(daemon not running on {ctx.socket}, and no store at {ctx.store})", err=True)
         return {"calls": []} if call_id is None else {"found": False}
@@ -453,9 +466,7 @@ class _Tail:
 
     def _read_store(self, first: bool = False) -> bool:
         """Print what the store holds after the last event read; False if there is no store."""
-        from voicecall.domain.store import open_readonly
-
-        store = open_readonly(self._ctx.store)
+        store = self._ctx.open_store()
         if store is None:
             return False
         with store:
@@ -592,9 +603,7 @@ def _turn_samples(metadata: dict, every: str, last: str) -> list[int]:
 @click.pass_obj
 def latency(ctx, last):
     """Turn latency statistics of recent calls (from the store)."""
-    from voicecall.domain.store import open_readonly
-
-    store = open_readonly(ctx.store)
+    store = ctx.open_store()
     calls = []
     if store is None:
         click.echo(f"(no store at {ctx.store}: no calls recorded there)", err=True)

@@ -231,7 +231,7 @@ def _local_checks(cfg, socket_override: str | None, env: Mapping[str, str], note
     """The running daemon, or the port and socket it would take; and its state directory. `note`
     ends each detail (the defaults used when the config could not be read)."""
     checks: list[Check] = []
-    socket_path = socket_override or default_socket_path(cfg.store, env)
+    socket_path = socket_override or default_socket_path(cfg.state_dir, env)
     try:
         health = daemon_health(socket_path)
     except UnreadableAnswer as e:
@@ -239,8 +239,10 @@ def _local_checks(cfg, socket_override: str | None, env: Mapping[str, str], note
         checks.append(_port_check(cfg.serve.bind, cfg.serve.port))
     else:
         checks.extend(_daemon_checks(cfg, socket_path, health))
-    ok, detail = _writable_dir(cfg.store)
-    checks.append(Check("state directory", ok, detail, None if ok else f"make {cfg.store} writable by the daemon's user"))
+    if cfg.store_is_postgres:  # reached when the daemon starts; the URL's password is never shown
+        checks.append(Check("store", True, f"PostgreSQL {cfg.store_shown} (shared by the cluster's nodes)"))
+    ok, detail = _writable_dir(cfg.state_dir)
+    checks.append(Check("state directory", ok, detail, None if ok else f"make {cfg.state_dir} writable by the daemon's user"))
     return [Check(c.name, c.ok, c.detail + note, c.fix, c.warn) for c in checks]
 
 

@@ -1,0 +1,279 @@
+"""
+The PostgreSQL store's own tests (the contract shared with SQLite is in tests/test_store.py):
+the cluster rules under real concurrency (two PgPools = two nodes), migrations, the server going
+away, the idempotence that makes retries safe, the events channel, the `store` config key, and
+one daemon end to end (initiate over RPC, kill -9, restart: the call is restored).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.harness import BASE_CONFIG, eventually, free_port, make_workdir, run_cli, spawn_daemon
+from tests.pgserver import postgres_server, private_postgres_server
+from tests.test_store import entry, event, make_record
+from voicecall.config import ConfigError, parse_config
+from voicecall.domain.manager import CallError, CallManager, ManagerSettings
+from voicecall.domain.pgstore import EVENTS_CHANNEL, MIGRATIONS, Migration, PgCallStore, latest_version
+from voicecall.domain.store import CallExistsError, NotOwnerError, StoreFullError
+from voicecall.infra.dbwriter import StoreError
+from voicecall.infra.pg import PgPool
+from voicecall.providers.mock import MockProvider
+
+SECRET = "pg-s3cret"
+
+
+async def open_node(testcase, url: str, node_id: str, **kwargs) -> PgCallStore:
+    """A store as a node opens it: its own threaded PgPool."""
+    store = PgCallStore(PgPool(reactor, url, max_size=4), node_id=node_id, **kwargs)
+    await store.open()
+    testcase.addCleanup(store.close)
+    return store
+
+
+def rows(url: str, query: str, *params):
+    with psycopg.connect(url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+class ClusterRuleTests(TestCase):
+    async def setUp(self):
+        self.url = postgres_server(self).new_database(self)
+        self.a = await open_node(self, self.url, "node-a")
+        self.b = await open_node(self, self.url, "node-b")
+
+    async def test_concurrent_admission_never_exceeds_the_limit(self):
+        """40 new calls written at once by two nodes, limit 3: exactly 3 admitted."""
+        writes = [
+            (self.a if i % 2 else self.b).write(make_record(f"c{i}", provider_call_id=None), admit_limit=3)
+            for i in range(40)
+        ]
+        results = await DeferredList(writes, consumeErrors=True)
+        admitted = [ok for ok, _ in results if ok]
+        refused = [f for ok, f in results if not ok]
+        self.assertEqual(len(admitted), 3)
+        self.assertTrue(all(f.check(StoreFullError) for f in refused), [f.value for f in refused])
+        self.assertEqual(rows(self.url, "SELECT count(*) FROM calls"), [(3,)])
+
+    async def test_inbound_claimed_once(self):
+        """Two nodes create the same carrier call at once: one wins, the other is told who."""
+        results = await DeferredList(
+            [
+                self.a.write(make_record("in-a", direction="inbound", provider_call_id="CA-same"), events=[event("in-a")]),
+                self.b.write(make_record("in-b", direction="inbound", provider_call_id="CA-same"), events=[event("in-b")]),
+            ],
+            consumeErrors=True,
+        )
+        (winner,) = rows(self.url, "SELECT call_id, owner_node FROM calls")
+        losers = [f.value for ok, f in results if not ok]
+        self.assertEqual(len(losers), 1)
+        self.assertIsInstance(losers[0], CallExistsError)
+        self.assertEqual((losers[0].call_id, losers[0].owner_node), winner)
+        self.assertEqual(rows(self.url, "SELECT call_id FROM events"), [(winner[0],)])
+
+    async def test_fencing(self):
+        """After another node adopted a call, the old owner's writes and deletes change nothing."""
+        await self.a.write(make_record("c1"), transcript=[entry("one")], event_keys=["k1"])
+        with self.assertRaises(NotOwnerError) as caught:
+            await self.b.write(make_record("c1", state="active"), transcript=[entry("b")], events=[event("c1")])
+        self.assertEqual((caught.exception.call_id, caught.exception.owner), ("c1", "node-a"))
+        with psycopg.connect(self.url, autocommit=True) as conn:  # node-b adopts it (cluster/adopt.py does this)
+            conn.execute("UPDATE calls SET owner_node = 'node-b' WHERE call_id = 'c1'")
+        with self.assertRaises(NotOwnerError) as caught:
+            await self.a.write(make_record("c1", state="completed"), transcript=[entry("late")], event_keys=["k2"], events=[event("c1")])
+        self.assertEqual(caught.exception.owner, "node-b")
+        with self.assertRaises(NotOwnerError):
+            await self.a.delete_call("c1")
+        got = await self.b.get_call("c1")
+        self.assertEqual((got.state.value, [t.text for t in got.transcript], got.processed_event_ids), ("ringing", ["one"], ["k1"]))
+        self.assertEqual(await self.a.last_events(5), [])
+        await self.b.write(make_record("c1", state="active"))
+        self.assertEqual([r.call_id for r in await self.b.load_active()], ["c1"])
+        self.assertEqual(await self.a.load_active(), [])  # each node restores only its own
+
+    async def test_manager_limit_holds_across_nodes(self):
+        """Two managers (two nodes) with maxConcurrentCalls 2, three initiates each at once: 2 calls in all."""
+        managers = []
+        for store in (self.a, self.b):
+            provider = MockProvider(clock=reactor)
+            manager = CallManager(
+                provider=provider, voice=provider, store=store, clock=reactor,
+                settings=ManagerSettings(provider_name="mock", max_concurrent_calls=2),
+            )
+            manager.set_webhook_url("http://127.0.0.1:1/voice/webhook")
+            self.addCleanup(manager.stop)
+            managers.append(manager)
+        attempts = [Deferred.fromCoroutine(m.initiate("+15550001234", "hi")) for m in managers for _ in range(3)]
+        results = await DeferredList(attempts, consumeErrors=True)
+        placed = [value for ok, value in results if ok]
+        refused = [f.value for ok, f in results if not ok]
+        self.assertEqual(len(placed), 2, refused)
+        self.assertTrue(all(isinstance(e, CallError) and str(e) == "Maximum concurrent calls (2) reached" for e in refused), refused)
+
+    async def test_events_notified_in_order(self):
+        """Each event row NOTIFYs voicecall_events with its seq, once committed."""
+        got: list[str] = []
+        ready: list[int] = []
+        listener = self.b.pool.listen(EVENTS_CHANNEL, got.append, lambda: ready.append(1))
+        self.addCleanup(listener.stop)
+        await eventually(lambda: ready, 10, "LISTEN in place")
+        await self.a.write(make_record("c1"), events=[event("c1", at=1), event("c1", at=2)])
+        await self.a.write(events=[event("c1", at=3)])
+        await eventually(lambda: len(got) == 3, 10, "three notifications")
+        seqs = [e["seq"] for e in await self.b.events_after(0)]
+        self.assertEqual([int(p) for p in got], seqs)
+
+    async def test_retried_write_applies_once(self):
+        """A write run twice (the retry after an ambiguous COMMIT that had in fact committed) applies once."""
+        pool = self.a.pool
+        real_run = pool.run
+
+        def twice(fn, **kwargs):
+            return real_run(fn, **kwargs).addCallback(lambda _: real_run(fn, **kwargs))
+
+        self.patch(pool, "run", twice)
+        await self.a.write(make_record("c1"), transcript=[entry("once")], event_keys=["k"], events=[event("c1")])
+        got = await self.b.get_call("c1")
+        self.assertEqual(([t.text for t in got.transcript], got.processed_event_ids), (["once"], ["k"]))
+        self.assertEqual(len(await self.b.last_events(10)), 1)
+
+    async def test_nul_refused_changing_nothing(self):
+        """PostgreSQL text cannot hold NUL: such a write fails with StoreError and changes nothing."""
+        with self.assertRaises(StoreError):
+            await self.a.write(make_record("c1"), transcript=[entry("a\x00b")], events=[event("c1")])
+        self.assertIsNone(await self.a.get_call("c1"))
+
+
+class MigrationTests(TestCase):
+    async def test_fresh_reopen_and_concurrent_open(self):
+        url = postgres_server(self).new_database(self)
+        stores = [PgCallStore(PgPool(reactor, url), node_id=f"n{i}") for i in range(3)]
+        await gatherResults([s.open() for s in stores])  # three nodes starting at once
+        for s in stores:
+            self.addCleanup(s.close)
+        self.assertEqual(rows(url, "SELECT version FROM schema_migrations"), [(m.version,) for m in MIGRATIONS])
+        again = await open_node(self, url, "n9")
+        await again.write(make_record())
+        self.assertEqual(len(rows(url, "SELECT version FROM schema_migrations")), len(MIGRATIONS))
+
+    async def test_appended_migration_applied_on_open(self):
+        url = postgres_server(self).new_database(self)
+        first = await open_node(self, url, "n1")
+        await first.close()
+        extra = Migration(latest_version() + 1, "a test table", "CREATE TABLE extra_test (x int)")
+        await open_node(self, url, "n1", migrations=(*MIGRATIONS, extra))
+        self.assertEqual(rows(url, "SELECT to_regclass('extra_test') IS NOT NULL"), [(True,)])
+        # the code without it now refuses the newer database, and changes nothing
+        with self.assertRaises(StoreError) as caught:
+            await PgCallStore(PgPool(reactor, url), node_id="old").open()
+        self.assertIn(f"schema version {extra.version}", str(caught.exception))
+
+    async def test_failed_migration_changes_nothing(self):
+        url = postgres_server(self).new_database(self)
+        bad = Migration(latest_version() + 1, "broken", "CREATE TABLE half (x int); SELECT no_such_function()")
+        with self.assertRaises(StoreError):
+            await open_node(self, url, "n1", migrations=(*MIGRATIONS, bad))
+        self.assertEqual(rows(url, "SELECT to_regclass('schema_migrations') IS NULL, to_regclass('half') IS NULL"), [(True, True)])
+
+
+class ServerFailureTests(TestCase):
+    async def test_server_down_then_back(self):
+        """Writes fail clearly while the server is down, succeed again by themselves once it is back; nothing acknowledged is lost."""
+        pg = private_postgres_server(self)
+        name = pg.new_database().rsplit("/", 1)[1]
+        store = PgCallStore(PgPool(reactor, pg.url(name, password=SECRET), acquire_timeout=1, connect_timeout=1), node_id="n1")
+        await store.open()
+        self.addCleanup(store.close)
+        await store.write(make_record("before"), transcript=[entry("kept")])
+        pg.kill()
+        with self.assertRaises(StoreError) as caught:
+            await store.write(make_record("during"))
+        self.assertIn(store.path, str(caught.exception))
+        self.assertNotIn(SECRET, str(caught.exception))
+        pg.restart()
+
+        async def writes():
+            try:
+                await store.write(make_record("after"))
+            except StoreError:
+                return False
+            return True
+
+        await eventually(writes, 30, "a write once the server is back")
+        self.assertEqual([t.text for t in (await store.get_call("before")).transcript], ["kept"])
+        self.assertEqual(sorted(r.call_id for r in await store.recent_calls()), ["after", "before"])
+
+    async def test_unreachable_at_open(self):
+        url = f"postgresql://voicecall:{SECRET}@127.0.0.1:{free_port()}/calls"
+        with self.assertRaises(StoreError) as caught:
+            await PgCallStore(PgPool(reactor, url, connect_timeout=1), node_id="n1").open()
+        self.assertIn("voicecall@127.0.0.1:", str(caught.exception))
+        self.assertNotIn(SECRET, str(caught.exception))
+
+
+class StoreConfigTests(SynchronousTestCase):
+    def test_directory_or_url(self):
+        env = {"HOME": "/h"}
+        self.assertEqual(parse_config({"store": "state"}, env).store, os.path.abspath("state"))
+        url = f"postgresql://vc:{SECRET}@db.example:5433/calls?sslmode=require"
+        cfg = parse_config({"store": url}, env)
+        self.assertEqual((cfg.store, cfg.store_is_postgres), (url, True))
+        self.assertNotIn(SECRET, cfg.store_shown)
+        self.assertEqual(cfg.state_dir, os.path.expanduser("~/.openclaw/voice-calls"))
+        self.assertTrue(parse_config({"store": "postgres://db/calls"}, env).store_is_postgres)
+
+    def test_env_fallback(self):
+        url = "postgresql://vc@db/calls"
+        self.assertEqual(parse_config({}, {"HOME": "/h", "VOICECALL_STORE": url}).store, url)
+        self.assertEqual(parse_config({"store": "/srv/vc"}, {"HOME": "/h", "VOICECALL_STORE": url}).store, "/srv/vc")
+
+    def test_bad_urls_refused_without_the_password(self):
+        for bad in (f"mysql://vc:{SECRET}@db/calls", f"postgresql://vc:{SECRET}@db:99999/calls", f"postgresql://vc:{SECRET}@db/ca lls"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config({"store": bad}, {"HOME": "/h"})
+            text = "\n".join(caught.exception.lines())
+            self.assertIn("store:", text)
+            self.assertNotIn(SECRET, text)
+
+    def test_psycopg_missing_is_a_clear_error(self):
+        import sys
+
+        from voicecall import tap
+
+        cfg = parse_config({"store": "postgresql://vc@db/calls"}, {"HOME": "/h"})
+        saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in ("psycopg", "psycopg_pool") or name in ("voicecall.infra.pg", "voicecall.domain.pgstore")}
+        self.addCleanup(sys.modules.update, saved)
+        sys.modules["psycopg"] = None  # as if not installed
+        self.addCleanup(sys.modules.pop, "psycopg", None)
+        with self.assertRaises(SystemExit) as caught:
+            tap.build_store(cfg, reactor, None)
+        self.assertEqual(
+            str(caught.exception),
+            "voicecall: the store is PostgreSQL (postgresql://vc@db/calls) but psycopg is not installed:"
+            " pip install 'voicecall[postgresql]'",
+        )
+
+
+class DaemonTests(TestCase):
+    async def test_call_restored_after_kill_9(self):
+        """A daemon on the PostgreSQL store: initiate over RPC, kill -9, restart: the call is back, as this node's."""
+        url = postgres_server(self).new_database(self)
+        config = {**BASE_CONFIG, "store": url, "maxConcurrentCalls": 3, "cluster": {"nodeId": "solo"}}
+        workdir = make_workdir(self, raw=json.dumps(config))
+        daemon = await spawn_daemon(self, workdir)
+        result = await run_cli(self, workdir, "call", "--to", "+15550001234", "--message", "Hi", "--mode", "conversation")
+        call_id = result.json()["callId"]
+        await daemon.kill9()
+        self.assertEqual(rows(url, "SELECT owner_node, terminal FROM calls WHERE call_id = %s", call_id), [("solo", False)])
+        down = await run_cli(self, workdir, "status", "--call-id", call_id)  # the CLI reads the store while the daemon is down
+        self.assertEqual(down.json()["callId"], call_id)
+        self.assertIn("read the store at postgresql://voicecall@127.0.0.1", down.err)
+        await spawn_daemon(self, workdir)
+        up = await run_cli(self, workdir, "status", "--call-id", call_id)
+        self.assertEqual((up.json()["callId"], up.json()["state"]), (call_id, down.json()["state"]))
+        self.assertEqual(rows(url, "SELECT type FROM events ORDER BY seq")[0], ("call.created",))
