@@ -277,3 +277,17 @@ class DaemonTests(TestCase):
         up = await run_cli(self, workdir, "status", "--call-id", call_id)
         self.assertEqual((up.json()["callId"], up.json()["state"]), (call_id, down.json()["state"]))
         self.assertEqual(rows(url, "SELECT type FROM events ORDER BY seq")[0], ("call.created",))
+
+
+class SecretTests(TestCase):
+    async def test_doctor_and_cli_never_show_the_password(self):
+        """doctor and the CLI (reading the store while no daemon runs) name the server, never the URL's password."""
+        url = f"postgresql://vc:{SECRET}@127.0.0.1:{free_port()}/calls"
+        workdir = make_workdir(self, raw=json.dumps({**BASE_CONFIG, "store": url}))
+        doctor = await run_cli(self, workdir, "doctor")
+        self.assertIn("PostgreSQL postgresql://vc:***@127.0.0.1:", doctor.out + doctor.err)
+        status = await run_cli(self, workdir, "status")
+        self.assertNotEqual(status.code, 0)
+        self.assertIn("cannot connect to PostgreSQL vc@127.0.0.1:", status.err)
+        for result in (doctor, status):
+            self.assertNotIn(SECRET, result.out + result.err)
