@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_tap,tests.test_wiring -*-
 """
 The daemon's lifecycle: `VoicecallService` runs the start sequence in order (store, cluster
-node, restore, webhook, public URL, adoption, RPC socket, metrics, reaper, ready) and stops it in
+node, restore, routing, webhook, public URL, adoption, RPC socket, metrics, reaper, ready) and stops it in
 reverse; each listening endpoint is a `ListenerService`. It is handed every component, built and
 wired by tap.py, and imports none of them: only what it catches (a store or a tunnel that says
 why it failed) and systemd's notification.
@@ -89,7 +89,9 @@ class VoicecallService(MultiService):
 
     With a shared store, `node` (cluster/nodes.py) registers this node before its calls are
     restored and deregisters it once it serves nothing more, and `adopter` (cluster/adopt.py)
-    takes over dead nodes' calls from the end of restore to the start of the stop.
+    takes over dead nodes' calls from the end of restore to the start of the stop. `routing`
+    (the router, the cluster-wide event feed, the signed-URL list) serves other nodes' forwarded
+    requests from before the webhook listens until the webhook and the RPC socket are closed.
 
     `public_url` is the configured one (None: `open_tunnel(port)`, when given, exposes the webhook
     port and fires with the tunnel, whose `public_url` is used). `set_public_url` is the adapter's,
@@ -123,6 +125,7 @@ class VoicecallService(MultiService):
         stdout_observer=None,
         node=None,
         adopter=None,
+        routing: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self.setName("voicecall")
@@ -149,6 +152,10 @@ class VoicecallService(MultiService):
         self._stdout_observer = stdout_observer
         self._node = node
         self._adopter = adopter
+        #: The cluster's routing parts (cluster/router.py, events.py, urls.py): start()ed once
+        #: this node's calls are restored, before the webhook listens; stop()ped in reverse
+        #: once the webhook and the RPC socket are closed.
+        self._routing = tuple(routing)
         self._logs_to_stdout = False
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
@@ -177,6 +184,8 @@ class VoicecallService(MultiService):
         if self._node is not None:
             await self._node.start()  # a fresh heartbeat before restoring: nobody adopts our calls now
         await self.manager.restore()
+        for part in self._routing:
+            await part.start()
         port = await self._webhook.listen()
         host = port.getHost()
         bound = f"[{host.host}]" if ":" in host.host else host.host
@@ -246,6 +255,8 @@ class VoicecallService(MultiService):
         if self._metrics is not None:
             await _maybe(self._metrics.stopService())
         await _maybe(self._rpc.stopService())
+        for part in reversed(self._routing):
+            await _maybe(part.stop())
         self.manager.stop()
         if self._adopter is not None:
             await self._adopter.stop()

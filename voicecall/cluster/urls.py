@@ -34,6 +34,12 @@ class SignedUrls:
     _nodes: tuple[str, ...] = field(default=())
     _log = Logger()
 
+    def start(self) -> Deferred:
+        return self.refresh()
+
+    def stop(self) -> None:
+        """Nothing to stop: it reads when told to."""
+
     def refresh(self, *_: object) -> Deferred:
         """Read the nodes' URLs again."""
 
