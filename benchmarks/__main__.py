@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "media_streams": ["--quick"],
     "tts_first_frame": ["--quick"],
     "audio_convert": ["--seconds", "5", "--repeat", "1"],
+    "cluster": ["--quick"],
 }
 
 
