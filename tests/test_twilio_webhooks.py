@@ -151,3 +151,63 @@ class TwilioWebhookTests(SynchronousTestCase):
         """The pre-auth gate wants X-Twilio-Signature."""
         self.assertFalse(self.provider.has_signature_headers({"host": "x"}))
         self.assertTrue(self.provider.has_signature_headers({"x-twilio-signature": "abc"}))
+
+
+class StreamResumeTests(SynchronousTestCase):
+    """The stream TwiML's way back: its resume URL, and how the resume fetch is answered."""
+
+    def setUp(self):
+        self.calls: list = []
+
+        def stream_twiml(sid, direction, **kwargs):
+            self.calls.append((sid, direction, kwargs))
+            return f"<Response><Connect/><Redirect>{kwargs['resume_url']}</Redirect></Response>"
+
+        self.provider = TwilioProvider(
+            http=None, clock=Clock(), account_sid="AC1", auth_token=TOKEN, public_url=PUBLIC, stream_twiml=stream_twiml
+        )
+        self.provider.set_webhook_url(PUBLIC)
+
+    def parse(self, params, query=""):
+        context = ctx(params, query)
+        verdict = self.provider.verify_webhook(context)
+        self.assertTrue(verdict.ok, verdict.reason)
+        return self.provider.parse_webhook(context, verdict.request_key)
+
+    def test_resume_urls(self):
+        """
+        An outbound call's resume URL names our callId; an inbound call's, fetched before the call
+        has our id, names it by the CallSid Twilio posts. Each carries a fresh nonce.
+        """
+        self.parse({"CallSid": "CA1", "CallStatus": "in-progress", "Direction": "outbound-api"}, "?callId=c1")
+        self.parse({"CallSid": "CA1", "CallStatus": "in-progress", "Direction": "outbound-api"}, "?callId=c1")
+        self.parse({"CallSid": "CA9", "Direction": "inbound", "CallStatus": "ringing"})
+        (first, second, inbound) = [kwargs["resume_url"] for _, _, kwargs in self.calls]
+        self.assertRegex(first, r"^https://voice\.example\.com/voice/webhook\?callId=c1&flow=resume&n=[0-9a-f]{12}$")
+        self.assertNotEqual(first, second)
+        self.assertRegex(inbound, r"^https://voice\.example\.com/voice/webhook\?flow=resume&n=[0-9a-f]{12}$")
+        self.assertEqual([kwargs["resuming"] for _, _, kwargs in self.calls], [False, False, False])
+
+    def test_the_resume_fetch(self):
+        """
+        The resume fetch asks for a stream as a resume, its answer closes its connection, and its
+        event never creates a call (no direction).
+        """
+        parsed = self.parse({"CallSid": "CA9", "Direction": "inbound", "CallStatus": "in-progress"}, "?flow=resume&n=abc")
+        [(sid, _, kwargs)] = self.calls
+        self.assertEqual((sid, kwargs["resuming"]), ("CA9", True))
+        self.assertEqual(parsed.response.headers.get("Connection"), "close")
+        (event,) = parsed.events
+        self.assertEqual((event.type, event.direction, event.provider_call_id), (EventType.ANSWERED, None, "CA9"))
+
+    def test_resume_base_url(self):
+        """`resume_base_url` (a cluster's entry URL) replaces this daemon's webhook URL in resume URLs only."""
+        self.provider = TwilioProvider(
+            http=None, clock=Clock(), account_sid="AC1", auth_token=TOKEN, public_url=PUBLIC,
+            stream_twiml=lambda sid, direction, **kwargs: kwargs["resume_url"],
+            resume_base_url="https://any.example.com/voice/webhook",
+        )
+        self.provider.set_webhook_url(PUBLIC)
+        self.assertEqual(self.provider.resume_base_url(), "https://any.example.com/voice/webhook")
+        body = self.parse({"CallSid": "CA1", "CallStatus": "in-progress", "Direction": "outbound-api"}, "?callId=c1").response.body
+        self.assertTrue(body.startswith(b"https://any.example.com/voice/webhook?callId=c1&flow=resume&n="), body)
