@@ -49,6 +49,7 @@ from tests.harness import (
     speech_fakes,
     workdir,
 )
+from tests.pgserver import postgres_server
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "nginx", "voicecall.conf")
 SID = "AC" + "1" * 32
@@ -334,3 +335,93 @@ class LoadBalancerTests(TestCase):
         with self.assertRaises(ResponseNeverReceived):
             await self.request("GET", "unknown.example.org", "/voice/webhook")
 
+
+class LoadBalancerClusterTests(LoadBalancerTests):
+    """
+    The same through nginx, with the two nodes one cluster on one PostgreSQL (tests/pgserver.py),
+    and what only a cluster does: the shared name is signed for (entryUrl) and takes inbound calls,
+    and a crashed node's name reaches a live node that accepts its calls' callbacks.
+    """
+
+    async def start(self) -> None:
+        self.store_url = postgres_server(self).new_database(self)
+        await super().start()
+
+    def node_config(self, node: str, twilio_base: str, speech_base: str) -> dict:
+        return {
+            **super().node_config(node, twilio_base, speech_base),
+            "store": self.store_url,
+            "cluster": {"nodeId": f"node-{node}", "entryUrl": f"https://{SHARED}/voice/webhook", "leaseSeconds": 3},
+            "inboundPolicy": "open",
+            "inboundGreeting": "Hello, caller",
+            "maxConcurrentCalls": 4,
+        }
+
+    async def test_inbound_calls_on_the_shared_name(self):
+        """Inbound calls to the entry URL are answered by the nodes in turn; each call's stream is on its owner's own name."""
+        await self.start()
+        for caller in ("+15550002001", "+15550002002"):
+            call = self.fake.place_inbound_call(FROM, caller, f"https://{SHARED}/voice/webhook")
+            stream = await call.next_stream()
+            self.assertIsNotNone(stream, list(self.fake.webhooks))
+            self.assertIn(stream.url, [f"wss://{node_name(n)}/voice/stream" for n in NODES])
+            client = TwilioMediaClient(
+                reactor,
+                stream.url,
+                call_sid=call.sid,
+                account_sid=SID,
+                token=stream.parameters.get("token"),
+                headers={"X-Twilio-Signature": sign_request(TOKEN, stream.url)},
+                via=TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+            )
+            await client.connect()
+            self.addCleanup(client.abort)
+            await eventually(lambda client=client: len(client.audio_received) > 800, 15, "the greeting through nginx")
+        self.assertEqual({hook.status for hook in self.fake.webhooks if hook.status is not None}, {200})
+        self.assertEqual([await self.hits(n) > 0 for n in NODES], [True, True])
+
+    async def test_crashed_node_name_reaches_a_live_node(self):
+        """After kill -9 of node A, a callback signed for A's name reaches B through nginx and B accepts it."""
+        await self.start()
+        await self.daemons["a"].kill9()
+        before = await self.hits("b")
+        for host in (node_name("a"), SHARED, node_name("b")):
+            code, _, body = await self.signed_post(host)
+            self.assertNotIn(code, (401, 502, 503, 504), (host, body))
+        self.assertEqual(await self.hits("b"), before + 3)
+
+    async def test_node_killed_mid_stream(self):
+        """
+        kill -9 of the node streaming a call: the call streams again from node B, reached through
+        nginx on B's own name (B adopts the call once A's lease has run out and points it at itself).
+        """
+        await self.start()
+        await rpc(self.daemons["a"].rpc_path, "voicecall.initiate", {"to": "+15550001234", "message": "Hello", "mode": "conversation"})
+        call = await eventually(lambda: next(iter(self.fake.calls.values()), None), 10, "the fake call")
+        first = await self.attach(call)
+        await eventually(lambda: len(first.audio_received) > 800, 15, "the greeting from node A")
+        await self.daemons["a"].kill9()
+        await first.closed
+        heard = len(self.stt.appended_audio())
+        second = await self.attach(call)
+        self.assertEqual(second.url, f"wss://{node_name('b')}/voice/stream")
+        await eventually(lambda: len(self.stt.appended_audio()) > heard, 15, "the caller's frames through nginx to node B")
+        self.assertFalse(call.is_ended)
+
+    async def attach(self, call) -> TwilioMediaClient:
+        """Open the call's current or next stream through nginx; when it closes, Twilio goes on after `</Connect>`."""
+        stream = await call.next_stream()
+        self.assertIsNotNone(stream, list(self.fake.webhooks)[-3:])
+        client = TwilioMediaClient(
+            reactor,
+            stream.url,
+            call_sid=call.sid,
+            account_sid=SID,
+            token=stream.parameters.get("token"),
+            headers={"X-Twilio-Signature": sign_request(TOKEN, stream.url)},
+            via=TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+        )
+        client.closed.addBoth(lambda result: (call.end_stream() if call.active_stream is stream else None, result)[1])
+        await client.connect()
+        self.addCleanup(client.abort)
+        return client
