@@ -78,6 +78,23 @@ def find_postgres_bin() -> Optional[str]:
     return None
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -106,11 +123,15 @@ def _chown_tree(path: str, account: Optional[pwd.struct_passwd]) -> None:
 
 
 def _argv(account: Optional[pwd.struct_passwd], argv: list[str]) -> list[str]:
-    if account is None:
-        return argv
     setpriv = shutil.which("setpriv")
+    if account is None:
+        # the server dies with the test process, even one that ends without running atexit
+        return [setpriv, "--pdeathsig=KILL", *argv] if setpriv else argv
     if setpriv:
-        return [setpriv, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups", *argv]
+        return [
+            setpriv, f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups",
+            "--pdeathsig=KILL", *argv,
+        ]
     runuser = shutil.which("runuser")
     if runuser:
         return [runuser, "-u", account.pw_name, "--", *argv]
@@ -236,12 +257,22 @@ class PostgresServer:
             self.kill()
 
     def kill(self) -> None:
-        """A crash: SIGKILL to the postmaster and all its backends. Committed data survives (fsync)."""
+        """
+        A crash: SIGKILL to the postmaster and every process it started (each backend is in a
+        session of its own, so not in the postmaster's process group; the postmaster is stopped
+        first so it forks no more). Committed data survives (fsync).
+        """
         process = self._process
         if process is None or process.poll() is not None:
             return
         try:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.kill(process.pid, signal.SIGSTOP)
+            for child in _children(process.pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os.kill(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         process.wait()

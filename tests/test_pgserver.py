@@ -16,6 +16,16 @@ from tests.pgserver import postgres_server, private_postgres_server
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+
+
 class SharedServerTests(SynchronousTestCase):
     def test_fresh_databases_are_isolated(self):
         pg = postgres_server(self)
@@ -72,8 +82,10 @@ class PrivateServerTests(SynchronousTestCase):
             conn.execute("INSERT INTO t VALUES (42)")
         held = psycopg.connect(url, autocommit=True)
         self.addCleanup(held.close)
+        backend = held.execute("SELECT pg_backend_pid()").fetchone()[0]
         pg.kill()
         self.assertFalse(pg.running)
+        self.assertFalse(alive(backend), "a backend survived kill()")  # each backend has a session of its own
         with self.assertRaises(psycopg.OperationalError):
             held.execute("SELECT 1")
         with self.assertRaises(psycopg.OperationalError):
