@@ -240,6 +240,18 @@ class StoreConfigTests(SynchronousTestCase):
             self.assertIn("store:", text)
             self.assertNotIn(SECRET, text)
 
+    def test_store_opened_as_this_node(self):
+        """tap.build_store: SQLite or PostgreSQL by the store value, opened as cluster.nodeId, else the host name."""
+        from voicecall import tap
+
+        env = {"HOME": "/h"}
+        sqlite = tap.build_store(parse_config({"store": "/tmp/x", "cluster": {"nodeId": "n7"}}, env), reactor, None)
+        self.assertEqual((type(sqlite).__name__, sqlite.node_id), ("CallStore", "n7"))
+        pg = tap.build_store(parse_config({"store": "postgresql://vc@db/calls"}, env), reactor, None)
+        self.assertEqual((type(pg).__name__, pg.node_id), ("PgCallStore", tap.host_node_id()))
+        self.patch(tap.socket, "gethostname", lambda: "-Web 01.example.com/" + "x" * 60)
+        self.assertEqual(tap.host_node_id(), ("Web-01.example.com-" + "x" * 60)[:48])
+
     def test_psycopg_missing_is_a_clear_error(self):
         import sys
 

@@ -387,11 +387,13 @@ def build_metrics_listener(cfg, reactor, metrics: Metrics, manager: CallManager,
 
 def build_store(cfg, reactor, writer: ThreadedWriter):
     """
-    The call store: SQLite in the store directory (on `writer`), or, for a postgresql:// URL, the
-    store shared by a cluster's nodes, opened as this node (``cluster.nodeId``, else the host name).
+    The call store, opened as this node (``cluster.nodeId``, else the host name), which it records
+    as the owner of the calls it writes: SQLite in the store directory (on `writer`), or, for a
+    postgresql:// URL, the store shared by a cluster's nodes.
     """
+    node_id = cfg.cluster.node_id or host_node_id()
     if not cfg.store_is_postgres:
-        return CallStore(cfg.store, writer)
+        return CallStore(cfg.store, writer, node_id=node_id)
     try:
         from voicecall.domain.pgstore import PgCallStore
         from voicecall.infra.pg import PgPool
@@ -400,7 +402,7 @@ def build_store(cfg, reactor, writer: ThreadedWriter):
             f"voicecall: the store is PostgreSQL ({cfg.store_shown}) but {e.name} is not installed:"
             " pip install 'voicecall[postgresql]'"
         ) from None
-    return PgCallStore(PgPool(reactor, cfg.store), node_id=cfg.cluster.node_id or host_node_id())
+    return PgCallStore(PgPool(reactor, cfg.store), node_id=node_id)
 
 
 def host_node_id() -> str:

@@ -223,6 +223,11 @@ class CallStore:
     _log = Logger()
 
     @property
+    def node_id(self) -> str:
+        """The node this store was opened as (the owner it records), as `PgCallStore.node_id`."""
+        return self._node_id
+
+    @property
     def path(self) -> str:
         """The database file."""
         return os.path.join(self._directory, DB_FILENAME)
