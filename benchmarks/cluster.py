@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import RpcLine, cpus, last_json, percentile, pin, spawn, stop, table, write_json
+from benchmarks.common import CLK_TCK, RpcLine, cpu_seconds, cpus, last_json, percentile, pin, spawn, stop, table, write_json
 from benchmarks.webhooks import FROM, SID, TO, TOKEN, build_requests, check_signers, closed_loop
 
 TARGET_RATIO = 1.8
@@ -152,17 +152,37 @@ def stop_nodes(nodes: list[tuple]) -> list[dict]:
     return [last_json(stop(proc, timeout=60), "STATS ") or {} for proc, _ in nodes]
 
 
+def postgres_cpu(pg) -> float:
+    """CPU seconds used so far by the PostgreSQL server: its postmaster and every child (backends, writers)."""
+    with pg.connect() as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with open(f"/proc/{backend}/stat") as f:
+        postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
+    total = cpu_seconds(postmaster)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
 # --- the phases ------------------------------------------------------------------------------------
 
 
-def webhooks(nodes: list[tuple], args) -> dict:
+def webhooks(nodes: list[tuple], args, pg) -> dict:
     """Every node loaded at once with its own calls' callbacks; the sum of their rates."""
     budget = int(args.max_rps * (args.seconds + args.warmup))
     loads = []
     for proc, info in nodes:
         calls = [(sid, url) for sid, url, _ in info["calls"]]
         loads.append((info["port"], build_requests(f"127.0.0.1:{info['port']}", calls, budget), proc.pid))
-    c0 = time.process_time()
+    c0, p0 = time.process_time(), postgres_cpu(pg)
     t0 = time.perf_counter()
 
     async def all_at_once():
@@ -171,7 +191,8 @@ def webhooks(nodes: list[tuple], args) -> dict:
         ])
 
     results = asyncio.run(all_at_once())
-    generator_cpu = (time.process_time() - c0) / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    generator_cpu, pg_cpu = (time.process_time() - c0) / elapsed, (postgres_cpu(pg) - p0) / elapsed
     return {
         "rps": sum(r["rps"] for r in results),
         "p50_ms": max(r["p50_ms"] for r in results),
@@ -180,6 +201,7 @@ def webhooks(nodes: list[tuple], args) -> dict:
         "requests": sum(r["requests"] for r in results),
         "node_cpu": [r["server_cpu"] for r in results],
         "generator_cpu": generator_cpu,
+        "postgres_cpu": pg_cpu,
         "per_node": results,
     }
 
@@ -243,13 +265,13 @@ def main(argv: list[str] | None = None) -> int:
         pin(1 if n_cpus >= 2 else None)
         nodes = start_nodes(["a"], [two[0]], pg.new_database(), args.calls, workdir)
         try:
-            results["1 node"] = webhooks(nodes, args)
+            results["1 node"] = webhooks(nodes, args, pg)
         finally:
             results["1 node"]["stats"] = stop_nodes(nodes)
         os.sched_setaffinity(0, previous)  # the generator has no core of its own now
         nodes = start_nodes(["a", "b"], two, pg.new_database(), args.calls, workdir)
         try:
-            results["2 nodes"] = webhooks(nodes, args)
+            results["2 nodes"] = webhooks(nodes, args, pg)
             results["rpc"] = rpc_latency(nodes, args)
         finally:
             results["2 nodes"]["stats"] = stop_nodes(nodes)
@@ -261,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("1 node", "2 nodes"):
         r = results[name]
         rows.append((name, r["requests"], r["ok"], r["rps"], r["p50_ms"], r["p99_ms"],
-                     " + ".join(f"{c * 100:.0f}%" for c in r["node_cpu"]), f"{r['generator_cpu'] * 100:.0f}%"))
-    table(("nodes", "requests", "200s", "req/s", "p50_ms", "p99_ms", "node_cpu", "gen_cpu"), rows, "signed status callbacks")
+                     " + ".join(f"{c * 100:.0f}%" for c in r["node_cpu"]), f"{r['postgres_cpu'] * 100:.0f}%",
+                     f"{r['generator_cpu'] * 100:.0f}%"))
+    table(("nodes", "requests", "200s", "req/s", "p50_ms", "p99_ms", "node_cpu", "postgres_cpu", "gen_cpu"), rows,
+          "signed status callbacks")
     ratio = results["2 nodes"]["rps"] / results["1 node"]["rps"]
     print(f"2 nodes / 1 node: {ratio:.2f}x (target >= {TARGET_RATIO:g}x: {'ok' if ratio >= TARGET_RATIO else 'BELOW TARGET'})")
     rpc = results["rpc"]
