@@ -35,8 +35,25 @@ from voicecall.testing.twilio import FakeTwilio, Scenario
 
 from tests import test_manager
 from tests.fixtures import build_manager, manager_rig
-from tests.harness import eventually, http_client, serve
+from tests.harness import (
+    READY,
+    READY_TIMEOUT,
+    Daemon,
+    call_record,
+    daemon_argv,
+    eventually,
+    free_port,
+    http_client,
+    make_workdir,
+    rpc,
+    run_cli,
+    serve,
+    spawn,
+    spawn_daemon,
+    transcript,
+)
 from tests.pgserver import postgres_server
+from tests.test_restart import StreamedCallRig, tone
 
 SID = "AC" + "0" * 32
 TOKEN = "fake-auth-token-for-tests"
@@ -552,3 +569,223 @@ class OperationsTests(SynchronousTestCase):
         ):
             self.assertIn(line, text.splitlines())
         self.assertNotIn('heartbeat_age_seconds{node="gone"}', text)
+
+
+# -- end to end: two daemons on one PostgreSQL, one killed mid-call ---------------------------------
+
+LEASE = 3  # the shortest lease the config takes: adoption within LEASE + LEASE/3 + a sweep
+
+
+class FailoverTests(TestCase):
+    """`kill -9` of the node running a call: a live node adopts it, Twilio is re-pointed, the call goes on."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        self.pg = postgres_server(self)
+        self.store_url = self.pg.new_database(self)
+        self.http = http_client(self)
+        self.metrics_ports: dict[str, int] = {}
+
+        answered: set[int] = set()
+
+        def person(call):
+            # Silent (a long Gather) until asked the question the adopter puts; answers it once.
+            said = call.say_texts[-1] if call.say_texts else ""
+            if said != "Still there?" or len(call.say_texts) in answered:
+                return None
+            answered.add(len(call.say_texts))
+            return "yes, still here"
+
+        self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=Scenario(utterances=person, silence=60))
+        self.twilio_base = await serve(self, self.fake.resource())
+        self.addCleanup(_hang_up_all, self.fake)
+
+    async def node(self, node_id: str) -> Daemon:
+        port = free_port()
+        config = {
+            "provider": "twilio",
+            "fromNumber": "+15550000000",
+            "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": self.twilio_base},
+            "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+            "maxConcurrentCalls": 5,
+            "transcriptTimeoutMs": 30000,
+            "cluster": {"nodeId": node_id, "leaseSeconds": LEASE},
+            "metrics": {"enabled": True, "port": free_port()},
+        }
+        work = make_workdir(self, config)
+        with open(work.config_path, encoding="utf-8") as f:
+            written = json.load(f)
+        with open(work.config_path, "w", encoding="utf-8") as f:
+            json.dump({**written, "store": self.store_url}, f)  # one shared store
+        argv = [a.replace("tcp:0:", f"tcp:{port}:") for a in daemon_argv(work)]
+        process = spawn(self, argv, cwd=work.path)
+        match = await process.wait_for_output(READY, READY_TIMEOUT, f"node {node_id}'s ready line")
+        self.metrics_ports[node_id] = config["metrics"]["port"]
+        return Daemon(workdir=work, process=process, webhook_url=match.group(1).decode(), rpc_path=match.group(2).decode())
+
+    def owner(self, call_id: str) -> str | None:
+        with psycopg.connect(self.store_url, autocommit=True) as conn:
+            row = conn.execute("SELECT owner_node FROM calls WHERE call_id = %s", (call_id,)).fetchone()
+        return row[0] if row else None
+
+    async def test_kill9_mid_call(self):
+        a, b = await self.node("a"), await self.node("b")
+        placed = await rpc(a.rpc_path, "voicecall.initiate", {"to": CALLEE, "message": "Hello from A", "mode": "conversation"})
+        call_id = placed["callId"]
+        await eventually(lambda: _greeted(a.rpc_path, call_id), 15, "the greeting said on A")
+        (fake_call,) = self.fake.calls.values()
+        self.assertEqual(self.owner(call_id), "a")
+
+        await a.kill9()
+        killed_at = reactor.seconds()
+        await eventually(lambda: self.owner(call_id) == "b", LEASE + 10, "b to adopt the call")
+        await eventually(lambda: _runs(b.rpc_path, call_id), 10, "b to run the call")
+        adopted_in = reactor.seconds() - killed_at
+        self.assertLess(adopted_in, LEASE + LEASE / 3 + 3)
+
+        # Twilio was re-pointed at B: a call update, then B's TwiML fetched.
+        await eventually(lambda: any(w.url.startswith(b.webhook_url) for w in self.fake.webhooks if w.kind == "twiml"), 10, "Twilio to fetch B's TwiML")
+        update = [r for r in self.fake.requests if r.path.endswith(f"/Calls/{fake_call.sid}.json") and r.get("Url")][-1]
+        self.assertTrue(update.get("Url").startswith(b.webhook_url + f"?callId={call_id}"))
+
+        # The call goes on at B with everything A acknowledged: its transcript, its turns.
+        answer = await rpc(b.rpc_path, "voicecall.continue", {"callId": call_id, "message": "Still there?"})
+        self.assertEqual(answer["transcript"], "yes, still here")
+        record = await call_record(b.rpc_path, call_id)
+        self.assertEqual(transcript(record)[:1], [("bot", "Hello from A")])
+        self.assertEqual(transcript(record)[-2:], [("bot", "Still there?"), ("user", "yes, still here")])
+
+        # What the operator sees.
+        cluster = (await run_cli(self, b.workdir, "status", "--cluster")).json()
+        nodes = {n["nodeId"]: n for n in cluster["nodes"]}
+        self.assertEqual((nodes["a"]["alive"], nodes["a"]["calls"]), (False, 0))
+        self.assertEqual((nodes["b"]["alive"], nodes["b"]["callIds"]), (True, [call_id]))
+        scrape = await (await self.http.get(f"http://127.0.0.1:{self.metrics_ports['b']}/metrics")).text()
+        self.assertIn('voicecall_cluster_node_up{node="a"} 0.0', scrape)
+        self.assertIn("voicecall_cluster_adopted_calls_total 1.0", scrape)
+
+        # Its end is reported to B (the update moved the status callback).
+        fake_call.hangup_by_callee()
+        ended = await eventually(lambda: _ended(b.rpc_path, call_id), 10, "the end, at B")
+        self.assertEqual(ended["endReason"], "completed")
+
+    async def test_clean_stop_hands_calls_over_at_once(self):
+        """A node stopped cleanly deregisters: its live calls are adopted without waiting for the lease."""
+        a, b = await self.node("a"), await self.node("b")
+        placed = await rpc(a.rpc_path, "voicecall.initiate", {"to": CALLEE, "message": "Hello from A", "mode": "conversation"})
+        call_id = placed["callId"]
+        # (Stopped mid-greeting, A could not answer Twilio's next fetch, and Twilio would end the
+        # call; in production the load balancer sends that fetch to a live node instead.)
+        await eventually(lambda: _greeted(a.rpc_path, call_id), 15, "the greeting said on A")
+        await a.stop()
+        stopped_at = reactor.seconds()
+        await eventually(lambda: self.owner(call_id) == "b", 10, "b to adopt the call")
+        self.assertLess(reactor.seconds() - stopped_at, LEASE)
+        await eventually(lambda: _runs(b.rpc_path, call_id), 10, "b to run the call")
+        answer = await rpc(b.rpc_path, "voicecall.continue", {"callId": call_id, "message": "Still there?"})
+        self.assertEqual(answer["transcript"], "yes, still here")
+
+
+async def _runs(rpc_path: str, call_id: str) -> bool:
+    """Whether the node on `rpc_path` runs `call_id` (one of its active calls)."""
+    return call_id in [c["callId"] for c in (await rpc(rpc_path, "voicecall.status", {}))["calls"]]
+
+
+class SingleNodeTests(TestCase):
+    """With the SQLite store there is no cluster: no registry, nothing adopted, and status --cluster says so."""
+
+    timeout = 60
+
+    async def test_status_cluster_on_one_node(self):
+        work = make_workdir(self, {})
+        await spawn_daemon(self, work)
+        result = await run_cli(self, work, "status", "--cluster")
+        self.assertEqual(result.code, 1)
+        self.assertIn("not a cluster: the store is not PostgreSQL", result.err)
+        usage = await run_cli(self, work, "status", "--cluster", "--call-id", "x")
+        self.assertEqual(usage.code, 2)
+        self.assertIn("--cluster lists the nodes", usage.err)
+
+
+class StreamedFailoverTests(TestCase):
+    """`kill -9` of the node a streamed call's media flows to: the call gets a fresh stream to the adopter."""
+
+    timeout = 120
+
+    async def test_kill9_mid_streamed_call(self):
+        store_url = postgres_server(self).new_database(self)
+        port_a, port_b = free_port(), free_port()
+        rig = StreamedCallRig(self)
+        base = await rig.start(port_a)
+        url_b = f"http://127.0.0.1:{port_b}/voice/webhook"
+        nodes = {}
+        for node_id, port in (("a", port_a), ("b", port_b)):
+            config = {
+                **base,
+                "serve": {"port": port, "bind": "127.0.0.1"},
+                "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+                # The shared name, which a load balancer sends to a live node: here, b.
+                "cluster": {"nodeId": node_id, "leaseSeconds": LEASE, "entryUrl": url_b},
+            }
+            work = make_workdir(self, config)
+            with open(work.config_path, encoding="utf-8") as f:
+                written = json.load(f)
+            with open(work.config_path, "w", encoding="utf-8") as f:
+                json.dump({**written, "store": store_url}, f)
+            argv = [arg.replace("tcp:0:", f"tcp:{port}:") for arg in daemon_argv(work)]
+            process = spawn(self, argv, cwd=work.path)
+            match = await process.wait_for_output(READY, READY_TIMEOUT, f"node {node_id}'s ready line")
+            nodes[node_id] = Daemon(workdir=work, process=process, webhook_url=match.group(1).decode(), rpc_path=match.group(2).decode())
+        a, b = nodes["a"], nodes["b"]
+
+        call_id = (await rpc(a.rpc_path, "voicecall.initiate", {"to": CALLEE, "message": "Hi", "mode": "conversation"}))["callId"]
+        fake_call = await rig.fake_call()
+        client = await rig.attach(fake_call)
+        await eventually(lambda: _said(a.rpc_path, call_id, "bot", "Hi"), 10, "the greeting")
+        pending = Deferred.fromCoroutine(rpc(a.rpc_path, "voicecall.continue", {"callId": call_id, "message": "How many people?"}))
+        await eventually(lambda: _said(a.rpc_path, call_id, "bot", "How many people?"), 10, "the question")
+        client.talk(tone(0.6))
+        self.assertEqual((await pending)["transcript"], "A table for two")
+        before = transcript(await call_record(a.rpc_path, call_id))
+
+        await a.kill9()
+        killed_at = reactor.seconds()
+        await client.closed  # A's socket went with it; Twilio follows the stream's way back (the entry URL)
+        client = await rig.attach(fake_call)  # a fresh stream, to b
+        self.assertTrue(client.url.startswith(f"ws://127.0.0.1:{port_b}/"), client.url)
+        await eventually(lambda: _runs(b.rpc_path, call_id), 15, "b to run the call")
+        heard = len(client.audio_received)
+        await rpc(b.rpc_path, "voicecall.speak", {"callId": call_id, "message": "Sorry, where were we?"})
+        await eventually(lambda: len(client.audio_received) > heard, 10, "audio on the new stream")
+        self.assertLess(reactor.seconds() - killed_at, LEASE + LEASE / 3 + 5)
+        self.assertFalse(fake_call.is_ended, list(fake_call.errors))
+
+        pending = Deferred.fromCoroutine(rpc(b.rpc_path, "voicecall.continue", {"callId": call_id, "message": "What time?"}))
+        await eventually(lambda: _said(b.rpc_path, call_id, "bot", "What time?"), 10, "a question on b")
+        client.talk(tone(0.6))
+        self.assertEqual((await pending)["transcript"], "At eight")
+        after = transcript(await call_record(b.rpc_path, call_id))
+        self.assertEqual(after[: len(before)], before)
+        self.assertEqual(after[len(before):], [("bot", "Sorry, where were we?"), ("bot", "What time?"), ("user", "At eight")])
+
+
+async def _said(rpc_path: str, call_id: str, speaker: str, text: str) -> bool:
+    return (speaker, text) in transcript(await call_record(rpc_path, call_id))
+
+
+async def _greeted(rpc_path: str, call_id: str) -> bool:
+    """Whether the call on `rpc_path` said its greeting and listens."""
+    record = await call_record(rpc_path, call_id)
+    return ("bot", "Hello from A") in transcript(record) and record["state"] in ("active", "listening")
+
+
+async def _ended(rpc_path: str, call_id: str) -> dict | None:
+    record = await call_record(rpc_path, call_id)
+    return record if record["state"] == "completed" else None
+
+
+async def _hang_up_all(fake) -> None:
+    for call in list(fake.calls.values()):
+        call.hangup_by_callee()
+    await fake.settle()

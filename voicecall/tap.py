@@ -49,6 +49,12 @@ from voicecall.media.sockets import Admission
 from voicecall.media.stream import MediaStreamServer
 from voicecall.infra.private.ws import neutralise_autobahn_log_formatting
 from voicecall.domain.store import CallStore
+from voicecall.cluster.adopt import Adopter
+from voicecall.cluster.events import ClusterEvents
+from voicecall.cluster.router import Router
+from voicecall.cluster.urls import SignedUrls
+from voicecall.providers.base import SPEAK_TIMEOUT_MAX
+from voicecall.cluster.nodes import NodeRegistry
 from voicecall.infra.dbwriter import ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
@@ -105,6 +111,8 @@ def build_provider(cfg, reactor, http, *, stream_twiml=None, stream_busy=None):
             public_url=cfg.public_url,
             stream_twiml=stream_twiml,
             stream_busy=stream_busy,
+            # A dropped stream's way back reaches a live node even when this one is gone.
+            resume_base_url=cfg.cluster.entry_url,
             inbound_screen=lambda caller: inbound_decision(cfg.inbound_policy, cfg.allow_from, caller) is None,
         )
     return MockProvider(clock=reactor)
@@ -355,7 +363,9 @@ def build_responder(cfg, reactor, http, manager: CallManager, responders: Gatewa
     )
 
 
-def build_webhook(cfg, reactor, provider, manager: CallManager, forwarding: ForwardingPolicy, serve_path: str) -> WebhookResource:
+def build_webhook(
+    cfg, reactor, provider, manager: CallManager, forwarding: ForwardingPolicy, serve_path: str, router: Router | None = None, signed_urls=None
+) -> WebhookResource:
     skip_key = None
     if cfg.skip_signature_verification:
         Logger().warn(
@@ -372,17 +382,73 @@ def build_webhook(cfg, reactor, provider, manager: CallManager, forwarding: Forw
         replays=ReplayCache(reactor),
         responses=ResponseCache(reactor),
         skip_key=skip_key,
+        route=None if router is None else router.route,
+        signed_urls=signed_urls,
     )
 
 
-def build_metrics_listener(cfg, reactor, metrics: Metrics, manager: CallManager, webhook: WebhookResource, media) -> ListenerService:
+def build_routing(cfg, reactor, store, manager: CallManager, serve: dict, adopt: Callable[[str], Any]):
+    """
+    Any node serves any request, when the store is shared (PostgreSQL): (Router, ClusterEvents,
+    SignedUrls), or (None, None, None) on a single node. `serve` maps a forwarded request's kind
+    to the handler that runs it here; `adopt(call_id)` takes a dead node's call.
+    """
+    if not cfg.store_is_postgres:
+        return None, None, None
+    # A forwarded continue waits for the caller as long as a local one (its prompt spoken first).
+    turn = cfg.transcript_timeout_ms / 1000 + SPEAK_TIMEOUT_MAX
+    router = Router(
+        reactor=reactor,
+        pool=store.pool,
+        node_id=store.node_id,
+        lease_seconds=cfg.cluster.lease_seconds,
+        handlers=serve,
+        is_local=lambda ref: manager.find(ref) is not None,
+        adopt=adopt,
+        timeouts={"webhook": 10.0, "rpc": turn},
+    )
+    events = ClusterEvents(pool=store.pool, local_subscribe=manager.subscribe, events_after=store.events_after, last_events=store.last_events)
+    urls = SignedUrls(pool=store.pool, own=cfg.public_url, entry=cfg.cluster.entry_url)
+    return router, events, urls
+
+
+def build_metrics_listener(
+    cfg, reactor, metrics: Metrics, manager: CallManager, webhook: WebhookResource, media, node=None, adopter=None
+) -> ListenerService:
     """The loopback-by-default Prometheus listener, reading the components' counts at scrape time."""
-    media_counts = None
+    media_counts = cluster = None
     if media is not None:
         media_counts = lambda: {"open": media.active_count + media.pending_count, "refused": dict(media.counts)}  # noqa: E731
-    metrics.add_collector(VoicecallCollector(cfg.provider, manager.active_calls, webhook.counts, manager.ended_counts, media_counts))
+    if node is not None:
+        cluster = lambda: {  # noqa: E731
+            "node": node.node_id,
+            "nodes": [n.to_json() for n in node.snapshot],
+            "adopted": adopter.adopted,
+            "failedBeats": node.failed_beats,
+        }
+    metrics.add_collector(
+        VoicecallCollector(cfg.provider, manager.active_calls, webhook.counts, manager.ended_counts, media_counts, cluster)
+    )
     interface = _endpoint_text(cfg.metrics.bind)
     return ListenerService("metrics", reactor, f"tcp:{cfg.metrics.port}:interface={interface}", MetricsSite(metrics))
+
+
+def build_liveness(cfg, reactor, store, manager: CallManager, provider, webhook_url: Callable[[], "str | None"], on_change=None):
+    """
+    A cluster node's liveness and adoption (cluster/nodes.py, adopt.py) when the store is shared
+    (PostgreSQL): (NodeRegistry, Adopter), each heartbeat and each node leaving running the
+    adopter's sweep (and `on_change(event)`, when given, on a join or leave); (None, None) on a
+    single node.
+    """
+    if not cfg.store_is_postgres:
+        return None, None
+    lease = cfg.cluster.lease_seconds
+    adopter = Adopter(store.pool, store, manager, provider, store.node_id, lease, webhook_url)
+    node = NodeRegistry(
+        reactor, store.pool, store.node_id, cfg.public_url or "", lease, on_beat=adopter.sweep,
+        on_change=adopter.sweep if on_change is None else lambda event: (adopter.sweep(event), on_change(event)),
+    )
+    return node, adopter
 
 
 def build_store(cfg, reactor, writer: ThreadedWriter):
@@ -483,13 +549,17 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     responders = GatewayResponders()
     auto = build_responder(cfg, reactor, http, manager, responders)
     media = None if bridge is None else build_media_server(cfg, reactor, bridge, forwarding)
-    webhook = build_webhook(cfg, reactor, provider, manager, forwarding, serve_path)
+    # Another node's forwarded requests run here as local ones (the handlers are built below).
+    serve = {"webhook": lambda request: webhook.serve_forwarded(request), "rpc": lambda request: methods.serve_forwarded(request)}
+    router, events, urls = build_routing(cfg, reactor, store, manager, serve, lambda call_id: adopter.adopt_call(call_id))
+    webhook = build_webhook(cfg, reactor, provider, manager, forwarding, serve_path, router, urls)
     site = ScreenedSite(
         RootResource(webhook=webhook, stream_path=stream_path, stream=media.resource if media else None),
         clock=reactor,
         screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification, client_ip=forwarding.client_ip),
         on_refused=lambda status: webhook.counts.update((str(status),)),
     )
+    node, adopter = build_liveness(cfg, reactor, store, manager, provider, lambda: service.webhook_url, on_change=urls.refresh if urls else None)
     methods = RpcMethods(
         manager=manager,
         clock=reactor,
@@ -497,6 +567,8 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         provider_name=cfg.provider,
         webhook_url=lambda: service.webhook_url,
         started_at=reactor.seconds(),
+        route=None if router is None else router.route,
+        cluster_nodes=None if node is None else lambda: node.nodes().addCallback(lambda nodes: [n.to_json() for n in nodes]),
     )
 
     # The service: starts them in sequence, stops them in reverse.
@@ -506,7 +578,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         store=store,
         manager=manager,
         webhook=ListenerService("webhook", reactor, options["webhook"], site),
-        rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe, responders, clock=reactor)),
+        rpc=ListenerService("rpc", reactor, options["rpc"], RpcFactory(methods.table(), manager.subscribe if events is None else events.subscribe, responders, clock=reactor)),
         reaper=StaleCallReaper(manager=manager, clock=reactor, max_age_seconds=cfg.stale_call_reaper_seconds),
         serve_path=serve_path,
         provider=provider,
@@ -517,9 +589,12 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         set_public_url=provider.set_public_url if isinstance(provider, TwilioProvider) else None,
         warnings=cfg.warnings,
         config_path=options.get("config_path"),
-        metrics=None if metrics is None else build_metrics_listener(cfg, reactor, metrics, manager, webhook, media),
+        metrics=None if metrics is None else build_metrics_listener(cfg, reactor, metrics, manager, webhook, media, node, adopter),
         media=media,
         bridge=bridge,
         stdout_observer=stdout_log_observer(getattr(options, "parent", None), os.environ),
+        node=node,
+        adopter=adopter,
+        routing=() if router is None else (router, events, urls),
     )
     return service
