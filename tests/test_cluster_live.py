@@ -392,11 +392,30 @@ class NodeRegistryTests(_PgCase):
 class ClaimTests(_PgCase):
     """The claim's SQL: a dead node's live calls are spread over the live nodes, never taken twice."""
 
-    async def test_share_spreads_and_never_overlaps(self):
-        """Two adopters claiming at once take disjoint shares covering every live call of the dead node."""
+    async def dead_node_with_calls(self, silent_for: int) -> None:
+        """Live nodes a and b; node `dead`, silent for `silent_for` s, owned 40 live calls."""
         self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('b', '', null, null, now(), now()),"
-                 " ('dead', '', null, null, now(), now() - interval '1 minute')")
+                 " ('dead', '', null, null, now(), now() - make_interval(secs => %s))", (silent_for,))
         self.calls(*((f"c{i}", "dead", False, i) for i in range(1, 41)), ("over", "dead", True, 0), ("alive", "a", False, 0))
+
+    async def test_parts_spread_and_never_overlap(self):
+        """Each live node takes its part of a dead node's calls (about half each here), never the other's."""
+        await self.dead_node_with_calls(15)
+        pool_a, pool_b = await self.open_pool(), await self.open_pool()
+        got_a = await pool_a.run(lambda conn: claim_share(conn, "a", 10))
+        self.assertEqual(await pool_a.run(lambda conn: claim_share(conn, "a", 10)), [])  # the rest is b's
+        got_b = await pool_b.run(lambda conn: claim_share(conn, "b", 10))
+        ids_a, ids_b = {c for c, _ in got_a}, {c for c, _ in got_b}
+        self.assertFalse(ids_a & ids_b)
+        self.assertEqual(ids_a | ids_b, {f"c{i}" for i in range(1, 41)})
+        self.assertTrue(10 <= len(ids_a) <= 30, len(ids_a))
+        self.assertEqual({owner for _, owner in got_a + got_b}, {"dead"})
+        self.assertEqual(dict(self.sql("SELECT call_id, owner_node FROM calls WHERE call_id IN ('over', 'alive')")),
+                         {"over": "dead", "alive": "a"})
+
+    async def test_concurrent_claims_never_overlap(self):
+        """Two adopters claiming at once (their parts, and what is anyone's) never take one call twice."""
+        await self.dead_node_with_calls(60)  # silent 3 leases and more: any node may take any of its calls
         pool_a, pool_b = await self.open_pool(), await self.open_pool()
         got_a, got_b = await gatherResults([
             pool_a.run(lambda conn: claim_share(conn, "a", 10)),
@@ -404,10 +423,17 @@ class ClaimTests(_PgCase):
         ])
         ids_a, ids_b = {c for c, _ in got_a}, {c for c, _ in got_b}
         self.assertFalse(ids_a & ids_b)
-        self.assertEqual({owner for _, owner in got_a + got_b}, {"dead"})
-        self.assertEqual(len(ids_a) + len(ids_b), 40)  # each took half (or, one after the other, the rest)
-        self.assertEqual(dict(self.sql("SELECT call_id, owner_node FROM calls WHERE call_id IN ('over', 'alive')")),
-                         {"over": "dead", "alive": "a"})
+        self.assertEqual(ids_a | ids_b, {f"c{i}" for i in range(1, 41)})
+
+    async def test_a_part_not_taken_goes_to_anyone_later(self):
+        """A call whose part's node never took it is anyone's once its owner has been silent 3 leases."""
+        await self.dead_node_with_calls(25)
+        pool = await self.open_pool()
+        mine = await pool.run(lambda conn: claim_share(conn, "a", 10))
+        self.assertLess(len(mine), 40)
+        self.kill("dead", 31)
+        rest = await pool.run(lambda conn: claim_share(conn, "a", 10))
+        self.assertEqual(len(mine) + len(rest), 40)
 
     async def test_only_a_live_node_adopts(self):
         """A node whose own heartbeat is stale claims nothing (it may be the one that is cut off)."""

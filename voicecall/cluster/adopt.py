@@ -5,15 +5,18 @@ Adoption: the live calls of a dead node are taken over by live nodes.
 A call is an orphan when it is not over (``calls.terminal`` false) and its ``owner_node`` is not a
 live node (no row in ``nodes``: it stopped cleanly; or a heartbeat older than the lease: it
 died). `Adopter.sweep()` (run after each heartbeat of this node, and when another node leaves)
-claims a share of the orphans in one transaction:
+claims this node's part of the orphans in one transaction:
 
-    UPDATE calls SET owner_node = <me> FROM (SELECT ... FOR UPDATE SKIP LOCKED LIMIT <share>)
+    UPDATE calls SET owner_node = <me> FROM (SELECT ... FOR UPDATE SKIP LOCKED)
 
-``SKIP LOCKED`` keeps two adopters off the same call (a row another sweep is claiming is skipped,
-not waited for), and the share (the orphans divided by the live nodes, rounded up) spreads a
-dead node's calls across the live ones; a sweep repeats while it claimed a full share and
-orphans remain, so none is left behind for long. Only a node whose own heartbeat is fresh
-adopts. The store's fencing then refuses every write of the dead node to these calls, should it
+The live nodes, in node id order, split the orphans by a hash of the call id (node i of n takes
+those whose hash is i modulo n), so a dead node's calls spread evenly over the survivors, each
+taking its part at its first sweep: within ``lease * 4/3`` of the last heartbeat (every live node
+sweeps after each of its beats, every ``lease / 3``). A call whose part's node did not take it
+(the live nodes changed meanwhile) goes to whichever node sweeps first once its owner has been
+silent for ``3 * lease``. ``SKIP LOCKED`` keeps two adopters off the same call (a row another
+sweep is claiming is skipped, not waited for). A sweep repeats while it claims `MAX_CLAIM` calls
+(a backlog). Only a node whose own heartbeat is fresh adopts. The store's fencing then refuses every write of the dead node to these calls, should it
 come back; and each sweep first looks up the calls this node runs: one another node owns now (this
 node was taken for dead, e.g. cut off from the database for longer than the lease) is released
 (`CallManager.release`), never ended, so the two nodes do not both run it.
@@ -34,8 +37,10 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-#: Calls one sweep's transaction claims at most (a sweep repeats while orphans remain).
+#: Calls one sweep's transaction claims at most (a sweep repeats while it claims this many).
 MAX_CLAIM = 500
+#: A dead node's call that its part's node did not take goes to any node after this many leases.
+ANYONE_AFTER_LEASES = 3
 
 
 def _live(lease_seconds: float) -> str:
@@ -47,17 +52,23 @@ def _orphan(lease_seconds: float) -> str:
 
 
 def claim_share(conn, me: str, lease_seconds: float) -> list[tuple[str, str | None]]:
-    """Claim this node's share of the orphan calls: [(call_id, previous owner)]; none unless `me` is live."""
+    """Claim this node's part of the orphan calls: [(call_id, previous owner)]; none unless `me` is live."""
     row = conn.execute(
-        f"SELECT %s IN {_live(lease_seconds)}, (SELECT count(*) FROM {_live(lease_seconds)} live),"
-        f" (SELECT count(*) FROM calls c WHERE {_orphan(lease_seconds)})",
+        "SELECT rank, n FROM (SELECT node_id, row_number() OVER (ORDER BY node_id) - 1 AS rank, count(*) OVER () AS n"
+        f" FROM nodes WHERE node_id IN {_live(lease_seconds)}) live WHERE node_id = %s",
         (me,),
     ).fetchone()
-    me_live, live, orphans = bool(row[0]), int(row[1]), int(row[2])
-    if not me_live or not orphans:
-        return []
-    share = min(MAX_CLAIM, -(-orphans // max(1, live)))
-    return _claim(conn, me, f"{_orphan(lease_seconds)} ORDER BY c.started_at LIMIT %s", (share,))
+    if row is None:
+        return []  # this node's own heartbeat is stale: it may be the one cut off
+    rank, live = int(row[0]), int(row[1])
+    long_dead = f"(SELECT node_id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => {ANYONE_AFTER_LEASES * float(lease_seconds)!r}))"
+    return _claim(
+        conn,
+        me,
+        f"{_orphan(lease_seconds)} AND (mod(hashtext(c.call_id)::bigint + 2147483648, %s) = %s OR c.owner_node IN {long_dead})"
+        " ORDER BY c.started_at LIMIT %s",
+        (live, rank, MAX_CLAIM),
+    )
 
 
 def claim_one(conn, me: str, lease_seconds: float, call_id: str) -> list[tuple[str, str | None]]:
@@ -161,10 +172,11 @@ class Adopter:
         total = 0
         while self._running:
             claimed = await self._pool.run(lambda conn: claim_share(conn, self.node_id, self.lease_seconds))
-            if not claimed:
-                break
             total += len(claimed)
-            await self._take(claimed)
+            if claimed:
+                await self._take(claimed)
+            if len(claimed) < MAX_CLAIM:
+                break
         return total
 
     def adopt_call(self, call_id: str) -> Deferred[bool]:
