@@ -6,18 +6,24 @@ to it through the store, and answered with the owner's answer.
 from __future__ import annotations
 
 import json
+import os
 from urllib.parse import urlencode
 
 import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+from treq.client import HTTPClient
 
 from tests.fixtures import manager_rig
-from tests.harness import eventually
+from tests.harness import call_status, eventually, event, free_port, serve, speech, transcript, until_state, webhook_client, workdir
 from tests.test_webhook import Conn
 from tests.pgserver import postgres_server
+from voicecall import tap
+from voicecall.client import RemoteError, connect
 from voicecall.cluster.events import ClusterEvents
 from voicecall.cluster.router import ForwardError, Router
 from voicecall.cluster.urls import SignedUrls
@@ -32,10 +38,12 @@ from voicecall.providers.twilio import TwilioProvider
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
 from voicecall.web.webhook import RootResource, WebhookResource, WebhookScreen
+from voicecall.testing.twilio import FakeTwilio, Scenario
 from twilio.request_validator import RequestValidator
 
 ENV = {"HOME": "/h"}
 TOKEN = "twilio-auth-token"
+SID = "AC" + "0" * 32
 
 
 class ClusterConfigTests(SynchronousTestCase):
@@ -403,3 +411,177 @@ class _RowsPool:
 
         return succeed(fn(Conn()))
 
+
+# -- end to end: daemons on one PostgreSQL ---------------------------------------------------------
+
+
+async def start_node(testcase, store_url: str, node_id: str, **config):
+    """A daemon in this process on the PostgreSQL store at `store_url`; returns (service, rpc client, webhook URL)."""
+    directory = workdir(testcase)
+    port = free_port()
+    webhook_url = f"http://127.0.0.1:{port}/voice/webhook"
+    config = {
+        "provider": "mock",
+        "store": store_url,
+        "publicUrl": webhook_url,
+        "serve": {"port": port},
+        "cluster": {"nodeId": node_id, "leaseSeconds": 3},
+        "outbound": {"defaultMode": "conversation"},
+        **config,
+    }
+    path = os.path.join(directory, "voicecall.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    options = tap.Options()
+    options.parseOptions(["--config", path, "--rpc", f"unix:{directory}/rpc.sock"])
+    service = tap.makeService(options, reactor)
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    await service.ready
+    client = await connect(reactor, f"{directory}/rpc.sock")
+    testcase.addCleanup(client.transport.loseConnection)
+    return service, client, webhook_url
+
+
+class ClusterRouteE2ETests(TestCase):
+    """Two daemons on one PostgreSQL, the mock carrier's webhooks and RPC sent to the "wrong" node."""
+
+    timeout = 60
+
+    async def setUp(self) -> None:
+        self.url = postgres_server(self).new_database(self)
+        self.web = webhook_client(self)
+
+    async def nodes(self, **config):
+        a = await start_node(self, self.url, "node-a", **config)
+        b = await start_node(self, self.url, "node-b", **config)
+        return a, b
+
+    async def test_rpc_and_webhooks_on_the_other_node(self):
+        (_, rpc_a, _), (_, rpc_b, hook_b) = await self.nodes(maxConcurrentCalls=4)
+        seen: list[dict] = []
+        subscriber = await connect(reactor, rpc_b.transport.getPeer().name, on_notification=lambda method, params: seen.append(params))
+        self.addCleanup(subscriber.transport.loseConnection)
+        await subscriber.call("voicecall.subscribe", {})
+        call_id = (await rpc_a.call("voicecall.initiate", {"to": "+15550001111", "message": "Hi"}))["callId"]
+
+        # The carrier's answer reaches B: B forwards it to A, which greets.
+        answered = await self.web.post(hook_b, event("call.answered", call_id))
+        self.assertEqual(answered.code, 200, answered.body)
+        await until_state(rpc_b, call_id, "listening", timeout=10)  # B reads the shared store
+
+        # A continue asked on B waits on A for the caller; the caller's words reach B.
+        turn = rpc_b.call("voicecall.continue", {"callId": call_id, "message": "How are you?"})
+        await eventually(lambda: self.said(rpc_b, call_id, "How are you?"), 10, "the prompt spoken by A")
+        self.assertFalse(turn.called)
+        spoken = await self.web.post(hook_b, speech(call_id, "Fine thanks"))
+        self.assertEqual(spoken.code, 200, spoken.body)
+        self.assertEqual(await turn, {"success": True, "transcript": "Fine thanks"})
+
+        self.assertEqual(await rpc_b.call("voicecall.speak", {"callId": call_id, "message": "Bye now"}), {"success": True})
+        self.assertEqual(await rpc_b.call("voicecall.end", {"callId": call_id}), {"success": True})
+        record = await call_status(rpc_a, call_id)
+        self.assertEqual((record["state"], record["endReason"]), ("hangup-bot", "hangup-bot"))
+        self.assertEqual(transcript(record), [("bot", "Hi"), ("bot", "How are you?"), ("user", "Fine thanks"), ("bot", "Bye now")])
+        # B's subscriber saw A's events, once each.
+        await eventually(lambda: any(e.get("type") == "call.ended" for e in seen), 10, "the end, on B's subscription")
+        said = [e["text"] for e in seen if e.get("type") == "call.transcript"]
+        self.assertEqual(said, ["Hi", "How are you?", "Fine thanks", "Bye now"])
+
+        # An error on the owner comes back as the same error.
+        with self.assertRaises(RemoteError) as here:
+            await rpc_a.call("voicecall.speak", {"callId": call_id, "message": "again"})
+        with self.assertRaises(RemoteError) as there:
+            await rpc_b.call("voicecall.speak", {"callId": call_id, "message": "again"})
+        self.assertEqual((there.exception.code, str(there.exception)), (here.exception.code, str(here.exception)))
+
+    async def said(self, rpc, call_id: str, text: str) -> bool:
+        return ("bot", text) in transcript(await call_status(rpc, call_id))
+
+    async def test_inbound_call_given_to_both_nodes_is_claimed_once(self):
+        (_, rpc_a, hook_a), (_, rpc_b, hook_b) = await self.nodes(inboundPolicy="open", maxConcurrentCalls=4)
+        body = event("call.initiated", "CA-in-1", direction="inbound", providerCallId="CA-in-1", **{"from": "+15550002222", "to": "+15550003333"})
+        answers = await gatherResults([Deferred.fromCoroutine(self.web.post(hook, body)) for hook in (hook_a, hook_b)])
+        self.assertEqual([a.code for a in answers], [200, 200], [a.body for a in answers])
+        active = (await rpc_a.call("voicecall.status", {}))["calls"] + (await rpc_b.call("voicecall.status", {}))["calls"]
+        self.assertEqual(len(active), 1, active)
+
+    async def test_max_concurrent_calls_holds_across_nodes(self):
+        (_, rpc_a, _), (_, rpc_b, _) = await self.nodes(maxConcurrentCalls=3)
+
+        async def place(rpc):
+            try:
+                return (await rpc.call("voicecall.initiate", {"to": "+15550001111", "message": "Hi"}))["callId"]
+            except Exception as e:
+                return str(e)
+
+        results = await gatherResults([Deferred.fromCoroutine(place(rpc)) for rpc in (rpc_a, rpc_b) * 4])
+        placed = [r for r in results if not r.startswith("Maximum")]
+        self.assertEqual(len(placed), 3, results)
+
+
+class EntryUrlTests(SynchronousTestCase):
+    def test_stream_resume_uses_the_entry_url(self):
+        """The way back of a dropped stream names the cluster's entry URL, which reaches any live node."""
+        creds = {"twilio": {"accountSid": "AC" + "0" * 32, "authToken": TOKEN}, "fromNumber": "+15550001111"}
+        cfg = parse_config({"provider": "twilio", "publicUrl": "https://a.example/voice/webhook", **creds,
+                            "cluster": {"entryUrl": "https://voice.example/voice/webhook"}}, ENV)
+        provider = tap.build_provider(cfg, Clock(), None)
+        provider.set_webhook_url("https://a.example/voice/webhook")
+        self.assertEqual(provider.resume_base_url(), "https://voice.example/voice/webhook")
+        alone = tap.build_provider(parse_config({"provider": "twilio", "publicUrl": "https://a.example/voice/webhook", **creds}, ENV), Clock(), None)
+        alone.set_webhook_url("https://a.example/voice/webhook")
+        self.assertEqual(alone.resume_base_url(), "https://a.example/voice/webhook")
+
+
+def _answers_turns(text: str):
+    """The callee says `text` at each Gather of a `continue` (its action carries a turn token), nothing at others."""
+    return lambda call: text if call.gathers and "turnToken=" in (call.gathers[-1].action_url or "") else None
+
+
+class _ToPort:
+    """An endpoint factory sending every URL's connection to one loopback port (Host and path kept)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def endpointForURI(self, uri):
+        return TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+
+
+class ClusterTwilioE2ETests(TestCase):
+    """
+    Twilio's callbacks for node A's call, every one delivered to node B (as a load balancer might):
+    B accepts their signatures (made for A's URL), A applies them, and Twilio gets A's TwiML.
+    """
+
+    timeout = 60
+
+    async def test_every_callback_reaches_the_other_node(self):
+        url = postgres_server(self).new_database(self)
+        port_a, port_b = free_port(), free_port()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        fake = FakeTwilio(reactor, SID, TOKEN, http=HTTPClient(Agent.usingEndpointFactory(reactor, _ToPort(port_b), pool=pool)),
+                          scenario=Scenario(utterances=_answers_turns("I am fine"), silence=0.5))
+        self.addCleanup(fake.settle)
+        twilio_base = await serve(self, fake.resource())
+
+        def node(name: str, port: int) -> dict:
+            return {"provider": "twilio", "fromNumber": "+15550009999", "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": twilio_base},
+                    "publicUrl": f"https://{name}.voice.test/voice/webhook", "serve": {"port": port}}
+
+        _, rpc_a, _ = await start_node(self, url, "node-a", **node("node-a", port_a))
+        _, rpc_b, _ = await start_node(self, url, "node-b", **node("node-b", port_b))
+        call_id = (await rpc_a.call("voicecall.initiate", {"to": "+15550001111", "message": "Hello there"}))["callId"]
+        asked = rpc_b.call("voicecall.continue", {"callId": call_id, "message": "How are you?"})
+        await eventually(lambda: asked.called, 20, f"the turn; the carrier's requests: {fake.webhooks}")
+        turn = await asked
+        self.assertEqual(turn, {"success": True, "transcript": "I am fine"})
+        call = next(iter(fake.calls.values()))
+        self.assertEqual(call.say_texts[:2], ["Hello there", "How are you?"])  # A's TwiML, served through B
+        self.assertTrue(fake.webhooks)
+        self.assertTrue(all(h.url.startswith("https://node-a.voice.test/") for h in fake.webhooks), [h.url for h in fake.webhooks])
+        self.assertEqual({h.status for h in fake.webhooks if h.status is not None}, {200}, [(h.kind, h.status, h.body) for h in fake.webhooks])
+        record = await call_status(rpc_b, call_id)
+        self.assertEqual(transcript(record), [("bot", "Hello there"), ("bot", "How are you?"), ("user", "I am fine")])
