@@ -29,6 +29,7 @@ from voicecall.cluster.router import ForwardError, Router
 from voicecall.cluster.urls import SignedUrls
 from voicecall.config import ConfigError, parse_config
 from voicecall.domain.pgstore import migrate
+from voicecall.domain.store import CallExistsError
 from voicecall.infra.pg import PgPool
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.mock import MockProvider
@@ -188,11 +189,8 @@ class RouterTests(TestCase):
     async def test_lost_inbound_claim_goes_to_the_winner(self):
         await self.started(self.a, self.b)
 
-        class CallExistsError(Exception):
-            owner_node = "b"
-
         async def claimed_by_b():
-            raise CallExistsError()
+            raise CallExistsError("c-9", "b")
 
         self.assertEqual(await self.a.router.route(["CA9"], "rpc", {"x": 1}, claimed_by_b, lambda r: r["node"]), "b")
 

@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from voicecall.domain.manager import CallError
+from voicecall.domain.store import CallExistsError
 
 #: The NOTIFY channel of a node is this prefix and its id (config's node id check keeps it an
 #: identifier of at most 63 bytes).
@@ -162,14 +163,23 @@ class Router:
             owner = await self.owner(refs)
             if owner is not None and owner.node_id not in (None, self.node_id):
                 if owner.alive:
-                    return decode(await self.forward(owner.node_id, kind, request))
+                    try:
+                        return decode(await self.forward(owner.node_id, kind, request))
+                    except ForwardError:
+                        # An owner killed just now is still "alive" until its lease runs out (a
+                        # stream's resume Redirect comes at once): if it has died meanwhile (or
+                        # this node's sweep took the call), the request is not lost but applied
+                        # here, on the call adopted.
+                        owner = await self.owner(refs)
+                        if owner is None or owner.node_id is None or (owner.alive and owner.node_id != self.node_id):
+                            raise
                 self._log.info("adopting {call_id} from dead node {node}", call_id=owner.call_id, node=owner.node_id)
                 await self._adopt(owner.call_id)
         try:
             return await local()
-        except Exception as e:
-            winner = getattr(e, "owner_node", None)
-            if type(e).__name__ != "CallExistsError" or winner in (None, self.node_id):
+        except CallExistsError as e:
+            winner = e.owner_node
+            if winner in (None, self.node_id):
                 raise
             self._log.info("{kind} for a call {node} claimed first: forwarded", kind=kind, node=winner)
             return decode(await self.forward(winner, kind, request))
