@@ -583,3 +583,24 @@ class ClusterTwilioE2ETests(TestCase):
         self.assertEqual({h.status for h in fake.webhooks if h.status is not None}, {200}, [(h.kind, h.status, h.body) for h in fake.webhooks])
         record = await call_status(rpc_b, call_id)
         self.assertEqual(transcript(record), [("bot", "Hello there"), ("bot", "How are you?"), ("user", "I am fine")])
+
+
+class PlivoSignedOriginTests(SynchronousTestCase):
+    """Plivo verifies against a given origin too (the cluster's other URLs), the SDK as the oracle."""
+
+    def test_other_origin(self):
+        from plivo.utils import signature_v3
+
+        provider = PlivoProvider(http=None, clock=Clock(), auth_id="MA1", auth_token=TOKEN, public_url="https://a.example/voice/webhook")
+        body = b"CallUUID=u1&CallStatus=completed"
+        nonce = "12345678901234567890"
+        signed = "https://b.example/voice/webhook?callId=c-1"
+        base = signature_v3.construct_post_url(signed, {"CallUUID": "u1", "CallStatus": "completed"})
+        signature = signature_v3.get_signature_v3(TOKEN.encode(), base.decode(), nonce.encode()).decode()
+        ctx = WebhookContext(method="POST", path="/voice/webhook", path_and_query="/voice/webhook?callId=c-1", query={"callId": "c-1"},
+                             headers={"content-type": "application/x-www-form-urlencoded", "x-plivo-signature-v3": signature,
+                                      "x-plivo-signature-v3-nonce": nonce},
+                             raw_body=body, remote_ip="127.0.0.1", url="https://b.example/voice/webhook?callId=c-1")
+        self.assertFalse(provider.verify_webhook(ctx).ok)  # this node's own publicUrl
+        self.assertTrue(provider.verify_webhook(ctx, "https://b.example/voice/webhook").ok)
+        self.assertFalse(provider.verify_webhook(ctx, "https://c.example/voice/webhook").ok)
