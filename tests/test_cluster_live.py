@@ -12,13 +12,14 @@ from urllib.parse import parse_qsl, urlsplit
 
 from twisted.internet import reactor
 import psycopg
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from voicecall.cluster.adopt import Adopter, claim_one, claim_share
 from voicecall.cluster.nodes import NodeIdInUse, NodeInfo, NodeRegistry
+from voicecall.cluster.router import Router
 from voicecall.control.metrics import Metrics, VoicecallCollector
 from voicecall.control.rpc import RpcMethods
 from voicecall.domain.manager import CallError
@@ -450,6 +451,38 @@ class ClaimTests(_PgCase):
         pool = await self.open_pool()
         claims = [await pool.run(lambda conn, c=c: claim_one(conn, "a", 10, c)) for c in ("c1", "c2", "c3", "c4")]
         self.assertEqual(claims, [[], [("c2", None)], [("c3", "a")], []])
+
+
+class DyingOwnerTests(_PgCase):
+    """A request forwarded to an owner killed just now (still within its lease) is not lost."""
+
+    async def test_applied_here_once_the_owner_is_dead(self):
+        """
+        A stream's resume Redirect reaches a survivor at once after kill -9: the owner's lease
+        has not run out, so the survivor forwards it, unanswered. When the forward times out and
+        the owner's lease has run out meanwhile, the survivor adopts the call and applies the
+        request itself (the carrier would otherwise get a 500 and end the call).
+        """
+        self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('killed', '', null, null, now(), now())")
+        self.calls(("c1", "killed", False, 0))
+        adopted: list[str] = []
+
+        def adopt(call_id: str) -> Deferred:
+            adopted.append(call_id)
+            return succeed(None)
+
+        async def local() -> str:
+            return "applied here"
+
+        router = Router(
+            reactor=reactor, pool=await self.open_pool(), node_id="a", lease_seconds=1, handlers={},
+            is_local=lambda ref: False, adopt=adopt, timeouts={"rpc": 1.5},
+        )
+        await router.start()
+        self.addCleanup(router.stop)
+        self.assertEqual(await router.route(["c1"], "rpc", {"method": "x"}, local, lambda reply: reply), "applied here")
+        self.assertEqual(router.counts["failed"], 1)  # forwarded first: the owner still looked alive
+        self.assertEqual(adopted, ["c1"])
 
 
 class _FailingStore:
