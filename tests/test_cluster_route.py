@@ -90,6 +90,8 @@ class _Node:
         self.local: set[str] = set()
         self.adopted: list[str] = []
         self.gate: Deferred | None = None
+        self.can_adopt = True
+        self.on_adopt = None
 
         async def echo(request: dict) -> dict:
             self.asked.append(request)
@@ -99,8 +101,11 @@ class _Node:
 
         def adopt(call_id: str) -> Deferred:
             self.adopted.append(call_id)
-            self.local.add(call_id)
-            return succeed(None)
+            if self.on_adopt is not None:
+                self.on_adopt(call_id)
+            if self.can_adopt:
+                self.local.add(call_id)
+            return succeed(self.can_adopt)
 
         self.router = Router(
             reactor=reactor,
@@ -185,6 +190,27 @@ class RouterTests(TestCase):
         self.assertEqual(await route("c-dead"), "here")
         self.assertEqual(self.a.adopted, ["c-dead"])
         self.assertEqual(len(self.b.asked), 2)
+
+    async def test_a_dead_nodes_call_not_adopted_here(self):
+        """Taken by a live node meanwhile: forwarded there; not takeable yet: an error (the carrier retries), never applied here."""
+        await self.started(self.a, self.b)
+        self.a.can_adopt = False
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-x', 'CAX', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'dead')"
+        )
+
+        async def here():
+            return "here"
+
+        async def route():
+            return await self.a.router.route(["c-x"], "rpc", {}, here, lambda reply: reply["node"])
+
+        with self.assertRaises(ForwardError):
+            await route()
+        # Another node's sweep takes it while this one tries.
+        self.a.on_adopt = lambda call_id: self.sql("UPDATE calls SET owner_node = 'b' WHERE call_id = %s", (call_id,))
+        self.assertEqual(await route(), "b")
 
     async def test_lost_inbound_claim_goes_to_the_winner(self):
         await self.started(self.a, self.b)

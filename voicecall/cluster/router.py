@@ -61,18 +61,19 @@ class Owner:
     call_id: str
     node_id: str | None
     alive: bool
+    terminal: bool = False
 
 
 def _owner_query(conn, refs: Sequence[str], lease_seconds: int) -> Owner | None:
     row = conn.execute(
         "SELECT c.call_id, c.owner_node,"
-        " coalesce(n.heartbeat_at > now() - make_interval(secs => %s), false)"
+        " coalesce(n.heartbeat_at > now() - make_interval(secs => %s), false), c.terminal"
         " FROM calls c LEFT JOIN nodes n ON n.node_id = c.owner_node"
         " WHERE c.call_id = ANY(%s) OR c.provider_call_id = ANY(%s)"
         " ORDER BY c.started_at DESC LIMIT 1",
         (lease_seconds, list(refs), list(refs)),
     ).fetchone()
-    return None if row is None else Owner(row[0], row[1], bool(row[2]))
+    return None if row is None else Owner(row[0], row[1], bool(row[2]), bool(row[3]))
 
 
 @define(repr=False)
@@ -84,7 +85,7 @@ class Router:
     (``"webhook"``, ``"rpc"``) to the local handler of a forwarded request (a JSON-able dict in,
     one out; errors are the handler's to encode); `is_local` says whether this node's manager
     holds a call (by our id or the carrier's); `adopt(call_id)` makes this node the owner of a
-    dead node's call (a Deferred).
+    dead node's call (a Deferred firing with whether this node now runs it).
     """
 
     _reactor: IReactorTime
@@ -174,7 +175,15 @@ class Router:
                         if owner is None or owner.node_id is None or (owner.alive and owner.node_id != self.node_id):
                             raise
                 self._log.info("adopting {call_id} from dead node {node}", call_id=owner.call_id, node=owner.node_id)
-                await self._adopt(owner.call_id)
+                if not await self._adopt(owner.call_id) and not owner.terminal:
+                    # Another node took it meanwhile (then it is that node's), or it cannot be
+                    # taken yet: never apply here what this node does not hold (it would be
+                    # acknowledged and lost); the carrier retries a failed request.
+                    again = await self.owner(refs)
+                    if again is not None and again.node_id not in (None, self.node_id):
+                        if again.alive:
+                            return decode(await self.forward(again.node_id, kind, request))
+                        raise ForwardError(f"call {owner.call_id} of dead node {owner.node_id} could not be adopted here yet", owner.call_id)
         try:
             return await local()
         except CallExistsError as e:
