@@ -212,6 +212,23 @@ class RouterTests(TestCase):
         self.a.on_adopt = lambda call_id: self.sql("UPDATE calls SET owner_node = 'b' WHERE call_id = %s", (call_id,))
         self.assertEqual(await route(), "b")
 
+    async def test_a_call_this_node_is_adopting_is_waited_for(self):
+        """Ours in the store, not held yet (this node's sweep is loading it): adoption is awaited, then run here."""
+        await self.started(self.a, self.b)
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-y', 'CAY', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'a'),"
+            " ('c-z', 'CAZ', 'mock', 'outbound', 'completed', true, '+1', '+2', 0, '{}', 'a')"
+        )
+
+        async def here():
+            return "here"
+
+        self.assertEqual(await self.a.router.route(["c-y"], "rpc", {}, here, lambda reply: reply["node"]), "here")
+        self.assertEqual(await self.a.router.route(["c-z"], "rpc", {}, here, lambda reply: reply["node"]), "here")
+        self.assertEqual(self.a.adopted, ["c-y"])
+        self.assertEqual(self.b.asked, [])
+
     async def test_lost_inbound_claim_goes_to_the_winner(self):
         await self.started(self.a, self.b)
 

@@ -162,7 +162,10 @@ class Router:
         refs = [r for r in refs if r]
         if refs and not any(self._is_local(r) for r in refs):
             owner = await self.owner(refs)
-            if owner is not None and owner.node_id not in (None, self.node_id):
+            if owner is not None and owner.node_id == self.node_id and not owner.terminal:
+                # Ours in the store but not held yet: this node's adoption is loading it.
+                await self._adopt(owner.call_id)
+            elif owner is not None and owner.node_id not in (None, self.node_id):
                 if owner.alive:
                     try:
                         return decode(await self.forward(owner.node_id, kind, request))
