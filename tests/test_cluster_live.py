@@ -469,7 +469,7 @@ class DyingOwnerTests(_PgCase):
 
         def adopt(call_id: str) -> Deferred:
             adopted.append(call_id)
-            return succeed(None)
+            return succeed(True)  # Adopter.adopt_call: the call now runs here
 
         async def local() -> str:
             return "applied here"
