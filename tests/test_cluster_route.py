@@ -159,6 +159,19 @@ class RouterTests(TestCase):
         self.assertEqual(self.b.asked, [{"method": "voicecall.speak", "n": 1}])
         await soon(lambda: self.sql("SELECT count(*) FROM forwards") == [(0,)])
 
+    async def test_a_handler_that_raises_still_answers(self):
+        await self.started(self.a)
+        async def broken(request):
+            raise RuntimeError("bug")
+
+        b = Router(reactor=reactor, pool=self.pool_b, node_id="b", lease_seconds=10, handlers={"rpc": broken},
+                   is_local=lambda _: False, adopt=lambda _: succeed(True))
+        self.addCleanup(b.stop)
+        await b.start()
+        await soon(lambda: len(self.sql("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'")) >= 2)
+        self.assertEqual(await self.a.router.forward("b", "rpc", {}), {"error": {"message": "the owner node failed the request"}})
+        self.flushLoggedErrors(RuntimeError)
+
     async def test_many_forwards_at_once_each_get_their_own_reply(self):
         await self.started(self.a, self.b)
         replies = await gatherResults([Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"n": n})) for n in range(40)])

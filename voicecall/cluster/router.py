@@ -317,7 +317,12 @@ class Router:
         if handler is None:
             reply: dict = {"error": {"message": f"unknown forwarded request kind {kind!r}"}}
         else:
-            reply = await handler(request if isinstance(request, dict) else json.loads(request))
+            try:
+                reply = await handler(request if isinstance(request, dict) else json.loads(request))
+            except Exception:
+                # Handlers encode their own errors; this is a bug, but the sender still gets an answer now.
+                self._log.failure("a forwarded {kind} request failed", kind=kind)
+                reply = {"error": {"message": "the owner node failed the request"}}
         self.counts["served"] += 1
         await self._answer(row_id, reply)
 
