@@ -71,8 +71,8 @@ def event(call_id: str, kind: str = "call.ringing", at: int = 1, **extra) -> dic
 
 # --- hypothesis strategies for the round-trip properties ---
 
-# PostgreSQL text cannot hold NUL (the store refuses it: tests/test_store_pg.py); SQLite's tests below
-# keep NUL in their own cases.
+# PostgreSQL text cannot hold NUL (its store writes U+FFFD instead: tests/test_store_pg.py); SQLite's
+# tests below keep NUL in their own cases.
 texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
 ints = st.integers(min_value=0, max_value=2**53)
 json_values = st.recursive(
@@ -546,7 +546,7 @@ class SqliteStoreTests(StoreContract, SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.raw(store, lambda c: c.execute("PRAGMA user_version").fetchone()[0])), 2)
 
     def test_nul_kept(self):
-        """SQLite keeps NUL characters in text (PostgreSQL refuses them: test_store_pg)."""
+        """SQLite keeps NUL characters in text (PostgreSQL stores U+FFFD instead: test_store_pg)."""
         store = self.open_store()
         record = make_record(to_number="+1\x00", transcript=[entry("a\x00b")])
         self.write_whole(store, record)

@@ -14,7 +14,18 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.harness import BASE_CONFIG, eventually, free_port, make_workdir, run_cli, spawn_daemon
+from tests.harness import (
+    BASE_CONFIG,
+    event as mock_event,
+    eventually,
+    free_port,
+    make_workdir,
+    run_cli,
+    spawn_daemon,
+    speech,
+    until_state,
+    webhook_client,
+)
 from tests.pgserver import postgres_server, private_postgres_server
 from tests.test_store import entry, event, make_record
 from voicecall.config import ConfigError, parse_config
@@ -131,22 +142,58 @@ class ClusterRuleTests(TestCase):
     async def test_retried_write_applies_once(self):
         """A write run twice (the retry after an ambiguous COMMIT that had in fact committed) applies once."""
         pool = self.a.pool
-        real_run = pool.run
+        real_transact = pool._transact
 
-        def twice(fn, **kwargs):
-            return real_run(fn, **kwargs).addCallback(lambda _: real_run(fn, **kwargs))
+        def twice(connections, fn, retry_ambiguous):
+            real_transact(connections, fn, retry_ambiguous)
+            return real_transact(connections, fn, retry_ambiguous)
 
-        self.patch(pool, "run", twice)
+        self.patch(pool, "_transact", twice)
         await self.a.write(make_record("c1"), transcript=[entry("once")], event_keys=["k"], events=[event("c1")])
         got = await self.b.get_call("c1")
         self.assertEqual(([t.text for t in got.transcript], got.processed_event_ids), (["once"], ["k"]))
         self.assertEqual(len(await self.b.last_events(10)), 1)
 
-    async def test_nul_refused_changing_nothing(self):
-        """PostgreSQL text cannot hold NUL: such a write fails with StoreError and changes nothing."""
-        with self.assertRaises(StoreError):
-            await self.a.write(make_record("c1"), transcript=[entry("a\x00b")], events=[event("c1")])
-        self.assertIsNone(await self.a.get_call("c1"))
+    async def test_concurrent_writes_share_commits(self):
+        """Writes issued together are group-committed: 40 writes, 2 transactions (the first alone, then the rest)."""
+        await gatherResults([
+            self.a.write(make_record(f"c{i}"), transcript=[entry(f"t{i}")], event_keys=[f"k{i}"], events=[event(f"c{i}")])
+            for i in range(40)
+        ])
+        (transactions,) = rows(self.url, "SELECT count(DISTINCT xmin::text) FROM applied_writes")[0]
+        self.assertEqual(transactions, 2)
+        self.assertEqual(rows(self.url, "SELECT call_id FROM events ORDER BY seq"), [(f"c{i}",) for i in range(40)])
+        self.assertEqual(rows(self.url, "SELECT count(*) FROM transcript"), [(40,)])
+
+    async def test_failing_write_fails_alone_in_its_batch(self):
+        """A fenced write and a lost claim among good writes of one batch: only they fail, the others commit."""
+        await self.b.write(make_record("theirs"))
+        await self.b.write(make_record("claimed", provider_call_id="CA-1"))
+        writes = [self.a.write(make_record(f"c{i}"), events=[event(f"c{i}")]) for i in range(3)]
+        writes.append(self.a.write(make_record("theirs"), events=[event("theirs")]))
+        writes += [self.a.write(make_record(f"c{i}"), events=[event(f"c{i}")]) for i in range(3, 6)]
+        writes.append(self.a.write(make_record("mine", provider_call_id="CA-1"), events=[event("mine")]))
+        writes.append(self.a.write(make_record("c6"), events=[event("c6")]))
+        results = await DeferredList(writes, consumeErrors=True)
+        failed = {i: f.value for i, (ok, f) in enumerate(results) if not ok}
+        self.assertEqual(sorted(failed), [3, 7])
+        self.assertIsInstance(failed[3], NotOwnerError)
+        self.assertIsInstance(failed[7], CallExistsError)
+        self.assertEqual(rows(self.url, "SELECT call_id FROM events ORDER BY seq"), [(f"c{i}",) for i in range(7)])
+        self.assertEqual(rows(self.url, "SELECT owner_node FROM calls WHERE call_id = 'theirs'"), [("node-b",)])
+
+    async def test_nul_replaced(self):
+        """
+        PostgreSQL text cannot hold NUL: a U+0000 in a text column is stored as U+FFFD (README);
+        JSON values (metadata, the event log) keep it, escaped.
+        """
+        record = make_record("c1", provider_call_id="CA\x00", to_number="+1\x00", metadata={"note": "m\x00"})
+        await self.a.write(record, transcript=[entry("a\x00b")], event_keys=["k\x00"], events=[event("c1", text="x\x00")])
+        got = await self.b.get_call("c1")
+        self.assertEqual((got.provider_call_id, got.to_number), ("CA\ufffd", "+1\ufffd"))
+        self.assertEqual(([t.text for t in got.transcript], got.processed_event_ids), (["a\ufffdb"], ["k\ufffd"]))
+        self.assertEqual((await self.b.get_call("CA\x00")).call_id, "c1")
+        self.assertEqual((got.metadata["note"], (await self.b.last_events(1))[0]["text"]), ("m\x00", "x\x00"))
 
 
 class MigrationTests(TestCase):
@@ -289,6 +336,29 @@ class DaemonTests(TestCase):
         up = await run_cli(self, workdir, "status", "--call-id", call_id)
         self.assertEqual((up.json()["callId"], up.json()["state"]), (call_id, down.json()["state"]))
         self.assertEqual(rows(url, "SELECT type FROM events ORDER BY seq")[0], ("call.created",))
+
+
+class NulWebhookTests(TestCase):
+    timeout = 60
+
+    async def test_speech_with_nul_is_acknowledged_and_stored(self):
+        """
+        A carrier webhook whose speech holds U+0000, on a PostgreSQL-backed daemon: answered 200
+        (it failed with 500 on every retry of the carrier, and the words were lost), stored with U+FFFD.
+        """
+        from tests.test_cluster_route import start_node
+
+        url = postgres_server(self).new_database(self)
+        _, rpc, hook = await start_node(self, url, "solo")
+        web = webhook_client(self)
+        call_id = (await rpc.call("voicecall.initiate", {"to": "+15550001111", "message": "Hi"}))["callId"]
+        self.assertEqual((await web.post(hook, mock_event("call.answered", call_id))).code, 200)
+        await until_state(rpc, call_id, "listening", timeout=10)
+        answer = await web.post(hook, speech(call_id, "Fine\x00thanks"))
+        self.assertEqual(answer.code, 200, answer.body)
+        self.assertEqual(
+            rows(url, "SELECT speaker, text FROM transcript ORDER BY seq"), [("bot", "Hi"), ("user", "Fine\ufffdthanks")]
+        )
 
 
 class SecretTests(TestCase):

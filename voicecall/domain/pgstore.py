@@ -28,10 +28,21 @@ Cluster rules (the store is opened with this node's id):
 The event log (``events``, what ``voicecall tail`` and cross-node ``subscribe`` follow): a
 bigserial ``seq``, pruned to the newest ``events_cap`` rows like SQLite's. Every insert NOTIFYs
 channel ``voicecall_events`` (`EVENTS_CHANNEL`) with the row's seq as payload (a trigger), sent
-when its transaction commits. Transactions that append events take an advisory lock first
+when its transaction commits. Transactions that append events take an advisory lock
 (`EVENTS_LOCK`, held to COMMIT), so seqs become visible in increasing order: a follower that
 reads ``events_after(last_seq)`` on each notification (and after reconnecting) misses nothing.
-The price: event-writing transactions of all nodes commit one at a time.
+
+Group commit (`PgPool.group`, as SQLite's writer does it): writes issued while a transaction is
+in progress are run together in the next one, one COMMIT (one WAL flush) for all of them; each
+write's Deferred still fires only after that COMMIT, and a write that fails (fenced, claim lost,
+store full) is undone alone (savepoints) and fails alone. The batch's events are inserted last,
+so EVENTS_LOCK is held per batch only for the insert and the COMMIT: event-writing transactions of
+all nodes still commit one at a time, but each carries every write its node had queued.
+
+NUL: PostgreSQL text cannot hold U+0000, and a carrier may send it (speech, a number): rather
+than fail the write on every retry of the carrier (its effect lost), every string the store
+writes to a text column has U+0000 replaced by U+FFFD, and lookups by id do the same. JSON
+values (metadata, the event log) keep it, escaped. SQLite keeps U+0000 as is.
 
 Retries (see infra/pg.py): a transaction may run again after a serialization failure, a lost
 connection, or a connection lost during COMMIT, when it may already have been applied. Every
@@ -240,6 +251,7 @@ class PgCallStore:
         self._prune_every = prune_every
         self._migrations = migrations
         self._since_prune = 0  # only an estimate when writes overlap: pruning is best effort
+        self._writes = pool.group(self._append_events)
 
     def __repr__(self) -> str:
         return f"<PgCallStore {self.pool.server} node={self.node_id!r}>"
@@ -284,23 +296,25 @@ class PgCallStore:
         try:
             if record is None and (transcript or event_keys):
                 raise ValueError("transcript entries and event keys need the call's record")
-            row = None if record is None else _pg_row(record, self.node_id)
-            call_id = None if record is None else record.call_id
-            lines = [(call_id, t.timestamp, t.speaker.value, t.text, t.is_final) for t in transcript]
+            row = None if record is None else _nul_free(_pg_row(record, self.node_id))
+            call_id = None if record is None else row[0]
+            lines = [_nul_free((call_id, t.timestamp, t.speaker.value, t.text, t.is_final)) for t in transcript]
             keys = [(call_id, k) for k in event_keys]
             if not all(isinstance(k, str) for _, k in keys):
                 raise TypeError("event keys must be strings")
-            log = [_event_row(e) for e in events]
+            keys = [_nul_free(k) for k in keys]
+            log = [_nul_free(_event_row(e)) for e in events]
         except Exception:
             return fail()
         write_id = uuid.uuid4() if (lines or log) else None
 
-        def op(conn: psycopg.Connection) -> None:
+        def op(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
+            """This write's statements but the events; returns the event rows `_append_events` inserts."""
             cur = conn.cursor()
             if write_id is not None:
                 cur.execute("INSERT INTO applied_writes (write_id) VALUES (%s) ON CONFLICT DO NOTHING", (write_id,))
                 if cur.rowcount == 0:
-                    return  # the retry of a write whose COMMIT was in fact applied
+                    return []  # the retry of a write whose COMMIT was in fact applied
             if row is not None:
                 if admit_limit is not None:
                     _admit(cur, call_id, admit_limit)
@@ -315,17 +329,24 @@ class PgCallStore:
                 )
             if keys:
                 cur.executemany("INSERT INTO event_keys (call_id, key) VALUES (%s, %s) ON CONFLICT DO NOTHING", keys)
-            if log:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
-                cur.executemany("INSERT INTO events (call_id, at, type, json) VALUES (%s, %s, %s, %s)", log)
-            self._since_prune += len(log) + (write_id is not None)
-            if self._since_prune >= self._prune_every:
-                self._prune(conn)
+            return log
 
-        d = self.pool.run(op)
+        d = self._writes.submit(op)
+        d.addCallback(lambda _: None)
         if record is not None and record.provider_call_id is not None:
             d.addErrback(self._claim_lost, record)
         return d
+
+    def _append_events(self, conn: psycopg.Connection, logs: list[list[tuple[Any, ...]]]) -> None:
+        """Last in each group-committed batch: its writes' events, under EVENTS_LOCK (held to COMMIT)."""
+        rows = [row for log in logs for row in log]
+        if rows:
+            cur = conn.cursor()
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+            cur.executemany("INSERT INTO events (call_id, at, type, json) VALUES (%s, %s, %s, %s)", rows)
+        self._since_prune += len(rows) + len(logs)
+        if self._since_prune >= self._prune_every:
+            self._prune(conn)
 
     def _claim_lost(self, failure, record: CallRecord):
         """Turn the unique claim's violation into CallExistsError naming the call that has it."""
@@ -347,6 +368,7 @@ class PgCallStore:
     def delete_call(self, call_id: str) -> Deferred[None]:
         """Remove a call with its transcript and event keys (the rollback of a failed initiate); fenced."""
         me = self.node_id
+        call_id = _nul_free_text(call_id)
 
         def op(conn: psycopg.Connection) -> None:
             found = conn.execute("SELECT owner_node FROM calls WHERE call_id = %s FOR UPDATE", (call_id,)).fetchone()
@@ -373,7 +395,7 @@ class PgCallStore:
 
     def get_call(self, call_id_or_provider_call_id: str) -> Deferred[CallRecord | None]:
         """The call with this call id or else the newest with this provider call id (any node's)."""
-        return self._read(_get_call, call_id_or_provider_call_id)
+        return self._read(_get_call, _nul_free_text(call_id_or_provider_call_id))
 
     def recent_calls(self, limit: int = 50) -> Deferred[list[CallRecord]]:
         """The `limit` most recently created calls (all nodes'), newest last."""
@@ -399,6 +421,16 @@ def _pg_row(record: CallRecord, node_id: str) -> tuple[Any, ...]:
     """SQLite's row of `record` with ``terminal`` a boolean, and the owner appended."""
     row = _call_row(record)
     return (*row[:5], bool(row[5]), *row[6:], node_id)
+
+
+def _nul_free(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`row` with U+0000, which PostgreSQL text cannot hold, replaced by U+FFFD in its strings."""
+    return tuple(_nul_free_text(v) for v in row)
+
+
+def _nul_free_text(value: T) -> T:
+    """A string with U+0000 replaced by U+FFFD (what the store writes for it); anything else as is."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
 
 
 def _check_args(query: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -487,7 +519,7 @@ class ReadOnlyPgStore:
         return "<ReadOnlyPgStore>"
 
     def get_call(self, call_id_or_provider_call_id: str) -> CallRecord | None:
-        return self._read(_get_call, call_id_or_provider_call_id)
+        return self._read(_get_call, _nul_free_text(call_id_or_provider_call_id))
 
     def recent_calls(self, limit: int = 50) -> list[CallRecord]:
         return self._read(_recent_calls, limit)

@@ -55,6 +55,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, TypeVar
 
 import psycopg
@@ -65,6 +66,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from voicecall.infra.dbwriter import StoreBusyError, StoreClosedError, StoreError
@@ -76,6 +78,7 @@ _log = Logger()
 DEFAULT_MAX_SIZE = 8
 DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_MAX_BATCH = 256
 LISTEN_WAKEUP = 0.5  # how soon a stopped listener's thread notices (no database traffic)
 LISTEN_BACKOFF = (0.1, 5.0)
 
@@ -240,12 +243,25 @@ class PgPool:
 
     def run(self, fn: Callable[[psycopg.Connection], T], *, retry_ambiguous: bool = True) -> Deferred[T]:
         """Run ``fn(conn)`` in one transaction on a pool thread; fire with its result after COMMIT."""
+        refused = self._refusal()
+        if refused is not None:
+            return fail(refused)
+        return self._track(self._dispatch(self._transact, self._pool, fn, retry_ambiguous))
+
+    def group(self, finish: Callable[[psycopg.Connection], None] | None = None, *, max_batch: int = DEFAULT_MAX_BATCH) -> GroupCommit:
+        """A `GroupCommit` on this pool: ops submitted to it share transactions; see its docstring."""
+        return GroupCommit(self, finish, max_batch)
+
+    def _refusal(self) -> StoreError | None:
         if not self._open:
-            return fail(StoreClosedError(f"the PostgreSQL store {self.server} is not open"))
+            return StoreClosedError(f"the PostgreSQL store {self.server} is not open")
         if self._pending >= self._max_pending:
-            return fail(StoreBusyError(f"{self._pending} operations already wait for PostgreSQL {self.server}"))
+            return StoreBusyError(f"{self._pending} operations already wait for PostgreSQL {self.server}")
+        return None
+
+    def _track(self, d: Deferred[T]) -> Deferred[T]:
+        """Count `d` as pending until it fires (`close` waits for the pending work)."""
         self._pending += 1
-        d = self._dispatch(self._transact, self._pool, fn, retry_ambiguous)
 
         def done(result: T) -> T:
             self._pending -= 1
@@ -284,12 +300,20 @@ class PgPool:
                     ) from e
                 reason = f"connection lost{' during COMMIT' if committing else ''}: {self._redact(str(e).strip())}"
             except psycopg.Error as e:
-                raise StoreError(f"PostgreSQL {self.server}: {self._redact(str(e).strip())}") from e
+                raise self._error(e) from e
             attempt += 1
             if attempt > self._max_retries:
                 raise StoreError(f"PostgreSQL {self.server}: gave up after {attempt} attempts ({reason})")
             _log.info("PostgreSQL transaction retried ({attempt}/{retries}): {reason}", attempt=attempt, retries=self._max_retries, reason=reason)
             time.sleep(min(0.5, 0.01 * 2**attempt) * random.uniform(0.5, 1.5))
+
+    def _error(self, e: Exception) -> Exception:
+        """What `run` raises for `e`, raised by a transaction's statement: a database error is a StoreError."""
+        if not isinstance(e, psycopg.Error):
+            return e
+        error = StoreError(f"PostgreSQL {self.server}: {self._redact(str(e).strip())}")
+        error.__cause__ = e
+        return error
 
     # -- notifications ------------------------------------------------------------------------
 
@@ -304,6 +328,126 @@ class PgPool:
 
     def _connect_listener(self) -> psycopg.Connection:
         return psycopg.connect(self._url, autocommit=True, **self._connect_kwargs)
+
+
+class _Rerun(Exception):
+    """An op of a plain batch raised: roll back and run the batch again, one SAVEPOINT per op."""
+
+
+class GroupCommit:
+    """
+    Group commit on a `PgPool`, as SQLite's ThreadedWriter does it (infra/dbwriter.py).
+
+    ``submit(fn)`` queues ``fn(conn)`` and returns a Deferred of its result. One batch at a time,
+    on a pool thread, takes everything queued (at most `max_batch` ops), runs it in ONE transaction, calls
+    ``finish(conn, values)`` last in that transaction with the results of the ops that succeeded,
+    COMMITs once, and fires each op's Deferred on the reactor thread. Ops submitted meanwhile
+    form the next batch. So N concurrent writes cost one COMMIT (one WAL flush) instead of N,
+    and a lock that ``finish`` takes is held once per batch, for its COMMIT only.
+
+    Ops follow `PgPool.run`'s rules: a Deferred fires only after COMMIT; the batch is retried as
+    a whole after a serialization failure, a deadlock or a lost connection (during COMMIT too),
+    so every op and ``finish`` MUST BE IDEMPOTENT. A batch first runs its ops plainly; only if one
+    raises (in a batch of several) is it rolled back and run again with a SAVEPOINT around each
+    op, so the op that failed undoes only its own work and fails only its own Deferred, with the
+    error `run` would give (a database error becomes StoreError, the original as __cause__).
+    ``finish`` failing fails the whole batch. Bounds: the pool's `max_pending` queued ops.
+    """
+
+    def __init__(self, pool: PgPool, finish: Callable[[psycopg.Connection, list[Any]], None] | None, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self._pool = pool
+        self._finish = finish
+        self._max_batch = max_batch
+        self._queue: deque[tuple[Callable[[psycopg.Connection], Any], Deferred[Any]]] = deque()
+        self._committing = False
+
+    def __repr__(self) -> str:
+        return f"<GroupCommit on {self._pool.server} queued={len(self._queue)}>"
+
+    def submit(self, fn: Callable[[psycopg.Connection], T]) -> Deferred[T]:
+        """Queue ``fn(conn)`` for the next batch; fire with its result once that batch is committed."""
+        refused = self._pool._refusal()
+        if refused is None and len(self._queue) >= self._pool._max_pending:
+            refused = StoreBusyError(f"{len(self._queue)} writes already wait for PostgreSQL {self._pool.server}")
+        if refused is not None:
+            return fail(refused)
+        d: Deferred[T] = Deferred()
+        self._queue.append((fn, d))
+        if not self._committing:
+            self._next(self._pool._pool)
+        return d
+
+    def _next(self, connections: ConnectionPool) -> None:
+        """Commit the next batch of the queue on a pool thread; after it, the next one, if any."""
+        batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
+        self._committing = True
+
+        def committed(outcomes: list[tuple[bool, Any]]) -> None:
+            for (_, d), (ok, value) in zip(batch, outcomes, strict=True):
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)
+            if self._queue:  # before this batch stops counting as pending: `close` waits for the next
+                self._next(connections)
+            else:
+                self._committing = False
+
+        def crashed(failure: Failure) -> None:  # a bug: _commit answers every op
+            self._committing = False
+            _log.failure("PostgreSQL group commit failed", failure)
+
+        d = self._pool._dispatch(self._commit, connections, [fn for fn, _ in batch])
+        self._pool._track(d.addCallbacks(committed, crashed))
+
+    def _commit(self, connections: ConnectionPool, fns: list[Callable[[psycopg.Connection], Any]]) -> list[tuple[bool, Any]]:
+        transact = self._pool._transact
+        try:
+            return transact(connections, lambda conn: self._plain(conn, fns), True)
+        except _Rerun:
+            pass
+        except Exception:
+            return [(False, Failure())] * len(fns)
+        try:
+            return transact(connections, lambda conn: self._savepointed(conn, fns), True)
+        except Exception:
+            return [(False, Failure())] * len(fns)
+
+    def _plain(self, conn: psycopg.Connection, fns: list[Callable[[psycopg.Connection], Any]]) -> list[tuple[bool, Any]]:
+        values = []
+        for fn in fns:
+            try:
+                values.append(fn(conn))
+            except Exception as e:
+                if len(fns) == 1 or _retried(e):
+                    raise
+                raise _Rerun() from None
+        if self._finish is not None:
+            self._finish(conn, values)
+        return [(True, v) for v in values]
+
+    def _savepointed(self, conn: psycopg.Connection, fns: list[Callable[[psycopg.Connection], Any]]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        for fn in fns:
+            try:
+                with conn.transaction():
+                    outcomes.append((True, fn(conn)))
+            except Exception as e:
+                if _retried(e):
+                    raise
+                outcomes.append((False, Failure(self._pool._error(e))))
+        if self._finish is not None:
+            self._finish(conn, [v for ok, v in outcomes if ok])
+        return outcomes
+
+
+def _retried(e: Exception) -> bool:
+    """Whether `PgPool._transact` retries the transaction that raised `e`."""
+    if isinstance(e, (pgerrors.SerializationFailure, pgerrors.DeadlockDetected)):
+        return True
+    return isinstance(e, psycopg.OperationalError) and _connection_lost(e)
 
 
 def _connection_lost(e: psycopg.OperationalError) -> bool:
