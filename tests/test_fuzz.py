@@ -105,15 +105,26 @@ class StubCarrier(Resource):
     def __init__(self) -> None:
         super().__init__()
         self.requests: list[tuple[bytes, bytes]] = []
+        self.created = 0
 
     def render(self, request):
         self.requests.append((request.method, request.path))
         request.setHeader(b"Content-Type", b"application/json")
+        # The first call placed gets the ids the examples name; later ones ids of their own, as a
+        # carrier's are (the store refuses a second call with one carrier id).
+        path = request.path.rstrip(b"/")
+        creates = request.method == b"POST" and path.endswith((b"/Calls.json", b"/v2/calls", b"/Call"))
+        n = self.created if creates else 0
+        self.created += creates
+
+        def fresh(known: str) -> str:
+            return known if n == 0 else f"{known[:-6]}{n:06d}"
+
         return json.dumps({
-            "sid": KNOWN_TWILIO,
+            "sid": fresh(KNOWN_TWILIO),
             "status": "queued",
-            "data": {"call_control_id": KNOWN_TELNYX, "call_leg_id": "leg", "call_session_id": "session", "is_alive": True},
-            "request_uuid": KNOWN_PLIVO,
+            "data": {"call_control_id": fresh(KNOWN_TELNYX), "call_leg_id": "leg", "call_session_id": "session", "is_alive": True},
+            "request_uuid": fresh(KNOWN_PLIVO),
             "api_id": "fuzz",
             "message": "call fired",
         }).encode()

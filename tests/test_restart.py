@@ -24,7 +24,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
-from voicecall.client import connect
+from voicecall.client import ConnectionClosed, RemoteError, connect
 from voicecall.infra.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
@@ -308,7 +308,10 @@ class DaemonRestartTests(TestCase):
         self.client.talk(tone(0.6))
         self.assertEqual(await pending, {"success": True, "transcript": "A table for two"})
         self.waiting = self.rpc.call("voicecall.continue", {"callId": self.call_id, "message": "What time?"})
-        self.waiting.addErrback(lambda f: f)  # the RPC connection goes with the process
+        # The RPC connection goes with the process: the gateway learns it (and the failure is
+        # consumed here, not left for the garbage collector to log into a later test).
+        self.waiting_failed: list = []
+        self.waiting.addErrback(self.waiting_failed.append)
         await eventually(self.said("bot", "What time?"), 10, "the second question")
         self.before = await call_record(self.daemon.rpc_path, self.call_id)
         self.assertEqual(self.before["state"], "listening")
@@ -332,6 +335,8 @@ class DaemonRestartTests(TestCase):
         """
         fetches = len(self.fake_call.documents)
         await stop()
+        await eventually(lambda: self.waiting_failed, 10, "the waiting continue to fail with its process")
+        self.assertTrue(self.waiting_failed[0].check(ConnectionClosed, RemoteError), self.waiting_failed[0])
         await self.client.closed  # Twilio's socket closed: it runs the Redirect (queued by the held port)
         self.daemon = await spawn_daemon(self, self.work, webhook_socket=self.sock)
         listening = time.monotonic()
