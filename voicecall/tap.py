@@ -395,7 +395,8 @@ def build_routing(cfg, reactor, store, manager: CallManager, serve: dict, adopt:
     """
     if not cfg.store_is_postgres:
         return None, None, None
-    # A forwarded continue waits for the caller as long as a local one (its prompt spoken first).
+    # A forwarded continue waits for the caller as long as a local one (its prompt spoken first);
+    # any other command, and a webhook, is answered at once by a live owner.
     turn = cfg.transcript_timeout_ms / 1000 + SPEAK_TIMEOUT_MAX
     router = Router(
         reactor=reactor,
@@ -405,7 +406,7 @@ def build_routing(cfg, reactor, store, manager: CallManager, serve: dict, adopt:
         handlers=serve,
         is_local=lambda ref: manager.find(ref) is not None,
         adopt=adopt,
-        timeouts={"webhook": 10.0, "rpc": turn},
+        timeouts={"webhook": 10.0, "rpc": 30.0, "voicecall.continue": turn},
     )
     events = ClusterEvents(pool=store.pool, local_subscribe=manager.subscribe, events_after=store.events_after, last_events=store.last_events)
     urls = SignedUrls(pool=store.pool, own=cfg.public_url, entry=cfg.cluster.entry_url)
@@ -433,19 +434,20 @@ def build_metrics_listener(
     return ListenerService("metrics", reactor, f"tcp:{cfg.metrics.port}:interface={interface}", MetricsSite(metrics))
 
 
-def build_liveness(cfg, reactor, store, manager: CallManager, provider, webhook_url: Callable[[], "str | None"], on_change=None):
+def build_liveness(cfg, reactor, store, manager: CallManager, provider, webhook_url: Callable[[], "str | None"], on_change=None, on_beat=None):
     """
     A cluster node's liveness and adoption (cluster/nodes.py, adopt.py) when the store is shared
     (PostgreSQL): (NodeRegistry, Adopter), each heartbeat and each node leaving running the
-    adopter's sweep (and `on_change(event)`, when given, on a join or leave); (None, None) on a
-    single node.
+    adopter's sweep (and `on_change(event)`, when given, on a join or leave; `on_beat(node)`,
+    when given, after each heartbeat); (None, None) on a single node.
     """
     if not cfg.store_is_postgres:
         return None, None
     lease = cfg.cluster.lease_seconds
     adopter = Adopter(store.pool, store, manager, provider, store.node_id, lease, webhook_url)
-    node = NodeRegistry(
-        reactor, store.pool, store.node_id, cfg.public_url or "", lease, on_beat=adopter.sweep,
+    node: NodeRegistry = NodeRegistry(
+        reactor, store.pool, store.node_id, cfg.public_url or "", lease,
+        on_beat=adopter.sweep if on_beat is None else lambda: (adopter.sweep(), on_beat(node)),
         on_change=adopter.sweep if on_change is None else lambda event: (adopter.sweep(event), on_change(event)),
     )
     return node, adopter
@@ -559,7 +561,12 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         screen=WebhookScreen(provider=provider, path=serve_path, skip_signature=cfg.skip_signature_verification, client_ip=forwarding.client_ip),
         on_refused=lambda status: webhook.counts.update((str(status),)),
     )
-    node, adopter = build_liveness(cfg, reactor, store, manager, provider, lambda: service.webhook_url, on_change=urls.refresh if urls else None)
+    # A node that leaves or dies fails the forwards waiting for it at once (they are routed again).
+    node, adopter = build_liveness(
+        cfg, reactor, store, manager, provider, lambda: service.webhook_url,
+        on_change=None if router is None else lambda event: (urls.refresh(event), router.recheck()),
+        on_beat=None if router is None else lambda node: router.recheck({n.node_id for n in node.snapshot if n.alive}),
+    )
     methods = RpcMethods(
         manager=manager,
         clock=reactor,

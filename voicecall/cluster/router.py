@@ -22,17 +22,29 @@ Who owns a call is the store's ``calls.owner_node``; a node is live while its ``
 dead is applied here once ``adopt`` (the liveness side's adoption of that call) has made this
 node its owner; one for a call nobody owns yet (an inbound call's first webhook, an unknown id)
 is applied here, and if its create loses the unique claim to another node
-(`voicecall.domain.store.CallExistsError`), it is forwarded to the winner.
+(`voicecall.domain.store.CallExistsError`), it is forwarded to the winner. A request for an
+ENDED call of a dead node (a carrier's late callback) is applied here as a single node applies
+it (recorded, nothing else): the router first makes this node the owner of that ended row, which
+the store's fencing would otherwise refuse to write (a 500 on every retry of the carrier).
+
+A forward that fails (its time limit, or its target seen dead or leaving: `recheck`, which tap.py
+calls on each heartbeat and each node's join or leave) re-reads the owner: a dead owner's call is
+adopted and applied here, one another live node took meanwhile is forwarded once more, there.
+The receiving node runs the same owner check before the handler: a call it claimed but is still
+loading (its adoption under way) is waited for; one that is not its own is answered ``notHere``,
+which the sender re-routes. A forward whose sender gives up (its time limit, or its caller
+cancelled it: a gateway's connection closed during a continue) deletes its row and NOTIFYs the
+owner ``c<row id>``, which cancels the request running there, as a local one is cancelled.
 """
 from __future__ import annotations
 
 import json
 import uuid
 from collections import deque
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Mapping, Sequence
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -76,6 +88,24 @@ def _owner_query(conn, refs: Sequence[str], lease_seconds: int) -> Owner | None:
     return None if row is None else Owner(row[0], row[1], bool(row[2]), bool(row[3]))
 
 
+def _take_ended(conn, call_id: str, node_id: str, lease_seconds: int) -> bool:
+    """Make `node_id` the owner of ended call `call_id` while its owner stays dead (a late event is then recorded here)."""
+    return conn.execute(
+        "UPDATE calls c SET owner_node = %s WHERE c.call_id = %s AND c.terminal AND c.owner_node IS DISTINCT FROM %s"
+        " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.owner_node"
+        " AND n.heartbeat_at > now() - make_interval(secs => %s)) RETURNING 1",
+        (node_id, call_id, node_id, lease_seconds),
+    ).fetchone() is not None
+
+
+@define(repr=False)
+class _Pending:
+    """A forward waiting for its reply: the node it went to, and its waiter."""
+
+    target: str
+    waiting: Deferred
+
+
 @define(repr=False)
 class Router:
     """
@@ -95,16 +125,19 @@ class Router:
     _handlers: Mapping[str, Callable[[dict], Awaitable[dict]]]
     _is_local: Callable[[str], bool]
     _adopt: Callable[[str], Deferred]
-    #: Seconds a forward waits for its reply, by kind (default: `timeout`).
+    #: Seconds a forward waits for its reply: by the request's ``method`` (an RPC command), else
+    #: by kind, else `timeout`.
     _timeouts: Mapping[str, float] = field(factory=dict)
     _timeout: float = 10.0
     _max_pending: int = 1024
     _max_running: int = 64
     _max_queued: int = 1024
-    #: Row id -> the Deferred of the forward waiting for its reply.
-    _pending: dict[str, Deferred] = field(factory=dict)
+    #: Row id -> the forward waiting for its reply.
+    _pending: dict[str, _Pending] = field(factory=dict)
     _queue: deque = field(factory=deque)
     _running: int = 0
+    #: Row id -> the forwarded request running here (cancelled when its sender gives up).
+    _serving: dict[str, Deferred] = field(factory=dict)
     _stopped: bool = False
     _listener: Any = None
     #: Forwards sent / served / failed, for metrics and tests.
@@ -138,9 +171,9 @@ class Router:
         self._stopped = True
         self._queue.clear()
         pending, self._pending = self._pending, {}
-        for d in pending.values():
-            if not d.called:
-                d.errback(ForwardError("the node is stopping"))
+        for p in pending.values():
+            if not p.waiting.called:
+                p.waiting.errback(ForwardError("the node is stopping"))
         listener, self._listener = self._listener, None
         return listener.stop() if listener is not None else succeed(None)
 
@@ -156,37 +189,27 @@ class Router:
     ) -> Any:
         """
         Run `local()` when this node owns (or may take) the call `refs` name; else forward
-        `request` to its live owner and return ``decode(its reply)``. A local run that loses an
-        inbound call's unique claim is forwarded to the winner.
+        `request` to its live owner and return ``decode(its reply)``. A forward that fails is
+        routed again once the owner is re-read (adopted here if it died; forwarded to the node
+        that took it meanwhile, once). A local run that loses an inbound call's unique claim is
+        forwarded to the winner.
         """
         refs = [r for r in refs if r]
         if refs and not any(self._is_local(r) for r in refs):
-            owner = await self.owner(refs)
-            if owner is not None and owner.node_id == self.node_id and not owner.terminal:
-                # Ours in the store but not held yet: this node's adoption is loading it.
-                await self._adopt(owner.call_id)
-            elif owner is not None and owner.node_id not in (None, self.node_id):
-                if owner.alive:
-                    try:
-                        return decode(await self.forward(owner.node_id, kind, request))
-                    except ForwardError:
-                        # An owner killed just now is still "alive" until its lease runs out (a
-                        # stream's resume Redirect comes at once): if it has died meanwhile (or
-                        # this node's sweep took the call), the request is not lost but applied
-                        # here, on the call adopted.
-                        owner = await self.owner(refs)
-                        if owner is None or owner.node_id is None or (owner.alive and owner.node_id != self.node_id):
-                            raise
-                self._log.info("adopting {call_id} from dead node {node}", call_id=owner.call_id, node=owner.node_id)
-                if not await self._adopt(owner.call_id) and not owner.terminal:
-                    # Another node took it meanwhile (then it is that node's), or it cannot be
-                    # taken yet: never apply here what this node does not hold (it would be
-                    # acknowledged and lost); the carrier retries a failed request.
-                    again = await self.owner(refs)
-                    if again is not None and again.node_id not in (None, self.node_id):
-                        if again.alive:
-                            return decode(await self.forward(again.node_id, kind, request))
-                        raise ForwardError(f"call {owner.call_id} of dead node {owner.node_id} could not be adopted here yet", owner.call_id)
+            target, tried = await self._target(refs), set()
+            while target is not None:
+                tried.add(target)
+                try:
+                    return decode(await self.forward(target, kind, request, refs))
+                except ForwardError:
+                    # An owner killed just now is still "alive" until its lease runs out (a
+                    # stream's resume Redirect comes at once): if it died meanwhile the call is
+                    # adopted (here, or by a third node, which then gets the request).
+                    if self._stopped:
+                        raise
+                    target = await self._target(refs)
+                    if target in tried:
+                        raise
         try:
             return await local()
         except CallExistsError as e:
@@ -196,14 +219,46 @@ class Router:
             self._log.info("{kind} for a call {node} claimed first: forwarded", kind=kind, node=winner)
             return decode(await self.forward(winner, kind, request))
 
-    async def forward(self, node_id: str, kind: str, request: dict) -> dict:
-        """Send `request` to `node_id` and wait for its reply."""
+    async def _target(self, refs: Sequence[str]) -> str | None:
+        """The live node to forward a request for `refs` to, or None to apply it here (taking a dead node's call first)."""
+        owner = await self.owner(refs)
+        if owner is None or owner.node_id is None:
+            return None
+        if owner.node_id == self.node_id:
+            if not owner.terminal:
+                # Ours in the store but not held yet: this node's adoption is loading it.
+                await self._adopt(owner.call_id)
+            return None
+        if owner.alive:
+            return owner.node_id
+        if owner.terminal:
+            # A late event for an ended call of a dead node: recorded here, as a single node does.
+            if await self._pool.run(lambda conn: _take_ended(conn, owner.call_id, self.node_id, self._lease_seconds)):
+                return None
+        else:
+            self._log.info("adopting {call_id} from dead node {node}", call_id=owner.call_id, node=owner.node_id)
+            if await self._adopt(owner.call_id):
+                return None
+        # Another node took it meanwhile (then it is that node's), or it cannot be taken yet:
+        # never apply here what this node does not hold (it would be acknowledged and lost);
+        # the carrier retries a failed request.
+        again = await self.owner(refs)
+        if again is not None and again.alive and again.node_id not in (None, self.node_id):
+            return again.node_id
+        raise ForwardError(f"call {owner.call_id} of dead node {owner.node_id} could not be taken here yet", owner.call_id)
+
+    async def forward(self, node_id: str, kind: str, request: dict, refs: Sequence[str] = ()) -> dict:
+        """
+        Send `request` to `node_id` and wait for its reply; `refs` name its call, which the owner
+        checks is its own (else `ForwardError`: the call is not there).
+        """
         if self._stopped:
             raise ForwardError("the node is stopping")
         if len(self._pending) >= self._max_pending:
             self.counts["failed"] += 1
             raise ForwardError(f"too many forwarded requests waiting ({self._max_pending})")
-        me, row_id, body = self.node_id, uuid.uuid4().hex, json.dumps(request, separators=(",", ":"))
+        me, row_id = self.node_id, uuid.uuid4().hex
+        body = json.dumps({"refs": list(refs), "request": request}, separators=(",", ":"))
 
         def send(conn) -> None:
             conn.execute(
@@ -212,24 +267,64 @@ class Router:
             )
             conn.execute("SELECT pg_notify(%s, %s)", (node_channel(node_id), "q" + row_id))
 
+        def drop(conn) -> None:
+            # A request claimed but not answered is still running there: cancel it (its sender is gone).
+            row = conn.execute("DELETE FROM forwards WHERE id = %s RETURNING reply IS NULL AND claimed_by IS NOT NULL", (row_id,)).fetchone()
+            if row is not None and row[0]:
+                conn.execute("SELECT pg_notify(%s, %s)", (node_channel(node_id), "c" + row_id))
+
         waiting: Deferred = Deferred()
-        self._pending[row_id] = waiting
-        timer = self._reactor.callLater(self._timeouts.get(kind, self._timeout), waiting.cancel)
+        self._pending[row_id] = _Pending(node_id, waiting)
+        limit = self._timeouts.get(str(request.get("method")), self._timeouts.get(kind, self._timeout))
+        expired: list[bool] = []
+        timer = self._reactor.callLater(limit, lambda: (expired.append(True), waiting.cancel()))
         try:
             await self._pool.run(send)
             self.counts["sent"] += 1
             reply = await waiting
         except CancelledError:
+            if not expired:
+                raise  # our caller gave up (e.g. a gateway's connection closed): not an error of the forward
             self.counts["failed"] += 1
             raise ForwardError(f"node {node_id} did not answer a forwarded {kind} request in time") from None
+        except ForwardError:
+            self.counts["failed"] += 1
+            raise
         finally:
             self._pending.pop(row_id, None)
             if timer.active():
                 timer.cancel()
-            self._pool.run(lambda conn: conn.execute("DELETE FROM forwards WHERE id = %s", (row_id,))).addErrback(
-                lambda f: self._log.failure("could not drop a forward", f)
-            )
+            self._pool.run(drop).addErrback(lambda f: self._log.failure("could not drop a forward", f))
+        if "notHere" in reply:
+            self.counts["failed"] += 1
+            raise ForwardError(f"node {node_id} does not hold the call (its owner: {reply['notHere']})")
         return reply
+
+    def recheck(self, alive: Collection[str] | None = None) -> Deferred[None]:
+        """
+        Fail at once the forwards waiting for a node that is no longer live (`alive`: the live
+        nodes' ids, e.g. a heartbeat's snapshot; None: read now), so that they are routed again.
+        """
+        targets = {p.target for p in self._pending.values()}
+        if not targets:
+            return succeed(None)
+        if alive is not None:
+            return succeed(self._fail_dead(targets - set(alive)))
+
+        def live(conn) -> set[str]:
+            return {r[0] for r in conn.execute(
+                "SELECT node_id FROM nodes WHERE node_id = ANY(%s) AND heartbeat_at > now() - make_interval(secs => %s)",
+                (list(targets), self._lease_seconds),
+            )}
+
+        d = self._pool.run(live).addCallback(lambda up: self._fail_dead(targets - up))
+        return d.addErrback(lambda f: self._log.failure("could not re-check the nodes forwarded to", f))
+
+    def _fail_dead(self, dead: Collection[str]) -> None:
+        for row_id, p in list(self._pending.items()):
+            if p.target in dead and not p.waiting.called:
+                self._log.info("node {node} is gone: its forward {row} is routed again", node=p.target, row=row_id)
+                p.waiting.errback(ForwardError(f"node {p.target} left or died before it answered"))
 
     def _collect(self, row_id: str) -> None:
         """Read the reply of forward `row_id`, and hand it to its waiter."""
@@ -240,9 +335,9 @@ class Router:
             return None if row is None else row[0]
 
         def got(reply) -> None:
-            waiting = self._pending.get(row_id)
-            if reply is not None and waiting is not None and not waiting.called:
-                waiting.callback(reply if isinstance(reply, dict) else json.loads(reply))
+            p = self._pending.get(row_id)
+            if reply is not None and p is not None and not p.waiting.called:
+                p.waiting.callback(reply if isinstance(reply, dict) else json.loads(reply))
 
         self._pool.run(take).addCallback(got).addErrback(lambda f: self._log.failure("could not read a forward's reply", f))
 
@@ -254,22 +349,28 @@ class Router:
             self._collect(row_id)
         elif kind == "q" and row_id:
             self._enqueue(row_id)
+        elif kind == "c" and row_id in self._serving:
+            self._serving[row_id].cancel()
 
     def _reread(self) -> None:
         """Listening (again): take the rows addressed here, and the replies waited for, that were missed."""
-        me, waiting = self.node_id, list(self._pending)
+        me, waiting, serving = self.node_id, list(self._pending), list(self._serving)
 
-        def missed(conn) -> tuple[list[str], list[str]]:
+        def missed(conn) -> tuple[list[str], list[str], set[str]]:
             asked = [r[0] for r in conn.execute("SELECT id FROM forwards WHERE to_node = %s AND claimed_by IS NULL ORDER BY created_at", (me,))]
             answered = [r[0] for r in conn.execute("SELECT id FROM forwards WHERE from_node = %s AND reply IS NOT NULL AND id = ANY(%s)", (me, waiting))]
-            return asked, answered
+            kept = {r[0] for r in conn.execute("SELECT id FROM forwards WHERE id = ANY(%s)", (serving,))}
+            return asked, answered, set(serving) - kept
 
         def found(ids) -> None:
-            asked, answered = ids
+            asked, answered, dropped = ids
             for row_id in answered:
                 self._collect(row_id)
             for row_id in asked:
                 self._enqueue(row_id)
+            for row_id in dropped:  # its sender gave up while we were not listening
+                if row_id in self._serving:
+                    self._serving[row_id].cancel()
 
         self._pool.run(missed).addCallback(found).addErrback(lambda f: self._log.failure("could not re-read forwards", f))
 
@@ -312,19 +413,39 @@ class Router:
         row = await self._pool.run(claim)
         if row is None:
             return  # claimed already (a re-read raced the notification), or its sender gave up
-        kind, request = row
+        kind, envelope = row[0], row[1] if isinstance(row[1], dict) else json.loads(row[1])
         handler = self._handlers.get(kind)
-        if handler is None:
-            reply: dict = {"error": {"message": f"unknown forwarded request kind {kind!r}"}}
-        else:
-            try:
-                reply = await handler(request if isinstance(request, dict) else json.loads(request))
-            except Exception:
-                # Handlers encode their own errors; this is a bug, but the sender still gets an answer now.
-                self._log.failure("a forwarded {kind} request failed", kind=kind)
-                reply = {"error": {"message": "the owner node failed the request"}}
+        running = self._serving[row_id] = ensureDeferred(self._handle(handler, kind, envelope))
+        try:
+            reply = await running
+        except CancelledError:
+            reply = None
+        finally:
+            self._serving.pop(row_id, None)
+        if reply is None:  # its sender gave up: nobody reads an answer
+            self._log.info("a forwarded {kind} request was cancelled by its sender", kind=kind)
+            return
         self.counts["served"] += 1
         await self._answer(row_id, reply)
+
+    async def _handle(self, handler: Callable[[dict], Awaitable[dict]] | None, kind: str, envelope: dict) -> dict:
+        if handler is None:
+            return {"error": {"message": f"unknown forwarded request kind {kind!r}"}}
+        refs = [r for r in envelope.get("refs") or () if r]
+        if refs and not any(self._is_local(r) for r in refs):
+            owner = await self.owner(refs)
+            if owner is not None and owner.node_id == self.node_id and not owner.terminal:
+                await self._adopt(owner.call_id)  # claimed by this node, still loading: as route() does
+            elif owner is not None and owner.node_id not in (None, self.node_id):
+                return {"notHere": owner.node_id}  # the sender routes it again
+        try:
+            return await handler(envelope["request"])
+        except CancelledError:
+            raise
+        except Exception:
+            # Handlers encode their own errors; this is a bug, but the sender still gets an answer now.
+            self._log.failure("a forwarded {kind} request failed", kind=kind)
+            return {"error": {"message": "the owner node failed the request"}}
 
     def _answer(self, row_id: str, reply: dict) -> Deferred:
         body = json.dumps(reply, separators=(",", ":"))

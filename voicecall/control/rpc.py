@@ -227,6 +227,8 @@ class RpcMethods:
             return {"error": {"code": CALL_ERROR, "message": str(e), "callId": e.call_id}}
         except RpcError as e:
             return {"error": {"code": e.code, "message": str(e), "data": e.data}}
+        except CancelledError:
+            raise  # its sender gave up (the gateway's connection to that node closed), as a local command's does
         except Exception:
             self._log.failure("a forwarded {method} failed", method=request.get("method"))
             return {"error": {"code": INTERNAL_ERROR, "message": "Internal error"}}

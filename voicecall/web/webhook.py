@@ -218,9 +218,11 @@ class WebhookResource(Resource):
                 return WebhookResponse(401, b"Unauthorized", _TEXT), "401"
             key = verdict.request_key
         if self._route is not None:
-            refs = self._provider.call_refs(ctx)
-            local = lambda: self.apply_verified(ctx, key, _refusal_log(request))  # noqa: E731
-            return await self._route(refs, "webhook", forwarded_request(ctx, key), local, forwarded_answer)
+            # Checked for a replay here, before routing: a replayed request costs no forward.
+            route, refs = self._route, self._provider.call_refs(ctx)
+            here = lambda: self._apply(ctx, key)  # noqa: E731
+            routed = lambda: route(refs, "webhook", forwarded_request(ctx, key), here, forwarded_answer)  # noqa: E731
+            return await self.apply_verified(ctx, key, _refusal_log(request), routed)
         return await self.apply_verified(ctx, key, _refusal_log(request))
 
     async def serve_forwarded(self, request: dict) -> dict:
@@ -233,10 +235,14 @@ class WebhookResource(Resource):
             answer, label = WebhookResponse(500, b"Internal Server Error", _TEXT), "500"
         return {"status": answer.status, "body": b64encode(answer.body).decode(), "headers": dict(answer.headers), "label": label}
 
-    async def apply_verified(self, ctx: WebhookContext, key: str, refusals=None) -> tuple[WebhookResponse, str]:
+    async def apply_verified(
+        self, ctx: WebhookContext, key: str, refusals=None, routed: Callable[[], Awaitable[WebhookResponse]] | None = None
+    ) -> tuple[WebhookResponse, str]:
         """
         A verified request (its request key `key`): a replay's answer, or its events applied.
-        `refusals`: the site's `RefusalLog`, which counts replays (None: not counted).
+        `refusals`: the site's `RefusalLog`, which counts replays (None: not counted). `routed`:
+        in a cluster, applies it where its call is (here or forwarded to the owner), an answer
+        of 500 or more meaning nothing was applied (the carrier's retry is then not a replay).
         """
         if self._replays.check_and_record(key):
             # Rate limited: one captured signed request replayed in a loop must not grow the log.
@@ -251,8 +257,12 @@ class WebhookResource(Resource):
                 fixed = answer
                 await self._responses.get_or_build(key, lambda: fixed)
             return answer, "replay"
+        apply = (lambda: self._apply(ctx, key)) if routed is None else (lambda: _applied(routed()))
         try:
-            answer = await self._responses.get_or_build(key, lambda: Deferred.fromCoroutine(self._apply(ctx, key)))
+            answer = await self._responses.get_or_build(key, lambda: Deferred.fromCoroutine(apply()))
+        except _NotApplied as e:
+            self._replays.discard(key)
+            return e.answer, str(e.answer.status)
         except Exception:
             self._replays.discard(key)
             raise
@@ -302,11 +312,26 @@ def forwarded_context(request: dict) -> tuple[WebhookContext, str]:
     return ctx, request["key"]
 
 
-def forwarded_answer(reply: dict) -> tuple[WebhookResponse, str]:
+def forwarded_answer(reply: dict) -> WebhookResponse:
     """The owner's answer to a forwarded request, as the answer here."""
     if "status" not in reply:  # the forward itself failed on the owner's side
-        return WebhookResponse(503, b"Service Unavailable", _TEXT), "503"
-    return WebhookResponse(reply["status"], b64decode(reply["body"]), reply["headers"]), reply["label"]
+        return WebhookResponse(503, b"Service Unavailable", _TEXT)
+    return WebhookResponse(reply["status"], b64decode(reply["body"]), reply["headers"])
+
+
+class _NotApplied(Exception):
+    """A routed request's answer of 500 or more: nothing was applied, so it is not kept for replays."""
+
+    def __init__(self, answer: WebhookResponse) -> None:
+        super().__init__(answer.status)
+        self.answer = answer
+
+
+async def _applied(answer: Awaitable[WebhookResponse]) -> WebhookResponse:
+    result = await answer
+    if result.status >= 500:
+        raise _NotApplied(result)
+    return result
 
 
 @define(repr=False)
