@@ -330,6 +330,16 @@ class PgPool:
         return psycopg.connect(self._url, autocommit=True, **self._connect_kwargs)
 
 
+class Settle:
+    """
+    What an op of a `GroupCommit` returns when it only sent its statements: ``settle()`` is
+    called once they ran (the batch's pipeline synced), and what it returns, or raises, is the op's.
+    """
+
+    def __init__(self, settle: Callable[[], Any]) -> None:
+        self.settle = settle
+
+
 class _Rerun(Exception):
     """An op of a plain batch raised: roll back and run the batch again, one SAVEPOINT per op."""
 
@@ -343,7 +353,10 @@ class GroupCommit:
     ``finish(conn, values)`` last in that transaction with the results of the ops that succeeded,
     COMMITs once, and fires each op's Deferred on the reactor thread. Ops submitted meanwhile
     form the next batch. So N concurrent writes cost one COMMIT (one WAL flush) instead of N,
-    and a lock that ``finish`` takes is held once per batch, for its COMMIT only.
+    and a lock that ``finish`` takes is held once per batch, for its COMMIT only. The ops run in
+    pipeline mode: an op that sends its statements and returns ``Settle(settle)`` (reading its
+    results in ``settle``) lets the whole batch cost one round trip to the server (and one wait
+    for the GIL, which a busy reactor thread holds for up to ``sys.getswitchinterval()``).
 
     Ops follow `PgPool.run`'s rules: a Deferred fires only after COMMIT; the batch is retried as
     a whole after a serialization failure, a deadlock or a lost connection (during COMMIT too),
@@ -416,14 +429,14 @@ class GroupCommit:
             return [(False, Failure())] * len(fns)
 
     def _plain(self, conn: psycopg.Connection, fns: list[Callable[[psycopg.Connection], Any]]) -> list[tuple[bool, Any]]:
-        values = []
-        for fn in fns:
-            try:
-                values.append(fn(conn))
-            except Exception as e:
-                if len(fns) == 1 or _retried(e):
-                    raise
-                raise _Rerun() from None
+        try:
+            with conn.pipeline():  # the statements of all ops sent at once: one round trip
+                sent = [fn(conn) for fn in fns]
+            values = [v.settle() if isinstance(v, Settle) else v for v in sent]
+        except Exception as e:
+            if len(fns) == 1 or _retried(e):
+                raise
+            raise _Rerun() from None
         if self._finish is not None:
             self._finish(conn, values)
         return [(True, v) for v in values]
@@ -433,7 +446,8 @@ class GroupCommit:
         for fn in fns:
             try:
                 with conn.transaction():
-                    outcomes.append((True, fn(conn)))
+                    value = fn(conn)
+                    outcomes.append((True, value.settle() if isinstance(value, Settle) else value))
             except Exception as e:
                 if _retried(e):
                     raise
