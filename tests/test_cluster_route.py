@@ -299,6 +299,115 @@ class RouterTests(TestCase):
         self.assertEqual(sorted(r["echo"]["n"] for r in await gatherResults(forwards)), list(range(6)))
 
 
+    async def test_a_third_node_that_took_the_call_gets_it(self):
+        """The owner dies during a forward and a third live node adopts the call: forwarded there, once."""
+        await self.started(self.a, self.b)
+        self.sql("INSERT INTO nodes (node_id, public_url, started_at, heartbeat_at) VALUES ('dying', 'https://d.example', now(), now())")
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-1', 'CA1', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'dying')"
+        )
+        a = _Node(self, self.pool_a, "a2", timeout=1.0)
+        await a.router.start()
+
+        async def here():
+            return "here"
+
+        reactor.callLater(0.3, lambda: self.sql("UPDATE calls SET owner_node = 'b' WHERE call_id = 'c-1';"
+                                                 " UPDATE nodes SET heartbeat_at = now() - interval '1 hour' WHERE node_id = 'dying'"))
+        self.assertEqual(await a.router.route(["c-1"], "rpc", {"x": 1}, here, lambda r: r["node"]), "b")
+        self.assertEqual((a.adopted, [q for q in self.b.asked]), ([], [{"x": 1}]))
+
+    async def test_a_forward_to_a_node_seen_dead_fails_at_once_and_is_routed_again(self):
+        """recheck() (each heartbeat, each join or leave) fails the forwards to a node no longer live, long before their limit."""
+        await self.started(self.a, self.b)
+        self.sql("INSERT INTO nodes (node_id, public_url, started_at, heartbeat_at) VALUES ('dying', 'https://d.example', now(), now())")
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-1', 'CA1', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'dying'),"
+            " ('c-2', 'CA2', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'dying')"
+        )
+        a = _Node(self, self.pool_a, "a2", timeout=600.0)
+        await a.router.start()
+
+        async def here():
+            return "here"
+
+        first = Deferred.fromCoroutine(a.router.route(["c-1"], "rpc", {"n": 1}, here, lambda r: r["node"]))
+        await soon(lambda: self.sql("SELECT count(*) FROM forwards WHERE to_node = 'dying'") == [(1,)])
+        await a.router.recheck()  # still live: nothing happens
+        self.assertFalse(first.called)
+        # It dies; another node takes its call: the waiting forward goes there at once.
+        self.sql("UPDATE calls SET owner_node = 'b' WHERE call_id = 'c-1'; UPDATE nodes SET heartbeat_at = now() - interval '1 hour' WHERE node_id = 'dying'")
+        await a.router.recheck()
+        self.assertEqual(await first, "b")
+        # Seen dead in a heartbeat's snapshot (the live nodes' ids): its call is adopted here.
+        self.sql("UPDATE nodes SET heartbeat_at = now() WHERE node_id = 'dying'")
+        second = Deferred.fromCoroutine(a.router.route(["c-2"], "rpc", {"n": 2}, here, lambda r: r["node"]))
+        await soon(lambda: self.sql("SELECT count(*) FROM forwards WHERE to_node = 'dying'") == [(1,)])
+        self.sql("UPDATE nodes SET heartbeat_at = now() - interval '1 hour' WHERE node_id = 'dying'")
+        await a.router.recheck({"a", "b", "a2"})
+        self.assertEqual(await second, "here")
+        self.assertEqual(a.adopted, ["c-2"])
+        await soon(lambda: self.sql("SELECT count(*) FROM forwards") == [(0,)])
+
+    async def test_time_limits_by_method(self):
+        """A continue waits as long as its turn may; any other command (and a webhook) gets a short limit."""
+        await self.started(self.a, self.b)
+        self.b.gate = Deferred()
+        self.addCleanup(lambda: self.b.gate.called or self.b.gate.callback(None))
+        router = Router(reactor=reactor, pool=self.pool_a, node_id="a2", lease_seconds=10, handlers={}, is_local=lambda _: False,
+                        adopt=lambda _: succeed(None), timeouts={"rpc": 0.5, "voicecall.continue": 60.0})
+        await router.start()
+        self.addCleanup(router.stop)
+        turn = Deferred.fromCoroutine(router.forward("b", "rpc", {"method": "voicecall.continue"}))
+        with self.assertRaises(ForwardError):
+            await router.forward("b", "rpc", {"method": "voicecall.end"})
+        self.assertFalse(turn.called)
+        self.b.gate.callback(None)
+        self.assertEqual((await turn)["echo"], {"method": "voicecall.continue"})
+
+    async def test_a_call_the_receiver_is_still_adopting_is_waited_for(self):
+        """Forwarded to a node that claimed the call and is loading it: the request runs once its adoption is done."""
+        await self.started(self.a, self.b)
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-1', 'CA1', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'b')"
+        )
+        loading: Deferred = Deferred()
+        adopt = self.b.router._adopt
+        self.b.router._adopt = lambda call_id: loading.addCallback(lambda _: adopt(call_id))
+        reply = Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"n": 1}, ["CA1"]))
+        await soon(lambda: self.b.adopted or loading.callbacks, "b to wait for its adoption")
+        self.assertEqual(self.b.asked, [])
+        loading.callback(None)
+        self.assertEqual((await reply)["echo"], {"n": 1})
+        self.assertEqual(self.b.adopted, ["c-1"])
+
+    async def test_a_call_the_receiver_does_not_hold_is_sent_back(self):
+        """Forwarded to a node the call is not (or no longer) on: not run there; the sender routes it again."""
+        await self.started(self.a, self.b)
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-1', 'CA1', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'a')"
+        )
+        with self.assertRaises(ForwardError) as e:
+            await self.a.router.forward("b", "rpc", {"n": 1}, ["c-1"])
+        self.assertIn("does not hold the call", str(e.exception))
+        self.assertEqual(self.b.asked, [])
+
+    async def test_a_forward_its_sender_cancels_is_cancelled_on_the_owner(self):
+        await self.started(self.a, self.b)
+        self.b.gate = Deferred()
+        forward = Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"n": 1}))
+        await soon(lambda: self.b.asked, "b to run it")
+        forward.cancel()
+        self.failureResultOf(forward)
+        await soon(lambda: self.b.gate.called, "the request on b cancelled")
+        self.assertEqual(self.b.router._serving, {})
+        await soon(lambda: self.sql("SELECT count(*) FROM forwards") == [(0,)])
+
+
 class CallRefsTests(SynchronousTestCase):
     """Each carrier adapter names the call a request concerns without parsing it for effect."""
 
