@@ -11,9 +11,10 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.harness import PROJECT_ROOT, child_env, workdir
+from tests.pgserver import find_postgres_bin
 
 
 class BenchmarkRunnerTests(TestCase):
@@ -43,3 +44,35 @@ class BenchmarkRunnerTests(TestCase):
         self.assertEqual(code, 0, err)
         names = [line.split()[0] for line in out.decode().splitlines()]
         self.assertEqual(names[:3], ["webhooks", "store", "memory"])
+
+
+class ClusterBenchmarkTests(TestCase):
+    """The cluster benchmarks run at a tiny size (each starts its own PostgreSQL, as the tests do)."""
+
+    timeout = 240
+
+    def setUp(self):
+        if find_postgres_bin() is None:
+            raise SkipTest("PostgreSQL not found: the cluster benchmarks need one")
+
+    async def quick(self, name: str) -> tuple[str, dict]:
+        results = workdir(self)
+        env = child_env({"VOICECALL_BENCH_RESULTS": results})
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "benchmarks", "--quick", name], env=env, path=PROJECT_ROOT, reactor=reactor
+        )
+        text = out.decode("utf-8", "replace")
+        self.assertEqual(code, 0, text + err.decode("utf-8", "replace"))
+        with open(os.path.join(results, f"{name}.json")) as f:
+            data = json.load(f)
+        self.assertEqual(data["benchmark"], name)
+        return text, data
+
+    async def test_quick_failover(self):
+        """kill -9 of a node with 4 calls (2 streamed): the figures are printed and written, per call."""
+        text, data = await self.quick("failover")
+        self.assertIn("seconds from kill -9 of node a", text)
+        self.assertIn("nothing acknowledged lost:", text)
+        self.assertEqual((data["calls"], data["streamed"], data["lease_seconds"]), (4, 2, 3))
+        self.assertGreater(data["transcript_entries_before"], 0)
+        self.assertLessEqual(len(data["adopted"]), 4)
