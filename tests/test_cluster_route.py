@@ -19,7 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from tests.fixtures import manager_rig
-from tests.harness import call_status, eventually, event, free_port, serve, speech, transcript, until_state, webhook_client, workdir
+from tests.harness import call_status, eventually, event, free_port, http_client, serve, speech, transcript, until_state, webhook_client, workdir
 from tests.test_webhook import Conn
 from tests.pgserver import postgres_server
 from voicecall import tap
@@ -683,6 +683,43 @@ class ClusterRouteE2ETests(TestCase):
         self.assertEqual(len(placed), 3, results)
 
 
+    async def test_a_replay_is_answered_where_it_arrives(self):
+        """A captured callback replayed to a node that does not own its call costs no forward: answered there."""
+        (_, rpc_a, _), (service_b, _, hook_b) = await self.nodes()
+        call_id = (await rpc_a.call("voicecall.initiate", {"to": "+15550001111", "message": "Hi"}))["callId"]
+        body = event("call.answered", call_id)
+        first = await self.web.post(hook_b, body)
+        self.assertEqual(first.code, 200, first.body)
+        router_b = service_b._routing[0]
+        sent = router_b.counts["sent"]
+        for _ in range(3):
+            again = await self.web.post(hook_b, body)
+            self.assertEqual((again.code, again.body), (first.code, first.body))
+        self.assertEqual(router_b.counts["sent"], sent)
+
+    async def test_a_continue_cancelled_on_the_node_it_reached_is_cancelled_on_the_owner(self):
+        """The gateway's connection to B closes during a continue B forwarded to A: A stops waiting, so the gateway's retry works."""
+        (_, rpc_a, hook_a), (_, rpc_b, hook_b) = await self.nodes()
+        call_id = (await rpc_a.call("voicecall.initiate", {"to": "+15550001111", "message": "Hi"}))["callId"]
+        self.assertEqual((await self.web.post(hook_a, event("call.answered", call_id))).code, 200)
+        await until_state(rpc_a, call_id, "listening", timeout=10)
+        gateway = await connect(reactor, rpc_b.transport.getPeer().name)
+        turn = gateway.call("voicecall.continue", {"callId": call_id, "message": "How are you?"})
+        turn.addErrback(lambda f: None)  # its connection closes
+        await eventually(lambda: self.said(rpc_b, call_id, "How are you?"), 10, "the prompt spoken by A")
+        gateway.transport.loseConnection()
+        await eventually(lambda: self.forwards() == 0, 10, "B to drop its forward")
+        retry = rpc_b.call("voicecall.continue", {"callId": call_id, "message": "Still there?"})
+        await eventually(lambda: retry.called or self.said(rpc_b, call_id, "Still there?"), 10, "the retry's prompt spoken by A")
+        self.assertFalse(retry.called, retry)
+        self.assertEqual((await self.web.post(hook_b, speech(call_id, "Yes"))).code, 200)
+        self.assertEqual(await retry, {"success": True, "transcript": "Yes"})
+
+    def forwards(self) -> int:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM forwards").fetchone()[0]
+
+
 class EntryUrlTests(SynchronousTestCase):
     def test_stream_resume_uses_the_entry_url(self):
         """The way back of a dropped stream names the cluster's entry URL, which reaches any live node."""
@@ -748,6 +785,45 @@ class ClusterTwilioE2ETests(TestCase):
         self.assertEqual({h.status for h in fake.webhooks if h.status is not None}, {200}, [(h.kind, h.status, h.body) for h in fake.webhooks])
         record = await call_status(rpc_b, call_id)
         self.assertEqual(transcript(record), [("bot", "Hello there"), ("bot", "How are you?"), ("user", "I am fine")])
+
+
+class LateCallbackTests(TestCase):
+    """A carrier's late callback for a call that ENDED on a node that is now dead."""
+
+    timeout = 60
+
+    async def test_recorded_and_acknowledged_where_it_arrives(self):
+        """Recorded (not applied) by the node it reaches, as a single node records it: a 200, not 500s until the carrier gives up."""
+        url = postgres_server(self).new_database(self)
+        http = http_client(self)
+        entry = "https://voice.test/voice/webhook"
+
+        def node(name: str) -> dict:
+            return {"provider": "twilio", "fromNumber": "+15550009999", "inboundPolicy": "open",
+                    "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": "http://127.0.0.1:9"},
+                    "publicUrl": f"https://{name}.voice.test/voice/webhook", "cluster": {"nodeId": name, "leaseSeconds": 3, "entryUrl": entry}}
+
+        service_a, rpc_a, hook_a = await start_node(self, url, "node-a", **node("node-a"))
+        _, rpc_b, hook_b = await start_node(self, url, "node-b", **node("node-b"))
+
+        async def callback(hook: str, **params: str):
+            form = {"AccountSid": SID, "CallSid": "CA" + "1" * 32, "From": "+15550001111", "To": "+15550009999", "Direction": "inbound", **params}
+            signature = RequestValidator(TOKEN).compute_signature(entry, form)
+            body = urlencode(form).encode()
+            response = await http.post(hook, data=body, headers={"Content-Type": ["application/x-www-form-urlencoded"], "X-Twilio-Signature": [signature]})
+            return response.code, await response.content()
+
+        self.assertEqual((await callback(hook_a, CallStatus="ringing"))[0], 200)
+        self.assertEqual((await callback(hook_a, CallStatus="completed"))[0], 200)
+        record = await call_status(rpc_a, "CA" + "1" * 32)
+        self.assertEqual(record["state"], "completed")
+        await service_a.stopService()  # node-a is gone (its row deleted: a dead node)
+        late = await callback(hook_b, CallStatus="completed", CallDuration="7")
+        self.assertEqual(late[0], 200, late[1])
+        with psycopg.connect(url, autocommit=True) as conn:
+            (n,) = conn.execute("SELECT count(*) FROM events WHERE call_id = %s AND type = 'call.event.late'", (record["callId"],)).fetchone()
+        self.assertEqual(n, 1)
+        self.assertEqual((await call_status(rpc_b, record["callId"]))["state"], "completed")
 
 
 class PlivoSignedOriginTests(SynchronousTestCase):
