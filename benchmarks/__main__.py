@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "tts_first_frame": ["--quick"],
     "audio_convert": ["--seconds", "5", "--repeat", "1"],
     "cluster": ["--quick"],
+    "cluster_streams": ["--quick"],
     "failover": ["--quick"],
 }
 

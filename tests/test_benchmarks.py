@@ -76,3 +76,12 @@ class ClusterBenchmarkTests(TestCase):
         self.assertEqual((data["calls"], data["streamed"], data["lease_seconds"]), (4, 2, 3))
         self.assertGreater(data["transcript_entries_before"], 0)
         self.assertLessEqual(len(data["adopted"]), 4)
+
+    async def test_quick_cluster_streams(self):
+        """5 streamed calls on 1 node, then 5 on each of 2: every stream up, its frames timed, the verdict printed."""
+        text, data = await self.quick("cluster_streams")
+        self.assertIn("held within the targets: 1 node", text)
+        for key, streams in (("1 node", 5), ("2 nodes", 10)):
+            (run,) = data[key]
+            self.assertEqual((run["streams"], run["streams_up"]), (streams, streams))
+            self.assertGreater(run["frames_timed"], 0)
