@@ -478,7 +478,10 @@ def _pg_row(record: CallRecord, node_id: str) -> tuple[Any, ...]:
 
 def _nul_free(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """`row` with U+0000, which PostgreSQL text cannot hold, replaced by U+FFFD in its strings."""
-    return tuple(_nul_free_text(v) for v in row)
+    for value in row:  # the common case, no NUL: `row` itself, without building a copy
+        if type(value) is str and "\x00" in value:
+            return tuple(_nul_free_text(v) for v in row)
+    return row
 
 
 def _nul_free_text(value: T) -> T:
