@@ -180,6 +180,103 @@ class TransactionTests(TestCase):
             await pool.run(lambda conn: 1)
 
 
+class GroupCommitTests(TestCase):
+    """PgPool.group: writes issued while a batch commits share the next transaction."""
+
+    async def setUp(self) -> None:
+        self.pg = postgres_server(self)
+        self.url = self.pg.new_database(self)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
+            conn.execute("INSERT INTO t VALUES ('a', 0)")
+        self.pool = await open_pool(self, self.url, max_size=4)
+        self.finished: list[list] = []
+
+    def rows(self, query: str):
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(query).fetchall()
+
+    def value_of(self, k: str):
+        return self.rows(f"SELECT v FROM t WHERE k = '{k}'")[0][0]
+
+    def insert(self, k: str):
+        def op(conn):
+            conn.execute("INSERT INTO t VALUES (%s, txid_current()) ON CONFLICT (k) DO NOTHING", (k,))  # v: the transaction
+            return k
+
+        return op
+
+    async def test_batches_share_a_transaction_and_a_failure_stays_alone(self):
+        gate = threading.Event()
+        group = self.pool.group(lambda conn, values: self.finished.append(values))
+
+        def blocked(conn):
+            gate.wait(10)
+            return "first"
+
+        class Refused(Exception):
+            pass
+
+        def refused(conn):
+            conn.execute("INSERT INTO t VALUES ('refused', 1)")
+            raise Refused()
+
+        first = group.submit(blocked)
+        rest = [group.submit(self.insert(f"k{i}")) for i in range(3)]
+        rest.append(group.submit(refused))
+        rest.append(group.submit(self.insert("k3")))
+        rest.append(group.submit(lambda conn: conn.execute("INSERT INTO nowhere VALUES (1)")))  # a database error
+        gate.set()
+        self.assertEqual(await first, "first")
+        results = await DeferredList(rest, consumeErrors=True)
+        self.assertEqual([v for ok, v in results if ok], ["k0", "k1", "k2", "k3"])
+        self.assertTrue(results[3][1].check(Refused))
+        self.assertTrue(results[5][1].check(StoreError))
+        self.assertIsInstance(results[5][1].value.__cause__, psycopg.errors.UndefinedTable)
+        self.assertEqual(self.finished, [["first"], ["k0", "k1", "k2", "k3"]])
+        self.assertEqual(self.rows("SELECT count(DISTINCT v) FROM t WHERE k LIKE 'k%'"), [(1,)])
+        self.assertEqual(self.rows("SELECT k FROM t WHERE k = 'refused'"), [])
+
+    async def test_batch_retried_after_commit_lost_applies_once(self):
+        TransactionTests.install_commit_sabotage(self)
+        group = self.pool.group(lambda conn, values: self.finished.append(values))
+
+        attempts = []
+
+        def update(conn):
+            attempts.append(1)
+            conn.execute("UPDATE t SET v = 5 WHERE k = 'a'")
+            if len(attempts) == 2:  # the first attempt dies at COMMIT; its retry disarms
+                conn.execute("UPDATE sabotage SET armed = false")
+            return "updated"
+
+        gate = threading.Event()
+        first = group.submit(lambda conn: gate.wait(10))
+        writes = [group.submit(update), group.submit(self.insert("b"))]
+        gate.set()
+        await first
+        self.assertEqual([await d for d in writes], ["updated", "b"])
+        self.assertEqual(self.rows("SELECT k FROM t ORDER BY k"), [("a",), ("b",)])
+        self.assertEqual(self.value_of("a"), 5)
+        self.assertEqual(self.finished[1:], [["updated", "b"]] * 2)  # run again after its COMMIT was lost
+
+    async def test_close_commits_what_was_queued(self):
+        pool = PgPool(reactor, self.url, max_size=2)
+        await pool.open()
+        group = pool.group()
+        gate = threading.Event()
+        first = group.submit(lambda conn: gate.wait(10))
+        queued = [group.submit(self.insert(f"q{i}")) for i in range(5)]
+        closed = pool.close()
+        with self.assertRaises(StoreClosedError):
+            await group.submit(self.insert("late"))
+        gate.set()
+        await closed
+        self.assertTrue(await first)
+        self.assertEqual([await d for d in queued], [f"q{i}" for i in range(5)])
+        self.assertEqual(self.rows("SELECT count(*) FROM t WHERE k LIKE 'q%'"), [(5,)])
+
+
 class ServerDownTests(TestCase):
     async def test_unreachable_server_is_a_clear_error_without_the_password(self):
         logged = capture_log(self)
