@@ -19,7 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from treq.client import HTTPClient
 
 from tests.fixtures import manager_rig
-from tests.harness import call_status, eventually, event, free_port, http_client, serve, speech, transcript, until_state, webhook_client, workdir
+from tests.harness import READY, READY_TIMEOUT, Daemon, call_status, daemon_argv, eventually, event, free_port, http_client, make_workdir, rpc, serve, spawn, speech, transcript, until_state, webhook_client, workdir
 from tests.test_webhook import Conn
 from tests.pgserver import postgres_server
 from voicecall import tap
@@ -824,6 +824,50 @@ class LateCallbackTests(TestCase):
             (n,) = conn.execute("SELECT count(*) FROM events WHERE call_id = %s AND type = 'call.event.late'", (record["callId"],)).fetchone()
         self.assertEqual(n, 1)
         self.assertEqual((await call_status(rpc_b, record["callId"]))["state"], "completed")
+
+
+class KilledOwnerTests(TestCase):
+    """Three daemons (processes) on one PostgreSQL; the one running a call is killed with -9."""
+
+    timeout = 120
+
+    async def node(self, store_url: str, node_id: str) -> Daemon:
+        port = free_port()
+        work = make_workdir(self, {"provider": "mock", "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+                                   "outbound": {"defaultMode": "conversation"}, "cluster": {"nodeId": node_id, "leaseSeconds": 3}})
+        with open(work.config_path, encoding="utf-8") as f:
+            written = json.load(f)
+        with open(work.config_path, "w", encoding="utf-8") as f:
+            json.dump({**written, "store": store_url}, f)
+        process = spawn(self, [a.replace("tcp:0:", f"tcp:{port}:") for a in daemon_argv(work)], cwd=work.path)
+        match = await process.wait_for_output(READY, READY_TIMEOUT, f"node {node_id}'s ready line")
+        return Daemon(workdir=work, process=process, webhook_url=match.group(1).decode(), rpc_path=match.group(2).decode())
+
+    async def test_a_command_sent_at_once_to_a_third_node(self):
+        """
+        Sent to c just after the kill, while a's lease runs: forwarded to a, which never answers. It
+        fails as soon as a heartbeat sees a dead (not at its time limit: 780 s for any command before),
+        and goes where the call is adopted, here or on b.
+        """
+        store_url = postgres_server(self).new_database(self)
+        a, b, c = [await self.node(store_url, n) for n in ("a", "b", "c")]
+        call_id = (await rpc(a.rpc_path, "voicecall.initiate", {"to": "+15550001111", "message": "Hi"}))["callId"]
+        answered = await webhook_client(self).post(a.webhook_url, event("call.answered", call_id))
+        self.assertEqual(answered.code, 200, answered.body)
+        await eventually(lambda: self.state(c, call_id), 10, "the call listening, as c reads it")
+        await a.kill9()
+        killed_at = reactor.seconds()
+        self.assertEqual(await rpc(c.rpc_path, "voicecall.speak", {"callId": call_id, "message": "Still here"}), {"success": True})
+        self.assertLess(reactor.seconds() - killed_at, 25)  # the time limit of a forwarded speak is 30 s
+        with psycopg.connect(store_url, autocommit=True) as conn:
+            (owner,) = conn.execute("SELECT owner_node FROM calls WHERE call_id = %s", (call_id,)).fetchone()
+        self.assertIn(owner, ("b", "c"))
+        self.assertEqual(await rpc(b.rpc_path, "voicecall.end", {"callId": call_id}), {"success": True})
+        record = (await rpc(c.rpc_path, "voicecall.status", {"callId": call_id}))["call"]
+        self.assertEqual(transcript(record), [("bot", "Hi"), ("bot", "Still here")])
+
+    async def state(self, daemon: Daemon, call_id: str) -> bool:
+        return (await rpc(daemon.rpc_path, "voicecall.status", {"callId": call_id}))["call"]["state"] == "listening"
 
 
 class PlivoSignedOriginTests(SynchronousTestCase):

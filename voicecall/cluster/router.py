@@ -208,8 +208,8 @@ class Router:
                     if self._stopped:
                         raise
                     target = await self._target(refs)
-                    if target in tried:
-                        raise
+                    if target is not None and (target in tried or len(tried) > 1):
+                        raise  # still there (it did not answer in time), or forwarded twice already
         try:
             return await local()
         except CallExistsError as e:

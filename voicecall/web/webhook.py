@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from urllib.parse import parse_qsl
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -230,6 +230,8 @@ class WebhookResource(Resource):
         ctx, key = forwarded_context(request)
         try:
             answer, label = await self.apply_verified(ctx, key)
+        except CancelledError:
+            raise  # its sender gave up: its apply goes on (shared through the response cache), unread
         except Exception:
             self._log.failure("a forwarded webhook failed")
             answer, label = WebhookResponse(500, b"Internal Server Error", _TEXT), "500"
