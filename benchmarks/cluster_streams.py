@@ -22,8 +22,9 @@ the table gives the highest count each cluster size held.
 
 On a 2-core machine the 2-node run has no core left for the generator, the TTS fake and
 PostgreSQL (idle during the measurement: a streamed call writes nothing per frame): they take
-their CPU from the nodes, and the table shows each party's CPU use. The ratio understates what
-2 nodes on 2 free cores do.
+their CPU from the nodes, and the table shows each party's CPU use, and "other_load": the busy
+time of the machine's CPUs that none of this benchmark's processes spent (other work on a
+shared machine; about 0 for a clean run). The ratio understates what 2 nodes on 2 free cores do.
 
 Run:  .venv/bin/python -m benchmarks.cluster_streams [--quick] [--streams 50,100,150,200,250,300]
       [--seconds 10]   (results: var/bench/cluster_streams.json)
@@ -43,7 +44,8 @@ import time
 from urllib.parse import urlsplit
 
 from benchmarks.common import cpu_seconds, cpus, pin, spawn, stop, table, write_json
-from benchmarks.media_streams import SO_TIMESTAMPNS, TIMESPEC, Client, Stream, analyse, ws_frame
+from benchmarks.cluster import postgres_cpu
+from benchmarks.media_streams import SO_TIMESTAMPNS, TIMESPEC, Client, Stream, analyse, cpu_busy, ws_frame
 
 SID = "AC" + "7" * 32
 TOKEN = "bench-streams-token"
@@ -281,7 +283,7 @@ class CallClient(Client):
         s.buf = buf[pos:] if pos < n else b""
 
 
-def measure(nodes: list[tuple], args, sink: socket.socket) -> dict:
+def measure(nodes: list[tuple], args, sink: socket.socket, pg, tts_pid: int) -> dict:
     """Open every node's streams, let them settle, record C{args.seconds}; the figures."""
     client_args = argparse.Namespace(client_phases=10, random_phase=False)
     client = CallClient(client_args, 0, sink)
@@ -297,19 +299,26 @@ def measure(nodes: list[tuple], args, sink: socket.socket) -> dict:
     client.run_until(time.monotonic() + args.warmup)
     pids = [proc.pid for proc, _ in nodes]
     before = [cpu_seconds(p) for p in pids]
+    all_cpus = sorted(os.sched_getaffinity(tts_pid))
+    machine0, tts0, pg0 = cpu_busy(all_cpus), cpu_seconds(tts_pid), postgres_cpu(pg)
     c0, w0 = time.process_time(), time.monotonic()
     client.recording = True
     client.run_until(w0 + args.seconds)
     client.recording = False
     wall = time.monotonic() - w0
     node_cpu = [(cpu_seconds(p) - b) / wall for p, b in zip(pids, before, strict=True)]
+    generator_cpu = (time.process_time() - c0) / wall
+    tts_cpu, pg_cpu = (cpu_seconds(tts_pid) - tts0) / wall, (postgres_cpu(pg) - pg0) / wall
+    machine = sum(cpu_busy(all_cpus).values()) - sum(machine0.values())
     result = analyse(client.streams, args.seconds)
     for s in client.streams:
         client.close(s)
         s.sock.close()
     result.update({
         "streams": len(wanted), "streams_up": up, "ramp_seconds": ramp, "node_cpu": node_cpu,
-        "generator_cpu": (time.process_time() - c0) / wall,
+        "generator_cpu": generator_cpu, "tts_cpu": tts_cpu, "postgres_cpu": pg_cpu,
+        # Busy time of the machine's CPUs not spent by this benchmark's processes: other work.
+        "other_load_cpu": machine / wall - sum(node_cpu) - generator_cpu - tts_cpu - pg_cpu,
     })
     result["within"] = (up == len(wanted) and result["error_p99_ms"] < TARGET_P99_MS
                         and result["jitter_p99_ms"] < TARGET_JITTER_P99_MS and result["frames_behind"] == 0
@@ -317,7 +326,7 @@ def measure(nodes: list[tuple], args, sink: socket.socket) -> dict:
     return result
 
 
-def run(n_nodes: int, per_node: int, cpus_: list, pg, tts_url: str, args, workdir: str) -> dict:
+def run(n_nodes: int, per_node: int, cpus_: list, pg, tts: tuple, args, workdir: str) -> dict:
     sink = socket.socket()
     sink.bind(("127.0.0.1", 0))
     sink.listen(1024)
@@ -327,11 +336,11 @@ def run(n_nodes: int, per_node: int, cpus_: list, pg, tts_url: str, args, workdi
     try:
         for i in range(n_nodes):
             name = f"{n_nodes}n{per_node}-{'ab'[i]}"
-            path = node_config(os.path.join(workdir, name), store, name, per_node * n_nodes, stt_url, tts_url)
+            path = node_config(os.path.join(workdir, name), store, name, per_node * n_nodes, stt_url, tts[1]["url"])
             argv = [sys.executable, "-m", "benchmarks.cluster_streams", "--node", path, "--calls", str(per_node)]
             argv += [] if cpus_[i] is None else ["--cpu", str(cpus_[i])]
             nodes.append(spawn(argv, timeout=300))
-        return measure(nodes, args, sink)
+        return measure(nodes, args, sink, pg, tts[0].pid)
     finally:
         for proc, _ in nodes:
             stop(proc, timeout=60)
@@ -381,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 os.sched_setaffinity(0, previous)
             for per_node in counts:
-                r = run(n_nodes, per_node, placement, pg, tts_info["url"], args, workdir)
+                r = run(n_nodes, per_node, placement, pg, (tts, tts_info), args, workdir)
                 r["per_node"] = per_node
                 results[key].append(r)
                 print(f"  {key}: {per_node} per node -> p99 pacing {r['error_p99_ms']:.2f} ms, p99 jitter "
-                      f"{r['jitter_p99_ms']:.2f} ms, behind {r['frames_behind']}, up {r['streams_up']}/{r['streams']}: "
+                      f"{r['jitter_p99_ms']:.2f} ms, behind {r['frames_behind']}, up {r['streams_up']}/{r['streams']}, "
+                      f"other load {r['other_load_cpu'] * 100:.0f}% of a core: "
                       f"{'within' if r['within'] else 'MISSED'}", flush=True)
                 if not r["within"]:
                     break
@@ -400,9 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((key, r["per_node"], f"{r['streams_up']}/{r['streams']}", r["error_p50_ms"], r["error_p99_ms"],
                          r["jitter_p99_ms"], r["frames_behind"], r["streams_closed"],
                          " + ".join(f"{c * 100:.0f}%" for c in r["node_cpu"]), f"{r['generator_cpu'] * 100:.0f}%",
+                         f"{(r['tts_cpu'] + r['postgres_cpu']) * 100:.0f}%", f"{r['other_load_cpu'] * 100:.0f}%",
                          "yes" if r["within"] else "NO"))
     table(("nodes", "per_node", "up", "pace_p50_ms", "pace_p99_ms", "jitter_p99_ms", "behind", "closed", "node_cpu",
-           "gen_cpu", "within"), rows, "streamed calls (outbound pacing of each call's greeting)")
+           "gen_cpu", "tts+pg_cpu", "other_load", "within"), rows, "streamed calls (outbound pacing of each call's greeting)")
     held = {key: max((r["streams"] for r in runs if r["within"]), default=0) for key, runs in results.items()}
     ratio = held["2 nodes"] / held["1 node"] if held["1 node"] else float("nan")
     print(f"held within the targets: 1 node {held['1 node']} streams, 2 nodes {held['2 nodes']} streams "
