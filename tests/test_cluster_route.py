@@ -384,6 +384,27 @@ class RouterTests(TestCase):
         self.assertEqual((await reply)["echo"], {"n": 1})
         self.assertEqual(self.b.adopted, ["c-1"])
 
+    async def test_a_request_given_up_does_not_cancel_an_adoption(self):
+        """The caller of a request waiting for an adoption goes away (its connection closed): the adoption goes on."""
+        await self.started(self.a)
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-1', 'CA1', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'dead')"
+        )
+        adoption: Deferred = Deferred()
+        router = Router(reactor=reactor, pool=self.pool_a, node_id="a2", lease_seconds=10, handlers={}, is_local=lambda _: False,
+                        adopt=lambda _: adoption)
+
+        async def here():
+            return "here"
+
+        asked = Deferred.fromCoroutine(router.route(["c-1"], "rpc", {}, here, lambda r: r))
+        await soon(lambda: adoption.callbacks, "the adoption awaited")
+        asked.cancel()
+        self.failureResultOf(asked)
+        self.assertFalse(adoption.called)
+        adoption.callback(True)
+
     async def test_a_call_the_receiver_does_not_hold_is_sent_back(self):
         """Forwarded to a node the call is not (or no longer) on: not run there; the sender routes it again."""
         await self.started(self.a, self.b)

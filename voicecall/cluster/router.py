@@ -227,7 +227,7 @@ class Router:
         if owner.node_id == self.node_id:
             if not owner.terminal:
                 # Ours in the store but not held yet: this node's adoption is loading it.
-                await self._adopt(owner.call_id)
+                await self._adopting(owner.call_id)
             return None
         if owner.alive:
             return owner.node_id
@@ -237,7 +237,7 @@ class Router:
                 return None
         else:
             self._log.info("adopting {call_id} from dead node {node}", call_id=owner.call_id, node=owner.node_id)
-            if await self._adopt(owner.call_id):
+            if await self._adopting(owner.call_id):
                 return None
         # Another node took it meanwhile (then it is that node's), or it cannot be taken yet:
         # never apply here what this node does not hold (it would be acknowledged and lost);
@@ -246,6 +246,12 @@ class Router:
         if again is not None and again.alive and again.node_id not in (None, self.node_id):
             return again.node_id
         raise ForwardError(f"call {owner.call_id} of dead node {owner.node_id} could not be taken here yet", owner.call_id)
+
+    def _adopting(self, call_id: str) -> Deferred[bool]:
+        """`adopt(call_id)`, which a request given up meanwhile (its caller gone) stops waiting for but never cancels."""
+        waiting: Deferred[bool] = Deferred()
+        self._adopt(call_id).chainDeferred(waiting)
+        return waiting
 
     async def forward(self, node_id: str, kind: str, request: dict, refs: Sequence[str] = ()) -> dict:
         """
@@ -435,7 +441,7 @@ class Router:
         if refs and not any(self._is_local(r) for r in refs):
             owner = await self.owner(refs)
             if owner is not None and owner.node_id == self.node_id and not owner.terminal:
-                await self._adopt(owner.call_id)  # claimed by this node, still loading: as route() does
+                await self._adopting(owner.call_id)  # claimed by this node, still loading: as route() does
             elif owner is not None and owner.node_id not in (None, self.node_id):
                 return {"notHere": owner.node_id}  # the sender routes it again
         try:
