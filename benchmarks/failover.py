@@ -229,7 +229,14 @@ async def run(reactor, args) -> dict:
                 failures.setdefault(call_id, f"no record on b: {e}")
         lost = [cid for cid, t in before.items() if after.get(cid, [])[: len(t)] != t]
         ended = [cid for cid, f, _ in calls if f.is_ended]
-        repointed = sum(1 for _, f, c in calls if c is None and f.streams and f.streams[-1].url.startswith(f"ws://127.0.0.1:{port_b}/"))
+
+        def repointed() -> int:  # non-streamed calls whose carrier now fetches b's TwiML (a stream to b)
+            return sum(1 for _, f, c in calls if c is None and f.streams and f.streams[-1].url.startswith(f"ws://127.0.0.1:{port_b}/"))
+
+        try:  # the call update follows the adoption: give the carrier's fetch a moment
+            await eventually(lambda: repointed() == sum(1 for _, f, c in calls if c is None and not f.is_ended), 5, "re-pointing")
+        except AssertionError:
+            pass  # counted below as it is
         logs = {}
         for node_id, node in nodes.items():  # each node's log, for a look at what went wrong
             logs[node_id] = os.path.join(RESULTS_DIR, f"failover-node-{node_id}.log")
@@ -243,7 +250,7 @@ async def run(reactor, args) -> dict:
         return {
             "calls": len(calls), "streamed": streamed, "lease_seconds": args.lease, "placed_seconds": placed_seconds,
             "adopted": adopted, "audio": audio, "lost": lost, "ended_at_carrier": ended,
-            "non_streamed_repointed": repointed, "failures": failures, "node_logs": logs,
+            "non_streamed_repointed": repointed(), "failures": failures, "node_logs": logs,
             "transcript_entries_before": sum(len(t) for t in before.values()),
         }
     finally:
@@ -297,8 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     table(("after kill -9", "made it", "min_s", "median_s", "max_s"), rows, "seconds from kill -9 of node a")
     complete = len(adopted) == out["calls"] and len(audio) == out["streamed"]
     met = complete and every < TARGET_SECONDS and not out["lost"] and not out["ended_at_carrier"]
-    print(f"every call adopted{' and audio back' if out['streamed'] else ''}: "
-          f"{every:.2f} s after kill -9 (target < {TARGET_SECONDS:g} s: {'ok' if met else 'MISSED'})")
+    if complete:
+        print(f"every call adopted{' and audio back' if out['streamed'] else ''}: "
+              f"{every:.2f} s after kill -9 (target < {TARGET_SECONDS:g} s: {'ok' if met else 'MISSED'})")
+    else:
+        print(f"NOT every call came back: {len(adopted)}/{out['calls']} adopted, {len(audio)}/{out['streamed']} with audio "
+              f"(the slowest of those {every:.2f} s after kill -9; target: all within {TARGET_SECONDS:g} s: MISSED)")
     print(f"nothing acknowledged lost: {out['calls'] - len(out['lost'])}/{out['calls']} transcripts kept as prefixes "
           f"({out['transcript_entries_before']} entries before the kill); calls ended at the carrier: "
           f"{len(out['ended_at_carrier'])}; non-streamed calls re-pointed to b: {out['non_streamed_repointed']}/"
