@@ -17,7 +17,8 @@ daemon's audio carries no frame index, so the k-th frame received is due at the 
 arrival + 20 ms x k: pacing error = distance from that grid; jitter = a gap's distance from
 20 ms; behind = grid points the stream's arrivals span beyond its frames (underruns). A run
 is within the targets (DESIGN "Performance targets": p99 pacing error < 5 ms, p99 jitter < 10 ms,
-no frame behind, no stream closed) or not; C{--streams} lists the per-node counts tried, and
+no frame behind, no stream closed) or not; C{--streams} lists the per-node counts tried, each
+run up to C{--tries} times until one is within, the sweep stopping at the first count missed;
 the table gives the highest count each cluster size held.
 
 On a 2-core machine the 2-node run has no core left for the generator, the TTS fake and
@@ -26,8 +27,8 @@ their CPU from the nodes, and the table shows each party's CPU use, and "other_l
 time of the machine's CPUs that none of this benchmark's processes spent (other work on a
 shared machine; about 0 for a clean run). The ratio understates what 2 nodes on 2 free cores do.
 
-Run:  .venv/bin/python -m benchmarks.cluster_streams [--quick] [--streams 50,100,150,200,250,300]
-      [--seconds 10]   (results: var/bench/cluster_streams.json)
+Run:  .venv/bin/python -m benchmarks.cluster_streams [--quick] [--streams 50,100,150,200,250,300,400,500]
+      [--seconds 10] [--tries 2]   (results: var/bench/cluster_streams.json)
 """
 from __future__ import annotations
 
@@ -350,9 +351,11 @@ def run(n_nodes: int, per_node: int, cpus_: list, pg, tts: tuple, args, workdir:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--quick", action="store_true", help="a short smoke run (5 streams per node, 2 s)")
-    parser.add_argument("--streams", default="50,100,150,200,250,300",
-                        help="streams per node to try, in increasing order; stops at the first count missed (50,...,300)")
+    parser.add_argument("--streams", default="50,100,150,200,250,300,400,500",
+                        help="streams per node to try, in increasing order; stops at the first count missed (50,...,500)")
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window (10)")
+    parser.add_argument("--tries", type=int, default=2,
+                        help="runs of a count before it counts as missed (2: a VM shared with other work has bad seconds)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds after the ramp before measuring (3)")
     parser.add_argument("--node", help=argparse.SUPPRESS)
     parser.add_argument("--tts", type=int, help=argparse.SUPPRESS)
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tts:
         return serve_tts(args.tts)
     if args.quick:
-        args.streams, args.seconds, args.warmup = "5", 2.0, 1.0
+        args.streams, args.seconds, args.warmup, args.tries = "5", 2.0, 1.0, 1
     counts = [int(c) for c in args.streams.split(",")]
     # The greeting outlasts the ramp (up to 30 s), the warm-up and the window, with room.
     utterance = len(GREETING)
@@ -390,13 +393,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 os.sched_setaffinity(0, previous)
             for per_node in counts:
-                r = run(n_nodes, per_node, placement, pg, (tts, tts_info), args, workdir)
-                r["per_node"] = per_node
-                results[key].append(r)
-                print(f"  {key}: {per_node} per node -> p99 pacing {r['error_p99_ms']:.2f} ms, p99 jitter "
-                      f"{r['jitter_p99_ms']:.2f} ms, behind {r['frames_behind']}, up {r['streams_up']}/{r['streams']}, "
-                      f"other load {r['other_load_cpu'] * 100:.0f}% of a core: "
-                      f"{'within' if r['within'] else 'MISSED'}", flush=True)
+                for attempt in range(args.tries):
+                    r = run(n_nodes, per_node, placement, pg, (tts, tts_info), args, workdir)
+                    r["per_node"], r["attempt"] = per_node, attempt + 1
+                    results[key].append(r)
+                    print(f"  {key}: {per_node} per node (try {attempt + 1}) -> p99 pacing {r['error_p99_ms']:.2f} ms, "
+                          f"p99 jitter {r['jitter_p99_ms']:.2f} ms, behind {r['frames_behind']}, up {r['streams_up']}/"
+                          f"{r['streams']}, other load {r['other_load_cpu'] * 100:.0f}% of a core: "
+                          f"{'within' if r['within'] else 'MISSED'}", flush=True)
+                    if r["within"]:
+                        break
                 if not r["within"]:
                     break
     finally:
@@ -407,12 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for key, runs in results.items():
         for r in runs:
-            rows.append((key, r["per_node"], f"{r['streams_up']}/{r['streams']}", r["error_p50_ms"], r["error_p99_ms"],
+            rows.append((key, r["per_node"], r["attempt"], f"{r['streams_up']}/{r['streams']}", r["error_p50_ms"], r["error_p99_ms"],
                          r["jitter_p99_ms"], r["frames_behind"], r["streams_closed"],
                          " + ".join(f"{c * 100:.0f}%" for c in r["node_cpu"]), f"{r['generator_cpu'] * 100:.0f}%",
                          f"{(r['tts_cpu'] + r['postgres_cpu']) * 100:.0f}%", f"{r['other_load_cpu'] * 100:.0f}%",
                          "yes" if r["within"] else "NO"))
-    table(("nodes", "per_node", "up", "pace_p50_ms", "pace_p99_ms", "jitter_p99_ms", "behind", "closed", "node_cpu",
+    table(("nodes", "per_node", "try", "up", "pace_p50_ms", "pace_p99_ms", "jitter_p99_ms", "behind", "closed", "node_cpu",
            "gen_cpu", "tts+pg_cpu", "other_load", "within"), rows, "streamed calls (outbound pacing of each call's greeting)")
     held = {key: max((r["streams"] for r in runs if r["within"]), default=0) for key, runs in results.items()}
     ratio = held["2 nodes"] / held["1 node"] if held["1 node"] else float("nan")
