@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import Counter
 from urllib.parse import parse_qsl, urlsplit
 
@@ -17,8 +18,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
+from voicecall import tap
 from voicecall.cluster.adopt import Adopter, claim_one, claim_share
-from voicecall.cluster.nodes import NodeIdInUse, NodeInfo, NodeRegistry
+from voicecall.cluster.nodes import REPLACED, FencedCarrier, NodeIdInUse, NodeInfo, NodeRegistry
+from voicecall.cluster.urls import MAX_NODES, SignedUrls
+from voicecall.config import ConfigError, parse_config
 from voicecall.cluster.router import Router
 from voicecall.control.metrics import Metrics, VoicecallCollector
 from voicecall.control.rpc import RpcMethods
@@ -347,7 +351,8 @@ class NodeRegistryTests(_PgCase):
         self.assertEqual((info.node_id, info.alive, info.calls), ("a", True, 0))
         self.assertLess(info.heartbeat_age, 0.9)
         await a.stop()
-        self.assertEqual(self.sql("SELECT * FROM nodes"), [])
+        # The lease given up at once (its calls adoptable), the row kept, marked stopped.
+        self.assertEqual(self.sql("SELECT node_id, pid, heartbeat_at <= now() - interval '0.9 second' FROM nodes"), [("a", None, True)])
 
     async def test_dead_and_gone_nodes_are_listed(self):
         """status --cluster's view: a silent node is dead; a stopped one that still owns live calls is listed too."""
@@ -388,6 +393,117 @@ class NodeRegistryTests(_PgCase):
         await registry.start()
         self.addCleanup(registry.stop)
         self.assertEqual(self.sql("SELECT public_url, host FROM nodes"), [("https://a2.example", "this-host")])
+
+    async def test_node_id_of_a_live_process_on_this_host_is_refused(self):
+        """
+        Two daemons on one host share its name as node id: the second does not start while the
+        first's pid runs; a crashed predecessor's fresh row (its pid gone) is taken over at once.
+        """
+        self.sql("INSERT INTO nodes VALUES ('a', 'https://a.example', 'this-host', 4242, now(), now())")
+        running = {4242}
+        registry = NodeRegistry(
+            reactor, await self.open_pool(), "a", "https://a2.example", 9, host="this-host", pid=5151, pid_alive=running.__contains__
+        )
+        with self.assertRaises(NodeIdInUse) as caught:
+            await registry.start()
+        self.assertIn("another voicecall process on this host (pid 4242)", str(caught.exception))
+        self.assertEqual(self.sql("SELECT pid FROM nodes"), [(4242,)])
+        running.clear()  # 4242 crashed (kill -9): its row is still fresh, and taken over now
+        await registry.start()
+        self.addCleanup(registry.stop)
+        self.assertEqual(self.sql("SELECT pid, public_url FROM nodes"), [(5151, "https://a2.example")])
+
+    async def test_an_instance_replaced_by_another_process_is_fenced_and_lets_go(self):
+        """Another process registered this node id over our row: our beats do not take it back; we hold nothing."""
+        taken: list[tuple[str, str]] = []
+        a = await self.registry("a", lease=0.9, held=lambda: ["c1"], on_taken=lambda call_id, owner: taken.append((call_id, owner)))
+        self.assertFalse(a.fenced)
+        self.sql("UPDATE nodes SET pid = pid + 1, started_at = now()")  # the other process's registration
+        await eventually(lambda: a.replaced, 5, "a to find its row taken")
+        self.assertTrue(a.fenced)
+        self.assertEqual(taken, [("c1", REPLACED)])
+        await a.stop()
+        self.assertEqual(self.sql("SELECT pid = %s, heartbeat_at > now() - interval '0.9 second' FROM nodes", (os.getpid() + 1,)), [(True, True)])
+
+    async def test_a_call_taken_is_released_at_the_next_beat(self):
+        """The beat itself (on the registry's own pool) finds the calls this node runs that another node owns now."""
+        taken: list[tuple[str, str]] = []
+        self.calls(("c1", "a", False, 1), ("c2", "a", False, 2))
+        await self.registry("a", lease=0.9, held=lambda: ["c1", "c2"], on_taken=lambda call_id, owner: taken.append((call_id, owner)))
+        self.sql("UPDATE calls SET owner_node = 'c' WHERE call_id = 'c2'")  # c adopted it while a was cut off
+        await eventually(lambda: taken, 5, "a beat")
+        self.assertEqual(taken[0], ("c2", "c"))
+
+
+class StoppedNodeTests(_PgCase):
+    """A node's URL is accepted while callbacks may still be signed for it; rows of long-dead nodes go."""
+
+    async def test_a_stopped_nodes_url_stays_accepted(self):
+        """
+        Removing a node (README): stopped cleanly, its calls are adopted at once, but a Plivo
+        call's hangup_url (which a transfer cannot move) and a ringing Twilio call's next fetch
+        still name its URL: a live node keeps accepting signatures for it.
+        """
+        a = await self.registry("a", lease=0.9, keep_seconds=3600)
+        b = await self.registry("b", lease=0.9)
+        self.calls(("c1", "b", False, 1))
+        await b.stop()
+        self.sql("UPDATE calls SET owner_node = 'a'")  # adopted by a
+        beats = a.snapshot
+        await eventually(lambda: a.snapshot is not beats, 5, "a beat")  # a beat prunes what it may
+        urls = SignedUrls(pool=await self.open_pool(), own="https://a.example/voice/webhook", entry=None)
+        await urls.refresh()
+        self.assertEqual(urls(), ("https://b.example/voice/webhook",))
+        (info,) = [n for n in await a.nodes() if n.node_id == "b"]
+        self.assertEqual((info.alive, info.stopped, info.calls), (False, True, 0))
+
+    async def test_rows_of_long_dead_nodes_owning_no_call_are_pruned(self):
+        """A crash with a host-name id adds a row; it goes once it owns no live call and every call it placed has ended."""
+        self.sql("INSERT INTO nodes VALUES ('old', 'https://old.example', 'h', 1, now(), now() - interval '2 hours'),"
+                 " ('busy', 'https://busy.example', 'h', 2, now(), now() - interval '2 hours'),"
+                 " ('recent', 'https://recent.example', 'h', 3, now(), now() - interval '1 minute')")
+        self.calls(("c1", "busy", False, 1), ("c2", "old", True, 2))
+        a = await self.registry("a", lease=0.9, keep_seconds=3600)
+        beats = a.snapshot
+        await eventually(lambda: a.snapshot is not beats, 5, "a beat")
+        self.assertEqual([r[0] for r in self.sql("SELECT node_id FROM nodes ORDER BY node_id")], ["a", "busy", "recent"])
+
+    async def test_urls_of_the_latest_beats_and_the_requests_host_first(self):
+        """Past MAX_NODES rows the live nodes' URLs are kept (latest heartbeats); Host's URL is tried first."""
+        self.sql("INSERT INTO nodes SELECT 'dead' || i, 'https://dead' || i || '.example/w', 'h', i, now(),"
+                 " now() - make_interval(secs => 100 + i) FROM generate_series(1, %s) i", (MAX_NODES + 5,))
+        self.sql("INSERT INTO nodes VALUES ('live', 'https://zz-live.example/w', 'h', 1, now(), now())")
+        urls = SignedUrls(pool=await self.open_pool(), own=None, entry="https://voice.example/w")
+        await urls.refresh()
+        self.assertEqual(len(urls()), MAX_NODES + 1)  # the entry URL and MAX_NODES nodes'
+        self.assertIn("https://zz-live.example/w", urls())
+        self.assertEqual(urls("zz-live.example:443")[0], "https://zz-live.example/w")
+        self.assertEqual(urls("DEAD7.example")[0], "https://dead7.example/w")
+        self.assertEqual(urls("nowhere.example"), urls())
+
+
+class BeatPoolTests(_PgCase):
+    """The heartbeat has a connection of its own (tap.py): webhook writes queued in the store never delay it."""
+
+    async def test_beats_while_the_store_is_saturated(self):
+        cfg = parse_config({"provider": "mock", "store": self.url, "publicUrl": "https://a.example/voice/webhook",
+                            "cluster": {"nodeId": "a", "leaseSeconds": 3}}, {"HOME": "/h"})
+        store = tap.build_store(cfg, reactor, None)
+        await store.open()
+        self.addCleanup(store.close)
+        rig = manager_rig(self, lambda clock: MockProvider(clock=clock))
+        node, adopter = tap.build_liveness(cfg, reactor, store, rig.manager, rig.provider, lambda: None)
+        # Every connection of the store's pool busy for 20 s, more work queued behind.
+        blocked = [store.pool.run(lambda conn: conn.execute("SELECT pg_sleep(20)")) for _ in range(16)]
+        for d in blocked:
+            d.addErrback(lambda f: None)
+        self.addCleanup(self.sql, "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)'")
+        await node.start()
+        self.addCleanup(node.stop)
+        self.kill("a", 2)
+        await eventually(lambda: self.sql("SELECT heartbeat_at > now() - interval '1 second' FROM nodes")[0][0], 10, "a beat")
+        self.assertFalse(any(d.called for d in blocked))
+        self.assertFalse(node.fenced)
 
 
 class ClaimTests(_PgCase):
@@ -563,9 +679,12 @@ class AdopterTests(_PgCase):
         waiting = Deferred.fromCoroutine(manager.continue_call(call_id, "Still there?"))
         self.rig.clock.advance(1)
         self.assertNoResult(waiting)  # asked; waiting for the person's answer
+        self.sql("DELETE FROM nodes WHERE node_id = 'b'")
+        node = await self.registry("b", lease=0.9, held=lambda: [c.call_id for c in manager.active_calls()], on_taken=manager.release)
         self.sql("INSERT INTO nodes VALUES ('c', '', null, null, now(), now())")
         self.sql("UPDATE calls SET owner_node = 'c' WHERE call_id = %s", (call_id,))  # c adopted it
-        await adopter.sweep()
+        beats = node.snapshot
+        await eventually(lambda: node.snapshot is not beats, 5, "b's next beat")
         self.assertIsNone(manager.find(call_id))
         self.assertEqual(str(self.failureResultOf(waiting, CallError).value), "Call moved to node c")
         self.assertFalse(self.stored(call_id).is_terminal)  # not ended: c runs it
@@ -584,6 +703,61 @@ class AdopterTests(_PgCase):
         store.down = False
         self.assertEqual(await adopter.sweep(), 1)
         self.assertIsNotNone(self.rig.manager.find(call_id))
+
+
+class FencingTests(_PgCase):
+    """A node whose last good heartbeat is older than the lease minus a margin does not act at the carrier."""
+
+    async def test_fenced_once_the_last_good_beat_is_old(self):
+        now = [100.0]
+        provider = MockProvider(clock=Clock())
+        pool = PgPool(reactor, self.url, max_size=1)
+        self.addCleanup(pool.close)
+        registry = NodeRegistry(reactor, pool, "a", "https://a.example/w", 8, monotonic=lambda: now[0])
+        self.assertTrue(registry.fenced)  # not registered yet
+        await registry.start()
+        self.addCleanup(registry.stop)
+        carrier = FencedCarrier(provider, lambda: registry.fenced, "a")
+        call = CallRecord("c1", "mock", Direction.OUTBOUND, CallState.ACTIVE, "+15550000000", CALLEE, 0, provider_call_id="mock-c1")
+        now[0] += 5.9  # a beat missed: still within lease - lease/4
+        self.assertFalse(registry.fenced)
+        now[0] += 0.2  # SIGSTOP, a VM pause, the database cut off...
+        self.assertTrue(registry.fenced)
+        failure = self.failureResultOf(carrier.hangup_call(call, "hangup-bot"), CallError)
+        self.assertIn("node a has no fresh heartbeat", str(failure.value))
+        self.failureResultOf(carrier.repoint_call(call, "https://a.example/w"), CallError)
+        self.assertEqual(provider.actions, [])  # nothing reached the carrier
+        self.assertEqual(carrier.name, provider.name)  # the rest passes through
+
+
+class ClusterConfigTests(SynchronousTestCase):
+    def test_public_url_is_required_in_a_cluster(self):
+        """A node registers its own URL (its calls' webhooks are signed for it): a PostgreSQL store needs publicUrl."""
+        e = self.assertRaises(ConfigError, parse_config, {"provider": "mock", "store": "postgresql://vc@db/calls"}, {"HOME": "/h"})
+        self.assertIn("publicUrl is required when the store is PostgreSQL", str(e))
+        parse_config({"provider": "mock", "store": "postgresql://vc@db/calls", "publicUrl": "https://a.example/w"}, {"HOME": "/h"})
+
+    def test_telnyx_calls_get_the_entry_url(self):
+        """In a cluster a Telnyx dial names the entry URL, so its webhooks reach a live node after the dialler died."""
+        from treq.testing import StubTreq
+
+        bodies: list[dict] = []
+
+        class Api(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                bodies.append(json.loads(request.content.read()))
+                request.setHeader(b"content-type", b"application/json")
+                return json.dumps({"data": {"call_control_id": "v3:abc"}}).encode()
+
+        telnyx = {"provider": "telnyx", "fromNumber": "+15550001111", "publicUrl": "https://a.example/voice/webhook",
+                  "telnyx": {"apiKey": "KEY", "connectionId": "conn", "publicKey": "A" * 43 + "="}}
+        for store, expected in (("postgresql://vc@db/calls", "https://voice.example/voice/webhook"), ("/tmp/x", "https://a.example/voice/webhook")):
+            cfg = parse_config({**telnyx, "store": store, "cluster": {"entryUrl": "https://voice.example/voice/webhook"}}, {"HOME": "/h"})
+            provider = tap.build_provider(cfg, Clock(), StubTreq(Api()))
+            provider.initiate_call(call_id="c1", from_number="+15550001111", to_number=CALLEE, webhook_url="https://a.example/voice/webhook")
+            self.assertEqual(bodies.pop()["webhook_url"], expected)
 
 
 class OperationsTests(SynchronousTestCase):
@@ -661,6 +835,11 @@ class FailoverTests(TestCase):
         self.addCleanup(_hang_up_all, self.fake)
 
     async def node(self, node_id: str) -> Daemon:
+        process, port = self.spawn_node(node_id)
+        match = await process.wait_for_output(READY, READY_TIMEOUT, f"node {node_id}'s ready line")
+        return Daemon(workdir=process.workdir, process=process, webhook_url=match.group(1).decode(), rpc_path=match.group(2).decode())
+
+    def spawn_node(self, node_id: str):
         port = free_port()
         config = {
             "provider": "twilio",
@@ -679,9 +858,9 @@ class FailoverTests(TestCase):
             json.dump({**written, "store": self.store_url}, f)  # one shared store
         argv = [a.replace("tcp:0:", f"tcp:{port}:") for a in daemon_argv(work)]
         process = spawn(self, argv, cwd=work.path)
-        match = await process.wait_for_output(READY, READY_TIMEOUT, f"node {node_id}'s ready line")
+        process.workdir = work
         self.metrics_ports[node_id] = config["metrics"]["port"]
-        return Daemon(workdir=work, process=process, webhook_url=match.group(1).decode(), rpc_path=match.group(2).decode())
+        return process, port
 
     def owner(self, call_id: str) -> str | None:
         with psycopg.connect(self.store_url, autocommit=True) as conn:
@@ -744,6 +923,66 @@ class FailoverTests(TestCase):
         await eventually(lambda: _runs(b.rpc_path, call_id), 10, "b to run the call")
         answer = await rpc(b.rpc_path, "voicecall.continue", {"callId": call_id, "message": "Still there?"})
         self.assertEqual(answer["transcript"], "yes, still here")
+
+
+    async def test_sigstop_past_the_lease(self):
+        """
+        A node paused past its lease (SIGSTOP; a VM pause) is replaced: b adopts its call. When
+        it runs again, what was queued meanwhile (here an RPC end) must not act at the carrier
+        before it learns the call was taken: it is refused, then the call is released, and the
+        call goes on at b.
+        """
+        a, b = await self.node("a"), await self.node("b")
+        placed = await rpc(a.rpc_path, "voicecall.initiate", {"to": CALLEE, "message": "Hello from A", "mode": "conversation"})
+        call_id = placed["callId"]
+        await eventually(lambda: _greeted(a.rpc_path, call_id), 15, "the greeting said on A")
+        (fake_call,) = self.fake.calls.values()
+
+        a.process.send_signal(signal.SIGSTOP)
+        self.addCleanup(a.process.send_signal, signal.SIGCONT)
+        await eventually(lambda: self.owner(call_id) == "b", LEASE + 10, "b to adopt the call")
+        await eventually(lambda: _runs(b.rpc_path, call_id), 10, "b to run the call")
+        await eventually(lambda: any(w.url.startswith(b.webhook_url) for w in self.fake.webhooks if w.kind == "twiml"), 10, "Twilio at b")
+
+        ending = Deferred.fromCoroutine(rpc(a.rpc_path, "voicecall.end", {"callId": call_id}))  # queued while a is paused
+        a.process.send_signal(signal.SIGCONT)
+        try:
+            answer = await ending
+        except Exception as e:  # refused: the JSON-RPC error
+            answer = e
+        await eventually(lambda: _not_running(a.rpc_path, call_id), 10, "a to release the call")
+        self.assertEqual(self.owner(call_id), "b")
+        if isinstance(answer, Exception):
+            # Refused while a had no fresh heartbeat (a's beat had not run yet): nothing reached Twilio.
+            self.assertIn("no fresh heartbeat", str(answer))
+            self.assertFalse(fake_call.is_ended, f"a hung up a call b runs (end answered {answer!r})")
+            reply = await rpc(b.rpc_path, "voicecall.continue", {"callId": call_id, "message": "Still there?"})
+            self.assertEqual(reply["transcript"], "yes, still here")
+        else:
+            # a's beat ran first and released the call: the end went to its owner, b, which ended it.
+            self.assertEqual(answer, {"success": True})
+            ended = await eventually(lambda: _ended(b.rpc_path, call_id), 10, "the end, at b")
+            self.assertEqual(ended["endReason"], "hangup-bot")
+
+    async def test_one_node_id_two_processes_on_one_host(self):
+        """nodeId defaults to the host name: a second daemon on the host with a's id refuses to start, in one line."""
+        a = await self.node("a")
+        second, _ = self.spawn_node("a")
+        await second.ended(READY_TIMEOUT)
+        self.assertNotEqual(second.exit_code, 0)
+        pid = a.process.transport.pid
+        self.assertIn(
+            f"voicecall failed to start: cluster node id 'a' is in use by another voicecall process on this host (pid {pid})",
+            second.stderr,
+        )
+        self.assertNotIn("Traceback", second.stdout + second.stderr)
+        self.assertTrue(await _not_running(a.rpc_path, "none"))  # a serves on
+        with psycopg.connect(self.store_url, autocommit=True) as conn:
+            self.assertEqual(conn.execute("SELECT pid FROM nodes").fetchall(), [(pid,)])
+
+
+async def _not_running(rpc_path: str, call_id: str) -> bool:
+    return not await _runs(rpc_path, call_id)
 
 
 async def _runs(rpc_path: str, call_id: str) -> bool:

@@ -196,6 +196,17 @@ class ClusterRuleTests(TestCase):
         self.assertEqual((got.metadata["note"], (await self.b.last_events(1))[0]["text"]), ("m\x00", "x\x00"))
 
 
+class PruneTests(TestCase):
+    async def test_applied_writes_pruned_by_index(self):
+        """The periodic prune of old write ids reads an index, not the whole table (a row per write)."""
+        url = postgres_server(self).new_database(self)
+        await open_node(self, url, "node-a")
+        with psycopg.connect(url) as conn:
+            conn.execute("SET enable_seqscan = off")
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN DELETE FROM applied_writes WHERE at < now() - interval '10 minutes'"))
+        self.assertIn("applied_writes_at", plan)
+
+
 class MigrationTests(TestCase):
     async def test_fresh_reopen_and_concurrent_open(self):
         url = postgres_server(self).new_database(self)
@@ -263,20 +274,24 @@ class ServerFailureTests(TestCase):
         self.assertNotIn(SECRET, str(caught.exception))
 
 
+#: A cluster node's own URL, which a PostgreSQL store requires.
+PUBLIC = {"publicUrl": "https://a.example/voice/webhook"}
+
+
 class StoreConfigTests(SynchronousTestCase):
     def test_directory_or_url(self):
         env = {"HOME": "/h"}
         self.assertEqual(parse_config({"store": "state"}, env).store, os.path.abspath("state"))
         url = f"postgresql://vc:{SECRET}@db.example:5433/calls?sslmode=require"
-        cfg = parse_config({"store": url}, env)
+        cfg = parse_config({"store": url, **PUBLIC}, env)
         self.assertEqual((cfg.store, cfg.store_is_postgres), (url, True))
         self.assertNotIn(SECRET, cfg.store_shown)
         self.assertEqual(cfg.state_dir, os.path.expanduser("~/.openclaw/voice-calls"))
-        self.assertTrue(parse_config({"store": "postgres://db/calls"}, env).store_is_postgres)
+        self.assertTrue(parse_config({"store": "postgres://db/calls", **PUBLIC}, env).store_is_postgres)
 
     def test_env_fallback(self):
         url = "postgresql://vc@db/calls"
-        self.assertEqual(parse_config({}, {"HOME": "/h", "VOICECALL_STORE": url}).store, url)
+        self.assertEqual(parse_config(PUBLIC, {"HOME": "/h", "VOICECALL_STORE": url}).store, url)
         self.assertEqual(parse_config({"store": "/srv/vc"}, {"HOME": "/h", "VOICECALL_STORE": url}).store, "/srv/vc")
 
     def test_bad_urls_refused_without_the_password(self):
@@ -294,7 +309,7 @@ class StoreConfigTests(SynchronousTestCase):
         env = {"HOME": "/h"}
         sqlite = tap.build_store(parse_config({"store": "/tmp/x", "cluster": {"nodeId": "n7"}}, env), reactor, None)
         self.assertEqual((type(sqlite).__name__, sqlite.node_id), ("CallStore", "n7"))
-        pg = tap.build_store(parse_config({"store": "postgresql://vc@db/calls"}, env), reactor, None)
+        pg = tap.build_store(parse_config({"store": "postgresql://vc@db/calls", **PUBLIC}, env), reactor, None)
         self.assertEqual((type(pg).__name__, pg.node_id), ("PgCallStore", tap.host_node_id()))
         self.patch(tap.socket, "gethostname", lambda: "-Web 01.example.com/" + "x" * 60)
         self.assertEqual(tap.host_node_id(), ("Web-01.example.com-" + "x" * 60)[:48])
@@ -304,7 +319,7 @@ class StoreConfigTests(SynchronousTestCase):
 
         from voicecall import tap
 
-        cfg = parse_config({"store": "postgresql://vc@db/calls"}, {"HOME": "/h"})
+        cfg = parse_config({"store": "postgresql://vc@db/calls", **PUBLIC}, {"HOME": "/h"})
         saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name.split(".")[0] in ("psycopg", "psycopg_pool") or name in ("voicecall.infra.pg", "voicecall.domain.pgstore")}
         self.addCleanup(sys.modules.update, saved)
         sys.modules["psycopg"] = None  # as if not installed
@@ -322,7 +337,7 @@ class DaemonTests(TestCase):
     async def test_call_restored_after_kill_9(self):
         """A daemon on the PostgreSQL store: initiate over RPC, kill -9, restart: the call is back, as this node's."""
         url = postgres_server(self).new_database(self)
-        config = {**BASE_CONFIG, "store": url, "maxConcurrentCalls": 3, "cluster": {"nodeId": "solo"}}
+        config = {**BASE_CONFIG, "store": url, "publicUrl": "https://solo.example/voice/webhook", "maxConcurrentCalls": 3, "cluster": {"nodeId": "solo"}}
         workdir = make_workdir(self, raw=json.dumps(config))
         daemon = await spawn_daemon(self, workdir)
         result = await run_cli(self, workdir, "call", "--to", "+15550001234", "--message", "Hi", "--mode", "conversation")
@@ -365,7 +380,7 @@ class SecretTests(TestCase):
     async def test_doctor_and_cli_never_show_the_password(self):
         """doctor and the CLI (reading the store while no daemon runs) name the server, never the URL's password."""
         url = f"postgresql://vc:{SECRET}@127.0.0.1:{free_port()}/calls"
-        workdir = make_workdir(self, raw=json.dumps({**BASE_CONFIG, "store": url}))
+        workdir = make_workdir(self, raw=json.dumps({**BASE_CONFIG, "store": url, "publicUrl": "https://a.example/voice/webhook"}))
         doctor = await run_cli(self, workdir, "doctor")
         self.assertIn("PostgreSQL postgresql://vc:***@127.0.0.1:", doctor.out + doctor.err)
         status = await run_cli(self, workdir, "status")

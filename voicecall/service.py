@@ -88,7 +88,7 @@ class VoicecallService(MultiService):
     The daemon: runs the start sequence in order and stops it in reverse.
 
     With a shared store, `node` (cluster/nodes.py) registers this node before its calls are
-    restored and deregisters it once it serves nothing more, and `adopter` (cluster/adopt.py)
+    restored and gives its lease up once it serves nothing more, and `adopter` (cluster/adopt.py)
     takes over dead nodes' calls from the end of restore to the start of the stop. `routing`
     (the router, the cluster-wide event feed, the signed-URL list) serves other nodes' forwarded
     requests from before the webhook listens until the webhook and the RPC socket are closed.
@@ -261,7 +261,7 @@ class VoicecallService(MultiService):
         if self._adopter is not None:
             await self._adopter.stop()
         if self._node is not None:
-            await self._node.stop()  # no row: the live nodes adopt this node's calls at once
+            await self._node.stop()  # its lease given up: the live nodes adopt this node's calls at once
         stop_provider = getattr(self._provider, "stop", None)
         if stop_provider is not None:
             stop_provider()

@@ -54,7 +54,7 @@ from voicecall.cluster.events import ClusterEvents
 from voicecall.cluster.router import Router
 from voicecall.cluster.urls import SignedUrls
 from voicecall.providers.base import SPEAK_TIMEOUT_MAX
-from voicecall.cluster.nodes import NodeRegistry
+from voicecall.cluster.nodes import FencedCarrier, NodeRegistry
 from voicecall.infra.dbwriter import ThreadedWriter
 from voicecall.web.limits import ScreenedSite
 from voicecall.web.replay import ReplayCache, ResponseCache
@@ -86,6 +86,8 @@ def build_provider(cfg, reactor, http, *, stream_twiml=None, stream_busy=None):
             connection_id=cfg.telnyx.connection_id,
             public_key=cfg.telnyx.public_key,
             base_url=cfg.telnyx.base_url,
+            # A cluster's calls get the entry URL (any live node) rather than the dialling node's.
+            dial_webhook_url=cfg.cluster.entry_url if cfg.store_is_postgres else None,
         )
     if cfg.provider == "plivo":
         from voicecall.providers.plivo import PlivoProvider
@@ -439,16 +441,24 @@ def build_liveness(cfg, reactor, store, manager: CallManager, provider, webhook_
     A cluster node's liveness and adoption (cluster/nodes.py, adopt.py) when the store is shared
     (PostgreSQL): (NodeRegistry, Adopter), each heartbeat and each node leaving running the
     adopter's sweep (and `on_change(event)`, when given, on a join or leave; `on_beat(node)`,
-    when given, after each heartbeat); (None, None) on a single node.
+    when given, after each heartbeat); (None, None) on a single node. The heartbeats (and the
+    check for calls taken from this node) run on a pool of their own, one connection, so a queue
+    of webhook writes never delays them past the lease.
     """
     if not cfg.store_is_postgres:
         return None, None
+    from voicecall.infra.pg import PgPool
+
     lease = cfg.cluster.lease_seconds
-    adopter = Adopter(store.pool, store, manager, provider, store.node_id, lease, webhook_url)
+    adopter = Adopter(store.pool, store, manager, provider, store.node_id, lease, webhook_url, fenced=lambda: node.fenced)
     node: NodeRegistry = NodeRegistry(
-        reactor, store.pool, store.node_id, cfg.public_url or "", lease,
+        reactor, PgPool(reactor, cfg.store, max_size=1), store.node_id, cfg.public_url or "", lease,
         on_beat=adopter.sweep if on_beat is None else lambda: (adopter.sweep(), on_beat(node)),
         on_change=adopter.sweep if on_change is None else lambda event: (adopter.sweep(event), on_change(event)),
+        held=lambda: [call.call_id for call in manager.active_calls()],
+        on_taken=manager.release,
+        # Every call a dead node placed or adopted has ended by then (maxDurationSeconds).
+        keep_seconds=cfg.max_duration_seconds + 2 * lease + 60,
     )
     return node, adopter
 
@@ -538,9 +548,16 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
     if tts is not None:
         on_first_audio = metrics.observe_tts_first_audio if metrics is not None else None
         bridge = build_stream_bridge(cfg, reactor, tts, provider, lambda: manager, on_first_audio)
+    voice = provider if bridge is None else bridge
+    carrier = provider
+    if cfg.store_is_postgres:
+        # A node whose lease may have run out does not act at the carrier (cluster/nodes.py).
+        fenced = lambda: node.fenced  # noqa: E731  (node: built below, read when a call acts)
+        carrier = FencedCarrier(provider, fenced, store.node_id)
+        voice = FencedCarrier(voice, fenced, store.node_id)
     manager = CallManager(
-        provider=provider,
-        voice=provider if bridge is None else bridge,
+        provider=carrier,
+        voice=voice,
         store=store,
         clock=reactor,
         settings=manager_settings(cfg),

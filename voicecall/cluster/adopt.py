@@ -16,10 +16,11 @@ sweeps after each of its beats, every ``lease / 3``). A call whose part's node d
 (the live nodes changed meanwhile) goes to whichever node sweeps first once its owner has been
 silent for ``3 * lease``. ``SKIP LOCKED`` keeps two adopters off the same call (a row another
 sweep is claiming is skipped, not waited for). A sweep repeats while it claims `MAX_CLAIM` calls
-(a backlog). Only a node whose own heartbeat is fresh adopts. The store's fencing then refuses every write of the dead node to these calls, should it
-come back; and each sweep first looks up the calls this node runs: one another node owns now (this
-node was taken for dead, e.g. cut off from the database for longer than the lease) is released
-(`CallManager.release`), never ended, so the two nodes do not both run it.
+(a backlog). Only a node whose own heartbeat is fresh adopts (in the store, and by its own
+monotonic clock: not while `fenced()`, see nodes.py). The store's fencing then refuses every
+write of the dead node to these calls, should it come back; and its next heartbeat finds the calls
+another node owns now and releases them (`CallManager.release`, nodes.py), never ended, so the
+two nodes do not both run them.
 
 The claimed records are loaded from the store and handed to the manager (`CallManager.adopt`,
 which checks each with the carrier and closes what ended meanwhile), then each live, answered
@@ -91,15 +92,6 @@ def _claim(conn, me: str, where: str, params: Sequence[Any]) -> list[tuple[str, 
     return [(r[0], r[1]) for r in rows]
 
 
-def taken_from(conn, me: str, call_ids: Sequence[str]) -> list[tuple[str, str]]:
-    """Of `call_ids` (the calls this node runs), those another node owns now: [(call_id, owner)]."""
-    rows = conn.execute(
-        "SELECT call_id, owner_node FROM calls WHERE call_id = ANY(%s) AND owner_node IS NOT NULL AND owner_node <> %s",
-        (list(call_ids), me),
-    ).fetchall()
-    return [(r[0], r[1]) for r in rows]
-
-
 def release(conn, me: str, call_ids: Sequence[str]) -> None:
     """Give back calls this node claimed but could not run (no owner: an orphan for the next sweep)."""
     conn.execute("UPDATE calls SET owner_node = NULL WHERE call_id = ANY(%s) AND owner_node = %s", (list(call_ids), me))
@@ -117,6 +109,8 @@ class Adopter:
     lease_seconds: float
     #: This node's webhook URL (known once it listens), where adopted calls are re-pointed.
     _webhook_url: Callable[[], "str | None"]
+    #: Whether this node must not act now (NodeRegistry.fenced): it then adopts nothing.
+    _fenced: Callable[[], bool] = lambda: False
     #: Calls adopted by this node since it started (metrics).
     adopted: int = field(default=0, init=False)
     _sweeping: Deferred | None = field(default=None, init=False)
@@ -143,7 +137,7 @@ class Adopter:
 
     def sweep(self, *_: object) -> Deferred[int]:
         """Claim and run this node's share of the orphan calls; fires with how many were claimed."""
-        if not self._running:
+        if not self._running or self._fenced():
             return succeed(0)
         if self._sweeping is not None:
             self._again = True  # one sweep at a time; another runs right after it
@@ -165,10 +159,6 @@ class Adopter:
         return d
 
     async def _sweep(self) -> int:
-        held = [call.call_id for call in self._manager.active_calls()]
-        if held:
-            for call_id, owner in await self._pool.run(lambda conn: taken_from(conn, self.node_id, held)):
-                self._manager.release(call_id, owner)
         total = 0
         while self._running:
             claimed = await self._pool.run(lambda conn: claim_share(conn, self.node_id, self.lease_seconds))
@@ -181,7 +171,7 @@ class Adopter:
 
     def adopt_call(self, call_id: str) -> Deferred[bool]:
         """Make this node the owner of `call_id` if its owner is dead, and run it here; True if it now runs here."""
-        if not self._running:
+        if not self._running or self._fenced():
             return succeed(self._manager.find(call_id) is not None)
         loading = self._loading.get(call_id)
         if loading is not None:
@@ -191,12 +181,24 @@ class Adopter:
         return Deferred.fromCoroutine(self._adopt_call(call_id))
 
     async def _adopt_call(self, call_id: str) -> bool:
+        # A sweep under way may hold the call's row (SKIP LOCKED then skips it here): its end,
+        # which loaded what it claimed, is waited for, before the claim and after an empty one.
+        await self._sweep_ended()
         if self._manager.find(call_id) is not None:
             return True
         claimed = await self._pool.run(lambda conn: claim_one(conn, self.node_id, self.lease_seconds, call_id))
         if claimed:
             await self._take(claimed)
+        else:
+            await self._sweep_ended()
         return self._manager.find(call_id) is not None
+
+    async def _sweep_ended(self) -> None:
+        sweeping = self._sweeping
+        if sweeping is not None:
+            ended: Deferred[None] = Deferred()
+            sweeping.addBoth(lambda r: (ended.callback(None), r)[1])
+            await ended
 
     async def _take(self, claimed: Sequence[tuple[str, "str | None"]]) -> None:
         ids = [call_id for call_id, _ in claimed if call_id not in self._loading]

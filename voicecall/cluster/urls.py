@@ -1,20 +1,24 @@
 # -*- test-case-name: tests.test_cluster_route -*-
 """
 The URLs a carrier may have signed a webhook for, in a cluster: besides this node's own
-``publicUrl`` (which the provider checks first), the cluster's ``entryUrl`` and every other
-node's ``publicUrl`` in the store's ``nodes`` table. A crashed node keeps its row until it
-comes back, and its URL stays accepted meanwhile: a load balancer sends its calls' callbacks to
-a live node, which adopts the call (its carrier signed them for the crashed node's URL). A node
-that stopped cleanly deletes its row, and its URL is no longer accepted (its calls were adopted
-and re-pointed at once). Nothing else is: an origin a request merely claims (its Host header)
-never widens the set.
+``publicUrl`` (which the provider checks first), the cluster's ``entryUrl`` and the ``publicUrl``
+of every other row of the store's ``nodes`` table. A crashed node keeps its row, and a node that
+stopped cleanly keeps its row marked stopped (nodes.py): its calls were adopted, but callbacks
+signed for its URL keep coming (a Plivo call's hangup_url cannot be moved, a ringing Twilio call
+is not re-pointed), and a load balancer sends them to a live node. A row not alive is pruned once
+it owns no live call and every call it could have placed has ended (nodes.py `prune`); its URL is
+then no longer accepted. Nothing else is: an origin a request merely claims (its Host header)
+never widens the set, it only orders it: the URLs whose host is the request's are tried first,
+so a bad signature costs few checks when Host names a node.
 
 The set is cached and read again when a node joins or leaves (the node registry's notification,
-wired by tap.py) and after its LISTEN reconnected. At most `MAX_NODES` URLs are held.
+wired by tap.py) and after its LISTEN reconnected. At most `MAX_NODES` URLs are held, those of
+the most recent heartbeats.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -44,14 +48,30 @@ class SignedUrls:
         """Read the nodes' URLs again."""
 
         def read(conn) -> list[str]:
-            return [url for (url,) in conn.execute("SELECT DISTINCT public_url FROM nodes ORDER BY public_url LIMIT %s", (MAX_NODES,))]
+            rows = conn.execute(
+                "SELECT public_url FROM nodes WHERE public_url <> '' GROUP BY public_url ORDER BY max(heartbeat_at) DESC LIMIT %s",
+                (MAX_NODES,),
+            )
+            return [url for (url,) in rows]
 
         def got(urls: list[str]) -> None:
             self._nodes = tuple(urls)
 
         return self._pool.run(read).addCallback(got).addErrback(lambda f: self._log.failure("could not read the cluster's node URLs", f))
 
-    def __call__(self) -> Sequence[str]:
+    def __call__(self, host: str | None = None) -> Sequence[str]:
+        """The URLs to check, those whose host is `host`'s (a request's Host header) first."""
         urls = [self._entry] if self._entry else []
         urls += self._nodes
-        return tuple(dict.fromkeys(u for u in urls if u and u != self._own))
+        unique = tuple(dict.fromkeys(u for u in urls if u and u != self._own))
+        name = _host("//" + host) if host else None
+        if name is None:
+            return unique
+        return tuple(sorted(unique, key=lambda url: _host(url) != name))
+
+
+def _host(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None

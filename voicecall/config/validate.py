@@ -357,5 +357,9 @@ def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
                                   f"is required (or set {needed.env[0]} env)", sep=" "))  # fmt: skip
     if cfg.streaming.enabled and cfg.provider != "twilio":
         problems.append(Issue(f"{p}.provider", 'must be "twilio" when streaming.enabled is true', sep=" "))
+    if cfg.store_is_postgres and cfg.public_url is None:
+        # A cluster node registers its own URL (carriers sign its calls' webhooks for it) before
+        # any tunnel could open.
+        problems.append(Issue(f"{p}.publicUrl", "is required when the store is PostgreSQL (a cluster): this node's own URL", sep=" "))
     return problems
 

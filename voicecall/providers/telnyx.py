@@ -197,6 +197,9 @@ class TelnyxProvider:
     _public_key: str | None = None
     _base_url: str = "https://api.telnyx.com"
     _language: str = DEFAULT_LANGUAGE
+    #: The webhook URL a dial hands Telnyx, when not the caller's (a cluster's entryUrl: any live
+    #: node, so a call's webhooks outlive the node that placed it).
+    _dial_webhook_url: str | None = None
     name: str = "telnyx"
     uses_turn_tokens: bool = True
     _api: ApiClient = field(init=False)
@@ -238,7 +241,7 @@ class TelnyxProvider:
             "connection_id": self._connection_id,
             "to": to_number,
             "from": from_number,
-            "webhook_url": webhook_url,
+            "webhook_url": self._dial_webhook_url or webhook_url,
             "webhook_url_method": "POST",
             "client_state": encode_client_state(call_id),
             "timeout_secs": DIAL_TIMEOUT_SECS,
