@@ -961,8 +961,8 @@ class FailoverTests(TestCase):
         else:
             # a's beat ran first and released the call: the end went to its owner, b, which ended it.
             self.assertEqual(answer, {"success": True})
-            ended = await eventually(lambda: _ended(b.rpc_path, call_id), 10, "the end, at b")
-            self.assertEqual(ended["endReason"], "hangup-bot")
+            ended = await call_record(b.rpc_path, call_id)
+            self.assertEqual((ended["state"], ended["endReason"]), ("hangup-bot", "hangup-bot"))
 
     async def test_one_node_id_two_processes_on_one_host(self):
         """nodeId defaults to the host name: a second daemon on the host with a's id refuses to start, in one line."""
