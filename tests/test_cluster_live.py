@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections import Counter
 from urllib.parse import parse_qsl, urlsplit
 
@@ -664,6 +665,34 @@ class AdopterTests(_PgCase):
         self.assertEqual(len([a for a in self.rig.provider.actions if a[0] == "repoint"]), 1)
         await adopter.stop()
         self.assertFalse(await adopter.adopt_call(other))  # a stopping node adopts nothing
+
+    async def test_adopt_call_while_a_sweep_claims_it(self):
+        """
+        A request for a dead node's call while this node's sweep is claiming that very call (its
+        row locked, so the request's SKIP LOCKED claim finds nothing): it waits for the sweep and
+        runs here, instead of failing (a streamed call's resume Redirect got a 500).
+        """
+        call_id = self.dead_call()
+        claimed = threading.Event()
+
+        class HeldSweep:
+            """The pool, the first transaction (the sweep's claim) held open until another ran (2 s at most)."""
+
+            def __init__(self, pool) -> None:
+                self.pool, self.runs = pool, 0
+
+            def run(self, fn):
+                self.runs += 1
+                if self.runs == 1:
+                    return self.pool.run(lambda conn: (fn(conn), claimed.wait(2))[0])
+                return self.pool.run(lambda conn: (fn(conn), claimed.set())[0])
+
+        adopter = Adopter(HeldSweep(self.pool), self.rig.store, self.rig.manager, self.rig.provider, "b", 10, lambda: None)
+        self.addCleanup(adopter.stop)
+        sweeping = adopter.start()
+        self.assertTrue(await adopter.adopt_call(call_id))
+        self.assertEqual(await sweeping, 1)
+        self.assertIsNotNone(self.rig.manager.find(call_id))
 
     async def test_a_call_adopted_elsewhere_is_released_here(self):
         """Taken for dead (cut off longer than the lease), this node finds its call run by another: it lets go."""
