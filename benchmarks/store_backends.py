@@ -2,10 +2,11 @@
 Benchmark: the cost of one store write, SQLite vs PostgreSQL, as the daemon pays it.
 
 Each write is what a webhook that moves a call costs the store: the call's row upserted, one
-transcript entry, one processed event key and one event-log entry, in one transaction, its
-Deferred fired on the reactor thread after COMMIT (SQLite: WAL + synchronous=FULL on its writer
-thread; PostgreSQL: fsync and synchronous_commit on, through PgPool's threads). Measured:
-latency p50/p99 one write at a time, and writes per second with `--inflight` outstanding.
+transcript entry, one processed event key and one event-log entry, its Deferred fired on the
+reactor thread after COMMIT (SQLite: WAL + synchronous=FULL on its writer thread; PostgreSQL: fsync
+and synchronous_commit on, through PgPool's threads). Both stores group-commit: writes issued
+while a transaction commits share the next one. Measured: latency p50/p99 one write at a time
+(one transaction each), and writes per second with `--inflight` outstanding.
 
 The PostgreSQL server is a local one started like the tests' (tests/pgserver.py: loopback, fsync
 on), unless `--url` names one. Both stores write to the same disk.
