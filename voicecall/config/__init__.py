@@ -73,7 +73,7 @@ from attrs import evolve, fields
 
 from voicecall.config.checks import boolean, is_postgres_url, redact_url, suggest
 from voicecall.config.model import DEFAULT_STORE, VoiceCallConfig, declaration, json_name
-from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, provider_problems
+from voicecall.config.validate import CONFIG_PATH, UNDEFINED, Issue, Reader, apply_env, cluster_problems, provider_problems
 
 __all__ = [
     "DISABLED_MESSAGE",
@@ -229,6 +229,10 @@ def parse_config(data: object, env: Mapping[str, str]) -> VoiceCallConfig:
     # A key whose value was refused is not also reported as missing.
     refused = {issue.path for issue in r.issues}
     r.issues.extend(issue for issue in provider_problems(cfg) if issue.path not in refused)
+    if not refused & {f"{CONFIG_PATH}.store", "VOICECALL_STORE"}:  # a refused store is not also "a directory"
+        problems, warnings = cluster_problems(cfg)
+        r.issues.extend(issue for issue in problems if issue.path not in refused)
+        r.warnings.extend(warnings)
     cfg = evolve(cfg, warnings=tuple(r.warnings))
     if r.issues:
         raise ConfigError(r.issues, whole_file=whole_file, config=cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from attrs import frozen
 
@@ -19,11 +19,15 @@ Check = Callable[[Any], Any]
 
 
 class Invalid(Exception):
-    """A value failed its check; the message says what was expected (and maybe what was meant)."""
+    """
+    A value failed its check; the message says what was expected (and maybe what was meant).
+    ``hidden``: the value must not be shown (a malformed URL whose password cannot be told apart).
+    """
 
-    def __init__(self, message: str, suggestion: str | None = None) -> None:
+    def __init__(self, message: str, suggestion: str | None = None, hidden: bool = False) -> None:
         super().__init__(message)
         self.suggestion = suggestion
+        self.hidden = hidden
 
 
 def suggest(word: Any, choices: Any) -> str | None:
@@ -189,6 +193,11 @@ def _url(label: str, *schemes: str) -> Check:
 #: The URL schemes that put the store on PostgreSQL (libpq's); anything else is a directory.
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+#: What starts like a URL (``scheme:``): a store value so written is a URL or a typo, never a directory.
+_SCHEME_ISH = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*):")
+#: libpq decodes ``%XX`` in every part of a URL and refuses any other ``%`` (and ``%00``).
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})|%00")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 def is_postgres_url(store: str) -> bool:
@@ -198,41 +207,78 @@ def is_postgres_url(store: str) -> bool:
 
 
 def redact_url(text: str) -> str:
-    """`text` with the password of a URL in it replaced by ``***`` (other text unchanged)."""
-    m = _SCHEME.match(text)
+    """
+    `text` with the password of a URL in it replaced by ``***`` (other text unchanged): the
+    user-info password, also of a malformed URL (one slash, a ``%`` that is no escape, an
+    unescaped ``@``), and a ``password=`` query parameter.
+    """
+    m = _SCHEME_ISH.match(text)
     if m is None:
         return text
-    try:
-        parts = urlsplit(text)
-        password = parts.password
-    except ValueError:
-        return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", text)
-    if not password:
+    text = _PASSWORD_PARAM.sub(r"\1***", text)
+    head, rest = text[: m.end()], text[m.end() :]
+    slashes = len(rest) - len(rest.lstrip("/"))
+    head, rest = head + rest[:slashes], rest[slashes:]
+    authority = re.match(r"[^/?#]*@", rest)  # up to the last "@" before the path: user[:password]@
+    if authority is None:
         return text
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+    userinfo = authority.group(0)[:-1]
+    if ":" not in userinfo:
+        return text
+    return f"{head}{userinfo.split(':', 1)[0]}:***@{rest[authority.end():]}"
 
 
 def store_location(value: Any) -> str:
     """
-    A directory (SQLite) or a libpq URL ``postgresql://[user[:password]@][host][:port][/dbname][?...]``
-    (``postgres://`` too). Only the URL's form is checked here; the server is reached at start.
+    A directory (SQLite) or a libpq URL ``postgresql://[user[:password]@]host[:port]/dbname[?...]``
+    (``postgres://`` too, the scheme in any case, given to libpq in lower case). Only the URL's
+    form is checked here (what libpq would refuse, quoting the whole URL and its password, in its
+    errors); the server is reached at start. A value that starts like a URL but is not a
+    PostgreSQL one is refused, not taken as a directory: a mistyped URL would otherwise start a
+    lone SQLite node in a directory named after it. No message here repeats the value.
     """
     text = non_empty(value)
-    m = _SCHEME.match(text)
-    if m is None:
+    ish = _SCHEME_ISH.match(text)
+    if text != text.strip():
+        raise Invalid("expected no leading or trailing spaces", hidden=ish is not None)
+    if ish is None:
         return text
-    if m.group(1).lower() not in POSTGRES_SCHEMES:
-        raise Invalid(f'expected a directory or a postgresql:// URL, not a "{m.group(1)}" URL')
+    try:
+        return _postgres_url(text, ish)
+    except Invalid as e:
+        raise Invalid(str(e), e.suggestion, hidden=True) from None
+
+
+def _postgres_url(text: str, ish: re.Match) -> str:
+    """`store_location` of a value starting like a URL (``scheme:``)."""
+    scheme = ish.group(1)
+    if scheme.lower() not in POSTGRES_SCHEMES:
+        if not text.startswith("/", ish.end()) and suggest(scheme, POSTGRES_SCHEMES) is None:
+            return text  # a directory with a colon in its name ("calls:2026")
+        raise Invalid(f'expected a directory or a postgresql:// URL, not a "{scheme}" URL', "postgresql://")
+    if not text.startswith("//", ish.end()):
+        raise Invalid(f'expected "{scheme}://" (two slashes) at the start of a PostgreSQL URL')
+    text = scheme.lower() + text[len(scheme) :]
     if any(c.isspace() or not c.isprintable() for c in text):
         raise Invalid("expected a postgresql:// URL without spaces or control characters")
+    if _BAD_PERCENT.search(text):
+        raise Invalid('expected "%" only in an escape of two hex digits (write "%" in a password as %25)')
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
-        raise Invalid("expected a postgresql:// URL with a valid host and port") from None
-    if len(parts.path.lstrip("/")) > 63:
+        raise Invalid("expected a postgresql:// URL with a valid host and port (write \"/\" in a password as %2F)") from None
+    if parts.netloc.count("@") > 1:
+        raise Invalid('expected one "@" before the host (write "@" in a password as %40)')
+    if parts.fragment or "#" in text:
+        raise Invalid('expected no "#" in a postgresql:// URL (write "#" in a password as %23)')
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if not parts.hostname and not query.get("host"):
+        raise Invalid("expected a host: postgresql://user:password@host:port/dbname")
+    database = unquote(parts.path[1:])
+    if not database or "/" in database:
+        raise Invalid("expected a database name after the host: postgresql://user:password@host:port/dbname")
+    if len(database.encode()) > 63:
         raise Invalid("expected a database name of at most 63 bytes")
     return text
 

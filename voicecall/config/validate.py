@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import types
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from attrs import evolve, fields, frozen
 
 from voicecall.config.checks import Invalid, ListOf, MapOf, e164, non_empty, one_of, suggest
-from voicecall.config.model import StreamingConfig, TtsConfig, VoiceCallConfig, declaration, json_name
+from voicecall.config.model import ClusterConfig, StreamingConfig, TtsConfig, VoiceCallConfig, declaration, json_name
 
 #: Where the plugin config lives in an OpenClaw config file; every problem is named under it.
 CONFIG_PATH = "plugins.entries.voice-call.config"
@@ -156,7 +157,7 @@ class Reader:
         try:
             return self._parse(value, path, check)
         except Invalid as e:
-            self.add(path, str(e), value, e.suggestion)
+            self.add(path, str(e), UNDEFINED if e.hidden else value, e.suggestion)
             return fallback
 
     def plugin(self, raw: dict) -> dict:
@@ -180,7 +181,7 @@ class Reader:
                 try:
                     kwargs[name] = self._parse(item, f"{path}.{key}", inner)
                 except Invalid as e:
-                    self.add(f"{path}.{key}", str(e), item, e.suggestion)
+                    self.add(f"{path}.{key}", str(e), UNDEFINED if e.hidden else item, e.suggestion)
             return check.build(kwargs)
         if isinstance(check, ListOf):
             if not isinstance(value, list):
@@ -362,4 +363,28 @@ def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
         # any tunnel could open.
         problems.append(Issue(f"{p}.publicUrl", "is required when the store is PostgreSQL (a cluster): this node's own URL", sep=" "))
     return problems
+
+
+def cluster_problems(cfg: VoiceCallConfig) -> tuple[list[Issue], list[str]]:
+    """
+    The `cluster` section against the store: (problems, warnings). With a PostgreSQL store the
+    ``entryUrl``'s path must be the webhook path (``serve.path``): a node checks a signature over
+    the entry URL's origin plus the path it serves, so a mistyped path fails every webhook sent
+    there. With a directory (SQLite) store the section does nothing for a cluster: a loud warning
+    (not a refusal: ``nodeId`` still names the SQLite store's owner node, and a one-node setup may
+    keep the section while testing), which the daemon logs at start and doctor shows.
+    """
+    p = CONFIG_PATH
+    cluster = cfg.cluster
+    if not cfg.store_is_postgres:
+        if cluster == ClusterConfig():
+            return [], []
+        alone = (f"{p}.cluster is set but the store is a directory (SQLite): this node runs alone on SQLite, in no cluster"
+                 " (set store to the cluster's postgresql:// URL, or remove the cluster section)")  # fmt: skip
+        return [], [alone]
+    if cluster.entry_url is not None:
+        path = urlsplit(cluster.entry_url).path
+        if path != cfg.serve.path:
+            return [Issue(f"{p}.cluster.entryUrl", f'must end in the webhook path serve.path ("{cfg.serve.path}"), not "{path}"', sep=" ")], []
+    return [], []
 
