@@ -34,6 +34,10 @@ after it fires acknowledges a durable change. Failures:
 Bounds: at most `max_size` connections and as many threads; at most `max_pending` operations
 queued or running (more fail at once with StoreBusyError); retries as above.
 
+`group(finish)`: a `GroupCommit`, for writes: ops submitted while a batch commits run together
+in the next transaction (one COMMIT for all, statements pipelined), each failing alone; same
+retry rules as `run`.
+
 `listen(channel, on_notify, on_reconnect)`: a dedicated autocommit connection in a thread of its
 own, blocked on ``conn.notifies(timeout=...)`` (no polling of the database: the timeout only
 lets the thread notice it was stopped). Each payload is delivered on the reactor thread
@@ -348,12 +352,12 @@ class GroupCommit:
     """
     Group commit on a `PgPool`, as SQLite's ThreadedWriter does it (infra/dbwriter.py).
 
-    ``submit(fn)`` queues ``fn(conn)`` and returns a Deferred of its result. One batch at a time,
-    on a pool thread, takes everything queued (at most `max_batch` ops), runs it in ONE transaction, calls
-    ``finish(conn, values)`` last in that transaction with the results of the ops that succeeded,
-    COMMITs once, and fires each op's Deferred on the reactor thread. Ops submitted meanwhile
-    form the next batch. So N concurrent writes cost one COMMIT (one WAL flush) instead of N,
-    and a lock that ``finish`` takes is held once per batch, for its COMMIT only. The ops run in
+    ``submit(fn)`` queues ``fn(conn)`` and returns a Deferred of its result. One batch at a
+    time, on a pool thread, takes everything queued (at most `max_batch` ops), runs it in ONE
+    transaction, calls ``finish(conn, values)`` last in it with the results of the ops that
+    succeeded, COMMITs once, and fires each op's Deferred on the reactor thread. Ops submitted
+    meanwhile form the next batch. So N concurrent writes cost one COMMIT (one WAL flush) instead
+    of N, and a lock that ``finish`` takes is held once per batch, to its COMMIT. The ops run in
     pipeline mode: an op that sends its statements and returns ``Settle(settle)`` (reading its
     results in ``settle``) lets the whole batch cost one round trip to the server (and one wait
     for the GIL, which a busy reactor thread holds for up to ``sys.getswitchinterval()``).
