@@ -315,9 +315,10 @@ class PgPool:
         """What `run` raises for `e`, raised by a transaction's statement: a database error is a StoreError."""
         if not isinstance(e, psycopg.Error):
             return e
-        error = StoreError(f"PostgreSQL {self.server}: {self._redact(str(e).strip())}")
-        error.__cause__ = e
-        return error
+        try:
+            raise StoreError(f"PostgreSQL {self.server}: {self._redact(str(e).strip())}") from e
+        except StoreError as error:  # chained as `raise ... from` chains it
+            return error
 
     # -- notifications ------------------------------------------------------------------------
 
