@@ -413,5 +413,7 @@ class DaemonRestartTests(TestCase):
         [resume] = [d for d in self.fake_call.documents if d.kind == "redirect"]
         self.assertIn("flow=resume", resume.url)
         self.assertIsNone(resume.status)
-        self.assertIn("ConnectionRefused", resume.error)
+        # Refused, or (under load: the SYN met the listening socket just before close() dropped
+        # its queue) reset by peer: either way nothing holds the port.
+        self.assertRegex(resume.error, "ConnectionRefused|Connection reset by peer")
         self.assertTrue(any("11200" in e for e in self.fake_call.errors), list(self.fake_call.errors))
