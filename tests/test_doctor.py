@@ -7,10 +7,11 @@ import socket
 import tempfile
 
 import json5
+import psycopg
 
 from click.testing import CliRunner
 from twisted.internet import reactor
-from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -18,8 +19,10 @@ from zope.interface import implementer
 
 from voicecall.config import ConfigError, parse_config
 from voicecall.control.cli import main
+from voicecall.domain.pgstore import latest_version
 from voicecall.control.doctor import MAX_HEALTH_BYTES, render, run_checks
-from tests.harness import make_workdir, run_cli, spawn_daemon
+from tests.harness import free_port, make_workdir, run_cli, spawn_daemon
+from tests.pgserver import postgres_server
 
 TWILIO = {"provider": "twilio", "fromNumber": "+15550000000", "twilio": {"accountSid": "AC1", "authToken": "t"}}
 
@@ -330,3 +333,75 @@ class _DeepAnswer(Protocol):
 class _NumberResult(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(b'{"jsonrpc":"2.0","id":1,"result":5}\n')
+
+
+#: A password that would show in any line that repeats the store's URL.
+PG_SECRET = "s3cretPW"
+
+
+class _RefusingPostgres(Protocol):
+    """A PostgreSQL server that refuses every login with a wrong-password FATAL (SQLSTATE 28P01)."""
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 8 and len(self.buffer) >= int.from_bytes(self.buffer[:4], "big"):
+            length = int.from_bytes(self.buffer[:4], "big")
+            code, self.buffer = int.from_bytes(self.buffer[4:8], "big"), self.buffer[length:]
+            if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest: not spoken here
+                self.transport.write(b"N")
+                continue
+            fields = b"SFATAL\0VFATAL\0C28P01\0" + b'Mpassword authentication failed for user "vc"\0' + b"\0"
+            self.transport.write(b"E" + (4 + len(fields)).to_bytes(4, "big") + fields)
+            self.transport.loseConnection()
+            return
+
+
+class DoctorStoreTests(TestCase):
+    """
+    `voicecall doctor` on a PostgreSQL store connects to it (it said "OK store" for any URL without
+    trying): each failure named with its fix, the password never shown.
+    """
+
+    timeout = 60
+
+    async def doctor(self, url: str) -> str:
+        workdir = make_workdir(self, raw=json.dumps({"provider": "mock", "store": url, "publicUrl": "https://a.example/voice/webhook",
+                                                     "serve": {"port": free_port()}}))  # fmt: skip
+        result = await run_cli(self, workdir, "doctor", env={"HOME": workdir.path})
+        self.assertNotIn(PG_SECRET, result.out + result.err)
+        self.assertNotIn("Traceback", result.out + result.err)
+        [line] = [line for line in result.out.splitlines() if line[6:].startswith("store:")]
+        self.assertEqual(result.code, 0 if line.startswith("OK") else 1, result.out)
+        return line
+
+    async def test_unreachable(self):
+        line = await self.doctor(f"postgresql://vc:{PG_SECRET}@127.0.0.1:{free_port()}/calls")
+        self.assertRegex(line, r"^FAIL  store: PostgreSQL postgresql://vc:\*\*\*@127\.0\.0\.1:\d+/calls: server unreachable \(.*refused")
+
+    async def test_authentication_failed(self):
+        listener = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(_RefusingPostgres))
+        self.addCleanup(listener.stopListening)
+        line = await self.doctor(f"postgresql://vc:{PG_SECRET}@127.0.0.1:{listener.getHost().port}/calls")
+        self.assertIn(': authentication failed (', line)
+        self.assertIn('password authentication failed for user "vc"', line)
+
+    async def test_database_missing(self):
+        url = postgres_server(self).url("no_such_db", password=PG_SECRET)
+        line = await self.doctor(url)
+        self.assertIn(": the database does not exist (", line)
+
+    async def test_schema_newer_than_this_code(self):
+        url = postgres_server(self).new_database(self).replace("voicecall@", f"voicecall:{PG_SECRET}@")
+        with psycopg.connect(url) as conn:
+            conn.execute("CREATE TABLE schema_migrations (version int PRIMARY KEY)")
+            conn.execute("INSERT INTO schema_migrations VALUES (%s)", (latest_version() + 1,))
+        line = await self.doctor(url)
+        self.assertIn(f": schema version {latest_version() + 1} is newer than this voicecall's ({latest_version()})", line)
+
+    async def test_reachable(self):
+        url = postgres_server(self).new_database(self).replace("voicecall@", f"voicecall:{PG_SECRET}@")
+        line = await self.doctor(url)
+        self.assertRegex(line, r"^OK    store: PostgreSQL postgresql://voicecall:\*\*\*@127\.0\.0\.1:\d+/vc_\w+: reachable, empty")

@@ -239,11 +239,63 @@ def _local_checks(cfg, socket_override: str | None, env: Mapping[str, str], note
         checks.append(_port_check(cfg.serve.bind, cfg.serve.port))
     else:
         checks.extend(_daemon_checks(cfg, socket_path, health))
-    if cfg.store_is_postgres:  # reached when the daemon starts; the URL's password is never shown
-        checks.append(Check("store", True, f"PostgreSQL {cfg.store_shown} (shared by the cluster's nodes)"))
+    if cfg.store_is_postgres:
+        checks.append(store_check(cfg.store, cfg.store_shown))
     ok, detail = _writable_dir(cfg.state_dir)
     checks.append(Check("state directory", ok, detail, None if ok else f"make {cfg.state_dir} writable by the daemon's user"))
     return [Check(c.name, c.ok, c.detail + note, c.fix, c.warn) for c in checks]
+
+
+#: How long doctor waits for the PostgreSQL store: to connect, then for each query.
+STORE_TIMEOUT = 5
+
+#: What the server's refusal says (libpq passes the server's FATAL text on; there is no SQLSTATE
+#: for a failed connection): (words in the message, what went wrong, the fix).
+_REFUSALS = (
+    (("password authentication failed", "no password supplied", "authentication failed", "role "),
+     "authentication failed", "check the user and password in store (a % in the password is written %25)"),
+    (("does not exist",), "the database does not exist", "create it (createdb -O USER DBNAME) or correct the database name in store"),
+)  # fmt: skip
+
+
+def store_check(url: str, shown: str) -> Check:
+    """
+    Connect to the PostgreSQL store as the daemon would (within `STORE_TIMEOUT` seconds per step)
+    and read its schema version: unreachable, authentication failed, database missing, or a schema
+    newer than this code each fail with the fix. `shown`: the URL as messages show it (no password);
+    nothing here shows the password.
+    """
+    try:
+        import psycopg
+
+        from voicecall.domain.pgstore import latest_version
+        from voicecall.infra.pg import redactor
+    except ImportError:
+        return Check("store", False, "the store is PostgreSQL but psycopg is not installed", "pip install 'voicecall[postgresql]'")
+    where, redact = f"PostgreSQL {shown}", redactor(url)
+    try:
+        conn = psycopg.connect(url, connect_timeout=STORE_TIMEOUT, application_name="voicecall-doctor",
+                               options=f"-c statement_timeout={STORE_TIMEOUT * 1000}")  # fmt: skip
+    except psycopg.Error as e:
+        reason = " ".join(redact(str(e)).split())
+        for words, what, fix in _REFUSALS:
+            if any(w in reason for w in words):
+                return Check("store", False, f"{where}: {what} ({reason})", fix)
+        return Check("store", False, f"{where}: server unreachable ({reason})",
+                     "start PostgreSQL there, or correct the host and port in store (the server must accept this node)")  # fmt: skip
+    try:
+        with conn:
+            exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+            version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] if exists else None
+    except psycopg.Error as e:
+        return Check("store", False, f"{where}: cannot read the schema version ({' '.join(redact(str(e)).split())})",
+                     "grant the store's user access to its database")  # fmt: skip
+    if version is None:
+        return Check("store", True, f"{where}: reachable, empty (the daemon creates the schema at its first start)")
+    if version > latest_version():
+        return Check("store", False, f"{where}: schema version {version} is newer than this voicecall's ({latest_version()})",
+                     "upgrade voicecall on this node to the version the other nodes run")  # fmt: skip
+    return Check("store", True, f"{where}: reachable, schema version {version} (shared by the cluster's nodes)")
 
 
 def _daemon_checks(cfg, socket_path: str, health: dict | None) -> list[Check]:
