@@ -27,8 +27,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.harness import BASE_CONFIG, make_workdir, run_cli, spawn_daemon
 from voicecall.control import cli
 from voicecall.domain.manager import CallManager, ManagerSettings
 from voicecall.domain.model import CallEvent, CallRecord
@@ -864,3 +865,33 @@ class FootprintTests(SynchronousTestCase):
         self.assertIn("voicecall.domain.store", modules)
         allowed = {"voicecall.domain", "voicecall.domain.store", "voicecall.domain.model"}
         self.assertEqual(sorted(m for m in modules if m.startswith(self.SERVER_SIDE) and m not in allowed), [])
+
+
+class ClusterStatusWhileDownTests(TestCase):
+    """`voicecall status --cluster` with this node's daemon down reads the nodes from the PostgreSQL store."""
+
+    timeout = 90
+
+    async def test_nodes_read_from_the_store(self):
+        from tests.pgserver import postgres_server
+
+        url = postgres_server(self).new_database(self).replace("voicecall@", "voicecall:s3cretPW@")
+        config = {**BASE_CONFIG, "store": url, "publicUrl": "https://a.example/voice/webhook", "cluster": {"nodeId": "node-a"}}
+        workdir = make_workdir(self, raw=json.dumps(config))
+        empty = await run_cli(self, workdir, "status", "--cluster")  # no node ever started on it
+        self.assertEqual((empty.code, empty.json()), (0, {"nodes": []}), empty.err)
+        daemon = await spawn_daemon(self, workdir)
+        await daemon.stop()
+        down = await run_cli(self, workdir, "status", "--cluster")
+        self.assertEqual(down.code, 0, down.err)
+        [node] = down.json()["nodes"]
+        self.assertEqual((node["nodeId"], node["publicUrl"], node["alive"], node["stopped"], node["calls"]),
+                         ("node-a", "https://a.example/voice/webhook", False, True, 0))  # fmt: skip
+        self.assertIn("read the store at postgresql://voicecall:***@127.0.0.1:", down.err)
+        self.assertNotIn("s3cretPW", down.out + down.err)
+
+    async def test_not_a_cluster(self):
+        workdir = make_workdir(self)
+        result = await run_cli(self, workdir, "status", "--cluster")
+        self.assertEqual(result.code, 1)
+        self.assertIn("not a cluster: the store is not PostgreSQL", result.err)

@@ -378,14 +378,17 @@ def status(ctx, call_id, cluster):
     """Print a call's record, or the active calls; reads the store if the daemon is down.
 
     Exits 1 when the call is not found. With --cluster, every node of a cluster (PostgreSQL
-    store) as the store sees it, asked of this node's daemon.
+    store) as the store sees it, asked of this node's daemon, or read from the store if it is down.
     """
     if cluster and call_id:
         raise click.UsageError("--cluster lists the nodes: it takes no --call-id")
 
     async def go(reactor):
         if cluster:
-            emit(await rpc(reactor, ctx, "voicecall.cluster", {}))
+            try:
+                emit(await rpc(reactor, ctx, "voicecall.cluster", {}))
+            except DaemonDown:
+                emit(_cluster_from_store(ctx))
             return
         params = {"callId": call_id} if call_id else {}
         try:
@@ -398,6 +401,28 @@ def status(ctx, call_id, cluster):
         emit(result.get("call", result) if call_id else result)
 
     run(go)
+
+
+def _cluster_from_store(ctx: Context) -> dict:
+    """`status --cluster` while this node's daemon is down: the nodes as the PostgreSQL store sees them."""
+    if not ctx.config.store_is_postgres:
+        raise Failed(f"daemon not running on {ctx.socket}, and not a cluster: the store is not PostgreSQL ({ctx.store})")
+    import psycopg
+
+    from voicecall.cluster.nodes import list_nodes
+    from voicecall.infra.pg import describe, redactor
+
+    url = ctx.config.store
+    try:
+        conn = psycopg.connect(url, connect_timeout=5, application_name="voicecall-cli")
+    except psycopg.Error as e:
+        raise Failed(f"cannot connect to PostgreSQL {describe(url)}: {' '.join(redactor(url)(str(e)).split())}") from None
+    click.echo(f"(daemon not running on {ctx.socket}; read the store at {ctx.store})", err=True)
+    with conn:
+        conn.read_only, conn.isolation_level = True, psycopg.IsolationLevel.REPEATABLE_READ  # one snapshot
+        if conn.execute("SELECT to_regclass('nodes') IS NULL").fetchone()[0]:
+            return {"nodes": []}  # no node has started on this database yet
+        return {"nodes": [n.to_json() for n in list_nodes(conn, ctx.config.cluster.lease_seconds)]}
 
 
 def _status_from_store(ctx: Context, call_id: str | None) -> dict:
