@@ -33,7 +33,10 @@ Keys added by this project beyond SPEC §2:
   ``OPENAI_API_KEY``) for the built-in OpenAI-compatible auto-reply client.
 - ``metrics.enabled`` (``false``), ``metrics.bind`` (``127.0.0.1``), ``metrics.port`` (``9464``).
 - ``cluster.nodeId`` (the host name), ``cluster.leaseSeconds`` (``10``), ``cluster.entryUrl``
-  (``publicUrl``): many nodes on one PostgreSQL store (README "Scaling out").
+  (``publicUrl``; its path must be ``serve.path``): many nodes on one PostgreSQL store (README
+  "Scaling out"); the section with a directory store is a warning (the node runs alone).
+- ``store`` may be a ``postgresql://`` URL, checked as libpq reads it (checks.store_location); a
+  value starting like another URL is refused, not taken for a directory.
 
 Every URL-valued key must be an absolute http(s) URL (``streaming.sttBaseUrl``: ws(s)).
 ``serve.path``, ``tailscale.path`` and ``streaming.streamPath`` must start with ``/``.

@@ -2,8 +2,9 @@
 """
 `voicecall doctor`: what would stop real calls, each check with OK or the fix.
 
-Run by the CLI, outside any reactor, so plain sockets and file checks are fine here. Nothing here
-changes anything: it binds nothing it keeps and writes only a probe file it removes.
+Run by the CLI, outside any reactor, so plain sockets, file checks and a blocking PostgreSQL
+connection (bounded by STORE_TIMEOUT) are fine here. Nothing here changes anything: it binds
+nothing it keeps, writes only a probe file it removes, and only reads the store.
 """
 from __future__ import annotations
 
