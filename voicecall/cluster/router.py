@@ -438,18 +438,18 @@ class Router:
         if handler is None:
             return {"error": {"message": f"unknown forwarded request kind {kind!r}"}}
         refs = [r for r in envelope.get("refs") or () if r]
-        if refs and not any(self._is_local(r) for r in refs):
-            owner = await self.owner(refs)
-            if owner is not None and owner.node_id == self.node_id and not owner.terminal:
-                await self._adopting(owner.call_id)  # claimed by this node, still loading: as route() does
-            elif owner is not None and owner.node_id not in (None, self.node_id):
-                return {"notHere": owner.node_id}  # the sender routes it again
         try:
+            if refs and not any(self._is_local(r) for r in refs):
+                owner = await self.owner(refs)
+                if owner is not None and owner.node_id == self.node_id and not owner.terminal:
+                    await self._adopting(owner.call_id)  # claimed by this node, still loading: as route() does
+                elif owner is not None and owner.node_id not in (None, self.node_id):
+                    return {"notHere": owner.node_id}  # the sender routes it again
             return await handler(envelope["request"])
         except CancelledError:
             raise
         except Exception:
-            # Handlers encode their own errors; this is a bug, but the sender still gets an answer now.
+            # Handlers encode their own errors (this is a bug, or the store failed), but the sender still gets an answer now.
             self._log.failure("a forwarded {kind} request failed", kind=kind)
             return {"error": {"message": "the owner node failed the request"}}
 
