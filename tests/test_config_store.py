@@ -131,3 +131,21 @@ class DaemonStartTests(TestCase):
             self.assertNotIn(SECRET, output, why)
             self.assertNotIn("voicecall ready", output, why)
             self.assertEqual(set(os.listdir(workdir.path)), before, why)
+
+    async def test_scheme_in_capitals_reaches_the_server(self):
+        """
+        ``PostgreSQL://`` (libpq knows the scheme in lower case only, and logged the whole URL with
+        its password, 'missing "=" after ...', four times): the daemon reaches the server, here to
+        be told the database does not exist, and no line shows the password.
+        """
+        from tests.pgserver import postgres_server
+
+        url = postgres_server(self).url("no_such_db", password=SECRET).replace("postgresql://", "PostgreSQL://")
+        workdir = make_workdir(self, raw=json.dumps({**BASE_CONFIG, **PUBLIC, "store": url}))
+        child = spawn(self, daemon_argv(workdir), cwd=workdir.path)
+        await child.ended(60)
+        output = child.stdout + child.stderr
+        self.assertNotEqual(child.exit_code, 0)
+        self.assertIn('database "no_such_db" does not exist', output)
+        self.assertNotIn(SECRET, output)
+        self.assertNotIn('missing "="', output)
