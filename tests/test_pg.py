@@ -18,6 +18,7 @@ from tests.harness import eventually, free_port
 from tests.pgserver import postgres_server, private_postgres_server
 from voicecall.infra.dbwriter import StoreBusyError, StoreClosedError, StoreError
 from voicecall.infra.pg import CommitUnknownError, PgPool, StoreUnavailableError, describe, notify
+from voicecall.infra.pgcommit import GroupCommit
 
 SECRET = "s3cr3t-pa55"
 
@@ -181,7 +182,7 @@ class TransactionTests(TestCase):
 
 
 class GroupCommitTests(TestCase):
-    """PgPool.group: writes issued while a batch commits share the next transaction."""
+    """GroupCommit: writes issued while a batch commits share the next transaction."""
 
     async def setUp(self) -> None:
         self.pg = postgres_server(self)
@@ -208,7 +209,7 @@ class GroupCommitTests(TestCase):
 
     async def test_batches_share_a_transaction_and_a_failure_stays_alone(self):
         gate = threading.Event()
-        group = self.pool.group(lambda conn, values: self.finished.append(values))
+        group = GroupCommit(self.pool, lambda conn, values: self.finished.append(values))
 
         def blocked(conn):
             gate.wait(10)
@@ -239,7 +240,7 @@ class GroupCommitTests(TestCase):
 
     async def test_batch_retried_after_commit_lost_applies_once(self):
         TransactionTests.install_commit_sabotage(self)
-        group = self.pool.group(lambda conn, values: self.finished.append(values))
+        group = GroupCommit(self.pool, lambda conn, values: self.finished.append(values))
 
         attempts = []
 
@@ -263,7 +264,7 @@ class GroupCommitTests(TestCase):
     async def test_close_commits_what_was_queued(self):
         pool = PgPool(reactor, self.url, max_size=2)
         await pool.open()
-        group = pool.group()
+        group = GroupCommit(pool)
         gate = threading.Event()
         first = group.submit(lambda conn: gate.wait(10))
         queued = [group.submit(self.insert(f"q{i}")) for i in range(5)]

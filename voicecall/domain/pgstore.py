@@ -32,7 +32,7 @@ Transactions that append events take an advisory lock (`EVENTS_LOCK`, held to CO
 become visible in increasing order: a follower that reads ``events_after(last_seq)`` on each
 notification (and after reconnecting) misses nothing.
 
-Group commit (`PgPool.group`, as SQLite's writer does it): writes issued while a transaction is
+Group commit (`GroupCommit`, infra/pgcommit.py, as SQLite's writer does it): writes issued while a transaction is
 in progress are run together in the next one, one COMMIT (one WAL flush) for all of them; each
 write's Deferred still fires only after that COMMIT, and a write that fails (fenced, claim lost,
 store full) is undone alone (savepoints) and fails alone. The batch's events are inserted last,
@@ -78,7 +78,8 @@ from voicecall.domain.store import (
 )
 from voicecall.infra.dbwriter import StoreError
 from voicecall.domain.pgschema import ADMIT_LOCK, EVENTS_LOCK, MIGRATIONS, Migration, latest_version, migrate
-from voicecall.infra.pg import PgPool, Settle, describe, redactor
+from voicecall.infra.pg import PgPool, describe, redactor
+from voicecall.infra.pgcommit import GroupCommit, Settle
 
 T = TypeVar("T")
 
@@ -120,7 +121,7 @@ class PgCallStore:
         self._prune_every = prune_every
         self._migrations = migrations
         self._since_prune = 0  # only an estimate when writes overlap: pruning is best effort
-        self._writes = pool.group(self._append_events)
+        self._writes = GroupCommit(pool, self._append_events)
 
     def __repr__(self) -> str:
         return f"<PgCallStore {self.pool.server} node={self.node_id!r}>"
