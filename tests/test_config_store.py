@@ -59,6 +59,11 @@ class StoreUrlTests(SynchronousTestCase):
         self.assertEqual(cfg.store, f"postgresql://voicecall:{SECRET}@db/vc")
         self.assertEqual(conninfo_to_dict(cfg.store)["password"], SECRET)
 
+    def test_repr_hides_the_password(self):
+        """A config printed in a traceback or a debugger shows no store password (nor the store)."""
+        cfg = parse_config({"store": f"postgresql://voicecall:{SECRET}@db/vc", **PUBLIC}, ENV)
+        self.assertNotIn(SECRET, repr(cfg))
+
     def test_other_schemes_and_plain_directories(self):
         self.assertIn('not a "mysql" URL', refusal(f"mysql://vc:{SECRET}@db/vc"))
         self.assertIn('not a "file" URL', refusal("file:/srv/vc"))

@@ -76,13 +76,18 @@ class Key:
 
 
 def key(check: Check | ListOf | MapOf, default: Any = NOTHING, *, factory: Any = None, env: str | tuple[str, ...] = (),
-        secret: bool = False, hash: bool | None = None, **declared: Any) -> Any:  # fmt: skip
-    """A field holding one config value; ``declared`` are the other `Key` attributes."""
+        secret: bool = False, hash: bool | None = None, holds_secret: bool = False, **declared: Any) -> Any:  # fmt: skip
+    """
+    A field holding one config value; ``declared`` are the other `Key` attributes. A `secret` is
+    never shown; a value that `holds_secret` (the store URL's password) is shown redacted in
+    messages and left out of the repr, like a secret.
+    """
     variables = (env,) if isinstance(env, str) else env
     meta = {KEY: Key(check, env=variables, secret=secret, **declared)}
+    shown = not (secret or holds_secret)
     if factory is not None:
-        return field(factory=factory, repr=not secret, hash=hash, metadata=meta)
-    return field(default=default, repr=not secret, hash=hash, metadata=meta)
+        return field(factory=factory, repr=shown, hash=hash, metadata=meta)
+    return field(default=default, repr=shown, hash=hash, metadata=meta)
 
 
 def section(cls: type, *, provider: str | None = None) -> Any:
@@ -319,7 +324,7 @@ class VoiceCallConfig:
     stt: SttConfig = section(SttConfig)
     #: Read after the deep merge with OpenClaw's ``messages.tts`` (SPEC §2.3).
     tts: TtsConfig = section(TtsConfig)
-    store: str = key(store_location, factory=_default_store, env="VOICECALL_STORE",
+    store: str = key(store_location, factory=_default_store, env="VOICECALL_STORE", holds_secret=True,
                      doc="A directory (SQLite, one node) or a postgresql:// URL (the shared store of a cluster).")  # fmt: skip
     response_model: str = key(openai_model, "openai/gpt-4o-mini")
     response_system_prompt: str | None = key(any_text, None)
