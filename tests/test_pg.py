@@ -6,18 +6,21 @@ with reconnection, and the password never shown.
 """
 from __future__ import annotations
 
+import os
+import socket
 import threading
 
 import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.harness import eventually, free_port
 from tests.pgserver import postgres_server, private_postgres_server
 from voicecall.infra.dbwriter import StoreBusyError, StoreClosedError, StoreError
-from voicecall.infra.pg import CommitUnknownError, PgPool, StoreUnavailableError, describe, notify
+from voicecall.infra.pg import KEEPALIVES, CommitUnknownError, PgPool, StoreUnavailableError, describe, notify
 from voicecall.infra.pgcommit import GroupCommit
 
 SECRET = "s3cr3t-pa55"
@@ -40,6 +43,48 @@ async def open_pool(testcase, url: str, **kwargs) -> PgPool:
     await pool.open()
     testcase.addCleanup(pool.close)
     return pool
+
+
+class _Forward(Protocol):
+    """One side of a proxied TCP flow: what it reads goes to `peer`, unless the proxy is frozen."""
+
+    def __init__(self, proxy: FreezableProxy, peer: _Forward | None = None) -> None:
+        self.proxy = proxy
+        self.peer = peer
+        self.frozen = False
+        self.buffered: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.proxy.sides.append(self)
+        if self.peer is None:  # the client's side: connect to the server, buffer until then
+            self.transport.pauseProducing()
+            factory = ClientFactory.forProtocol(lambda: _Forward(self.proxy, self))
+            reactor.connectTCP("127.0.0.1", self.proxy.target, factory)
+        else:  # the server's side: pair up
+            self.peer.peer = self
+            self.peer.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.frozen:
+            self.peer.transport.write(data)
+
+    def connectionLost(self, reason) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseConnection()
+
+
+class FreezableProxy:
+    """A loopback TCP proxy whose `freeze()` makes every open flow silently drop what it carries (a NAT that forgot it)."""
+
+    def __init__(self, testcase, target: int) -> None:
+        self.target = target
+        self.sides: list[_Forward] = []
+        self.port = reactor.listenTCP(0, Factory.forProtocol(lambda: _Forward(self)), interface="127.0.0.1")
+        testcase.addCleanup(self.port.stopListening)
+
+    def freeze(self) -> None:
+        for side in self.sides:
+            side.frozen = True
 
 
 class TransactionTests(TestCase):
@@ -359,6 +404,50 @@ class ListenTests(TestCase):
         await eventually(lambda: len(reconnects) == 2, 10, "on_reconnect after the listener's backend was terminated")
         await pool.run(lambda conn: notify(conn, "chan_b", "after"))
         await eventually(lambda: got == ["after"], 10, "a notification on the new connection")
+
+    async def test_silently_dead_connection_is_probed_and_replaced(self):
+        """
+        A flow dropped without a FIN or RST (a NAT or load balancer timing it out) leaves the
+        LISTEN connection waiting forever: after listen_probe_after of silence the listener
+        asks SELECT 1, gets no answer within listen_probe_timeout, reconnects and says so.
+        """
+        pg = postgres_server(self)
+        url = pg.new_database(self)
+        proxy = FreezableProxy(self, pg.port)
+        proxied = url.replace(f":{pg.port}/", f":{proxy.port.getHost().port}/")
+        pool = await open_pool(self, proxied, listen_probe_after=0.5, listen_probe_timeout=1.0)
+        direct = await open_pool(self, url)
+        got: list[str] = []
+        reconnects = []
+        listener = pool.listen("chan_d", got.append, lambda: reconnects.append(1))
+        self.addCleanup(listener.stop)
+        await eventually(lambda: listener.connected and reconnects, 10, "the first connect")
+        await direct.run(lambda conn: notify(conn, "chan_d", "before"))
+        await eventually(lambda: got == ["before"], 10, "a notification through the proxy")
+        proxy.freeze()
+        await eventually(lambda: len(reconnects) == 2, 10, "on_reconnect after the silent connection was probed")
+        await direct.run(lambda conn: notify(conn, "chan_d", "after"))
+        await eventually(lambda: got == ["before", "after"], 10, "a notification on the new connection")
+
+    async def test_connections_keep_alive(self):
+        """Every connection has TCP keepalives and a TCP user timeout (libpq's, unless the URL sets its own)."""
+        pg = postgres_server(self)
+        url = pg.new_database(self)
+
+        def options(conn) -> tuple[int, int, int]:
+            with socket.socket(fileno=os.dup(conn.fileno())) as s:
+                return (
+                    s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                )
+
+        pool = await open_pool(self, url)
+        keepalive, idle, user_timeout = await pool.run(options)
+        self.assertEqual((keepalive, idle), (1, KEEPALIVES["keepalives_idle"]))
+        self.assertEqual(user_timeout, KEEPALIVES["tcp_user_timeout"])
+        pool = await open_pool(self, url + "?keepalives_idle=7")
+        self.assertEqual((await pool.run(options))[1], 7)
 
     async def test_stop_ends_the_thread(self):
         pg = postgres_server(self)

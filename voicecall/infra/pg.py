@@ -45,6 +45,14 @@ lets the thread notice it was stopped). Each payload is delivered on the reactor
 reconnects by itself with backoff (0.1 s doubling to 5 s), LISTENs again and then calls
 ``on_reconnect()`` on the reactor thread, as it does after the first connect: NOTIFYs sent while
 it was away are lost, so the listener re-reads the state it follows there.
+A connection that is silently dead (a NAT or load balancer dropped the idle flow: no error ever
+comes) is found by probing: after `listen_probe_after` seconds without a notification the thread
+sends ``SELECT 1``; no answer within `listen_probe_timeout` and it shuts the socket down and
+reconnects as above.
+
+TCP: every connection (pool and LISTEN) gets libpq's keepalives and ``tcp_user_timeout``
+(`KEEPALIVES`), unless the URL sets them itself, so a dead flow also fails the transactions on it
+within about a minute instead of the OS's 2 hours.
 
 `notify(conn, channel, payload)` is the sending side, for use INSIDE ``fn`` of `run`: it is just
 ``SELECT pg_notify(channel, payload)``, so the notification is sent by the server only if and
@@ -56,7 +64,9 @@ is named as ``user@host:port/dbname``.
 """
 from __future__ import annotations
 
+import os
 import random
+import socket
 import threading
 import time
 from typing import Any, Callable, TypeVar
@@ -82,6 +92,17 @@ DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_RETRIES = 5
 LISTEN_WAKEUP = 0.5  # how soon a stopped listener's thread notices (no database traffic)
 LISTEN_BACKOFF = (0.1, 5.0)
+LISTEN_PROBE_AFTER = 30.0  # a LISTEN connection silent this long is asked SELECT 1 ...
+LISTEN_PROBE_TIMEOUT = 10.0  # ... and replaced if no answer comes within this
+#: libpq's TCP settings for every connection, unless the URL sets its own: a flow that a NAT,
+#: firewall or load balancer dropped without a word is found dead in about a minute, not 2 hours.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,  # seconds idle before the first probe
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms that sent data may stay unacknowledged
+}
 
 
 class StoreUnavailableError(StoreError):
@@ -139,6 +160,8 @@ class PgPool:
         connect_timeout: float = 10.0,
         acquire_timeout: float = 10.0,
         application_name: str = "voicecall",
+        listen_probe_after: float = LISTEN_PROBE_AFTER,
+        listen_probe_timeout: float = LISTEN_PROBE_TIMEOUT,
     ) -> None:
         if not 0 < min_size <= max_size:
             raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
@@ -152,7 +175,16 @@ class PgPool:
         self._max_retries = max_retries
         self._connect_timeout = connect_timeout
         self._acquire_timeout = acquire_timeout
-        self._connect_kwargs = {"connect_timeout": max(1, round(connect_timeout)), "application_name": application_name}
+        self._listen_probe = (listen_probe_after, listen_probe_timeout)
+        try:
+            in_url = conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            in_url = {}
+        self._connect_kwargs = {
+            "connect_timeout": max(1, round(connect_timeout)),
+            "application_name": application_name,
+            **{key: value for key, value in KEEPALIVES.items() if key not in in_url},
+        }
         self._threads = ThreadPool(minthreads=0, maxthreads=max_size, name=f"voicecall-pg-{id(self):x}")
         self._pool: ConnectionPool | None = None
         self._pending = 0
@@ -344,6 +376,7 @@ class Listener:
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
         self._stopping = threading.Event()
+        self._severed = threading.Event()
         self._stopped: Deferred[None] = Deferred()
         self._thread = threading.Thread(target=self._loop, name=f"voicecall-pg-listen-{channel}", daemon=True)
         self.connected = False
@@ -379,20 +412,51 @@ class Listener:
                     self.connected = True
                     backoff = LISTEN_BACKOFF[0]
                     reactor.callFromThread(self._on_reconnect)
+                    heard = time.monotonic()
                     while not self._stopping.is_set():
                         for n in conn.notifies(timeout=LISTEN_WAKEUP):
+                            heard = time.monotonic()
                             reactor.callFromThread(self._on_notify, n.payload)
                             if self._stopping.is_set():
                                 break
+                        if time.monotonic() - heard >= self._pool._listen_probe[0]:
+                            self._probe(conn)
+                            heard = time.monotonic()
                 except psycopg.Error as e:
                     self.connected = False
-                    self._wait(backoff, f"connection lost: {self._pool._redact(str(e).strip())}")
+                    reason = "no answer to a probe" if self._severed.is_set() else "connection lost"
+                    self._wait(backoff, f"{reason}: {self._pool._redact(str(e).strip())}")
                     backoff = min(backoff * 2, LISTEN_BACKOFF[1])
                 finally:
                     self.connected = False
                     conn.close()
         finally:
             reactor.callFromThread(self._stopped.callback, None)
+
+    def _probe(self, conn: psycopg.Connection) -> None:
+        """
+        SELECT 1 on the silent `conn`. A flow dropped on the way (NAT, load balancer) answers
+        nothing, not even an error, so a watchdog shuts the socket down if no answer comes within
+        the probe timeout: the query then fails, and the loop reconnects.
+        """
+        self._severed.clear()
+        watchdog = threading.Timer(self._pool._listen_probe[1], self._sever, (conn.fileno(),))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            conn.execute("SELECT 1")
+        finally:
+            watchdog.cancel()
+            watchdog.join()  # a watchdog already running finishes before `conn` may be closed
+
+    def _sever(self, fd: int) -> None:
+        """Shut down the socket `fd` of a connection that did not answer its probe (not closing `fd`: libpq owns it)."""
+        self._severed.set()
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed: the connection failed on its own
 
     def _wait(self, seconds: float, reason: str) -> None:
         if self._stopping.is_set():
