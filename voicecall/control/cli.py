@@ -419,7 +419,8 @@ def _cluster_from_store(ctx: Context) -> dict:
         raise Failed(f"cannot connect to PostgreSQL {describe(url)}: {' '.join(redactor(url)(str(e)).split())}") from None
     click.echo(f"(daemon not running on {ctx.socket}; read the store at {ctx.store})", err=True)
     with conn:
-        conn.read_only, conn.isolation_level = True, psycopg.IsolationLevel.REPEATABLE_READ  # one snapshot
+        conn.set_read_only(True)
+        conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)  # one snapshot
         if conn.execute("SELECT to_regclass('nodes') IS NULL").fetchone()[0]:
             return {"nodes": []}  # no node has started on this database yet
         return {"nodes": [n.to_json() for n in list_nodes(conn, ctx.config.cluster.lease_seconds)]}
