@@ -542,7 +542,7 @@ class SignedUrlsTests(SynchronousTestCase):
             path="/voice/webhook",
             replays=ReplayCache(rig.clock),
             responses=ResponseCache(rig.clock),
-            signed_urls=lambda: self.others,
+            signed_urls=self.signed_urls,
         )
         self.site = ScreenedSite(RootResource(webhook=resource), clock=rig.clock,
                                  screen=WebhookScreen(provider=rig.provider, path="/voice/webhook", skip_signature=False))
@@ -560,13 +560,22 @@ class SignedUrlsTests(SynchronousTestCase):
         )
         return conn.response().status
 
+    def signed_urls(self, host: str | None = None) -> list[str]:
+        self.asked_for.append(host)
+        return self.others
+
     def test_own_entry_and_other_nodes_urls(self):
+        self.asked_for: list = []
         self.assertEqual(self.post("https://a.example"), 200)
         self.assertEqual(self.post("https://voice.example", host="voice.example", sid="CA2"), 200)
         self.assertEqual(self.post("https://b.example", host="b.example", sid="CA3"), 200)
+        # The list is asked only when this node's own URL fails, with the request's Host, which
+        # SignedUrls tries first.
+        self.assertEqual(self.asked_for, ["voice.example", "b.example"])
 
     def test_nothing_else(self):
         """A URL no node has, even with the Host header naming it."""
+        self.asked_for = []
         self.assertEqual(self.post("https://evil.example", host="evil.example"), 401)
         self.others = []
         self.assertEqual(self.post("https://b.example", host="b.example"), 401)

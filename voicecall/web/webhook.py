@@ -126,7 +126,8 @@ class WebhookResource(Resource):
     _route: Callable[..., Awaitable[tuple[WebhookResponse, str]]] | None = None
     #: In a cluster: the other public URLs a carrier may have signed a request for (the entry
     #: URL, the other nodes'), tried when the signature does not match this node's publicUrl.
-    _signed_urls: Callable[[], Sequence[str]] | None = None
+    #: The cluster's other URLs a carrier may have signed, those on the request's Host first.
+    _signed_urls: Callable[[str | None], Sequence[str]] | None = None
     #: Webhook outcomes by label (ok, 401, 404, 405, 413, 429, replay, 500, ...), for metrics.
     counts: Counter = field(factory=Counter)
     isLeaf = True
@@ -203,7 +204,7 @@ class WebhookResource(Resource):
         else:
             verdict = self._provider.verify_webhook(ctx)
             if not verdict.ok and self._signed_urls is not None:
-                for url in self._signed_urls():
+                for url in self._signed_urls(ctx.headers.get("host")):
                     other = self._provider.verify_webhook(ctx, url)
                     if other.ok:
                         verdict = other
