@@ -45,6 +45,15 @@ async def open_pool(testcase, url: str, **kwargs) -> PgPool:
     return pool
 
 
+def with_table_t(testcase) -> None:
+    """`testcase.pg`, `testcase.url`: a fresh database holding table t, with the row ('a', 0)."""
+    testcase.pg = postgres_server(testcase)
+    testcase.url = testcase.pg.new_database(testcase)
+    with psycopg.connect(testcase.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
+        conn.execute("INSERT INTO t VALUES ('a', 0)")
+
+
 class _Forward(Protocol):
     """One side of a proxied TCP flow: what it reads goes to `peer`, unless the proxy is frozen."""
 
@@ -89,11 +98,7 @@ class FreezableProxy:
 
 class TransactionTests(TestCase):
     async def setUp(self) -> None:
-        self.pg = postgres_server(self)
-        self.url = self.pg.new_database(self)
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
-            conn.execute("INSERT INTO t VALUES ('a', 0)")
+        with_table_t(self)
         self.pool = await open_pool(self, self.pg.url(self.url.rsplit("/", 1)[1], password=SECRET), max_size=4)
 
     def value(self, k: str = "a"):
@@ -230,11 +235,7 @@ class GroupCommitTests(TestCase):
     """GroupCommit: writes issued while a batch commits share the next transaction."""
 
     async def setUp(self) -> None:
-        self.pg = postgres_server(self)
-        self.url = self.pg.new_database(self)
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE t (k text PRIMARY KEY, v int NOT NULL)")
-            conn.execute("INSERT INTO t VALUES ('a', 0)")
+        with_table_t(self)
         self.pool = await open_pool(self, self.url, max_size=4)
         self.finished: list[list] = []
 

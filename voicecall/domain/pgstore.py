@@ -60,12 +60,15 @@ from psycopg import errors as pgerrors
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
+from voicecall.domain import store as sqlite_store
 from voicecall.domain.model import CallRecord, TranscriptEntry
+from voicecall.domain.pgschema import ADMIT_LOCK, EVENTS_LOCK, MIGRATIONS, Migration, latest_version, migrate
 from voicecall.domain.store import (
     CALL_COLUMNS,
     EVENTS_CAP,
     PRUNE_EVERY,
     CallExistsError,
+    ReadOnlyStore,
     NotOwnerError,
     StoreFullError,
     _call_row,
@@ -77,7 +80,6 @@ from voicecall.domain.store import (
     fill_records,
 )
 from voicecall.infra.dbwriter import StoreError
-from voicecall.domain.pgschema import ADMIT_LOCK, EVENTS_LOCK, MIGRATIONS, Migration, latest_version, migrate
 from voicecall.infra.pg import PgPool, describe, redactor
 from voicecall.infra.pgcommit import GroupCommit, Settle
 
@@ -269,7 +271,7 @@ class PgCallStore:
 
     def get_call(self, call_id_or_provider_call_id: str) -> Deferred[CallRecord | None]:
         """The call with this call id or else the newest with this provider call id (any node's)."""
-        return self._read(_get_call, _nul_free_text(call_id_or_provider_call_id))
+        return self._read(_get_call, call_id_or_provider_call_id)
 
     def recent_calls(self, limit: int = 50) -> Deferred[list[CallRecord]]:
         """The `limit` most recently created calls (all nodes'), newest last."""
@@ -352,6 +354,7 @@ def _load_active(conn: psycopg.Connection, node_id: str | None) -> list[CallReco
 
 
 def _get_call(conn: psycopg.Connection, ident: str) -> CallRecord | None:
+    ident = _nul_free_text(ident)
     found = _select_calls(conn, "c.call_id = %s", (ident,))
     if not found:
         found = _select_calls(
@@ -386,43 +389,24 @@ def _last_events(conn: psycopg.Connection, n: int) -> list[dict[str, Any]]:
 # --- read-only access for the CLI --------------------------------------------------------------
 
 
-class ReadOnlyPgStore:
-    """Synchronous, read-only access to the PostgreSQL store, for the CLI while the daemon is down."""
-
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self._conn = conn
-
-    def __repr__(self) -> str:
-        return "<ReadOnlyPgStore>"
-
-    def get_call(self, call_id_or_provider_call_id: str) -> CallRecord | None:
-        return self._read(_get_call, _nul_free_text(call_id_or_provider_call_id))
-
-    def recent_calls(self, limit: int = 50) -> list[CallRecord]:
-        return self._read(_recent_calls, limit)
-
-    def load_active(self) -> list[CallRecord]:
-        """Every node's non-terminal calls."""
-        return self._read(_load_active, None)
-
-    def events_after(self, seq: int, limit: int = 1000) -> list[dict[str, Any]]:
-        return self._read(_events_after, seq, limit)
-
-    def last_events(self, n: int) -> list[dict[str, Any]]:
-        return self._read(_last_events, n)
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def __enter__(self) -> ReadOnlyPgStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+class ReadOnlyPgStore(ReadOnlyStore):
+    """
+    `ReadOnlyStore` (the CLI's, while the daemon is down) on PostgreSQL: each of the SQLite
+    store's queries is answered by its PostgreSQL counterpart; `load_active` gives every node's calls.
+    """
 
     def _read(self, query: Callable[..., T], *args: Any) -> T:
         with self._conn.transaction():  # one snapshot (REPEATABLE READ) for the whole answer
-            return query(self._conn, *args)
+            return _READ_ONLY_QUERIES[query](self._conn, *args)
+
+
+_READ_ONLY_QUERIES: dict[Callable[..., Any], Callable[..., Any]] = {
+    sqlite_store._get_call: _get_call,
+    sqlite_store._recent_calls: _recent_calls,
+    sqlite_store._load_active: lambda conn: _load_active(conn, None),
+    sqlite_store._events_after: _events_after,
+    sqlite_store._last_events: _last_events,
+}
 
 
 def open_readonly(url: str, *, connect_timeout: int = 5) -> ReadOnlyPgStore | None:

@@ -440,14 +440,20 @@ class Listener:
         the probe timeout: the query then fails, and the loop reconnects.
         """
         self._severed.clear()
-        watchdog = threading.Timer(self._pool._listen_probe[1], self._sever, (conn.fileno(),))
-        watchdog.daemon = True
+        answered = threading.Event()
+        fd = conn.fileno()
+
+        def watch() -> None:
+            if not answered.wait(self._pool._listen_probe[1]):
+                self._sever(fd)
+
+        watchdog = threading.Thread(target=watch, name=f"voicecall-pg-probe-{self.channel}", daemon=True)
         watchdog.start()
         try:
             conn.execute("SELECT 1")
         finally:
-            watchdog.cancel()
-            watchdog.join()  # a watchdog already running finishes before `conn` may be closed
+            answered.set()
+            watchdog.join()  # a watchdog already severing finishes before `conn` may be closed
 
     def _sever(self, fd: int) -> None:
         """Shut down the socket `fd` of a connection that did not answer its probe (not closing `fd`: libpq owns it)."""
