@@ -713,6 +713,23 @@ class ClusterRouteE2ETests(TestCase):
         self.assertEqual(len(placed), 3, results)
 
 
+    async def test_a_forwarded_callback_holding_nul_is_applied(self):
+        """
+        A callback whose query and text hold U+0000 reaches the owner through the store like any
+        other (PostgreSQL's JSONB refuses U+0000: kept there, it failed with 500 on every retry).
+        """
+        (_, rpc_a, _), (_, rpc_b, hook_b) = await self.nodes()
+        call_id = (await rpc_a.call("voicecall.initiate", {"to": "+15550001111", "message": "Hi"}))["callId"]
+        answered = await self.web.post(hook_b, event("call.answered", call_id))
+        self.assertEqual(answered.code, 200, answered.body)
+        await until_state(rpc_b, call_id, "listening", timeout=10)
+        spoken = await self.web.post(hook_b + "?note=%00", speech(call_id, "nul\x00here"))
+        self.assertEqual(spoken.code, 200, spoken.body)
+        await eventually(lambda: self.heard(rpc_a, call_id), 10, "the words on the owner")
+
+    async def heard(self, rpc, call_id: str) -> bool:
+        return any(who == "user" and text.startswith("nul") for who, text in transcript(await call_status(rpc, call_id)))
+
     async def test_a_replay_is_answered_where_it_arrives(self):
         """A captured callback replayed to a node that does not own its call costs no forward: answered there."""
         (_, rpc_a, _), (service_b, _, hook_b) = await self.nodes()

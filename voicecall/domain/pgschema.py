@@ -185,6 +185,12 @@ END $$;
 CREATE TRIGGER events_notify AFTER INSERT ON events REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION voicecall_events_notify()
 """),
+    # JSONB refuses U+0000, which a carrier's request may hold (a decoded %00 in its query): a
+    # forwarded request or its answer is kept as the JSON text the router wrote, escapes and all.
+    Migration(6, "forwards keep their JSON as text", """
+ALTER TABLE forwards ALTER COLUMN request TYPE TEXT USING request::text,
+    ALTER COLUMN reply TYPE TEXT USING reply::text
+"""),
 )
 
 
