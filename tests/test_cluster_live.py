@@ -15,7 +15,8 @@ from urllib.parse import parse_qsl, urlsplit
 from twisted.internet import reactor
 import psycopg
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
@@ -58,7 +59,7 @@ from tests.harness import (
     spawn_daemon,
     transcript,
 )
-from tests.pgserver import postgres_server
+from tests.pgserver import postgres_server, private_postgres_server
 from tests.test_restart import StreamedCallRig, tone
 
 SID = "AC" + "0" * 32
@@ -561,6 +562,17 @@ class ClaimTests(_PgCase):
         self.assertEqual(await pool.run(lambda conn: claim_share(conn, "a", 10)), [])
         self.assertEqual(await pool.run(lambda conn: claim_one(conn, "a", 10, "c1")), [("c1", "gone")])
 
+    async def test_a_node_not_steady_leaves_a_silent_nodes_calls(self):
+        """Back from a gap in its beats, a node takes a stopped node's calls, not yet a silent one's."""
+        self.sql("INSERT INTO nodes VALUES ('a', '', 'h', 1, now(), now()),"
+                 " ('silent', '', 'h', 2, now(), now() - interval '15 seconds'),"
+                 " ('stopped', '', 'h', null, now(), now() - interval '15 seconds')")
+        self.calls(("c1", "silent", False, 0), ("c2", "stopped", False, 0), ("c3", None, False, 0))
+        pool = await self.open_pool()
+        self.assertEqual(await pool.run(lambda conn: claim_one(conn, "a", 10, "c1", steady=False)), [])
+        self.assertEqual(sorted(await pool.run(lambda conn: claim_share(conn, "a", 10, steady=False))), [("c2", "stopped"), ("c3", None)])
+        self.assertEqual(await pool.run(lambda conn: claim_share(conn, "a", 10, steady=True)), [("c1", "silent")])
+
     async def test_claim_one_leaves_a_live_owners_call(self):
         """One call is claimed only from a dead (or no) owner, or again by its adopter."""
         self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('b', '', null, null, now(), now())")
@@ -838,25 +850,28 @@ class OperationsTests(SynchronousTestCase):
 LEASE = 3  # the shortest lease the config takes: adoption within LEASE + LEASE/3 + a sweep
 
 
-class FailoverTests(TestCase):
-    """`kill -9` of the node running a call: a live node adopts it, Twilio is re-pointed, the call goes on."""
+class _NodesCase(TestCase):
+    """Spawned daemons (Twilio, fake) on one PostgreSQL store."""
 
     timeout = 120
 
     async def setUp(self) -> None:
         self.pg = postgres_server(self)
         self.store_url = self.pg.new_database(self)
+        await self.set_up_twilio()
+
+    async def set_up_twilio(self) -> None:
         self.http = http_client(self)
         self.metrics_ports: dict[str, int] = {}
 
-        answered: set[int] = set()
+        answered: set[tuple[str, int]] = set()
 
         def person(call):
             # Silent (a long Gather) until asked the question the adopter puts; answers it once.
             said = call.say_texts[-1] if call.say_texts else ""
-            if said != "Still there?" or len(call.say_texts) in answered:
+            if said != "Still there?" or (call.sid, len(call.say_texts)) in answered:
                 return None
-            answered.add(len(call.say_texts))
+            answered.add((call.sid, len(call.say_texts)))
             return "yes, still here"
 
         self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=Scenario(utterances=person, silence=60))
@@ -895,6 +910,11 @@ class FailoverTests(TestCase):
         with psycopg.connect(self.store_url, autocommit=True) as conn:
             row = conn.execute("SELECT owner_node FROM calls WHERE call_id = %s", (call_id,)).fetchone()
         return row[0] if row else None
+
+
+
+class FailoverTests(_NodesCase):
+    """`kill -9` of the node running a call: a live node adopts it, Twilio is re-pointed, the call goes on."""
 
     async def test_kill9_mid_call(self):
         a, b = await self.node("a"), await self.node("b")
@@ -1008,6 +1028,68 @@ class FailoverTests(TestCase):
         self.assertTrue(await _not_running(a.rpc_path, "none"))  # a serves on
         with psycopg.connect(self.store_url, autocommit=True) as conn:
             self.assertEqual(conn.execute("SELECT pid FROM nodes").fetchall(), [(pid,)])
+
+
+class OutageTests(_NodesCase):
+    """
+    PostgreSQL down for a while, every heartbeat failing at once: when it is back no node takes a
+    call from another (each had a lease to beat again first); a node that really died still loses
+    its calls.
+    """
+
+    timeout = 180
+
+    async def setUp(self) -> None:
+        self.server = private_postgres_server(self)
+        await deferToThread(self.server.start)
+        self.pg = self.server
+        self.store_url = self.server.new_database(self)
+        await self.set_up_twilio()
+
+    async def outage(self, seconds: float) -> None:
+        await deferToThread(self.server.stop)
+        await deferLater(reactor, seconds, lambda: None)
+        await deferToThread(self.server.start)
+
+    async def test_an_outage_moves_no_call(self):
+        a, b = await self.node("a"), await self.node("b")
+        calls = {}
+        for node in (a, b):
+            placed = await rpc(node.rpc_path, "voicecall.initiate", {"to": CALLEE, "message": "Hello from A", "mode": "conversation"})
+            calls[placed["callId"]] = node
+            await eventually(lambda node=node, call_id=placed["callId"]: _greeted(node.rpc_path, call_id), 15, "the greeting")
+        owners = {call_id: self.owner(call_id) for call_id in calls}
+        self.assertEqual(sorted(owners.values()), ["a", "b"])
+
+        for down in (LEASE * 0.7, LEASE * 2.5):  # shorter than a lease, then longer
+            await self.outage(down)
+            # Every node beats again, then sweeps for a few leases: nothing changes hands.
+            await eventually(lambda: self.beating(a, b), 60, "both nodes to beat again")
+            await deferLater(reactor, LEASE * 3, lambda: None)
+            self.assertEqual({call_id: self.owner(call_id) for call_id in calls}, owners)
+            for call_id, node in calls.items():
+                self.assertTrue(await _runs(node.rpc_path, call_id), f"{call_id} left {owners[call_id]} after {down}s")
+        for call_id, node in calls.items():  # both calls go on where they were
+            answer = await rpc(node.rpc_path, "voicecall.continue", {"callId": call_id, "message": "Still there?"})
+            self.assertEqual(answer["transcript"], "yes, still here")
+
+        # A node that dies loses its call all the same, within a lease and a few seconds.
+        await a.kill9()
+        killed_at = reactor.seconds()
+        (a_call,) = [call_id for call_id, owner in owners.items() if owner == "a"]
+        await eventually(lambda: self.owner(a_call) == "b", LEASE + 10, "b to adopt a's call")
+        self.assertLess(reactor.seconds() - killed_at, LEASE + LEASE / 3 + 3)
+
+    def beating(self, *nodes) -> bool:
+        """Whether every node beat within the last lease/2 (database clock)."""
+        try:
+            with psycopg.connect(self.store_url, autocommit=True, connect_timeout=2) as conn:
+                rows = conn.execute(
+                    "SELECT count(*) FROM nodes WHERE heartbeat_at > now() - make_interval(secs => %s)", (LEASE / 2,)
+                ).fetchone()
+        except psycopg.OperationalError:
+            return False
+        return rows[0] == len(nodes)
 
 
 async def _not_running(rpc_path: str, call_id: str) -> bool:

@@ -450,7 +450,7 @@ def build_liveness(cfg, reactor, store, manager: CallManager, provider, webhook_
     from voicecall.infra.pg import PgPool
 
     lease = cfg.cluster.lease_seconds
-    adopter = Adopter(store.pool, store, manager, provider, store.node_id, lease, webhook_url, fenced=lambda: node.fenced)
+    adopter = Adopter(store.pool, store, manager, provider, store.node_id, lease, webhook_url, fenced=lambda: node.fenced, steady=lambda: node.steady)
     node: NodeRegistry = NodeRegistry(
         reactor, PgPool(reactor, cfg.store, max_size=1), store.node_id, cfg.public_url or "", lease,
         on_beat=adopter.sweep if on_beat is None else lambda: (adopter.sweep(), on_beat(node)),

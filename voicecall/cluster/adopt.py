@@ -17,7 +17,12 @@ sweeps after each of its beats, every ``lease / 3``). A call whose part's node d
 silent for ``3 * lease``. ``SKIP LOCKED`` keeps two adopters off the same call (a row another
 sweep is claiming is skipped, not waited for). A sweep repeats while it claims `MAX_CLAIM` calls
 (a backlog). Only a node whose own heartbeat is fresh adopts (in the store, and by its own
-monotonic clock: not while `fenced()`, see nodes.py). The store's fencing then refuses every
+monotonic clock: not while `fenced()`, see nodes.py), and a SILENT node's calls (not stopped: its
+beat just older than the lease) only a node that is `steady()`: whose own beats have succeeded
+without a gap for a whole lease. When the database was down (or cut off from every node) all
+beats stopped together, and the first node back would otherwise take everyone's calls; this
+way every node has had a lease to beat again first. A stopped node's calls (and calls with no
+owner) are anyone's at once. The store's fencing then refuses every
 write of the dead node to these calls, should it come back; and its next heartbeat finds the calls
 another node owns now and releases them (`CallManager.release`, nodes.py), never ended, so the
 two nodes do not both run them.
@@ -32,6 +37,7 @@ dead node acknowledged is in the store, and so survives.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from attrs import define, field
@@ -48,12 +54,19 @@ def _live(lease_seconds: float) -> str:
     return f"(SELECT node_id FROM nodes WHERE heartbeat_at > now() - make_interval(secs => {float(lease_seconds)!r}))"
 
 
-def _orphan(lease_seconds: float) -> str:
-    return f"NOT c.terminal AND (c.owner_node IS NULL OR c.owner_node NOT IN {_live(lease_seconds)})"
+def _orphan(lease_seconds: float, steady: bool) -> str:
+    """A call without a live owner; unless `steady`, only one whose owner stopped (or has no row)."""
+    held = _live(lease_seconds)
+    if not steady:  # a silent node keeps its calls (it may only be where this node was: cut off)
+        held = f"(SELECT node_id FROM nodes WHERE pid IS NOT NULL OR node_id IN {held})"
+    return f"NOT c.terminal AND (c.owner_node IS NULL OR c.owner_node NOT IN {held})"
 
 
-def claim_share(conn, me: str, lease_seconds: float) -> list[tuple[str, str | None]]:
-    """Claim this node's part of the orphan calls: [(call_id, previous owner)]; none unless `me` is live."""
+def claim_share(conn, me: str, lease_seconds: float, steady: bool = True) -> list[tuple[str, str | None]]:
+    """
+    Claim this node's part of the orphan calls: [(call_id, previous owner)]; none unless `me` is
+    live; a silent node's calls only if `steady` (see `NodeRegistry.steady`).
+    """
     row = conn.execute(
         "SELECT rank, n FROM (SELECT node_id, row_number() OVER (ORDER BY node_id) - 1 AS rank, count(*) OVER () AS n"
         f" FROM nodes WHERE node_id IN {_live(lease_seconds)}) live WHERE node_id = %s",
@@ -66,18 +79,18 @@ def claim_share(conn, me: str, lease_seconds: float) -> list[tuple[str, str | No
     return _claim(
         conn,
         me,
-        f"{_orphan(lease_seconds)} AND (mod(hashtext(c.call_id)::bigint + 2147483648, %s) = %s OR c.owner_node IN {long_dead})"
+        f"{_orphan(lease_seconds, steady)} AND (mod(hashtext(c.call_id)::bigint + 2147483648, %s) = %s OR c.owner_node IN {long_dead})"
         " ORDER BY c.started_at LIMIT %s",
         (live, rank, MAX_CLAIM),
     )
 
 
-def claim_one(conn, me: str, lease_seconds: float, call_id: str) -> list[tuple[str, str | None]]:
+def claim_one(conn, me: str, lease_seconds: float, call_id: str, steady: bool = True) -> list[tuple[str, str | None]]:
     """Claim `call_id` if it is an orphan (or already ours: a claim whose load did not finish)."""
     return _claim(
         conn,
         me,
-        f"c.call_id = %s AND NOT c.terminal AND (c.owner_node = %s OR {_orphan(lease_seconds)})",
+        f"c.call_id = %s AND NOT c.terminal AND (c.owner_node = %s OR {_orphan(lease_seconds, steady)})",
         (call_id, me),
     )
 
@@ -111,6 +124,8 @@ class Adopter:
     _webhook_url: Callable[[], "str | None"]
     #: Whether this node must not act now (NodeRegistry.fenced): it then adopts nothing.
     _fenced: Callable[[], bool] = lambda: False
+    #: Whether this node may take a silent node's calls (NodeRegistry.steady); a stopped one's it always may.
+    _steady: Callable[[], bool] = lambda: True
     #: Calls adopted by this node since it started (metrics).
     adopted: int = field(default=0, init=False)
     _sweeping: Deferred | None = field(default=None, init=False)
@@ -161,7 +176,7 @@ class Adopter:
     async def _sweep(self) -> int:
         total = 0
         while self._running:
-            claimed = await self._pool.run(lambda conn: claim_share(conn, self.node_id, self.lease_seconds))
+            claimed = await self._pool.run(partial(claim_share, me=self.node_id, lease_seconds=self.lease_seconds, steady=self._steady()))
             total += len(claimed)
             if claimed:
                 await self._take(claimed)
@@ -186,7 +201,8 @@ class Adopter:
         await self._sweep_ended()
         if self._manager.find(call_id) is not None:
             return True
-        claimed = await self._pool.run(lambda conn: claim_one(conn, self.node_id, self.lease_seconds, call_id))
+        steady = self._steady()
+        claimed = await self._pool.run(lambda conn: claim_one(conn, self.node_id, self.lease_seconds, call_id, steady))
         if claimed:
             await self._take(claimed)
         else:

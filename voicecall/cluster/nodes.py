@@ -27,6 +27,15 @@ node that was paused (SIGSTOP, a VM pause) or cut off from the database stops ac
 carrier for its calls before that can happen (tap.py wraps the carrier and the voice in
 `FencedCarrier`), and starts again only after a beat that also released what was taken.
 
+`steady` is true once this node's beats have succeeded for a whole lease with none failing and
+no fenced gap between two of them (since its registration, or since the last failure), and, after
+a gap, for as long again as the gap lasted (at most `MAX_CATCH_UP`): only then does it take a
+silent (not stopped) node's calls (adopt.py). A database outage stops every node's beats at once;
+without this, the first node back would find the others' beats older than the lease and take
+their calls while they reconnect. The extra wait covers the others' reconnection: the connection
+pool retries with a backoff that doubles (1, 2, 4... s), so a node may find the database back
+as late as about the outage's length after it came back (measured: 10 s after a 7.5 s outage).
+
 Joins and leaves are announced on the NOTIFY channel ``voicecall_nodes`` (`NODES_CHANNEL`) with a
 JSON payload ``{"node": <id>, "event": "join"|"leave", "url": <its publicUrl>}``, sent when the
 row's transaction commits. The registry LISTENs to it and calls ``on_change(event)`` for another
@@ -63,6 +72,8 @@ from voicecall.domain.store import StoreLockedError
 NODES_CHANNEL = "voicecall_nodes"
 #: Call ids listed per node (`status --cluster`); the count covers them all.
 MAX_LISTED_CALLS = 1000
+#: The longest a node back from a gap in its beats waits, beyond a lease, before it takes a silent node's calls.
+MAX_CATCH_UP = 60.0
 #: The owner named when a call's row was taken over by another process with this node id.
 REPLACED = "(another process with this node id)"
 
@@ -193,6 +204,10 @@ class NodeRegistry:
     _since: Any = field(default=None, init=False)
     #: The monotonic time at which the last successful beat started (None: none yet).
     _last_good: float | None = field(default=None, init=False)
+    #: When the current run of good beats (none failed, none fenced in between) began (None: a beat failed).
+    _steady_since: float | None = field(default=None, init=False)
+    #: How long this node went without a good beat before that run (capped at MAX_CATCH_UP).
+    _catch_up: float = field(default=0.0, init=False)
     #: Another process registered this node id over this one's row: fenced for good.
     replaced: bool = field(default=False, init=False)
     #: The next heartbeat's timer (None: not started, or stopped).
@@ -217,6 +232,18 @@ class NodeRegistry:
             return True
         return self._monotonic() - self._last_good > self.lease_seconds * 0.75
 
+    @property
+    def steady(self) -> bool:
+        """Whether this node's beats have succeeded without a gap for a lease (it may take a silent node's calls)."""
+        since = self._steady_since
+        return not self.fenced and since is not None and self._monotonic() - since >= self.lease_seconds + self._catch_up
+
+    def _good_beat(self, began: float) -> None:
+        if self._steady_since is None or self.fenced:
+            self._steady_since = began
+            self._catch_up = 0.0 if self._last_good is None else min(began - self._last_good, MAX_CATCH_UP)
+        self._last_good = began
+
     def start(self) -> Deferred[None]:
         """Register (NodeIdInUse if another live process has our id), then beat and listen."""
         return Deferred.fromCoroutine(self._start())
@@ -225,7 +252,7 @@ class NodeRegistry:
         await self._pool.open()
         began = self._monotonic()
         nodes, self._since = await self._pool.run(self._register)
-        self._last_good = began
+        self._good_beat(began)
         self.snapshot = tuple(nodes)
         self._log.info(
             "Cluster node {node} registered ({url}); lease {lease}s", node=self.node_id, url=self.public_url, lease=self.lease_seconds
@@ -311,7 +338,7 @@ class NodeRegistry:
             nodes, taken = result
             for call_id, owner in taken:  # released before the node counts itself live again
                 self._on_taken(call_id, owner)
-            self._last_good = began
+            self._good_beat(began)
             self.snapshot = tuple(nodes)
             if self.failed_beats:
                 self._log.info("Cluster heartbeat back after {n} failed", n=self.failed_beats)
@@ -321,6 +348,7 @@ class NodeRegistry:
         def failed(failure) -> None:
             # Logged, never raised: a raised error would stop the loop for good.
             self.failed_beats += 1
+            self._steady_since = None
             self._log.warn(
                 "Cluster heartbeat failed ({n} in a row): {error}", n=self.failed_beats, error=failure.getErrorMessage()
             )
