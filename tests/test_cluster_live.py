@@ -573,6 +573,20 @@ class ClaimTests(_PgCase):
         self.assertEqual(sorted(await pool.run(lambda conn: claim_share(conn, "a", 10, steady=False))), [("c2", "stopped"), ("c3", None)])
         self.assertEqual(await pool.run(lambda conn: claim_share(conn, "a", 10, steady=True)), [("c1", "silent")])
 
+    async def test_each_node_is_judged_by_its_own_lease(self):
+        """A node on a 3 s lease takes nothing from one on 30 s that beat 5 s ago (and sees it alive); past 30 s it does."""
+        a = await self.registry("a", lease=3)
+        await self.registry("b", lease=30)  # its next beat is 10 s away
+        self.calls(("c1", "b", False, 0))
+        self.kill("b", 5)
+        pool = await self.open_pool()
+        self.assertEqual(await pool.run(lambda conn: claim_share(conn, "a", 3)), [])
+        self.assertEqual(await pool.run(lambda conn: claim_one(conn, "a", 3, "c1")), [])
+        self.assertEqual({n.node_id: n.alive for n in await a.nodes()}, {"a": True, "b": True})
+        self.kill("b", 31)
+        self.assertEqual({n.node_id: n.alive for n in await a.nodes()}, {"a": True, "b": False})
+        self.assertEqual(await pool.run(lambda conn: claim_share(conn, "a", 3)), [("c1", "b")])
+
     async def test_claim_one_leaves_a_live_owners_call(self):
         """One call is claimed only from a dead (or no) owner, or again by its adopter."""
         self.sql("INSERT INTO nodes VALUES ('a', '', null, null, now(), now()), ('b', '', null, null, now(), now())")
@@ -878,12 +892,12 @@ class _NodesCase(TestCase):
         self.twilio_base = await serve(self, self.fake.resource())
         self.addCleanup(_hang_up_all, self.fake)
 
-    async def node(self, node_id: str) -> Daemon:
-        process, port = self.spawn_node(node_id)
+    async def node(self, node_id: str, lease: int = LEASE) -> Daemon:
+        process, port = self.spawn_node(node_id, lease)
         match = await process.wait_for_output(READY, READY_TIMEOUT, f"node {node_id}'s ready line")
         return Daemon(workdir=process.workdir, process=process, webhook_url=match.group(1).decode(), rpc_path=match.group(2).decode())
 
-    def spawn_node(self, node_id: str):
+    def spawn_node(self, node_id: str, lease: int = LEASE):
         port = free_port()
         config = {
             "provider": "twilio",
@@ -892,7 +906,7 @@ class _NodesCase(TestCase):
             "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
             "maxConcurrentCalls": 5,
             "transcriptTimeoutMs": 30000,
-            "cluster": {"nodeId": node_id, "leaseSeconds": LEASE},
+            "cluster": {"nodeId": node_id, "leaseSeconds": lease},
             "metrics": {"enabled": True, "port": free_port()},
         }
         work = make_workdir(self, config)
@@ -1012,6 +1026,19 @@ class FailoverTests(_NodesCase):
             self.assertEqual(answer, {"success": True})
             ended = await call_record(b.rpc_path, call_id)
             self.assertEqual((ended["state"], ended["endReason"]), ("hangup-bot", "hangup-bot"))
+
+    async def test_nodes_with_different_leases(self):
+        """A node on a 3 s lease takes nothing from one on 12 s, which beats every 4 s; it does once that one is killed."""
+        a, b = await self.node("a", lease=3), await self.node("b", lease=12)
+        call_id = (await rpc(b.rpc_path, "voicecall.initiate", {"to": CALLEE, "message": "Hello from A", "mode": "conversation"}))["callId"]
+        await eventually(lambda: _greeted(b.rpc_path, call_id), 15, "the greeting said on b")
+        await deferLater(reactor, 12, lambda: None)  # three of b's beats, a dozen of a's sweeps
+        self.assertEqual(self.owner(call_id), "b")
+        self.assertTrue(await _runs(b.rpc_path, call_id))
+        nodes = {n["nodeId"]: n["alive"] for n in (await rpc(a.rpc_path, "voicecall.cluster", {}))["nodes"]}
+        self.assertEqual(nodes, {"a": True, "b": True})
+        await b.kill9()
+        await eventually(lambda: self.owner(call_id) == "a", 12 + 10, "a to adopt b's call, a lease of b's after it died")
 
     async def test_one_node_id_two_processes_on_one_host(self):
         """nodeId defaults to the host name: a second daemon on the host with a's id refuses to start, in one line."""

@@ -3,8 +3,8 @@
 Adoption: the live calls of a dead node are taken over by live nodes.
 
 A call is an orphan when it is not over (``calls.terminal`` false) and its ``owner_node`` is not a
-live node (no row in ``nodes``: it stopped cleanly; or a heartbeat older than the lease: it
-died). `Adopter.sweep()` (run after each heartbeat of this node, and when another node leaves)
+live node (no row in ``nodes``; stopped cleanly; or a heartbeat older than that node's own lease,
+kept in its row: it died). `Adopter.sweep()` (run after each heartbeat of this node, and when another node leaves)
 claims this node's part of the orphans in one transaction:
 
     UPDATE calls SET owner_node = <me> FROM (SELECT ... FOR UPDATE SKIP LOCKED)
@@ -44,6 +44,8 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from voicecall.cluster.nodes import alive_sql, row_lease
+
 #: Calls one sweep's transaction claims at most (a sweep repeats while it claims this many).
 MAX_CLAIM = 500
 #: A dead node's call that its part's node did not take goes to any node after this many leases.
@@ -51,7 +53,7 @@ ANYONE_AFTER_LEASES = 3
 
 
 def _live(lease_seconds: float) -> str:
-    return f"(SELECT node_id FROM nodes WHERE heartbeat_at > now() - make_interval(secs => {float(lease_seconds)!r}))"
+    return f"(SELECT node_id FROM nodes WHERE {alive_sql(lease_seconds)})"
 
 
 def _orphan(lease_seconds: float, steady: bool) -> str:
@@ -75,7 +77,7 @@ def claim_share(conn, me: str, lease_seconds: float, steady: bool = True) -> lis
     if row is None:
         return []  # this node's own heartbeat is stale: it may be the one cut off
     rank, live = int(row[0]), int(row[1])
-    long_dead = f"(SELECT node_id FROM nodes WHERE heartbeat_at < now() - make_interval(secs => {ANYONE_AFTER_LEASES * float(lease_seconds)!r}))"
+    long_dead = f"(SELECT node_id FROM nodes WHERE heartbeat_at < now() - {ANYONE_AFTER_LEASES} * {row_lease(lease_seconds)})"
     return _claim(
         conn,
         me,

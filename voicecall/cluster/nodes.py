@@ -5,8 +5,9 @@ Node liveness: this node's row in the store's ``nodes`` table, kept fresh by hea
 A node registers when it starts (after the store opened, before it restores its calls), beats
 every ``lease_seconds / 3`` and marks its row stopped when it stops cleanly. Every time is the
 DATABASE's clock (``now()``), so nodes whose clocks disagree still agree on who is alive: a node
-is alive while its ``heartbeat_at`` is less than ``lease_seconds`` old, and dead after (its live
-calls are then adopted, see adopt.py). A clean stop gives the lease up at once (``heartbeat_at``
+is alive while its ``heartbeat_at`` is less than ITS OWN ``lease_seconds`` old (kept in its row:
+nodes configured with different leases judge each other alike; `alive_sql`), and dead after (its
+live calls are then adopted, see adopt.py). A clean stop gives the lease up at once (``heartbeat_at``
 moved back by a lease, ``pid`` cleared: "stopped"), so its calls are adoptable at once; the row
 stays, because callbacks signed for its URL keep coming (a Plivo call's hangup_url cannot be
 moved; a ringing Twilio call is not re-pointed): urls.py accepts the URL of every row. A row
@@ -121,11 +122,21 @@ def _lease(lease_seconds: float) -> str:
     return f"make_interval(secs => {float(lease_seconds)!r})"
 
 
+def row_lease(lease_seconds: float, alias: str = "") -> str:
+    """The lease of a ``nodes`` row as an interval: its own (NULL, a row of an older version: `lease_seconds`)."""
+    return f"make_interval(secs => coalesce({alias}lease_seconds, {float(lease_seconds)!r}))"
+
+
+def alive_sql(lease_seconds: float, alias: str = "") -> str:
+    """The condition that a ``nodes`` row (`alias`: "n." for a table alias n) is alive: its last beat within its own lease."""
+    return f"{alias}heartbeat_at > now() - {row_lease(lease_seconds, alias)}"
+
+
 def list_nodes(conn, lease_seconds: float) -> list[NodeInfo]:
     """Every registered node with its live calls; plus owners of live calls that have no row."""
     rows = conn.execute(
         "SELECT n.node_id, n.public_url, n.host, n.pid, extract(epoch FROM n.started_at),"
-        " extract(epoch FROM now() - n.heartbeat_at), n.heartbeat_at > now() - " + _lease(lease_seconds)
+        " extract(epoch FROM now() - n.heartbeat_at), " + alive_sql(lease_seconds, "n.")
         + " FROM nodes n ORDER BY n.node_id"
     ).fetchall()
     calls: dict[str, list[str]] = {}
@@ -162,8 +173,8 @@ def taken_from(conn, me: str, call_ids: Sequence[str]) -> list[tuple[str, str]]:
 def prune(conn, keep_seconds: float, lease_seconds: float) -> int:
     """Delete the rows of nodes not alive that own no live call and last beat `keep_seconds` ago; how many."""
     return conn.execute(
-        "DELETE FROM nodes n WHERE n.heartbeat_at < now() - " + _lease(max(keep_seconds, lease_seconds))
-        + " AND NOT EXISTS (SELECT 1 FROM calls c WHERE NOT c.terminal AND c.owner_node = n.node_id)"
+        f"DELETE FROM nodes n WHERE n.heartbeat_at < now() - greatest({_lease(keep_seconds)}, {row_lease(lease_seconds, 'n.')})"
+         " AND NOT EXISTS (SELECT 1 FROM calls c WHERE NOT c.terminal AND c.owner_node = n.node_id)"
     ).rowcount
 
 
@@ -276,7 +287,7 @@ class NodeRegistry:
 
     def _register(self, conn) -> tuple[list[NodeInfo], Any]:
         row = conn.execute(
-            "SELECT host, pid, heartbeat_at > now() - " + _lease(self.lease_seconds) + " FROM nodes WHERE node_id = %s FOR UPDATE",
+            "SELECT host, pid, " + alive_sql(self.lease_seconds) + " FROM nodes WHERE node_id = %s FOR UPDATE",
             (self.node_id,),
         ).fetchone()
         if row is not None and row[2]:
@@ -295,11 +306,12 @@ class NodeRegistry:
                 )
             # Else a crashed predecessor on this host: its row is taken over at once.
         (since,) = conn.execute(
-            "INSERT INTO nodes (node_id, public_url, host, pid, started_at, heartbeat_at) VALUES (%s, %s, %s, %s, now(), now())"
+            "INSERT INTO nodes (node_id, public_url, host, pid, started_at, heartbeat_at, lease_seconds)"
+            " VALUES (%s, %s, %s, %s, now(), now(), %s)"
             " ON CONFLICT (node_id) DO UPDATE SET public_url = excluded.public_url, host = excluded.host,"
-            " pid = excluded.pid, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at"
-            " RETURNING started_at",
-            (self.node_id, self.public_url, self._host, self._pid),
+            " pid = excluded.pid, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at,"
+            " lease_seconds = excluded.lease_seconds RETURNING started_at",
+            (self.node_id, self.public_url, self._host, self._pid, float(self.lease_seconds)),
         ).fetchone()
         self._announce(conn, "join")
         return list_nodes(conn, self.lease_seconds), since
@@ -323,9 +335,9 @@ class NodeRegistry:
                     return None  # another process registered this id over our row
                 # Our row was pruned (this node was silent for long): it comes back with this beat.
                 conn.execute(
-                    "INSERT INTO nodes (node_id, public_url, host, pid, started_at, heartbeat_at) VALUES (%s, %s, %s, %s, %s, now())"
-                    " ON CONFLICT (node_id) DO NOTHING",
-                    (self.node_id, self.public_url, self._host, self._pid, self._since),
+                    "INSERT INTO nodes (node_id, public_url, host, pid, started_at, heartbeat_at, lease_seconds)"
+                    " VALUES (%s, %s, %s, %s, %s, now(), %s) ON CONFLICT (node_id) DO NOTHING",
+                    (self.node_id, self.public_url, self._host, self._pid, self._since, float(self.lease_seconds)),
                 )
             taken = taken_from(conn, self.node_id, held)
             prune(conn, self.keep_seconds, self.lease_seconds)
