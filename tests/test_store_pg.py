@@ -210,17 +210,20 @@ class IssueOrderContract:
     last would leave an ended call live. Subclasses give `open_store()`.
     """
 
-    async def overlapping_writes(self, store, call_id: str) -> None:
+    async def overlapping_writes(self, store, call_id: str, *, plain: tuple[int, ...] = ()) -> None:
+        """Six writes of one record issued without waiting (those in `plain` with no event): the last one's is stored."""
         record = make_record(call_id)
         await store.write(record)
         writes = []
         for n in range(6):  # the manager's pattern: mutate the one record, write it, don't wait
             record.metadata["n"] = n
-            writes.append(store.write(record, events=[event(call_id, "call.x", at=n, n=n)]))
+            events = [] if n in plain else [event(call_id, "call.x", at=n, n=n)]
+            writes.append(store.write(record, events=events))
         await gatherResults(writes)
         got = await store.get_call(call_id)
         self.assertEqual(got.metadata["n"], 5)
-        self.assertEqual([e["n"] for e in await store.events_after(0, 1000) if e["callId"] == call_id], list(range(6)))
+        logged = [e["n"] for e in await store.events_after(0, 1000) if e["callId"] == call_id]
+        self.assertEqual(logged, [n for n in range(6) if n not in plain])
 
     async def test_writes_of_one_call_commit_in_issue_order(self):
         store = await self.open_store()
@@ -265,6 +268,23 @@ class PgIssueOrderTests(IssueOrderContract, TestCase):
             rows(self.url, "SELECT setval('fuse', 1, false)")  # the next COMMIT of a calls write dies
             await self.overlapping_writes(store, f"c{trial}")
             self.assertGreater(rows(self.url, "SELECT last_value FROM fuse")[0][0], 1)
+
+
+    async def test_issue_order_kept_when_a_committed_batch_runs_again(self):
+        """
+        A batch whose COMMIT was in fact applied runs again (the connection broke as COMMIT
+        returned): a write without events in it re-applies its snapshot, and the later write,
+        already applied, must still leave its own, newer, snapshot as the stored one.
+        """
+        store = await self.open_store()
+        real_transact = store.pool._transact
+
+        def twice(connections, fn, retry_ambiguous):
+            real_transact(connections, fn, retry_ambiguous)
+            return real_transact(connections, fn, retry_ambiguous)
+
+        self.patch(store.pool, "_transact", twice)
+        await self.overlapping_writes(store, "c1", plain=(4,))
 
 
 class PruneTests(TestCase):

@@ -48,7 +48,8 @@ Retries (see infra/pg.py): a transaction may run again after a serialization fai
 connection, or a connection lost during COMMIT, when it may already have been applied. Every
 write is idempotent: call rows are upserts of whole values, event keys are INSERT ... ON CONFLICT
 DO NOTHING, and a write that appends transcript entries or events first records its random
-write id in ``applied_writes`` and, finding it there, does nothing more.
+write id in ``applied_writes`` and, finding it there, appends nothing more (its row, a whole
+value, is written again: a batch runs again in issue order, so its last snapshot of a call wins).
 """
 from __future__ import annotations
 
