@@ -247,58 +247,6 @@ BEGIN
     RETURN 'applied';
 END $$
 """),
-    # A batch whose COMMIT was applied but not acknowledged runs again: a replayed write still
-    # upserts its row (idempotent), so that an earlier write of the batch re-applying an older
-    # snapshot of the same call is overwritten again; only its appends are skipped.
-    Migration(8, "voicecall_write: a replayed write upserts its row again", """
-CREATE OR REPLACE FUNCTION voicecall_write(
-    p_write UUID,
-    p_call_id TEXT, p_provider_call_id TEXT, p_provider TEXT, p_direction TEXT, p_state TEXT,
-    p_terminal BOOLEAN, p_from_number TEXT, p_to_number TEXT, p_session_key TEXT, p_started_at BIGINT,
-    p_answered_at BIGINT, p_ended_at BIGINT, p_end_reason TEXT, p_metadata TEXT, p_owner_node TEXT,
-    p_timestamps BIGINT[], p_speakers TEXT[], p_texts TEXT[], p_finals BOOLEAN[], p_keys TEXT[]
-) RETURNS TEXT LANGUAGE plpgsql AS $$
-DECLARE
-    replayed BOOLEAN := false;
-BEGIN
-    -- 'replayed': this write id was committed already (the retry of an ambiguous COMMIT): its
-    -- row is written again, its transcript entries and event keys (and the caller's events) not.
-    IF p_write IS NOT NULL THEN
-        INSERT INTO applied_writes (write_id) VALUES (p_write) ON CONFLICT DO NOTHING;
-        replayed := NOT FOUND;
-    END IF;
-    IF p_call_id IS NULL THEN
-        RETURN CASE WHEN replayed THEN 'replayed' ELSE 'applied' END;
-    END IF;
-    -- 'fenced': another node owns the call; the caller rolls back.
-    INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number,
-                       to_number, session_key, started_at, answered_at, ended_at, end_reason, metadata, owner_node)
-    VALUES (p_call_id, p_provider_call_id, p_provider, p_direction, p_state, p_terminal, p_from_number,
-            p_to_number, p_session_key, p_started_at, p_answered_at, p_ended_at, p_end_reason, p_metadata, p_owner_node)
-    ON CONFLICT (call_id) DO UPDATE SET
-        provider_call_id = excluded.provider_call_id, provider = excluded.provider,
-        direction = excluded.direction, state = excluded.state, terminal = excluded.terminal,
-        from_number = excluded.from_number, to_number = excluded.to_number,
-        session_key = excluded.session_key, started_at = excluded.started_at,
-        answered_at = excluded.answered_at, ended_at = excluded.ended_at,
-        end_reason = excluded.end_reason, metadata = excluded.metadata, owner_node = excluded.owner_node
-    WHERE calls.owner_node IS NULL OR calls.owner_node = excluded.owner_node;
-    IF replayed THEN
-        RETURN 'replayed';  -- fenced now or not, it was applied when it first committed
-    END IF;
-    IF NOT FOUND THEN
-        RETURN 'fenced';
-    END IF;
-    INSERT INTO transcript (call_id, timestamp, speaker, text, is_final)
-    SELECT p_call_id, t.ts, t.speaker, t.text, t.final
-    FROM unnest(p_timestamps, p_speakers, p_texts, p_finals) WITH ORDINALITY AS t(ts, speaker, text, final, n)
-    ORDER BY t.n;
-    INSERT INTO event_keys (call_id, key)
-    SELECT p_call_id, k.key FROM unnest(p_keys) WITH ORDINALITY AS k(key, n) ORDER BY k.n
-    ON CONFLICT DO NOTHING;
-    RETURN 'applied';
-END $$
-"""),
 )
 
 
