@@ -25,7 +25,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-EVENTS_CHANNEL = "voicecall_events"
+from voicecall.domain.pgschema import EVENTS_CHANNEL
 MAX_ECHOES = 4096
 MAX_SEEN = 4096
 READ_LIMIT = 1000
