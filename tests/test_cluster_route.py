@@ -177,6 +177,19 @@ class RouterTests(TestCase):
         replies = await gatherResults([Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"n": n})) for n in range(40)])
         self.assertEqual([r["echo"]["n"] for r in replies], list(range(40)))
 
+    async def test_each_owner_is_judged_by_its_own_lease(self):
+        """A node on a 60 s lease, silent for 20 s, is alive to a node on a 10 s lease: its call is not taken."""
+        self.sql("INSERT INTO nodes (node_id, public_url, started_at, heartbeat_at, lease_seconds)"
+                 " VALUES ('slow', 'https://slow.example', now(), now() - interval '20 seconds', 60)")
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-slow', 'CA9', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'slow')",
+        )
+        owner = await self.a.router.owner(["c-slow"])
+        self.assertEqual((owner.node_id, owner.alive), ("slow", True))
+        self.sql("UPDATE nodes SET heartbeat_at = now() - interval '2 minutes' WHERE node_id = 'slow'")
+        self.assertFalse((await self.a.router.owner(["c-slow"])).alive)
+
     async def test_route_local_live_dead_unknown(self):
         """Mine or unknown: run here; a live node's: forwarded; a dead node's: adopted, then run here."""
         await self.started(self.a, self.b)

@@ -18,8 +18,8 @@ most ``max_running`` forwarded requests run at once here and ``max_queued`` wait
 when it starts, and rows older than ``STALE_SECONDS`` by whichever node starts.
 
 Who owns a call is the store's ``calls.owner_node``; a node is live while its ``nodes.heartbeat_at``
-(the database's clock) is less than ``lease_seconds`` old. A request for a call whose owner is
-dead is applied here once ``adopt`` (the liveness side's adoption of that call) has made this
+(the database's clock) is less than its own lease old (`voicecall.cluster.nodes.alive_sql`). A
+request for a call whose owner is dead is applied here once ``adopt`` (the liveness side's adoption of that call) has made this
 node its owner; one for a call nobody owns yet (an inbound call's first webhook, an unknown id)
 is applied here, and if its create loses the unique claim to another node
 (`voicecall.domain.store.CallExistsError`), it is forwarded to the winner. A request for an
@@ -48,6 +48,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, suc
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from voicecall.cluster.nodes import alive_sql
 from voicecall.domain.manager import CallError
 from voicecall.domain.store import CallExistsError
 
@@ -79,11 +80,11 @@ class Owner:
 def _owner_query(conn, refs: Sequence[str], lease_seconds: int) -> Owner | None:
     row = conn.execute(
         "SELECT c.call_id, c.owner_node,"
-        " coalesce(n.heartbeat_at > now() - make_interval(secs => %s), false), c.terminal"
+        f" coalesce({alive_sql(lease_seconds, 'n.')}, false), c.terminal"
         " FROM calls c LEFT JOIN nodes n ON n.node_id = c.owner_node"
         " WHERE c.call_id = ANY(%s) OR c.provider_call_id = ANY(%s)"
         " ORDER BY c.started_at DESC LIMIT 1",
-        (lease_seconds, list(refs), list(refs)),
+        (list(refs), list(refs)),
     ).fetchone()
     return None if row is None else Owner(row[0], row[1], bool(row[2]), bool(row[3]))
 
@@ -93,8 +94,8 @@ def _take_ended(conn, call_id: str, node_id: str, lease_seconds: int) -> bool:
     return conn.execute(
         "UPDATE calls c SET owner_node = %s WHERE c.call_id = %s AND c.terminal AND c.owner_node IS DISTINCT FROM %s"
         " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.owner_node"
-        " AND n.heartbeat_at > now() - make_interval(secs => %s)) RETURNING 1",
-        (node_id, call_id, node_id, lease_seconds),
+        f" AND {alive_sql(lease_seconds, 'n.')}) RETURNING 1",
+        (node_id, call_id, node_id),
     ).fetchone() is not None
 
 
@@ -319,8 +320,8 @@ class Router:
 
         def live(conn) -> set[str]:
             return {r[0] for r in conn.execute(
-                "SELECT node_id FROM nodes WHERE node_id = ANY(%s) AND heartbeat_at > now() - make_interval(secs => %s)",
-                (list(targets), self._lease_seconds),
+                f"SELECT node_id FROM nodes WHERE node_id = ANY(%s) AND {alive_sql(self._lease_seconds)}",
+                (list(targets),),
             )}
 
         d = self._pool.run(live).addCallback(lambda up: self._fail_dead(targets - up))
