@@ -177,6 +177,36 @@ class RouterTests(TestCase):
         replies = await gatherResults([Deferred.fromCoroutine(self.a.router.forward("b", "rpc", {"n": n})) for n in range(40)])
         self.assertEqual([r["echo"]["n"] for r in replies], list(range(40)))
 
+    async def test_a_call_this_nodes_sweep_took_meanwhile_is_waited_for(self):
+        """
+        The single-call adoption finds the call already claimed by this node's own sweep (not
+        loaded yet): the request waits for it and runs here, instead of a 500 that ends a streamed
+        call whose resume Redirect it was (seen in the failover benchmark).
+        """
+        await self.started(self.a)
+        self.sql(
+            "INSERT INTO calls (call_id, provider_call_id, provider, direction, state, terminal, from_number, to_number,"
+            " started_at, metadata, owner_node) VALUES ('c-x', 'CAX', 'mock', 'outbound', 'active', false, '+1', '+2', 0, '{}', 'dead')",
+        )
+        self.a.can_adopt = False
+
+        asked: list[str] = []
+
+        def swept(call_id: str) -> None:
+            if not asked:  # the sweep's claim committed first, its loading not done: this ask fails
+                self.sql("UPDATE calls SET owner_node = 'a' WHERE call_id = %s", (call_id,))
+            else:  # asked again, the sweep has loaded it
+                self.a.can_adopt = True
+            asked.append(call_id)
+
+        self.a.on_adopt = swept
+
+        async def here():
+            return "here"
+
+        self.assertEqual(await self.a.router.route(["c-x"], "rpc", {}, here, lambda reply: reply), "here")
+        self.assertEqual(self.a.adopted, ["c-x", "c-x"])
+
     async def test_each_owner_is_judged_by_its_own_lease(self):
         """A node on a 60 s lease, silent for 20 s, is alive to a node on a 10 s lease: its call is not taken."""
         self.sql("INSERT INTO nodes (node_id, public_url, started_at, heartbeat_at, lease_seconds)"

@@ -246,6 +246,8 @@ class Router:
         again = await self.owner(refs)
         if again is not None and again.alive and again.node_id not in (None, self.node_id):
             return again.node_id
+        if again is not None and again.node_id == self.node_id and not again.terminal and await self._adopting(again.call_id):
+            return None  # this node's sweep claimed it meanwhile and has loaded it now
         raise ForwardError(f"call {owner.call_id} of dead node {owner.node_id} could not be taken here yet", owner.call_id)
 
     def _adopting(self, call_id: str) -> Deferred[bool]:
