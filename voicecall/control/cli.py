@@ -17,20 +17,17 @@ server side (the RPC server, the manager, the adapters): tests.test_cli.Footprin
 from __future__ import annotations
 
 import os
+import signal
 import sys
-
-import _signal  # signal's C core, loaded with the interpreter: importing `signal` (building its enums) took long enough for a Ctrl-C to land in it, before any handler, with a traceback of this module
 
 if os.path.basename(sys.argv[0]) == "voicecall":
     # The console script imports this module first: from its first instruction, Ctrl-C or
     # SIGTERM ends the command quietly (no traceback of an import, no click "Aborted!"), exiting
-    # 130 or 143. From just before the reactor starts, `run` routes them to cancel the work
-    # (watch_signals).
-    for _signum in (_signal.SIGINT, _signal.SIGTERM):
-        _signal.signal(_signum, lambda signum, _frame: sys.exit(128 + signum))
+    # 130 or 143. Once the reactor runs, `run` routes them to cancel the work (watch_signals).
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, lambda signum, _frame: sys.exit(128 + signum))
 
 import errno
-import signal
 import json
 import math
 import select
@@ -116,20 +113,11 @@ def emit(payload: Any) -> None:
 
 
 def watch_signals(reactor, on_signal: Callable[[int], None]) -> None:
-    """
-    Once the reactor runs, route SIGINT and SIGTERM to `on_signal(signum)` (in the reactor thread).
-    Until then both are blocked, and one that comes meanwhile waits for our handler: the early
-    handler's SystemExit, raised inside the reactor's startup or a call it runs, was swallowed and
-    logged by Twisted (the command then waited forever for an answer), and Twisted's own handlers,
-    in place between its start and ours, stopped the reactor with exit 0.
-    """
-    signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    """Once the reactor runs, route SIGINT and SIGTERM to `on_signal(signum)` (in the reactor thread)."""
 
     def install() -> None:
-        for signum in signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda n, _frame: reactor.callFromThread(on_signal, n))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
     reactor.callWhenRunning(install)
 
