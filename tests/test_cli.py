@@ -756,6 +756,8 @@ class ScriptTests(SynchronousTestCase):
         _, stderr = child.communicate(timeout=60)
         return ready, child.returncode, stderr
 
+    maxDiff = None
+
     def test_ctrl_c_at_start_is_quiet(self):
         """
         Ctrl-C at any moment of a CLI run (its imports, click, the config, the reactor's start, the

@@ -113,11 +113,21 @@ def emit(payload: Any) -> None:
 
 
 def watch_signals(reactor, on_signal: Callable[[int], None]) -> None:
-    """Once the reactor runs, route SIGINT and SIGTERM to `on_signal(signum)` (in the reactor thread)."""
+    """
+    Route SIGINT and SIGTERM to `on_signal(signum)` (in the reactor thread). One that comes before
+    the reactor runs is kept and delivered once it does: the early handler's SystemExit, raised
+    wherever the signal lands, could land inside the reactor's start, which catches and logs it,
+    and the command then waited for ever (a CI failure of test_ctrl_c_at_start_is_quiet).
+    """
+    early: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda n, _frame: early.append(n))
 
     def install() -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda n, _frame: reactor.callFromThread(on_signal, n))
+        if early:
+            on_signal(early[0])
 
     reactor.callWhenRunning(install)
 
