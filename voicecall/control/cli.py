@@ -159,7 +159,7 @@ def run(fn: Callable[[Any], Awaitable[Any]]) -> None:
     SIGTERM stops the command quietly, exiting 128 + the signal number (130, 143), like a shell;
     so does stdout's reader going away (141, `stdout_closed`).
     """
-    from twisted.internet.defer import CancelledError, Deferred
+    from twisted.internet.defer import Deferred
     from twisted.internet.task import react
 
     async def main(reactor) -> None:
@@ -182,7 +182,9 @@ def run(fn: Callable[[Any], Awaitable[Any]]) -> None:
             if not stopped_by:
                 click.echo(f"Error: {e}", err=True)
                 raise SystemExit(1) from None
-        except CancelledError:
+        except Exception:
+            # Cancelled by a signal: whatever the cancel made of the work (CancelledError, or
+            # ConnectingCancelledError while it was connecting) is the signal's outcome.
             if not stopped_by:
                 raise
         if stopped_by:
