@@ -25,6 +25,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from voicecall.client import ConnectionClosed, RemoteError, connect
+from voicecall.domain.store import open_readonly
 from voicecall.infra.audio import ulaw_encode
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
@@ -313,8 +314,22 @@ class DaemonRestartTests(TestCase):
         self.waiting_failed: list = []
         self.waiting.addErrback(self.waiting_failed.append)
         await eventually(self.said("bot", "What time?"), 10, "the second question")
+        # The status answer is the daemon's memory; what survives kill -9 is what it committed:
+        # the question is on disk before the process is killed (the store is read as the CLI does).
+        await eventually(self.stored("What time?"), 10, "the second question in the store")
         self.before = await call_record(self.daemon.rpc_path, self.call_id)
         self.assertEqual(self.before["state"], "listening")
+
+    def stored(self, text: str):
+        def check() -> bool:
+            store = open_readonly(self.work.path)
+            if store is None:
+                return False
+            with store:
+                call = store.get_call(self.call_id)
+            return call is not None and any(e.text == text for e in call.transcript)
+
+        return check
 
     async def connect_rpc(self):
         client = await connect(reactor, self.daemon.rpc_path)
