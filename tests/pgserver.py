@@ -78,6 +78,16 @@ def find_postgres_bin() -> Optional[str]:
     return None
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (from /proc)."""
     found = []
@@ -265,9 +275,11 @@ class PostgresServer:
         process = self._process
         if process is None or process.poll() is not None:
             return
+        children: list[int] = []
         try:
             os.kill(process.pid, signal.SIGSTOP)
-            for child in _children(process.pid):
+            children = list(_children(process.pid))
+            for child in children:
                 try:
                     os.kill(child, signal.SIGKILL)
                 except ProcessLookupError:
@@ -276,6 +288,11 @@ class PostgresServer:
         except ProcessLookupError:
             pass
         process.wait()
+        # SIGKILL is delivered asynchronously: return only once every backend has died (exited
+        # or a zombie), as after a real crash nothing of the server runs any more.
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def restart(self) -> None:
         """Start again after stop() or kill(): same data, same port (crash recovery runs if killed)."""
