@@ -303,6 +303,8 @@ class PgPool:
         return d.addBoth(done)
 
     def _transact(self, pool: ConnectionPool, fn: Callable[[psycopg.Connection], T], retry_ambiguous: bool) -> T:
+        # Runs on this pool's own worker threads (`_dispatch`), never the reactor's: blocking
+        # here, including the backoff sleep between retries, holds one worker, not the reactor.
         attempt = 0
         while True:
             committing = False
