@@ -52,7 +52,11 @@ class DefaultsTests(SynchronousTestCase):
                 "inbound_policy": "disabled",
                 "allow_from": (),
                 "inbound_greeting": None,
-                "outbound": {"default_mode": "notify", "notify_hangup_delay_sec": 3},
+                "outbound": {"default_mode": "notify", "notify_hangup_delay_sec": 3, "answering_machine": "ignore"},
+                "allowed_from_numbers": (),
+                "transfer": {"allow_to": ()},
+                "recording": {"enabled": False, "announcement": "This call is being recorded."},
+                "report": {"url": None, "secret": None, "summarize": False},
                 "max_duration_seconds": 300,
                 "stale_call_reaper_seconds": 0,
                 "silence_timeout_ms": 800,
@@ -301,7 +305,7 @@ class FullConfigTests(SynchronousTestCase):
     def test_sections(self):
         """Nested sections map to nested frozen objects with snake_case fields."""
         c = self.cfg
-        self.assertEqual(attrs.astuple(c.outbound), ("conversation", 0))
+        self.assertEqual(attrs.astuple(c.outbound), ("conversation", 0, "ignore"))
         self.assertEqual((c.serve.port, c.serve.bind, c.serve.path), (8080, "0.0.0.0", "/hook"))
         self.assertEqual((c.tailscale.mode, c.tailscale.path), ("funnel", "/ts"))
         self.assertEqual(

@@ -172,6 +172,16 @@ def e164(value: Any) -> str:
     raise Invalid(E164_MESSAGE)
 
 
+_SIP = re.compile(r"sips?:[^\s@<>\"]+@[^\s@<>\"]+")
+
+
+def phone_or_sip(value: Any) -> str:
+    """A number to dial: E.164, or a SIP URI (``sip:user@host``)."""
+    if isinstance(value, str) and (_E164.fullmatch(value) or _SIP.fullmatch(value)):
+        return value
+    raise Invalid("expected an E.164 number (e.g. +15550001234) or a SIP URI (sip:user@host)")
+
+
 def _url(label: str, *schemes: str) -> Check:
     expected = f"expected an absolute {label} URL"
 

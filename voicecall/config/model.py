@@ -34,6 +34,7 @@ from voicecall.config.checks import (
     number,
     one_of,
     openai_model,
+    phone_or_sip,
     port,
     redact_url,
     store_location,
@@ -116,6 +117,27 @@ def _default_store() -> str:
 class OutboundConfig:
     default_mode: str = key(one_of("notify", "conversation"), "notify")
     notify_hangup_delay_sec: int = key(integer(0), 3)
+    answering_machine: str = key(one_of("ignore", "leave-message", "hang-up"), "ignore",
+                                 doc="What an outbound call does when a machine answers (initiate param answeringMachine).")  # fmt: skip
+
+
+@frozen
+class TransferConfig:
+    allow_to: tuple[str, ...] = key(ListOf(phone_or_sip), (), doc="The only numbers (or SIP URIs) voicecall.transfer may connect a caller to.")
+
+
+@frozen
+class RecordingConfig:
+    enabled: bool = key(boolean, False, doc="Record every call (a call's own `record` param overrides).")
+    announcement: str = key(non_empty, "This call is being recorded.", doc="Said before recording starts.")
+
+
+@frozen
+class ReportConfig:
+    url: str | None = key(http_url, None, doc="Where a summary of every ended call is POSTed (signed).")
+    secret: str | None = key(non_empty, None, env="VOICECALL_REPORT_SECRET", secret=True,
+                             doc="The HMAC-SHA256 key of the X-Voicecall-Signature header.")  # fmt: skip
+    summarize: bool = key(boolean, False, doc="Add a short LLM summary (the built-in responder's model).")
 
 
 @frozen
@@ -308,6 +330,10 @@ class VoiceCallConfig:
     allow_from: tuple[str, ...] = key(ListOf(e164), ())
     inbound_greeting: str | None = key(any_text, None)
     outbound: OutboundConfig = section(OutboundConfig)
+    allowed_from_numbers: tuple[str, ...] = key(ListOf(e164), (), doc="Caller ids an initiate may choose (`from`) besides fromNumber.")
+    transfer: TransferConfig = section(TransferConfig)
+    recording: RecordingConfig = section(RecordingConfig)
+    report: ReportConfig = section(ReportConfig)
     max_duration_seconds: int = key(POSITIVE, 300)
     stale_call_reaper_seconds: int = key(integer(0), 0)
     silence_timeout_ms: int = key(POSITIVE, 800)

@@ -31,6 +31,24 @@ class InitiatedCall:
 
 
 @frozen
+class DialOptions:
+    """The per-call choices a carrier acts on when it places a call."""
+
+    #: One of model.ANSWERING_MACHINE_POLICIES. Anything but "ignore" asks the carrier for
+    #: answering-machine detection: its verdict comes back as a `call.machine` event (and, for
+    #: "leave-message", a second one with `machine_done` when the machine's greeting has ended).
+    #: While detection runs the carrier must not speak anything by itself: the manager speaks
+    #: the initial message once it knows who answered (a notify message is not consumed).
+    answering_machine: str = "ignore"
+
+
+#: Keypad tones a call may send (`voicecall.dtmf`): digits, `*`, `#`, and `w` for a half-second
+#: pause (the pause character of Twilio `<Play digits>`, Telnyx `send_dtmf` and Plivo's DTMF API).
+DTMF_CHARACTERS = frozenset("0123456789*#w")
+MAX_DTMF_DIGITS = 64
+
+
+@frozen
 class ProviderCallStatus:
     """SPEC §7 getCallStatus: the carrier's view of a call (used when restoring)."""
 
@@ -51,6 +69,7 @@ class CallControl(Protocol):
         webhook_url: str,
         notify_message: str | None = None,
         voice: str | None = None,
+        options: DialOptions = DialOptions(),
     ) -> Deferred[InitiatedCall]:
         ...
 
@@ -69,3 +88,27 @@ class CallControl(Protocol):
         the carrier's next requests for it come here (Twilio call update, Plivo transfer; a
         carrier whose webhooks reach any node does nothing).
         """
+
+    def send_dtmf(self, call: CallRecord, digits: str) -> Deferred[None]:
+        """
+        Play keypad tones (`digits`: DTMF_CHARACTERS, already checked) on an answered call, then
+        go on as before: a turn listening for an answer keeps listening (Twilio `<Play digits>`
+        then back to the Gather or the media stream; Telnyx `send_dtmf`; Plivo's DTMF API).
+        Fires once the carrier has accepted them.
+        """
+
+    def transfer_call(self, call: CallRecord, to: str) -> Deferred[None]:
+        """
+        Connect the caller to `to` (E.164, or `sip:` on carriers that dial SIP), ending
+        voicecall's part of the call (Twilio `<Dial>`, Telnyx `transfer`, Plivo `<Dial>`). Anything
+        to say first has been said (and played) before this is called. Fires once the carrier
+        has accepted it.
+        """
+
+    def start_recording(self, call: CallRecord) -> Deferred[dict | None]:
+        """
+        Record the call from now on (both parties). Fires with the recording (model.RECORDING_KEYS,
+        status "in-progress") when the carrier names it at once, else None; either way its later
+        states (completed with its URL and duration, or failed) come as `call.recording` events.
+        """
+

@@ -32,6 +32,8 @@ class CallState(str, enum.Enum):
     NO_ANSWER = "no-answer"
     BUSY = "busy"
     VOICEMAIL = "voicemail"
+    #: The caller was connected to a person (`voicecall.transfer`): voicecall's part is over.
+    TRANSFERRED = "transferred"
 
     @property
     def is_terminal(self) -> bool:
@@ -49,6 +51,7 @@ TERMINAL_STATES = frozenset(
         CallState.NO_ANSWER,
         CallState.BUSY,
         CallState.VOICEMAIL,
+        CallState.TRANSFERRED,
     }
 )
 
@@ -142,6 +145,28 @@ class EventType(str, enum.Enum):
     ERROR = "call.error"
     #: The carrier finished playing a message (Telnyx `call.speak.ended`): no state change.
     SPOKEN = "call.spoken"
+    #: Answering-machine detection's verdict (`answered_by`), or the end of a machine's greeting
+    #: (`machine_done`: the beep, time to leave a message).
+    MACHINE = "call.machine"
+    #: A recording of the call changed (`recording`): started, completed (with its URL) or failed.
+    #: May arrive after the call has ended (carriers save recordings after the hang-up).
+    RECORDING = "call.recording"
+
+
+#: What answering-machine detection may say answered a call (`CallEvent.answered_by`, the
+#: record's `answeredBy`). Carriers' finer verdicts map onto these (Twilio `machine_end_beep` ->
+#: machine with `machine_done`; Telnyx `not_sure` -> unknown).
+ANSWERED_BY = ("human", "machine", "fax", "unknown")
+
+#: What a call does when a machine answers (`initiate` param `answeringMachine`, config
+#: `outbound.answeringMachine`): nothing (no detection), leave the message after the beep, or hang up.
+ANSWERING_MACHINE_POLICIES = ("ignore", "leave-message", "hang-up")
+
+#: The keys of a recording (`CallEvent.recording`, the record's `recordings` items): `id` (the
+#: carrier's recording id, required), `status` (`in-progress` | `completed` | `failed`), `url`
+#: (where the carrier serves the audio, once completed), `durationSeconds`, `startedAt` (epoch ms).
+RECORDING_KEYS = ("id", "status", "url", "durationSeconds", "startedAt")
+RECORDING_STATUSES = ("in-progress", "completed", "failed")
 
 
 #: Longest identity key kept as given; longer ones (outside input) are stored as a hash.
@@ -195,7 +220,10 @@ class CallEvent:
     is_final: bool = True  # call.speech
     confidence: float | None = None  # call.speech
     duration_ms: int | None = None  # call.silence
-    digits: str | None = field(default=None, repr=False)  # call.dtmf
+    digits: str | None = field(default=None, repr=False)  # call.dtmf: keys the person pressed
+    answered_by: str | None = None  # call.machine: one of ANSWERED_BY
+    machine_done: bool = False  # call.machine: the machine's greeting has ended (its beep)
+    recording: Mapping[str, Any] | None = field(default=None, repr=False)  # call.recording: RECORDING_KEYS
     reason: str | None = None  # call.ended: one of END_REASONS
     error: str | None = None  # call.error
     retryable: bool = False  # call.error
@@ -215,6 +243,11 @@ class CallEvent:
         first = self.key
         rest = tuple(dict.fromkeys(a for a in self.aliases if a and a != first))
         return (first, *rest)
+
+
+#: Metadata the record shows at its top level (`to_json`), where callers look for them: who
+#: answered (answering-machine detection), the call's recordings, and whom it was transferred to.
+PROMOTED_METADATA = ("answeredBy", "recordings", "transferTarget")
 
 
 @define
@@ -246,6 +279,14 @@ class CallRecord:
         return self.state.is_terminal
 
     @property
+    def answered_by(self) -> str | None:
+        return self.metadata.get("answeredBy")
+
+    @property
+    def recordings(self) -> list[dict[str, Any]]:
+        return list(self.metadata.get("recordings") or [])
+
+    @property
     def mode(self) -> Mode | None:
         value = self.metadata.get("mode")
         return Mode(value) if value in ("notify", "conversation") else None
@@ -265,8 +306,9 @@ class CallRecord:
             "endedAt": self.ended_at,
             "endReason": self.end_reason,
             "transcript": [t.to_json() for t in self.transcript],
-            "metadata": dict(self.metadata),
+            "metadata": {k: v for k, v in self.metadata.items() if k not in PROMOTED_METADATA},
         }
+        out.update((k, self.metadata[k]) for k in PROMOTED_METADATA if k in self.metadata)
         if with_event_ids:
             out["processedEventIds"] = list(self.processed_event_ids)
         return {k: v for k, v in out.items() if v is not None}
@@ -288,5 +330,5 @@ class CallRecord:
             end_reason=data.get("endReason"),
             transcript=[TranscriptEntry.from_json(t) for t in data.get("transcript", [])],
             processed_event_ids=list(data.get("processedEventIds", [])),
-            metadata=dict(data.get("metadata") or {}),
+            metadata={**(data.get("metadata") or {}), **{k: data[k] for k in PROMOTED_METADATA if k in data}},
         )

@@ -22,11 +22,15 @@ class Voice(Protocol):
         """Say `text`; fires when it has been played (or accepted by the carrier)."""
 
     def prompt(
-        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None
+        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None, dtmf: bool = False
     ) -> Deferred[None]:
-        """Say `text` then listen for the answer, as one carrier instruction where possible."""
+        """
+        Say `text` then listen for the answer, as one carrier instruction where possible. With
+        `dtmf`, the answer may also be keys pressed (Twilio `<Gather input="speech dtmf">`, Plivo
+        `inputType="dtmf speech"`): they come back as a `call.dtmf` event with the turn token.
+        """
 
-    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+    def start_listening(self, call: CallRecord, turn_token: str | None, dtmf: bool = False) -> Deferred[None]:
         ...
 
     def stop_listening(self, call: CallRecord) -> Deferred[None]:
