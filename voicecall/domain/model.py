@@ -332,3 +332,35 @@ class CallRecord:
             processed_event_ids=list(data.get("processedEventIds", [])),
             metadata={**(data.get("metadata") or {}), **{k: data[k] for k in PROMOTED_METADATA if k in data}},
         )
+
+
+#: What a `continue` may listen for (`input` param): speech (the default), keys, or either.
+TURN_INPUTS = ("speech", "dtmf", "speech dtmf")
+
+
+@frozen
+class Answer:
+    """What a `continue` heard: the person's words, or the keys they pressed (`input` "dtmf")."""
+
+    text: str = field(repr=False)
+    input: str = "speech"  # "speech" | "dtmf"
+
+
+@frozen
+class CallOptions:
+    """
+    An outbound call's own choices (`voicecall.initiate` params), each None for the config's
+    default; the manager checks them against the config (from numbers owned, at most the
+    configured maxDurationSeconds, ...).
+    """
+
+    from_number: str | None = field(default=None, repr=False)
+    voice: str | None = None
+    #: Said first when the call is answered, before the message.
+    greeting: str | None = field(default=None, repr=False)
+    #: What this call is for: added to the built-in responder's system prompt, passed to the
+    #: gateway's `voicecall.respond`.
+    objective: str | None = field(default=None, repr=False)
+    max_duration_seconds: int | None = None
+    answering_machine: str | None = None  # one of ANSWERING_MACHINE_POLICIES
+    record: bool | None = None
