@@ -42,6 +42,10 @@ class DialOptions:
     answering_machine: str = "ignore"
 
 
+#: The options of a call placed with none chosen (the default of `initiate_call`'s `options`).
+NO_OPTIONS = DialOptions()
+
+
 #: Keypad tones a call may send (`voicecall.dtmf`): digits, `*`, `#`, and `w` for a half-second
 #: pause (the pause character of Twilio `<Play digits>`, Telnyx `send_dtmf` and Plivo's DTMF API).
 DTMF_CHARACTERS = frozenset("0123456789*#w")
@@ -69,7 +73,7 @@ class CallControl(Protocol):
         webhook_url: str,
         notify_message: str | None = None,
         voice: str | None = None,
-        options: DialOptions = DialOptions(),
+        options: DialOptions = NO_OPTIONS,
     ) -> Deferred[InitiatedCall]:
         ...
 
