@@ -187,7 +187,7 @@ class AutoReplyWhileAContinueWaitsTests(_MockCalls):
 class _StalledPrompt(MockProvider):
     """A mock whose prompts are never acknowledged (a carrier request that hangs)."""
 
-    def prompt(self, call, text, voice, turn_token):
+    def prompt(self, call, text, voice, turn_token, dtmf=False):
         self.actions.append(("prompt-stalled", call.provider_call_id, text))
         return Deferred()
 
@@ -195,7 +195,7 @@ class _StalledPrompt(MockProvider):
 class _GoneAtTheCarrier(MockProvider):
     """A mock whose call has ended at the carrier: listening is refused 404 (as Plivo does)."""
 
-    def start_listening(self, call, turn_token):
+    def start_listening(self, call, turn_token, dtmf=False):
         from twisted.internet.defer import fail
 
         from voicecall.domain.carrier import ProviderError

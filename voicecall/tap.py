@@ -343,6 +343,11 @@ def manager_settings(cfg) -> ManagerSettings:
         # The OpenAI voice name maps to a Polly voice for Twilio's <Say> (SPEC §4.5); the
         # other carriers' native voices use their own defaults.
         tts_voice=cfg.tts.openai.voice if cfg.provider == "twilio" else None,
+        allowed_from_numbers=tuple(cfg.allowed_from_numbers),
+        answering_machine=cfg.outbound.answering_machine,
+        transfer_allow_to=tuple(cfg.transfer.allow_to),
+        recording_enabled=cfg.recording.enabled,
+        recording_announcement=cfg.recording.announcement,
     )
 
 

@@ -29,8 +29,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from voicecall.infra.bounded import BoundedSet
+from voicecall.domain import telephony
 from voicecall.domain.model import (
+    Answer,
     CallEvent,
+    CallOptions,
     CallRecord,
     CallState,
     Direction,
@@ -41,7 +44,7 @@ from voicecall.domain.model import (
     next_state,
 )
 from voicecall.domain.policy import inbound_decision
-from voicecall.domain.carrier import CallControl, ProviderError
+from voicecall.domain.carrier import CallControl, DialOptions, ProviderError
 from voicecall.domain.voice import Voice
 from voicecall.domain.store import StoreFullError, collector_paused
 
@@ -74,6 +77,21 @@ class ManagerSettings:
     inbound_greeting: str | None = None
     tts_voice: str | None = None
     dedupe_limit: int = 10_000
+    allowed_from_numbers: tuple[str, ...] = ()
+    answering_machine: str = "ignore"
+    transfer_allow_to: tuple[str, ...] = ()
+    recording_enabled: bool = False
+    recording_announcement: str = "This call is being recorded."
+
+    @property
+    def limits(self) -> telephony.Limits:
+        return telephony.Limits(
+            from_number=self.from_number,
+            allowed_from_numbers=self.allowed_from_numbers,
+            max_duration_seconds=self.max_duration_seconds,
+            answering_machine=self.answering_machine,
+            recording_enabled=self.recording_enabled,
+        )
 
 
 def _snippet(text: str, limit: int = 80) -> str:
@@ -93,6 +111,8 @@ class _Waiter:
 
     deferred: Deferred
     turn_token: str | None
+    #: What the turn listens for: "speech", "dtmf" or "speech dtmf" (model.TURN_INPUTS).
+    input: str = "speech"
     _result: list = field(factory=list)
     _asked: Deferred | None = None
 
@@ -105,7 +125,11 @@ class _Waiter:
         if asked is not None and not asked.called:  # (called: the turn was cancelled meanwhile)
             asked.errback(result) if isinstance(result, Failure) else asked.callback(result)
 
-    def outcome(self) -> Deferred[str]:
+    @property
+    def dtmf(self) -> bool:
+        return "dtmf" in self.input
+
+    def outcome(self) -> Deferred[Answer]:
         """The answer, or the failure, once settled (for the one turn that awaits it)."""
         if self._result:
             result = self._result[0]
@@ -123,6 +147,9 @@ def _remove_last(entries: list, entry: Any) -> None:
 
 
 _FIELDS = ("state", "answered_at", "ended_at", "end_reason", "provider_call_id")
+#: The metadata a carrier event may change (answering-machine detection, recordings): taken back
+#: with the rest when the event's commit fails.
+_EVENT_METADATA = ("answeredBy", "machineGreetingEnded", "recordings")
 
 
 @frozen
@@ -187,6 +214,12 @@ class CallManager:
     _waiters: dict[str, _Waiter] = field(factory=dict)
     _max_timers: dict[str, IDelayedCall] = field(factory=dict)
     _notify_timers: dict[str, IDelayedCall] = field(factory=dict)
+    #: Answered calls waiting for the answering-machine verdict (or a machine's beep).
+    _machine_timers: dict[str, IDelayedCall] = field(factory=dict)
+    #: Calls whose first words are due (answered, stream up) but wait for that verdict.
+    _greeting_held: set[str] = field(factory=set)
+    #: Calls answered by a machine whose beep is being waited for (its timer runs).
+    _machine_greeting_timing: set[str] = field(factory=set)
     _initial_in_flight: set[str] = field(factory=set)
     #: Per-call command queues (only for active calls; dropped when empty or at the call's end).
     _commands: dict[str, _Commands] = field(factory=dict)
@@ -283,7 +316,9 @@ class CallManager:
         self._drop_commands(call.call_id)
         if call.provider_call_id and self._by_provider_id.get(call.provider_call_id) == call.call_id:
             del self._by_provider_id[call.provider_call_id]
-        for timers in (self._max_timers, self._notify_timers):
+        self._greeting_held.discard(call.call_id)
+        self._machine_greeting_timing.discard(call.call_id)
+        for timers in (self._max_timers, self._notify_timers, self._machine_timers):
             timer = timers.pop(call.call_id, None)
             if timer is not None and timer.active():
                 timer.cancel()
@@ -386,6 +421,10 @@ class CallManager:
         events: list[dict] = []
         if call is None or call.is_terminal:
             over = call or await self._stored(event)
+            if over is not None and event.type is EventType.RECORDING:
+                # Carriers save a recording after the hang-up: news of it still counts.
+                await self._record_recording(over, event, keys)
+                return
             if over is not None:
                 await self._record_late(over, event, keys)
                 return
@@ -406,6 +445,7 @@ class CallManager:
             created = True
 
         before = _Fields.of(call)
+        meta_before = {k: call.metadata[k] for k in _EVENT_METADATA if k in call.metadata}
         old_pid = call.provider_call_id
         if event.provider_call_id and event.provider_call_id != old_pid:
             call.provider_call_id = event.provider_call_id
@@ -446,11 +486,35 @@ class CallManager:
                     transcript.append(entry)
                     events.append(self._log_entry(call, "call.transcript", speaker="user", text=text))
                     self._move(call, CallState.LISTENING, events)
-                    if waiter is not None:
-                        effects.append(lambda: self._resolve_waiter(call, waiter, text))
-                    elif self._on_utterance is not None:
+                    if waiter is not None and "speech" in waiter.input:
+                        effects.append(lambda: self._resolve_waiter(call, waiter, Answer(text, "speech")))
+                    elif waiter is None and self._on_utterance is not None:
                         hook = self._on_utterance
                         effects.append(lambda: hook(call, text))
+        elif kind is EventType.DTMF:
+            digits = "".join(ch for ch in (event.digits or "") if ch.isprintable())[:64]
+            if digits:
+                waiter = self._waiters.get(call.call_id)
+                entry = TranscriptEntry(event.timestamp, Speaker.USER, telephony.DTMF_PREFIX + digits)
+                call.transcript.append(entry)
+                transcript.append(entry)
+                events.append(self._log_entry(call, "call.dtmf", digits=digits))
+                answers = waiter is not None and waiter.dtmf and (not waiter.turn_token or not event.turn_token or waiter.turn_token == event.turn_token)
+                if answers:
+                    effects.append(lambda: self._resolve_waiter(call, waiter, Answer(digits, "dtmf")))
+        elif kind is EventType.MACHINE:
+            found = telephony.verdict(event.answered_by, event.machine_done)
+            known = call.metadata.get("answeredBy")
+            # A later "unknown" never overrides a verdict; a machine's beep confirms it is one.
+            if known is None or (found != "unknown" and found != known):
+                call.metadata["answeredBy"] = found
+            if event.machine_done:
+                call.metadata["machineGreetingEnded"] = True
+            events.append(self._log_entry(call, "call.machine", answeredBy=call.metadata["answeredBy"], greetingEnded=event.machine_done))
+            effects.append(lambda: self._machine_verdict(call))
+        elif kind is EventType.RECORDING:
+            if self._merge_recording(call, event):
+                events.append(self._log_entry(call, "call.recording", recording=self._recording_of(call, event)))
         elif kind is EventType.ENDED or (kind is EventType.ERROR and not event.retryable):
             reason = (event.reason or "completed") if kind is EventType.ENDED else "error"
             why = f"Call ended: {reason}" if kind is EventType.ENDED else f"Call error: {event.error}"
@@ -461,6 +525,9 @@ class CallManager:
             await self._persist(call, transcript=transcript, keys=keys, events=events)
         except BaseException:
             self._undo(call, before, _Fields.of(call), transcript, keys, old_pid, created)
+            for k in _EVENT_METADATA:
+                call.metadata.pop(k, None)
+            call.metadata.update(meta_before)
             raise
         self._remember(keys)
         # Committed: the webhook is answered 200 whatever an effect does.
@@ -543,14 +610,136 @@ class CallManager:
     def _answered(self, call: CallRecord) -> None:
         if self._gone(call):
             return  # ended while the answer was being stored
-        self._start_max_timer(call, self._settings.max_duration_seconds)
+        self._start_max_timer(call, self._max_seconds(call))
+        if telephony.policy_of(call) != "ignore" and call.metadata.get("answeredBy") is None:
+            self._machine_timer(call.call_id, telephony.MACHINE_VERDICT_WAIT_SECONDS)
         self._on_answered(call)
 
-    def _resolve_waiter(self, call: CallRecord, waiter: _Waiter, text: str) -> None:
+    def _max_seconds(self, call: CallRecord) -> int:
+        return call.metadata.get("maxDurationSeconds") or self._settings.max_duration_seconds
+
+    def _voice_of(self, call: CallRecord) -> str | None:
+        return call.metadata.get("voice") or self._settings.tts_voice
+
+    # -- answering machines -----------------------------------------------------------------------
+    #
+    # A call placed with an answering-machine policy says nothing until the carrier's detection
+    # has a verdict (or MACHINE_VERDICT_WAIT_SECONDS have passed: "unknown", treated as a person).
+    # A person hears the call as usual; a machine (with "hang-up") or a fax is hung up on (end
+    # reason voicemail); with "leave-message" the first words wait for the machine's beep (at most
+    # MACHINE_GREETING_WAIT_SECONDS), are left as a message, and the call hangs up (voicemail).
+    # The verdict may arrive before the answer: it is recorded and acted on at the answer.
+
+    def _machine_timer(self, call_id: str, seconds: float) -> None:
+        old = self._machine_timers.pop(call_id, None)
+        if old is not None and old.active():
+            old.cancel()
+        self._machine_timers[call_id] = self._clock.callLater(seconds, self._machine_wait_over, call_id)
+
+    def _machine_wait_over(self, call_id: str) -> None:
+        self._machine_timers.pop(call_id, None)
+        call = self._active.get(call_id)
+        if call is None or call.is_terminal:
+            return
+        meta = call.metadata
+        if meta.get("answeredBy") is None:
+            meta["answeredBy"] = "unknown"
+            self._log.info("no answering-machine verdict for {call_id}: going on as if a person answered", call_id=call_id)
+        elif telephony.awaiting_machine(call):
+            meta["machineGreetingEnded"] = True
+            self._log.info("no beep heard on {call_id}: leaving the message anyway", call_id=call_id)
+        d = Deferred.fromCoroutine(self._publish(call, "call.machine", answeredBy=meta["answeredBy"], greetingEnded=bool(meta.get("machineGreetingEnded")), timedOut=True))
+        d.addCallback(lambda _: self._machine_verdict(call))
+        self._background(d, "acting on the answering-machine wait's end failed")
+
+    def _machine_verdict(self, call: CallRecord) -> None:
+        """Act on what answered the call, once the call is answered (its verdict is stored)."""
+        if self._gone(call) or call.answered_at is None or telephony.policy_of(call) == "ignore":
+            return
+        if telephony.hangs_up_on(call):
+            timer = self._machine_timers.pop(call.call_id, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            what = call.metadata.get("answeredBy")
+            self._log.info("call {call_id} answered by a {what}: hanging up", call_id=call.call_id, what=what)
+            self._background(Deferred.fromCoroutine(self.end_call(call.call_id, "voicemail")), f"hanging up on a {what} failed")
+            return
+        if telephony.awaiting_machine(call):
+            if call.metadata.get("answeredBy") == "machine" and call.call_id not in self._machine_greeting_timing:
+                self._machine_greeting_timing.add(call.call_id)
+                self._machine_timer(call.call_id, telephony.MACHINE_GREETING_WAIT_SECONDS)
+            return
+        timer = self._machine_timers.pop(call.call_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if call.call_id in self._greeting_held:
+            self._greeting_held.discard(call.call_id)
+            self.speak_initial_message(call.call_id)
+
+    def _resolve_waiter(self, call: CallRecord, waiter: _Waiter, answer: Answer) -> None:
         if self._waiters.get(call.call_id) is waiter:
             del self._waiters[call.call_id]
         if not waiter.deferred.called:
-            waiter.deferred.callback(text)
+            waiter.deferred.callback(answer)
+
+    # -- recordings -------------------------------------------------------------------------------
+
+    def _merge_recording(self, call: CallRecord, event: CallEvent) -> bool:
+        """Apply a carrier's news of a recording to the record (in memory); False if unusable."""
+        try:
+            call.metadata["recordings"] = telephony.merge_recording(call.recordings, event.recording or {})
+        except ValueError as e:
+            self._log.warn("ignoring a recording update for {call_id}: {why}", call_id=call.call_id, why=str(e))
+            return False
+        return True
+
+    @staticmethod
+    def _recording_of(call: CallRecord, event: CallEvent) -> dict:
+        rid = (event.recording or {}).get("id")
+        return next((dict(r) for r in call.recordings if r.get("id") == rid), {})
+
+    async def _record_recording(self, call: CallRecord, event: CallEvent, keys: Sequence[str]) -> None:
+        """A recording's news for a call that is over (saved after the hang-up): stored with the call."""
+        before = call.metadata.get("recordings")
+        merged = self._merge_recording(call, event)
+        events = [self._log_entry(call, "call.recording", recording=self._recording_of(call, event))] if merged else []
+        try:
+            await self._persist(call, keys=keys, events=events)
+        except BaseException:
+            if before is None:
+                call.metadata.pop("recordings", None)
+            else:
+                call.metadata["recordings"] = before
+            raise
+        self._remember(keys)
+        self._applied(event)
+
+    async def _start_recording(self, call: CallRecord) -> None:
+        """Say the recording announcement (played), then have the carrier record the call."""
+        call.metadata["recordingRequested"] = True
+        await self._speak(call, self._settings.recording_announcement)
+        if self._gone(call):
+            return
+        try:
+            started = await self._provider.start_recording(call)
+        except Exception as e:
+            self._log.warn("could not start recording {call_id}: {error}", call_id=call.call_id, error=str(e))
+            await self._publish(call, "call.recording.failed", error=str(e) or "start_recording failed")
+            return
+        if started:
+            news = CallEvent(type=EventType.RECORDING, call_id=call.call_id, id="", timestamp=self._now(), recording=started)
+            if self._merge_recording(call, news):
+                await self._persist(call, events=[self._log_entry(call, "call.recording", recording=self._recording_of(call, news))])
+
+    async def publish(self, call_id: str, kind: str, **fields: Any) -> None:
+        """Store an event about a call (live or ended) with its others, then tell the subscribers."""
+        call = await self.get_call(call_id)
+        if call is None:
+            raise CallError("Call not found")
+        await self._publish(call, kind, **fields)
+
+    async def _publish(self, call: CallRecord, kind: str, **fields: Any) -> None:
+        await self._persist(call, events=[self._log_entry(call, kind, **fields)])
 
     def _create_from_event(self, event: CallEvent, events: list[dict]) -> CallRecord:
         """A call the carrier told us of (in memory, to be stored; answering it waits for the commit)."""
@@ -567,6 +756,8 @@ class CallManager:
         )
         if inbound:
             call.metadata["initialMessage"] = self._settings.inbound_greeting or DEFAULT_GREETING
+            if self._settings.recording_enabled:
+                call.metadata["record"] = True
         self._active[call.call_id] = call
         self._by_provider_id[event.provider_call_id] = call.call_id
         events.append(self._created_entry(call))
@@ -626,7 +817,12 @@ class CallManager:
     # -- the initial message ----------------------------------------------------------------------
 
     def _on_answered(self, call: CallRecord) -> None:
+        if telephony.hangs_up_on(call) or telephony.awaiting_machine(call):
+            self._machine_verdict(call)  # (a verdict that came before the answer)
         if not call.metadata.get("initialMessage"):
+            if call.metadata.get("record") and not call.metadata.get("recordingRequested"):
+                d = Deferred.fromCoroutine(self._in_order(call, lambda: self._start_recording(call)))
+                d.addErrback(lambda f: self._log.warn("recording {call_id} did not start: {error}", call_id=call.call_id, error=f.getErrorMessage()))
             return
         if call.mode is Mode.NOTIFY or not self._voice_defers_initial(call):
             self.speak_initial_message(call.call_id)
@@ -650,7 +846,12 @@ class CallManager:
             self._log.warn("speakInitialMessage: no call found for {pid}", pid=id_or_provider_id)
             return
         message = call.metadata.get("initialMessage")
-        if not message or call.call_id in self._initial_in_flight:
+        if not message or call.call_id in self._initial_in_flight or telephony.hangs_up_on(call):
+            return
+        if telephony.awaiting_machine(call):
+            # Due now (answered; the stream is up), but who answered is not known yet.
+            self._greeting_deferred.discard(call.call_id)
+            self._greeting_held.add(call.call_id)
             return
         self._greeting_deferred.discard(call.call_id)
         queue = self._commands.get(call.call_id)
@@ -670,8 +871,11 @@ class CallManager:
             self._log.warn("Failed to speak initial message: {error}", error=str(e))
 
     async def _greet(self, call: CallRecord, message: str) -> None:
+        voicemail = telephony.leaves_message(call)
         self._initial_in_flight.add(call.call_id)
         try:
+            if call.metadata.get("record") and not call.metadata.get("recordingRequested") and not voicemail:
+                await self._start_recording(call)
             await self._speak(call, message)
         finally:
             self._initial_in_flight.discard(call.call_id)
@@ -679,6 +883,11 @@ class CallManager:
             return
         call.metadata.pop("initialMessage", None)
         events: list[dict] = []
+        if voicemail:
+            # The message is left: the call is over (both modes).
+            await self._persist(call, events=events)
+            self._background(Deferred.fromCoroutine(self.end_call(call.call_id, "voicemail")), "hanging up after leaving a message failed")
+            return
         if call.mode is Mode.NOTIFY:
             delay = self._settings.notify_hangup_delay_sec
             self._notify_timers[call.call_id] = self._clock.callLater(delay, self._notify_hangup, call.call_id)
@@ -844,8 +1053,13 @@ class CallManager:
         message: str | None = None,
         mode: Mode | str | None = None,
         session_key: str | None = None,
+        options: CallOptions | None = None,
     ) -> str:
         """Place an outbound call; returns its id once the record is durable and the carrier has it."""
+        try:
+            caller, extra = telephony.call_metadata(options or CallOptions(), self._settings.limits)
+        except ValueError as e:
+            raise CallError(str(e)) from None
         mode = Mode(mode) if mode in ("notify", "conversation", Mode.NOTIFY, Mode.CONVERSATION) else self._settings.default_mode
         if not (_PHONE.match(to) or to.startswith("sip:")):
             raise CallError(f"Invalid phone number: {to} (expected E.164, e.g. +15550001234)")
@@ -855,7 +1069,7 @@ class CallManager:
         # Calls still being stored hold their slot too: a burst must not get past the limit.
         if len(self._active) + len(self._reserved) >= limit:
             raise CallError(f"Maximum concurrent calls ({limit}) reached")
-        from_number = self._settings.from_number
+        from_number = caller or self._settings.from_number
         if not from_number and self._settings.provider_name == "mock":
             from_number = MOCK_FROM_NUMBER
         if not from_number:
@@ -863,12 +1077,13 @@ class CallManager:
         call_id = str(uuid.uuid4())
         self._reserved.add(call_id)
         try:
-            return await self._initiate(call_id, to, message, mode, session_key, from_number)
+            return await self._initiate(call_id, to, message, mode, session_key, from_number, extra)
         finally:
             self._reserved.discard(call_id)
 
     async def _initiate(
-        self, call_id: str, to: str, message: str | None, mode: Mode, session_key: str | None, from_number: str
+        self, call_id: str, to: str, message: str | None, mode: Mode, session_key: str | None, from_number: str,
+        extra: dict[str, Any],
     ) -> str:
 
         call = CallRecord(
@@ -880,8 +1095,9 @@ class CallManager:
             to_number=to,
             started_at=self._now(),
             session_key=session_key,
-            metadata={"mode": mode.value},
+            metadata={"mode": mode.value, **extra},
         )
+        message = telephony.opening(message, extra.get("greeting"))
         if message:
             call.metadata["initialMessage"] = message
         limit = self._settings.max_concurrent_calls
@@ -896,7 +1112,8 @@ class CallManager:
         self._active[call.call_id] = call
         self._reserved.discard(call.call_id)
 
-        notify = message if mode is Mode.NOTIFY else None
+        # With answering-machine detection the message waits for the verdict: the carrier must not say it by itself.
+        notify = message if mode is Mode.NOTIFY and telephony.policy_of(call) == "ignore" else None
         try:
             placed = await self._provider.initiate_call(
                 call_id=call.call_id,
@@ -904,7 +1121,8 @@ class CallManager:
                 to_number=to,
                 webhook_url=self._webhook_url,
                 notify_message=notify,
-                voice=self._settings.tts_voice,
+                voice=self._voice_of(call),
+                options=DialOptions(answering_machine=telephony.policy_of(call)),
             )
         except Exception as e:
             events: list[dict] = []
@@ -980,9 +1198,9 @@ class CallManager:
         await self._commit(call, CallState.SPEAKING)
         try:
             if listen:
-                await self._voice.prompt(call, text, self._settings.tts_voice, None)
+                await self._voice.prompt(call, text, self._voice_of(call), None)
             else:
-                await self._voice.speak(call, text, self._settings.tts_voice)
+                await self._voice.speak(call, text, self._voice_of(call))
         except Exception as e:
             await self._commit(call, CallState.LISTENING)
             raise CallError(str(e) or "speak failed", call.call_id) from e
@@ -998,7 +1216,7 @@ class CallManager:
         listening for that turn resumes, with its turn token.
         """
         try:
-            await self._voice.start_listening(call, waiter.turn_token)
+            await self._voice.start_listening(call, waiter.turn_token, dtmf=waiter.dtmf)
         except Exception as e:
             if self._gone(call):
                 return
@@ -1018,6 +1236,14 @@ class CallManager:
 
     async def continue_call(self, call_id: str, prompt: str) -> str:
         """Speak `prompt`, then wait for and return what the person says next."""
+        return (await self.continue_turn(call_id, prompt)).text
+
+    async def continue_turn(self, call_id: str, prompt: str, input: str = "speech") -> Answer:
+        """Speak `prompt`, then wait for and return what the person says (or, with `input`, the keys they press) next."""
+        try:
+            input = telephony.check_input(input)
+        except ValueError as e:
+            raise CallError(str(e)) from None
         call = self._connected(call_id)
         if call.call_id in self._turns or call.call_id in self._waiters:
             raise CallError("Already waiting for transcript")
@@ -1027,7 +1253,7 @@ class CallManager:
             # Waiting behind what plays before it counts against the transcript timeout too: a
             # continue on a call that is never answered (its greeting never spoken) must end.
             limit = self._settings.transcript_timeout_ms / 1000.0
-            asked = await self._in_order(call, lambda: self._ask(call, prompt, mine), limit=limit)
+            asked = await self._in_order(call, lambda: self._ask(call, prompt, mine, input), limit=limit)
             return await self._turn(call, *asked)
         finally:
             self._turns.discard(call.call_id)
@@ -1037,15 +1263,15 @@ class CallManager:
                 if not waiter.deferred.called:
                     waiter.deferred.cancel()
 
-    async def _ask(self, call: CallRecord, prompt: str, mine: list[_Waiter]) -> tuple[_Waiter, int, int]:
+    async def _ask(self, call: CallRecord, prompt: str, mine: list[_Waiter], input: str = "speech") -> tuple[_Waiter, int, int]:
         """Ask `prompt` (its turn in the queue has come); the answer is awaited outside the queue."""
         started = self._now()
         token = str(uuid.uuid4()) if self._voice.wants_turn_token(call) else None
         await self._commit(call, CallState.SPEAKING)
-        answer = self._wait_for_transcript(call.call_id, token)
+        answer = self._wait_for_transcript(call.call_id, token, input)
         mine.append(answer)
         try:
-            await self._voice.prompt(call, prompt, self._settings.tts_voice, token)
+            await self._voice.prompt(call, prompt, self._voice_of(call), token, dtmf=answer.dtmf)
             failed: Exception | None = None
         except Exception as e:
             failed = e
@@ -1061,7 +1287,7 @@ class CallManager:
             raise
         return answer, started, listen_started
 
-    async def _turn(self, call: CallRecord, answer: _Waiter, started: int, listen_started: int) -> str:
+    async def _turn(self, call: CallRecord, answer: _Waiter, started: int, listen_started: int) -> Answer:
         transcript = await answer.outcome()
         try:
             await self._voice.stop_listening(call)
@@ -1093,9 +1319,9 @@ class CallManager:
     def _timed_out(self, call_id: str) -> CallError:
         return CallError(f"Timed out waiting for transcript after {self._settings.transcript_timeout_ms}ms", call_id)
 
-    def _wait_for_transcript(self, call_id: str, token: str | None) -> _Waiter:
+    def _wait_for_transcript(self, call_id: str, token: str | None, input: str = "speech") -> _Waiter:
         timeout_ms = self._settings.transcript_timeout_ms
-        d: Deferred[str] = Deferred()
+        d: Deferred[Answer] = Deferred()
 
         def timed_out(f):
             f.trap(TimeoutError, CancelledError)
@@ -1105,11 +1331,24 @@ class CallManager:
 
         d.addTimeout(timeout_ms / 1000.0, self._clock)
         d.addErrback(timed_out)
-        waiter = self._waiters[call_id] = _Waiter(d, token)
+        waiter = self._waiters[call_id] = _Waiter(d, token, input)
         return waiter
 
-    async def end_call(self, call_id: str, reason: str = "hangup-bot") -> None:
-        """Hang up; the call stays active if the carrier refuses."""
+    async def end_call(self, call_id: str, reason: str = "hangup-bot", message: str | None = None) -> None:
+        """
+        Hang up; the call stays active if the carrier refuses. With `message`, say it first (after
+        whatever the call is playing) and hang up once it has played; a call not answered yet is
+        hung up without it (nobody would hear it).
+        """
+        if message:
+            call = self.find(call_id)
+            if call is not None and call.answered_at is not None and not call.is_terminal:
+                try:
+                    await self._in_order(call, lambda: self._speak(call, message))
+                except CallError:
+                    if self._gone(call):
+                        return  # the person hung up first: the call is over
+                    raise
         call = self.find(call_id)
         if call is None:
             stored = await self._store.get_call(call_id)
@@ -1138,6 +1377,72 @@ class CallManager:
             raise CallError(f"Failed to persist call: {e}", call.call_id) from e
         if self._active.get(call.call_id) is call:
             self._ended(call, reason, f"Call ended: {reason}")
+
+    def _answered_call(self, call_id: str) -> CallRecord:
+        call = self._connected(call_id)
+        if call.answered_at is None:
+            raise CallError("Call not answered yet", call.call_id)
+        return call
+
+    async def send_dtmf(self, call_id: str, digits: str) -> None:
+        """Play keypad tones on the call, after what it is playing; a waiting `continue` keeps waiting."""
+        try:
+            digits = telephony.check_digits(digits)
+        except ValueError as e:
+            raise CallError(str(e)) from None
+        call = self._answered_call(call_id)
+
+        async def send() -> None:
+            try:
+                await self._provider.send_dtmf(call, digits)
+            except Exception as e:
+                raise CallError(str(e) or "dtmf failed", call.call_id) from e
+            if self._gone(call):
+                return
+            entry = TranscriptEntry(self._now(), Speaker.BOT, telephony.DTMF_PREFIX + digits)
+            call.transcript.append(entry)
+            await self._persist(call, transcript=[entry], events=[self._log_entry(call, "call.dtmf.sent", digits=digits)])
+
+        await self._in_order(call, send)
+
+    async def transfer(self, call_id: str, to: str, message: str | None = None) -> None:
+        """
+        Connect the caller to `to` (listed in transfer.allowTo), after saying `message`; the call
+        then ends here with reason `transferred`. The call stays as it was if the carrier refuses.
+        """
+        try:
+            to = telephony.check_transfer_target(to, self._settings.transfer_allow_to)
+        except ValueError as e:
+            raise CallError(str(e)) from None
+        call = self._answered_call(call_id)
+
+        async def hand_over() -> None:
+            if message:
+                await self._speak(call, message)
+            if self._gone(call):
+                raise CallError("Call has ended", call.call_id)
+            try:
+                await self._provider.transfer_call(call, to)
+            except Exception as e:
+                raise CallError(str(e) or "transfer failed", call.call_id) from e
+
+        await self._in_order(call, hand_over)
+        if call.is_terminal or call.call_id not in self._active:
+            return
+        events: list[dict] = []
+        before = _Fields.of(call)
+        call.metadata["transferTarget"] = to
+        self._end_record(call, CallState.TRANSFERRED.value, events)
+        events[-1]["to"] = to
+        try:
+            await self._persist(call, events=events)
+        except Exception as e:
+            before.restore(call, _Fields.of(call))
+            call.metadata.pop("transferTarget", None)
+            raise CallError(f"Failed to persist call: {e}", call.call_id) from e
+        if self._active.get(call.call_id) is call:
+            self._ended(call, CallState.TRANSFERRED.value, "Call ended: transferred")
+        self._log.info("call {call_id} transferred", call_id=call.call_id)
 
     # -- restore (SPEC §14.3 [H]) -----------------------------------------------------------------
 
@@ -1214,7 +1519,7 @@ class CallManager:
                     closing.append((call, "ended-at-carrier", "completed"))
                     continue
                 if call.answered_at is not None:
-                    remaining = max_ms - (now - call.answered_at)
+                    remaining = self._max_seconds(call) * 1000 - (now - call.answered_at)
                     if remaining <= 0:
                         closing.append((call, "expired", "timeout"))
                         continue
@@ -1241,7 +1546,7 @@ class CallManager:
 
     def stop(self) -> None:
         """Cancel every timer and fail pending waits (the daemon is stopping)."""
-        for timers in (self._max_timers, self._notify_timers):
+        for timers in (self._max_timers, self._notify_timers, self._machine_timers):
             for timer in timers.values():
                 if timer.active():
                     timer.cancel()

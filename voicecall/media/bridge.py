@@ -370,17 +370,18 @@ class StreamBridge:
             return self._play(session, text)
         return self._fallback.speak(call, text, voice)
 
-    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred:
+    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None, dtmf: bool = False) -> Deferred:
         session = self._session(call)
         if session is not None:
-            # Stream-native turn: speak; the next final transcript answers (DESIGN.md).
+            # Stream-native turn: speak; the next final transcript (or key: the stream's dtmf
+            # frames always arrive) answers (DESIGN.md).
             return self._play(session, text)
-        return self._fallback.prompt(call, text, voice, turn_token)
+        return self._fallback.prompt(call, text, voice, turn_token, dtmf=dtmf)
 
-    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred:
+    def start_listening(self, call: CallRecord, turn_token: str | None, dtmf: bool = False) -> Deferred:
         if self._session(call) is not None or self._streaming(call):
             return Deferred.fromCoroutine(_nothing())
-        return self._fallback.start_listening(call, turn_token)
+        return self._fallback.start_listening(call, turn_token, dtmf=dtmf)
 
     def stop_listening(self, call: CallRecord) -> Deferred:
         if self._session(call) is not None:

@@ -7,6 +7,14 @@ developer (or a test) plays the carrier's part:
     {"event": {"type": "call.answered", "callId": "<id>"}}
     {"events": [{"type": "call.speech", "callId": "<id>", "transcript": "yes"}]}
 
+Issue 17's carrier news is posted the same way: who answered (`{"type": "call.machine",
+"callId": ..., "answeredBy": "machine", "machineDone": true}`), keys the person pressed
+(`call.dtmf` with `digits`), a recording's progress (`{"type": "call.recording", "callId": ...,
+"recording": {"id": "mock-rec-1", "status": "completed", "url": ..., "durationSeconds": 12}}`,
+accepted after the call ended too). Keypad tones, transfers and recordings the manager asks for
+are recorded in `actions` (`dtmf`, `transfer`, `record`; `start_recording` names the recording
+`mock-rec-<n>`, which has no audio).
+
 Each payload's verified request key is a hash of its bytes, so a redelivered payload is a replay;
 an event with an `id` is applied once per id (its identity, as a carrier's event id), however the
 payload around it is written.
@@ -38,8 +46,17 @@ from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.domain.carrier import InitiatedCall, ProviderCallStatus
-from voicecall.domain.model import END_REASONS, CallEvent, CallRecord, EventType, identity_key
+from voicecall.domain.carrier import NO_OPTIONS, DialOptions, InitiatedCall, ProviderCallStatus
+from voicecall.domain.model import (
+    ANSWERED_BY,
+    END_REASONS,
+    RECORDING_KEYS,
+    RECORDING_STATUSES,
+    CallEvent,
+    CallRecord,
+    EventType,
+    identity_key,
+)
 from voicecall.providers.base import (
     ParsedWebhook,
     Verification,
@@ -70,6 +87,9 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "confidence": (int, float),
     "timestamp": (int,),
     "durationMs": (int,),
+    "answeredBy": (str,),
+    "machineDone": (bool,),
+    "recording": (dict,),
 }
 
 #: Every field an event may have.
@@ -105,7 +125,8 @@ def _quote(value: object) -> str:
 
 
 #: The fields that say what an event is (not when it was sent, nor how sure the recogniser was).
-_SAYS = ("type", "callId", "providerCallId", "direction", "from", "to", "text", "transcript", "digits", "reason", "error")
+_SAYS = ("type", "callId", "providerCallId", "direction", "from", "to", "text", "transcript", "digits", "reason", "error",
+         "answeredBy", "machineDone", "recording")
 
 
 def _what(item: dict) -> tuple:
@@ -133,6 +154,7 @@ class MockProvider:
     _playing_until: dict[str, float] = field(factory=dict, repr=False)
     #: event id -> what that event said (`_what`), to tell a retry from an id used again (bounded).
     _event_ids: OrderedDict[str, tuple] = field(factory=OrderedDict, repr=False)
+    _recordings: int = 0
     _log = Logger()
 
     # -- webhooks ---------------------------------------------------------------------------------
@@ -229,6 +251,13 @@ class MockProvider:
         reason = item.get("reason")
         if reason is not None and reason not in END_REASONS:
             raise _Refused(400, f'{where}: "reason" {_quote(reason)} is not one of {", ".join(sorted(END_REASONS))}')
+        answered_by = item.get("answeredBy")
+        if answered_by is not None and answered_by not in ANSWERED_BY:
+            raise _Refused(400, f'{where}: "answeredBy" must be one of {", ".join(ANSWERED_BY)}, not {_quote(answered_by)}')
+        if item.get("recording") is not None:
+            self._check_recording(item["recording"], where)
+        elif kind == EventType.RECORDING.value:
+            raise _Refused(400, f'{where}: a call.recording event needs "recording": {{"id": ..., "status": ..., "url": ...}}')
         direction = item.get("direction")
         if direction is not None and direction not in ("inbound", "outbound"):
             raise _Refused(400, f'{where}: "direction" must be "inbound" or "outbound", not {_quote(direction)}')
@@ -244,11 +273,30 @@ class MockProvider:
             ids = [item["providerCallId"]]
         if state is None:
             raise _Refused(404, f"{where}: unknown callId {_quote(call_id)}: no call has this id (ours or mock-<callId>)")
-        if state is False:
+        if state is False and kind != EventType.RECORDING.value:
+            # (A carrier saves a recording after the hang-up: news of it still comes.)
             raise _Refused(409, f"{where}: call {_quote(call_id)} has ended")
         live = kind != EventType.ENDED.value
         for i in ids:
             known[i] = live
+
+    @staticmethod
+    def _check_recording(recording: dict, where: str) -> None:
+        for name in recording:
+            if name not in RECORDING_KEYS:
+                raise _Refused(400, f'{where}: unknown recording field {_quote(name)} (fields: {", ".join(RECORDING_KEYS)})')
+        if not isinstance(recording.get("id"), str) or not recording["id"]:
+            raise _Refused(400, f'{where}: "recording" needs an "id" (a non-empty string)')
+        status = recording.get("status")
+        if status is not None and status not in RECORDING_STATUSES:
+            raise _Refused(400, f'{where}: recording "status" must be one of {", ".join(RECORDING_STATUSES)}, not {_quote(status)}')
+        for name, types in (("url", (str,)), ("durationSeconds", (int, float)), ("startedAt", (int,))):
+            value = recording.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+                raise _Refused(400, f'{where}: recording "{name}" has the wrong type: {_quote(value)}')
+        duration = recording.get("durationSeconds")
+        if duration is not None and not (math.isfinite(duration) and duration >= 0):
+            raise _Refused(400, f'{where}: recording "durationSeconds" must be a number >= 0')
 
     def _check_ids(self, items: list) -> dict[str, tuple]:
         """
@@ -328,6 +376,9 @@ class MockProvider:
                 reason=reason if reason in END_REASONS else "completed",
                 error=str(get("error", "unknown error")),
                 retryable=bool(get("retryable", False)),
+                answered_by=item.get("answeredBy"),
+                machine_done=bool(get("machineDone", False)),
+                recording=item.get("recording"),
             )
         except (TypeError, ValueError):
             return None
@@ -343,9 +394,13 @@ class MockProvider:
         webhook_url: str,
         notify_message: str | None = None,
         voice: str | None = None,
+        options: DialOptions = NO_OPTIONS,
     ) -> Deferred[InitiatedCall]:
         pid = f"mock-{call_id}"
         self.actions.append(("initiate", pid, to_number))
+        if options.answering_machine != "ignore":
+            # Detection's verdict is the developer's to post: {"type": "call.machine", "answeredBy": ...}.
+            self.actions.append(("detect-machine", pid, options.answering_machine))
         self._track(call_id, True)
         self._track(pid, True)
         return succeed(InitiatedCall(provider_call_id=pid))
@@ -365,6 +420,21 @@ class MockProvider:
     def repoint_call(self, call: CallRecord, webhook_url: str) -> Deferred[None]:
         self.actions.append(("repoint", call.provider_call_id, webhook_url))
         return succeed(None)
+
+    def send_dtmf(self, call: CallRecord, digits: str) -> Deferred[None]:
+        self.actions.append(("dtmf", call.provider_call_id, digits))
+        return succeed(None)
+
+    def transfer_call(self, call: CallRecord, to: str) -> Deferred[None]:
+        self.actions.append(("transfer", call.provider_call_id, to))
+        return succeed(None)
+
+    def start_recording(self, call: CallRecord) -> Deferred[dict | None]:
+        """A recording without audio: its completion is the developer's to post (a call.recording event)."""
+        self._recordings += 1
+        recording = {"id": f"mock-rec-{self._recordings}", "status": "in-progress", "startedAt": int(self._clock.seconds() * 1000)}
+        self.actions.append(("record", call.provider_call_id, recording["id"]))
+        return succeed(recording)
 
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
         bare = provider_call_id[len("mock-") :] if provider_call_id.startswith("mock-") else provider_call_id
@@ -396,14 +466,14 @@ class MockProvider:
         return deferLater(self._clock, end - now, self.actions.append, ("spoken", pid, text))
 
     def prompt(
-        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None
+        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None, dtmf: bool = False
     ) -> Deferred[None]:
         played = self.speak(call, text, voice)
-        self.actions.append(("listen", call.provider_call_id, turn_token))
+        self.actions.append(("listen+dtmf" if dtmf else "listen", call.provider_call_id, turn_token))
         return played
 
-    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
-        self.actions.append(("listen", call.provider_call_id, turn_token))
+    def start_listening(self, call: CallRecord, turn_token: str | None, dtmf: bool = False) -> Deferred[None]:
+        self.actions.append(("listen+dtmf" if dtmf else "listen", call.provider_call_id, turn_token))
         return succeed(None)
 
     def stop_listening(self, call: CallRecord) -> Deferred[None]:
