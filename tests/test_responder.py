@@ -10,6 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from voicecall.domain.model import CallOptions
 from voicecall.control.rpc import GatewayError
 from voicecall.speech.responder import APOLOGY, extract_spoken, model_name
 from voicecall.testing.chat import FakeChatCompletions
@@ -180,3 +181,19 @@ class AutoReplyTests(TestCase):
         await self.until_said(inbound, "Built-in answer.")
         self.assertEqual(len(self.chat.requests), 1)
         self.assertNotIn("who is this?", json.dumps(self.chat.requests[0]))
+
+    async def test_objective_reaches_the_builtin_responder_and_the_gateway(self):
+        """A call's objective is in the built-in responder's system prompt and in voicecall.respond's params."""
+        await self.start()
+        options = CallOptions(objective="Confirm the 8pm booking for two")
+        call_id = await self.service.manager.initiate("+15550001234", "Hi, it's the restaurant.", "conversation", options=options)
+        await self.post({"type": "call.answered", "callId": call_id})
+        await self.until_said(call_id, "Hi, it's the restaurant.")
+        await self.post({"type": "call.speech", "callId": call_id, "transcript": "Yes?"})
+        await self.until_said(call_id, "Built-in answer.")
+        self.assertIn("The objective of this call: Confirm the 8pm booking for two", self.chat.requests[-1]["messages"][0]["content"])
+        gateway = await self.gateway(lambda params: "Noted.")
+        await self.post({"type": "call.speech", "callId": call_id, "transcript": "See you then"})
+        await self.until_said(call_id, "Noted.")
+        self.assertEqual(gateway.requests[-1]["objective"], "Confirm the 8pm booking for two")
+

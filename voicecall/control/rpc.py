@@ -303,6 +303,8 @@ class GatewayResponders:
             "to": call.to_number,
             "text": text,
             "transcript": [t.to_json() for t in call.transcript],
+            # What the call is for (initiate's `objective`), or null.
+            "objective": call.metadata.get("objective"),
         }
         d = self._connections[-1].request("voicecall.respond", params)
 

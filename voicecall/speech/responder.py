@@ -70,6 +70,10 @@ def extract_spoken(content: str) -> str:
 def system_prompt(call: CallRecord, custom: str | None, text: str | None = None, name: str = "assistant") -> str:
     """The system prompt with the conversation so far, less `text` (the words being answered)."""
     prompt = custom or DEFAULT_PROMPT.format(name=name, caller=call.from_number)
+    objective = call.metadata.get("objective")
+    if objective:
+        # The call's own purpose (initiate's `objective`).
+        prompt += f"\n\nThe objective of this call: {objective}"
     history = list(call.transcript)
     if history and history[-1].speaker is Speaker.USER and history[-1].text == text:
         history.pop()
