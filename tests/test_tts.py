@@ -170,6 +170,20 @@ class SynthesisTests(_Stubbed, SynchronousTestCase):
         self.assertEqual(b"".join(c.data for c in chunks), self.eleven.audio_for("Guten Tag"))
         self.assertEqual(len(self.openai.requests), 0)
 
+    def test_a_calls_own_voice(self) -> None:
+        """A call's own voice replaces the configured one for the first provider tried only."""
+        d = self.make().synthesize("Hi", [].append, voice="nova")
+        self.drive(d)
+        self.assertEqual(self.openai.requests[0].json["voice"], "nova")
+        self.openai.fail_next(500)
+        d = self.make().synthesize("Hi", [].append, voice="nova")
+        self.drive(d)
+        self.assertEqual(self.successResultOf(d), "elevenlabs")
+        self.assertIn("/text-to-speech/pMsXgVXv3BLzUgSXRplE/", self.eleven.requests[-1].path)
+        d = self.make(provider="elevenlabs").synthesize("Hi", [].append, voice="my-clone")
+        self.drive(d)
+        self.assertIn("/text-to-speech/my-clone/", self.eleven.requests[-1].path)
+
     def test_elevenlabs_voice_id_quoted(self) -> None:
         """A voice id cannot change the request path: it is percent-encoded as one segment."""
         tts = self.make(provider="elevenlabs", elevenlabs={"voice_id": "../x?y"})

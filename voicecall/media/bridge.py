@@ -342,7 +342,7 @@ class StreamBridge:
     def _session(self, call: CallRecord):
         return self._sessions.get(call.provider_call_id or "")
 
-    def _play(self, session, text: str) -> Deferred:
+    def _play(self, session, text: str, voice: str | None = None) -> Deferred:
         if self._synthesize is None:
             d: Deferred = Deferred()
             d.errback(RuntimeError(STREAM_TTS_UNAVAILABLE))
@@ -351,7 +351,7 @@ class StreamBridge:
 
         def run(on_audio):
             if observe is None:
-                return synthesize(text, on_audio)
+                return synthesize(text, on_audio, voice)
             first = []
 
             def audio(chunk):
@@ -360,14 +360,16 @@ class StreamBridge:
                     observe(self._clock.seconds() - started)
                 on_audio(chunk)
 
-            return synthesize(text, audio)
+            return synthesize(text, audio, voice)
 
         return session.playback.play(run).addCallback(lambda _: None)
 
     def speak(self, call: CallRecord, text: str, voice: str | None) -> Deferred:
         session = self._session(call)
         if session is not None:
-            return self._play(session, text)
+            # The stream's TTS speaks with the call's own voice, if it chose one (`voice` here is
+            # the carrier's <Say> voice otherwise).
+            return self._play(session, text, call.metadata.get("voice"))
         return self._fallback.speak(call, text, voice)
 
     def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None, dtmf: bool = False) -> Deferred:
@@ -375,7 +377,7 @@ class StreamBridge:
         if session is not None:
             # Stream-native turn: speak; the next final transcript (or key: the stream's dtmf
             # frames always arrive) answers (DESIGN.md).
-            return self._play(session, text)
+            return self._play(session, text, call.metadata.get("voice"))
         return self._fallback.prompt(call, text, voice, turn_token, dtmf=dtmf)
 
     def start_listening(self, call: CallRecord, turn_token: str | None, dtmf: bool = False) -> Deferred:

@@ -302,9 +302,11 @@ class TelephonyTts:
         """True if some telephony provider can be used (it has an API key)."""
         return any(self._key(p) for p in PROVIDERS)
 
-    def synthesize(self, text: str, on_audio: Callable[[AudioChunk], None]) -> Deferred[str]:
+    def synthesize(self, text: str, on_audio: Callable[[AudioChunk], None], voice: str | None = None) -> Deferred[str]:
         """
-        Speak ``text``; ``on_audio`` gets each chunk as the provider streams it. Fires with the
+        Speak ``text``; ``on_audio`` gets each chunk as the provider streams it. ``voice``: a
+        call's own voice (an OpenAI voice name or an ElevenLabs voice id), used by the first
+        provider tried only (a fallback speaks with its configured voice). Fires with the
         provider's name, or fails with `TtsError` (or with what ``on_audio`` raised, which
         ends the synthesis). Cancelling the result aborts the HTTP request.
         """
@@ -313,7 +315,7 @@ class TelephonyTts:
             return fail(TtsError("TTS conversion failed: no text to speak"))
         if len(text) > limit:
             return fail(TtsError(f"Text too long ({len(text)} chars, max {limit})"))
-        return Deferred.fromCoroutine(self._synthesize(text, on_audio))
+        return Deferred.fromCoroutine(self._synthesize(text, on_audio, voice))
 
     def provider_order(self) -> list[str]:
         """The providers in the order they will be tried (SPEC §12.2)."""
@@ -331,7 +333,7 @@ class TelephonyTts:
             return self._elevenlabs.api_key or None
         return None
 
-    async def _synthesize(self, text: str, on_audio: Callable[[AudioChunk], None]) -> str:
+    async def _synthesize(self, text: str, on_audio: Callable[[AudioChunk], None], voice: str | None = None) -> str:
         order = self.provider_order()
         errors: list[str] = []
         for provider in order:
@@ -343,7 +345,7 @@ class TelephonyTts:
                 errors.append(f"{provider}: no API key")
                 continue
             try:
-                await self._attempt(provider, key, text, on_audio)
+                await self._attempt(provider, key, text, on_audio, voice if provider == order[0] else None)
             except _ProviderFailed as e:
                 errors.append(e.message)
                 if e.audio_sent:
@@ -360,13 +362,13 @@ class TelephonyTts:
         raise TtsError("TTS conversion failed: " + ("; ".join(errors) or "no providers available"))
 
     def _attempt(
-        self, provider: str, key: str, text: str, on_audio: Callable[[AudioChunk], None]
+        self, provider: str, key: str, text: str, on_audio: Callable[[AudioChunk], None], voice: str | None = None
     ) -> Deferred[None]:
         if provider == "openai":
-            url, headers, body = self._openai_request(key, text)
+            url, headers, body = self._openai_request(key, text, voice)
             encoding, rate = _OPENAI_FORMAT
         else:
-            url, headers, body = self._elevenlabs_request(key, text)
+            url, headers, body = self._elevenlabs_request(key, text, voice)
             encoding, rate = _ELEVENLABS_FORMAT
         attempt = _Attempt(provider, key, encoding, rate, on_audio, self._timeout_ms / 1000)
         try:
@@ -376,12 +378,12 @@ class TelephonyTts:
         attempt.start(self._clock, request)
         return attempt.done
 
-    def _openai_request(self, key: str, text: str) -> tuple[str, dict, dict]:
+    def _openai_request(self, key: str, text: str, voice: str | None = None) -> tuple[str, dict, dict]:
         cfg = self._openai
         body: dict[str, Any] = {
             "model": cfg.model,
             "input": text,
-            "voice": cfg.voice,
+            "voice": voice or cfg.voice,
             "response_format": "pcm",
         }
         if cfg.speed is not None:
@@ -391,7 +393,7 @@ class TelephonyTts:
         headers = {"Authorization": [f"Bearer {key}"]}
         return cfg.base_url.rstrip("/") + "/audio/speech", headers, body
 
-    def _elevenlabs_request(self, key: str, text: str) -> tuple[str, dict, dict]:
+    def _elevenlabs_request(self, key: str, text: str, voice: str | None = None) -> tuple[str, dict, dict]:
         cfg = self._elevenlabs
         body: dict[str, Any] = {"text": text, "model_id": cfg.model_id}
         if cfg.seed is not None:
@@ -407,6 +409,6 @@ class TelephonyTts:
             "use_speaker_boost": cfg.use_speaker_boost,
             "speed": cfg.speed,
         }
-        path = f"/v1/text-to-speech/{quote(cfg.voice_id, safe='')}/stream?output_format=ulaw_8000"
+        path = f"/v1/text-to-speech/{quote(voice or cfg.voice_id, safe='')}/stream?output_format=ulaw_8000"
         headers = {"xi-api-key": [key]}
         return cfg.base_url.rstrip("/") + path, headers, body
