@@ -189,6 +189,21 @@ class AnsweringMachineTests(TelephonyTestsBase):
         self.assertEqual(str(self.failureResultOf(turn, CallError).value), "Call has ended")
         self.assertEqual(self.did("speak"), [])
 
+    def test_words_before_the_verdict_get_no_automatic_reply(self):
+        """A machine's greeting heard before the verdict is recorded, not answered by the responder."""
+        heard = []
+        self.manager = type(self.manager)(
+            provider=self.provider, voice=self.provider, store=self.store, clock=self.clock,
+            settings=self.manager._settings, on_utterance=lambda call, text: heard.append(text),
+        )  # fmt: skip
+        self.manager.set_webhook_url("https://example.com/voice/webhook")
+        call_id = self.answered(answering_machine="hang-up")
+        self.event("call.speech", call_id, transcript="Hi, you've reached Bob, leave a message")
+        self.assertEqual(heard, [])
+        self.event("call.machine", call_id, answered_by="human")
+        self.event("call.speech", call_id, transcript="Hello?")
+        self.assertEqual(heard, ["Hello?"])
+
     def test_redelivered_verdict_acts_once(self):
         call_id = self.answered(answering_machine="hang-up")
         same = str(uuid.uuid4())

@@ -488,7 +488,8 @@ class CallManager:
                     self._move(call, CallState.LISTENING, events)
                     if waiter is not None and "speech" in waiter.input:
                         effects.append(lambda: self._resolve_waiter(call, waiter, Answer(text, "speech")))
-                    elif waiter is None and self._on_utterance is not None:
+                    elif waiter is None and self._on_utterance is not None and not telephony.awaiting_machine(call):
+                        # (Words heard before detection's verdict may be a machine's greeting: not answered.)
                         hook = self._on_utterance
                         effects.append(lambda: hook(call, text))
         elif kind is EventType.DTMF:
