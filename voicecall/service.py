@@ -126,6 +126,7 @@ class VoicecallService(MultiService):
         node=None,
         adopter=None,
         routing: Sequence[Any] = (),
+        reporter=None,
     ) -> None:
         super().__init__()
         self.setName("voicecall")
@@ -156,6 +157,9 @@ class VoicecallService(MultiService):
         #: this node's calls are restored, before the webhook listens; stop()ped in reverse
         #: once the webhook and the RPC socket are closed.
         self._routing = tuple(routing)
+        #: The call reports (control/report.py): listening before restore (a restored call closed
+        #: then is reported too), stopped (its retries cancelled) before the store closes.
+        self._reporter = reporter
         self._logs_to_stdout = False
         self.ready: Deferred = Deferred()
         for child in (webhook, rpc, reaper, metrics):
@@ -183,6 +187,8 @@ class VoicecallService(MultiService):
         await self._store.open()
         if self._node is not None:
             await self._node.start()  # a fresh heartbeat before restoring: nobody adopts our calls now
+        if self._reporter is not None:
+            self._reporter.start()
         await self.manager.restore()
         for part in self._routing:
             await part.start()
@@ -257,6 +263,8 @@ class VoicecallService(MultiService):
         await _maybe(self._rpc.stopService())
         for part in reversed(self._routing):
             await _maybe(part.stop())
+        if self._reporter is not None:
+            self._reporter.stop()
         self.manager.stop()
         if self._adopter is not None:
             await self._adopter.stop()

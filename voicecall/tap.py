@@ -40,6 +40,7 @@ from voicecall.providers.twilio import TwilioProvider
 from voicecall.providers.signatures import skip_request_key, verify_twilio
 from voicecall.domain.reaper import StaleCallReaper
 from voicecall.control.protocol import default_socket_path
+from voicecall.control.report import ReportDelivery, Reporter
 from voicecall.control.rpc import GatewayResponders, RpcFactory, RpcMethods
 from voicecall.speech.responder import AutoResponder, ChatResponder
 from voicecall.speech.stt import RealtimeTranscriber
@@ -370,6 +371,35 @@ def build_responder(cfg, reactor, http, manager: CallManager, responders: Gatewa
     )
 
 
+def build_reporter(cfg, reactor, http, manager: CallManager) -> Reporter:
+    """
+    The report after each call this node ends: a `call.summary` event always; POSTed, signed, to
+    `report.url` when set; with a short LLM summary (the built-in responder's chat client) when
+    `report.summarize` (config validation made sure its key is there).
+    """
+    report = cfg.report
+    delivery = None if report.url is None else ReportDelivery(http=http, clock=reactor, url=report.url, secret=report.secret)
+    summarize = None
+    if report.summarize:
+        summarize = ChatResponder(
+            http=http,
+            base_url=cfg.response_base_url,
+            api_key=cfg.response_api_key,
+            model=cfg.response_model,
+            timeout_ms=cfg.response_timeout_ms,
+            clock=reactor,
+        ).summarize
+    return Reporter(
+        clock=reactor,
+        subscribe=manager.subscribe,
+        publish=manager.publish,
+        get_call=manager.get_call,
+        delivery=delivery,
+        summarize=summarize,
+        summary_timeout=cfg.response_timeout_ms / 1000.0,
+    )
+
+
 def build_webhook(
     cfg, reactor, provider, manager: CallManager, forwarding: ForwardingPolicy, serve_path: str, router: Router | None = None, signed_urls=None
 ) -> WebhookResource:
@@ -570,6 +600,7 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         on_turn_latency=metrics.observe_turn_latency if metrics is not None else None,
     )
     manager.subscribe(CallLog(_api_root(cfg)))
+    reporter = build_reporter(cfg, reactor, http, manager)
     responders = GatewayResponders()
     auto = build_responder(cfg, reactor, http, manager, responders)
     media = None if bridge is None else build_media_server(cfg, reactor, bridge, forwarding)
@@ -625,5 +656,6 @@ def makeService(options: Options, reactor=None) -> VoicecallService:
         node=node,
         adopter=adopter,
         routing=() if router is None else (router, events, urls),
+        reporter=reporter,
     )
     return service

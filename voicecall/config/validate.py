@@ -362,6 +362,23 @@ def provider_problems(cfg: VoiceCallConfig) -> list[Issue]:
         # A cluster node registers its own URL (carriers sign its calls' webhooks for it) before
         # any tunnel could open.
         problems.append(Issue(f"{p}.publicUrl", "is required when the store is PostgreSQL (a cluster): this node's own URL", sep=" "))
+    problems.extend(report_problems(cfg))
+    return problems
+
+
+def report_problems(cfg: VoiceCallConfig) -> list[Issue]:
+    """
+    What the call reports need (control/report.py): a secret to sign the POSTs to ``report.url``
+    with, and for ``report.summarize`` the built-in responder's key (its chat client writes the
+    summary): a refusal, not a warning, so no report silently lacks what the config asked for.
+    """
+    p = CONFIG_PATH
+    report = cfg.report
+    problems = []
+    if report.url is not None and report.secret is None:
+        problems.append(Issue(f"{p}.report.secret", "is required when report.url is set (or set VOICECALL_REPORT_SECRET env): it signs every report", sep=" "))
+    if report.summarize and not cfg.response_api_key:
+        problems.append(Issue(f"{p}.report.summarize", "needs the built-in responder: set responseApiKey (or OPENAI_API_KEY env)", sep=" "))
     return problems
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
-from voicecall.domain.model import CallRecord, Direction, Mode, Speaker
+from voicecall.domain.model import CallRecord, Direction, Mode, Speaker, TranscriptEntry
 from voicecall.infra.jsonhttp import ApiClient
 
 APOLOGY = "Sorry, I'm having trouble answering right now. Could you say that again?"
@@ -36,6 +36,14 @@ SPOKEN_CONTRACT = (
 )
 #: Transcript entries sent with a request (the most recent ones).
 MAX_HISTORY = 40
+#: What the model is asked for a call's summary (`report.summarize`).
+SUMMARY_PROMPT = (
+    "You summarise phone calls between an AI voice assistant and a person. In at most three short "
+    "sentences of plain text, say what the call was about, what was agreed or learned, and any "
+    "follow-up needed. Do not invent anything that is not in the transcript."
+)
+#: The most transcript text (characters, the latest) sent for a summary.
+MAX_SUMMARY_INPUT = 20_000
 
 _FENCED = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.S)
 _INLINE = re.compile(r'"spoken"\s*:\s*("(?:[^"\\]|\\.)*")', re.S)
@@ -153,6 +161,24 @@ class ChatResponder:
         except (KeyError, IndexError, TypeError) as e:
             raise ValueError("Response API answer has no choices[0].message.content") from e
         return extract_spoken(content)
+
+    def summarize(self, transcript: Sequence[TranscriptEntry]) -> Deferred[str]:
+        """A few sentences summing up a call from its transcript (`report.summarize`), plain text."""
+        return Deferred.fromCoroutine(self._summarize(transcript))
+
+    async def _summarize(self, transcript: Sequence[TranscriptEntry]) -> str:
+        lines = [("Assistant: " if t.speaker is Speaker.BOT else "Caller: ") + t.text for t in transcript]
+        text = "\n".join(lines)[-MAX_SUMMARY_INPUT:]
+        body = {
+            "model": model_name(self._model),
+            "messages": [{"role": "system", "content": SUMMARY_PROMPT}, {"role": "user", "content": text}],
+            "max_completion_tokens": 200,
+        }
+        answer = await self._api.request("POST", "/chat/completions", body=body)
+        try:
+            return (answer["choices"][0]["message"]["content"] or "").strip()
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError("Response API answer has no choices[0].message.content") from e
 
 
 #: ask(call, text) -> Deferred[str] of the words to say, or None when that responder is absent.
