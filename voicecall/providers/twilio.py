@@ -34,18 +34,20 @@ from __future__ import annotations
 import base64
 import hmac
 import re
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 import attrs
 import secrets
 from typing import Any, Callable, Mapping
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from voicecall.domain.carrier import InitiatedCall, ProviderCallStatus, ProviderError
+from voicecall.domain.carrier import NO_OPTIONS, DialOptions, InitiatedCall, ProviderCallStatus, ProviderError
 from voicecall.domain.model import CallEvent, CallRecord, Direction, EventType, identity_key
 from voicecall.providers import twiml
 from voicecall.providers.base import (
@@ -70,6 +72,23 @@ MAX_CALL_STATE = 10_000
 _XML = {"Content-Type": "application/xml"}
 _DECIMAL = re.compile(r"^\s*(?:\d+(?:\.\d*)?|\.\d+)\s*$")
 _PROGRESS = {"initiated": EventType.INITIATED, "ringing": EventType.RINGING, "in-progress": EventType.ANSWERED}
+#: Answering-machine detection's `AnsweredBy` (PROVIDERS.md §1.2) -> (answered_by, machine_done).
+#: With DetectMessageEnd a machine is reported once its greeting has ended (`machine_end_*`).
+ANSWERED_BY = {
+    "human": ("human", False),
+    "machine_start": ("machine", False),
+    "machine_end_beep": ("machine", True),
+    "machine_end_silence": ("machine", True),
+    "machine_end_other": ("machine", True),
+    "fax": ("fax", False),
+    "unknown": ("unknown", False),
+}
+#: A recording callback's `RecordingStatus` -> ours (`absent`: nothing was heard, no audio kept).
+RECORDING_STATUS = {"in-progress": "in-progress", "completed": "completed", "absent": "failed", "failed": "failed"}
+#: The recording events we ask Twilio to report (the SDK's documented values: there is no `failed` event).
+RECORDING_EVENTS = ("in-progress", "completed", "absent")
+#: The `type` query of the callbacks that only report (answered with empty TwiML, never a fetch).
+CALLBACK_TYPES = ("status", "amd", "recording")
 
 
 def _bounded_put(mapping: dict, key: str, value: Any) -> None:
@@ -125,6 +144,9 @@ class TwilioProvider:
     _listening: dict[str, None] = field(factory=dict, init=False)
     #: Timers bounding the waits for a `<Say>` to end (cancelled by L{stop}).
     _speak_timers: set = field(factory=set, init=False)
+    #: CallSid -> what the call was last told to do, to go back to after keypad tones:
+    #: ("stream",) or ("listen", turn token or None, dtmf).
+    _doing: dict[str, tuple] = field(factory=dict, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -162,11 +184,15 @@ class TwilioProvider:
         webhook_url: str,
         notify_message: str | None = None,
         voice: str | None = None,
+        options: DialOptions = NO_OPTIONS,
     ) -> Deferred[InitiatedCall]:
-        return Deferred.fromCoroutine(self._initiate(call_id, from_number, to_number, webhook_url, notify_message, voice))
+        return Deferred.fromCoroutine(
+            self._initiate(call_id, from_number, to_number, webhook_url, notify_message, voice, options)
+        )
 
-    async def _initiate(self, call_id, from_number, to_number, webhook_url, notify_message, voice) -> InitiatedCall:
+    async def _initiate(self, call_id, from_number, to_number, webhook_url, notify_message, voice, options) -> InitiatedCall:
         url = twiml.with_query(webhook_url, callId=call_id)
+        detect = options.answering_machine != "ignore"
         form = [
             ("To", to_number),
             ("From", from_number),
@@ -176,6 +202,17 @@ class TwilioProvider:
             ("StatusCallbackMethod", "POST"),
             ("Timeout", "30"),
         ]
+        if detect:
+            # Async AMD: the call's TwiML runs at once (the listen loop or the stream holds the
+            # line, saying nothing) and the verdict is posted to us; DetectMessageEnd waits for
+            # a machine's greeting to end, so "machine" comes when a message can be left.
+            form += [
+                ("MachineDetection", "DetectMessageEnd"),
+                ("AsyncAmd", "true"),
+                ("AsyncAmdStatusCallback", twiml.with_query(webhook_url, callId=call_id, type="amd")),
+                ("AsyncAmdStatusCallbackMethod", "POST"),
+            ]
+            notify_message = None  # said by the manager once it knows who answered: never consumed
         served: Deferred | None = None
         if notify_message:
             served = Deferred()
@@ -261,6 +298,7 @@ class TwilioProvider:
         if sid:
             self._call_urls.pop(sid, None)
             self._listening.pop(sid, None)
+            self._doing.pop(sid, None)
             self._said(sid, cut_off=True)  # the call is over: a `<Say>` still playing was not heard to its end
         if call_id:
             self._notify_twiml.pop(call_id, None)
@@ -324,33 +362,114 @@ class TwilioProvider:
             else:
                 entry[1].callback(None)
 
-    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
-        return self._turn(call, text, voice, turn_token)
+    def prompt(
+        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None, dtmf: bool = False
+    ) -> Deferred[None]:
+        return self._turn(call, text, voice, turn_token, dtmf)
 
-    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
-        if turn_token is None and (call.provider_call_id or "") in self._listening:
+    def start_listening(self, call: CallRecord, turn_token: str | None, dtmf: bool = False) -> Deferred[None]:
+        if turn_token is None and not dtmf and (call.provider_call_id or "") in self._listening:
             return Deferred.fromCoroutine(_nothing())  # the call already listens, as asked
-        return self._turn(call, None, None, turn_token)
+        return self._turn(call, None, None, turn_token, dtmf)
 
-    def _turn(self, call: CallRecord, text: str | None, voice: str | None, turn_token: str | None) -> Deferred[None]:
+    def _turn(
+        self, call: CallRecord, text: str | None, voice: str | None, turn_token: str | None, dtmf: bool = False
+    ) -> Deferred[None]:
         """Say `text` (if any), listen, and come back on silence: one live update."""
         url = self._call_url_or_fail(call)
         if isinstance(url, Deferred):
             return url
-        self._said(call.provider_call_id or "")  # this update replaces a `<Say>` still playing
-        self._listening.pop(call.provider_call_id or "", None)
-        document = self._listen_loop(url, text, voice, turn_token)
+        sid = call.provider_call_id or ""
+        self._said(sid)  # this update replaces a `<Say>` still playing
+        self._listening.pop(sid, None)
+        _bounded_put(self._doing, sid, ("listen", turn_token, dtmf))
+        document = self._listen_loop(url, text, voice, turn_token, dtmf)
         return Deferred.fromCoroutine(self._update(call.provider_call_id, document))
 
-    def _listen_loop(self, url: str, text: str | None, voice: str | None, turn_token: str | None) -> str:
+    def _listen_loop(
+        self, url: str, text: str | None, voice: str | None, turn_token: str | None, dtmf: bool = False, before: str = ""
+    ) -> str:
         """
         `<Say>`, `<Gather>`, `<Redirect>` back to us. Each URL handed out carries a fresh nonce:
         Twilio signs a Redirect or Gather action exactly like an earlier one to the same URL,
         and the replay guard would (rightly) answer an identical request with empty TwiML.
+        A Gather taking keys waits only seconds for one (its `timeout` is also the wait between
+        keys): its Redirect (`flow=listen`) listens again for the same turn, keys included.
         """
         action = twiml.with_query(url, turnToken=turn_token, n=secrets.token_hex(6))
-        redirect = twiml.with_query(url, n=secrets.token_hex(6))
-        return twiml.say_and_gather(text, voice, self._language, action, redirect)
+        if dtmf:
+            redirect = twiml.with_query(url, flow="listen", listen=turn_token, n=secrets.token_hex(6))
+        else:
+            redirect = twiml.with_query(url, n=secrets.token_hex(6))
+        return twiml.say_and_gather(text, voice, self._language, action, redirect, dtmf=dtmf, before=before)
+
+    # -- keypad tones, transfer, recording (CallControl) ---------------------------------------------
+
+    def send_dtmf(self, call: CallRecord, digits: str) -> Deferred[None]:
+        """
+        `<Play digits>` in a live update, then back to what the call was doing: its stream (a
+        Redirect to the resume URL, which gives it a fresh one) or its listen loop, with the
+        same turn token (a `continue` waiting for an answer still gets it).
+        """
+        sid = call.provider_call_id or ""
+        doing = self._doing.get(sid, ("listen", None, False))
+        tones = twiml.play_digits(digits)
+        resume = None
+        if doing[0] == "stream":
+            resume = self._resume_url(call.call_id if call.direction is Direction.OUTBOUND else "")
+        if resume is not None:
+            document = twiml.then_redirect(tones, resume)
+        else:
+            url = self._call_url_or_fail(call)
+            if isinstance(url, Deferred):
+                return url
+            _, token, dtmf = doing if doing[0] == "listen" else ("listen", None, False)
+            document = self._listen_loop(url, None, None, token, dtmf, before=tones)
+        self._said(sid)  # (the manager sends tones only once a message has played)
+        self._listening.pop(sid, None)
+        return Deferred.fromCoroutine(self._update(sid, document))
+
+    def transfer_call(self, call: CallRecord, to: str) -> Deferred[None]:
+        """
+        A live update with `<Dial>` (`<Sip>` for a `sip:` target): the callee is connected to
+        `to`, seeing our number (an outbound call's caller id) or, on an inbound call, the
+        caller's own; the call ends when either hangs up. Our part of the call is over.
+        """
+        sid = call.provider_call_id or ""
+        caller_id = call.from_number if call.direction is Direction.OUTBOUND else None
+        return Deferred.fromCoroutine(self._transfer(sid, call.call_id, twiml.dial(to, caller_id)))
+
+    async def _transfer(self, sid: str, call_id: str, document: str) -> None:
+        await self._update(sid, document)
+        self._forget(sid, call_id)
+
+    def start_recording(self, call: CallRecord) -> Deferred[dict | None]:
+        """
+        `POST /Calls/{sid}/Recordings.json`, both parties on their own channels; Twilio reports
+        it (in progress, then completed with its URL and duration, or absent) to this call's
+        webhook URL with `type=recording`, signed like every callback, often after the hang-up.
+        """
+        url = self._call_url_or_fail(call)
+        if isinstance(url, Deferred):
+            return url
+        form = [
+            ("RecordingStatusCallback", twiml.with_query(url, type="recording")),
+            *(("RecordingStatusCallbackEvent", e) for e in RECORDING_EVENTS),
+            ("RecordingStatusCallbackMethod", "POST"),
+            ("RecordingChannels", "dual"),
+        ]
+        return Deferred.fromCoroutine(self._record(call.provider_call_id or "", form))
+
+    async def _record(self, sid: str, form: list[tuple[str, str]]) -> dict | None:
+        answer = await self._api.request("POST", f"/Calls/{sid}/Recordings.json", form=form)
+        rid = answer.get("sid") if isinstance(answer, dict) else None
+        if not isinstance(rid, str) or not rid:
+            return None
+        recording: dict[str, Any] = {"id": rid, "status": "in-progress"}
+        started = _epoch_ms(answer.get("start_time"))
+        if started is not None:
+            recording["startedAt"] = started
+        return recording
 
     def stop_listening(self, call: CallRecord) -> Deferred[None]:
         """A `<Gather>` ends by itself."""
@@ -409,8 +528,10 @@ class TwilioProvider:
             return ParsedWebhook((), WebhookResponse(400, b"Bad Request", {"Content-Type": "text/plain"}))
         sid = params.get("CallSid", "").strip()
         query_call_id = (ctx.query.get("callId") or "").strip()
-        event = self._event(params, sid, query_call_id, ctx.query.get("turnToken"), request_key) if sid else None
-        resuming = ctx.query.get("flow") == "resume" and ctx.query.get("type") != "status"
+        callback = ctx.query.get("type")
+        callback = callback if callback in CALLBACK_TYPES else None
+        event = self._event(params, sid, query_call_id, ctx.query.get("turnToken"), request_key, callback) if sid else None
+        resuming = ctx.query.get("flow") == "resume" and callback is None
         if event is not None:
             event = _with_identity(event, ctx, params, request_key)
             if resuming:
@@ -420,7 +541,7 @@ class TwilioProvider:
             if sid not in self._call_urls and self._webhook_url:
                 _bounded_put(self._call_urls, sid, self._webhook_url)
         events = (event,) if event is not None else ()
-        is_status = ctx.query.get("type") == "status"
+        is_status = callback is not None
         first_inbound = (
             event is not None
             and event.type in (EventType.INITIATED, EventType.RINGING)
@@ -430,7 +551,8 @@ class TwilioProvider:
         if first_inbound and self._inbound_screen is not None and not self._inbound_screen(event.from_number):
             _bounded_put(self._rejected, sid, None)
             return ParsedWebhook(events, _xml(twiml.reject()))
-        body = self._twiml_for(params, sid, query_call_id, is_status, request_key, resuming)
+        relisten = (ctx.query.get("listen") or "") if ctx.query.get("flow") == "listen" else None
+        body = self._twiml_for(params, sid, query_call_id, is_status, request_key, resuming, relisten)
         if sid and ctx.query.get("flow") == "spoken":
             # The `<Say>` before this Redirect has been said. Only now that its answer is
             # chosen (the listen loop): what the speak's waiter does next knows it.
@@ -456,7 +578,9 @@ class TwilioProvider:
             return ParsedWebhook(events, WebhookResponse(200, body.encode("utf-8"), {**_XML, "Connection": "close"}))
         return ParsedWebhook(events, _xml(body))
 
-    def _event(self, params: dict, sid: str, call_id: str, turn_token: str | None, key: str) -> CallEvent | None:
+    def _event(
+        self, params: dict, sid: str, call_id: str, turn_token: str | None, key: str, callback: str | None = None
+    ) -> CallEvent | None:
         direction = params.get("Direction", "")
         common: dict[str, Any] = dict(
             call_id=call_id or sid,
@@ -469,6 +593,14 @@ class TwilioProvider:
             from_number=params.get("From") or None,
             to_number=params.get("To") or None,
         )
+        if callback == "amd":
+            verdict = ANSWERED_BY.get(params.get("AnsweredBy", ""))
+            if verdict is None:
+                return None
+            return CallEvent(type=EventType.MACHINE, answered_by=verdict[0], machine_done=verdict[1], **common)
+        if callback == "recording":
+            recording = _recording(params)
+            return None if recording is None else CallEvent(type=EventType.RECORDING, recording=recording, **common)
         speech = params.get("SpeechResult", "")
         if speech.strip():
             confidence = params.get("Confidence", "")
@@ -486,7 +618,14 @@ class TwilioProvider:
         return None
 
     def _twiml_for(
-        self, params: dict, sid: str, call_id: str, is_status: bool, request_key: str = "", resuming: bool = False
+        self,
+        params: dict,
+        sid: str,
+        call_id: str,
+        is_status: bool,
+        request_key: str = "",
+        resuming: bool = False,
+        relisten: str | None = None,
     ) -> str:
         """SPEC §7.1.3: what Twilio should do next."""
         direction = params.get("Direction", "")
@@ -495,6 +634,10 @@ class TwilioProvider:
         if resuming:
             way = Direction.INBOUND if direction == "inbound" else Direction.OUTBOUND
             return self._stream_or_pause(sid, way, request_key, call_id, resuming=True)
+        if relisten is not None and not is_status and sid in self._call_urls:
+            # A Gather taking keys heard none: listen again for the same turn.
+            _bounded_put(self._doing, sid, ("listen", relisten or None, True))
+            return self._listen_loop(self._call_urls[sid], None, None, relisten or None, True)
         if call_id and not is_status:
             stored = self._notify_twiml.pop(call_id, None)
             if stored is not None:
@@ -522,9 +665,11 @@ class TwilioProvider:
                 sid, direction, request_key=request_key or None, resume_url=self._resume_url(call_id), resuming=resuming
             )
             if document is not None:
+                _bounded_put(self._doing, sid, ("stream",))
                 return document
         url = self._call_urls.get(sid)
         if url is not None:
+            _bounded_put(self._doing, sid, ("listen", None, False))
             # Listen, and come back when the Gather times out: the call stays up between turns
             # (bounded by maxDurationSeconds) instead of hanging up when a <Pause> runs out.
             _bounded_put(self._listening, sid, None)
@@ -564,6 +709,10 @@ def _with_identity(event: CallEvent, ctx: WebhookContext, params: dict, request_
         nonce = ctx.query.get("n")
         if nonce or event.turn_token:
             primary = identity_key("twilio:gather", sid, event.turn_token, nonce)
+    elif event.type is EventType.MACHINE:
+        primary = identity_key("twilio:amd", sid, params.get("AnsweredBy"))
+    elif event.type is EventType.RECORDING:
+        primary = identity_key("twilio:recording", sid, params.get("RecordingSid"), params.get("RecordingStatus"))
     elif params.get("SequenceNumber") and (ctx.query.get("type") == "status" or params.get("CallbackSource")):
         primary = identity_key("twilio:status", sid, params["SequenceNumber"], normalize_status(params.get("CallStatus")))
     aliases = [] if primary is None else [request_key]
@@ -577,6 +726,66 @@ def _with_identity(event: CallEvent, ctx: WebhookContext, params: dict, request_
 
 async def _nothing() -> None:
     return None
+
+
+def _epoch_ms(value: object) -> int | None:
+    """An RFC 2822 date (Twilio's `start_time`, `RecordingStartTime`) in epoch milliseconds."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return int(parsedate_to_datetime(value).timestamp() * 1000)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _recording(params: Mapping[str, str]) -> dict[str, Any] | None:
+    """A recording status callback as a recording (model.RECORDING_KEYS), or None if it names none."""
+    rid = params.get("RecordingSid", "").strip()
+    status = RECORDING_STATUS.get(params.get("RecordingStatus", ""))
+    if not rid or status is None:
+        return None
+    recording: dict[str, Any] = {"id": rid, "status": status}
+    url = params.get("RecordingUrl", "").strip()
+    if url and status == "completed":
+        recording["url"] = url
+    duration = params.get("RecordingDuration", "")
+    if duration.isdigit():
+        recording["durationSeconds"] = int(duration)
+    started = _epoch_ms(params.get("RecordingStartTime"))
+    if started is not None:
+        recording["startedAt"] = started
+    return recording
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    port = parts.port or {"https": 443, "http": 80}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def recording_source(
+    http: Any, recording: Mapping[str, Any], *, base_url: str, account_sid: str, auth_token: str
+) -> Deferred[tuple[str, dict[str, str]]]:
+    """
+    Where to GET a Twilio recording's audio (`voicecall recording fetch`): its `RecordingUrl`
+    with `.mp3`, with HTTP Basic auth. The URL came from a webhook, so the credentials go only
+    to `twilio.baseUrl`'s origin: a recording on any other host is refused (ValueError).
+    """
+    url = recording.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"recording {recording.get('id')} has no URL yet (Twilio reports it once completed)")
+    url = url.strip()
+    scheme, host, _ = origin = _origin(url)
+    if scheme not in ("http", "https") or not host or origin != _origin(base_url):
+        raise ValueError(
+            f"refusing to send Twilio credentials to {scheme}://{host}: a recording URL must be on "
+            f"twilio.baseUrl's origin ({base_url})"
+        )
+    if not url.endswith((".mp3", ".wav")):
+        url += ".mp3"
+    token = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode("ascii")
+    return succeed((url, {"Authorization": f"Basic {token}"}))
 
 
 def stream_token() -> str:

@@ -141,23 +141,34 @@ def stream_url(public_url: str, stream_path: str) -> str:
     return f"{ws}://{host}{path}"
 
 
+#: Seconds a `<Gather input="speech dtmf">` waits for the next key (Twilio's `timeout` is also the
+#: wait between keys: at 120 s one key pressed would be posted two minutes later).
+DTMF_TIMEOUT_SECONDS = 5
+
+
 def say_and_gather(
     text: str | None,
     voice: str | None,
     language: str | None,
     action_url: str,
     redirect_url: str | None,
+    *,
+    dtmf: bool = False,
+    before: str = "",
 ) -> str:
     """
     One conversational turn without a media stream: `<Say>` the text (left out when `text` is
     None or empty), then listen with a speech `<Gather>` whose action carries the turn token,
     then, when `redirect_url` is given, `<Redirect>` there so silence re-prompts instead of the
-    document ending (which would hang up).
+    document ending (which would hang up). With `dtmf` the Gather takes keys too (`input="speech
+    dtmf"`, posted as `Digits` after `#` or DTMF_TIMEOUT_SECONDS without a key). `before` is
+    TwiML run first (keypad tones: `play_digits`).
     """
     lang = escape(language or DEFAULT_LANGUAGE)
-    body = _say(text, voice, language) if text else ""
+    body = before + (_say(text, voice, language) if text else "")
+    inputs, timeout = ("speech dtmf", DTMF_TIMEOUT_SECONDS) if dtmf else ("speech", 120)
     body += (
-        '<Gather input="speech" speechTimeout="auto" timeout="120" '
+        f'<Gather input="{inputs}" speechTimeout="auto" timeout="{timeout}" '
         f'language="{lang}" action="{escape(action_url)}" method="POST"></Gather>'
     )
     if redirect_url is not None:
@@ -176,6 +187,27 @@ def say(
     if redirect_url is not None:
         body += f'<Redirect method="POST">{escape(redirect_url)}</Redirect>'
     return _document(body)
+
+
+def play_digits(digits: str) -> str:
+    """`<Play digits>`: keypad tones sent on the call (`w` is a half-second pause). A fragment."""
+    return f'<Play digits="{escape(digits)}"/>'
+
+
+def then_redirect(before: str, url: str) -> str:
+    """Run `before` (a fragment), then fetch `url` (a streamed call's way back to its stream)."""
+    return _document(f'{before}<Redirect method="POST">{escape(url)}</Redirect>')
+
+
+def dial(to: str, caller_id: str | None) -> str:
+    """
+    Connect the call to `to`: a `sip:` URI as `<Sip>`, else a phone number as `<Number>`;
+    `caller_id` is the number the target sees (None: Twilio's default, the caller's own).
+    When the target hangs up the document ends, and so does the call.
+    """
+    noun = f"<Sip>{escape(to)}</Sip>" if to.lower().startswith("sip:") else f"<Number>{escape(to)}</Number>"
+    attribute = "" if caller_id is None else f' callerId="{escape(caller_id)}"'
+    return _document(f"<Dial{attribute}>{noun}</Dial>")
 
 
 def with_query(url: str, /, **params: str | None) -> str:

@@ -8,7 +8,11 @@ and posting signed webhooks (twilio_driver, twilio_carrier), and a standalone en
 
 which prints the base URL to put into `twilio.baseUrl`. `--chaos` (or the finer `--chaos-*` flags)
 gives the carrier's worst day: duplicated, reordered and delayed callbacks, late and repeated
-fetches, real-time speech, a callee talking over prompts.
+fetches, real-time speech, a callee talking over prompts. `--machine` makes every callee an
+answering machine (`--greeting-seconds` long, then a beep: answering-machine detection reports
+`machine_end_beep`), `--press 1` a person who presses 1 at the first `<Gather>` taking keys, and
+`--recording-delay` how long after the hang-up a recording is reported completed; recordings are
+served at their `RecordingUrl` + `.mp3` to the account's Basic auth.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from voicecall.testing.chaos import Chaos
 from voicecall.testing.twilio_api import FakeTwilio, RecordedRequest, error_body
 from voicecall.testing.twilio_carrier import (
     Carrier,
+    DialRecord,
     GatherRecord,
+    RecordingRecord,
     SayRecord,
     Scenario,
     StreamRecord,
@@ -35,6 +41,8 @@ from voicecall.testing.twilio_driver import FakeCall
 __all__ = [
     "Chaos",
     "Carrier",
+    "DialRecord",
+    "RecordingRecord",
     "FakeCall",
     "FakeTwilio",
     "GatherRecord",
@@ -69,6 +77,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         speech=" of <Say>",
         hangup_after="callee hangs up after N seconds",
     )
+    parser.add_argument("--machine", action="store_true", help="every callee is an answering machine")
+    parser.add_argument(
+        "--greeting-seconds", type=float, default=4.0, help="how long the machine's greeting lasts before its beep"
+    )
+    parser.add_argument("--press", default=None, help="keys the callee presses at the first Gather that takes keys")
+    parser.add_argument(
+        "--recording-delay", type=float, default=2.0, help="seconds after the hang-up before a recording is completed"
+    )
     args = parser.parse_args(argv)
     if not args.account_sid or not args.auth_token:
         parser.error("--account-sid and --auth-token (or $TWILIO_ACCOUNT_SID/$TWILIO_AUTH_TOKEN) are required")
@@ -96,6 +112,10 @@ def _build(args: argparse.Namespace) -> Any:
         utterances=scripted_utterances(args),
         hangup_after=args.hangup_after,
         say_seconds_per_char=args.say_seconds_per_char,
+        machine=args.machine,
+        greeting_seconds=args.greeting_seconds,
+        press=args.press,
+        recording_delay=args.recording_delay,
     )
     chaos = _chaos.from_arguments(args)
     return lambda reactor, http: FakeTwilio(

@@ -5,7 +5,10 @@ The fake Twilio REST API (PROVIDERS.md §1.1): a twisted.web resource tree servi
 - `POST /2010-04-01/Accounts/{sid}/Calls.json`: create a call;
 - `POST /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: live update (`Twiml`, `Url`, and
   `StatusCallback`, which then reports `completed` only) or hang up (`Status=completed|canceled`);
-- `GET  /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: fetch the call resource,
+- `GET  /2010-04-01/Accounts/{sid}/Calls/{CallSid}.json`: fetch the call resource;
+- `POST /2010-04-01/Accounts/{sid}/Calls/{CallSid}/Recordings.json`: record an in-progress call
+  (`RecordingStatusCallback`, `RecordingStatusCallbackEvent`, `RecordingChannels`);
+- `GET  /2010-04-01/Accounts/{sid}/Recordings/{RecordingSid}.mp3` (or `.wav`): its audio,
 
 with Twilio's HTTP Basic auth, validation, error JSON and status codes. Every request is
 recorded; tests can make the next requests fail, hang or answer late. Each created call is
@@ -22,16 +25,28 @@ from urllib.parse import parse_qsl
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
-from voicecall.testing.fakerest import FaultyApi, basic_auth, credentials_match, raw_headers, read_body
+from voicecall.testing.fakerest import FaultyApi, basic_auth, credentials_match, raw_headers, read_body, respond
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
-from voicecall.testing.twilio_carrier import STATUS_EVENTS, API_VERSION, Carrier, Scenario, new_sid
+from voicecall.testing.twilio_carrier import (
+    API_VERSION,
+    RECORDING_EVENTS,
+    STATUS_EVENTS,
+    Carrier,
+    RecordingRecord,
+    Scenario,
+    new_sid,
+    rfc2822,
+)
 from voicecall.testing.twilio_driver import FakeCall
 
 MAX_REQUEST_BYTES = 64 * 1024
 _E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
 _SID = re.compile(r"^(?P<sid>CA[0-9a-f]{32})\.json$")
 _APP_SID = re.compile(r"^AP[0-9a-f]{32}$")
+_MEDIA = re.compile(r"^(?P<sid>RE[0-9a-f]{32})\.(?P<ext>mp3|wav)$")
+#: The audio a fake recording serves: a few bytes that start like an MP3 (an ID3 tag).
+RECORDING_AUDIO = b"ID3\x03\x00\x00\x00\x00\x00\x00fake twilio recording"
 
 
 def error_body(code: int, message: str, status: int) -> dict[str, Any]:
@@ -88,6 +103,8 @@ class FakeTwilio(FaultyApi):
     _http: Any = None
     scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
     applications: Mapping[str, str] = field(factory=dict)  # ApplicationSid -> voice URL
+    #: RecordingSid -> the recording (its call's `recordings` hold it too), oldest first.
+    recordings: dict = field(factory=dict)
     max_documents_per_call: int = 1_000
     _log = Logger()
 
@@ -171,7 +188,7 @@ class FakeTwilio(FaultyApi):
             error_body(20404, f"The requested resource {record.path} was not found", 404),
         )
         parts = [p.decode("utf-8", "replace") for p in request.postpath]
-        if len(parts) not in (3, 4) or parts[0] != "Accounts":
+        if len(parts) not in (3, 4, 5) or parts[0] != "Accounts":
             return not_found
         if not (credentials_match(record.auth, self.account_sid, self._auth_token) and parts[1] == self.account_sid):
             return _Reply(
@@ -183,6 +200,18 @@ class FakeTwilio(FaultyApi):
             if record.method == "POST":
                 return self._create(record)
             return _method_not_allowed(record.method)
+        if len(parts) == 5 and parts[2] == "Calls" and parts[4] == "Recordings.json":
+            call = self.calls.get(parts[3])
+            if call is None:
+                return not_found
+            if record.method == "POST":
+                return self._record_call(request, call, record)
+            return _method_not_allowed(record.method)
+        if len(parts) == 4 and parts[2] == "Recordings":
+            m = _MEDIA.match(parts[3])
+            if m is None or m.group("sid") not in self.recordings or record.method != "GET":
+                return not_found
+            return _Reply(200, None, ((b"x-fake-media", m.group("ext").encode()),))
         if len(parts) == 4 and parts[2] == "Calls":
             m = _SID.match(parts[3])
             call = self.calls.get(m.group("sid")) if m else None
@@ -194,6 +223,46 @@ class FakeTwilio(FaultyApi):
                 return self._update(call, record)
             return _method_not_allowed(record.method)
         return not_found
+
+    def _handle(self, request: Any) -> bytes | int:
+        """Recording media is audio, not JSON: served here once the route allowed it (auth checked)."""
+        body = FaultyApi._handle(self, request)
+        media = request.responseHeaders.getRawHeaders(b"x-fake-media")
+        if media and request.code == 200:
+            request.responseHeaders.removeHeader(b"x-fake-media")
+            kind = b"audio/mpeg" if media[0] == b"mp3" else b"audio/x-wav"
+            return respond(request, 200, RECORDING_AUDIO, content_type=kind)
+        return body
+
+    def _record_call(self, request: Any, call: FakeCall, record: RecordedRequest) -> _Reply:
+        form = record.form_dict
+        callback = form.get("RecordingStatusCallback")
+        if callback is not None and not _is_http_url(callback):
+            return _bad(21609, f"RecordingStatusCallback is not a valid URL: {callback}")
+        events: list[str] = []
+        for value in record.getall("RecordingStatusCallbackEvent"):
+            events.extend(value.split())
+        if any(e not in RECORDING_EVENTS for e in events):
+            return _bad(20001, f"Invalid RecordingStatusCallbackEvent: {' '.join(events)}")
+        method = form.get("RecordingStatusCallbackMethod", "POST").upper()
+        if method not in ("GET", "POST"):
+            return _bad(20001, "RecordingStatusCallbackMethod must be GET or POST")
+        channels = form.get("RecordingChannels", "mono")
+        if channels not in ("mono", "dual"):
+            return _bad(20001, f"Invalid RecordingChannels: {channels}")
+        if call.status != "in-progress":
+            return _bad(21220, "Call is not in-progress. Cannot start recording.")
+        sid = new_sid("RE")
+        host = request.getHost()
+        origin = f"{'https' if request.isSecure() else 'http'}://{host.host}:{host.port}"
+        path = f"/{API_VERSION}/Accounts/{self.account_sid}/Recordings/{sid}"
+        recording = call.start_recording(
+            sid, origin + path, callback, method, frozenset(events or ["completed"]), channels
+        )
+        self.recordings[sid] = recording
+        while len(self.recordings) > self.max_calls:
+            del self.recordings[next(iter(self.recordings))]
+        return _Reply(201, _recording_json(self.account_sid, recording, path))
 
     def _create(self, record: RecordedRequest) -> _Reply:
         form = record.form_dict
@@ -234,6 +303,18 @@ class FakeTwilio(FaultyApi):
         methods = [form.get("Method", "POST").upper(), form.get("StatusCallbackMethod", "POST").upper()]
         if any(m not in ("GET", "POST") for m in methods):
             return _bad(20001, "Method must be GET or POST")
+        detection = form.get("MachineDetection")
+        if detection is not None and detection not in ("Enable", "DetectMessageEnd"):
+            return _bad(21260, f"MachineDetection must be Enable or DetectMessageEnd, not {detection}")
+        async_amd = form.get("AsyncAmd", "false")
+        if async_amd not in ("true", "false"):
+            return _bad(20001, "AsyncAmd must be true or false")
+        amd_callback = form.get("AsyncAmdStatusCallback")
+        if amd_callback is not None and not _is_http_url(amd_callback):
+            return _bad(21609, f"AsyncAmdStatusCallback is not a valid URL: {amd_callback}")
+        amd_method = form.get("AsyncAmdStatusCallbackMethod", "POST").upper()
+        if amd_method not in ("GET", "POST"):
+            return _bad(20001, "AsyncAmdStatusCallbackMethod must be GET or POST")
         try:
             timeout = int(form.get("Timeout", "60"))
         except ValueError:
@@ -254,6 +335,10 @@ class FakeTwilio(FaultyApi):
             status_callback_method=methods[1],
             status_callback_events=frozenset(events or ["completed"]),
             timeout=timeout,
+            machine_detection=detection,
+            async_amd=async_amd == "true",
+            amd_callback=amd_callback,
+            amd_callback_method=amd_method,
         )
         if self._http is not None:
             self._reactor.callLater(0, call.start_outbound)
@@ -306,6 +391,24 @@ class FakeTwilio(FaultyApi):
             "fake Twilio {direction} call {sid} to {to}", direction=direction, sid=call.sid, to=to
         )
         return call
+
+
+def _recording_json(account_sid: str, recording: RecordingRecord, path: str) -> dict[str, Any]:
+    """The call Recording resource as the REST API shows it."""
+    return {
+        "sid": recording.sid,
+        "account_sid": account_sid,
+        "call_sid": recording.call_sid,
+        "api_version": API_VERSION,
+        "status": recording.status,
+        "channels": 2 if recording.channels == "dual" else 1,
+        "source": "StartCallRecordingAPI",
+        "start_time": rfc2822(recording.started_at),
+        "date_updated": rfc2822(recording.started_at),
+        "duration": None if recording.duration is None else str(recording.duration),
+        "error_code": None,
+        "uri": path + ".json",
+    }
 
 
 def _bad(code: int, message: str) -> _Reply:

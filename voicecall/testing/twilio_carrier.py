@@ -33,6 +33,10 @@ MAX_OBSERVATIONS = 1_000
 
 TERMINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 STATUS_EVENTS = ("initiated", "ringing", "answered", "completed")
+#: Webhooks that only report (their answer is not followed): call status, AMD verdicts, recordings.
+CALLBACK_KINDS = frozenset({"status", "amd", "recording"})
+#: The events a recording may be reported at (`RecordingStatusCallbackEvent`).
+RECORDING_EVENTS = ("in-progress", "completed", "absent")
 
 
 
@@ -66,13 +70,26 @@ class Scenario(DocumentScenario):
 
     say_seconds_per_char: float = 0.0
     confidence: str = "0.9"
+    #: The call is answered by a machine: its greeting lasts `greeting_seconds`, then it beeps
+    #: and records whatever is said (`FakeCall.beep_at`). Its Gathers hear nothing.
+    machine: bool = False
+    greeting_seconds: float = 4.0
+    #: How long answering-machine detection takes to judge a person (or a machine's start).
+    amd_seconds: float = 1.5
+    #: Keys the person presses at a `<Gather>` that takes them (`input` with `dtmf`), instead
+    #: of the next utterance (None: they speak, as `utterances` says).
+    press: str | None = None
+    #: Seconds a `<Dial>`ed transfer target talks before hanging up (None: until the callee does).
+    dial_seconds: float | None = None
+    #: Seconds after the call's end before a recording is `completed` (Twilio processes it first).
+    recording_delay: float = 2.0
 
 
 @define
 class Webhook:
     """One request the carrier made (TwiML fetch, Gather action, status callback), and its answer."""
 
-    kind: str  # "twiml", "action", "redirect", "status"
+    kind: str  # "twiml", "action", "redirect", "status", "amd", "recording"
     url: str
     method: str
     params: dict[str, str]
@@ -94,6 +111,33 @@ class SayRecord(PromptRecord):
 @define
 class GatherRecord(InputRecord):
     """A `<Gather>` the call ran."""
+
+
+@define
+class DialRecord:
+    """A `<Dial>` the call ran: its `<Number>` or `<Sip>` target and the caller id shown to it."""
+
+    target: str
+    noun: str  # "Number" or "Sip"
+    caller_id: str | None
+    started_at: float
+    ended_at: float | None = None
+
+
+@define
+class RecordingRecord:
+    """A recording started through the REST API (`/Calls/{sid}/Recordings.json`)."""
+
+    sid: str
+    call_sid: str
+    url: str  # where its media is served (`.mp3`/`.wav` appended), with the account's Basic auth
+    callback: str | None
+    callback_method: str
+    callback_events: frozenset
+    channels: str
+    started_at: float
+    status: str = "in-progress"  # then "completed" or "absent"
+    duration: int | None = None
 
 
 @define
@@ -119,7 +163,7 @@ class Carrier(Courier):
     max_documents_per_call: int = 1_000
 
     def _is_document(self, hook: Webhook) -> bool:
-        return hook.kind != "status"
+        return hook.kind not in CALLBACK_KINDS
 
     def _again(self, hook: Webhook) -> Webhook:
         """Twilio's retry: the same request and idempotency token, re-signed when sent."""

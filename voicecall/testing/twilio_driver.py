@@ -3,8 +3,11 @@
 The carrier side of the fake Twilio, per call: what Twilio does after the REST API accepted a
 call (or one arrives for a number). `FakeCall` posts status callbacks, fetches TwiML and
 follows it verb by verb (`<Say>`, `<Play>`, `<Pause>`, `<Gather>`, `<Redirect>`, `<Hangup>`,
-`<Connect><Stream>`, `<Start><Stream>`, `<Enqueue>`), lets a live update interrupt it, and
-plays the person on the line as its `Scenario` says. The runner itself is documents.py's.
+`<Connect><Stream>`, `<Start><Stream>`, `<Enqueue>`, `<Play digits>`, `<Dial>`), lets a live
+update interrupt it, and plays the person (or answering machine) on the line as its `Scenario`
+says: async answering-machine detection posts its verdict (`AsyncAmdStatusCallback`), a machine
+beeps when its greeting ends, recordings started through the REST API are reported to their
+`RecordingStatusCallback`, completed only after the hang-up. The runner itself is documents.py's.
 
 It imports nothing of the daemon, only the fake's own modules.
 """
@@ -23,7 +26,9 @@ from voicecall.testing.twilio_carrier import (
     MAX_OBSERVATIONS,
     TERMINAL,
     Carrier,
+    DialRecord,
     GatherRecord,
+    RecordingRecord,
     SayRecord,
     Scenario,
     StreamRecord,
@@ -68,6 +73,21 @@ class FakeCall(DocumentCall):
     gathers: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     streams: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     enqueued: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    #: Answering-machine detection asked for at create: `Enable` or `DetectMessageEnd` (None: off).
+    machine_detection: str | None = None
+    async_amd: bool = False
+    amd_callback: str | None = None
+    amd_callback_method: str = "POST"
+    #: The detection's verdict once made (`AnsweredBy`); when a machine beeped (its greeting ended).
+    answered_by: str | None = None
+    beep_at: float | None = None
+    #: (time, text) of every `<Say>` as it started: what a machine recorded is what began after its beep.
+    say_started: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    #: The keypad tones the call played (`<Play digits>`), and the transfers it dialled (`<Dial>`).
+    dtmf_sent: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    dialled: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    recordings: list = field(factory=list)
+    _pressed: bool = False
     _sequence: int = 0
     _stream_gate: Deferred | None = None
     _stream_waiters: list = field(factory=list)
@@ -137,7 +157,7 @@ class FakeCall(DocumentCall):
             "start_time": date(self.answered_at),
             "end_time": date(self.ended_at),
             "duration": duration,
-            "answered_by": None,
+            "answered_by": self.answered_by,
             "parent_call_sid": None,
             "price": None,
             "price_unit": "USD",
@@ -200,8 +220,18 @@ class FakeCall(DocumentCall):
         else:
             self._after(sc.answer_after, self._answer)
 
+    def start_recording(
+        self, sid: str, url: str, callback: str | None, method: str, events: frozenset, channels: str
+    ) -> RecordingRecord:
+        """REST `POST /Calls/{sid}/Recordings.json`: record both parties from now on."""
+        record = RecordingRecord(sid, self.sid, url, callback, method, events, channels, self._carrier.clock.seconds())
+        self.recordings.append(record)
+        self._recording_callback(record)
+        return record
+
     def _answer(self) -> None:
         self._mark_answered()
+        self._start_detection()
         generation = self._generation
         self._status_callback("answered", "in-progress")
         if self._generation != generation:
@@ -216,10 +246,69 @@ class FakeCall(DocumentCall):
             self._error("no TwiML source for the call")
             self._end("failed")
 
+    def _start_detection(self) -> None:
+        """Answering-machine detection runs from the answer, beside the call's TwiML (async AMD)."""
+        if self.machine_detection is None:
+            return
+        sc = self.scenario
+        if sc.machine:
+            self._after(sc.greeting_seconds, self._beep)
+            if self.machine_detection == "Enable":
+                self._after(sc.amd_seconds, self._verdict, "machine_start")
+        else:
+            self._after(sc.amd_seconds, self._verdict, "human")
+
+    def _beep(self) -> None:
+        self.beep_at = self._carrier.clock.seconds()
+        if self.machine_detection == "DetectMessageEnd":
+            self._verdict("machine_end_beep")
+
+    def _verdict(self, answered_by: str) -> None:
+        self.answered_by = answered_by
+        if not self.async_amd or not self.amd_callback:
+            return
+        seconds = self._carrier.clock.seconds() - (self.answered_at or 0.0)
+        params = {
+            "AccountSid": self._carrier.account_sid,
+            "CallSid": self.sid,
+            "AnsweredBy": answered_by,
+            "MachineDetectionDuration": str(int(seconds * 1000)),
+        }
+        self._notify(Webhook("amd", self.amd_callback, self.amd_callback_method, params, ""))
+
+    def _recording_callback(self, record: RecordingRecord) -> None:
+        if not record.callback or record.status not in record.callback_events:
+            return
+        params = {
+            "AccountSid": self._carrier.account_sid,
+            "CallSid": self.sid,
+            "RecordingSid": record.sid,
+            "RecordingUrl": record.url,
+            "RecordingStatus": record.status,
+            "RecordingChannels": "2" if record.channels == "dual" else "1",
+            "RecordingStartTime": rfc2822(record.started_at),
+            "RecordingSource": "StartCallRecordingAPI",
+            "RecordingTrack": "both",
+            "ErrorCode": "0",
+        }
+        if record.duration is not None:
+            params["RecordingDuration"] = str(record.duration)
+        self._notify(Webhook("recording", record.callback, record.callback_method, params, ""))
+
+    def _finish_recording(self, record: RecordingRecord) -> None:
+        record.status = "completed" if record.duration else "absent"
+        self._recording_callback(record)
+
     def _end(self, status: str) -> None:
         if self.is_ended:
             return
         DocumentCall._end(self, status)
+        for record in self.recordings:
+            if record.status == "in-progress":
+                # Twilio stops a recording with its call, then processes it: `completed` comes late.
+                record.status = "processing"
+                record.duration = int(round((self.ended_at or 0.0) - record.started_at))
+                self._after(self.scenario.recording_delay, self._finish_recording, record)
         stream_waiters, self._stream_waiters = self._stream_waiters, []
         for d in stream_waiters:
             d.callback(None)
@@ -291,6 +380,8 @@ class FakeCall(DocumentCall):
             for child in verb:
                 if child.tag == "Stream":
                     self._record_stream(child, bidirectional=False)
+        elif tag == "Dial":
+            return await self._dial(gen, verb)
         elif tag == "Enqueue":
             self.enqueued.append((verb.text or "").strip())
             await self._wait(gen, Deferred())
@@ -300,8 +391,14 @@ class FakeCall(DocumentCall):
 
     async def _prompt(self, gen: int, verb: ET.Element, base: str | None, part: float = 1.0) -> None:
         loop = int_attr(verb.get("loop"), 1)
+        if verb.tag == "Play" and verb.get("digits") is not None:
+            digits = verb.get("digits") or ""
+            self.dtmf_sent.append(digits)
+            await self._sleep(gen, 0.1 * len(digits.replace("w", "")) + 0.5 * digits.count("w"))
+            return
         if verb.tag == "Say":
             text = "".join(verb.itertext()).strip()
+            self.say_started.append((self._carrier.clock.seconds(), text))
             self.says.append(SayRecord(text, verb.get("voice"), verb.get("language"), loop))
             seconds = self._carrier.chaos.playback_seconds(text, self.scenario.say_seconds_per_char)
             await self._sleep(gen, seconds * max(loop, 1) * part)
@@ -319,7 +416,19 @@ class FakeCall(DocumentCall):
         action = resolve(base, attrs.get("action", "")) if attrs.get("action") else base
         record = GatherRecord(attrs, action, attrs.get("method", "POST").upper())
         self.gathers.append(record)
-        heard = await self._listen(gen, verb, base, record, inputs="input", timeout="timeout", default=5)
+        keys = "dtmf" in attrs.get("input", "dtmf").split()
+        if self.scenario.press and keys and not self._pressed and not self.scenario.machine:
+            self._pressed = True  # the person presses their keys once, at the first Gather taking them
+            for child in verb:
+                if child.tag in self.prompt_tags:
+                    await self._prompt(gen, child, base)
+            heard: Any = {"Digits": self.scenario.press}
+            record.heard = heard
+            await self._sleep(gen, 0.2 * len(self.scenario.press))
+        else:
+            heard = await self._listen(gen, verb, base, record, inputs="input", timeout="timeout", default=5)
+        if self.scenario.machine or (isinstance(heard, Mapping) and "Digits" in heard and not keys):
+            heard = record.heard = None  # a machine says nothing a Gather takes; keys need input="dtmf"
         if heard is None:
             if attrs.get("actionOnEmptyResult") != "true":
                 return False
@@ -333,6 +442,19 @@ class FakeCall(DocumentCall):
             self._error("Gather without an absolute action URL")
             return None
         return Fetch("action", action, record.method, extra)
+
+    async def _dial(self, gen: int, verb: ET.Element) -> Any:
+        """Connect the call to a `<Number>` or `<Sip>`: it lasts until either side hangs up."""
+        noun = next((c for c in verb if c.tag in ("Number", "Sip")), None)
+        target = ((noun.text if noun is not None else verb.text) or "").strip()
+        record = DialRecord(target, noun.tag if noun is not None else "Number", verb.get("callerId"), self._carrier.clock.seconds())
+        self.dialled.append(record)
+        if self.scenario.dial_seconds is None:
+            await self._wait(gen, Deferred())  # until the callee hangs up (or a live update)
+        else:
+            await self._sleep(gen, self.scenario.dial_seconds)
+        record.ended_at = self._carrier.clock.seconds()
+        return False
 
     async def _connect(self, gen: int, verb: ET.Element, base: str | None) -> Any:
         stream = next((c for c in verb if c.tag == "Stream"), None)
