@@ -27,6 +27,17 @@ sent it: none for speech sent during or before the turn's prompt (a late answer 
 question), which the manager ignores while a turn with a token waits. A decoded value that is
 not such an object is a call id, so states set before this form existed still decode.
 
+Issue 17's call control: a dial with an answering-machine policy asks for Telnyx's detection
+(`answering_machine_detection`: `detect_beep` to leave a message after the beep, `detect` to hang
+up), whose `call.machine.[premium.]detection.ended` verdict and `call.machine.[premium.]greeting.ended`
+(the beep) become `call.machine` events; `send_dtmf` is the `send_dtmf` command (our `w` pause is
+Telnyx's too) and carries no `client_state`, so a turn listening keeps its token and its
+transcription; `transfer_call` stops our transcription and sends `transfer` (an outbound call
+presents our number to the target); `start_recording` is `record_start` (mp3, dual channel), whose
+`call.recording.saved` / `call.recording.error` become `call.recording` events, also after the
+hang-up. `recording_source` looks a recording up (`GET /v2/recordings/{id}`) for a fresh presigned
+download URL: the `recording_urls` of the webhook expire after 10 minutes.
+
 Webhooks are JSON signed with Ed25519 (SPEC §9.3, verified by `signatures.verify_telnyx`) and are
 answered `OK`. Both transcription shapes are read: the current `payload.transcription_data`
 (PROVIDERS.md §2.2) and the flat `payload.transcription` / `payload.is_final` of SPEC §7.2.
@@ -36,18 +47,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
 from collections import deque
+from datetime import datetime
 from typing import Any, Mapping
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.domain.carrier import InitiatedCall, ProviderCallStatus, ProviderError
-from voicecall.domain.model import CallEvent, CallRecord, EventType, identity_key
+from voicecall.domain.carrier import NO_OPTIONS, DialOptions, InitiatedCall, ProviderCallStatus, ProviderError
+from voicecall.domain.model import CallEvent, CallRecord, Direction, EventType, identity_key
 from voicecall.providers.base import (
     NOT_PLAYED,
     ParsedWebhook,
@@ -73,6 +86,35 @@ MAX_CALL_STATE = 10_000
 #: Bounds on what a `client_state` we read may hold (ours: a UUID call id and a UUID token).
 MAX_CLIENT_STATE_CHARS = 1024
 MAX_TURN_TOKEN_CHARS = 128
+MAX_RECORDING_ID_CHARS = 128
+
+#: `answering_machine_detection` per answering-machine policy: `detect_beep` also reports the end
+#: of a machine's greeting when it beeps (`call.machine.greeting.ended`), time to leave a message.
+AMD_MODES = {"leave-message": "detect_beep", "hang-up": "detect"}
+#: How long Telnyx follows a machine's greeting for its beep: within the manager's own wait
+#: (telephony.MACHINE_GREETING_WAIT_SECONDS, 40 s), which then leaves the message anyway.
+AMD_GREETING_MILLIS = 35_000
+#: Verdicts of `call.machine.detection.ended` and `call.machine.premium.detection.ended`.
+MACHINE_RESULTS = {
+    "human": "human",
+    "human_residence": "human",
+    "human_business": "human",
+    "machine": "machine",
+    "fax_detected": "fax",
+    "silence": "unknown",
+    "not_sure": "unknown",
+}
+#: Results of `call.machine[.premium].greeting.ended` that mean the greeting is over (time to speak).
+GREETING_OVER = frozenset({"beep_detected", "ended", "no_beep_detected", "prompt_ended"})
+_MACHINE_EVENTS = ("call.machine.detection.ended", "call.machine.premium.detection.ended")
+_GREETING_EVENTS = ("call.machine.greeting.ended", "call.machine.premium.greeting.ended")
+#: Each key sounds this long (`send_dtmf` `duration_millis`: 100 to 500).
+DTMF_DURATION_MILLIS = 250
+#: How a recording is made: one file, caller and callee on their own channel.
+RECORDING_FORMAT = "mp3"
+RECORDING_CHANNELS = "dual"
+#: A Telnyx recording id as `GET /v2/recordings/{id}` takes it (a UUID); anything else is refused.
+_RECORDING_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
@@ -175,6 +217,78 @@ def error_code(error: ProviderError) -> str | None:
     return str(error.code) if error.code is not None else None
 
 
+def _epoch_ms(value: object) -> int | None:
+    """An ISO 8601 time (Telnyx's `recording_started_at`) as epoch milliseconds."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return int(when.timestamp() * 1000) if when.tzinfo is not None else None
+
+
+def recording_of(kind: str, payload: Mapping[str, Any], event_id: object = None) -> dict[str, Any]:
+    """
+    A `call.recording.saved` or `call.recording.error` payload as a recording (model.RECORDING_KEYS).
+    Its id is `recording_id` (what `GET /v2/recordings/{id}` takes); the API reference's example
+    leaves it out, so without it the recording is named after its call leg and start time (the
+    same for a redelivery). Its duration is the time between its start and its end.
+    """
+    rid = _text(payload.get("recording_id"))
+    started = _epoch_ms(payload.get("recording_started_at"))
+    if rid is None:
+        leg = _text(payload.get("call_leg_id")) or _text(payload.get("call_control_id")) or "call"
+        when = started if started is not None else (_text(event_id) if kind == "call.recording.error" else None)
+        rid = f"{leg}@{when}" if when is not None else leg
+    recording: dict[str, Any] = {"id": rid[:MAX_RECORDING_ID_CHARS]}
+    if kind == "call.recording.error":
+        recording["status"] = "failed"
+        return recording
+    recording["status"] = "completed"
+    for urls in (payload.get("recording_urls"), payload.get("public_recording_urls")):
+        url = next((u for u in (urls.get("mp3"), urls.get("wav")) if _text(u)), None) if isinstance(urls, dict) else None
+        if url is not None:
+            recording["url"] = url.strip()
+            break
+    ended = _epoch_ms(payload.get("recording_ended_at"))
+    if started is not None:
+        recording["startedAt"] = started
+        if ended is not None and ended >= started:
+            recording["durationSeconds"] = round((ended - started) / 1000, 3)
+    return recording
+
+
+def recording_source(http: Any, recording: Mapping[str, Any], *, base_url: str, api_key: str) -> Deferred[tuple[str, dict[str, str]]]:
+    """
+    Where to download a recording from (`voicecall recording fetch`): Telnyx's presigned
+    `download_urls.mp3` (or wav) of `GET {base_url}/v2/recordings/{id}`, asked with the API key.
+    The presigned URL needs no credentials (none are sent to it), and is fresh: the webhook's
+    URLs expire after 10 minutes. Raises ValueError for a recording id Telnyx cannot have made.
+    """
+    rid = recording.get("id")
+    if not isinstance(rid, str) or not _RECORDING_ID.fullmatch(rid):
+        raise ValueError(f"not a Telnyx recording id: {_snippet(str(rid))} (only a recording named by Telnyx can be fetched)")
+    return Deferred.fromCoroutine(_recording_source(http, rid, base_url, api_key))
+
+
+async def _recording_source(http: Any, rid: str, base_url: str, api_key: str) -> tuple[str, dict[str, str]]:
+    api = ApiClient(
+        http=http,
+        base=f"{base_url.rstrip('/')}/{API_VERSION}",
+        prefix=ERROR_PREFIX,
+        headers={"Authorization": f"Bearer {api_key}"},
+        error=ProviderError,
+    )
+    answer = await api.request("GET", f"/recordings/{rid}")
+    data = answer.get("data") if isinstance(answer, dict) else None
+    urls = data.get("download_urls") if isinstance(data, dict) else None
+    url = next((u for u in (urls.get("mp3"), urls.get("wav")) if _text(u)), None) if isinstance(urls, dict) else None
+    if url is None or urlsplit(url.strip()).scheme not in ("https", "http"):
+        raise ProviderError(f"{ERROR_PREFIX}: recording {rid} has no download URL")
+    return url.strip(), {}
+
+
 def _text(value: object) -> str | None:
     if not isinstance(value, str):
         return None
@@ -232,12 +346,16 @@ class TelnyxProvider:
         webhook_url: str,
         notify_message: str | None = None,
         voice: str | None = None,
+        options: DialOptions = NO_OPTIONS,
     ) -> Deferred[InitiatedCall]:
-        """Dial; a notify message is spoken by the manager on `call.answered`."""
-        return Deferred.fromCoroutine(self._dial(call_id, from_number, to_number, webhook_url))
+        """
+        Dial; a notify message is spoken by the manager on `call.answered`. An answering-machine
+        policy asks for detection (AMD_MODES), whose verdict arrives as webhooks.
+        """
+        return Deferred.fromCoroutine(self._dial(call_id, from_number, to_number, webhook_url, options))
 
-    async def _dial(self, call_id: str, from_number: str, to_number: str, webhook_url: str) -> InitiatedCall:
-        body = {
+    async def _dial(self, call_id: str, from_number: str, to_number: str, webhook_url: str, options: DialOptions) -> InitiatedCall:
+        body: dict[str, Any] = {
             "connection_id": self._connection_id,
             "to": to_number,
             "from": from_number,
@@ -247,6 +365,11 @@ class TelnyxProvider:
             "timeout_secs": DIAL_TIMEOUT_SECS,
             "command_id": str(uuid.uuid4()),
         }
+        mode = AMD_MODES.get(options.answering_machine)
+        if mode is not None:
+            body["answering_machine_detection"] = mode
+            if mode == "detect_beep":
+                body["answering_machine_detection_config"] = {"greeting_total_analysis_time_millis": AMD_GREETING_MILLIS}
         answer = await self._api.request("POST", "/calls", body=body)
         data = answer.get("data") if isinstance(answer, dict) else None
         control_id = data.get("call_control_id") if isinstance(data, dict) else None
@@ -288,6 +411,48 @@ class TelnyxProvider:
     def repoint_call(self, call: CallRecord, webhook_url: str) -> Deferred[None]:
         """Adoption: nothing to move, Telnyx sends a call's webhooks to its application's one URL."""
         return succeed(None)
+
+    def send_dtmf(self, call: CallRecord, digits: str) -> Deferred[None]:
+        """
+        `send_dtmf` (digits already checked: 0-9, *, #, and `w`, Telnyx's half-second pause too).
+        No `client_state`: the call's stays, so a turn listening keeps its token (and its transcription).
+        """
+        body = {"digits": digits, "duration_millis": DTMF_DURATION_MILLIS}
+        return Deferred.fromCoroutine(self._done(self._command(call.provider_call_id, "send_dtmf", body)))
+
+    def transfer_call(self, call: CallRecord, to: str) -> Deferred[None]:
+        """
+        `transfer` the caller to `to` (E.164 or a SIP URI). Our transcription stops first: what
+        the caller and the target say is theirs. An outbound call presents our number to the
+        target (Telnyx's default `from` is the original call's `to`: the callee's own number);
+        an inbound call keeps that default (our number). The new leg gets no `client_state`, so
+        its webhooks name no call of ours.
+        """
+        return Deferred.fromCoroutine(self._transfer(call, to))
+
+    async def _transfer(self, call: CallRecord, to: str) -> None:
+        control_id = call.provider_call_id
+        if control_id and control_id in self._transcribing:
+            try:
+                await self._command(control_id, "transcription_stop", {}, tolerate_gone=True)
+            except ProviderError as e:
+                self._log.warn("could not stop transcribing before transferring {call_id}: {error}", call_id=call.call_id, error=str(e))
+            self._forget(control_id)
+        body: dict[str, Any] = {"to": to}
+        if call.direction is Direction.OUTBOUND and call.from_number:
+            body["from"] = call.from_number
+        await self._command(control_id, "transfer", body)
+
+    def start_recording(self, call: CallRecord) -> Deferred[dict | None]:
+        """
+        `record_start` (mp3, both parties on their own channel). Telnyx names the recording only
+        in its `call.recording.saved` webhook (the command answers `{"result": "ok"}`): None.
+        """
+        body = {"format": RECORDING_FORMAT, "channels": RECORDING_CHANNELS}
+        return Deferred.fromCoroutine(self._record(call.provider_call_id, body))
+
+    async def _record(self, control_id: str | None, body: Mapping[str, Any]) -> None:
+        await self._command(control_id, "record_start", body)
 
     def get_call_status(self, provider_call_id: str) -> Deferred[ProviderCallStatus]:
         return Deferred.fromCoroutine(self._status(provider_call_id))
@@ -375,8 +540,14 @@ class TelnyxProvider:
         if waiters:
             self._speak_done(control_id, waiters[0], cut_off)
 
-    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
-        """Speak, then make sure the caller's answer is transcribed, for the turn `turn_token`."""
+    def prompt(
+        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None, dtmf: bool = False
+    ) -> Deferred[None]:
+        """
+        Speak, then make sure the caller's answer is transcribed, for the turn `turn_token`. Keys
+        need nothing more (`dtmf`): Telnyx always reports them (`call.dtmf.received`), with the
+        turn's token in their `client_state`.
+        """
         return Deferred.fromCoroutine(self._prompt(call, text, voice, turn_token))
 
     async def _prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> None:
@@ -394,7 +565,7 @@ class TelnyxProvider:
         await self._speak(call, text, voice)
         await self._listen(call, turn_token)
 
-    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+    def start_listening(self, call: CallRecord, turn_token: str | None, dtmf: bool = False) -> Deferred[None]:
         return Deferred.fromCoroutine(self._listen(call, turn_token))
 
     async def _listen(self, call: CallRecord, turn_token: str | None = None) -> None:
@@ -535,8 +706,20 @@ class TelnyxProvider:
         if kind == "call.transcription":
             return self._speech(payload, {**common, "turn_token": turn_token})
         if kind == "call.dtmf.received":
+            # One key per webhook; its client_state carries the turn it answers.
             digits = _text(payload.get("digit"))
-            return CallEvent(type=EventType.DTMF, digits=digits, **common) if digits else None
+            return CallEvent(type=EventType.DTMF, digits=digits, turn_token=turn_token, **common) if digits else None
+        if kind in _MACHINE_EVENTS:
+            result = _text(payload.get("result"))
+            return CallEvent(type=EventType.MACHINE, answered_by=MACHINE_RESULTS.get(result or "", "unknown"), **common)
+        if kind in _GREETING_EVENTS:
+            # The machine's greeting is over (its beep, or silence): time to leave the message.
+            # `not_sure` says nothing: the manager's own wait for the beep goes on.
+            if _text(payload.get("result")) not in GREETING_OVER:
+                return None
+            return CallEvent(type=EventType.MACHINE, answered_by="machine", machine_done=True, **common)
+        if kind in ("call.recording.saved", "call.recording.error"):
+            return CallEvent(type=EventType.RECORDING, recording=recording_of(kind, payload, data.get("id")), **common)
         return None
 
     def _reason(self, cause: object) -> str:

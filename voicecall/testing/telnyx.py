@@ -9,6 +9,12 @@ Ed25519-signed webhooks (telnyx_driver), and a standalone entry point:
 which prints the base URL to put into `telnyx.baseUrl` and the public key for
 `telnyx.publicKey`. `--chaos` (or the finer `--chaos-*` flags) gives the carrier's worst day:
 redelivered, reordered and delayed webhooks, real-time speech, a callee talking over prompts. Give `--signing-seed` (64 hex digits) to keep the same key across runs.
+
+Issue 17's callee: `--machine` (an answering machine: its greeting lasts `--greeting-seconds`,
+then it beeps unless `--no-beep`; `--fax` for a fax), `--press 1` (keys pressed instead of
+speaking at the next turn; repeatable, "" speaks), `--detection-seconds` (when detection's
+verdict comes), `--recording-delay` (seconds from a recording's end, e.g. the hang-up, to its
+`call.recording.saved`).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from voicecall.testing.telnyx_api import FakeTelnyx, RecordedRequest, error_body
 from voicecall.testing.telnyx_driver import (
     Carrier,
     FakeCall,
+    FakeRecording,
     Scenario,
     Signer,
     SpeakRecord,
@@ -36,6 +43,7 @@ __all__ = [
     "Carrier",
     "Chaos",
     "FakeCall",
+    "FakeRecording",
     "FakeTelnyx",
     "RecordedRequest",
     "Scenario",
@@ -75,6 +83,16 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         speech="",
         hangup_after="callee hangs up N seconds after answering",
     )
+    callee = parser.add_mutually_exclusive_group()
+    callee.add_argument("--machine", dest="callee", action="store_const", const="machine", default="person",
+                        help="an answering machine answers (a greeting, then a beep)")
+    callee.add_argument("--fax", dest="callee", action="store_const", const="fax", help="a fax machine answers")
+    parser.add_argument("--greeting-seconds", type=float, default=6.0, help="how long the machine's greeting lasts")
+    parser.add_argument("--no-beep", dest="beep", action="store_false", help="the machine's greeting ends without a beep")
+    parser.add_argument("--detection-seconds", type=float, default=2.0, help="seconds from answer to the answering-machine verdict")
+    parser.add_argument("--press", dest="presses", action="append", default=[],
+                        help='keys the callee presses at each turn, in order (repeatable; "" speaks that turn)')
+    parser.add_argument("--recording-delay", type=float, default=2.0, help="seconds from a recording's end to its call.recording.saved")
     args = parser.parse_args(argv)
     if not args.api_key:
         parser.error("--api-key (or $TELNYX_API_KEY) is required")
@@ -113,6 +131,12 @@ def _build(args: argparse.Namespace) -> Any:
         utterances=scripted_utterances(args),
         hangup_after=args.hangup_after,
         say_seconds_per_char=args.say_seconds_per_char,
+        presses=[p or None for p in args.presses],
+        callee=args.callee,
+        greeting_seconds=args.greeting_seconds,
+        beep=args.beep,
+        detection_seconds=args.detection_seconds,
+        recording_delay=args.recording_delay,
     )
     signer = Signer.from_seed(args.signing_seed) if args.signing_seed else Signer.generate()
     chaos = _chaos.from_arguments(args)

@@ -4,9 +4,15 @@ The fake Telnyx Call Control v2 REST API (PROVIDERS.md §2.1): a twisted.web res
 
 - `POST /v2/calls`: dial;
 - `POST /v2/calls/{call_control_id}/actions/{answer,hangup,speak,transcription_start,transcription_stop}`;
+- `POST /v2/calls/{call_control_id}/actions/{send_dtmf,transfer,record_start,record_stop}` (issue 17:
+  keys played into the call, a transfer that dials its target as a new leg bridged on answer,
+  recordings saved after they stop);
 - `PUT  /v2/calls/{call_control_id}/actions/client_state_update` (the official SDK's
   `calls.actions.update_client_state`: a PUT whose body is `{"client_state"}`, required);
-- `GET  /v2/calls/{call_control_id}`: the call's status,
+- `GET  /v2/calls/{call_control_id}`: the call's status;
+- `GET  /v2/recordings/{recording_id}`: a saved recording, with freshly presigned `download_urls`;
+- `GET  /media/{recording_id}.{mp3,wav}?X-Amz-Signature=...`: the audio, only with its presigned
+  token and within 10 minutes of presigning (no Bearer token: like Telnyx's storage links),
 
 with Bearer-token auth, Telnyx's validation and error bodies
 (`{"errors": [{"code", "title", "detail", "source"?}]}`; the codes are Telnyx's published
@@ -29,15 +35,23 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from voicecall.testing.fakerest import FaultyApi, raw_headers, read_body
+from voicecall.testing.fakerest import ApiResource, FaultyApi, raw_headers, read_body, respond
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
-from voicecall.testing.telnyx_driver import Carrier, FakeCall, Scenario, Signer, new_call_control_id
+from voicecall.testing.telnyx_driver import AMD_MODES, Carrier, FakeCall, Scenario, Signer, new_call_control_id
 
 API_VERSION = "v2"
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_SPEAK_CHARS = 3000
-ACTIONS = ("answer", "hangup", "speak", "transcription_start", "transcription_stop", "client_state_update")
+ACTIONS = ("answer", "hangup", "speak", "transcription_start", "transcription_stop", "client_state_update",
+           "send_dtmf", "transfer", "record_start", "record_stop")
+#: Actions that need an answered call.
+_MEDIA_ACTIONS = ("speak", "transcription_start", "transcription_stop", "send_dtmf", "transfer", "record_start", "record_stop")
+#: `send_dtmf` digits (the SDK's: 0-9, A-D, *, #, and pauses w = 0.5 s, W = 1 s).
+_DTMF = re.compile(r"^[0-9A-D*#wW]{1,64}$")
+_SIP_URI = re.compile(r"^sips?:[^\s@]+@[^\s@]+$")
+#: What a recording's audio is served as (a short MPEG frame header, then silence).
+FAKE_AUDIO = b"ID3\x03\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x64" + bytes(413)
 #: The HTTP method of each action (the official SDK's): all POST but `client_state_update`.
 ACTION_METHODS = {action: "POST" for action in ACTIONS} | {"client_state_update": "PUT"}
 TRANSCRIPTION_ENGINES = frozenset(
@@ -116,6 +130,8 @@ class FakeTelnyx(FaultyApi):
     webhook_url: str | None = None
     signer: Signer = field(factory=Signer.generate)
     scenario: Scenario | Callable[[FakeCall], Scenario] = Scenario()
+    #: Where this fake is served (taken from the requests it gets), for presigned media URLs.
+    _origin: str = field(default="http://127.0.0.1", init=False)
     _log = Logger()
 
     api_root = API_VERSION.encode("ascii")
@@ -126,6 +142,20 @@ class FakeTelnyx(FaultyApi):
         )
 
     # -- public API -----------------------------------------------------------------------
+
+    def resource(self) -> Any:
+        """The API under `/v2`, and the recordings' presigned media under `/media`."""
+        root = FaultyApi.resource(self)
+        root.putChild(b"media", ApiResource(self._media))
+        return root
+
+    def recording(self, recording_id: str) -> tuple[FakeCall, Any] | None:
+        """The call and recording named `recording_id`, if any."""
+        for call in self.calls.values():
+            for rec in call.recordings:
+                if rec.id == recording_id:
+                    return call, rec
+        return None
 
     @property
     def public_key(self) -> str:
@@ -188,11 +218,19 @@ class FakeTelnyx(FaultyApi):
         return record
 
     def _route(self, request: Any, record: RecordedRequest) -> _Reply:
+        self._origin = _origin(request)
         if not self._authenticated(record):
             return _Reply(401, error_body(*AUTH_FAILED))
         if record.too_large:
             raise _Invalid(413, "10015", "Bad Request", "The request body is too large.")
         parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        if len(parts) == 2 and parts[0] == "recordings":
+            if record.method != "GET":
+                return _method_not_allowed(record.method)
+            found = self.recording(parts[1])
+            if found is None or not found[1].saved:
+                return _Reply(404, error_body(*NOT_FOUND))
+            return _Reply(200, {"data": found[0].recording_json(found[1])})
         if not parts or parts[0] != "calls":
             return _Reply(404, error_body(*NOT_FOUND))
         if len(parts) == 1:
@@ -240,10 +278,18 @@ class FakeTelnyx(FaultyApi):
             raise _bad("timeout_secs", "timeout_secs must be an integer between 5 and 600.")
         if "command_id" in body and not isinstance(body["command_id"], str):
             raise _bad("command_id", "command_id must be a string.")
+        amd = body.get("answering_machine_detection")
+        if amd is not None and amd not in AMD_MODES:
+            raise _bad("answering_machine_detection", "answering_machine_detection is not a supported value.")
+        amd_config = body.get("answering_machine_detection_config")
+        if amd_config is not None and not (isinstance(amd_config, dict) and all(
+                isinstance(v, (int, str, bool, float)) for v in amd_config.values())):
+            raise _bad("answering_machine_detection_config", "answering_machine_detection_config must be an object.")
         if not self._make_room():
             return _Reply(429, error_body("10011", "Too many requests", "You have exceeded the maximum number of allowed requests."))
         call = self._new_call("outgoing", from_, to, self._scenarios.get(to), webhook_url or self.webhook_url,
-                              connection_id=connection_id, client_state=client_state, timeout_secs=timeout)
+                              connection_id=connection_id, client_state=client_state, timeout_secs=timeout, amd=amd,
+                              media_origin=self._origin)
         self._reactor.callLater(0, call.start_outbound)
         data = {**call.to_json(), "is_alive": False}  # dialling is asynchronous
         return _Reply(200, {"data": data})
@@ -261,9 +307,15 @@ class FakeTelnyx(FaultyApi):
             args = _speak_args(body)
         elif action == "transcription_start":
             _check_transcription(body)
+        elif action == "send_dtmf":
+            args = _dtmf_args(body)
+        elif action == "transfer":
+            args = _transfer_args(body)
+        elif action == "record_start":
+            args = _record_args(body)
         if action == "answer" and call.state != "parked":
             raise _bad("call_control_id", "Only an incoming call that is parked can be answered.")
-        if action in ("speak", "transcription_start", "transcription_stop") and not call.is_answered:
+        if action in _MEDIA_ACTIONS and not call.is_answered:
             raise _bad("call_control_id", "The call must be answered first.")
         call.commands.append((action, dict(body)))
         ok = _Reply(200, {"data": {"result": "ok"}})
@@ -282,7 +334,33 @@ class FakeTelnyx(FaultyApi):
             call.transcription_start(body)
         elif action == "transcription_stop":
             call.transcription_stop()
+        elif action == "send_dtmf":
+            call.send_dtmf(*args)
+        elif action == "transfer":
+            to, from_ = args
+            target = self._new_call("outgoing", from_ or call.to, to, self._scenarios.get(to), call.webhook_url,
+                                    connection_id=call.connection_id, media_origin=call.media_origin)
+            call.bridge(target)
+            self._reactor.callLater(0, target.start_outbound)
+        elif action == "record_start":
+            call.record_start(*args)
+        elif action == "record_stop":
+            call.record_stop()
         return ok
+
+    def _media(self, request: Any) -> bytes:
+        """A recording's audio, for its presigned token only, until the token expires (403 otherwise)."""
+        self._origin = _origin(request)
+        name = (request.postpath[0] if request.postpath else b"").decode("utf-8", "replace")
+        rid, _, fmt = name.rpartition(".")
+        found = self.recording(rid)
+        token = (request.args.get(b"X-Amz-Signature") or [b""])[0]
+        if found is None or not found[1].saved or fmt != found[1].format:
+            return respond(request, 404, b"<Error><Code>NoSuchKey</Code></Error>", content_type=b"application/xml")
+        rec = found[1]
+        if not hmac.compare_digest(token, rec.token.encode("ascii")) or self._reactor.seconds() > rec.expires_at:
+            return respond(request, 403, b"<Error><Code>AccessDenied</Code></Error>", content_type=b"application/xml")
+        return respond(request, 200, FAKE_AUDIO, content_type=b"audio/mpeg" if fmt == "mp3" else b"audio/wav")
 
     def _new_call(self, direction: str, from_: str, to: str, scenario: Scenario | None, webhook_url: str | None, **kwargs: Any) -> FakeCall:
         kwargs.setdefault("connection_id", self.connection_id or "fake-connection")
@@ -363,6 +441,43 @@ def _check_transcription(body: Mapping[str, Any]) -> None:
     for language in (body.get("language"), (config or {}).get("language")):
         if language is not None and not isinstance(language, str):
             raise _bad("language", "language must be a string.")
+
+
+def _dtmf_args(body: Mapping[str, Any]) -> tuple[str, int]:
+    digits = _required_str(body, "digits")
+    if not _DTMF.match(digits):
+        raise _bad("digits", "digits may only contain 0-9, A-D, *, #, w and W.")
+    duration = body.get("duration_millis", 250)
+    if isinstance(duration, bool) or not isinstance(duration, int) or not 100 <= duration <= 500:
+        raise _bad("duration_millis", "duration_millis must be an integer between 100 and 500.")
+    return digits, duration
+
+
+def _transfer_args(body: Mapping[str, Any]) -> tuple[str, str | None]:
+    to = _required_str(body, "to")
+    if not (_E164.match(to) or _SIP_URI.match(to)):
+        raise _Invalid(422, "10016", "Phone number must be in +E.164 format",
+                       "The specified phone number parameter must be in +E.164 format.", "/to")
+    from_ = body.get("from")
+    if from_ is not None and not (isinstance(from_, str) and _E164.match(from_)):
+        raise _Invalid(422, "10016", "Phone number must be in +E.164 format",
+                       "The specified phone number parameter must be in +E.164 format.", "/from")
+    return to, from_
+
+
+def _record_args(body: Mapping[str, Any]) -> tuple[str, str]:
+    fmt, channels = _required_str(body, "format"), _required_str(body, "channels")
+    if fmt not in ("mp3", "wav"):
+        raise _bad("format", "format must be 'mp3' or 'wav'.")
+    if channels not in ("single", "dual"):
+        raise _bad("channels", "channels must be 'single' or 'dual'.")
+    return fmt, channels
+
+
+def _origin(request: Any) -> str:
+    """The scheme, host and port a request was sent to (where this fake is served)."""
+    host = (request.getHeader(b"host") or b"127.0.0.1").decode("latin-1")
+    return f"{'https' if request.isSecure() else 'http'}://{host}"
 
 
 def _method_not_allowed(method: str) -> _Reply:

@@ -5,7 +5,11 @@ as PROVIDERS.md §2.3 describes and checked in tests against the official SDK), 
 describing the person on the line, the `Carrier` that signs webhooks as Telnyx does and delivers
 them (see delivery.py), and `FakeCall`, which plays Telnyx's part for one
 call: it posts `call.initiated`, `call.answered`, `call.speak.started`/`ended`,
-`call.transcription` and `call.hangup` in the PROVIDERS.md §2.2 shapes. Every webhook carries
+`call.transcription`, `call.dtmf.received`, `call.bridged` and `call.hangup` in the PROVIDERS.md §2.2
+shapes, and for issue 17 answering-machine detection's `call.machine[.premium].detection.ended` and
+`call.machine[.premium].greeting.ended` (a machine's greeting lasts `greeting_seconds`, then it
+beeps), and `call.recording.saved` / `call.recording.error`, sent `recording_delay` seconds after
+the recording stopped: after the hang-up when the call ends while recording. Every webhook carries
 the call's `client_state` as it is when the webhook is sent (a transcript: when the person's
 words have been recognised): each command carrying one (dial, answer, speak, transcription_start,
 client_state_update, ...) replaces it, and a redelivery repeats the body it was first sent with.
@@ -40,7 +44,18 @@ TIMESTAMP_HEADER = "telnyx-timestamp"
 USER_AGENT = "telnyx-webhooks"
 #: Observations kept per call, and command ids remembered per call (oldest dropped first).
 MAX_OBSERVATIONS = 1_000
+#: How long a presigned recording URL works (Telnyx: 10 minutes).
+PRESIGNED_SECONDS = 600.0
 OUTCOMES = ("answer", "no-answer", "busy")
+#: Who picks up an answered call: a person, an answering machine, or a fax.
+CALLEES = ("person", "machine", "fax")
+#: `answering_machine_detection` values (the official SDK's), `disabled` being none.
+AMD_MODES = ("premium", "premium_ios_call_screening_detection", "detect", "detect_beep", "detect_words", "greeting_end", "disabled")
+#: Standard detection's verdict on each callee (it knows no fax), and premium detection's.
+_STANDARD_RESULTS = {"person": "human", "machine": "machine", "fax": "machine"}
+_PREMIUM_RESULTS = {"person": "human_residence", "machine": "machine", "fax": "fax_detected"}
+#: What a machine says before its beep (transcribed when transcription runs).
+MACHINE_GREETING = "Hi, you have reached Alice. Please leave a message after the tone."
 
 #: What the person says at a turn: words, or None for silence.
 Utterance = Optional[str]
@@ -121,6 +136,13 @@ class Scenario:
     an utterance is transcribed `speech_delay` after the turn began (with an interim result
     first if `interim_results`). An inbound caller hangs up after `abandon_after` seconds
     unless answered.
+
+    `presses` are keys the person presses instead of speaking, one entry per turn (None: they
+    speak that turn), each key a `call.dtmf.received` `press_interval` after the last. `callee`
+    says who answers: a `person`, or a `machine` whose greeting lasts `greeting_seconds` and
+    ends with a beep (unless not `beep`), or a `fax`; a dial with answering-machine detection
+    gets its verdict `detection_seconds` after the answer. A recording's webhook comes
+    `recording_delay` seconds after it stopped (`call.recording.error` when `recording_fails`).
     """
 
     outcome: str = "answer"
@@ -134,10 +156,20 @@ class Scenario:
     confidence: float = 0.97
     interim_results: bool = False
     abandon_after: float = 60.0
+    presses: Sequence[Optional[str]] = field(default=(), converter=tuple)
+    press_interval: float = 0.2
+    callee: str = "person"
+    detection_seconds: float = 2.0
+    greeting_seconds: float = 6.0
+    beep: bool = True
+    recording_delay: float = 2.0
+    recording_fails: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {self.outcome!r}")
+        if self.callee not in CALLEES:
+            raise ValueError(f"unknown callee {self.callee!r}")
 
 
 @define
@@ -163,6 +195,23 @@ class SpeakRecord:
     text: str
     voice: str | None
     language: str | None
+    #: When it started playing (the clock's seconds): a machine records only what follows its beep.
+    at: float = 0.0
+
+
+@define(eq=False)
+class FakeRecording:
+    """A recording `record_start` began: saved (or failed) `recording_delay` after it stopped."""
+
+    id: str
+    format: str
+    channels: str
+    started_at: float
+    ended_at: float | None = None
+    saved: bool = False
+    #: The token of its presigned media URLs, and until when (the clock's seconds) they work.
+    token: str = field(factory=lambda: secrets.token_urlsafe(16), repr=False)
+    expires_at: float = 0.0
 
 
 @define
@@ -210,7 +259,9 @@ class FakeCall:
     One call on the fake Telnyx. `direction` is `outgoing` (dialled through the API) or
     `incoming` (placed with `FakeTelnyx.place_inbound_call`); `state` is `bridging`, `parked`,
     `answered` or `hangup`. Observations (`speaks`, `transcription_starts`, `commands`,
-    `webhooks`, `said`) are bounded deques, oldest first.
+    `webhooks`, `said`, `dtmf_sent`, `pressed`) are bounded deques, oldest first; `beep_at` is
+    when a machine beeped, `transferred_to` the leg a `transfer` dialled, `recordings` the
+    call's recordings.
     """
 
     _carrier: Carrier
@@ -232,6 +283,14 @@ class FakeCall:
     hangup_cause: str | None = None
     hangup_source: str | None = None
     transcribing: bool = False
+    amd: str | None = None
+    media_origin: str = "http://127.0.0.1"
+    beep_at: float | None = None
+    transferred_to: FakeCall | None = None
+    bridged_with: FakeCall | None = None
+    recordings: list = field(factory=list)
+    dtmf_sent: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    pressed: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     speaks: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     transcription_starts: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     commands: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
@@ -241,8 +300,10 @@ class FakeCall:
     _speaking_until: float = 0.0
     _barged: bool = False
     _utterances_used: int = 0
+    _turns: int = 0
     _timers: list = field(factory=list)
     _turn_timers: list = field(factory=list)
+    _late_timers: list = field(factory=list)
     _command_ids: dict = field(factory=dict)
     _tail: Deferred | None = None
     _end_waiters: list = field(factory=list)
@@ -332,6 +393,7 @@ class FakeCall:
     def shutdown(self) -> None:
         """Stop the call's clockwork without posting anything (test cleanup)."""
         self._cancel_timers()
+        self._cancel(self._late_timers)
 
     # -- commands (called by the API once validated) --------------------------------------
 
@@ -343,10 +405,9 @@ class FakeCall:
         self._after(0, self._end, cause, "caller")
 
     def speak(self, text: str, voice: str | None, language: str | None) -> None:
-        record = SpeakRecord(text, voice, language)
-        self.speaks.append(record)
         now = self._carrier.clock.seconds()
         start = max(now, self._speaking_until)
+        self.speaks.append(SpeakRecord(text, voice, language, start))
         end = start + self._carrier.chaos.playback_seconds(text, self.scenario.say_seconds_per_char)
         self._speaking_until = end
         self._speaking += 1
@@ -366,6 +427,27 @@ class FakeCall:
     def transcription_stop(self) -> None:
         self.transcribing = False
         self._cancel(self._turn_timers)
+
+    def send_dtmf(self, digits: str, duration_millis: int) -> None:
+        """Keys played into the call (Telnyx sends no webhook for them)."""
+        self.dtmf_sent.append((digits, duration_millis))
+
+    def bridge(self, other: FakeCall) -> None:
+        """`transfer`: `other` (the leg dialled to the target) is connected to this call once it answers."""
+        self.transferred_to = other
+        other.bridged_with = self
+        self.transcribing = False
+        self._cancel(self._turn_timers)
+
+    def record_start(self, fmt: str, channels: str) -> FakeRecording:
+        recording = FakeRecording(str(uuid.uuid4()), fmt, channels, self._carrier.clock.seconds())
+        self.recordings.append(recording)
+        return recording
+
+    def record_stop(self) -> None:
+        for recording in self.recordings:
+            if recording.ended_at is None:
+                self._stop_recording(recording)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -395,6 +477,51 @@ class FakeCall:
         self._post("call.answered", state="answered")
         if self.scenario.hangup_after is not None:
             self._after(self.scenario.hangup_after, self.hangup_by_callee)
+        sc = self.scenario
+        if sc.callee == "machine":
+            self._after(sc.greeting_seconds, self._greeting_over)
+        if self.amd not in (None, "disabled"):
+            self._detect()
+        if self.bridged_with is not None and self.bridged_with.is_alive:
+            self.bridged_with._post("call.bridged")
+            self._post("call.bridged")
+
+    def _detect(self) -> None:
+        """
+        Answering-machine detection as Telnyx documents it: the verdict after `detection_seconds`;
+        for a machine that beeps, `greeting.ended` (`beep_detected`) at the beep, with
+        `detect_beep` only if it beeps, with `greeting_end` / `detect_words` also at a silent end
+        (`ended`). Premium detection sends only `premium.greeting.ended` when the beep comes first.
+        """
+        sc = self.scenario
+        premium = self.amd is not None and self.amd.startswith("premium")
+        beeps = sc.callee == "machine" and sc.beep
+        verdict_at = sc.detection_seconds
+        if premium:
+            if not (beeps and sc.greeting_seconds < verdict_at):
+                self._after(verdict_at, self._post_alive, "call.machine.premium.detection.ended", _PREMIUM_RESULTS[sc.callee])
+            if beeps:
+                self._after(sc.greeting_seconds, self._post_alive, "call.machine.premium.greeting.ended", "beep_detected")
+            return
+        self._after(verdict_at, self._post_alive, "call.machine.detection.ended", _STANDARD_RESULTS[sc.callee])
+        if sc.callee != "machine" or self.amd == "detect":
+            return
+        if beeps or self.amd in ("greeting_end", "detect_words"):
+            result = "beep_detected" if beeps else "ended"
+            self._after(max(sc.greeting_seconds, verdict_at), self._post_alive, "call.machine.greeting.ended", result)
+
+    def _post_alive(self, event_type: str, result: str) -> None:
+        if self.is_alive:
+            self._post(event_type, result=result)
+
+    def _greeting_over(self) -> None:
+        """The machine's greeting ends (heard, and transcribed if transcription runs), then its beep."""
+        if not self.is_alive:
+            return
+        if self.transcribing:
+            self._transcribed(MACHINE_GREETING, True)
+        if self.scenario.beep:
+            self.beep_at = self._carrier.clock.seconds()
 
     def _abandon(self) -> None:
         if self.state == "parked":
@@ -416,7 +543,15 @@ class FakeCall:
 
     def _turn(self) -> None:
         """The person's turn to speak: transcribe their next utterance, if they say anything."""
-        if not self.is_alive or not self.transcribing:
+        if not self.is_alive or not self.transcribing or self.scenario.callee != "person":
+            return
+        turn, self._turns = self._turns, self._turns + 1
+        presses = self.scenario.presses
+        keys = presses[turn] if turn < len(presses) else None
+        if keys:
+            self.pressed.append(keys)
+            for i, key in enumerate(keys):
+                self._turn_timers.append(self._after(self.scenario.press_interval * (i + 1), self._press, key))
             return
         words = self._next_utterance()
         if not words:
@@ -435,6 +570,10 @@ class FakeCall:
         index = self._utterances_used
         self._utterances_used += 1
         return source[index] if index < len(source) else None
+
+    def _press(self, key: str) -> None:
+        if self.is_alive:
+            self._post("call.dtmf.received", digit=key)
 
     def _transcribed(self, words: str, final: bool) -> None:
         if not self.is_alive or not self.transcribing:
@@ -457,6 +596,7 @@ class FakeCall:
         self.state = "hangup"
         self.transcribing = False
         self.ended_at = self._carrier.clock.seconds()
+        self.record_stop()
         self.hangup_cause, self.hangup_source = cause, source
         sip = {"normal_clearing": "200", "user_busy": "486", "timeout": "487", "originator_cancel": "487"}
         self._post(
@@ -470,6 +610,61 @@ class FakeCall:
         waiters, self._end_waiters = self._end_waiters, []
         for d in waiters:
             d.callback(cause)
+        # A bridge ends with either leg (a target that never answered ends the transferred call too).
+        for partner in (self.bridged_with, self.transferred_to):
+            if partner is not None and partner.is_alive:
+                partner._end("normal_clearing" if partner.is_answered else "originator_cancel", "unknown")
+
+    def _stop_recording(self, recording: FakeRecording) -> None:
+        """A recording stops; Telnyx saves it (or fails to) `recording_delay` later, hang-up or not."""
+        recording.ended_at = self._carrier.clock.seconds()
+        # (Not a call timer: the webhook comes after the hang-up, which cancels those.)
+        self._late_timers = [t for t in self._late_timers if t.active()]
+        self._late_timers.append(self._carrier.clock.callLater(self.scenario.recording_delay, self._recording_done, recording))
+
+    def _recording_done(self, recording: FakeRecording) -> None:
+        if self.scenario.recording_fails:
+            self._post("call.recording.error", reason="Internal server error")
+            return
+        recording.saved = True
+        recording.expires_at = self._carrier.clock.seconds() + PRESIGNED_SECONDS
+        self._post(
+            "call.recording.saved",
+            recording_id=recording.id,
+            channels=recording.channels,
+            format=recording.format,
+            recording_started_at=iso8601(recording.started_at),
+            recording_ended_at=iso8601(recording.ended_at or recording.started_at),
+            recording_urls={recording.format: self.media_url(recording)},
+            public_recording_urls={},
+        )
+
+    def media_url(self, recording: FakeRecording) -> str:
+        """The recording's presigned download URL (no credentials needed; expires after 10 minutes)."""
+        return f"{self.media_origin}/media/{recording.id}.{recording.format}?X-Amz-Signature={recording.token}"
+
+    def recording_json(self, recording: FakeRecording) -> dict[str, Any]:
+        """The recording as `GET /v2/recordings/{id}` shows it (its download URLs presigned afresh)."""
+        recording.expires_at = self._carrier.clock.seconds() + PRESIGNED_SECONDS
+        ended = recording.ended_at or recording.started_at
+        return {
+            "record_type": "recording",
+            "id": recording.id,
+            "call_control_id": self.call_control_id,
+            "call_leg_id": self.call_leg_id,
+            "call_session_id": self.call_session_id,
+            "channels": recording.channels,
+            "connection_id": self.connection_id,
+            "download_urls": {recording.format: self.media_url(recording)},
+            "duration_millis": int(round((ended - recording.started_at) * 1000)),
+            "from": self.from_,
+            "to": self.to,
+            "initiated_by": "StartCallRecordingAPI",
+            "recording_started_at": iso8601(recording.started_at),
+            "recording_ended_at": iso8601(ended),
+            "source": "call",
+            "status": "completed",
+        }
 
     def _payload(self, extra: Mapping[str, Any]) -> dict[str, Any]:
         payload: dict[str, Any] = {
