@@ -39,7 +39,7 @@ from voicecall.domain.store import CallStore
 from voicecall.infra.dbwriter import SynchronousWriter
 
 TO = "+15550001234"
-ACTIONS = ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status"]
+ACTIONS = ["initiate_call", "continue_call", "speak_to_user", "end_call", "get_status", "send_dtmf", "transfer_call"]
 
 
 class CliTestsBase(SynchronousTestCase):
@@ -223,9 +223,36 @@ class ToolSchemaTests(CliTestsBase):
                 "speak_to_user": ["action", "callId", "message"],
                 "end_call": ["action", "callId"],
                 "get_status": ["action", "callId"],
+                "send_dtmf": ["action", "callId", "digits"],
+                "transfer_call": ["action", "callId", "to"],
             },
         )
         self.assertEqual(self.reacted, 0)
+
+    def test_issue_17_params(self):
+        """initiate_call offers the per-call choices, continue_call `input`, end_call a goodbye; their enums are the daemon's."""
+        from voicecall.control import tool
+        from voicecall.domain.model import ANSWERING_MACHINE_POLICIES, TURN_INPUTS
+
+        variants = {v["properties"]["action"]["const"]: v["properties"] for v in json.loads(self.invoke("tool-schema").stdout)["parameters"]["anyOf"] if "action" in v["properties"]}
+        initiate = variants["initiate_call"]
+        self.assertLessEqual({"from", "voice", "greeting", "objective", "maxDurationSeconds", "answeringMachine", "record"}, set(initiate))
+        self.assertEqual((initiate["maxDurationSeconds"]["type"], initiate["record"]["type"]), ("integer", "boolean"))
+        self.assertEqual(initiate["answeringMachine"]["enum"], list(ANSWERING_MACHINE_POLICIES))
+        self.assertEqual(variants["continue_call"]["input"]["enum"], list(TURN_INPUTS))
+        self.assertIn("message", variants["end_call"])
+        self.assertEqual(set(variants["transfer_call"]), {"action", "callId", "to", "message"})
+        self.assertEqual(set(variants["send_dtmf"]), {"action", "callId", "digits"})
+        self.assertEqual(set(tool.RPC_METHODS), set(ACTIONS))
+        self.assertEqual((tool.RPC_METHODS["send_dtmf"], tool.RPC_METHODS["transfer_call"]), ("voicecall.dtmf", "voicecall.transfer"))
+
+    def test_every_action_has_an_rpc_method(self):
+        """Each action maps onto a method the daemon serves."""
+        from voicecall.control import tool
+
+        served = RpcMethods(manager=None, clock=None).table()
+        for action, method in tool.RPC_METHODS.items():
+            self.assertIn(method, served, action)
 
 
 class ValidationTests(CliTestsBase):

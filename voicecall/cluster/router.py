@@ -59,6 +59,23 @@ CHANNEL_PREFIX = "voicecall_node_"
 STALE_SECONDS = 600
 
 
+def owner_command_timeouts(rpc: float, turn: float, playback: float) -> dict[str, float]:
+    """
+    The RPC commands on a call that its owner runs (any other node forwards them there), by
+    method, with the seconds a forward of each waits for the owner's answer: a continue waits
+    for the caller (`turn`); a speak, a goodbye (end with a message), a transfer's message and
+    keypad tones wait for what the call plays first, at most `playback` (the longest message's),
+    on top of the `rpc` limit of any other command.
+    """
+    return {
+        "voicecall.continue": turn,
+        "voicecall.speak": rpc + playback,
+        "voicecall.end": rpc + playback,
+        "voicecall.transfer": rpc + playback,
+        "voicecall.dtmf": rpc + playback,
+    }
+
+
 def node_channel(node_id: str) -> str:
     return CHANNEL_PREFIX + node_id
 

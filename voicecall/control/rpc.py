@@ -2,8 +2,11 @@
 """
 The control API: JSON-RPC 2.0, one JSON object per line, on a UNIX socket (DESIGN.md contract).
 
-Methods (SPEC §18.2 plus additions): `voicecall.initiate`, `voicecall.continue`,
-`voicecall.speak`, `voicecall.end`, `voicecall.status` (without `callId`: the active calls),
+Methods (SPEC §18.2 plus additions): `voicecall.initiate` (issue 17's per-call choices too:
+`from`, `voice`, `greeting`, `objective`, `maxDurationSeconds`, `answeringMachine`, `record`),
+`voicecall.continue` (`input`: "speech", "dtmf" or "speech dtmf"), `voicecall.speak`,
+`voicecall.end` (`message`: a goodbye played before the hang-up), `voicecall.dtmf`,
+`voicecall.transfer`, `voicecall.status` (without `callId`: the active calls),
 legacy `voicecall.start`, `voicecall.subscribe` (then `voicecall.event` notifications for every
 call event), `voicecall.health`, `voicecall.cluster` (the nodes of a cluster: `voicecall status
 --cluster`), and `voicecall.responder.register`: the connection becomes the
@@ -53,6 +56,7 @@ from voicecall.control.protocol import (
     PARSE_ERROR,
 )
 from voicecall.domain.manager import CallError
+from voicecall.domain.model import CallOptions
 
 MAX_LINE_BYTES = 1024 * 1024
 #: Bytes of answers and notifications that may wait for one peer that does not read them.
@@ -123,6 +127,44 @@ def _text(params: Mapping[str, Any], name: str) -> str | None:
     return value.strip() or None
 
 
+def _integer(params: Mapping[str, Any], name: str) -> int | None:
+    """A whole-number param; None when absent; -32602 when not a JSON integer."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {name} must be an integer")
+    return value
+
+
+def _flag(params: Mapping[str, Any], name: str) -> bool | None:
+    """A true/false param; None when absent; -32602 when not a JSON boolean."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise RpcError(INVALID_PARAMS, f"Invalid params: {name} must be true or false")
+    return value
+
+
+def _options(params: Mapping[str, Any]) -> CallOptions:
+    """An initiate's own choices (issue 17), type-checked; their values are the manager's to check."""
+    return CallOptions(
+        from_number=_text(params, "from"),
+        voice=_text(params, "voice"),
+        greeting=_text(params, "greeting"),
+        objective=_text(params, "objective"),
+        max_duration_seconds=_integer(params, "maxDurationSeconds"),
+        answering_machine=_text(params, "answeringMachine"),
+        record=_flag(params, "record"),
+    )
+
+
+def _input(params: Mapping[str, Any]) -> str:
+    """What a continue listens for ("speech" when absent); the manager checks the value."""
+    return _text(params, "input") or "speech"
+
+
 @define(repr=False)
 class RpcMethods:
     """The method table: plain async functions of a params dict."""
@@ -149,6 +191,8 @@ class RpcMethods:
             "voicecall.continue": self.continue_,
             "voicecall.speak": self.speak,
             "voicecall.end": self.end,
+            "voicecall.dtmf": self.dtmf,
+            "voicecall.transfer": self.transfer,
             "voicecall.status": self.status,
             "voicecall.health": self.health,
             "voicecall.cluster": self.cluster,
@@ -171,7 +215,11 @@ class RpcMethods:
             raise CallError("to required")
         mode = _text(params, "mode")
         call_id = await self._manager.initiate(
-            to, message, mode if mode in ("notify", "conversation") else None, _text(params, "sessionKey")
+            to,
+            message,
+            mode if mode in ("notify", "conversation") else None,
+            _text(params, "sessionKey"),
+            options=_options(params),
         )
         return {"callId": call_id, "initiated": True}
 
@@ -183,6 +231,7 @@ class RpcMethods:
 
     async def continue_(self, params: Mapping[str, Any]) -> dict:
         call_id, _ = self._call_and_message(params)
+        _input(params)
         return await self._routed(call_id, "voicecall.continue", params)
 
     async def speak(self, params: Mapping[str, Any]) -> dict:
@@ -193,12 +242,36 @@ class RpcMethods:
         call_id = _text(params, "callId")
         if call_id is None:
             raise CallError("callId required")
+        _text(params, "message")
         return await self._routed(call_id, "voicecall.end", params)
+
+    def _call_and_digits(self, params: Mapping[str, Any]) -> tuple[str, str]:
+        call_id, digits = _text(params, "callId"), _text(params, "digits")
+        if call_id is None or digits is None:
+            raise CallError("callId and digits required")
+        return call_id, digits
+
+    async def dtmf(self, params: Mapping[str, Any]) -> dict:
+        call_id, _ = self._call_and_digits(params)
+        return await self._routed(call_id, "voicecall.dtmf", params)
+
+    def _call_and_target(self, params: Mapping[str, Any]) -> tuple[str, str, str | None]:
+        call_id, to, message = _text(params, "callId"), _text(params, "to"), _text(params, "message")
+        if call_id is None or to is None:
+            raise CallError("callId and to required")
+        return call_id, to, message
+
+    async def transfer(self, params: Mapping[str, Any]) -> dict:
+        call_id, _, _ = self._call_and_target(params)
+        return await self._routed(call_id, "voicecall.transfer", params)
 
     async def _continue_here(self, params: Mapping[str, Any]) -> dict:
         call_id, message = self._call_and_message(params)
-        transcript = await self._manager.continue_call(call_id, message)
-        return {"success": True, "transcript": transcript}
+        answer = await self._manager.continue_turn(call_id, message, _input(params))
+        result = {"success": True, "transcript": answer.text}
+        if answer.input != "speech":
+            result["input"] = answer.input  # the person answered with keys
+        return result
 
     async def _speak_here(self, params: Mapping[str, Any]) -> dict:
         call_id, message = self._call_and_message(params)
@@ -206,12 +279,26 @@ class RpcMethods:
         return {"success": True}
 
     async def _end_here(self, params: Mapping[str, Any]) -> dict:
-        await self._manager.end_call(_text(params, "callId") or "")
+        await self._manager.end_call(_text(params, "callId") or "", message=_text(params, "message"))
+        return {"success": True}
+
+    async def _dtmf_here(self, params: Mapping[str, Any]) -> dict:
+        await self._manager.send_dtmf(*self._call_and_digits(params))
+        return {"success": True}
+
+    async def _transfer_here(self, params: Mapping[str, Any]) -> dict:
+        await self._manager.transfer(*self._call_and_target(params))
         return {"success": True}
 
     def _here(self, method: str) -> Callable[[Mapping[str, Any]], Awaitable[dict]]:
-        """The commands on a call, run on this node (its owner)."""
-        return {"voicecall.continue": self._continue_here, "voicecall.speak": self._speak_here, "voicecall.end": self._end_here}[method]
+        """The commands on a call, run on this node (its owner); in a cluster any node forwards them there."""
+        return {
+            "voicecall.continue": self._continue_here,
+            "voicecall.speak": self._speak_here,
+            "voicecall.end": self._end_here,
+            "voicecall.dtmf": self._dtmf_here,
+            "voicecall.transfer": self._transfer_here,
+        }[method]
 
     async def _routed(self, call_id: str, method: str, params: Mapping[str, Any]) -> dict:
         local = lambda: self._here(method)(params)  # noqa: E731
