@@ -52,7 +52,7 @@ from voicecall.infra.private.ws import neutralise_autobahn_log_formatting
 from voicecall.domain.store import CallStore
 from voicecall.cluster.adopt import Adopter
 from voicecall.cluster.events import ClusterEvents
-from voicecall.cluster.router import Router
+from voicecall.cluster.router import Router, owner_command_timeouts
 from voicecall.cluster.urls import SignedUrls
 from voicecall.providers.base import SPEAK_TIMEOUT_MAX
 from voicecall.cluster.nodes import FencedCarrier, NodeRegistry
@@ -433,7 +433,8 @@ def build_routing(cfg, reactor, store, manager: CallManager, serve: dict, adopt:
     if not cfg.store_is_postgres:
         return None, None, None
     # A forwarded continue waits for the caller as long as a local one (its prompt spoken first);
-    # any other command, and a webhook, is answered at once by a live owner.
+    # a command that plays something first waits for it; any other, and a webhook, is answered
+    # at once by a live owner.
     turn = cfg.transcript_timeout_ms / 1000 + SPEAK_TIMEOUT_MAX
     router = Router(
         reactor=reactor,
@@ -443,7 +444,7 @@ def build_routing(cfg, reactor, store, manager: CallManager, serve: dict, adopt:
         handlers=serve,
         is_local=lambda ref: manager.find(ref) is not None,
         adopt=adopt,
-        timeouts={"webhook": 10.0, "rpc": 30.0, "voicecall.continue": turn},
+        timeouts={"webhook": 10.0, "rpc": 30.0, **owner_command_timeouts(rpc=30.0, turn=turn, playback=SPEAK_TIMEOUT_MAX)},
     )
     events = ClusterEvents(pool=store.pool, local_subscribe=manager.subscribe, events_after=store.events_after, last_events=store.last_events)
     urls = SignedUrls(pool=store.pool, own=cfg.public_url, entry=cfg.cluster.entry_url)
