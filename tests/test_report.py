@@ -487,3 +487,18 @@ class DaemonReportTests(TestCase):
         self.assertIn(("user", "Thanks, on my way"), [(t["speaker"], t["text"]) for t in report["transcript"]])
         summaries = await eventually(lambda: [e for e in seen if e.get("type") == "call.summary"], 5, "the subscriber's call.summary")
         self.assertEqual(summaries, [report])
+
+    async def test_daemon_stop_cancels_retries(self):
+        """A report the receiver keeps failing is still being retried when the daemon stops: its retry is cancelled (nothing left on the reactor) and logged."""
+        receiver = FakeReportReceiver(secret=SECRET, clock=reactor)
+        receiver.fail_next(503, count=100)
+        report_url = await serve(self, receiver.resource())
+        service, rpc = await start_daemon(self, {"provider": "mock", "report": {"url": report_url, "secret": SECRET}})
+        log = logged(self)
+        call_id = (await rpc.call("voicecall.initiate", {"to": "+15550001234", "message": "Hi", "mode": "conversation"}))["callId"]
+        answer = await http_client(self).post(service.webhook_url, json.dumps(event("call.ended", call_id, reason="no-answer")).encode())
+        await answer.content()
+        await eventually(lambda: any("retrying in" in line for line in log), 10, "the first failed attempt")
+        await service.stopService()
+        self.assertTrue(any(f"1 report(s) not delivered to {report_url} ({call_id})" in line for line in log), log)
+
