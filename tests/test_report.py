@@ -126,6 +126,14 @@ class SummaryTests(SynchronousTestCase):
         self.assertEqual(fields["transcriptOmitted"], 7)
 
 
+    def test_transcript_text_is_bounded(self):
+        """Long utterances: only the newest entries whose text fits in MAX_TRANSCRIPT_CHARS are kept."""
+        entries = [TranscriptEntry(EPOCH * 1000 + n, "bot", str(n) * 30_000) for n in range(10)]
+        fields = summary_fields(ended_call(transcript=entries))
+        self.assertEqual([t["text"][0] for t in fields["transcript"]], ["4", "5", "6", "7", "8", "9"])
+        self.assertEqual(fields["transcriptOmitted"], 4)
+
+
 class DeliveryTests(SynchronousTestCase):
     """ReportDelivery against the fake receiver through StubTreq, on a Clock."""
 

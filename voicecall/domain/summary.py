@@ -15,6 +15,9 @@ from voicecall.domain.model import CallRecord, TranscriptEntry
 SUMMARY_EVENT = "call.summary"
 #: Transcript entries a summary carries at most (the last ones); `transcriptOmitted` counts the rest.
 MAX_TRANSCRIPT_ENTRIES = 500
+#: Characters of transcript text a summary carries at most (the last entries that fit), so that one
+#: event stays well under the RPC socket's 1 MiB line limit.
+MAX_TRANSCRIPT_CHARS = 200_000
 #: The keys of a recording a summary shows (the carrier's id, where it serves the audio, how long).
 SUMMARY_RECORDING_KEYS = ("id", "status", "url", "durationSeconds")
 
@@ -37,10 +40,11 @@ def summary_fields(call: CallRecord) -> dict[str, Any]:
     outcome (the end reason), direction, from, to, startedAt, answeredAt, endedAt (epoch ms;
     null when it did not happen), durationSeconds, answeredBy, transferTarget (null when none),
     recordings (id, status, url, durationSeconds, as known at the end) and transcript
-    ({speaker, text, timestamp}; at most MAX_TRANSCRIPT_ENTRIES, the last ones).
+    ({speaker, text, timestamp}; the last ones, at most MAX_TRANSCRIPT_ENTRIES and
+    MAX_TRANSCRIPT_CHARS of text; `transcriptOmitted` counts the others, when there are any).
     """
     entries = final_transcript(call)
-    kept = entries[-MAX_TRANSCRIPT_ENTRIES:]
+    kept = _last_that_fit(entries)
     fields: dict[str, Any] = {
         "outcome": call.end_reason or call.state.value,
         "direction": call.direction.value,
@@ -62,3 +66,16 @@ def summary_fields(call: CallRecord) -> dict[str, Any]:
     if len(entries) > len(kept):
         fields["transcriptOmitted"] = len(entries) - len(kept)
     return fields
+
+
+def _last_that_fit(entries: list[TranscriptEntry]) -> list[TranscriptEntry]:
+    """The newest entries within MAX_TRANSCRIPT_ENTRIES and MAX_TRANSCRIPT_CHARS, oldest first."""
+    kept: list[TranscriptEntry] = []
+    size = 0
+    for entry in reversed(entries):
+        size += len(entry.text)
+        if len(kept) == MAX_TRANSCRIPT_ENTRIES or size > MAX_TRANSCRIPT_CHARS:
+            break
+        kept.append(entry)
+    kept.reverse()
+    return kept
