@@ -1,0 +1,383 @@
+"""
+Issue 17 on Twilio: answering-machine detection, keypad tones, keys as answers, transfer,
+recording and a goodbye that has played before the hang-up. Request shapes are checked against
+the official twilio SDK (a capturing HTTP client); the rest runs the daemon (in process, real
+reactor, loopback) against the fake Twilio, whose callbacks come back signed.
+"""
+from __future__ import annotations
+
+import json
+from urllib.parse import urlencode, urlsplit
+
+from treq.testing import StubTreq
+from twilio.http.http_client import TwilioHttpClient
+from twilio.http.response import Response
+from twilio.rest import Client
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from voicecall.domain.carrier import DialOptions
+from voicecall.domain.model import CallRecord, Direction, EventType
+from voicecall.providers.base import WebhookContext
+from voicecall.providers.twilio import TwilioProvider, recording_source
+from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
+
+from tests.harness import call_status, eventually, free_port, http_client, serve, start_daemon, until_state
+
+SID = "AC" + "0" * 32
+TOKEN = "fake-auth-token-for-tests"
+API = "http://api.fake"
+OURS = "+15550000000"
+CALLEE = "+15550001234"
+DESK = "+15550009999"
+WEBHOOK = "http://daemon.test/voice/webhook"
+CALL_SID = "CA" + "1" * 32
+ENDED = ("completed", "hangup-bot", "hangup-user", "voicemail", "failed", "error", "timeout")
+
+
+def _sdk(call, response):
+    """(method, path, form pairs) the official SDK sends for `call(client)`."""
+    seen = {}
+
+    class Capture(TwilioHttpClient):
+        def request(self, method, url, params=None, data=None, headers=None, auth=None, **kw):
+            seen.update(method=method, url=url, data=dict(data or {}))
+            return Response(201, json.dumps(response))
+
+    call(Client(SID, TOKEN, http_client=Capture()))
+    pairs = []
+    for k, v in seen["data"].items():
+        pairs.extend((k, str(x)) for x in (v if isinstance(v, list) else [v]))
+    return seen["method"], urlsplit(seen["url"]).path, sorted(pairs)
+
+
+def _record(direction=Direction.OUTBOUND):
+    return CallRecord(
+        call_id="c1", provider="twilio", direction=direction, state="active", from_number=OURS,
+        to_number=CALLEE, started_at=0, provider_call_id=CALL_SID,
+    )
+
+
+class RequestShapeTests(SynchronousTestCase):
+    """What the adapter sends is what the official SDK sends for the same operation."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.fake = FakeTwilio(self.clock, SID, TOKEN)
+        self.provider = TwilioProvider(StubTreq(self.fake.resource()), self.clock, SID, TOKEN, base_url=API)
+        self.provider.set_webhook_url(WEBHOOK)
+
+    def sent(self, d):
+        self.successResultOf(d)
+        request = self.fake.requests[-1]
+        return request.method, request.path, sorted(request.form)
+
+    def live_call(self):
+        d = self.provider.initiate_call(call_id="c1", from_number=OURS, to_number=CALLEE, webhook_url=WEBHOOK)
+        placed = self.successResultOf(d)
+        call = self.fake.calls[placed.provider_call_id]
+        call.status = "in-progress"
+        record = _record()
+        record.provider_call_id = call.sid
+        return record
+
+    def test_create_with_answering_machine_detection(self):
+        d = self.provider.initiate_call(
+            call_id="c1", from_number=OURS, to_number=CALLEE, webhook_url=WEBHOOK, notify_message="Hi",
+            options=DialOptions(answering_machine="leave-message"),
+        )
+        placed = self.successResultOf(d)
+        self.assertFalse(placed.consumes_initial_message, "the message waits for the verdict")
+        request = self.fake.requests[-1]
+        url = f"{WEBHOOK}?callId=c1"
+        expected = _sdk(
+            lambda c: c.calls.create(
+                to=CALLEE, from_=OURS, url=url, status_callback=url + "&type=status",
+                status_callback_event=["initiated", "ringing", "answered", "completed"],
+                status_callback_method="POST", timeout=30, machine_detection="DetectMessageEnd",
+                async_amd="true", async_amd_status_callback=url + "&type=amd",
+                async_amd_status_callback_method="POST",
+            ),
+            {"sid": CALL_SID, "status": "queued"},
+        )
+        self.assertEqual((request.method, request.path, sorted(request.form)), expected)
+
+    def test_no_detection_without_a_policy(self):
+        self.successResultOf(
+            self.provider.initiate_call(call_id="c1", from_number=OURS, to_number=CALLEE, webhook_url=WEBHOOK)
+        )
+        self.assertNotIn("MachineDetection", self.fake.requests[-1].form_dict)
+
+    def test_dtmf_is_a_call_update_with_play_digits(self):
+        call = self.live_call()
+        method, path, form = self.sent(self.provider.send_dtmf(call, "12w#"))
+        self.assertEqual((method, path, [k for k, _ in form]), _sdk(
+            lambda c: c.calls(call.provider_call_id).update(twiml="<Response/>"), {"sid": call.provider_call_id}
+        )[:2] + (["Twiml"],))
+        self.assertIn('<Play digits="12w#"/>', dict(form)["Twiml"])
+
+    def test_transfer_dials_the_target_with_our_caller_id(self):
+        call = self.live_call()
+        _, _, form = self.sent(self.provider.transfer_call(call, DESK))
+        self.assertIn(f'<Dial callerId="{OURS}"><Number>{DESK}</Number></Dial>', dict(form)["Twiml"])
+        _, _, form = self.sent(self.provider.transfer_call(call, "sip:desk@example.com"))
+        self.assertIn("<Sip>sip:desk@example.com</Sip>", dict(form)["Twiml"])
+
+    def test_inbound_transfer_keeps_the_callers_id(self):
+        call = self.live_call()
+        call.direction = Direction.INBOUND
+        _, _, form = self.sent(self.provider.transfer_call(call, DESK))
+        self.assertIn(f"<Dial><Number>{DESK}</Number></Dial>", dict(form)["Twiml"])
+
+    def test_start_recording(self):
+        call = self.live_call()
+        recording = self.successResultOf(self.provider.start_recording(call))
+        request = self.fake.requests[-1]
+        callback = f"{WEBHOOK}?callId=c1&type=recording"
+        expected = _sdk(
+            lambda c: c.calls(call.provider_call_id).recordings.create(
+                recording_status_callback=callback,
+                recording_status_callback_event=["in-progress", "completed", "absent"],
+                recording_status_callback_method="POST", recording_channels="dual",
+            ),
+            {"sid": "RE" + "0" * 32, "call_sid": call.provider_call_id},
+        )
+        self.assertEqual((request.method, request.path, sorted(request.form)), expected)
+        self.assertTrue(recording["id"].startswith("RE"))
+        self.assertEqual(recording["status"], "in-progress")
+        self.assertIsInstance(recording["startedAt"], int)
+
+    def test_gather_takes_keys_when_asked(self):
+        call = self.live_call()
+        self.successResultOf(self.provider.prompt(call, "Press 1", None, "tok", dtmf=True))
+        document = self.fake.requests[-1].form_dict["Twiml"]
+        self.assertIn('input="speech dtmf"', document)
+        self.assertIn("turnToken=tok", document)
+        self.successResultOf(self.provider.prompt(call, "Say it", None, "tok2"))
+        self.assertIn('input="speech"', self.fake.requests[-1].form_dict["Twiml"])
+
+    def test_dtmf_goes_back_to_the_listening_turn(self):
+        """Tones sent while a turn listens: the same Gather (turn token, keys) follows them."""
+        call = self.live_call()
+        self.successResultOf(self.provider.start_listening(call, "tok", dtmf=True))
+        self.successResultOf(self.provider.send_dtmf(call, "9"))
+        document = self.fake.requests[-1].form_dict["Twiml"]
+        self.assertLess(document.index('<Play digits="9"/>'), document.index("<Gather"))
+        self.assertIn("turnToken=tok", document)
+        self.assertIn('input="speech dtmf"', document)
+
+
+def _ctx(params, query):
+    url = WEBHOOK + "?" + urlencode(query)
+    body = urlencode(params).encode()
+    headers = {"content-type": "application/x-www-form-urlencoded", "x-twilio-signature": sign_request(TOKEN, url, params)}
+    path_and_query = urlsplit(url).path + "?" + urlsplit(url).query
+    return WebhookContext(method="POST", path=urlsplit(url).path, path_and_query=path_and_query, query=query,
+                          headers=headers, raw_body=body, remote_ip="127.0.0.1", url=url)
+
+
+class CallbackTests(SynchronousTestCase):
+    """AMD and recording callbacks, as the fake (and Twilio) send them, become call events."""
+
+    def setUp(self):
+        self.provider = TwilioProvider(StubTreq(FakeTwilio(Clock(), SID, TOKEN).resource()), Clock(), SID, TOKEN, base_url=API)
+
+    def parse(self, params, query):
+        ctx = _ctx(params, query)
+        verified = self.provider.verify_webhook(ctx)
+        self.assertTrue(verified.ok, verified.reason)
+        return self.provider.parse_webhook(ctx, verified.request_key)
+
+    def test_machine_end_beep(self):
+        amd = {"AccountSid": SID, "CallSid": CALL_SID, "AnsweredBy": "machine_end_beep", "MachineDetectionDuration": "4200"}
+        parsed = self.parse(amd, {"callId": "c1", "type": "amd"})
+        (event,) = parsed.events
+        self.assertEqual((event.type, event.answered_by, event.machine_done), (EventType.MACHINE, "machine", True))
+        self.assertIn(b"<Response></Response>", parsed.response.body)
+        again = self.parse(amd, {"callId": "c1", "type": "amd"}).events[0]
+        self.assertEqual(again.dedupe_key, event.dedupe_key, "a duplicated verdict is the same event")
+
+    def test_verdicts(self):
+        for given, expected in (("human", ("human", False)), ("fax", ("fax", False)), ("unknown", ("unknown", False)),
+                                ("machine_start", ("machine", False)), ("machine_end_silence", ("machine", True))):
+            (event,) = self.parse({"CallSid": CALL_SID, "AnsweredBy": given}, {"callId": "c1", "type": "amd"}).events
+            self.assertEqual((event.answered_by, event.machine_done), expected, given)
+
+    def test_recording_completed(self):
+        params = {
+            "AccountSid": SID, "CallSid": CALL_SID, "RecordingSid": "RE" + "2" * 32,
+            "RecordingUrl": f"{API}/2010-04-01/Accounts/{SID}/Recordings/RE{'2' * 32}",
+            "RecordingStatus": "completed", "RecordingDuration": "12",
+            "RecordingStartTime": "Thu, 03 Dec 2026 22:00:00 +0000", "RecordingChannels": "2",
+        }
+        (event,) = self.parse(params, {"callId": "c1", "type": "recording"}).events
+        self.assertEqual(event.type, EventType.RECORDING)
+        self.assertEqual(event.recording, {
+            "id": params["RecordingSid"], "status": "completed", "url": params["RecordingUrl"],
+            "durationSeconds": 12, "startedAt": 1796335200000,
+        })
+        absent = self.parse({**params, "RecordingStatus": "absent"}, {"callId": "c1", "type": "recording"}).events[0]
+        self.assertEqual(absent.recording["status"], "failed")
+        self.assertNotEqual(absent.dedupe_key, event.dedupe_key)
+
+
+class RecordingSourceTests(SynchronousTestCase):
+    def test_mp3_with_basic_auth_on_the_api_origin(self):
+        url = f"https://api.twilio.com/2010-04-01/Accounts/{SID}/Recordings/RE1"
+        got = self.successResultOf(recording_source(
+            None, {"id": "RE1", "url": url}, base_url="https://api.twilio.com", account_sid=SID, auth_token=TOKEN,
+        ))
+        self.assertEqual(got[0], url + ".mp3")
+        self.assertTrue(got[1]["Authorization"].startswith("Basic "))
+
+    def test_other_hosts_refused(self):
+        for url in ("https://evil.example/x", "http://api.twilio.com/x", "https://api.twilio.com:8443/x"):
+            with self.assertRaises(ValueError) as e:
+                recording_source(None, {"id": "RE1", "url": url}, base_url="https://api.twilio.com",
+                                 account_sid=SID, auth_token=TOKEN)
+            self.assertIn("twilio.baseUrl", str(e.exception))
+
+
+class TwilioActionsEndToEndTests(TestCase):
+    """Through the daemon's RPC socket, the fake Twilio on loopback."""
+
+    timeout = 60
+
+    async def start(self, scenario, **overrides):
+        self.http = http_client(self)
+        self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=scenario)
+        self.base = await serve(self, self.fake.resource())
+        port = free_port()
+        self.webhook = f"http://127.0.0.1:{port}/voice/webhook"
+        config = {
+            "provider": "twilio",
+            "fromNumber": OURS,
+            "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": self.base},
+            "serve": {"port": port, "bind": "127.0.0.1"},
+            "publicUrl": self.webhook,
+            "transcriptTimeoutMs": 20000,
+            "transfer": {"allowTo": [DESK]},
+            **overrides,
+        }
+        self.service, self.rpc = await start_daemon(self, config)
+        self.addCleanup(self.hang_up_fake_calls)
+
+    async def hang_up_fake_calls(self):
+        for call in list(self.fake.calls.values()):
+            call.hangup_by_callee()
+        await self.fake.settle()
+
+    def fake_call(self):
+        (call,) = self.fake.calls.values()
+        return call
+
+    async def test_machine_gets_the_message_after_the_beep(self):
+        await self.start(Scenario(machine=True, greeting_seconds=1.5))
+        call_id = (await self.rpc.call("voicecall.initiate", {
+            "to": CALLEE, "message": "Your parcel arrives today", "mode": "notify", "answeringMachine": "leave-message",
+        }))["callId"]
+        record = await until_state(self.rpc, call_id, *ENDED, timeout=15)
+        fake = self.fake_call()
+        self.assertEqual(fake.answered_by, "machine_end_beep")
+        said = [(at, text) for at, text in fake.say_started if "parcel" in text]
+        self.assertTrue(said and said[0][0] >= fake.beep_at, f"said after the beep: {said} beep {fake.beep_at}")
+        self.assertIn("Your parcel arrives today", fake.said)
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+
+    async def test_machine_hung_up_on(self):
+        await self.start(Scenario(machine=True, greeting_seconds=1.0))
+        call_id = (await self.rpc.call("voicecall.initiate", {
+            "to": CALLEE, "message": "Hello", "mode": "notify", "answeringMachine": "hang-up",
+        }))["callId"]
+        record = await until_state(self.rpc, call_id, *ENDED, timeout=15)
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+        self.assertEqual(list(self.fake_call().says), [])
+
+    async def test_human_answer_is_a_normal_call(self):
+        await self.start(Scenario(amd_seconds=0.3))
+        call_id = (await self.rpc.call("voicecall.initiate", {
+            "to": CALLEE, "message": "Your parcel arrives today", "mode": "notify", "answeringMachine": "leave-message",
+        }))["callId"]
+        await eventually(lambda: "Your parcel arrives today" in self.fake_call().said, 10, "the message said")
+        record = await until_state(self.rpc, call_id, *ENDED, timeout=10)
+        self.assertEqual(record["answeredBy"], "human")
+        self.assertNotEqual(record["endReason"], "voicemail")
+
+    async def test_keys_answer_a_continue(self):
+        await self.start(Scenario(press="42#", silence=0.2))
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hi", "mode": "conversation"}))["callId"]
+        answer = await self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Your code?", "input": "speech dtmf"})
+        self.assertEqual(answer.get("transcript"), "42#")
+        self.assertEqual(answer.get("input"), "dtmf")
+        await self.rpc.call("voicecall.end", {"callId": call_id})
+
+    async def test_dtmf_while_a_continue_waits(self):
+        def person(call):
+            keyed = any(call.dtmf_sent)
+            return "Done" if keyed and "turnToken=" in (call.gathers[-1].action_url or "") else None
+
+        await self.start(Scenario(utterances=person, silence=0.3))
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hi", "mode": "conversation"}))["callId"]
+        await eventually(lambda: "Hi" in self.fake_call().said, 10, "the greeting")
+        waiting = self.rpc.call("voicecall.continue", {"callId": call_id, "message": "Say done when ready"})
+        await eventually(lambda: any("turnToken=" in (g.action_url or "") for g in self.fake_call().gathers), 10, "the question")
+        await self.rpc.call("voicecall.dtmf", {"callId": call_id, "digits": "1w2"})
+        answer = await waiting
+        self.assertEqual(answer["transcript"], "Done")
+        self.assertEqual(list(self.fake_call().dtmf_sent), ["1w2"])
+        await self.rpc.call("voicecall.end", {"callId": call_id})
+
+    async def test_transfer_after_its_message(self):
+        await self.start(Scenario(say_seconds_per_char=0.02))
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hi", "mode": "conversation"}))["callId"]
+        await eventually(lambda: "Hi" in self.fake_call().said, 10, "the greeting")
+        await self.rpc.call("voicecall.transfer", {"callId": call_id, "to": DESK, "message": "Connecting you now"})
+        record = await until_state(self.rpc, call_id, "transferred")
+        fake = self.fake_call()
+        self.assertIn("Connecting you now", fake.said, "the message played to its end before the Dial")
+        (dial,) = fake.dialled
+        self.assertEqual((dial.target, dial.noun, dial.caller_id), (DESK, "Number", OURS))
+        self.assertEqual(record["transferTarget"], DESK)
+        self.assertFalse(fake.is_ended, "the caller is still connected to the target")
+
+    async def test_recording_completed_after_the_hang_up(self):
+        await self.start(Scenario(recording_delay=0.5), recording={"announcement": "This call is recorded."})
+        call_id = (await self.rpc.call("voicecall.initiate", {
+            "to": CALLEE, "message": "Hi", "mode": "conversation", "record": True,
+        }))["callId"]
+        await eventually(lambda: self.fake.recordings, 10, "a recording")
+        fake = self.fake_call()
+        (recording,) = self.fake.recordings.values()
+        announced = [at for at, text in fake.say_started if "recorded" in text]
+        self.assertTrue(announced and announced[0] <= recording.started_at, "announced before recording")
+        self.assertIn("This call is recorded.", fake.said)
+        await eventually(lambda: "Hi" in fake.said, 10, "the greeting, recorded")
+        await deferLater(reactor, 1.2, lambda: None)  # a recording of under a second would be "absent"
+        await self.rpc.call("voicecall.end", {"callId": call_id})
+        await eventually(lambda: fake.is_ended, 5, "the hang-up")
+
+        async def completed():
+            record = await call_status(self.rpc, call_id)
+            done = [r for r in record.get("recordings") or [] if r.get("status") == "completed"]
+            return done[0] if done else None
+
+        done = await eventually(completed, 10, "the recording completed after the hang-up")
+        self.assertEqual(done["id"], recording.sid)
+        self.assertEqual(done["url"], recording.url)
+        self.assertIsInstance(done["durationSeconds"], int)
+        url, headers = await recording_source(
+            self.http, done, base_url=self.base, account_sid=SID, auth_token=TOKEN
+        )
+        response = await self.http.get(url, headers=headers)
+        self.assertEqual((response.code, (await response.content())[:3]), (200, b"ID3"))
+        anonymous = await self.http.get(url)
+        self.assertEqual(anonymous.code, 401)
+
+    async def test_end_with_message_hangs_up_after_it_played(self):
+        await self.start(Scenario(say_seconds_per_char=0.03))
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hi", "mode": "conversation"}))["callId"]
+        await eventually(lambda: "Hi" in self.fake_call().said, 10, "the greeting")
+        await self.rpc.call("voicecall.end", {"callId": call_id, "message": "Goodbye and thank you for your time"})
+        await eventually(lambda: self.fake_call().is_ended, 10, "the hang-up")
+        self.assertIn("Goodbye and thank you for your time", self.fake_call().said, "played to its end first")
