@@ -22,8 +22,18 @@ from voicecall.domain.model import CallRecord, Direction, EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.twilio import TwilioProvider, recording_source
 from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
+from voicecall.testing.twilio_media import TwilioMediaClient
 
-from tests.harness import call_status, eventually, free_port, http_client, serve, start_daemon, until_state
+from tests.harness import (
+    call_status,
+    eventually,
+    free_port,
+    http_client,
+    serve,
+    speech_fakes,
+    start_daemon,
+    until_state,
+)
 
 SID = "AC" + "0" * 32
 TOKEN = "fake-auth-token-for-tests"
@@ -381,3 +391,81 @@ class TwilioActionsEndToEndTests(TestCase):
         await self.rpc.call("voicecall.end", {"callId": call_id, "message": "Goodbye and thank you for your time"})
         await eventually(lambda: self.fake_call().is_ended, 10, "the hang-up")
         self.assertIn("Goodbye and thank you for your time", self.fake_call().said, "played to its end first")
+
+
+class StreamedActionsTests(TestCase):
+    """Keypad tones and transfer on a call whose audio is a media stream (the bridge's)."""
+
+    timeout = 60
+
+    async def start(self):
+        http = http_client(self)
+        self.fake = FakeTwilio(reactor, SID, TOKEN, http=http, scenario=Scenario(utterances=[]))
+        base = await serve(self, self.fake.resource())
+        _, speech_base, stt = await speech_fakes(self, transcripts=("Thanks",))
+        port = free_port()
+        config = {
+            "provider": "twilio",
+            "fromNumber": OURS,
+            "twilio": {"accountSid": SID, "authToken": TOKEN, "baseUrl": base},
+            "serve": {"port": port, "bind": "127.0.0.1"},
+            "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+            "streaming": {"enabled": True, "openaiApiKey": "sk-stt", "sttBaseUrl": stt.url, "silenceDurationMs": 300},
+            "tts": {"provider": "openai", "openai": {"apiKey": "sk-tts", "baseUrl": speech_base + "/v1"}},
+            "transcriptTimeoutMs": 20000,
+            "transfer": {"allowTo": [DESK]},
+        }
+        self.service, self.rpc = await start_daemon(self, config)
+        self.addCleanup(self.hang_up)
+        call_id = (await self.rpc.call("voicecall.initiate", {"to": CALLEE, "message": "Hi", "mode": "conversation"}))["callId"]
+        fake_call = await eventually(lambda: next(iter(self.fake.calls.values()), None), 5, "the fake call")
+        stream = await fake_call.next_stream()
+        client = await self.connect(fake_call, stream)
+        await eventually(lambda: self.said(call_id, "Hi"), 10, "the greeting")
+        return call_id, fake_call, stream, client
+
+    async def hang_up(self):
+        for call in list(self.fake.calls.values()):
+            call.hangup_by_callee()
+        await self.fake.settle()
+
+    async def connect(self, fake_call, stream):
+        client = TwilioMediaClient(
+            reactor, stream.url, call_sid=fake_call.sid, token=stream.parameters.get("token"),
+            headers={"X-Twilio-Signature": sign_request(TOKEN, stream.url)},
+        )
+        await client.connect()
+        self.addCleanup(self.close_client, client)
+        return client
+
+    async def close_client(self, client):
+        if not client.closed.called:
+            client.close()
+        await client.closed
+
+    async def said(self, call_id, text):
+        record = await call_status(self.rpc, call_id)
+        return text in [t["text"] for t in record["transcript"] if t["speaker"] == "bot"]
+
+    async def test_dtmf_then_back_to_the_stream(self):
+        call_id, fake_call, stream, client = await self.start()
+        streams = len(fake_call.streams)
+        await self.rpc.call("voicecall.dtmf", {"callId": call_id, "digits": "5#"})
+        client.close()  # Twilio closes the socket of the stream the update replaced
+        await eventually(lambda: len(fake_call.streams) > streams, 10, "a fresh stream after the tones")
+        self.assertEqual(list(fake_call.dtmf_sent), ["5#"])
+        self.assertIn("flow=resume", fake_call.documents[-1].url)
+        await self.connect(fake_call, fake_call.streams[-1])
+        await deferLater(reactor, 2.5, lambda: None)  # past the bridge's reconnect grace
+        self.assertNotIn((await call_status(self.rpc, call_id))["state"], ENDED)
+        self.assertFalse(fake_call.is_ended)
+
+    async def test_transfer_is_not_ended_by_the_dropped_stream(self):
+        call_id, fake_call, stream, client = await self.start()
+        await self.rpc.call("voicecall.transfer", {"callId": call_id, "to": DESK})
+        client.close()  # the <Dial> replaced the stream
+        await eventually(lambda: fake_call.dialled, 10, "the target dialled")
+        await deferLater(reactor, 2.5, lambda: None)  # past the bridge's reconnect grace
+        self.assertEqual((await call_status(self.rpc, call_id))["state"], "transferred")
+        self.assertFalse(fake_call.is_ended, "still connected to the target")
+        self.assertFalse(any(r.form_dict.get("Status") == "completed" for r in self.fake.requests), "no hang-up sent")
