@@ -36,10 +36,12 @@ Choices beyond SPEC:
 """
 from __future__ import annotations
 
+import base64
 import hmac
 import re
 import secrets
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import attrs
 from attrs import define, field
@@ -47,8 +49,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from voicecall.domain.carrier import InitiatedCall, ProviderCallStatus, ProviderError
-from voicecall.domain.model import CallEvent, CallRecord, EventType, identity_key
+from voicecall.domain.carrier import NO_OPTIONS, DialOptions, InitiatedCall, ProviderCallStatus, ProviderError
+from voicecall.domain.model import CallEvent, CallRecord, Direction, EventType, identity_key
 from voicecall.providers import plivoxml
 from voicecall.providers.base import (
     NOT_PLAYED,
@@ -77,6 +79,14 @@ END_REASONS = {
 }
 #: Where a transcript may arrive, first non-blank wins (SPEC §7.3).
 TRANSCRIPT_FIELDS = ("Speech", "Transcription", "TranscriptionText", "SpeechResult", "RecognizedSpeech", "Text")
+#: How long asynchronous machine detection may listen (ms): Plivo's default, within its 2000-10000.
+MACHINE_DETECTION_MS = 5000
+#: How long a machine's greeting is waited through for its beep (`<Wait beep="true">`), within
+#: the manager's own wait for it (telephony.MACHINE_GREETING_WAIT_SECONDS).
+BEEP_WAIT_SECONDS = 30
+#: A recording's `time_limit` (s): Plivo's default (60) would cut a call's recording short; this
+#: is Plivo's own limit of a call's length (`time_limit` of a call, 4 hours).
+RECORDING_TIME_LIMIT = 14400
 _XML = {"Content-Type": "text/xml"}
 _DECIMAL = re.compile(r"^\s*(?:\d+(?:\.\d*)?|\.\d+)\s*$")
 _NOT_NUMBER = re.compile(r"[^+0-9]")
@@ -141,6 +151,12 @@ class _Pending:
     played: Deferred | None = None
     #: (text, voice) of the documents this one replaced before Plivo fetched them: said first.
     earlier: tuple = ()
+    #: A listen that also takes keys (`inputType="dtmf speech"`).
+    dtmf: bool = False
+    #: A transfer's target and the caller id it sees (`<Dial>`), or a wait for a machine's beep.
+    dial: str | None = None
+    caller_id: str | None = None
+    beep: bool = False
 
 
 @define(repr=False)
@@ -174,6 +190,8 @@ class PlivoProvider:
     _served: dict[str, tuple[str, str]] = field(factory=dict, init=False)
     #: Timers bounding the waits for speech to end (cancelled by L{stop}).
     _speak_timers: set = field(factory=set, init=False)
+    #: callId -> nonce of the beep wait Plivo is running (its Redirect means the greeting is over).
+    _beeping: dict[str, str] = field(factory=dict, init=False)
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -201,12 +219,18 @@ class PlivoProvider:
         webhook_url: str,
         notify_message: str | None = None,
         voice: str | None = None,
+        options: DialOptions = NO_OPTIONS,
     ) -> Deferred[InitiatedCall]:
-        """Dial; the message of a notify call is spoken on `call.answered` (SPEC §5.1)."""
-        return Deferred.fromCoroutine(self._initiate(call_id, from_number, to_number, webhook_url))
+        """
+        Dial; the message of a notify call is spoken on `call.answered` (SPEC §5.1). With an
+        answering-machine policy, Plivo's asynchronous detection (`machine_detection=true`, not
+        `hangup`: a hang-up is ours, with end reason voicemail) posts its verdict to
+        `flow=amd&amd=<policy>`; the answer XML meanwhile holds the line silently.
+        """
+        return Deferred.fromCoroutine(self._initiate(call_id, from_number, to_number, webhook_url, options))
 
-    async def _initiate(self, call_id: str, from_number: str, to_number: str, webhook_url: str) -> InitiatedCall:
-        body = {
+    async def _initiate(self, call_id: str, from_number: str, to_number: str, webhook_url: str, options: DialOptions) -> InitiatedCall:
+        body: dict[str, Any] = {
             "from": plivo_number(from_number),
             "to": plivo_number(to_number),
             "answer_url": plivoxml.with_query(webhook_url, provider="plivo", callId=call_id, flow="answer"),
@@ -215,6 +239,15 @@ class PlivoProvider:
             "hangup_method": "POST",
             "hangup_on_ring": int(self._ring_timeout_sec),
         }
+        if options.answering_machine != "ignore":
+            body.update(
+                machine_detection="true",
+                machine_detection_url=plivoxml.with_query(
+                    webhook_url, provider="plivo", callId=call_id, flow="amd", amd=options.answering_machine
+                ),
+                machine_detection_method="POST",
+                machine_detection_time=MACHINE_DETECTION_MS,
+            )
         answer = await self._api.request("POST", "/Call/", body=body)
         uuid = answer.get("request_uuid") if isinstance(answer, dict) else None
         if isinstance(uuid, list):
@@ -279,6 +312,7 @@ class PlivoProvider:
             # (to its end); its speak fails rather than claim it was said.
             self._call_urls.pop(call_id, None)
             self._served.pop(call_id, None)
+            self._beeping.pop(call_id, None)
             _not_played(self._pending.pop(call_id, None))
             _not_played(self._playing.pop(call_id, None))
         for uuid in uuids:
@@ -299,19 +333,22 @@ class PlivoProvider:
         """Transfer to `<Speak>` then the keep-alive; fires once Plivo has played it."""
         return self._transfer(call, "xml-speak", "speak", text, voice, listen=False, turn_token=None)
 
-    def prompt(self, call: CallRecord, text: str, voice: str | None, turn_token: str | None) -> Deferred[None]:
-        """One transfer: the prompt inside a speech `<GetInput>` whose action carries the token."""
-        return self._transfer(call, "xml-listen", "listen", text, voice, listen=True, turn_token=turn_token)
+    def prompt(
+        self, call: CallRecord, text: str, voice: str | None, turn_token: str | None, dtmf: bool = False
+    ) -> Deferred[None]:
+        """One transfer: the prompt inside a `<GetInput>` (keys too with `dtmf`) whose action carries the token."""
+        return self._transfer(call, "xml-listen", "listen", text, voice, listen=True, turn_token=turn_token, dtmf=dtmf)
 
-    def start_listening(self, call: CallRecord, turn_token: str | None) -> Deferred[None]:
+    def start_listening(self, call: CallRecord, turn_token: str | None, dtmf: bool = False) -> Deferred[None]:
         pending = self._pending.get(call.call_id)
-        if pending is not None and not pending.listen:
+        if pending is not None and not pending.listen and pending.dial is None and not pending.beep:
             # The speak document is not fetched yet: make it listen after speaking instead of
             # transferring again, which would cut the speech short.
             pending.listen = True
             pending.turn_token = turn_token
+            pending.dtmf = dtmf
             return succeed(None)
-        return self._transfer(call, "xml-listen", "listen", None, None, listen=True, turn_token=turn_token)
+        return self._transfer(call, "xml-listen", "listen", None, None, listen=True, turn_token=turn_token, dtmf=dtmf)
 
     def stop_listening(self, call: CallRecord) -> Deferred[None]:
         """A `<GetInput>` ends by itself."""
@@ -319,6 +356,68 @@ class PlivoProvider:
 
     def wants_turn_token(self, call: CallRecord) -> bool:
         return True
+
+    # -- keypad tones, transfer, recording (CallControl) ------------------------------------------
+
+    def send_dtmf(self, call: CallRecord, digits: str) -> Deferred[None]:
+        """
+        Plivo's DTMF API on the A-leg (`w` is its half-second wait, as in `sendDigits`). It plays
+        the tones beside the running XML, which it leaves alone: a GetInput listening for a
+        turn's answer goes on listening (same action URL, same turn token).
+        """
+        try:
+            uuid = self._call_uuid(call, "dtmf")
+        except ProviderError as e:
+            return fail(e)
+        return Deferred.fromCoroutine(self._post(f"/Call/{uuid}/DTMF/", {"digits": digits, "leg": "aleg"}))
+
+    async def _post(self, path: str, body: dict[str, Any]) -> None:
+        await self._api.request("POST", path, body=body)
+
+    def transfer_call(self, call: CallRecord, to: str) -> Deferred[None]:
+        """
+        An A-leg transfer to `<Dial><Number>` (`<User>` for a `sip:` target): the callee is
+        connected to `to`, seeing our number (an outbound call's from) or, inbound, the caller's
+        own (Plivo's default). Our part of the call is over once Plivo runs it.
+        """
+        caller_id = plivo_number(call.from_number) if call.direction is Direction.OUTBOUND and call.from_number else None
+        return self._transfer(call, "xml-dial", "transfer", None, None, listen=False, turn_token=None, dial=plivo_number(to), caller_id=caller_id)
+
+    def start_recording(self, call: CallRecord) -> Deferred[dict | None]:
+        """
+        `POST /Call/{uuid}/Record/` (mp3, both parties, up to RECORDING_TIME_LIMIT): Plivo names the
+        recording at once (in progress); its `callback_url` (this call's webhook with
+        `flow=recording`, signed like every callback) says when it is saved, usually after the
+        hang-up, with its `record_url` and duration.
+        """
+        try:
+            uuid = self._call_uuid(call, "recording")
+            base = self._webhook_base(call, uuid)
+        except ProviderError as e:
+            return fail(e)
+        body = {
+            "time_limit": RECORDING_TIME_LIMIT,
+            "file_format": "mp3",
+            "callback_url": plivoxml.with_query(base, provider="plivo", callId=call.call_id, flow="recording"),
+            "callback_method": "POST",
+        }
+        return Deferred.fromCoroutine(self._record(uuid, body))
+
+    async def _record(self, uuid: str, body: dict[str, Any]) -> dict | None:
+        started = int(self._clock.seconds() * 1000)
+        answer = await self._api.request("POST", f"/Call/{uuid}/Record/", body=body)
+        rid = answer.get("recording_id") if isinstance(answer, dict) else None
+        if not isinstance(rid, str) or not rid.strip():
+            return None
+        return {"id": rid.strip(), "status": "in-progress", "startedAt": started}
+
+    def _wait_for_beep(self, call_id: str, uuid: str, base: str) -> None:
+        """A machine answered a leave-message call: wait for its beep (Plivo reports no greeting end)."""
+        pending = _Pending(_nonce(), None, None, False, None, None, beep=True)
+        d = self._transfer_to(call_id, uuid, base, "xml-beep", pending)
+        d.addErrback(lambda f: self._log.warn("waiting for the beep on {call_id} failed: {why}", call_id=call_id, why=f.getErrorMessage()))
+
+    # -- transfers to our XML -----------------------------------------------------------------------
 
     def _transfer(
         self,
@@ -330,27 +429,35 @@ class PlivoProvider:
         *,
         listen: bool,
         turn_token: str | None,
+        dtmf: bool = False,
+        dial: str | None = None,
+        caller_id: str | None = None,
     ) -> Deferred[None]:
         try:
             uuid = self._call_uuid(call, op)
             base = self._webhook_base(call, uuid)
         except ProviderError as e:
             return fail(e)
-        pending = _Pending(_nonce(), text, voice, listen, turn_token, None if listen else Deferred())
+        played = None if listen or dial is not None else Deferred()
+        pending = _Pending(_nonce(), text, voice, listen, turn_token, played, dtmf=dtmf, dial=dial, caller_id=caller_id)
+        return self._transfer_to(call.call_id, uuid, base, flow, pending)
+
+    def _transfer_to(self, call_id: str, uuid: str, base: str, flow: str, pending: _Pending) -> Deferred[None]:
         # A newer transfer replaces whatever the call was doing: nothing waits on the old one.
         # A document Plivo has not fetched yet was not heard at all: its message is said first
         # in the new one (a continue's question, then the speak sent after it), so commands
         # still take effect in order.
-        replaced = self._pending.pop(call.call_id, None)
-        self._served.pop(call.call_id, None)
+        replaced = self._pending.pop(call_id, None)
+        self._served.pop(call_id, None)
+        self._beeping.pop(call_id, None)
         if replaced is not None:
             carried = replaced.earlier + (((replaced.text, replaced.voice),) if replaced.text else ())
             pending.earlier = carried[-MAX_CARRIED:]
         _played(replaced)
-        _played(self._playing.pop(call.call_id, None))
-        _bounded_put(self._pending, call.call_id, pending)
-        url = plivoxml.with_query(base, provider="plivo", flow=flow, callId=call.call_id, n=pending.nonce)
-        return Deferred.fromCoroutine(self._post_transfer(call.call_id, uuid, url, pending))
+        _played(self._playing.pop(call_id, None))
+        _bounded_put(self._pending, call_id, pending)
+        url = plivoxml.with_query(base, provider="plivo", flow=flow, callId=call_id, n=pending.nonce)
+        return Deferred.fromCoroutine(self._post_transfer(call_id, uuid, url, pending))
 
     async def _post_transfer(self, call_id: str, uuid: str, url: str, pending: _Pending) -> None:
         body = {"legs": "aleg", "aleg_url": url, "aleg_method": "POST"}
@@ -405,6 +512,12 @@ class PlivoProvider:
 
     def _own_document(self, call_id: str, pending: _Pending, ctx: WebhookContext) -> str:
         base = self._call_urls.get(call_id) or self._webhook_url or self._verification_url(ctx).split("?", 1)[0]
+        if pending.dial is not None:
+            return plivoxml.dial(pending.dial, pending.caller_id)
+        if pending.beep:
+            _bounded_put(self._beeping, call_id, pending.nonce)
+            beep = plivoxml.with_query(base, provider="plivo", flow="beep", callId=call_id, n=pending.nonce)
+            return plivoxml.wait_for_beep(BEEP_WAIT_SECONDS, beep)
         if not pending.listen:
             _bounded_put(self._playing, call_id, pending)
             spoken = plivoxml.with_query(base, provider="plivo", flow="spoken", callId=call_id, n=pending.nonce)
@@ -413,7 +526,7 @@ class PlivoProvider:
         action = plivoxml.with_query(
             base, provider="plivo", flow="getinput", callId=call_id, turnToken=pending.turn_token, n=_nonce()
         )
-        return plivoxml.listen(action, self._language, pending.text, pending.voice)
+        return plivoxml.listen(action, self._language, pending.text, pending.voice, dtmf=pending.dtmf)
 
     def _spoken(self, ctx: WebhookContext) -> None:
         """Plivo reached the `<Redirect>` after a `<Speak>`: that message has been played."""
@@ -458,7 +571,11 @@ class PlivoProvider:
             params = dict(self._params(ctx))
         except (ValueError, UnicodeDecodeError):
             params = {}
-        refs = (ctx.query.get("callId") or "", params.get("CallUUID", ""), params.get("RequestUUID", ""))
+        refs = (
+            ctx.query.get("callId") or "",
+            params.get("CallUUID", "") or params.get("call_uuid", ""),
+            params.get("RequestUUID", ""),
+        )
         return tuple(ref.strip() for ref in refs if ref.strip())
 
     def replay_response(self, ctx: WebhookContext) -> WebhookResponse | None:
@@ -474,17 +591,20 @@ class PlivoProvider:
             if request_uuid and request_uuid != call_uuid:
                 _bounded_put(self._call_uuids, request_uuid, call_uuid)
         flow = ctx.query.get("flow") or ""
-        if flow in ("xml-speak", "xml-listen"):
+        if flow in ("xml-speak", "xml-listen", "xml-dial", "xml-beep"):
             return ParsedWebhook((), _xml(self._document(ctx)))
         if flow == "spoken":
             self._spoken(ctx)
             return ParsedWebhook((), _xml(plivoxml.keep_alive()))
         if flow == "getinput":
             self._served.pop(ctx.query.get("callId") or "", None)  # past the GetInput: not served again
+        if flow == "recording":
+            call_uuid = call_uuid or params.get("call_uuid", "").strip()
         event = self._event(ctx, params, flow, call_uuid or request_uuid, request_key)
         if event is not None:
             event = _with_identity(event, ctx, request_key)
-        answer_fetch = flow in ("answer", "getinput") or (not flow and params.get("Event") == "StartApp")
+        # A fetch whose answer the call follows (a notification callback's answer is ignored).
+        answer_fetch = flow in ("answer", "getinput", "beep") or (not flow and params.get("Event") == "StartApp")
         if event is not None and event.type is EventType.ENDED:
             self._forget(ctx.query.get("callId"), request_uuid, call_uuid)
         return ParsedWebhook(
@@ -507,6 +627,8 @@ class PlivoProvider:
         )
         if not common["call_id"]:
             return None
+        if flow in ("amd", "beep", "recording"):
+            return self._news(ctx, params, flow, common)
         digits = params.get("Digits", "").strip()
         if digits:
             return CallEvent(type=EventType.DTMF, digits=digits, **common)
@@ -530,6 +652,31 @@ class PlivoProvider:
             return CallEvent(type=EventType.ANSWERED, **common)
         return None
 
+    def _news(self, ctx: WebhookContext, params: dict, flow: str, common: dict[str, Any]) -> CallEvent | None:
+        """A detection verdict (`flow=amd`), a machine's beep (`flow=beep`), a saved recording."""
+        call_id = common["call_id"]
+        if flow == "recording":
+            recording = recording_of(params)
+            return None if recording is None else CallEvent(type=EventType.RECORDING, recording=recording, **common)
+        if flow == "beep":
+            nonce = self._beeping.get(call_id)
+            if nonce is None or not hmac.compare_digest(nonce.encode(), (ctx.query.get("n") or "").encode()):
+                return None  # not the beep wait this call runs (replaced, or already heard)
+            del self._beeping[call_id]
+            self._served.pop(call_id, None)
+            return CallEvent(type=EventType.MACHINE, answered_by="machine", machine_done=True, **common)
+        machine = params.get("Machine", "").strip().lower()
+        if machine not in ("true", "false"):
+            return None
+        if machine == "false":
+            return CallEvent(type=EventType.MACHINE, answered_by="human", **common)
+        uuid = common["provider_call_id"]
+        on_applied = None
+        if ctx.query.get("amd") == "leave-message" and uuid:
+            base = self._call_urls.get(call_id) or self._webhook_url or self._verification_url(ctx).split("?", 1)[0]
+            on_applied = lambda: self._wait_for_beep(call_id, uuid, base)  # noqa: E731
+        return CallEvent(type=EventType.MACHINE, answered_by="machine", on_applied=on_applied, **common)
+
 
 def _with_identity(event: CallEvent, ctx: WebhookContext, request_key: str) -> CallEvent:
     """
@@ -540,9 +687,14 @@ def _with_identity(event: CallEvent, ctx: WebhookContext, request_key: str) -> C
     ends once). The verified request key stays an alias.
     """
     pid = event.provider_call_id
+    if event.type is EventType.RECORDING and event.recording:
+        primary = identity_key("plivo:recording", event.recording["id"], event.recording["status"])
+        return attrs.evolve(event, dedupe_key=primary, aliases=(request_key,))
     if not pid:
         return event
-    if event.type in (EventType.SPEECH, EventType.DTMF):
+    if event.type is EventType.MACHINE:
+        primary = identity_key("plivo:call.machine" + (".done" if event.machine_done else ""), pid)
+    elif event.type in (EventType.SPEECH, EventType.DTMF):
         nonce = ctx.query.get("n")
         if not nonce:
             return event
@@ -550,3 +702,75 @@ def _with_identity(event: CallEvent, ctx: WebhookContext, request_key: str) -> C
     else:
         primary = identity_key("plivo:" + event.type.value, pid)
     return attrs.evolve(event, dedupe_key=primary, aliases=(request_key,))
+
+
+def _number(value: str | None) -> int | None:
+    value = (value or "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def recording_of(params: Mapping[str, str]) -> dict[str, Any] | None:
+    """
+    A recording (model.RECORDING_KEYS) from the Record API's callback (`recording_id`,
+    `record_url`, `recording_duration`, `recording_duration_ms`, `recording_start_ms`: Plivo's
+    docs) or the `<Record>` action's spelling (`RecordingID`, `RecordUrl`, ...): completed with its
+    URL, failed without one; None without an id.
+    """
+
+    def first(*names: str) -> str:
+        return next((params[n].strip() for n in names if (params.get(n) or "").strip()), "")
+
+    rid = first("recording_id", "RecordingID")
+    if not rid:
+        return None
+    url = first("record_url", "RecordUrl")
+    recording: dict[str, Any] = {"id": rid, "status": "completed" if url else "failed"}
+    if url:
+        recording["url"] = url
+    seconds = _number(first("recording_duration", "RecordingDuration"))
+    millis = _number(first("recording_duration_ms", "RecordingDurationMs"))
+    if seconds is not None:
+        recording["durationSeconds"] = seconds
+    elif millis is not None:
+        recording["durationSeconds"] = millis / 1000
+    started = _number(first("recording_start_ms", "RecordingStartMs"))
+    if url and started is not None:
+        recording["startedAt"] = started
+    return recording
+
+
+#: Where Plivo serves recordings besides the API's own origin (`record_url` of its callbacks).
+MEDIA_ORIGINS = (("https", "media.plivo.com", 443),)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or {"https": 443, "http": 80}.get(scheme)
+
+
+def recording_source(
+    http: Any, recording: Mapping[str, Any], *, base_url: str, auth_id: str, auth_token: str
+) -> Deferred[tuple[str, dict[str, str]]]:
+    """
+    Where to GET a Plivo recording's audio (`voicecall recording fetch`): its `record_url`, with
+    HTTP Basic auth (Auth ID and Auth Token). The URL came from a webhook, so the credentials go
+    only to `plivo.baseUrl`'s origin or Plivo's media host (https://media.plivo.com): a recording
+    on any other host is refused (ValueError).
+    """
+    url = recording.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"recording {recording.get('id')} has no URL yet (Plivo reports it once the recording is saved)")
+    url = url.strip()
+    scheme, host, port = origin = _origin(url)
+    if scheme not in ("http", "https") or not host or (origin != _origin(base_url) and origin not in MEDIA_ORIGINS):
+        raise ValueError(
+            f"refusing to send Plivo credentials to {scheme}://{host}: a recording URL must be on "
+            f"plivo.baseUrl's origin ({base_url}) or https://media.plivo.com"
+        )
+    token = base64.b64encode(f"{auth_id}:{auth_token}".encode()).decode("ascii")
+    return succeed((url, {"Authorization": f"Basic {token}"}))

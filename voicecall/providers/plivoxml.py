@@ -17,12 +17,14 @@ from voicecall.providers.twiml import escape, with_query
 __all__ = [
     "DEFAULT_LANGUAGE",
     "KEEP_ALIVE_SECONDS",
+    "dial",
     "empty",
     "escape",
     "keep_alive",
     "listen",
     "speak",
     "speak_voice",
+    "wait_for_beep",
     "with_query",
 ]
 
@@ -86,18 +88,38 @@ def listen(
     language: str | None = None,
     prompt: str | None = None,
     voice: str | None = None,
+    dtmf: bool = False,
 ) -> str:
     """
-    Listen for speech and post what was heard to `action_url`; with `prompt`, say it first,
-    inside the `<GetInput>` (one document per turn). `redirect="false"`: the answer to the
-    action does not drive the call, the keep-alive after the GetInput does (and also runs
-    when nothing was heard).
+    Listen for speech (with `dtmf`, keys too: `inputType="dtmf speech"`, the keys posted as
+    `Digits`) and post what was heard to `action_url`; with `prompt`, say it first, inside the
+    `<GetInput>` (one document per turn). `redirect="false"`: the answer to the action does not
+    drive the call, the keep-alive after the GetInput does (and also runs when nothing was heard).
     """
     lang = escape(language or DEFAULT_LANGUAGE)
     inner = speak_element(prompt, language, voice) if prompt else ""
+    inputs = "dtmf speech" if dtmf else "speech"
     return _document(
-        f'<GetInput inputType="speech" method="POST" action="{escape(action_url)}" '
+        f'<GetInput inputType="{inputs}" method="POST" action="{escape(action_url)}" '
         f'language="{lang}" executionTimeout="{EXECUTION_TIMEOUT}" '
         f'speechEndTimeout="{SPEECH_END_TIMEOUT}" redirect="false">'
         f"{inner}</GetInput>{_WAIT}"
     )
+
+
+def wait_for_beep(seconds: int, beep_url: str) -> str:
+    """
+    Wait (silently) for an answering machine's beep, at most `seconds` (`<Wait beep="true">`),
+    then fetch `beep_url`: the greeting is over, a message left now is recorded whole.
+    """
+    return _document(f'<Wait length="{int(seconds)}" beep="true" /><Redirect method="POST">{escape(beep_url)}</Redirect>')
+
+
+def dial(to: str, caller_id: str | None = None) -> str:
+    """
+    Connect the call to `to`: `<Dial><Number>` for a phone number, `<User>` for a `sip:` URI,
+    showing `caller_id` (Plivo's default: the caller's own number). The call ends with the Dial.
+    """
+    noun = "User" if to.lower().startswith("sip:") else "Number"
+    caller = f' callerId="{escape(caller_id)}"' if caller_id else ""
+    return _document(f"<Dial{caller}><{noun}>{escape(to)}</{noun}></Dial>")

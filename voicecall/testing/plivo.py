@@ -8,7 +8,11 @@ signed callbacks (plivo_driver, plivo_carrier), and a standalone entry point:
 
 which prints the base URL to put into `plivo.baseUrl`. `--chaos` (or the finer `--chaos-*` flags)
 gives the carrier's worst day: duplicated, reordered and delayed callbacks, late and repeated
-fetches, real-time speech, a callee talking over prompts.
+fetches, real-time speech, a callee talking over prompts. `--machine` makes every callee an
+answering machine (`--greeting-seconds` long, then a beep; asynchronous machine detection posts
+`Machine=true`), `--press 1` a person who presses 1 at the first `<GetInput>` taking keys, and
+`--recording-delay` how long after a recording stops (the hang-up) its callback comes; recordings
+are served at their `record_url` to the account's Basic auth.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from voicecall.testing.chaos import Chaos
 from voicecall.testing.plivo_api import FakePlivo, RecordedRequest, error_body
 from voicecall.testing.plivo_carrier import (
     Carrier,
+    DialRecord,
     GetInputRecord,
+    RecordingRecord,
     Scenario,
     SpeakRecord,
     Webhook,
@@ -38,10 +44,12 @@ from voicecall.testing.plivo_driver import FakeCall
 __all__ = [
     "Chaos",
     "Carrier",
+    "DialRecord",
     "FakeCall",
     "FakePlivo",
     "GetInputRecord",
     "RecordedRequest",
+    "RecordingRecord",
     "Scenario",
     "SpeakRecord",
     "Webhook",
@@ -71,6 +79,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         speech=" of <Speak>",
         hangup_after="callee hangs up after N seconds",
     )
+    parser.add_argument("--machine", action="store_true", help="every callee is an answering machine")
+    parser.add_argument(
+        "--greeting-seconds", type=float, default=4.0, help="how long the machine's greeting lasts before its beep"
+    )
+    parser.add_argument("--press", default=None, help="keys the callee presses at the first GetInput that takes keys")
+    parser.add_argument(
+        "--recording-delay", type=float, default=2.0, help="seconds after a recording stops before its callback"
+    )
     parser.add_argument("--signature", default="v3", choices=["v3", "v2", "both"], help="callback signature scheme")
     args = parser.parse_args(argv)
     if not args.auth_id or not args.auth_token:
@@ -99,6 +115,10 @@ def _build(args: argparse.Namespace) -> Any:
         utterances=scripted_utterances(args),
         hangup_after=args.hangup_after,
         speak_seconds_per_char=args.speak_seconds_per_char,
+        machine=args.machine,
+        greeting_seconds=args.greeting_seconds,
+        press=args.press,
+        recording_delay=args.recording_delay,
     )
     chaos = _chaos.from_arguments(args)
     return lambda reactor, http: FakePlivo(

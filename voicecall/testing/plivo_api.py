@@ -6,7 +6,11 @@ The fake Plivo REST API (PROVIDERS.md §3.1): a twisted.web resource tree servin
 - `POST   /v1/Account/{authId}/Call/{uuid}/`: transfer (`legs=aleg`, `aleg_url`; 202);
 - `DELETE /v1/Account/{authId}/Call/{uuid}/`: hang up (204);
 - `DELETE /v1/Account/{authId}/Request/{request_uuid}/`: cancel a call not yet answered (204);
-- `GET    /v1/Account/{authId}/Call/{uuid}/`: the call's details (`call_status`, ...),
+- `GET    /v1/Account/{authId}/Call/{uuid}/`: the call's details (`call_status`, ...);
+- `POST   /v1/Account/{authId}/Call/{uuid}/DTMF/`: send digits (`digits`, `leg`; 202 `digits sent`);
+- `POST   /v1/Account/{authId}/Call/{uuid}/Record/`: record the call (`time_limit`, `file_format`,
+  `callback_url`, `callback_method`; 202 with `url`, `recording_id`);
+- `GET    /v1/Account/{authId}/Recording/{recording_id}.mp3` (or `.wav`): a recording's audio,
 
 with Plivo's HTTP Basic auth, JSON (or form) bodies, paths that end with `/`, and error JSON
 `{"api_id": ..., "error": ...}`. Every request is recorded; tests can make the next requests
@@ -27,7 +31,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from voicecall.testing.fakerest import FaultyApi, basic_auth, credentials_match, raw_headers, read_body
+from voicecall.testing.fakerest import FaultyApi, basic_auth, credentials_match, raw_headers, read_body, respond
 from voicecall.testing.fakerest import Reply as _Reply
 from voicecall.testing.fakerest import is_http_url as _is_http_url
 from voicecall.testing.plivo_carrier import Carrier, Scenario
@@ -35,6 +39,11 @@ from voicecall.testing.plivo_driver import FakeCall
 
 MAX_REQUEST_BYTES = 64 * 1024
 _NUMBER = re.compile(r"^\+?[0-9]{6,15}$")
+#: What the DTMF API plays: digits, `*`, `#`, and `w` (a half-second wait, as in `sendDigits`).
+_DIGITS = re.compile(r"^[0-9*#wW]{1,64}$")
+_MEDIA = re.compile(r"^(?P<id>[0-9a-f]{32})\.(?P<ext>mp3|wav)$")
+#: The audio a fake recording serves: a few bytes that start like an MP3 (an ID3 tag).
+RECORDING_AUDIO = b"ID3\x03\x00\x00\x00\x00\x00\x00fake plivo recording"
 
 
 def error_body(message: Any) -> dict[str, Any]:
@@ -76,6 +85,8 @@ class FakePlivo(FaultyApi):
     signature: str = "v3"
     max_documents_per_call: int = 1_000
     _by_request: dict = field(factory=dict)  # request_uuid -> FakeCall
+    #: recording_id -> RecordingRecord (its call's `recordings` hold it too), oldest first.
+    recordings: dict = field(factory=dict)
     _log = Logger()
 
     api_root = b"v1"
@@ -175,6 +186,8 @@ class FakePlivo(FaultyApi):
         not_found = _Reply(404, error_body("not found"))
         parts = [p.decode("utf-8", "replace") for p in request.postpath]
         # /v1/Account/{id}/Call/ -> ["Account", id, "Call", ""]
+        if len(parts) == 4 and parts[0] == "Account" and parts[2] == "Recording":
+            parts = [*parts, ""]  # a recording's media URL ends with its extension, not `/`
         if len(parts) < 4 or parts[0] != "Account" or parts[-1] != "":
             return not_found
         if not (credentials_match(record.auth, self.auth_id, self._auth_token) and parts[1] == self.auth_id):
@@ -200,6 +213,20 @@ class FakePlivo(FaultyApi):
                 call.hangup()
                 return _Reply(204, None)
             return _method_not_allowed()
+        if len(rest) == 3 and rest[0] == "Call" and rest[2] in ("DTMF", "Record"):
+            call = self.calls.get(rest[1])
+            if call is None:
+                return not_found
+            if record.method != "POST":
+                return _method_not_allowed()
+            if call.is_ended or not call.is_answered:
+                return _Reply(404, error_body("call not in progress"))
+            return self._digits(call, record) if rest[2] == "DTMF" else self._record_call(request, call, record)
+        if len(rest) == 2 and rest[0] == "Recording":
+            m = _MEDIA.match(rest[1])
+            if m is None or m.group("id") not in self.recordings or record.method != "GET":
+                return not_found
+            return _Reply(200, None, ((b"x-fake-media", m.group("ext").encode()),))
         if len(rest) == 2 and rest[0] == "Request":
             if record.method != "DELETE":
                 return _method_not_allowed()
@@ -234,6 +261,20 @@ class FakePlivo(FaultyApi):
             return _bad("hangup_on_ring and ring_timeout must be integers")
         if (hangup_on_ring is not None and hangup_on_ring < 1) or not 1 <= ring_timeout <= 120:
             return _bad("hangup_on_ring must be positive and ring_timeout between 1 and 120")
+        detection = body.get("machine_detection")
+        detection = None if detection is None else str(detection).lower()
+        if detection not in (None, "true", "hangup", "false"):
+            return _bad("machine_detection must be true or hangup")
+        amd_url = body.get("machine_detection_url")
+        if amd_url is not None and not _is_http_url(str(amd_url)):
+            return _bad("machine_detection_url is not a valid URL")
+        amd_method = str(body.get("machine_detection_method") or "POST").upper()
+        try:
+            amd_time = int(body.get("machine_detection_time", 5000))
+        except (TypeError, ValueError):
+            return _bad("machine_detection_time must be an integer")
+        if amd_method not in ("GET", "POST") or not 2000 <= amd_time <= 10000:
+            return _bad("machine_detection_method must be GET or POST, machine_detection_time 2000 to 10000")
         if not self._make_room(len(destinations)):
             return _Reply(429, error_body("too many calls"))
         created = []
@@ -244,6 +285,9 @@ class FakePlivo(FaultyApi):
                 hangup_url=urls.get("hangup_url"), hangup_method=methods["hangup_method"],
                 ring_url=urls.get("ring_url"), ring_method=methods["ring_method"],
                 hangup_on_ring=hangup_on_ring, ring_timeout=ring_timeout,
+                machine_detection=None if detection == "false" else detection,
+                machine_detection_url=None if amd_url is None else str(amd_url),
+                machine_detection_method=amd_method, machine_detection_time=amd_time,
             )
             created.append(call)
             if self._http is not None:
@@ -252,6 +296,63 @@ class FakePlivo(FaultyApi):
         return _Reply(
             201,
             {"api_id": str(uuid.uuid4()), "message": "call fired", "request_uuid": uuids[0] if len(uuids) == 1 else uuids},
+        )
+
+    def _handle(self, request: Any) -> bytes | int:
+        """Recording media is audio, not JSON: served here once the route allowed it (auth checked)."""
+        body = FaultyApi._handle(self, request)
+        media = request.responseHeaders.getRawHeaders(b"x-fake-media")
+        if media and request.code == 200:
+            request.responseHeaders.removeHeader(b"x-fake-media")
+            kind = b"audio/mpeg" if media[0] == b"mp3" else b"audio/x-wav"
+            return respond(request, 200, RECORDING_AUDIO, content_type=kind)
+        return body
+
+    def _digits(self, call: FakeCall, record: RecordedRequest) -> _Reply:
+        digits = str(record.body.get("digits") or "")
+        leg = str(record.body.get("leg") or "aleg")
+        if not _DIGITS.match(digits):
+            return _bad("digits must be 0-9, *, # or w (1 to 64 of them)")
+        if leg not in ("aleg", "bleg"):
+            return _bad("leg must be aleg or bleg")
+        if leg == "bleg":
+            return _bad("this call has no B leg")
+        call.send_digits(digits, leg)
+        return _Reply(202, {"api_id": str(uuid.uuid4()), "message": "digits sent"})
+
+    def _record_call(self, request: Any, call: FakeCall, record: RecordedRequest) -> _Reply:
+        body = record.body
+        file_format = str(body.get("file_format") or "mp3")
+        if file_format not in ("mp3", "wav"):
+            return _bad("file_format must be mp3 or wav")
+        try:
+            time_limit = int(body.get("time_limit", 60))
+        except (TypeError, ValueError):
+            return _bad("time_limit must be an integer")
+        if time_limit < 1:
+            return _bad("time_limit must be positive")
+        callback = body.get("callback_url")
+        if callback is not None and not _is_http_url(str(callback)):
+            return _bad("callback_url is not a valid URL")
+        method = str(body.get("callback_method") or "POST").upper()
+        if method not in ("GET", "POST"):
+            return _bad("callback_method must be GET or POST")
+        root = request.prePathURL().decode("utf-8", "replace").rsplit("/", 1)[0]
+        recording = call.start_recording(
+            f"{root}/v1/Account/{self.auth_id}", time_limit, file_format,
+            None if callback is None else str(callback), method,
+        )
+        self.recordings[recording.recording_id] = recording
+        while len(self.recordings) > self.max_calls:
+            del self.recordings[next(iter(self.recordings))]
+        return _Reply(
+            202,
+            {
+                "api_id": recording.api_id,
+                "message": "call recording started",
+                "recording_id": recording.recording_id,
+                "url": recording.url,
+            },
         )
 
     def _transfer(self, call: FakeCall, record: RecordedRequest) -> _Reply:

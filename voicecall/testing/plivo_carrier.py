@@ -125,13 +125,27 @@ class Scenario(DocumentScenario):
 
     speak_seconds_per_char: float = 0.0
     confidence: str = "0.91"
+    #: The call is answered by a machine: its greeting lasts `greeting_seconds`, then it beeps and
+    #: records whatever is said (`FakeCall.beep_at`, `FakeCall.speak_log`). Its GetInputs hear nothing.
+    machine: bool = False
+    greeting_seconds: float = 4.0
+    #: How long answering-machine detection takes to judge (at most `machine_detection_time`).
+    amd_seconds: float = 1.5
+    #: Keys the person presses at the first `<GetInput>` taking them (`inputType` with `dtmf`),
+    #: instead of speaking there (None: they speak, as `utterances` says).
+    press: str | None = None
+    #: Seconds a `<Dial>`ed transfer target talks before hanging up (None: the Dial's `timeLimit`).
+    dial_seconds: float | None = None
+    #: Seconds after a recording stops (the call's end, or its `time_limit`) before Plivo posts
+    #: its `callback_url` (the file is processed first: this is usually after the hang-up).
+    recording_delay: float = 2.0
 
 
 @define
 class Webhook:
     """One request the carrier made, and its answer."""
 
-    kind: str  # "answer", "transfer", "redirect", "action", "ring", "hangup"
+    kind: str  # "answer", "transfer", "redirect", "action", "ring", "hangup", "amd", "recording"
     url: str
     method: str
     params: dict[str, str]
@@ -148,6 +162,33 @@ class Webhook:
 @frozen
 class SpeakRecord(PromptRecord):
     """A `<Speak>` the call played."""
+
+
+@define
+class DialRecord:
+    """A `<Dial>` the call ran: its `<Number>` or `<User>` target and the `callerId` shown to it."""
+
+    target: str
+    noun: str  # "Number" or "User"
+    caller_id: str | None
+    started_at: float
+    ended_at: float | None = None
+
+
+@define
+class RecordingRecord:
+    """A recording started through `POST /Call/{uuid}/Record/`."""
+
+    recording_id: str
+    call_uuid: str
+    url: str  # where its media is served, to the account's Basic auth
+    file_format: str
+    time_limit: int
+    callback_url: str | None
+    callback_method: str
+    started_at: float
+    api_id: str
+    ended_at: float | None = None
 
 
 @define

@@ -3,8 +3,17 @@
 The carrier side of the fake Plivo, per call: what Plivo does after the REST API accepted a
 call (or one arrives for a number). `FakeCall` rings, answers, fetches the answer URL and
 follows the XML element by element (`<Speak>`, `<Play>`, `<Wait>`, `<GetInput>`,
-`<Redirect>`, `<Hangup>`), lets a transfer interrupt it, plays the person on the line as its
+`<Redirect>`, `<Hangup>`, `<Dial>`), lets a transfer interrupt it, plays the person on the line as its
 `Scenario` says, and posts the hang-up URL when the call ends. The runner itself is documents.py's.
+
+Issue 17's features, as Plivo documents them: asynchronous answering-machine detection (the
+`machine_detection_url` gets `Machine=true|false` with `Event=MachineDetection` once detection
+has judged; with `machine_detection=hangup` a machine is hung up on); a machine's greeting of
+`greeting_seconds`, then its beep, which `<Wait beep="true">` waits for (a beep already gone by
+is not heard again: the Wait then lasts its whole `length`); keys pressed at a GetInput taking
+`dtmf`; digits sent through the DTMF API (recorded, the XML running on undisturbed); `<Dial>` to a
+`<Number>` or `<User>`; recordings started through the Record API, reported to their
+`callback_url` `recording_delay` after they stop (usually after the hang-up).
 
 It imports nothing of the daemon, only the fake's own modules.
 """
@@ -17,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from attrs import define, field
+from twisted.internet.defer import succeed
 
 from voicecall.testing.documents import DocumentCall, Fetch, Superseded, int_attr, resolve
 from voicecall.testing.plivo_carrier import (
@@ -24,7 +34,9 @@ from voicecall.testing.plivo_carrier import (
     MAX_OBSERVATIONS,
     TERMINAL,
     Carrier,
+    DialRecord,
     GetInputRecord,
+    RecordingRecord,
     Scenario,
     SpeakRecord,
     Webhook,
@@ -72,6 +84,23 @@ class FakeCall(DocumentCall):
     speaks: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     inputs: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
     transfers: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    #: Answering-machine detection asked for at the create (`machine_detection`: "true" or
+    #: "hangup"), where and how its verdict is posted, and how long it may take (ms).
+    machine_detection: str | None = None
+    machine_detection_url: str | None = None
+    machine_detection_method: str = "POST"
+    machine_detection_time: int = 5000
+    #: Detection's verdict once posted ("machine" or "human"); when a machine beeped.
+    answered_by: str | None = None
+    beep_at: float | None = None
+    #: (time, text) of every `<Speak>` as it started: what a machine recorded began after its beep.
+    speak_log: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    #: Digits sent through the DTMF API, `<Dial>`s run, recordings started (oldest first).
+    dtmf_sent: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    dials: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    recordings: deque = field(factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
+    _keys_wanted: bool = False
+    _pressed: bool = False
 
     # -- observations and controls ---------------------------------------------------------
 
@@ -136,6 +165,23 @@ class FakeCall(DocumentCall):
         self.transfers.append(url)
         self._launch(Fetch("transfer", url, method))
 
+    def send_digits(self, digits: str, leg: str) -> None:
+        """DTMF API: play `digits` on `leg`; the XML (a GetInput listening, say) runs on undisturbed."""
+        self.dtmf_sent.append(digits)
+
+    def start_recording(
+        self, media_base: str, time_limit: int, file_format: str, callback_url: str | None, callback_method: str
+    ) -> RecordingRecord:
+        """Record API: both parties from now until the end or `time_limit`; media under `media_base`."""
+        rid = uuid.uuid4().hex
+        record = RecordingRecord(
+            rid, self.call_uuid, f"{media_base}/Recording/{rid}.{file_format}", file_format, time_limit,
+            callback_url, callback_method, self._carrier.clock.seconds(), str(uuid.uuid4()),
+        )
+        self.recordings.append(record)
+        self._after(time_limit, self._stop_recording, record)
+        return record
+
     def hangup(self) -> None:
         """REST hang-up (DELETE /Call/{uuid}/)."""
         if not self.is_ended:
@@ -176,9 +222,61 @@ class FakeCall(DocumentCall):
 
     def _answer(self) -> None:
         self._mark_answered()
+        sc = self.scenario
+        if sc.machine:
+            self._after(sc.greeting_seconds, self._beep)
+        if self.machine_detection in ("true", "hangup"):
+            self._after(min(sc.amd_seconds, self.machine_detection_time / 1000), self._detected)
         self._launch(Fetch("answer", self.answer_url or "", self.answer_method, {"Event": "StartApp"}))
 
+    def _beep(self) -> None:
+        self.beep_at = self._carrier.clock.seconds()
+
+    def _detected(self) -> None:
+        """Asynchronous machine detection's verdict, posted to `machine_detection_url` (Plivo's docs)."""
+        machine = self.scenario.machine
+        self.answered_by = "machine" if machine else "human"
+        if self.machine_detection_url:
+            extra = {
+                "Event": "MachineDetection",
+                "Machine": "true" if machine else "false",
+                "IfMachine": "hangup" if self.machine_detection == "hangup" else "continue",
+            }
+            self._callback("amd", self.machine_detection_url, self.machine_detection_method, extra)
+        if machine and self.machine_detection == "hangup":
+            self.hangup_source = "Plivo"
+            self._end("completed")
+
+    def _stop_recording(self, record: RecordingRecord) -> None:
+        if record.ended_at is not None:
+            return
+        record.ended_at = self._carrier.clock.seconds()
+        if record.callback_url:
+            self._after(self.scenario.recording_delay, self._recording_done, record)
+
+    def _recording_done(self, record: RecordingRecord) -> None:
+        """The Record API's callback (snake_case parameters, as Plivo documents them)."""
+        assert record.ended_at is not None
+        ms = int(round((record.ended_at - record.started_at) * 1000))
+        params = {
+            "api_id": record.api_id,
+            "call_uuid": record.call_uuid,
+            "record_url": record.url,
+            "recording_duration": str(ms // 1000),
+            "recording_duration_ms": str(ms),
+            "recording_end_ms": str(int(record.ended_at * 1000)),
+            "recording_id": record.recording_id,
+            "recording_start_ms": str(int(record.started_at * 1000)),
+        }
+        self._notify(Webhook("recording", record.callback_url or "", record.callback_method.upper(), params))
+
     def _report_end(self, status: str) -> None:
+        now = self._carrier.clock.seconds()
+        for dial in self.dials:
+            if dial.ended_at is None:
+                dial.ended_at = now
+        for record in self.recordings:
+            self._stop_recording(record)
         if self.hangup_url:
             duration = str(self._duration())
             extra = {
@@ -239,6 +337,8 @@ class FakeCall(DocumentCall):
         elif tag == "Hangup":
             self.hangup_source = self.hangup_source or "Plivo"
             return None
+        elif tag == "Dial":
+            return await self._dial(gen, element, base)
         else:
             self._error(f"unsupported element <{tag}> skipped")
         return False
@@ -248,19 +348,56 @@ class FakeCall(DocumentCall):
         if element.tag == "Speak":
             text = "".join(element.itertext()).strip()
             self.speaks.append(SpeakRecord(text, element.get("voice"), element.get("language"), loop))
+            self.speak_log.append((self._carrier.clock.seconds(), text))
             seconds = self._carrier.chaos.playback_seconds(text, self.scenario.speak_seconds_per_char)
             await self._sleep(gen, seconds * max(loop, 1) * part)
         elif element.tag == "Play":
             self.plays.append(resolve(base, (element.text or "").strip()) or (element.text or ""))
             await self._sleep(gen, self.scenario.play_seconds * max(loop, 1))
+        elif element.get("beep", "").lower() == "true":
+            # Wait for a machine's beep, at most `length`: a beep already gone by is not heard.
+            length = int_attr(element.get("length"), 1)
+            now = self._carrier.clock.seconds()
+            if self.scenario.machine and self.beep_at is None and self.answered_at is not None:
+                length = min(length, max(0.0, self.answered_at + self.scenario.greeting_seconds - now))
+            await self._sleep(gen, length)
         else:
             await self._sleep(gen, int_attr(element.get("length"), 1))
+
+    async def _dial(self, gen: int, element: ET.Element, base: str) -> Any:
+        """`<Dial>`: ring the first `<Number>`/`<User>`; the two talk until either hangs up."""
+        target = next((child for child in element if child.tag in ("Number", "User")), None)
+        if target is None or not (target.text or "").strip():
+            self._error("Dial without a Number or User")
+            return False
+        dial = DialRecord((target.text or "").strip(), target.tag, element.get("callerId"), self._carrier.clock.seconds())
+        self.dials.append(dial)
+        seconds = self.scenario.dial_seconds
+        await self._sleep(gen, int_attr(element.get("timeLimit"), 14400) if seconds is None else seconds)
+        dial.ended_at = self._carrier.clock.seconds()
+        action = resolve(base, element.get("action", "")) if element.get("action") else None
+        if action is None:
+            return False
+        where = Fetch("action", action, element.get("method", "POST"), {"DialStatus": "completed", "DialAction": "hangup"})
+        if element.get("redirect", "true").lower() != "false":
+            return where
+        self._callback("action", action, where.method, dict(where.extra))
+        return False
+
+    def _next_utterance(self) -> Any:
+        if self.scenario.machine:
+            return succeed(None)  # a machine says nothing a GetInput takes
+        if self.scenario.press and self._keys_wanted and not self._pressed:
+            self._pressed = True
+            return succeed({"Digits": self.scenario.press})
+        return DocumentCall._next_utterance(self)
 
     async def _get_input(self, gen: int, element: ET.Element, base: str) -> Any:
         attrs = dict(element.attrib)
         action = resolve(base, attrs["action"]) if attrs.get("action") else None
         record = GetInputRecord(attrs, action, attrs.get("method", "POST").upper())
         self.inputs.append(record)
+        self._keys_wanted = "dtmf" in attrs.get("inputType", "dtmf").split()
         heard = await self._listen(gen, element, base, record, inputs="inputType", timeout="executionTimeout", default=15)
         if heard is None:
             return False
