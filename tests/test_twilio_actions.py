@@ -21,7 +21,7 @@ from voicecall.domain.carrier import DialOptions
 from voicecall.domain.model import CallRecord, Direction, EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.twilio import TwilioProvider, recording_source
-from voicecall.testing.twilio import FakeTwilio, Scenario, sign_request
+from voicecall.testing.twilio import Chaos, FakeTwilio, Scenario, sign_request
 from voicecall.testing.twilio_media import TwilioMediaClient
 
 from tests.harness import (
@@ -254,9 +254,9 @@ class TwilioActionsEndToEndTests(TestCase):
 
     timeout = 60
 
-    async def start(self, scenario, **overrides):
+    async def start(self, scenario, chaos=None, **overrides):
         self.http = http_client(self)
-        self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=scenario)
+        self.fake = FakeTwilio(reactor, SID, TOKEN, http=self.http, scenario=scenario, chaos=chaos or Chaos())
         self.base = await serve(self, self.fake.resource())
         port = free_port()
         self.webhook = f"http://127.0.0.1:{port}/voice/webhook"
@@ -294,6 +294,47 @@ class TwilioActionsEndToEndTests(TestCase):
         self.assertTrue(said and said[0][0] >= fake.beep_at, f"said after the beep: {said} beep {fake.beep_at}")
         self.assertIn("Your parcel arrives today", fake.said)
         self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+        bot = [t["text"] for t in record["transcript"] if t["speaker"] == "bot"]
+        self.assertEqual(bot, ["Your parcel arrives today"], "the greeting heard as words got no reply")
+
+    def worst_day(self):
+        """Every callback duplicated, reordered and late (Twilio's retries keep their idempotency token)."""
+        return Chaos(duplicate=1.0, retry_after=0.3, reorder_window=0.3, max_delay=0.2)
+
+    async def test_machine_on_the_carriers_worst_day(self):
+        """A duplicated, late verdict: the message is left once, after the beep."""
+        chaos = self.worst_day()
+        await self.start(Scenario(machine=True, greeting_seconds=1.5), chaos=chaos)
+        call_id = (await self.rpc.call("voicecall.initiate", {
+            "to": CALLEE, "message": "Your parcel arrives today", "mode": "notify", "answeringMachine": "leave-message",
+        }))["callId"]
+        record = await until_state(self.rpc, call_id, *ENDED, timeout=15)
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+        self.assertEqual(list(self.fake_call().said).count("Your parcel arrives today"), 1)
+        await self.fake.settle()
+        self.assertTrue(any(w.kind == "amd" and w.attempt == 2 for w in self.fake.webhooks), "the verdict came twice")
+
+    async def test_recording_on_the_carriers_worst_day(self):
+        """Recording callbacks duplicated and reordered (in-progress after completed): one recording, completed."""
+        chaos = self.worst_day()
+        await self.start(Scenario(amd_seconds=0.2, recording_delay=0.2), chaos=chaos)
+        call_id = (await self.rpc.call("voicecall.initiate", {
+            "to": CALLEE, "message": "Hi", "mode": "conversation", "answeringMachine": "hang-up", "record": True,
+        }))["callId"]
+        await eventually(lambda: self.fake.recordings, 10, "a recording")
+        await deferLater(reactor, 1.2, lambda: None)  # a recording of under a second would be "absent"
+        await self.rpc.call("voicecall.end", {"callId": call_id})
+
+        async def completed():
+            recordings = (await call_status(self.rpc, call_id)).get("recordings") or []
+            return recordings if any(r["status"] == "completed" for r in recordings) else None
+
+        recordings = await eventually(completed, 10, "the recording completed after the hang-up")
+        await self.fake.settle()
+        await deferLater(reactor, 0.5, lambda: None)  # the late duplicates land too
+        recordings = (await call_status(self.rpc, call_id))["recordings"]
+        self.assertEqual([(r["id"], r["status"]) for r in recordings], [(list(self.fake.recordings)[0], "completed")])
+        self.assertEqual((await call_status(self.rpc, call_id))["answeredBy"], "human")
 
     async def test_machine_hung_up_on(self):
         await self.start(Scenario(machine=True, greeting_seconds=1.0))

@@ -70,10 +70,12 @@ class Scenario(DocumentScenario):
 
     say_seconds_per_char: float = 0.0
     confidence: str = "0.9"
-    #: The call is answered by a machine: its greeting lasts `greeting_seconds`, then it beeps
-    #: and records whatever is said (`FakeCall.beep_at`). Its Gathers hear nothing.
+    #: The call is answered by a machine: its greeting (`greeting`, lasting `greeting_seconds`)
+    #: plays, then it beeps and records whatever is said (`FakeCall.beep_at`). A speech Gather
+    #: running during the greeting hears it as words (once); after the beep Gathers hear nothing.
     machine: bool = False
     greeting_seconds: float = 4.0
+    greeting: str | None = "Hi, you have reached Sam. Please leave a message after the tone."
     #: How long answering-machine detection takes to judge a person (or a machine's start).
     amd_seconds: float = 1.5
     #: Keys the person presses at a `<Gather>` that takes them (`input` with `dtmf`), instead

@@ -417,7 +417,20 @@ class FakeCall(DocumentCall):
         record = GatherRecord(attrs, action, attrs.get("method", "POST").upper())
         self.gathers.append(record)
         keys = "dtmf" in attrs.get("input", "dtmf").split()
-        if self.scenario.press and keys and not self._pressed and not self.scenario.machine:
+        sc = self.scenario
+        if sc.machine:
+            # A machine: its greeting is heard as words by a speech Gather while it plays (once).
+            heard = None
+            if sc.greeting and self.beep_at is None and not self._pressed and "speech" in attrs.get("input", "dtmf").split():
+                self._pressed = True
+                heard = sc.greeting
+            record.heard = heard
+            if heard is None:
+                await self._sleep(gen, sc.silence if sc.silence is not None else int_attr(attrs.get("timeout"), 5))
+            else:  # posted once the greeting has been said (speechTimeout="auto")
+                playing = sc.greeting_seconds - (self._carrier.clock.seconds() - (self.answered_at or 0.0))
+                await self._sleep(gen, max(playing, 0.0) + sc.speech_delay)
+        elif sc.press and keys and not self._pressed:
             self._pressed = True  # the person presses their keys once, at the first Gather taking them
             for child in verb:
                 if child.tag in self.prompt_tags:
@@ -427,8 +440,8 @@ class FakeCall(DocumentCall):
             await self._sleep(gen, 0.2 * len(self.scenario.press))
         else:
             heard = await self._listen(gen, verb, base, record, inputs="input", timeout="timeout", default=5)
-        if self.scenario.machine or (isinstance(heard, Mapping) and "Digits" in heard and not keys):
-            heard = record.heard = None  # a machine says nothing a Gather takes; keys need input="dtmf"
+        if isinstance(heard, Mapping) and "Digits" in heard and not keys:
+            heard = record.heard = None  # keys need input="dtmf"
         if heard is None:
             if attrs.get("actionOnEmptyResult") != "true":
                 return False
