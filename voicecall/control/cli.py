@@ -288,7 +288,7 @@ def main(click_ctx, config_path, socket):
     click_ctx.obj = Context(config_path, socket)
 
 
-def _place(ctx: Context, to: str | None, message: str | None, mode: str) -> None:
+def _place(ctx: Context, to: str | None, message: str | None, mode: str, choices: dict) -> None:
     if to is None:
         to = ctx.config.to_number
     if not to:
@@ -296,6 +296,7 @@ def _place(ctx: Context, to: str | None, message: str | None, mode: str) -> None
     params = {"to": to, "mode": mode.lower()}
     if message:
         params["message"] = message
+    params.update({name: value for name, value in choices.items() if value is not None})
 
     async def go(reactor):
         method = "voicecall.initiate" if message else "voicecall.start"
@@ -314,33 +315,68 @@ def _place(ctx: Context, to: str | None, message: str | None, mode: str) -> None
 MODE = click.Choice(MODES, case_sensitive=False)
 
 
+def call_choices(command):
+    """The per-call choices of `call` and `start` (issue 17), sent as `voicecall.initiate` params when given."""
+    for option in reversed((
+        click.option("--from", "from_", callback=not_blank, help="Caller id: fromNumber or one of allowedFromNumbers."),
+        click.option("--voice", callback=not_blank, help="The voice this call speaks with (default: the configured one)."),
+        click.option("--greeting", callback=not_blank, help="Said first when the call is answered, before the message."),
+        click.option("--objective", callback=not_blank, help="What the call is for: guides the replies (responder or gateway)."),
+        click.option("--max-duration", type=Decimal(), help="Hang up after this many seconds (at most maxDurationSeconds)."),
+        click.option("--answering-machine", type=click.Choice(tool.ANSWERING_MACHINE),
+                     help="If a machine answers: go on (ignore), speak the message after the beep, or hang up. Default: outbound.answeringMachine."),
+        click.option("--record/--no-record", default=None, help="Record the call (default: recording.enabled)."),
+    )):
+        command = option(command)
+    return command
+
+
+def _choices(from_, voice, greeting, objective, max_duration, answering_machine, record) -> dict:
+    return {
+        "from": from_,
+        "voice": voice,
+        "greeting": greeting,
+        "objective": objective,
+        "maxDurationSeconds": max_duration,
+        "answeringMachine": answering_machine,
+        "record": record,
+    }
+
+
 @main.command()
 @click.option("-m", "--message", required=True, callback=not_blank, help="What to say when the call is answered.")
 @click.option("-t", "--to", help="Number to call (E.164); default: toNumber from the config.")
 @click.option("--mode", type=MODE, default="conversation", show_default=True, help="Say the message and hang up, or talk.")
+@call_choices
 @click.pass_obj
-def call(ctx, message, to, mode):
+def call(ctx, message, to, mode, **choices):
     """Place an outbound call."""
-    _place(ctx, to, message, mode)
+    _place(ctx, to, message, mode, _choices(**choices))
 
 
 @main.command()
 @click.option("--to", required=True, help="Number to call (E.164).")
 @click.option("-m", "--message", callback=not_blank, help="What to say when the call is answered.")
 @click.option("--mode", type=MODE, default="conversation", show_default=True, help="Say the message and hang up, or talk.")
+@call_choices
 @click.pass_obj
-def start(ctx, to, message, mode):
+def start(ctx, to, message, mode, **choices):
     """Place an outbound call (alias of `call`)."""
-    _place(ctx, to, message, mode)
+    _place(ctx, to, message, mode, _choices(**choices))
 
 
 @main.command(name="continue")
 @click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
 @click.option("-m", "--message", required=True, callback=not_blank, help="What to say before listening.")
+@click.option("--input", "input_", type=click.Choice(tool.TURN_INPUTS),
+              help='What the answer may be: words (speech, the default), keys pressed (dtmf), or either ("speech dtmf").')
 @click.pass_obj
-def continue_(ctx, call_id, message):
-    """Say something, then wait for and print the person's answer."""
-    run(lambda r: _call_rpc(r, ctx, "voicecall.continue", call_id, message, "continue failed"))
+def continue_(ctx, call_id, message, input_):
+    """Say something, then wait for and print the person's answer (words, or keys with --input)."""
+    params = {"callId": call_id, "message": message}
+    if input_:
+        params["input"] = input_
+    run(lambda r: _call_rpc(r, ctx, "voicecall.continue", params, "continue failed"))
 
 
 @main.command()
@@ -349,13 +385,14 @@ def continue_(ctx, call_id, message):
 @click.pass_obj
 def speak(ctx, call_id, message):
     """Say something on a call without waiting for an answer."""
-    run(lambda r: _call_rpc(r, ctx, "voicecall.speak", call_id, message, "speak failed"))
+    run(lambda r: _call_rpc(r, ctx, "voicecall.speak", {"callId": call_id, "message": message}, "speak failed"))
 
 
-async def _call_rpc(reactor, ctx, method, call_id, message, fallback) -> None:
-    """`continue`/`speak`; a `Call not found` for a call that has ended says it ended, and why."""
+async def _call_rpc(reactor, ctx, method, params, fallback) -> None:
+    """A command on a live call; a `Call not found` for a call that has ended says it ended, and why."""
+    call_id = params["callId"]
     try:
-        result = await rpc(reactor, ctx, method, {"callId": call_id, "message": message}, fallback)
+        result = await rpc(reactor, ctx, method, params, fallback)
     except Failed as e:
         if str(e) != "Call not found":
             raise
@@ -372,14 +409,115 @@ async def _call_rpc(reactor, ctx, method, call_id, message, fallback) -> None:
 
 @main.command()
 @click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
+@click.option("-m", "--message", callback=not_blank, help="A goodbye to say first: the call hangs up once it has played.")
 @click.pass_obj
-def end(ctx, call_id):
-    """Hang up a call."""
-    run(lambda r: _print_rpc(r, ctx, "voicecall.end", {"callId": call_id}, "end failed"))
+def end(ctx, call_id, message):
+    """Hang up a call (after a goodbye, with --message)."""
+    params = {"callId": call_id}
+    if message:
+        params["message"] = message
+    run(lambda r: _print_rpc(r, ctx, "voicecall.end", params, "end failed"))
+
+
+@main.command()
+@click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
+@click.option("--digits", required=True, callback=not_blank, help="Keys to press: 0-9, * and #; w waits half a second (e.g. 1w2#).")
+@click.pass_obj
+def dtmf(ctx, call_id, digits):
+    """Send keypad tones on a call (a phone menu's choices); the conversation goes on."""
+    run(lambda r: _call_rpc(r, ctx, "voicecall.dtmf", {"callId": call_id, "digits": digits}, "dtmf failed"))
+
+
+@main.command()
+@click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
+@click.option("--to", required=True, callback=not_blank, help="Number (E.164) or sip:user@host, listed in transfer.allowTo.")
+@click.option("-m", "--message", callback=not_blank, help="Said to the caller before connecting them.")
+@click.pass_obj
+def transfer(ctx, call_id, to, message):
+    """Connect the caller to a person (the call then ends here, transferred)."""
+    params = {"callId": call_id, "to": to}
+    if message:
+        params["message"] = message
+    run(lambda r: _call_rpc(r, ctx, "voicecall.transfer", params, "transfer failed"))
 
 
 async def _print_rpc(reactor, ctx, method, params, fallback) -> None:
     emit(await rpc(reactor, ctx, method, params, fallback))
+
+
+@main.group()
+def recording():
+    """Call recordings: voicecall never downloads audio unless asked."""
+
+
+@recording.command()
+@click.option("--call-id", required=True, callback=not_blank, help="The call (ours, or the carrier's id).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The file to write.")
+@click.option("--recording-id", callback=not_blank, help="Which recording (default: the call's last completed one).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.pass_obj
+def fetch(ctx, call_id, out, recording_id, force):
+    """Download a call's recording from its carrier into a file.
+
+    Reads the call from the daemon, or from the store when it is down; streams the audio to a
+    temporary file beside --out, renamed into place once complete (a progress bar on a terminal).
+    """
+    from voicecall.control import recording as recordings
+
+    async def go(reactor):
+        try:
+            found = await rpc(reactor, ctx, "voicecall.status", {"callId": call_id})
+        except DaemonDown:
+            found = _status_from_store(ctx, call_id)
+        if not found.get("found"):
+            raise Failed(f"no call {call_id}")
+        call = found["call"]
+        http = _download_client(reactor)
+        try:
+            base_url, credentials = _carrier_access(ctx, call.get("provider"))
+            source = recordings.source_for(call.get("provider"), http, base_url=base_url, credentials=credentials)
+            result = await recordings.fetch(
+                call,
+                out=out,
+                recording_id=recording_id,
+                force=force,
+                source=source,
+                http=http,
+                progress=recordings.progress_bar if sys.stderr.isatty() else None,
+            )
+        except recordings.RecordingError as e:
+            raise Failed(str(e)) from None
+        emit(result)
+
+    run(go)
+
+
+def _download_client(reactor):
+    """A treq client for one download (no connection kept)."""
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from voicecall.control.recording import CONNECT_TIMEOUT
+
+    return HTTPClient(Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+def _carrier_access(ctx: Context, provider) -> tuple[str, dict]:
+    """The configured base URL and credentials of `provider` (the call's carrier), as its recording_source takes them."""
+    cfg = ctx.config
+    keys = {
+        "twilio": (cfg.twilio, {"account_sid": "twilio.accountSid", "auth_token": "twilio.authToken"}),
+        "telnyx": (cfg.telnyx, {"api_key": "telnyx.apiKey"}),
+        "plivo": (cfg.plivo, {"auth_id": "plivo.authId", "auth_token": "plivo.authToken"}),
+    }.get(provider)
+    if keys is None:
+        return "", {}  # recording.source_for says why there is nothing to fetch
+    section, names = keys
+    credentials = {name: getattr(section, name) for name in names}
+    missing = [names[name] for name, value in credentials.items() if not value]
+    if missing:
+        raise Failed(f"the call was made with {provider}: fetching its recordings needs {' and '.join(missing)} in the config")
+    return section.base_url, credentials
 
 
 @main.command()
