@@ -394,6 +394,7 @@ class FakeCall(DocumentCall):
         if verb.tag == "Play" and verb.get("digits") is not None:
             digits = verb.get("digits") or ""
             self.dtmf_sent.append(digits)
+            self._log.info("fake {call}: keypad tones {digits}", call=self._label, digits=digits)
             await self._sleep(gen, 0.1 * len(digits.replace("w", "")) + 0.5 * digits.count("w"))
             return
         if verb.tag == "Say":
@@ -462,6 +463,7 @@ class FakeCall(DocumentCall):
         target = ((noun.text if noun is not None else verb.text) or "").strip()
         record = DialRecord(target, noun.tag if noun is not None else "Number", verb.get("callerId"), self._carrier.clock.seconds())
         self.dialled.append(record)
+        self._log.info("fake {call}: dialling {target} (transfer)", call=self._label, target=target)
         if self.scenario.dial_seconds is None:
             await self._wait(gen, Deferred())  # until the callee hangs up (or a live update)
         else:
