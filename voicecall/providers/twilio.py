@@ -28,6 +28,15 @@ parsed into normalised events; the answer is the TwiML of §7.1.3 with DESIGN.md
   call's end before that fails the speak (`base.NOT_PLAYED`): a message cut off is not
   reported, nor recorded, as said. The manager queues later commands behind it, so a `continue` sent
   while the greeting plays no longer cuts the greeting off.
+
+Issue 17 (contract in domain/carrier.py): answering-machine detection is async AMD with
+DetectMessageEnd, its verdict posted to the webhook with `type=amd` (a `call.machine` event; a
+`machine_end_*` verdict is a machine whose greeting has ended); keypad tones are a live update
+`<Play digits>` followed by what the call was doing (`_doing`: its listen loop with the same turn
+token, or a Redirect to a fresh stream); a Gather taking keys (`input="speech dtmf"`) posts them
+as a `call.dtmf` event with its turn token; a transfer is a live update `<Dial>`; a recording is
+started through the REST API and reported to the webhook with `type=recording` (`call.recording`
+events, often after the hang-up); `recording_source` says where its audio is downloaded from.
 """
 from __future__ import annotations
 
