@@ -232,6 +232,17 @@ class CallbackTests(SynchronousTestCase):
         self.assertNotEqual(absent.dedupe_key, event.dedupe_key)
 
 
+    def test_a_keys_gather_that_heard_nothing_listens_again_for_the_same_turn(self):
+        """Its Redirect (after the short keys timeout) gets the same Gather back: same token, keys taken."""
+        self.provider.set_webhook_url(WEBHOOK)  # (a daemon restarted since: the call's URL is rebuilt)
+        fetch = {"CallSid": CALL_SID, "CallStatus": "in-progress", "Direction": "outbound-api"}
+        parsed = self.parse(fetch, {"callId": "c1", "flow": "listen", "listen": "tok", "n": "1"})
+        body = parsed.response.body.decode()
+        self.assertIn('input="speech dtmf"', body)
+        self.assertIn("turnToken=tok", body)
+        self.assertIn("flow=listen", body)
+
+
 class RecordingSourceTests(SynchronousTestCase):
     def test_mp3_with_basic_auth_on_the_api_origin(self):
         url = f"https://api.twilio.com/2010-04-01/Accounts/{SID}/Recordings/RE1"

@@ -643,10 +643,16 @@ class TwilioProvider:
         if resuming:
             way = Direction.INBOUND if direction == "inbound" else Direction.OUTBOUND
             return self._stream_or_pause(sid, way, request_key, call_id, resuming=True)
-        if relisten is not None and not is_status and sid in self._call_urls:
-            # A Gather taking keys heard none: listen again for the same turn.
-            _bounded_put(self._doing, sid, ("listen", relisten or None, True))
-            return self._listen_loop(self._call_urls[sid], None, None, relisten or None, True)
+        if relisten is not None and not is_status and sid:
+            # A Gather taking keys heard none: listen again for the same turn (a daemon restarted
+            # since rebuilds the call's URL as initiate did).
+            url = self._call_urls.get(sid)
+            if url is None and self._webhook_url:
+                url = twiml.with_query(self._webhook_url, callId=call_id or None)
+                _bounded_put(self._call_urls, sid, url)
+            if url is not None:
+                _bounded_put(self._doing, sid, ("listen", relisten or None, True))
+                return self._listen_loop(url, None, None, relisten or None, True)
         if call_id and not is_status:
             stored = self._notify_twiml.pop(call_id, None)
             if stored is not None:
