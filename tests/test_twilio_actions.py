@@ -521,3 +521,81 @@ class StreamedActionsTests(TestCase):
         self.assertEqual((await call_status(self.rpc, call_id))["state"], "transferred")
         self.assertFalse(fake_call.is_ended, "still connected to the target")
         self.assertFalse(any(r.form_dict.get("Status") == "completed" for r in self.fake.requests), "no hang-up sent")
+
+
+class FakeCarrierTests(SynchronousTestCase):
+    """The fake's own documented behaviour, on a Clock: AMD both ways, tones, dialling, recordings."""
+
+    def setUp(self):
+        from tests.test_fake_twilio import App
+
+        self.clock = Clock()
+        self.app = App({"/voice": "<Response><Pause length=\"60\"/></Response>"})
+        self.fake = FakeTwilio(self.clock, SID, TOKEN, StubTreq(self.app))
+        self.api = StubTreq(self.fake.resource())
+
+    def place(self, scenario, **extra):
+        form = {"To": CALLEE, "From": OURS, "Url": "http://app.example/voice", "StatusCallback": "http://app.example/status",
+                **extra}
+        self.fake.set_scenario(CALLEE, scenario)
+        response = self.successResultOf(self.api.post(f"{API}/2010-04-01/Accounts/{SID}/Calls.json", auth=(SID, TOKEN), data=form))
+        sid = self.successResultOf(response.json())["sid"]
+        self.clock.advance(0)
+        return self.fake.calls[sid]
+
+    def test_async_amd_reports_a_machine_after_its_beep(self):
+        call = self.place(Scenario(machine=True, greeting_seconds=6), MachineDetection="DetectMessageEnd",
+                          AsyncAmd="true", AsyncAmdStatusCallback="http://app.example/amd")
+        self.clock.advance(5)
+        self.assertEqual(self.app.by_path("/amd"), [], "nothing before the greeting ends")
+        self.assertEqual(len(self.app.by_path("/voice")), 1, "the TwiML runs at once")
+        self.clock.advance(1)
+        (amd,) = self.app.by_path("/amd")
+        self.assertEqual(amd["form"]["AnsweredBy"], "machine_end_beep")
+        self.assertEqual(amd["form"]["MachineDetectionDuration"], "6000")
+        self.assertEqual(call.beep_at, 6)
+
+    def test_sync_amd_fetches_the_twiml_with_the_verdict(self):
+        self.place(Scenario(amd_seconds=2), MachineDetection="Enable")
+        self.clock.advance(1)
+        self.assertEqual(self.app.by_path("/voice"), [])
+        self.clock.advance(1.5)
+        (fetch,) = self.app.by_path("/voice")
+        self.assertEqual(fetch["form"]["AnsweredBy"], "human")
+
+    def test_bad_detection_refused(self):
+        response = self.successResultOf(self.api.post(
+            f"{API}/2010-04-01/Accounts/{SID}/Calls.json", auth=(SID, TOKEN),
+            data={"To": CALLEE, "From": OURS, "Url": "http://app.example/voice", "MachineDetection": "Yes"},
+        ))
+        self.assertEqual(response.code, 400)
+
+    def test_recording_lifecycle_and_media(self):
+        call = self.place(Scenario(recording_delay=3))
+        self.clock.advance(1)
+        path = f"{API}/2010-04-01/Accounts/{SID}/Calls/{call.sid}/Recordings.json"
+        response = self.successResultOf(self.api.post(path, auth=(SID, TOKEN), data={
+            "RecordingStatusCallback": "http://app.example/rec", "RecordingStatusCallbackEvent": "in-progress completed",
+            "RecordingChannels": "dual",
+        }))
+        self.assertEqual(response.code, 201)
+        body = self.successResultOf(response.json())
+        self.assertEqual((body["status"], body["channels"], body["source"]), ("in-progress", 2, "StartCallRecordingAPI"))
+        self.clock.advance(10)
+        call.hangup_by_callee()
+        self.clock.advance(2)
+        self.assertEqual([h["form"]["RecordingStatus"] for h in self.app.by_path("/rec")], ["in-progress"])
+        self.clock.advance(1.5)
+        done = self.app.by_path("/rec")[-1]["form"]
+        self.assertEqual((done["RecordingStatus"], done["RecordingDuration"]), ("completed", "10"))
+        media = done["RecordingUrl"].replace(done["RecordingUrl"].split("/2010-04-01")[0], API) + ".mp3"
+        self.assertEqual(self.successResultOf(self.api.get(media)).code, 401)
+        got = self.successResultOf(self.api.get(media, auth=(SID, TOKEN)))
+        self.assertEqual((got.code, got.headers.getRawHeaders("content-type")), (200, ["audio/mpeg"]))
+        self.assertTrue(self.successResultOf(got.content()).startswith(b"ID3"))
+
+    def test_recording_needs_a_live_call(self):
+        call = self.place(Scenario(outcome="no-answer"))
+        path = f"{API}/2010-04-01/Accounts/{SID}/Calls/{call.sid}/Recordings.json"
+        response = self.successResultOf(self.api.post(path, auth=(SID, TOKEN), data={}))
+        self.assertEqual((response.code, self.successResultOf(response.json())["code"]), (400, 21220))

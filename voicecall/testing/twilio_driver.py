@@ -238,6 +238,25 @@ class FakeCall(DocumentCall):
             # A live update (made by the answered callback's handler) already replaced the
             # answer's TwiML: it is not run after it, which would cut the update off.
             return
+        if self.machine_detection is not None and not self.async_amd:
+            # Synchronous AMD: Twilio fetches the call's TwiML only once it has a verdict, and
+            # the fetch carries it (`AnsweredBy`).
+            self._after(self._detection_seconds(), self._run_answer, generation)
+            return
+        self._run_answer(generation)
+
+    def _detection_seconds(self) -> float:
+        sc = self.scenario
+        if sc.machine and self.machine_detection == "DetectMessageEnd":
+            return sc.greeting_seconds
+        return sc.amd_seconds
+
+    def _run_answer(self, generation: int) -> None:
+        if self._generation != generation or self.is_ended:
+            return
+        if self.machine_detection is not None and not self.async_amd and self.answered_by is None:
+            machine = "machine_end_beep" if self.machine_detection == "DetectMessageEnd" else "machine_start"
+            self.answered_by = machine if self.scenario.machine else "human"
         if self.twiml is not None:
             self._launch(self.twiml)
         elif self.url is not None:
@@ -317,6 +336,11 @@ class FakeCall(DocumentCall):
         self._status_callback("completed", status, {"CallDuration": str(self._duration())})
 
     def _params(self, status: str | None = None) -> dict[str, str]:
+        if self.answered_by is not None and not self.async_amd:
+            return {**self._call_params(status), "AnsweredBy": self.answered_by}
+        return self._call_params(status)
+
+    def _call_params(self, status: str | None = None) -> dict[str, str]:
         return {
             "AccountSid": self._carrier.account_sid,
             "ApiVersion": API_VERSION,
