@@ -16,14 +16,19 @@ import json
 import httpx
 import telnyx
 from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from voicecall.domain.carrier import DialOptions, ProviderError
-from voicecall.domain.model import CallRecord, CallState, Direction, EventType
+from voicecall.domain.model import Answer, CallOptions, CallRecord, CallState, Direction, EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.telnyx import TelnyxProvider, recording_of, recording_source
+from voicecall.testing.chaos import Chaos
 from voicecall.testing.telnyx import FakeTelnyx, Scenario, Signer
+
+from tests.harness import call_status, eventually, free_port, http_client, serve, start_daemon
 
 
 NOW = 1_700_000_000
@@ -333,3 +338,175 @@ class SdkShapeTests(_ProviderCase):
         ours = self.fake.requests[-1]
         self.assertEqual((ours.method, ours.path, ours.header("authorization")),
                          (sent[0].method, sent[0].url.path, sent[0].headers["authorization"]))
+
+
+class TelnyxActionsEndToEndTests(TestCase):
+    """The daemon (in process, real reactor, loopback HTTP) against the fake Telnyx, each webhook delivered twice."""
+
+    timeout = 60
+    MESSAGE = "Your parcel arrives today"
+
+    async def start(self, scenario: Scenario, **overrides):
+        self.http = http_client(self)
+        chaos = Chaos(duplicate=1.0, retry_after=0.2)
+        self.fake = FakeTelnyx(reactor, KEY, self.http, connection_id=CONNECTION, scenario=scenario, chaos=chaos)
+        base = await serve(self, self.fake.resource())
+        port = free_port()
+        config = {
+            "provider": "telnyx",
+            "fromNumber": OURS,
+            "telnyx": {"apiKey": KEY, "connectionId": CONNECTION, "publicKey": self.fake.public_key, "baseUrl": base},
+            "serve": {"port": port, "bind": "127.0.0.1"},
+            "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+            "transcriptTimeoutMs": 20000,
+            "outbound": {"notifyHangupDelaySec": 1},
+            **overrides,
+        }
+        self.service, self.rpc = await start_daemon(self, config)
+        self.manager = self.service.manager
+        self.addCleanup(self.hang_up_fake_calls)
+
+    async def hang_up_fake_calls(self):
+        for call in list(self.fake.calls.values()):
+            call.hangup_by_callee()
+        await self.fake.close()
+
+    def fake_call(self, to=CALLEE):
+        (call,) = [c for c in self.fake.calls.values() if c.to == to]
+        return call
+
+    async def ended(self, call_id: str) -> dict:
+        async def over():
+            record = await call_status(self.rpc, call_id)
+            return record if record["state"] in ("completed", "hangup-bot", "hangup-user", "voicemail", "transferred", "failed") else None
+        return await eventually(over, 15, f"the end of {call_id}")
+
+    def dial_body(self):
+        return next(r.json for r in self.fake.requests if r.path == "/v2/calls")
+
+    async def test_machine_leave_message(self):
+        """A machine answers a notify call: the message is spoken after its beep, then the call hangs up (voicemail)."""
+        await self.start(Scenario(callee="machine", detection_seconds=0.3, greeting_seconds=1.5))
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify", options=CallOptions(answering_machine="leave-message"))
+        record = await self.ended(call_id)
+        call = self.fake_call()
+        self.assertEqual(self.dial_body()["answering_machine_detection"], "detect_beep")
+        self.assertEqual(call.speak_texts, [self.MESSAGE])
+        self.assertGreaterEqual(call.speaks[0].at, call.beep_at)
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+        await eventually(lambda: not call.is_alive, 5, "the hang-up at Telnyx")
+
+    async def test_machine_hang_up(self):
+        """With hang-up, a machine is hung up on without a word (voicemail)."""
+        await self.start(Scenario(callee="machine", detection_seconds=0.3, greeting_seconds=1.5))
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify", options=CallOptions(answering_machine="hang-up"))
+        record = await self.ended(call_id)
+        call = self.fake_call()
+        await eventually(lambda: not call.is_alive, 5, "the hang-up at Telnyx")
+        self.assertEqual(self.dial_body()["answering_machine_detection"], "detect")
+        self.assertEqual((call.speak_texts, call.hangup_source), ([], "caller"))
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+
+    async def test_human_answer(self):
+        """A person answers: the message is spoken once detection says human, and the call goes on as usual."""
+        await self.start(Scenario(callee="person", detection_seconds=0.3))
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify", options=CallOptions(answering_machine="leave-message"))
+        record = await self.ended(call_id)
+        call = self.fake_call()
+        self.assertEqual(call.speak_texts, [self.MESSAGE])
+        self.assertGreaterEqual(call.speaks[0].at, call.answered_at + 0.3)
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("hangup-bot", "human"))
+
+    async def conversation(self, scenario: Scenario, **overrides) -> tuple[str, object]:
+        await self.start(scenario, **overrides)
+        call_id = await self.manager.initiate(CALLEE, "Hi there", "conversation")
+        call = await eventually(lambda: next(iter(self.fake.calls.values()), None), 5, "the dial")
+        await eventually(lambda: call.transcribing, 10, "transcription after the greeting")
+        return call_id, call
+
+    async def test_dtmf_while_a_continue_waits(self):
+        """Keys sent while a continue waits for its answer: the continue still gets the person's words."""
+        def person(call):
+            return "It's Alice" if call.last_speak == "Who is this?" else None
+
+        call_id, call = await self.conversation(Scenario(utterances=person, speech_delay=1.5))
+        asked = Deferred.fromCoroutine(self.manager.continue_turn(call_id, "Who is this?"))
+        # The greeting's transcription, then the turn's (stopped and started again with its token).
+        await eventually(lambda: len(call.transcription_starts) == 2 and call.transcribing, 5, "the turn's transcription")
+        starts = len(call.transcription_starts)
+        await self.manager.send_dtmf(call_id, "1w2")
+        self.assertEqual(list(call.dtmf_sent), [("1w2", 250)])
+        answer = await asked
+        self.assertEqual(answer, Answer("It's Alice", "speech"))
+        self.assertEqual(len(call.transcription_starts), starts)
+        record = await call_status(self.rpc, call_id)
+        self.assertIn(("bot", "[dtmf] 1w2"), [(t["speaker"], t["text"]) for t in record["transcript"]])
+
+    async def test_keys_answer_a_continue(self):
+        """A continue listening for speech or keys is answered by the key the person presses."""
+        def keys(call):
+            return "7" if call.last_speak == "Press 7 to confirm?" else None
+
+        call_id, call = await self.conversation(Scenario(presses=keys))
+        answer = await self.manager.continue_turn(call_id, "Press 7 to confirm?", input="speech dtmf")
+        self.assertEqual(answer, Answer("7", "dtmf"))
+        record = await call_status(self.rpc, call_id)
+        self.assertIn(("user", "[dtmf] 7"), [(t["speaker"], t["text"]) for t in record["transcript"]])
+
+    async def test_transfer(self):
+        """Transfer says its message (played), then Telnyx dials the target; the record is transferred."""
+        message = "Connecting you now"
+        call_id, call = await self.conversation(Scenario(say_seconds_per_char=0.02), transfer={"allowTo": [TARGET]})
+        await self.manager.transfer(call_id, TARGET, message=message)
+        record = await call_status(self.rpc, call_id)
+        self.assertEqual((record["state"], record["transferTarget"]), ("transferred", TARGET))
+        target = await eventually(lambda: call.transferred_to, 5, "the target's leg")
+        self.assertEqual((target.to, target.from_), (TARGET, OURS))
+        spoken = next(s for s in call.speaks if s.text == message)
+        self.assertGreaterEqual(target.created_at, spoken.at + len(message) * 0.02 - 0.001)
+        await eventually(lambda: target.is_answered and "call.bridged" in call.event_types, 5, "the bridge")
+        self.assertFalse(call.transcribing)
+
+    async def test_recording(self):
+        """The announcement plays before recording starts; the recording saved after the hang-up shows in status."""
+        await self.start(Scenario(say_seconds_per_char=0.02, recording_delay=0.5),
+                         recording={"enabled": True, "announcement": "This call is recorded."})
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify")
+        await self.ended(call_id)
+        call = self.fake_call()
+        self.assertEqual(call.speak_texts[0], "This call is recorded.")
+        (recording,) = call.recordings
+        self.assertGreaterEqual(recording.started_at, call.speaks[0].at + len("This call is recorded.") * 0.02 - 0.001)
+
+        async def saved():
+            record = await call_status(self.rpc, call_id)
+            return [r for r in record.get("recordings", []) if r.get("status") == "completed"]
+
+        (shown,) = await eventually(saved, 10, "the recording saved after the hang-up")
+        self.assertEqual(shown["id"], recording.id)
+        self.assertEqual(shown["url"], call.media_url(recording))
+        self.assertLess(abs(shown["durationSeconds"] - (call.ended_at - recording.started_at)), 0.01)
+
+    async def test_end_with_message(self):
+        """end with a message hangs up only once the message has played."""
+        message = "Goodbye, and thank you"
+        call_id, call = await self.conversation(Scenario(say_seconds_per_char=0.03))
+        await self.manager.end_call(call_id, message=message)
+        await eventually(lambda: not call.is_alive, 5, "the hang-up at Telnyx")
+        spoken = next(s for s in call.speaks if s.text == message)
+        self.assertGreaterEqual(call.ended_at, spoken.at + len(message) * 0.03 - 0.001)
+        self.assertEqual(call.hangup_source, "caller")
+
+
+class StandaloneFlagsTests(SynchronousTestCase):
+    def test_callee_flags(self):
+        """`--machine --greeting-seconds 8 --no-beep --press 1 --press ""` reach the fake's scenario."""
+        from voicecall.testing import telnyx as standalone
+
+        args = standalone._parse(["--api-key", KEY, "--machine", "--greeting-seconds", "8", "--no-beep", "--press", "1", "--press", "",
+                                  "--detection-seconds", "1.5", "--recording-delay", "4"])
+        fake = standalone._build(args)(Clock(), None)
+        sc = fake.scenario
+        self.assertEqual((sc.callee, sc.greeting_seconds, sc.beep, sc.presses, sc.detection_seconds, sc.recording_delay),
+                         ("machine", 8.0, False, ("1", None), 1.5, 4.0))
+        self.assertEqual(standalone._build(standalone._parse(["--api-key", KEY, "--fax"]))(Clock(), None).scenario.callee, "fax")

@@ -138,7 +138,7 @@ class Scenario:
     unless answered.
 
     `presses` are keys the person presses instead of speaking, one entry per turn (None: they
-    speak that turn), each key a `call.dtmf.received` `press_interval` after the last. `callee`
+    speak that turn), or a callable `(call) -> keys | None` asked at each turn, each key a `call.dtmf.received` `press_interval` after the last. `callee`
     says who answers: a `person`, or a `machine` whose greeting lasts `greeting_seconds` and
     ends with a beep (unless not `beep`), or a `fax`; a dial with answering-machine detection
     gets its verdict `detection_seconds` after the answer. A recording's webhook comes
@@ -156,7 +156,9 @@ class Scenario:
     confidence: float = 0.97
     interim_results: bool = False
     abandon_after: float = 60.0
-    presses: Sequence[Optional[str]] = field(default=(), converter=tuple)
+    presses: Sequence[Optional[str]] | Callable[[Any], Optional[str]] = field(
+        default=(), converter=lambda v: v if callable(v) else tuple(v)
+    )
     press_interval: float = 0.2
     callee: str = "person"
     detection_seconds: float = 2.0
@@ -547,7 +549,7 @@ class FakeCall:
             return
         turn, self._turns = self._turns, self._turns + 1
         presses = self.scenario.presses
-        keys = presses[turn] if turn < len(presses) else None
+        keys = presses(self) if callable(presses) else (presses[turn] if turn < len(presses) else None)
         if keys:
             self.pressed.append(keys)
             for i, key in enumerate(keys):
