@@ -250,3 +250,18 @@ class OwnerCommandsTests(SynchronousTestCase):
         self.assertEqual(limits["voicecall.continue"], 900.0)
         for method in ("voicecall.speak", "voicecall.end", "voicecall.transfer"):
             self.assertEqual(limits[method], 630.0)
+
+
+class MenuTests(ActionTestsBase):
+    async def test_listen_to_a_menu_and_press_keys(self):
+        """README's phone menu: a call started with no message says nothing; what the menu says is transcribed; keys answer it."""
+        call_id = (await self.rpc.call("voicecall.start", {"to": TO, "mode": "conversation"}))["callId"]
+        await self.post(event("call.answered", call_id))
+        await self.post({"event": {"type": "call.speech", "callId": call_id, "transcript": "Press 1 for sales", "isFinal": True}})
+
+        async def heard():
+            return ("user", "Press 1 for sales") in transcript(await call_record(self.socket, call_id))
+
+        await eventually(heard, 5, "the menu's words in the transcript")
+        self.assertEqual(await self.rpc.call("voicecall.dtmf", {"callId": call_id, "digits": "1"}), {"success": True})
+        self.assertEqual([a for a in self.actions if a[0] in ("speak", "dtmf")], [("dtmf", f"mock-{call_id}", "1")])
