@@ -390,3 +390,46 @@ class ScriptFetchTests(TestCase):
         self.assertEqual(child.exit_code, 130, child.describe())
         self.assertNotIn("Traceback", child.stderr)
         self.assertEqual([n for n in os.listdir(work.path) if "call.mp3" in n], [])
+
+
+class TelnyxMedia(Resource):
+    """Telnyx: `GET /v2/recordings/{id}` (Bearer key) names a presigned URL on a storage host, which needs no credentials."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[bytes, bytes, bytes | None]] = []
+
+    def render_GET(self, request):
+        self.requests.append((request.getRequestHostname(), request.path, request.getHeader(b"authorization")))
+        if request.path == b"/v2/recordings/rec-1":
+            if request.getHeader(b"authorization") != b"Bearer KEY123":
+                request.setResponseCode(401)
+                return b"{}"
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"data": {"id": "rec-1", "download_urls": {"mp3": "https://storage.example/rec-1.mp3?X-Amz-Signature=secret"}}}'
+        if request.path == b"/rec-1.mp3" and request.args.get(b"X-Amz-Signature") == [b"secret"]:
+            return AUDIO
+        request.setResponseCode(404)
+        return b"no"
+
+
+class TelnyxFetchTests(SynchronousTestCase):
+    def test_fresh_presigned_url(self):
+        """A Telnyx recording is looked up with the API key; its fresh presigned URL is fetched without it."""
+        media = TelnyxMedia()
+        stub = StubTreq(media)
+        out = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        call = twilio_call("c1", [{"id": "rec-1", "status": "completed", "url": "https://expired.example/old.mp3"}], provider="telnyx").to_json()
+        source = recording.source_for("telnyx", stub, base_url="https://api.telnyx.com", credentials={"api_key": "KEY123"})
+        d = Deferred.fromCoroutine(recording.fetch(call, out=out, recording_id=None, force=False, source=source, http=stub))
+        stub.flush()
+        self.assertEqual(self.successResultOf(d)["bytes"], len(AUDIO))
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), AUDIO)
+        self.assertEqual(
+            [(host, path, auth) for host, path, auth in media.requests],
+            [(b"api.telnyx.com", b"/v2/recordings/rec-1", b"Bearer KEY123"), (b"storage.example", b"/rec-1.mp3", None)],
+        )
