@@ -265,3 +265,46 @@ class MenuTests(ActionTestsBase):
         await eventually(heard, 5, "the menu's words in the transcript")
         self.assertEqual(await self.rpc.call("voicecall.dtmf", {"callId": call_id, "digits": "1"}), {"success": True})
         self.assertEqual([a for a in self.actions if a[0] in ("speak", "dtmf")], [("dtmf", f"mock-{call_id}", "1")])
+
+
+class ClusterTests(TestCase):
+    """Two daemons on one PostgreSQL: dtmf, transfer and a goodbye asked of the node that does not own the call run on its owner."""
+
+    timeout = 90
+
+    async def test_forwarded_to_the_owner(self):
+        from tests.pgserver import postgres_server
+        from tests.test_cluster_route import start_node
+
+        url = postgres_server(self).new_database(self)
+        web = webhook_client(self)
+        config = {"maxConcurrentCalls": 4, "transfer": {"allowTo": [AGENT]}}
+        service_a, rpc_a, _ = await start_node(self, url, "node-a", **config)
+        _, rpc_b, hook_b = await start_node(self, url, "node-b", **config)
+        actions = service_a._provider.actions
+
+        async def answered() -> str:
+            call_id = (await rpc_a.call("voicecall.initiate", {"to": TO, "message": "Hi"}))["callId"]
+            self.assertEqual((await web.post(hook_b, event("call.answered", call_id))).code, 200)
+            await eventually(lambda: ("spoken", f"mock-{call_id}", "Hi") in actions, 10, "the greeting, on A")
+            return call_id
+
+        first = await answered()
+        self.assertEqual(await rpc_b.call("voicecall.dtmf", {"callId": first, "digits": "9#"}), {"success": True})
+        self.assertIn(("dtmf", f"mock-{first}", "9#"), actions)
+        self.assertEqual(await rpc_b.call("voicecall.end", {"callId": first, "message": "Goodbye"}), {"success": True})
+        self.assertLess(actions.index(("spoken", f"mock-{first}", "Goodbye")), actions.index(("hangup", f"mock-{first}", "hangup-bot")))
+
+        second = await answered()
+        with self.assertRaises(RemoteError) as refused:
+            await rpc_b.call("voicecall.transfer", {"callId": second, "to": "+15556666666"})
+        self.assertTrue(str(refused.exception).startswith("Transfer target not allowed: +15556666666"), str(refused.exception))
+        self.assertEqual(await rpc_b.call("voicecall.transfer", {"callId": second, "to": AGENT, "message": "One moment"}), {"success": True})
+        self.assertIn(("transfer", f"mock-{second}", AGENT), actions)
+        record = await call_record(rpc_path(rpc_a), second)
+        self.assertEqual((record["state"], record["transferTarget"]), ("transferred", AGENT))
+
+
+def rpc_path(client) -> str:
+    name = client.transport.getPeer().name
+    return name.decode() if isinstance(name, bytes) else name
