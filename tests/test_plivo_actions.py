@@ -15,15 +15,20 @@ from urllib.parse import parse_qsl, urlsplit
 
 import plivo
 from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from voicecall.domain.carrier import DialOptions, ProviderError
-from voicecall.domain.model import CallRecord, CallState, Direction, EventType
+from voicecall.domain.model import Answer, CallOptions, CallRecord, CallState, Direction, EventType
 from voicecall.providers.base import WebhookContext
 from voicecall.providers.plivo import PlivoProvider, recording_source
+from voicecall.testing.chaos import Chaos
 from voicecall.testing.plivo import FakePlivo, Scenario, signature_headers
+
+from tests.harness import call_status, eventually, free_port, http_client, serve, start_daemon
 
 
 NOW = 1_700_000_000
@@ -363,3 +368,151 @@ class SpeakTests(_ProviderCase):
         self.assertEqual(fake.speak_texts, ["Goodbye for now"])
         self.advance(1.0)
         self.successResultOf(spoken)
+
+
+class PlivoActionsEndToEndTests(TestCase):
+    """The daemon (in process, real reactor, loopback HTTP) against the fake Plivo, each callback delivered twice."""
+
+    timeout = 60
+    MESSAGE = "Your parcel arrives today"
+
+    async def start(self, scenario: Scenario, **overrides):
+        self.http = http_client(self)
+        chaos = Chaos(duplicate=1.0, retry_after=0.2)
+        self.fake = FakePlivo(reactor, AUTH_ID, TOKEN, self.http, scenario=scenario, chaos=chaos)
+        base = await serve(self, self.fake.resource())
+        port = free_port()
+        config = {
+            "provider": "plivo",
+            "fromNumber": OURS,
+            "plivo": {"authId": AUTH_ID, "authToken": TOKEN, "baseUrl": base},
+            "serve": {"port": port, "bind": "127.0.0.1"},
+            "publicUrl": f"http://127.0.0.1:{port}/voice/webhook",
+            "transcriptTimeoutMs": 20000,
+            "outbound": {"notifyHangupDelaySec": 1},
+            **overrides,
+        }
+        self.service, self.rpc = await start_daemon(self, config)
+        self.manager = self.service.manager
+        self.addCleanup(self.fake.hang_up_all)
+
+    def fake_call(self):
+        (call,) = self.fake.calls.values()
+        return call
+
+    async def ended(self, call_id: str) -> dict:
+        async def over():
+            record = await call_status(self.rpc, call_id)
+            return record if record["state"] in ("completed", "hangup-bot", "hangup-user", "voicemail", "transferred", "failed") else None
+        return await eventually(over, 15, f"the end of {call_id}")
+
+    def create_body(self) -> dict:
+        return next(r.body for r in self.fake.requests if r.method == "POST" and r.path.endswith("/Call/"))
+
+    async def test_machine_leave_message(self):
+        """A machine answers a notify call: the message is spoken after its beep, then the call hangs up (voicemail)."""
+        await self.start(Scenario(machine=True, amd_seconds=0.3, greeting_seconds=1.5, speak_seconds_per_char=0.01))
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify", options=CallOptions(answering_machine="leave-message"))
+        record = await self.ended(call_id)
+        call = self.fake_call()
+        self.assertEqual(self.create_body()["machine_detection"], "true")
+        self.assertEqual(call.speak_texts, [self.MESSAGE])
+        self.assertGreaterEqual(call.speak_log[0][0], call.beep_at)
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+        await eventually(lambda: call.is_ended, 5, "the hang-up at Plivo")
+        self.assertGreaterEqual(call.ended_at, call.speak_log[0][0] + len(self.MESSAGE) * 0.01 - 0.001)
+
+    async def test_machine_hang_up(self):
+        """With hang-up, a machine is hung up on without a word (voicemail)."""
+        await self.start(Scenario(machine=True, amd_seconds=0.3, greeting_seconds=1.5))
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify", options=CallOptions(answering_machine="hang-up"))
+        record = await self.ended(call_id)
+        call = self.fake_call()
+        await eventually(lambda: call.is_ended, 5, "the hang-up at Plivo")
+        self.assertEqual((call.speak_texts, call.hangup_source), ([], "API"))
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("voicemail", "machine"))
+        self.assertEqual([t for t in call.transfers if "xml-beep" in t], [])
+
+    async def test_human_answer(self):
+        """A person answers: the message is spoken once detection says human, and the call goes on as usual."""
+        await self.start(Scenario(amd_seconds=0.3))
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify", options=CallOptions(answering_machine="leave-message"))
+        record = await self.ended(call_id)
+        call = self.fake_call()
+        self.assertEqual(call.speak_texts, [self.MESSAGE])
+        self.assertGreaterEqual(call.speak_log[0][0], call.answered_at + 0.3)
+        self.assertEqual((record["endReason"], record["answeredBy"]), ("hangup-bot", "human"))
+
+    async def conversation(self, scenario: Scenario, **overrides) -> tuple[str, object]:
+        await self.start(scenario, **overrides)
+        call_id = await self.manager.initiate(CALLEE, "Hi there", "conversation")
+        call = await eventually(lambda: next(iter(self.fake.calls.values()), None), 5, "the dial")
+        await eventually(lambda: call.inputs, 10, "listening after the greeting")
+        return call_id, call
+
+    async def test_dtmf_while_a_continue_waits(self):
+        """Keys sent while a continue waits for its answer: the GetInput goes on, the continue gets the words."""
+        def person(call):
+            return "It's Alice" if call.speak_texts[-1:] == ["Who is this?"] else None
+
+        call_id, call = await self.conversation(Scenario(utterances=person, speech_delay=1.5, silence=30))
+        asked = Deferred.fromCoroutine(self.manager.continue_turn(call_id, "Who is this?"))
+        await eventually(lambda: call.inputs[-1].heard == "It's Alice", 5, "the person answering")
+        transfers = len(call.transfers)
+        await self.manager.send_dtmf(call_id, "1w2")
+        self.assertEqual(list(call.dtmf_sent), ["1w2"])
+        answer = await asked
+        self.assertEqual(answer, Answer("It's Alice", "speech"))
+        self.assertEqual(len(call.transfers), transfers)  # the GetInput was never replaced
+        record = await call_status(self.rpc, call_id)
+        self.assertIn(("bot", "[dtmf] 1w2"), [(t["speaker"], t["text"]) for t in record["transcript"]])
+
+    async def test_keys_answer_a_continue(self):
+        """A continue listening for speech or keys is answered by the keys the person presses."""
+        call_id, call = await self.conversation(Scenario(press="7", silence=30))
+        answer = await self.manager.continue_turn(call_id, "Press 7 to confirm?", input="speech dtmf")
+        self.assertEqual(answer, Answer("7", "dtmf"))
+        self.assertEqual(call.inputs[-1].attributes["inputType"], "dtmf speech")
+        record = await call_status(self.rpc, call_id)
+        self.assertIn(("user", "[dtmf] 7"), [(t["speaker"], t["text"]) for t in record["transcript"]])
+
+    async def test_transfer(self):
+        """Transfer says its message (played), then Plivo dials the target; the record is transferred."""
+        message = "Connecting you now"
+        call_id, call = await self.conversation(Scenario(speak_seconds_per_char=0.02, silence=30), transfer={"allowTo": [TARGET]})
+        await self.manager.transfer(call_id, TARGET, message=message)
+        record = await call_status(self.rpc, call_id)
+        self.assertEqual((record["state"], record["transferTarget"]), ("transferred", TARGET))
+        (dial,) = await eventually(lambda: list(call.dials), 5, "the target dialled")
+        self.assertEqual((dial.target, dial.noun, dial.caller_id), (TARGET, "Number", OURS))
+        spoken = next(at for at, text in call.speak_log if text == message)
+        self.assertGreaterEqual(dial.started_at, spoken + len(message) * 0.02 - 0.001)
+
+    async def test_recording(self):
+        """The announcement plays before recording starts; the recording saved after the hang-up shows in status."""
+        await self.start(Scenario(speak_seconds_per_char=0.02, recording_delay=0.5),
+                         recording={"enabled": True, "announcement": "This call is recorded."})
+        call_id = await self.manager.initiate(CALLEE, self.MESSAGE, "notify")
+        await self.ended(call_id)
+        call = self.fake_call()
+        self.assertEqual(call.speak_texts[0], "This call is recorded.")
+        (recording,) = call.recordings
+        self.assertGreaterEqual(recording.started_at, call.speak_log[0][0] + len("This call is recorded.") * 0.02 - 0.001)
+
+        async def saved():
+            record = await call_status(self.rpc, call_id)
+            return [r for r in record.get("recordings", []) if r.get("status") == "completed"]
+
+        (shown,) = await eventually(saved, 10, "the recording saved after the hang-up")
+        self.assertEqual((shown["id"], shown["url"]), (recording.recording_id, recording.url))
+        self.assertEqual(shown["durationSeconds"], int((recording.ended_at - recording.started_at) * 1000) // 1000)
+
+    async def test_end_with_message(self):
+        """end with a message hangs up only once the message has played."""
+        message = "Goodbye, and thank you"
+        call_id, call = await self.conversation(Scenario(speak_seconds_per_char=0.03, silence=30))
+        await self.manager.end_call(call_id, message=message)
+        await eventually(lambda: call.is_ended, 5, "the hang-up at Plivo")
+        spoken = next(at for at, text in call.speak_log if text == message)
+        self.assertGreaterEqual(call.ended_at, spoken + len(message) * 0.03 - 0.001)
+        self.assertEqual(call.hangup_source, "API")
