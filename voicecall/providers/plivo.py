@@ -33,6 +33,20 @@ Choices beyond SPEC:
 - An answer-URL fetch (`Event=StartApp`) is `call.answered` also for inbound calls, whose
   CallStatus there is still `ringing`: Plivo answers the call as it runs our XML. `timeout`
   and `cancel` hang-up statuses map to `no-answer` and `hangup-bot`.
+
+Issue 17 (call control, domain/carrier.py):
+
+- Answering machines: asynchronous detection (`machine_detection=true`; `hangup` would end the
+  call as Plivo's, not ours with reason voicemail), its `Machine=true|false` posted to
+  `flow=amd&amd=<policy>`. Plivo reports no greeting end: for leave-message the verdict's
+  `on_applied` transfers to `<Wait beep="true">` + `<Redirect flow=beep>`, whose fetch is the
+  `machine_done` event (a documented beep wait, bounded by BEEP_WAIT_SECONDS).
+- Keys: the DTMF API, which plays beside the running XML: a GetInput in progress is not
+  replaced, so its turn keeps listening with its token. `dtmf=True` listens with
+  `inputType="dtmf speech"`; its `Digits` are a `call.dtmf` event with the turn token.
+- Transfer: an A-leg transfer to `<Dial><Number>` (`<User>` for sip:); recording: the Record API
+  with a `flow=recording` callback (snake_case `record_url`, `recording_id`, ...: Plivo's docs;
+  the `<Record>` action's CamelCase is read too), and `recording_source` for downloads.
 """
 from __future__ import annotations
 
