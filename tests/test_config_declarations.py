@@ -67,7 +67,7 @@ class DeclarationTests(SynchronousTestCase):
             check = key.check.check if isinstance(key.check, (ListOf, MapOf)) else key.check
             self.assertTrue(callable(check) and not isinstance(check, type), path)
             self.assertEqual(a.repr, not key.secret and path != "store", path)  # the store URL may hold a password
-        self.assertEqual(len(leaf_keys()), 111)
+        self.assertEqual(len(leaf_keys()), 119)
 
     def test_no_key_declared_twice(self):
         """No two fields of a section share a JSON key, and each section class is used once."""

@@ -661,14 +661,15 @@ class MockTests(DeliveryCase):
         return code
 
     def test_event_id_applied_once(self):
-        """The same event (same `id`) redelivered in a payload written differently is applied once."""
+        """The same event (same `id`) redelivered in a payload written differently is applied once,
+        while a new event beside it in that payload (a key press) is applied."""
         daemon = Daemon(self, self.mock)
         call_id = daemon.run(daemon.manager.initiate(CALLEE, None, "conversation"))
         self.assertEqual(self.send(daemon, {"type": "call.answered", "callId": call_id, "id": "a1"}), 200)
         speech = {"type": "call.speech", "callId": call_id, "id": "s1", "transcript": "yes please"}
         self.assertEqual(self.send(daemon, speech), 200)
         self.assertEqual(self.send(daemon, {**speech, "confidence": 0.9}, {"type": "call.dtmf", "callId": call_id, "digits": "1"}), 200)
-        self.assertEqual(texts(daemon.stored(call_id)), ["yes please"])
+        self.assertEqual(texts(daemon.stored(call_id)), ["yes please", "[dtmf] 1"])
 
     def test_end_not_stored_is_retried(self):
         """An end answered 500 leaves the call live for the mock too: its retry is applied, not refused 409."""
